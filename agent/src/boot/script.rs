@@ -1,0 +1,4 @@
+//! Script backend (to be implemented): a user script with RAUC-like verbs.
+
+/// Placeholder.
+pub struct Script;

@@ -1,0 +1,378 @@
+//! `agent.toml`: the agent's configuration, with the defaults documented in `systemd/agent.toml`.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the config is read from when neither `--config` nor `FLIGHTNODE_CONFIG` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/flightnode/agent.toml";
+
+/// Why the config cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config {path}: {source} (pass --config FILE or set FLIGHTNODE_CONFIG)")]
+    Read {
+        /// Config path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax, unknown keys, wrong types.
+    #[error("config {path} is invalid: {message}")]
+    Parse {
+        /// Config path.
+        path: PathBuf,
+        /// The parser's explanation, with line and column.
+        message: String,
+    },
+    /// A value that parses but cannot work.
+    #[error("config {path}: {message}")]
+    Invalid {
+        /// Config path.
+        path: PathBuf,
+        /// What to change.
+        message: String,
+    },
+}
+
+/// The whole `agent.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This drone's id: MQTT client id and topic segment, so no `+ # /` and at most 64 characters.
+    pub device_id: String,
+    /// Hardware id; must appear in a bundle's `compatible`.
+    pub hardware: String,
+    /// sled store, `current` pointer and control socket live here.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Public keys (PEM) whose signatures are accepted.
+    pub trusted_keys: Vec<PathBuf>,
+    /// Version of slot `a` on a fresh device.
+    #[serde(default = "default_factory_version")]
+    pub factory_version: semver::Version,
+    /// Slot backend and paths.
+    pub slots: SlotsConfig,
+    /// How a written slot becomes the running one.
+    #[serde(default)]
+    pub activation: ActivationConfig,
+    /// Bootloader backend (reboot mode only).
+    #[serde(default)]
+    pub boot: Option<BootConfig>,
+    /// Health check run after every switch.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// Bundle downloads.
+    #[serde(default)]
+    pub download: DownloadConfig,
+}
+
+/// Slot backend kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotBackendKind {
+    /// Image files; created when missing.
+    File,
+    /// Raw partitions; must exist.
+    Block,
+}
+
+/// `[slots]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotsConfig {
+    /// `file` or `block`.
+    pub backend: SlotBackendKind,
+    /// Slot `a` (file or device path).
+    pub a: PathBuf,
+    /// Slot `b`.
+    pub b: PathBuf,
+}
+
+/// Activation mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationMode {
+    /// Switch a `current` pointer and run the apply command; no reboot.
+    #[default]
+    Command,
+    /// Trial-boot the new slot through the bootloader.
+    Reboot,
+}
+
+/// `[activation]`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ActivationConfig {
+    /// `command` or `reboot`.
+    #[serde(default)]
+    pub mode: ActivationMode,
+    /// Command mode: run with the slot path as its argument after the pointer switched.
+    #[serde(default)]
+    pub apply_command: Option<String>,
+    /// Timeout of the apply command.
+    #[serde(default = "default_hook_timeout", with = "humantime_serde")]
+    pub apply_timeout: Duration,
+    /// Reboot mode: how to reboot.
+    #[serde(default = "default_reboot_command")]
+    pub reboot_command: String,
+    /// Reboot mode: how long to wait for the reboot command to take the system down.
+    #[serde(default = "default_reboot_wait", with = "humantime_serde")]
+    pub reboot_wait: Duration,
+}
+
+/// Bootloader backend kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootBackendKind {
+    /// U-Boot environment through `fw_printenv`/`fw_setenv`, RAUC's `BOOT_ORDER`/`BOOT_x_LEFT`.
+    Uboot,
+    /// GRUB environment through `grub-editenv`, RAUC's `ORDER`/`x_OK`/`x_TRY`.
+    Grub,
+    /// A user script with RAUC-like verbs.
+    Script,
+}
+
+/// `[boot]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootConfig {
+    /// `uboot`, `grub` or `script`.
+    pub backend: BootBackendKind,
+    /// Where the booted slot is read from (`rauc.slot=A` or `flightnode.slot=a`).
+    #[serde(default = "default_cmdline")]
+    pub cmdline: PathBuf,
+    /// Changes on every boot; tells a reboot from an agent restart.
+    #[serde(default = "default_boot_id")]
+    pub boot_id: PathBuf,
+    /// uboot: `fw_env.config` passed to `fw_printenv -c`/`fw_setenv -c`.
+    #[serde(default = "default_fw_env_config")]
+    pub fw_env_config: PathBuf,
+    /// grub: the grubenv file.
+    #[serde(default = "default_grubenv")]
+    pub grubenv: PathBuf,
+    /// script: the boot script (verbs get-primary, set-primary, get-state, set-state, get-current).
+    #[serde(default)]
+    pub script: Option<PathBuf>,
+    /// Boot attempts a committed slot gets (U-Boot `BOOT_x_LEFT`).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+}
+
+/// `[health]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Exit 0 = healthy. Without a command every switch counts as healthy.
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Killed and counted as unhealthy after this long.
+    #[serde(default = "default_health_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            command: None,
+            timeout: default_health_timeout(),
+        }
+    }
+}
+
+/// `[download]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownloadConfig {
+    /// No byte for this long ends the attempt.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// TCP/TLS connect timeout.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Attempts after the first one, for transient failures (not 4xx).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// First backoff; doubles each retry, with jitter.
+    #[serde(default = "default_backoff", with = "humantime_serde")]
+    pub backoff: Duration,
+}
+
+impl Default for DownloadConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: default_idle_timeout(),
+            connect_timeout: default_connect_timeout(),
+            retries: default_retries(),
+            backoff: default_backoff(),
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/flightnode")
+}
+fn default_factory_version() -> semver::Version {
+    semver::Version::new(0, 0, 0)
+}
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_reboot_command() -> String {
+    "systemctl reboot".into()
+}
+fn default_reboot_wait() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_cmdline() -> PathBuf {
+    PathBuf::from("/proc/cmdline")
+}
+fn default_boot_id() -> PathBuf {
+    PathBuf::from("/proc/sys/kernel/random/boot_id")
+}
+fn default_fw_env_config() -> PathBuf {
+    PathBuf::from("/etc/fw_env.config")
+}
+fn default_grubenv() -> PathBuf {
+    PathBuf::from("/boot/grub/grubenv")
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_retries() -> u32 {
+    5
+}
+fn default_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// Checks a device id for use as an MQTT client id and topic segment.
+pub fn validate_device_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(format!("device id {id:?} must be 1 to 64 characters"));
+    }
+    if id == "." || id == ".." || id.contains("..") {
+        return Err(format!("device id {id:?} must not contain \"..\""));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "device id {id:?} contains {c:?}; use letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` only names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        validate_device_id(&config.device_id).map_err(invalid)?;
+        if config.trusted_keys.is_empty() {
+            return Err(invalid(
+                "trusted_keys is empty: no bundle could ever be accepted".into(),
+            ));
+        }
+        if config.slots.a == config.slots.b {
+            return Err(invalid(format!(
+                "slots.a and slots.b are both {}",
+                config.slots.a.display()
+            )));
+        }
+        if config.activation.mode == ActivationMode::Reboot {
+            match &config.boot {
+                None => {
+                    return Err(invalid(
+                        "activation.mode = \"reboot\" needs a [boot] section".into(),
+                    ));
+                }
+                Some(b) if b.backend == BootBackendKind::Script && b.script.is_none() => {
+                    return Err(invalid(
+                        "boot.backend = \"script\" needs boot.script".into(),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(config)
+    }
+
+    /// Path of slot `slot`.
+    pub fn slot_path(&self, slot: flightnode_proto::Slot) -> &Path {
+        match slot {
+            flightnode_proto::Slot::A => &self.slots.a,
+            flightnode_proto::Slot::B => &self.slots.b,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+device_id = "drone-0001"
+hardware = "cc-aarch64-v1"
+trusted_keys = ["/etc/flightnode/release.pub"]
+[slots]
+backend = "file"
+a = "/var/lib/flightnode/slots/a.img"
+b = "/var/lib/flightnode/slots/b.img"
+"#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::parse(MINIMAL, Path::new("agent.toml")).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/flightnode"));
+        assert_eq!(c.factory_version, semver::Version::new(0, 0, 0));
+        assert_eq!(c.activation.mode, ActivationMode::Command);
+        assert_eq!(c.health.timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_ids_are_refused_with_the_reason() {
+        let err =
+            Config::parse(&format!("{MINIMAL}\nsurprise = 1\n"), Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("surprise"), "{err}");
+        for bad in ["a+b", "a#", "a/b", "..", &"x".repeat(65)] {
+            let text = MINIMAL.replace("drone-0001", bad);
+            let err = Config::parse(&text, Path::new("x.toml")).unwrap_err();
+            assert!(err.to_string().contains("device id"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn reboot_mode_without_boot_section_is_refused() {
+        let text = format!("{MINIMAL}\n[activation]\nmode = \"reboot\"\n");
+        let err = Config::parse(&text, Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("[boot]"), "{err}");
+    }
+}

@@ -1,0 +1,1 @@
+//! Bundle sources: a local file, or HTTP(S) with `Range` resume, bounded retries and idle timeouts.

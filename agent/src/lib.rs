@@ -1,0 +1,31 @@
+//! flightnode-agent: signed A/B firmware upgrades with automatic rollback.
+//!
+//! # Layout
+//! - [`config`]: `agent.toml`, with documented defaults.
+//! - [`bundle`]: keys, `bundle create`, and the streaming bundle reader that verifies before it writes.
+//! - [`policy`]: device-side acceptance of a verified manifest (hardware, expiry, version, security floor).
+//! - [`download`]: bundle sources: a local file or HTTP(S) with `Range` resume, retries and timeouts.
+//! - [`slot`]: where images go — the `file` and `block` slot backends.
+//! - [`boot`]: bootloader backends for reboot mode — `uboot`, `grub`, `script` (RAUC's vocabulary).
+//! - [`activation`]: switching the active slot — a `current` pointer + apply command, or a trial boot.
+//! - [`hooks`]: running the configured apply, health and reboot commands with a timeout.
+//! - [`state`]: what the device knows (slots, committed version, floor, upgrade in flight) and its
+//!   transitions. Transitions change memory only; [`store`] writes them.
+//! - [`store`]: sled persistence of [`state::DeviceState`], flushed before every side effect.
+//! - [`engine`]: the upgrade flow — install, resume after a crash, commit or roll back.
+//! - [`failpoint`]: test-only crash points (debug builds only).
+
+pub mod activation;
+pub mod boot;
+pub mod bundle;
+pub mod config;
+pub mod download;
+pub mod engine;
+pub mod failpoint;
+pub mod hooks;
+pub mod policy;
+pub mod slot;
+pub mod state;
+pub mod store;
+
+pub use flightnode_proto as proto;

@@ -1,0 +1,169 @@
+//! Error codes and upgrade results: snake_case strings shared by every contract.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Why an upgrade did not end in `committed`. The string form is the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The bundle is not a well-formed flightnode bundle (layout, sizes, JSON, fields).
+    MalformedBundle,
+    /// The manifest signature does not verify with the key that claims it.
+    SignatureInvalid,
+    /// The bundle is signed by a key that is not in `trusted_keys`.
+    UntrustedKey,
+    /// The device's hardware id is not in the manifest's `compatible` list.
+    IncompatibleHardware,
+    /// The manifest's `expires` is in the past.
+    Expired,
+    /// The bundle's version is lower than the committed one, or its security version is below the floor.
+    Downgrade,
+    /// The bundle's version is already committed; nothing was written. A success.
+    AlreadyInstalled,
+    /// The image is shorter or longer than the manifest's `size`.
+    SizeMismatch,
+    /// The image's sha256 differs from the manifest's.
+    HashMismatch,
+    /// The bundle could not be fetched (HTTP error, connection lost, timeouts, retries exhausted).
+    DownloadFailed,
+    /// The target slot is too small for the image, or the disk is full.
+    NoSpace,
+    /// The health check failed after the switch; the old slot is active again.
+    HealthCheckFailed,
+    /// The new slot never came up; the bootloader fell back to the old slot.
+    TrialBootFailed,
+    /// Another upgrade is in flight.
+    Busy,
+    /// The upgrade was canceled before anything was activated.
+    Canceled,
+    /// Anything else: a local I/O or configuration failure. The message says which.
+    Internal,
+}
+
+impl ErrorCode {
+    /// All codes, in documentation order.
+    pub const ALL: [ErrorCode; 16] = [
+        Self::MalformedBundle,
+        Self::SignatureInvalid,
+        Self::UntrustedKey,
+        Self::IncompatibleHardware,
+        Self::Expired,
+        Self::Downgrade,
+        Self::AlreadyInstalled,
+        Self::SizeMismatch,
+        Self::HashMismatch,
+        Self::DownloadFailed,
+        Self::NoSpace,
+        Self::HealthCheckFailed,
+        Self::TrialBootFailed,
+        Self::Busy,
+        Self::Canceled,
+        Self::Internal,
+    ];
+
+    /// The contract string, e.g. `hash_mismatch`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MalformedBundle => "malformed_bundle",
+            Self::SignatureInvalid => "signature_invalid",
+            Self::UntrustedKey => "untrusted_key",
+            Self::IncompatibleHardware => "incompatible_hardware",
+            Self::Expired => "expired",
+            Self::Downgrade => "downgrade",
+            Self::AlreadyInstalled => "already_installed",
+            Self::SizeMismatch => "size_mismatch",
+            Self::HashMismatch => "hash_mismatch",
+            Self::DownloadFailed => "download_failed",
+            Self::NoSpace => "no_space",
+            Self::HealthCheckFailed => "health_check_failed",
+            Self::TrialBootFailed => "trial_boot_failed",
+            Self::Busy => "busy",
+            Self::Canceled => "canceled",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// The result an upgrade that stopped with this code ends in.
+    pub fn result(self) -> UpgradeResult {
+        match self {
+            Self::AlreadyInstalled => UpgradeResult::AlreadyInstalled,
+            Self::HealthCheckFailed | Self::TrialBootFailed => UpgradeResult::RolledBack,
+            Self::Canceled => UpgradeResult::Canceled,
+            Self::MalformedBundle
+            | Self::SignatureInvalid
+            | Self::UntrustedKey
+            | Self::IncompatibleHardware
+            | Self::Expired
+            | Self::Downgrade
+            | Self::SizeMismatch
+            | Self::HashMismatch
+            | Self::Busy => UpgradeResult::Rejected,
+            Self::DownloadFailed | Self::NoSpace | Self::Internal => UpgradeResult::Failed,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How an upgrade ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpgradeResult {
+    /// The new image is active and committed.
+    Committed,
+    /// The bundle's version was already committed; nothing was written.
+    AlreadyInstalled,
+    /// The bundle was refused before anything was activated.
+    Rejected,
+    /// The upgrade could not be carried out (download, space, local error); the old image runs.
+    Failed,
+    /// The new image was activated, found unhealthy, and the old one is active again.
+    RolledBack,
+    /// The upgrade was canceled before anything was activated.
+    Canceled,
+}
+
+impl UpgradeResult {
+    /// The contract string, e.g. `rolled_back`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Committed => "committed",
+            Self::AlreadyInstalled => "already_installed",
+            Self::Rejected => "rejected",
+            Self::Failed => "failed",
+            Self::RolledBack => "rolled_back",
+            Self::Canceled => "canceled",
+        }
+    }
+
+    /// True when the device ends up on the requested version.
+    pub fn is_success(self) -> bool {
+        matches!(self, Self::Committed | Self::AlreadyInstalled)
+    }
+}
+
+impl fmt::Display for UpgradeResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_serialize_as_their_contract_strings() {
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            let back: ErrorCode = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, code);
+        }
+    }
+}

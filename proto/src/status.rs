@@ -1,0 +1,203 @@
+//! Device status: what `flightnode-agent status --json` prints and what the agent reports upstream.
+
+use crate::codes::{ErrorCode, UpgradeResult};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// One of the two A/B slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Slot {
+    /// Slot `a`: the factory slot on a fresh device.
+    A,
+    /// Slot `b`.
+    B,
+}
+
+impl Slot {
+    /// The other slot.
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+
+    /// `a` or `b`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Slot::A => "a",
+            Slot::B => "b",
+        }
+    }
+
+    /// Parses `a`/`b`, case-insensitively (RAUC scripts say `A`/`B`).
+    pub fn parse(s: &str) -> Option<Slot> {
+        match s.trim() {
+            "a" | "A" => Some(Slot::A),
+            "b" | "B" => Some(Slot::B),
+            _ => None,
+        }
+    }
+}
+
+impl std::ops::Not for Slot {
+    type Output = Slot;
+    fn not(self) -> Slot {
+        self.other()
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a slot holds, as far as the agent knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotState {
+    /// A committed image that is known to boot and pass the health check.
+    Good,
+    /// Not bootable: being written, written but not yet activated, or failed.
+    Bad,
+    /// Activated on trial; commits or rolls back after the health check.
+    Trial,
+    /// Never written.
+    Empty,
+}
+
+/// Where the current upgrade is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// No upgrade in flight.
+    Idle,
+    /// Manifest verified; image streaming into the inactive slot.
+    Downloading,
+    /// Image written, hash verified, flushed: ready to switch.
+    Staged,
+    /// Switching the active slot (pointer rename + apply, or bootloader + reboot).
+    Switching,
+    /// Running the new slot on trial: health check and, in reboot mode, the boot itself.
+    Testing,
+    /// Health failed: switching back to the previous slot.
+    RollingBack,
+}
+
+impl Phase {
+    /// The contract string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Downloading => "downloading",
+            Phase::Staged => "staged",
+            Phase::Switching => "switching",
+            Phase::Testing => "testing",
+            Phase::RollingBack => "rolling_back",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One slot in a status report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotStatus {
+    /// Firmware version in the slot, when it holds a complete image.
+    pub version: Option<String>,
+    /// Slot state.
+    pub state: SlotState,
+}
+
+/// Both slots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slots {
+    /// Slot `a`.
+    pub a: SlotStatus,
+    /// Slot `b`.
+    pub b: SlotStatus,
+}
+
+/// Bytes done out of total.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Progress {
+    /// Image bytes written and hashed so far.
+    pub bytes: u64,
+    /// Image size from the manifest.
+    pub total: u64,
+}
+
+/// An error with its contract code and a human sentence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorReport {
+    /// Contract code.
+    pub code: ErrorCode,
+    /// What failed and on which file, device or URL.
+    pub message: String,
+}
+
+/// How the last upgrade ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LastUpgrade {
+    /// Upgrade id.
+    pub upgrade_id: String,
+    /// Version the upgrade was for, when the manifest was read.
+    pub version: Option<String>,
+    /// Result.
+    pub result: UpgradeResult,
+    /// Why, when the result is not `committed`.
+    pub error: Option<ErrorReport>,
+    /// Unix seconds when it ended.
+    pub finished: u64,
+}
+
+/// The upgrade in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CurrentUpgrade {
+    /// Upgrade id.
+    pub upgrade_id: String,
+    /// Where the bundle comes from.
+    pub source: String,
+    /// Target version, once the manifest was verified.
+    pub version: Option<String>,
+    /// Slot being written.
+    pub target_slot: Slot,
+}
+
+/// `flightnode-agent status --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceStatus {
+    /// Device id from the config.
+    pub device_id: String,
+    /// Slot the system would start (command mode: the `current` pointer; reboot mode: the primary).
+    pub active_slot: Slot,
+    /// Slot that is running now.
+    pub booted_slot: Slot,
+    /// Both slots.
+    pub slots: Slots,
+    /// Version of the committed image.
+    pub committed_version: String,
+    /// Lowest security version this device accepts.
+    pub security_floor: u64,
+    /// Phase of the current upgrade, `idle` when none.
+    pub phase: Phase,
+    /// Progress of the current download.
+    pub progress: Option<Progress>,
+    /// The upgrade in flight.
+    pub upgrade: Option<CurrentUpgrade>,
+    /// The last finished upgrade.
+    pub last_upgrade: Option<LastUpgrade>,
+}
