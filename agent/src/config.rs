@@ -197,6 +197,9 @@ pub struct DownloadConfig {
     /// First backoff; doubles each retry, with jitter.
     #[serde(default = "default_backoff", with = "humantime_serde")]
     pub backoff: Duration,
+    /// Record resumable progress (fsync + store) at least every this many image bytes.
+    #[serde(default = "default_checkpoint_bytes")]
+    pub checkpoint_bytes: u64,
 }
 
 impl Default for DownloadConfig {
@@ -206,6 +209,7 @@ impl Default for DownloadConfig {
             connect_timeout: default_connect_timeout(),
             retries: default_retries(),
             backoff: default_backoff(),
+            checkpoint_bytes: default_checkpoint_bytes(),
         }
     }
 }
@@ -251,6 +255,9 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_retries() -> u32 {
     5
+}
+fn default_checkpoint_bytes() -> u64 {
+    8 * 1024 * 1024
 }
 fn default_backoff() -> Duration {
     Duration::from_secs(1)

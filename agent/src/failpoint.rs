@@ -1,1 +1,39 @@
-//! failpoint (skeleton)
+//! Test-only crash points: `FLIGHTNODE_FAILPOINT=<name>` makes the agent SIGKILL itself there.
+//!
+//! Compiled only into debug builds (which is what `cargo test` runs); release builds have none.
+//! Names are the journal steps (`verified`, `staged`, `switching`, …) and `download@N`, which fires
+//! once at least N image bytes were written.
+
+/// Dies with SIGKILL when the armed failpoint is `name`.
+#[inline]
+pub fn hit(name: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("FLIGHTNODE_FAILPOINT").is_ok_and(|v| v == name) {
+        die(name);
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = name;
+}
+
+/// Dies with SIGKILL when `download@N` is armed and `written >= N`.
+#[inline]
+pub fn download(written: u64) {
+    #[cfg(debug_assertions)]
+    if let Ok(v) = std::env::var("FLIGHTNODE_FAILPOINT")
+        && let Some(n) = v
+            .strip_prefix("download@")
+            .and_then(|n| n.parse::<u64>().ok())
+        && written >= n
+    {
+        die(&v);
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = written;
+}
+
+#[cfg(debug_assertions)]
+fn die(name: &str) {
+    eprintln!("failpoint {name}: SIGKILL");
+    // SAFETY: sending a signal to ourselves.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+}

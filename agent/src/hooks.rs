@@ -1,1 +1,185 @@
-//! hooks (skeleton)
+//! Running the configured apply, health and reboot commands: `sh -c`, an environment that names the
+//! slot, a timeout that kills the whole process group.
+
+use flightnode_proto::Slot;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What a hook is for, used in messages.
+#[derive(Debug, Clone, Copy)]
+pub enum Hook {
+    /// `activation.apply_command`.
+    Apply,
+    /// `health.command`.
+    Health,
+    /// `activation.reboot_command`.
+    Reboot,
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Hook::Apply => "apply command",
+            Hook::Health => "health check",
+            Hook::Reboot => "reboot command",
+        })
+    }
+}
+
+/// Why a hook did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// It could not be started.
+    #[error("{hook} `{command}` could not be started: {source}")]
+    Spawn {
+        /// Which hook.
+        hook: Hook,
+        /// The command line.
+        command: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It exited non-zero or was killed by a signal.
+    #[error("{hook} `{command}` failed ({status})")]
+    Failed {
+        /// Which hook.
+        hook: Hook,
+        /// The command line.
+        command: String,
+        /// Exit status.
+        status: String,
+    },
+    /// It ran past its timeout and was killed.
+    #[error("{hook} `{command}` did not finish within {timeout:?} and was killed")]
+    Timeout {
+        /// Which hook.
+        hook: Hook,
+        /// The command line.
+        command: String,
+        /// The limit.
+        timeout: Duration,
+    },
+}
+
+/// The slot a hook is about.
+pub struct HookEnv<'a> {
+    /// `FLIGHTNODE_SLOT`.
+    pub slot: Slot,
+    /// `FLIGHTNODE_SLOT_PATH`, also the first argument.
+    pub path: &'a Path,
+    /// `FLIGHTNODE_VERSION`.
+    pub version: &'a str,
+}
+
+/// Runs `command` through `sh -c` with the slot path as `$1` and waits at most `timeout`.
+/// Output goes to the agent's stderr, so it lands in the journal next to the agent's own lines.
+pub fn run(
+    hook: Hook,
+    command: &str,
+    env: &HookEnv<'_>,
+    timeout: Duration,
+) -> Result<(), HookError> {
+    tracing::info!(slot = %env.slot, %command, "running {hook}");
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("{command} \"$@\""))
+        .arg("flightnode-hook")
+        .arg(env.path)
+        .env("FLIGHTNODE_SLOT", env.slot.as_str())
+        .env("FLIGHTNODE_SLOT_PATH", env.path)
+        .env("FLIGHTNODE_VERSION", env.version)
+        .env("FLIGHTNODE_AGENT_PID", std::process::id().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        // Its own process group, so a timeout kills everything it started.
+        .process_group(0)
+        .spawn()
+        .map_err(|source| HookError::Spawn {
+            hook,
+            command: command.to_owned(),
+            source,
+        })?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                return Err(HookError::Failed {
+                    hook,
+                    command: command.to_owned(),
+                    status: status.to_string(),
+                });
+            }
+            Ok(None) if Instant::now() >= deadline => {
+                // SAFETY: plain syscall on the child's process group id.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                let _ = child.wait();
+                return Err(HookError::Timeout {
+                    hook,
+                    command: command.to_owned(),
+                    timeout,
+                });
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(source) => {
+                return Err(HookError::Spawn {
+                    hook,
+                    command: command.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(path: &Path) -> HookEnv<'_> {
+        HookEnv {
+            slot: Slot::B,
+            path,
+            version: "1.2.3",
+        }
+    }
+
+    #[test]
+    fn hook_sees_slot_environment_and_argument() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let cmd = format!(
+            "echo \"$FLIGHTNODE_SLOT $FLIGHTNODE_VERSION $1\" > {} && true",
+            out.display()
+        );
+        run(
+            Hook::Apply,
+            &cmd,
+            &env(Path::new("/dev/slot-b")),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(out).unwrap(),
+            "b 1.2.3 /dev/slot-b\n"
+        );
+    }
+
+    #[test]
+    fn failing_and_hanging_hooks_are_errors() {
+        let p = Path::new("/x");
+        let err = run(Hook::Health, "exit 3", &env(p), Duration::from_secs(10)).unwrap_err();
+        assert!(matches!(err, HookError::Failed { .. }), "{err}");
+        let err = run(
+            Hook::Health,
+            "sleep 30",
+            &env(p),
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert!(matches!(err, HookError::Timeout { .. }), "{err}");
+    }
+}

@@ -1,1 +1,119 @@
-//! store (skeleton)
+//! sled persistence of [`DeviceState`]: one record, written and flushed as a whole.
+//!
+//! sled makes a write durable only after `flush()`, so [`Store::save`] always flushes: a phase is on
+//! disk before the side effect it announces (write-ahead).
+
+use crate::state::DeviceState;
+use std::path::{Path, PathBuf};
+
+const DEVICE_KEY: &[u8] = b"device";
+
+/// Why the store cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process has the database open (sled holds an exclusive lock).
+    #[error(
+        "state store {path} is in use by another flightnode-agent process; wait for it or use its socket"
+    )]
+    Locked {
+        /// Database directory.
+        path: PathBuf,
+    },
+    /// sled failed.
+    #[error("state store {path}: {source}")]
+    Sled {
+        /// Database directory.
+        path: PathBuf,
+        /// Why.
+        source: sled::Error,
+    },
+    /// The stored record cannot be decoded (written by an incompatible version, or damaged).
+    #[error(
+        "state store {path}: stored device state is unreadable ({message}); move the directory aside to start over"
+    )]
+    Decode {
+        /// Database directory.
+        path: PathBuf,
+        /// Decoder message.
+        message: String,
+    },
+}
+
+/// The device's persistent state.
+pub struct Store {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the store under `state_dir/db`.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let path = state_dir.join("db");
+        let db = sled::open(&path).map_err(|source| match &source {
+            sled::Error::Io(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(11) =>
+            {
+                StoreError::Locked { path: path.clone() }
+            }
+            _ if source.to_string().contains("lock") => StoreError::Locked { path: path.clone() },
+            _ => StoreError::Sled {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        Ok(Self { db, path })
+    }
+
+    /// Loads the device state, or `None` on a fresh device.
+    pub fn load(&self) -> Result<Option<DeviceState>, StoreError> {
+        let raw = self
+            .db
+            .get(DEVICE_KEY)
+            .map_err(|source| self.sled(source))?;
+        raw.map(|bytes| {
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::Decode {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })
+        })
+        .transpose()
+    }
+
+    /// Writes the whole device state and flushes it to disk before returning.
+    pub fn save(&self, state: &DeviceState) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(state).map_err(|e| StoreError::Decode {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        self.db
+            .insert(DEVICE_KEY, bytes)
+            .map_err(|source| self.sled(source))?;
+        self.db.flush().map_err(|source| self.sled(source))?;
+        Ok(())
+    }
+
+    fn sled(&self, source: sled::Error) -> StoreError {
+        StoreError::Sled {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_state_survives_reopen_and_a_second_opener_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap(), None);
+        let mut state = DeviceState::factory(semver::Version::new(1, 0, 0));
+        state.begin("u1".into(), "file:///x".into(), false);
+        store.save(&state).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap(), Some(state));
+    }
+}

@@ -78,3 +78,8 @@ pub trait BootBackend: Send + Sync {
     /// Marks `slot` unbootable; the other slot becomes primary.
     fn mark_bad(&self, slot: Slot) -> Result<(), BootError>;
 }
+
+/// TEMPORARY STUB (replaced by the boot branch).
+pub fn open(_cfg: &crate::config::BootConfig) -> Result<Box<dyn BootBackend>, BootError> {
+    todo!()
+}

@@ -1,0 +1,335 @@
+//! Subcommand bodies and terminal output.
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use flightnode_agent::bundle::{self, CreateOptions, TrustedKeys};
+use flightnode_agent::config::Config;
+use flightnode_agent::engine::{Engine, Observer, Outcome, Request, derive_upgrade_id};
+use flightnode_agent::proto::status::{DeviceStatus, LastUpgrade};
+use flightnode_agent::proto::{Slot, UpgradeResult};
+use flightnode_agent::state::DeviceState;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Exit status when reboot mode requested a reboot that did not happen.
+const EXIT_REBOOT_PENDING: u8 = 3;
+
+#[derive(Subcommand)]
+pub enum BundleCommand {
+    /// Sign an image into a bundle (tar: manifest.json, manifest.sig, image).
+    Create {
+        /// Private key from `keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        /// Firmware image.
+        #[arg(long)]
+        image: PathBuf,
+        /// Firmware version (semver, e.g. 1.4.0).
+        #[arg(long)]
+        version: semver::Version,
+        /// Anti-rollback counter; devices refuse bundles below their committed floor.
+        #[arg(long, default_value_t = 0)]
+        security_version: u64,
+        /// Hardware id this image runs on (repeat for several).
+        #[arg(long, required = true)]
+        compatible: Vec<String>,
+        /// Refuse the bundle on devices after this long (e.g. 90d) from now.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+        /// Bundle file to write.
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Check a bundle's signature and image hash; print its manifest.
+    Verify {
+        /// Trusted public key (repeat for several).
+        #[arg(long, required = true)]
+        key: Vec<PathBuf>,
+        /// Bundle file.
+        file: PathBuf,
+    },
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+pub fn keygen(out_dir: &Path) -> Result<ExitCode> {
+    let paths = bundle::keygen(out_dir)?;
+    println!(
+        "private key: {} (keep it off devices)",
+        paths.private.display()
+    );
+    println!(
+        "public key:  {} (list it in trusted_keys)",
+        paths.public.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
+    match cmd {
+        BundleCommand::Create {
+            key,
+            image,
+            version,
+            security_version,
+            compatible,
+            expires_in,
+            output,
+        } => {
+            let expires = expires_in.map(|d| time::OffsetDateTime::now_utc() + d);
+            let opts = CreateOptions {
+                version,
+                security_version,
+                compatible,
+                expires,
+            };
+            let m = bundle::create(&key, &image, &opts, &output)?;
+            println!(
+                "{}: version {} for {}, image {} bytes, sha256 {}",
+                output.display(),
+                m.version,
+                m.compatible.join(", "),
+                m.image.size,
+                m.image.sha256
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        BundleCommand::Verify { key, file } => {
+            let keys = TrustedKeys::load(&key)?;
+            match bundle::verify_file(&file, &keys) {
+                Ok(header) => {
+                    print!("{}", String::from_utf8_lossy(&header.manifest.to_bytes()));
+                    println!(
+                        "OK: {} verified, signed by key {}",
+                        file.display(),
+                        header.key_id
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: {}: {}: {e}", file.display(), e.code());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+    }
+}
+
+fn open_engine(config: &Path) -> Result<(tokio::runtime::Runtime, Engine)> {
+    let cfg = Config::load(config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let engine = Engine::open(cfg, rt.handle().clone())?;
+    Ok((rt, engine))
+}
+
+/// Prints phases and a progress bar (on a terminal) or a line per 10 % (otherwise).
+struct Progress {
+    tty: bool,
+    started: Instant,
+    last_draw: Option<Instant>,
+    last_decile: u64,
+    phase: Option<flightnode_agent::proto::Phase>,
+}
+
+impl Observer for Progress {
+    fn changed(&mut self, state: &DeviceState) {
+        let phase = state.phase();
+        if self.phase != Some(phase) {
+            if self.tty && self.last_draw.is_some() {
+                eprintln!();
+                self.last_draw = None;
+            }
+            if phase != flightnode_agent::proto::Phase::Idle {
+                eprintln!("phase: {phase}");
+            }
+            self.phase = Some(phase);
+        }
+    }
+
+    fn progress(&mut self, bytes: u64, total: u64) {
+        let total = total.max(1);
+        if self.tty {
+            if self
+                .last_draw
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(200))
+                && bytes < total
+            {
+                return;
+            }
+            let secs = self.started.elapsed().as_secs_f64().max(0.001);
+            let filled = (bytes * 30 / total) as usize;
+            eprint!(
+                "\r[{}{}] {:>3}%  {:.1}/{:.1} MiB  {:.1} MiB/s ",
+                "#".repeat(filled),
+                "-".repeat(30 - filled.min(30)),
+                bytes * 100 / total,
+                bytes as f64 / 1048576.0,
+                total as f64 / 1048576.0,
+                bytes as f64 / 1048576.0 / secs
+            );
+            let _ = std::io::stderr().flush();
+            self.last_draw = Some(Instant::now());
+        } else {
+            let decile = bytes * 10 / total;
+            if decile > self.last_decile {
+                self.last_decile = decile;
+                eprintln!("written {} of {} bytes ({}%)", bytes, total, decile * 10);
+            }
+        }
+    }
+}
+
+fn report(last: &LastUpgrade) -> ExitCode {
+    let version = last.version.as_deref().unwrap_or("?");
+    match (&last.result, &last.error) {
+        (UpgradeResult::Committed, _) => println!("committed: version {version} is active"),
+        (UpgradeResult::AlreadyInstalled, _) => {
+            println!("already installed: version {version}, nothing written")
+        }
+        (result, Some(e)) => eprintln!("{result}: {}: {}", e.code, e.message),
+        (result, None) => eprintln!("{result}"),
+    }
+    if last.result.is_success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn outcome(o: Outcome) -> ExitCode {
+    match o {
+        Outcome::Idle => {
+            println!("nothing in flight");
+            ExitCode::SUCCESS
+        }
+        Outcome::Finished(last) => report(&last),
+        Outcome::AwaitingReboot { slot } => {
+            eprintln!(
+                "reboot requested into slot {slot}, but the system is still up; the trial happens on the next boot"
+            );
+            ExitCode::from(EXIT_REBOOT_PENDING)
+        }
+    }
+}
+
+pub fn install(
+    config: &Path,
+    source: String,
+    allow_downgrade: bool,
+    upgrade_id: Option<String>,
+) -> Result<ExitCode> {
+    let (_rt, mut engine) = open_engine(config)?;
+    let progress = Progress {
+        tty: std::io::stderr().is_terminal(),
+        started: Instant::now(),
+        last_draw: None,
+        last_decile: 0,
+        phase: None,
+    };
+    engine.set_observer(Box::new(progress));
+    let id = upgrade_id.unwrap_or_else(|| derive_upgrade_id(&source));
+    let o = engine.install(Request {
+        id,
+        source,
+        allow_downgrade,
+    })?;
+    Ok(outcome(o))
+}
+
+pub fn resume(config: &Path) -> Result<ExitCode> {
+    let (_rt, mut engine) = open_engine(config)?;
+    Ok(outcome(engine.resume()?))
+}
+
+fn print_status(s: &DeviceStatus) {
+    let slot = |name: Slot, st: &flightnode_agent::proto::status::SlotStatus| {
+        let mut marks = Vec::new();
+        if s.active_slot == name {
+            marks.push("active");
+        }
+        if s.booted_slot == name {
+            marks.push("booted");
+        }
+        println!(
+            "  slot {name}: {:<6} {:<12} {}",
+            format!("{:?}", st.state).to_lowercase(),
+            st.version.as_deref().unwrap_or("-"),
+            marks.join(", ")
+        );
+    };
+    println!(
+        "device {}: committed {} (security floor {})",
+        s.device_id, s.committed_version, s.security_floor
+    );
+    slot(Slot::A, &s.slots.a);
+    slot(Slot::B, &s.slots.b);
+    match (&s.upgrade, &s.progress) {
+        (Some(u), Some(p)) => println!(
+            "upgrade {}: {} → slot {} ({}/{} bytes) from {}",
+            u.upgrade_id, s.phase, u.target_slot, p.bytes, p.total, u.source
+        ),
+        (Some(u), None) => println!(
+            "upgrade {}: {} → slot {} from {}",
+            u.upgrade_id, s.phase, u.target_slot, u.source
+        ),
+        (None, _) => println!("phase: idle"),
+    }
+    if let Some(last) = &s.last_upgrade {
+        let err = last
+            .error
+            .as_ref()
+            .map(|e| format!(" ({}: {})", e.code, e.message))
+            .unwrap_or_default();
+        println!(
+            "last upgrade {}: {} {}{err}",
+            last.upgrade_id,
+            last.result,
+            last.version.as_deref().unwrap_or("")
+        );
+    }
+}
+
+pub fn status(config: &Path, json: bool) -> Result<ExitCode> {
+    let (_rt, engine) = open_engine(config)?;
+    let s = engine.status()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print_status(&s);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn mark(config: &Path, which: &str, good: bool) -> Result<ExitCode> {
+    let (_rt, mut engine) = open_engine(config)?;
+    let booted = engine.status()?.booted_slot;
+    let slot = match which {
+        "booted" => booted,
+        "other" => !booted,
+        s => match Slot::parse(s) {
+            Some(slot) => slot,
+            None => bail!("unknown slot {s:?}: use booted, other, a or b"),
+        },
+    };
+    println!("{}", engine.mark(slot, good)?);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,382 @@
+//! The upgrade flow: install, resume after a crash, commit or roll back.
+//!
+//! One loop, [`Engine::drive`], matches on the persisted phase and runs the step for it; every step
+//! first changes [`DeviceState`] in memory, then saves it, then does the side effect it announced.
+//! A crash at any point therefore leaves a phase on disk whose step is safe to run again, which is
+//! all that [`Engine::resume`] does on start.
+//!
+//! ```text
+//! Downloading ──► Staged ──► Switching ──► Testing ──► (committed)
+//!      │                                     │
+//!      └─► (rejected / failed / canceled)    └─► RollingBack ──► (rolled_back)
+//! ```
+
+mod steps;
+mod writer;
+
+use crate::activation::{Activation, ActivationError};
+use crate::bundle::{BundleError, TrustedKeys};
+use crate::config::Config;
+use crate::download::{DownloadError, Fetcher};
+use crate::slot::SlotBackend;
+use crate::state::DeviceState;
+use crate::store::{Store, StoreError};
+use flightnode_proto::status::{DeviceStatus, LastUpgrade};
+use flightnode_proto::{ErrorCode, Phase, Slot, SlotState};
+use sha2::Digest;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A local failure that stops the engine itself (as opposed to an upgrade that ends badly, which is
+/// an [`Outcome`]). The device stays on whatever the persisted state says.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The state store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Trusted keys could not be loaded.
+    #[error("cannot load trusted keys: {0}")]
+    Keys(#[source] BundleError),
+    /// The slot pointer or bootloader.
+    #[error(transparent)]
+    Activation(#[from] ActivationError),
+    /// The HTTP client could not be built.
+    #[error(transparent)]
+    Download(#[from] DownloadError),
+    /// Another upgrade is in flight and cannot be set aside.
+    #[error(
+        "upgrade {id} is in phase {phase}; wait for it to finish (or run `flightnode-agent resume`)"
+    )]
+    Busy {
+        /// The upgrade in flight.
+        id: String,
+        /// Its phase.
+        phase: Phase,
+    },
+    /// mark-good / mark-bad of something that cannot be marked.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl EngineError {
+    /// The contract code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            EngineError::Busy { .. } => ErrorCode::Busy,
+            EngineError::Store(StoreError::Locked { .. }) => ErrorCode::Busy,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// How a call to [`Engine::install`] or [`Engine::resume`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing was in flight.
+    Idle,
+    /// The upgrade ended; `result` says how.
+    Finished(LastUpgrade),
+    /// Reboot mode: the reboot command ran but the system is still up. The bootloader will try the
+    /// new slot on the next boot and the agent evaluates it after that boot.
+    AwaitingReboot {
+        /// The slot that boots next.
+        slot: Slot,
+    },
+}
+
+/// What to install.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Upgrade id; see [`derive_upgrade_id`].
+    pub id: String,
+    /// Bundle path or URL.
+    pub source: String,
+    /// Allow a lower version (never below the security floor).
+    pub allow_downgrade: bool,
+}
+
+/// A deterministic upgrade id for a command that carries none (a bare URL, a local install):
+/// the same payload always names the same upgrade.
+pub fn derive_upgrade_id(payload: &str) -> String {
+    let digest = sha2::Sha256::digest(payload.trim().as_bytes());
+    format!("u-{}", &hex::encode(digest)[..16])
+}
+
+/// Gets told what the engine does, for progress bars, MQTT status and heartbeats.
+pub trait Observer: Send {
+    /// A transition was saved.
+    fn changed(&mut self, _state: &DeviceState) {}
+    /// Image bytes written so far, out of `total`. Called often; rate-limit in the observer.
+    fn progress(&mut self, _bytes: u64, _total: u64) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// The upgrade engine of one device.
+pub struct Engine {
+    cfg: Config,
+    store: Store,
+    state: DeviceState,
+    slots: Box<dyn SlotBackend>,
+    activation: Activation,
+    keys: TrustedKeys,
+    fetcher: Fetcher,
+    observer: Box<dyn Observer>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// Why a step ended the upgrade, or stopped the engine.
+enum Stop {
+    /// The upgrade ends with this code before anything is activated (or as a rollback result).
+    Upgrade(ErrorCode, String),
+    /// Reboot requested and still up.
+    Rebooting(Slot),
+    /// A local failure: propagate, leave the persisted phase for the next start.
+    Engine(EngineError),
+}
+
+impl<E: Into<EngineError>> From<E> for Stop {
+    fn from(e: E) -> Self {
+        Stop::Engine(e.into())
+    }
+}
+
+impl Engine {
+    /// Opens the state store (creating a factory state on a fresh device) and the backends.
+    /// Does not resume anything: call [`Engine::resume`] for that.
+    pub fn open(cfg: Config, rt: tokio::runtime::Handle) -> Result<Self, EngineError> {
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| StoreError::Sled {
+            path: cfg.state_dir.clone(),
+            source: sled::Error::Io(source),
+        })?;
+        let store = Store::open(&cfg.state_dir)?;
+        let keys = TrustedKeys::load(&cfg.trusted_keys).map_err(EngineError::Keys)?;
+        let fetcher = Fetcher::new(&cfg.download, rt)?;
+        let activation = Activation::open(&cfg)?;
+        let slots = crate::slot::open(&cfg.slots);
+        let state = match store.load()? {
+            Some(state) => state,
+            None => {
+                let state = DeviceState::factory(cfg.factory_version.clone());
+                store.save(&state)?;
+                tracing::info!(device_id = %cfg.device_id, version = %cfg.factory_version, "fresh device: slot a is active");
+                state
+            }
+        };
+        let engine = Self {
+            cfg,
+            store,
+            state,
+            slots,
+            activation,
+            keys,
+            fetcher,
+            observer: Box::new(Quiet),
+            cancel: Arc::new(AtomicBool::new(false)),
+        };
+        engine.settle_pointer()?;
+        Ok(engine)
+    }
+
+    /// Replaces the observer.
+    pub fn set_observer(&mut self, observer: Box<dyn Observer>) {
+        self.observer = observer;
+    }
+
+    /// A flag that cancels the download in flight when set.
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
+    }
+
+    /// The persisted device state.
+    pub fn state(&self) -> &DeviceState {
+        &self.state
+    }
+
+    /// Network bytes fetched by this engine so far.
+    pub fn bytes_received(&self) -> u64 {
+        self.fetcher.bytes_received()
+    }
+
+    /// The `status` view.
+    pub fn status(&self) -> Result<DeviceStatus, EngineError> {
+        let booted = self.activation.booted(self.state.active)?;
+        Ok(self.state.report(&self.cfg.device_id, booted))
+    }
+
+    /// Installs a bundle. An interrupted upgrade of the same source (or id) is resumed instead of
+    /// restarted; one that never reached a slot switch is set aside; one that did is finished first.
+    pub fn install(&mut self, req: Request) -> Result<Outcome, EngineError> {
+        if let Some(u) = self.state.upgrade.clone() {
+            if u.id == req.id || u.source == req.source {
+                tracing::info!(upgrade_id = %u.id, phase = %u.phase, "resuming the interrupted upgrade");
+                return self.drive();
+            }
+            match u.phase {
+                Phase::Downloading | Phase::Staged => {
+                    let msg = format!("superseded by upgrade {} from {}", req.id, req.source);
+                    self.state.fail(ErrorCode::Canceled, msg);
+                    self.save()?;
+                }
+                _ => {
+                    if let Outcome::AwaitingReboot { .. } = self.drive()? {
+                        return Err(EngineError::Busy {
+                            id: u.id,
+                            phase: self.state.phase(),
+                        });
+                    }
+                }
+            }
+        }
+        self.cancel.store(false, Ordering::SeqCst);
+        tracing::info!(upgrade_id = %req.id, source = %req.source, "upgrade requested");
+        self.state.begin(req.id, req.source, req.allow_downgrade);
+        self.save()?;
+        self.drive()
+    }
+
+    /// Finishes or undoes whatever was in flight when the agent stopped. Running it again in the
+    /// same state does nothing new.
+    pub fn resume(&mut self) -> Result<Outcome, EngineError> {
+        if self.state.upgrade.is_none() {
+            return Ok(Outcome::Idle);
+        }
+        self.drive()
+    }
+
+    /// Runs the step of the persisted phase until the upgrade ends or must wait for a reboot.
+    fn drive(&mut self) -> Result<Outcome, EngineError> {
+        loop {
+            let Some(phase) = self.state.upgrade.as_ref().map(|u| u.phase) else {
+                return Ok(self
+                    .state
+                    .last
+                    .clone()
+                    .map_or(Outcome::Idle, Outcome::Finished));
+            };
+            let step = match phase {
+                Phase::Downloading => self.download(),
+                Phase::Staged | Phase::Switching => self.switch(),
+                Phase::Testing => self.test(),
+                Phase::RollingBack => self.roll_back(),
+                // Never persisted with an upgrade; treat like a fresh start of the download.
+                Phase::Idle => {
+                    self.state.enter(Phase::Downloading);
+                    Ok(())
+                }
+            };
+            match step {
+                Ok(()) => {}
+                Err(Stop::Upgrade(code, message)) => self.end(code, message)?,
+                Err(Stop::Rebooting(slot)) => return Ok(Outcome::AwaitingReboot { slot }),
+                Err(Stop::Engine(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Ends the upgrade without the new image: records why, and makes sure the old slot is active.
+    fn end(&mut self, code: ErrorCode, message: String) -> Result<(), EngineError> {
+        let id = self
+            .state
+            .upgrade
+            .as_ref()
+            .map(|u| u.id.clone())
+            .unwrap_or_default();
+        if code == ErrorCode::AlreadyInstalled {
+            tracing::info!(upgrade_id = %id, "{message}");
+        } else {
+            tracing::warn!(upgrade_id = %id, code = %code, "upgrade ended: {message}");
+        }
+        self.state.fail(code, message);
+        self.save()?;
+        self.settle_pointer()
+    }
+
+    /// Saves the state, then tells the observer.
+    fn save(&mut self) -> Result<(), EngineError> {
+        self.store.save(&self.state)?;
+        self.observer.changed(&self.state);
+        Ok(())
+    }
+
+    /// Command mode: makes the `current` pointer agree with the persisted active slot when no
+    /// switch is in flight (a crash between rename and save, or a hand-edited pointer).
+    fn settle_pointer(&self) -> Result<(), EngineError> {
+        if let Activation::Command { pointer } = &self.activation {
+            let switching = matches!(self.state.phase(), Phase::Switching);
+            if !switching && pointer.read()? != Some(self.state.active) {
+                pointer.set(self.state.active)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `mark-good`/`mark-bad` of `slot`, like `rauc status mark-good`.
+    pub fn mark(&mut self, slot: Slot, good: bool) -> Result<String, EngineError> {
+        let trial = self
+            .state
+            .upgrade
+            .as_ref()
+            .filter(|u| u.phase == Phase::Testing && u.target == slot)
+            .is_some();
+        if trial {
+            let outcome = if good {
+                self.commit().map(|()| Outcome::Idle)
+            } else {
+                self.begin_roll_back(
+                    ErrorCode::HealthCheckFailed,
+                    format!("slot {slot} marked bad by the operator"),
+                )
+                .and_then(|()| self.roll_back().map(|()| Outcome::Idle))
+            };
+            return match outcome {
+                Ok(_) => Ok(format!(
+                    "slot {slot} marked {}",
+                    if good {
+                        "good (committed)"
+                    } else {
+                        "bad (rolled back)"
+                    }
+                )),
+                Err(Stop::Rebooting(s)) => {
+                    Ok(format!("slot {slot} marked bad; rebooting into slot {s}"))
+                }
+                Err(Stop::Upgrade(code, message)) => {
+                    self.end(code, message.clone())?;
+                    Ok(message)
+                }
+                Err(Stop::Engine(e)) => Err(e),
+            };
+        }
+        let record = self.state.slot(slot);
+        if good && record.version.is_none() {
+            return Err(EngineError::Refused(format!(
+                "slot {slot} holds no complete image; refusing to mark it good"
+            )));
+        }
+        if !good && slot == self.state.active {
+            return Err(EngineError::Refused(format!(
+                "slot {slot} is the active slot; install another image instead of marking it bad"
+            )));
+        }
+        if let Activation::Reboot { boot, .. } = &self.activation {
+            if good {
+                boot.mark_good(slot).map_err(ActivationError::from)?;
+            } else {
+                boot.mark_bad(slot).map_err(ActivationError::from)?;
+            }
+        }
+        self.state.slot_mut(slot).state = if good {
+            SlotState::Good
+        } else {
+            SlotState::Bad
+        };
+        self.save()?;
+        Ok(format!(
+            "slot {slot} marked {}",
+            if good { "good" } else { "bad" }
+        ))
+    }
+}

@@ -1,0 +1,311 @@
+//! The steps of [`Engine::drive`], one per phase.
+
+use super::writer::{Canceled, SlotWriter};
+use super::{Engine, Stop};
+use crate::activation::{Activation, ActivationError};
+use crate::bundle::{self, BundleError};
+use crate::download::DownloadError;
+use crate::hooks::{self, Hook, HookEnv};
+use crate::policy;
+use crate::store::StoreError;
+use flightnode_proto::{ErrorCode, Phase, Slot};
+use sha2::Digest;
+use std::time::Duration;
+
+/// Maps a bundle/copy error to the upgrade's end, or to an engine failure when our own store broke.
+fn copy_stop(e: BundleError) -> Stop {
+    if let Some(io) = e.io_source() {
+        if let Some(inner) = io.get_ref() {
+            if inner.is::<Canceled>() {
+                return Stop::Upgrade(
+                    ErrorCode::Canceled,
+                    "canceled before the image was activated".into(),
+                );
+            }
+            if let Some(d) = inner.downcast_ref::<DownloadError>() {
+                return Stop::Upgrade(d.code(), d.to_string());
+            }
+            if inner.is::<StoreError>() {
+                return Stop::Upgrade(ErrorCode::Internal, e.to_string());
+            }
+        }
+    }
+    Stop::Upgrade(e.code(), e.to_string())
+}
+
+impl Engine {
+    fn upgrade(&self) -> Result<&crate::state::Upgrade, Stop> {
+        self.state
+            .upgrade
+            .as_ref()
+            .ok_or_else(|| Stop::Upgrade(ErrorCode::Internal, "no upgrade in flight".into()))
+    }
+
+    /// Downloading: verify the manifest (unless already verified), then stream the image into the
+    /// target slot from where the last checkpoint left it, and verify its hash.
+    pub(super) fn download(&mut self) -> Result<(), Stop> {
+        let u = self.upgrade()?.clone();
+        let (manifest, start, reader) = match &u.manifest {
+            None => {
+                let mut reader = self
+                    .fetcher
+                    .open(&u.source, 0)
+                    .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
+                let header = bundle::read_header(&mut reader, &self.keys).map_err(copy_stop)?;
+                let m = header.manifest;
+                let device = policy::Device {
+                    hardware: &self.cfg.hardware,
+                    committed: &self.state.committed_version,
+                    security_floor: self.state.security_floor,
+                };
+                policy::check(
+                    &m,
+                    &device,
+                    u.allow_downgrade,
+                    time::OffsetDateTime::now_utc(),
+                )
+                .map_err(|r| Stop::Upgrade(r.code, r.message))?;
+                self.slots
+                    .check_room(u.target, m.image.size)
+                    .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
+                tracing::info!(upgrade_id = %u.id, version = %m.version, slot = %u.target, size = m.image.size,
+                    "manifest verified; writing image");
+                // Write-ahead: the slot is marked bad before the first byte overwrites it.
+                self.state.accept_manifest(m.clone(), header.image_offset);
+                self.save()?;
+                crate::failpoint::hit("verified");
+                (m, 0, reader)
+            }
+            Some(m) => {
+                let mut start = u.written;
+                let mut hasher = sha2::Sha256::new();
+                if start > 0
+                    && self
+                        .slots
+                        .hash_prefix(u.target, start, &mut hasher)
+                        .is_err()
+                {
+                    tracing::warn!(upgrade_id = %u.id, slot = %u.target, "written prefix unreadable; starting the image again");
+                    start = 0;
+                }
+                tracing::info!(upgrade_id = %u.id, slot = %u.target, offset = start, "resuming image download");
+                let reader = self
+                    .fetcher
+                    .open(&u.source, u.image_offset + start)
+                    .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
+                return self.write_image(m.clone(), start, hasher, reader, u.target);
+            }
+        };
+        self.write_image(manifest, start, sha2::Sha256::new(), reader, u.target)
+    }
+
+    fn write_image(
+        &mut self,
+        manifest: flightnode_proto::Manifest,
+        start: u64,
+        hasher: sha2::Sha256,
+        mut reader: impl std::io::Read,
+        target: Slot,
+    ) -> Result<(), Stop> {
+        let file = self
+            .slots
+            .open_at(target, start)
+            .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
+        let size = manifest.image.size;
+        let mut writer = SlotWriter::new(
+            file,
+            start,
+            size,
+            &self.store,
+            &mut self.state,
+            self.observer.as_mut(),
+            &self.cancel,
+        );
+        writer.checkpoint_bytes = self.cfg.download.checkpoint_bytes.max(4096);
+        bundle::copy_image(&mut reader, &mut writer, &manifest, start, hasher)
+            .map_err(copy_stop)?;
+        let file = writer.file;
+        self.slots
+            .finish(target, &file, size)
+            .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
+        self.state.written(size);
+        self.state.enter(Phase::Staged);
+        self.save()?;
+        tracing::info!(slot = %target, version = %manifest.version, "image written and verified");
+        crate::failpoint::hit("staged");
+        Ok(())
+    }
+
+    fn hook_env(&self, slot: Slot) -> (std::path::PathBuf, String) {
+        let version = self
+            .state
+            .slot(slot)
+            .version
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        (self.slots.path(slot).to_owned(), version)
+    }
+
+    fn run_hook(
+        &self,
+        hook: Hook,
+        command: &str,
+        slot: Slot,
+        timeout: Duration,
+    ) -> Result<(), hooks::HookError> {
+        let (path, version) = self.hook_env(slot);
+        hooks::run(
+            hook,
+            command,
+            &HookEnv {
+                slot,
+                path: &path,
+                version: &version,
+            },
+            timeout,
+        )
+    }
+
+    /// Staged/Switching: point the system at the target slot.
+    pub(super) fn switch(&mut self) -> Result<(), Stop> {
+        let target = self.upgrade()?.target;
+        self.state.enter(Phase::Switching);
+        self.save()?;
+        crate::failpoint::hit("switching");
+        match &self.activation {
+            Activation::Command { pointer } => {
+                pointer.set(target)?;
+                self.state.enter(Phase::Testing);
+                self.save()?;
+                crate::failpoint::hit("switched");
+                Ok(())
+            }
+            Activation::Reboot { boot, .. } => {
+                boot.set_trial(target).map_err(ActivationError::from)?;
+                let boot_id = self.activation.boot_id()?;
+                if let Some(u) = self.state.upgrade.as_mut() {
+                    u.boot_id = boot_id;
+                }
+                self.state.enter(Phase::Testing);
+                self.save()?;
+                crate::failpoint::hit("switched");
+                self.reboot(target)
+            }
+        }
+    }
+
+    /// Runs the reboot command and waits for it to take us down.
+    fn reboot(&self, next: Slot) -> Result<(), Stop> {
+        let a = &self.cfg.activation;
+        tracing::info!(slot = %next, "rebooting into slot {next}");
+        if let Err(e) = self.run_hook(Hook::Reboot, &a.reboot_command, next, a.reboot_wait) {
+            tracing::error!("{e}");
+        }
+        std::thread::sleep(a.reboot_wait);
+        Err(Stop::Rebooting(next))
+    }
+
+    /// Testing: the new slot runs (or should). Apply (command mode), health check, then commit or
+    /// roll back. In reboot mode, first find out whether the trial boot happened at all.
+    pub(super) fn test(&mut self) -> Result<(), Stop> {
+        let u = self.upgrade()?.clone();
+        if let Activation::Reboot { boot, .. } = &self.activation {
+            if self.activation.boot_id()? == u.boot_id {
+                // Same boot as the one that requested the trial: the reboot has not happened yet.
+                return self.reboot(u.target);
+            }
+            let booted = boot.booted().map_err(ActivationError::from)?;
+            if booted != u.target {
+                boot.mark_bad(u.target).map_err(ActivationError::from)?;
+                return Err(Stop::Upgrade(
+                    ErrorCode::TrialBootFailed,
+                    format!(
+                        "slot {} did not come up; the bootloader fell back to slot {booted}",
+                        u.target
+                    ),
+                ));
+            }
+        } else if let Some(cmd) = &self.cfg.activation.apply_command {
+            if let Err(e) = self.run_hook(
+                Hook::Apply,
+                cmd,
+                u.target,
+                self.cfg.activation.apply_timeout,
+            ) {
+                return self.begin_roll_back(ErrorCode::HealthCheckFailed, e.to_string());
+            }
+        }
+        if let Some(cmd) = &self.cfg.health.command {
+            if let Err(e) = self.run_hook(Hook::Health, cmd, u.target, self.cfg.health.timeout) {
+                return self.begin_roll_back(ErrorCode::HealthCheckFailed, e.to_string());
+            }
+        }
+        crate::failpoint::hit("healthy");
+        self.commit()
+    }
+
+    /// Makes the trial slot the committed one.
+    pub(super) fn commit(&mut self) -> Result<(), Stop> {
+        let target = self.upgrade()?.target;
+        if let Activation::Reboot { boot, .. } = &self.activation {
+            boot.mark_good(target).map_err(ActivationError::from)?;
+        }
+        if let Some(last) = self.state.commit() {
+            tracing::info!(upgrade_id = %last.upgrade_id, slot = %target, version = ?last.version, "committed");
+        }
+        self.save()?;
+        Ok(())
+    }
+
+    /// Health failed: record why and enter RollingBack.
+    pub(super) fn begin_roll_back(&mut self, code: ErrorCode, message: String) -> Result<(), Stop> {
+        tracing::warn!(code = %code, "rolling back: {message}");
+        if let Some(u) = self.state.upgrade.as_mut() {
+            u.error = Some(flightnode_proto::status::ErrorReport { code, message });
+        }
+        self.state.enter(Phase::RollingBack);
+        self.save()?;
+        crate::failpoint::hit("rolling_back");
+        Ok(())
+    }
+
+    /// RollingBack: switch back to the previous slot and end with the recorded error.
+    pub(super) fn roll_back(&mut self) -> Result<(), Stop> {
+        let u = self.upgrade()?.clone();
+        let old = !u.target;
+        let (code, message) = u.error.clone().map_or(
+            (ErrorCode::HealthCheckFailed, "rolled back".to_owned()),
+            |e| (e.code, e.message),
+        );
+        match &self.activation {
+            Activation::Command { pointer } => {
+                pointer.set(old)?;
+                if let Some(cmd) = &self.cfg.activation.apply_command {
+                    // The old slot is active whatever this says; a failure is logged, not fatal.
+                    if let Err(e) =
+                        self.run_hook(Hook::Apply, cmd, old, self.cfg.activation.apply_timeout)
+                    {
+                        tracing::error!(slot = %old, "re-applying the previous slot failed: {e}");
+                    }
+                }
+            }
+            Activation::Reboot { boot, .. } => {
+                let booted = boot.booted().map_err(ActivationError::from)?;
+                if booted == u.target {
+                    // Still on the bad slot: make the old one primary and reboot into it.
+                    boot.mark_bad(u.target).map_err(ActivationError::from)?;
+                    let boot_id = self.activation.boot_id()?;
+                    if u.boot_id != boot_id {
+                        if let Some(up) = self.state.upgrade.as_mut() {
+                            up.boot_id = boot_id;
+                        }
+                        self.save()?;
+                    }
+                    return self.reboot(old);
+                }
+            }
+        }
+        Err(Stop::Upgrade(code, message))
+    }
+}

@@ -1,0 +1,88 @@
+//! The slot writer: counts image bytes, checkpoints them durably, honours cancel, reports progress.
+
+use super::Observer;
+use crate::state::DeviceState;
+use crate::store::Store;
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Checkpoint at least every `download.checkpoint_bytes`, or after this long, whichever comes first.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The download was canceled (carried through `io::Error::other`).
+#[derive(Debug, thiserror::Error)]
+#[error("canceled")]
+pub struct Canceled;
+
+/// Writes image bytes into the target slot. Every checkpoint fsyncs the slot **before** recording
+/// the byte count in sled, so a recorded count is never ahead of what is on the medium.
+pub struct SlotWriter<'a> {
+    pub file: File,
+    pub written: u64,
+    pub total: u64,
+    pub checkpoint_bytes: u64,
+    checkpointed: u64,
+    last: Instant,
+    store: &'a Store,
+    state: &'a mut DeviceState,
+    observer: &'a mut dyn Observer,
+    cancel: &'a AtomicBool,
+}
+
+impl<'a> SlotWriter<'a> {
+    pub fn new(
+        file: File,
+        start: u64,
+        total: u64,
+        store: &'a Store,
+        state: &'a mut DeviceState,
+        observer: &'a mut dyn Observer,
+        cancel: &'a AtomicBool,
+    ) -> Self {
+        Self {
+            file,
+            written: start,
+            total,
+            checkpoint_bytes: 8 << 20,
+            checkpointed: start,
+            last: Instant::now(),
+            store,
+            state,
+            observer,
+            cancel,
+        }
+    }
+
+    fn checkpoint(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        self.state.written(self.written);
+        self.store.save(self.state).map_err(std::io::Error::other)?;
+        self.checkpointed = self.written;
+        self.last = Instant::now();
+        Ok(())
+    }
+}
+
+impl Write for SlotWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other(Canceled));
+        }
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        crate::failpoint::download(self.written);
+        self.observer.progress(self.written, self.total);
+        if self.written - self.checkpointed >= self.checkpoint_bytes
+            || self.last.elapsed() >= CHECKPOINT_INTERVAL
+        {
+            self.checkpoint()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}

@@ -1,0 +1,104 @@
+//! `file` slots: images as regular files, e.g. `/var/lib/flightnode/slots/b.img`.
+
+use super::{SlotBackend, SlotError, pick};
+use flightnode_proto::Slot;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+/// Slots as image files; created (with their directory) when missing.
+pub struct FileSlots {
+    a: PathBuf,
+    b: PathBuf,
+}
+
+impl FileSlots {
+    /// Slots at `a` and `b`.
+    pub fn new(a: PathBuf, b: PathBuf) -> Self {
+        Self { a, b }
+    }
+}
+
+/// Free bytes on the filesystem holding `path`, for a refusal before writing rather than ENOSPC halfway.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+impl SlotBackend for FileSlots {
+    fn path(&self, slot: Slot) -> &Path {
+        pick(&self.a, &self.b, slot)
+    }
+
+    fn check_room(&self, slot: Slot, size: u64) -> Result<(), SlotError> {
+        let path = self.path(slot);
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|source| SlotError::Io {
+            slot,
+            path: path.to_owned(),
+            action: "create slot directory",
+            source,
+        })?;
+        let existing = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let available = free_bytes(dir).map_err(|source| SlotError::Io {
+            slot,
+            path: path.to_owned(),
+            action: "statvfs",
+            source,
+        })? + existing;
+        if size > available {
+            return Err(SlotError::NoSpace {
+                slot,
+                path: path.to_owned(),
+                needed: size,
+                available,
+            });
+        }
+        Ok(())
+    }
+
+    fn open_at(&self, slot: Slot, offset: u64) -> Result<File, SlotError> {
+        use std::io::Seek;
+        let path = self.path(slot);
+        let io = |action, source| SlotError::Io {
+            slot,
+            path: path.to_owned(),
+            action,
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| io("open for writing", e))?;
+        // Anything past `offset` was not recorded as durable: drop it rather than trust it.
+        file.set_len(offset)
+            .map_err(|e| io("truncate to the resume offset", e))?;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .map_err(|e| io("seek", e))?;
+        Ok(file)
+    }
+
+    fn finish(&self, slot: Slot, file: &File, size: u64) -> Result<(), SlotError> {
+        let path = self.path(slot);
+        let io = |action, source| SlotError::Io {
+            slot,
+            path: path.to_owned(),
+            action,
+            source,
+        };
+        file.set_len(size)
+            .map_err(|e| io("truncate to image size", e))?;
+        file.sync_all().map_err(|e| io("fsync", e))?;
+        if let Some(dir) = path.parent() {
+            crate::activation::fsync_dir(dir).map_err(|e| io("fsync slot directory", e))?;
+        }
+        Ok(())
+    }
+}
