@@ -1,0 +1,292 @@
+//! MQTT: commands on `firmware/<device_id>/upgrade`, reports on `firmware/<device_id>/status`.
+//!
+//! # Commands (QoS 1, at most [`MAX_COMMAND_BYTES`])
+//! - a bare bundle URL, `https://…/fw-1.4.0.fnb` — the form existing operators publish; its
+//!   upgrade id is [`derive_upgrade_id`] of the payload, so a redelivery is the same upgrade;
+//! - `{"type":"upgrade","upgrade_id":"…","url":"…","version":"1.4.0","allow_downgrade":false}`
+//!   (`version` and `allow_downgrade` optional);
+//! - `{"type":"cancel","upgrade_id":"…"}`.
+//!
+//! Either JSON form may carry `"device_id"`, which must then be the receiving device. Unknown
+//! fields are rejected.
+//!
+//! # Reports (QoS 1, retained): [`StatusMessage`] as JSON.
+
+use crate::codes::{ErrorCode, UpgradeResult};
+use crate::status::{ErrorReport, Phase, Progress, Slot};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+/// Largest accepted command payload.
+pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
+/// Longest accepted bundle URL.
+pub const MAX_URL_BYTES: usize = 2048;
+/// Longest accepted upgrade id.
+pub const MAX_UPGRADE_ID_BYTES: usize = 128;
+
+/// Topic the device subscribes to.
+pub fn upgrade_topic(device_id: &str) -> String {
+    format!("firmware/{device_id}/upgrade")
+}
+
+/// Topic the device publishes its reports on.
+pub fn status_topic(device_id: &str) -> String {
+    format!("firmware/{device_id}/status")
+}
+
+/// A deterministic upgrade id for a command that carries none (a bare URL, a local install):
+/// the same payload always names the same upgrade.
+pub fn derive_upgrade_id(payload: &str) -> String {
+    let digest = sha2::Sha256::digest(payload.trim().as_bytes());
+    format!("u-{}", &hex::encode(digest)[..16])
+}
+
+/// Install a bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeCommand {
+    /// Upgrade id: redelivery of the same id never restarts anything.
+    pub upgrade_id: String,
+    /// Bundle URL.
+    pub url: String,
+    /// Version the operator expects (informational; the signed manifest decides).
+    pub version: Option<semver::Version>,
+    /// Allow a lower version for this install.
+    pub allow_downgrade: bool,
+}
+
+/// A parsed command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Install a bundle.
+    Upgrade(UpgradeCommand),
+    /// Cancel an upgrade, if it has not been activated yet.
+    Cancel {
+        /// The upgrade to cancel.
+        upgrade_id: String,
+    },
+}
+
+impl Command {
+    /// The upgrade id the command is about.
+    pub fn upgrade_id(&self) -> &str {
+        match self {
+            Command::Upgrade(u) => &u.upgrade_id,
+            Command::Cancel { upgrade_id } => upgrade_id,
+        }
+    }
+
+    /// JSON payload for this command (what `flightnode-hub upgrade` publishes).
+    pub fn to_json(&self, device_id: Option<&str>) -> String {
+        let wire = match self {
+            Command::Upgrade(u) => Wire::Upgrade {
+                upgrade_id: u.upgrade_id.clone(),
+                url: u.url.clone(),
+                version: u.version.as_ref().map(ToString::to_string),
+                allow_downgrade: u.allow_downgrade,
+                device_id: device_id.map(str::to_owned),
+            },
+            Command::Cancel { upgrade_id } => {
+                Wire::Cancel { upgrade_id: upgrade_id.clone(), device_id: device_id.map(str::to_owned) }
+            }
+        };
+        serde_json::to_string(&wire).unwrap_or_default()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum Wire {
+    Upgrade {
+        upgrade_id: String,
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
+        #[serde(default)]
+        allow_downgrade: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_id: Option<String>,
+    },
+    Cancel {
+        upgrade_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_id: Option<String>,
+    },
+}
+
+/// Why a payload is not a command; reported with code `malformed`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Malformed(pub String);
+
+fn check_url(url: &str) -> Result<(), Malformed> {
+    if url.len() > MAX_URL_BYTES {
+        return Err(Malformed(format!("url is {} bytes, over the {MAX_URL_BYTES}-byte cap", url.len())));
+    }
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() <= "https://".len() {
+        return Err(Malformed(format!("url {url:?} is not an http:// or https:// URL")));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Malformed("url contains whitespace or control characters".into()));
+    }
+    Ok(())
+}
+
+fn check_id(id: &str) -> Result<(), Malformed> {
+    if id.is_empty() || id.len() > MAX_UPGRADE_ID_BYTES {
+        return Err(Malformed(format!("upgrade_id must be 1 to {MAX_UPGRADE_ID_BYTES} bytes")));
+    }
+    if !id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(Malformed(format!("upgrade_id {id:?} must be printable ASCII without spaces")));
+    }
+    Ok(())
+}
+
+/// Parses a payload from `firmware/<device_id>/upgrade`, strictly.
+pub fn parse_command(payload: &[u8], device_id: &str) -> Result<Command, Malformed> {
+    if payload.len() > MAX_COMMAND_BYTES {
+        return Err(Malformed(format!("payload is {} bytes, over the {MAX_COMMAND_BYTES}-byte cap", payload.len())));
+    }
+    let text = std::str::from_utf8(payload).map_err(|e| Malformed(format!("payload is not UTF-8: {e}")))?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(Malformed("payload is empty".into()));
+    }
+    if !trimmed.starts_with('{') {
+        check_url(trimmed)?;
+        return Ok(Command::Upgrade(UpgradeCommand {
+            upgrade_id: derive_upgrade_id(trimmed),
+            url: trimmed.to_owned(),
+            version: None,
+            allow_downgrade: false,
+        }));
+    }
+    let wire: Wire = serde_json::from_str(trimmed).map_err(|e| Malformed(format!("invalid command JSON: {e}")))?;
+    let for_device = |id: &Option<String>| match id {
+        Some(id) if id != device_id => {
+            Err(Malformed(format!("command is for device {id:?}, this is {device_id:?}")))
+        }
+        _ => Ok(()),
+    };
+    match wire {
+        Wire::Upgrade { upgrade_id, url, version, allow_downgrade, device_id: target } => {
+            for_device(&target)?;
+            check_id(&upgrade_id)?;
+            check_url(&url)?;
+            let version = version
+                .map(|v| v.parse::<semver::Version>().map_err(|e| Malformed(format!("version {v:?}: {e}"))))
+                .transpose()?;
+            Ok(Command::Upgrade(UpgradeCommand { upgrade_id, url, version, allow_downgrade }))
+        }
+        Wire::Cancel { upgrade_id, device_id: target } => {
+            for_device(&target)?;
+            check_id(&upgrade_id)?;
+            Ok(Command::Cancel { upgrade_id })
+        }
+    }
+}
+
+/// What is running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Running {
+    /// Committed version.
+    pub version: String,
+    /// Active slot.
+    pub slot: Slot,
+}
+
+/// A report on `firmware/<device_id>/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusMessage {
+    /// The reporting device.
+    pub device_id: String,
+    /// Monotonic per device (survives restarts); a consumer keeps the highest.
+    pub seq: u64,
+    /// Unix milliseconds when the report was made.
+    pub timestamp: u64,
+    /// The upgrade the report is about; `None` for a payload that named none (malformed).
+    pub upgrade_id: Option<String>,
+    /// Phase of that upgrade; `idle` once it ended.
+    pub phase: Phase,
+    /// Download progress.
+    pub progress: Option<Progress>,
+    /// How it ended, once it ended.
+    pub result: Option<UpgradeResult>,
+    /// Why, when it did not commit (or the command was refused: `busy`, `malformed`).
+    pub error: Option<StatusError>,
+    /// What runs now.
+    pub running: Running,
+}
+
+/// An error in a report: an [`ErrorCode`] or `malformed` for a refused command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusError {
+    /// `malformed` or an [`ErrorCode`] string.
+    pub code: String,
+    /// The sentence.
+    pub message: String,
+}
+
+impl From<&ErrorReport> for StatusError {
+    fn from(e: &ErrorReport) -> Self {
+        StatusError { code: e.code.as_str().to_owned(), message: e.message.clone() }
+    }
+}
+
+impl StatusError {
+    /// A refused command payload.
+    pub fn malformed(message: String) -> Self {
+        StatusError { code: "malformed".into(), message }
+    }
+
+    /// From a contract code.
+    pub fn code(code: ErrorCode, message: String) -> Self {
+        StatusError { code: code.as_str().into(), message }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_url_gets_a_stable_id() {
+        let a = parse_command(b"https://fw.example/1.fnb\n", "d1").unwrap();
+        let b = parse_command(b"https://fw.example/1.fnb", "d1").unwrap();
+        assert_eq!(a, b);
+        assert!(a.upgrade_id().starts_with("u-"));
+    }
+
+    #[test]
+    fn json_round_trip_and_strictness() {
+        let cmd = Command::Upgrade(UpgradeCommand {
+            upgrade_id: "up-1".into(),
+            url: "http://h/b.fnb".into(),
+            version: Some(semver::Version::new(1, 2, 3)),
+            allow_downgrade: true,
+        });
+        assert_eq!(parse_command(cmd.to_json(Some("d1")).as_bytes(), "d1").unwrap(), cmd);
+        let cancel = Command::Cancel { upgrade_id: "up-1".into() };
+        assert_eq!(parse_command(cancel.to_json(None).as_bytes(), "d1").unwrap(), cancel);
+
+        let bad: &[&[u8]] = &[
+            br#"{"type":"upgrade","upgrade_id":"x","url":"http://h/b","extra":1}"#,
+            br#"{"type":"upgrade","upgrade_id":"x","url":"http://h/b","device_id":"d2"}"#,
+            br#"{"type":"upgrade","upgrade_id":7,"url":"http://h/b"}"#,
+            br#"{"type":"reboot"}"#,
+            b"\xff\xfe",
+            b"ftp://h/b",
+            b"",
+        ];
+        for p in bad {
+            assert!(parse_command(p, "d1").is_err(), "{:?}", String::from_utf8_lossy(p));
+        }
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(parse_command(deep.as_bytes(), "d1").is_err());
+        let deep = format!("{{\"type\":{}{}}}", "[".repeat(5_000), "]".repeat(5_000));
+        assert!(parse_command(deep.as_bytes(), "d1").is_err());
+        assert!(parse_command(&vec![b'a'; MAX_COMMAND_BYTES + 1], "d1").unwrap_err().0.contains("cap"));
+    }
+}
