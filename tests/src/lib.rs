@@ -1,1 +1,5 @@
-//! placeholder
+//! flightnode fleet harness: real processes on loopback for end-to-end tests, demo and benchmarks.
+//!
+//! - [`boot_sim`]: power-on simulator for reboot mode (U-Boot, GRUB, example script backend).
+
+pub mod boot_sim;
