@@ -25,6 +25,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn cfg(idle_ms: u64, retries: u32, backoff_ms: u64) -> DownloadConfig {
     DownloadConfig {
+        checkpoint_bytes: 1 << 20,
         idle_timeout: Duration::from_millis(idle_ms),
         connect_timeout: Duration::from_secs(2),
         retries,

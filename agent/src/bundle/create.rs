@@ -1,0 +1,268 @@
+//! `bundle create`: hash the image, sign the manifest, write the archive atomically.
+//!
+//! The manifest must precede the image in the archive but needs the image's digest, so the image
+//! is read twice, both times streaming: once to hash it, once to copy it (hashed again, so an
+//! image modified in between is caught instead of shipped with a wrong digest).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read};
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use ed25519_dalek::Signer as _;
+use flightnode_proto::manifest::{
+    FORMAT_VERSION, IMAGE_ENTRY, ImageInfo, MANIFEST_ENTRY, MAX_MANIFEST_BYTES,
+    MAX_SIGNATURE_BYTES, Manifest, SIGNATURE_ENTRY, Signature,
+};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use super::{ALGORITHM, BundleError, COPY_BUFFER, key_id, load_signing_key};
+
+/// What `bundle create` puts into the manifest besides the image's size and digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Firmware version.
+    pub version: semver::Version,
+    /// Anti-rollback counter; devices refuse images below their committed floor.
+    pub security_version: u64,
+    /// Hardware ids the image runs on (at least one).
+    pub compatible: Vec<String>,
+    /// Optional instant after which devices refuse the bundle.
+    pub expires: Option<OffsetDateTime>,
+}
+
+/// Builds and signs a bundle of `image` with the private key at `key`, written to `output`
+/// (via `OUTPUT.tmp`, fsync and rename, so `output` is either the old file or a complete
+/// bundle). Returns the signed manifest.
+pub fn create(
+    key: &Path,
+    image: &Path,
+    opts: &CreateOptions,
+    output: &Path,
+) -> Result<Manifest, BundleError> {
+    let signing = load_signing_key(key)?;
+    let (size, sha256) = hash_image(image)?;
+
+    let now = OffsetDateTime::now_utc();
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        version: opts.version.clone(),
+        security_version: opts.security_version,
+        compatible: opts.compatible.clone(),
+        // Whole seconds: the manifest is for humans too.
+        created: now.replace_nanosecond(0).unwrap_or(now),
+        expires: opts.expires,
+        image: ImageInfo { size, sha256 },
+    };
+    let manifest_bytes = manifest.to_bytes();
+    // Never sign something a device would refuse to parse.
+    match Manifest::parse(&manifest_bytes) {
+        Ok(parsed) if parsed == manifest => {}
+        Ok(_) => {
+            return Err(BundleError::ManifestBuild {
+                reason: "manifest.json does not read back identically".into(),
+            });
+        }
+        Err(e) => {
+            return Err(BundleError::ManifestBuild {
+                reason: e.to_string(),
+            });
+        }
+    }
+    if manifest_bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(BundleError::ManifestBuild {
+            reason: format!(
+                "manifest.json would be {} bytes, over the {MAX_MANIFEST_BYTES}-byte limit (too many compatible entries?)",
+                manifest_bytes.len()
+            ),
+        });
+    }
+
+    let signature = Signature {
+        algorithm: ALGORITHM.into(),
+        key_id: key_id(&signing.verifying_key()),
+        signature: base64::engine::general_purpose::STANDARD
+            .encode(signing.sign(&manifest_bytes).to_bytes()),
+    };
+    let signature_bytes =
+        serde_json::to_vec(&signature).map_err(|e| BundleError::ManifestBuild {
+            reason: format!("cannot encode manifest.sig: {e}"),
+        })?;
+    debug_assert!(signature_bytes.len() as u64 <= MAX_SIGNATURE_BYTES);
+
+    let tmp = tmp_path(output)?;
+    let result = write_bundle(&tmp, &manifest, &manifest_bytes, &signature_bytes, image);
+    let result = result.and_then(|()| {
+        fs::rename(&tmp, output).map_err(|source| BundleError::Output {
+            path: output.to_path_buf(),
+            source,
+        })
+    });
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // The rename is durable only once the directory is synced.
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| BundleError::Output {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    tracing::info!(output = %output.display(), version = %manifest.version, key_id = %signature.key_id, "bundle created");
+    Ok(manifest)
+}
+
+/// `OUTPUT.tmp`, next to the output so the rename stays on one file system.
+fn tmp_path(output: &Path) -> Result<PathBuf, BundleError> {
+    let name = output.file_name().ok_or_else(|| BundleError::Output {
+        path: output.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "not a file path"),
+    })?;
+    let mut tmp = name.to_os_string();
+    tmp.push(".tmp");
+    Ok(output.with_file_name(tmp))
+}
+
+/// Size and lower-case hex sha256 of the image, read in chunks (never whole in memory). Counting
+/// bytes instead of trusting metadata also works for block devices.
+fn hash_image(image: &Path) -> Result<(u64, String), BundleError> {
+    let read_err = |source| BundleError::ImageRead {
+        path: image.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(image).map_err(read_err)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut size = 0u64;
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                size += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(read_err(e)),
+        }
+    }
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
+/// Writes the three entries and the end-of-archive blocks to `tmp`, then fsyncs it.
+fn write_bundle(
+    tmp: &Path,
+    manifest: &Manifest,
+    manifest_bytes: &[u8],
+    signature_bytes: &[u8],
+    image: &Path,
+) -> Result<(), BundleError> {
+    let out_err = |source| BundleError::Output {
+        path: tmp.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)
+        .map_err(out_err)?;
+    let mut builder = tar::Builder::new(BufWriter::with_capacity(COPY_BUFFER, file));
+    let mtime = u64::try_from(manifest.created.unix_timestamp()).unwrap_or(0);
+
+    let header =
+        entry_header(MANIFEST_ENTRY, manifest_bytes.len() as u64, mtime).map_err(out_err)?;
+    builder.append(&header, manifest_bytes).map_err(out_err)?;
+    let header =
+        entry_header(SIGNATURE_ENTRY, signature_bytes.len() as u64, mtime).map_err(out_err)?;
+    builder.append(&header, signature_bytes).map_err(out_err)?;
+
+    let size = manifest.image.size;
+    let mut source = File::open(image).map_err(|source| BundleError::ImageRead {
+        path: image.to_path_buf(),
+        source,
+    })?;
+    let mut reader = HashingReader::new(&mut source);
+    let header = entry_header(IMAGE_ENTRY, size, mtime).map_err(out_err)?;
+    // `take` guarantees the entry never exceeds its header; a shrunk image is caught below.
+    if let Err(e) = builder.append(&header, (&mut reader).take(size)) {
+        return Err(match reader.error.take() {
+            Some(source) => BundleError::ImageRead {
+                path: image.to_path_buf(),
+                source,
+            },
+            None => out_err(e),
+        });
+    }
+    let digest = hex::encode(reader.hasher.clone().finalize());
+    if reader.count != size || digest != manifest.image.sha256 {
+        return Err(BundleError::ImageChanged {
+            path: image.to_path_buf(),
+            reason: format!(
+                "hashed {size} bytes with sha256 {}, then copied {} bytes with sha256 {digest}",
+                manifest.image.sha256, reader.count
+            ),
+        });
+    }
+
+    let buffered = builder.into_inner().map_err(out_err)?;
+    let file = buffered.into_inner().map_err(|e| out_err(e.into_error()))?;
+    file.sync_all().map_err(out_err)
+}
+
+/// A ustar header for a regular file (no GNU/pax extensions: names are short and fixed).
+fn entry_header(name: &str, size: u64, mtime: u64) -> io::Result<tar::Header> {
+    let mut header = tar::Header::new_ustar();
+    header.set_path(name)?;
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(mtime);
+    header.set_cksum();
+    Ok(header)
+}
+
+/// Counts and hashes what passes through; keeps a read error aside so a failed `append` can
+/// tell a bad image read from a bad output write.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+    error: Option<io::Error>,
+}
+
+impl<R> HashingReader<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+            error: None,
+        }
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.hasher.update(&buf[..n]);
+                self.count += n as u64;
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
+            Err(e) => {
+                let kind = e.kind();
+                self.error = Some(e);
+                Err(io::Error::new(kind, "reading the image failed"))
+            }
+        }
+    }
+}
