@@ -69,10 +69,7 @@ pub fn init_logging(verbose: u8) {
 
 pub fn keygen(out_dir: &Path) -> Result<ExitCode> {
     let paths = bundle::keygen(out_dir)?;
-    println!(
-        "private key: {} (keep it off devices)",
-        paths.private.display()
-    );
+    println!("private key: {} (keep it off devices)", paths.private.display());
     println!(
         "public key:  {} (list it in trusted_keys)",
         paths.public.display()
@@ -114,11 +111,7 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
             match bundle::verify_file(&file, &keys) {
                 Ok(header) => {
                     print!("{}", String::from_utf8_lossy(&header.manifest.to_bytes()));
-                    println!(
-                        "OK: {} verified, signed by key {}",
-                        file.display(),
-                        header.key_id
-                    );
+                    println!("OK: {} verified, signed by key {}", file.display(), header.key_id);
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {

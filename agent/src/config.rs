@@ -322,9 +322,7 @@ impl Config {
                     ));
                 }
                 Some(b) if b.backend == BootBackendKind::Script && b.script.is_none() => {
-                    return Err(invalid(
-                        "boot.backend = \"script\" needs boot.script".into(),
-                    ));
+                    return Err(invalid("boot.backend = \"script\" needs boot.script".into()));
                 }
                 Some(_) => {}
             }
@@ -366,8 +364,7 @@ b = "/var/lib/flightnode/slots/b.img"
 
     #[test]
     fn unknown_keys_and_bad_ids_are_refused_with_the_reason() {
-        let err =
-            Config::parse(&format!("{MINIMAL}\nsurprise = 1\n"), Path::new("x.toml")).unwrap_err();
+        let err = Config::parse(&format!("{MINIMAL}\nsurprise = 1\n"), Path::new("x.toml")).unwrap_err();
         assert!(err.to_string().contains("surprise"), "{err}");
         for bad in ["a+b", "a#", "a/b", "..", &"x".repeat(65)] {
             let text = MINIMAL.replace("drone-0001", bad);

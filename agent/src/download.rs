@@ -181,10 +181,7 @@ impl DownloadError {
     fn detail(&self) -> String {
         let s = self.to_string();
         // URLs contain no spaces, so the first ": " after "GET <url>" ends the prefix.
-        match s
-            .strip_prefix("GET ")
-            .and_then(|rest| rest.split_once(": "))
-        {
+        match s.strip_prefix("GET ").and_then(|rest| rest.split_once(": ")) {
             Some((_, detail)) => detail.to_owned(),
             None => s,
         }
@@ -357,10 +354,7 @@ fn classify(source: &str) -> Result<Source, DownloadError> {
     let Some((scheme, rest)) = source.split_once("://") else {
         return Ok(Source::File(PathBuf::from(source)));
     };
-    let looks_like_scheme = scheme
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic())
+    let looks_like_scheme = scheme.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
         && scheme
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
@@ -411,8 +405,7 @@ fn open_file(path: PathBuf, offset: u64) -> Result<BundleReader, DownloadError> 
             ),
         ));
     }
-    file.seek(SeekFrom::Start(offset))
-        .map_err(|e| fail(&path, e))?;
+    file.seek(SeekFrom::Start(offset)).map_err(|e| fail(&path, e))?;
     Ok(BundleReader {
         total,
         inner: Inner::File(FileReader {
@@ -655,13 +648,12 @@ impl HttpTask {
             }
             StatusCode::PARTIAL_CONTENT => {
                 let cr = header_str(&resp, CONTENT_RANGE);
-                let (start, total) =
-                    cr.as_deref().and_then(parse_content_range).ok_or_else(|| {
-                        protocol(format!(
-                            "206 with unusable Content-Range {cr:?} for Range bytes={}-",
-                            p.pos
-                        ))
-                    })?;
+                let (start, total) = cr.as_deref().and_then(parse_content_range).ok_or_else(|| {
+                    protocol(format!(
+                        "206 with unusable Content-Range {cr:?} for Range bytes={}-",
+                        p.pos
+                    ))
+                })?;
                 if start != p.pos {
                     return Err(protocol(format!(
                         "206 with Content-Range {:?} for Range bytes={}-",
@@ -747,8 +739,7 @@ impl HttpTask {
                 }
                 Some(Ok(chunk)) => chunk,
             };
-            self.received
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            self.received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             if skip > 0 {
                 let n = usize::try_from(skip).unwrap_or(usize::MAX).min(chunk.len());
                 chunk.advance(n);
@@ -872,10 +863,7 @@ mod tests {
 
     #[test]
     fn content_range_parsing() {
-        assert_eq!(
-            parse_content_range("bytes 100-199/200"),
-            Some((100, Some(200)))
-        );
+        assert_eq!(parse_content_range("bytes 100-199/200"), Some((100, Some(200))));
         assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, None)));
         assert_eq!(parse_content_range("bytes 5-4/10"), None);
         assert_eq!(parse_content_range("bytes 5-10/10"), None);
@@ -908,14 +896,8 @@ mod tests {
         assert!(
             matches!(classify("file:///data/x.fnb"), Ok(Source::File(p)) if p == std::path::Path::new("/data/x.fnb"))
         );
-        assert!(matches!(
-            classify("https://h.example/x.fnb"),
-            Ok(Source::Http(_))
-        ));
-        assert!(matches!(
-            classify("HTTP://h.example/x"),
-            Ok(Source::Http(_))
-        ));
+        assert!(matches!(classify("https://h.example/x.fnb"), Ok(Source::Http(_))));
+        assert!(matches!(classify("HTTP://h.example/x"), Ok(Source::Http(_))));
         let err = classify("ftp://h.example/x").err().map(|e| e.to_string());
         assert!(err.as_deref().is_some_and(|e| e.contains("ftp")), "{err:?}");
         assert!(classify("").is_err());
@@ -937,10 +919,7 @@ mod tests {
             timeout: Duration::from_secs(30),
             offset: 7,
         };
-        assert_eq!(
-            e.to_string(),
-            "GET http://h/b.fnb: no data for 30s at byte 7"
-        );
+        assert_eq!(e.to_string(), "GET http://h/b.fnb: no data for 30s at byte 7");
         assert_eq!(e.code(), ErrorCode::DownloadFailed);
         let e = DownloadError::GaveUp {
             url: "http://h:8/b.fnb".into(),

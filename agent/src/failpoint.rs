@@ -20,9 +20,7 @@ pub fn hit(name: &str) {
 pub fn download(written: u64) {
     #[cfg(debug_assertions)]
     if let Ok(v) = std::env::var("FLIGHTNODE_FAILPOINT")
-        && let Some(n) = v
-            .strip_prefix("download@")
-            .and_then(|n| n.parse::<u64>().ok())
+        && let Some(n) = v.strip_prefix("download@").and_then(|n| n.parse::<u64>().ok())
         && written >= n
     {
         die(&v);

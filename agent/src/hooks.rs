@@ -73,18 +73,18 @@ pub struct HookEnv<'a> {
     pub version: &'a str,
 }
 
-/// Runs `command` through `sh -c` with the slot path as `$1` and waits at most `timeout`.
+/// Runs `command` through `sh -c` and waits at most `timeout`. The apply command also gets the slot
+/// path as its argument (`$1`); the others read it from `FLIGHTNODE_SLOT_PATH`.
 /// Output goes to the agent's stderr, so it lands in the journal next to the agent's own lines.
-pub fn run(
-    hook: Hook,
-    command: &str,
-    env: &HookEnv<'_>,
-    timeout: Duration,
-) -> Result<(), HookError> {
+pub fn run(hook: Hook, command: &str, env: &HookEnv<'_>, timeout: Duration) -> Result<(), HookError> {
     tracing::info!(slot = %env.slot, %command, "running {hook}");
     let mut child = Command::new("/bin/sh")
         .arg("-c")
-        .arg(format!("{command} \"$@\""))
+        .arg(if matches!(hook, Hook::Apply) {
+            format!("{command} \"$@\"")
+        } else {
+            command.to_owned()
+        })
         .arg("flightnode-hook")
         .arg(env.path)
         .env("FLIGHTNODE_SLOT", env.slot.as_str())
@@ -162,10 +162,7 @@ mod tests {
             Duration::from_secs(10),
         )
         .unwrap();
-        assert_eq!(
-            std::fs::read_to_string(out).unwrap(),
-            "b 1.2.3 /dev/slot-b\n"
-        );
+        assert_eq!(std::fs::read_to_string(out).unwrap(), "b 1.2.3 /dev/slot-b\n");
     }
 
     #[test]
@@ -173,13 +170,7 @@ mod tests {
         let p = Path::new("/x");
         let err = run(Hook::Health, "exit 3", &env(p), Duration::from_secs(10)).unwrap_err();
         assert!(matches!(err, HookError::Failed { .. }), "{err}");
-        let err = run(
-            Hook::Health,
-            "sleep 30",
-            &env(p),
-            Duration::from_millis(200),
-        )
-        .unwrap_err();
+        let err = run(Hook::Health, "sleep 30", &env(p), Duration::from_millis(200)).unwrap_err();
         assert!(matches!(err, HookError::Timeout { .. }), "{err}");
     }
 }

@@ -122,16 +122,10 @@ mod tests {
             code(&manifest("2.0.0", 5), false),
             Some(ErrorCode::AlreadyInstalled)
         );
-        assert_eq!(
-            code(&manifest("1.9.0", 5), false),
-            Some(ErrorCode::Downgrade)
-        );
+        assert_eq!(code(&manifest("1.9.0", 5), false), Some(ErrorCode::Downgrade));
         assert_eq!(code(&manifest("1.9.0", 5), true), None);
         // The security floor holds even when downgrades are allowed.
-        assert_eq!(
-            code(&manifest("3.0.0", 4), true),
-            Some(ErrorCode::Downgrade)
-        );
+        assert_eq!(code(&manifest("3.0.0", 4), true), Some(ErrorCode::Downgrade));
     }
 
     #[test]

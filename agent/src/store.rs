@@ -66,10 +66,7 @@ impl Store {
 
     /// Loads the device state, or `None` on a fresh device.
     pub fn load(&self) -> Result<Option<DeviceState>, StoreError> {
-        let raw = self
-            .db
-            .get(DEVICE_KEY)
-            .map_err(|source| self.sled(source))?;
+        let raw = self.db.get(DEVICE_KEY).map_err(|source| self.sled(source))?;
         raw.map(|bytes| {
             serde_json::from_slice(&bytes).map_err(|e| StoreError::Decode {
                 path: self.path.clone(),

@@ -71,11 +71,7 @@ fn lifecycle(sim: &SimBoot) {
 
     // Trial of B that commits: B boots, and keeps booting.
     b.set_trial(Slot::B).unwrap();
-    assert_eq!(
-        b.primary().unwrap(),
-        Slot::B,
-        "trial slot must be tried first"
-    );
+    assert_eq!(b.primary().unwrap(), Slot::B, "trial slot must be tried first");
     assert_eq!(power_on(sim, &*b), Slot::B);
     b.mark_good(Slot::B).unwrap();
     for _ in 0..4 {
@@ -246,10 +242,7 @@ fn tool_failures_name_the_tool_the_file_and_stderr() {
     .unwrap();
     let mut cfg = config(&SimBoot::uboot(dir.path()).unwrap());
     cfg.fw_env_config = cfg_path.clone();
-    let err = UBoot::new(&cfg)
-        .unwrap()
-        .primary()
-        .expect_err("broken config");
+    let err = UBoot::new(&cfg).unwrap().primary().expect_err("broken config");
     let msg = err.to_string();
     assert!(
         msg.contains("fw_printenv") && msg.contains(&*cfg_path.to_string_lossy()),
@@ -278,10 +271,7 @@ fn tool_failures_name_the_tool_the_file_and_stderr() {
 
     // A script that prints nonsense.
     std::fs::write(&script, "#!/bin/sh\necho maybe\n").unwrap();
-    let err = Script::new(&cfg)
-        .unwrap()
-        .is_good(Slot::A)
-        .expect_err("nonsense");
+    let err = Script::new(&cfg).unwrap().is_good(Slot::A).expect_err("nonsense");
     assert!(err.to_string().contains("maybe"), "{err}");
 
     // Constructors refuse what can never work.

@@ -6,9 +6,7 @@ use std::process::Command;
 
 use base64::Engine as _;
 use ed25519_dalek::Signer as _;
-use flightnode_agent::bundle::{
-    self, BundleError, CreateOptions, KeyPaths, TrustedKeys, VerifiedHeader,
-};
+use flightnode_agent::bundle::{self, BundleError, CreateOptions, KeyPaths, TrustedKeys, VerifiedHeader};
 use flightnode_agent::proto::ErrorCode;
 use flightnode_agent::proto::manifest::{MAX_MANIFEST_BYTES, Manifest, Signature};
 use rand::rngs::StdRng;
@@ -57,10 +55,7 @@ fn fixture(image_len: usize) -> Fixture {
 }
 
 /// read_header + copy_image over in-memory bytes, returning what was written.
-fn verify_bytes(
-    bytes: &[u8],
-    keys: &TrustedKeys,
-) -> Result<(VerifiedHeader, Vec<u8>), BundleError> {
+fn verify_bytes(bytes: &[u8], keys: &TrustedKeys) -> Result<(VerifiedHeader, Vec<u8>), BundleError> {
     let mut r = Cursor::new(bytes);
     let header = bundle::read_header(&mut r, keys)?;
     assert_eq!(r.position(), header.image_offset);
@@ -97,11 +92,7 @@ fn round_trip_and_tar_lists_the_three_entries() {
     let (_, out) = verify_bytes(&f.bytes, &f.trusted).unwrap();
     assert_eq!(out, f.image);
 
-    let listing = Command::new("tar")
-        .arg("tvf")
-        .arg(&f.bundle)
-        .output()
-        .unwrap();
+    let listing = Command::new("tar").arg("tvf").arg(&f.bundle).output().unwrap();
     assert!(listing.status.success(), "{listing:?}");
     let names: Vec<String> = String::from_utf8(listing.stdout)
         .unwrap()
@@ -127,11 +118,7 @@ fn edge_sizes_round_trip() {
     }
 }
 
-fn assert_code(
-    result: Result<impl std::fmt::Debug, BundleError>,
-    allowed: &[ErrorCode],
-    what: &str,
-) {
+fn assert_code(result: Result<impl std::fmt::Debug, BundleError>, allowed: &[ErrorCode], what: &str) {
     match result {
         Ok(v) => panic!("{what}: accepted: {v:?}"),
         Err(e) => assert!(
@@ -195,10 +182,7 @@ fn flipped_bits_are_rejected_with_a_code_fitting_the_region() {
         let at = rng.random_range(0..f.bytes.len());
         let mut bytes = f.bytes.clone();
         bytes[at] ^= 1 << rng.random_range(0..8);
-        assert!(
-            verify_bytes(&bytes, &f.trusted).is_err(),
-            "flip at {at} accepted"
-        );
+        assert!(verify_bytes(&bytes, &f.trusted).is_err(), "flip at {at} accepted");
     }
 }
 
@@ -221,11 +205,7 @@ fn truncation_anywhere_is_rejected() {
         };
         let result = verify_bytes(&f.bytes[..cut], &f.trusted);
         if cut < image.start || cut >= image.end {
-            let msg = result
-                .as_ref()
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
+            let msg = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
             assert!(
                 msg.contains("truncated") || msg.contains("ends"),
                 "cut {cut}: {msg}"
@@ -238,12 +218,7 @@ fn truncation_anywhere_is_rejected() {
 #[test]
 fn data_past_the_image_is_a_size_mismatch() {
     let f = fixture(1000);
-    for extra in [
-        &b"x"[..],
-        &[0u8; 1][..],
-        &[0u8; 11 * 1024][..],
-        &[0u8, 0, 7][..],
-    ] {
+    for extra in [&b"x"[..], &[0u8; 1][..], &[0u8; 11 * 1024][..], &[0u8, 0, 7][..]] {
         let mut bytes = f.bytes.clone();
         bytes.extend_from_slice(extra);
         let err = verify_bytes(&bytes, &f.trusted).unwrap_err();
@@ -274,11 +249,7 @@ fn assemble(manifest: &[u8], sig: &[u8], image_entry_size: u64, image: &[u8]) ->
     builder.into_inner().unwrap()
 }
 
-fn signed(
-    manifest: &Manifest,
-    key: &ed25519_dalek::SigningKey,
-    key_id: &str,
-) -> (Vec<u8>, Vec<u8>) {
+fn signed(manifest: &Manifest, key: &ed25519_dalek::SigningKey, key_id: &str) -> (Vec<u8>, Vec<u8>) {
     let bytes = manifest.to_bytes();
     let sig = Signature {
         algorithm: "ed25519".into(),
@@ -402,21 +373,11 @@ fn resuming_with_a_prefed_hasher_matches_a_full_copy() {
     let mut r = Cursor::new(&f.bytes);
     let header = bundle::read_header(&mut r, &f.trusted).unwrap();
     r.set_position(r.position() + 10);
-    let err = bundle::copy_image(&mut r, &mut io::sink(), &header.manifest, 10, Sha256::new())
-        .unwrap_err();
+    let err = bundle::copy_image(&mut r, &mut io::sink(), &header.manifest, 10, Sha256::new()).unwrap_err();
     assert_eq!(err.code(), ErrorCode::HashMismatch);
-    assert!(
-        err.to_string().contains(&header.manifest.image.sha256),
-        "{err}"
-    );
-    let err = bundle::copy_image(
-        &mut r,
-        &mut io::sink(),
-        &header.manifest,
-        700_001,
-        Sha256::new(),
-    )
-    .unwrap_err();
+    assert!(err.to_string().contains(&header.manifest.image.sha256), "{err}");
+    let err =
+        bundle::copy_image(&mut r, &mut io::sink(), &header.manifest, 700_001, Sha256::new()).unwrap_err();
     assert!(matches!(err, BundleError::ResumeOffset { .. }), "{err}");
 }
 
@@ -473,8 +434,7 @@ fn io_errors_keep_their_payload_and_map_to_codes() {
         error: || io::Error::other(Marker),
     };
     let header = bundle::read_header(&mut r, &f.trusted).unwrap();
-    let err = bundle::copy_image(&mut r, &mut io::sink(), &header.manifest, 0, Sha256::new())
-        .unwrap_err();
+    let err = bundle::copy_image(&mut r, &mut io::sink(), &header.manifest, 0, Sha256::new()).unwrap_err();
     assert_eq!(err.code(), ErrorCode::DownloadFailed);
     let payload = err.io_source().and_then(|e| e.get_ref()).unwrap();
     assert!(payload.downcast_ref::<Marker>().is_some());
@@ -501,29 +461,15 @@ fn create_refuses_options_devices_would_refuse_and_leaves_no_temp_file() {
     opts.compatible.clear();
     let err = bundle::create(&f.keys.private, &image, &opts, &out).unwrap_err();
     assert!(matches!(err, BundleError::ManifestBuild { .. }), "{err}");
-    let err = bundle::create(
-        &f.keys.private,
-        Path::new("/nonexistent/img"),
-        &options(),
-        &out,
-    )
-    .unwrap_err();
+    let err = bundle::create(&f.keys.private, Path::new("/nonexistent/img"), &options(), &out).unwrap_err();
     assert!(matches!(err, BundleError::ImageRead { .. }), "{err}");
-    let err = bundle::create(
-        &f.keys.private,
-        &image,
-        &options(),
-        &dir.join("no/such/dir.fnb"),
-    )
-    .unwrap_err();
+    let err = bundle::create(&f.keys.private, &image, &options(), &dir.join("no/such/dir.fnb")).unwrap_err();
     assert!(matches!(err, BundleError::Output { .. }), "{err}");
     assert!(!out.exists());
     assert!(
-        std::fs::read_dir(dir).unwrap().all(|e| !e
+        std::fs::read_dir(dir)
             .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .ends_with(".tmp"))
+            .all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp"))
     );
 }
 

@@ -91,10 +91,7 @@ fn fetch(e: &Env, url: &str, offset: u64) -> Result<Vec<u8>, String> {
 }
 
 fn ranges(srv: &BundleServer, path: &str) -> Vec<Option<String>> {
-    srv.requests_for(path)
-        .into_iter()
-        .map(|r| r.range)
-        .collect()
+    srv.requests_for(path).into_iter().map(|r| r.range).collect()
 }
 
 #[test]
@@ -117,10 +114,7 @@ fn starts_at_an_offset_with_a_range_request() {
     e.srv.put("/b.fnb", data.clone());
     let got = fetch(&e, &e.srv.url("/b.fnb"), 12_345).unwrap();
     assert!(got == data[12_345..], "content differs");
-    assert_eq!(
-        ranges(&e.srv, "/b.fnb"),
-        vec![Some("bytes=12345-".to_owned())]
-    );
+    assert_eq!(ranges(&e.srv, "/b.fnb"), vec![Some("bytes=12345-".to_owned())]);
     assert_eq!(e.srv.bytes_sent_for("/b.fnb"), (200_000 - 12_345) as u64);
 
     // At exactly the end: nothing left (the server answers 416 bytes */LEN).
@@ -380,14 +374,10 @@ fn redirect_loop_is_an_error_and_a_redirect_is_followed() {
     let n = e.srv.requests_for("/b.fnb").len();
     assert!((2..=12).contains(&n), "{n} requests: not retried");
 
-    e.srv
-        .set_fault("/b.fnb", Fault::RedirectTo("/real.fnb".into()));
+    e.srv.set_fault("/b.fnb", Fault::RedirectTo("/real.fnb".into()));
     let got = fetch(&e, &e.srv.url("/b.fnb"), 1000).unwrap();
     assert!(got == blob(5000)[1000..], "content differs");
-    assert_eq!(
-        ranges(&e.srv, "/real.fnb"),
-        vec![Some("bytes=1000-".to_owned())]
-    );
+    assert_eq!(ranges(&e.srv, "/real.fnb"), vec![Some("bytes=1000-".to_owned())]);
 }
 
 #[test]
@@ -421,11 +411,7 @@ fn slow_loris_is_fine_while_bytes_keep_coming_and_bounded_when_they_do_not() {
     assert!(err.contains("gave up after 3 attempts"), "{err}");
     assert_eq!(
         ranges(&e.srv, "/b.fnb"),
-        vec![
-            None,
-            Some("bytes=1-".to_owned()),
-            Some("bytes=2-".to_owned())
-        ]
+        vec![None, Some("bytes=1-".to_owned()), Some("bytes=2-".to_owned())]
     );
 }
 
@@ -435,9 +421,7 @@ fn connection_refused_is_retried_then_reported() {
     let url = e.srv.url("/b.fnb");
     drop(e.srv);
     let fetcher = e.fetcher.clone();
-    let err = within(OUTER, move || {
-        fetcher.open(&url, 0).map(|_| ()).unwrap_err()
-    });
+    let err = within(OUTER, move || fetcher.open(&url, 0).map(|_| ()).unwrap_err());
     let msg = err.to_string();
     assert!(
         msg.contains("gave up after 2 attempts") && msg.contains("/b.fnb"),
@@ -463,16 +447,12 @@ fn local_files_are_read_from_the_offset_and_errors_name_the_path() {
     let err = e.fetcher.open(missing.to_str().unwrap(), 0).unwrap_err();
     assert_eq!(err.code(), ErrorCode::DownloadFailed);
     assert!(
-        err.to_string().starts_with("cannot open bundle ")
-            && err.to_string().contains("missing.fnb"),
+        err.to_string().starts_with("cannot open bundle ") && err.to_string().contains("missing.fnb"),
         "{err}"
     );
     let err = e.fetcher.open(p, 70_001).unwrap_err();
     assert!(err.to_string().contains("past the end"), "{err}");
-    let err = e
-        .fetcher
-        .open("ftp://example.invalid/b.fnb", 0)
-        .unwrap_err();
+    let err = e.fetcher.open("ftp://example.invalid/b.fnb", 0).unwrap_err();
     assert!(err.to_string().contains("ftp"), "{err}");
     assert_eq!(e.fetcher.bytes_received(), 0);
 }
@@ -492,8 +472,7 @@ fn attempts_with_real_progress_reset_the_retry_budget() {
 
     // Drops after little progress count: the second one exhausts retries = 1.
     e.srv.reset_counters();
-    e.srv
-        .set_fault_sequence("/b.fnb", [cut(100), cut(200), cut(300)]);
+    e.srv.set_fault_sequence("/b.fnb", [cut(100), cut(200), cut(300)]);
     let err = fetch(&e, &e.srv.url("/b.fnb"), 0).unwrap_err();
     assert!(err.contains("gave up after 2 attempts"), "{err}");
     assert_eq!(

@@ -86,9 +86,7 @@ pub enum ManifestError {
     #[error("manifest.json is not a valid manifest: {0}")]
     Parse(String),
     /// A format this agent does not understand.
-    #[error(
-        "manifest format {0} is not supported (this agent understands format {FORMAT_VERSION})"
-    )]
+    #[error("manifest format {0} is not supported (this agent understands format {FORMAT_VERSION})")]
     Format(u32),
     /// `compatible` is empty.
     #[error("manifest lists no compatible hardware")]
@@ -132,8 +130,7 @@ impl Manifest {
 impl Signature {
     /// Parses `manifest.sig` strictly.
     pub fn parse(bytes: &[u8]) -> Result<Self, ManifestError> {
-        serde_json::from_slice(bytes)
-            .map_err(|e| ManifestError::Parse(format!("manifest.sig: {e}")))
+        serde_json::from_slice(bytes).map_err(|e| ManifestError::Parse(format!("manifest.sig: {e}")))
     }
 }
 
@@ -176,9 +173,6 @@ mod tests {
         ));
         let mut m = sample();
         m.format = 2;
-        assert_eq!(
-            Manifest::parse(&m.to_bytes()),
-            Err(ManifestError::Format(2))
-        );
+        assert_eq!(Manifest::parse(&m.to_bytes()), Err(ManifestError::Format(2)));
     }
 }

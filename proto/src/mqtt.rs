@@ -85,9 +85,10 @@ impl Command {
                 allow_downgrade: u.allow_downgrade,
                 device_id: device_id.map(str::to_owned),
             },
-            Command::Cancel { upgrade_id } => {
-                Wire::Cancel { upgrade_id: upgrade_id.clone(), device_id: device_id.map(str::to_owned) }
-            }
+            Command::Cancel { upgrade_id } => Wire::Cancel {
+                upgrade_id: upgrade_id.clone(),
+                device_id: device_id.map(str::to_owned),
+            },
         };
         serde_json::to_string(&wire).unwrap_or_default()
     }
@@ -120,10 +121,15 @@ pub struct Malformed(pub String);
 
 fn check_url(url: &str) -> Result<(), Malformed> {
     if url.len() > MAX_URL_BYTES {
-        return Err(Malformed(format!("url is {} bytes, over the {MAX_URL_BYTES}-byte cap", url.len())));
+        return Err(Malformed(format!(
+            "url is {} bytes, over the {MAX_URL_BYTES}-byte cap",
+            url.len()
+        )));
     }
     if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() <= "https://".len() {
-        return Err(Malformed(format!("url {url:?} is not an http:// or https:// URL")));
+        return Err(Malformed(format!(
+            "url {url:?} is not an http:// or https:// URL"
+        )));
     }
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(Malformed("url contains whitespace or control characters".into()));
@@ -133,10 +139,14 @@ fn check_url(url: &str) -> Result<(), Malformed> {
 
 fn check_id(id: &str) -> Result<(), Malformed> {
     if id.is_empty() || id.len() > MAX_UPGRADE_ID_BYTES {
-        return Err(Malformed(format!("upgrade_id must be 1 to {MAX_UPGRADE_ID_BYTES} bytes")));
+        return Err(Malformed(format!(
+            "upgrade_id must be 1 to {MAX_UPGRADE_ID_BYTES} bytes"
+        )));
     }
     if !id.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(Malformed(format!("upgrade_id {id:?} must be printable ASCII without spaces")));
+        return Err(Malformed(format!(
+            "upgrade_id {id:?} must be printable ASCII without spaces"
+        )));
     }
     Ok(())
 }
@@ -144,7 +154,10 @@ fn check_id(id: &str) -> Result<(), Malformed> {
 /// Parses a payload from `firmware/<device_id>/upgrade`, strictly.
 pub fn parse_command(payload: &[u8], device_id: &str) -> Result<Command, Malformed> {
     if payload.len() > MAX_COMMAND_BYTES {
-        return Err(Malformed(format!("payload is {} bytes, over the {MAX_COMMAND_BYTES}-byte cap", payload.len())));
+        return Err(Malformed(format!(
+            "payload is {} bytes, over the {MAX_COMMAND_BYTES}-byte cap",
+            payload.len()
+        )));
     }
     let text = std::str::from_utf8(payload).map_err(|e| Malformed(format!("payload is not UTF-8: {e}")))?;
     let trimmed = text.trim();
@@ -160,24 +173,42 @@ pub fn parse_command(payload: &[u8], device_id: &str) -> Result<Command, Malform
             allow_downgrade: false,
         }));
     }
-    let wire: Wire = serde_json::from_str(trimmed).map_err(|e| Malformed(format!("invalid command JSON: {e}")))?;
+    let wire: Wire =
+        serde_json::from_str(trimmed).map_err(|e| Malformed(format!("invalid command JSON: {e}")))?;
     let for_device = |id: &Option<String>| match id {
-        Some(id) if id != device_id => {
-            Err(Malformed(format!("command is for device {id:?}, this is {device_id:?}")))
-        }
+        Some(id) if id != device_id => Err(Malformed(format!(
+            "command is for device {id:?}, this is {device_id:?}"
+        ))),
         _ => Ok(()),
     };
     match wire {
-        Wire::Upgrade { upgrade_id, url, version, allow_downgrade, device_id: target } => {
+        Wire::Upgrade {
+            upgrade_id,
+            url,
+            version,
+            allow_downgrade,
+            device_id: target,
+        } => {
             for_device(&target)?;
             check_id(&upgrade_id)?;
             check_url(&url)?;
             let version = version
-                .map(|v| v.parse::<semver::Version>().map_err(|e| Malformed(format!("version {v:?}: {e}"))))
+                .map(|v| {
+                    v.parse::<semver::Version>()
+                        .map_err(|e| Malformed(format!("version {v:?}: {e}")))
+                })
                 .transpose()?;
-            Ok(Command::Upgrade(UpgradeCommand { upgrade_id, url, version, allow_downgrade }))
+            Ok(Command::Upgrade(UpgradeCommand {
+                upgrade_id,
+                url,
+                version,
+                allow_downgrade,
+            }))
         }
-        Wire::Cancel { upgrade_id, device_id: target } => {
+        Wire::Cancel {
+            upgrade_id,
+            device_id: target,
+        } => {
             for_device(&target)?;
             check_id(&upgrade_id)?;
             Ok(Command::Cancel { upgrade_id })
@@ -231,19 +262,28 @@ pub struct StatusError {
 
 impl From<&ErrorReport> for StatusError {
     fn from(e: &ErrorReport) -> Self {
-        StatusError { code: e.code.as_str().to_owned(), message: e.message.clone() }
+        StatusError {
+            code: e.code.as_str().to_owned(),
+            message: e.message.clone(),
+        }
     }
 }
 
 impl StatusError {
     /// A refused command payload.
     pub fn malformed(message: String) -> Self {
-        StatusError { code: "malformed".into(), message }
+        StatusError {
+            code: "malformed".into(),
+            message,
+        }
     }
 
     /// From a contract code.
     pub fn code(code: ErrorCode, message: String) -> Self {
-        StatusError { code: code.as_str().into(), message }
+        StatusError {
+            code: code.as_str().into(),
+            message,
+        }
     }
 }
 
@@ -267,9 +307,17 @@ mod tests {
             version: Some(semver::Version::new(1, 2, 3)),
             allow_downgrade: true,
         });
-        assert_eq!(parse_command(cmd.to_json(Some("d1")).as_bytes(), "d1").unwrap(), cmd);
-        let cancel = Command::Cancel { upgrade_id: "up-1".into() };
-        assert_eq!(parse_command(cancel.to_json(None).as_bytes(), "d1").unwrap(), cancel);
+        assert_eq!(
+            parse_command(cmd.to_json(Some("d1")).as_bytes(), "d1").unwrap(),
+            cmd
+        );
+        let cancel = Command::Cancel {
+            upgrade_id: "up-1".into(),
+        };
+        assert_eq!(
+            parse_command(cancel.to_json(None).as_bytes(), "d1").unwrap(),
+            cancel
+        );
 
         let bad: &[&[u8]] = &[
             br#"{"type":"upgrade","upgrade_id":"x","url":"http://h/b","extra":1}"#,
@@ -281,12 +329,21 @@ mod tests {
             b"",
         ];
         for p in bad {
-            assert!(parse_command(p, "d1").is_err(), "{:?}", String::from_utf8_lossy(p));
+            assert!(
+                parse_command(p, "d1").is_err(),
+                "{:?}",
+                String::from_utf8_lossy(p)
+            );
         }
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(parse_command(deep.as_bytes(), "d1").is_err());
         let deep = format!("{{\"type\":{}{}}}", "[".repeat(5_000), "]".repeat(5_000));
         assert!(parse_command(deep.as_bytes(), "d1").is_err());
-        assert!(parse_command(&vec![b'a'; MAX_COMMAND_BYTES + 1], "d1").unwrap_err().0.contains("cap"));
+        assert!(
+            parse_command(&vec![b'a'; MAX_COMMAND_BYTES + 1], "d1")
+                .unwrap_err()
+                .0
+                .contains("cap")
+        );
     }
 }

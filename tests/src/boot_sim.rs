@@ -174,17 +174,10 @@ fn boot(slot: char, cmdline: &Path, boot_id: &Path) -> anyhow::Result<char> {
 /// `BOOT_x_LEFT > 0` after decrementing it (written back with `fw_setenv`). Unset variables get
 /// the script's defaults (order `A B`, 3 attempts). Errors when no slot is bootable (the real
 /// script would reset the counters and reboot; a test wants to know).
-pub fn power_on_uboot(
-    fw_env_config: &Path,
-    cmdline: &Path,
-    boot_id: &Path,
-) -> anyhow::Result<char> {
+pub fn power_on_uboot(fw_env_config: &Path, cmdline: &Path, boot_id: &Path) -> anyhow::Result<char> {
     let cfg = fw_env_config.to_string_lossy();
     let vars = parse_vars(&run("fw_printenv", &["-c", &cfg], None)?);
-    let order = vars
-        .get("BOOT_ORDER")
-        .cloned()
-        .unwrap_or_else(|| "A B".into());
+    let order = vars.get("BOOT_ORDER").cloned().unwrap_or_else(|| "A B".into());
     for slot in order.split_whitespace() {
         let slot = match slot {
             "A" => 'A',
@@ -226,17 +219,11 @@ pub fn power_on_grub(grubenv: &Path, cmdline: &Path, boot_id: &Path) -> anyhow::
         let ok = vars.get(&format!("{slot}_OK")).map(String::as_str) == Some("1");
         let tried = vars.get(&format!("{slot}_TRY")).map(String::as_str) == Some("1");
         if ok && !tried {
-            run(
-                "grub-editenv",
-                &[&file, "set", &format!("{slot}_TRY=1")],
-                None,
-            )?;
+            run("grub-editenv", &[&file, "set", &format!("{slot}_TRY=1")], None)?;
             return boot(slot, cmdline, boot_id);
         }
     }
-    Err(anyhow!(
-        "GRUB: no bootable slot (ORDER={order:?}, env {vars:?})"
-    ))
+    Err(anyhow!("GRUB: no bootable slot (ORDER={order:?}, env {vars:?})"))
 }
 
 /// The example script's own power-on logic (`SCRIPT power-on` prints the slot it boots).
@@ -275,8 +262,7 @@ pub fn fresh_uboot_env(dir: &Path, init: bool) -> anyhow::Result<PathBuf> {
     )?;
     if init {
         let cfg = config.to_string_lossy();
-        let script =
-            format!("BOOT_ORDER=A B\nBOOT_A_LEFT={FRESH_ATTEMPTS}\nBOOT_B_LEFT={FRESH_ATTEMPTS}\n");
+        let script = format!("BOOT_ORDER=A B\nBOOT_A_LEFT={FRESH_ATTEMPTS}\nBOOT_B_LEFT={FRESH_ATTEMPTS}\n");
         run(
             "fw_setenv",
             &["-c", &cfg, "-f", "/dev/null", "-s", "-"],

@@ -138,11 +138,7 @@ impl Shared {
 
     fn count(&self, path: &str, n: u64) {
         self.bytes_sent.fetch_add(n, Ordering::Relaxed);
-        *self
-            .lock()
-            .sent_per_path
-            .entry(path.to_owned())
-            .or_default() += n;
+        *self.lock().sent_per_path.entry(path.to_owned()).or_default() += n;
     }
 }
 
@@ -561,10 +557,7 @@ fn plan(st: &mut State, req: &Request) -> Plan {
     };
     let mut headers = Vec::new();
     if status == 206 {
-        headers.push((
-            "Content-Range".into(),
-            format!("bytes {start}-{}/{len}", end - 1),
-        ));
+        headers.push(("Content-Range".into(), format!("bytes {start}-{}/{len}", end - 1)));
     }
     let claimed = match &fault {
         Fault::WrongContentLength { claimed } => *claimed,
@@ -753,42 +746,21 @@ mod tests {
         let r = get(srv.addr(), "/b", Some("bytes=10-")).await;
         assert!(r.starts_with("HTTP/1.1 416"), "{r}");
         assert!(r.contains("Content-Range: bytes */10"), "{r}");
-        assert!(
-            get(srv.addr(), "/nope", None)
-                .await
-                .starts_with("HTTP/1.1 404")
-        );
+        assert!(get(srv.addr(), "/nope", None).await.starts_with("HTTP/1.1 404"));
 
-        srv.set_fault(
-            "/b",
-            Fault::CutAt {
-                offset: 5,
-                times: 1,
-            },
-        );
+        srv.set_fault("/b", Fault::CutAt { offset: 5, times: 1 });
         let r = get(srv.addr(), "/b", Some("bytes=2-")).await;
         assert!(r.ends_with("\r\n\r\n2345"), "{r}");
         let r = get(srv.addr(), "/b", Some("bytes=6-")).await;
         assert!(r.ends_with("\r\n\r\n6789"), "cut applies once: {r}");
 
         srv.set_fault_times("/b", Fault::Status(503), 1);
-        assert!(
-            get(srv.addr(), "/b", None)
-                .await
-                .starts_with("HTTP/1.1 503")
-        );
-        assert!(
-            get(srv.addr(), "/b", None)
-                .await
-                .starts_with("HTTP/1.1 200")
-        );
+        assert!(get(srv.addr(), "/b", None).await.starts_with("HTTP/1.1 503"));
+        assert!(get(srv.addr(), "/b", None).await.starts_with("HTTP/1.1 200"));
 
         srv.set_fault("/b", Fault::IgnoreRange);
         let r = get(srv.addr(), "/b", Some("bytes=3-")).await;
-        assert!(
-            r.starts_with("HTTP/1.1 200") && r.ends_with("0123456789"),
-            "{r}"
-        );
+        assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("0123456789"), "{r}");
 
         srv.set_fault("/b", Fault::RedirectLoop);
         let r = get(srv.addr(), "/b?loop=3", None).await;

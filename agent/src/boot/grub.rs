@@ -26,8 +26,8 @@
 //! existing file; this backend never calls it (`set` creates a missing file by itself).
 
 use super::{
-    BootBackend, BootError, booted_from_cmdline, env_name, order_value, parse_env_lines,
-    parse_order, run_tool,
+    BootBackend, BootError, booted_from_cmdline, env_name, order_value, parse_env_lines, parse_order,
+    run_tool,
 };
 use crate::config::BootConfig;
 use flightnode_proto::Slot;
@@ -60,10 +60,7 @@ impl Grub {
             Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
                 return Err(BootError::Env {
                     location: cfg.grubenv.display().to_string(),
-                    problem: format!(
-                        "directory {} does not exist (is /boot mounted?)",
-                        dir.display()
-                    ),
+                    problem: format!("directory {} does not exist (is /boot mounted?)", dir.display()),
                 });
             }
             _ => {}
@@ -101,12 +98,7 @@ impl Grub {
         }
     }
 
-    fn flag(
-        &self,
-        env: &BTreeMap<String, String>,
-        key: &str,
-        default: bool,
-    ) -> Result<bool, BootError> {
+    fn flag(&self, env: &BTreeMap<String, String>, key: &str, default: bool) -> Result<bool, BootError> {
         match env.get(key).map(|v| v.trim()) {
             None => Ok(default),
             Some("1") | Some("true") => Ok(true),
@@ -150,10 +142,7 @@ impl Grub {
             if back.get(k) != Some(v) {
                 return Err(BootError::Env {
                     location: self.location(),
-                    problem: format!(
-                        "wrote {k}={v:?} with {EDITENV} but read back {:?}",
-                        back.get(k)
-                    ),
+                    problem: format!("wrote {k}={v:?} with {EDITENV} but read back {:?}", back.get(k)),
                 });
             }
         }

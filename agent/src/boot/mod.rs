@@ -96,11 +96,7 @@ pub fn open(cfg: &BootConfig) -> Result<Box<dyn BootBackend>, BootError> {
 /// A non-zero exit becomes [`BootError::Tool`] with the arguments (which name the file) and the
 /// trimmed stderr; `stdin`, when given, is appended to the arguments in the error so a failed
 /// `fw_setenv -s -` says what it was asked to write.
-pub(crate) fn run_tool(
-    tool: &str,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> Result<String, BootError> {
+pub(crate) fn run_tool(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, BootError> {
     let joined = args.join(" ");
     let mut cmd = Command::new(tool);
     cmd.args(args)
@@ -167,8 +163,7 @@ fn slot_from_cmdline(text: &str) -> Result<Slot, String> {
         if key != "rauc.slot" && key != "flightnode.slot" {
             continue;
         }
-        let slot = Slot::parse(value)
-            .ok_or_else(|| format!("{word:?} names no slot (expected A or B)"))?;
+        let slot = Slot::parse(value).ok_or_else(|| format!("{word:?} names no slot (expected A or B)"))?;
         match found {
             Some((prev, prev_word)) if prev != slot => {
                 return Err(format!("{prev_word:?} and {word:?} disagree"));
@@ -219,10 +214,7 @@ mod tests {
             Ok(Slot::B)
         );
         assert_eq!(slot_from_cmdline("flightnode.slot=a"), Ok(Slot::A));
-        assert_eq!(
-            slot_from_cmdline("rauc.slot=A flightnode.slot=a"),
-            Ok(Slot::A)
-        );
+        assert_eq!(slot_from_cmdline("rauc.slot=A flightnode.slot=a"), Ok(Slot::A));
         assert!(slot_from_cmdline("rauc.slot=A flightnode.slot=b").is_err());
         assert!(slot_from_cmdline("rauc.slot=C").is_err());
         assert!(slot_from_cmdline("root=/dev/sda2 quiet").is_err());

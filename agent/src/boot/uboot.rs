@@ -24,8 +24,8 @@
 //! that need more should ship `/etc/u-boot-initial-env`, which libubootenv uses by itself.
 
 use super::{
-    BootBackend, BootError, booted_from_cmdline, env_name, order_value, parse_env_lines,
-    parse_order, run_tool,
+    BootBackend, BootError, booted_from_cmdline, env_name, order_value, parse_env_lines, parse_order,
+    run_tool,
 };
 use crate::config::BootConfig;
 use flightnode_proto::Slot;
@@ -208,10 +208,7 @@ impl BootBackend for UBoot {
     fn set_trial(&self, slot: Slot) -> Result<(), BootError> {
         self.write(
             slot,
-            &[
-                (ORDER.into(), order_value(slot)),
-                (left_key(slot), "1".into()),
-            ],
+            &[(ORDER.into(), order_value(slot)), (left_key(slot), "1".into())],
         )?;
         info!(%slot, backend = "uboot", "slot set for a single trial boot");
         Ok(())

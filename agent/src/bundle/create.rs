@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use ed25519_dalek::Signer as _;
 use flightnode_proto::manifest::{
-    FORMAT_VERSION, IMAGE_ENTRY, ImageInfo, MANIFEST_ENTRY, MAX_MANIFEST_BYTES,
-    MAX_SIGNATURE_BYTES, Manifest, SIGNATURE_ENTRY, Signature,
+    FORMAT_VERSION, IMAGE_ENTRY, ImageInfo, MANIFEST_ENTRY, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES,
+    Manifest, SIGNATURE_ENTRY, Signature,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -82,13 +82,11 @@ pub fn create(
     let signature = Signature {
         algorithm: ALGORITHM.into(),
         key_id: key_id(&signing.verifying_key()),
-        signature: base64::engine::general_purpose::STANDARD
-            .encode(signing.sign(&manifest_bytes).to_bytes()),
+        signature: base64::engine::general_purpose::STANDARD.encode(signing.sign(&manifest_bytes).to_bytes()),
     };
-    let signature_bytes =
-        serde_json::to_vec(&signature).map_err(|e| BundleError::ManifestBuild {
-            reason: format!("cannot encode manifest.sig: {e}"),
-        })?;
+    let signature_bytes = serde_json::to_vec(&signature).map_err(|e| BundleError::ManifestBuild {
+        reason: format!("cannot encode manifest.sig: {e}"),
+    })?;
     debug_assert!(signature_bytes.len() as u64 <= MAX_SIGNATURE_BYTES);
 
     let tmp = tmp_path(output)?;
@@ -175,11 +173,9 @@ fn write_bundle(
     let mut builder = tar::Builder::new(BufWriter::with_capacity(COPY_BUFFER, file));
     let mtime = u64::try_from(manifest.created.unix_timestamp()).unwrap_or(0);
 
-    let header =
-        entry_header(MANIFEST_ENTRY, manifest_bytes.len() as u64, mtime).map_err(out_err)?;
+    let header = entry_header(MANIFEST_ENTRY, manifest_bytes.len() as u64, mtime).map_err(out_err)?;
     builder.append(&header, manifest_bytes).map_err(out_err)?;
-    let header =
-        entry_header(SIGNATURE_ENTRY, signature_bytes.len() as u64, mtime).map_err(out_err)?;
+    let header = entry_header(SIGNATURE_ENTRY, signature_bytes.len() as u64, mtime).map_err(out_err)?;
     builder.append(&header, signature_bytes).map_err(out_err)?;
 
     let size = manifest.image.size;

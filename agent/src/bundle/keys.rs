@@ -188,10 +188,7 @@ impl TrustedKeys {
     /// The trusted keys whose id is `id`. Normally one; a (practically impossible) id collision
     /// between two trusted keys yields both, and a signature is accepted if either verifies.
     pub fn with_id<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a VerifyingKey> + 'a {
-        self.keys
-            .iter()
-            .filter(move |(k, _)| k == id)
-            .map(|(_, k)| k)
+        self.keys.iter().filter(move |(k, _)| k == id).map(|(_, k)| k)
     }
 
     /// Ids of all trusted keys, for messages and status.
@@ -250,10 +247,7 @@ mod tests {
         assert!(err.to_string().contains("private key"), "{err}");
         let err = TrustedKeys::load(&[dir.path().join("missing.pub")]).unwrap_err();
         assert!(matches!(err, BundleError::KeyRead { .. }), "{err}");
-        assert!(matches!(
-            TrustedKeys::load(&[]),
-            Err(BundleError::NoTrustedKeys)
-        ));
+        assert!(matches!(TrustedKeys::load(&[]), Err(BundleError::NoTrustedKeys)));
         let trusted = TrustedKeys::load(&[paths.public]).unwrap();
         assert_eq!(trusted.len(), 1);
     }

@@ -63,9 +63,7 @@ pub enum BundleError {
         reason: String,
     },
     /// No trusted key was configured: every bundle would be refused.
-    #[error(
-        "no trusted keys configured; list at least one release public key (release.pub) in trusted_keys"
-    )]
+    #[error("no trusted keys configured; list at least one release public key (release.pub) in trusted_keys")]
     NoTrustedKeys,
     /// `create` could not read the image.
     #[error("{}: cannot read image: {source}; check the path and its permissions", path.display())]
@@ -120,9 +118,7 @@ pub enum BundleError {
     )]
     Padding { entry: &'static str },
     /// `manifest.sig` is not a valid signature document.
-    #[error(
-        "bundle manifest.sig is invalid: {reason}; the bundle is corrupt, re-sign it with bundle create"
-    )]
+    #[error("bundle manifest.sig is invalid: {reason}; the bundle is corrupt, re-sign it with bundle create")]
     SignatureFormat { reason: String },
     /// `manifest.sig` names an algorithm other than ed25519.
     #[error(

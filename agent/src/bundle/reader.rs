@@ -10,8 +10,8 @@ use std::path::Path;
 
 use base64::Engine as _;
 use flightnode_proto::manifest::{
-    IMAGE_ENTRY, MANIFEST_ENTRY, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, Manifest,
-    SIGNATURE_ENTRY, Signature,
+    IMAGE_ENTRY, MANIFEST_ENTRY, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, Manifest, SIGNATURE_ENTRY,
+    Signature,
 };
 use sha2::{Digest, Sha256};
 
@@ -44,10 +44,9 @@ pub fn read_header<R: Read>(r: &mut R, keys: &TrustedKeys) -> Result<VerifiedHea
     let manifest_bytes = read_entry(r, &mut offset, 0, MANIFEST_ENTRY, MAX_MANIFEST_BYTES)?;
     let signature_bytes = read_entry(r, &mut offset, 1, SIGNATURE_ENTRY, MAX_SIGNATURE_BYTES)?;
 
-    let signature =
-        Signature::parse(&signature_bytes).map_err(|e| BundleError::SignatureFormat {
-            reason: e.to_string(),
-        })?;
+    let signature = Signature::parse(&signature_bytes).map_err(|e| BundleError::SignatureFormat {
+        reason: e.to_string(),
+    })?;
     if signature.algorithm != ALGORITHM {
         return Err(BundleError::Algorithm {
             found: signature.algorithm.chars().take(32).collect(),
@@ -58,10 +57,9 @@ pub fn read_header<R: Read>(r: &mut R, keys: &TrustedKeys) -> Result<VerifiedHea
         .map_err(|e| BundleError::SignatureFormat {
             reason: format!("signature is not standard padded base64: {e}"),
         })?;
-    let sig =
-        ed25519_dalek::Signature::from_slice(&raw).map_err(|_| BundleError::SignatureFormat {
-            reason: format!("signature is {} bytes, expected 64", raw.len()),
-        })?;
+    let sig = ed25519_dalek::Signature::from_slice(&raw).map_err(|_| BundleError::SignatureFormat {
+        reason: format!("signature is {} bytes, expected 64", raw.len()),
+    })?;
     let candidates: Vec<_> = keys.with_id(&signature.key_id).collect();
     if candidates.is_empty() {
         return Err(BundleError::UntrustedKey {
@@ -77,8 +75,7 @@ pub fn read_header<R: Read>(r: &mut R, keys: &TrustedKeys) -> Result<VerifiedHea
             key_id: signature.key_id,
         });
     }
-    let manifest =
-        Manifest::parse(&manifest_bytes).map_err(|reason| BundleError::Manifest { reason })?;
+    let manifest = Manifest::parse(&manifest_bytes).map_err(|reason| BundleError::Manifest { reason })?;
 
     let mut block = [0u8; BLOCK];
     read_full(r, &mut block, &mut offset, "the image tar header")?;
@@ -248,12 +245,6 @@ pub fn verify_file(path: &Path, keys: &TrustedKeys) -> Result<VerifiedHeader, Bu
     })?;
     let mut reader = BufReader::with_capacity(COPY_BUFFER, file);
     let header = read_header(&mut reader, keys)?;
-    copy_image(
-        &mut reader,
-        &mut io::sink(),
-        &header.manifest,
-        0,
-        Sha256::new(),
-    )?;
+    copy_image(&mut reader, &mut io::sink(), &header.manifest, 0, Sha256::new())?;
     Ok(header)
 }

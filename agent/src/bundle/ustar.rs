@@ -38,13 +38,7 @@ pub(super) fn parse_header(
     let computed: u64 = block
         .iter()
         .enumerate()
-        .map(|(i, &b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                u64::from(b)
-            }
-        })
+        .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) })
         .sum();
     if stored != computed {
         return Err(invalid(format!(
@@ -91,8 +85,8 @@ pub(super) fn parse_header(
         return Err(invalid("non-zero bytes in the unused header tail".into()));
     }
 
-    let size = parse_size(&block[124..136])
-        .ok_or_else(|| invalid("size field is not a valid number".into()))?;
+    let size =
+        parse_size(&block[124..136]).ok_or_else(|| invalid("size field is not a valid number".into()))?;
     if let Some(max) = max
         && size > max
     {
@@ -109,17 +103,13 @@ pub(super) fn parse_header(
 /// POSIX) or six digits, NUL and space (GNU tar). The field is outside its own sum, so any other
 /// leniency would let a flipped terminator bit pass unnoticed.
 fn parse_checksum(field: &[u8]) -> Option<u64> {
-    let canonical =
-        matches!(&field[6..], [d, 0] if (b'0'..=b'7').contains(d)) || &field[6..] == b"\0 ";
+    let canonical = matches!(&field[6..], [d, 0] if (b'0'..=b'7').contains(d)) || &field[6..] == b"\0 ";
     if canonical { parse_octal(field) } else { None }
 }
 
 /// Strict octal: at least one digit first (no leading spaces), then only NUL or space.
 fn parse_octal(field: &[u8]) -> Option<u64> {
-    let digits = field
-        .iter()
-        .take_while(|b| (b'0'..=b'7').contains(b))
-        .count();
+    let digits = field.iter().take_while(|b| (b'0'..=b'7').contains(b)).count();
     if digits == 0 || field[digits..].iter().any(|&b| b != 0 && b != b' ') {
         return None;
     }

@@ -44,9 +44,7 @@ pub enum EngineError {
     #[error(transparent)]
     Download(#[from] DownloadError),
     /// Another upgrade is in flight and cannot be set aside.
-    #[error(
-        "upgrade {id} is in phase {phase}; wait for it to finish (or run `flightnode-agent resume`)"
-    )]
+    #[error("upgrade {id} is in phase {phase}; wait for it to finish (or run `flightnode-agent resume`)")]
     Busy {
         /// The upgrade in flight.
         id: String,
@@ -250,11 +248,7 @@ impl Engine {
     fn drive(&mut self) -> Result<Outcome, EngineError> {
         loop {
             let Some(phase) = self.state.upgrade.as_ref().map(|u| u.phase) else {
-                return Ok(self
-                    .state
-                    .last
-                    .clone()
-                    .map_or(Outcome::Idle, Outcome::Finished));
+                return Ok(self.state.last.clone().map_or(Outcome::Idle, Outcome::Finished));
             };
             let step = match phase {
                 Phase::Downloading => self.download(),
@@ -340,9 +334,7 @@ impl Engine {
                         "bad (rolled back)"
                     }
                 )),
-                Err(Stop::Rebooting(s)) => {
-                    Ok(format!("slot {slot} marked bad; rebooting into slot {s}"))
-                }
+                Err(Stop::Rebooting(s)) => Ok(format!("slot {slot} marked bad; rebooting into slot {s}")),
                 Err(Stop::Upgrade(code, message)) => {
                     self.end(code, message.clone())?;
                     Ok(message)
@@ -368,11 +360,7 @@ impl Engine {
                 boot.mark_bad(slot).map_err(ActivationError::from)?;
             }
         }
-        self.state.slot_mut(slot).state = if good {
-            SlotState::Good
-        } else {
-            SlotState::Bad
-        };
+        self.state.slot_mut(slot).state = if good { SlotState::Good } else { SlotState::Bad };
         self.save()?;
         Ok(format!(
             "slot {slot} marked {}",

@@ -7,27 +7,21 @@ use crate::bundle::{self, BundleError};
 use crate::download::DownloadError;
 use crate::hooks::{self, Hook, HookEnv};
 use crate::policy;
-use crate::store::StoreError;
 use flightnode_proto::{ErrorCode, Phase, Slot};
 use sha2::Digest;
 use std::time::Duration;
 
 /// Maps a bundle/copy error to the upgrade's end, or to an engine failure when our own store broke.
 fn copy_stop(e: BundleError) -> Stop {
-    if let Some(io) = e.io_source() {
-        if let Some(inner) = io.get_ref() {
-            if inner.is::<Canceled>() {
-                return Stop::Upgrade(
-                    ErrorCode::Canceled,
-                    "canceled before the image was activated".into(),
-                );
-            }
-            if let Some(d) = inner.downcast_ref::<DownloadError>() {
-                return Stop::Upgrade(d.code(), d.to_string());
-            }
-            if inner.is::<StoreError>() {
-                return Stop::Upgrade(ErrorCode::Internal, e.to_string());
-            }
+    if let Some(inner) = e.io_source().and_then(|io| io.get_ref()) {
+        if inner.is::<Canceled>() {
+            return Stop::Upgrade(
+                ErrorCode::Canceled,
+                "canceled before the image was activated".into(),
+            );
+        }
+        if let Some(d) = inner.downcast_ref::<DownloadError>() {
+            return Stop::Upgrade(d.code(), d.to_string());
         }
     }
     Stop::Upgrade(e.code(), e.to_string())
@@ -58,13 +52,8 @@ impl Engine {
                     committed: &self.state.committed_version,
                     security_floor: self.state.security_floor,
                 };
-                policy::check(
-                    &m,
-                    &device,
-                    u.allow_downgrade,
-                    time::OffsetDateTime::now_utc(),
-                )
-                .map_err(|r| Stop::Upgrade(r.code, r.message))?;
+                policy::check(&m, &device, u.allow_downgrade, time::OffsetDateTime::now_utc())
+                    .map_err(|r| Stop::Upgrade(r.code, r.message))?;
                 self.slots
                     .check_room(u.target, m.image.size)
                     .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
@@ -79,12 +68,7 @@ impl Engine {
             Some(m) => {
                 let mut start = u.written;
                 let mut hasher = sha2::Sha256::new();
-                if start > 0
-                    && self
-                        .slots
-                        .hash_prefix(u.target, start, &mut hasher)
-                        .is_err()
-                {
+                if start > 0 && self.slots.hash_prefix(u.target, start, &mut hasher).is_err() {
                     tracing::warn!(upgrade_id = %u.id, slot = %u.target, "written prefix unreadable; starting the image again");
                     start = 0;
                 }
@@ -122,8 +106,7 @@ impl Engine {
             &self.cancel,
         );
         writer.checkpoint_bytes = self.cfg.download.checkpoint_bytes.max(4096);
-        bundle::copy_image(&mut reader, &mut writer, &manifest, start, hasher)
-            .map_err(copy_stop)?;
+        bundle::copy_image(&mut reader, &mut writer, &manifest, start, hasher).map_err(copy_stop)?;
         let file = writer.file;
         self.slots
             .finish(target, &file, size)
@@ -147,13 +130,15 @@ impl Engine {
         (self.slots.path(slot).to_owned(), version)
     }
 
+    /// Runs a configured hook; an unconfigured one (`None`) succeeds.
     fn run_hook(
         &self,
         hook: Hook,
-        command: &str,
+        command: Option<&str>,
         slot: Slot,
         timeout: Duration,
     ) -> Result<(), hooks::HookError> {
+        let Some(command) = command else { return Ok(()) };
         let (path, version) = self.hook_env(slot);
         hooks::run(
             hook,
@@ -199,7 +184,7 @@ impl Engine {
     fn reboot(&self, next: Slot) -> Result<(), Stop> {
         let a = &self.cfg.activation;
         tracing::info!(slot = %next, "rebooting into slot {next}");
-        if let Err(e) = self.run_hook(Hook::Reboot, &a.reboot_command, next, a.reboot_wait) {
+        if let Err(e) = self.run_hook(Hook::Reboot, Some(&a.reboot_command), next, a.reboot_wait) {
             tracing::error!("{e}");
         }
         std::thread::sleep(a.reboot_wait);
@@ -226,20 +211,21 @@ impl Engine {
                     ),
                 ));
             }
-        } else if let Some(cmd) = &self.cfg.activation.apply_command {
-            if let Err(e) = self.run_hook(
-                Hook::Apply,
-                cmd,
-                u.target,
-                self.cfg.activation.apply_timeout,
-            ) {
-                return self.begin_roll_back(ErrorCode::HealthCheckFailed, e.to_string());
-            }
+        } else if let Err(e) = self.run_hook(
+            Hook::Apply,
+            self.cfg.activation.apply_command.as_deref(),
+            u.target,
+            self.cfg.activation.apply_timeout,
+        ) {
+            return self.begin_roll_back(ErrorCode::HealthCheckFailed, e.to_string());
         }
-        if let Some(cmd) = &self.cfg.health.command {
-            if let Err(e) = self.run_hook(Hook::Health, cmd, u.target, self.cfg.health.timeout) {
-                return self.begin_roll_back(ErrorCode::HealthCheckFailed, e.to_string());
-            }
+        if let Err(e) = self.run_hook(
+            Hook::Health,
+            self.cfg.health.command.as_deref(),
+            u.target,
+            self.cfg.health.timeout,
+        ) {
+            return self.begin_roll_back(ErrorCode::HealthCheckFailed, e.to_string());
         }
         crate::failpoint::hit("healthy");
         self.commit()
@@ -274,20 +260,19 @@ impl Engine {
     pub(super) fn roll_back(&mut self) -> Result<(), Stop> {
         let u = self.upgrade()?.clone();
         let old = !u.target;
-        let (code, message) = u.error.clone().map_or(
-            (ErrorCode::HealthCheckFailed, "rolled back".to_owned()),
-            |e| (e.code, e.message),
-        );
+        let (code, message) = u
+            .error
+            .clone()
+            .map_or((ErrorCode::HealthCheckFailed, "rolled back".to_owned()), |e| {
+                (e.code, e.message)
+            });
         match &self.activation {
             Activation::Command { pointer } => {
                 pointer.set(old)?;
-                if let Some(cmd) = &self.cfg.activation.apply_command {
-                    // The old slot is active whatever this says; a failure is logged, not fatal.
-                    if let Err(e) =
-                        self.run_hook(Hook::Apply, cmd, old, self.cfg.activation.apply_timeout)
-                    {
-                        tracing::error!(slot = %old, "re-applying the previous slot failed: {e}");
-                    }
+                let apply = self.cfg.activation.apply_command.as_deref();
+                // The old slot is active whatever this says; a failure is logged, not fatal.
+                if let Err(e) = self.run_hook(Hook::Apply, apply, old, self.cfg.activation.apply_timeout) {
+                    tracing::error!(slot = %old, "re-applying the previous slot failed: {e}");
                 }
             }
             Activation::Reboot { boot, .. } => {

@@ -63,8 +63,7 @@ impl SlotBackend for BlockSlots {
             .write(true)
             .open(path)
             .map_err(|e| io("open block device for writing", e))?;
-        dev.seek(SeekFrom::Start(offset))
-            .map_err(|e| io("seek", e))?;
+        dev.seek(SeekFrom::Start(offset)).map_err(|e| io("seek", e))?;
         Ok(dev)
     }
 

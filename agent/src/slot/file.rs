@@ -93,8 +93,7 @@ impl SlotBackend for FileSlots {
             action,
             source,
         };
-        file.set_len(size)
-            .map_err(|e| io("truncate to image size", e))?;
+        file.set_len(size).map_err(|e| io("truncate to image size", e))?;
         file.sync_all().map_err(|e| io("fsync", e))?;
         if let Some(dir) = path.parent() {
             crate::activation::fsync_dir(dir).map_err(|e| io("fsync slot directory", e))?;

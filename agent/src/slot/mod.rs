@@ -73,12 +73,7 @@ pub trait SlotBackend: Send + Sync {
     fn finish(&self, slot: Slot, file: &File, size: u64) -> Result<(), SlotError>;
 
     /// Feeds the first `len` bytes of `slot` into `hasher` (to resume an interrupted write).
-    fn hash_prefix(
-        &self,
-        slot: Slot,
-        len: u64,
-        hasher: &mut sha2::Sha256,
-    ) -> Result<(), SlotError> {
+    fn hash_prefix(&self, slot: Slot, len: u64, hasher: &mut sha2::Sha256) -> Result<(), SlotError> {
         let path = self.path(slot);
         let io = |action, source| SlotError::Io {
             slot,

@@ -15,11 +15,18 @@ pub struct Device {
 }
 
 pub fn agent(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("run flightnode-agent")
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run flightnode-agent")
 }
 
 pub fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Extra config appended to the generated `agent.toml`.
@@ -41,7 +48,10 @@ impl Device {
         let apply = p.join("apply.sh");
         std::fs::write(
             &apply,
-            format!("#!/bin/sh\necho \"$FLIGHTNODE_SLOT $FLIGHTNODE_VERSION $1\" >> {}\n", p.join("applied.log").display()),
+            format!(
+                "#!/bin/sh\necho \"$FLIGHTNODE_SLOT $FLIGHTNODE_VERSION $1\" >> {}\n",
+                p.join("applied.log").display()
+            ),
         )
         .unwrap();
         make_executable(&apply);
@@ -77,7 +87,11 @@ checkpoint_bytes = 65536
                 extra = if opts.extra.contains("[activation]") {
                     opts.extra.clone()
                 } else {
-                    format!("[activation]\napply_command = \"{}\"\n{}", apply.display(), opts.extra)
+                    format!(
+                        "[activation]\napply_command = \"{}\"\n{}",
+                        apply.display(),
+                        opts.extra
+                    )
                 },
             ),
         )
@@ -115,10 +129,18 @@ checkpoint_bytes = 65536
         let out = self.path(&format!("{name}.fnb"));
         let key = self.key().display().to_string();
         let mut args = vec![
-            "bundle", "create", "--key", &key, "--image", image.to_str().unwrap(), "--version", version,
-            "--output", out.to_str().unwrap(),
+            "bundle",
+            "create",
+            "--key",
+            &key,
+            "--image",
+            image.to_str().unwrap(),
+            "--version",
+            version,
+            "--output",
+            out.to_str().unwrap(),
         ];
-        if !extra.iter().any(|a| *a == "--compatible") {
+        if !extra.contains(&"--compatible") {
             args.extend(["--compatible", HARDWARE]);
         }
         args.extend(extra);
@@ -151,7 +173,10 @@ checkpoint_bytes = 65536
     pub fn assert_bootable(&self) {
         let s = self.status();
         let active = s["active_slot"].as_str().unwrap().to_owned();
-        assert_eq!(s["slots"][&active]["state"], "good", "active slot must be good: {s:#}");
+        assert_eq!(
+            s["slots"][&active]["state"], "good",
+            "active slot must be good: {s:#}"
+        );
         assert_eq!(s["slots"][&active]["version"], s["committed_version"], "{s:#}");
         if s["phase"] == "idle" {
             assert_eq!(self.pointer(), self.path(&format!("slots/{active}.img")), "{s:#}");
@@ -166,7 +191,9 @@ pub fn make_executable(p: &Path) {
 
 /// Deterministic pseudo-random image content, different per version.
 pub fn image_bytes(version: &str, len: usize) -> Vec<u8> {
-    let mut x: u64 = version.bytes().fold(0xcbf29ce484222325, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    let mut x: u64 = version.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
     (0..len)
         .map(|_| {
             x ^= x << 13;
