@@ -66,6 +66,125 @@ pub struct Config {
     /// Bundle downloads.
     #[serde(default)]
     pub download: DownloadConfig,
+    /// MQTT broker for commands and status reports; without it the daemon takes local commands only.
+    #[serde(default)]
+    pub mqtt: Option<MqttConfig>,
+    /// Hub for heartbeats; without it the daemon sends none.
+    #[serde(default)]
+    pub hub: Option<HubConfig>,
+    /// The daemon (`flightnode-agent run`).
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+}
+
+/// `[mqtt]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://host:1883` or `mqtts://host:8883`.
+    pub url: String,
+    /// CA certificate (PEM) for `mqtts://`.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; also the identity towards the hub.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Username (brokers with password auth).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// MQTT keep-alive.
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Longest wait between reconnect attempts (the backoff doubles up to it, with jitter).
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+/// `[hub]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// `https://hub:50051`, or `http://` for plain (testing only).
+    pub endpoint: String,
+    /// Heartbeat period (jittered ±10 %); phase changes are sent at once.
+    #[serde(default = "default_heartbeat_interval", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Per-call timeout.
+    #[serde(default = "default_hub_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// CA (PEM); defaults to `mqtt.ca`.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM); defaults to `mqtt.cert`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM); defaults to `mqtt.key`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Events kept for the hub while it is unreachable; the oldest are dropped beyond this.
+    #[serde(default = "default_outbox_cap")]
+    pub outbox_cap: usize,
+}
+
+/// What must be reachable again before a trial slot is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FleetGate {
+    /// Either the broker or the hub (whichever is configured).
+    #[default]
+    Any,
+    /// The MQTT broker.
+    Broker,
+    /// The hub.
+    Hub,
+    /// Nothing: the health check alone decides.
+    None,
+}
+
+/// `[daemon]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// In `run`, a trial slot is committed only after the health check passes **and** this is reachable.
+    #[serde(default)]
+    pub commit_requires: FleetGate,
+    /// How long to wait for `commit_requires` before rolling back.
+    #[serde(default = "default_fleet_timeout", with = "humantime_serde")]
+    pub fleet_timeout: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            commit_requires: FleetGate::Any,
+            fleet_timeout: default_fleet_timeout(),
+        }
+    }
+}
+
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_heartbeat_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_hub_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_outbox_cap() -> usize {
+    1000
+}
+fn default_fleet_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// Slot backend kind.
@@ -327,7 +446,40 @@ impl Config {
                 Some(_) => {}
             }
         }
+        if let Some(m) = &config.mqtt {
+            if !(m.url.starts_with("mqtt://") || m.url.starts_with("mqtts://")) {
+                return Err(invalid(format!(
+                    "mqtt.url {:?} must start with mqtt:// or mqtts://",
+                    m.url
+                )));
+            }
+            if m.cert.is_some() != m.key.is_some() {
+                return Err(invalid("mqtt.cert and mqtt.key go together".into()));
+            }
+        }
+        if let Some(h) = &config.hub
+            && !(h.endpoint.starts_with("http://") || h.endpoint.starts_with("https://"))
+        {
+            return Err(invalid(format!(
+                "hub.endpoint {:?} must start with https:// (or http://)",
+                h.endpoint
+            )));
+        }
         Ok(config)
+    }
+
+    /// The hub's TLS material, defaulting to the MQTT identity.
+    pub fn hub_tls(&self) -> (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>) {
+        let mqtt = self.mqtt.as_ref();
+        let pick = |own: Option<&PathBuf>, from_mqtt: fn(&MqttConfig) -> Option<&PathBuf>| {
+            own.cloned().or_else(|| mqtt.and_then(from_mqtt).cloned())
+        };
+        let hub = self.hub.as_ref();
+        (
+            pick(hub.and_then(|h| h.ca.as_ref()), |m| m.ca.as_ref()),
+            pick(hub.and_then(|h| h.cert.as_ref()), |m| m.cert.as_ref()),
+            pick(hub.and_then(|h| h.key.as_ref()), |m| m.key.as_ref()),
+        )
     }
 
     /// Path of slot `slot`.

@@ -14,6 +14,9 @@
 //! - [`store`]: sled persistence of [`state::DeviceState`], flushed before every side effect.
 //! - [`engine`]: the upgrade flow — install, resume after a crash, commit or roll back.
 //! - [`failpoint`]: test-only crash points (debug builds only).
+//! - [`mqtt`]: the MQTT link — commands in, status reports out.
+//! - [`hub_link`]: heartbeats to the hub over gRPC; [`outbox`] keeps events until acknowledged;
+//!   [`resources`] samples CPU, memory, disk and temperature.
 
 pub mod activation;
 pub mod boot;
@@ -23,7 +26,11 @@ pub mod download;
 pub mod engine;
 pub mod failpoint;
 pub mod hooks;
+pub mod hub_link;
+pub mod mqtt;
+pub mod outbox;
 pub mod policy;
+pub mod resources;
 pub mod slot;
 pub mod state;
 pub mod store;

@@ -89,6 +89,11 @@ impl Store {
         Ok(())
     }
 
+    /// The database, for other trees (the daemon's outbox and upgrade history).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     fn sled(&self, source: sled::Error) -> StoreError {
         StoreError::Sled {
             path: self.path.clone(),

@@ -188,6 +188,11 @@ impl Engine {
         self.cancel.clone()
     }
 
+    /// The state database, shared with the daemon's other trees.
+    pub fn db(&self) -> sled::Db {
+        self.store.db().clone()
+    }
+
     /// The persisted device state.
     pub fn state(&self) -> &DeviceState {
         &self.state

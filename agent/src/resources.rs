@@ -1,0 +1,1 @@
+//! Resource metrics for heartbeats (to be implemented): sysinfo CPU, memory, disk, load, uptime, temperature.
