@@ -244,9 +244,36 @@ impl Engine {
     /// same state does nothing new.
     pub fn resume(&mut self) -> Result<Outcome, EngineError> {
         if self.state.upgrade.is_none() {
+            self.confirm_boot()?;
             return Ok(Outcome::Idle);
         }
-        self.drive()
+        let outcome = self.drive()?;
+        if self.state.upgrade.is_none() {
+            self.confirm_boot()?;
+        }
+        Ok(outcome)
+    }
+
+    /// Reboot mode, nothing in flight: tells the bootloader that this boot of a good slot worked,
+    /// as RAUC's mark-good service does (GRUB's script counts every boot as a try).
+    fn confirm_boot(&mut self) -> Result<(), EngineError> {
+        let Activation::Reboot { boot, .. } = &self.activation else {
+            return Ok(());
+        };
+        let booted = boot.booted().map_err(ActivationError::from)?;
+        if self.state.slot(booted).state != SlotState::Good {
+            tracing::warn!(slot = %booted, state = ?self.state.slot(booted).state,
+                "booted a slot that is not known good; not confirming it");
+            return Ok(());
+        }
+        boot.mark_good(booted).map_err(ActivationError::from)?;
+        if self.state.active != booted {
+            tracing::warn!(slot = %booted, active = %self.state.active,
+                "the bootloader started slot {booted} instead of the active one; it is active now");
+            self.state.active = booted;
+            self.save()?;
+        }
+        Ok(())
     }
 
     /// Runs the step of the persisted phase until the upgrade ends or must wait for a reboot.

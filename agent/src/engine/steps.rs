@@ -167,6 +167,9 @@ impl Engine {
                 Ok(())
             }
             Activation::Reboot { boot, .. } => {
+                // The running slot is the fallback: make sure the bootloader will take it back
+                // (GRUB's script counts every boot as a try until it is marked good).
+                boot.mark_good(!target).map_err(ActivationError::from)?;
                 boot.set_trial(target).map_err(ActivationError::from)?;
                 let boot_id = self.activation.boot_id()?;
                 if let Some(u) = self.state.upgrade.as_mut() {

@@ -1,0 +1,148 @@
+//! Reboot mode against the real `fw_setenv`/`grub-editenv` and the example boot script, with the
+//! boot simulator doing what the bootloader does at power-on. The reboot command SIGKILLs the
+//! agent, as a real reboot would end it.
+
+mod common;
+use common::*;
+use flightnode_tests::boot_sim::SimBoot;
+use std::os::unix::process::ExitStatusExt;
+
+fn reboot_device(sim: &SimBoot, health: &str) -> Device {
+    Device::new(Options {
+        health: Some(health.into()),
+        extra: format!(
+            "[activation]\nmode = \"reboot\"\nreboot_command = \"kill -9 $FLIGHTNODE_AGENT_PID\"\nreboot_wait = \"30s\"\n{}",
+            sim.boot_toml()
+        ),
+        ..Options::default()
+    })
+}
+
+fn sims(dir: &std::path::Path) -> Vec<SimBoot> {
+    let mk = |name: &str| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    vec![
+        SimBoot::uboot(&mk("uboot")).unwrap(),
+        SimBoot::grub(&mk("grub")).unwrap(),
+        SimBoot::script(&mk("script")).unwrap(),
+    ]
+}
+
+/// `install` ends in a reboot: the agent is killed by its reboot command.
+fn install_until_reboot(dev: &Device, bundle: &std::path::Path) {
+    let o = dev.run(&["install", bundle.to_str().unwrap()]);
+    assert_eq!(
+        o.status.signal(),
+        Some(9),
+        "the reboot command ends the agent: {}",
+        text(&o)
+    );
+    assert_eq!(dev.status()["phase"], "testing");
+}
+
+#[test]
+fn good_image_commits_after_the_trial_boot() {
+    let root = tempfile::tempdir().unwrap();
+    for sim in sims(root.path()) {
+        let kind = format!("{:?}", sim.kind);
+        assert_eq!(sim.power_on().unwrap(), 'A', "{kind}");
+        let dev = reboot_device(&sim, "true");
+        assert!(dev.run(&["resume"]).status.success(), "{kind}: first boot");
+        let bundle = dev.bundle("v2", "2.0.0", 100_000, &[]);
+        install_until_reboot(&dev, &bundle);
+
+        assert_eq!(
+            sim.power_on().unwrap(),
+            'B',
+            "{kind}: the trial boots the new slot"
+        );
+        let o = dev.run(&["resume"]);
+        assert!(o.status.success(), "{kind}: {}", text(&o));
+        let s = dev.status();
+        assert_eq!(s["last_upgrade"]["result"], "committed", "{kind}: {s:#}");
+        assert_eq!(s["booted_slot"], "b", "{kind}");
+        assert_eq!(s["active_slot"], "b", "{kind}");
+        assert_eq!(s["slots"]["b"]["state"], "good", "{kind}");
+        assert_eq!(dev.slot_bytes("b"), image_bytes("2.0.0", 100_000), "{kind}");
+
+        // Committed: it keeps booting, as long as each boot is confirmed (the daemon does this).
+        for _ in 0..3 {
+            assert_eq!(
+                sim.power_on().unwrap(),
+                'B',
+                "{kind}: committed slot keeps booting"
+            );
+            assert!(dev.run(&["resume"]).status.success());
+        }
+    }
+}
+
+#[test]
+fn unhealthy_image_comes_back_on_the_old_slot() {
+    let root = tempfile::tempdir().unwrap();
+    for sim in sims(root.path()) {
+        let kind = format!("{:?}", sim.kind);
+        assert_eq!(sim.power_on().unwrap(), 'A');
+        let dev = reboot_device(&sim, "test \"$FLIGHTNODE_VERSION\" != 2.0.0");
+        let bundle = dev.bundle("v2", "2.0.0", 10_000, &[]);
+        install_until_reboot(&dev, &bundle);
+        assert_eq!(sim.power_on().unwrap(), 'B', "{kind}");
+        // Health fails: the slot is marked bad and the agent reboots back (killed again).
+        let o = dev.run(&["resume"]);
+        assert_eq!(o.status.signal(), Some(9), "{kind}: reboots back: {}", text(&o));
+        assert_eq!(
+            sim.power_on().unwrap(),
+            'A',
+            "{kind}: the bootloader returns to the old slot"
+        );
+        let o = dev.run(&["resume"]);
+        assert!(!o.status.success(), "{kind}: {}", text(&o));
+        let s = dev.status();
+        assert_eq!(s["last_upgrade"]["result"], "rolled_back", "{kind}: {s:#}");
+        assert_eq!(
+            s["last_upgrade"]["error"]["code"], "health_check_failed",
+            "{kind}"
+        );
+        assert_eq!(s["active_slot"], "a", "{kind}");
+        assert_eq!(s["slots"]["a"]["state"], "good", "{kind}");
+        assert_eq!(s["slots"]["b"]["state"], "bad", "{kind}");
+        assert_eq!(sim.power_on().unwrap(), 'A', "{kind}: stays on the old slot");
+    }
+}
+
+#[test]
+fn trial_that_never_comes_up_is_reported_after_the_fallback() {
+    let root = tempfile::tempdir().unwrap();
+    for sim in sims(root.path()) {
+        let kind = format!("{:?}", sim.kind);
+        assert_eq!(sim.power_on().unwrap(), 'A');
+        let dev = reboot_device(&sim, "true");
+        let bundle = dev.bundle("v2", "2.0.0", 10_000, &[]);
+        install_until_reboot(&dev, &bundle);
+        // The new image hangs before the agent starts; the watchdog resets the board.
+        assert_eq!(sim.power_on().unwrap(), 'B', "{kind}");
+        assert_eq!(
+            sim.power_on().unwrap(),
+            'A',
+            "{kind}: the attempt counter brings the old slot back"
+        );
+        let o = dev.run(&["resume"]);
+        assert!(!o.status.success(), "{kind}: {}", text(&o));
+        let s = dev.status();
+        assert_eq!(
+            s["last_upgrade"]["error"]["code"], "trial_boot_failed",
+            "{kind}: {s:#}"
+        );
+        assert_eq!(s["last_upgrade"]["result"], "rolled_back", "{kind}");
+        assert_eq!(s["active_slot"], "a");
+        assert_eq!(s["booted_slot"], "a");
+        assert_eq!(sim.power_on().unwrap(), 'A', "{kind}");
+        // A second start in the same state changes nothing.
+        let before = dev.status();
+        assert!(dev.run(&["resume"]).status.success());
+        assert_eq!(dev.status(), before);
+    }
+}
