@@ -1,0 +1,107 @@
+//! Installs over HTTP from the fault-injecting bundle server: resume with `Range`, bounded failures.
+
+mod common;
+use common::*;
+use flightnode_tests::http_server::{BundleServer, Fault};
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
+
+const IMAGE: usize = 2 * 1024 * 1024;
+
+/// Serves a fresh bundle of `version` at `/fw.fnb`; returns the server and the bundle length.
+fn serve(dev: &Device, version: &str) -> (BundleServer, u64) {
+    let bundle = dev.bundle(version, version, IMAGE, &[]);
+    let srv = BundleServer::start_blocking().unwrap();
+    srv.put_file("/fw.fnb", &bundle).unwrap();
+    (srv, std::fs::metadata(&bundle).unwrap().len())
+}
+
+#[test]
+fn dropped_connection_is_resumed_with_range_and_commits() {
+    let dev = Device::new(Options::default());
+    let (srv, len) = serve(&dev, "2.0.0");
+    srv.set_fault("/fw.fnb", Fault::CutAt { offset: len / 2, times: 2 });
+    let o = dev.run(&["install", &srv.url("/fw.fnb")]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dev.slot_bytes("b"), image_bytes("2.0.0", IMAGE));
+    let ranges: Vec<_> = srv.requests_for("/fw.fnb").into_iter().filter_map(|r| r.range).collect();
+    assert!(ranges.iter().any(|r| r.starts_with(&format!("bytes={}-", len / 2 + 1))), "{ranges:?}");
+    assert!(srv.bytes_sent() < len * 3 / 2, "sent {} for a {len}-byte bundle", srv.bytes_sent());
+    dev.assert_bootable();
+}
+
+#[test]
+fn sigkill_mid_download_resumes_without_fetching_the_written_prefix_again() {
+    for kill_at in [600_000u64, 1_300_000, 1_900_000] {
+        let dev = Device::new(Options::default());
+        let (srv, len) = serve(&dev, "2.0.0");
+        let url = srv.url("/fw.fnb");
+        let o = dev
+            .cmd(&["install", &url])
+            .env("FLIGHTNODE_FAILPOINT", format!("download@{kill_at}"))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.signal(), Some(9), "{}", text(&o));
+        let s = dev.status();
+        assert_eq!(s["phase"], "downloading");
+        let saved = s["progress"]["bytes"].as_u64().unwrap();
+        assert!(saved > 0 && saved <= kill_at, "checkpoint {saved} must be durable and not ahead of {kill_at}");
+        dev.assert_bootable();
+
+        srv.reset_counters();
+        let o = dev.run(&["install", &url]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(dev.slot_bytes("b"), image_bytes("2.0.0", IMAGE), "kill at {kill_at}");
+        let resumed = srv.requests_for("/fw.fnb");
+        let range = resumed[0].range.clone().unwrap_or_default();
+        let from: u64 = range.trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap_or(0);
+        assert!(from >= saved, "resumed from {from} (Range {range:?}), checkpoint was {saved}");
+        assert!(
+            srv.bytes_sent() <= len - saved + 1024,
+            "re-run fetched {} bytes, but only {} were missing",
+            srv.bytes_sent(),
+            len - saved
+        );
+        dev.assert_bootable();
+    }
+}
+
+fn failed_within(dev: &Device, url: &str, code: &str) {
+    let t = Instant::now();
+    let o = dev.run(&["install", url]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(code), "expected {code}: {}", text(&o));
+    assert!(t.elapsed() < Duration::from_secs(60), "must not hang past its timeouts: {:?}", t.elapsed());
+    assert_eq!(dev.status()["last_upgrade"]["error"]["code"], code);
+    dev.assert_bootable();
+}
+
+#[test]
+fn http_errors_stalls_and_bad_bodies_fail_with_a_code_and_never_hang() {
+    let dev = Device::new(Options::default());
+    let (srv, len) = serve(&dev, "2.0.0");
+    let url = srv.url("/fw.fnb");
+
+    srv.set_fault("/fw.fnb", Fault::Status(404));
+    failed_within(&dev, &url, "download_failed");
+    assert_eq!(srv.requests_for("/fw.fnb").len(), 1, "4xx is not retried");
+
+    srv.reset_counters();
+    srv.set_fault("/fw.fnb", Fault::Status(500));
+    failed_within(&dev, &url, "download_failed");
+    assert_eq!(srv.requests_for("/fw.fnb").len(), 3, "retries = 2 → three attempts");
+
+    srv.set_fault("/fw.fnb", Fault::Stall { after: len / 3 });
+    failed_within(&dev, &url, "download_failed");
+
+    srv.set_fault("/fw.fnb", Fault::Endless);
+    failed_within(&dev, &url, "size_mismatch");
+
+    srv.set_fault("/fw.fnb", Fault::RedirectLoop);
+    failed_within(&dev, &url, "download_failed");
+
+    // The server recovers: the same URL installs.
+    srv.clear_fault("/fw.fnb");
+    let o = dev.run(&["install", &url]);
+    assert!(o.status.success(), "{}", text(&o));
+}
