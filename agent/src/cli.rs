@@ -15,6 +15,29 @@ use std::time::{Duration, Instant};
 
 /// Exit status when reboot mode requested a reboot that did not happen.
 const EXIT_REBOOT_PENDING: u8 = 3;
+/// Exit status when SIGINT/SIGTERM paused a download.
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// Ctrl-C or SIGTERM pause the download (offset saved) instead of killing it mid-write.
+fn pause_on_signal(rt: &tokio::runtime::Runtime, engine: &Engine) {
+    let pause = engine.pause_flag();
+    rt.spawn(async move {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("\ninterrupted: pausing the download");
+        pause.store(true, std::sync::atomic::Ordering::SeqCst);
+        // A stalled connection writes nothing, so the pause may never be seen. Every step is
+        // write-ahead, so leaving now is as safe as pausing: the last checkpoint resumes.
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        eprintln!("still waiting on the network; exiting, the next install resumes from the last checkpoint");
+        std::process::exit(i32::from(EXIT_INTERRUPTED));
+    });
+}
 
 #[derive(Subcommand)]
 pub enum BundleCommand {
@@ -215,6 +238,10 @@ fn outcome(o: Outcome) -> ExitCode {
             ExitCode::SUCCESS
         }
         Outcome::Finished(last) => report(&last),
+        Outcome::Paused => {
+            eprintln!("paused: the download offset is saved; run the same install again to resume");
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
         Outcome::AwaitingReboot { slot } => {
             eprintln!(
                 "reboot requested into slot {slot}, but the system is still up; the trial happens on the next boot"
@@ -230,7 +257,8 @@ pub fn install(
     allow_downgrade: bool,
     upgrade_id: Option<String>,
 ) -> Result<ExitCode> {
-    let (_rt, mut engine) = open_engine(config)?;
+    let (rt, mut engine) = open_engine(config)?;
+    pause_on_signal(&rt, &engine);
     let progress = Progress {
         tty: std::io::stderr().is_terminal(),
         started: Instant::now(),
@@ -249,7 +277,8 @@ pub fn install(
 }
 
 pub fn resume(config: &Path) -> Result<ExitCode> {
-    let (_rt, mut engine) = open_engine(config)?;
+    let (rt, mut engine) = open_engine(config)?;
+    pause_on_signal(&rt, &engine);
     Ok(outcome(engine.resume()?))
 }
 

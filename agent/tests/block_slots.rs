@@ -11,7 +11,9 @@ fn block_device() -> Device {
     for slot in ["a", "b"] {
         std::fs::write(dev.path(&format!("slots/{slot}.img")), vec![0xAAu8; PARTITION]).unwrap();
     }
-    let cfg = std::fs::read_to_string(&dev.config).unwrap().replace("backend = \"file\"", "backend = \"block\"");
+    let cfg = std::fs::read_to_string(&dev.config)
+        .unwrap()
+        .replace("backend = \"file\"", "backend = \"block\"");
     std::fs::write(&dev.config, cfg).unwrap();
     dev
 }
@@ -35,7 +37,11 @@ fn image_larger_than_the_partition_is_no_space_and_nothing_is_written() {
     let o = dev.run(&["install", bundle.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(text(&o).contains("no_space"), "{}", text(&o));
-    assert_eq!(dev.slot_bytes("b"), vec![0xAAu8; PARTITION], "nothing may be written");
+    assert_eq!(
+        dev.slot_bytes("b"),
+        vec![0xAAu8; PARTITION],
+        "nothing may be written"
+    );
     dev.assert_bootable();
 }
 

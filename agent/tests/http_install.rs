@@ -20,13 +20,32 @@ fn serve(dev: &Device, version: &str) -> (BundleServer, u64) {
 fn dropped_connection_is_resumed_with_range_and_commits() {
     let dev = Device::new(Options::default());
     let (srv, len) = serve(&dev, "2.0.0");
-    srv.set_fault("/fw.fnb", Fault::CutAt { offset: len / 2, times: 2 });
+    srv.set_fault(
+        "/fw.fnb",
+        Fault::CutAt {
+            offset: len / 2,
+            times: 2,
+        },
+    );
     let o = dev.run(&["install", &srv.url("/fw.fnb")]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(dev.slot_bytes("b"), image_bytes("2.0.0", IMAGE));
-    let ranges: Vec<_> = srv.requests_for("/fw.fnb").into_iter().filter_map(|r| r.range).collect();
-    assert!(ranges.iter().any(|r| r.starts_with(&format!("bytes={}-", len / 2 + 1))), "{ranges:?}");
-    assert!(srv.bytes_sent() < len * 3 / 2, "sent {} for a {len}-byte bundle", srv.bytes_sent());
+    let ranges: Vec<_> = srv
+        .requests_for("/fw.fnb")
+        .into_iter()
+        .filter_map(|r| r.range)
+        .collect();
+    assert!(
+        ranges
+            .iter()
+            .any(|r| r.starts_with(&format!("bytes={}-", len / 2 + 1))),
+        "{ranges:?}"
+    );
+    assert!(
+        srv.bytes_sent() < len * 3 / 2,
+        "sent {} for a {len}-byte bundle",
+        srv.bytes_sent()
+    );
     dev.assert_bootable();
 }
 
@@ -45,17 +64,31 @@ fn sigkill_mid_download_resumes_without_fetching_the_written_prefix_again() {
         let s = dev.status();
         assert_eq!(s["phase"], "downloading");
         let saved = s["progress"]["bytes"].as_u64().unwrap();
-        assert!(saved > 0 && saved <= kill_at, "checkpoint {saved} must be durable and not ahead of {kill_at}");
+        assert!(
+            saved > 0 && saved <= kill_at,
+            "checkpoint {saved} must be durable and not ahead of {kill_at}"
+        );
         dev.assert_bootable();
 
         srv.reset_counters();
         let o = dev.run(&["install", &url]);
         assert!(o.status.success(), "{}", text(&o));
-        assert_eq!(dev.slot_bytes("b"), image_bytes("2.0.0", IMAGE), "kill at {kill_at}");
+        assert_eq!(
+            dev.slot_bytes("b"),
+            image_bytes("2.0.0", IMAGE),
+            "kill at {kill_at}"
+        );
         let resumed = srv.requests_for("/fw.fnb");
         let range = resumed[0].range.clone().unwrap_or_default();
-        let from: u64 = range.trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap_or(0);
-        assert!(from >= saved, "resumed from {from} (Range {range:?}), checkpoint was {saved}");
+        let from: u64 = range
+            .trim_start_matches("bytes=")
+            .trim_end_matches('-')
+            .parse()
+            .unwrap_or(0);
+        assert!(
+            from >= saved,
+            "resumed from {from} (Range {range:?}), checkpoint was {saved}"
+        );
         assert!(
             srv.bytes_sent() <= len - saved + 1024,
             "re-run fetched {} bytes, but only {} were missing",
@@ -71,7 +104,11 @@ fn failed_within(dev: &Device, url: &str, code: &str) {
     let o = dev.run(&["install", url]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains(code), "expected {code}: {}", text(&o));
-    assert!(t.elapsed() < Duration::from_secs(60), "must not hang past its timeouts: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "must not hang past its timeouts: {:?}",
+        t.elapsed()
+    );
     assert_eq!(dev.status()["last_upgrade"]["error"]["code"], code);
     dev.assert_bootable();
 }
@@ -89,7 +126,11 @@ fn http_errors_stalls_and_bad_bodies_fail_with_a_code_and_never_hang() {
     srv.reset_counters();
     srv.set_fault("/fw.fnb", Fault::Status(500));
     failed_within(&dev, &url, "download_failed");
-    assert_eq!(srv.requests_for("/fw.fnb").len(), 3, "retries = 2 → three attempts");
+    assert_eq!(
+        srv.requests_for("/fw.fnb").len(),
+        3,
+        "retries = 2 → three attempts"
+    );
 
     srv.set_fault("/fw.fnb", Fault::Stall { after: len / 3 });
     failed_within(&dev, &url, "download_failed");
@@ -104,4 +145,34 @@ fn http_errors_stalls_and_bad_bodies_fail_with_a_code_and_never_hang() {
     srv.clear_fault("/fw.fnb");
     let o = dev.run(&["install", &url]);
     assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn sigterm_pauses_the_download_and_the_next_install_resumes_it() {
+    let dev = Device::new(Options::default());
+    let (srv, len) = serve(&dev, "2.0.0");
+    srv.set_fault("/fw.fnb", Fault::Stall { after: len / 2 });
+    let url = srv.url("/fw.fnb");
+    let mut child = dev.cmd(&["install", &url]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "SIGTERM pauses with exit 130");
+    let s = dev.status();
+    assert_eq!(s["phase"], "downloading", "{s:#}");
+    let saved = s["progress"]["bytes"].as_u64().unwrap();
+    assert!(saved > 0, "the offset is saved: {s:#}");
+    assert_eq!(
+        s["slots"]["b"]["state"], "bad",
+        "a half-written slot is never activated"
+    );
+    dev.assert_bootable();
+
+    srv.clear_fault("/fw.fnb");
+    srv.reset_counters();
+    let o = dev.run(&["install", &url]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(srv.bytes_sent() <= len - saved + 1024, "resumed, not restarted");
+    assert_eq!(dev.slot_bytes("b"), image_bytes("2.0.0", IMAGE));
 }

@@ -80,6 +80,8 @@ pub enum Outcome {
         /// The slot that boots next.
         slot: Slot,
     },
+    /// Shutdown paused the download; the next start resumes it from the saved offset.
+    Paused,
 }
 
 /// What to install.
@@ -123,6 +125,7 @@ pub struct Engine {
     fetcher: Fetcher,
     observer: Box<dyn Observer>,
     cancel: Arc<AtomicBool>,
+    pause: Arc<AtomicBool>,
 }
 
 /// Why a step ended the upgrade, or stopped the engine.
@@ -131,6 +134,8 @@ enum Stop {
     Upgrade(ErrorCode, String),
     /// Reboot requested and still up.
     Rebooting(Slot),
+    /// Shutdown asked the download to pause; its offset is saved.
+    Paused,
     /// A local failure: propagate, leave the persisted phase for the next start.
     Engine(EngineError),
 }
@@ -173,6 +178,7 @@ impl Engine {
             fetcher,
             observer: Box::new(Quiet),
             cancel: Arc::new(AtomicBool::new(false)),
+            pause: Arc::new(AtomicBool::new(false)),
         };
         engine.settle_pointer()?;
         Ok(engine)
@@ -186,6 +192,12 @@ impl Engine {
     /// A flag that cancels the download in flight when set.
     pub fn cancel_flag(&self) -> Arc<AtomicBool> {
         self.cancel.clone()
+    }
+
+    /// A flag that pauses the download in flight (for shutdown): the offset is saved and
+    /// [`Outcome::Paused`] returned; nothing is activated.
+    pub fn pause_flag(&self) -> Arc<AtomicBool> {
+        self.pause.clone()
     }
 
     /// The state database, shared with the daemon's other trees.
@@ -297,6 +309,7 @@ impl Engine {
                 Ok(()) => {}
                 Err(Stop::Upgrade(code, message)) => self.end(code, message)?,
                 Err(Stop::Rebooting(slot)) => return Ok(Outcome::AwaitingReboot { slot }),
+                Err(Stop::Paused) => return Ok(Outcome::Paused),
                 Err(Stop::Engine(e)) => return Err(e),
             }
         }
@@ -367,6 +380,7 @@ impl Engine {
                     }
                 )),
                 Err(Stop::Rebooting(s)) => Ok(format!("slot {slot} marked bad; rebooting into slot {s}")),
+                Err(Stop::Paused) => Ok(format!("slot {slot}: paused")),
                 Err(Stop::Upgrade(code, message)) => {
                     self.end(code, message.clone())?;
                     Ok(message)

@@ -1,6 +1,6 @@
 //! The steps of [`Engine::drive`], one per phase.
 
-use super::writer::{Canceled, SlotWriter};
+use super::writer::{Canceled, Paused, SlotWriter};
 use super::{Engine, Stop};
 use crate::activation::{Activation, ActivationError};
 use crate::bundle::{self, BundleError};
@@ -14,6 +14,9 @@ use std::time::Duration;
 /// Maps a bundle/copy error to the upgrade's end, or to an engine failure when our own store broke.
 fn copy_stop(e: BundleError) -> Stop {
     if let Some(inner) = e.io_source().and_then(|io| io.get_ref()) {
+        if inner.is::<Paused>() {
+            return Stop::Paused;
+        }
         if inner.is::<Canceled>() {
             return Stop::Upgrade(
                 ErrorCode::Canceled,
@@ -54,6 +57,12 @@ impl Engine {
                 };
                 policy::check(&m, &device, u.allow_downgrade, time::OffsetDateTime::now_utc())
                     .map_err(|r| Stop::Upgrade(r.code, r.message))?;
+                if self.cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(Stop::Upgrade(
+                        ErrorCode::Canceled,
+                        "canceled before the image was written".into(),
+                    ));
+                }
                 self.slots
                     .check_room(u.target, m.image.size)
                     .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
@@ -104,9 +113,15 @@ impl Engine {
             &mut self.state,
             self.observer.as_mut(),
             &self.cancel,
+            &self.pause,
         );
         writer.checkpoint_bytes = self.cfg.download.checkpoint_bytes.max(4096);
-        bundle::copy_image(&mut reader, &mut writer, &manifest, start, hasher).map_err(copy_stop)?;
+        let copied = bundle::copy_image(&mut reader, &mut writer, &manifest, start, hasher);
+        if copied.is_err() && self.pause.load(std::sync::atomic::Ordering::SeqCst) {
+            // Whatever broke while shutting down is not the bundle's fault: keep the checkpoint.
+            return Err(Stop::Paused);
+        }
+        copied.map_err(copy_stop)?;
         let file = writer.file;
         self.slots
             .finish(target, &file, size)

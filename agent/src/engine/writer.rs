@@ -16,6 +16,11 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 #[error("canceled")]
 pub struct Canceled;
 
+/// The download was paused for shutdown, its offset saved (carried through `io::Error::other`).
+#[derive(Debug, thiserror::Error)]
+#[error("paused for shutdown")]
+pub struct Paused;
+
 /// Writes image bytes into the target slot. Every checkpoint fsyncs the slot **before** recording
 /// the byte count in sled, so a recorded count is never ahead of what is on the medium.
 pub struct SlotWriter<'a> {
@@ -29,6 +34,7 @@ pub struct SlotWriter<'a> {
     state: &'a mut DeviceState,
     observer: &'a mut dyn Observer,
     cancel: &'a AtomicBool,
+    pause: &'a AtomicBool,
 }
 
 impl<'a> SlotWriter<'a> {
@@ -40,6 +46,7 @@ impl<'a> SlotWriter<'a> {
         state: &'a mut DeviceState,
         observer: &'a mut dyn Observer,
         cancel: &'a AtomicBool,
+        pause: &'a AtomicBool,
     ) -> Self {
         Self {
             file,
@@ -52,6 +59,7 @@ impl<'a> SlotWriter<'a> {
             state,
             observer,
             cancel,
+            pause,
         }
     }
 
@@ -69,6 +77,10 @@ impl Write for SlotWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.cancel.load(Ordering::SeqCst) {
             return Err(std::io::Error::other(Canceled));
+        }
+        if self.pause.load(Ordering::SeqCst) {
+            self.checkpoint()?;
+            return Err(std::io::Error::other(Paused));
         }
         let n = self.file.write(buf)?;
         self.written += n as u64;
