@@ -20,7 +20,7 @@ const EXIT_INTERRUPTED: u8 = 130;
 
 /// Ctrl-C or SIGTERM pause the download (offset saved) instead of killing it mid-write.
 fn pause_on_signal(rt: &tokio::runtime::Runtime, engine: &Engine) {
-    let pause = engine.pause_flag();
+    let interrupts = engine.interrupts();
     rt.spawn(async move {
         let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
             return;
@@ -30,7 +30,7 @@ fn pause_on_signal(rt: &tokio::runtime::Runtime, engine: &Engine) {
             _ = term.recv() => {}
         }
         eprintln!("\ninterrupted: pausing the download");
-        pause.store(true, std::sync::atomic::Ordering::SeqCst);
+        interrupts.pause.store(true, std::sync::atomic::Ordering::SeqCst);
         // A stalled connection writes nothing, so the pause may never be seen. Every step is
         // write-ahead, so leaving now is as safe as pausing: the last checkpoint resumes.
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;

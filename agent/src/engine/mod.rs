@@ -14,6 +14,8 @@
 mod steps;
 mod writer;
 
+pub use writer::Interrupts;
+
 use crate::activation::{Activation, ActivationError};
 use crate::bundle::{BundleError, TrustedKeys};
 use crate::config::Config;
@@ -25,7 +27,7 @@ use flightnode_proto::status::{DeviceStatus, LastUpgrade};
 use flightnode_proto::{ErrorCode, Phase, Slot, SlotState};
 use sha2::Digest;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 /// A local failure that stops the engine itself (as opposed to an upgrade that ends badly, which is
 /// an [`Outcome`]). The device stays on whatever the persisted state says.
@@ -124,8 +126,7 @@ pub struct Engine {
     keys: TrustedKeys,
     fetcher: Fetcher,
     observer: Box<dyn Observer>,
-    cancel: Arc<AtomicBool>,
-    pause: Arc<AtomicBool>,
+    interrupts: Arc<Interrupts>,
 }
 
 /// Why a step ended the upgrade, or stopped the engine.
@@ -177,8 +178,7 @@ impl Engine {
             keys,
             fetcher,
             observer: Box::new(Quiet),
-            cancel: Arc::new(AtomicBool::new(false)),
-            pause: Arc::new(AtomicBool::new(false)),
+            interrupts: Arc::new(Interrupts::default()),
         };
         engine.settle_pointer()?;
         Ok(engine)
@@ -189,15 +189,9 @@ impl Engine {
         self.observer = observer;
     }
 
-    /// A flag that cancels the download in flight when set.
-    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
-        self.cancel.clone()
-    }
-
-    /// A flag that pauses the download in flight (for shutdown): the offset is saved and
-    /// [`Outcome::Paused`] returned; nothing is activated.
-    pub fn pause_flag(&self) -> Arc<AtomicBool> {
-        self.pause.clone()
+    /// Flags that cancel or pause the download in flight when set from another thread.
+    pub fn interrupts(&self) -> Arc<Interrupts> {
+        self.interrupts.clone()
     }
 
     /// The state database, shared with the daemon's other trees.
@@ -245,7 +239,7 @@ impl Engine {
                 }
             }
         }
-        self.cancel.store(false, Ordering::SeqCst);
+        self.interrupts.cancel.store(false, Ordering::SeqCst);
         tracing::info!(upgrade_id = %req.id, source = %req.source, "upgrade requested");
         self.state.begin(req.id, req.source, req.allow_downgrade);
         self.save()?;

@@ -57,7 +57,7 @@ impl Engine {
                 };
                 policy::check(&m, &device, u.allow_downgrade, time::OffsetDateTime::now_utc())
                     .map_err(|r| Stop::Upgrade(r.code, r.message))?;
-                if self.cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                if self.interrupts.cancel.load(std::sync::atomic::Ordering::SeqCst) {
                     return Err(Stop::Upgrade(
                         ErrorCode::Canceled,
                         "canceled before the image was written".into(),
@@ -112,12 +112,11 @@ impl Engine {
             &self.store,
             &mut self.state,
             self.observer.as_mut(),
-            &self.cancel,
-            &self.pause,
+            &self.interrupts,
         );
         writer.checkpoint_bytes = self.cfg.download.checkpoint_bytes.max(4096);
         let copied = bundle::copy_image(&mut reader, &mut writer, &manifest, start, hasher);
-        if copied.is_err() && self.pause.load(std::sync::atomic::Ordering::SeqCst) {
+        if copied.is_err() && self.interrupts.pause.load(std::sync::atomic::Ordering::SeqCst) {
             // Whatever broke while shutting down is not the bundle's fault: keep the checkpoint.
             return Err(Stop::Paused);
         }

@@ -33,8 +33,16 @@ pub struct SlotWriter<'a> {
     store: &'a Store,
     state: &'a mut DeviceState,
     observer: &'a mut dyn Observer,
-    cancel: &'a AtomicBool,
-    pause: &'a AtomicBool,
+    interrupts: &'a Interrupts,
+}
+
+/// Flags other threads set to stop a download: cancel ends the upgrade, pause keeps it resumable.
+#[derive(Default)]
+pub struct Interrupts {
+    /// Cancel the upgrade (before the image is written).
+    pub cancel: AtomicBool,
+    /// Pause for shutdown: checkpoint and stop.
+    pub pause: AtomicBool,
 }
 
 impl<'a> SlotWriter<'a> {
@@ -45,8 +53,7 @@ impl<'a> SlotWriter<'a> {
         store: &'a Store,
         state: &'a mut DeviceState,
         observer: &'a mut dyn Observer,
-        cancel: &'a AtomicBool,
-        pause: &'a AtomicBool,
+        interrupts: &'a Interrupts,
     ) -> Self {
         Self {
             file,
@@ -58,8 +65,7 @@ impl<'a> SlotWriter<'a> {
             store,
             state,
             observer,
-            cancel,
-            pause,
+            interrupts,
         }
     }
 
@@ -75,10 +81,10 @@ impl<'a> SlotWriter<'a> {
 
 impl Write for SlotWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.cancel.load(Ordering::SeqCst) {
+        if self.interrupts.cancel.load(Ordering::SeqCst) {
             return Err(std::io::Error::other(Canceled));
         }
-        if self.pause.load(Ordering::SeqCst) {
+        if self.interrupts.pause.load(Ordering::SeqCst) {
             self.checkpoint()?;
             return Err(std::io::Error::other(Paused));
         }
