@@ -4,6 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use flightnode_agent::bundle::{self, CreateOptions, TrustedKeys};
 use flightnode_agent::config::Config;
+use flightnode_agent::daemon::control;
 use flightnode_agent::engine::{Engine, Observer, Outcome, Request, derive_upgrade_id};
 use flightnode_agent::proto::status::{DeviceStatus, LastUpgrade};
 use flightnode_agent::proto::{Slot, UpgradeResult};
@@ -75,19 +76,60 @@ pub enum BundleCommand {
     },
 }
 
-pub fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
+/// Logs to the journal under systemd (structured fields kept), human-readable to stderr otherwise.
+pub fn init_logging(verbose: u8, daemon: bool) {
+    use tracing_subscriber::prelude::*;
+    let default = match (verbose, daemon) {
+        (0, false) => "warn",
+        (0, true) | (1, _) => "info",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
+    let registry = tracing_subscriber::registry().with(filter);
+    match journald {
+        Some(layer) => registry.with(layer).init(),
+        None => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(false),
+            )
+            .init(),
+    }
+}
+
+pub fn run(config: &Path) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("stop requested");
+            stop.cancel();
+        });
+        flightnode_agent::daemon::run(cfg, shutdown).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The running daemon's control socket, if there is one.
+fn daemon(cfg: &Config) -> Option<std::os::unix::net::UnixStream> {
+    control::connect(&cfg.state_dir)
 }
 
 pub fn keygen(out_dir: &Path) -> Result<ExitCode> {
@@ -147,7 +189,10 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
 }
 
 fn open_engine(config: &Path) -> Result<(tokio::runtime::Runtime, Engine)> {
-    let cfg = Config::load(config)?;
+    open_engine_with(Config::load(config)?)
+}
+
+fn open_engine_with(cfg: Config) -> Result<(tokio::runtime::Runtime, Engine)> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -257,16 +302,13 @@ pub fn install(
     allow_downgrade: bool,
     upgrade_id: Option<String>,
 ) -> Result<ExitCode> {
-    let (rt, mut engine) = open_engine(config)?;
+    let cfg = Config::load(config)?;
+    if let Some(stream) = daemon(&cfg) {
+        return install_via_daemon(stream, source, allow_downgrade, upgrade_id);
+    }
+    let (rt, mut engine) = open_engine_with(cfg)?;
     pause_on_signal(&rt, &engine);
-    let progress = Progress {
-        tty: std::io::stderr().is_terminal(),
-        started: Instant::now(),
-        last_draw: None,
-        last_decile: 0,
-        phase: None,
-    };
-    engine.set_observer(Box::new(progress));
+    engine.set_observer(Box::new(new_progress()));
     let id = upgrade_id.unwrap_or_else(|| derive_upgrade_id(&source));
     let o = engine.install(Request {
         id,
@@ -274,6 +316,45 @@ pub fn install(
         allow_downgrade,
     })?;
     Ok(outcome(o))
+}
+
+fn new_progress() -> Progress {
+    Progress {
+        tty: std::io::stderr().is_terminal(),
+        started: Instant::now(),
+        last_draw: None,
+        last_decile: 0,
+        phase: None,
+    }
+}
+
+fn install_via_daemon(
+    stream: std::os::unix::net::UnixStream,
+    source: String,
+    allow_downgrade: bool,
+    upgrade_id: Option<String>,
+) -> Result<ExitCode> {
+    let mut progress = new_progress();
+    let mut code = ExitCode::FAILURE;
+    let req = control::Request::Install {
+        source,
+        allow_downgrade,
+        upgrade_id,
+    };
+    control::call(stream, &req, |r| match r {
+        control::Response::Progress(p) => progress.progress(p.bytes, p.total),
+        control::Response::Done(last) => {
+            if progress.last_draw.is_some() {
+                eprintln!();
+            }
+            code = report(&last);
+        }
+        control::Response::Error { code: c, message } => eprintln!("{c}: {message}"),
+        control::Response::Outcome(o) | control::Response::Message(o) => eprintln!("{o}"),
+        control::Response::Status(_) => {}
+    })
+    .context("talking to the running agent")?;
+    Ok(code)
 }
 
 pub fn resume(config: &Path) -> Result<ExitCode> {
@@ -331,8 +412,27 @@ fn print_status(s: &DeviceStatus) {
 }
 
 pub fn status(config: &Path, json: bool) -> Result<ExitCode> {
-    let (_rt, engine) = open_engine(config)?;
-    let s = engine.status()?;
+    let cfg = Config::load(config)?;
+    let s = match daemon(&cfg) {
+        Some(stream) => {
+            let mut status = None;
+            let mut error = None;
+            control::call(stream, &control::Request::Status, |r| match r {
+                control::Response::Status(s) => status = Some(*s),
+                control::Response::Error { code, message } => error = Some(format!("{code}: {message}")),
+                _ => {}
+            })
+            .context("talking to the running agent")?;
+            match (status, error) {
+                (Some(s), _) => s,
+                (None, e) => bail!("the running agent gave no status: {}", e.unwrap_or_default()),
+            }
+        }
+        None => {
+            let (_rt, engine) = open_engine_with(cfg)?;
+            engine.status()?
+        }
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
@@ -341,17 +441,43 @@ pub fn status(config: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn mark(config: &Path, which: &str, good: bool) -> Result<ExitCode> {
-    let (_rt, mut engine) = open_engine(config)?;
-    let booted = engine.status()?.booted_slot;
-    let slot = match which {
+fn parse_slot(which: &str, booted: Slot) -> Result<Slot> {
+    Ok(match which {
         "booted" => booted,
         "other" => !booted,
         s => match Slot::parse(s) {
             Some(slot) => slot,
             None => bail!("unknown slot {s:?}: use booted, other, a or b"),
         },
-    };
+    })
+}
+
+pub fn mark(config: &Path, which: &str, good: bool) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    if let Some(stream) = daemon(&cfg) {
+        let booted = match daemon(&cfg) {
+            Some(s) => {
+                let mut booted = None;
+                control::call(s, &control::Request::Status, |r| {
+                    if let control::Response::Status(s) = r {
+                        booted = Some(s.booted_slot);
+                    }
+                })?;
+                booted.context("the running agent gave no status")?
+            }
+            None => bail!("the running agent went away"),
+        };
+        let slot = parse_slot(which, booted)?;
+        let mut result = Ok(ExitCode::SUCCESS);
+        control::call(stream, &control::Request::Mark { slot, good }, |r| match r {
+            control::Response::Message(m) => println!("{m}"),
+            control::Response::Error { message, .. } => result = Err(anyhow::anyhow!(message)),
+            _ => {}
+        })?;
+        return result;
+    }
+    let (_rt, mut engine) = open_engine_with(cfg)?;
+    let slot = parse_slot(which, engine.status()?.booted_slot)?;
     println!("{}", engine.mark(slot, good)?);
     Ok(ExitCode::SUCCESS)
 }

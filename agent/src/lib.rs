@@ -13,6 +13,7 @@
 //!   transitions. Transitions change memory only; [`store`] writes them.
 //! - [`store`]: sled persistence of [`state::DeviceState`], flushed before every side effect.
 //! - [`engine`]: the upgrade flow — install, resume after a crash, commit or roll back.
+//! - [`daemon`]: `flightnode-agent run` — the engine thread, command rules, control socket, systemd.
 //! - [`failpoint`]: test-only crash points (debug builds only).
 //! - [`mqtt`]: the MQTT link — commands in, status reports out.
 //! - [`hub_link`]: heartbeats to the hub over gRPC; [`outbox`] keeps events until acknowledged;
@@ -22,6 +23,7 @@ pub mod activation;
 pub mod boot;
 pub mod bundle;
 pub mod config;
+pub mod daemon;
 pub mod download;
 pub mod engine;
 pub mod failpoint;

@@ -64,6 +64,9 @@ enum Command {
         #[arg(default_value = "booted")]
         slot: String,
     },
+    /// Run the agent service: MQTT commands, hub heartbeats, the local control socket, systemd
+    /// notifications. Finishes whatever was in flight first.
+    Run,
     /// Finish whatever was in flight: resume a download, evaluate a trial boot, complete a rollback.
     /// Run it once after every boot (the daemon does this itself).
     Resume,
@@ -71,7 +74,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli::init_logging(cli.verbose);
+    cli::init_logging(cli.verbose, matches!(cli.command, Command::Run));
     let result = match cli.command {
         Command::Keygen { out_dir } => cli::keygen(&out_dir),
         Command::Bundle(cmd) => cli::bundle(cmd),
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         Command::MarkGood { slot } => cli::mark(&cli.config, &slot, true),
         Command::MarkBad { slot } => cli::mark(&cli.config, &slot, false),
         Command::Resume => cli::resume(&cli.config),
+        Command::Run => cli::run(&cli.config),
     };
     match result {
         Ok(code) => code,

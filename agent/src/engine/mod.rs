@@ -127,7 +127,11 @@ pub struct Engine {
     fetcher: Fetcher,
     observer: Box<dyn Observer>,
     interrupts: Arc<Interrupts>,
+    fleet_gate: Option<FleetGate>,
 }
+
+/// Waits up to the given time for the fleet (broker or hub) to be reachable; true when it is.
+pub type FleetGate = Box<dyn Fn(std::time::Duration) -> bool + Send>;
 
 /// Why a step ended the upgrade, or stopped the engine.
 enum Stop {
@@ -179,9 +183,21 @@ impl Engine {
             fetcher,
             observer: Box::new(Quiet),
             interrupts: Arc::new(Interrupts::default()),
+            fleet_gate: None,
         };
         engine.settle_pointer()?;
         Ok(engine)
+    }
+
+    /// Reboot mode: commit a trial only once `gate` says the fleet is reachable again (the daemon
+    /// sets this; without it the health check alone decides).
+    pub fn set_fleet_gate(&mut self, gate: FleetGate) {
+        self.fleet_gate = Some(gate);
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
     }
 
     /// Replaces the observer.

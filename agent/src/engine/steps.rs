@@ -244,6 +244,19 @@ impl Engine {
         ) {
             return self.begin_roll_back(ErrorCode::HealthCheckFailed, e.to_string());
         }
+        if let (Activation::Reboot { .. }, Some(gate)) = (&self.activation, &self.fleet_gate) {
+            let timeout = self.cfg.daemon.fleet_timeout;
+            tracing::info!(slot = %u.target, "healthy; waiting for the fleet before committing");
+            if !gate(timeout) {
+                return self.begin_roll_back(
+                    ErrorCode::HealthCheckFailed,
+                    format!(
+                        "slot {} is healthy but reached neither broker nor hub within {timeout:?}",
+                        u.target
+                    ),
+                );
+            }
+        }
         crate::failpoint::hit("healthy");
         self.commit()
     }

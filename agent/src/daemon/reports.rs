@@ -1,0 +1,133 @@
+//! Status reports for `firmware/<id>/status`: built from the device state, numbered with a
+//! sequence that keeps growing across restarts.
+
+use crate::state::DeviceState;
+use flightnode_proto::mqtt::{Running, StatusError, StatusMessage};
+use flightnode_proto::status::{LastUpgrade, Progress};
+use flightnode_proto::{ErrorCode, Phase};
+
+const SEQ_KEY: &[u8] = b"report_seq";
+/// Sequence numbers reserved per sled write: a restart skips at most this many.
+const SEQ_BLOCK: u64 = 1000;
+
+/// Hands out report sequence numbers: a block is reserved durably, then used from memory.
+pub struct Sequencer {
+    tree: sled::Tree,
+    next: u64,
+    reserved: u64,
+}
+
+impl Sequencer {
+    /// Opens the counter in `db`.
+    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+        let tree = db.open_tree("meta")?;
+        let start = tree
+            .get(SEQ_KEY)?
+            .and_then(|v| v.as_ref().try_into().ok())
+            .map_or(0, u64::from_be_bytes);
+        Ok(Self {
+            tree,
+            next: start,
+            reserved: start,
+        })
+    }
+
+    /// The next sequence number.
+    pub fn next(&mut self) -> u64 {
+        if self.next >= self.reserved {
+            self.reserved = self.next + SEQ_BLOCK;
+            let saved = self
+                .tree
+                .insert(SEQ_KEY, &self.reserved.to_be_bytes())
+                .and_then(|_| self.tree.flush());
+            if let Err(e) = saved {
+                tracing::warn!("cannot persist the report sequence: {e}");
+            }
+        }
+        self.next += 1;
+        self.next
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn running(state: &DeviceState) -> Running {
+    Running {
+        version: state.committed_version.to_string(),
+        slot: state.active,
+    }
+}
+
+/// A report of the upgrade in flight, or of the last one when idle.
+pub fn current(device_id: &str, seq: u64, state: &DeviceState, progress: Option<Progress>) -> StatusMessage {
+    match (&state.upgrade, &state.last) {
+        (Some(u), _) => StatusMessage {
+            device_id: device_id.into(),
+            seq,
+            timestamp: now_ms(),
+            upgrade_id: Some(u.id.clone()),
+            phase: u.phase,
+            progress: progress.or_else(|| {
+                u.manifest.as_ref().map(|m| Progress {
+                    bytes: u.written,
+                    total: m.image.size,
+                })
+            }),
+            result: None,
+            error: u.error.as_ref().map(StatusError::from),
+            running: running(state),
+        },
+        (None, Some(last)) => finished(device_id, seq, state, last),
+        (None, None) => StatusMessage {
+            device_id: device_id.into(),
+            seq,
+            timestamp: now_ms(),
+            upgrade_id: None,
+            phase: Phase::Idle,
+            progress: None,
+            result: None,
+            error: None,
+            running: running(state),
+        },
+    }
+}
+
+/// The final report of an upgrade that ended.
+pub fn finished(device_id: &str, seq: u64, state: &DeviceState, last: &LastUpgrade) -> StatusMessage {
+    StatusMessage {
+        device_id: device_id.into(),
+        seq,
+        timestamp: now_ms(),
+        upgrade_id: Some(last.upgrade_id.clone()),
+        phase: Phase::Idle,
+        progress: None,
+        result: Some(last.result),
+        error: last.error.as_ref().map(StatusError::from),
+        running: running(state),
+    }
+}
+
+/// A refusal of a command that never became an upgrade (`busy`, `malformed`).
+pub fn refused(
+    device_id: &str,
+    seq: u64,
+    state: &DeviceState,
+    upgrade_id: Option<String>,
+    error: StatusError,
+) -> StatusMessage {
+    StatusMessage {
+        device_id: device_id.into(),
+        seq,
+        timestamp: now_ms(),
+        upgrade_id,
+        phase: state.phase(),
+        progress: None,
+        result: (error.code == ErrorCode::Busy.as_str()).then_some(flightnode_proto::UpgradeResult::Rejected),
+        error: Some(error),
+        running: running(state),
+    }
+}

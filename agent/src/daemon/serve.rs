@@ -1,0 +1,413 @@
+//! Wiring: engine thread, MQTT link, hub link, control socket, systemd — and a clean stop.
+
+use super::commands::{Dispatcher, History, Reply};
+use super::control::{self, Request as CtlRequest, Response};
+use super::notify;
+use super::reports::{self, Sequencer};
+use super::worker::{Job, Worker};
+use crate::activation::Activation;
+use crate::config::{Config, FleetGate};
+use crate::engine::{Engine, EngineError, Outcome};
+use crate::hub_link::{self, DeviceInfo, Tls};
+use crate::mqtt::{self, Inbound};
+use crate::outbox::Outbox;
+use crate::state::DeviceState;
+use flightnode_proto::mqtt::{Command, StatusMessage, UpgradeCommand, derive_upgrade_id};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The engine (store, keys, backends).
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A sled tree of the daemon.
+    #[error("state store: {0}")]
+    Store(#[from] sled::Error),
+    /// The control socket.
+    #[error("control socket {path}: {source}")]
+    Socket {
+        /// Socket path.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The engine thread.
+    #[error("cannot start the engine thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// How long a stop waits for the engine to reach a resumable point.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+fn boot_id(cfg: &Config) -> String {
+    let path = cfg
+        .boot
+        .as_ref()
+        .map_or(Path::new("/proc/sys/kernel/random/boot_id"), |b| {
+            b.boot_id.as_path()
+        });
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The fleet gate for reboot-mode commits, from the links' `connected` flags.
+fn fleet_gate(
+    kind: FleetGate,
+    mqtt: Option<watch::Receiver<bool>>,
+    hub: Option<watch::Receiver<bool>>,
+) -> Option<crate::engine::FleetGate> {
+    let links: Vec<_> = match kind {
+        FleetGate::None => vec![],
+        FleetGate::Any => mqtt.into_iter().chain(hub).collect(),
+        FleetGate::Broker => mqtt.into_iter().collect(),
+        FleetGate::Hub => hub.into_iter().collect(),
+    };
+    if links.is_empty() {
+        return None;
+    }
+    Some(Box::new(move |timeout: Duration| {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if links.iter().any(|l| *l.borrow()) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }))
+}
+
+struct Shared {
+    cfg: Config,
+    worker: Worker,
+    dispatcher: Mutex<Dispatcher>,
+    activation: Activation,
+}
+
+impl Shared {
+    fn status(&self) -> flightnode_proto::status::DeviceStatus {
+        let state = self.worker.state.borrow().clone();
+        let booted = self.activation.booted(state.active).unwrap_or(state.active);
+        let mut status = state.report(&self.cfg.device_id, booted);
+        if let (Some(p), Some(_)) = (*self.worker.progress.borrow(), &status.upgrade) {
+            status.progress = Some(p);
+        }
+        status
+    }
+
+    fn dispatch(&self, command: Command, want_reply: bool) -> Reply {
+        match self.dispatcher.lock() {
+            Ok(mut d) => d.handle(&self.worker, command, want_reply),
+            Err(_) => Reply::Nothing,
+        }
+    }
+
+    fn report(
+        &self,
+        f: impl FnOnce(&mut Dispatcher, &DeviceState) -> StatusMessage,
+    ) -> Option<StatusMessage> {
+        let state = self.worker.state.borrow().clone();
+        self.dispatcher.lock().ok().map(|mut d| f(&mut d, &state))
+    }
+}
+
+/// Runs the daemon until `shutdown` fires (SIGTERM/SIGINT in `main`).
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let mut engine = Engine::open(cfg.clone(), tokio::runtime::Handle::current())?;
+    let db = engine.db();
+    let (mqtt_up_tx, mqtt_up) = watch::channel(false);
+    let (hub_up_tx, hub_up) = watch::channel(false);
+    let gate = fleet_gate(
+        cfg.daemon.commit_requires,
+        cfg.mqtt.as_ref().map(|_| mqtt_up.clone()),
+        cfg.hub.as_ref().map(|_| hub_up.clone()),
+    );
+    if let Some(gate) = gate {
+        engine.set_fleet_gate(gate);
+    }
+    let outbox = match &cfg.hub {
+        Some(h) => Some(
+            Outbox::open(&db, h.outbox_cap)
+                .map_err(|e| DaemonError::Store(sled::Error::Unsupported(e.to_string())))?,
+        ),
+        None => None,
+    };
+    let (transitions_tx, mut transitions) = mpsc::unbounded_channel();
+    let worker = Worker::start(engine, outbox.clone(), transitions_tx).map_err(DaemonError::Thread)?;
+    worker.submit(Job::Resume);
+    let activation = Activation::open(&cfg).map_err(EngineError::from)?;
+    let dispatcher = Dispatcher {
+        device_id: cfg.device_id.clone(),
+        history: History::open(&db)?,
+        seq: Sequencer::open(&db)?,
+    };
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        worker,
+        dispatcher: Mutex::new(dispatcher),
+        activation,
+    });
+    let links = shutdown.child_token();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let (out_tx, out_rx) = mpsc::channel::<StatusMessage>(256);
+    let (in_tx, mut inbound) = mpsc::channel::<Inbound>(64);
+    if let Some(m) = cfg.mqtt.clone() {
+        let (device, token) = (cfg.device_id.clone(), links.clone());
+        tasks.spawn(async move {
+            if let Err(e) = mqtt::run(m, device, in_tx, out_rx, mqtt_up_tx, token).await {
+                tracing::error!("MQTT link stopped: {e}");
+            }
+        });
+    } else {
+        drop((in_tx, out_rx));
+    }
+    if let (Some(h), Some(outbox)) = (cfg.hub.clone(), outbox) {
+        let (ca, cert, key) = cfg.hub_tls();
+        let info = DeviceInfo {
+            device_id: cfg.device_id.clone(),
+            hardware: cfg.hardware.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            boot_id: boot_id(&cfg),
+            state_dir: cfg.state_dir.clone(),
+        };
+        let (state, progress, token) = (
+            shared.worker.state.clone(),
+            shared.worker.progress.clone(),
+            links.clone(),
+        );
+        tasks.spawn(async move {
+            if let Err(e) = hub_link::run(
+                h,
+                Tls { ca, cert, key },
+                info,
+                state,
+                progress,
+                outbox,
+                hub_up_tx,
+                token,
+            )
+            .await
+            {
+                tracing::error!("hub link stopped: {e}");
+            }
+        });
+    }
+    let socket = control::socket_path(&cfg.state_dir);
+    let listener = bind_control(&socket)?;
+    tasks.spawn(serve_control(listener, shared.clone(), links.clone()));
+
+    let phase = shared.worker.state.borrow().phase();
+    notify::ready(&format!("phase: {phase}"));
+    tracing::info!(device_id = %cfg.device_id, mqtt = cfg.mqtt.is_some(), hub = cfg.hub.is_some(), "flightnode-agent running");
+
+    let publish = |msg: Option<StatusMessage>| {
+        if let Some(msg) = msg
+            && cfg.mqtt.is_some()
+            && out_tx.try_send(msg).is_err()
+        {
+            tracing::warn!("MQTT report queue full; dropping a report");
+        }
+    };
+    let mut progress_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut watchdog = tokio::time::interval(notify::watchdog_period().unwrap_or(Duration::from_secs(3600)));
+    let mut last_progress = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(msg) = inbound.recv() => match msg {
+                Inbound::Command(c) => match shared.dispatch(c, false) {
+                    Reply::Report(r) => publish(Some(r)),
+                    Reply::Started(_) | Reply::Nothing => {}
+                },
+                Inbound::Malformed(reason) => publish(shared.report(|d, _| d.malformed(&shared.worker, reason))),
+            },
+            Some(state) = transitions.recv() => {
+                notify::status(&format!("phase: {}", state.phase()));
+                if state.upgrade.is_none()
+                    && let Some(last) = &state.last
+                    && let Ok(d) = shared.dispatcher.lock()
+                {
+                    d.history.record(last);
+                }
+                last_progress = None;
+                publish(shared.report(|d, _| reports::current(&d.device_id, d.seq.next(), &state, None)));
+            }
+            _ = progress_tick.tick() => {
+                let p = *shared.worker.progress.borrow();
+                if p.is_some() && p != last_progress {
+                    last_progress = p;
+                    publish(shared.report(|d, s| reports::current(&d.device_id, d.seq.next(), s, p)));
+                }
+            }
+            _ = watchdog.tick() => notify::watchdog(),
+        }
+    }
+    notify::stopping();
+    tracing::info!("stopping: pausing any download, letting links finish");
+    links.cancel();
+    let _ = std::fs::remove_file(&socket);
+    let stopping = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || stopping.worker.shutdown(STOP_GRACE)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    Ok(())
+}
+
+fn bind_control(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
+    let err = |source| DaemonError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if control::connect(path.parent().unwrap_or(Path::new("."))).is_some() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another flightnode-agent is running",
+        )));
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+async fn serve_control(listener: tokio::net::UnixListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let conn = tokio::select! {
+            () = stop.cancelled() => return,
+            c = listener.accept() => c,
+        };
+        match conn {
+            Ok((stream, _)) => {
+                tokio::spawn(handle_control(stream, shared.clone()));
+            }
+            Err(e) => {
+                tracing::warn!("control socket accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, r: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await
+}
+
+async fn handle_control(stream: tokio::net::UnixStream, shared: Arc<Shared>) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(r.take(control::MAX_REQUEST_BYTES as u64));
+    reader.read_line(&mut line).await?;
+    let req: CtlRequest = match serde_json::from_str(&line) {
+        Ok(req) => req,
+        Err(e) => {
+            let error = Response::Error {
+                code: "malformed".into(),
+                message: format!("bad request: {e}"),
+            };
+            return send(&mut w, &error).await;
+        }
+    };
+    match req {
+        CtlRequest::Status => send(&mut w, &Response::Status(Box::new(shared.status()))).await,
+        CtlRequest::Install {
+            source,
+            allow_downgrade,
+            upgrade_id,
+        } => {
+            let id = upgrade_id.unwrap_or_else(|| derive_upgrade_id(&source));
+            let cmd = Command::Upgrade(UpgradeCommand {
+                upgrade_id: id,
+                url: source,
+                version: None,
+                allow_downgrade,
+            });
+            match shared.dispatch(cmd, true) {
+                Reply::Started(Some(mut done)) => {
+                    let mut progress = shared.worker.progress.clone();
+                    loop {
+                        tokio::select! {
+                            outcome = &mut done => {
+                                let resp = match outcome {
+                                    Ok(Ok(Outcome::Finished(last))) => Response::Done(last),
+                                    Ok(Ok(other)) => Response::Outcome(format!("{other:?}")),
+                                    Ok(Err(e)) => Response::Error { code: "internal".into(), message: e },
+                                    Err(_) => Response::Error { code: "internal".into(), message: "the engine stopped".into() },
+                                };
+                                return send(&mut w, &resp).await;
+                            }
+                            Ok(()) = progress.changed() => {
+                                let p = *progress.borrow_and_update();
+                                if let Some(p) = p {
+                                    send(&mut w, &Response::Progress(p)).await?;
+                                }
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                        }
+                    }
+                }
+                Reply::Report(report) => {
+                    let resp = match report.error {
+                        Some(e) => Response::Error {
+                            code: e.code,
+                            message: e.message,
+                        },
+                        None => Response::Outcome(format!(
+                            "upgrade {} is {}",
+                            report.upgrade_id.unwrap_or_default(),
+                            report.phase
+                        )),
+                    };
+                    send(&mut w, &resp).await
+                }
+                Reply::Started(None) | Reply::Nothing => {
+                    send(
+                        &mut w,
+                        &Response::Error {
+                            code: "internal".into(),
+                            message: "the engine is not running".into(),
+                        },
+                    )
+                    .await
+                }
+            }
+        }
+        CtlRequest::Mark { slot, good } => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            shared.worker.submit(Job::Mark {
+                slot,
+                good,
+                reply: tx,
+            });
+            let resp = match rx.await {
+                Ok(Ok(message)) => Response::Message(message),
+                Ok(Err(message)) => Response::Error {
+                    code: "refused".into(),
+                    message,
+                },
+                Err(_) => Response::Error {
+                    code: "internal".into(),
+                    message: "the engine stopped".into(),
+                },
+            };
+            send(&mut w, &resp).await
+        }
+    }
+}

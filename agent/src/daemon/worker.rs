@@ -1,0 +1,218 @@
+//! The engine thread: the upgrade engine is synchronous, so it runs on its own thread and takes
+//! jobs from a queue, publishing every saved transition and every progress step to the async side.
+
+use crate::engine::{Engine, Interrupts, Observer, Outcome, Request};
+use crate::outbox::{Event, Outbox};
+use crate::state::DeviceState;
+use flightnode_proto::status::Progress;
+use flightnode_proto::{Phase, Slot};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Work for the engine thread.
+pub enum Job {
+    /// Finish whatever was in flight (first job after start).
+    Resume,
+    /// Install; the reply gets the outcome (or the engine error) when it ends.
+    Install {
+        req: Request,
+        reply: Option<oneshot::Sender<Result<Outcome, String>>>,
+    },
+    /// mark-good / mark-bad.
+    Mark {
+        slot: Slot,
+        good: bool,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
+/// Handle on the engine thread.
+pub struct Worker {
+    jobs: std::sync::mpsc::Sender<Job>,
+    pending: Arc<AtomicUsize>,
+    /// Latest saved state.
+    pub state: watch::Receiver<DeviceState>,
+    /// Latest download progress.
+    pub progress: watch::Receiver<Option<Progress>>,
+    /// Cancel / pause the download in flight.
+    pub interrupts: Arc<Interrupts>,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+/// Forwards the engine's notifications: every transition (never coalesced, so no phase is lost)
+/// to `transitions` and the outbox, the latest state and progress to watches.
+struct Relay {
+    state: watch::Sender<DeviceState>,
+    progress: watch::Sender<Option<Progress>>,
+    transitions: mpsc::UnboundedSender<DeviceState>,
+    outbox: Option<Outbox>,
+    last: (Option<String>, Phase, Option<String>),
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The event a transition produces, if it is one (a phase entered or an upgrade ended).
+pub fn transition_event(
+    state: &DeviceState,
+    last: &mut (Option<String>, Phase, Option<String>),
+) -> Option<Event> {
+    let key = (
+        state.upgrade.as_ref().map(|u| u.id.clone()),
+        state.phase(),
+        state
+            .last
+            .as_ref()
+            .map(|l| format!("{}:{}", l.upgrade_id, l.finished)),
+    );
+    if key == *last {
+        return None;
+    }
+    let ended = key.2 != last.2 && state.upgrade.is_none();
+    *last = key;
+    let event = match (&state.upgrade, &state.last) {
+        (Some(u), _) => Event {
+            seq: state.seq,
+            time_unix_ms: now_ms(),
+            upgrade_id: u.id.clone(),
+            phase: u.phase.as_str().into(),
+            result: String::new(),
+            error_code: u
+                .error
+                .as_ref()
+                .map(|e| e.code.as_str().to_owned())
+                .unwrap_or_default(),
+            message: u.error.as_ref().map(|e| e.message.clone()).unwrap_or_default(),
+        },
+        (None, Some(l)) if ended => Event {
+            seq: state.seq,
+            time_unix_ms: now_ms(),
+            upgrade_id: l.upgrade_id.clone(),
+            phase: Phase::Idle.as_str().into(),
+            result: l.result.as_str().into(),
+            error_code: l
+                .error
+                .as_ref()
+                .map(|e| e.code.as_str().to_owned())
+                .unwrap_or_default(),
+            message: l.error.as_ref().map(|e| e.message.clone()).unwrap_or_default(),
+        },
+        _ => return None,
+    };
+    Some(event)
+}
+
+impl Observer for Relay {
+    fn changed(&mut self, state: &DeviceState) {
+        if let Some(event) = transition_event(state, &mut self.last) {
+            if let Some(outbox) = &self.outbox
+                && let Err(e) = outbox.push(&event)
+            {
+                tracing::error!(upgrade_id = %event.upgrade_id, "cannot record event for the hub: {e}");
+            }
+            let _ = self.transitions.send(state.clone());
+        }
+        if state.upgrade.is_none() {
+            self.progress.send_replace(None);
+        }
+        self.state.send_replace(state.clone());
+    }
+
+    fn progress(&mut self, bytes: u64, total: u64) {
+        self.progress.send_replace(Some(Progress { bytes, total }));
+    }
+}
+
+impl Worker {
+    /// Starts the engine thread. `transitions` gets every saved phase change.
+    pub fn start(
+        mut engine: Engine,
+        outbox: Option<Outbox>,
+        transitions: mpsc::UnboundedSender<DeviceState>,
+    ) -> std::io::Result<Self> {
+        let initial = engine.state().clone();
+        let (state_tx, state) = watch::channel(initial.clone());
+        let (progress_tx, progress) = watch::channel(None);
+        let mut last = (None, Phase::Idle, None);
+        transition_event(&initial, &mut last);
+        engine.set_observer(Box::new(Relay {
+            state: state_tx.clone(),
+            progress: progress_tx,
+            transitions,
+            outbox,
+            last,
+        }));
+        let interrupts = engine.interrupts();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let thread_pending = pending.clone();
+        let thread = std::thread::Builder::new()
+            .name("flightnode-engine".into())
+            .spawn(move || {
+                for job in rx {
+                    run_job(&mut engine, job);
+                    state_tx.send_replace(engine.state().clone());
+                    thread_pending.fetch_sub(1, Ordering::SeqCst);
+                }
+            })?;
+        Ok(Self {
+            jobs,
+            pending,
+            state,
+            progress,
+            interrupts,
+            _thread: thread,
+        })
+    }
+
+    /// Queues a job. Marks the worker busy at once, so two commands cannot both pass the busy check.
+    pub fn submit(&self, job: Job) -> bool {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let sent = self.jobs.send(job).is_ok();
+        if !sent {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+        sent
+    }
+
+    /// Whether a job is queued or running.
+    pub fn is_busy(&self) -> bool {
+        self.pending.load(Ordering::SeqCst) > 0
+    }
+
+    /// Pauses any download and waits up to `grace` for the engine to reach a resumable point.
+    /// Every step is write-ahead, so exiting after the grace period is as safe as a crash.
+    pub fn shutdown(&self, grace: std::time::Duration) {
+        self.interrupts.pause.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + grace;
+        while self.is_busy() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+fn run_job(engine: &mut Engine, job: Job) {
+    match job {
+        Job::Resume => match engine.resume() {
+            Ok(outcome) => tracing::info!(?outcome, "start-up recovery done"),
+            Err(e) => tracing::error!("start-up recovery failed: {e}"),
+        },
+        Job::Install { req, reply } => {
+            let id = req.id.clone();
+            let result = engine.install(req).map_err(|e| format!("{}: {e}", e.code()));
+            if let Err(e) = &result {
+                tracing::error!(upgrade_id = %id, "install failed: {e}");
+            }
+            if let Some(reply) = reply {
+                let _ = reply.send(result);
+            }
+        }
+        Job::Mark { slot, good, reply } => {
+            let _ = reply.send(engine.mark(slot, good).map_err(|e| e.to_string()));
+        }
+    }
+}
