@@ -92,7 +92,7 @@ impl Dispatcher {
         worker: &Worker,
         upgrade_id: &str,
     ) -> Option<StatusMessage> {
-        let seq = self.seq.next();
+        let seq = self.seq.take();
         if state.upgrade.as_ref().is_some_and(|u| u.id == upgrade_id) {
             return Some(reports::current(
                 &self.device_id,
@@ -115,7 +115,7 @@ impl Dispatcher {
         let state = worker.state.borrow().clone();
         reports::refused(
             &self.device_id,
-            self.seq.next(),
+            self.seq.take(),
             &state,
             None,
             StatusError::malformed(reason),
@@ -140,7 +140,7 @@ impl Dispatcher {
                 tracing::warn!(upgrade_id = %id, "refused: busy");
                 let report = reports::refused(
                     &self.device_id,
-                    self.seq.next(),
+                    self.seq.take(),
                     &state,
                     Some(id),
                     StatusError::code(ErrorCode::Busy, message),

@@ -33,7 +33,7 @@ impl Sequencer {
     }
 
     /// The next sequence number.
-    pub fn next(&mut self) -> u64 {
+    pub fn take(&mut self) -> u64 {
         if self.next >= self.reserved {
             self.reserved = self.next + SEQ_BLOCK;
             let saved = self

@@ -240,13 +240,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                     d.history.record(last);
                 }
                 last_progress = None;
-                publish(shared.report(|d, _| reports::current(&d.device_id, d.seq.next(), &state, None)));
+                publish(shared.report(|d, _| reports::current(&d.device_id, d.seq.take(), &state, None)));
             }
             _ = progress_tick.tick() => {
                 let p = *shared.worker.progress.borrow();
                 if p.is_some() && p != last_progress {
                     last_progress = p;
-                    publish(shared.report(|d, s| reports::current(&d.device_id, d.seq.next(), s, p)));
+                    publish(shared.report(|d, s| reports::current(&d.device_id, d.seq.take(), s, p)));
                 }
             }
             _ = watchdog.tick() => notify::watchdog(),
@@ -364,16 +364,23 @@ async fn handle_control(stream: tokio::net::UnixStream, shared: Arc<Shared>) -> 
                     }
                 }
                 Reply::Report(report) => {
-                    let resp = match report.error {
-                        Some(e) => Response::Error {
+                    let id = report.upgrade_id.clone().unwrap_or_default();
+                    let ended = shared
+                        .worker
+                        .state
+                        .borrow()
+                        .last
+                        .clone()
+                        .filter(|l| l.upgrade_id == id);
+                    let ended =
+                        ended.or_else(|| shared.dispatcher.lock().ok().and_then(|d| d.history.get(&id)));
+                    let resp = match (ended, report.error) {
+                        (Some(last), _) => Response::Done(last),
+                        (None, Some(e)) => Response::Error {
                             code: e.code,
                             message: e.message,
                         },
-                        None => Response::Outcome(format!(
-                            "upgrade {} is {}",
-                            report.upgrade_id.unwrap_or_default(),
-                            report.phase
-                        )),
+                        (None, None) => Response::Outcome(format!("upgrade {id} is {}", report.phase)),
                     };
                     send(&mut w, &resp).await
                 }
