@@ -1,7 +1,9 @@
 //! flightnode fleet harness: real processes on loopback for end-to-end tests, demo and benchmarks.
 //!
+//! - [`agent`]: locating and running the real binaries.
 //! - [`boot_sim`]: power-on simulator for reboot mode (U-Boot, GRUB, example script backend).
 //! - [`http_server`]: a bundle HTTP server that honours `Range` and injects faults.
 
+pub mod agent;
 pub mod boot_sim;
 pub mod http_server;
