@@ -243,6 +243,22 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// `Unavailable: tcp connect error: Connection refused (os error 111)`.
+fn status_text(status: &tonic::Status) -> String {
+    let mut s = format!("{:?}", status.code());
+    let mut seen = Vec::new();
+    for part in std::iter::once(status.message().to_owned()).chain(
+        std::iter::successors(std::error::Error::source(status), |e| e.source()).map(ToString::to_string),
+    ) {
+        if !part.is_empty() && !seen.iter().any(|p: &String| p.contains(&part)) {
+            s.push_str(": ");
+            s.push_str(&part);
+            seen.push(part);
+        }
+    }
+    s
+}
+
 /// `d` scaled by a random factor in `[lo, hi]`.
 fn jitter(d: Duration, lo: f64, hi: f64) -> Duration {
     d.mul_f64(rand::random_range(lo..=hi))
@@ -410,7 +426,7 @@ pub async fn run(
                     () = shutdown.cancelled() => break,
                     r = call => match r {
                         Ok(Ok(resp)) => Ok(resp.into_inner()),
-                        Ok(Err(status)) => Err(format!("{}: {}", status.code(), error_chain(&status))),
+                        Ok(Err(status)) => Err(status_text(&status)),
                         Err(_) => Err(format!("no answer within {:?}", cfg.timeout)),
                     },
                 };
