@@ -1,34 +1,363 @@
-//! The event outbox (to be implemented): phase transitions kept in sled until the hub acknowledges them.
-#![allow(unused_variables, missing_docs)]
+//! The event outbox: phase transitions kept in sled until the hub acknowledges them.
+//!
+//! Events live in the `outbox` tree keyed by their big-endian `seq`, so iteration is oldest first.
+//! [`Outbox::push`] flushes before it returns: an event is durable before the side effect it
+//! announces. The outbox is bounded by `cap`: beyond it the oldest events are dropped, counted in
+//! [`Outbox::dropped`] and logged — it is bounded and says so.
+//!
+//! The hub answers every heartbeat with the highest `seq` it has durably recorded;
+//! [`Outbox::ack`] removes everything up to it.
+//!
+//! The outbox also hands out heartbeat sequence numbers ([`Outbox::next_heartbeat_seq`]): a run
+//! counter persisted in the `outbox_meta` tree (bumped once per [`Outbox::open`]) in the high 32
+//! bits and an in-memory counter in the low 32 bits, so they grow monotonically per state dir
+//! without a write per heartbeat.
 
+use crate::state::DeviceState;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const TREE: &str = "outbox";
+const META_TREE: &str = "outbox_meta";
+const RUN_KEY: &[u8] = b"run";
 
 /// One phase transition, as sent in `HeartbeatRequest.events`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
+    /// Agent event sequence ([`DeviceState::seq`] after the transition); monotonic.
     pub seq: u64,
+    /// When it happened, Unix milliseconds.
     pub time_unix_ms: i64,
+    /// Upgrade id.
     pub upgrade_id: String,
+    /// Phase entered (contract string); `idle` when the upgrade ended.
     pub phase: String,
+    /// Result (contract string) when the upgrade ended, else empty.
     pub result: String,
+    /// Error code (contract string), else empty.
     pub error_code: String,
+    /// Human sentence: the error message, else empty.
     pub message: String,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum OutboxError {
-    #[error("outbox: {0}")]
-    Sled(#[from] sled::Error),
+impl Event {
+    /// The event for the transition that produced `state`, stamped now: `seq` is `state.seq`, the
+    /// phase is `state.phase()`; when idle, upgrade id, result and error come from `state.last`.
+    pub fn from_state(state: &DeviceState) -> Self {
+        let time_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let mut event = Event {
+            seq: state.seq,
+            time_unix_ms,
+            upgrade_id: String::new(),
+            phase: state.phase().as_str().to_owned(),
+            result: String::new(),
+            error_code: String::new(),
+            message: String::new(),
+        };
+        if let Some(u) = &state.upgrade {
+            event.upgrade_id = u.id.clone();
+            if let Some(e) = &u.error {
+                event.error_code = e.code.as_str().to_owned();
+                event.message = e.message.clone();
+            }
+        } else if let Some(last) = &state.last {
+            event.upgrade_id = last.upgrade_id.clone();
+            event.result = last.result.as_str().to_owned();
+            if let Some(e) = &last.error {
+                event.error_code = e.code.as_str().to_owned();
+                event.message = e.message.clone();
+            }
+        }
+        event
+    }
 }
 
+/// Outbox failures.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// sled failed.
+    #[error("outbox: {0}")]
+    Sled(#[from] sled::Error),
+    /// An event could not be encoded.
+    #[error("outbox: encoding event {seq}: {source}")]
+    Encode {
+        /// The event's seq.
+        seq: u64,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
+/// Unacknowledged events, oldest first. Cheap to clone: clones share the tree and counters.
 #[derive(Clone)]
-pub struct Outbox;
+pub struct Outbox {
+    tree: sled::Tree,
+    cap: usize,
+    dropped: Arc<AtomicU64>,
+    heartbeat: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("cap", &self.cap)
+            .field("dropped", &self.dropped())
+            .finish_non_exhaustive()
+    }
+}
 
 impl Outbox {
+    /// Opens the outbox in `db`, keeping at most `cap` events (at least one). Bumps and flushes
+    /// the persisted run counter used by [`Outbox::next_heartbeat_seq`].
     pub fn open(db: &sled::Db, cap: usize) -> Result<Self, OutboxError> {
-        todo!()
+        let tree = db.open_tree(TREE)?;
+        let meta = db.open_tree(META_TREE)?;
+        let run = meta
+            .update_and_fetch(RUN_KEY, |old| {
+                let prev = old.and_then(decode_u64).unwrap_or(0);
+                Some(prev.wrapping_add(1).to_be_bytes().to_vec())
+            })?
+            .as_deref()
+            .and_then(decode_u64)
+            .unwrap_or(1);
+        meta.flush()?;
+        let outbox = Self {
+            tree,
+            cap: cap.max(1),
+            dropped: Arc::new(AtomicU64::new(0)),
+            heartbeat: Arc::new(AtomicU64::new((run & 0xffff_ffff) << 32)),
+        };
+        // A smaller cap than in the last run applies at once.
+        outbox.enforce_cap()?;
+        Ok(outbox)
     }
+
+    /// Stores `event` and flushes: when this returns, the event survives a crash. Beyond the cap
+    /// the oldest events are dropped (counted and logged). An event with the seq of a stored one
+    /// replaces it.
     pub fn push(&self, event: &Event) -> Result<(), OutboxError> {
-        todo!()
+        let value = serde_json::to_vec(event).map_err(|source| OutboxError::Encode {
+            seq: event.seq,
+            source,
+        })?;
+        self.tree.insert(event.seq.to_be_bytes(), value)?;
+        self.enforce_cap()?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    fn enforce_cap(&self) -> Result<(), OutboxError> {
+        let len = self.tree.len();
+        if len <= self.cap {
+            return Ok(());
+        }
+        let excess = len - self.cap;
+        let mut dropped = 0u64;
+        let mut first = None;
+        let mut last = None;
+        for _ in 0..excess {
+            match self.tree.pop_min()? {
+                Some((k, _)) => {
+                    let seq = decode_u64(&k);
+                    first = first.or(seq);
+                    last = seq;
+                    dropped += 1;
+                }
+                None => break,
+            }
+        }
+        if dropped > 0 {
+            self.tree.flush()?;
+            let total = self.dropped.fetch_add(dropped, Ordering::Relaxed) + dropped;
+            tracing::warn!(
+                dropped,
+                first_seq = first.unwrap_or(0),
+                last_seq = last.unwrap_or(0),
+                total_dropped = total,
+                cap = self.cap,
+                "outbox full: dropped the {dropped} oldest unacknowledged event(s); the hub will not see them"
+            );
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` events, oldest first. Entries that do not decode are skipped (and logged);
+    /// they go with the next acknowledgement beyond them.
+    pub fn pending(&self, limit: usize) -> Result<Vec<Event>, OutboxError> {
+        let mut out = Vec::with_capacity(limit.min(128));
+        for item in self.tree.iter() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            match serde_json::from_slice::<Event>(&v) {
+                Ok(e) => out.push(e),
+                Err(e) => tracing::warn!(
+                    key = ?decode_u64(&k),
+                    error = %e,
+                    "outbox: skipping an event that does not decode"
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes every event with `seq <= upto_seq` and flushes. Returns how many were removed.
+    pub fn ack(&self, upto_seq: u64) -> Result<usize, OutboxError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in self.tree.range(..=upto_seq.to_be_bytes()) {
+            let (k, _) = item?;
+            batch.remove(k);
+            n += 1;
+        }
+        if n > 0 {
+            self.tree.apply_batch(batch)?;
+            self.tree.flush()?;
+        }
+        Ok(n)
+    }
+
+    /// Number of events waiting for acknowledgement.
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    /// Whether no event is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    /// Seq of the newest waiting event.
+    pub fn last_seq(&self) -> Result<Option<u64>, OutboxError> {
+        Ok(self.tree.last()?.and_then(|(k, _)| decode_u64(&k)))
+    }
+
+    /// Events dropped because the outbox was full, since this outbox was opened.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The next heartbeat sequence number: monotonic per state dir (see the module docs).
+    pub fn next_heartbeat_seq(&self) -> u64 {
+        self.heartbeat.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+fn decode_u64(b: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(b).ok().map(u64::from_be_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64) -> Event {
+        Event {
+            seq,
+            time_unix_ms: 1_700_000_000_000 + seq as i64,
+            upgrade_id: "up-1".into(),
+            phase: "downloading".into(),
+            result: String::new(),
+            error_code: String::new(),
+            message: String::new(),
+        }
+    }
+
+    fn db() -> (tempfile::TempDir, sled::Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        (dir, db)
+    }
+
+    fn seqs(o: &Outbox, limit: usize) -> Vec<u64> {
+        o.pending(limit).unwrap().iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn ordered_by_seq_across_byte_boundaries() {
+        let (_d, db) = db();
+        let o = Outbox::open(&db, 100).unwrap();
+        for s in [300u64, 2, 256, 1, 255] {
+            o.push(&event(s)).unwrap();
+        }
+        assert_eq!(seqs(&o, 10), vec![1, 2, 255, 256, 300]);
+        assert_eq!(seqs(&o, 2), vec![1, 2]);
+        assert_eq!(o.len(), 5);
+        assert_eq!(o.last_seq().unwrap(), Some(300));
+        assert_eq!(o.pending(10).unwrap()[0], event(1));
+    }
+
+    #[test]
+    fn ack_removes_up_to_seq() {
+        let (_d, db) = db();
+        let o = Outbox::open(&db, 100).unwrap();
+        for s in 1..=5 {
+            o.push(&event(s)).unwrap();
+        }
+        assert_eq!(o.ack(0).unwrap(), 0);
+        assert_eq!(o.ack(3).unwrap(), 3);
+        assert_eq!(seqs(&o, 10), vec![4, 5]);
+        assert_eq!(o.ack(3).unwrap(), 0);
+        assert_eq!(o.ack(u64::MAX).unwrap(), 2);
+        assert!(o.is_empty());
+        assert_eq!(o.last_seq().unwrap(), None);
+    }
+
+    #[test]
+    fn cap_drops_oldest_and_counts() {
+        let (_d, db) = db();
+        let o = Outbox::open(&db, 3).unwrap();
+        let clone = o.clone();
+        for s in 1..=5 {
+            clone.push(&event(s)).unwrap();
+        }
+        assert_eq!(seqs(&o, 10), vec![3, 4, 5]);
+        assert_eq!(o.dropped(), 2);
+        assert_eq!(clone.dropped(), 2);
+    }
+
+    #[test]
+    fn survives_reopen_and_heartbeat_seq_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let first;
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            let o = Outbox::open(&db, 10).unwrap();
+            o.push(&event(7)).unwrap();
+            first = o.next_heartbeat_seq();
+            assert!(o.next_heartbeat_seq() > first);
+        }
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let o = Outbox::open(&db, 10).unwrap();
+        assert_eq!(seqs(&o, 10), vec![7]);
+        assert!(o.next_heartbeat_seq() > first + 1);
+        // A smaller cap on reopen applies at once.
+        drop(o);
+        let o = Outbox::open(&db, 1).unwrap();
+        o.push(&event(8)).unwrap();
+        assert_eq!(seqs(&o, 10), vec![8]);
+    }
+
+    #[test]
+    fn from_state_maps_contract_strings() {
+        let mut s = DeviceState::factory(semver::Version::new(1, 0, 0));
+        s.begin("up-9".into(), "https://x/b".into(), false);
+        let e = Event::from_state(&s);
+        assert_eq!(
+            (e.seq, e.phase.as_str(), e.upgrade_id.as_str()),
+            (1, "downloading", "up-9")
+        );
+        s.fail(flightnode_proto::ErrorCode::DownloadFailed, "boom".into());
+        let e = Event::from_state(&s);
+        assert_eq!(e.phase, "idle");
+        assert_eq!(e.upgrade_id, "up-9");
+        assert_eq!(e.error_code, "download_failed");
+        assert_eq!(e.message, "boom");
+        assert!(!e.result.is_empty());
     }
 }
