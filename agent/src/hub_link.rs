@@ -19,8 +19,8 @@
 //! Heartbeat `seq` comes from [`Outbox::next_heartbeat_seq`]: a per-run counter persisted in sled
 //! in the high 32 bits, an in-memory counter in the low 32 bits — monotonic per state dir.
 //!
-//! `FirmwareState.booted_slot` is left empty ("not set"): the booted slot comes from the
-//! activation backend, which this link does not see.
+//! `FirmwareState.booted_slot` is [`DeviceInfo::booted`] (reboot mode: read from the bootloader at
+//! start; it cannot change without a reboot), or the active slot in command mode.
 
 use crate::config::HubConfig;
 use crate::outbox::{Event, Outbox};
@@ -67,6 +67,8 @@ pub struct DeviceInfo {
     pub boot_id: String,
     /// State dir: disk free space is reported for its filesystem.
     pub state_dir: PathBuf,
+    /// Reboot mode: the slot this boot came from. `None` in command mode (booted = active).
+    pub booted: Option<flightnode_proto::Slot>,
 }
 
 /// TLS material: CA, client certificate, client key (PEM files).
@@ -303,7 +305,7 @@ pub fn heartbeat_request(
 ) -> v1::HeartbeatRequest {
     let firmware = v1::FirmwareState {
         active_slot: state.active.as_str().to_owned(),
-        booted_slot: String::new(),
+        booted_slot: info.booted.unwrap_or(state.active).as_str().to_owned(),
         slot_a: Some(slot_info(&state.a)),
         slot_b: Some(slot_info(&state.b)),
         committed_version: state.committed_version.to_string(),
@@ -497,6 +499,7 @@ mod tests {
 
     fn info() -> DeviceInfo {
         DeviceInfo {
+            booted: None,
             device_id: "dev-1".into(),
             hardware: "hw".into(),
             agent_version: "0.1.0".into(),

@@ -74,6 +74,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // rustls with ring, for HTTPS downloads, MQTT over TLS and gRPC to the hub; no OpenSSL anywhere.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     cli::init_logging(cli.verbose, matches!(cli.command, Command::Run));
     let result = match cli.command {
         Command::Keygen { out_dir } => cli::keygen(&out_dir),

@@ -206,6 +206,7 @@ impl Device {
         let (connected_tx, connected) = watch::channel(false);
         let shutdown = CancellationToken::new();
         let info = DeviceInfo {
+            booted: None,
             device_id: "drone-7".into(),
             hardware: "cc-test-v1".into(),
             agent_version: "0.1.0-test".into(),

@@ -179,6 +179,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             agent_version: env!("CARGO_PKG_VERSION").into(),
             boot_id: boot_id(&cfg),
             state_dir: cfg.state_dir.clone(),
+            booted: match &shared.activation {
+                Activation::Reboot { boot, .. } => boot.booted().ok(),
+                Activation::Command { .. } => None,
+            },
         };
         let (state, progress, token) = (
             shared.worker.state.clone(),

@@ -50,13 +50,8 @@ struct Relay {
     last: (Option<String>, Phase, Option<String>),
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// The event a transition produces, if it is one (a phase entered or an upgrade ended).
+/// The event a transition produces, if it is one (a phase entered or an upgrade ended); `last`
+/// remembers the previous (upgrade, phase, ending) so repeated saves of one phase make no event.
 pub fn transition_event(
     state: &DeviceState,
     last: &mut (Option<String>, Phase, Option<String>),
@@ -72,38 +67,9 @@ pub fn transition_event(
     if key == *last {
         return None;
     }
-    let ended = key.2 != last.2 && state.upgrade.is_none();
+    let ended = key.2 != last.2;
     *last = key;
-    let event = match (&state.upgrade, &state.last) {
-        (Some(u), _) => Event {
-            seq: state.seq,
-            time_unix_ms: now_ms(),
-            upgrade_id: u.id.clone(),
-            phase: u.phase.as_str().into(),
-            result: String::new(),
-            error_code: u
-                .error
-                .as_ref()
-                .map(|e| e.code.as_str().to_owned())
-                .unwrap_or_default(),
-            message: u.error.as_ref().map(|e| e.message.clone()).unwrap_or_default(),
-        },
-        (None, Some(l)) if ended => Event {
-            seq: state.seq,
-            time_unix_ms: now_ms(),
-            upgrade_id: l.upgrade_id.clone(),
-            phase: Phase::Idle.as_str().into(),
-            result: l.result.as_str().into(),
-            error_code: l
-                .error
-                .as_ref()
-                .map(|e| e.code.as_str().to_owned())
-                .unwrap_or_default(),
-            message: l.error.as_ref().map(|e| e.message.clone()).unwrap_or_default(),
-        },
-        _ => return None,
-    };
-    Some(event)
+    (state.upgrade.is_some() || ended).then(|| Event::from_state(state))
 }
 
 impl Observer for Relay {
