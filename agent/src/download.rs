@@ -200,9 +200,22 @@ pub struct Fetcher {
     rt: tokio::runtime::Handle,
     cfg: DownloadConfig,
     received: Arc<AtomicU64>,
+    stop: Option<StopCheck>,
 }
 
+/// Asked every [`STOP_POLL`] while a download runs; `true` ends it at once (cancel, shutdown),
+/// even while the connection is stalled and no byte would reach the reader.
+pub type StopCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// How often a running download asks its [`StopCheck`].
+const STOP_POLL: Duration = Duration::from_millis(100);
+
 impl Fetcher {
+    /// Makes every later download end as soon as `stop` returns true.
+    pub fn set_stop(&mut self, stop: StopCheck) {
+        self.stop = Some(stop);
+    }
+
     /// Builds the HTTP client (rustls with the ring provider, installed here if nothing was).
     pub fn new(cfg: &DownloadConfig, rt: tokio::runtime::Handle) -> Result<Self, DownloadError> {
         if cfg.idle_timeout.is_zero() {
@@ -227,6 +240,7 @@ impl Fetcher {
             rt,
             cfg: cfg.clone(),
             received: Arc::new(AtomicU64::new(0)),
+            stop: None,
         })
     }
 
@@ -261,9 +275,22 @@ impl Fetcher {
             tx: tx.clone(),
         };
         let log_url = url_str.clone();
+        let stop = self.stop.clone();
+        let stopped = async move {
+            match stop {
+                Some(stop) => loop {
+                    if stop() {
+                        break;
+                    }
+                    tokio::time::sleep(STOP_POLL).await;
+                },
+                None => std::future::pending().await,
+            }
+        };
         let task_handle = self.rt.spawn(async move {
             tokio::select! {
                 _ = tx.closed() => debug!(url = %log_url, "bundle reader dropped; download stopped"),
+                () = stopped => debug!(url = %log_url, "download stopped (cancel or shutdown)"),
                 _ = task.run(offset) => {}
             }
         });

@@ -161,7 +161,12 @@ impl Engine {
         })?;
         let store = Store::open(&cfg.state_dir)?;
         let keys = TrustedKeys::load(&cfg.trusted_keys).map_err(EngineError::Keys)?;
-        let fetcher = Fetcher::new(&cfg.download, rt)?;
+        let mut fetcher = Fetcher::new(&cfg.download, rt)?;
+        let interrupts = Arc::new(Interrupts::default());
+        let flags = interrupts.clone();
+        fetcher.set_stop(Arc::new(move || {
+            flags.cancel.load(Ordering::SeqCst) || flags.pause.load(Ordering::SeqCst)
+        }));
         let activation = Activation::open(&cfg)?;
         let slots = crate::slot::open(&cfg.slots);
         let state = match store.load()? {
@@ -182,7 +187,7 @@ impl Engine {
             keys,
             fetcher,
             observer: Box::new(Quiet),
-            interrupts: Arc::new(Interrupts::default()),
+            interrupts,
             fleet_gate: None,
         };
         engine.settle_pointer()?;

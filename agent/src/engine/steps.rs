@@ -31,6 +31,21 @@ fn copy_stop(e: BundleError) -> Stop {
 }
 
 impl Engine {
+    /// An interruption explains any download error that follows it: report that, not the error.
+    fn interrupted(&self) -> Option<Stop> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.interrupts.pause.load(SeqCst) {
+            Some(Stop::Paused)
+        } else if self.interrupts.cancel.load(SeqCst) {
+            Some(Stop::Upgrade(
+                ErrorCode::Canceled,
+                "canceled before the image was written".into(),
+            ))
+        } else {
+            None
+        }
+    }
+
     fn upgrade(&self) -> Result<&crate::state::Upgrade, Stop> {
         self.state
             .upgrade
@@ -116,12 +131,9 @@ impl Engine {
         );
         writer.checkpoint_bytes = self.cfg.download.checkpoint_bytes.max(4096);
         let copied = bundle::copy_image(&mut reader, &mut writer, &manifest, start, hasher);
-        if copied.is_err() && self.interrupts.pause.load(std::sync::atomic::Ordering::SeqCst) {
-            // Whatever broke while shutting down is not the bundle's fault: keep the checkpoint.
-            return Err(Stop::Paused);
-        }
-        copied.map_err(copy_stop)?;
         let file = writer.file;
+        // Whatever broke after a cancel or shutdown is not the bundle's fault.
+        copied.map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(e)))?;
         self.slots
             .finish(target, &file, size)
             .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
