@@ -5,3 +5,4 @@
 
 pub mod boot_sim;
 pub mod http_server;
+pub mod mosquitto;
