@@ -87,6 +87,9 @@ pub enum MqttError {
     /// The TLS settings do not make a valid rustls client configuration.
     #[error("mqtt TLS setup: {0}")]
     Tls(String),
+    /// Settings that do not go together.
+    #[error("mqtt settings: {0}")]
+    Settings(String),
 }
 
 /// Broker address from `mqtt.url`.
@@ -189,7 +192,7 @@ fn tls_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, MqttError> {
                 .map_err(|e| MqttError::Tls(format!("client certificate and key: {e}")))
         }
         (None, None) => Ok(builder.with_no_client_auth()),
-        _ => Err(MqttError::Tls("mqtt.cert and mqtt.key go together".into())),
+        _ => Err(MqttError::Settings("mqtt.cert and mqtt.key go together".into())),
     }
 }
 
@@ -212,7 +215,7 @@ fn mqtt_options(cfg: &MqttConfig, device_id: &str) -> Result<MqttOptions, MqttEr
     if let Some(user) = &cfg.username {
         opts.set_credentials(user.clone(), cfg.password.clone().unwrap_or_default());
     } else if cfg.password.is_some() {
-        return Err(MqttError::Tls("mqtt.password without mqtt.username".into()));
+        return Err(MqttError::Settings("mqtt.password without mqtt.username".into()));
     }
     if ep.tls {
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(
@@ -242,7 +245,7 @@ enum LinkEvent {
         session_present: bool,
     },
     Mqtt(Event),
-    /// The connection is down (or never came up); `retry_in` until the next attempt.
+    /// The connection is down (or never came up); the driver is backing off.
     Down,
     /// A packet above [`MAX_INCOMING_PACKET`] arrived and cost the connection.
     Oversize(usize),

@@ -327,6 +327,29 @@ async fn status_is_retained_and_survives_a_broker_restart_that_lost_the_session(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_report_in_flight_when_the_broker_dies_is_sent_again() {
+    init_tracing();
+    let mut broker = Mosquitto::start().expect("mosquitto");
+    let dev = "drone-inflight";
+    let mut link = Link::start(config(broker.url()), dev);
+    assert!(link.wait_connected(true, EVENTUALLY).await, "{}", broker.log());
+
+    // The broker hangs: the report goes out on the socket but is never acknowledged...
+    block_in_place(|| broker.freeze()).unwrap();
+    let final_report = status(dev, 7, Some(UpgradeResult::RolledBack));
+    link.outbound.send(final_report.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ...then dies without saving anything, and comes back knowing no session.
+    block_in_place(|| broker.kill()).unwrap();
+    block_in_place(|| broker.wipe_persistence()).unwrap();
+    assert!(link.wait_connected(false, EVENTUALLY).await);
+    block_in_place(|| broker.start_again()).unwrap();
+    assert!(link.wait_connected(true, EVENTUALLY).await, "{}", broker.log());
+    assert_eq!(wait_retained_seq(&broker, dev, 7), final_report);
+    link.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_command_sent_while_the_agent_was_offline_arrives_when_it_comes_back() {
     init_tracing();
     let mut broker = Mosquitto::start().expect("mosquitto");

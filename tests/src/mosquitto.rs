@@ -425,6 +425,30 @@ impl Mosquitto {
         Ok(())
     }
 
+    /// SIGSTOP: the broker keeps its sockets open but answers nothing (a hung broker or a dead
+    /// link); [`thaw`](Self::thaw) resumes it, [`kill`](Self::kill) ends it.
+    pub fn freeze(&mut self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// SIGCONT after [`freeze`](Self::freeze).
+    pub fn thaw(&mut self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    fn signal(&mut self, sig: libc::c_int) -> Result<()> {
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| anyhow!("mosquitto is not running"))?;
+        let pid = libc::pid_t::try_from(child.id())?;
+        // SAFETY: kill(2) on our own child's pid.
+        if unsafe { libc::kill(pid, sig) } != 0 {
+            bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// SIGKILL: no persistence save (sessions since the last autosave are lost).
     pub fn kill(&mut self) -> Result<()> {
         self.kill_child();
