@@ -10,7 +10,7 @@
 //! ```no_run
 //! # fn demo() -> anyhow::Result<()> {
 //! use flightnode_tests::mosquitto::Mosquitto;
-//! let broker = Mosquitto::start()?;                  // or Mosquitto::start_tls()?
+//! let mut broker = Mosquitto::start()?;              // or Mosquitto::start_tls()?
 //! let url = broker.url();                             // mqtt://127.0.0.1:PORT (mqtts:// for TLS)
 //! broker.publish("firmware/d1/upgrade", b"https://fw/1.fnb", false)?; // QoS 1, as `hub` in TLS
 //! let status = broker.subscribe_once("firmware/d1/status", std::time::Duration::from_secs(20))?;
