@@ -1,0 +1,205 @@
+//! The daemon with a real mosquitto: commands over MQTT, reports on `firmware/<id>/status`, and
+//! the rules for duplicates, busy, cancel, garbage, broker restarts and offline delivery.
+
+mod common;
+use common::*;
+use flightnode_tests::http_server::{BundleServer, Fault};
+use flightnode_tests::mosquitto::{Mosquitto, Subscriber};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(30);
+const STATUS: &str = "firmware/drone-test/status";
+const UPGRADE: &str = "firmware/drone-test/upgrade";
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Daemon {
+    fn stop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn device(broker: &Mosquitto, health: &str) -> Device {
+    Device::new(Options {
+        health: Some(health.into()),
+        extra: format!("[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n", broker.url()),
+        ..Options::default()
+    })
+}
+
+fn start(dev: &Device) -> Daemon {
+    let log = std::fs::File::create(dev.path("daemon.log")).unwrap();
+    let child = dev.cmd(&["run"]).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !dev.path("state/agent.sock").exists() {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Daemon(child)
+}
+
+fn serve(dev: &Device, version: &str, len: usize) -> (BundleServer, u64) {
+    let bundle = dev.bundle(version, version, len, &[]);
+    let srv = BundleServer::start_blocking().unwrap();
+    srv.put_file("/fw.fnb", &bundle).unwrap();
+    (srv, std::fs::metadata(&bundle).unwrap().len())
+}
+
+fn upgrade_json(id: &str, url: &str) -> String {
+    format!(r#"{{"type":"upgrade","upgrade_id":"{id}","url":"{url}"}}"#)
+}
+
+fn wait(sub: &Subscriber, needle: &str, dev: &Device) {
+    assert!(
+        sub.wait_for(needle, WAIT),
+        "never saw {needle}\nstatus topic:\n{}\ndaemon log:\n{}",
+        sub.output(),
+        std::fs::read_to_string(dev.path("daemon.log")).unwrap_or_default()
+    );
+}
+
+#[test]
+fn plain_url_and_json_upgrades_commit_and_duplicates_install_once() {
+    let broker = Mosquitto::start().unwrap();
+    let dev = device(&broker, "true");
+    let _d = start(&dev);
+    let sub = broker.subscriber(STATUS).unwrap();
+    let (srv, _) = serve(&dev, "2.0.0", 300_000);
+
+    // The form existing operators publish: a bare URL.
+    broker.publish(UPGRADE, srv.url("/fw.fnb").as_bytes(), false).unwrap();
+    wait(&sub, r#""result":"committed""#, &dev);
+    assert_eq!(dev.status()["committed_version"], "2.0.0");
+
+    // JSON, delivered three times: one install.
+    let v3 = dev.bundle("v3", "3.0.0", 10_000, &[]);
+    srv.put_file("/v3.fnb", &v3).unwrap();
+    let payload = upgrade_json("up-3", &srv.url("/v3.fnb"));
+    for _ in 0..3 {
+        broker.publish(UPGRADE, payload.as_bytes(), false).unwrap();
+    }
+    wait(&sub, r#""upgrade_id":"up-3","phase":"idle","progress":null,"result":"committed""#, &dev);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(dev.applied().lines().filter(|l| l.contains("3.0.0")).count(), 1, "{}", dev.applied());
+    let gets = srv.requests_for("/v3.fnb").len();
+    assert_eq!(gets, 1, "one download for three deliveries");
+    // The retained status tells a late subscriber the truth.
+    let retained = broker.subscribe_once(STATUS, Duration::from_secs(5)).unwrap().unwrap();
+    let retained: serde_json::Value = serde_json::from_slice(&retained).unwrap();
+    assert_eq!(retained["upgrade_id"], "up-3");
+    assert_eq!(retained["running"]["version"], "3.0.0");
+}
+
+#[test]
+fn busy_cancel_and_garbage() {
+    let broker = Mosquitto::start().unwrap();
+    let dev = device(&broker, "true");
+    let _d = start(&dev);
+    let sub = broker.subscriber(STATUS).unwrap();
+    let (srv, len) = serve(&dev, "2.0.0", 2_000_000);
+
+    // Garbage of every kind: reported as malformed, the agent keeps working.
+    let deep = format!("{{\"type\":{}{}}}", "[".repeat(3000), "]".repeat(3000));
+    let huge = vec![b'x'; 100_000];
+    let garbage: Vec<&[u8]> = vec![
+        b"\xff\xfe\x00garbage",
+        &huge,
+        deep.as_bytes(),
+        br#"{"type":"upgrade","upgrade_id":5,"url":"http://x/y"}"#,
+        br#"{"type":"upgrade","upgrade_id":"u","url":"http://x/y","device_id":"drone-other"}"#,
+    ];
+    for g in &garbage {
+        broker.publish(UPGRADE, g, false).unwrap();
+    }
+    assert!(sub.wait_for("malformed", WAIT), "{}", sub.output());
+    let deadline = Instant::now() + WAIT;
+    while sub.output().matches("\"malformed\"").count() < garbage.len() {
+        assert!(Instant::now() < deadline, "not every garbage payload was reported: {}", sub.output());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A download that stalls halfway keeps the agent busy.
+    srv.set_fault("/fw.fnb", Fault::Stall { after: len / 2 });
+    broker.publish(UPGRADE, upgrade_json("up-a", &srv.url("/fw.fnb")).as_bytes(), false).unwrap();
+    wait(&sub, r#""upgrade_id":"up-a","phase":"downloading""#, &dev);
+    broker.publish(UPGRADE, upgrade_json("up-b", &srv.url("/other.fnb")).as_bytes(), false).unwrap();
+    wait(&sub, r#""upgrade_id":"up-b""#, &dev);
+    assert!(sub.output().lines().any(|l| l.contains("\"up-b\"") && l.contains("\"busy\"")), "{}", sub.output());
+
+    // Cancel before the image is written: canceled, the old slot untouched.
+    broker.publish(UPGRADE, br#"{"type":"cancel","upgrade_id":"up-a"}"#, false).unwrap();
+    wait(&sub, r#""upgrade_id":"up-a","phase":"idle","progress":null,"result":"canceled""#, &dev);
+    let s = dev.status();
+    assert_eq!(s["active_slot"], "a");
+    assert_eq!(s["last_upgrade"]["result"], "canceled");
+    dev.assert_bootable();
+}
+
+#[test]
+fn cancel_after_the_image_is_written_reports_the_real_end() {
+    let broker = Mosquitto::start().unwrap();
+    let dev = device(&broker, "sleep 3");
+    let _d = start(&dev);
+    let sub = broker.subscriber(STATUS).unwrap();
+    let (srv, _) = serve(&dev, "2.0.0", 100_000);
+    broker.publish(UPGRADE, upgrade_json("up-c", &srv.url("/fw.fnb")).as_bytes(), false).unwrap();
+    wait(&sub, r#""upgrade_id":"up-c","phase":"testing""#, &dev);
+    broker.publish(UPGRADE, br#"{"type":"cancel","upgrade_id":"up-c"}"#, false).unwrap();
+    wait(&sub, r#""result":"committed""#, &dev);
+    assert!(!sub.output().contains("\"canceled\""), "never a false canceled: {}", sub.output());
+}
+
+#[test]
+fn broker_restart_mid_download_and_commands_sent_while_offline() {
+    let mut broker = Mosquitto::start().unwrap();
+    let dev = device(&broker, "true");
+    let mut d = start(&dev);
+    let (srv, len) = serve(&dev, "2.0.0", 2_000_000);
+    {
+        let sub = broker.subscriber(STATUS).unwrap();
+        srv.set_fault("/fw.fnb", Fault::Stall { after: len / 2 });
+        broker.publish(UPGRADE, upgrade_json("up-r", &srv.url("/fw.fnb")).as_bytes(), false).unwrap();
+        wait(&sub, r#""upgrade_id":"up-r","phase":"downloading""#, &dev);
+    }
+    broker.stop().unwrap();
+    srv.clear_fault("/fw.fnb"); // the download resumes (Range) while the broker is down
+    let deadline = Instant::now() + WAIT;
+    while dev.status()["last_upgrade"]["upgrade_id"] != "up-r" {
+        assert!(Instant::now() < deadline, "the upgrade must finish without the broker");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    broker.start_again().unwrap();
+    // The final status is published after the reconnect (retained, so a new subscriber sees it).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = broker.subscribe_once(STATUS, Duration::from_secs(2)).unwrap().unwrap_or_default();
+        let text = String::from_utf8_lossy(&got);
+        if text.contains("\"up-r\"") && text.contains("\"committed\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "final status not republished after reconnect: {text}");
+    }
+
+    // Persistent session: a command published while the agent is down runs when it comes back.
+    d.stop();
+    let v3 = dev.bundle("v3", "3.0.0", 10_000, &[]);
+    srv.put_file("/v3.fnb", &v3).unwrap();
+    broker.publish(UPGRADE, upgrade_json("up-offline", &srv.url("/v3.fnb")).as_bytes(), false).unwrap();
+    let _d2 = start(&dev);
+    let deadline = Instant::now() + WAIT;
+    while dev.status()["last_upgrade"]["upgrade_id"] != "up-offline" {
+        assert!(Instant::now() < deadline, "the offline command never ran");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(dev.status()["committed_version"], "3.0.0");
+}
