@@ -3,48 +3,18 @@
 mod common;
 use common::*;
 use std::os::unix::net::UnixDatagram;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-struct Daemon {
-    child: Child,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start(dev: &Device, notify: Option<&std::path::Path>) -> Daemon {
-    let mut cmd = dev.cmd(&["run"]);
-    cmd.stdout(Stdio::null()).stderr(Stdio::null());
-    if let Some(sock) = notify {
-        cmd.env("NOTIFY_SOCKET", sock).env("WATCHDOG_USEC", "1000000");
-    }
-    let child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !dev.path("state/agent.sock").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the daemon never opened its control socket"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Daemon { child }
-}
-
-fn sigterm(d: &mut Daemon) -> std::process::ExitStatus {
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = d.child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "SIGTERM must stop the daemon");
-        std::thread::sleep(Duration::from_millis(50));
+    match notify {
+        Some(sock) => Daemon::start_with(
+            dev,
+            &[
+                ("NOTIFY_SOCKET", sock.to_str().unwrap()),
+                ("WATCHDOG_USEC", "1000000"),
+            ],
+        ),
+        None => Daemon::start(dev),
     }
 }
 
@@ -65,7 +35,7 @@ fn systemd_ready_watchdog_and_stopping_reach_the_notify_socket() {
         seen.push('\n');
     }
     assert!(seen.contains("STATUS=phase: idle"), "{seen}");
-    assert!(sigterm(&mut d).success(), "a stop is clean");
+    assert!(d.stop().success(), "a stop is clean");
     let n = sock.recv(&mut buf).unwrap();
     let mut rest = String::from_utf8_lossy(&buf[..n]).to_string();
     while !rest.contains("STOPPING=1") {
@@ -117,7 +87,7 @@ fn status_install_and_mark_work_through_the_running_daemon() {
     );
     let o = dev.run(&["mark-good", "a"]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(sigterm(&mut d).success());
+    assert!(d.stop().success());
     // The store is free again for direct use.
     assert_eq!(dev.status()["active_slot"], "b");
 }

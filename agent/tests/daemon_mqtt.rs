@@ -5,29 +5,11 @@ mod common;
 use common::*;
 use flightnode_tests::http_server::{BundleServer, Fault};
 use flightnode_tests::mosquitto::{Mosquitto, Subscriber};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(30);
 const STATUS: &str = "firmware/drone-test/status";
 const UPGRADE: &str = "firmware/drone-test/upgrade";
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Daemon {
-    fn stop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
 
 fn device(broker: &Mosquitto, health: &str) -> Device {
     Device::new(Options {
@@ -38,14 +20,7 @@ fn device(broker: &Mosquitto, health: &str) -> Device {
 }
 
 fn start(dev: &Device) -> Daemon {
-    let log = std::fs::File::create(dev.path("daemon.log")).unwrap();
-    let child = dev.cmd(&["run"]).stdout(Stdio::null()).stderr(log).spawn().unwrap();
-    let deadline = Instant::now() + WAIT;
-    while !dev.path("state/agent.sock").exists() {
-        assert!(Instant::now() < deadline, "daemon did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Daemon(child)
+    Daemon::start(dev)
 }
 
 fn serve(dev: &Device, version: &str, len: usize) -> (BundleServer, u64) {
@@ -77,7 +52,9 @@ fn plain_url_and_json_upgrades_commit_and_duplicates_install_once() {
     let (srv, _) = serve(&dev, "2.0.0", 300_000);
 
     // The form existing operators publish: a bare URL.
-    broker.publish(UPGRADE, srv.url("/fw.fnb").as_bytes(), false).unwrap();
+    broker
+        .publish(UPGRADE, srv.url("/fw.fnb").as_bytes(), false)
+        .unwrap();
     wait(&sub, r#""result":"committed""#, &dev);
     assert_eq!(dev.status()["committed_version"], "2.0.0");
 
@@ -88,13 +65,25 @@ fn plain_url_and_json_upgrades_commit_and_duplicates_install_once() {
     for _ in 0..3 {
         broker.publish(UPGRADE, payload.as_bytes(), false).unwrap();
     }
-    wait(&sub, r#""upgrade_id":"up-3","phase":"idle","progress":null,"result":"committed""#, &dev);
+    wait(
+        &sub,
+        r#""upgrade_id":"up-3","phase":"idle","progress":null,"result":"committed""#,
+        &dev,
+    );
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(dev.applied().lines().filter(|l| l.contains("3.0.0")).count(), 1, "{}", dev.applied());
+    assert_eq!(
+        dev.applied().lines().filter(|l| l.contains("3.0.0")).count(),
+        1,
+        "{}",
+        dev.applied()
+    );
     let gets = srv.requests_for("/v3.fnb").len();
     assert_eq!(gets, 1, "one download for three deliveries");
     // The retained status tells a late subscriber the truth.
-    let retained = broker.subscribe_once(STATUS, Duration::from_secs(5)).unwrap().unwrap();
+    let retained = broker
+        .subscribe_once(STATUS, Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
     let retained: serde_json::Value = serde_json::from_slice(&retained).unwrap();
     assert_eq!(retained["upgrade_id"], "up-3");
     assert_eq!(retained["running"]["version"], "3.0.0");
@@ -124,21 +113,49 @@ fn busy_cancel_and_garbage() {
     assert!(sub.wait_for("malformed", WAIT), "{}", sub.output());
     let deadline = Instant::now() + WAIT;
     while sub.output().matches("\"malformed\"").count() < garbage.len() {
-        assert!(Instant::now() < deadline, "not every garbage payload was reported: {}", sub.output());
+        assert!(
+            Instant::now() < deadline,
+            "not every garbage payload was reported: {}",
+            sub.output()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
     // A download that stalls halfway keeps the agent busy.
     srv.set_fault("/fw.fnb", Fault::Stall { after: len / 2 });
-    broker.publish(UPGRADE, upgrade_json("up-a", &srv.url("/fw.fnb")).as_bytes(), false).unwrap();
+    broker
+        .publish(
+            UPGRADE,
+            upgrade_json("up-a", &srv.url("/fw.fnb")).as_bytes(),
+            false,
+        )
+        .unwrap();
     wait(&sub, r#""upgrade_id":"up-a","phase":"downloading""#, &dev);
-    broker.publish(UPGRADE, upgrade_json("up-b", &srv.url("/other.fnb")).as_bytes(), false).unwrap();
+    broker
+        .publish(
+            UPGRADE,
+            upgrade_json("up-b", &srv.url("/other.fnb")).as_bytes(),
+            false,
+        )
+        .unwrap();
     wait(&sub, r#""upgrade_id":"up-b""#, &dev);
-    assert!(sub.output().lines().any(|l| l.contains("\"up-b\"") && l.contains("\"busy\"")), "{}", sub.output());
+    assert!(
+        sub.output()
+            .lines()
+            .any(|l| l.contains("\"up-b\"") && l.contains("\"busy\"")),
+        "{}",
+        sub.output()
+    );
 
     // Cancel before the image is written: canceled, the old slot untouched.
-    broker.publish(UPGRADE, br#"{"type":"cancel","upgrade_id":"up-a"}"#, false).unwrap();
-    wait(&sub, r#""upgrade_id":"up-a","phase":"idle","progress":null,"result":"canceled""#, &dev);
+    broker
+        .publish(UPGRADE, br#"{"type":"cancel","upgrade_id":"up-a"}"#, false)
+        .unwrap();
+    wait(
+        &sub,
+        r#""upgrade_id":"up-a","phase":"idle","progress":null,"result":"canceled""#,
+        &dev,
+    );
     let s = dev.status();
     assert_eq!(s["active_slot"], "a");
     assert_eq!(s["last_upgrade"]["result"], "canceled");
@@ -152,11 +169,23 @@ fn cancel_after_the_image_is_written_reports_the_real_end() {
     let _d = start(&dev);
     let sub = broker.subscriber(STATUS).unwrap();
     let (srv, _) = serve(&dev, "2.0.0", 100_000);
-    broker.publish(UPGRADE, upgrade_json("up-c", &srv.url("/fw.fnb")).as_bytes(), false).unwrap();
+    broker
+        .publish(
+            UPGRADE,
+            upgrade_json("up-c", &srv.url("/fw.fnb")).as_bytes(),
+            false,
+        )
+        .unwrap();
     wait(&sub, r#""upgrade_id":"up-c","phase":"testing""#, &dev);
-    broker.publish(UPGRADE, br#"{"type":"cancel","upgrade_id":"up-c"}"#, false).unwrap();
+    broker
+        .publish(UPGRADE, br#"{"type":"cancel","upgrade_id":"up-c"}"#, false)
+        .unwrap();
     wait(&sub, r#""result":"committed""#, &dev);
-    assert!(!sub.output().contains("\"canceled\""), "never a false canceled: {}", sub.output());
+    assert!(
+        !sub.output().contains("\"canceled\""),
+        "never a false canceled: {}",
+        sub.output()
+    );
 }
 
 #[test]
@@ -168,33 +197,54 @@ fn broker_restart_mid_download_and_commands_sent_while_offline() {
     {
         let sub = broker.subscriber(STATUS).unwrap();
         srv.set_fault("/fw.fnb", Fault::Stall { after: len / 2 });
-        broker.publish(UPGRADE, upgrade_json("up-r", &srv.url("/fw.fnb")).as_bytes(), false).unwrap();
+        broker
+            .publish(
+                UPGRADE,
+                upgrade_json("up-r", &srv.url("/fw.fnb")).as_bytes(),
+                false,
+            )
+            .unwrap();
         wait(&sub, r#""upgrade_id":"up-r","phase":"downloading""#, &dev);
     }
     broker.stop().unwrap();
     srv.clear_fault("/fw.fnb"); // the download resumes (Range) while the broker is down
     let deadline = Instant::now() + WAIT;
     while dev.status()["last_upgrade"]["upgrade_id"] != "up-r" {
-        assert!(Instant::now() < deadline, "the upgrade must finish without the broker");
+        assert!(
+            Instant::now() < deadline,
+            "the upgrade must finish without the broker"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     broker.start_again().unwrap();
     // The final status is published after the reconnect (retained, so a new subscriber sees it).
     let deadline = Instant::now() + WAIT;
     loop {
-        let got = broker.subscribe_once(STATUS, Duration::from_secs(2)).unwrap().unwrap_or_default();
+        let got = broker
+            .subscribe_once(STATUS, Duration::from_secs(2))
+            .unwrap()
+            .unwrap_or_default();
         let text = String::from_utf8_lossy(&got);
         if text.contains("\"up-r\"") && text.contains("\"committed\"") {
             break;
         }
-        assert!(Instant::now() < deadline, "final status not republished after reconnect: {text}");
+        assert!(
+            Instant::now() < deadline,
+            "final status not republished after reconnect: {text}"
+        );
     }
 
     // Persistent session: a command published while the agent is down runs when it comes back.
     d.stop();
     let v3 = dev.bundle("v3", "3.0.0", 10_000, &[]);
     srv.put_file("/v3.fnb", &v3).unwrap();
-    broker.publish(UPGRADE, upgrade_json("up-offline", &srv.url("/v3.fnb")).as_bytes(), false).unwrap();
+    broker
+        .publish(
+            UPGRADE,
+            upgrade_json("up-offline", &srv.url("/v3.fnb")).as_bytes(),
+            false,
+        )
+        .unwrap();
     let _d2 = start(&dev);
     let deadline = Instant::now() + WAIT;
     while dev.status()["last_upgrade"]["upgrade_id"] != "up-offline" {
@@ -202,4 +252,99 @@ fn broker_restart_mid_download_and_commands_sent_while_offline() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(dev.status()["committed_version"], "3.0.0");
+}
+
+fn reboot_device(
+    broker: &Mosquitto,
+    sim: &flightnode_tests::boot_sim::SimBoot,
+    fleet_timeout: &str,
+) -> Device {
+    Device::new(Options {
+        extra: format!(
+            "[activation]\nmode = \"reboot\"\nreboot_command = \"kill -9 $FLIGHTNODE_AGENT_PID\"\n\
+             [daemon]\ncommit_requires = \"broker\"\nfleet_timeout = \"{fleet_timeout}\"\n\
+             [mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n{}",
+            broker.url(),
+            sim.boot_toml()
+        ),
+        ..Options::default()
+    })
+}
+
+/// Installs over MQTT until the reboot command kills the daemon, then "powers on" the board.
+fn install_and_reboot(
+    broker: &Mosquitto,
+    dev: &Device,
+    sim: &flightnode_tests::boot_sim::SimBoot,
+) -> BundleServer {
+    let (srv, _) = serve(dev, "2.0.0", 50_000);
+    let mut d = start(dev);
+    broker
+        .publish(
+            UPGRADE,
+            upgrade_json("up-boot", &srv.url("/fw.fnb")).as_bytes(),
+            false,
+        )
+        .unwrap();
+    let status = d.0.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "the reboot command ends the daemon");
+    assert_eq!(sim.power_on().unwrap(), 'B');
+    srv
+}
+
+#[test]
+fn reboot_mode_commits_only_after_the_broker_is_reachable_again() {
+    let root = tempfile::tempdir().unwrap();
+    let sim = flightnode_tests::boot_sim::SimBoot::uboot(root.path()).unwrap();
+    assert_eq!(sim.power_on().unwrap(), 'A');
+    let mut broker = Mosquitto::start().unwrap();
+    let dev = reboot_device(&broker, &sim, "60s");
+    let _srv = install_and_reboot(&broker, &dev, &sim);
+
+    // The new slot boots healthy, but the broker is down: no commit yet.
+    broker.stop().unwrap();
+    let _d = start(&dev);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        dev.status()["phase"],
+        "testing",
+        "must wait for the fleet before committing"
+    );
+    broker.start_again().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while dev.status()["last_upgrade"]["result"] != "committed" {
+        assert!(
+            Instant::now() < deadline,
+            "commits once the broker is back: {:#}",
+            dev.status()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(dev.status()["active_slot"], "b");
+}
+
+#[test]
+fn reboot_mode_rolls_back_when_the_fleet_never_comes_back() {
+    let root = tempfile::tempdir().unwrap();
+    let sim = flightnode_tests::boot_sim::SimBoot::uboot(root.path()).unwrap();
+    assert_eq!(sim.power_on().unwrap(), 'A');
+    let mut broker = Mosquitto::start().unwrap();
+    let dev = reboot_device(&broker, &sim, "2s");
+    let _srv = install_and_reboot(&broker, &dev, &sim);
+    broker.stop().unwrap();
+    let mut d = start(&dev);
+    // Healthy but cut off: marked bad, and the agent reboots back (killed again).
+    let status = d.0.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "reboots back to the old slot");
+    assert_eq!(sim.power_on().unwrap(), 'A');
+    broker.start_again().unwrap();
+    let _d = start(&dev);
+    let deadline = Instant::now() + WAIT;
+    while dev.status()["last_upgrade"]["result"] != "rolled_back" {
+        assert!(Instant::now() < deadline, "{:#}", dev.status());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(dev.status()["active_slot"], "a");
 }

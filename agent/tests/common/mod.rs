@@ -203,3 +203,58 @@ pub fn image_bytes(version: &str, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A `flightnode-agent run` process; killed on drop.
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Daemon {
+    /// Starts the daemon with extra environment and waits for its control socket.
+    pub fn start_with(dev: &Device, env: &[(&str, &str)]) -> Daemon {
+        // A killed daemon leaves its socket file behind; wait for the new one.
+        let _ = std::fs::remove_file(dev.path("state/agent.sock"));
+        let log = std::fs::File::create(dev.path("daemon.log")).unwrap();
+        let mut cmd = dev.cmd(&["run"]);
+        cmd.stdout(std::process::Stdio::null()).stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !dev.path("state/agent.sock").exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon never opened its control socket"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Daemon(child)
+    }
+
+    pub fn start(dev: &Device) -> Daemon {
+        Self::start_with(dev, &[])
+    }
+
+    /// SIGTERM, then waits (at most 30 s) for the exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "SIGTERM must stop the daemon"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
