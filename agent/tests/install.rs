@@ -248,3 +248,69 @@ fn status_and_mark_commands() {
         text(&o)
     );
 }
+
+#[test]
+fn bundle_verify_prints_the_manifest_or_says_why_not() {
+    let dev = Device::new(Options::default());
+    let good = dev.bundle("v2", "2.0.0", 5000, &[]);
+    let public = dev.path("keys/release.pub");
+    let o = agent(&[
+        "bundle",
+        "verify",
+        "--key",
+        public.to_str().unwrap(),
+        good.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("\"version\": \"2.0.0\"") && text(&o).contains("OK"),
+        "{}",
+        text(&o)
+    );
+
+    let mut bytes = std::fs::read(&good).unwrap();
+    let n = bytes.len();
+    bytes[n - 2000] ^= 1;
+    let bad = dev.path("bad.fnb");
+    std::fs::write(&bad, &bytes).unwrap();
+    let o = agent(&[
+        "bundle",
+        "verify",
+        "--key",
+        public.to_str().unwrap(),
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("hash_mismatch"), "{}", text(&o));
+
+    std::fs::write(&bad, &bytes[..700]).unwrap();
+    let o = agent(&[
+        "bundle",
+        "verify",
+        "--key",
+        public.to_str().unwrap(),
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("malformed_bundle") && text(&o).contains("truncated"),
+        "{}",
+        text(&o)
+    );
+
+    let stranger = dev.path("stranger");
+    assert!(
+        agent(&["keygen", "--out-dir", stranger.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let o = agent(&[
+        "bundle",
+        "verify",
+        "--key",
+        stranger.join("release.pub").to_str().unwrap(),
+        good.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("untrusted_key"), "{}", text(&o));
+}
