@@ -2,10 +2,12 @@
 //!
 //! - [`agent`]: locating and running the real binaries.
 //! - [`boot_sim`]: power-on simulator for reboot mode (U-Boot, GRUB, example script backend).
+//! - [`fleet`]: broker, hub and N drones as real processes on loopback; the demo and the end-to-end tests use it.
 //! - [`http_server`]: a bundle HTTP server that honours `Range` and injects faults.
 //! - [`mosquitto`]: the real Debian broker on a free port, plain or with the example mTLS + ACL config.
 
 pub mod agent;
 pub mod boot_sim;
+pub mod fleet;
 pub mod http_server;
 pub mod mosquitto;

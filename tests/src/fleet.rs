@@ -1,0 +1,494 @@
+//! The fleet harness: a broker, the hub, N drones (real `flightnode-agent run` processes with
+//! their own state dir and file slots), a bundle server and a signing key, all on loopback.
+//! Everything started here is stopped on drop, also when a test fails.
+
+use crate::agent::{binary, run_ok};
+use crate::http_server::BundleServer;
+use crate::mosquitto::Mosquitto;
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Hardware id of every simulated drone.
+pub const HARDWARE: &str = "cc-sim-v1";
+
+/// A free loopback port.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+}
+
+/// Which MQTT broker the fleet uses.
+pub enum Broker {
+    /// Debian's mosquitto (tests).
+    Mosquitto(Mosquitto),
+    /// The hub's embedded broker (`flightnode-hub serve --embedded-broker`: the demo).
+    Embedded { port: u16 },
+}
+
+impl Broker {
+    /// `mqtt://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        match self {
+            Broker::Mosquitto(m) => m.url(),
+            Broker::Embedded { port } => format!("mqtt://127.0.0.1:{port}"),
+        }
+    }
+}
+
+/// A child process killed on drop, with its log in a file.
+pub struct Proc {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(mut cmd: Command, log: &Path) -> Result<Proc> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("spawning {cmd:?}"))?;
+        Ok(Proc {
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait (SIGKILL after 30 s).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `flightnode-hub serve` on the local store.
+pub struct Hub {
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub data_dir: PathBuf,
+    pub extra: Vec<String>,
+    proc: Option<Proc>,
+    log: PathBuf,
+}
+
+impl Hub {
+    fn command(&self) -> Result<Command> {
+        let mut cmd = Command::new(binary("flightnode-hub")?);
+        cmd.arg("serve")
+            .args(["--store", "local", "--insecure"])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--grpc-addr", &format!("127.0.0.1:{}", self.grpc_port)])
+            .args(["--http-addr", &format!("127.0.0.1:{}", self.http_port)])
+            .args(&self.extra)
+            .env("RUST_LOG", "info");
+        Ok(cmd)
+    }
+
+    /// Starts (or restarts) the hub and waits for `/readyz`.
+    pub fn start(&mut self) -> Result<()> {
+        self.proc = Some(Proc::spawn(self.command()?, &self.log)?);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(self.http_port, "/readyz").is_err() {
+            if Instant::now() > deadline {
+                bail!("the hub did not become ready:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            p.kill();
+        }
+    }
+
+    /// SIGTERM.
+    pub fn stop(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            p.stop();
+        }
+    }
+
+    /// gRPC endpoint for agents.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// The log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The FlightNode object of `name` from the hub's local API, if it exists.
+    pub fn flightnode(&self, name: &str) -> Option<Value> {
+        let body = http_get(
+            self.http_port,
+            &format!("/apis/edge.drone.io/v1/namespaces/default/flightnodes/{name}"),
+        )
+        .ok()?;
+        serde_json::from_str(&body).ok()
+    }
+
+    /// All FlightNodes.
+    pub fn flightnodes(&self) -> Result<Vec<Value>> {
+        let body = http_get(self.http_port, "/apis/edge.drone.io/v1/flightnodes")?;
+        let list: Value = serde_json::from_str(&body)?;
+        Ok(list["items"].as_array().cloned().unwrap_or_default())
+    }
+}
+
+/// A minimal HTTP/1.1 GET on loopback (no client dependency; the hub's local API is plain HTTP).
+pub fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let status = head.split_whitespace().nth(1).unwrap_or("0");
+    if status != "200" {
+        bail!("GET {path}: HTTP {status}");
+    }
+    // Bodies may be chunked; undo it.
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((len, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+            if n == 0 || tail.len() < n {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            rest = tail[n..].trim_start_matches("\r\n");
+        }
+        return Ok(out);
+    }
+    Ok(body.to_owned())
+}
+
+/// One simulated drone: a state dir, file slots, `agent.toml`, and its `run` process.
+pub struct Drone {
+    pub id: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    proc: Option<Proc>,
+    agent: PathBuf,
+}
+
+impl Drone {
+    /// Starts `flightnode-agent run`.
+    pub fn start(&mut self) -> Result<()> {
+        let _ = std::fs::remove_file(self.dir.join("state/agent.sock"));
+        let mut cmd = Command::new(&self.agent);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .env("RUST_LOG", "info");
+        self.proc = Some(Proc::spawn(cmd, &self.dir.join("agent.log"))?);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.dir.join("state/agent.sock").exists() {
+            if Instant::now() > deadline {
+                bail!("drone {} did not start:\n{}", self.id, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            p.kill();
+        }
+    }
+
+    /// SIGTERM.
+    pub fn stop(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            p.stop();
+        }
+    }
+
+    /// Whether the process runs.
+    pub fn running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(Proc::running)
+    }
+
+    /// The agent's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// `flightnode-agent status --json` (through the running daemon, or the store).
+    pub fn status(&self) -> Result<Value> {
+        let out = run_ok(
+            &self.agent,
+            &["--config", &self.config.display().to_string(), "status", "--json"],
+        )?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Bytes of slot `a` or `b`.
+    pub fn slot(&self, slot: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(format!("slots/{slot}.img"))).unwrap_or_default()
+    }
+}
+
+/// What to start.
+pub struct FleetOptions {
+    /// How many drones.
+    pub drones: usize,
+    /// Use the hub's embedded broker instead of mosquitto.
+    pub embedded_broker: bool,
+    /// Health command per drone index (default `true`).
+    pub health: fn(usize) -> String,
+    /// Extra `agent.toml` text for every drone.
+    pub agent_extra: String,
+    /// Extra `flightnode-hub serve` flags.
+    pub hub_args: Vec<String>,
+    /// Agent binary (default: the workspace's).
+    pub agent_bin: Option<PathBuf>,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        Self {
+            drones: 1,
+            embedded_broker: false,
+            health: |_| "true".into(),
+            agent_extra: String::new(),
+            hub_args: vec!["--offline-after".into(), "6s".into()],
+            agent_bin: None,
+        }
+    }
+}
+
+/// The whole system on loopback.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub broker: Broker,
+    pub hub: Hub,
+    pub drones: Vec<Drone>,
+    pub bundles: BundleServer,
+    pub agent: PathBuf,
+}
+
+impl Fleet {
+    /// Starts broker, hub and drones; makes a signing key.
+    pub fn start(opts: FleetOptions) -> Result<Fleet> {
+        let dir = tempfile::Builder::new().prefix("flightnode-fleet-").tempdir()?;
+        let agent = match &opts.agent_bin {
+            Some(p) => p.clone(),
+            None => binary("flightnode-agent")?,
+        };
+        run_ok(
+            &agent,
+            &[
+                "keygen",
+                "--out-dir",
+                &dir.path().join("keys").display().to_string(),
+            ],
+        )?;
+        let broker = if opts.embedded_broker {
+            Broker::Embedded { port: free_port()? }
+        } else {
+            Broker::Mosquitto(Mosquitto::start()?)
+        };
+        let mut hub_args = opts.hub_args.clone();
+        if let Broker::Embedded { port } = &broker {
+            hub_args.extend(["--embedded-broker".into(), format!("127.0.0.1:{port}")]);
+        }
+        hub_args.extend(["--mqtt-url".into(), broker.url()]);
+        let mut hub = Hub {
+            grpc_port: free_port()?,
+            http_port: free_port()?,
+            data_dir: dir.path().join("hub"),
+            extra: hub_args,
+            proc: None,
+            log: dir.path().join("hub.log"),
+        };
+        hub.start()?;
+        let bundles = BundleServer::start_blocking()?;
+        let mut fleet = Fleet {
+            broker,
+            hub,
+            drones: Vec::new(),
+            bundles,
+            agent,
+            dir,
+        };
+        for i in 0..opts.drones {
+            let drone =
+                fleet.make_drone(&format!("drone-{}", i + 1), &(opts.health)(i), &opts.agent_extra)?;
+            fleet.drones.push(drone);
+        }
+        for d in &mut fleet.drones {
+            d.start()?;
+        }
+        Ok(fleet)
+    }
+
+    fn make_drone(&self, id: &str, health: &str, extra: &str) -> Result<Drone> {
+        let dir = self.dir.path().join(id);
+        std::fs::create_dir_all(dir.join("slots"))?;
+        std::fs::write(dir.join("slots/a.img"), b"factory firmware 1.0.0")?;
+        let config = dir.join("agent.toml");
+        let q = |p: PathBuf| format!("{:?}", p.display().to_string());
+        std::fs::write(
+            &config,
+            format!(
+                "device_id = \"{id}\"\nhardware = \"{HARDWARE}\"\nstate_dir = {state}\ntrusted_keys = [{key}]\n\
+                 factory_version = \"1.0.0\"\n[slots]\nbackend = \"file\"\na = {a}\nb = {b}\n\
+                 [health]\ncommand = {health:?}\ntimeout = \"30s\"\n\
+                 [download]\nidle_timeout = \"3s\"\nretries = 8\nbackoff = \"200ms\"\ncheckpoint_bytes = 65536\n\
+                 [mqtt]\nurl = \"{mqtt}\"\nmax_backoff = \"1s\"\n\
+                 [hub]\nendpoint = \"{hub}\"\nheartbeat_interval = \"1s\"\n{extra}\n",
+                state = q(dir.join("state")),
+                key = q(self.dir.path().join("keys/release.pub")),
+                a = q(dir.join("slots/a.img")),
+                b = q(dir.join("slots/b.img")),
+                mqtt = self.broker.url(),
+                hub = self.hub.endpoint(),
+            ),
+        )?;
+        Ok(Drone {
+            id: id.to_owned(),
+            dir,
+            config,
+            proc: None,
+            agent: self.agent.clone(),
+        })
+    }
+
+    /// Makes a signed bundle of a `len`-byte image for `version` and serves it at `/NAME.fnb`.
+    pub fn bundle(&self, name: &str, version: &str, len: usize) -> Result<(PathBuf, String)> {
+        let image = self.dir.path().join(format!("{name}.img"));
+        let mut x: u32 = version
+            .bytes()
+            .fold(2166136261, |h, b| (h ^ u32::from(b)).wrapping_mul(16777619));
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        std::fs::write(&image, bytes)?;
+        let out = self.dir.path().join(format!("{name}.fnb"));
+        run_ok(
+            &self.agent,
+            &[
+                "bundle",
+                "create",
+                "--key",
+                &self.dir.path().join("keys/release.key").display().to_string(),
+                "--image",
+                &image.display().to_string(),
+                "--version",
+                version,
+                "--compatible",
+                HARDWARE,
+                "--output",
+                &out.display().to_string(),
+            ],
+        )?;
+        let path = format!("/{name}.fnb");
+        self.bundles.put_file(&path, &out)?;
+        Ok((out, self.bundles.url(&path)))
+    }
+
+    /// `flightnode-hub upgrade --device ID --url URL` (publishes the MQTT command).
+    pub fn hub_upgrade(&self, device: &str, url: &str, extra: &[&str]) -> Result<()> {
+        let hub = binary("flightnode-hub")?;
+        let mut args = vec!["upgrade", "--device", device, "--url", url];
+        let mqtt = self.broker.url();
+        args.extend(["--mqtt-url", &mqtt]);
+        args.extend(extra);
+        run_ok(&hub, &args)?;
+        Ok(())
+    }
+
+    /// Polls the hub until `pred` holds for FlightNode `name`, or fails with what it last saw.
+    pub fn wait_flightnode(
+        &self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(fnode) = self.hub.flightnode(name) {
+                if pred(&fnode) {
+                    return Ok(fnode);
+                }
+                last = Some(fnode);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!(
+            "FlightNode {name} never reached the expected state; last seen:\n{last:#?}\nhub log:\n{}",
+            self.hub.log()
+        )
+    }
+}
+
+/// The condition `type` of a FlightNode.
+pub fn condition<'a>(fnode: &'a Value, kind: &str) -> Option<&'a Value> {
+    fnode["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+}
