@@ -449,10 +449,11 @@ impl Fleet {
         Ok((out, self.bundles.url(&path)))
     }
 
-    /// `flightnode-hub upgrade --device ID --url URL` (publishes the MQTT command).
-    pub fn hub_upgrade(&self, device: &str, url: &str, extra: &[&str]) -> Result<()> {
+    /// `flightnode-hub upgrade --device ID ARGS…` (publishes the MQTT command); ARGS are
+    /// `--url URL` or `--bundle FILE --base-url URL`, plus options.
+    pub fn hub_upgrade(&self, device: &str, extra: &[&str]) -> Result<()> {
         let hub = binary("flightnode-hub")?;
-        let mut args = vec!["upgrade", "--device", device, "--url", url];
+        let mut args = vec!["upgrade", "--device", device];
         let mqtt = self.broker.url();
         args.extend(["--mqtt-url", &mqtt]);
         args.extend(extra);

@@ -78,7 +78,7 @@ fn aarch64_agent_runs_under_qemu_and_upgrades_against_the_x86_64_hub() {
 
     let base = fleet.bundles.url("/");
     fleet
-        .hub_upgrade("drone-1", "", &["--bundle", bundle.to_str().unwrap(), "--base-url", base.trim_end_matches('/')])
+        .hub_upgrade("drone-1", &["--bundle", bundle.to_str().unwrap(), "--base-url", base.trim_end_matches('/')])
         .unwrap();
     let f = fleet
         .wait_flightnode("drone-1", Duration::from_secs(120), |f| {

@@ -31,7 +31,7 @@ fn s1_hub_upgrade_commits_and_firmware_is_synced() {
     fleet.wait_flightnode("drone-1", WAIT, |f| committed(f) == "1.0.0").unwrap();
     let base = fleet.bundles.url("/");
     fleet
-        .hub_upgrade("drone-1", "", &["--bundle", bundle.to_str().unwrap(), "--base-url", base.trim_end_matches('/')])
+        .hub_upgrade("drone-1", &["--bundle", bundle.to_str().unwrap(), "--base-url", base.trim_end_matches('/')])
         .unwrap();
     let f = fleet
         .wait_flightnode("drone-1", WAIT, |f| last_result(f) == "Committed" && committed(f) == "2.0.0")
