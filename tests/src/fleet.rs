@@ -85,6 +85,11 @@ impl Proc {
         }
     }
 
+    /// Process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether it still runs.
     pub fn running(&mut self) -> bool {
         self.child
@@ -163,6 +168,11 @@ impl Hub {
     /// The log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().and_then(Proc::pid)
     }
 
     /// The FlightNode object of `name` from the hub's local API, if it exists.
@@ -263,6 +273,11 @@ impl Drone {
     /// Whether the process runs.
     pub fn running(&mut self) -> bool {
         self.proc.as_mut().is_some_and(Proc::running)
+    }
+
+    /// Process id of `run`.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().and_then(Proc::pid)
     }
 
     /// The agent's log.
@@ -492,4 +507,17 @@ pub fn condition<'a>(fnode: &'a Value, kind: &str) -> Option<&'a Value> {
         .as_array()?
         .iter()
         .find(|c| c["type"] == kind)
+}
+
+/// `VmRSS` and `VmHWM` (peak) of a process, in KiB, from `/proc/PID/status`.
+pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
 }

@@ -607,6 +607,11 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
+    /// Process id of the `mosquitto_sub`.
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.child.id())
+    }
+
     /// Everything received so far (`topic payload` lines).
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.out).unwrap_or_default()

@@ -65,7 +65,11 @@ fn aarch64_agent_runs_under_qemu_and_upgrades_against_the_x86_64_hub() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("flightnode-agent "));
 
-    let fleet = Fleet::start(FleetOptions { agent_bin: Some(agent.clone()), ..FleetOptions::default() }).unwrap();
+    let fleet = Fleet::start(FleetOptions {
+        agent_bin: Some(agent.clone()),
+        ..FleetOptions::default()
+    })
+    .unwrap();
     let (bundle, _) = fleet.bundle("v2", "2.0.0", 256 * 1024).unwrap();
     let out = Command::new(&agent)
         .args(["bundle", "verify", "--key"])
@@ -78,11 +82,20 @@ fn aarch64_agent_runs_under_qemu_and_upgrades_against_the_x86_64_hub() {
 
     let base = fleet.bundles.url("/");
     fleet
-        .hub_upgrade("drone-1", &["--bundle", bundle.to_str().unwrap(), "--base-url", base.trim_end_matches('/')])
+        .hub_upgrade(
+            "drone-1",
+            &[
+                "--bundle",
+                bundle.to_str().unwrap(),
+                "--base-url",
+                base.trim_end_matches('/'),
+            ],
+        )
         .unwrap();
     let f = fleet
         .wait_flightnode("drone-1", Duration::from_secs(120), |f| {
-            f["status"]["lastUpgrade"]["result"] == "Committed" && f["status"]["firmware"]["committedVersion"] == "2.0.0"
+            f["status"]["lastUpgrade"]["result"] == "Committed"
+                && f["status"]["firmware"]["committedVersion"] == "2.0.0"
         })
         .unwrap();
     assert_eq!(f["status"]["firmware"]["activeSlot"], "b");

@@ -28,18 +28,32 @@ fn broker(fleet: &mut Fleet) -> &mut flightnode_tests::mosquitto::Mosquitto {
 fn s1_hub_upgrade_commits_and_firmware_is_synced() {
     let fleet = Fleet::start(FleetOptions::default()).unwrap();
     let (bundle, _) = fleet.bundle("v2", "2.0.0", MIB).unwrap();
-    fleet.wait_flightnode("drone-1", WAIT, |f| committed(f) == "1.0.0").unwrap();
+    fleet
+        .wait_flightnode("drone-1", WAIT, |f| committed(f) == "1.0.0")
+        .unwrap();
     let base = fleet.bundles.url("/");
     fleet
-        .hub_upgrade("drone-1", &["--bundle", bundle.to_str().unwrap(), "--base-url", base.trim_end_matches('/')])
+        .hub_upgrade(
+            "drone-1",
+            &[
+                "--bundle",
+                bundle.to_str().unwrap(),
+                "--base-url",
+                base.trim_end_matches('/'),
+            ],
+        )
         .unwrap();
     let f = fleet
-        .wait_flightnode("drone-1", WAIT, |f| last_result(f) == "Committed" && committed(f) == "2.0.0")
+        .wait_flightnode("drone-1", WAIT, |f| {
+            last_result(f) == "Committed" && committed(f) == "2.0.0"
+        })
         .unwrap();
     assert_eq!(f["status"]["phase"], "Idle");
     assert_eq!(f["status"]["firmware"]["activeSlot"], "b");
     let synced = fleet
-        .wait_flightnode("drone-1", WAIT, |f| condition(f, "FirmwareSynced").is_some_and(|c| c["status"] == "True"))
+        .wait_flightnode("drone-1", WAIT, |f| {
+            condition(f, "FirmwareSynced").is_some_and(|c| c["status"] == "True")
+        })
         .unwrap();
     assert_eq!(condition(&synced, "Online").unwrap()["status"], "True");
     let s = fleet.drones[0].status().unwrap();
@@ -51,9 +65,18 @@ fn s1_hub_upgrade_commits_and_firmware_is_synced() {
 fn s2_bare_url_from_mosquitto_pub_commits() {
     let mut fleet = Fleet::start(FleetOptions::default()).unwrap();
     let (_, url) = fleet.bundle("v2", "2.0.0", MIB).unwrap();
-    broker(&mut fleet).publish("firmware/drone-1/upgrade", url.as_bytes(), false).unwrap();
-    fleet.wait_flightnode("drone-1", WAIT, |f| last_result(f) == "Committed" && committed(f) == "2.0.0").unwrap();
-    let status = broker(&mut fleet).subscribe_once("firmware/drone-1/status", Duration::from_secs(10)).unwrap().unwrap();
+    broker(&mut fleet)
+        .publish("firmware/drone-1/upgrade", url.as_bytes(), false)
+        .unwrap();
+    fleet
+        .wait_flightnode("drone-1", WAIT, |f| {
+            last_result(f) == "Committed" && committed(f) == "2.0.0"
+        })
+        .unwrap();
+    let status = broker(&mut fleet)
+        .subscribe_once("firmware/drone-1/status", Duration::from_secs(10))
+        .unwrap()
+        .unwrap();
     let status: Value = serde_json::from_slice(&status).unwrap();
     assert_eq!(status["result"], "committed");
     assert_eq!(status["running"]["version"], "2.0.0");
@@ -61,7 +84,11 @@ fn s2_bare_url_from_mosquitto_pub_commits() {
 
 #[test]
 fn s3_s4_corrupt_and_forged_bundles_are_rejected_with_the_old_version_running() {
-    let mut fleet = Fleet::start(FleetOptions { drones: 2, ..FleetOptions::default() }).unwrap();
+    let mut fleet = Fleet::start(FleetOptions {
+        drones: 2,
+        ..FleetOptions::default()
+    })
+    .unwrap();
     let (bundle, _) = fleet.bundle("v2", "2.0.0", MIB).unwrap();
     let bytes = std::fs::read(&bundle).unwrap();
     let mut corrupt = bytes.clone();
@@ -75,13 +102,24 @@ fn s3_s4_corrupt_and_forged_bundles_are_rejected_with_the_old_version_running() 
 
     let corrupt_url = fleet.bundles.url("/corrupt.fnb");
     let forged_url = fleet.bundles.url("/forged.fnb");
-    broker(&mut fleet).publish("firmware/drone-1/upgrade", corrupt_url.as_bytes(), false).unwrap();
-    broker(&mut fleet).publish("firmware/drone-2/upgrade", forged_url.as_bytes(), false).unwrap();
-    let f = fleet.wait_flightnode("drone-1", WAIT, |f| last_result(f) == "Rejected").unwrap();
+    broker(&mut fleet)
+        .publish("firmware/drone-1/upgrade", corrupt_url.as_bytes(), false)
+        .unwrap();
+    broker(&mut fleet)
+        .publish("firmware/drone-2/upgrade", forged_url.as_bytes(), false)
+        .unwrap();
+    let f = fleet
+        .wait_flightnode("drone-1", WAIT, |f| last_result(f) == "Rejected")
+        .unwrap();
     assert_eq!(f["status"]["lastUpgrade"]["errorCode"], "hash_mismatch", "{f:#}");
     assert_eq!(committed(&f), "1.0.0");
-    let f = fleet.wait_flightnode("drone-2", WAIT, |f| last_result(f) == "Rejected").unwrap();
-    assert_eq!(f["status"]["lastUpgrade"]["errorCode"], "signature_invalid", "{f:#}");
+    let f = fleet
+        .wait_flightnode("drone-2", WAIT, |f| last_result(f) == "Rejected")
+        .unwrap();
+    assert_eq!(
+        f["status"]["lastUpgrade"]["errorCode"], "signature_invalid",
+        "{f:#}"
+    );
     for d in &fleet.drones {
         let s = d.status().unwrap();
         assert_eq!(s["active_slot"], "a");
@@ -97,8 +135,12 @@ fn s5_failed_health_rolls_back() {
     })
     .unwrap();
     let (_, url) = fleet.bundle("v2", "2.0.0", MIB).unwrap();
-    broker(&mut fleet).publish("firmware/drone-1/upgrade", url.as_bytes(), false).unwrap();
-    let f = fleet.wait_flightnode("drone-1", WAIT, |f| last_result(f) == "RolledBack").unwrap();
+    broker(&mut fleet)
+        .publish("firmware/drone-1/upgrade", url.as_bytes(), false)
+        .unwrap();
+    let f = fleet
+        .wait_flightnode("drone-1", WAIT, |f| last_result(f) == "RolledBack")
+        .unwrap();
     assert_eq!(f["status"]["lastUpgrade"]["errorCode"], "health_check_failed");
     assert_eq!(committed(&f), "1.0.0");
     assert_eq!(f["status"]["firmware"]["activeSlot"], "a");
@@ -111,8 +153,12 @@ fn s6_cut_mid_download_and_sigkill_resume_and_commit_with_little_refetch() {
     let (bundle, url) = fleet.bundle("v2", "2.0.0", size).unwrap();
     let len = std::fs::metadata(&bundle).unwrap().len();
     // The connection stalls halfway; the agent is killed while it waits.
-    fleet.bundles.set_fault("/v2.fnb", Fault::Stall { after: len / 2 });
-    broker(&mut fleet).publish("firmware/drone-1/upgrade", url.as_bytes(), false).unwrap();
+    fleet
+        .bundles
+        .set_fault("/v2.fnb", Fault::Stall { after: len / 2 });
+    broker(&mut fleet)
+        .publish("firmware/drone-1/upgrade", url.as_bytes(), false)
+        .unwrap();
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let s = fleet.drones[0].status().unwrap();
@@ -125,9 +171,16 @@ fn s6_cut_mid_download_and_sigkill_resume_and_commit_with_little_refetch() {
     fleet.drones[0].kill();
     fleet.bundles.clear_fault("/v2.fnb");
     fleet.drones[0].start().unwrap();
-    fleet.wait_flightnode("drone-1", WAIT, |f| last_result(f) == "Committed" && committed(f) == "2.0.0").unwrap();
+    fleet
+        .wait_flightnode("drone-1", WAIT, |f| {
+            last_result(f) == "Committed" && committed(f) == "2.0.0"
+        })
+        .unwrap();
     let sent = fleet.bundles.bytes_sent_for("/v2.fnb");
-    assert!(sent < size as u64 * 3 / 2, "downloaded {sent} bytes for a {size}-byte image");
+    assert!(
+        sent < size as u64 * 3 / 2,
+        "downloaded {sent} bytes for a {size}-byte image"
+    );
     assert_eq!(fleet.drones[0].slot("b").len(), size);
 }
 
@@ -136,15 +189,28 @@ fn s7_broker_then_hub_restarted_mid_upgrade_converges() {
     let mut fleet = Fleet::start(FleetOptions::default()).unwrap();
     let (bundle, url) = fleet.bundle("v2", "2.0.0", 4 * MIB).unwrap();
     let len = std::fs::metadata(&bundle).unwrap().len();
-    fleet.bundles.set_fault("/v2.fnb", Fault::Stall { after: len / 2 });
-    broker(&mut fleet).publish("firmware/drone-1/upgrade", url.as_bytes(), false).unwrap();
-    fleet.wait_flightnode("drone-1", WAIT, |f| f["status"]["phase"] == "Downloading").unwrap();
+    fleet
+        .bundles
+        .set_fault("/v2.fnb", Fault::Stall { after: len / 2 });
+    broker(&mut fleet)
+        .publish("firmware/drone-1/upgrade", url.as_bytes(), false)
+        .unwrap();
+    fleet
+        .wait_flightnode("drone-1", WAIT, |f| f["status"]["phase"] == "Downloading")
+        .unwrap();
     broker(&mut fleet).restart().unwrap();
     fleet.hub.kill();
     fleet.hub.start().unwrap();
     fleet.bundles.clear_fault("/v2.fnb");
-    fleet.wait_flightnode("drone-1", WAIT, |f| last_result(f) == "Committed" && committed(f) == "2.0.0").unwrap();
-    let retained = broker(&mut fleet).subscribe_once("firmware/drone-1/status", Duration::from_secs(10)).unwrap().unwrap();
+    fleet
+        .wait_flightnode("drone-1", WAIT, |f| {
+            last_result(f) == "Committed" && committed(f) == "2.0.0"
+        })
+        .unwrap();
+    let retained = broker(&mut fleet)
+        .subscribe_once("firmware/drone-1/status", Duration::from_secs(10))
+        .unwrap()
+        .unwrap();
     let retained: Value = serde_json::from_slice(&retained).unwrap();
     assert_eq!(retained["result"], "committed", "{retained:#}");
 }
@@ -152,13 +218,23 @@ fn s7_broker_then_hub_restarted_mid_upgrade_converges() {
 #[test]
 fn s9_stopped_drone_goes_offline_and_comes_back() {
     let mut fleet = Fleet::start(FleetOptions::default()).unwrap();
-    fleet.wait_flightnode("drone-1", WAIT, |f| condition(f, "Online").is_some_and(|c| c["status"] == "True")).unwrap();
+    fleet
+        .wait_flightnode("drone-1", WAIT, |f| {
+            condition(f, "Online").is_some_and(|c| c["status"] == "True")
+        })
+        .unwrap();
     fleet.drones[0].stop();
     let f = fleet
-        .wait_flightnode("drone-1", WAIT, |f| condition(f, "Online").is_some_and(|c| c["status"] == "False"))
+        .wait_flightnode("drone-1", WAIT, |f| {
+            condition(f, "Online").is_some_and(|c| c["status"] == "False")
+        })
         .unwrap();
     assert_eq!(condition(&f, "Online").unwrap()["reason"], "HeartbeatTimeout");
     assert_eq!(condition(&f, "Ready").unwrap()["status"], "Unknown");
     fleet.drones[0].start().unwrap();
-    fleet.wait_flightnode("drone-1", WAIT, |f| condition(f, "Online").is_some_and(|c| c["status"] == "True")).unwrap();
+    fleet
+        .wait_flightnode("drone-1", WAIT, |f| {
+            condition(f, "Online").is_some_and(|c| c["status"] == "True")
+        })
+        .unwrap();
 }
