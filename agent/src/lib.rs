@@ -27,6 +27,8 @@ pub mod daemon;
 pub mod download;
 pub mod engine;
 pub mod failpoint;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hooks;
 pub mod hub_link;
 pub mod mqtt;

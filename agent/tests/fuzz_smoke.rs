@@ -1,0 +1,82 @@
+//! A short run of the fuzz target bodies (fuzz/) in every `cargo test`: seeded random inputs and
+//! mutations of valid ones. The long runs are `fuzz/run.sh`.
+
+use rand::{Rng, SeedableRng};
+
+fn mutate(rng: &mut rand::rngs::StdRng, seed: &[u8]) -> Vec<u8> {
+    let mut v = seed.to_vec();
+    for _ in 0..rng.random_range(1..8) {
+        match rng.random_range(0..4) {
+            0 if !v.is_empty() => {
+                let i = rng.random_range(0..v.len());
+                v[i] ^= 1 << rng.random_range(0..8);
+            }
+            1 if !v.is_empty() => {
+                let i = rng.random_range(0..v.len());
+                v.truncate(i);
+            }
+            2 => {
+                let i = rng.random_range(0..=v.len());
+                let b: u8 = rng.random();
+                v.insert(i, b);
+            }
+            _ => {
+                let n = rng.random_range(0..64);
+                v.extend((0..n).map(|_| rng.random::<u8>()));
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn mqtt_command_parser_survives_mutated_payloads() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let seeds: [&[u8]; 4] = [
+        b"https://fw.example/a.fnb",
+        br#"{"type":"upgrade","upgrade_id":"u1","url":"http://h/b.fnb","version":"1.2.3","allow_downgrade":true}"#,
+        br#"{"type":"cancel","upgrade_id":"u1","device_id":"drone-fuzz"}"#,
+        b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
+    ];
+    for _ in 0..20_000 {
+        let seed = seeds[rng.random_range(0..seeds.len())];
+        flightnode_agent::fuzzing::mqtt_command(&mutate(&mut rng, seed));
+    }
+}
+
+#[test]
+fn bundle_reader_survives_mutated_bundles() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("fuzz.key");
+    flightnode_agent::fuzzing::write_fuzz_key(&key).unwrap();
+    let image = dir.path().join("img");
+    std::fs::write(&image, vec![7u8; 3000]).unwrap();
+    let out = dir.path().join("b.fnb");
+    let opts = flightnode_agent::bundle::CreateOptions {
+        version: semver::Version::new(1, 0, 0),
+        security_version: 0,
+        compatible: vec!["hw".into()],
+        expires: None,
+    };
+    flightnode_agent::bundle::create(&key, &image, &opts, &out).unwrap();
+    let valid_header = flightnode_agent::bundle::verify_file(
+        &out,
+        &flightnode_agent::bundle::TrustedKeys::new(vec![
+            flightnode_agent::fuzzing::fuzz_key().verifying_key(),
+        ]),
+    );
+    assert!(
+        valid_header.is_ok(),
+        "the seed bundle must verify with the fuzz key"
+    );
+    let valid = std::fs::read(&out).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for _ in 0..3_000 {
+        flightnode_agent::fuzzing::bundle_reader(&mutate(&mut rng, &valid));
+    }
+    for _ in 0..2_000 {
+        let n = rng.random_range(0..4096);
+        let junk: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+        flightnode_agent::fuzzing::bundle_reader(&junk);
+    }
+}
