@@ -348,3 +348,79 @@ fn reboot_mode_rolls_back_when_the_fleet_never_comes_back() {
     }
     assert_eq!(dev.status()["active_slot"], "a");
 }
+
+/// `VmRSS` of a process in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_flood_of_ten_thousand_commands_installs_once_and_keeps_the_agent_responsive() {
+    let broker = Mosquitto::start().unwrap();
+    let dev = device(&broker, "true");
+    let d = start(&dev);
+    let (srv, _) = serve(&dev, "2.0.0", 500_000);
+    let before = rss_kib(d.0.id());
+    // 10,000 messages on one connection: distinct upgrade ids, duplicates and garbage mixed.
+    let mut lines = String::new();
+    for i in 0..10_000 {
+        match i % 3 {
+            0 => lines.push_str(&upgrade_json(&format!("flood-{i}"), &srv.url("/fw.fnb"))),
+            1 => lines.push_str(&upgrade_json("flood-0", &srv.url("/fw.fnb"))),
+            _ => lines.push_str("{not json"),
+        }
+        lines.push('\n');
+    }
+    let mut publisher = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port().to_string(),
+            "-q",
+            "1",
+            "-t",
+            UPGRADE,
+            "-l",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    publisher
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    assert!(publisher.wait().unwrap().success());
+
+    // Still answering, one install in all.
+    let deadline = Instant::now() + WAIT;
+    while dev.status()["committed_version"] != "2.0.0" {
+        assert!(Instant::now() < deadline, "{:#}", dev.status());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    // Later distinct ids may run after it ended, but find the version installed and write nothing.
+    assert_eq!(
+        dev.applied().lines().count(),
+        1,
+        "exactly one install: {}",
+        dev.applied()
+    );
+    let s = dev.status();
+    assert!(s["phase"] == "idle" || s["phase"] == "downloading", "{s:#}");
+    let after = rss_kib(d.0.id());
+    assert!(
+        after < before + 64 * 1024,
+        "memory must stay bounded: {before} KiB → {after} KiB"
+    );
+}
