@@ -50,9 +50,17 @@ pub mod condition {
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Firmware", type_ = "string", json_path = ".status.firmware.committedVersion"),
+    printcolumn(
+        name = "Firmware",
+        type_ = "string",
+        json_path = ".status.firmware.committedVersion"
+    ),
     printcolumn(name = "Slot", type_ = "string", json_path = ".status.firmware.activeSlot"),
-    printcolumn(name = "Last-Heartbeat", type_ = "date", json_path = ".status.lastHeartbeatTime"),
+    printcolumn(
+        name = "Last-Heartbeat",
+        type_ = "date",
+        json_path = ".status.lastHeartbeatTime"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -163,10 +171,10 @@ pub struct LastUpgrade {
 pub struct Resources {
     /// CPU use, rounded to 10 %.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_percent: Option<u32>,
+    pub cpu_percent: Option<i32>,
     /// Memory in use, rounded to 10 % of the total.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_used_percent: Option<u32>,
+    pub memory_used_percent: Option<i32>,
     /// Total memory, as a Kubernetes quantity with two significant digits (`1.9Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_total: Option<String>,

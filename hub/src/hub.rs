@@ -4,8 +4,8 @@
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::session::{SessionConfig, Sessions, SpecCache};
-use crate::sink::local::LocalStore;
 use crate::sink::StatusSink;
+use crate::sink::local::LocalStore;
 use flightnode_proto::v1::{HeartbeatRequest, HeartbeatResponse};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +49,12 @@ impl Hub {
     ) -> Arc<Hub> {
         let metrics = Arc::new(Metrics::new());
         let sessions = Arc::new(Sessions::new(config.session, specs));
-        let scheduler = Scheduler::new(config.scheduler, sink, Arc::clone(&sessions), Arc::clone(&metrics));
+        let scheduler = Scheduler::new(
+            config.scheduler,
+            sink,
+            Arc::clone(&sessions),
+            Arc::clone(&metrics),
+        );
         Arc::new(Hub {
             sessions,
             scheduler,

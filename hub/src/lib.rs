@@ -19,7 +19,8 @@
 //! - [`metrics`]: prometheus-client registry.
 //! - [`get`]: `flightnode-hub get`, a kubectl-like table.
 //! - [`upgrade`]: `flightnode-hub upgrade`, publishes MQTT upgrade/cancel commands.
-//! - [`hub`]: wires the pieces together for `flightnode-hub serve`.
+//! - [`hub`]: the shared core (sessions, scheduler, metrics, local store).
+//! - [`serve`]: `flightnode-hub serve`: TLS, sink choice, gRPC and HTTP servers.
 
 pub mod crd;
 pub mod get;
@@ -29,6 +30,7 @@ pub mod hub;
 pub mod liveness;
 pub mod metrics;
 pub mod scheduler;
+pub mod serve;
 pub mod session;
 pub mod sink;
 pub mod status;

@@ -4,7 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::Mutex;
 
@@ -60,17 +60,37 @@ impl Metrics {
         let queue_depth = Gauge::default();
         let missing = Counter::default();
         let registered = Counter::default();
-        registry.register("heartbeats_received", "Heartbeats received, by result", heartbeats.clone());
-        registry.register("status_writes", "FlightNode status writes, by result", status_writes.clone());
+        registry.register(
+            "heartbeats_received",
+            "Heartbeats received, by result",
+            heartbeats.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "FlightNode status writes, by result",
+            status_writes.clone(),
+        );
         registry.register(
             "status_write_duration_seconds",
             "Latency of FlightNode status writes",
             write_duration.clone(),
         );
         registry.register("drones", "Drones by condition and status", drones.clone());
-        registry.register("write_queue_depth", "Drones with a status write pending", queue_depth.clone());
-        registry.register("flightnode_missing", "Status writes that found no FlightNode", missing.clone());
-        registry.register("flightnodes_registered", "FlightNodes created by auto-registration", registered.clone());
+        registry.register(
+            "write_queue_depth",
+            "Drones with a status write pending",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "flightnode_missing",
+            "Status writes that found no FlightNode",
+            missing.clone(),
+        );
+        registry.register(
+            "flightnodes_registered",
+            "FlightNodes created by auto-registration",
+            registered.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             heartbeats,
@@ -104,7 +124,10 @@ impl Metrics {
     /// OpenMetrics text.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
             out.clear();
         }

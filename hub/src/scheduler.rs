@@ -119,7 +119,14 @@ impl State {
     fn merge(&mut self, req: WriteRequest, priority: Priority, attempts: u32, newer: bool) {
         match self.pending.get_mut(&req.name) {
             None => {
-                self.pending.insert(req.name.clone(), Pending { req, priority, attempts });
+                self.pending.insert(
+                    req.name.clone(),
+                    Pending {
+                        req,
+                        priority,
+                        attempts,
+                    },
+                );
             }
             Some(p) => {
                 let mut events = std::mem::take(&mut p.req.events);
@@ -145,7 +152,8 @@ impl State {
         };
         match self.slots.get(name) {
             None | Some(Slot::Queued(Priority::Refresh)) if priority == Priority::Transition => {
-                self.slots.insert(name.to_owned(), Slot::Queued(Priority::Transition));
+                self.slots
+                    .insert(name.to_owned(), Slot::Queued(Priority::Transition));
                 self.transitions.push_back(name.to_owned());
                 true
             }
@@ -159,7 +167,10 @@ impl State {
     }
 
     fn pop(&mut self) -> Option<Pending> {
-        for (queue, priority) in [(&mut self.transitions, Priority::Transition), (&mut self.refreshes, Priority::Refresh)] {
+        for (queue, priority) in [
+            (&mut self.transitions, Priority::Transition),
+            (&mut self.refreshes, Priority::Refresh),
+        ] {
             while let Some(name) = queue.pop_front() {
                 if self.slots.get(&name) == Some(&Slot::Queued(priority)) {
                     self.slots.insert(name.clone(), Slot::InFlight);
@@ -212,7 +223,9 @@ impl Scheduler {
 
     // NB: std Mutexes: nothing awaits while they are held.
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Adds a write; it replaces (latest wins) any write still pending for the drone.
@@ -246,7 +259,10 @@ impl Scheduler {
     async fn take_token(&self) {
         loop {
             let wait = {
-                let mut bucket = self.bucket.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut bucket = self
+                    .bucket
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 match bucket.try_take(Instant::now()) {
                     Ok(()) => return,
                     Err(wait) => wait,
@@ -267,7 +283,10 @@ impl Scheduler {
             }
             self.take_token().await;
             let Some(job) = self.state().pop() else {
-                self.bucket.lock().unwrap_or_else(std::sync::PoisonError::into_inner).refund();
+                self.bucket
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .refund();
                 continue;
             };
             // Another worker may be needed for what is still queued.
@@ -281,7 +300,9 @@ impl Scheduler {
     async fn run(&self, job: Pending) {
         let started = Instant::now();
         let result = self.sink.write_status(&job.req).await;
-        self.metrics.write_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .write_duration
+            .observe(started.elapsed().as_secs_f64());
         let label = match &result {
             Ok(()) => "ok",
             Err(e) => e.label(),
@@ -320,7 +341,11 @@ impl Scheduler {
                 }
                 self.finish(&job.req.name);
             }
-            Err(WriteError::Retryable { code, retry_after, message }) => {
+            Err(WriteError::Retryable {
+                code,
+                retry_after,
+                message,
+            }) => {
                 let delay = self.backoff(job.attempts + 1, retry_after);
                 tracing::debug!(device_id = %device_id, code, ?delay, %message, "status write will be retried");
                 self.retry(job, delay);

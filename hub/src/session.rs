@@ -15,7 +15,7 @@ use sha2::Digest;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 /// Timing of sessions.
@@ -37,7 +37,10 @@ pub struct SpecCache(RwLock<HashMap<String, SpecView>>);
 impl SpecCache {
     /// The spec of one object (default when unknown).
     pub fn get(&self, name: &str) -> SpecView {
-        self.0.read().map(|m| m.get(name).cloned().unwrap_or_default()).unwrap_or_default()
+        self.0
+            .read()
+            .map(|m| m.get(name).cloned().unwrap_or_default())
+            .unwrap_or_default()
     }
 
     /// Stores a spec; true when it changed.
@@ -58,7 +61,9 @@ pub fn object_name(device_id: &str) -> String {
             && s.len() <= 253
             && s.split('.').all(|label| {
                 !label.is_empty()
-                    && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                     && !label.starts_with('-')
                     && !label.ends_with('-')
             })
@@ -184,7 +189,9 @@ impl Sessions {
             None => Some(Priority::Transition),
             Some((written, _)) if status::content_differs(written, &s.current) => Some(Priority::Transition),
             _ if self.config.sink_stores_events && !s.pending_events.is_empty() => Some(Priority::Transition),
-            Some((_, at)) if now.saturating_duration_since(*at) >= self.config.refresh => Some(Priority::Refresh),
+            Some((_, at)) if now.saturating_duration_since(*at) >= self.config.refresh => {
+                Some(Priority::Refresh)
+            }
             _ => None,
         }
     }
@@ -217,10 +224,18 @@ impl Sessions {
         let mut wants_seq = 0;
         for event in hb.events.iter().filter(|e| e.seq > durable) {
             wants_seq = wants_seq.max(event.seq);
-            session.pending_events.entry(event.seq).or_insert_with(|| EventRecord::from_proto(event));
+            session
+                .pending_events
+                .entry(event.seq)
+                .or_insert_with(|| EventRecord::from_proto(event));
         }
-        let mut current =
-            status::with_conditions(session.base.clone(), Liveness::Online, &spec, &session.current.conditions, &wall);
+        let mut current = status::with_conditions(
+            session.base.clone(),
+            Liveness::Online,
+            &spec,
+            &session.current.conditions,
+            &wall,
+        );
         current.last_heartbeat_time = Some(wall);
         session.current = current;
 
@@ -301,7 +316,11 @@ impl Sessions {
     /// When the next online drone would time out.
     pub fn next_deadline(&self) -> Option<Instant> {
         let grace = self.config.grace;
-        self.lock().values().filter(|s| s.online).map(|s| s.last_seen + grace).min()
+        self.lock()
+            .values()
+            .filter(|s| s.online)
+            .map(|s| s.last_seen + grace)
+            .min()
     }
 
     /// Recomputes a drone's status after its spec changed; returns a write if one is due.
@@ -318,7 +337,8 @@ impl Sessions {
             }
         };
         let heartbeat_time = s.current.last_heartbeat_time.clone();
-        let mut current = status::with_conditions(s.base.clone(), liveness, &spec, &s.current.conditions, &wall);
+        let mut current =
+            status::with_conditions(s.base.clone(), liveness, &spec, &s.current.conditions, &wall);
         current.last_heartbeat_time = heartbeat_time;
         s.current = current;
         let priority = self.due(s, now).filter(|p| *p == Priority::Transition)?;

@@ -3,7 +3,7 @@
 //! Pure functions: no clock is read here; callers pass the time as an RFC 3339 string.
 
 use crate::crd::{
-    condition, AgentInfo, Condition, Firmware, FlightNodeStatus, LastUpgrade, Resources, SlotInfo,
+    AgentInfo, Condition, Firmware, FlightNodeStatus, LastUpgrade, Resources, SlotInfo, condition,
 };
 use flightnode_proto::v1::HeartbeatRequest;
 use time::OffsetDateTime;
@@ -84,7 +84,11 @@ pub fn coarse_quantity(bytes: u64) -> String {
         }
     } else {
         let magnitude = if value < 100.0 { 1.0 } else { 10.0 };
-        format!("{}{}", ((value / magnitude).round() * magnitude) as u64, UNITS[unit])
+        format!(
+            "{}{}",
+            ((value / magnitude).round() * magnitude) as u64,
+            UNITS[unit]
+        )
     }
 }
 
@@ -115,20 +119,27 @@ pub fn from_heartbeat(hb: &HeartbeatRequest) -> FlightNodeStatus {
             security_floor: i64::try_from(f.security_floor).ok().filter(|v| *v > 0),
         }
     });
-    let last_upgrade = hb.last_upgrade.as_ref().filter(|l| !l.upgrade_id.is_empty()).map(|l| LastUpgrade {
-        id: non_empty(&l.upgrade_id),
-        version: non_empty(&l.version),
-        result: non_empty(&l.result).map(|r| camel_case(&r)),
-        error_code: non_empty(&l.error_code),
-        error_message: non_empty(&l.error_message),
-        finished_time: unix_rfc3339(l.finished_unix),
-    });
+    let last_upgrade = hb
+        .last_upgrade
+        .as_ref()
+        .filter(|l| !l.upgrade_id.is_empty())
+        .map(|l| LastUpgrade {
+            id: non_empty(&l.upgrade_id),
+            version: non_empty(&l.version),
+            result: non_empty(&l.result).map(|r| camel_case(&r)),
+            error_code: non_empty(&l.error_code),
+            error_message: non_empty(&l.error_message),
+            finished_time: unix_rfc3339(l.finished_unix),
+        });
     let resources = hb.resources.as_ref().map(|r| {
         let memory_used_percent = (r.memory_total_bytes > 0).then(|| {
-            round_to(r.memory_used_bytes as f64 * 100.0 / r.memory_total_bytes as f64, 10.0) as u32
+            round_to(
+                r.memory_used_bytes as f64 * 100.0 / r.memory_total_bytes as f64,
+                10.0,
+            ) as i32
         });
         Resources {
-            cpu_percent: Some(round_to(f64::from(r.cpu_percent.clamp(0.0, 100.0)), 10.0) as u32),
+            cpu_percent: Some(round_to(f64::from(r.cpu_percent.clamp(0.0, 100.0)), 10.0) as i32),
             memory_used_percent,
             memory_total: (r.memory_total_bytes > 0).then(|| coarse_quantity(r.memory_total_bytes)),
             disk_free: Some(coarse_quantity(r.disk_free_bytes)),
@@ -181,7 +192,12 @@ pub fn with_conditions(
     let upgrading = phase != "Idle";
 
     let online = match liveness {
-        Liveness::Online => cond(condition::ONLINE, "True", "HeartbeatReceived", "heartbeats are arriving".into()),
+        Liveness::Online => cond(
+            condition::ONLINE,
+            "True",
+            "HeartbeatReceived",
+            "heartbeats are arriving".into(),
+        ),
         Liveness::Offline { silent_secs } => cond(
             condition::ONLINE,
             "False",
@@ -190,9 +206,19 @@ pub fn with_conditions(
         ),
     };
     let in_progress = if upgrading {
-        cond(condition::UPGRADE_IN_PROGRESS, "True", &phase, format!("upgrade phase {phase}"))
+        cond(
+            condition::UPGRADE_IN_PROGRESS,
+            "True",
+            &phase,
+            format!("upgrade phase {phase}"),
+        )
     } else {
-        cond(condition::UPGRADE_IN_PROGRESS, "False", "Idle", "no upgrade in flight".into())
+        cond(
+            condition::UPGRADE_IN_PROGRESS,
+            "False",
+            "Idle",
+            "no upgrade in flight".into(),
+        )
     };
     let synced = match (&spec.firmware_version, &committed) {
         (None, _) => cond(
@@ -201,9 +227,12 @@ pub fn with_conditions(
             "NoDesiredVersion",
             "spec.firmwareVersion is not set".into(),
         ),
-        (Some(want), Some(have)) if want == have => {
-            cond(condition::FIRMWARE_SYNCED, "True", "Synced", format!("committed version is {have}"))
-        }
+        (Some(want), Some(have)) if want == have => cond(
+            condition::FIRMWARE_SYNCED,
+            "True",
+            "Synced",
+            format!("committed version is {have}"),
+        ),
         (Some(want), have) => cond(
             condition::FIRMWARE_SYNCED,
             "False",
@@ -221,13 +250,24 @@ pub fn with_conditions(
             "HeartbeatTimeout",
             format!("no heartbeat for {silent_secs}s"),
         ),
-        Liveness::Online if upgrading => {
-            cond(condition::READY, "False", "UpgradeInProgress", format!("upgrade phase {phase}"))
-        }
-        Liveness::Online if synced.status != "True" => {
-            cond(condition::READY, "False", "FirmwareNotSynced", synced.message.clone())
-        }
-        Liveness::Online => cond(condition::READY, "True", "Ready", "online and on the desired firmware".into()),
+        Liveness::Online if upgrading => cond(
+            condition::READY,
+            "False",
+            "UpgradeInProgress",
+            format!("upgrade phase {phase}"),
+        ),
+        Liveness::Online if synced.status != "True" => cond(
+            condition::READY,
+            "False",
+            "FirmwareNotSynced",
+            synced.message.clone(),
+        ),
+        Liveness::Online => cond(
+            condition::READY,
+            "True",
+            "Ready",
+            "online and on the desired firmware".into(),
+        ),
     };
 
     let mut conditions = vec![ready, online, in_progress, synced];
@@ -266,8 +306,14 @@ mod tests {
             firmware: Some(v1::FirmwareState {
                 active_slot: "a".into(),
                 booted_slot: "a".into(),
-                slot_a: Some(v1::SlotInfo { version: "1.0.0".into(), state: "good".into() }),
-                slot_b: Some(v1::SlotInfo { version: String::new(), state: "empty".into() }),
+                slot_a: Some(v1::SlotInfo {
+                    version: "1.0.0".into(),
+                    state: "good".into(),
+                }),
+                slot_b: Some(v1::SlotInfo {
+                    version: String::new(),
+                    state: "empty".into(),
+                }),
                 committed_version: "1.0.0".into(),
                 security_floor: 0,
             }),
@@ -298,7 +344,10 @@ mod tests {
         assert_eq!(coarse_quantity(512 << 20), "510Mi");
         assert_eq!(coarse_quantity(5_000_000_000), "4.7Gi");
         assert_eq!(unix_rfc3339(0), None);
-        assert_eq!(unix_rfc3339(1_700_000_000).as_deref(), Some("2023-11-14T22:13:20Z"));
+        assert_eq!(
+            unix_rfc3339(1_700_000_000).as_deref(),
+            Some("2023-11-14T22:13:20Z")
+        );
     }
 
     #[test]
@@ -307,7 +356,10 @@ mod tests {
         let s = from_heartbeat(&hb);
         assert_eq!(s.phase.as_deref(), Some("Idle"));
         let r = s.resources.clone().unwrap_or_default();
-        assert_eq!((r.cpu_percent, r.memory_used_percent, r.temperature_celsius), (Some(10), Some(30), Some(40)));
+        assert_eq!(
+            (r.cpu_percent, r.memory_used_percent, r.temperature_celsius),
+            (Some(10), Some(30), Some(40))
+        );
         // Jitter does not change the coarse status.
         hb.resources.as_mut().map(|r| r.cpu_percent = 14.0);
         assert!(!content_differs(&s, &from_heartbeat(&hb)));
@@ -332,23 +384,39 @@ mod tests {
     #[test]
     fn conditions_follow_liveness_spec_and_keep_transition_times() {
         let base = from_heartbeat(&heartbeat());
-        let spec = SpecView { firmware_version: Some("1.0.0".into()), generation: Some(3) };
+        let spec = SpecView {
+            firmware_version: Some("1.0.0".into()),
+            generation: Some(3),
+        };
         let s1 = with_conditions(base.clone(), Liveness::Online, &spec, &[], "T1");
         let get = |s: &FlightNodeStatus, t: &str| {
-            s.conditions.iter().find(|c| c.type_ == t).cloned().unwrap_or_default()
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .cloned()
+                .unwrap_or_default()
         };
         assert_eq!(get(&s1, "Ready").status, "True");
         assert_eq!(get(&s1, "FirmwareSynced").status, "True");
         assert_eq!(s1.observed_generation, Some(3));
 
-        let s2 = with_conditions(base.clone(), Liveness::Offline { silent_secs: 40 }, &spec, &s1.conditions, "T2");
+        let s2 = with_conditions(
+            base.clone(),
+            Liveness::Offline { silent_secs: 40 },
+            &spec,
+            &s1.conditions,
+            "T2",
+        );
         assert_eq!(get(&s2, "Online").status, "False");
         assert_eq!(get(&s2, "Online").reason, "HeartbeatTimeout");
         assert_eq!(get(&s2, "Ready").status, "Unknown");
         assert_eq!(get(&s2, "Ready").last_transition_time, "T2");
         assert_eq!(get(&s2, "FirmwareSynced").last_transition_time, "T1");
 
-        let want2 = SpecView { firmware_version: Some("2.0.0".into()), generation: Some(4) };
+        let want2 = SpecView {
+            firmware_version: Some("2.0.0".into()),
+            generation: Some(4),
+        };
         let s3 = with_conditions(base, Liveness::Online, &want2, &s2.conditions, "T3");
         assert_eq!(get(&s3, "FirmwareSynced").status, "False");
         assert_eq!(get(&s3, "Ready").reason, "FirmwareNotSynced");

@@ -5,8 +5,8 @@
 //! scheduler owns retries and rate limits.
 
 use super::{StatusSink, WriteError, WriteRequest};
-use crate::crd::{new_flightnode, FlightNode, API_VERSION, KIND};
 use crate::FIELD_MANAGER;
+use crate::crd::{API_VERSION, FlightNode, KIND, new_flightnode};
 use futures_util::future::BoxFuture;
 use http_body_util::BodyExt;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -125,7 +125,12 @@ impl StatusSink for KubeSink {
             let params = PatchParams::apply(FIELD_MANAGER).force();
             let http_req = self
                 .request()
-                .patch_subresource("status", &req.name, &params, &Patch::Apply(apply_body(&req.status)))
+                .patch_subresource(
+                    "status",
+                    &req.name,
+                    &params,
+                    &Patch::Apply(apply_body(&req.status)),
+                )
                 .map_err(|e| WriteError::Permanent {
                     code: 0,
                     message: e.to_string(),
@@ -145,10 +150,13 @@ impl StatusSink for KubeSink {
                 field_manager: Some(FIELD_MANAGER.to_owned()),
                 ..PostParams::default()
             };
-            let http_req = self.request().create(&params, data).map_err(|e| WriteError::Permanent {
-                code: 0,
-                message: e.to_string(),
-            })?;
+            let http_req = self
+                .request()
+                .create(&params, data)
+                .map_err(|e| WriteError::Permanent {
+                    code: 0,
+                    message: e.to_string(),
+                })?;
             match self.send(http_req).await {
                 Err(WriteError::Retryable { code: 409, .. }) => Ok(()),
                 other => other,
@@ -158,5 +166,32 @@ impl StatusSink for KubeSink {
 
     fn kind(&self) -> &'static str {
         "kube"
+    }
+}
+
+/// Keeps the spec cache in step with the `FlightNode`s in `namespace` (a kube watcher) and
+/// re-evaluates a drone whose `spec.firmwareVersion` or generation changed. Runs forever.
+pub async fn watch_specs(client: Client, namespace: String, hub: std::sync::Arc<crate::hub::Hub>) {
+    use futures_util::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let api: kube::Api<FlightNode> = kube::Api::namespaced(client, &namespace);
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
+    futures_util::pin_mut!(stream);
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(node) => {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                let spec = crate::status::SpecView {
+                    firmware_version: node.spec.firmware_version.clone(),
+                    generation: node.metadata.generation,
+                };
+                if hub.sessions.specs().set(&name, spec) {
+                    hub.spec_changed(&name);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "FlightNode watch failed; retrying"),
+        }
     }
 }

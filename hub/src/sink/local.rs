@@ -6,7 +6,7 @@
 //! creates it (nobody pre-creates objects on a laptop).
 
 use super::{EventRecord, StatusSink, WriteError, WriteRequest};
-use crate::crd::{new_flightnode, FlightNode};
+use crate::crd::{FlightNode, new_flightnode};
 use futures_util::future::BoxFuture;
 use std::path::Path;
 
@@ -102,9 +102,8 @@ impl LocalStore {
         let id = self.db.generate_id().map_err(internal)?;
         node.metadata.uid = Some(format!("local-{id:016x}"));
         node.metadata.generation = Some(1);
-        node.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            jiff_now(),
-        ));
+        node.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff_now()));
         Ok(node)
     }
 
@@ -112,7 +111,9 @@ impl LocalStore {
         node.metadata.resource_version = Some(self.next_resource_version()?);
         let name = node.metadata.name.clone().unwrap_or_default();
         let bytes = serde_json::to_vec(&node).map_err(internal)?;
-        self.objects.insert(object_key(&self.namespace, &name), bytes).map_err(internal)?;
+        self.objects
+            .insert(object_key(&self.namespace, &name), bytes)
+            .map_err(internal)?;
         Ok(())
     }
 
@@ -139,7 +140,11 @@ impl LocalStore {
     }
 
     /// Sets `spec.firmwareVersion` (bumps `metadata.generation`); `None` when the object is missing.
-    pub async fn set_firmware_version(&self, name: &str, version: Option<String>) -> Result<Option<FlightNode>, WriteError> {
+    pub async fn set_firmware_version(
+        &self,
+        name: &str,
+        version: Option<String>,
+    ) -> Result<Option<FlightNode>, WriteError> {
         let Some(mut node) = self.get(&self.namespace, name) else {
             return Ok(None);
         };

@@ -41,7 +41,11 @@ impl EventRecord {
             .filter(|_| e.time_unix_ms > 0)
             .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
             .unwrap_or_default();
-        let phase = if e.phase.is_empty() { "idle" } else { e.phase.as_str() };
+        let phase = if e.phase.is_empty() {
+            "idle"
+        } else {
+            e.phase.as_str()
+        };
         EventRecord {
             seq: e.seq,
             time,
