@@ -1,1 +1,328 @@
-fn main() {}
+//! `flightnode-hub`: gRPC heartbeats in, `FlightNode` status out.
+#![warn(clippy::pedantic)]
+#![allow(clippy::doc_markdown)]
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use flightnode_hub::hub::HubConfig;
+use flightnode_hub::scheduler::SchedulerConfig;
+use flightnode_hub::serve::{ServeOptions, StoreKind};
+use flightnode_hub::session::SessionConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "flightnode-hub",
+    version,
+    about = "flightnode hub: gRPC heartbeats in, FlightNode status out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve gRPC heartbeats and write FlightNode status.
+    Serve(Box<ServeArgs>),
+    /// Print the FlightNode CRD as YAML.
+    Crd,
+    /// List FlightNodes like `kubectl get flightnodes`.
+    Get(GetArgs),
+    /// Publish an MQTT upgrade command for one drone.
+    Upgrade(UpgradeArgs),
+    /// Publish an MQTT cancel command for one drone.
+    Cancel(CancelArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "FLIGHTNODE_HUB_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    grpc_addr: SocketAddr,
+    /// HTTP listen address (/metrics, /healthz, /readyz, local API).
+    #[arg(long, env = "FLIGHTNODE_HUB_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Status sink.
+    #[arg(long, env = "FLIGHTNODE_HUB_STORE", value_enum, default_value = "local")]
+    store: StoreKind,
+    /// Directory of the local store.
+    #[arg(long, env = "FLIGHTNODE_HUB_DATA_DIR", default_value = "flightnode-hub-data")]
+    data_dir: PathBuf,
+    /// Namespace of the FlightNodes [default: the pod's namespace in cluster, else `default`].
+    #[arg(long, env = "FLIGHTNODE_HUB_NAMESPACE")]
+    namespace: Option<String>,
+    /// Server certificate (PEM).
+    #[arg(long, env = "FLIGHTNODE_HUB_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "FLIGHTNODE_HUB_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA of drone client certificates (PEM): requires mTLS and the device identity check.
+    #[arg(long, env = "FLIGHTNODE_HUB_CLIENT_CA")]
+    client_ca: Option<PathBuf>,
+    /// Serve gRPC in plaintext without authentication (local demo only).
+    #[arg(long, env = "FLIGHTNODE_HUB_INSECURE")]
+    insecure: bool,
+    /// Sustained status writes per second.
+    #[arg(long, env = "FLIGHTNODE_HUB_API_QPS", default_value_t = 20.0)]
+    api_qps: f64,
+    /// Status write burst.
+    #[arg(long, env = "FLIGHTNODE_HUB_API_BURST", default_value_t = 40)]
+    api_burst: u32,
+    /// The agents' heartbeat interval (for the default grace period; advertised with --advertise-interval).
+    #[arg(long, env = "FLIGHTNODE_HUB_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration, default_value = "10s")]
+    heartbeat_interval: Duration,
+    /// Tell agents to use --heartbeat-interval.
+    #[arg(long, env = "FLIGHTNODE_HUB_ADVERTISE_INTERVAL")]
+    advertise_interval: bool,
+    /// Grace period before a silent drone is offline [default: 3 × heartbeat interval + 5s].
+    #[arg(long, env = "FLIGHTNODE_HUB_OFFLINE_AFTER", value_parser = humantime::parse_duration)]
+    offline_after: Option<Duration>,
+    /// Rewrite an unchanged status when its lastHeartbeatTime is this old.
+    #[arg(long, env = "FLIGHTNODE_HUB_STATUS_REFRESH", value_parser = humantime::parse_duration, default_value = "60s")]
+    status_refresh: Duration,
+    /// Create missing FlightNodes (kube store; the local store always creates).
+    #[arg(long, env = "FLIGHTNODE_HUB_AUTO_REGISTER")]
+    auto_register: bool,
+    /// How long a heartbeat with new events waits for them to be durable before answering.
+    #[arg(long, env = "FLIGHTNODE_HUB_ACK_WAIT", value_parser = humantime::parse_duration, default_value = "2s")]
+    ack_wait: Duration,
+    /// Timeout of one Kubernetes API request.
+    #[arg(long, env = "FLIGHTNODE_HUB_WRITE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    write_timeout: Duration,
+    /// Status writes in flight at once.
+    #[arg(long, env = "FLIGHTNODE_HUB_WRITE_CONCURRENCY", default_value_t = 8)]
+    write_concurrency: usize,
+}
+
+#[derive(Args)]
+struct GetArgs {
+    /// A hub's HTTP address (local store).
+    #[arg(
+        long,
+        env = "FLIGHTNODE_HUB_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        conflicts_with = "kube"
+    )]
+    server: String,
+    /// Read from the cluster (KUBECONFIG or in-cluster) instead.
+    #[arg(long)]
+    kube: bool,
+    /// Namespace [default: all].
+    #[arg(long, short = 'n', env = "FLIGHTNODE_HUB_NAMESPACE")]
+    namespace: Option<String>,
+    /// Print a JSON FlightNodeList.
+    #[arg(long)]
+    json: bool,
+    /// Keep polling and print rows that changed.
+    #[arg(long, short = 'w')]
+    watch: bool,
+    /// Poll interval with --watch.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    interval: Duration,
+}
+
+#[derive(Args)]
+struct MqttArgs {
+    /// Broker URL, mqtt://host:port or mqtts://host:port.
+    #[arg(
+        long,
+        env = "FLIGHTNODE_HUB_MQTT_URL",
+        default_value = "mqtt://127.0.0.1:1883"
+    )]
+    mqtt_url: String,
+    /// CA bundle (PEM) for mqtts://.
+    #[arg(long, env = "FLIGHTNODE_HUB_MQTT_CA")]
+    mqtt_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "FLIGHTNODE_HUB_MQTT_CERT")]
+    mqtt_cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, env = "FLIGHTNODE_HUB_MQTT_KEY")]
+    mqtt_key: Option<PathBuf>,
+    /// MQTT client id.
+    #[arg(long, env = "FLIGHTNODE_HUB_MQTT_CLIENT_ID", default_value = "flightnode-hub")]
+    mqtt_client_id: String,
+    /// Give up after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    mqtt_timeout: Duration,
+}
+
+impl MqttArgs {
+    fn target(&self) -> flightnode_hub::upgrade::MqttTarget {
+        flightnode_hub::upgrade::MqttTarget {
+            url: self.mqtt_url.clone(),
+            ca: self.mqtt_ca.clone(),
+            cert: self.mqtt_cert.clone(),
+            key: self.mqtt_key.clone(),
+            client_id: self.mqtt_client_id.clone(),
+            timeout: self.mqtt_timeout,
+        }
+    }
+}
+
+#[derive(Args)]
+struct UpgradeArgs {
+    /// Device id.
+    #[arg(long)]
+    device: String,
+    /// Bundle URL.
+    #[arg(long, conflicts_with_all = ["bundle", "base_url"])]
+    url: Option<String>,
+    /// Bundle file (its version is read from the manifest); published under --base-url.
+    #[arg(long, requires = "base_url")]
+    bundle: Option<PathBuf>,
+    /// URL the bundle file is served under.
+    #[arg(long)]
+    base_url: Option<String>,
+    /// Upgrade id [default: derived from the URL, so re-publishing is the same upgrade].
+    #[arg(long)]
+    upgrade_id: Option<String>,
+    /// Allow a lower version for this install.
+    #[arg(long)]
+    allow_downgrade: bool,
+    #[command(flatten)]
+    mqtt: MqttArgs,
+}
+
+#[derive(Args)]
+struct CancelArgs {
+    /// Device id.
+    #[arg(long)]
+    device: String,
+    /// The upgrade to cancel.
+    #[arg(long)]
+    upgrade_id: String,
+    #[command(flatten)]
+    mqtt: MqttArgs,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let grace = a
+        .offline_after
+        .unwrap_or(a.heartbeat_interval * 3 + Duration::from_secs(5));
+    let opts = ServeOptions {
+        grpc_addr: a.grpc_addr,
+        http_addr: a.http_addr,
+        store: a.store,
+        data_dir: a.data_dir,
+        namespace: a.namespace,
+        tls_cert: a.tls_cert,
+        tls_key: a.tls_key,
+        client_ca: a.client_ca,
+        insecure: a.insecure,
+        hub: HubConfig {
+            session: SessionConfig {
+                refresh: a.status_refresh,
+                grace,
+                sink_stores_events: false,
+            },
+            scheduler: SchedulerConfig {
+                qps: a.api_qps,
+                burst: a.api_burst,
+                workers: a.write_concurrency,
+                auto_register: a.auto_register,
+                ..SchedulerConfig::default()
+            },
+            ack_wait: a.ack_wait,
+            advertise_interval_secs: if a.advertise_interval {
+                u32::try_from(a.heartbeat_interval.as_secs()).unwrap_or(u32::MAX)
+            } else {
+                0
+            },
+        },
+        write_timeout: a.write_timeout,
+    };
+    flightnode_hub::serve::serve(
+        opts,
+        |bound| {
+            // One parseable line for scripts and tests that start the hub on port 0.
+            println!("flightnode-hub listening grpc={} http={}", bound.grpc, bound.http);
+        },
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Cmd::Serve(a) => serve(*a).await,
+        Cmd::Crd => {
+            print!("{}", flightnode_hub::crd::crd_yaml()?);
+            Ok(())
+        }
+        Cmd::Get(a) => {
+            let source = if a.kube {
+                flightnode_hub::get::Source::Kube
+            } else {
+                flightnode_hub::get::Source::Server(a.server)
+            };
+            let opts = flightnode_hub::get::GetOptions {
+                source,
+                namespace: a.namespace,
+                json: a.json,
+                watch: a.watch,
+                interval: a.interval,
+            };
+            flightnode_hub::get::run(opts, &mut std::io::stdout()).await?;
+            Ok(())
+        }
+        Cmd::Upgrade(a) => {
+            let cmd = flightnode_hub::upgrade::upgrade_command(
+                a.url.as_deref(),
+                a.bundle.as_deref(),
+                a.base_url.as_deref(),
+                a.upgrade_id,
+                a.allow_downgrade,
+            )?;
+            flightnode_hub::upgrade::publish(&a.mqtt.target(), &a.device, &cmd)
+                .await
+                .with_context(|| format!("publish upgrade for {}", a.device))?;
+            println!("{}", cmd.upgrade_id());
+            Ok(())
+        }
+        Cmd::Cancel(a) => {
+            let cmd = flightnode_proto::mqtt::Command::Cancel {
+                upgrade_id: a.upgrade_id,
+            };
+            flightnode_hub::upgrade::publish(&a.mqtt.target(), &a.device, &cmd)
+                .await
+                .with_context(|| format!("publish cancel for {}", a.device))?;
+            Ok(())
+        }
+    }
+}

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`manifest`]: the signed bundle manifest and the bundle file layout.
+//! - [`device`]: the device id rule.
 //! - [`codes`]: error codes and upgrade results shared by the CLI, MQTT and the hub.
 //! - [`status`]: the JSON the agent prints for `status --json` and reports upstream.
 //! - [`mqtt`]: commands on `firmware/<id>/upgrade` and reports on `firmware/<id>/status`.
@@ -12,6 +13,7 @@
 #![deny(missing_docs)]
 
 pub mod codes;
+pub mod device;
 pub mod manifest;
 pub mod mqtt;
 pub mod status;

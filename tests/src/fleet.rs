@@ -364,7 +364,6 @@ impl Fleet {
         if let Broker::Embedded { port } = &broker {
             hub_args.extend(["--embedded-broker".into(), format!("127.0.0.1:{port}")]);
         }
-        hub_args.extend(["--mqtt-url".into(), broker.url()]);
         let mut hub = Hub {
             grpc_port: free_port()?,
             http_port: free_port()?,

@@ -1,0 +1,251 @@
+//! The `FlightNode` custom resource: one per drone, `edge.drone.io/v1`, status written by the hub.
+//!
+//! Every optional status field is omitted when empty, so a server-side apply body only carries
+//! what the hub knows. `conditions` is a list-map keyed by `type`, so apply merges by type.
+
+use kube::CustomResource;
+use kube::CustomResourceExt;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Serialize};
+
+/// API group.
+pub const GROUP: &str = "edge.drone.io";
+/// API version.
+pub const VERSION: &str = "v1";
+/// `apiVersion` of a `FlightNode`.
+pub const API_VERSION: &str = "edge.drone.io/v1";
+/// Kind.
+pub const KIND: &str = "FlightNode";
+/// Plural resource name.
+pub const PLURAL: &str = "flightnodes";
+
+/// Condition types, in the order they are listed.
+pub mod condition {
+    /// Summary: online, not upgrading, on the desired firmware.
+    pub const READY: &str = "Ready";
+    /// Heartbeats are arriving.
+    pub const ONLINE: &str = "Online";
+    /// An upgrade is in flight.
+    pub const UPGRADE_IN_PROGRESS: &str = "UpgradeInProgress";
+    /// The committed version equals `spec.firmwareVersion`.
+    pub const FIRMWARE_SYNCED: &str = "FirmwareSynced";
+}
+
+/// Desired state of one drone.
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[kube(
+    group = "edge.drone.io",
+    version = "v1",
+    kind = "FlightNode",
+    plural = "flightnodes",
+    singular = "flightnode",
+    shortname = "fn",
+    category = "fleet",
+    namespaced,
+    status = "FlightNodeStatus",
+    doc = "A drone managed by flightnode: desired firmware in spec, what the drone reports in status.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Firmware",
+        type_ = "string",
+        json_path = ".status.firmware.committedVersion"
+    ),
+    printcolumn(name = "Slot", type_ = "string", json_path = ".status.firmware.activeSlot"),
+    printcolumn(
+        name = "Last-Heartbeat",
+        type_ = "date",
+        json_path = ".status.lastHeartbeatTime"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct FlightNodeSpec {
+    /// Hardware id of the board; bundles list the hardware ids they are compatible with.
+    pub hardware_id: String,
+    /// The firmware version the fleet wants on this drone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware_version: Option<String>,
+}
+
+/// What the drone reports, as written by `flightnode-hub`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FlightNodeStatus {
+    /// Upgrade phase: `Idle`, `Downloading`, `Staged`, `Switching`, `Testing`, `RollingBack`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Slots and versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
+    /// How the last upgrade ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_upgrade: Option<LastUpgrade>,
+    /// When the hub received the last heartbeat (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub last_heartbeat_time: Option<String>,
+    /// Coarse resource usage (rounded so that normal jitter does not cause writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    /// The agent that reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentInfo>,
+    /// `metadata.generation` of the spec this status was computed against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Kubernetes-style conditions, keyed by `type`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Active/booted slot, per-slot version and state, committed version.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Firmware {
+    /// Slot the drone would start: `a` or `b`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_slot: Option<String>,
+    /// Slot running now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booted_slot: Option<String>,
+    /// Version of the committed image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_version: Option<String>,
+    /// Slot `a`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_a: Option<SlotInfo>,
+    /// Slot `b`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_b: Option<SlotInfo>,
+    /// Lowest security version the drone accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_floor: Option<i64>,
+}
+
+/// One slot.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SlotInfo {
+    /// Firmware version in the slot, when it holds a complete image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// `good`, `bad`, `trial` or `empty`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+}
+
+/// How the last upgrade ended.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastUpgrade {
+    /// Upgrade id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Target version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// `Committed`, `AlreadyInstalled`, `Rejected`, `Failed`, `RolledBack` or `Canceled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    /// Error code (snake_case contract string), when it did not commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    /// Error message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    /// When it ended (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub finished_time: Option<String>,
+}
+
+/// Coarse resource usage.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Resources {
+    /// CPU use, rounded to 10 %.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<i32>,
+    /// Memory in use, rounded to 10 % of the total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_used_percent: Option<i32>,
+    /// Total memory, as a Kubernetes quantity with two significant digits (`1.9Gi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_total: Option<String>,
+    /// Free disk on the agent's state filesystem, as a quantity with two significant digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_free: Option<String>,
+    /// Board temperature, rounded to 5 °C.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_celsius: Option<i32>,
+}
+
+/// The reporting agent.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentInfo {
+    /// Agent version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Boot id: changes on every boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+}
+
+/// A Kubernetes-convention condition.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Ready`, `Online`, `UpgradeInProgress` or `FirmwareSynced`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// CamelCase reason.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// Human sentence.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When `status` last changed (RFC 3339).
+    #[schemars(extend("format" = "date-time"))]
+    pub last_transition_time: String,
+    /// `metadata.generation` this condition was computed against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
+    let mut schema = generator.subschema_for::<Vec<Condition>>();
+    schema.insert("x-kubernetes-list-type".into(), "map".into());
+    schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
+    schema
+}
+
+/// The CRD as YAML, as `flightnode-hub crd` prints it and `hub/deploy/crd.yaml` holds it.
+pub fn crd_yaml() -> crate::Result<String> {
+    let crd = FlightNode::crd();
+    let yaml = serde_saphyr::to_string(&crd).map_err(|e| crate::Error::Encode(e.to_string()))?;
+    Ok(format!(
+        "# Generated by `flightnode-hub crd`; do not edit (a test compares the two).\n---\n{yaml}"
+    ))
+}
+
+/// A `FlightNode` object with only a name, namespace and spec (what auto-registration creates).
+pub fn new_flightnode(name: &str, namespace: &str, hardware_id: &str) -> FlightNode {
+    let mut node = FlightNode::new(
+        name,
+        FlightNodeSpec {
+            hardware_id: hardware_id.to_owned(),
+            firmware_version: None,
+        },
+    );
+    node.metadata.namespace = Some(namespace.to_owned());
+    node
+}

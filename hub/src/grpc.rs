@@ -1,0 +1,139 @@
+//! The gRPC `HubService`: input checks, the mTLS identity check, then [`Hub::heartbeat`].
+//!
+//! With a client CA configured, the TLS handshake already requires a client certificate; the
+//! service then requires the heartbeat's `device_id` to be one of the identities in it (subject
+//! CN or a DNS/URI SAN): a drone can only speak for itself.
+
+use crate::hub::Hub;
+use flightnode_proto::device::validate_device_id;
+use flightnode_proto::v1::hub_service_server::{HubService, HubServiceServer};
+use flightnode_proto::v1::{HeartbeatRequest, HeartbeatResponse};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// Largest accepted request.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Most events accepted in one heartbeat.
+pub const MAX_EVENTS: usize = 256;
+/// Longest accepted free-text field (ids, versions, messages).
+pub const MAX_FIELD_BYTES: usize = 1024;
+
+/// The service implementation.
+pub struct HubGrpc {
+    hub: Arc<Hub>,
+    require_identity: bool,
+}
+
+/// The tonic service with the message size cap; `require_identity` when a client CA is set.
+pub fn service(hub: Arc<Hub>, require_identity: bool) -> HubServiceServer<HubGrpc> {
+    HubServiceServer::new(HubGrpc {
+        hub,
+        require_identity,
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Identities a client certificate (DER) speaks for: subject CNs, DNS and URI SANs.
+pub fn certificate_identities(der: &[u8]) -> Result<Vec<String>, String> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("client certificate: {e}"))?;
+    let mut ids: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(n) | GeneralName::URI(n) => ids.push((*n).to_owned()),
+                _ => {}
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Checks a heartbeat's fields; the message is the gRPC `INVALID_ARGUMENT` text.
+pub fn validate(hb: &HeartbeatRequest) -> Result<(), String> {
+    validate_device_id(&hb.device_id)?;
+    if hb.events.len() > MAX_EVENTS {
+        return Err(format!(
+            "{} events in one heartbeat, at most {MAX_EVENTS}",
+            hb.events.len()
+        ));
+    }
+    let mut fields = vec![
+        ("boot_id", hb.boot_id.as_str()),
+        ("agent_version", hb.agent_version.as_str()),
+        ("hardware_id", hb.hardware_id.as_str()),
+    ];
+    if let Some(f) = &hb.firmware {
+        fields.extend([("firmware.committed_version", f.committed_version.as_str())]);
+    }
+    if let Some(u) = &hb.upgrade {
+        fields.extend([
+            ("upgrade.upgrade_id", u.upgrade_id.as_str()),
+            ("upgrade.phase", u.phase.as_str()),
+        ]);
+    }
+    if let Some(l) = &hb.last_upgrade {
+        fields.extend([
+            ("last_upgrade.upgrade_id", l.upgrade_id.as_str()),
+            ("last_upgrade.result", l.result.as_str()),
+        ]);
+    }
+    for e in &hb.events {
+        fields.extend([
+            ("events.phase", e.phase.as_str()),
+            ("events.upgrade_id", e.upgrade_id.as_str()),
+        ]);
+    }
+    if let Some((field, _)) = fields.iter().find(|(_, v)| v.len() > MAX_FIELD_BYTES) {
+        return Err(format!("{field} is longer than {MAX_FIELD_BYTES} bytes"));
+    }
+    if let Some((field, _)) = fields.iter().find(|(_, v)| v.chars().any(char::is_control)) {
+        return Err(format!("{field} contains control characters"));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl HubService for HubGrpc {
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let identities = if self.require_identity {
+            let Some(certs) = request.peer_certs() else {
+                self.hub.metrics.heartbeat("denied").inc();
+                return Err(Status::permission_denied("a client certificate is required"));
+            };
+            let Some(leaf) = certs.first() else {
+                self.hub.metrics.heartbeat("denied").inc();
+                return Err(Status::permission_denied("a client certificate is required"));
+            };
+            Some(certificate_identities(leaf.as_ref()).map_err(Status::permission_denied)?)
+        } else {
+            None
+        };
+        let hb = request.into_inner();
+        if let Err(message) = validate(&hb) {
+            self.hub.metrics.heartbeat("invalid").inc();
+            tracing::debug!(device_id = %hb.device_id.escape_debug(), %message, "heartbeat refused");
+            return Err(Status::invalid_argument(message));
+        }
+        if let Some(ids) = identities
+            && !ids.iter().any(|id| *id == hb.device_id)
+        {
+            self.hub.metrics.heartbeat("denied").inc();
+            tracing::warn!(device_id = %hb.device_id, certificate = ?ids, "heartbeat for another device refused");
+            return Err(Status::permission_denied(format!(
+                "the client certificate does not speak for device {:?}",
+                hb.device_id
+            )));
+        }
+        Ok(Response::new(self.hub.heartbeat(&hb).await))
+    }
+}

@@ -1,0 +1,197 @@
+//! The HTTP port: `/metrics`, `/healthz`, `/readyz`, and with the local store a read-mostly,
+//! Kubernetes-shaped API so `kubectl`-like clients (and the kube crate) can read `FlightNode`s:
+//!
+//! - `GET /apis/edge.drone.io/v1/flightnodes` (all namespaces)
+//! - `GET /apis/edge.drone.io/v1/namespaces/{ns}/flightnodes`
+//! - `GET /apis/edge.drone.io/v1/namespaces/{ns}/flightnodes/{name}` (and `/status`)
+//! - `GET /apis/edge.drone.io/v1/namespaces/{ns}/flightnodes/{name}/events`: the durable event
+//!   log of the drone, `{"kind":"FlightNodeEventList","items":[EventRecord…]}`, oldest first
+//! - `PATCH /apis/edge.drone.io/v1/namespaces/{ns}/flightnodes/{name}` with a JSON merge patch
+//!   that sets `spec.firmwareVersion` (the only writable field), like `kubectl patch --type merge`
+
+use crate::crd::{API_VERSION, FlightNode};
+use crate::hub::Hub;
+use crate::metrics::ConditionLabel;
+use crate::status::SpecView;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Shared by the HTTP handlers.
+#[derive(Clone)]
+pub struct HttpState {
+    /// The hub.
+    pub hub: Arc<Hub>,
+    /// Set once the hub serves gRPC.
+    pub ready: Arc<AtomicBool>,
+}
+
+const PREFIX: &str = "/apis/edge.drone.io/v1";
+
+/// The router.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route(&format!("{PREFIX}/flightnodes"), get(list_all))
+        .route(&format!("{PREFIX}/namespaces/{{ns}}/flightnodes"), get(list_ns))
+        .route(
+            &format!("{PREFIX}/namespaces/{{ns}}/flightnodes/{{name}}"),
+            get(get_one).patch(patch_spec),
+        )
+        .route(
+            &format!("{PREFIX}/namespaces/{{ns}}/flightnodes/{{name}}/status"),
+            get(get_one),
+        )
+        .route(
+            &format!("{PREFIX}/namespaces/{{ns}}/flightnodes/{{name}}/events"),
+            get(events),
+        )
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    let m = &state.hub.metrics;
+    m.drones.clear();
+    for ((condition, status), n) in state.hub.sessions.condition_counts() {
+        m.drones
+            .get_or_create(&ConditionLabel { condition, status })
+            .set(n);
+    }
+    m.queue_depth.set(state.hub.scheduler.depth() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    if state.ready.load(Ordering::SeqCst) {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+/// A Kubernetes `Status` error body.
+fn status_error(code: StatusCode, reason: &str, message: String) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16(),
+    });
+    (code, Json(body)).into_response()
+}
+
+fn no_local_store() -> Response {
+    status_error(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        "this hub writes to Kubernetes (--store kube); read FlightNodes there".into(),
+    )
+}
+
+fn list(state: &HttpState, ns: Option<&str>) -> Response {
+    let Some(store) = &state.hub.local else {
+        return no_local_store();
+    };
+    let items: Vec<FlightNode> = store.list(ns);
+    Json(json!({
+        "apiVersion": API_VERSION, "kind": "FlightNodeList",
+        "metadata": { "resourceVersion": store.resource_version() },
+        "items": items,
+    }))
+    .into_response()
+}
+
+async fn list_all(State(state): State<HttpState>) -> Response {
+    list(&state, None)
+}
+
+async fn list_ns(State(state): State<HttpState>, Path(ns): Path<String>) -> Response {
+    list(&state, Some(&ns))
+}
+
+fn not_found(name: &str) -> Response {
+    status_error(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!("flightnodes.edge.drone.io \"{name}\" not found"),
+    )
+}
+
+async fn get_one(State(state): State<HttpState>, Path((ns, name)): Path<(String, String)>) -> Response {
+    let Some(store) = &state.hub.local else {
+        return no_local_store();
+    };
+    match store.get(&ns, &name) {
+        Some(node) => Json(node).into_response(),
+        None => not_found(&name),
+    }
+}
+
+async fn events(State(state): State<HttpState>, Path((ns, name)): Path<(String, String)>) -> Response {
+    let Some(store) = &state.hub.local else {
+        return no_local_store();
+    };
+    if store.get(&ns, &name).is_none() {
+        return not_found(&name);
+    }
+    Json(json!({
+        "apiVersion": API_VERSION, "kind": "FlightNodeEventList",
+        "items": store.events(&ns, &name),
+    }))
+    .into_response()
+}
+
+async fn patch_spec(
+    State(state): State<HttpState>,
+    Path((ns, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(store) = &state.hub.local else {
+        return no_local_store();
+    };
+    if ns != store.namespace() {
+        return not_found(&name);
+    }
+    let patch: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return status_error(StatusCode::BAD_REQUEST, "BadRequest", format!("patch body: {e}")),
+    };
+    let version = match patch.pointer("/spec/firmwareVersion") {
+        Some(serde_json::Value::String(v)) => Some(v.clone()),
+        Some(serde_json::Value::Null) => None,
+        _ => {
+            return status_error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                "only spec.firmwareVersion (a string or null) can be patched".into(),
+            );
+        }
+    };
+    match store.set_firmware_version(&name, version).await {
+        Ok(Some(node)) => {
+            state.hub.sessions.specs().set(
+                &name,
+                SpecView {
+                    firmware_version: node.spec.firmware_version.clone(),
+                    generation: node.metadata.generation,
+                },
+            );
+            state.hub.spec_changed(&name);
+            Json(node).into_response()
+        }
+        Ok(None) => not_found(&name),
+        Err(e) => status_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
+    }
+}

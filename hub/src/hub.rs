@@ -1,0 +1,105 @@
+//! The hub core shared by the gRPC service, the HTTP server and the background tasks
+//! (like controller-rs's `State`): sessions, scheduler, metrics and the optional local store.
+
+use crate::metrics::Metrics;
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::session::{SessionConfig, Sessions, SpecCache};
+use crate::sink::StatusSink;
+use crate::sink::local::LocalStore;
+use flightnode_proto::v1::{HeartbeatRequest, HeartbeatResponse};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Hub settings that are not about transport.
+#[derive(Debug, Clone, Copy)]
+pub struct HubConfig {
+    /// Sessions (refresh, grace).
+    pub session: SessionConfig,
+    /// Writes (rate, retries, auto-registration).
+    pub scheduler: SchedulerConfig,
+    /// How long a heartbeat carrying new events waits for them to become durable before it is
+    /// answered with the previous ack (the agent re-sends them).
+    pub ack_wait: Duration,
+    /// Interval advertised to agents (`heartbeat_interval_seconds`); 0 = let them keep theirs.
+    pub advertise_interval_secs: u32,
+}
+
+/// Shared hub state.
+pub struct Hub {
+    /// Per-drone sessions.
+    pub sessions: Arc<Sessions>,
+    /// The write scheduler.
+    pub scheduler: Arc<Scheduler>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The local store, when it is the sink (served over HTTP).
+    pub local: Option<LocalStore>,
+    config: HubConfig,
+}
+
+impl Hub {
+    /// Builds the hub around a sink; nothing runs until [`Hub::start`].
+    pub fn new(
+        config: HubConfig,
+        sink: Arc<dyn StatusSink>,
+        local: Option<LocalStore>,
+        specs: Arc<SpecCache>,
+    ) -> Arc<Hub> {
+        let metrics = Arc::new(Metrics::new());
+        let sessions = Arc::new(Sessions::new(config.session, specs));
+        let scheduler = Scheduler::new(
+            config.scheduler,
+            sink,
+            Arc::clone(&sessions),
+            Arc::clone(&metrics),
+        );
+        Arc::new(Hub {
+            sessions,
+            scheduler,
+            metrics,
+            local,
+            config,
+        })
+    }
+
+    /// Starts the writers and the liveness loop.
+    pub fn start(&self) -> Vec<JoinHandle<()>> {
+        let mut tasks = self.scheduler.spawn_workers();
+        tasks.push(tokio::spawn(crate::liveness::run(
+            Arc::clone(&self.sessions),
+            Arc::clone(&self.scheduler),
+        )));
+        tasks
+    }
+
+    /// Handles one validated heartbeat: updates the session, queues a write if due, and answers
+    /// with the highest event seq that is durably recorded.
+    pub async fn heartbeat(&self, hb: &HeartbeatRequest) -> HeartbeatResponse {
+        self.metrics.heartbeat("ok").inc();
+        let observed = self.sessions.observe(hb, Instant::now());
+        if let Some(e) = observed.enqueue {
+            self.scheduler.enqueue(e);
+        }
+        let mut acked = observed.acked;
+        if observed.wants_seq > *acked.borrow() {
+            let wanted = observed.wants_seq;
+            // NB: a timeout is not an error: the agent keeps the events and sends them again.
+            let _ = tokio::time::timeout(self.config.ack_wait, acked.wait_for(|seq| *seq >= wanted)).await;
+        }
+        let acked_seq = *acked.borrow();
+        tracing::trace!(device_id = %hb.device_id, seq = hb.seq, acked_seq, "heartbeat");
+        HeartbeatResponse {
+            acked_seq,
+            heartbeat_interval_seconds: self.config.advertise_interval_secs,
+        }
+    }
+
+    /// Re-evaluates a drone whose spec changed (desired firmware version).
+    pub fn spec_changed(&self, name: &str) {
+        if let Some(e) = self.sessions.spec_changed(name, Instant::now()) {
+            self.scheduler.enqueue(e);
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! `flightnode-hub serve`: picks the sink, starts the tasks, serves gRPC and HTTP until shutdown.
+
+use crate::http::HttpState;
+use crate::hub::{Hub, HubConfig};
+use crate::session::SpecCache;
+use crate::sink::StatusSink;
+use crate::sink::kube::KubeSink;
+use crate::sink::local::LocalStore;
+use crate::status::SpecView;
+use crate::{Error, Result};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+/// Where statuses go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// Embedded sled store, served on the HTTP port.
+    Local,
+    /// The Kubernetes API (in cluster, or KUBECONFIG).
+    Kube,
+}
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address.
+    pub http_addr: SocketAddr,
+    /// Sink.
+    pub store: StoreKind,
+    /// Local store directory.
+    pub data_dir: PathBuf,
+    /// Namespace of the `FlightNode`s (`None`: the pod's, else the kubeconfig's, else `default`).
+    pub namespace: Option<String>,
+    /// Server certificate (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// Server key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// CA for client certificates (PEM): enables mTLS and the device identity check.
+    pub client_ca: Option<PathBuf>,
+    /// Plaintext gRPC, no authentication.
+    pub insecure: bool,
+    /// Sessions, scheduler, acks.
+    pub hub: HubConfig,
+    /// Timeout of one Kubernetes request.
+    pub write_timeout: Duration,
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn tls_config(opts: &ServeOptions) -> Result<Option<ServerTlsConfig>> {
+    if opts.insecure {
+        if opts.tls_cert.is_some() || opts.client_ca.is_some() {
+            return Err(Error::Invalid(
+                "--insecure cannot be combined with --tls-cert or --client-ca".into(),
+            ));
+        }
+        tracing::warn!(
+            "INSECURE: gRPC is served in plaintext without client authentication (--insecure); any \
+             client can report for any drone. Use this only for a local demo."
+        );
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) else {
+        return Err(Error::Invalid(
+            "--tls-cert and --tls-key are required (or --insecure for a local demo)".into(),
+        ));
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    match &opts.client_ca {
+        Some(ca) => tls = tls.client_ca_root(Certificate::from_pem(read(ca)?)),
+        None => tracing::warn!(
+            "no --client-ca: drones are not authenticated; any client can report for any drone"
+        ),
+    }
+    Ok(Some(tls))
+}
+
+fn pod_namespace() -> Option<String> {
+    std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// Addresses actually bound (port 0 resolved).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// gRPC.
+    pub grpc: SocketAddr,
+    /// HTTP.
+    pub http: SocketAddr,
+}
+
+/// Serves until `shutdown` resolves. `on_bound` is called once both ports listen.
+pub async fn serve(
+    opts: ServeOptions,
+    on_bound: impl FnOnce(Bound) + Send,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let tls = tls_config(&opts)?;
+    let specs = Arc::new(SpecCache::default());
+    let mut hub_config = opts.hub;
+    let (hub, kube_watch) = match opts.store {
+        StoreKind::Local => {
+            let namespace = opts.namespace.clone().unwrap_or_else(|| "default".to_owned());
+            let store = LocalStore::open(&opts.data_dir, &namespace)?;
+            for node in store.list(Some(&namespace)) {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                specs.set(
+                    &name,
+                    SpecView {
+                        firmware_version: node.spec.firmware_version.clone(),
+                        generation: node.metadata.generation,
+                    },
+                );
+            }
+            hub_config.session.sink_stores_events = true;
+            let sink: Arc<dyn StatusSink> = Arc::new(store.clone());
+            tracing::info!(data_dir = %opts.data_dir.display(), %namespace, "status sink: local store");
+            (Hub::new(hub_config, sink, Some(store), specs), None)
+        }
+        StoreKind::Kube => {
+            let client = crate::sink::kube::client_from_env().await?;
+            let namespace = opts
+                .namespace
+                .clone()
+                .or_else(pod_namespace)
+                .unwrap_or_else(|| client.default_namespace().to_owned());
+            hub_config.session.sink_stores_events = false;
+            let sink: Arc<dyn StatusSink> =
+                Arc::new(KubeSink::new(client.clone(), &namespace, opts.write_timeout));
+            tracing::info!(%namespace, "status sink: kubernetes (server-side apply)");
+            (Hub::new(hub_config, sink, None, specs), Some((client, namespace)))
+        }
+    };
+    let mut tasks = hub.start();
+    if let Some((client, namespace)) = kube_watch {
+        tasks.push(tokio::spawn(crate::sink::kube::watch_specs(
+            client,
+            namespace,
+            Arc::clone(&hub),
+        )));
+    }
+
+    let serve_err = |addr: SocketAddr| {
+        move |e: std::io::Error| Error::Serve {
+            addr: addr.to_string(),
+            message: e.to_string(),
+        }
+    };
+    let grpc_listener = tokio::net::TcpListener::bind(opts.grpc_addr)
+        .await
+        .map_err(serve_err(opts.grpc_addr))?;
+    let http_listener = tokio::net::TcpListener::bind(opts.http_addr)
+        .await
+        .map_err(serve_err(opts.http_addr))?;
+    let bound = Bound {
+        grpc: grpc_listener.local_addr().map_err(serve_err(opts.grpc_addr))?,
+        http: http_listener.local_addr().map_err(serve_err(opts.http_addr))?,
+    };
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let router = crate::http::router(HttpState {
+        hub: Arc::clone(&hub),
+        ready: Arc::clone(&ready),
+    });
+    let http_rx = stop_rx.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(http_listener, router)
+            .with_graceful_shutdown(stopped(http_rx))
+            .await
+    });
+
+    let mut builder = Server::builder();
+    let require_identity = opts.client_ca.is_some();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(|e| Error::Tls(e.to_string()))?;
+    }
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let grpc = builder
+        .add_service(crate::grpc::service(Arc::clone(&hub), require_identity))
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(grpc = %bound.grpc, http = %bound.http, mtls = require_identity, "flightnode-hub serving");
+    on_bound(bound);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let result = grpc.await.map_err(|e| Error::Serve {
+        addr: bound.grpc.to_string(),
+        message: e.to_string(),
+    });
+    ready.store(false, Ordering::SeqCst);
+    let _ = http.await;
+    for t in tasks {
+        t.abort();
+    }
+    result
+}

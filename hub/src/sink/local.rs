@@ -1,0 +1,185 @@
+//! Local status sink: `FlightNode` objects and per-drone event logs in an embedded sled store,
+//! so the hub runs on a laptop with no cluster. Every write is flushed before it counts.
+//!
+//! Trees: `objects` (`{namespace}/{name}` → `FlightNode` JSON), `events`
+//! (`{namespace}/{name}\0{seq as u64 BE}` → [`EventRecord`] JSON). A write to a missing object
+//! creates it (nobody pre-creates objects on a laptop).
+
+use super::{EventRecord, StatusSink, WriteError, WriteRequest};
+use crate::crd::{FlightNode, new_flightnode};
+use futures_util::future::BoxFuture;
+use std::path::Path;
+
+/// The sled-backed store.
+#[derive(Clone)]
+pub struct LocalStore {
+    db: sled::Db,
+    objects: sled::Tree,
+    events: sled::Tree,
+    namespace: String,
+    path: String,
+}
+
+fn object_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+fn events_prefix(namespace: &str, name: &str) -> Vec<u8> {
+    let mut key = object_key(namespace, name).into_bytes();
+    key.push(0);
+    key
+}
+
+fn internal(e: impl std::fmt::Display) -> WriteError {
+    WriteError::Permanent {
+        code: 500,
+        message: e.to_string(),
+    }
+}
+
+impl LocalStore {
+    /// Opens (or creates) the store in `dir`; objects live in `namespace`.
+    pub fn open(dir: &Path, namespace: &str) -> crate::Result<Self> {
+        let path = dir.display().to_string();
+        let sled_err = |source| crate::Error::Sled {
+            path: path.clone(),
+            source,
+        };
+        let db = sled::open(dir).map_err(sled_err)?;
+        let objects = db.open_tree("objects").map_err(sled_err)?;
+        let events = db.open_tree("events").map_err(sled_err)?;
+        Ok(LocalStore {
+            db,
+            objects,
+            events,
+            namespace: namespace.to_owned(),
+            path,
+        })
+    }
+
+    /// The namespace objects are written to.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// One object.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<FlightNode> {
+        let bytes = self.objects.get(object_key(namespace, name)).ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// All objects, in one namespace or all; sorted by namespace and name.
+    pub fn list(&self, namespace: Option<&str>) -> Vec<FlightNode> {
+        let iter = match namespace {
+            Some(ns) => self.objects.scan_prefix(format!("{ns}/")),
+            None => self.objects.iter(),
+        };
+        iter.filter_map(Result::ok)
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect()
+    }
+
+    /// The event log of one drone, oldest first.
+    pub fn events(&self, namespace: &str, name: &str) -> Vec<EventRecord> {
+        self.events
+            .scan_prefix(events_prefix(namespace, name))
+            .filter_map(Result::ok)
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect()
+    }
+
+    /// Highest resourceVersion handed out so far (for list metadata).
+    pub fn resource_version(&self) -> String {
+        self.db.generate_id().map(|id| id.to_string()).unwrap_or_default()
+    }
+
+    fn next_resource_version(&self) -> Result<String, WriteError> {
+        self.db.generate_id().map(|id| id.to_string()).map_err(internal)
+    }
+
+    fn fresh(&self, name: &str, hardware_id: &str) -> Result<FlightNode, WriteError> {
+        let mut node = new_flightnode(name, &self.namespace, hardware_id);
+        let id = self.db.generate_id().map_err(internal)?;
+        node.metadata.uid = Some(format!("local-{id:016x}"));
+        node.metadata.generation = Some(1);
+        node.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff_now()));
+        Ok(node)
+    }
+
+    fn put(&self, mut node: FlightNode) -> Result<(), WriteError> {
+        node.metadata.resource_version = Some(self.next_resource_version()?);
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let bytes = serde_json::to_vec(&node).map_err(internal)?;
+        self.objects
+            .insert(object_key(&self.namespace, &name), bytes)
+            .map_err(internal)?;
+        Ok(())
+    }
+
+    /// Writes one status and its events, then flushes.
+    pub async fn write(&self, req: &WriteRequest) -> Result<(), WriteError> {
+        let mut node = match self.get(&self.namespace, &req.name) {
+            Some(node) => node,
+            None => self.fresh(&req.name, &req.hardware_id)?,
+        };
+        node.status = Some(req.status.clone());
+        self.put(node)?;
+        for event in &req.events {
+            let mut key = events_prefix(&self.namespace, &req.name);
+            key.extend_from_slice(&event.seq.to_be_bytes());
+            let bytes = serde_json::to_vec(event).map_err(internal)?;
+            self.events.insert(key, bytes).map_err(internal)?;
+        }
+        self.db.flush_async().await.map_err(|e| WriteError::Retryable {
+            code: 0,
+            retry_after: None,
+            message: format!("flush {}: {e}", self.path),
+        })?;
+        Ok(())
+    }
+
+    /// Sets `spec.firmwareVersion` (bumps `metadata.generation`); `None` when the object is missing.
+    pub async fn set_firmware_version(
+        &self,
+        name: &str,
+        version: Option<String>,
+    ) -> Result<Option<FlightNode>, WriteError> {
+        let Some(mut node) = self.get(&self.namespace, name) else {
+            return Ok(None);
+        };
+        if node.spec.firmware_version != version {
+            node.spec.firmware_version = version;
+            node.metadata.generation = Some(node.metadata.generation.unwrap_or(1) + 1);
+        }
+        self.put(node)?;
+        self.db.flush_async().await.map_err(internal)?;
+        Ok(self.get(&self.namespace, name))
+    }
+}
+
+fn jiff_now() -> jiff::Timestamp {
+    let now = jiff::Timestamp::now();
+    jiff::Timestamp::from_second(now.as_second()).unwrap_or(now)
+}
+
+impl StatusSink for LocalStore {
+    fn write_status<'a>(&'a self, req: &'a WriteRequest) -> BoxFuture<'a, Result<(), WriteError>> {
+        Box::pin(self.write(req))
+    }
+
+    fn create<'a>(&'a self, name: &'a str, hardware_id: &'a str) -> BoxFuture<'a, Result<(), WriteError>> {
+        Box::pin(async move {
+            if self.get(&self.namespace, name).is_none() {
+                let node = self.fresh(name, hardware_id)?;
+                self.put(node)?;
+                self.db.flush_async().await.map_err(internal)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+}

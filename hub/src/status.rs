@@ -1,0 +1,425 @@
+//! Heartbeat → `FlightNodeStatus`: phase names, coarse resources, conditions.
+//!
+//! Pure functions: no clock is read here; callers pass the time as an RFC 3339 string.
+
+use crate::crd::{
+    AgentInfo, Condition, Firmware, FlightNodeStatus, LastUpgrade, Resources, SlotInfo, condition,
+};
+use flightnode_proto::v1::HeartbeatRequest;
+use time::OffsetDateTime;
+
+/// The spec fields a status depends on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecView {
+    /// `spec.firmwareVersion`.
+    pub firmware_version: Option<String>,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+}
+
+/// Whether heartbeats are arriving, by the hub's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// The last heartbeat is within the grace period.
+    Online,
+    /// No heartbeat for longer than the grace period (seconds since the last one).
+    Offline {
+        /// Seconds since the last heartbeat.
+        silent_secs: u64,
+    },
+}
+
+/// `downloading` → `Downloading`, `rolling_back` → `RollingBack`.
+pub fn camel_case(snake: &str) -> String {
+    snake
+        .split('_')
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            let mut chars = w.chars();
+            match chars.next() {
+                Some(first) => first.to_ascii_uppercase().to_string() + chars.as_str(),
+                None => String::new(),
+            }
+        })
+        .collect()
+}
+
+/// RFC 3339 with whole seconds, as Kubernetes writes times.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    let t = t.replace_nanosecond(0).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Unix seconds → RFC 3339; `None` for 0 or out of range.
+pub fn unix_rfc3339(secs: i64) -> Option<String> {
+    if secs <= 0 {
+        return None;
+    }
+    OffsetDateTime::from_unix_timestamp(secs).ok().map(rfc3339)
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+/// Bytes as a Kubernetes binary quantity with two significant digits: `1.9Gi`, `512Mi`, `0`.
+pub fn coarse_quantity(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["", "Ki", "Mi", "Gi", "Ti", "Pi"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        return bytes.to_string();
+    }
+    if value < 10.0 {
+        let rounded = (value * 10.0).round() / 10.0;
+        if rounded.fract() == 0.0 {
+            format!("{}{}", rounded as u64, UNITS[unit])
+        } else {
+            format!("{rounded:.1}{}", UNITS[unit])
+        }
+    } else {
+        let magnitude = if value < 100.0 { 1.0 } else { 10.0 };
+        format!(
+            "{}{}",
+            ((value / magnitude).round() * magnitude) as u64,
+            UNITS[unit]
+        )
+    }
+}
+
+fn round_to(value: f64, step: f64) -> f64 {
+    (value / step).round() * step
+}
+
+/// The part of the status that comes from one heartbeat: no conditions, no heartbeat time.
+pub fn from_heartbeat(hb: &HeartbeatRequest) -> FlightNodeStatus {
+    let phase = match &hb.upgrade {
+        None => "Idle".to_owned(),
+        Some(u) if u.phase.is_empty() || u.phase == "idle" => "Idle".to_owned(),
+        Some(u) => camel_case(&u.phase),
+    };
+    let firmware = hb.firmware.as_ref().map(|f| {
+        let slot = |s: &Option<flightnode_proto::v1::SlotInfo>| {
+            s.as_ref().map(|s| SlotInfo {
+                version: non_empty(&s.version),
+                state: non_empty(&s.state),
+            })
+        };
+        Firmware {
+            active_slot: non_empty(&f.active_slot),
+            booted_slot: non_empty(&f.booted_slot),
+            committed_version: non_empty(&f.committed_version),
+            slot_a: slot(&f.slot_a),
+            slot_b: slot(&f.slot_b),
+            security_floor: i64::try_from(f.security_floor).ok().filter(|v| *v > 0),
+        }
+    });
+    let last_upgrade = hb
+        .last_upgrade
+        .as_ref()
+        .filter(|l| !l.upgrade_id.is_empty())
+        .map(|l| LastUpgrade {
+            id: non_empty(&l.upgrade_id),
+            version: non_empty(&l.version),
+            result: non_empty(&l.result).map(|r| camel_case(&r)),
+            error_code: non_empty(&l.error_code),
+            error_message: non_empty(&l.error_message),
+            finished_time: unix_rfc3339(l.finished_unix),
+        });
+    let resources = hb.resources.as_ref().map(|r| {
+        let memory_used_percent = (r.memory_total_bytes > 0).then(|| {
+            round_to(
+                r.memory_used_bytes as f64 * 100.0 / r.memory_total_bytes as f64,
+                10.0,
+            ) as i32
+        });
+        Resources {
+            cpu_percent: Some(round_to(f64::from(r.cpu_percent.clamp(0.0, 100.0)), 10.0) as i32),
+            memory_used_percent,
+            memory_total: (r.memory_total_bytes > 0).then(|| coarse_quantity(r.memory_total_bytes)),
+            disk_free: Some(coarse_quantity(r.disk_free_bytes)),
+            temperature_celsius: r
+                .temperature_celsius
+                .filter(|t| t.is_finite())
+                .map(|t| round_to(f64::from(t), 5.0) as i32),
+        }
+    });
+    let agent = Some(AgentInfo {
+        version: non_empty(&hb.agent_version),
+        boot_id: non_empty(&hb.boot_id),
+    });
+    FlightNodeStatus {
+        phase: Some(phase),
+        firmware,
+        last_upgrade,
+        last_heartbeat_time: None,
+        resources,
+        agent,
+        observed_generation: None,
+        conditions: Vec::new(),
+    }
+}
+
+fn cond(type_: &str, status: &str, reason: &str, message: String) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        last_transition_time: String::new(),
+        observed_generation: None,
+    }
+}
+
+/// Adds conditions and `observedGeneration` to a heartbeat-derived status.
+///
+/// `previous` are the conditions last computed for this drone: a condition whose status did not
+/// change keeps its `lastTransitionTime`; otherwise it becomes `now`.
+pub fn with_conditions(
+    mut status: FlightNodeStatus,
+    liveness: Liveness,
+    spec: &SpecView,
+    previous: &[Condition],
+    now: &str,
+) -> FlightNodeStatus {
+    let committed = status.firmware.as_ref().and_then(|f| f.committed_version.clone());
+    let phase = status.phase.clone().unwrap_or_else(|| "Idle".to_owned());
+    let upgrading = phase != "Idle";
+
+    let online = match liveness {
+        Liveness::Online => cond(
+            condition::ONLINE,
+            "True",
+            "HeartbeatReceived",
+            "heartbeats are arriving".into(),
+        ),
+        Liveness::Offline { silent_secs } => cond(
+            condition::ONLINE,
+            "False",
+            "HeartbeatTimeout",
+            format!("no heartbeat for {silent_secs}s"),
+        ),
+    };
+    let in_progress = if upgrading {
+        cond(
+            condition::UPGRADE_IN_PROGRESS,
+            "True",
+            &phase,
+            format!("upgrade phase {phase}"),
+        )
+    } else {
+        cond(
+            condition::UPGRADE_IN_PROGRESS,
+            "False",
+            "Idle",
+            "no upgrade in flight".into(),
+        )
+    };
+    let synced = match (&spec.firmware_version, &committed) {
+        (None, _) => cond(
+            condition::FIRMWARE_SYNCED,
+            "True",
+            "NoDesiredVersion",
+            "spec.firmwareVersion is not set".into(),
+        ),
+        (Some(want), Some(have)) if want == have => cond(
+            condition::FIRMWARE_SYNCED,
+            "True",
+            "Synced",
+            format!("committed version is {have}"),
+        ),
+        (Some(want), have) => cond(
+            condition::FIRMWARE_SYNCED,
+            "False",
+            "VersionMismatch",
+            format!(
+                "committed version is {}, spec.firmwareVersion is {want}",
+                have.as_deref().unwrap_or("unknown")
+            ),
+        ),
+    };
+    let ready = match liveness {
+        Liveness::Offline { silent_secs } => cond(
+            condition::READY,
+            "Unknown",
+            "HeartbeatTimeout",
+            format!("no heartbeat for {silent_secs}s"),
+        ),
+        Liveness::Online if upgrading => cond(
+            condition::READY,
+            "False",
+            "UpgradeInProgress",
+            format!("upgrade phase {phase}"),
+        ),
+        Liveness::Online if synced.status != "True" => cond(
+            condition::READY,
+            "False",
+            "FirmwareNotSynced",
+            synced.message.clone(),
+        ),
+        Liveness::Online => cond(
+            condition::READY,
+            "True",
+            "Ready",
+            "online and on the desired firmware".into(),
+        ),
+    };
+
+    let mut conditions = vec![ready, online, in_progress, synced];
+    for c in &mut conditions {
+        c.observed_generation = spec.generation;
+        c.last_transition_time = previous
+            .iter()
+            .find(|p| p.type_ == c.type_ && p.status == c.status && !p.last_transition_time.is_empty())
+            .map_or_else(|| now.to_owned(), |p| p.last_transition_time.clone());
+    }
+    status.conditions = conditions;
+    status.observed_generation = spec.generation;
+    status
+}
+
+/// True when two statuses differ in more than the heartbeat time (a write is due).
+pub fn content_differs(a: &FlightNodeStatus, b: &FlightNodeStatus) -> bool {
+    let strip = |s: &FlightNodeStatus| FlightNodeStatus {
+        last_heartbeat_time: None,
+        ..s.clone()
+    };
+    strip(a) != strip(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flightnode_proto::v1;
+
+    fn heartbeat() -> HeartbeatRequest {
+        HeartbeatRequest {
+            device_id: "drone-1".into(),
+            boot_id: "b1".into(),
+            agent_version: "0.1.0".into(),
+            hardware_id: "hw".into(),
+            firmware: Some(v1::FirmwareState {
+                active_slot: "a".into(),
+                booted_slot: "a".into(),
+                slot_a: Some(v1::SlotInfo {
+                    version: "1.0.0".into(),
+                    state: "good".into(),
+                }),
+                slot_b: Some(v1::SlotInfo {
+                    version: String::new(),
+                    state: "empty".into(),
+                }),
+                committed_version: "1.0.0".into(),
+                security_floor: 0,
+            }),
+            upgrade: None,
+            last_upgrade: None,
+            resources: Some(v1::Resources {
+                cpu_percent: 12.3,
+                memory_used_bytes: 300 << 20,
+                memory_total_bytes: 1 << 30,
+                disk_free_bytes: 5_000_000_000,
+                load1: 0.2,
+                uptime_seconds: 100,
+                temperature_celsius: Some(41.0),
+            }),
+            seq: 1,
+            events: vec![],
+        }
+    }
+
+    #[test]
+    fn names_and_quantities() {
+        assert_eq!(camel_case("rolling_back"), "RollingBack");
+        assert_eq!(camel_case("downloading"), "Downloading");
+        assert_eq!(camel_case("already_installed"), "AlreadyInstalled");
+        assert_eq!(coarse_quantity(0), "0");
+        assert_eq!(coarse_quantity(1 << 30), "1Gi");
+        assert_eq!(coarse_quantity(1_992_294_400), "1.9Gi");
+        assert_eq!(coarse_quantity(512 << 20), "510Mi");
+        assert_eq!(coarse_quantity(5_000_000_000), "4.7Gi");
+        assert_eq!(unix_rfc3339(0), None);
+        assert_eq!(
+            unix_rfc3339(1_700_000_000).as_deref(),
+            Some("2023-11-14T22:13:20Z")
+        );
+    }
+
+    #[test]
+    fn heartbeat_maps_to_status() {
+        let mut hb = heartbeat();
+        let s = from_heartbeat(&hb);
+        assert_eq!(s.phase.as_deref(), Some("Idle"));
+        let r = s.resources.clone().unwrap_or_default();
+        assert_eq!(
+            (r.cpu_percent, r.memory_used_percent, r.temperature_celsius),
+            (Some(10), Some(30), Some(40))
+        );
+        // Jitter does not change the coarse status.
+        hb.resources.as_mut().map(|r| r.cpu_percent = 14.0);
+        assert!(!content_differs(&s, &from_heartbeat(&hb)));
+        hb.upgrade = Some(v1::CurrentUpgrade {
+            upgrade_id: "u1".into(),
+            phase: "rolling_back".into(),
+            ..Default::default()
+        });
+        assert_eq!(from_heartbeat(&hb).phase.as_deref(), Some("RollingBack"));
+        hb.last_upgrade = Some(v1::LastUpgrade {
+            upgrade_id: "u0".into(),
+            result: "rolled_back".into(),
+            error_code: "health_check_failed".into(),
+            finished_unix: 1_700_000_000,
+            ..Default::default()
+        });
+        let lu = from_heartbeat(&hb).last_upgrade.unwrap_or_default();
+        assert_eq!(lu.result.as_deref(), Some("RolledBack"));
+        assert_eq!(lu.error_code.as_deref(), Some("health_check_failed"));
+    }
+
+    #[test]
+    fn conditions_follow_liveness_spec_and_keep_transition_times() {
+        let base = from_heartbeat(&heartbeat());
+        let spec = SpecView {
+            firmware_version: Some("1.0.0".into()),
+            generation: Some(3),
+        };
+        let s1 = with_conditions(base.clone(), Liveness::Online, &spec, &[], "T1");
+        let get = |s: &FlightNodeStatus, t: &str| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert_eq!(get(&s1, "Ready").status, "True");
+        assert_eq!(get(&s1, "FirmwareSynced").status, "True");
+        assert_eq!(s1.observed_generation, Some(3));
+
+        let s2 = with_conditions(
+            base.clone(),
+            Liveness::Offline { silent_secs: 40 },
+            &spec,
+            &s1.conditions,
+            "T2",
+        );
+        assert_eq!(get(&s2, "Online").status, "False");
+        assert_eq!(get(&s2, "Online").reason, "HeartbeatTimeout");
+        assert_eq!(get(&s2, "Ready").status, "Unknown");
+        assert_eq!(get(&s2, "Ready").last_transition_time, "T2");
+        assert_eq!(get(&s2, "FirmwareSynced").last_transition_time, "T1");
+
+        let want2 = SpecView {
+            firmware_version: Some("2.0.0".into()),
+            generation: Some(4),
+        };
+        let s3 = with_conditions(base, Liveness::Online, &want2, &s2.conditions, "T3");
+        assert_eq!(get(&s3, "FirmwareSynced").status, "False");
+        assert_eq!(get(&s3, "Ready").reason, "FirmwareNotSynced");
+        assert!(content_differs(&s1, &s3));
+    }
+}

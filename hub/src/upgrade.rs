@@ -1,0 +1,200 @@
+//! `flightnode-hub upgrade` / `cancel`: publish an MQTT command on `firmware/<id>/upgrade`
+//! (QoS 1, not retained) and wait for the broker's PUBACK.
+
+use crate::{Error, Result};
+use flightnode_proto::mqtt::{Command, UpgradeCommand, derive_upgrade_id, upgrade_topic};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How to reach the broker.
+#[derive(Debug, Clone)]
+pub struct MqttTarget {
+    /// `mqtt://host:port` or `mqtts://host:port` (default ports 1883 / 8883).
+    pub url: String,
+    /// CA bundle (PEM) for `mqtts`.
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM).
+    pub key: Option<PathBuf>,
+    /// MQTT client id.
+    pub client_id: String,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Parses `mqtt://host:port` / `mqtts://host:port` into (tls, host, port).
+pub fn parse_url(url: &str) -> Result<(bool, String, u16)> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        (false, rest)
+    } else {
+        return Err(Error::Invalid(format!(
+            "MQTT URL {url:?} must start with mqtt:// or mqtts://"
+        )));
+    };
+    let rest = rest.trim_end_matches('/');
+    let default_port = if tls { 8883 } else { 1883 };
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || rest.starts_with('[') => {
+            let port = port
+                .parse::<u16>()
+                .map_err(|e| Error::Invalid(format!("MQTT URL {url:?}: port: {e}")))?;
+            (
+                host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                port,
+            )
+        }
+        _ => (rest.to_owned(), default_port),
+    };
+    if host.is_empty() {
+        return Err(Error::Invalid(format!("MQTT URL {url:?} has no host")));
+    }
+    Ok((tls, host, port))
+}
+
+/// The firmware version in a bundle's manifest (the first tar entry, `manifest.json`).
+pub fn bundle_version(path: &Path) -> Result<semver::Version> {
+    let bad = |m: String| Error::Invalid(format!("bundle {}: {m}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(|source| Error::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut header = [0u8; 512];
+    file.read_exact(&mut header).map_err(|e| bad(e.to_string()))?;
+    let name_end = header[..100].iter().position(|b| *b == 0).unwrap_or(100);
+    if &header[..name_end] != flightnode_proto::manifest::MANIFEST_ENTRY.as_bytes() {
+        return Err(bad("the first entry is not manifest.json".into()));
+    }
+    let size_field = String::from_utf8_lossy(&header[124..136]);
+    let size = u64::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+        .map_err(|e| bad(format!("manifest size: {e}")))?;
+    if size > flightnode_proto::manifest::MAX_MANIFEST_BYTES {
+        return Err(bad(format!("manifest is {size} bytes")));
+    }
+    let mut manifest = vec![0u8; size as usize];
+    file.read_exact(&mut manifest).map_err(|e| bad(e.to_string()))?;
+    let manifest = flightnode_proto::Manifest::parse(&manifest).map_err(|e| bad(e.to_string()))?;
+    Ok(manifest.version)
+}
+
+/// Builds the upgrade command: from a URL, or from a bundle file published under a base URL.
+pub fn upgrade_command(
+    url: Option<&str>,
+    bundle: Option<&Path>,
+    base_url: Option<&str>,
+    upgrade_id: Option<String>,
+    allow_downgrade: bool,
+) -> Result<Command> {
+    let (url, version) = match (url, bundle, base_url) {
+        (Some(url), None, None) => (url.to_owned(), None),
+        (None, Some(bundle), Some(base)) => {
+            let file = bundle.file_name().and_then(|f| f.to_str()).ok_or_else(|| {
+                Error::Invalid(format!("bundle path {} has no file name", bundle.display()))
+            })?;
+            (
+                format!("{}/{file}", base.trim_end_matches('/')),
+                Some(bundle_version(bundle)?),
+            )
+        }
+        _ => {
+            return Err(Error::Invalid(
+                "give --url URL, or --bundle FILE with --base-url URL".into(),
+            ));
+        }
+    };
+    let upgrade_id = upgrade_id.unwrap_or_else(|| derive_upgrade_id(&url));
+    let cmd = Command::Upgrade(UpgradeCommand {
+        upgrade_id,
+        url,
+        version,
+        allow_downgrade,
+    });
+    // The agent parses strictly: refuse here what it would refuse.
+    flightnode_proto::mqtt::parse_command(cmd.to_json(None).as_bytes(), "_")
+        .map_err(|e| Error::Invalid(format!("command would be refused by the agent: {e}")))?;
+    Ok(cmd)
+}
+
+/// Publishes `cmd` for `device_id` and waits for the PUBACK.
+pub async fn publish(target: &MqttTarget, device_id: &str, cmd: &Command) -> Result<()> {
+    flightnode_proto::device::validate_device_id(device_id).map_err(Error::Invalid)?;
+    let (tls, host, port) = parse_url(&target.url)?;
+    let mut options = MqttOptions::new(target.client_id.clone(), host, port);
+    options.set_keep_alive(Duration::from_secs(30));
+    if tls {
+        let ca = match &target.ca {
+            Some(ca) => read(ca)?,
+            None => return Err(Error::Invalid("mqtts:// needs --mqtt-ca".into())),
+        };
+        let client_auth = match (&target.cert, &target.key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            (None, None) => None,
+            _ => return Err(Error::Invalid("--mqtt-cert and --mqtt-key go together".into())),
+        };
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca,
+            alpn: None,
+            client_auth,
+        }));
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    let topic = upgrade_topic(device_id);
+    let payload = cmd.to_json(Some(device_id));
+    let run = async {
+        client
+            .publish(topic.clone(), QoS::AtLeastOnce, false, payload.into_bytes())
+            .await
+            .map_err(|e| Error::Mqtt(e.to_string()))?;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => return Err(Error::Mqtt(format!("{}: {e}", target.url))),
+            }
+        }
+        let _ = client.disconnect().await;
+        // Drive the loop until the DISCONNECT is out (bounded by the outer timeout).
+        while let Ok(event) = eventloop.poll().await {
+            if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(target.timeout, run)
+        .await
+        .map_err(|_| Error::Mqtt(format!("{}: no PUBACK within {:?}", target.url, target.timeout)))??;
+    tracing::info!(device_id, %topic, upgrade_id = cmd.upgrade_id(), "command published");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_commands() -> Result<()> {
+        assert_eq!(
+            parse_url("mqtt://127.0.0.1:1884")?,
+            (false, "127.0.0.1".into(), 1884)
+        );
+        assert_eq!(parse_url("mqtts://broker")?, (true, "broker".into(), 8883));
+        assert!(parse_url("http://x").is_err());
+        let cmd = upgrade_command(Some("https://fw/b.fnb"), None, None, None, false)?;
+        assert_eq!(cmd.upgrade_id(), derive_upgrade_id("https://fw/b.fnb"));
+        assert!(upgrade_command(Some("ftp://x"), None, None, None, false).is_err());
+        assert!(upgrade_command(None, None, Some("http://x"), None, false).is_err());
+        Ok(())
+    }
+}
