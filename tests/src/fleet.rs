@@ -185,12 +185,57 @@ impl Hub {
         serde_json::from_str(&body).ok()
     }
 
+    /// Sets `spec.firmwareVersion` (what `kubectl patch` does in a cluster).
+    pub fn set_desired_version(&self, name: &str, version: &str) -> Result<()> {
+        let path = format!("/apis/edge.drone.io/v1/namespaces/default/flightnodes/{name}");
+        let body = format!(r#"{{"spec":{{"firmwareVersion":"{version}"}}}}"#);
+        http_request(
+            self.http_port,
+            "PATCH",
+            &path,
+            "application/merge-patch+json",
+            &body,
+        )?;
+        Ok(())
+    }
+
+    /// The durable phase-transition events of `name`.
+    pub fn events(&self, name: &str) -> Result<Vec<Value>> {
+        let body = http_get(
+            self.http_port,
+            &format!("/apis/edge.drone.io/v1/namespaces/default/flightnodes/{name}/events"),
+        )?;
+        let list: Value = serde_json::from_str(&body)?;
+        Ok(list["items"].as_array().cloned().unwrap_or_default())
+    }
+
     /// All FlightNodes.
     pub fn flightnodes(&self) -> Result<Vec<Value>> {
         let body = http_get(self.http_port, "/apis/edge.drone.io/v1/flightnodes")?;
         let list: Value = serde_json::from_str(&body)?;
         Ok(list["items"].as_array().cloned().unwrap_or_default())
     }
+}
+
+/// A minimal HTTP/1.1 request on loopback; returns the body of a 200.
+pub fn http_request(port: u16, method: &str, path: &str, content_type: &str, body: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    let status = head.split_whitespace().nth(1).unwrap_or("0");
+    if status != "200" {
+        bail!("{method} {path}: HTTP {status}: {body}");
+    }
+    Ok(body.to_owned())
 }
 
 /// A minimal HTTP/1.1 GET on loopback (no client dependency; the hub's local API is plain HTTP).

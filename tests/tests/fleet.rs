@@ -238,3 +238,113 @@ fn s9_stopped_drone_goes_offline_and_comes_back() {
         })
         .unwrap();
 }
+
+#[test]
+fn s8_hub_down_for_a_whole_upgrade_then_every_transition_arrives() {
+    let mut fleet = Fleet::start(FleetOptions::default()).unwrap();
+    fleet
+        .wait_flightnode("drone-1", WAIT, |f| committed(f) == "1.0.0")
+        .unwrap();
+    fleet.hub.kill();
+    let (_, url) = fleet.bundle("v2", "2.0.0", MIB).unwrap();
+    broker(&mut fleet)
+        .publish("firmware/drone-1/upgrade", url.as_bytes(), false)
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while fleet.drones[0].status().unwrap()["last_upgrade"]["result"] != "committed" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upgrade must finish without the hub"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    fleet.hub.start().unwrap();
+    fleet
+        .wait_flightnode("drone-1", WAIT, |f| {
+            last_result(f) == "Committed" && committed(f) == "2.0.0"
+        })
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let events = fleet.hub.events("drone-1").unwrap();
+        let phases: Vec<String> = events
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}{}",
+                    e["phase"].as_str().unwrap_or(""),
+                    e["result"].as_str().map(|r| format!(":{r}")).unwrap_or_default()
+                )
+            })
+            .collect();
+        let want = ["Downloading", "Staged", "Switching", "Testing"];
+        if want.iter().all(|w| phases.iter().any(|p| p == w)) && phases.iter().any(|p| p == "Idle:Committed")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "missing transitions at the hub: {phases:?}\n{events:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn s10_reboot_mode_with_uboot_commits_a_good_image_and_returns_from_a_bad_one() {
+    let bootdir = tempfile::tempdir().unwrap();
+    let sim = flightnode_tests::boot_sim::SimBoot::uboot(bootdir.path()).unwrap();
+    assert_eq!(sim.power_on().unwrap(), 'A');
+    let mut fleet = Fleet::start(FleetOptions {
+        health: |_| "test \"$FLIGHTNODE_VERSION\" != 3.0.0".into(),
+        agent_extra: format!(
+            "[activation]\nmode = \"reboot\"\nreboot_command = \"kill -9 $FLIGHTNODE_AGENT_PID\"\n{}",
+            sim.boot_toml()
+        ),
+        ..FleetOptions::default()
+    })
+    .unwrap();
+    let reboot = |fleet: &mut Fleet, expect: char| {
+        let deadline = std::time::Instant::now() + WAIT;
+        while fleet.drones[0].running() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reboot command never ran:\n{}",
+                fleet.drones[0].log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(sim.power_on().unwrap(), expect);
+        fleet.drones[0].start().unwrap();
+    };
+
+    // A good image: trial boot into b, healthy, broker and hub reachable → committed.
+    let (_, good) = fleet.bundle("v2", "2.0.0", 256 * 1024).unwrap();
+    broker(&mut fleet)
+        .publish("firmware/drone-1/upgrade", good.as_bytes(), false)
+        .unwrap();
+    reboot(&mut fleet, 'B');
+    let f = fleet
+        .wait_flightnode("drone-1", WAIT, |f| {
+            last_result(f) == "Committed" && committed(f) == "2.0.0"
+        })
+        .unwrap();
+    assert_eq!(f["status"]["firmware"]["bootedSlot"], "b");
+    assert_eq!(sim.power_on().unwrap(), 'B', "the committed slot keeps booting");
+    fleet.drones[0].kill();
+    fleet.drones[0].start().unwrap();
+
+    // A bad image: trial boot into a, health fails, marked bad, reboot back into b.
+    let (_, bad) = fleet.bundle("v3", "3.0.0", 256 * 1024).unwrap();
+    broker(&mut fleet)
+        .publish("firmware/drone-1/upgrade", bad.as_bytes(), false)
+        .unwrap();
+    reboot(&mut fleet, 'A');
+    reboot(&mut fleet, 'B');
+    let f = fleet
+        .wait_flightnode("drone-1", WAIT, |f| last_result(f) == "RolledBack")
+        .unwrap();
+    assert_eq!(f["status"]["lastUpgrade"]["errorCode"], "health_check_failed");
+    assert_eq!(committed(&f), "2.0.0");
+    assert_eq!(f["status"]["firmware"]["bootedSlot"], "b");
+}
