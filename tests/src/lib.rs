@@ -4,4 +4,5 @@
 //! - [`http_server`]: a bundle HTTP server that honours `Range` and injects faults.
 
 pub mod boot_sim;
+pub mod fake_kube;
 pub mod http_server;
