@@ -7,7 +7,9 @@ pub const MAX_DEVICE_ID_BYTES: usize = 64;
 /// MQTT topics and `FlightNode` objects). Same rule as the agent's config check.
 pub fn validate_device_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_DEVICE_ID_BYTES {
-        return Err(format!("device id {id:?} must be 1 to {MAX_DEVICE_ID_BYTES} characters"));
+        return Err(format!(
+            "device id {id:?} must be 1 to {MAX_DEVICE_ID_BYTES} characters"
+        ));
     }
     if id == "." || id.contains("..") {
         return Err(format!("device id {id:?} must not contain \"..\""));
