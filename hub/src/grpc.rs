@@ -125,7 +125,7 @@ impl HubService for HubGrpc {
             return Err(Status::invalid_argument(message));
         }
         if let Some(ids) = identities
-            && !ids.iter().any(|id| *id == hb.device_id)
+            && !ids.contains(&hb.device_id)
         {
             self.hub.metrics.heartbeat("denied").inc();
             tracing::warn!(device_id = %hb.device_id, certificate = ?ids, "heartbeat for another device refused");

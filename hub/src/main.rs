@@ -126,6 +126,7 @@ struct GetArgs {
 }
 
 #[derive(Args)]
+#[allow(clippy::struct_field_names)] // the flags are --mqtt-*
 struct MqttArgs {
     /// Broker URL, mqtt://host:port or mqtts://host:port.
     #[arg(
@@ -204,12 +205,9 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            let _ = ctrl_c.await;
+            return;
         };
         tokio::select! {
             _ = ctrl_c => {}

@@ -361,7 +361,9 @@ mod tests {
             (Some(10), Some(30), Some(40))
         );
         // Jitter does not change the coarse status.
-        hb.resources.as_mut().map(|r| r.cpu_percent = 14.0);
+        if let Some(r) = hb.resources.as_mut() {
+            r.cpu_percent = 14.0;
+        }
         assert!(!content_differs(&s, &from_heartbeat(&hb)));
         hb.upgrade = Some(v1::CurrentUpgrade {
             upgrade_id: "u1".into(),

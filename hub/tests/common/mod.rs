@@ -1,0 +1,155 @@
+//! Shared test helpers: heartbeats, a scripted in-memory sink, hub construction.
+#![allow(dead_code)]
+
+use flightnode_hub::hub::{Hub, HubConfig};
+use flightnode_hub::scheduler::SchedulerConfig;
+use flightnode_hub::session::{SessionConfig, SpecCache};
+use flightnode_hub::sink::{StatusSink, WriteError, WriteRequest};
+use flightnode_proto::v1;
+use futures_util::future::BoxFuture;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A heartbeat of an idle drone on `version`.
+pub fn heartbeat(device: &str, version: &str) -> v1::HeartbeatRequest {
+    v1::HeartbeatRequest {
+        device_id: device.into(),
+        boot_id: "boot-1".into(),
+        agent_version: "0.1.0".into(),
+        hardware_id: "hw-x1".into(),
+        firmware: Some(v1::FirmwareState {
+            active_slot: "a".into(),
+            booted_slot: "a".into(),
+            slot_a: Some(v1::SlotInfo {
+                version: version.into(),
+                state: "good".into(),
+            }),
+            slot_b: Some(v1::SlotInfo {
+                version: String::new(),
+                state: "empty".into(),
+            }),
+            committed_version: version.into(),
+            security_floor: 0,
+        }),
+        upgrade: None,
+        last_upgrade: None,
+        resources: Some(v1::Resources {
+            cpu_percent: 12.0,
+            memory_used_bytes: 200 << 20,
+            memory_total_bytes: 1 << 30,
+            disk_free_bytes: 4 << 30,
+            load1: 0.1,
+            uptime_seconds: 10,
+            temperature_celsius: None,
+        }),
+        seq: 1,
+        events: vec![],
+    }
+}
+
+/// Sets the upgrade phase (snake_case) and adds an event for it.
+pub fn with_phase(mut hb: v1::HeartbeatRequest, phase: &str, event_seq: u64) -> v1::HeartbeatRequest {
+    hb.upgrade = Some(v1::CurrentUpgrade {
+        upgrade_id: "up-1".into(),
+        phase: phase.into(),
+        bytes: 0,
+        total: 0,
+        version: "2.0.0".into(),
+    });
+    hb.events.push(v1::Event {
+        seq: event_seq,
+        time_unix_ms: 1_700_000_000_000,
+        upgrade_id: "up-1".into(),
+        phase: phase.into(),
+        ..Default::default()
+    });
+    hb
+}
+
+/// One write the sink saw.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: Instant,
+    pub req: WriteRequest,
+    pub answered_ok: bool,
+}
+
+/// An in-memory sink answering from a script (then Ok), recording every call.
+#[derive(Default)]
+pub struct ScriptedSink {
+    pub script: Mutex<VecDeque<Result<(), WriteError>>>,
+    pub seen: Mutex<Vec<Seen>>,
+    pub stores_events: bool,
+}
+
+impl ScriptedSink {
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+    pub fn ok_writes(&self) -> Vec<Seen> {
+        self.seen().into_iter().filter(|s| s.answered_ok).collect()
+    }
+    pub fn push(&self, r: Result<(), WriteError>) {
+        self.script.lock().unwrap().push_back(r);
+    }
+}
+
+impl StatusSink for ScriptedSink {
+    fn write_status<'a>(&'a self, req: &'a WriteRequest) -> BoxFuture<'a, Result<(), WriteError>> {
+        let answer = self.script.lock().unwrap().pop_front().unwrap_or(Ok(()));
+        self.seen.lock().unwrap().push(Seen {
+            at: Instant::now(),
+            req: req.clone(),
+            answered_ok: answer.is_ok(),
+        });
+        Box::pin(async move { answer })
+    }
+    fn create<'a>(&'a self, _name: &'a str, _hw: &'a str) -> BoxFuture<'a, Result<(), WriteError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn kind(&self) -> &'static str {
+        "scripted"
+    }
+}
+
+pub fn config(qps: f64, burst: u32) -> HubConfig {
+    HubConfig {
+        session: SessionConfig {
+            refresh: Duration::from_secs(60),
+            grace: Duration::from_secs(35),
+            sink_stores_events: false,
+        },
+        scheduler: SchedulerConfig {
+            qps,
+            burst,
+            ..SchedulerConfig::default()
+        },
+        ack_wait: Duration::from_secs(2),
+        advertise_interval_secs: 0,
+    }
+}
+
+pub fn hub_with(sink: Arc<dyn StatusSink>, config: HubConfig) -> Arc<Hub> {
+    let hub = Hub::new(config, sink, None, Arc::new(SpecCache::default()));
+    hub.start();
+    hub
+}
+
+/// Lets spawned tasks run without moving the (paused) clock.
+pub async fn settle() {
+    for _ in 0..200 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The status of a condition type in a status.
+pub fn cond(status: &flightnode_hub::crd::FlightNodeStatus, type_: &str) -> String {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| format!("{}/{}", c.status, c.reason))
+        .unwrap_or_default()
+}

@@ -1,0 +1,173 @@
+//! `flightnode-hub upgrade`/`cancel` against a real mosquitto, and the opt-in real-cluster test
+//! (set `FLIGHTNODE_TEST_KUBECONFIG`).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn upgrade_and_cancel_are_published_on_the_device_topic() {
+    let mosquitto = "/usr/sbin/mosquitto";
+    if !std::path::Path::new(mosquitto).exists()
+        || Command::new("mosquitto_sub").arg("--help").output().is_err()
+    {
+        eprintln!("SKIP: mosquitto / mosquitto_sub not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )
+    .unwrap();
+    let mut broker = Command::new(mosquitto)
+        .arg("-c")
+        .arg(&conf)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            "firmware/drone-1/upgrade",
+            "-C",
+            "2",
+            "-W",
+            "20",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let bin = env!("CARGO_BIN_EXE_flightnode-hub");
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let up = Command::new(bin)
+        .args([
+            "upgrade",
+            "--device",
+            "drone-1",
+            "--url",
+            "http://fw.local/fw-2.0.0.fnb",
+            "--mqtt-url",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let upgrade_id = String::from_utf8_lossy(&up.stdout).trim().to_owned();
+    let cancel = Command::new(bin)
+        .args([
+            "cancel",
+            "--device",
+            "drone-1",
+            "--upgrade-id",
+            &upgrade_id,
+            "--mqtt-url",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        cancel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cancel.stderr)
+    );
+    let lines: Vec<String> = BufReader::new(sub.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    let _ = sub.wait();
+    let _ = broker.kill();
+    let _ = broker.wait();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let upgrade = flightnode_proto::mqtt::parse_command(lines[0].as_bytes(), "drone-1").unwrap();
+    assert_eq!(upgrade.upgrade_id(), upgrade_id);
+    assert!(
+        matches!(upgrade, flightnode_proto::mqtt::Command::Upgrade(ref u) if u.url == "http://fw.local/fw-2.0.0.fnb")
+    );
+    let cancel = flightnode_proto::mqtt::parse_command(lines[1].as_bytes(), "drone-1").unwrap();
+    assert_eq!(cancel, flightnode_proto::mqtt::Command::Cancel { upgrade_id });
+}
+
+/// Installs the CRD, creates a FlightNode, heartbeats, reads the status back with the kube client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_cluster_when_configured() {
+    use flightnode_hub::crd::FlightNode;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::CustomResourceExt;
+    use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+
+    let Ok(kubeconfig) = std::env::var("FLIGHTNODE_TEST_KUBECONFIG") else {
+        eprintln!("SKIP: FLIGHTNODE_TEST_KUBECONFIG is not set");
+        return;
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    config.default_retry = false;
+    let client = kube::Client::try_from(config).unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(
+        "flightnodes.edge.drone.io",
+        &PatchParams::apply("flightnode-test").force(),
+        &Patch::Apply(FlightNode::crd()),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ns = client.default_namespace().to_owned();
+    let api: Api<FlightNode> = Api::namespaced(client.clone(), &ns);
+    let name = format!("fn-test-{}", std::process::id());
+    api.create(
+        &PostParams::default(),
+        &flightnode_hub::crd::new_flightnode(&name, &ns, "hw-x1"),
+    )
+    .await
+    .unwrap();
+
+    let sink = std::sync::Arc::new(flightnode_hub::sink::kube::KubeSink::new(
+        client.clone(),
+        &ns,
+        Duration::from_secs(10),
+    ));
+    let hub = flightnode_hub::hub::Hub::new(
+        common::config(5.0, 5),
+        sink,
+        None,
+        std::sync::Arc::new(flightnode_hub::session::SpecCache::default()),
+    );
+    hub.start();
+    hub.heartbeat(&common::heartbeat(&name, "1.0.0")).await;
+    let mut phase = None;
+    for _ in 0..50 {
+        let node = api.get_status(&name).await.unwrap();
+        phase = node.status.and_then(|s| s.phase);
+        if phase.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = api.delete(&name, &DeleteParams::default()).await;
+    assert_eq!(phase.as_deref(), Some("Idle"));
+}
