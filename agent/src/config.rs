@@ -382,24 +382,7 @@ fn default_backoff() -> Duration {
     Duration::from_secs(1)
 }
 
-/// Checks a device id for use as an MQTT client id and topic segment.
-pub fn validate_device_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > 64 {
-        return Err(format!("device id {id:?} must be 1 to 64 characters"));
-    }
-    if id == "." || id == ".." || id.contains("..") {
-        return Err(format!("device id {id:?} must not contain \"..\""));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
-        return Err(format!(
-            "device id {id:?} contains {c:?}; use letters, digits, '-', '_' and '.'"
-        ));
-    }
-    Ok(())
-}
+pub use flightnode_proto::device::validate_device_id;
 
 impl Config {
     /// Reads and validates a config file.
