@@ -19,9 +19,12 @@
 //! - [`metrics`]: prometheus-client registry.
 //! - [`get`]: `flightnode-hub get`, a kubectl-like table.
 //! - [`upgrade`]: `flightnode-hub upgrade`, publishes MQTT upgrade/cancel commands.
+//! - [`broker`]: the embedded MQTT broker for laptops and the demo (feature `embedded-broker`).
 //! - [`hub`]: the shared core (sessions, scheduler, metrics, local store).
 //! - [`serve`]: `flightnode-hub serve`: TLS, sink choice, gRPC and HTTP servers.
 
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
 pub mod crd;
 pub mod get;
 pub mod grpc;

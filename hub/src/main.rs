@@ -39,6 +39,10 @@ enum Cmd {
 
 #[derive(Args)]
 struct ServeArgs {
+    /// Also run an MQTT broker on this address (plain TCP, no auth: laptops and the demo).
+    #[cfg(feature = "embedded-broker")]
+    #[arg(long, env = "FLIGHTNODE_HUB_EMBEDDED_BROKER", num_args = 0..=1, default_missing_value = "127.0.0.1:1883")]
+    embedded_broker: Option<SocketAddr>,
     /// gRPC listen address.
     #[arg(long, env = "FLIGHTNODE_HUB_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     grpc_addr: SocketAddr,
@@ -220,6 +224,11 @@ async fn shutdown_signal() {
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    #[cfg(feature = "embedded-broker")]
+    if let Some(listen) = a.embedded_broker {
+        flightnode_hub::broker::start(listen)
+            .with_context(|| format!("starting the embedded MQTT broker on {listen}"))?;
+    }
     let grace = a
         .offline_after
         .unwrap_or(a.heartbeat_interval * 3 + Duration::from_secs(5));
