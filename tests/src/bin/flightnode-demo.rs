@@ -97,8 +97,8 @@ fn demo(n: usize) -> Result<()> {
     }
     println!("published upgrades to 2.0.0 (drone 3 gets a corrupt bundle)\n");
     println!(
-        "{:<10} {:<8} {:<12} {:<9} {:<5} {}",
-        "NAME", "READY", "PHASE", "FIRMWARE", "SLOT", "LAST UPGRADE"
+        "{:<10} {:<8} {:<12} {:<9} {:<5} LAST UPGRADE",
+        "NAME", "READY", "PHASE", "FIRMWARE", "SLOT"
     );
     let mut last_table = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(180);
