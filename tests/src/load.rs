@@ -200,11 +200,10 @@ pub async fn paced(
             loop {
                 if !changed && next >= change_at {
                     tokio::time::sleep_until(change_at).await;
-                    let mut event_seq = 0u64;
                     let mut events = Vec::new();
-                    for phase in PHASES {
+                    for (n, phase) in PHASES.into_iter().enumerate() {
                         seq += 1;
-                        event_seq += 1;
+                        let event_seq = n as u64 + 1;
                         let done = phase == "idle";
                         let mut hb = idle_heartbeat(i, if done { "2.0.0" } else { "1.0.0" }, seq);
                         if done {
