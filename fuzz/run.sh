@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-60}
 export RUSTC_BOOTSTRAP=1
-for target in mqtt_command bundle_reader; do
+for target in mqtt_command bundle_reader heartbeat; do
     echo "== $target for ${secs}s"
     cargo fuzz run "$target" -- -max_total_time="$secs" -rss_limit_mb=1024
 done

@@ -17,6 +17,7 @@
 //! - [`grpc`]: the tonic `HubService`, mTLS identity check, input validation.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the local store's Kubernetes-shaped API.
 //! - [`metrics`]: prometheus-client registry.
+//! - [`fuzzing`]: fuzz target bodies (cargo-fuzz `heartbeat` and its smoke test).
 //! - [`get`]: `flightnode-hub get`, a kubectl-like table.
 //! - [`upgrade`]: `flightnode-hub upgrade`, publishes MQTT upgrade/cancel commands.
 //! - [`broker`]: the embedded MQTT broker for laptops and the demo (feature `embedded-broker`).
@@ -26,6 +27,7 @@
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod crd;
+pub mod fuzzing;
 pub mod get;
 pub mod grpc;
 pub mod http;

@@ -7,6 +7,9 @@
 //! - `footprint [--idle-secs 60] [--size-mib 64]`: idle and peak RSS of `flightnode-agent run`
 //!   connected to mosquitto and the hub, idle and during an install, next to a `mosquitto_sub`
 //!   connected to the same broker; stripped binary sizes.
+//! - `hub [--drones 1000,10000] [--seconds 30] [--interval 10]`: N simulated drones over gRPC
+//!   against a real `flightnode-hub serve --store kube` whose API server is the fake Kubernetes
+//!   API, vs the same generator against a no-op tonic `HubService` (the transport's ceiling).
 
 use anyhow::{Context, Result, bail};
 use flightnode_tests::agent::{binary, run_ok};
@@ -29,9 +32,21 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("install") => install(flag("--size-mib", 256), flag("--runs", 3)),
         Some("footprint") => footprint(flag("--idle-secs", 60), flag("--size-mib", 64)),
+        Some("hub") => {
+            let drones: Vec<usize> = args
+                .iter()
+                .position(|a| a == "--drones")
+                .and_then(|i| args.get(i + 1))
+                .map_or_else(
+                    || vec![1000, 10000],
+                    |v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect(),
+                );
+            hub_bench(&drones, flag("--seconds", 30), flag("--interval", 10))
+        }
         _ => {
             eprintln!("usage: flightnode-bench install [--size-mib N] [--runs N]");
             eprintln!("       flightnode-bench footprint [--idle-secs N] [--size-mib N]");
+            eprintln!("       flightnode-bench hub [--drones 1000,10000] [--seconds 30] [--interval 10]");
             std::process::exit(2);
         }
     }
@@ -281,4 +296,240 @@ fn footprint(idle_secs: u64, size_mib: u64) -> Result<()> {
         Err(_) => println!("aarch64 binary: run cross/build-aarch64.sh first"),
     }
     Ok(())
+}
+
+/// One row of the hub table.
+struct HubRow {
+    target: String,
+    drones: usize,
+    paced: flightnode_tests::load::Outcome,
+    flood: flightnode_tests::load::Outcome,
+    kib_per_drone: Option<f64>,
+    writes_per_s: Option<f64>,
+    max_writes_1s: Option<usize>,
+    phase_p99_ms: Option<f64>,
+    phase_missing: usize,
+}
+
+const QPS: f64 = 20.0;
+const BURST: u32 = 40;
+const CHANNELS: usize = 12;
+const FLOOD_CONCURRENCY: usize = 512;
+const FLOOD_SECS: u64 = 5;
+
+fn hub_bench(drones: &[usize], seconds: u64, interval: u64) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut rows = Vec::new();
+    for &n in drones {
+        rows.push(rt.block_on(noop_run(n, seconds, interval))?);
+        rows.push(rt.block_on(hub_run(n, seconds, interval))?);
+    }
+    println!(
+        "hub under N simulated drones: heartbeat every {interval} s for {seconds} s, 10 % walk 5 upgrade phases at half time; \
+         flood = {FLOOD_CONCURRENCY} concurrent callers for {FLOOD_SECS} s; {CHANNELS} HTTP/2 connections; \
+         --api-qps {QPS} --api-burst {BURST}"
+    );
+    println!(
+        "{:<34} {:>7} {:>9} {:>8} {:>8} {:>10} {:>8} {:>8} {:>9} {:>9} {:>11}",
+        "target",
+        "drones",
+        "paced/s",
+        "p50 ms",
+        "p99 ms",
+        "flood/s",
+        "p50 ms",
+        "p99 ms",
+        "KiB/drone",
+        "writes/s",
+        "max 1s win"
+    );
+    for r in &rows {
+        let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_owned(), |v| format!("{v:.prec$}"));
+        println!(
+            "{:<34} {:>7} {:>9.0} {:>8.2} {:>8.2} {:>10.0} {:>8.2} {:>8.2} {:>9} {:>9} {:>11}",
+            r.target,
+            r.drones,
+            r.paced.rate(),
+            r.paced.percentile_ms(50.0),
+            r.paced.percentile_ms(99.0),
+            r.flood.rate(),
+            r.flood.percentile_ms(50.0),
+            r.flood.percentile_ms(99.0),
+            opt(r.kib_per_drone, 2),
+            opt(r.writes_per_s, 1),
+            r.max_writes_1s
+                .map_or("-".to_owned(), |m| format!("{m} / {}", BURST as f64 + QPS)),
+        );
+    }
+    for r in rows.iter().filter(|r| r.phase_p99_ms.is_some()) {
+        println!(
+            "{} drones: phase change -> status write p99 {:.0} ms ({} phase changes never written as such: \
+             superseded by a later phase before the token bucket let them out); heartbeat errors {} paced, {} flood",
+            r.drones,
+            r.phase_p99_ms.unwrap_or(0.0),
+            r.phase_missing,
+            r.paced.errors,
+            r.flood.errors
+        );
+    }
+    Ok(())
+}
+
+async fn noop_run(n: usize, seconds: u64, interval: u64) -> Result<HubRow> {
+    use flightnode_tests::load;
+    let (addr, _noop) = load::start_noop().await?;
+    let clients = load::pool(addr, CHANNELS).await?;
+    eprintln!("no-op hub, {n} drones: paced {seconds} s");
+    let paced = load::paced(
+        &clients,
+        n,
+        std::time::Duration::from_secs(interval),
+        std::time::Duration::from_secs(seconds),
+        10,
+        std::time::Duration::from_millis(200),
+    )
+    .await;
+    let flood = load::flood(
+        &clients,
+        n,
+        FLOOD_CONCURRENCY,
+        std::time::Duration::from_secs(FLOOD_SECS),
+    )
+    .await;
+    Ok(HubRow {
+        target: "baseline: no-op tonic HubService".into(),
+        drones: n,
+        paced,
+        flood,
+        kib_per_drone: None,
+        writes_per_s: None,
+        max_writes_1s: None,
+        phase_p99_ms: None,
+        phase_missing: 0,
+    })
+}
+
+async fn hub_run(n: usize, seconds: u64, interval: u64) -> Result<HubRow> {
+    use flightnode_tests::fake_kube::FakeKube;
+    use flightnode_tests::fleet::{Proc, free_port, rss_kib};
+    use flightnode_tests::load;
+    use std::time::Duration;
+    let tmp = tempfile::tempdir()?;
+    let fake = FakeKube::start().await?;
+    for i in 0..n {
+        fake.insert("fleet", &load::drone_id(i), "cc-sim-v1");
+    }
+    let kubeconfig = tmp.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: fleet\n\
+             current-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            fake.url()
+        ),
+    )?;
+    let (grpc_port, http_port) = (free_port()?, free_port()?);
+    let mut cmd = Command::new(binary("flightnode-hub")?);
+    cmd.args([
+        "serve",
+        "--insecure",
+        "--store",
+        "kube",
+        "--namespace",
+        "fleet",
+        "--grpc-addr",
+        &format!("127.0.0.1:{grpc_port}"),
+        "--http-addr",
+        &format!("127.0.0.1:{http_port}"),
+        "--api-qps",
+        &QPS.to_string(),
+        "--api-burst",
+        &BURST.to_string(),
+        "--heartbeat-interval",
+        &format!("{interval}s"),
+        "--ack-wait",
+        "100ms",
+    ])
+    .env("KUBECONFIG", &kubeconfig)
+    .env("RUST_LOG", "warn");
+    let mut hub = Proc::spawn(cmd, &tmp.path().join("hub.log"))?;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{grpc_port}").parse()?;
+    let t = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if t.elapsed() > Duration::from_secs(20) {
+            bail!("hub did not listen: {}", hub.log());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = hub.pid().context("hub gone")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss0, _) = rss_kib(pid).context("hub gone")?;
+    let clients = load::pool(addr, CHANNELS).await?;
+    eprintln!("flightnode-hub (kube sink on the fake API), {n} drones: paced {seconds} s");
+    let start = Instant::now();
+    let paced = load::paced(
+        &clients,
+        n,
+        Duration::from_secs(interval),
+        Duration::from_secs(seconds),
+        10,
+        Duration::from_millis(200),
+    )
+    .await;
+    let paced_end = Instant::now();
+    let (rss1, _) = rss_kib(pid).context("hub gone")?;
+    // Let queued transition writes drain before judging phase delays (bounded).
+    let mut waited = 0;
+    while waited < 30 && fake.status_writes().len() < n {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        waited += 1;
+    }
+    let writes = fake.status_writes();
+    let ok_times: Vec<Instant> = writes
+        .iter()
+        .filter(|w| w.at >= start && w.at <= paced_end)
+        .map(|w| w.at)
+        .collect();
+    let all_times: Vec<Instant> = writes.iter().map(|w| w.at).collect();
+    let writes_per_s = ok_times.len() as f64 / paced_end.duration_since(start).as_secs_f64();
+    let max_1s = load::max_in_window(&all_times, Duration::from_secs(1));
+    // Phase change -> first write of that phase for that drone at or after the send.
+    let mut delays = Vec::new();
+    let mut missing = 0;
+    let mut by_name: std::collections::HashMap<&str, Vec<(Instant, &str)>> = std::collections::HashMap::new();
+    for w in &writes {
+        let phase = w.body["status"]["phase"].as_str().unwrap_or("");
+        by_name.entry(w.name.as_str()).or_default().push((w.at, phase));
+    }
+    for (name, phase, sent) in &paced.phase_sends {
+        let hit = by_name
+            .get(name.as_str())
+            .and_then(|ws| ws.iter().find(|(at, p)| at >= sent && p == phase));
+        match hit {
+            Some((at, _)) => delays.push(at.duration_since(*sent).as_micros() as u64),
+            None => missing += 1,
+        }
+    }
+    delays.sort_unstable();
+    eprintln!("flightnode-hub, {n} drones: flood {FLOOD_SECS} s");
+    let flood = load::flood(&clients, n, FLOOD_CONCURRENCY, Duration::from_secs(FLOOD_SECS)).await;
+    if !fake.violations().is_empty() {
+        eprintln!("fake API contract violations: {:?}", &fake.violations()[..1]);
+    }
+    hub.stop();
+    Ok(HubRow {
+        target: "flightnode-hub serve --store kube".into(),
+        drones: n,
+        paced,
+        flood,
+        kib_per_drone: Some(rss1.saturating_sub(rss0) as f64 / n as f64),
+        writes_per_s: Some(writes_per_s),
+        max_writes_1s: Some(max_1s),
+        phase_p99_ms: Some(load::percentile(&delays, 99.0) as f64 / 1000.0),
+        phase_missing: missing,
+    })
 }
