@@ -70,24 +70,38 @@ pub fn validate(hb: &HeartbeatRequest) -> Result<(), String> {
         ("hardware_id", hb.hardware_id.as_str()),
     ];
     if let Some(f) = &hb.firmware {
-        fields.extend([("firmware.committed_version", f.committed_version.as_str())]);
+        fields.extend([
+            ("firmware.committed_version", f.committed_version.as_str()),
+            ("firmware.active_slot", f.active_slot.as_str()),
+            ("firmware.booted_slot", f.booted_slot.as_str()),
+        ]);
+        for (name, slot) in [("firmware.slot_a", &f.slot_a), ("firmware.slot_b", &f.slot_b)] {
+            if let Some(slot) = slot {
+                fields.extend([(name, slot.version.as_str()), (name, slot.state.as_str())]);
+            }
+        }
     }
     if let Some(u) = &hb.upgrade {
         fields.extend([
             ("upgrade.upgrade_id", u.upgrade_id.as_str()),
             ("upgrade.phase", u.phase.as_str()),
+            ("upgrade.version", u.version.as_str()),
         ]);
     }
     if let Some(l) = &hb.last_upgrade {
         fields.extend([
             ("last_upgrade.upgrade_id", l.upgrade_id.as_str()),
             ("last_upgrade.result", l.result.as_str()),
+            ("last_upgrade.version", l.version.as_str()),
+            ("last_upgrade.error_code", l.error_code.as_str()),
         ]);
     }
     for e in &hb.events {
         fields.extend([
             ("events.phase", e.phase.as_str()),
             ("events.upgrade_id", e.upgrade_id.as_str()),
+            ("events.result", e.result.as_str()),
+            ("events.error_code", e.error_code.as_str()),
         ]);
     }
     if let Some((field, _)) = fields.iter().find(|(_, v)| v.len() > MAX_FIELD_BYTES) {
@@ -135,5 +149,51 @@ impl HubService for HubGrpc {
             )));
         }
         Ok(Response::new(self.hub.heartbeat(&hb).await))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flightnode_proto::v1;
+
+    fn good() -> HeartbeatRequest {
+        HeartbeatRequest {
+            device_id: "drone-1".into(),
+            firmware: Some(v1::FirmwareState {
+                active_slot: "a".into(),
+                slot_a: Some(v1::SlotInfo {
+                    version: "1.0.0".into(),
+                    state: "good".into(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn oversized_or_control_characters_in_any_short_field_are_refused() {
+        assert_eq!(validate(&good()), Ok(()));
+        let mut hb = good();
+        if let Some(f) = hb.firmware.as_mut() {
+            f.slot_a = Some(v1::SlotInfo {
+                version: "x".repeat(MAX_FIELD_BYTES + 1),
+                state: "good".into(),
+            });
+        }
+        assert!(validate(&hb).unwrap_err().contains("firmware.slot_a"));
+        let mut hb = good();
+        hb.events.push(v1::Event {
+            result: "committed\u{1b}[2J".into(),
+            ..Default::default()
+        });
+        assert!(validate(&hb).unwrap_err().contains("events.result"));
+        let mut hb = good();
+        hb.last_upgrade = Some(v1::LastUpgrade {
+            error_code: "\0".into(),
+            ..Default::default()
+        });
+        assert!(validate(&hb).unwrap_err().contains("last_upgrade.error_code"));
     }
 }
