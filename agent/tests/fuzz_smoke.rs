@@ -1,33 +1,8 @@
 //! A short run of the fuzz target bodies (fuzz/) in every `cargo test`: seeded random inputs and
 //! mutations of valid ones. The long runs are `fuzz/run.sh`.
 
+use flightnode_tests::fuzz::mutate;
 use rand::{Rng, SeedableRng};
-
-fn mutate(rng: &mut rand::rngs::StdRng, seed: &[u8]) -> Vec<u8> {
-    let mut v = seed.to_vec();
-    for _ in 0..rng.random_range(1..8) {
-        match rng.random_range(0..4) {
-            0 if !v.is_empty() => {
-                let i = rng.random_range(0..v.len());
-                v[i] ^= 1 << rng.random_range(0..8);
-            }
-            1 if !v.is_empty() => {
-                let i = rng.random_range(0..v.len());
-                v.truncate(i);
-            }
-            2 => {
-                let i = rng.random_range(0..=v.len());
-                let b: u8 = rng.random();
-                v.insert(i, b);
-            }
-            _ => {
-                let n = rng.random_range(0..64);
-                v.extend((0..n).map(|_| rng.random::<u8>()));
-            }
-        }
-    }
-    v
-}
 
 #[test]
 fn mqtt_command_parser_survives_mutated_payloads() {

@@ -5,41 +5,9 @@
 mod common;
 
 use common::{heartbeat, with_phase};
+use flightnode_tests::fuzz::mutate;
 use prost::Message;
 use rand::{Rng, SeedableRng};
-
-fn mutate(rng: &mut rand::rngs::StdRng, seed: &[u8]) -> Vec<u8> {
-    let mut v = seed.to_vec();
-    for _ in 0..rng.random_range(1..8) {
-        match rng.random_range(0..5) {
-            0 if !v.is_empty() => {
-                let i = rng.random_range(0..v.len());
-                v[i] ^= 1 << rng.random_range(0..8);
-            }
-            1 if !v.is_empty() => {
-                let i = rng.random_range(0..v.len());
-                v.truncate(i);
-            }
-            2 => {
-                let i = rng.random_range(0..=v.len());
-                let b: u8 = rng.random();
-                v.insert(i, b);
-            }
-            3 if !v.is_empty() => {
-                // Duplicate a slice: repeated fields and overriding scalars.
-                let a = rng.random_range(0..v.len());
-                let b = rng.random_range(a..v.len().min(a + 64) + 1).min(v.len());
-                let chunk = v[a..b].to_vec();
-                v.extend_from_slice(&chunk);
-            }
-            _ => {
-                let n = rng.random_range(0..64);
-                v.extend((0..n).map(|_| rng.random::<u8>()));
-            }
-        }
-    }
-    v
-}
 
 #[test]
 fn heartbeat_handling_survives_mutated_heartbeats() {

@@ -5,6 +5,7 @@
 //! - [`boot_sim`]: power-on simulator for reboot mode (U-Boot, GRUB, example script backend).
 //! - [`fleet`]: broker, hub and N drones as real processes on loopback; the demo and the end-to-end tests use it.
 //! - [`load`]: gRPC load generator for the hub (paced fleet, phase bursts, flood) and a no-op hub.
+//! - [`fuzz`]: input mutation for the seeded fuzz smoke tests.
 //! - [`http_server`]: a bundle HTTP server that honours `Range` and injects faults.
 //! - [`mosquitto`]: the real Debian broker on a free port, plain or with the example mTLS + ACL config.
 
@@ -12,6 +13,7 @@ pub mod agent;
 pub mod boot_sim;
 pub mod fake_kube;
 pub mod fleet;
+pub mod fuzz;
 pub mod http_server;
 pub mod load;
 pub mod mosquitto;
