@@ -54,6 +54,18 @@ fn try_key(slot: Slot) -> String {
 }
 
 impl Grub {
+    /// `ORDER` with `slot` first, `slot` OK and untried, in one `grub-editenv` call.
+    fn make_primary(&self, slot: Slot) -> Result<(), BootError> {
+        self.write(
+            slot,
+            &[
+                (ORDER.into(), order_value(slot)),
+                (ok_key(slot), "1".into()),
+                (try_key(slot), "0".into()),
+            ],
+        )
+    }
+
     /// Uses `cfg.grubenv` (created on the first write when missing) and `cfg.cmdline`.
     pub fn new(cfg: &BootConfig) -> Result<Self, BootError> {
         match cfg.grubenv.parent() {
@@ -182,27 +194,15 @@ impl BootBackend for Grub {
     }
 
     fn set_trial(&self, slot: Slot) -> Result<(), BootError> {
-        self.write(
-            slot,
-            &[
-                (ORDER.into(), order_value(slot)),
-                (ok_key(slot), "1".into()),
-                (try_key(slot), "0".into()),
-            ],
-        )?;
+        // In RAUC's GRUB scheme a trial and a commit write the same keys: the script sets
+        // `x_TRY=1` as it boots, so the slot falls back unless it is marked good again.
+        self.make_primary(slot)?;
         info!(%slot, backend = "grub", "slot set for a single trial boot");
         Ok(())
     }
 
     fn mark_good(&self, slot: Slot) -> Result<(), BootError> {
-        self.write(
-            slot,
-            &[
-                (ORDER.into(), order_value(slot)),
-                (ok_key(slot), "1".into()),
-                (try_key(slot), "0".into()),
-            ],
-        )?;
+        self.make_primary(slot)?;
         info!(%slot, backend = "grub", "slot marked good and primary");
         Ok(())
     }
