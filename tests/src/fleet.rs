@@ -15,6 +15,20 @@ use std::time::{Duration, Instant};
 /// Hardware id of every simulated drone.
 pub const HARDWARE: &str = "cc-sim-v1";
 
+/// Polls `done` every `every` until it holds or `timeout` passes; true when it held.
+pub fn wait_until(timeout: Duration, every: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(every);
+    }
+}
+
 /// A free loopback port.
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
@@ -136,12 +150,11 @@ impl Hub {
     /// Starts (or restarts) the hub and waits for `/readyz`.
     pub fn start(&mut self) -> Result<()> {
         self.proc = Some(Proc::spawn(self.command()?, &self.log)?);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(self.http_port, "/readyz").is_err() {
-            if Instant::now() > deadline {
-                bail!("the hub did not become ready:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let port = self.http_port;
+        if !wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            http_get(port, "/readyz").is_ok()
+        }) {
+            bail!("the hub did not become ready:\n{}", self.log());
         }
         Ok(())
     }
@@ -291,12 +304,11 @@ impl Drone {
             .arg("run")
             .env("RUST_LOG", "info");
         self.proc = Some(Proc::spawn(cmd, &self.dir.join("agent.log"))?);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.dir.join("state/agent.sock").exists() {
-            if Instant::now() > deadline {
-                bail!("drone {} did not start:\n{}", self.id, self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let socket = self.dir.join("state/agent.sock");
+        if !wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+            socket.exists()
+        }) {
+            bail!("drone {} did not start:\n{}", self.id, self.log());
         }
         Ok(())
     }
@@ -527,16 +539,18 @@ impl Fleet {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
         let mut last = None;
-        while Instant::now() < deadline {
+        let mut reached = false;
+        wait_until(timeout, Duration::from_millis(200), || {
+            // Keep the last object seen for the error message, across brief hub outages.
             if let Some(fnode) = self.hub.flightnode(name) {
-                if pred(&fnode) {
-                    return Ok(fnode);
-                }
+                reached = pred(&fnode);
                 last = Some(fnode);
             }
-            std::thread::sleep(Duration::from_millis(200));
+            reached
+        });
+        if let (true, Some(fnode)) = (reached, last.clone()) {
+            return Ok(fnode);
         }
         bail!(
             "FlightNode {name} never reached the expected state; last seen:\n{last:#?}\nhub log:\n{}",
