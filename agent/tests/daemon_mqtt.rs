@@ -424,3 +424,33 @@ fn a_flood_of_ten_thousand_commands_installs_once_and_keeps_the_agent_responsive
         "memory must stay bounded: {before} KiB → {after} KiB"
     );
 }
+
+#[test]
+fn cancel_while_the_manifest_is_still_downloading_ends_canceled_at_once() {
+    let broker = Mosquitto::start().unwrap();
+    let dev = device(&broker, "true");
+    let _d = start(&dev);
+    let sub = broker.subscriber(STATUS).unwrap();
+    let (srv, _) = serve(&dev, "2.0.0", 100_000);
+    // The connection stalls inside the manifest: nothing has been verified or written yet.
+    srv.set_fault("/fw.fnb", Fault::Stall { after: 600 });
+    broker
+        .publish(
+            UPGRADE,
+            upgrade_json("up-early", &srv.url("/fw.fnb")).as_bytes(),
+            false,
+        )
+        .unwrap();
+    wait(&sub, r#""upgrade_id":"up-early","phase":"downloading""#, &dev);
+    broker
+        .publish(UPGRADE, br#"{"type":"cancel","upgrade_id":"up-early"}"#, false)
+        .unwrap();
+    wait(
+        &sub,
+        r#""upgrade_id":"up-early","phase":"idle","progress":null,"result":"canceled""#,
+        &dev,
+    );
+    let s = dev.status();
+    assert_eq!(s["slots"]["b"]["state"], "empty", "nothing was written: {s:#}");
+    dev.assert_bootable();
+}

@@ -57,13 +57,16 @@ impl Engine {
     /// target slot from where the last checkpoint left it, and verify its hash.
     pub(super) fn download(&mut self) -> Result<(), Stop> {
         let u = self.upgrade()?.clone();
-        let (manifest, start, reader) = match &u.manifest {
+        // An interruption explains any fetch error that follows it: report that, not the error.
+        let fetch_stop = |this: &Self, e: crate::download::DownloadError| {
+            this.interrupted()
+                .unwrap_or(Stop::Upgrade(e.code(), e.to_string()))
+        };
+        let (manifest, start, hasher, reader) = match &u.manifest {
             None => {
-                let mut reader = self
-                    .fetcher
-                    .open(&u.source, 0)
-                    .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
-                let header = bundle::read_header(&mut reader, &self.keys).map_err(copy_stop)?;
+                let mut reader = self.fetcher.open(&u.source, 0).map_err(|e| fetch_stop(self, e))?;
+                let header = bundle::read_header(&mut reader, &self.keys)
+                    .map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(e)))?;
                 let m = header.manifest;
                 let device = policy::Device {
                     hardware: &self.cfg.hardware,
@@ -72,11 +75,8 @@ impl Engine {
                 };
                 policy::check(&m, &device, u.allow_downgrade, time::OffsetDateTime::now_utc())
                     .map_err(|r| Stop::Upgrade(r.code, r.message))?;
-                if self.interrupts.cancel.load(std::sync::atomic::Ordering::SeqCst) {
-                    return Err(Stop::Upgrade(
-                        ErrorCode::Canceled,
-                        "canceled before the image was written".into(),
-                    ));
+                if let Some(stop) = self.interrupted() {
+                    return Err(stop);
                 }
                 self.slots
                     .check_room(u.target, m.image.size)
@@ -87,7 +87,7 @@ impl Engine {
                 self.state.accept_manifest(m.clone(), header.image_offset);
                 self.save()?;
                 crate::failpoint::hit("verified");
-                (m, 0, reader)
+                (m, 0, sha2::Sha256::new(), reader)
             }
             Some(m) => {
                 let mut start = u.written;
@@ -100,11 +100,11 @@ impl Engine {
                 let reader = self
                     .fetcher
                     .open(&u.source, u.image_offset + start)
-                    .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
-                return self.write_image(m.clone(), start, hasher, reader, u.target);
+                    .map_err(|e| fetch_stop(self, e))?;
+                (m.clone(), start, hasher, reader)
             }
         };
-        self.write_image(manifest, start, sha2::Sha256::new(), reader, u.target)
+        self.write_image(manifest, start, hasher, reader, u.target)
     }
 
     fn write_image(
