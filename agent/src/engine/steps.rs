@@ -1,6 +1,6 @@
 //! The steps of [`Engine::drive`], one per phase.
 
-use super::writer::{Canceled, Paused, SlotWriter};
+use super::writer::SlotWriter;
 use super::{Engine, Stop};
 use crate::activation::{Activation, ActivationError};
 use crate::bundle::{self, BundleError};
@@ -11,23 +11,17 @@ use flightnode_proto::{ErrorCode, Phase, Slot};
 use sha2::Digest;
 use std::time::Duration;
 
-/// Maps a bundle/copy error to the upgrade's end, or to an engine failure when our own store broke.
+/// Maps a bundle/copy error to the upgrade's end: a fetch failure carried through the reader keeps
+/// its own code and message. (Cancel and pause are recognised by their flags, in `interrupted`.)
 fn copy_stop(e: BundleError) -> Stop {
-    if let Some(inner) = e.io_source().and_then(|io| io.get_ref()) {
-        if inner.is::<Paused>() {
-            return Stop::Paused;
-        }
-        if inner.is::<Canceled>() {
-            return Stop::Upgrade(
-                ErrorCode::Canceled,
-                "canceled before the image was activated".into(),
-            );
-        }
-        if let Some(d) = inner.downcast_ref::<DownloadError>() {
-            return Stop::Upgrade(d.code(), d.to_string());
-        }
+    match e
+        .io_source()
+        .and_then(|io| io.get_ref())
+        .and_then(|i| i.downcast_ref::<DownloadError>())
+    {
+        Some(d) => Stop::Upgrade(d.code(), d.to_string()),
+        None => Stop::Upgrade(e.code(), e.to_string()),
     }
-    Stop::Upgrade(e.code(), e.to_string())
 }
 
 impl Engine {
