@@ -29,6 +29,9 @@ pub enum DaemonError {
     /// A sled tree of the daemon.
     #[error("state store: {0}")]
     Store(#[from] sled::Error),
+    /// The hub outbox.
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OutboxError),
     /// The control socket.
     #[error("control socket {path}: {source}")]
     Socket {
@@ -134,13 +137,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     if let Some(gate) = gate {
         engine.set_fleet_gate(gate);
     }
-    let outbox = match &cfg.hub {
-        Some(h) => Some(
-            Outbox::open(&db, h.outbox_cap)
-                .map_err(|e| DaemonError::Store(sled::Error::Unsupported(e.to_string())))?,
-        ),
-        None => None,
-    };
+    let outbox = cfg
+        .hub
+        .as_ref()
+        .map(|h| Outbox::open(&db, h.outbox_cap))
+        .transpose()?;
     let (transitions_tx, mut transitions) = mpsc::unbounded_channel();
     let worker = Worker::start(engine, outbox.clone(), transitions_tx).map_err(DaemonError::Thread)?;
     worker.submit(Job::Resume);
