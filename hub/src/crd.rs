@@ -75,7 +75,7 @@ pub struct FlightNodeSpec {
 }
 
 /// What the drone reports, as written by `flightnode-hub`.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FlightNodeStatus {
     /// Upgrade phase: `Idle`, `Downloading`, `Staged`, `Switching`, `Testing`, `RollingBack`.
@@ -107,7 +107,7 @@ pub struct FlightNodeStatus {
 }
 
 /// Active/booted slot, per-slot version and state, committed version.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Firmware {
     /// Slot the drone would start: `a` or `b`.
@@ -131,7 +131,7 @@ pub struct Firmware {
 }
 
 /// One slot.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SlotInfo {
     /// Firmware version in the slot, when it holds a complete image.
@@ -143,7 +143,7 @@ pub struct SlotInfo {
 }
 
 /// How the last upgrade ended.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LastUpgrade {
     /// Upgrade id.
@@ -168,7 +168,7 @@ pub struct LastUpgrade {
 }
 
 /// Coarse resource usage.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Resources {
     /// CPU use, rounded to 10 %.
@@ -189,7 +189,7 @@ pub struct Resources {
 }
 
 /// The reporting agent.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentInfo {
     /// Agent version.
@@ -201,7 +201,7 @@ pub struct AgentInfo {
 }
 
 /// A Kubernetes-convention condition.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     /// `Ready`, `Online`, `UpgradeInProgress` or `FirmwareSynced`.

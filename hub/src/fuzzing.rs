@@ -56,7 +56,11 @@ pub fn heartbeat(data: &[u8]) {
     let Some(write) = first.enqueue else {
         panic!("a new drone's first status must be written");
     };
-    sessions.write_done(&write.req, now);
+    let Some(built) = sessions.build(&write.name) else {
+        panic!("no write built for a drone just seen");
+    };
+    assert_eq!(built.req.status.conditions.len(), 4);
+    sessions.write_done(&built, now);
     // Once written, the same heartbeat again needs no write.
     let again = sessions.observe(&hb, now);
     assert!(again.enqueue.is_none(), "unchanged heartbeat queued a write");

@@ -82,13 +82,15 @@ impl Hub {
         if let Some(e) = observed.enqueue {
             self.scheduler.enqueue(e);
         }
-        let mut acked = observed.acked;
-        if observed.wants_seq > *acked.borrow() {
-            let wanted = observed.wants_seq;
+        let mut acked_seq = observed.durable_seq;
+        if observed.wants_seq > acked_seq {
+            let wait = self.sessions.wait_durable(&observed.name, observed.wants_seq);
             // NB: a timeout is not an error: the agent keeps the events and sends them again.
-            let _ = tokio::time::timeout(self.config.ack_wait, acked.wait_for(|seq| *seq >= wanted)).await;
+            acked_seq = match tokio::time::timeout(self.config.ack_wait, wait).await {
+                Ok(seq) => seq,
+                Err(_) => self.sessions.durable_seq(&observed.name),
+            };
         }
-        let acked_seq = *acked.borrow();
         tracing::trace!(device_id = %hb.device_id, seq = hb.seq, acked_seq, "heartbeat");
         HeartbeatResponse {
             acked_seq,

@@ -1,26 +1,42 @@
 //! Write scheduler: a per-drone latest-wins queue, a global token bucket, state transitions
 //! ahead of refreshes, retries with backoff that honour `Retry-After`.
 //!
-//! Per drone at most one write is in flight; what arrives meanwhile is merged into one pending
-//! write (newest status, union of events), so a burst of heartbeats becomes one write and a
-//! retried write can never overwrite a newer status.
+//! The queue holds drone names, not statuses: per drone at most one write is in flight, and a
+//! write is built from the session when a worker takes it, so a burst of heartbeats becomes one
+//! write of the newest status (with every event not yet durable) and a retried write can never
+//! overwrite a newer status. Registrations and refreshes leave half the bucket to transitions.
 
 use crate::metrics::Metrics;
 use crate::session::{Enqueue, Sessions};
-use crate::sink::{StatusSink, WriteError, WriteRequest};
+use crate::sink::{StatusSink, WriteError};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// Order of writes: transitions first.
+/// Order of writes: transitions first, then first writes of newly seen drones, then refreshes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Priority {
     /// Only `lastHeartbeatTime` is stale.
     Refresh,
+    /// The first write of a drone this hub has not written yet (after a hub start, the whole
+    /// fleet): needed, but an operator waits for nothing in particular.
+    Register,
     /// Something an operator should see changed.
     Transition,
+}
+
+impl Priority {
+    const ALL: [Priority; 3] = [Priority::Transition, Priority::Register, Priority::Refresh];
+
+    fn index(self) -> usize {
+        match self {
+            Priority::Transition => 0,
+            Priority::Register => 1,
+            Priority::Refresh => 2,
+        }
+    }
 }
 
 /// Scheduler settings.
@@ -76,14 +92,21 @@ impl TokenBucket {
 
     /// Takes a token, or says how long until one is there.
     pub fn try_take(&mut self, now: Instant) -> Result<(), Duration> {
+        self.try_take_above(now, 0.0)
+    }
+
+    /// Takes a token only if `keep` tokens stay in the bucket (a reserve for more urgent
+    /// writes), or says how long until that is so.
+    pub fn try_take_above(&mut self, now: Instant, keep: f64) -> Result<(), Duration> {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.qps).min(self.burst);
         self.last = now;
-        if self.tokens >= 1.0 {
+        let need = (1.0 + keep).min(self.burst);
+        if self.tokens >= need {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.qps))
+            Err(Duration::from_secs_f64((need - self.tokens) / self.qps))
         }
     }
 
@@ -95,97 +118,111 @@ impl TokenBucket {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
+    /// Nothing queued or running (a write may still be wanted while a retry waits).
+    Idle,
     Queued(Priority),
     InFlight,
     Delayed,
 }
 
-struct Pending {
-    req: WriteRequest,
+/// One drone's place in the scheduler; dropped once nothing is wanted or running.
+struct Entry {
+    slot: Slot,
+    /// A write is wanted, at least this urgent.
+    wanted: Option<Priority>,
+    /// Failed attempts of the current write.
+    attempts: u32,
+}
+
+/// A write a worker took: the drone and how urgent it was.
+struct Job {
+    name: String,
     priority: Priority,
     attempts: u32,
 }
 
 #[derive(Default)]
 struct State {
-    pending: HashMap<String, Pending>,
-    slots: HashMap<String, Slot>,
-    transitions: VecDeque<String>,
-    refreshes: VecDeque<String>,
+    entries: HashMap<String, Entry>,
+    /// One FIFO per priority; stale names (re-queued at a higher priority, or taken) are
+    /// skipped when popped.
+    queues: [VecDeque<String>; 3],
 }
 
 impl State {
-    /// Merges a write into the pending one; `newer` says whose status wins.
-    fn merge(&mut self, req: WriteRequest, priority: Priority, attempts: u32, newer: bool) {
-        match self.pending.get_mut(&req.name) {
-            None => {
-                self.pending.insert(
-                    req.name.clone(),
-                    Pending {
-                        req,
-                        priority,
-                        attempts,
-                    },
-                );
-            }
-            Some(p) => {
-                let mut events = std::mem::take(&mut p.req.events);
-                events.extend(req.events.iter().cloned());
-                events.sort_by_key(|e| e.seq);
-                events.dedup_by_key(|e| e.seq);
-                if newer {
-                    p.req = req;
-                }
-                p.req.events = events;
-                p.priority = p.priority.max(priority);
-                p.attempts = p.attempts.max(attempts);
-            }
-        }
+    /// Wants a write for `name` at `priority` or more.
+    fn want(&mut self, name: &str, priority: Priority) -> &mut Entry {
+        let entry = self.entries.entry(name.to_owned()).or_insert(Entry {
+            slot: Slot::Idle,
+            wanted: None,
+            attempts: 0,
+        });
+        entry.wanted = entry.wanted.max(Some(priority));
+        entry
     }
 
-    /// Queues `name` if it has a pending write and is idle (or was queued as a refresh and is
-    /// now a transition); true when a worker should look.
+    /// Queues `name` if a write is wanted and it is idle (or queued less urgently); drops the
+    /// entry when nothing is wanted; true when a worker should look.
     fn schedule(&mut self, name: &str) -> bool {
-        let Some(priority) = self.pending.get(name).map(|p| p.priority) else {
-            self.slots.remove(name);
+        let Some(entry) = self.entries.get_mut(name) else {
             return false;
         };
-        match self.slots.get(name) {
-            None | Some(Slot::Queued(Priority::Refresh)) if priority == Priority::Transition => {
-                self.slots
-                    .insert(name.to_owned(), Slot::Queued(Priority::Transition));
-                self.transitions.push_back(name.to_owned());
-                true
+        let Some(priority) = entry.wanted else {
+            if entry.slot == Slot::Idle {
+                self.entries.remove(name);
             }
-            None => {
-                self.slots.insert(name.to_owned(), Slot::Queued(priority));
-                self.refreshes.push_back(name.to_owned());
-                true
-            }
-            _ => false,
+            return false;
+        };
+        match entry.slot {
+            Slot::Idle => {}
+            Slot::Queued(queued) if queued < priority => {}
+            _ => return false,
         }
+        entry.slot = Slot::Queued(priority);
+        self.queues[priority.index()].push_back(name.to_owned());
+        true
     }
 
-    fn pop(&mut self) -> Option<Pending> {
-        for (queue, priority) in [
-            (&mut self.transitions, Priority::Transition),
-            (&mut self.refreshes, Priority::Refresh),
-        ] {
-            while let Some(name) = queue.pop_front() {
-                if self.slots.get(&name) == Some(&Slot::Queued(priority)) {
-                    self.slots.insert(name.clone(), Slot::InFlight);
-                    if let Some(p) = self.pending.remove(&name) {
-                        return Some(p);
+    /// The most urgent priority with a queued write.
+    fn best(&mut self) -> Option<Priority> {
+        for p in Priority::ALL {
+            let queue = &mut self.queues[p.index()];
+            while let Some(name) = queue.front() {
+                match self.entries.get(name) {
+                    Some(e) if e.slot == Slot::Queued(p) => return Some(p),
+                    _ => {
+                        queue.pop_front();
                     }
-                    self.slots.remove(&name);
                 }
             }
         }
         None
     }
 
-    fn has_queued(&self) -> bool {
-        !self.transitions.is_empty() || !self.refreshes.is_empty()
+    fn pop(&mut self) -> Option<Job> {
+        for p in Priority::ALL {
+            while let Some(name) = self.queues[p.index()].pop_front() {
+                let Some(entry) = self.entries.get_mut(&name) else {
+                    continue;
+                };
+                if entry.slot != Slot::Queued(p) {
+                    continue;
+                }
+                entry.slot = Slot::InFlight;
+                let priority = entry.wanted.take().unwrap_or(p);
+                return Some(Job {
+                    attempts: entry.attempts,
+                    name,
+                    priority,
+                });
+            }
+        }
+        None
+    }
+
+    /// Drones with a write wanted or running.
+    fn depth(&self) -> usize {
+        self.entries.len()
     }
 }
 
@@ -228,22 +265,21 @@ impl Scheduler {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Adds a write; it replaces (latest wins) any write still pending for the drone.
+    /// Wants a write for a drone; what goes out is its newest status when a token allows.
     pub fn enqueue(&self, e: Enqueue) {
-        let name = e.req.name.clone();
         let mut state = self.state();
-        state.merge(e.req, e.priority, 0, true);
-        let wake = state.schedule(&name);
-        self.metrics.queue_depth.set(state.pending.len() as i64);
+        state.want(&e.name, e.priority);
+        let wake = state.schedule(&e.name);
+        self.metrics.queue_depth.set(state.depth() as i64);
         drop(state);
         if wake {
             self.work.notify_one();
         }
     }
 
-    /// Writes waiting (pending, not in flight).
+    /// Drones with a write waiting or running.
     pub fn depth(&self) -> usize {
-        self.state().pending.len()
+        self.state().depth()
     }
 
     /// Starts the writer tasks.
@@ -256,18 +292,24 @@ impl Scheduler {
             .collect()
     }
 
-    async fn take_token(&self) {
-        loop {
-            let wait = {
-                let mut bucket = self
-                    .bucket
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                match bucket.try_take(Instant::now()) {
-                    Ok(()) => return,
-                    Err(wait) => wait,
-                }
-            };
+    /// Tokens that only transitions may take: registrations and refreshes leave them in the
+    /// bucket, so a phase change finds tokens even while the whole fleet waits to be written.
+    fn reserve(&self, priority: Priority) -> f64 {
+        match priority {
+            Priority::Transition => 0.0,
+            Priority::Register | Priority::Refresh => f64::from(self.config.burst / 2),
+        }
+    }
+
+    fn try_take(&self, priority: Priority) -> Result<(), Duration> {
+        self.bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .try_take_above(Instant::now(), self.reserve(priority))
+    }
+
+    async fn take_token(&self, priority: Priority) {
+        while let Err(wait) = self.try_take(priority) {
             tokio::time::sleep(wait).await;
         }
     }
@@ -277,11 +319,18 @@ impl Scheduler {
             let notified = self.work.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self.state().has_queued() {
+            let Some(best) = self.state().best() else {
                 notified.await;
                 continue;
+            };
+            if let Err(wait) = self.try_take(best) {
+                // A more urgent write may arrive meanwhile and may use the reserve.
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = notified => {}
+                }
+                continue;
             }
-            self.take_token().await;
             let Some(job) = self.state().pop() else {
                 self.bucket
                     .lock()
@@ -290,16 +339,21 @@ impl Scheduler {
                 continue;
             };
             // Another worker may be needed for what is still queued.
-            if self.state().has_queued() {
+            if self.state().best().is_some() {
                 self.work.notify_one();
             }
             self.run(job).await;
         }
     }
 
-    async fn run(&self, job: Pending) {
+    async fn run(&self, job: Job) {
+        let Some(built) = self.sessions.build(&job.name) else {
+            self.finish(&job.name, true);
+            return;
+        };
+        let req = &built.req;
         let started = Instant::now();
-        let result = self.sink.write_status(&job.req).await;
+        let result = self.sink.write_status(req).await;
         self.metrics
             .write_duration
             .observe(started.elapsed().as_secs_f64());
@@ -308,23 +362,22 @@ impl Scheduler {
             Err(e) => e.label(),
         };
         self.metrics.writes(label).inc();
-        let device_id = job.req.device_id.clone();
         match result {
             Ok(()) => {
-                self.sessions.write_done(&job.req, Instant::now());
-                tracing::debug!(device_id = %device_id, priority = ?job.priority, "status written");
-                self.finish(&job.req.name);
+                self.sessions.write_done(&built, Instant::now());
+                tracing::debug!(device_id = %req.device_id, priority = ?job.priority, "status written");
+                self.finish(&job.name, true);
             }
             Err(WriteError::NotFound) if self.config.auto_register => {
-                self.take_token().await;
-                match self.sink.create(&job.req.name, &job.req.hardware_id).await {
+                self.take_token(job.priority).await;
+                match self.sink.create(&req.name, &req.hardware_id).await {
                     Ok(()) => {
-                        tracing::info!(device_id = %device_id, name = %job.req.name, "registered FlightNode");
+                        tracing::info!(device_id = %req.device_id, name = %req.name, "registered FlightNode");
                         self.metrics.registered.inc();
                         self.retry(job, Duration::ZERO);
                     }
                     Err(e) => {
-                        tracing::warn!(device_id = %device_id, error = %e, "auto-registration failed");
+                        tracing::warn!(device_id = %req.device_id, error = %e, "auto-registration failed");
                         let delay = self.backoff(job.attempts + 1, None);
                         self.retry(job, delay);
                     }
@@ -332,14 +385,14 @@ impl Scheduler {
             }
             Err(WriteError::NotFound) => {
                 self.metrics.missing.inc();
-                if self.sessions.mark_missing(&job.req.name) {
+                if self.sessions.mark_missing(&req.name) {
                     tracing::warn!(
-                        device_id = %device_id,
-                        name = %job.req.name,
+                        device_id = %req.device_id,
+                        name = %req.name,
                         "no FlightNode for this drone; create it or run with --auto-register"
                     );
                 }
-                self.finish(&job.req.name);
+                self.finish(&job.name, true);
             }
             Err(WriteError::Retryable {
                 code,
@@ -347,12 +400,12 @@ impl Scheduler {
                 message,
             }) => {
                 let delay = self.backoff(job.attempts + 1, retry_after);
-                tracing::debug!(device_id = %device_id, code, ?delay, %message, "status write will be retried");
+                tracing::debug!(device_id = %req.device_id, code, ?delay, %message, "status write will be retried");
                 self.retry(job, delay);
             }
             Err(WriteError::Permanent { code, message }) => {
-                tracing::warn!(device_id = %device_id, code, %message, "status write failed; dropped");
-                self.finish(&job.req.name);
+                tracing::warn!(device_id = %req.device_id, code, %message, "status write failed; dropped");
+                self.finish(&job.name, true);
             }
         }
     }
@@ -365,30 +418,38 @@ impl Scheduler {
         retry_after.unwrap_or(exp).min(self.config.backoff_max)
     }
 
-    fn finish(&self, name: &str) {
+    /// Ends a drone's write (or its retry wait); `done` resets its attempts. Queues it again
+    /// when a newer write was wanted meanwhile.
+    fn finish(&self, name: &str, done: bool) {
         let mut state = self.state();
-        state.slots.remove(name);
+        if let Some(entry) = state.entries.get_mut(name) {
+            entry.slot = Slot::Idle;
+            if done {
+                entry.attempts = 0;
+            }
+        }
         let wake = state.schedule(name);
-        self.metrics.queue_depth.set(state.pending.len() as i64);
+        self.metrics.queue_depth.set(state.depth() as i64);
         drop(state);
         if wake {
             self.work.notify_one();
         }
     }
 
-    /// Puts a failed write back under any newer pending one and re-queues it after `delay`.
-    fn retry(&self, job: Pending, delay: Duration) {
-        let name = job.req.name.clone();
+    /// Wants the failed write again (with whatever is newest then) after `delay`.
+    fn retry(&self, job: Job, delay: Duration) {
         {
             let mut state = self.state();
-            state.merge(job.req, job.priority, job.attempts + 1, false);
-            state.slots.insert(name.clone(), Slot::Delayed);
+            let entry = state.want(&job.name, job.priority);
+            entry.slot = Slot::Delayed;
+            entry.attempts = job.attempts + 1;
         }
         let sched = self.weak();
+        let name = job.name;
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             if let Some(me) = sched.upgrade() {
-                me.finish(&name);
+                me.finish(&name, false);
             }
         });
     }

@@ -4,15 +4,22 @@
 //! A write is due when the computed status differs from the last one written (ignoring
 //! `lastHeartbeatTime`), or when the written heartbeat time is older than the refresh interval,
 //! or when there are events the sink still has to record. Nothing here writes: callers pass the
-//! returned [`Enqueue`] to the scheduler and report the outcome with [`Sessions::write_done`].
+//! returned [`Enqueue`] to the scheduler, which asks [`Sessions::build`] for the newest status
+//! when a token lets it write, and reports the outcome with [`Sessions::write_done`].
+//!
+//! A fleet means tens of thousands of sessions, so a session is kept compact (under 1 KiB): the
+//! heartbeat-derived part of the status as JSON bytes, the four conditions as (status, since)
+//! pairs, and hashes instead of copies of what was computed and written. The full
+//! `FlightNodeStatus` is rebuilt only when it is written or asked for.
 
-use crate::crd::FlightNodeStatus;
+use crate::crd::{Condition, FlightNodeStatus, condition};
 use crate::scheduler::Priority;
 use crate::sink::{EventRecord, WriteRequest};
 use crate::status::{self, Liveness, SpecView};
 use flightnode_proto::v1::HeartbeatRequest;
 use sha2::Digest;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
@@ -88,60 +95,174 @@ pub fn object_name(device_id: &str) -> String {
     }
 }
 
-/// A write to hand to the scheduler.
-#[derive(Debug, Clone)]
+/// A write to hand to the scheduler: which drone, and how urgent. The status itself is built
+/// when the write goes out, so a queued write always carries the newest status (latest wins).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Enqueue {
-    /// The write.
-    pub req: WriteRequest,
-    /// Transition or refresh.
+    /// `FlightNode` name.
+    pub name: String,
+    /// Transition, registration or refresh.
     pub priority: Priority,
-    /// Session generation: a completed write is only recorded when it is the newest.
-    pub generation: u64,
 }
 
 /// What a heartbeat led to.
 #[derive(Debug)]
 pub struct Observed {
+    /// `FlightNode` name of the drone.
+    pub name: String,
     /// A write to enqueue, if one is due.
     pub enqueue: Option<Enqueue>,
     /// Highest event seq that this heartbeat waits for (0: none).
     pub wants_seq: u64,
-    /// Follows the durable event seq of the drone.
-    pub acked: watch::Receiver<u64>,
+    /// Highest event seq durably recorded when the heartbeat was observed.
+    pub durable_seq: u64,
+}
+
+/// A status write built from a session, with the content hash to record once it succeeded.
+#[derive(Debug, Clone)]
+pub struct Built {
+    /// The write.
+    pub req: WriteRequest,
+    /// Hash of `req.status` without its heartbeat time.
+    pub content: u64,
+}
+
+/// The condition types in the order [`status::with_conditions`] lists them.
+const CONDITION_TYPES: [&str; 4] = [
+    condition::READY,
+    condition::ONLINE,
+    condition::UPGRADE_IN_PROGRESS,
+    condition::FIRMWARE_SYNCED,
+];
+const CONDITION_STATUS: [&str; 4] = ["", "True", "False", "Unknown"];
+
+/// One condition as a session keeps it: its status and since when (unix seconds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct CondState {
+    status: u8,
+    since: i64,
+}
+
+fn compact_conditions(conditions: &[Condition]) -> [CondState; 4] {
+    let mut out = [CondState::default(); 4];
+    for c in conditions {
+        let Some(i) = CONDITION_TYPES.iter().position(|t| *t == c.type_) else {
+            continue;
+        };
+        out[i] = CondState {
+            status: CONDITION_STATUS
+                .iter()
+                .position(|s| *s == c.status)
+                .and_then(|p| u8::try_from(p).ok())
+                .unwrap_or(0),
+            since: parse_unix(&c.last_transition_time),
+        };
+    }
+    out
+}
+
+fn parse_unix(rfc3339: &str) -> i64 {
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .map_or(0, |t| t.unix_timestamp())
+}
+
+/// Hash of a status without its heartbeat time: equal hashes mean nothing to write but a
+/// refresh. (A 64-bit collision would only delay a write until the next change or refresh.)
+pub fn content_hash(status: &FlightNodeStatus) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    status.phase.hash(&mut h);
+    status.firmware.hash(&mut h);
+    status.last_upgrade.hash(&mut h);
+    status.resources.hash(&mut h);
+    status.agent.hash(&mut h);
+    status.observed_generation.hash(&mut h);
+    status.conditions.hash(&mut h);
+    h.finish()
 }
 
 struct Session {
-    device_id: String,
-    hardware_id: String,
+    device_id: Box<str>,
+    hardware_id: Box<str>,
     last_seen: Instant,
-    online: bool,
-    base: FlightNodeStatus,
-    current: FlightNodeStatus,
-    written: Option<(FlightNodeStatus, Instant)>,
+    liveness: Liveness,
+    /// JSON of the heartbeat-derived status (no conditions, no heartbeat time).
+    base: Box<[u8]>,
+    conditions: [CondState; 4],
+    heartbeat_unix: i64,
+    /// [`content_hash`] of the status computed last.
+    content: u64,
+    /// Content hash and time of the last successful write.
+    written: Option<(u64, Instant)>,
     pending_events: BTreeMap<u64, EventRecord>,
-    generation: u64,
+    durable_seq: u64,
     missing_logged: bool,
-    acked: watch::Sender<u64>,
 }
 
 impl Session {
-    fn enqueue(&mut self, name: &str, priority: Priority) -> Enqueue {
-        self.generation += 1;
-        Enqueue {
-            req: WriteRequest {
-                name: name.to_owned(),
-                device_id: self.device_id.clone(),
-                hardware_id: self.hardware_id.clone(),
-                status: self.current.clone(),
-                events: self.pending_events.values().cloned().collect(),
-            },
-            priority,
-            generation: self.generation,
+    fn new(hb: &HeartbeatRequest, now: Instant) -> Session {
+        Session {
+            device_id: hb.device_id.as_str().into(),
+            hardware_id: hb.hardware_id.as_str().into(),
+            last_seen: now,
+            liveness: Liveness::Online,
+            base: Box::default(),
+            conditions: [CondState::default(); 4],
+            heartbeat_unix: 0,
+            content: 0,
+            written: None,
+            pending_events: BTreeMap::new(),
+            durable_seq: 0,
+            missing_logged: false,
         }
     }
 
-    fn durable(&self) -> u64 {
-        *self.acked.borrow()
+    fn previous_conditions(&self) -> Vec<Condition> {
+        CONDITION_TYPES
+            .iter()
+            .zip(self.conditions)
+            .filter(|(_, c)| c.status != 0)
+            .map(|(type_, c)| Condition {
+                type_: (*type_).to_owned(),
+                status: CONDITION_STATUS[usize::from(c.status)].to_owned(),
+                last_transition_time: status::unix_rfc3339(c.since).unwrap_or_default(),
+                ..Condition::default()
+            })
+            .collect()
+    }
+
+    fn base(&self) -> FlightNodeStatus {
+        serde_json::from_slice(&self.base).unwrap_or_default()
+    }
+
+    /// Recomputes the full status from `base` (the heartbeat part) and records it; true when
+    /// its content changed.
+    fn compute(&mut self, base: FlightNodeStatus, spec: &SpecView, wall: &str) -> bool {
+        let full = status::with_conditions(base, self.liveness, spec, &self.previous_conditions(), wall);
+        let content = content_hash(&full);
+        if content == self.content && !self.base.is_empty() {
+            return false;
+        }
+        let mut base = full.clone();
+        base.conditions.clear();
+        base.observed_generation = None;
+        // NB: serialising a status of plain strings and numbers cannot fail.
+        self.base = serde_json::to_vec(&base).unwrap_or_default().into_boxed_slice();
+        self.conditions = compact_conditions(&full.conditions);
+        self.content = content;
+        true
+    }
+
+    /// The full status as it would be written now.
+    fn status(&self, spec: &SpecView, wall: &str) -> FlightNodeStatus {
+        let mut s = status::with_conditions(
+            self.base(),
+            self.liveness,
+            spec,
+            &self.previous_conditions(),
+            wall,
+        );
+        s.last_heartbeat_time = status::unix_rfc3339(self.heartbeat_unix);
+        s
     }
 }
 
@@ -150,6 +271,9 @@ pub struct Sessions {
     config: SessionConfig,
     specs: Arc<SpecCache>,
     map: Mutex<HashMap<String, Session>>,
+    /// Bumped whenever some drone's durable event seq moves (heartbeats waiting for their
+    /// events to be recorded watch it).
+    durable_tick: watch::Sender<u64>,
     /// Woken when a deadline may have moved earlier (a new or returning drone).
     pub liveness_wake: Notify,
 }
@@ -165,6 +289,7 @@ impl Sessions {
             config,
             specs,
             map: Mutex::new(HashMap::new()),
+            durable_tick: watch::channel(0).0,
             liveness_wake: Notify::new(),
         }
     }
@@ -184,10 +309,13 @@ impl Sessions {
         self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn due(&self, s: &Session, now: Instant) -> Option<Priority> {
+    fn due(&self, s: &Session, now: Instant, changed: bool) -> Option<Priority> {
         match &s.written {
-            None => Some(Priority::Transition),
-            Some((written, _)) if status::content_differs(written, &s.current) => Some(Priority::Transition),
+            // A drone this hub has not written yet: a registration, unless it is already
+            // moving (then the operator is waiting for it).
+            None if changed => Some(Priority::Transition),
+            None => Some(Priority::Register),
+            Some((written, _)) if *written != s.content => Some(Priority::Transition),
             _ if self.config.sink_stores_events && !s.pending_events.is_empty() => Some(Priority::Transition),
             Some((_, at)) if now.saturating_duration_since(*at) >= self.config.refresh => {
                 Some(Priority::Refresh)
@@ -200,27 +328,22 @@ impl Sessions {
     pub fn observe(&self, hb: &HeartbeatRequest, now: Instant) -> Observed {
         let name = object_name(&hb.device_id);
         let spec = self.specs.get(&name);
-        let wall = now_rfc3339();
+        let wall_time = time::OffsetDateTime::now_utc();
+        let wall = status::rfc3339(wall_time);
         let mut map = self.lock();
-        let session = map.entry(name.clone()).or_insert_with(|| Session {
-            device_id: hb.device_id.clone(),
-            hardware_id: hb.hardware_id.clone(),
-            last_seen: now,
-            online: true,
-            base: FlightNodeStatus::default(),
-            current: FlightNodeStatus::default(),
-            written: None,
-            pending_events: BTreeMap::new(),
-            generation: 0,
-            missing_logged: false,
-            acked: watch::channel(0).0,
+        let mut is_new = false;
+        let session = map.entry(name.clone()).or_insert_with(|| {
+            is_new = true;
+            Session::new(hb, now)
         });
-        let was_offline = !session.online;
-        session.hardware_id.clone_from(&hb.hardware_id);
+        let was_offline = session.liveness != Liveness::Online;
+        if *session.hardware_id != *hb.hardware_id {
+            session.hardware_id = hb.hardware_id.as_str().into();
+        }
         session.last_seen = now;
-        session.online = true;
-        session.base = status::from_heartbeat(hb);
-        let durable = session.durable();
+        session.liveness = Liveness::Online;
+        session.heartbeat_unix = wall_time.unix_timestamp();
+        let durable = session.durable_seq;
         let mut wants_seq = 0;
         for event in hb.events.iter().filter(|e| e.seq > durable) {
             wants_seq = wants_seq.max(event.seq);
@@ -229,46 +352,82 @@ impl Sessions {
                 .entry(event.seq)
                 .or_insert_with(|| EventRecord::from_proto(event));
         }
-        let mut current = status::with_conditions(
-            session.base.clone(),
-            Liveness::Online,
-            &spec,
-            &session.current.conditions,
-            &wall,
-        );
-        current.last_heartbeat_time = Some(wall);
-        session.current = current;
+        let changed = session.compute(status::from_heartbeat(hb), &spec, &wall) && !is_new;
 
-        let priority = self.due(session, now);
+        let priority = self.due(session, now, changed);
         if priority.is_none() && !session.pending_events.is_empty() {
             // The written status already shows what these events did (kube sink).
             let top = session.pending_events.keys().next_back().copied().unwrap_or(0);
             session.pending_events.clear();
-            session.acked.send_replace(top.max(durable));
+            session.durable_seq = top.max(durable);
+            self.durable_tick.send_modify(|t| *t = t.wrapping_add(1));
         }
-        let enqueue = priority.map(|p| session.enqueue(&name, p));
-        let acked = session.acked.subscribe();
+        let durable_seq = session.durable_seq;
         drop(map);
-        if was_offline || enqueue.as_ref().is_some_and(|e| e.generation == 1) {
+        if was_offline || is_new {
             self.liveness_wake.notify_one();
         }
         Observed {
-            enqueue,
+            enqueue: priority.map(|priority| Enqueue {
+                name: name.clone(),
+                priority,
+            }),
+            name,
             wants_seq,
-            acked,
+            durable_seq,
         }
     }
 
-    /// Records a successful write of `req` made for its generation.
-    pub fn write_done(&self, req: &WriteRequest, now: Instant) {
+    /// The write for a drone as it stands now: newest status and every event not yet durable.
+    pub fn build(&self, name: &str) -> Option<Built> {
+        let spec = self.specs.get(name);
+        let wall = now_rfc3339();
+        let map = self.lock();
+        let s = map.get(name)?;
+        let status = s.status(&spec, &wall);
+        Some(Built {
+            content: content_hash(&status),
+            req: WriteRequest {
+                name: name.to_owned(),
+                device_id: s.device_id.to_string(),
+                hardware_id: s.hardware_id.to_string(),
+                status,
+                events: s.pending_events.values().cloned().collect(),
+            },
+        })
+    }
+
+    /// Records a successful write of `built`.
+    pub fn write_done(&self, built: &Built, now: Instant) {
         let mut map = self.lock();
-        let Some(s) = map.get_mut(&req.name) else { return };
-        s.written = Some((req.status.clone(), now));
+        let Some(s) = map.get_mut(&built.req.name) else {
+            return;
+        };
+        s.written = Some((built.content, now));
         s.missing_logged = false;
-        if let Some(top) = req.events.iter().map(|e| e.seq).max() {
-            let durable = s.durable().max(top);
+        if let Some(top) = built.req.events.iter().map(|e| e.seq).max() {
+            s.durable_seq = s.durable_seq.max(top);
+            let durable = s.durable_seq;
             s.pending_events.retain(|seq, _| *seq > durable);
-            s.acked.send_replace(durable);
+            drop(map);
+            self.durable_tick.send_modify(|t| *t = t.wrapping_add(1));
+        }
+    }
+
+    /// The highest event seq of a drone that is durably recorded (0 when unknown).
+    pub fn durable_seq(&self, name: &str) -> u64 {
+        self.lock().get(name).map_or(0, |s| s.durable_seq)
+    }
+
+    /// Waits until the drone's durable event seq reaches `wanted` (callers bound it with a
+    /// timeout); returns the durable seq.
+    pub async fn wait_durable(&self, name: &str, wanted: u64) -> u64 {
+        let mut tick = self.durable_tick.subscribe();
+        loop {
+            let seq = self.durable_seq(name);
+            if seq >= wanted || tick.changed().await.is_err() {
+                return seq;
+            }
         }
     }
 
@@ -291,24 +450,18 @@ impl Sessions {
         let mut map = self.lock();
         let mut out = Vec::new();
         for (name, s) in map.iter_mut() {
-            if !s.online || now.saturating_duration_since(s.last_seen) < grace {
+            if s.liveness != Liveness::Online || now.saturating_duration_since(s.last_seen) < grace {
                 continue;
             }
-            s.online = false;
-            let spec = self.specs.get(name);
             let silent_secs = now.saturating_duration_since(s.last_seen).as_secs();
-            let heartbeat_time = s.current.last_heartbeat_time.clone();
-            let mut current = status::with_conditions(
-                s.base.clone(),
-                Liveness::Offline { silent_secs },
-                &spec,
-                &s.current.conditions,
-                &wall,
-            );
-            current.last_heartbeat_time = heartbeat_time;
-            s.current = current;
+            s.liveness = Liveness::Offline { silent_secs };
+            let spec = self.specs.get(name);
+            s.compute(s.base(), &spec, &wall);
             tracing::info!(device_id = %s.device_id, silent_secs, "drone offline: heartbeat timeout");
-            out.push(s.enqueue(name, Priority::Transition));
+            out.push(Enqueue {
+                name: name.clone(),
+                priority: Priority::Transition,
+            });
         }
         out
     }
@@ -318,7 +471,7 @@ impl Sessions {
         let grace = self.config.grace;
         self.lock()
             .values()
-            .filter(|s| s.online)
+            .filter(|s| s.liveness == Liveness::Online)
             .map(|s| s.last_seen + grace)
             .min()
     }
@@ -329,36 +482,35 @@ impl Sessions {
         let wall = now_rfc3339();
         let mut map = self.lock();
         let s = map.get_mut(name)?;
-        let liveness = if s.online {
-            Liveness::Online
-        } else {
-            Liveness::Offline {
-                silent_secs: now.saturating_duration_since(s.last_seen).as_secs(),
-            }
-        };
-        let heartbeat_time = s.current.last_heartbeat_time.clone();
-        let mut current =
-            status::with_conditions(s.base.clone(), liveness, &spec, &s.current.conditions, &wall);
-        current.last_heartbeat_time = heartbeat_time;
-        s.current = current;
-        let priority = self.due(s, now).filter(|p| *p == Priority::Transition)?;
-        Some(s.enqueue(name, priority))
+        let changed = s.compute(s.base(), &spec, &wall);
+        let priority = self.due(s, now, changed).filter(|p| *p == Priority::Transition)?;
+        Some(Enqueue {
+            name: name.to_owned(),
+            priority,
+        })
     }
 
     /// The latest computed status of a drone.
     pub fn current(&self, name: &str) -> Option<FlightNodeStatus> {
-        self.lock().get(name).map(|s| s.current.clone())
+        self.build(name).map(|b| b.req.status)
     }
 
     /// Number of drones per (condition type, status), for metrics.
     pub fn condition_counts(&self) -> BTreeMap<(String, String), i64> {
-        let mut counts = BTreeMap::new();
+        let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
         for s in self.lock().values() {
-            for c in &s.current.conditions {
-                *counts.entry((c.type_.clone(), c.status.clone())).or_insert(0) += 1;
+            for (type_, c) in CONDITION_TYPES.iter().zip(s.conditions) {
+                if c.status != 0 {
+                    *counts
+                        .entry((type_, CONDITION_STATUS[usize::from(c.status)]))
+                        .or_insert(0) += 1;
+                }
             }
         }
         counts
+            .into_iter()
+            .map(|((t, s), n)| ((t.to_owned(), s.to_owned()), n))
+            .collect()
     }
 
     /// Number of sessions.

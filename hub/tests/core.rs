@@ -73,14 +73,80 @@ async fn token_bucket_holds_under_a_thousand_drones() {
     assert_eq!(seen.len(), 1000, "every drone written once");
     let last = seen.iter().map(|s| s.at).max().unwrap();
     let took = last - start;
+    // First writes leave half the burst (20) to transitions: 20 at once, 980 at 20/s.
     assert!(
-        took >= Duration::from_secs(47) && took <= Duration::from_secs(49),
+        took >= Duration::from_secs(48) && took <= Duration::from_secs(50),
         "{took:?}"
     );
     let mut names: Vec<_> = seen.iter().map(|s| s.req.name.clone()).collect();
     names.sort();
     names.dedup();
     assert_eq!(names.len(), 1000);
+}
+
+/// Moves the paused clock in 100 ms steps (one jump would let the bucket overflow).
+async fn step(total: Duration) {
+    for _ in 0..(total.as_millis() / 100) {
+        advance(Duration::from_millis(100)).await;
+        settle().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn phase_changes_overtake_a_fleet_waiting_to_be_registered() {
+    let sink = Arc::new(ScriptedSink::default());
+    let mut cfg = config(20.0, 40);
+    cfg.session.grace = Duration::from_secs(3600);
+    let hub = hub_with(sink.clone(), cfg);
+    // A hub start with 10,000 drones: 500 s of first writes at 20/s.
+    for i in 0..10_000 {
+        hub.heartbeat(&heartbeat(&format!("drone-{i}"), "1.0.0")).await;
+    }
+    step(Duration::from_secs(10)).await;
+    let before = sink.seen().len();
+    assert!((200..=260).contains(&before), "registrations are paced: {before}");
+    // 50 drones, none of them written yet, start an upgrade at once: 20 go on the reserve
+    // at once, 30 on the next 1.5 s of tokens.
+    let t0 = Instant::now();
+    let movers: Vec<String> = (0..50).map(|i| format!("drone-{}", 9000 + i)).collect();
+    let mut waits = Vec::new();
+    for name in &movers {
+        let hub = Arc::clone(&hub);
+        let hb = with_phase(heartbeat(name, "1.0.0"), "downloading", 1);
+        waits.push(tokio::spawn(async move { hub.heartbeat(&hb).await }));
+    }
+    step(Duration::from_secs(2)).await;
+    for w in waits {
+        assert_eq!(w.await.unwrap().acked_seq, 1, "event acked once written");
+    }
+    let seen = sink.seen();
+    for name in &movers {
+        let at = seen
+            .iter()
+            .find(|s| &s.req.name == name && s.req.status.phase.as_deref() == Some("Downloading"))
+            .map(|s| s.at);
+        let delay = at.map(|at| at - t0);
+        assert!(
+            delay.is_some_and(|d| d <= Duration::from_secs(2)),
+            "{name}: Downloading written after {delay:?}"
+        );
+    }
+    // Registrations go on, and no 1-s window ever exceeds burst + qps.
+    step(Duration::from_secs(5)).await;
+    let seen = sink.seen();
+    assert!(
+        seen.len() > before + 50 + 50,
+        "registrations continue: {}",
+        seen.len()
+    );
+    let times: Vec<Instant> = seen.iter().map(|s| s.at).collect();
+    for (i, t) in times.iter().enumerate() {
+        let in_window = times[i..]
+            .iter()
+            .take_while(|u| **u - *t < Duration::from_secs(1))
+            .count();
+        assert!(in_window <= 60, "{in_window} writes within 1 s");
+    }
 }
 
 #[tokio::test(start_paused = true)]
