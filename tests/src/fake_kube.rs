@@ -13,9 +13,9 @@
 //! # Ok(()) }
 //! ```
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch};
 use axum::{Json, Router};
@@ -292,7 +292,23 @@ async fn create(State(fake): State<FakeKube>, Path(ns): Path<String>, body: Byte
     (StatusCode::CREATED, Json(obj)).into_response()
 }
 
-async fn list(State(fake): State<FakeKube>, Path(ns): Path<String>) -> Response {
+async fn list(State(fake): State<FakeKube>, Path(ns): Path<String>, RawQuery(query): RawQuery) -> Response {
+    let watching = query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .any(|kv| kv == "watch=true" || kv == "watch=1");
+    if watching {
+        // A watch that stays open with no changes, as an API server's does between events
+        // (objects changed through the fake are not streamed; tests that need spec changes
+        // use the local store).
+        let quiet = futures_util::stream::pending::<Result<Bytes, std::io::Error>>();
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from_stream(quiet),
+        )
+            .into_response();
+    }
     let inner = fake.lock();
     let items: Vec<Value> = inner
         .objects

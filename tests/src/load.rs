@@ -173,29 +173,54 @@ async fn send(client: &mut HubServiceClient<Channel>, hb: HeartbeatRequest, c: &
     t
 }
 
+/// An upgrade wave: `drones` of the fleet (evenly picked) start upgrading, their starts spread
+/// evenly over `spread` from `start_at` into the run, each walking [`PHASES`] `step` apart.
+#[derive(Debug, Clone, Copy)]
+pub struct Wave {
+    /// Drones that upgrade.
+    pub drones: usize,
+    /// When the first one starts, from the start of the run.
+    pub start_at: Duration,
+    /// Over how long the starts are spread.
+    pub spread: Duration,
+    /// Time between two phases of one drone.
+    pub step: Duration,
+}
+
+impl Wave {
+    /// Phase changes per second while the wave runs (before the hub coalesces any).
+    pub fn changes_per_sec(&self) -> f64 {
+        let walk = self.step.as_secs_f64() * PHASES.len() as f64;
+        self.drones as f64 * PHASES.len() as f64 / (self.spread.as_secs_f64() + walk).max(1e-9)
+    }
+}
+
 /// Paced fleet: every drone heartbeats every `interval` (start offsets spread evenly, ±10 %
-/// jitter) for `duration`; at half time every `change_every`-th drone walks [`PHASES`] with one
-/// immediate heartbeat per phase (`step` apart), like an agent does on each phase change.
+/// jitter) for `duration`; the drones of `wave` walk [`PHASES`] with one immediate heartbeat per
+/// phase, like an agent does on each phase change.
 pub async fn paced(
     clients: &[HubServiceClient<Channel>],
     drones: usize,
     interval: Duration,
     duration: Duration,
-    change_every: usize,
-    step: Duration,
+    wave: Wave,
 ) -> Outcome {
     let start = tokio::time::Instant::now();
     let end = start + duration;
+    let every = drones / wave.drones.clamp(1, drones.max(1));
+    let step = wave.step;
     let mut tasks = Vec::with_capacity(drones);
     for i in 0..drones {
         let mut client = clients[i % clients.len()].clone();
         let offset = interval.mul_f64(i as f64 / drones as f64);
-        let changes = change_every > 0 && i % change_every == 0;
+        let nth = i / every.max(1);
+        let changes = wave.drones > 0 && i % every.max(1) == 0 && nth < wave.drones;
         tasks.push(tokio::spawn(async move {
             let mut c = Collect::default();
             let mut seq = 1u64;
             let mut next = start + offset;
-            let change_at = start + duration / 2 + interval.mul_f64(i as f64 / drones as f64 / 5.0);
+            let change_at =
+                start + wave.start_at + wave.spread.mul_f64(nth as f64 / wave.drones.max(1) as f64);
             let mut changed = !changes;
             loop {
                 if !changed && next >= change_at {

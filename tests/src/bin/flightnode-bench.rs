@@ -7,9 +7,11 @@
 //! - `footprint [--idle-secs 60] [--size-mib 64]`: idle and peak RSS of `flightnode-agent run`
 //!   connected to mosquitto and the hub, idle and during an install, next to a `mosquitto_sub`
 //!   connected to the same broker; stripped binary sizes.
-//! - `hub [--drones 1000,10000] [--seconds 30] [--interval 10]`: N simulated drones over gRPC
-//!   against a real `flightnode-hub serve --store kube` whose API server is the fake Kubernetes
-//!   API, vs the same generator against a no-op tonic `HubService` (the transport's ceiling).
+//! - `hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20]`:
+//!   N simulated drones over gRPC against a real `flightnode-hub serve --store kube` whose API
+//!   server is the fake Kubernetes API, vs the same generator against a no-op tonic
+//!   `HubService` (the transport's ceiling); `--wave` drones upgrade, their starts spread over
+//!   `--wave-secs` from a quarter into the run.
 
 use anyhow::{Context, Result, bail};
 use flightnode_tests::agent::{binary, run_ok};
@@ -41,12 +43,21 @@ fn main() -> Result<()> {
                     || vec![1000, 10000],
                     |v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect(),
                 );
-            hub_bench(&drones, flag("--seconds", 30), flag("--interval", 10))
+            let seconds = flag("--seconds", 40);
+            let wave = flightnode_tests::load::Wave {
+                drones: flag("--wave", 50) as usize,
+                start_at: std::time::Duration::from_secs(seconds / 4),
+                spread: std::time::Duration::from_secs(flag("--wave-secs", 20)),
+                step: std::time::Duration::from_millis(500),
+            };
+            hub_bench(&drones, seconds, flag("--interval", 10), wave)
         }
         _ => {
             eprintln!("usage: flightnode-bench install [--size-mib N] [--runs N]");
             eprintln!("       flightnode-bench footprint [--idle-secs N] [--size-mib N]");
-            eprintln!("       flightnode-bench hub [--drones 1000,10000] [--seconds 30] [--interval 10]");
+            eprintln!(
+                "       flightnode-bench hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20]"
+            );
             std::process::exit(2);
         }
     }
@@ -307,8 +318,10 @@ struct HubRow {
     kib_per_drone: Option<f64>,
     writes_per_s: Option<f64>,
     max_writes_1s: Option<usize>,
+    phase_p50_ms: Option<f64>,
     phase_p99_ms: Option<f64>,
     phase_missing: usize,
+    phase_exact: usize,
 }
 
 const QPS: f64 = 20.0;
@@ -317,20 +330,31 @@ const CHANNELS: usize = 12;
 const FLOOD_CONCURRENCY: usize = 512;
 const FLOOD_SECS: u64 = 5;
 
-fn hub_bench(drones: &[usize], seconds: u64, interval: u64) -> Result<()> {
+fn hub_bench(
+    drones: &[usize],
+    seconds: u64,
+    interval: u64,
+    wave: flightnode_tests::load::Wave,
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let mut rows = Vec::new();
     for &n in drones {
-        rows.push(rt.block_on(noop_run(n, seconds, interval))?);
-        rows.push(rt.block_on(hub_run(n, seconds, interval))?);
+        rows.push(rt.block_on(noop_run(n, seconds, interval, wave))?);
+        rows.push(rt.block_on(hub_run(n, seconds, interval, wave))?);
     }
     println!(
-        "hub under N simulated drones: heartbeat every {interval} s for {seconds} s, 10 % walk 5 upgrade phases at half time; \
+        "hub under N simulated drones: heartbeat every {interval} s for {seconds} s; a wave of {} drones walks 5 upgrade \
+         phases {} ms apart, starts spread over {} s from {} s in ({:.1} phase changes/s); \
          flood = {FLOOD_CONCURRENCY} concurrent callers for {FLOOD_SECS} s; {CHANNELS} HTTP/2 connections; \
-         --api-qps {QPS} --api-burst {BURST}"
+         --api-qps {QPS} --api-burst {BURST}",
+        wave.drones,
+        wave.step.as_millis(),
+        wave.spread.as_secs(),
+        wave.start_at.as_secs(),
+        wave.changes_per_sec()
     );
     println!(
         "{:<34} {:>7} {:>9} {:>8} {:>8} {:>10} {:>8} {:>8} {:>9} {:>9} {:>11}",
@@ -366,11 +390,15 @@ fn hub_bench(drones: &[usize], seconds: u64, interval: u64) -> Result<()> {
     }
     for r in rows.iter().filter(|r| r.phase_p99_ms.is_some()) {
         println!(
-            "{} drones: phase change -> status write p99 {:.0} ms ({} phase changes never written as such: \
-             superseded by a later phase before the token bucket let them out); heartbeat errors {} paced, {} flood",
+            "{} drones: phase change -> a status write showing it (or a later phase): p50 {:.0} ms, p99 {:.0} ms, \
+             {} never shown; {} of {} phases written as such (the others superseded before a token let them out); \
+             heartbeat errors {} paced, {} flood",
             r.drones,
+            r.phase_p50_ms.unwrap_or(0.0),
             r.phase_p99_ms.unwrap_or(0.0),
             r.phase_missing,
+            r.phase_exact,
+            r.paced.phase_sends.len(),
             r.paced.errors,
             r.flood.errors
         );
@@ -378,7 +406,12 @@ fn hub_bench(drones: &[usize], seconds: u64, interval: u64) -> Result<()> {
     Ok(())
 }
 
-async fn noop_run(n: usize, seconds: u64, interval: u64) -> Result<HubRow> {
+async fn noop_run(
+    n: usize,
+    seconds: u64,
+    interval: u64,
+    wave: flightnode_tests::load::Wave,
+) -> Result<HubRow> {
     use flightnode_tests::load;
     let (addr, _noop) = load::start_noop().await?;
     let clients = load::pool(addr, CHANNELS).await?;
@@ -388,8 +421,7 @@ async fn noop_run(n: usize, seconds: u64, interval: u64) -> Result<HubRow> {
         n,
         std::time::Duration::from_secs(interval),
         std::time::Duration::from_secs(seconds),
-        10,
-        std::time::Duration::from_millis(200),
+        wave,
     )
     .await;
     let flood = load::flood(
@@ -407,12 +439,19 @@ async fn noop_run(n: usize, seconds: u64, interval: u64) -> Result<HubRow> {
         kib_per_drone: None,
         writes_per_s: None,
         max_writes_1s: None,
+        phase_p50_ms: None,
         phase_p99_ms: None,
         phase_missing: 0,
+        phase_exact: 0,
     })
 }
 
-async fn hub_run(n: usize, seconds: u64, interval: u64) -> Result<HubRow> {
+async fn hub_run(
+    n: usize,
+    seconds: u64,
+    interval: u64,
+    wave: flightnode_tests::load::Wave,
+) -> Result<HubRow> {
     use flightnode_tests::fake_kube::FakeKube;
     use flightnode_tests::fleet::{Proc, free_port, rss_kib};
     use flightnode_tests::load;
@@ -476,15 +515,25 @@ async fn hub_run(n: usize, seconds: u64, interval: u64) -> Result<HubRow> {
         n,
         Duration::from_secs(interval),
         Duration::from_secs(seconds),
-        10,
-        Duration::from_millis(200),
+        wave,
     )
     .await;
     let paced_end = Instant::now();
     let (rss1, _) = rss_kib(pid).context("hub gone")?;
     // Let queued transition writes drain before judging phase delays (bounded).
+    let walkers: std::collections::HashSet<&str> =
+        paced.phase_sends.iter().map(|(d, _, _)| d.as_str()).collect();
     let mut waited = 0;
-    while waited < 30 && fake.status_writes().len() < n {
+    while waited < 30 {
+        let done: std::collections::HashSet<String> = fake
+            .status_writes()
+            .iter()
+            .filter(|w| w.body["status"]["firmware"]["committedVersion"] == "2.0.0")
+            .map(|w| w.name.clone())
+            .collect();
+        if walkers.iter().all(|d| done.contains(*d)) {
+            break;
+        }
         tokio::time::sleep(Duration::from_secs(1)).await;
         waited += 1;
     }
@@ -497,19 +546,39 @@ async fn hub_run(n: usize, seconds: u64, interval: u64) -> Result<HubRow> {
     let all_times: Vec<Instant> = writes.iter().map(|w| w.at).collect();
     let writes_per_s = ok_times.len() as f64 / paced_end.duration_since(start).as_secs_f64();
     let max_1s = load::max_in_window(&all_times, Duration::from_secs(1));
-    // Phase change -> first write of that phase for that drone at or after the send.
+    // Phase change -> the first write at or after the send that shows this phase or a later one
+    // of the walk (latest wins: a write may skip a phase that was already superseded).
+    let walk_index = |w: &flightnode_tests::fake_kube::StatusWrite| -> Option<usize> {
+        let status = &w.body["status"];
+        let phase = status["phase"].as_str()?;
+        if phase == "Idle" {
+            // Idle before the walk is not progress; idle on the new version is its end.
+            let committed = status["firmware"]["committedVersion"].as_str();
+            return (committed == Some("2.0.0")).then_some(load::PHASES.len() - 1);
+        }
+        load::PHASES.iter().position(|p| load::status_phase(p) == phase)
+    };
     let mut delays = Vec::new();
     let mut missing = 0;
-    let mut by_name: std::collections::HashMap<&str, Vec<(Instant, &str)>> = std::collections::HashMap::new();
+    let mut exact = 0;
+    let mut by_name: std::collections::HashMap<&str, Vec<(Instant, Option<usize>)>> =
+        std::collections::HashMap::new();
     for w in &writes {
-        let phase = w.body["status"]["phase"].as_str().unwrap_or("");
-        by_name.entry(w.name.as_str()).or_default().push((w.at, phase));
+        by_name
+            .entry(w.name.as_str())
+            .or_default()
+            .push((w.at, walk_index(w)));
     }
     for (name, phase, sent) in &paced.phase_sends {
-        let hit = by_name
-            .get(name.as_str())
-            .and_then(|ws| ws.iter().find(|(at, p)| at >= sent && p == phase));
-        match hit {
+        let k = load::PHASES
+            .iter()
+            .position(|p| load::status_phase(p) == *phase)
+            .unwrap_or(0);
+        let ws = by_name.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+        if ws.iter().any(|(at, i)| at >= sent && *i == Some(k)) {
+            exact += 1;
+        }
+        match ws.iter().find(|(at, i)| at >= sent && i.is_some_and(|i| i >= k)) {
             Some((at, _)) => delays.push(at.duration_since(*sent).as_micros() as u64),
             None => missing += 1,
         }
@@ -529,7 +598,9 @@ async fn hub_run(n: usize, seconds: u64, interval: u64) -> Result<HubRow> {
         kib_per_drone: Some(rss1.saturating_sub(rss0) as f64 / n as f64),
         writes_per_s: Some(writes_per_s),
         max_writes_1s: Some(max_1s),
+        phase_p50_ms: Some(load::percentile(&delays, 50.0) as f64 / 1000.0),
         phase_p99_ms: Some(load::percentile(&delays, 99.0) as f64 / 1000.0),
         phase_missing: missing,
+        phase_exact: exact,
     })
 }
