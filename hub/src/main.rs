@@ -73,7 +73,8 @@ struct ServeArgs {
     /// Sustained status writes per second.
     #[arg(long, env = "FLIGHTNODE_HUB_API_QPS", default_value_t = 20.0)]
     api_qps: f64,
-    /// Status write burst.
+    /// Status write burst. Half of it is kept for transitions: first writes and refreshes only
+    /// take a token while more than burst/2 are left.
     #[arg(long, env = "FLIGHTNODE_HUB_API_BURST", default_value_t = 40)]
     api_burst: u32,
     /// The agents' heartbeat interval (for the default grace period; advertised with --advertise-interval).

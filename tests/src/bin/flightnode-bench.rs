@@ -7,11 +7,12 @@
 //! - `footprint [--idle-secs 60] [--size-mib 64]`: idle and peak RSS of `flightnode-agent run`
 //!   connected to mosquitto and the hub, idle and during an install, next to a `mosquitto_sub`
 //!   connected to the same broker; stripped binary sizes.
-//! - `hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20]`:
+//! - `hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20] [--channels 12]`:
 //!   N simulated drones over gRPC against a real `flightnode-hub serve --store kube` whose API
 //!   server is the fake Kubernetes API, vs the same generator against a no-op tonic
 //!   `HubService` (the transport's ceiling); `--wave` drones upgrade, their starts spread over
-//!   `--wave-secs` from a quarter into the run.
+//!   `--wave-secs` from a quarter into the run; the drones share `--channels` HTTP/2
+//!   connections (one per drone measures what connections cost).
 
 use anyhow::{Context, Result, bail};
 use flightnode_tests::agent::{binary, run_ok};
@@ -50,13 +51,19 @@ fn main() -> Result<()> {
                 spread: std::time::Duration::from_secs(flag("--wave-secs", 20)),
                 step: std::time::Duration::from_millis(500),
             };
-            hub_bench(&drones, seconds, flag("--interval", 10), wave)
+            let plan = HubPlan {
+                seconds,
+                interval: flag("--interval", 10),
+                wave,
+                channels: flag("--channels", 12).max(1) as usize,
+            };
+            hub_bench(&drones, plan)
         }
         _ => {
             eprintln!("usage: flightnode-bench install [--size-mib N] [--runs N]");
             eprintln!("       flightnode-bench footprint [--idle-secs N] [--size-mib N]");
             eprintln!(
-                "       flightnode-bench hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20]"
+                "       flightnode-bench hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20] [--channels 12]"
             );
             std::process::exit(2);
         }
@@ -326,29 +333,38 @@ struct HubRow {
 
 const QPS: f64 = 20.0;
 const BURST: u32 = 40;
-const CHANNELS: usize = 12;
-const FLOOD_CONCURRENCY: usize = 512;
-const FLOOD_SECS: u64 = 5;
 
-fn hub_bench(
-    drones: &[usize],
+/// What one `hub` run does.
+#[derive(Debug, Clone, Copy)]
+struct HubPlan {
     seconds: u64,
     interval: u64,
     wave: flightnode_tests::load::Wave,
-) -> Result<()> {
+    channels: usize,
+}
+const FLOOD_CONCURRENCY: usize = 512;
+const FLOOD_SECS: u64 = 5;
+
+fn hub_bench(drones: &[usize], plan: HubPlan) -> Result<()> {
+    let HubPlan {
+        seconds,
+        interval,
+        wave,
+        channels,
+    } = plan;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let mut rows = Vec::new();
     for &n in drones {
-        rows.push(rt.block_on(noop_run(n, seconds, interval, wave))?);
-        rows.push(rt.block_on(hub_run(n, seconds, interval, wave))?);
+        rows.push(rt.block_on(noop_run(n, plan))?);
+        rows.push(rt.block_on(hub_run(n, plan))?);
     }
     println!(
         "hub under N simulated drones: heartbeat every {interval} s for {seconds} s; a wave of {} drones walks 5 upgrade \
          phases {} ms apart, starts spread over {} s from {} s in ({:.1} phase changes/s); \
-         flood = {FLOOD_CONCURRENCY} concurrent callers for {FLOOD_SECS} s; {CHANNELS} HTTP/2 connections; \
+         flood = {FLOOD_CONCURRENCY} concurrent callers for {FLOOD_SECS} s; {channels} HTTP/2 connections; \
          --api-qps {QPS} --api-burst {BURST}",
         wave.drones,
         wave.step.as_millis(),
@@ -406,15 +422,16 @@ fn hub_bench(
     Ok(())
 }
 
-async fn noop_run(
-    n: usize,
-    seconds: u64,
-    interval: u64,
-    wave: flightnode_tests::load::Wave,
-) -> Result<HubRow> {
+async fn noop_run(n: usize, plan: HubPlan) -> Result<HubRow> {
+    let HubPlan {
+        seconds,
+        interval,
+        wave,
+        channels,
+    } = plan;
     use flightnode_tests::load;
     let (addr, _noop) = load::start_noop().await?;
-    let clients = load::pool(addr, CHANNELS).await?;
+    let clients = load::pool(addr, channels).await?;
     eprintln!("no-op hub, {n} drones: paced {seconds} s");
     let paced = load::paced(
         &clients,
@@ -446,12 +463,13 @@ async fn noop_run(
     })
 }
 
-async fn hub_run(
-    n: usize,
-    seconds: u64,
-    interval: u64,
-    wave: flightnode_tests::load::Wave,
-) -> Result<HubRow> {
+async fn hub_run(n: usize, plan: HubPlan) -> Result<HubRow> {
+    let HubPlan {
+        seconds,
+        interval,
+        wave,
+        channels,
+    } = plan;
     use flightnode_tests::fake_kube::FakeKube;
     use flightnode_tests::fleet::{Proc, free_port, rss_kib};
     use flightnode_tests::load;
@@ -507,7 +525,7 @@ async fn hub_run(
     let pid = hub.pid().context("hub gone")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (rss0, _) = rss_kib(pid).context("hub gone")?;
-    let clients = load::pool(addr, CHANNELS).await?;
+    let clients = load::pool(addr, channels).await?;
     eprintln!("flightnode-hub (kube sink on the fake API), {n} drones: paced {seconds} s");
     let start = Instant::now();
     let paced = load::paced(
