@@ -98,10 +98,12 @@ fn round_to(value: f64, step: f64) -> f64 {
 
 /// The part of the status that comes from one heartbeat: no conditions, no heartbeat time.
 pub fn from_heartbeat(hb: &HeartbeatRequest) -> FlightNodeStatus {
-    let phase = match &hb.upgrade {
+    // Normalised first: a phase of only underscores ("_") has no word to name and is idle like
+    // an empty one, instead of an empty phase and an empty condition reason.
+    let phase = match hb.upgrade.as_ref().map(|u| camel_case(&u.phase)) {
         None => "Idle".to_owned(),
-        Some(u) if u.phase.is_empty() || u.phase == "idle" => "Idle".to_owned(),
-        Some(u) => camel_case(&u.phase),
+        Some(p) if p.is_empty() => "Idle".to_owned(),
+        Some(p) => p,
     };
     let firmware = hb.firmware.as_ref().map(|f| {
         let slot = |s: &Option<flightnode_proto::v1::SlotInfo>| {
@@ -423,5 +425,26 @@ mod tests {
         assert_eq!(get(&s3, "FirmwareSynced").status, "False");
         assert_eq!(get(&s3, "Ready").reason, "FirmwareNotSynced");
         assert!(content_differs(&s1, &s3));
+    }
+
+    /// A crash of the `heartbeat` fuzz target (its phase invariant): device "drone-1" with an
+    /// upgrade whose phase is "_" made an empty `phase` and an `UpgradeInProgress` condition with
+    /// an empty reason.
+    #[test]
+    fn an_underscore_phase_is_idle_not_empty() {
+        use prost::Message;
+        let input = b"\x0a\x07drone-1\x32\x03\x12\x01_";
+        let hb = HeartbeatRequest::decode(&input[..]).unwrap();
+        assert_eq!(hb.upgrade.as_ref().map(|u| u.phase.as_str()), Some("_"));
+        let s = with_conditions(
+            from_heartbeat(&hb),
+            Liveness::Online,
+            &SpecView::default(),
+            &[],
+            "T",
+        );
+        assert_eq!(s.phase.as_deref(), Some("Idle"));
+        assert!(s.conditions.iter().all(|c| !c.reason.is_empty()));
+        crate::fuzzing::heartbeat(input);
     }
 }
