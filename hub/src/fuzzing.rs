@@ -1,7 +1,7 @@
 //! Fuzz target bodies, shared by the cargo-fuzz target `heartbeat` in `fuzz/` and the smoke test
 //! that runs it in `cargo test` (`hub/tests/fuzz_smoke.rs`). A panic is a finding.
 
-use crate::grpc::validate;
+use crate::grpc::{MAX_MESSAGE_TEXT_BYTES, validate};
 use crate::session::{SessionConfig, Sessions, SpecCache, object_name};
 use crate::status::{Liveness, SpecView, from_heartbeat, with_conditions};
 use flightnode_proto::v1::HeartbeatRequest;
@@ -13,13 +13,21 @@ use std::time::Duration;
 /// [`validate`] with a message, or turn into a status with the four conditions, a valid object
 /// name and a JSON server-side apply body, and pass through a session; never a panic.
 pub fn heartbeat(data: &[u8]) {
-    let Ok(hb) = HeartbeatRequest::decode(data) else {
+    let Ok(mut hb) = HeartbeatRequest::decode(data) else {
         return;
     };
-    if let Err(message) = validate(&hb) {
+    if let Err(message) = validate(&mut hb) {
         assert!(!message.is_empty());
         return;
     }
+    assert!(
+        hb.events
+            .iter()
+            .map(|e| &e.message)
+            .chain(hb.last_upgrade.iter().map(|l| &l.error_message))
+            .all(|m| m.len() <= MAX_MESSAGE_TEXT_BYTES),
+        "a message longer than {MAX_MESSAGE_TEXT_BYTES} bytes passed validation"
+    );
     let name = object_name(&hb.device_id);
     assert!(!name.is_empty() && name.len() <= 253, "object name {name:?}");
     assert!(

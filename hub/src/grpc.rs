@@ -17,8 +17,11 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Most events accepted in one heartbeat.
 pub const MAX_EVENTS: usize = 256;
-/// Longest accepted free-text field (ids, versions, messages).
+/// Longest accepted short field (ids, versions, slots, phases, results, error codes).
 pub const MAX_FIELD_BYTES: usize = 1024;
+/// Longest kept free-text message (`events[].message`, `last_upgrade.error_message`). Longer ones
+/// are cut, not refused: the agent would send a refused event again with every heartbeat.
+pub const MAX_MESSAGE_TEXT_BYTES: usize = 1024;
 
 /// The service implementation.
 pub struct HubGrpc {
@@ -55,8 +58,29 @@ pub fn certificate_identities(der: &[u8]) -> Result<Vec<String>, String> {
     Ok(ids)
 }
 
-/// Checks a heartbeat's fields; the message is the gRPC `INVALID_ARGUMENT` text.
-pub fn validate(hb: &HeartbeatRequest) -> Result<(), String> {
+/// Cuts `text` to at most `max` bytes at a char boundary, ending in `…` when it was cut.
+fn truncate_text(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push('…');
+}
+
+/// Checks a heartbeat's fields (the error is the gRPC `INVALID_ARGUMENT` text) and cuts its
+/// free-text messages to [`MAX_MESSAGE_TEXT_BYTES`].
+pub fn validate(hb: &mut HeartbeatRequest) -> Result<(), String> {
+    if let Some(l) = hb.last_upgrade.as_mut() {
+        truncate_text(&mut l.error_message, MAX_MESSAGE_TEXT_BYTES);
+    }
+    for e in &mut hb.events {
+        truncate_text(&mut e.message, MAX_MESSAGE_TEXT_BYTES);
+    }
+    let hb = &*hb;
     validate_device_id(&hb.device_id)?;
     if hb.events.len() > MAX_EVENTS {
         return Err(format!(
@@ -132,8 +156,8 @@ impl HubService for HubGrpc {
         } else {
             None
         };
-        let hb = request.into_inner();
-        if let Err(message) = validate(&hb) {
+        let mut hb = request.into_inner();
+        if let Err(message) = validate(&mut hb) {
             self.hub.metrics.heartbeat("invalid").inc();
             tracing::debug!(device_id = %hb.device_id.escape_debug(), %message, "heartbeat refused");
             return Err(Status::invalid_argument(message));
@@ -174,7 +198,7 @@ mod tests {
 
     #[test]
     fn oversized_or_control_characters_in_any_short_field_are_refused() {
-        assert_eq!(validate(&good()), Ok(()));
+        assert_eq!(validate(&mut good()), Ok(()));
         let mut hb = good();
         if let Some(f) = hb.firmware.as_mut() {
             f.slot_a = Some(v1::SlotInfo {
@@ -182,18 +206,62 @@ mod tests {
                 state: "good".into(),
             });
         }
-        assert!(validate(&hb).unwrap_err().contains("firmware.slot_a"));
+        assert!(validate(&mut hb).unwrap_err().contains("firmware.slot_a"));
         let mut hb = good();
         hb.events.push(v1::Event {
             result: "committed\u{1b}[2J".into(),
             ..Default::default()
         });
-        assert!(validate(&hb).unwrap_err().contains("events.result"));
+        assert!(validate(&mut hb).unwrap_err().contains("events.result"));
         let mut hb = good();
         hb.last_upgrade = Some(v1::LastUpgrade {
             error_code: "\0".into(),
             ..Default::default()
         });
-        assert!(validate(&hb).unwrap_err().contains("last_upgrade.error_code"));
+        assert!(validate(&mut hb).unwrap_err().contains("last_upgrade.error_code"));
+    }
+
+    #[test]
+    fn long_messages_are_cut_at_a_char_boundary_not_refused() {
+        let mut hb = good();
+        // 'é' is two bytes: a cut at an odd offset would split one.
+        let long = "é".repeat(MAX_MESSAGE_TEXT_BYTES);
+        hb.events.push(v1::Event {
+            seq: 1,
+            phase: "downloading".into(),
+            message: long.clone(),
+            ..Default::default()
+        });
+        hb.events.push(v1::Event {
+            seq: 2,
+            message: "short".into(),
+            ..Default::default()
+        });
+        hb.last_upgrade = Some(v1::LastUpgrade {
+            error_message: format!("x{long}"),
+            ..Default::default()
+        });
+        assert_eq!(validate(&mut hb), Ok(()));
+        let cut = &hb.events[0].message;
+        assert!(cut.len() <= MAX_MESSAGE_TEXT_BYTES, "{}", cut.len());
+        assert!(cut.len() > MAX_MESSAGE_TEXT_BYTES - 8, "{}", cut.len());
+        assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
+        assert_eq!(hb.events[1].message, "short");
+        let l = hb
+            .last_upgrade
+            .as_ref()
+            .map(|l| l.error_message.as_str())
+            .unwrap_or("");
+        assert!(l.len() <= MAX_MESSAGE_TEXT_BYTES && l.starts_with("xé") && l.ends_with('…'));
+
+        // At the limit nothing changes.
+        let mut hb = good();
+        let exact = "y".repeat(MAX_MESSAGE_TEXT_BYTES);
+        hb.events.push(v1::Event {
+            message: exact.clone(),
+            ..Default::default()
+        });
+        assert_eq!(validate(&mut hb), Ok(()));
+        assert_eq!(hb.events[0].message, exact);
     }
 }

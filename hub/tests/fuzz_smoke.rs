@@ -29,8 +29,8 @@ fn heartbeat_handling_survives_mutated_heartbeats() {
         .collect();
     // The seeds themselves are accepted heartbeats.
     for s in &seeds {
-        let hb = flightnode_proto::v1::HeartbeatRequest::decode(s.as_slice()).unwrap();
-        assert_eq!(flightnode_hub::grpc::validate(&hb), Ok(()));
+        let mut hb = flightnode_proto::v1::HeartbeatRequest::decode(s.as_slice()).unwrap();
+        assert_eq!(flightnode_hub::grpc::validate(&mut hb), Ok(()));
         flightnode_hub::fuzzing::heartbeat(s);
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(23);

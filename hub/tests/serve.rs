@@ -6,54 +6,10 @@ mod common;
 use common::{config, heartbeat, with_phase};
 use flightnode_hub::serve::{Bound, ServeOptions, StoreKind};
 use flightnode_proto::v1::hub_service_client::HubServiceClient;
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
-use std::path::{Path, PathBuf};
+use flightnode_tests::pki::Pki;
+use std::path::Path;
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-struct Pki {
-    ca: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "flightnode test CA");
-        let ca = params.self_signed(&key).unwrap().pem();
-        Pki {
-            ca,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// (cert PEM, key PEM) for `cn`, with `sans` as DNS names.
-    fn leaf(&self, cn: &str, sans: &[&str], client: bool) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![if client {
-            ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        (
-            params.signed_by(&key, &self.issuer).unwrap().pem(),
-            key.serialize_pem(),
-        )
-    }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
 
 async fn start(opts: ServeOptions) -> Bound {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -93,23 +49,23 @@ fn options(data_dir: &Path) -> ServeOptions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_a_drone_speaks_only_for_itself() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let (server_cert, server_key) = pki.leaf("flightnode-hub", &["localhost"], false);
-    let (client_cert, client_key) = pki.leaf("drone-1", &["drone-1"], true);
+    let pki = Pki::generate(&dir.path().join("pki"), "flightnode test CA").unwrap();
+    let client = pki.client("drone-1").unwrap();
     let mut opts = options(&dir.path().join("data"));
     opts.insecure = false;
-    opts.tls_cert = Some(write(dir.path(), "server.crt", &server_cert));
-    opts.tls_key = Some(write(dir.path(), "server.key", &server_key));
-    opts.client_ca = Some(write(dir.path(), "ca.crt", &pki.ca));
+    opts.tls_cert = Some(pki.server_cert.clone());
+    opts.tls_key = Some(pki.server_key.clone());
+    opts.client_ca = Some(pki.ca.clone());
     let bound = start(opts).await;
     let url = format!("https://localhost:{}", bound.grpc.port());
 
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .ca_certificate(Certificate::from_pem(std::fs::read(&pki.ca).unwrap()))
         .domain_name("localhost");
-    let with_identity = tls
-        .clone()
-        .identity(Identity::from_pem(&client_cert, &client_key));
+    let with_identity = tls.clone().identity(Identity::from_pem(
+        std::fs::read(&client.cert).unwrap(),
+        std::fs::read(&client.key).unwrap(),
+    ));
     let channel = Channel::from_shared(url.clone())
         .unwrap()
         .tls_config(with_identity)

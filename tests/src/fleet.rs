@@ -128,17 +128,36 @@ pub struct Hub {
     pub grpc_port: u16,
     pub http_port: u16,
     pub data_dir: PathBuf,
+    /// Serve gRPC in plaintext (`--insecure`, the default); clear it and pass `--tls-cert`,
+    /// `--tls-key` and `--client-ca` in `extra` for mutual TLS.
+    pub insecure: bool,
     pub extra: Vec<String>,
     proc: Option<Proc>,
     log: PathBuf,
 }
 
 impl Hub {
+    /// A hub (not started yet) on free loopback ports, its store in `dir/hub` and its log in
+    /// `dir/hub.log`, with `extra` serve flags; plaintext gRPC unless `insecure` is cleared.
+    pub fn new(dir: &Path, extra: Vec<String>) -> Result<Hub> {
+        Ok(Hub {
+            grpc_port: free_port()?,
+            http_port: free_port()?,
+            data_dir: dir.join("hub"),
+            insecure: true,
+            extra,
+            proc: None,
+            log: dir.join("hub.log"),
+        })
+    }
+
     fn command(&self) -> Result<Command> {
         let mut cmd = Command::new(binary("flightnode-hub")?);
-        cmd.arg("serve")
-            .args(["--store", "local", "--insecure"])
-            .arg("--data-dir")
+        cmd.arg("serve").args(["--store", "local"]);
+        if self.insecure {
+            cmd.arg("--insecure");
+        }
+        cmd.arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--grpc-addr", &format!("127.0.0.1:{}", self.grpc_port)])
             .args(["--http-addr", &format!("127.0.0.1:{}", self.http_port)])
@@ -186,6 +205,11 @@ impl Hub {
     /// Process id.
     pub fn pid(&self) -> Option<u32> {
         self.proc.as_ref().and_then(Proc::pid)
+    }
+
+    /// Whether the process runs.
+    pub fn running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(Proc::running)
     }
 
     /// The FlightNode object of `name` from the hub's local API, if it exists.
@@ -421,14 +445,7 @@ impl Fleet {
         if let Broker::Embedded { port } = &broker {
             hub_args.extend(["--embedded-broker".into(), format!("127.0.0.1:{port}")]);
         }
-        let mut hub = Hub {
-            grpc_port: free_port()?,
-            http_port: free_port()?,
-            data_dir: dir.path().join("hub"),
-            extra: hub_args,
-            proc: None,
-            log: dir.path().join("hub.log"),
-        };
+        let mut hub = Hub::new(dir.path(), hub_args)?;
         hub.start()?;
         let bundles = BundleServer::start_blocking()?;
         let mut fleet = Fleet {

@@ -8,6 +8,7 @@
 //! - [`fuzz`]: input mutation for the seeded fuzz smoke tests.
 //! - [`http_server`]: a bundle HTTP server that honours `Range` and injects faults.
 //! - [`mosquitto`]: the real Debian broker on a free port, plain or with the example mTLS + ACL config.
+//! - [`pki`]: a test CA, server and client certificates for mutual TLS (broker and hub).
 
 pub mod agent;
 pub mod boot_sim;
@@ -17,3 +18,4 @@ pub mod fuzz;
 pub mod http_server;
 pub mod load;
 pub mod mosquitto;
+pub mod pki;

@@ -23,11 +23,8 @@
 //! unrelated CA. Publishing and subscribing use `mosquitto_pub`/`mosquitto_sub`
 //! (package `mosquitto-clients`). Everything stops when the [`Mosquitto`] is dropped.
 
+pub use crate::pki::{ClientCert, Pki};
 use anyhow::{Context, Result, anyhow, bail};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -65,99 +62,6 @@ fn client_tool(name: &str) -> Result<PathBuf> {
         .map(|d| d.join(name))
         .find(|p| p.is_file())
         .ok_or_else(|| anyhow!("{name} not found on PATH: apt-get install mosquitto-clients"))
-}
-
-/// A client certificate and key (PEM files).
-#[derive(Debug, Clone)]
-pub struct ClientCert {
-    /// CN of the certificate (the MQTT username with `use_identity_as_username`).
-    pub id: String,
-    /// Certificate (PEM).
-    pub cert: PathBuf,
-    /// Private key (PEM, PKCS#8).
-    pub key: PathBuf,
-}
-
-/// A test CA with a broker certificate for `127.0.0.1`/`localhost`, issuing client certificates.
-pub struct Pki {
-    dir: PathBuf,
-    issuer: Issuer<'static, KeyPair>,
-    /// CA certificate (PEM): `mqtt.ca` for the agent, `cafile` for the broker.
-    pub ca: PathBuf,
-    /// Broker certificate (PEM).
-    pub server_cert: PathBuf,
-    /// Broker key (PEM).
-    pub server_key: PathBuf,
-}
-
-fn ca_params(name: &str) -> Result<CertificateParams> {
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    Ok(params)
-}
-
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
-}
-
-impl Pki {
-    /// Generates a CA named `name` and a broker certificate in `dir`.
-    pub fn generate(dir: &Path, name: &str) -> Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let ca_key = KeyPair::generate()?;
-        let params = ca_params(name)?;
-        let ca_cert = params.self_signed(&ca_key)?;
-        let issuer = Issuer::new(params, ca_key);
-        let ca = dir.join("ca.pem");
-        write_private(&ca, &ca_cert.pem())?;
-
-        let server_key = KeyPair::generate()?;
-        let mut sp = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
-        sp.distinguished_name.push(DnType::CommonName, "localhost");
-        sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server = sp.signed_by(&server_key, &issuer)?;
-        let server_cert = dir.join("server.pem");
-        let server_key_path = dir.join("server.key");
-        write_private(&server_cert, &server.pem())?;
-        write_private(&server_key_path, &server_key.serialize_pem())?;
-        Ok(Pki {
-            dir: dir.to_owned(),
-            issuer,
-            ca,
-            server_cert,
-            server_key: server_key_path,
-        })
-    }
-
-    /// Issues (or re-issues) a client certificate with CN = `id`.
-    pub fn client(&self, id: &str) -> Result<ClientCert> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, id);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &self.issuer)?;
-        let cert_path = self.dir.join(format!("client-{id}.pem"));
-        let key_path = self.dir.join(format!("client-{id}.key"));
-        write_private(&cert_path, &cert.pem())?;
-        write_private(&key_path, &key.serialize_pem())?;
-        Ok(ClientCert {
-            id: id.to_owned(),
-            cert: cert_path,
-            key: key_path,
-        })
-    }
-
-    /// A client certificate with CN = `id` from a fresh, unrelated CA (a broker must refuse it).
-    pub fn foreign_client(&self, id: &str) -> Result<ClientCert> {
-        let other = Pki::generate(&self.dir.join("foreign"), "not the fleet CA")?;
-        other.client(id)
-    }
 }
 
 /// Which broker config.
