@@ -86,37 +86,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn heartbeat(device: &str) -> v1::HeartbeatRequest {
-    v1::HeartbeatRequest {
-        device_id: device.into(),
-        boot_id: "boot-1".into(),
-        agent_version: "0.1.0".into(),
-        hardware_id: "hw-x1".into(),
-        firmware: Some(v1::FirmwareState {
-            active_slot: "a".into(),
-            booted_slot: "a".into(),
-            slot_a: Some(v1::SlotInfo {
-                version: "1.0.0".into(),
-                state: "good".into(),
-            }),
-            slot_b: Some(v1::SlotInfo {
-                version: String::new(),
-                state: "empty".into(),
-            }),
-            committed_version: "1.0.0".into(),
-            security_floor: 1,
-        }),
-        upgrade: None,
-        last_upgrade: None,
-        resources: Some(v1::Resources {
-            cpu_percent: 12.0,
-            memory_used_bytes: 200 << 20,
-            memory_total_bytes: 1 << 30,
-            disk_free_bytes: 4 << 30,
-            load1: 0.1,
-            uptime_seconds: 10,
-            temperature_celsius: Some(41.5),
-        }),
-        seq: 1,
-        events: vec![],
+    let mut hb = flightnode_proto::sample::idle_heartbeat(device, "1.0.0");
+    if let Some(f) = hb.firmware.as_mut() {
+        f.security_floor = 1;
     }
+    if let Some(r) = hb.resources.as_mut() {
+        r.temperature_celsius = Some(41.5);
+    }
+    hb
 }

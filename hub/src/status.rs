@@ -300,39 +300,17 @@ mod tests {
     use flightnode_proto::v1;
 
     fn heartbeat() -> HeartbeatRequest {
-        HeartbeatRequest {
-            device_id: "drone-1".into(),
-            boot_id: "b1".into(),
-            agent_version: "0.1.0".into(),
-            hardware_id: "hw".into(),
-            firmware: Some(v1::FirmwareState {
-                active_slot: "a".into(),
-                booted_slot: "a".into(),
-                slot_a: Some(v1::SlotInfo {
-                    version: "1.0.0".into(),
-                    state: "good".into(),
-                }),
-                slot_b: Some(v1::SlotInfo {
-                    version: String::new(),
-                    state: "empty".into(),
-                }),
-                committed_version: "1.0.0".into(),
-                security_floor: 0,
-            }),
-            upgrade: None,
-            last_upgrade: None,
-            resources: Some(v1::Resources {
-                cpu_percent: 12.3,
-                memory_used_bytes: 300 << 20,
-                memory_total_bytes: 1 << 30,
-                disk_free_bytes: 5_000_000_000,
-                load1: 0.2,
-                uptime_seconds: 100,
-                temperature_celsius: Some(41.0),
-            }),
-            seq: 1,
-            events: vec![],
-        }
+        let mut hb = flightnode_proto::sample::idle_heartbeat("drone-1", "1.0.0");
+        hb.resources = Some(v1::Resources {
+            cpu_percent: 12.3,
+            memory_used_bytes: 300 << 20,
+            memory_total_bytes: 1 << 30,
+            disk_free_bytes: 5_000_000_000,
+            load1: 0.2,
+            uptime_seconds: 100,
+            temperature_celsius: Some(41.0),
+        });
+        hb
     }
 
     #[test]

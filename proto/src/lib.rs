@@ -16,6 +16,7 @@ pub mod codes;
 pub mod device;
 pub mod manifest;
 pub mod mqtt;
+pub mod sample;
 pub mod status;
 
 pub use status::{Phase, Slot, SlotState};

@@ -33,39 +33,11 @@ pub fn drone_id(i: usize) -> String {
 
 /// The heartbeat of drone `i` idle on `version`.
 pub fn idle_heartbeat(i: usize, version: &str, seq: u64) -> HeartbeatRequest {
-    HeartbeatRequest {
-        device_id: drone_id(i),
-        boot_id: format!("boot-{i}"),
-        agent_version: "0.1.0".into(),
-        hardware_id: "cc-sim-v1".into(),
-        firmware: Some(v1::FirmwareState {
-            active_slot: "a".into(),
-            booted_slot: "a".into(),
-            slot_a: Some(v1::SlotInfo {
-                version: version.into(),
-                state: "good".into(),
-            }),
-            slot_b: Some(v1::SlotInfo {
-                version: String::new(),
-                state: "empty".into(),
-            }),
-            committed_version: version.into(),
-            security_floor: 0,
-        }),
-        upgrade: None,
-        last_upgrade: None,
-        resources: Some(v1::Resources {
-            cpu_percent: 12.0,
-            memory_used_bytes: 200 << 20,
-            memory_total_bytes: 1 << 30,
-            disk_free_bytes: 4 << 30,
-            load1: 0.1,
-            uptime_seconds: 100,
-            temperature_celsius: Some(41.0),
-        }),
-        seq,
-        events: vec![],
-    }
+    let mut hb = flightnode_proto::sample::idle_heartbeat(&drone_id(i), version);
+    hb.boot_id = format!("boot-{i}");
+    hb.hardware_id = "cc-sim-v1".into();
+    hb.seq = seq;
+    hb
 }
 
 /// A no-op `HubService`: answers every heartbeat at once and stores nothing.

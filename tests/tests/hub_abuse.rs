@@ -206,39 +206,14 @@ fn label(outcome: &Outcome) -> String {
 
 /// The heartbeat of a good drone (also the base of the bad ones).
 fn heartbeat(device: &str, seq: u64) -> HeartbeatRequest {
-    HeartbeatRequest {
-        device_id: device.into(),
-        boot_id: format!("boot-{device}"),
-        agent_version: "0.1.0".into(),
-        hardware_id: "cc-sim-v1".into(),
-        firmware: Some(v1::FirmwareState {
-            active_slot: "a".into(),
-            booted_slot: "a".into(),
-            slot_a: Some(v1::SlotInfo {
-                version: "1.0.0".into(),
-                state: "good".into(),
-            }),
-            slot_b: Some(v1::SlotInfo {
-                version: String::new(),
-                state: "empty".into(),
-            }),
-            committed_version: "1.0.0".into(),
-            security_floor: 0,
-        }),
-        upgrade: None,
-        last_upgrade: None,
-        resources: Some(v1::Resources {
-            cpu_percent: 10.0,
-            memory_used_bytes: 100 << 20,
-            memory_total_bytes: 1 << 30,
-            disk_free_bytes: 1 << 30,
-            load1: 0.1,
-            uptime_seconds: seq,
-            temperature_celsius: None,
-        }),
-        seq,
-        events: vec![],
+    let mut hb = flightnode_proto::sample::idle_heartbeat(device, "1.0.0");
+    hb.boot_id = format!("boot-{device}");
+    hb.hardware_id = "cc-sim-v1".into();
+    hb.seq = seq;
+    if let Some(r) = hb.resources.as_mut() {
+        r.uptime_seconds = seq;
     }
+    hb
 }
 
 /// What an impostor would like the hub to believe: another version, an upgrade under way, an event.

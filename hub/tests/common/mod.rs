@@ -14,39 +14,7 @@ use tokio::time::Instant;
 
 /// A heartbeat of an idle drone on `version`.
 pub fn heartbeat(device: &str, version: &str) -> v1::HeartbeatRequest {
-    v1::HeartbeatRequest {
-        device_id: device.into(),
-        boot_id: "boot-1".into(),
-        agent_version: "0.1.0".into(),
-        hardware_id: "hw-x1".into(),
-        firmware: Some(v1::FirmwareState {
-            active_slot: "a".into(),
-            booted_slot: "a".into(),
-            slot_a: Some(v1::SlotInfo {
-                version: version.into(),
-                state: "good".into(),
-            }),
-            slot_b: Some(v1::SlotInfo {
-                version: String::new(),
-                state: "empty".into(),
-            }),
-            committed_version: version.into(),
-            security_floor: 0,
-        }),
-        upgrade: None,
-        last_upgrade: None,
-        resources: Some(v1::Resources {
-            cpu_percent: 12.0,
-            memory_used_bytes: 200 << 20,
-            memory_total_bytes: 1 << 30,
-            disk_free_bytes: 4 << 30,
-            load1: 0.1,
-            uptime_seconds: 10,
-            temperature_celsius: None,
-        }),
-        seq: 1,
-        events: vec![],
-    }
+    flightnode_proto::sample::idle_heartbeat(device, version)
 }
 
 /// Sets the upgrade phase (snake_case) and adds an event for it.

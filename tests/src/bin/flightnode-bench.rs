@@ -342,6 +342,28 @@ struct HubPlan {
     wave: flightnode_tests::load::Wave,
     channels: usize,
 }
+
+impl HubPlan {
+    /// The paced fleet with its upgrade wave.
+    async fn paced(
+        &self,
+        clients: &[flightnode_proto::v1::hub_service_client::HubServiceClient<tonic::transport::Channel>],
+        n: usize,
+    ) -> flightnode_tests::load::Outcome {
+        let secs = std::time::Duration::from_secs;
+        flightnode_tests::load::paced(clients, n, secs(self.interval), secs(self.seconds), self.wave).await
+    }
+
+    /// The closed-loop flood.
+    async fn flood(
+        &self,
+        clients: &[flightnode_proto::v1::hub_service_client::HubServiceClient<tonic::transport::Channel>],
+        n: usize,
+    ) -> flightnode_tests::load::Outcome {
+        let secs = std::time::Duration::from_secs(FLOOD_SECS);
+        flightnode_tests::load::flood(clients, n, FLOOD_CONCURRENCY, secs).await
+    }
+}
 const FLOOD_CONCURRENCY: usize = 512;
 const FLOOD_SECS: u64 = 5;
 
@@ -423,31 +445,12 @@ fn hub_bench(drones: &[usize], plan: HubPlan) -> Result<()> {
 }
 
 async fn noop_run(n: usize, plan: HubPlan) -> Result<HubRow> {
-    let HubPlan {
-        seconds,
-        interval,
-        wave,
-        channels,
-    } = plan;
     use flightnode_tests::load;
     let (addr, _noop) = load::start_noop().await?;
-    let clients = load::pool(addr, channels).await?;
-    eprintln!("no-op hub, {n} drones: paced {seconds} s");
-    let paced = load::paced(
-        &clients,
-        n,
-        std::time::Duration::from_secs(interval),
-        std::time::Duration::from_secs(seconds),
-        wave,
-    )
-    .await;
-    let flood = load::flood(
-        &clients,
-        n,
-        FLOOD_CONCURRENCY,
-        std::time::Duration::from_secs(FLOOD_SECS),
-    )
-    .await;
+    let clients = load::pool(addr, plan.channels).await?;
+    eprintln!("no-op hub, {n} drones: paced {} s", plan.seconds);
+    let paced = plan.paced(&clients, n).await;
+    let flood = plan.flood(&clients, n).await;
     Ok(HubRow {
         target: "baseline: no-op tonic HubService".into(),
         drones: n,
@@ -467,8 +470,8 @@ async fn hub_run(n: usize, plan: HubPlan) -> Result<HubRow> {
     let HubPlan {
         seconds,
         interval,
-        wave,
         channels,
+        ..
     } = plan;
     use flightnode_tests::fake_kube::FakeKube;
     use flightnode_tests::fleet::{Proc, free_port, rss_kib};
@@ -528,14 +531,7 @@ async fn hub_run(n: usize, plan: HubPlan) -> Result<HubRow> {
     let clients = load::pool(addr, channels).await?;
     eprintln!("flightnode-hub (kube sink on the fake API), {n} drones: paced {seconds} s");
     let start = Instant::now();
-    let paced = load::paced(
-        &clients,
-        n,
-        Duration::from_secs(interval),
-        Duration::from_secs(seconds),
-        wave,
-    )
-    .await;
+    let paced = plan.paced(&clients, n).await;
     let paced_end = Instant::now();
     let (rss1, _) = rss_kib(pid).context("hub gone")?;
     // Let queued transition writes drain before judging phase delays (bounded).
@@ -603,7 +599,7 @@ async fn hub_run(n: usize, plan: HubPlan) -> Result<HubRow> {
     }
     delays.sort_unstable();
     eprintln!("flightnode-hub, {n} drones: flood {FLOOD_SECS} s");
-    let flood = load::flood(&clients, n, FLOOD_CONCURRENCY, Duration::from_secs(FLOOD_SECS)).await;
+    let flood = plan.flood(&clients, n).await;
     if !fake.violations().is_empty() {
         eprintln!("fake API contract violations: {:?}", &fake.violations()[..1]);
     }
