@@ -1,11 +1,11 @@
 //! Running the configured apply, health and reboot commands: `sh -c`, an environment that names the
-//! slot, a timeout that kills the whole process group.
+//! slot, a timeout that kills the whole process group ([`crate::child`]).
 
+use crate::child::{self, ChildError};
 use flightnode_proto::Slot;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What a hook is for, used in messages.
 #[derive(Debug, Clone, Copy)]
@@ -78,8 +78,8 @@ pub struct HookEnv<'a> {
 /// Output goes to the agent's stderr, so it lands in the journal next to the agent's own lines.
 pub fn run(hook: Hook, command: &str, env: &HookEnv<'_>, timeout: Duration) -> Result<(), HookError> {
     tracing::info!(slot = %env.slot, %command, "running {hook}");
-    let mut child = Command::new("/bin/sh")
-        .arg("-c")
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
         .arg(if matches!(hook, Hook::Apply) {
             format!("{command} \"$@\"")
         } else {
@@ -91,47 +91,25 @@ pub fn run(hook: Hook, command: &str, env: &HookEnv<'_>, timeout: Duration) -> R
         .env("FLIGHTNODE_SLOT_PATH", env.path)
         .env("FLIGHTNODE_VERSION", env.version)
         .env("FLIGHTNODE_AGENT_PID", std::process::id().to_string())
-        .stdin(Stdio::null())
         .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        // Its own process group, so a timeout kills everything it started.
-        .process_group(0)
-        .spawn()
-        .map_err(|source| HookError::Spawn {
+        .stderr(Stdio::inherit());
+    match child::run(&mut cmd, None, timeout) {
+        Ok(f) if f.status.success() => Ok(()),
+        Ok(f) => Err(HookError::Failed {
+            hook,
+            command: command.to_owned(),
+            status: f.status.to_string(),
+        }),
+        Err(ChildError::Timeout { .. }) => Err(HookError::Timeout {
+            hook,
+            command: command.to_owned(),
+            timeout,
+        }),
+        Err(ChildError::Spawn(source) | ChildError::Wait(source)) => Err(HookError::Spawn {
             hook,
             command: command.to_owned(),
             source,
-        })?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => {
-                return Err(HookError::Failed {
-                    hook,
-                    command: command.to_owned(),
-                    status: status.to_string(),
-                });
-            }
-            Ok(None) if Instant::now() >= deadline => {
-                // SAFETY: plain syscall on the child's process group id.
-                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-                let _ = child.wait();
-                return Err(HookError::Timeout {
-                    hook,
-                    command: command.to_owned(),
-                    timeout,
-                });
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(source) => {
-                return Err(HookError::Spawn {
-                    hook,
-                    command: command.to_owned(),
-                    source,
-                });
-            }
-        }
+        }),
     }
 }
 

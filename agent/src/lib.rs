@@ -9,6 +9,7 @@
 //! - [`boot`]: bootloader backends for reboot mode — `uboot`, `grub`, `script` (RAUC's vocabulary).
 //! - [`activation`]: switching the active slot — a `current` pointer + apply command, or a trial boot.
 //! - [`hooks`]: running the configured apply, health and reboot commands with a timeout.
+//! - [`child`]: child processes in their own process group, killed as a group past a deadline.
 //! - [`state`]: what the device knows (slots, committed version, floor, upgrade in flight) and its
 //!   transitions. Transitions change memory only; [`store`] writes them.
 //! - [`store`]: sled persistence of [`state::DeviceState`], flushed before every side effect.
@@ -22,6 +23,7 @@
 pub mod activation;
 pub mod boot;
 pub mod bundle;
+pub mod child;
 pub mod config;
 pub mod daemon;
 pub mod download;

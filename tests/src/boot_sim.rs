@@ -30,6 +30,9 @@ pub enum SimKind {
     Grub,
     /// The example script from [`write_example_script`].
     Script,
+    /// REAL U-Boot (Debian's `u-boot-qemu` under `qemu-system-aarch64`) running RAUC's boot
+    /// script over its environment in pflash: see [`crate::uboot_qemu`].
+    UbootQemu,
 }
 
 /// The files of one simulated device's bootloader.
@@ -43,6 +46,11 @@ pub struct SimBoot {
     pub cmdline: PathBuf,
     /// Boot id file rewritten at each power-on.
     pub boot_id: PathBuf,
+    /// U-Boot kinds: the board's initial environment (`boot.initial_env`), U-Boot's own default
+    /// environment in libubootenv's text format. Unused by the other kinds.
+    pub initial_env: PathBuf,
+    /// The real U-Boot machine, for [`SimKind::UbootQemu`].
+    pub qemu: Option<std::sync::Arc<crate::uboot_qemu::UbootQemu>>,
 }
 
 impl SimBoot {
@@ -71,12 +79,39 @@ impl SimBoot {
         Ok(Self::with_files(SimKind::Script, env, dir))
     }
 
+    /// REAL U-Boot under qemu in `dir`, its environment initialised like a factory-flashed
+    /// board (U-Boot's default environment plus `BOOT_ORDER="A B"`, 3 attempts each). `None`
+    /// only when [`crate::uboot_qemu::require`] allows skipping; otherwise missing tools panic
+    /// with a message naming `./test.sh`.
+    pub fn uboot_qemu(dir: &Path) -> anyhow::Result<Option<Self>> {
+        Self::uboot_qemu_with(dir, true)
+    }
+
+    /// Like [`SimBoot::uboot_qemu`] with the flash erased (no valid environment), as on a new
+    /// board: U-Boot then runs on its built-in default environment.
+    pub fn uboot_qemu_blank(dir: &Path) -> anyhow::Result<Option<Self>> {
+        Self::uboot_qemu_with(dir, false)
+    }
+
+    fn uboot_qemu_with(dir: &Path, init: bool) -> anyhow::Result<Option<Self>> {
+        let Some(tools) = crate::uboot_qemu::require() else {
+            return Ok(None);
+        };
+        let machine = crate::uboot_qemu::UbootQemu::new(tools, dir, init)?;
+        let mut sim = Self::with_files(SimKind::UbootQemu, machine.fw_env_config.clone(), dir);
+        sim.initial_env = machine.initial_env.clone();
+        sim.qemu = Some(std::sync::Arc::new(machine));
+        Ok(Some(sim))
+    }
+
     fn with_files(kind: SimKind, env: PathBuf, dir: &Path) -> Self {
         Self {
             kind,
             env,
             cmdline: dir.join("cmdline"),
             boot_id: dir.join("boot_id"),
+            initial_env: dir.join(INITIAL_ENV),
+            qemu: None,
         }
     }
 
@@ -87,22 +122,34 @@ impl SimBoot {
             SimKind::Uboot => power_on_uboot(&self.env, &self.cmdline, &self.boot_id),
             SimKind::Grub => power_on_grub(&self.env, &self.cmdline, &self.boot_id),
             SimKind::Script => power_on_script(&self.env, &self.cmdline, &self.boot_id),
+            SimKind::UbootQemu => {
+                let machine = self
+                    .qemu
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("UbootQemu sim without its machine"))?;
+                let slot = machine.power_on()?.slot;
+                boot(slot, &self.cmdline, &self.boot_id)
+            }
         }
     }
 
     /// An agent.toml `[boot]` section using these files (paths quoted as TOML strings).
     pub fn boot_toml(&self) -> String {
         let (backend, key) = match self.kind {
-            SimKind::Uboot => ("uboot", "fw_env_config"),
+            SimKind::Uboot | SimKind::UbootQemu => ("uboot", "fw_env_config"),
             SimKind::Grub => ("grub", "grubenv"),
             SimKind::Script => ("script", "script"),
         };
-        format!(
+        let mut toml = format!(
             "[boot]\nbackend = \"{backend}\"\ncmdline = {}\nboot_id = {}\n{key} = {}\n",
             toml_str(&self.cmdline),
             toml_str(&self.boot_id),
             toml_str(&self.env),
-        )
+        );
+        if backend == "uboot" {
+            toml.push_str(&format!("initial_env = {}\n", toml_str(&self.initial_env)));
+        }
+        toml
     }
 }
 
@@ -170,60 +217,128 @@ fn boot(slot: char, cmdline: &Path, boot_id: &Path) -> anyhow::Result<char> {
     Ok(slot)
 }
 
-/// RAUC's U-Boot boot script at power-on: walk `BOOT_ORDER`, boot the first slot with
-/// `BOOT_x_LEFT > 0` after decrementing it (written back with `fw_setenv`). Unset variables get
-/// the script's defaults (order `A B`, 3 attempts). Errors when no slot is bootable (the real
-/// script would reset the counters and reboot; a test wants to know).
+/// RAUC's U-Boot boot script (`contrib/uboot.sh`) at power-on, over the real environment: unset
+/// or empty variables get the script's defaults (order `A B`, 3 attempts); walk `BOOT_ORDER`,
+/// skipping names without a branch (a recovery slot); boot the first A/B whose counter, read as
+/// HEX (`test 0x${BOOT_A_LEFT} -gt 0`), is above zero, after decrementing it in hex (`setexpr`)
+/// and saving the environment. No slot left: every counter back to 3, save, reset (the walk runs
+/// again). A blank environment (bad CRC) is out of reach here: U-Boot's built-in default
+/// environment is not simulated, so that is an error; use [`SimKind::UbootQemu`].
 pub fn power_on_uboot(fw_env_config: &Path, cmdline: &Path, boot_id: &Path) -> anyhow::Result<char> {
     let cfg = fw_env_config.to_string_lossy();
-    let vars = parse_vars(&run("fw_printenv", &["-c", &cfg], None)?);
-    let order = vars.get("BOOT_ORDER").cloned().unwrap_or_else(|| "A B".into());
-    for slot in order.split_whitespace() {
-        let slot = match slot {
-            "A" => 'A',
-            "B" => 'B',
-            _ => continue,
-        };
-        let key = format!("BOOT_{slot}_LEFT");
-        let left: u32 = match vars.get(&key) {
-            None => FRESH_ATTEMPTS,
-            Some(v) => v
-                .trim()
-                .parse()
-                .with_context(|| format!("{key}={v:?} in {cfg}"))?,
-        };
-        if left > 0 {
-            let script = format!("{key}={}\n", left - 1);
-            run("fw_setenv", &["-c", &cfg, "-s", "-"], Some(&script))?;
-            return boot(slot, cmdline, boot_id);
+    let mut vars = parse_vars(&run("fw_printenv", &["-c", &cfg], None)?);
+    for (key, default) in [
+        ("BOOT_ORDER", "A B".to_owned()),
+        ("BOOT_A_LEFT", FRESH_ATTEMPTS.to_string()),
+        ("BOOT_B_LEFT", FRESH_ATTEMPTS.to_string()),
+    ] {
+        if vars.get(key).is_none_or(|v| v.is_empty()) {
+            vars.insert(key.into(), default);
         }
     }
+    for _reset in 0..2 {
+        let order = vars["BOOT_ORDER"].clone();
+        for slot in order.split_whitespace() {
+            let slot = match slot {
+                "A" => 'A',
+                "B" => 'B',
+                _ => continue,
+            };
+            let key = format!("BOOT_{slot}_LEFT");
+            let left = u64::from_str_radix(vars[&key].trim(), 16).with_context(|| {
+                format!("{key}={:?} in {cfg}: U-Boot's test would misread it", vars[&key])
+            })?;
+            if left > 0 {
+                vars.insert(key, format!("{:x}", left - 1));
+                save_uboot(&cfg, &vars)?;
+                return boot(slot, cmdline, boot_id);
+            }
+        }
+        vars.insert("BOOT_A_LEFT".into(), FRESH_ATTEMPTS.to_string());
+        vars.insert("BOOT_B_LEFT".into(), FRESH_ATTEMPTS.to_string());
+        save_uboot(&cfg, &vars)?;
+    }
     Err(anyhow!(
-        "U-Boot: no bootable slot (BOOT_ORDER={order:?}, env {vars:?})"
+        "U-Boot: no slot in BOOT_ORDER={:?} even after resetting the counters: it would reset forever",
+        vars["BOOT_ORDER"]
     ))
 }
 
-/// RAUC's GRUB script at power-on: boot the first slot in `ORDER` with `x_OK=1` and `x_TRY=0`,
-/// saving `x_TRY=1` first. Unset variables read as RAUC's `grub.cfg` presets them (`OK=0`,
-/// `TRY=0`). Errors when no slot is bootable.
+/// U-Boot's `saveenv` of the script's variables.
+fn save_uboot(cfg: &str, vars: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    let script: String = ["BOOT_ORDER", "BOOT_A_LEFT", "BOOT_B_LEFT"]
+        .iter()
+        .map(|k| format!("{k}={}\n", vars[*k]))
+        .collect();
+    run("fw_setenv", &["-c", cfg, "-s", "-"], Some(&script))?;
+    Ok(())
+}
+
+/// RAUC's GRUB script (`contrib/grub.conf`) at power-on, over the real grubenv:
+///
+/// - presets `ORDER="A B"` and every `x_OK`/`x_TRY` to 0, then `load_env` (a missing or invalid
+///   grubenv leaves the presets);
+/// - walks `ORDER`: each A/B it looks at gets `x_TRY=1`; the first with `OK=1` and `TRY=0` boots;
+///   a name without a branch (a recovery slot) keeps the previous slot's `OK`/`TRY` and so never
+///   qualifies on its own;
+/// - none qualifies: the default entry boots, the rescue system (`'R'`, `rauc.slot=R`), and
+///   every slot with `OK=1` gets `TRY=0` back;
+/// - `save_env A_TRY B_TRY` (GRUB writes the existing file's blocks; nothing when load failed).
 pub fn power_on_grub(grubenv: &Path, cmdline: &Path, boot_id: &Path) -> anyhow::Result<char> {
     let file = grubenv.to_string_lossy();
-    let vars = parse_vars(&run("grub-editenv", &[&file, "list"], None)?);
-    let order = vars.get("ORDER").cloned().unwrap_or_else(|| "A B".into());
-    for slot in order.split_whitespace() {
-        let slot = match slot {
-            "A" => 'A',
-            "B" => 'B',
-            _ => continue,
+    let mut vars: BTreeMap<String, String> = [
+        ("ORDER", "A B"),
+        ("A_OK", "0"),
+        ("B_OK", "0"),
+        ("A_TRY", "0"),
+        ("B_TRY", "0"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    // `grub-editenv list` would create a missing file; GRUB's load_env just fails.
+    let loaded = grubenv.is_file()
+        && match run("grub-editenv", &[&file, "list"], None) {
+            Ok(out) => {
+                vars.extend(parse_vars(&out));
+                true
+            }
+            Err(_) => false,
         };
-        let ok = vars.get(&format!("{slot}_OK")).map(String::as_str) == Some("1");
-        let tried = vars.get(&format!("{slot}_TRY")).map(String::as_str) == Some("1");
-        if ok && !tried {
-            run("grub-editenv", &[&file, "set", &format!("{slot}_TRY=1")], None)?;
-            return boot(slot, cmdline, boot_id);
+    // `[ "$x" -eq 1 ]`: GRUB reads a non-number as 0.
+    let num = |v: Option<&String>| v.and_then(|v| v.trim().parse::<i64>().ok()).unwrap_or(0);
+    let mut chosen = 'R';
+    let (mut ok, mut tried): (Option<String>, Option<String>) = (None, None);
+    let order = vars["ORDER"].clone();
+    for slot in order.split_whitespace() {
+        if slot == "A" || slot == "B" {
+            ok = vars.get(&format!("{slot}_OK")).cloned();
+            tried = vars.get(&format!("{slot}_TRY")).cloned();
+            vars.insert(format!("{slot}_TRY"), "1".into());
+        }
+        if num(ok.as_ref()) == 1 && num(tried.as_ref()) == 0 {
+            chosen = if slot == "A" || slot == "B" {
+                slot.chars().next().unwrap_or('R')
+            } else {
+                // Unreachable in practice: the previous slot's values already failed the test.
+                continue;
+            };
+            break;
         }
     }
-    Err(anyhow!("GRUB: no bootable slot (ORDER={order:?}, env {vars:?})"))
+    if chosen == 'R' {
+        for s in ["A", "B"] {
+            if num(vars.get(&format!("{s}_OK"))) == 1 && num(vars.get(&format!("{s}_TRY"))) == 1 {
+                vars.insert(format!("{s}_TRY"), "0".into());
+            }
+        }
+    }
+    if loaded {
+        let a = format!("A_TRY={}", vars["A_TRY"]);
+        let b = format!("B_TRY={}", vars["B_TRY"]);
+        run("grub-editenv", &[&file, "set", &a, &b], None)?;
+    }
+    boot(chosen, cmdline, boot_id)
 }
 
 /// The example script's own power-on logic (`SCRIPT power-on` prints the slot it boots).
@@ -236,15 +351,31 @@ pub fn power_on_script(script: &Path, cmdline: &Path, boot_id: &Path) -> anyhow:
     }
 }
 
+/// File name of the simulated board's initial environment (see [`write_initial_env`]).
+pub const INITIAL_ENV: &str = "u-boot-initial-env";
+
+/// Writes `DIR/u-boot-initial-env`, a board's default U-Boot environment in libubootenv's text
+/// format (what U-Boot's `make u-boot-initial-env` produces), and returns its path.
+pub fn write_initial_env(dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = dir.join(INITIAL_ENV);
+    std::fs::write(
+        &path,
+        "arch=arm\nbaudrate=115200\nboard=qemu-arm\nbootcmd=run distro_bootcmd\nbootdelay=0\n\
+         fdt_addr=0x40000000\nkernel_addr_r=0x40400000\n",
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
 /// Creates a redundant U-Boot environment in `dir`: `fw_env.config` with the two lines
-/// `DIR/uboot.env 0x0000 0x4000` and `DIR/uboot-redund.env 0x0000 0x4000`, and both files as
-/// 16 KiB of zeroes. With `init`, writes `BOOT_ORDER=A B`, `BOOT_A_LEFT=3`, `BOOT_B_LEFT=3`.
-/// Returns the `fw_env.config` path.
+/// `DIR/uboot.env 0x0000 0x4000` and `DIR/uboot-redund.env 0x0000 0x4000`, both files as
+/// 16 KiB of zeroes, and the board's initial environment ([`write_initial_env`]). With `init`,
+/// the environment is the initial one plus `BOOT_ORDER=A B`, `BOOT_A_LEFT=3`, `BOOT_B_LEFT=3`,
+/// as a factory would flash it. Returns the `fw_env.config` path.
 ///
 /// libubootenv refuses a blank (bad CRC) environment — even for `fw_setenv` — unless given a
-/// default environment, so initialisation is `fw_setenv -c CFG -f /dev/null -s -` (empty
-/// defaults, `name=value` lines on stdin). A missing env file is reported as
-/// "Configuration file wrong or corrupted", hence the zero-filled files.
+/// default environment (`-f`). A missing env file is reported as "Configuration file wrong or
+/// corrupted", hence the zero-filled files.
 pub fn fresh_uboot_env(dir: &Path, init: bool) -> anyhow::Result<PathBuf> {
     let main = dir.join("uboot.env");
     let redund = dir.join("uboot-redund.env");
@@ -260,16 +391,17 @@ pub fn fresh_uboot_env(dir: &Path, init: bool) -> anyhow::Result<PathBuf> {
             redund.display()
         ),
     )?;
+    let initial = write_initial_env(dir)?;
     if init {
         let cfg = config.to_string_lossy();
         let script = format!("BOOT_ORDER=A B\nBOOT_A_LEFT={FRESH_ATTEMPTS}\nBOOT_B_LEFT={FRESH_ATTEMPTS}\n");
         run(
             "fw_setenv",
-            &["-c", &cfg, "-f", "/dev/null", "-s", "-"],
+            &["-c", &cfg, "-f", &initial.to_string_lossy(), "-s", "-"],
             Some(&script),
         )?;
         let vars = parse_vars(&run("fw_printenv", &["-c", &cfg], None)?);
-        if vars.get("BOOT_ORDER").map(String::as_str) != Some("A B") {
+        if vars.get("BOOT_ORDER").map(String::as_str) != Some("A B") || !vars.contains_key("bootcmd") {
             bail!("fresh U-Boot env did not take: {vars:?}");
         }
     }

@@ -3,6 +3,7 @@
 //! - [`agent`]: locating and running the real binaries.
 //! - [`fake_kube`]: an HTTP fake of the Kubernetes API that checks every status write.
 //! - [`boot_sim`]: power-on simulator for reboot mode (U-Boot, GRUB, example script backend).
+//! - [`uboot_qemu`]: real U-Boot under qemu-system-aarch64, its environment in pflash.
 //! - [`fleet`]: broker, hub and N drones as real processes on loopback; the demo and the end-to-end tests use it.
 //! - [`load`]: gRPC load generator for the hub (paced fleet, phase bursts, flood) and a no-op hub.
 //! - [`fuzz`]: input mutation for the seeded fuzz smoke tests.
@@ -19,3 +20,4 @@ pub mod http_server;
 pub mod load;
 pub mod mosquitto;
 pub mod pki;
+pub mod uboot_qemu;

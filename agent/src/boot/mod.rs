@@ -12,11 +12,12 @@ pub use grub::Grub;
 pub use script::Script;
 pub use uboot::UBoot;
 
+use crate::child::{self, ChildError};
 use crate::config::{BootBackendKind, BootConfig};
 use flightnode_proto::Slot;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// What went wrong talking to the bootloader.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,18 @@ pub enum BootError {
         /// Its stderr, trimmed.
         stderr: String,
     },
+    /// A tool ran past `boot.tool_timeout`; its process group was killed.
+    #[error("{tool} {args} did not finish within {timeout:?} and was killed; stderr: {stderr}")]
+    Timeout {
+        /// The program.
+        tool: String,
+        /// Its arguments, joined.
+        args: String,
+        /// The limit.
+        timeout: std::time::Duration,
+        /// What it had printed on stderr, trimmed.
+        stderr: String,
+    },
     /// The bootloader environment holds something we cannot interpret.
     #[error("bootloader environment {location}: {problem}")]
     Env {
@@ -61,9 +74,23 @@ pub enum BootError {
 
 /// Bootloader-side view of the A/B slots. Impls: [`UBoot`], [`Grub`], [`Script`].
 ///
-/// "Good" means the bootloader may boot the slot; "primary" is tried first. A trial boot is
-/// `set_trial(slot)`: primary for exactly one attempt, after which the bootloader falls back on
-/// its own unless the agent calls `mark_good` from inside the trial.
+/// "Good" means the bootloader may boot the slot; "primary" is tried first; "the order" is the
+/// bootloader's list of slots to try (`BOOT_ORDER`/`ORDER`), which may hold entries that are not
+/// ours (a recovery slot): backends move only A and B and keep the rest. What the engine relies on:
+///
+/// - `set_trial(s)`: `s` first in the order with exactly one attempt; the other slot stays where it
+///   was as the good fallback. If `s` does not come up and get `mark_good`, the next power-on
+///   boots the other slot.
+/// - `mark_good(s)`: commit. `s` good, full attempts, primary.
+/// - `mark_bad(s)`: `s` unbootable and removed from the order. This cancels a pending trial of
+///   `s`: the other slot boots next. Refused when the other slot is not in the order either
+///   (nothing would be left to boot).
+/// - `confirm(s)`: this boot of `s` worked: restore its full attempts (U-Boot `BOOT_s_LEFT`, GRUB
+///   `s_TRY=0`/`s_OK=1`) and change nothing else, not the order. Called for the booted slot while
+///   an upgrade is in flight, so a long or resumed download never runs its counter out.
+///
+/// Every call writes nothing when the bootloader already holds what it would write, and each call
+/// is one atomic change of the environment where the bootloader allows it (see the backends).
 pub trait BootBackend: Send + Sync {
     /// Backend name for logs (`uboot`, `grub`, `script`).
     fn name(&self) -> &'static str;
@@ -78,8 +105,10 @@ pub trait BootBackend: Send + Sync {
     fn set_trial(&self, slot: Slot) -> Result<(), BootError>;
     /// Makes `slot` primary and good with full attempts (commit).
     fn mark_good(&self, slot: Slot) -> Result<(), BootError>;
-    /// Marks `slot` unbootable; the other slot becomes primary.
+    /// Marks `slot` unbootable and removes it from the order; the other slot boots next.
     fn mark_bad(&self, slot: Slot) -> Result<(), BootError>;
+    /// Restores the full attempts of `slot` (which booted and works), changing nothing else.
+    fn confirm(&self, slot: Slot) -> Result<(), BootError>;
 }
 
 /// Opens the backend `cfg.backend` names.
@@ -91,47 +120,44 @@ pub fn open(cfg: &BootConfig) -> Result<Box<dyn BootBackend>, BootError> {
     })
 }
 
-/// Runs `tool args...` synchronously, optionally feeding `stdin`, and returns its stdout.
+/// Runs `tool args...` in its own process group, optionally feeding `stdin`, and returns its
+/// stdout. Past `timeout` the group is killed ([`BootError::Timeout`]).
 ///
 /// A non-zero exit becomes [`BootError::Tool`] with the arguments (which name the file) and the
 /// trimmed stderr; `stdin`, when given, is appended to the arguments in the error so a failed
 /// `fw_setenv -s -` says what it was asked to write.
-pub(crate) fn run_tool(tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, BootError> {
-    let joined = args.join(" ");
-    let mut cmd = Command::new(tool);
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let spawn_err = |source| BootError::Spawn {
-        tool: format!("{tool} {joined}"),
-        source,
-    };
-    let mut child = cmd.spawn().map_err(spawn_err)?;
+pub(crate) fn run_tool(
+    tool: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    timeout: Duration,
+) -> Result<String, BootError> {
+    let mut joined = args.join(" ");
     if let Some(input) = stdin {
-        // Dropped at the end of the block, which closes the pipe so the tool sees EOF.
-        if let Some(mut pipe) = child.stdin.take() {
-            pipe.write_all(input.as_bytes()).map_err(spawn_err)?;
-        }
+        joined.push_str(&format!(" <<< {:?}", input.trim_end()));
     }
-    let out = child.wait_with_output().map_err(spawn_err)?;
-    if !out.status.success() {
-        let mut args = joined;
-        if let Some(input) = stdin {
-            args.push_str(&format!(" <<< {:?}", input.trim_end()));
-        }
-        return Err(BootError::Tool {
+    let mut cmd = Command::new(tool);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
+    match child::run(&mut cmd, stdin.map(str::as_bytes), timeout) {
+        Ok(out) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        Ok(out) => Err(BootError::Tool {
             tool: tool.to_owned(),
-            args,
+            args: joined,
             status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
+            stderr: text(&out.stderr),
+        }),
+        Err(ChildError::Timeout { timeout, stderr }) => Err(BootError::Timeout {
+            tool: tool.to_owned(),
+            args: joined,
+            timeout,
+            stderr: text(&stderr),
+        }),
+        Err(ChildError::Spawn(source) | ChildError::Wait(source)) => Err(BootError::Spawn {
+            tool: format!("{tool} {joined}"),
+            source,
+        }),
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Parses `name=value` lines (the output of `fw_printenv` and `grub-editenv list`).
@@ -186,21 +212,61 @@ pub(crate) fn env_name(slot: Slot) -> &'static str {
     }
 }
 
-/// Parses a RAUC order (`"A B"`), ignoring names other than A/B (e.g. a recovery slot).
-/// `None` when it names neither slot.
-pub(crate) fn parse_order(value: &str) -> Option<Vec<Slot>> {
+/// Our slots in a RAUC order (`"A B"`), first = primary; other names (a recovery slot) are
+/// skipped, as the boot scripts skip names they have no branch for. Names are case-sensitive,
+/// as in the scripts (`test "x${BOOT_SLOT}" = "xA"`).
+pub(crate) fn parse_order(value: &str) -> Vec<Slot> {
     let mut order = Vec::new();
-    for slot in value.split_whitespace().filter_map(Slot::parse) {
+    for slot in value.split_whitespace().filter_map(slot_token) {
         if !order.contains(&slot) {
             order.push(slot);
         }
     }
-    (!order.is_empty()).then_some(order)
+    order
 }
 
-/// `"s other"`.
-pub(crate) fn order_value(first: Slot) -> String {
-    format!("{} {}", env_name(first), env_name(first.other()))
+fn slot_token(token: &str) -> Option<Slot> {
+    match token {
+        "A" => Some(Slot::A),
+        "B" => Some(Slot::B),
+        _ => None,
+    }
+}
+
+/// Rewrites a RAUC order so that our slots are exactly `ours`, in that order, keeping every other
+/// entry. Our slots sit together where the first of them was (at the front when none was there),
+/// so `"A B R"` with `[B, A]` gives `"B A R"` and with `[A]` gives `"A R"`: a recovery slot
+/// listed last stays the last resort. RAUC's `set_primary` moves the primary to the very front
+/// instead; the difference shows only for an entry listed before our slots, which is then left
+/// before them, as the board's integrator put it.
+pub(crate) fn reorder(value: &str, ours: &[Slot]) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let mut placed = false;
+    let names: Vec<&str> = ours.iter().map(|s| env_name(*s)).collect();
+    for token in value.split_whitespace() {
+        if slot_token(token).is_some() {
+            if !placed {
+                out.extend(&names);
+                placed = true;
+            }
+        } else {
+            out.push(token);
+        }
+    }
+    if !placed {
+        out.splice(0..0, names);
+    }
+    out.join(" ")
+}
+
+/// The order a backend writes for `mark_good`/`set_trial(first)`: `first`, then the other slot
+/// if it is still in the order (a slot removed by `mark_bad` stays out).
+pub(crate) fn primary_first(current: &[Slot], first: Slot) -> Vec<Slot> {
+    let mut ours = vec![first];
+    if current.contains(&first.other()) {
+        ours.push(first.other());
+    }
+    ours
 }
 
 #[cfg(test)]
@@ -222,9 +288,28 @@ mod tests {
 
     #[test]
     fn order_parsing_keeps_a_and_b_in_order() {
-        assert_eq!(parse_order("B A"), Some(vec![Slot::B, Slot::A]));
-        assert_eq!(parse_order(" A  R B "), Some(vec![Slot::A, Slot::B]));
-        assert_eq!(parse_order("R"), None);
-        assert_eq!(order_value(Slot::B), "B A");
+        assert_eq!(parse_order("B A"), vec![Slot::B, Slot::A]);
+        assert_eq!(parse_order(" A  R B "), vec![Slot::A, Slot::B]);
+        assert_eq!(parse_order("R"), vec![]);
+        assert_eq!(parse_order("a b"), vec![], "the scripts compare case-sensitively");
+    }
+
+    #[test]
+    fn reorder_moves_only_our_slots() {
+        assert_eq!(reorder("A B", &[Slot::B, Slot::A]), "B A");
+        assert_eq!(reorder("A B R", &[Slot::B, Slot::A]), "B A R");
+        assert_eq!(reorder("A R B", &[Slot::B, Slot::A]), "B A R");
+        assert_eq!(reorder("A B R", &[Slot::A]), "A R");
+        assert_eq!(reorder("A R", &[Slot::B, Slot::A]), "B A R");
+        assert_eq!(reorder("R", &[Slot::A]), "A R");
+        assert_eq!(reorder("", &[Slot::A, Slot::B]), "A B");
+        assert_eq!(reorder("X A B Y", &[Slot::A, Slot::B]), "X A B Y");
+        assert_eq!(primary_first(&[Slot::A], Slot::B), vec![Slot::B, Slot::A]);
+        assert_eq!(
+            primary_first(&[Slot::B], Slot::B),
+            vec![Slot::B],
+            "a removed slot stays out"
+        );
+        assert_eq!(primary_first(&[], Slot::A), vec![Slot::A]);
     }
 }

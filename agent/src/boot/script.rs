@@ -14,18 +14,22 @@
 //! bootloader falls back is the script's own business; the agent treats the slot as on trial
 //! until it calls `mark_good(s)` = `set-primary s` then `set-state s good`. `mark_bad(s)` =
 //! `set-state s bad`, then `set-primary <other>` if the script still reports `s` as primary.
-//! These are separate script runs: a script that needs them atomic must make each verb so.
+//! `confirm(s)` = `set-state s good` (the slot's attempts are the script's business; it must not
+//! change which slot is primary). These are separate script runs: a script that needs them
+//! atomic must make each verb so. Every run is limited to `boot.tool_timeout`.
 
 use super::{BootBackend, BootError, run_tool};
 use crate::config::BootConfig;
 use flightnode_proto::Slot;
 use std::path::PathBuf;
+use std::time::Duration;
 use tracing::info;
 
 /// Script backend. See the module docs for the verbs.
 #[derive(Debug, Clone)]
 pub struct Script {
     script: PathBuf,
+    timeout: Duration,
 }
 
 impl Script {
@@ -41,7 +45,10 @@ impl Script {
                 problem: "boot script does not exist".into(),
             });
         }
-        Ok(Self { script })
+        Ok(Self {
+            script,
+            timeout: cfg.tool_timeout,
+        })
     }
 
     fn tool(&self) -> String {
@@ -49,7 +56,7 @@ impl Script {
     }
 
     fn run(&self, args: &[&str]) -> Result<String, BootError> {
-        run_tool(&self.tool(), args, None)
+        run_tool(&self.tool(), args, None, self.timeout)
     }
 
     fn slot_output(&self, verb: &str) -> Result<Slot, BootError> {
@@ -109,6 +116,11 @@ impl BootBackend for Script {
             self.run(&["set-primary", slot.other().as_str()])?;
         }
         info!(%slot, backend = "script", "slot marked bad");
+        Ok(())
+    }
+
+    fn confirm(&self, slot: Slot) -> Result<(), BootError> {
+        self.run(&["set-state", slot.as_str(), "good"])?;
         Ok(())
     }
 }

@@ -1,41 +1,53 @@
 //! U-Boot environment backend: `fw_printenv`/`fw_setenv` (libubootenv) with RAUC's variables.
 //!
 //! RAUC's U-Boot convention, so existing RAUC boot scripts work unchanged:
-//! - `BOOT_ORDER="A B"`: slots in the order the boot script tries them, first = primary;
-//! - `BOOT_A_LEFT`, `BOOT_B_LEFT`: remaining attempts. The boot script boots the first slot in
-//!   `BOOT_ORDER` whose counter is above zero and decrements it before booting.
+//! - `BOOT_ORDER="A B"`: slots in the order the boot script tries them, first = primary. Other
+//!   entries (a recovery slot `R`) are kept where they are; only A and B move.
+//! - `BOOT_A_LEFT`, `BOOT_B_LEFT`: remaining attempts, in HEX as U-Boot reads them
+//!   (`test 0x${BOOT_A_LEFT} -gt 0`, `setexpr` writes hex back): `a` is ten. The boot script boots
+//!   the first slot in `BOOT_ORDER` whose counter is above zero and decrements it before booting;
+//!   when none is left it resets every counter and reboots, so a bad slot must also leave
+//!   `BOOT_ORDER` or it would come back.
 //!
 //! | call | writes |
 //! |---|---|
-//! | `set_trial(s)` | `BOOT_ORDER="s other"`, `BOOT_s_LEFT=1` |
-//! | `mark_good(s)` | `BOOT_ORDER="s other"`, `BOOT_s_LEFT=<attempts>` |
-//! | `mark_bad(s)` | `BOOT_ORDER="other s"`, `BOOT_s_LEFT=0` |
+//! | `set_trial(s)` | `s` first in `BOOT_ORDER`, `BOOT_s_LEFT=1` |
+//! | `mark_good(s)` | `s` first in `BOOT_ORDER`, `BOOT_s_LEFT=<attempts>` |
+//! | `mark_bad(s)` | `s` out of `BOOT_ORDER`, `BOOT_s_LEFT=0` |
+//! | `confirm(s)` | `BOOT_s_LEFT=<attempts>` |
 //!
-//! Every change is written by ONE `fw_setenv -c CFG -s -` call (`name=value` lines on stdin);
-//! with a redundant environment (two lines in `fw_env.config`) libubootenv writes the inactive
-//! copy and then flips its flag, so a power cut leaves either the old or the new environment,
-//! never half a change. With a single copy there is no such guarantee. Each write is read back.
+//! Every change is written by ONE `fw_setenv -c CFG -s -` call (`name=value` lines on stdin), and
+//! only when something differs; with a redundant environment (two lines in `fw_env.config`)
+//! libubootenv writes the inactive copy and then flips its flag, so a power cut leaves either the
+//! old or the new environment, never half a change. With a single copy there is no such
+//! guarantee. Each write is read back.
 //!
 //! Missing variables mean what RAUC's boot script assumes (`test -n "${BOOT_A_LEFT}" || setenv
-//! BOOT_A_LEFT 3`): order `A B`, `attempts` left. The first write fills in missing variables.
-//! An environment whose CRC is bad in every copy (blank flash) makes `fw_printenv` fail; it is
-//! then read as empty and the first write creates it (`-f /dev/null`). That write holds only
-//! RAUC's variables — U-Boot would otherwise have used its built-in default environment, so boards
-//! that need more should ship `/etc/u-boot-initial-env`, which libubootenv uses by itself.
+//! BOOT_A_LEFT 3`): order `A B`, `attempts` left; the first write fills them in.
+//!
+//! No valid environment (blank or corrupt flash, bad CRC in every copy): U-Boot then runs on its
+//! built-in default environment, which holds `bootcmd` and the rest of the board's settings. We
+//! never create an environment from our variables alone (U-Boot would load it, find no `bootcmd`
+//! and stop at its prompt): the first write starts from `boot.initial_env`
+//! (`/etc/u-boot-initial-env`, libubootenv's convention, made by U-Boot's
+//! `make u-boot-initial-env`), and without that file it is refused. Every call passes `-f` to the
+//! tools explicitly, so they never fall back to a default file on their own.
 
 use super::{
-    BootBackend, BootError, booted_from_cmdline, env_name, order_value, parse_env_lines, parse_order,
-    run_tool,
+    BootBackend, BootError, booted_from_cmdline, env_name, parse_env_lines, parse_order, primary_first,
+    reorder, run_tool,
 };
 use crate::config::BootConfig;
 use flightnode_proto::Slot;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 use tracing::{debug, info, warn};
 
 const PRINTENV: &str = "fw_printenv";
 const SETENV: &str = "fw_setenv";
 const ORDER: &str = "BOOT_ORDER";
+const DEFAULT_ORDER: &str = "A B";
 
 /// U-Boot backend. See the module docs for the variables and their meaning.
 #[derive(Debug, Clone)]
@@ -43,9 +55,11 @@ pub struct UBoot {
     fw_env_config: PathBuf,
     cmdline: PathBuf,
     attempts: u32,
+    initial_env: PathBuf,
+    timeout: Duration,
 }
 
-/// The environment as read: variables, and whether no valid copy existed.
+/// The environment as read: variables, and whether the flash held no valid copy.
 struct Env {
     vars: BTreeMap<String, String>,
     blank: bool,
@@ -55,13 +69,27 @@ fn left_key(slot: Slot) -> String {
     format!("BOOT_{}_LEFT", env_name(slot))
 }
 
+/// A counter as U-Boot's `test 0x${..}`/`setexpr` read it.
+fn parse_left(value: &str) -> Option<u32> {
+    let v = value.trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(v, 16).ok()
+}
+
 impl UBoot {
-    /// Uses `cfg.fw_env_config`, `cfg.cmdline` and `cfg.attempts`.
+    /// Uses `cfg.fw_env_config`, `cfg.cmdline`, `cfg.attempts`, `cfg.initial_env` and
+    /// `cfg.tool_timeout`.
     pub fn new(cfg: &BootConfig) -> Result<Self, BootError> {
-        if cfg.attempts == 0 {
+        if !(1..=9).contains(&cfg.attempts) {
             return Err(BootError::Env {
                 location: "boot.attempts".into(),
-                problem: "must be at least 1 (0 would make a committed slot unbootable)".into(),
+                problem: format!(
+                    "{} must be 1 to 9 (0 makes a committed slot unbootable; U-Boot reads the \
+                     counter as hex)",
+                    cfg.attempts
+                ),
             });
         }
         if !cfg.fw_env_config.is_file() {
@@ -74,6 +102,8 @@ impl UBoot {
             fw_env_config: cfg.fw_env_config.clone(),
             cmdline: cfg.cmdline.clone(),
             attempts: cfg.attempts,
+            initial_env: cfg.initial_env.clone(),
+            timeout: cfg.tool_timeout,
         })
     }
 
@@ -81,13 +111,40 @@ impl UBoot {
         self.fw_env_config.to_string_lossy().into_owned()
     }
 
+    /// A default-environment path that cannot exist (a name under a regular file), so the tools
+    /// fail on a blank environment instead of silently using `/etc/u-boot-initial-env`.
+    fn no_default(&self) -> String {
+        self.fw_env_config
+            .join("flightnode-no-default-env")
+            .to_string_lossy()
+            .into_owned()
+    }
+
     fn location(&self) -> String {
         format!("{PRINTENV} -c {}", self.fw_env_config.display())
     }
 
+    /// The initial environment, when it exists and can boot (has `bootcmd`).
+    fn usable_initial_env(&self) -> Result<(), String> {
+        let path = &self.initial_env;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if !text.lines().any(|l| l.trim_start().starts_with("bootcmd=")) {
+            return Err(format!(
+                "{} has no bootcmd= line, so U-Boot could not boot from it",
+                path.display()
+            ));
+        }
+        Ok(())
+    }
+
+    fn tool(&self, tool: &str, args: &[&str], stdin: Option<&str>) -> Result<String, BootError> {
+        run_tool(tool, args, stdin, self.timeout)
+    }
+
     fn read(&self) -> Result<Env, BootError> {
         let cfg = self.cfg_arg();
-        match run_tool(PRINTENV, &["-c", &cfg], None) {
+        match self.tool(PRINTENV, &["-c", &cfg, "-f", &self.no_default()], None) {
             Ok(out) => Ok(Env {
                 vars: parse_env_lines(&out),
                 blank: false,
@@ -95,54 +152,62 @@ impl UBoot {
             Err(err @ BootError::Tool { .. }) => {
                 // No valid copy (bad CRC, e.g. blank flash) fails without a default environment;
                 // a broken fw_env.config fails either way, and then the first error is the one.
-                match run_tool(PRINTENV, &["-c", &cfg, "-f", "/dev/null"], None) {
-                    Ok(out) => {
-                        warn!(config = %cfg, error = %err,
-                            "no valid U-Boot environment; reading it as empty (RAUC defaults)");
-                        Ok(Env {
-                            vars: parse_env_lines(&out),
-                            blank: true,
-                        })
-                    }
-                    Err(_) => Err(err),
+                if self
+                    .tool(PRINTENV, &["-c", &cfg, "-f", "/dev/null"], None)
+                    .is_err()
+                {
+                    return Err(err);
                 }
+                warn!(config = %cfg, error = %err,
+                    "no valid U-Boot environment: U-Boot boots on its built-in default");
+                // What U-Boot runs on is its default environment, which the initial env mirrors;
+                // without one, RAUC's script defaults apply (no BOOT_* variables).
+                let vars = match self.usable_initial_env() {
+                    Ok(()) => {
+                        let init = self.initial_env.to_string_lossy();
+                        parse_env_lines(&self.tool(PRINTENV, &["-c", &cfg, "-f", &init], None)?)
+                    }
+                    Err(_) => BTreeMap::new(),
+                };
+                Ok(Env { vars, blank: true })
             }
             Err(err) => Err(err),
         }
     }
 
-    fn order(&self, env: &Env) -> Result<Vec<Slot>, BootError> {
-        match env.vars.get(ORDER) {
-            None => Ok(vec![Slot::A, Slot::B]),
-            Some(v) => parse_order(v).ok_or_else(|| BootError::Env {
-                location: self.location(),
-                problem: format!("{ORDER}={v:?} names neither A nor B"),
-            }),
+    /// `BOOT_ORDER` as the boot script sees it (unset or empty = `A B`).
+    fn order_value(env: &Env) -> &str {
+        match env.vars.get(ORDER).map(|v| v.trim()) {
+            Some(v) if !v.is_empty() => v,
+            _ => DEFAULT_ORDER,
         }
     }
 
     fn left(&self, env: &Env, slot: Slot) -> Result<u32, BootError> {
         let key = left_key(slot);
-        match env.vars.get(&key) {
-            None => Ok(self.attempts),
-            Some(v) => v.trim().parse().map_err(|_| BootError::Env {
+        match env.vars.get(&key).map(|v| v.trim()) {
+            None | Some("") => Ok(self.attempts),
+            Some(v) => parse_left(v).ok_or_else(|| BootError::Env {
                 location: self.location(),
-                problem: format!("{key}={v:?} is not a number of attempts"),
+                problem: format!("{key}={v:?} is not a hex number of attempts"),
             }),
         }
     }
 
-    /// Writes `changes` (plus RAUC's defaults for missing variables) in one `fw_setenv` call,
-    /// then reads the environment back to make sure it took.
-    fn write(&self, slot: Slot, changes: &[(String, String)]) -> Result<(), BootError> {
-        let env = self.read()?;
+    /// Applies `changes` when any differs from the environment, in one `fw_setenv` call that
+    /// also fills in RAUC's defaults for missing variables; then reads it back.
+    fn write(&self, slot: Slot, env: &Env, changes: &[(String, String)]) -> Result<(), BootError> {
+        if !env.blank && changes.iter().all(|(k, v)| env.vars.get(k) == Some(v)) {
+            debug!(%slot, "U-Boot environment already as wanted; not writing");
+            return Ok(());
+        }
         let mut all: BTreeMap<String, String> = BTreeMap::new();
-        if !env.vars.contains_key(ORDER) {
-            all.insert(ORDER.into(), "A B".into());
+        if env.vars.get(ORDER).is_none_or(|v| v.trim().is_empty()) {
+            all.insert(ORDER.into(), DEFAULT_ORDER.into());
         }
         for s in [Slot::A, Slot::B] {
-            if !env.vars.contains_key(&left_key(s)) {
-                all.insert(left_key(s), self.attempts.to_string());
+            if env.vars.get(&left_key(s)).is_none_or(|v| v.trim().is_empty()) {
+                all.insert(left_key(s), format!("{:x}", self.attempts));
             }
         }
         for (k, v) in changes {
@@ -150,18 +215,34 @@ impl UBoot {
         }
         let script: String = all.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
         let cfg = self.cfg_arg();
-        let mut args = vec!["-c", cfg.as_str()];
-        if env.blank {
-            warn!(%slot, config = %cfg, "creating the U-Boot environment from scratch");
-            args.extend(["-f", "/dev/null"]);
-        }
-        args.extend(["-s", "-"]);
+        let init = self.initial_env.to_string_lossy().into_owned();
+        let default_env = if env.blank {
+            self.usable_initial_env().map_err(|why| BootError::Env {
+                location: self.location(),
+                problem: format!(
+                    "no valid U-Boot environment (blank or corrupt flash) and no usable initial \
+                     environment ({why}): refusing to create one from our variables alone, \
+                     U-Boot would find no bootcmd and stop at its prompt. Install the board's \
+                     u-boot-initial-env (U-Boot's `make u-boot-initial-env`) there or set \
+                     boot.initial_env"
+                ),
+            })?;
+            warn!(%slot, config = %cfg, initial_env = %init,
+                "creating the U-Boot environment from the initial environment");
+            init
+        } else {
+            self.no_default()
+        };
         debug!(%slot, vars = %script.trim_end().replace('\n', " "), "fw_setenv");
-        run_tool(SETENV, &args, Some(&script))?;
+        self.tool(
+            SETENV,
+            &["-c", &cfg, "-f", &default_env, "-s", "-"],
+            Some(&script),
+        )?;
 
         let back = self.read()?;
         for (k, v) in &all {
-            if back.vars.get(k) != Some(v) {
+            if back.blank || back.vars.get(k) != Some(v) {
                 return Err(BootError::Env {
                     location: self.location(),
                     problem: format!(
@@ -172,6 +253,11 @@ impl UBoot {
             }
         }
         Ok(())
+    }
+
+    /// `BOOT_ORDER` with our slots as `ours`, as a change (other entries kept).
+    fn order_change(env: &Env, ours: &[Slot]) -> (String, String) {
+        (ORDER.into(), reorder(Self::order_value(env), ours))
     }
 }
 
@@ -186,40 +272,57 @@ impl BootBackend for UBoot {
 
     fn primary(&self) -> Result<Slot, BootError> {
         let env = self.read()?;
-        for slot in self.order(&env)? {
+        let order = parse_order(Self::order_value(&env));
+        for &slot in &order {
             if self.left(&env, slot)? > 0 {
                 return Ok(slot);
             }
         }
-        Err(BootError::Env {
-            location: self.location(),
-            problem: format!(
-                "no slot in {ORDER}={:?} has attempts left: U-Boot has nothing to boot",
-                env.vars.get(ORDER).map_or("A B", String::as_str)
-            ),
-        })
+        // RAUC's script then resets every counter and reboots: the first slot in the order wins.
+        match order.first() {
+            Some(&slot) => {
+                warn!(%slot, "no slot in {ORDER} has attempts left: U-Boot will reset the counters");
+                Ok(slot)
+            }
+            None => Err(BootError::Env {
+                location: self.location(),
+                problem: format!(
+                    "{ORDER}={:?} names neither A nor B: U-Boot has nothing of ours to boot",
+                    Self::order_value(&env)
+                ),
+            }),
+        }
     }
 
     fn is_good(&self, slot: Slot) -> Result<bool, BootError> {
         let env = self.read()?;
-        Ok(self.left(&env, slot)? > 0)
+        Ok(parse_order(Self::order_value(&env)).contains(&slot) && self.left(&env, slot)? > 0)
     }
 
     fn set_trial(&self, slot: Slot) -> Result<(), BootError> {
+        let env = self.read()?;
+        let order = parse_order(Self::order_value(&env));
         self.write(
             slot,
-            &[(ORDER.into(), order_value(slot)), (left_key(slot), "1".into())],
+            &env,
+            &[
+                Self::order_change(&env, &primary_first(&order, slot)),
+                (left_key(slot), "1".into()),
+            ],
         )?;
         info!(%slot, backend = "uboot", "slot set for a single trial boot");
         Ok(())
     }
 
     fn mark_good(&self, slot: Slot) -> Result<(), BootError> {
+        let env = self.read()?;
+        let order = parse_order(Self::order_value(&env));
         self.write(
             slot,
+            &env,
             &[
-                (ORDER.into(), order_value(slot)),
-                (left_key(slot), self.attempts.to_string()),
+                Self::order_change(&env, &primary_first(&order, slot)),
+                (left_key(slot), format!("{:x}", self.attempts)),
             ],
         )?;
         info!(%slot, backend = "uboot", attempts = self.attempts, "slot marked good and primary");
@@ -227,14 +330,51 @@ impl BootBackend for UBoot {
     }
 
     fn mark_bad(&self, slot: Slot) -> Result<(), BootError> {
+        let env = self.read()?;
+        let order = parse_order(Self::order_value(&env));
+        if !order.contains(&slot.other()) {
+            return Err(BootError::Env {
+                location: self.location(),
+                problem: format!(
+                    "refusing to mark slot {slot} bad: slot {} is not in {ORDER}={:?} either, so \
+                     nothing of ours would be left to boot",
+                    slot.other(),
+                    Self::order_value(&env)
+                ),
+            });
+        }
         self.write(
             slot,
+            &env,
             &[
-                (ORDER.into(), order_value(slot.other())),
+                Self::order_change(&env, &[slot.other()]),
                 (left_key(slot), "0".into()),
             ],
         )?;
-        info!(%slot, backend = "uboot", "slot marked bad");
+        info!(%slot, backend = "uboot", "slot marked bad and removed from {ORDER}");
         Ok(())
+    }
+
+    fn confirm(&self, slot: Slot) -> Result<(), BootError> {
+        let env = self.read()?;
+        self.write(slot, &env, &[(left_key(slot), format!("{:x}", self.attempts))])?;
+        debug!(%slot, backend = "uboot", attempts = self.attempts, "boot attempts restored");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_hex_as_u_boot_reads_them() {
+        assert_eq!(parse_left("3"), Some(3));
+        assert_eq!(parse_left("a"), Some(10));
+        assert_eq!(parse_left("10"), Some(16));
+        assert_eq!(parse_left("F"), Some(15));
+        assert_eq!(parse_left("0x3"), None, "U-Boot would read 0x0x3 as 0");
+        assert_eq!(parse_left("-1"), None);
+        assert_eq!(parse_left(""), None);
     }
 }
