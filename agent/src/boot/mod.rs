@@ -80,6 +80,16 @@ pub trait BootBackend: Send + Sync {
     fn mark_good(&self, slot: Slot) -> Result<(), BootError>;
     /// Marks `slot` unbootable; the other slot becomes primary.
     fn mark_bad(&self, slot: Slot) -> Result<(), BootError>;
+    /// This boot of `slot` worked: restore its full attempts, change nothing else (not the
+    /// order); writes nothing when already so.
+    ///
+    /// The engine calls it for the running slot while an upgrade is in flight, so a long or
+    /// resumed download never uses up the running slot's attempts (U-Boot's `BOOT_x_LEFT`,
+    /// GRUB's `x_TRY`). Provisional default: `mark_good`, which also makes `slot` primary; the
+    /// engine only relies on that where `slot` is primary anyway. Backends override it.
+    fn confirm(&self, slot: Slot) -> Result<(), BootError> {
+        self.mark_good(slot)
+    }
 }
 
 /// Opens the backend `cfg.backend` names.
