@@ -20,6 +20,7 @@ PACKAGES=(
     gcc-aarch64-linux-gnu libc6-dev-arm64-cross binutils-aarch64-linux-gnu  # link the aarch64 agent
     qemu-user-static             # run the aarch64 agent on this x86_64 machine
     file                         # check the cross-built binary really is aarch64
+    strace                       # the crash tests check which directories the agent fsyncs
     ca-certificates curl tar     # rustup and the bundle tooling
 )
 RUST_TARGETS=(aarch64-unknown-linux-gnu)
@@ -29,7 +30,7 @@ declare -A PROVIDES=(
     [mosquitto]=mosquitto [mosquitto-clients]=mosquitto_pub [libubootenv-tool]=fw_setenv
     [grub-common]=grub-editenv [systemd]=systemd-analyze [gcc-aarch64-linux-gnu]=aarch64-linux-gnu-gcc
     [binutils-aarch64-linux-gnu]=aarch64-linux-gnu-ld [qemu-user-static]=qemu-aarch64-static
-    [file]=file [curl]=curl [tar]=tar
+    [file]=file [strace]=strace [curl]=curl [tar]=tar
 )
 
 missing_packages() {

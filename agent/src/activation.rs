@@ -91,14 +91,16 @@ impl Pointer {
 
     /// Atomically points `current` at `slot` and makes that durable.
     pub fn set(&self, slot: Slot) -> Result<(), ActivationError> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
         if self.read()? == Some(slot) {
-            return Ok(());
+            // Already there, but maybe only in the page cache: a crash after an earlier rename
+            // and before its directory fsync leaves a link that a power cut can still undo.
+            return fsync_dir(dir).map_err(self.err("fsync state directory"));
         }
         let target = match slot {
             Slot::A => &self.a,
             Slot::B => &self.b,
         };
-        let dir = self.path.parent().unwrap_or(Path::new("."));
         let tmp = dir.join("current.new");
         match std::fs::remove_file(&tmp) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -108,6 +110,7 @@ impl Pointer {
         }
         std::os::unix::fs::symlink(target, &tmp).map_err(self.err("create current.new"))?;
         std::fs::rename(&tmp, &self.path).map_err(self.err("rename current.new over current"))?;
+        crate::failpoint::hit("pointer_renamed");
         fsync_dir(dir).map_err(self.err("fsync state directory"))?;
         tracing::info!(%slot, pointer = %self.path.display(), "switched current slot pointer");
         Ok(())

@@ -396,6 +396,15 @@ fn print_status(s: &DeviceStatus) {
         ),
         (None, _) => println!("phase: idle"),
     }
+    if let Some(u) = &s.upgrade
+        && s.phase == flightnode_agent::proto::Phase::Testing
+        && s.booted_slot != u.target_slot
+    {
+        println!(
+            "trial of slot {} pending: the bootloader tries it at the next boot (slot {} runs)",
+            u.target_slot, s.booted_slot
+        );
+    }
     if let Some(last) = &s.last_upgrade {
         let err = last
             .error
@@ -428,10 +437,8 @@ pub fn status(config: &Path, json: bool) -> Result<ExitCode> {
                 (None, e) => bail!("the running agent gave no status: {}", e.unwrap_or_default()),
             }
         }
-        None => {
-            let (_rt, engine) = open_engine_with(cfg)?;
-            engine.status()?
-        }
+        // Read-only: a status never settles, adopts or writes anything.
+        None => Engine::inspect(&cfg)?,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);

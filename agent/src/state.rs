@@ -18,6 +18,30 @@ pub struct SlotRecord {
     pub version: Option<semver::Version>,
     /// Slot state.
     pub state: SlotState,
+    /// The security floor once this slot's image was committed (the factory image: 0); what the
+    /// floor returns to when the bootloader falls back to this slot. `None` in records written
+    /// before it existed, and for images never committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<u64>,
+}
+
+impl SlotRecord {
+    fn empty() -> Self {
+        Self {
+            version: None,
+            state: SlotState::Empty,
+            floor: None,
+        }
+    }
+
+    /// Not bootable, holding `version` (or nothing complete).
+    fn bad(version: Option<semver::Version>) -> Self {
+        Self {
+            version,
+            state: SlotState::Bad,
+            floor: None,
+        }
+    }
 }
 
 /// The upgrade in flight, as far as it got.
@@ -42,6 +66,13 @@ pub struct Upgrade {
     pub written: u64,
     /// Reboot mode: boot id when the reboot was requested; a different one means we rebooted.
     pub boot_id: Option<String>,
+    /// Reboot mode: boot id of the boot in which the trial slot came up. Set once the trial
+    /// boot is seen, so a power cut during its health check is not taken for a failed boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trial_boot: Option<String>,
+    /// Reboot mode: how many times the trial slot came up without finishing its check.
+    #[serde(default)]
+    pub trial_boots: u32,
     /// Why a rollback is under way.
     pub error: Option<ErrorReport>,
 }
@@ -57,7 +88,8 @@ impl Upgrade {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceState {
-    /// Slot that runs (command mode) or boots first (reboot mode).
+    /// Slot that runs: command mode, where `current` points; reboot mode, the slot booted (a
+    /// pending trial becomes active only once it has booted).
     pub active: Slot,
     /// Slot `a`.
     pub a: SlotRecord,
@@ -73,6 +105,10 @@ pub struct DeviceState {
     pub last: Option<LastUpgrade>,
     /// Monotonic event sequence: bumped on every transition.
     pub seq: u64,
+    /// An upgrade that ended in `download_failed` after its manifest was verified: the same
+    /// upgrade sent again resumes from its written prefix. Any other upgrade drops it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumable: Option<Upgrade>,
 }
 
 fn now_unix() -> u64 {
@@ -85,22 +121,29 @@ fn now_unix() -> u64 {
 impl DeviceState {
     /// A fresh device: slot `a` active and good with the factory version, slot `b` empty.
     pub fn factory(version: semver::Version) -> Self {
-        Self {
-            active: Slot::A,
-            a: SlotRecord {
-                version: Some(version.clone()),
-                state: SlotState::Good,
-            },
-            b: SlotRecord {
-                version: None,
-                state: SlotState::Empty,
-            },
-            committed_version: version,
+        Self::adopt(version, Slot::A)
+    }
+
+    /// A fresh device running `running`: that slot is active and good with the factory version,
+    /// the other one empty (RAUC likewise takes the booted slot as good on a fresh system).
+    pub fn adopt(version: semver::Version, running: Slot) -> Self {
+        let mut state = Self {
+            active: running,
+            a: SlotRecord::empty(),
+            b: SlotRecord::empty(),
+            committed_version: version.clone(),
             security_floor: 0,
             upgrade: None,
             last: None,
             seq: 0,
-        }
+            resumable: None,
+        };
+        *state.slot_mut(running) = SlotRecord {
+            version: Some(version),
+            state: SlotState::Good,
+            floor: Some(0),
+        };
+        state
     }
 
     /// The record of `slot`.
@@ -128,9 +171,11 @@ impl DeviceState {
         self.seq += 1;
     }
 
-    /// Starts an upgrade into the inactive slot. Does not write to sled.
+    /// Starts an upgrade into the inactive slot; any resumable upgrade is dropped (its slot is
+    /// about to be overwritten). Does not write to sled.
     pub fn begin(&mut self, id: String, source: String, allow_downgrade: bool) {
         let target = !self.active;
+        self.resumable = None;
         self.upgrade = Some(Upgrade {
             id,
             source,
@@ -141,8 +186,60 @@ impl DeviceState {
             image_offset: 0,
             written: 0,
             boot_id: None,
+            trial_boot: None,
+            trial_boots: 0,
             error: None,
         });
+        self.bump();
+    }
+
+    /// Takes back the upgrade that ended in `download_failed` when `id` or `source` names it:
+    /// it continues downloading from its written prefix. Does not write to sled.
+    pub fn resume_failed(&mut self, id: &str, source: &str) -> bool {
+        if self.upgrade.is_some() {
+            return false;
+        }
+        match self.resumable.take() {
+            Some(mut u) if u.id == id || u.source == source => {
+                u.phase = Phase::Downloading;
+                u.error = None;
+                self.upgrade = Some(u);
+                self.bump();
+                true
+            }
+            other => {
+                self.resumable = other;
+                false
+            }
+        }
+    }
+
+    /// The trial slot runs: command mode once `current` names it, reboot mode once it booted.
+    /// Does not write to sled.
+    pub fn trial_runs(&mut self) {
+        if let Some(u) = &self.upgrade {
+            self.active = u.target;
+        }
+    }
+
+    /// Reboot mode, nothing in flight: the bootloader started `booted`, a good slot, instead of the
+    /// active one (the active one stopped booting, or was marked bad). `booted` is active, the
+    /// other slot is bad, and the committed version and the security floor are those of the slot
+    /// that runs. Does not write to sled.
+    pub fn fell_back(&mut self, booted: Slot) {
+        let failed = !booted;
+        self.active = booted;
+        if self.slot(failed).state != SlotState::Empty {
+            let version = self.slot(failed).version.clone();
+            *self.slot_mut(failed) = SlotRecord::bad(version);
+        }
+        let running = self.slot(booted).clone();
+        if let Some(v) = running.version {
+            self.committed_version = v;
+        }
+        if let Some(floor) = running.floor {
+            self.security_floor = floor;
+        }
         self.bump();
     }
 
@@ -154,10 +251,7 @@ impl DeviceState {
             u.image_offset = image_offset;
             u.written = 0;
             let target = u.target;
-            *self.slot_mut(target) = SlotRecord {
-                version: None,
-                state: SlotState::Bad,
-            };
+            *self.slot_mut(target) = SlotRecord::bad(None);
         }
     }
 
@@ -175,16 +269,9 @@ impl DeviceState {
             let (target, version) = (u.target, u.version().cloned());
             match phase {
                 // Complete and hash-verified, but not bootable until the switch.
-                Phase::Staged => {
-                    *self.slot_mut(target) = SlotRecord {
-                        version,
-                        state: SlotState::Bad,
-                    }
-                }
-                Phase::Testing => {
-                    self.active = target;
-                    self.slot_mut(target).state = SlotState::Trial;
-                }
+                Phase::Staged => *self.slot_mut(target) = SlotRecord::bad(version),
+                // On trial, but not running yet: see `trial_runs`.
+                Phase::Testing => self.slot_mut(target).state = SlotState::Trial,
                 _ => {}
             }
         }
@@ -197,30 +284,34 @@ impl DeviceState {
         let u = self.upgrade.take()?;
         let manifest = u.manifest.as_ref()?;
         self.active = u.target;
+        self.committed_version = manifest.version.clone();
+        self.security_floor = self.security_floor.max(manifest.security_version);
         *self.slot_mut(u.target) = SlotRecord {
             version: Some(manifest.version.clone()),
             state: SlotState::Good,
+            floor: Some(self.security_floor),
         };
-        self.committed_version = manifest.version.clone();
-        self.security_floor = self.security_floor.max(manifest.security_version);
         self.finish(&u, UpgradeResult::Committed, None)
     }
 
     /// Ends the upgrade on the old slot with `error`: the target slot is bad (or stays empty when
-    /// nothing was written to it). Returns the finished record. Does not write to sled.
+    /// nothing was written to it). A verified download that failed stays resumable. Returns the
+    /// finished record. Does not write to sled.
     pub fn fail(&mut self, code: ErrorCode, message: String) -> Option<LastUpgrade> {
         let u = self.upgrade.take()?;
         self.active = !u.target;
         let touched = u.manifest.is_some();
         let target = self.slot_mut(u.target);
         if touched || target.state == SlotState::Trial {
-            *target = SlotRecord {
-                version: target.version.clone(),
-                state: SlotState::Bad,
-            };
-            if code != ErrorCode::HealthCheckFailed && code != ErrorCode::TrialBootFailed {
-                target.version = None;
-            }
+            let ran = code == ErrorCode::HealthCheckFailed || code == ErrorCode::TrialBootFailed;
+            *target = SlotRecord::bad(target.version.clone().filter(|_| ran));
+        }
+        if code == ErrorCode::DownloadFailed && touched {
+            self.resumable = Some(Upgrade {
+                phase: Phase::Downloading,
+                error: None,
+                ..u.clone()
+            });
         }
         let result = code.result();
         self.finish(&u, result, Some(ErrorReport { code, message }))
@@ -276,5 +367,194 @@ impl DeviceState {
             }),
             last_upgrade: self.last.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flightnode_proto::manifest::ImageInfo;
+
+    fn v(s: &str) -> semver::Version {
+        semver::Version::parse(s).unwrap()
+    }
+
+    fn manifest(version: &str, security_version: u64) -> Manifest {
+        Manifest {
+            format: flightnode_proto::manifest::FORMAT_VERSION,
+            version: v(version),
+            security_version,
+            compatible: vec!["hw".into()],
+            created: time::OffsetDateTime::UNIX_EPOCH,
+            expires: None,
+            image: ImageInfo {
+                size: 100,
+                sha256: "00".repeat(32),
+            },
+        }
+    }
+
+    /// One step of a device's life, applied in memory.
+    #[derive(Debug, Clone, Copy)]
+    enum Op {
+        Begin(&'static str),
+        Accept(&'static str, u64),
+        Written(u64),
+        Enter(Phase),
+        TrialRuns,
+        Commit,
+        Fail(ErrorCode),
+        ResumeFailed(&'static str),
+        FellBack(Slot),
+    }
+
+    fn apply(s: &mut DeviceState, op: Op) {
+        match op {
+            Op::Begin(id) => s.begin(id.into(), format!("file:///{id}"), false),
+            Op::Accept(version, sv) => s.accept_manifest(manifest(version, sv), 1024),
+            Op::Written(n) => s.written(n),
+            Op::Enter(p) => s.enter(p),
+            Op::TrialRuns => s.trial_runs(),
+            Op::Commit => {
+                s.commit();
+            }
+            Op::Fail(code) => {
+                s.fail(code, "test".into());
+            }
+            Op::ResumeFailed(id) => {
+                s.resume_failed(id, "no such source");
+            }
+            Op::FellBack(slot) => s.fell_back(slot),
+        }
+    }
+
+    /// What a user sees after the ops: active, slot states, committed version, floor, phase.
+    type View = (Slot, SlotState, SlotState, &'static str, u64, Phase);
+
+    fn view(s: &DeviceState) -> (Slot, SlotState, SlotState, String, u64, Phase) {
+        (
+            s.active,
+            s.a.state,
+            s.b.state,
+            s.committed_version.to_string(),
+            s.security_floor,
+            s.phase(),
+        )
+    }
+
+    #[test]
+    fn transitions_table() {
+        use Op::*;
+        use SlotState::{Bad, Empty, Good, Trial};
+        let upgrade_to_b = [
+            Begin("u1"),
+            Accept("2.0.0", 3),
+            Enter(Phase::Staged),
+            Enter(Phase::Switching),
+            Enter(Phase::Testing),
+        ];
+        let cases: Vec<(&str, Vec<Op>, View)> = vec![
+            ("fresh", vec![], (Slot::A, Good, Empty, "1.0.0", 0, Phase::Idle)),
+            (
+                "target marked bad before the first byte",
+                vec![Begin("u1"), Accept("2.0.0", 3)],
+                (Slot::A, Good, Bad, "1.0.0", 0, Phase::Downloading),
+            ),
+            (
+                "a pending trial is not active before it runs",
+                upgrade_to_b.to_vec(),
+                (Slot::A, Good, Trial, "1.0.0", 0, Phase::Testing),
+            ),
+            (
+                "the trial runs",
+                [&upgrade_to_b[..], &[TrialRuns]].concat(),
+                (Slot::B, Good, Trial, "1.0.0", 0, Phase::Testing),
+            ),
+            (
+                "commit raises the floor",
+                [&upgrade_to_b[..], &[TrialRuns, Commit]].concat(),
+                (Slot::B, Good, Good, "2.0.0", 3, Phase::Idle),
+            ),
+            (
+                "failed trial boot",
+                [&upgrade_to_b[..], &[Fail(ErrorCode::TrialBootFailed)]].concat(),
+                (Slot::A, Good, Bad, "1.0.0", 0, Phase::Idle),
+            ),
+            (
+                "fallback from a committed slot returns version and floor",
+                [&upgrade_to_b[..], &[TrialRuns, Commit, FellBack(Slot::A)]].concat(),
+                (Slot::A, Good, Bad, "1.0.0", 0, Phase::Idle),
+            ),
+            (
+                "download_failed then the same upgrade again resumes",
+                vec![
+                    Begin("u1"),
+                    Accept("2.0.0", 0),
+                    Written(40),
+                    Fail(ErrorCode::DownloadFailed),
+                    ResumeFailed("u1"),
+                ],
+                (Slot::A, Good, Bad, "1.0.0", 0, Phase::Downloading),
+            ),
+            (
+                "another upgrade does not resume it",
+                vec![
+                    Begin("u1"),
+                    Accept("2.0.0", 0),
+                    Fail(ErrorCode::DownloadFailed),
+                    ResumeFailed("u2"),
+                ],
+                (Slot::A, Good, Bad, "1.0.0", 0, Phase::Idle),
+            ),
+        ];
+        for (name, ops, want) in cases {
+            let mut s = DeviceState::factory(v("1.0.0"));
+            for op in &ops {
+                apply(&mut s, *op);
+            }
+            let (active, a, b, committed, floor, phase) = want;
+            assert_eq!(
+                view(&s),
+                (active, a, b, committed.to_owned(), floor, phase),
+                "{name}: {ops:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn resumed_download_keeps_its_offset_and_a_new_upgrade_drops_it() {
+        let mut s = DeviceState::factory(v("1.0.0"));
+        s.begin("u1".into(), "http://x/fw".into(), false);
+        s.accept_manifest(manifest("2.0.0", 0), 1024);
+        s.written(4096);
+        s.fail(ErrorCode::DownloadFailed, "cut".into());
+        assert!(s.resumable.is_some());
+        assert!(s.resume_failed("other-id", "http://x/fw"), "same source");
+        let u = s.upgrade.as_ref().unwrap();
+        assert_eq!(
+            (u.written, u.image_offset, u.phase),
+            (4096, 1024, Phase::Downloading)
+        );
+
+        s.fail(ErrorCode::DownloadFailed, "cut".into());
+        s.begin("u2".into(), "http://x/other".into(), false);
+        assert!(s.resumable.is_none(), "a new upgrade overwrites the slot");
+        // A failure before the manifest was verified has nothing to resume.
+        s.fail(ErrorCode::DownloadFailed, "404".into());
+        assert!(s.resumable.is_none());
+    }
+
+    #[test]
+    fn adopting_the_booted_slot_and_reading_old_records() {
+        let s = DeviceState::adopt(v("1.0.0"), Slot::B);
+        assert_eq!(s.active, Slot::B);
+        assert_eq!(s.b.state, SlotState::Good);
+        assert_eq!(s.b.version, Some(v("1.0.0")));
+        assert_eq!(s.a.state, SlotState::Empty);
+        // A record written before `floor`, `resumable` and the trial fields existed still loads.
+        let mut json: serde_json::Value = serde_json::to_value(&s).unwrap();
+        json["b"].as_object_mut().unwrap().remove("floor");
+        let old: DeviceState = serde_json::from_value(json).unwrap();
+        assert_eq!(old.b.floor, None);
     }
 }

@@ -176,3 +176,40 @@ fn sigterm_pauses_the_download_and_the_next_install_resumes_it() {
     assert!(srv.bytes_sent() <= len - saved + 1024, "resumed, not restarted");
     assert_eq!(dev.slot_bytes("b"), image_bytes("2.0.0", IMAGE));
 }
+
+/// Item l: `download_failed` keeps the verified prefix; the same install sent again resumes it
+/// with `Range` instead of fetching the image from byte 0.
+#[test]
+fn the_same_install_after_download_failed_resumes_the_written_prefix() {
+    let dev = Device::new(Options::default());
+    let (srv, len) = serve(&dev, "2.0.0");
+    let url = srv.url("/fw.fnb");
+    srv.set_fault("/fw.fnb", Fault::Stall { after: len * 3 / 4 });
+    failed_within(&dev, &url, "download_failed");
+    assert_eq!(dev.status()["slots"]["b"]["state"], "bad");
+
+    srv.clear_fault("/fw.fnb");
+    srv.reset_counters();
+    let o = dev.run(&["install", &url]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dev.slot_bytes("b"), image_bytes("2.0.0", IMAGE));
+    assert!(
+        srv.bytes_sent() < len / 2,
+        "resumed: sent {} of a {len}-byte bundle again",
+        srv.bytes_sent()
+    );
+    let s = dev.status();
+    assert_eq!(s["last_upgrade"]["result"], "committed", "{s:#}");
+    dev.assert_bootable();
+
+    // Another bundle after a failure starts from byte 0 (nothing of the old prefix is reused).
+    let v3 = dev.bundle("v3", "3.0.0", IMAGE, &[]);
+    srv.put_file("/v3.fnb", &v3).unwrap();
+    let len3 = std::fs::metadata(&v3).unwrap().len();
+    srv.set_fault("/v3.fnb", Fault::Stall { after: len3 / 2 });
+    failed_within(&dev, &srv.url("/v3.fnb"), "download_failed");
+    let v4 = dev.bundle("v4", "4.0.0", 10_000, &[]);
+    let o = dev.run(&["install", v4.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dev.slot_bytes("a"), image_bytes("4.0.0", 10_000));
+}

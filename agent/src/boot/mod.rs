@@ -107,7 +107,12 @@ pub trait BootBackend: Send + Sync {
     fn mark_good(&self, slot: Slot) -> Result<(), BootError>;
     /// Marks `slot` unbootable and removes it from the order; the other slot boots next.
     fn mark_bad(&self, slot: Slot) -> Result<(), BootError>;
-    /// Restores the full attempts of `slot` (which booted and works), changing nothing else.
+    /// This boot of `slot` worked: restore its full attempts, change nothing else (not the
+    /// order); writes nothing when already so.
+    ///
+    /// The engine calls it for the running slot while an upgrade is in flight, so a long or
+    /// resumed download never uses up the running slot's attempts (U-Boot's `BOOT_x_LEFT`,
+    /// GRUB's `x_TRY`).
     fn confirm(&self, slot: Slot) -> Result<(), BootError>;
 }
 

@@ -126,7 +126,15 @@ impl Dispatcher {
     pub fn handle(&mut self, worker: &Worker, command: Command, want_reply: bool) -> Reply {
         let state = worker.state.borrow().clone();
         let id = command.upgrade_id().to_owned();
-        let known = self.report_for(&state, worker, &id);
+        // An upgrade whose download failed after verification is resumed when sent again,
+        // not answered with its old report.
+        let resumable =
+            matches!(command, Command::Upgrade(_)) && state.resumable.as_ref().is_some_and(|u| u.id == id);
+        let known = if resumable {
+            None
+        } else {
+            self.report_for(&state, worker, &id)
+        };
         match (command, known, &state.upgrade) {
             (Command::Upgrade(_), Some(report), _) => {
                 tracing::info!(upgrade_id = %id, "upgrade delivered again; republishing its state");

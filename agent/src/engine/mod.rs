@@ -97,6 +97,14 @@ pub struct Request {
     pub allow_downgrade: bool,
 }
 
+/// The state of a device without a store: the slot that runs holds the factory version and is
+/// good. Reboot mode asks the bootloader which slot booted (an error when it cannot tell: assuming
+/// slot a could mean writing the running root); command mode follows an existing `current`.
+fn fresh_state(cfg: &Config, activation: &Activation) -> Result<DeviceState, EngineError> {
+    let running = activation.booted(Slot::A)?;
+    Ok(DeviceState::adopt(cfg.factory_version.clone(), running))
+}
+
 /// A deterministic upgrade id for a command that carries none (a bare URL, a local install):
 /// the same payload always names the same upgrade.
 pub fn derive_upgrade_id(payload: &str) -> String {
@@ -172,9 +180,10 @@ impl Engine {
         let state = match store.load()? {
             Some(state) => state,
             None => {
-                let state = DeviceState::factory(cfg.factory_version.clone());
+                let state = fresh_state(&cfg, &activation)?;
                 store.save(&state)?;
-                tracing::info!(device_id = %cfg.device_id, version = %cfg.factory_version, "fresh device: slot a is active");
+                tracing::info!(device_id = %cfg.device_id, version = %cfg.factory_version, slot = %state.active,
+                    "fresh device: the running slot {} is active and good", state.active);
                 state
             }
         };
@@ -236,9 +245,44 @@ impl Engine {
         Ok(self.state.report(&self.cfg.device_id, booted))
     }
 
+    /// The `status` view without an engine: reads the store (or, on a fresh device, computes the
+    /// state it would start with) and **changes nothing** — no store created or written, no
+    /// pointer set, no bootloader write.
+    pub fn inspect(cfg: &Config) -> Result<DeviceStatus, EngineError> {
+        let activation = Activation::open(cfg)?;
+        let stored = if cfg.state_dir.join("db").exists() {
+            Store::open(&cfg.state_dir)?.load()?
+        } else {
+            None
+        };
+        let state = match stored {
+            Some(state) => state,
+            None => fresh_state(cfg, &activation)?,
+        };
+        let booted = activation.booted(state.active)?;
+        Ok(state.report(&cfg.device_id, booted))
+    }
+
+    /// The slot that runs now: reboot mode, the booted one; command mode, where `current` points
+    /// (the active slot before the first switch).
+    fn running(&self) -> Result<Slot, EngineError> {
+        Ok(self.activation.booted(self.state.active)?)
+    }
+
     /// Installs a bundle. An interrupted upgrade of the same source (or id) is resumed instead of
     /// restarted; one that never reached a slot switch is set aside; one that did is finished first.
     pub fn install(&mut self, req: Request) -> Result<Outcome, EngineError> {
+        if self.state.upgrade.is_none() {
+            // Whatever the last boot showed (a fallback, a lost confirmation) is settled first,
+            // so the policy compares against the version that really runs.
+            self.confirm_boot()?;
+        }
+        if self.state.resume_failed(&req.id, &req.source) {
+            self.interrupts.cancel.store(false, Ordering::SeqCst);
+            tracing::info!(upgrade_id = %req.id, "resuming the upgrade whose download failed, from its written prefix");
+            self.save()?;
+            return self.drive();
+        }
         if let Some(u) = self.state.upgrade.clone() {
             if u.id == req.id || u.source == req.source {
                 tracing::info!(upgrade_id = %u.id, phase = %u.phase, "resuming the interrupted upgrade");
@@ -261,6 +305,15 @@ impl Engine {
             }
         }
         self.interrupts.cancel.store(false, Ordering::SeqCst);
+        let running = self.running()?;
+        if running != self.state.active {
+            return Err(EngineError::Refused(format!(
+                "slot {running} is running but the agent knows slot {} as the active one; refusing to \
+                 install into the running slot. Boot slot {} again (or mark slot {running} good if it \
+                 holds a complete image)",
+                self.state.active, self.state.active
+            )));
+        }
         tracing::info!(upgrade_id = %req.id, source = %req.source, "upgrade requested");
         self.state.begin(req.id, req.source, req.allow_downgrade);
         self.save()?;
@@ -282,7 +335,9 @@ impl Engine {
     }
 
     /// Reboot mode, nothing in flight: tells the bootloader that this boot of a good slot worked,
-    /// as RAUC's mark-good service does (GRUB's script counts every boot as a try).
+    /// as RAUC's mark-good service does (GRUB's script counts every boot as a try). When the
+    /// bootloader fell back from the active slot, the slot that runs becomes the active and
+    /// committed one and the other is marked bad.
     fn confirm_boot(&mut self) -> Result<(), EngineError> {
         let Activation::Reboot { boot, .. } = &self.activation else {
             return Ok(());
@@ -293,12 +348,33 @@ impl Engine {
                 "booted a slot that is not known good; not confirming it");
             return Ok(());
         }
-        boot.mark_good(booted).map_err(ActivationError::from)?;
         if self.state.active != booted {
-            tracing::warn!(slot = %booted, active = %self.state.active,
-                "the bootloader started slot {booted} instead of the active one; it is active now");
-            self.state.active = booted;
+            let failed = self.state.active;
+            tracing::warn!(slot = %booted, active = %failed,
+                "the bootloader started slot {booted} instead of the active slot {failed}; \
+                 slot {booted} is active now and slot {failed} is bad");
+            // Bootloader first: a crash before the save repeats this, never the other way round.
+            if self.state.slot(failed).state != SlotState::Empty {
+                boot.mark_bad(failed).map_err(ActivationError::from)?;
+            }
+            self.state.fell_back(booted);
             self.save()?;
+        }
+        if let Activation::Reboot { boot, .. } = &self.activation {
+            boot.mark_good(booted).map_err(ActivationError::from)?;
+        }
+        Ok(())
+    }
+
+    /// Reboot mode, an upgrade in flight before its trial is set: this boot of the running slot
+    /// worked, so its attempts are restored and a long or resumed download never uses them up.
+    fn confirm_running(&self, target: Slot) -> Result<(), EngineError> {
+        let Activation::Reboot { boot, .. } = &self.activation else {
+            return Ok(());
+        };
+        let booted = boot.booted().map_err(ActivationError::from)?;
+        if booted != target && self.state.slot(booted).state == SlotState::Good {
+            boot.confirm(booted).map_err(ActivationError::from)?;
         }
         Ok(())
     }
@@ -356,11 +432,16 @@ impl Engine {
     }
 
     /// Command mode: makes the `current` pointer agree with the persisted active slot when no
-    /// switch is in flight (a crash between rename and save, or a hand-edited pointer).
+    /// switch is in flight (a crash between rename and save, or a hand-edited pointer). From the
+    /// switch to the end of a rollback the step of the phase sets the pointer itself: `active`
+    /// then names the trial slot, which may be the failed one.
     fn settle_pointer(&self) -> Result<(), EngineError> {
         if let Activation::Command { pointer } = &self.activation {
-            let switching = matches!(self.state.phase(), Phase::Switching);
-            if !switching && pointer.read()? != Some(self.state.active) {
+            let settled = matches!(
+                self.state.phase(),
+                Phase::Idle | Phase::Downloading | Phase::Staged
+            );
+            if settled && pointer.read()? != Some(self.state.active) {
                 pointer.set(self.state.active)?;
             }
         }
@@ -368,22 +449,51 @@ impl Engine {
     }
 
     /// `mark-good`/`mark-bad` of `slot`, like `rauc status mark-good`.
+    ///
+    /// Guards on the slot that runs, not on `active`: `mark-good` commits only a slot that has
+    /// booted (a pending trial is refused until its boot), and `mark-bad` refuses whatever would
+    /// leave no good slot to boot. Marking a pending trial bad cancels it in the bootloader.
     pub fn mark(&mut self, slot: Slot, good: bool) -> Result<String, EngineError> {
+        let running = self.running()?;
+        let boot_id = self.activation.boot_id()?;
         let trial = self
             .state
             .upgrade
             .as_ref()
-            .filter(|u| u.phase == Phase::Testing && u.target == slot)
-            .is_some();
-        if trial {
+            .filter(|u| matches!(u.phase, Phase::Testing | Phase::Switching) && u.target == slot)
+            .cloned();
+        if let Some(u) = trial {
+            // Command mode: `current` names the trial from the switch on. Reboot mode: only a
+            // boot after the one that set the trial, on the trial slot, runs it.
+            let booted = match &self.activation {
+                Activation::Command { .. } => u.phase == Phase::Testing,
+                Activation::Reboot { .. } => running == slot && boot_id != u.boot_id,
+            };
+            if good && !booted {
+                return Err(EngineError::Refused(format!(
+                    "slot {slot} has not booted yet (its trial starts at the next boot); refusing \
+                     to commit an image that never ran. Mark it good from inside that boot"
+                )));
+            }
             let outcome = if good {
+                if u.phase != Phase::Testing {
+                    return Err(EngineError::Refused(format!(
+                        "slot {slot} is being switched to; run `flightnode-agent resume` first"
+                    )));
+                }
+                self.state.trial_runs();
                 self.commit().map(|()| Outcome::Idle)
             } else {
-                self.begin_roll_back(
-                    ErrorCode::HealthCheckFailed,
-                    format!("slot {slot} marked bad by the operator"),
-                )
-                .and_then(|()| self.roll_back().map(|()| Outcome::Idle))
+                let (code, why) = if booted {
+                    (ErrorCode::HealthCheckFailed, "marked bad by the operator")
+                } else {
+                    (
+                        ErrorCode::Canceled,
+                        "marked bad by the operator before its trial boot",
+                    )
+                };
+                self.begin_roll_back(code, format!("slot {slot} {why}"))
+                    .and_then(|()| self.roll_back().map(|()| Outcome::Idle))
             };
             return match outcome {
                 Ok(_) => Ok(format!(
@@ -403,25 +513,78 @@ impl Engine {
                 Err(Stop::Engine(e)) => Err(e),
             };
         }
-        let record = self.state.slot(slot);
-        if good && record.version.is_none() {
+        let in_flight = self
+            .state
+            .upgrade
+            .as_ref()
+            .map(|u| (u.id.clone(), u.phase, u.target));
+        if let Some((id, phase, target)) = &in_flight
+            && *target == slot
+        {
             return Err(EngineError::Refused(format!(
-                "slot {slot} holds no complete image; refusing to mark it good"
+                "upgrade {id} is writing slot {slot} ({phase}); it is not bootable until that \
+                 upgrade ends. Cancel it or let it finish"
             )));
         }
-        if !good && slot == self.state.active {
-            return Err(EngineError::Refused(format!(
-                "slot {slot} is the active slot; install another image instead of marking it bad"
-            )));
+        let record = self.state.slot(slot).clone();
+        if good {
+            if slot != running {
+                if record.state == SlotState::Good {
+                    return Ok(format!("slot {slot} is already good"));
+                }
+                return Err(EngineError::Refused(format!(
+                    "slot {slot} is not running (slot {running} is); only a slot that has booted \
+                     can be marked good. Boot it first"
+                )));
+            }
+            if record.version.is_none() {
+                return Err(EngineError::Refused(format!(
+                    "slot {slot} holds no complete image the agent knows; refusing to mark it good"
+                )));
+            }
+        } else {
+            let other = self.state.slot(!slot).state;
+            let refusal = if slot == running && matches!(self.activation, Activation::Command { .. }) {
+                Some(format!(
+                    "slot {slot} is the running slot; install another image instead of marking it bad"
+                ))
+            } else if slot == running && (in_flight.is_some() || other != SlotState::Good) {
+                Some(format!(
+                    "slot {slot} is the running slot and slot {} is not a good fallback ({}); \
+                     marking it bad would leave no good slot to boot",
+                    !slot,
+                    format!("{other:?}").to_lowercase()
+                ))
+            } else if slot != running && self.state.slot(running).state != SlotState::Good {
+                Some(format!(
+                    "slot {running} runs but is not known good; marking slot {slot} bad would leave \
+                     no good slot to boot"
+                ))
+            } else {
+                None
+            };
+            if let Some(message) = refusal {
+                return Err(EngineError::Refused(message));
+            }
         }
         if let Activation::Reboot { boot, .. } = &self.activation {
-            if good {
-                boot.mark_good(slot).map_err(ActivationError::from)?;
-            } else {
+            if !good {
                 boot.mark_bad(slot).map_err(ActivationError::from)?;
+            } else if in_flight.is_some() {
+                // An upgrade is in flight: restore this boot's attempts without touching the order.
+                boot.confirm(slot).map_err(ActivationError::from)?;
+            } else {
+                boot.mark_good(slot).map_err(ActivationError::from)?;
             }
         }
         self.state.slot_mut(slot).state = if good { SlotState::Good } else { SlotState::Bad };
+        if good
+            && self.state.active == slot
+            && in_flight.is_none()
+            && let Some(v) = record.version
+        {
+            self.state.committed_version = v;
+        }
         self.save()?;
         Ok(format!(
             "slot {slot} marked {}",

@@ -11,6 +11,9 @@ use flightnode_proto::{ErrorCode, Phase, Slot};
 use sha2::Digest;
 use std::time::Duration;
 
+/// Trial boots that may end before their check finishes (power cuts) before the trial fails.
+const TRIAL_BOOTS: u32 = 3;
+
 /// Maps a bundle/copy error to the upgrade's end: a fetch failure carried through the reader keeps
 /// its own code and message. (Cancel and pause are recognised by their flags, in `interrupted`.)
 fn copy_stop(e: BundleError) -> Stop {
@@ -51,6 +54,18 @@ impl Engine {
     /// target slot from where the last checkpoint left it, and verify its hash.
     pub(super) fn download(&mut self) -> Result<(), Stop> {
         let u = self.upgrade()?.clone();
+        let running = self.running()?;
+        if running == u.target {
+            return Err(Stop::Engine(super::EngineError::Refused(format!(
+                "upgrade {} targets slot {} ({}), which is the running slot; refusing to write it",
+                u.id,
+                u.target,
+                self.slots.path(u.target).display()
+            ))));
+        }
+        // This boot of the running slot worked: however long the download, and however many
+        // boots resume it, the bootloader keeps its attempts.
+        self.confirm_running(u.target)?;
         // An interruption explains any fetch error that follows it: report that, not the error.
         let fetch_stop = |this: &Self, e: crate::download::DownloadError| {
             this.interrupted()
@@ -62,9 +77,16 @@ impl Engine {
                 let header = bundle::read_header(&mut reader, &self.keys)
                     .map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(e)))?;
                 let m = header.manifest;
+                // `already_installed` only for the version that runs (after a fallback the
+                // committed version follows it too, see `DeviceState::fell_back`).
+                let committed = match self.state.slot(running) {
+                    r if r.state == flightnode_proto::SlotState::Good => r.version.clone(),
+                    _ => None,
+                }
+                .unwrap_or_else(|| self.state.committed_version.clone());
                 let device = policy::Device {
                     hardware: &self.cfg.hardware,
-                    committed: &self.state.committed_version,
+                    committed: &committed,
                     security_floor: self.state.security_floor,
                 };
                 policy::check(&m, &device, u.allow_downgrade, time::OffsetDateTime::now_utc())
@@ -77,13 +99,17 @@ impl Engine {
                     .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
                 tracing::info!(upgrade_id = %u.id, version = %m.version, slot = %u.target, size = m.image.size,
                     "manifest verified; writing image");
-                // Write-ahead: the slot is marked bad before the first byte overwrites it.
+                // Write-ahead, in RAUC's order: the slot is marked bad in the state, then in the
+                // bootloader, before the first byte overwrites it.
                 self.state.accept_manifest(m.clone(), header.image_offset);
                 self.save()?;
+                self.disable_target(u.target)?;
                 crate::failpoint::hit("verified");
                 (m, 0, sha2::Sha256::new(), reader)
             }
             Some(m) => {
+                // A crash between the save and the bootloader write above: do it again.
+                self.disable_target(u.target)?;
                 let mut start = u.written;
                 let mut hasher = sha2::Sha256::new();
                 if start > 0 && self.slots.hash_prefix(u.target, start, &mut hasher).is_err() {
@@ -99,6 +125,14 @@ impl Engine {
             }
         };
         self.write_image(manifest, start, hasher, reader, u.target)
+    }
+
+    /// Reboot mode: the target slot is not bootable from now until its trial is set.
+    fn disable_target(&self, target: Slot) -> Result<(), Stop> {
+        if let Activation::Reboot { boot, .. } = &self.activation {
+            boot.mark_bad(target).map_err(ActivationError::from)?;
+        }
+        Ok(())
     }
 
     fn write_image(
@@ -174,7 +208,24 @@ impl Engine {
 
     /// Staged/Switching: point the system at the target slot.
     pub(super) fn switch(&mut self) -> Result<(), Stop> {
-        let target = self.upgrade()?.target;
+        let u = self.upgrade()?.clone();
+        let target = u.target;
+        let boot_id = self.activation.boot_id()?;
+        if let Activation::Reboot { boot, .. } = &self.activation
+            && u.phase == Phase::Switching
+            && u.boot_id != boot_id
+            && boot.booted().map_err(ActivationError::from)? == target
+        {
+            // Power cut after the trial was set but before it was recorded: this is the trial
+            // boot. Record it as such; `test` sees the new boot id and checks the slot.
+            tracing::info!(slot = %target, "the trial boot happened before it was recorded");
+            self.state.enter(Phase::Testing);
+            self.save()?;
+            return Ok(());
+        }
+        if let Some(u) = self.state.upgrade.as_mut() {
+            u.boot_id = boot_id.clone();
+        }
         self.state.enter(Phase::Switching);
         self.save()?;
         crate::failpoint::hit("switching");
@@ -182,6 +233,7 @@ impl Engine {
             Activation::Command { pointer } => {
                 pointer.set(target)?;
                 self.state.enter(Phase::Testing);
+                self.state.trial_runs();
                 self.save()?;
                 crate::failpoint::hit("switched");
                 Ok(())
@@ -191,10 +243,6 @@ impl Engine {
                 // (GRUB's script counts every boot as a try until it is marked good).
                 boot.mark_good(!target).map_err(ActivationError::from)?;
                 boot.set_trial(target).map_err(ActivationError::from)?;
-                let boot_id = self.activation.boot_id()?;
-                if let Some(u) = self.state.upgrade.as_mut() {
-                    u.boot_id = boot_id;
-                }
                 self.state.enter(Phase::Testing);
                 self.save()?;
                 crate::failpoint::hit("switched");
@@ -219,11 +267,15 @@ impl Engine {
     pub(super) fn test(&mut self) -> Result<(), Stop> {
         let u = self.upgrade()?.clone();
         if let Activation::Reboot { boot, .. } = &self.activation {
-            if self.activation.boot_id()? == u.boot_id {
+            let boot_id = self.activation.boot_id()?;
+            if boot_id == u.boot_id {
                 // Same boot as the one that requested the trial: the reboot has not happened yet.
                 return self.reboot(u.target);
             }
             let booted = boot.booted().map_err(ActivationError::from)?;
+            if booted != u.target && u.trial_boot.is_some() {
+                return self.retry_trial(&u, booted, boot_id);
+            }
             if booted != u.target {
                 boot.mark_bad(u.target).map_err(ActivationError::from)?;
                 return Err(Stop::Upgrade(
@@ -233,6 +285,25 @@ impl Engine {
                         u.target
                     ),
                 ));
+            }
+            if u.trial_boot != boot_id {
+                if u.trial_boots >= TRIAL_BOOTS {
+                    return self.begin_roll_back(
+                        ErrorCode::HealthCheckFailed,
+                        format!(
+                            "slot {} booted {} times but each boot ended before its health check finished",
+                            u.target, u.trial_boots
+                        ),
+                    );
+                }
+                // The trial slot came up: it runs, and a power cut from here on is not a failed
+                // boot (see `retry_trial`).
+                if let Some(up) = self.state.upgrade.as_mut() {
+                    up.trial_boot = boot_id;
+                    up.trial_boots += 1;
+                }
+                self.state.trial_runs();
+                self.save()?;
             }
         } else if let Err(e) = self.run_hook(
             Hook::Apply,
@@ -265,6 +336,42 @@ impl Engine {
         }
         crate::failpoint::hit("healthy");
         self.commit()
+    }
+
+    /// Reboot mode: the trial slot came up in an earlier boot, but that boot ended (a power cut)
+    /// before its health check or fleet gate decided, and the bootloader has since returned to the
+    /// old slot. The image booted fine, so the trial is armed again and the check re-run; after
+    /// [`TRIAL_BOOTS`] such boots it counts as failed.
+    fn retry_trial(
+        &mut self,
+        u: &crate::state::Upgrade,
+        booted: Slot,
+        boot_id: Option<String>,
+    ) -> Result<(), Stop> {
+        let Activation::Reboot { boot, .. } = &self.activation else {
+            return Ok(());
+        };
+        if u.trial_boots >= TRIAL_BOOTS {
+            boot.mark_bad(u.target).map_err(ActivationError::from)?;
+            return Err(Stop::Upgrade(
+                ErrorCode::HealthCheckFailed,
+                format!(
+                    "slot {} booted {} times but each boot ended before its health check finished",
+                    u.target, u.trial_boots
+                ),
+            ));
+        }
+        tracing::warn!(slot = %u.target, booted = %booted, trial_boots = u.trial_boots,
+            "the trial boot ended before its check finished; trying slot {} again", u.target);
+        boot.mark_good(booted).map_err(ActivationError::from)?;
+        boot.set_trial(u.target).map_err(ActivationError::from)?;
+        if let Some(up) = self.state.upgrade.as_mut() {
+            up.boot_id = boot_id;
+            up.trial_boot = None;
+        }
+        self.state.active = booted;
+        self.save()?;
+        self.reboot(u.target)
     }
 
     /// Makes the trial slot the committed one.
@@ -325,6 +432,9 @@ impl Engine {
                     }
                     return self.reboot(old);
                 }
+                // Still (or again) on the old slot: a trial that is set but never ran must not
+                // start at the next power-on.
+                boot.mark_bad(u.target).map_err(ActivationError::from)?;
             }
         }
         Err(Stop::Upgrade(code, message))

@@ -71,12 +71,22 @@ impl SlotBackend for FileSlots {
             action,
             source,
         };
+        let created = !path.exists();
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .open(path)
             .map_err(|e| io("open for writing", e))?;
+        if created {
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            // The checkpoints that follow fsync the file; its directory entry needs its own fsync,
+            // or a power cut can lose the file under a recorded offset.
+            crate::activation::fsync_dir(dir).map_err(|e| io("fsync slot directory", e))?;
+        }
         // Anything past `offset` was not recorded as durable: drop it rather than trust it.
         file.set_len(offset)
             .map_err(|e| io("truncate to the resume offset", e))?;

@@ -31,6 +31,17 @@ pub enum SlotError {
         /// Why.
         source: std::io::Error,
     },
+    /// The slot is mounted or held open exclusively by someone else: writing it would corrupt a
+    /// live filesystem (or the running root).
+    #[error("slot {slot} ({path}) is in use: {reason}; refusing to write it")]
+    InUse {
+        /// Which slot.
+        slot: Slot,
+        /// The device.
+        path: PathBuf,
+        /// Mounted where, or the open error.
+        reason: String,
+    },
     /// The image does not fit.
     #[error("slot {slot} ({path}) has room for {available} bytes, the image needs {needed}")]
     NoSpace {
@@ -53,7 +64,7 @@ impl SlotError {
             SlotError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 flightnode_proto::ErrorCode::NoSpace
             }
-            SlotError::Io { .. } => flightnode_proto::ErrorCode::Internal,
+            SlotError::Io { .. } | SlotError::InUse { .. } => flightnode_proto::ErrorCode::Internal,
         }
     }
 }
