@@ -22,6 +22,10 @@ PACKAGES=(
     file                         # check the cross-built binary really is aarch64
     strace                       # the crash tests check which directories the agent fsyncs
     ca-certificates curl tar     # rustup and the bundle tooling
+    u-boot-qemu                  # real U-Boot (qemu_arm64 u-boot.bin) for the reboot-mode tests
+    u-boot-tools                 # mkimage: compiles RAUC's boot script into boot.scr
+    dosfstools                   # mkfs.vfat: the FAT boot disk U-Boot's distro_bootcmd reads
+    mtools                       # mcopy: puts boot.scr on that disk without mounting it
 )
 RUST_TARGETS=(aarch64-unknown-linux-gnu)
 
@@ -31,6 +35,7 @@ declare -A PROVIDES=(
     [grub-common]=grub-editenv [systemd]=systemd-analyze [gcc-aarch64-linux-gnu]=aarch64-linux-gnu-gcc
     [binutils-aarch64-linux-gnu]=aarch64-linux-gnu-ld [qemu-user-static]=qemu-aarch64-static
     [file]=file [strace]=strace [curl]=curl [tar]=tar
+    [u-boot-tools]=mkimage [mtools]=mcopy
 )
 
 missing_packages() {
@@ -50,6 +55,49 @@ missing_targets() {
     for t in "${RUST_TARGETS[@]}"; do
         grep -qx "$t" <<<"$installed" || echo "$t"
     done
+}
+
+# qemu-system-aarch64 >= 8 for real U-Boot: Debian 12's qemu 7.2 drops U-Boot's buffered pflash
+# writes (QEMU issue 2343), bookworm-backports has 10.0. It is downloaded with a PRIVATE apt
+# configuration and unpacked (dpkg -x) under target/uboot-qemu, where the tests look for it:
+# the system's apt sources and packages stay as they are (`apt-get -t bookworm-backports` would
+# also take every dependency that backports has from there). Only its runtime libraries are
+# installed, from the system's own bookworm sources.
+QEMU_DIR="${CARGO_TARGET_DIR:-target}/uboot-qemu"
+QEMU_BIN="$QEMU_DIR/root/usr/bin/qemu-system-aarch64"
+
+qemu_ok() {
+    [[ -x "$QEMU_BIN" ]] &&
+        QEMU_MODULE_DIR="$QEMU_DIR/root/usr/lib/x86_64-linux-gnu/qemu" "$QEMU_BIN" --version >/dev/null 2>&1
+}
+
+provide_qemu() {
+    local a deps mirror
+    mkdir -p "$QEMU_DIR/apt" && a=$(cd "$QEMU_DIR/apt" && pwd)
+    mkdir -p "$a/lists/partial" "$a/cache/archives/partial" "$a/debs"
+    # The same Debian mirror the system's bookworm sources use.
+    apt-get update -qq
+    mirror=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' | awk '$2 == "bookworm" {print $1; exit}')
+    [[ -n "$mirror" ]] || { echo "test.sh: no bookworm apt source to take the mirror from" >&2; exit 2; }
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror bookworm-backports main" \
+        >"$a/sources.list"
+    local -a o=(-o "Dir::Etc::sourcelist=$a/sources.list" -o "Dir::Etc::sourceparts=-"
+        -o "Dir::State::lists=$a/lists" -o "Dir::Cache=$a/cache" -o "APT::Sandbox::User=root")
+    echo "test.sh: unpacking bookworm-backports qemu-system-arm into $QEMU_DIR" >&2
+    apt-get "${o[@]}" update -qq
+    rm -f "$a/debs"/*.deb
+    (cd "$a/debs" && apt-get "${o[@]}" download -qq qemu-system-arm qemu-system-common qemu-system-data)
+    rm -rf "$QEMU_DIR/root.new" && mkdir -p "$QEMU_DIR/root.new"
+    local f
+    for f in "$a/debs"/*.deb; do dpkg -x "$f" "$QEMU_DIR/root.new"; done
+    # Its library dependencies, without versions and without the qemu packages themselves.
+    deps=$(for f in "$a/debs"/qemu-system-arm_*.deb "$a/debs"/qemu-system-common_*.deb; do
+        dpkg-deb -f "$f" Depends; done | tr ',' '\n' | sed 's/(.*)//; s/|.*//; s/ //g' |
+        grep -v '^qemu-' | grep -v '^$' | sort -u)
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $deps >/dev/null
+    rm -rf "$QEMU_DIR/root" && mv "$QEMU_DIR/root.new" "$QEMU_DIR/root"
+    qemu_ok || { echo "test.sh: the unpacked qemu does not run: $QEMU_BIN" >&2; exit 2; }
 }
 
 mapfile -t need_pkgs < <(missing_packages)
@@ -73,6 +121,17 @@ if ((${#need_pkgs[@]} + ${#need_targets[@]})); then
         ((${#need_targets[@]})) && echo "  rustup target add ${need_targets[*]}" >&2
         echo "or run ./test.sh as root, which installs them." >&2
         exit 2
+    fi
+fi
+
+if ! qemu_ok; then
+    if [[ $(id -u) -eq 0 && -z "${FLIGHTNODE_TEST_NO_INSTALL:-}" ]]; then
+        provide_qemu
+    else
+        echo "test.sh: no qemu-system-aarch64 >= 8 under $QEMU_DIR for the real U-Boot tests;" >&2
+        echo "  run ./test.sh as root once (it unpacks bookworm-backports' qemu there)," >&2
+        echo "  or set FLIGHTNODE_QEMU_AARCH64 to one, or FLIGHTNODE_SKIP_UBOOT_QEMU=1 to skip them." >&2
+        [[ -n "${FLIGHTNODE_QEMU_AARCH64:-}${FLIGHTNODE_SKIP_UBOOT_QEMU:-}" ]] || exit 2
     fi
 fi
 

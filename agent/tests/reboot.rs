@@ -146,3 +146,56 @@ fn trial_that_never_comes_up_is_reported_after_the_fallback() {
         assert_eq!(dev.status(), before);
     }
 }
+
+/// GRUB: a power cut in the middle of a grubenv write. The agent writes a complete new file and
+/// renames it into place, so at every step the grubenv GRUB would read is the old or the new
+/// one, never a torn mix, and the next power-on boots the good slot. Cut points: after the new
+/// file is fsynced (not yet renamed) and after the rename (directory not yet fsynced).
+#[test]
+fn grubenv_cut_mid_write_is_old_or_new_and_boots_the_good_slot() {
+    for failpoint in ["grubenv-synced", "grubenv-renamed"] {
+        let dir = tempfile::tempdir().unwrap();
+        let sim = SimBoot::grub(dir.path()).unwrap();
+        assert_eq!(sim.power_on().unwrap(), 'A');
+        let dev = reboot_device(&sim, "true");
+        assert!(dev.run(&["resume"]).status.success(), "{failpoint}: first boot");
+        let before = std::fs::read(&sim.env).unwrap();
+        let o = dev
+            .cmd(&["mark-bad", "b"])
+            .env("FLIGHTNODE_FAILPOINT", failpoint)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.signal(), Some(9), "{failpoint}: {}", text(&o));
+        let now = std::fs::read(&sim.env).unwrap();
+        assert_eq!(now.len(), 1024, "{failpoint}: a whole environment block");
+        let list = std::process::Command::new("grub-editenv")
+            .arg(&sim.env)
+            .arg("list")
+            .output()
+            .unwrap();
+        let vars = String::from_utf8_lossy(&list.stdout).into_owned();
+        assert!(list.status.success(), "{failpoint}: grubenv readable");
+        if failpoint == "grubenv-synced" {
+            assert_eq!(
+                now, before,
+                "{failpoint}: not renamed yet, the old file is in place"
+            );
+        } else {
+            assert!(
+                vars.contains("B_OK=0"),
+                "{failpoint}: the new file is in place: {vars}"
+            );
+        }
+        assert_eq!(sim.power_on().unwrap(), 'A', "{failpoint}: {vars}");
+        // The next run finishes the job and leaves no temporary file behind.
+        let o = dev.run(&["mark-bad", "b"]);
+        assert!(o.status.success(), "{failpoint}: {}", text(&o));
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("grubenv"))
+            .collect();
+        assert_eq!(names, ["grubenv"], "{failpoint}");
+        assert_eq!(sim.power_on().unwrap(), 'A', "{failpoint}");
+    }
+}

@@ -317,6 +317,7 @@ impl UbootQemu {
         }
         let out = run("fw_printenv", &["-c", &cfg.to_string_lossy()], None)?;
         // What the script and the boot added at run time is not part of the default.
+        // Set by U-Boot and the distro boot loops at run time (never part of the default).
         let skip = [
             "BOOT_ORDER",
             "BOOT_A_LEFT",
@@ -330,15 +331,12 @@ impl UbootQemu {
             "devplist",
             "distro_bootpart",
             "bootfstype",
-            "scriptaddr_r",
             "fdtcontroladdr",
             "stdin",
             "stdout",
             "stderr",
             "prefix",
             "script",
-            "boot_scripts",
-            "bootpart",
         ];
         let mut text = String::new();
         for line in out.lines() {
