@@ -21,6 +21,7 @@ PACKAGES=(
     qemu-user-static             # run the aarch64 agent on this x86_64 machine
     file                         # check the cross-built binary really is aarch64
     ca-certificates curl tar     # rustup and the bundle tooling
+    python3                      # the power-cut layer test calls sync_file_range(2) via os.sync_file_range
 )
 RUST_TARGETS=(aarch64-unknown-linux-gnu)
 
@@ -29,7 +30,7 @@ declare -A PROVIDES=(
     [mosquitto]=mosquitto [mosquitto-clients]=mosquitto_pub [libubootenv-tool]=fw_setenv
     [grub-common]=grub-editenv [systemd]=systemd-analyze [gcc-aarch64-linux-gnu]=aarch64-linux-gnu-gcc
     [binutils-aarch64-linux-gnu]=aarch64-linux-gnu-ld [qemu-user-static]=qemu-aarch64-static
-    [file]=file [curl]=curl [tar]=tar
+    [file]=file [curl]=curl [tar]=tar [python3]=python3
 )
 
 missing_packages() {

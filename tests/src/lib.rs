@@ -8,6 +8,7 @@
 //! - [`fuzz`]: input mutation for the seeded fuzz smoke tests.
 //! - [`http_server`]: a bundle HTTP server that honours `Range` and injects faults.
 //! - [`mosquitto`]: the real Debian broker on a free port, plain or with the example mTLS + ACL config.
+//! - [`powercut`]: a FUSE layer that keeps only fsynced data and namespace changes, and cuts the power.
 //! - [`pki`]: a test CA, server and client certificates for mutual TLS (broker and hub).
 
 pub mod agent;
@@ -19,3 +20,4 @@ pub mod http_server;
 pub mod load;
 pub mod mosquitto;
 pub mod pki;
+pub mod powercut;
