@@ -501,7 +501,7 @@ fn repeated_power_cuts_during_the_download() {
     assert_no_failures(failures);
 }
 
-/// One random case: a mode, a healthy or unhealthy image, and up to four cuts at random
+/// One random case: a mode, a healthy or unhealthy image, and up to five cuts at random
 /// failpoints (steps or download offsets), then convergence. Returns the number of cuts.
 fn random_case(seed: u64, case: u64) -> Result<usize, String> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ case.wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -511,9 +511,11 @@ fn random_case(seed: u64, case: u64) -> Result<usize, String> {
         Mode::Reboot
     };
     let healthy = rng.random_bool(0.8);
-    let n = rng.random_range(1..=4);
+    let n = rng.random_range(1..=5);
     let points: Vec<String> = (0..n)
-        .map(|_| match rng.random_range(0..8) {
+        // Download offsets get 40%: runs of cuts while the image is written are what exhaust a
+        // bootloader's attempt counter.
+        .map(|_| match rng.random_range(0..10) {
             0 => "verified".into(),
             1 => "staged".into(),
             2 => "switching".into(),
@@ -615,4 +617,38 @@ fn sled_flush_alone_does_not_survive_a_power_cut() {
         s["phase"], "downloading",
         "the phase saved (and flushed) before the failpoint must survive the power cut: {s:#}"
     );
+}
+
+/// A finished install survives a power cut right after the agent returned, also on a
+/// filesystem that promises only what POSIX does (a directory entry is durable once its
+/// directory was fsynced).
+///
+/// KNOWN FAILING in `Durability::Posix` (new finding, not in issue 11's list): sled 0.34 never
+/// fsyncs a directory, so `state/db/`'s entries (`conf`, `db`, snapshots) are never made durable;
+/// the whole store can vanish and the device silently starts over as a factory device. Fix in
+/// `Store::open`: fsync `state_dir/db`, `state_dir/db/blobs` and `state_dir` after sled created
+/// them (and the parent of `state_dir` when it was created).
+#[test]
+fn a_committed_upgrade_survives_a_power_cut() {
+    let mut failures = Vec::new();
+    for durability in [Durability::Journal, Durability::Posix] {
+        let mut rig = Rig::with(Mode::Command, true, durability);
+        let bundle = rig.bundle.to_str().unwrap().to_owned();
+        let o = rig.agent(&["install", &bundle], None);
+        let r = (|| {
+            ensure!(o.status.success(), "install: {}", text(&o));
+            let slot = rig.power_cycle()?;
+            ensure!(slot == 'B', "the committed slot must boot, not {slot}");
+            let s = rig.status()?;
+            ensure!(
+                s["committed_version"] == V2 && s["active_slot"] == "b",
+                "the device forgot the committed upgrade: {s:#}"
+            );
+            Ok(())
+        })();
+        if let Err(e) = r {
+            failures.push(rig.report(&format!("{durability:?}"), &e));
+        }
+    }
+    assert_no_failures(failures);
 }
