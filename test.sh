@@ -26,6 +26,7 @@ PACKAGES=(
     u-boot-tools                 # mkimage: compiles RAUC's boot script into boot.scr
     dosfstools                   # mkfs.vfat: the FAT boot disk U-Boot's distro_bootcmd reads
     mtools                       # mcopy: puts boot.scr on that disk without mounting it
+    python3                      # the power-cut layer test calls sync_file_range(2) via os.sync_file_range
 )
 RUST_TARGETS=(aarch64-unknown-linux-gnu)
 
@@ -36,6 +37,7 @@ declare -A PROVIDES=(
     [binutils-aarch64-linux-gnu]=aarch64-linux-gnu-ld [qemu-user-static]=qemu-aarch64-static
     [file]=file [strace]=strace [curl]=curl [tar]=tar
     [u-boot-tools]=mkimage [mtools]=mcopy
+    [python3]=python3
 )
 
 missing_packages() {

@@ -9,6 +9,7 @@
 //! - [`fuzz`]: input mutation for the seeded fuzz smoke tests.
 //! - [`http_server`]: a bundle HTTP server that honours `Range` and injects faults.
 //! - [`mosquitto`]: the real Debian broker on a free port, plain or with the example mTLS + ACL config.
+//! - [`powercut`]: a FUSE layer that keeps only fsynced data and namespace changes, and cuts the power.
 //! - [`pki`]: a test CA, server and client certificates for mutual TLS (broker and hub).
 
 pub mod agent;
@@ -21,3 +22,4 @@ pub mod load;
 pub mod mosquitto;
 pub mod pki;
 pub mod uboot_qemu;
+pub mod powercut;
