@@ -1,8 +1,9 @@
 //! Test-only crash points: `FLIGHTNODE_FAILPOINT=<name>` makes the agent SIGKILL itself there.
 //!
 //! Compiled only into debug builds (which is what `cargo test` runs); release builds have none.
-//! Names are the journal steps (`verified`, `staged`, `switching`, …) and `download@N`, which fires
-//! once at least N image bytes were written.
+//! Names are the journal steps (`verified`, `staged`, `switching`, …), `download@N`, which fires
+//! once at least N image bytes were written, and `grubenv-synced`/`grubenv-renamed` inside the
+//! GRUB backend's write (new file fsynced but not renamed; renamed but directory not fsynced).
 
 /// Dies with SIGKILL when the armed failpoint is `name`.
 #[inline]
