@@ -2,8 +2,9 @@
 //!
 //! Compiled only into debug builds (which is what `cargo test` runs); release builds have none.
 //! Names are the journal steps (`verified`, `staged`, `switching`, …), `pointer_renamed` (after the
-//! `current` rename, before its directory fsync) and `download@N`, which fires once at least N
-//! image bytes were written.
+//! `current` rename, before its directory fsync), `download@N`, which fires once at least N image
+//! bytes were written, and `grubenv-synced`/`grubenv-renamed` inside the GRUB backend's write (new
+//! file fsynced but not renamed; renamed but directory not fsynced).
 
 /// Dies with SIGKILL when the armed failpoint is `name`.
 #[inline]

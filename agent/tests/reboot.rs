@@ -1,6 +1,6 @@
 //! Reboot mode against the real `fw_setenv`/`grub-editenv` and the example boot script, with the
-//! boot simulator doing what the bootloader does at power-on. The reboot command SIGKILLs the
-//! agent, as a real reboot would end it.
+//! boot simulator doing what the bootloader does at power-on, and against real U-Boot under
+//! qemu. The reboot command SIGKILLs the agent, as a real reboot would end it.
 
 mod common;
 use common::*;
@@ -24,11 +24,14 @@ fn sims(dir: &std::path::Path) -> Vec<SimBoot> {
         std::fs::create_dir_all(&d).unwrap();
         d
     };
-    vec![
+    let mut sims = vec![
         SimBoot::uboot(&mk("uboot")).unwrap(),
         SimBoot::grub(&mk("grub")).unwrap(),
         SimBoot::script(&mk("script")).unwrap(),
-    ]
+    ];
+    // And real U-Boot under qemu (None only with FLIGHTNODE_SKIP_UBOOT_QEMU=1).
+    sims.extend(SimBoot::uboot_qemu(&mk("uboot-qemu")).unwrap());
+    sims
 }
 
 /// `install` ends in a reboot: the agent is killed by its reboot command.
