@@ -38,6 +38,8 @@ enum Mode {
     Command,
     /// File slots and RAUC's U-Boot variables through the real `fw_setenv`.
     Reboot,
+    /// File slots and RAUC's GRUB variables through the real `grub-editenv`.
+    Grub,
 }
 
 type Check = Result<(), String>;
@@ -74,11 +76,16 @@ impl Rig {
         let extra = match mode {
             Mode::Command => String::new(),
             // The config is written before the temp dir is known: @DIR@ is filled in below.
-            Mode::Reboot => {
-                "[activation]\nmode = \"reboot\"\nreboot_command = \"kill -9 $FLIGHTNODE_AGENT_PID\"\n\
-                 reboot_wait = \"30s\"\n[boot]\nbackend = \"uboot\"\ncmdline = \"@DIR@/cmdline\"\n\
-                 boot_id = \"@DIR@/boot_id\"\nfw_env_config = \"@DIR@/fw_env.config\"\n"
-                    .to_owned()
+            Mode::Reboot | Mode::Grub => {
+                let env = if mode == Mode::Reboot {
+                    "backend = \"uboot\"\nfw_env_config = \"@DIR@/fw_env.config\"\n"
+                } else {
+                    "backend = \"grub\"\ngrubenv = \"@DIR@/fs/boot/grubenv\"\n"
+                };
+                format!(
+                    "[activation]\nmode = \"reboot\"\nreboot_command = \"kill -9 $FLIGHTNODE_AGENT_PID\"\n\
+                     reboot_wait = \"30s\"\n[boot]\ncmdline = \"@DIR@/cmdline\"\nboot_id = \"@DIR@/boot_id\"\n{env}"
+                )
             }
         };
         let dev = Device::new(Options {
@@ -102,9 +109,18 @@ impl Rig {
         std::os::unix::fs::symlink("fs/slots", dev.path("slots")).unwrap();
         std::os::unix::fs::symlink("fs/state", dev.path("state")).unwrap();
 
-        let bootloader = (mode == Mode::Reboot).then(|| {
+        let bootloader = (mode != Mode::Command).then(|| {
             let dir = disk.join("boot");
             std::fs::create_dir(&dir).unwrap();
+            if mode == Mode::Grub {
+                let sim = SimBoot::grub(&dir).unwrap();
+                return SimBoot {
+                    kind: SimKind::Grub,
+                    env: sim.env,
+                    cmdline: dev.path("cmdline"),
+                    boot_id: dev.path("boot_id"),
+                };
+            }
             let sim = SimBoot::uboot(&dir).unwrap();
             std::fs::write(
                 dev.path("fw_env.config"),
@@ -236,17 +252,23 @@ impl Rig {
             bytes == image_bytes(V2, V2_LEN)
         };
         let env = match &self.bootloader {
-            Some(sim) => std::process::Command::new("fw_printenv")
-                .arg("-c")
-                .arg(&sim.env)
-                .output()
-                .map(|o| {
-                    String::from_utf8_lossy(&o.stdout)
-                        .split_whitespace()
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                })
-                .unwrap_or_default(),
+            Some(sim) => match sim.kind {
+                SimKind::Grub => std::process::Command::new("grub-editenv")
+                    .arg(&sim.env)
+                    .arg("list")
+                    .output(),
+                _ => std::process::Command::new("fw_printenv")
+                    .arg("-c")
+                    .arg(&sim.env)
+                    .output(),
+            }
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default(),
             None => String::new(),
         };
         ensure!(
@@ -279,7 +301,7 @@ impl Rig {
             Mode::Command => {
                 self.agent(&["install", &bundle], None);
             }
-            Mode::Reboot => {
+            Mode::Reboot | Mode::Grub => {
                 let mut boots = 0;
                 loop {
                     let o = self.agent(&["resume"], None);
@@ -296,7 +318,7 @@ impl Rig {
         let result = self.check_settled(&s)?;
         // Settled means durable: one more power cut changes nothing that matters.
         let slot = self.power_cycle()?;
-        if self.mode == Mode::Reboot {
+        if self.mode != Mode::Command {
             // The daemon confirms every boot; do the same before reading the state.
             self.agent(&["resume"], None);
         }
@@ -361,7 +383,7 @@ impl Rig {
                     p.display()
                 );
             }
-            Mode::Reboot => {
+            Mode::Reboot | Mode::Grub => {
                 ensure!(
                     s["booted_slot"] == slot,
                     "{result} but booted slot is {}: {s:#}",
@@ -466,6 +488,13 @@ fn command_mode_power_cut_at_every_journal_step() {
 #[test]
 fn reboot_mode_power_cut_at_every_journal_step() {
     every_step(Mode::Reboot);
+}
+
+/// The same over RAUC's GRUB variables; `grub-editenv` rewrites the grubenv in place without an
+/// fsync, so what survives a cut is whatever the last journal commit left of it.
+#[test]
+fn grub_reboot_mode_power_cut_at_every_journal_step() {
+    every_step(Mode::Grub);
 }
 
 /// Several cuts in a row while the image is written: each boot must still start a good image.
