@@ -29,6 +29,8 @@ const V2: &str = "2.0.0";
 const V2_LEN: usize = 600 * 1024;
 /// What `Device::new` puts into slot a.
 const FACTORY: &[u8] = b"factory image";
+/// About how many changes (writes, syncs, namespace changes) one install makes on the layer.
+const CHANGES: u64 = 240;
 /// Boots a reboot-mode device may take to settle after the last cut.
 const MAX_BOOTS: usize = 8;
 
@@ -279,6 +281,36 @@ impl Rig {
         Ok(())
     }
 
+    /// Runs the agent with the power failing at the `n`-th change it makes on the layer (any
+    /// write, truncation, namespace change or sync, also inside `fw_setenv`/`grub-editenv`),
+    /// then powers on again. A dead disk answers EIO, so the agent stops by itself; it is
+    /// killed if it does not.
+    fn cut_at_change(&mut self, args: &[&str], n: u64) -> Result<char, String> {
+        self.layer.as_ref().expect("powered").cut_at_change(n);
+        let mut cmd = self.dev.cmd(args);
+        if std::env::var_os("FLIGHTNODE_POWERCUT_KEEP_SYNC_FILE_RANGE").is_none() {
+            without_sync_file_range(&mut cmd);
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start flightnode-agent");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while child.try_wait().expect("wait").is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let tripped = self.layer.as_ref().is_some_and(PowerCut::tripped);
+        self.note(format!(
+            "agent {} [change@{n}{}]",
+            args.join(" ").replace(self.bundle.to_str().unwrap(), "v2.fnb"),
+            if tripped { "" } else { ", never reached" }
+        ));
+        self.power_cycle()
+    }
+
     /// Cut, power on, check the image that boots.
     fn power_cycle(&mut self) -> Result<char, String> {
         self.cut();
@@ -302,15 +334,15 @@ impl Rig {
                 self.agent(&["install", &bundle], None);
             }
             Mode::Reboot | Mode::Grub => {
-                let mut boots = 0;
-                loop {
-                    let o = self.agent(&["resume"], None);
-                    if o.status.signal() != Some(9) {
-                        break;
-                    }
-                    boots += 1;
-                    ensure!(boots < MAX_BOOTS, "still rebooting after {MAX_BOOTS} boots");
+                self.boot_until_settled()?;
+                // Cut before the install was recorded: the hub sends it again.
+                let s = self.status()?;
+                if s["phase"] == "idle"
+                    && s["last_upgrade"].is_null()
+                    && self.agent(&["install", &bundle], None).status.signal() == Some(9)
+                {
                     self.power_cycle()?;
+                    self.boot_until_settled()?;
                 }
             }
         }
@@ -330,6 +362,17 @@ impl Rig {
         let expect = if result == "committed" { 'B' } else { 'A' };
         ensure!(slot == expect, "{result}, but the next power-on boots {slot}");
         Ok(result)
+    }
+
+    /// Reboot mode: starts the agent at every boot until it requests no more reboots.
+    fn boot_until_settled(&mut self) -> Check {
+        let mut boots = 0;
+        while self.agent(&["resume"], None).status.signal() == Some(9) {
+            boots += 1;
+            ensure!(boots < MAX_BOOTS, "still rebooting after {MAX_BOOTS} boots");
+            self.power_cycle()?;
+        }
+        Ok(())
     }
 
     /// The upgrade ended, and the device agrees with itself.
@@ -548,13 +591,14 @@ fn random_case(seed: u64, case: u64) -> Result<usize, String> {
     let points: Vec<String> = (0..n)
         // Download offsets get 40%: runs of cuts while the image is written are what exhaust a
         // bootloader's attempt counter.
-        .map(|_| match rng.random_range(0..10) {
+        .map(|_| match rng.random_range(0..12) {
             0 => "verified".into(),
             1 => "staged".into(),
             2 => "switching".into(),
             3 => "switched".into(),
             4 => "healthy".into(),
             5 => "rolling_back".into(),
+            10 | 11 => format!("change@{}", rng.random_range(0..CHANGES)),
             _ => format!("download@{}", rng.random_range(1..V2_LEN as u64)),
         })
         .collect();
@@ -573,7 +617,10 @@ fn random_case(seed: u64, case: u64) -> Result<usize, String> {
         } else {
             &["resume"]
         };
-        r = rig.cut_at(args, p);
+        r = match p.strip_prefix("change@") {
+            Some(n) => rig.cut_at_change(args, n.parse().unwrap()),
+            None => rig.cut_at(args, p),
+        };
         if r.is_err() {
             break;
         }
@@ -681,6 +728,32 @@ fn a_committed_upgrade_survives_a_power_cut() {
         })();
         if let Err(e) = r {
             failures.push(rig.report(&format!("{durability:?}"), &e));
+        }
+    }
+    assert_no_failures(failures);
+}
+
+/// The power fails at every 9th change the install makes on the layer (any write, sync or
+/// namespace change: inside sled, the slot writer, the pointer switch, `fw_setenv`), not only at
+/// the journal's failpoints.
+#[test]
+fn power_cut_between_any_two_writes() {
+    let mut failures = Vec::new();
+    for mode in [Mode::Command, Mode::Reboot] {
+        for n in (0..CHANGES).step_by(9) {
+            let mut rig = Rig::new(mode, true);
+            let bundle = rig.bundle.to_str().unwrap().to_owned();
+            let r = rig
+                .cut_at_change(&["install", &bundle], n)
+                .and_then(|_| rig.converge());
+            match r {
+                Ok(result) if result == "committed" => {}
+                Ok(result) => failures.push(rig.report(
+                    &format!("{mode:?}, cut at change {n}"),
+                    &format!("ended {result}"),
+                )),
+                Err(e) => failures.push(rig.report(&format!("{mode:?}, cut at change {n}"), &e)),
+            }
         }
     }
     assert_no_failures(failures);
