@@ -142,6 +142,8 @@ pub struct Stats {
     pub commits: u64,
     /// Bytes written through the mount.
     pub bytes_written: u64,
+    /// Requests that change something (writes, truncations, namespace changes, syncs).
+    pub changes: u64,
 }
 
 struct State {
@@ -150,6 +152,8 @@ struct State {
     next_ino: u64,
     /// Set by the cut: every later request fails with EIO, so nothing sneaks in.
     dead: bool,
+    /// [`PowerCut::cut_at_change`]: the power fails when this many more changes arrived.
+    trip: Option<u64>,
     stats: Stats,
 }
 
@@ -162,6 +166,7 @@ impl State {
             inodes: HashMap::new(),
             next_ino: ROOT + 1,
             dead: false,
+            trip: None,
             stats: Stats::default(),
         };
         let meta =
@@ -235,6 +240,26 @@ impl State {
         Ok(())
     }
 
+    /// Counts a change; when the armed trip point is reached the power fails right here: this
+    /// change and every later request are refused, so the durable state is frozen as it was.
+    fn tick(&mut self) -> Result<(), Errno> {
+        if self.dead {
+            return Err(libc::EIO);
+        }
+        self.stats.changes += 1;
+        match self.trip {
+            Some(0) => {
+                self.dead = true;
+                Err(libc::EIO)
+            }
+            Some(n) => {
+                self.trip = Some(n - 1);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
     fn alloc(&mut self) -> u64 {
         let ino = self.next_ino;
         self.next_ino += 1;
@@ -297,6 +322,7 @@ impl State {
 
     /// Links a new inode under `parent/name`.
     fn create(&mut self, parent: u64, name: &OsStr, kind: Kind, perm: u16) -> Result<u64, Errno> {
+        self.tick()?;
         if self.entries(parent)?.contains_key(name) {
             return Err(libc::EEXIST);
         }
@@ -308,6 +334,7 @@ impl State {
     }
 
     fn remove(&mut self, parent: u64, name: &OsStr, want_dir: bool) -> Result<(), Errno> {
+        self.tick()?;
         let ino = self.lookup(parent, name)?;
         match (&self.get(ino)?.kind, want_dir) {
             (Kind::Dir { entries, .. }, true) if !entries.is_empty() => return Err(libc::ENOTEMPTY),
@@ -331,6 +358,7 @@ impl State {
         newname: &OsStr,
         flags: u32,
     ) -> Result<(), Errno> {
+        self.tick()?;
         if flags & !libc::RENAME_NOREPLACE != 0 {
             return Err(libc::EINVAL);
         }
@@ -365,6 +393,7 @@ impl State {
     }
 
     fn write(&mut self, ino: u64, offset: u64, buf: &[u8]) -> Result<usize, Errno> {
+        self.tick()?;
         let inode = self.get_mut(ino)?;
         let Kind::File { data, size_dirty, .. } = &mut inode.kind else {
             return Err(libc::EISDIR);
@@ -381,6 +410,7 @@ impl State {
     }
 
     fn truncate(&mut self, ino: u64, size: u64) -> Result<(), Errno> {
+        self.tick()?;
         let inode = self.get_mut(ino)?;
         let Kind::File {
             data,
@@ -402,6 +432,7 @@ impl State {
 
     /// fsync/fdatasync of a file.
     fn sync_file(&mut self, ino: u64, datasync: bool) -> Result<(), Errno> {
+        self.tick()?;
         self.stats.file_syncs += 1;
         let mode = self.mode;
         let inode = self.get_mut(ino)?;
@@ -426,6 +457,7 @@ impl State {
     }
 
     fn sync_dir(&mut self, ino: u64) -> Result<(), Errno> {
+        self.tick()?;
         self.stats.dir_syncs += 1;
         let mode = self.mode;
         let inode = self.get_mut(ino)?;
@@ -554,8 +586,12 @@ fn perm(mode: u32, umask: u32) -> u16 {
 }
 
 impl Filesystem for Fs {
-    fn init(&mut self, _req: &Request<'_>, _config: &mut KernelConfig) -> Result<(), libc::c_int> {
-        // No FUSE_WRITEBACK_CACHE: every write reaches this process when it happens.
+    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        // No FUSE_WRITEBACK_CACHE: every write reaches this process when it happens. Large
+        // write requests keep one application write one change (see `cut_at_change`).
+        if let Err(nearest) = config.set_max_write(1 << 20) {
+            let _ = config.set_max_write(nearest);
+        }
         Ok(())
     }
 
@@ -839,14 +875,15 @@ impl Filesystem for Fs {
         reply: ReplyCreate,
     ) {
         let mut st = self.st();
-        let ino = match st.lookup(parent, name) {
+        let existed = st.lookup(parent, name);
+        let ino = match existed {
             Ok(_) if flags & libc::O_EXCL != 0 => Err(libc::EEXIST),
             Ok(ino) => Ok(ino),
             Err(libc::ENOENT) => st.create(parent, name, new_file(), perm(mode, umask)),
             Err(e) => Err(e),
         };
         match ino.and_then(|ino| {
-            if flags & libc::O_TRUNC != 0 {
+            if flags & libc::O_TRUNC != 0 && existed.is_ok() {
                 st.truncate(ino, 0)?;
             }
             st.attr(ino)
@@ -935,6 +972,20 @@ impl PowerCut {
     /// What the layer saw so far.
     pub fn stats(&self) -> Stats {
         self.lock().stats
+    }
+
+    /// Arms a power failure at the `n`-th change from now (0: the next one). From that request
+    /// on the mount answers EIO and nothing more becomes durable; [`PowerCut::cut`] then writes
+    /// out the state of that instant. This cuts between any two writes or syncs, including
+    /// inside tools the agent runs (`fw_setenv`, `grub-editenv`).
+    pub fn cut_at_change(&self, n: u64) {
+        self.lock().trip = Some(n);
+    }
+
+    /// Whether an armed [`PowerCut::cut_at_change`] has fired.
+    pub fn tripped(&self) -> bool {
+        let st = self.lock();
+        st.dead && st.trip == Some(0)
     }
 
     /// Makes everything durable, like sync(2) (for test setup, not for the code under test).

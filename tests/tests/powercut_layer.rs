@@ -353,3 +353,20 @@ fn sync_file_range_is_no_durability_point_and_the_filter_turns_it_off() {
     layer.cut().unwrap();
     assert_eq!(std::fs::read(d.d("old")).unwrap(), b"old contents");
 }
+
+#[test]
+fn a_cut_at_a_change_freezes_the_disk_at_that_instant() {
+    let d = Disk::new();
+    let layer = d.mount(Durability::Journal);
+    // Changes: create (0), write (1), fsync (2), rename (3) -> the rename is refused.
+    layer.cut_at_change(3);
+    let mut f = File::create(d.m("sub/new")).unwrap();
+    f.write_all(b"synced").unwrap();
+    f.sync_all().unwrap();
+    assert!(std::fs::rename(d.m("sub/new"), d.m("sub/renamed")).is_err());
+    assert!(layer.tripped());
+    assert!(std::fs::read(d.m("old")).is_err(), "a dead disk answers nothing");
+    layer.cut().unwrap();
+    assert_eq!(names(&d.d("sub")), ["new"]);
+    assert_eq!(std::fs::read(d.d("sub/new")).unwrap(), b"synced");
+}
