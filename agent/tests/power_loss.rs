@@ -117,10 +117,9 @@ impl Rig {
             if mode == Mode::Grub {
                 let sim = SimBoot::grub(&dir).unwrap();
                 return SimBoot {
-                    kind: SimKind::Grub,
-                    env: sim.env,
                     cmdline: dev.path("cmdline"),
                     boot_id: dev.path("boot_id"),
+                    ..sim
                 };
             }
             let sim = SimBoot::uboot(&dir).unwrap();
@@ -132,10 +131,9 @@ impl Rig {
             )
             .unwrap();
             SimBoot {
-                kind: SimKind::Uboot,
-                env: sim.env,
                 cmdline: dev.path("cmdline"),
                 boot_id: dev.path("boot_id"),
+                ..sim
             }
         });
         let mut rig = Self {
@@ -542,9 +540,9 @@ fn grub_reboot_mode_power_cut_at_every_journal_step() {
 
 /// Several cuts in a row while the image is written: each boot must still start a good image.
 ///
-/// KNOWN FAILING (reboot mode) until issue 11 items a and b are fixed: nothing re-confirms slot A
-/// while the download is in flight, so the fourth power-on finds `BOOT_A_LEFT=0` and boots the
-/// half-written slot B, which the bootloader was never told is unbootable (scenario 1).
+/// Issue 11 scenario 1 (items a and b): without re-confirming slot A while the download is in
+/// flight, the fourth power-on finds `BOOT_A_LEFT=0` and boots the half-written slot B, which the
+/// bootloader was never told is unbootable.
 #[test]
 fn repeated_power_cuts_during_the_download() {
     let mut failures = Vec::new();
@@ -679,9 +677,8 @@ fn random_power_cuts() {
 /// and no metadata: a state saved right before a power cut can be gone. Durable only once the
 /// 500 ms flusher thread happens to fsync.
 ///
-/// KNOWN FAILING (new finding, not in issue 11's list): `Store::save` must fsync the sled log
-/// file (`state_dir/db/db`) after `flush()`, and the store's directories once after opening
-/// (sled never fsyncs a directory). Passes once that is done, with or without the filter.
+/// `Store::save` therefore fsyncs sled's data file (`state_dir/db/db`) after `flush()`, and
+/// `Store::open` the store's directories once (sled never fsyncs a directory).
 #[test]
 fn sled_flush_alone_does_not_survive_a_power_cut() {
     let mut rig = Rig::new(Mode::Command, true);
@@ -706,11 +703,9 @@ fn sled_flush_alone_does_not_survive_a_power_cut() {
 /// filesystem that promises only what POSIX does (a directory entry is durable once its
 /// directory was fsynced).
 ///
-/// KNOWN FAILING in `Durability::Posix` (new finding, not in issue 11's list): sled 0.34 never
-/// fsyncs a directory, so `state/db/`'s entries (`conf`, `db`, snapshots) are never made durable;
-/// the whole store can vanish and the device silently starts over as a factory device. Fix in
-/// `Store::open`: fsync `state_dir/db`, `state_dir/db/blobs` and `state_dir` after sled created
-/// them (and the parent of `state_dir` when it was created).
+/// sled 0.34 never fsyncs a directory, so without `Store::open` syncing `state_dir/db`, its
+/// `blobs`, `state_dir` and its parent, `state/db/`'s entries could vanish under
+/// `Durability::Posix` and the device would silently start over as a factory device.
 #[test]
 fn a_committed_upgrade_survives_a_power_cut() {
     let mut failures = Vec::new();
