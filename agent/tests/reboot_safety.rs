@@ -421,3 +421,49 @@ fn after_a_fallback_the_committed_version_is_the_running_one() {
         );
     }
 }
+
+/// Item e (allowed case) and k: `mark-bad` of the running slot while the other one is a good
+/// fallback. Until the reboot nothing is installed over that fallback; after it the old slot is
+/// active and committed again, and the next install goes to the slot marked bad.
+#[test]
+fn mark_bad_of_the_running_slot_with_a_good_fallback() {
+    let root = tempfile::tempdir().unwrap();
+    for sim in sims(root.path()) {
+        let kind = format!("{:?}", sim.kind);
+        assert_eq!(sim.power_on().unwrap(), 'A', "{kind}");
+        let dev = device(&sim, "true", KILL);
+        assert!(dev.run(&["resume"]).status.success(), "{kind}");
+        let v2 = dev.bundle("v2", "2.0.0", 30_000, &["--security-version", "2"]);
+        until_reboot(&dev, &["install", v2.to_str().unwrap()], &kind);
+        assert_eq!(sim.power_on().unwrap(), 'B', "{kind}");
+        assert!(dev.run(&["resume"]).status.success(), "{kind}");
+
+        let o = dev.run(&["mark-bad", "booted"]);
+        assert!(o.status.success(), "{kind}: A is a good fallback: {}", text(&o));
+        assert!(!bootloader_may_boot(&sim, 'B'), "{kind}");
+        let v3 = dev.bundle("v3", "3.0.0", 30_000, &["--security-version", "2"]);
+        let o = dev.run(&["install", v3.to_str().unwrap()]);
+        assert!(!o.status.success(), "{kind}: {}", text(&o));
+        assert!(
+            o.status.signal().is_none(),
+            "{kind}: refused, no reboot: {}",
+            text(&o)
+        );
+        assert_eq!(
+            dev.slot_bytes("a"),
+            b"factory image",
+            "{kind}: the fallback is untouched"
+        );
+
+        assert_eq!(sim.power_on().unwrap(), 'A', "{kind}");
+        assert!(dev.run(&["resume"]).status.success(), "{kind}");
+        let s = dev.status();
+        assert_eq!(s["active_slot"], "a", "{kind}: {s:#}");
+        assert_eq!(s["committed_version"], "1.0.0", "{kind}: {s:#}");
+        assert_eq!(s["security_floor"], 0, "{kind}");
+        until_reboot(&dev, &["install", v3.to_str().unwrap()], &kind);
+        assert_eq!(sim.power_on().unwrap(), 'B', "{kind}");
+        assert!(dev.run(&["resume"]).status.success(), "{kind}");
+        assert_eq!(dev.status()["committed_version"], "3.0.0", "{kind}");
+    }
+}

@@ -182,7 +182,8 @@ pub struct CurrentUpgrade {
 pub struct DeviceStatus {
     /// Device id from the config.
     pub device_id: String,
-    /// Slot the system would start (command mode: the `current` pointer; reboot mode: the primary).
+    /// Slot that runs as far as the agent knows (command mode: the `current` pointer; reboot mode:
+    /// the booted slot; a pending trial becomes active only once it has booted).
     pub active_slot: Slot,
     /// Slot that is running now.
     pub booted_slot: Slot,

@@ -306,6 +306,16 @@ impl Engine {
         }
         self.interrupts.cancel.store(false, Ordering::SeqCst);
         let running = self.running()?;
+        if self.state.slot(running).state != SlotState::Good {
+            // The other slot may be the only good image left: never overwrite it from here.
+            return Err(EngineError::Refused(format!(
+                "slot {running} is running but is not known good ({}); refusing to install over slot {}, \
+                 which may be the only good image. Reboot into slot {} first",
+                format!("{:?}", self.state.slot(running).state).to_lowercase(),
+                !running,
+                !running
+            )));
+        }
         if running != self.state.active {
             return Err(EngineError::Refused(format!(
                 "slot {running} is running but the agent knows slot {} as the active one; refusing to \
