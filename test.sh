@@ -21,6 +21,8 @@ PACKAGES=(
     qemu-user-static             # run the aarch64 agent on this x86_64 machine
     file                         # check the cross-built binary really is aarch64
     ca-certificates curl tar     # rustup and the bundle tooling
+    etcd-server                  # etcd behind the real kube-apiserver of the controller tests
+    xz-utils                     # unpack that kube-apiserver (kube-apiserver.xz)
 )
 RUST_TARGETS=(aarch64-unknown-linux-gnu)
 
@@ -29,7 +31,7 @@ declare -A PROVIDES=(
     [mosquitto]=mosquitto [mosquitto-clients]=mosquitto_pub [libubootenv-tool]=fw_setenv
     [grub-common]=grub-editenv [systemd]=systemd-analyze [gcc-aarch64-linux-gnu]=aarch64-linux-gnu-gcc
     [binutils-aarch64-linux-gnu]=aarch64-linux-gnu-ld [qemu-user-static]=qemu-aarch64-static
-    [file]=file [curl]=curl [tar]=tar
+    [file]=file [curl]=curl [tar]=tar [etcd-server]=etcd [xz-utils]=xz
 )
 
 missing_packages() {
