@@ -126,7 +126,9 @@ impl Controllers {
             let cmd = match &d.action {
                 Action::None => continue,
                 Action::Publish { upgrade_id } => {
-                    let Some(target) = view.target.as_ref() else { continue };
+                    let Some(target) = view.target.as_ref() else {
+                        continue;
+                    };
                     Command::Upgrade(UpgradeCommand {
                         upgrade_id: upgrade_id.clone(),
                         url: target.url.clone(),
@@ -140,7 +142,9 @@ impl Controllers {
             };
             match self.commands.send(&name, &cmd).await {
                 Ok(()) => tracing::info!(device_id = %name, upgrade_id = cmd.upgrade_id(), "command sent"),
-                Err(e) => tracing::warn!(device_id = %name, upgrade_id = cmd.upgrade_id(), error = %e, "command not sent; re-published later"),
+                Err(e) => {
+                    tracing::warn!(device_id = %name, upgrade_id = cmd.upgrade_id(), error = %e, "command not sent; re-published later")
+                }
             }
         }
         next

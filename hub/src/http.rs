@@ -14,9 +14,9 @@
 //!   `flightnode-hub apply -f`)
 
 use crate::crd::{API_VERSION, FirmwareTarget, FlightNode};
-use crate::rollout::FirmwareRollout;
 use crate::hub::Hub;
 use crate::metrics::ConditionLabel;
+use crate::rollout::FirmwareRollout;
 use crate::status::SpecView;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -202,7 +202,10 @@ async fn patch_spec(
             }
         };
         // A person's edit: the rollout annotations go, so a rollout leaves this drone alone.
-        let drop = [crate::rollout::ANNOTATION_ROLLOUT, crate::rollout::ANNOTATION_DISPATCHED];
+        let drop = [
+            crate::rollout::ANNOTATION_ROLLOUT,
+            crate::rollout::ANNOTATION_DISPATCHED,
+        ];
         return match store.set_target(&name, target, &Default::default(), &drop).await {
             Ok(Some(node)) => {
                 state.hub.sessions.specs().set(&name, SpecView::of(&node));
@@ -273,7 +276,10 @@ async fn rollout_one(State(state): State<HttpState>, Path((ns, name)): Path<(Str
     }
 }
 
-async fn rollout_events(State(state): State<HttpState>, Path((ns, name)): Path<(String, String)>) -> Response {
+async fn rollout_events(
+    State(state): State<HttpState>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
     let Some(store) = &state.hub.local else {
         return no_local_store();
     };
@@ -305,7 +311,13 @@ async fn rollout_apply(
     }
     let mut rollout: FirmwareRollout = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return status_error(StatusCode::BAD_REQUEST, "BadRequest", format!("FirmwareRollout: {e}")),
+        Err(e) => {
+            return status_error(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!("FirmwareRollout: {e}"),
+            );
+        }
     };
     if let Err(why) = crate::rollout::validate(&rollout.spec) {
         return status_error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", why);

@@ -4,10 +4,10 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use flightnode_hub::hub::HubConfig;
-use flightnode_hub::scheduler::SchedulerConfig;
 use flightnode_hub::controllers::ControllerConfig;
+use flightnode_hub::hub::HubConfig;
 use flightnode_hub::node_sync::Policy;
+use flightnode_hub::scheduler::SchedulerConfig;
 use flightnode_hub::serve::{ControllerOptions, ServeOptions, StoreKind};
 use flightnode_hub::session::SessionConfig;
 use std::net::SocketAddr;
@@ -84,7 +84,12 @@ struct RolloutStatusArgs {
     #[command(flatten)]
     source: SourceArgs,
     /// Namespace.
-    #[arg(long, short = 'n', env = "FLIGHTNODE_HUB_NAMESPACE", default_value = "default")]
+    #[arg(
+        long,
+        short = 'n',
+        env = "FLIGHTNODE_HUB_NAMESPACE",
+        default_value = "default"
+    )]
     namespace: String,
     /// Print once instead of following the rollout.
     #[arg(long)]
@@ -103,7 +108,12 @@ struct ApplyArgs {
     #[arg(long, env = "FLIGHTNODE_HUB_SERVER", default_value = "http://127.0.0.1:8080")]
     server: String,
     /// Namespace of documents without one.
-    #[arg(long, short = 'n', env = "FLIGHTNODE_HUB_NAMESPACE", default_value = "default")]
+    #[arg(
+        long,
+        short = 'n',
+        env = "FLIGHTNODE_HUB_NAMESPACE",
+        default_value = "default"
+    )]
     namespace: String,
 }
 
@@ -413,7 +423,12 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", flightnode_hub::crd::crd_yaml()?);
             Ok(())
         }
-        Cmd::Get(a) if matches!(a.resource.as_str(), "rollouts" | "rollout" | "firmwarerollouts" | "fwr") => {
+        Cmd::Get(a)
+            if matches!(
+                a.resource.as_str(),
+                "rollouts" | "rollout" | "firmwarerollouts" | "fwr"
+            ) =>
+        {
             let client = if a.kube {
                 flightnode_hub::sink::kube::client_from_env().await?
             } else {
@@ -434,7 +449,8 @@ async fn main() -> anyhow::Result<()> {
             anyhow::bail!("unknown resource {:?}: flightnodes or rollouts", a.resource)
         }
         Cmd::Apply(a) => {
-            let yaml = std::fs::read_to_string(&a.file).with_context(|| format!("read {}", a.file.display()))?;
+            let yaml =
+                std::fs::read_to_string(&a.file).with_context(|| format!("read {}", a.file.display()))?;
             let client = flightnode_hub::sink::kube::client_for_url(&a.server)?;
             for line in flightnode_hub::rollout::cli::apply(&client, &a.namespace, &yaml).await? {
                 println!("{line}");

@@ -194,7 +194,8 @@ impl Metrics {
         for (name, plan) in &report.plans {
             let mut by: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
             for o in plan.outcomes.values() {
-                *by.entry(crate::rollout::controller::outcome_label(*o)).or_insert(0) += 1;
+                *by.entry(crate::rollout::controller::outcome_label(*o))
+                    .or_insert(0) += 1;
             }
             for (outcome, n) in by {
                 self.rollout_drones
@@ -204,13 +205,17 @@ impl Metrics {
                     })
                     .set(n);
             }
-            let label = RolloutLabel { rollout: name.clone() };
+            let label = RolloutLabel {
+                rollout: name.clone(),
+            };
             self.rollout_wave
                 .get_or_create(&label)
                 .set(i64::from(plan.status.current_wave));
-            let halted = plan.status.conditions.iter().any(|c| {
-                c.type_ == crate::rollout::condition::HALTED && c.status == "True"
-            });
+            let halted = plan
+                .status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == crate::rollout::condition::HALTED && c.status == "True");
             self.rollout_halted.get_or_create(&label).set(i64::from(halted));
         }
     }

@@ -234,7 +234,11 @@ pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> 
     };
 
     if view.committed.as_deref() == Some(target.version.as_str()) {
-        set(&mut rec, reason::SYNCED, format!("committed version is {}", target.version));
+        set(
+            &mut rec,
+            reason::SYNCED,
+            format!("committed version is {}", target.version),
+        );
         return keep(rec, Action::None, None);
     }
     if rec.reason == reason::FAILED {
@@ -250,7 +254,10 @@ pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> 
                     set(
                         &mut rec,
                         reason::FAILED,
-                        format!("{id} ended {result} but the committed version is {have}, not {}", target.version),
+                        format!(
+                            "{id} ended {result} but the committed version is {have}, not {}",
+                            target.version
+                        ),
                     );
                     return keep(rec, Action::None, None);
                 }
@@ -268,10 +275,13 @@ pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> 
                     return keep(rec, Action::None, None);
                 }
                 _ => {
-                    let next = parse_time(rec.last_attempt_time.as_deref()) + secs(backoff(policy, rec.attempts));
+                    let next =
+                        parse_time(rec.last_attempt_time.as_deref()) + secs(backoff(policy, rec.attempts));
                     if now < next {
-                        let message =
-                            format!("{id} ended {result} ({code}); attempt {} after back-off", rec.attempts + 1);
+                        let message = format!(
+                            "{id} ended {result} ({code}); attempt {} after back-off",
+                            rec.attempts + 1
+                        );
                         set(&mut rec, reason::RETRYING, message);
                         let wait = Duration::from_secs(u64::try_from(next - now).unwrap_or(1));
                         return keep(rec, Action::None, Some(wait));
@@ -281,7 +291,11 @@ pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> 
                 }
             }
         } else if view.current_upgrade.as_deref() == Some(id.as_str()) {
-            set(&mut rec, reason::IN_PROGRESS, format!("{id}: phase {}", view.phase));
+            set(
+                &mut rec,
+                reason::IN_PROGRESS,
+                format!("{id}: phase {}", view.phase),
+            );
             return keep(rec, Action::None, None);
         } else {
             // Published, not picked up yet. Re-publishing the same id is harmless (the agent
@@ -290,12 +304,28 @@ pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> 
             let idle = view.online && view.phase == "Idle";
             if idle && since >= secs(policy.redeliver_after) {
                 rec.last_attempt_time = Some(now_rfc3339.to_owned());
-                set(&mut rec, reason::IN_PROGRESS, format!("{id} published again (not picked up)"));
-                return keep(rec, Action::Publish { upgrade_id: id }, Some(policy.redeliver_after));
+                set(
+                    &mut rec,
+                    reason::IN_PROGRESS,
+                    format!("{id} published again (not picked up)"),
+                );
+                return keep(
+                    rec,
+                    Action::Publish { upgrade_id: id },
+                    Some(policy.redeliver_after),
+                );
             }
-            set(&mut rec, reason::IN_PROGRESS, format!("{id} published, waiting for the drone"));
+            set(
+                &mut rec,
+                reason::IN_PROGRESS,
+                format!("{id} published, waiting for the drone"),
+            );
             let left = secs(policy.redeliver_after).saturating_sub(since).max(1);
-            return keep(rec, Action::None, Some(Duration::from_secs(u64::try_from(left).unwrap_or(1))));
+            return keep(
+                rec,
+                Action::None,
+                Some(Duration::from_secs(u64::try_from(left).unwrap_or(1))),
+            );
         }
     }
 
@@ -320,9 +350,16 @@ pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> 
     let id = upgrade_id(&view.uid, view.generation, rec.attempts);
     rec.upgrade_id = Some(id.clone());
     rec.last_attempt_time = Some(now_rfc3339.to_owned());
-    let message = format!("attempt {} of {}: {id} published", rec.attempts, policy.max_attempts);
+    let message = format!(
+        "attempt {} of {}: {id} published",
+        rec.attempts, policy.max_attempts
+    );
     set(&mut rec, reason::IN_PROGRESS, message);
-    keep(rec, Action::Publish { upgrade_id: id }, Some(policy.redeliver_after))
+    keep(
+        rec,
+        Action::Publish { upgrade_id: id },
+        Some(policy.redeliver_after),
+    )
 }
 
 #[cfg(test)]
@@ -362,14 +399,24 @@ mod tests {
         let mut v = view();
         let d = step(&mut v, T0);
         let id = upgrade_id("uid-1", 2, 1);
-        assert_eq!(d.action, Action::Publish { upgrade_id: id.clone() });
+        assert_eq!(
+            d.action,
+            Action::Publish {
+                upgrade_id: id.clone()
+            }
+        );
         // The record is what a restarted leader reads: no new id, no second publish yet.
         let again = step(&mut v, T0 + 5);
         assert_eq!(again.action, Action::None);
         assert_eq!(again.sync.as_ref().unwrap().reason, reason::IN_PROGRESS);
         // Not picked up for the redelivery time: the *same* id again.
         let re = step(&mut v, T0 + 61);
-        assert_eq!(re.action, Action::Publish { upgrade_id: id.clone() });
+        assert_eq!(
+            re.action,
+            Action::Publish {
+                upgrade_id: id.clone()
+            }
+        );
         v.current_upgrade = Some(id.clone());
         v.phase = "Downloading".into();
         assert_eq!(step(&mut v, T0 + 200).action, Action::None);
@@ -418,7 +465,13 @@ mod tests {
             let t = T0 + i64::from(attempt) * 1000;
             let d = step(&mut v, t);
             let id = upgrade_id("uid-1", 2, attempt);
-            assert_eq!(d.action, Action::Publish { upgrade_id: id.clone() }, "attempt {attempt}");
+            assert_eq!(
+                d.action,
+                Action::Publish {
+                    upgrade_id: id.clone()
+                },
+                "attempt {attempt}"
+            );
             v.last_upgrade = Some((id, "Failed".into(), "download_failed".into()));
             if attempt < 3 {
                 let wait = step(&mut v, t + 1);
@@ -443,7 +496,10 @@ mod tests {
 
     #[test]
     fn rejected_and_rolled_back_are_never_retried() {
-        for (result, code) in [("Rejected", "signature_invalid"), ("RolledBack", "health_check_failed")] {
+        for (result, code) in [
+            ("Rejected", "signature_invalid"),
+            ("RolledBack", "health_check_failed"),
+        ] {
             let mut v = view();
             let Action::Publish { upgrade_id } = step(&mut v, T0).action else {
                 panic!("no publish");

@@ -235,7 +235,10 @@ pub async fn serve(
     result
 }
 
-type Tasks = (Option<tokio::task::JoinHandle<()>>, Vec<tokio::task::JoinHandle<()>>);
+type Tasks = (
+    Option<tokio::task::JoinHandle<()>>,
+    Vec<tokio::task::JoinHandle<()>>,
+);
 
 /// Starts the reconcilers; with the kube store and leader election also the Lease loop.
 fn start_controllers(
@@ -258,7 +261,12 @@ fn start_controllers(
             let mut keep_tx = None;
             if c.leader_election {
                 let lease = crate::lease::LeaseConfig::new(&namespace, &c.identity);
-                lease_task = Some(tokio::spawn(crate::lease::run(client.clone(), lease, leader_tx, stop)));
+                lease_task = Some(tokio::spawn(crate::lease::run(
+                    client.clone(),
+                    lease,
+                    leader_tx,
+                    stop,
+                )));
             } else {
                 keep_tx = Some(leader_tx);
             }

@@ -3,7 +3,8 @@
 //! Pure functions: no clock is read here; callers pass the time as an RFC 3339 string.
 
 use crate::crd::{
-    AgentInfo, Condition, CurrentUpgrade, Firmware, FlightNodeStatus, LastUpgrade, Resources, SlotInfo, condition,
+    AgentInfo, Condition, CurrentUpgrade, Firmware, FlightNodeStatus, LastUpgrade, Resources, SlotInfo,
+    condition,
 };
 use flightnode_proto::v1::HeartbeatRequest;
 use time::OffsetDateTime;

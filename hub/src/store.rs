@@ -54,7 +54,11 @@ pub trait FleetStore: Send + Sync + 'static {
     /// Sets (or with `None` clears) `status.firmwareSync` of a drone.
     fn write_sync<'a>(&'a self, node: &'a str, sync: Option<&'a FirmwareSync>) -> BoxFuture<'a, Result<()>>;
     /// Writes (or with `None` takes back) a rollout's `spec.firmware` of a drone.
-    fn apply_target<'a>(&'a self, node: &'a str, dispatch: Option<&'a Dispatch>) -> BoxFuture<'a, Result<Applied>>;
+    fn apply_target<'a>(
+        &'a self,
+        node: &'a str,
+        dispatch: Option<&'a Dispatch>,
+    ) -> BoxFuture<'a, Result<Applied>>;
     /// Writes a rollout's status.
     fn write_rollout_status<'a>(
         &'a self,
@@ -62,8 +66,13 @@ pub trait FleetStore: Send + Sync + 'static {
         status: &'a FirmwareRolloutStatus,
     ) -> BoxFuture<'a, Result<()>>;
     /// Records an event about a rollout (best effort).
-    fn event<'a>(&'a self, rollout: &'a FirmwareRollout, warning: bool, reason: &'a str, note: &'a str)
-    -> BoxFuture<'a, ()>;
+    fn event<'a>(
+        &'a self,
+        rollout: &'a FirmwareRollout,
+        warning: bool,
+        reason: &'a str,
+        note: &'a str,
+    ) -> BoxFuture<'a, ()>;
     /// Woken when something the controllers read changed.
     fn changed(&self) -> Arc<Notify>;
 }
@@ -104,7 +113,10 @@ impl KubeFleet {
     /// Starts the watch caches and waits until both listed once.
     pub async fn start(client: Client, namespace: &str, instance: &str) -> Result<Self> {
         let changed = Arc::new(Notify::new());
-        let nodes = spawn_reflector(Api::<FlightNode>::namespaced(client.clone(), namespace), Arc::clone(&changed));
+        let nodes = spawn_reflector(
+            Api::<FlightNode>::namespaced(client.clone(), namespace),
+            Arc::clone(&changed),
+        );
         let rollouts = spawn_reflector(
             Api::<FirmwareRollout>::namespaced(client.clone(), namespace),
             Arc::clone(&changed),
@@ -161,14 +173,22 @@ impl FleetStore for KubeFleet {
             };
             let body = serde_json::json!({ "apiVersion": API_VERSION, "kind": KIND, "status": status });
             self.node_api()
-                .patch_status(node, &PatchParams::apply(RECONCILER_MANAGER).force(), &Patch::Apply(body))
+                .patch_status(
+                    node,
+                    &PatchParams::apply(RECONCILER_MANAGER).force(),
+                    &Patch::Apply(body),
+                )
                 .await
                 .map(|_| ())
                 .map_err(Error::Kube)
         })
     }
 
-    fn apply_target<'a>(&'a self, node: &'a str, dispatch: Option<&'a Dispatch>) -> BoxFuture<'a, Result<Applied>> {
+    fn apply_target<'a>(
+        &'a self,
+        node: &'a str,
+        dispatch: Option<&'a Dispatch>,
+    ) -> BoxFuture<'a, Result<Applied>> {
         Box::pin(async move {
             let body = match dispatch {
                 Some(d) => serde_json::json!({
@@ -221,7 +241,11 @@ impl FleetStore for KubeFleet {
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let ev = Event {
-                type_: if warning { EventType::Warning } else { EventType::Normal },
+                type_: if warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
                 reason: reason.to_owned(),
                 note: Some(note.chars().take(1000).collect()),
                 action: "Rollout".to_owned(),
@@ -285,13 +309,21 @@ impl FleetStore for LocalFleet {
 
     fn write_sync<'a>(&'a self, node: &'a str, sync: Option<&'a FirmwareSync>) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let n = self.store.set_sync(node, sync.cloned()).await.map_err(local_err)?;
+            let n = self
+                .store
+                .set_sync(node, sync.cloned())
+                .await
+                .map_err(local_err)?;
             self.report(n);
             Ok(())
         })
     }
 
-    fn apply_target<'a>(&'a self, node: &'a str, dispatch: Option<&'a Dispatch>) -> BoxFuture<'a, Result<Applied>> {
+    fn apply_target<'a>(
+        &'a self,
+        node: &'a str,
+        dispatch: Option<&'a Dispatch>,
+    ) -> BoxFuture<'a, Result<Applied>> {
         Box::pin(async move {
             let Some(current) = self.store.get(self.store.namespace(), node) else {
                 return Ok(Applied::Missing);
@@ -306,7 +338,10 @@ impl FleetStore for LocalFleet {
             if current.spec.firmware.is_some() && !ours {
                 return Ok(Applied::Conflict);
             }
-            let keys = [crate::rollout::ANNOTATION_ROLLOUT, crate::rollout::ANNOTATION_DISPATCHED];
+            let keys = [
+                crate::rollout::ANNOTATION_ROLLOUT,
+                crate::rollout::ANNOTATION_DISPATCHED,
+            ];
             let n = match dispatch {
                 Some(d) => self
                     .store

@@ -3,8 +3,8 @@
 
 use crate::{Error, Result};
 use flightnode_proto::mqtt::{Command, UpgradeCommand, derive_upgrade_id, upgrade_topic};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use futures_util::future::BoxFuture;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -225,10 +225,19 @@ impl CommandSink for MqttPublisher {
             flightnode_proto::device::validate_device_id(device_id).map_err(Error::Invalid)?;
             let payload = cmd.to_json(Some(device_id));
             self.client
-                .publish(upgrade_topic(device_id), QoS::AtLeastOnce, false, payload.into_bytes())
+                .publish(
+                    upgrade_topic(device_id),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload.into_bytes(),
+                )
                 .await
                 .map_err(|e| Error::Mqtt(format!("{}: {e}", self.url)))?;
-            tracing::info!(device_id, upgrade_id = cmd.upgrade_id(), "controller command queued");
+            tracing::info!(
+                device_id,
+                upgrade_id = cmd.upgrade_id(),
+                "controller command queued"
+            );
             Ok(())
         })
     }

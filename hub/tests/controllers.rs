@@ -64,8 +64,12 @@ async fn cluster() -> anyhow::Result<Option<(ApiServer, Client, Client)>> {
     };
     let admin = api.admin_client().await?;
     let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
-    api.apply_yaml(&admin, "apiVersion: v1\nkind: Namespace\nmetadata: {name: flightnode}\n", None)
-        .await?;
+    api.apply_yaml(
+        &admin,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: flightnode}\n",
+        None,
+    )
+    .await?;
     for file in ["crd.yaml", "rbac.yaml"] {
         let yaml = std::fs::read_to_string(deploy.join(file))?;
         api.apply_yaml(&admin, &yaml, Some(NS)).await?;
@@ -125,7 +129,13 @@ fn status_of(name: &str, r: &Report) -> FlightNodeStatus {
         });
     }
     let now = flightnode_hub::status::rfc3339(time::OffsetDateTime::now_utc());
-    let mut s = with_conditions(from_heartbeat(&hb), Liveness::Online, &SpecView::default(), &[], &now);
+    let mut s = with_conditions(
+        from_heartbeat(&hb),
+        Liveness::Online,
+        &SpecView::default(),
+        &[],
+        &now,
+    );
     s.last_heartbeat_time = Some(now);
     s
 }
@@ -138,7 +148,9 @@ async fn report(sink: &KubeSink, name: &str, r: &Report) -> anyhow::Result<()> {
         status: status_of(name, r),
         events: Vec::new(),
     };
-    sink.write_status(&req).await.map_err(|e| anyhow::anyhow!("status of {name}: {e}"))
+    sink.write_status(&req)
+        .await
+        .map_err(|e| anyhow::anyhow!("status of {name}: {e}"))
 }
 
 async fn controllers(hub: &Client, commands: Arc<Recorded>, identity: &str) -> anyhow::Result<Controllers> {
@@ -204,7 +216,11 @@ async fn node_spec_drives_one_install_across_restarts_and_kubectl_edits() -> any
     let node = nodes
         .patch("drone-1", &PatchParams::apply("kubectl"), &Patch::Apply(&want))
         .await?;
-    let id = upgrade_id(&node.uid().unwrap_or_default(), node.metadata.generation.unwrap_or(0), 1);
+    let id = upgrade_id(
+        &node.uid().unwrap_or_default(),
+        node.metadata.generation.unwrap_or(0),
+        1,
+    );
 
     let commands = Arc::new(Recorded::default());
     let c = controllers(&hub, Arc::clone(&commands), "replica-a").await?;
@@ -219,7 +235,11 @@ async fn node_spec_drives_one_install_across_restarts_and_kubectl_edits() -> any
     for _ in 0..3 {
         c.step().await;
     }
-    assert_eq!(commands.upgrades().get("drone-1"), Some(&vec![id.clone()]), "no second install");
+    assert_eq!(
+        commands.upgrades().get("drone-1"),
+        Some(&vec![id.clone()]),
+        "no second install"
+    );
 
     // kubectl edits a label: no conflict with the hub's fields, and the hub's status stays.
     let relabel = serde_json::json!({
@@ -232,7 +252,10 @@ async fn node_spec_drives_one_install_across_restarts_and_kubectl_edits() -> any
         .await?;
     let got = nodes.get("drone-1").await?;
     assert_eq!(
-        got.status.as_ref().and_then(|s| s.firmware_sync.as_ref()).map(|s| s.reason.as_str()),
+        got.status
+            .as_ref()
+            .and_then(|s| s.firmware_sync.as_ref())
+            .map(|s| s.reason.as_str()),
         Some("InProgress")
     );
     let managers: Vec<String> = got
@@ -242,7 +265,10 @@ async fn node_spec_drives_one_install_across_restarts_and_kubectl_edits() -> any
         .into_iter()
         .filter_map(|m| m.manager)
         .collect();
-    assert!(managers.contains(&"flightnode-hub-reconciler".to_owned()), "{managers:?}");
+    assert!(
+        managers.contains(&"flightnode-hub-reconciler".to_owned()),
+        "{managers:?}"
+    );
     assert!(managers.contains(&"flightnode-hub".to_owned()), "{managers:?}");
 
     // The drone picks it up, then commits: Synced, and a heartbeat status write (another field
@@ -255,14 +281,21 @@ async fn node_spec_drives_one_install_across_restarts_and_kubectl_edits() -> any
         last: Some((id.clone(), "committed", "")),
     };
     report(&sink, "drone-1", &r).await?;
-    step_until(&c, &admin, "Synced", |n, _| sync_reason(n, "drone-1").as_deref() == Some("Synced")).await?;
+    step_until(&c, &admin, "Synced", |n, _| {
+        sync_reason(n, "drone-1").as_deref() == Some("Synced")
+    })
+    .await?;
     report(&sink, "drone-1", &r).await?;
     let got = nodes.get("drone-1").await?;
     assert_eq!(
         got.status.and_then(|s| s.firmware_sync).map(|s| s.reason),
         Some("Synced".to_owned())
     );
-    assert_eq!(commands.upgrades().get("drone-1"), Some(&vec![id]), "exactly one install");
+    assert_eq!(
+        commands.upgrades().get("drone-1"),
+        Some(&vec![id]),
+        "exactly one install"
+    );
     Ok(())
 }
 
@@ -278,9 +311,11 @@ fn rollout_yaml(version: &str) -> String {
 
 fn halted(r: &[FirmwareRollout]) -> bool {
     r.iter().any(|r| {
-        r.status
-            .as_ref()
-            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == condition::HALTED && c.status == "True"))
+        r.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == condition::HALTED && c.status == "True")
+        })
     })
 }
 
@@ -293,28 +328,61 @@ async fn canary_trips_the_breaker_then_a_good_build_rolls_through_with_a_failove
     create_drones(&admin, &names).await?;
     let sink = KubeSink::new(hub.clone(), NS, Duration::from_secs(10));
     for n in &names {
-        report(&sink, n, &Report { version: "1.0.0".into(), ..Report::default() }).await?;
+        report(
+            &sink,
+            n,
+            &Report {
+                version: "1.0.0".into(),
+                ..Report::default()
+            },
+        )
+        .await?;
     }
-    api.apply_yaml(&admin, &rollout_yaml("2.0.0-bad"), Some(NS)).await?;
+    api.apply_yaml(&admin, &rollout_yaml("2.0.0-bad"), Some(NS))
+        .await?;
     let commands = Arc::new(Recorded::default());
     let c = controllers(&hub, Arc::clone(&commands), "replica-a").await?;
-    step_until(&c, &admin, "canary commands", |_, _| commands.upgrades().len() == 2).await?;
+    step_until(&c, &admin, "canary commands", |_, _| {
+        commands.upgrades().len() == 2
+    })
+    .await?;
     // The canary rolls back: the breaker trips in wave 0.
     for (device, ids) in commands.upgrades() {
         let last = Some((ids[0].clone(), "rolled_back", "health_check_failed"));
-        report(&sink, &device, &Report { version: "1.0.0".into(), current: None, last }).await?;
+        report(
+            &sink,
+            &device,
+            &Report {
+                version: "1.0.0".into(),
+                current: None,
+                last,
+            },
+        )
+        .await?;
     }
     step_until(&c, &admin, "Halted", |_, r| halted(r)).await?;
     let rollouts: Api<FirmwareRollout> = Api::namespaced(admin.clone(), NS);
     let r = rollouts.get("fleet-upgrade").await?;
     let s = r.status.clone().unwrap_or_default();
-    assert_eq!((s.current_wave, s.counts.rolled_back, s.counts.not_started), (0, 2, 6), "{s:?}");
-    let why = s.conditions.iter().find(|c| c.type_ == condition::HALTED).unwrap();
+    assert_eq!(
+        (s.current_wave, s.counts.rolled_back, s.counts.not_started),
+        (0, 2, 6),
+        "{s:?}"
+    );
+    let why = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::HALTED)
+        .unwrap();
     assert!(why.message.contains("rolledBack 2 of 2"), "{}", why.message);
     for _ in 0..3 {
         c.step().await;
     }
-    assert_eq!(commands.upgrades().len(), 2, "no dispatch after the breaker tripped");
+    assert_eq!(
+        commands.upgrades().len(),
+        2,
+        "no dispatch after the breaker tripped"
+    );
     // The Event, recorded with the restricted user's rights (events.k8s.io/v1).
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), NS);
     let reasons: Vec<String> = events
@@ -338,7 +406,9 @@ async fn canary_trips_the_breaker_then_a_good_build_rolls_through_with_a_failove
         "metadata": { "name": pinned, "labels": { "fleet": "test" } },
         "spec": { "hardwareId": "hw-x1", "firmware": { "version": "1.0.0", "url": "http://fw.example/1.0.0.fnb" } },
     });
-    nodes.patch(&pinned, &PatchParams::apply("kubectl"), &Patch::Apply(&pin)).await?;
+    nodes
+        .patch(&pinned, &PatchParams::apply("kubectl"), &Patch::Apply(&pin))
+        .await?;
 
     // A good build: a new generation resumes; drones commit as soon as they get the command.
     let bad_ids: std::collections::BTreeSet<String> = commands.upgrades().into_values().flatten().collect();
@@ -346,19 +416,31 @@ async fn canary_trips_the_breaker_then_a_good_build_rolls_through_with_a_failove
     let drive = |commands: Arc<Recorded>, sink: KubeSink| {
         let bad_ids = bad_ids.clone();
         async move {
-        for (device, ids) in commands.upgrades() {
-            let id = ids.last().cloned().unwrap_or_default();
-            if bad_ids.contains(&id) {
-                continue;
+            for (device, ids) in commands.upgrades() {
+                let id = ids.last().cloned().unwrap_or_default();
+                if bad_ids.contains(&id) {
+                    continue;
+                }
+                let last = Some((id, "committed", ""));
+                let _ = report(
+                    &sink,
+                    &device,
+                    &Report {
+                        version: "2.0.1".into(),
+                        current: None,
+                        last,
+                    },
+                )
+                .await;
             }
-            let last = Some((id, "committed", ""));
-            let _ = report(&sink, &device, &Report { version: "2.0.1".into(), current: None, last }).await;
-        }
         }
     };
     // Replica A works the first wave, then dies mid-rollout; replica B takes over.
     step_until(&c, &admin, "wave 0 of the good build", |n, _| {
-        n.iter().filter(|n| n.spec.firmware.as_ref().is_some_and(|f| f.version == "2.0.1")).count() >= 2
+        n.iter()
+            .filter(|n| n.spec.firmware.as_ref().is_some_and(|f| f.version == "2.0.1"))
+            .count()
+            >= 2
     })
     .await?;
     c.step().await;
@@ -368,7 +450,9 @@ async fn canary_trips_the_breaker_then_a_good_build_rolls_through_with_a_failove
     let done = |r: &[FirmwareRollout]| {
         r.iter().any(|r| {
             r.status.as_ref().is_some_and(|s| {
-                s.conditions.iter().any(|c| c.type_ == condition::COMPLETE && c.status == "True")
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == condition::COMPLETE && c.status == "True")
             })
         })
     };
@@ -394,7 +478,10 @@ async fn canary_trips_the_breaker_then_a_good_build_rolls_through_with_a_failove
         assert_eq!(distinct.len(), if canary { 2 } else { 1 }, "{device}: {ids:?}");
     }
     let pinned_node = nodes.get(&pinned).await?;
-    assert_eq!(pinned_node.spec.firmware.map(|f| f.version), Some("1.0.0".to_owned()));
+    assert_eq!(
+        pinned_node.spec.firmware.map(|f| f.version),
+        Some("1.0.0".to_owned())
+    );
     Ok(())
 }
 
@@ -418,7 +505,9 @@ async fn one_lease_holder_and_a_failover() -> anyhow::Result<()> {
     let b = tokio::spawn(run(hub.clone(), config("replica-b"), b_tx, stop_b_rx));
     let wait_leader = |rx: tokio::sync::watch::Receiver<bool>| async move {
         let mut rx = rx;
-        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|l| *l)).await.is_ok()
+        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|l| *l))
+            .await
+            .is_ok()
     };
     assert!(wait_leader(a_rx.clone()).await || wait_leader(b_rx.clone()).await);
     for _ in 0..10 {
@@ -426,9 +515,16 @@ async fn one_lease_holder_and_a_failover() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // A hard kill of the leader (abort: no release): the other waits out the lease, then leads.
-    let (leader_task, follower_rx) = if *a_rx.borrow() { (a, b_rx.clone()) } else { (b, a_rx.clone()) };
+    let (leader_task, follower_rx) = if *a_rx.borrow() {
+        (a, b_rx.clone())
+    } else {
+        (b, a_rx.clone())
+    };
     leader_task.abort();
-    assert!(wait_leader(follower_rx).await, "the follower took over after the leader died");
+    assert!(
+        wait_leader(follower_rx).await,
+        "the follower took over after the leader died"
+    );
     drop((stop_a, _stop_b));
     Ok(())
 }

@@ -132,7 +132,9 @@ impl ApiServer {
     /// Starts etcd and the API server from `k8s_dir` (does not wait for readiness).
     pub fn start_from(k8s_dir: &Path) -> Result<ApiServer> {
         let bin = unpacked_binary(k8s_dir)?;
-        let dir = tempfile::Builder::new().prefix("flightnode-apiserver-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("flightnode-apiserver-")
+            .tempdir()?;
         let root = dir.path().to_owned();
         let pki_dir = root.join("pki");
         let pki = crate::pki::Pki::generate(&pki_dir, "flightnode-test-apiserver-ca")?;
@@ -164,8 +166,18 @@ impl ApiServer {
         let etcd = Command::new("etcd")
             .args(["--name", "default", "--data-dir"])
             .arg(root.join("etcd"))
-            .args(["--listen-client-urls", &etcd_url, "--advertise-client-urls", &etcd_url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args([
+                "--listen-client-urls",
+                &etcd_url,
+                "--advertise-client-urls",
+                &etcd_url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
             .args(["--initial-cluster", &format!("default={peer_url}")])
             .stdout(log_file(&root.join("etcd.log"))?)
             .stderr(log_file(&root.join("etcd.err.log"))?)
@@ -182,7 +194,11 @@ impl ApiServer {
         let apiserver = Command::new(&bin)
             .args(["--etcd-servers", &etcd_url])
             .args(["--secure-port", &port.to_string(), "--bind-address", "127.0.0.1"])
-            .args(["--advertise-address", "127.0.0.1", "--endpoint-reconciler-type=none"])
+            .args([
+                "--advertise-address",
+                "127.0.0.1",
+                "--endpoint-reconciler-type=none",
+            ])
             .args(["--service-cluster-ip-range", "10.96.0.0/16"])
             .arg("--tls-cert-file")
             .arg(&pki.server_cert)
@@ -265,10 +281,9 @@ impl ApiServer {
     pub async fn client_from(kubeconfig: &Path) -> Result<Client> {
         let kc = kube::config::Kubeconfig::read_from(kubeconfig)
             .with_context(|| format!("read {}", kubeconfig.display()))?;
-        let config =
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("load {}", kubeconfig.display()))?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .with_context(|| format!("load {}", kubeconfig.display()))?;
         Client::try_from(config).context("build kube client")
     }
 
@@ -317,7 +332,10 @@ impl ApiServer {
         obj: &DynamicObject,
         namespace: Option<&str>,
     ) -> Result<(Api<DynamicObject>, String)> {
-        let types = obj.types.as_ref().ok_or_else(|| anyhow!("document without apiVersion/kind"))?;
+        let types = obj
+            .types
+            .as_ref()
+            .ok_or_else(|| anyhow!("document without apiVersion/kind"))?;
         let gvk = GroupVersionKind::try_from(types).map_err(|e| anyhow!("{e}"))?;
         let name = obj
             .metadata

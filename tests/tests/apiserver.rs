@@ -37,6 +37,9 @@ async fn launcher_starts_a_server_with_rbac() -> anyhow::Result<()> {
     )
     .await?;
     let cm = cms.get("c1").await?;
-    assert_eq!(cm.data.unwrap_or_default().get("k").map(String::as_str), Some("v"));
+    assert_eq!(
+        cm.data.unwrap_or_default().get("k").map(String::as_str),
+        Some("v")
+    );
     Ok(())
 }

@@ -23,7 +23,17 @@ fn cond<'a>(r: &'a FirmwareRollout, type_: &str) -> Option<&'a crate::crd::Condi
 /// `NAME VERSION WAVE SUCCEEDED FAILED TOTAL HALTED COMPLETE`, like the printer columns.
 pub fn table(rollouts: &[FirmwareRollout]) -> String {
     let mut rows = vec![
-        ["NAME", "VERSION", "WAVE", "SUCCEEDED", "FAILED", "TOTAL", "HALTED", "COMPLETE"].map(str::to_owned),
+        [
+            "NAME",
+            "VERSION",
+            "WAVE",
+            "SUCCEEDED",
+            "FAILED",
+            "TOTAL",
+            "HALTED",
+            "COMPLETE",
+        ]
+        .map(str::to_owned),
     ];
     for r in rollouts {
         let s = r.status.clone().unwrap_or_default();
@@ -31,7 +41,11 @@ pub fn table(rollouts: &[FirmwareRollout]) -> String {
         rows.push([
             r.name_any(),
             r.spec.version.clone(),
-            if s.wave.is_empty() { "<none>".to_owned() } else { s.wave.clone() },
+            if s.wave.is_empty() {
+                "<none>".to_owned()
+            } else {
+                s.wave.clone()
+            },
             s.counts.succeeded.to_string(),
             s.counts.failed_total.to_string(),
             s.counts.total.to_string(),
@@ -93,7 +107,11 @@ pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
             cond.type_,
             cond.status,
             cond.reason,
-            if cond.message.is_empty() { String::new() } else { format!(": {}", cond.message) }
+            if cond.message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", cond.message)
+            }
         ));
     }
     let mine: Vec<&FlightNode> = nodes
@@ -108,7 +126,10 @@ pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
         out.push_str("  DRONE                 FIRMWARE    SYNC\n");
         for n in mine {
             let st = n.status.clone().unwrap_or_default();
-            let fw = st.firmware.and_then(|f| f.committed_version).unwrap_or_else(|| "-".into());
+            let fw = st
+                .firmware
+                .and_then(|f| f.committed_version)
+                .unwrap_or_else(|| "-".into());
             let sync = st
                 .firmware_sync
                 .map(|s| format!("{} {}", s.reason, s.message))
@@ -135,7 +156,11 @@ pub async fn status(
     let mut last = String::new();
     loop {
         let r = rollouts.get(name).await.map_err(Error::Kube)?;
-        let listed = nodes.list(&ListParams::default()).await.map_err(Error::Kube)?.items;
+        let listed = nodes
+            .list(&ListParams::default())
+            .await
+            .map_err(Error::Kube)?
+            .items;
         let text = render(&r, &listed);
         if text != last {
             writeln!(out, "{text}").map_err(io)?;
@@ -159,7 +184,11 @@ pub async fn apply(client: &Client, namespace: &str, yaml: &str) -> Result<Vec<S
         serde_saphyr::from_multiple(yaml).map_err(|e| Error::Invalid(format!("YAML: {e}")))?;
     let mut lines = Vec::new();
     for doc in docs.into_iter().filter(|d| !d.is_null()) {
-        let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+        let kind = doc
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_owned();
         let name = doc
             .pointer("/metadata/name")
             .and_then(|n| n.as_str())
@@ -173,13 +202,19 @@ pub async fn apply(client: &Client, namespace: &str, yaml: &str) -> Result<Vec<S
         let path = match kind.as_str() {
             "FirmwareRollout" => format!("/apis/edge.drone.io/v1/namespaces/{ns}/firmwarerollouts/{name}"),
             "FlightNode" => format!("/apis/edge.drone.io/v1/namespaces/{ns}/flightnodes/{name}"),
-            other => return Err(Error::Invalid(format!("apply -f: kind {other:?} is not served by the local store"))),
+            other => {
+                return Err(Error::Invalid(format!(
+                    "apply -f: kind {other:?} is not served by the local store"
+                )));
+            }
         };
         let req = if kind == "FirmwareRollout" {
-            let r: FirmwareRollout =
-                serde_json::from_value(doc).map_err(|e| Error::Invalid(format!("FirmwareRollout {name}: {e}")))?;
+            let r: FirmwareRollout = serde_json::from_value(doc)
+                .map_err(|e| Error::Invalid(format!("FirmwareRollout {name}: {e}")))?;
             let body = serde_json::to_vec(&r).map_err(|e| Error::Encode(e.to_string()))?;
-            http::Request::put(path).header("content-type", "application/json").body(body)
+            http::Request::put(path)
+                .header("content-type", "application/json")
+                .body(body)
         } else {
             let spec = doc.get("spec").cloned().unwrap_or_default();
             let patch = serde_json::json!({ "spec": {

@@ -63,20 +63,23 @@ pub fn drone(r: &FirmwareRollout, node: &FlightNode, active: &BTreeSet<String>, 
     let _ = now;
     let name = node.name_any();
     let notes = node.annotations();
-    let owner = notes.get(ANNOTATION_ROLLOUT).map(|v| v.split('/').next().unwrap_or("").to_owned());
+    let owner = notes
+        .get(ANNOTATION_ROLLOUT)
+        .map(|v| v.split('/').next().unwrap_or("").to_owned());
     let ours = owner.as_deref() == Some(r.name_any().as_str());
     let want = target(r);
     let dispatched = ours && node.spec.firmware.as_ref() == Some(&want);
-    let pinned = node.spec.firmware.is_some()
-        && !ours
-        && owner.as_ref().is_none_or(|o| active.contains(o));
+    let pinned = node.spec.firmware.is_some() && !ours && owner.as_ref().is_none_or(|o| active.contains(o));
     let gates = &r.spec.gates;
     let gate = FlightGate {
         allowed: gates.flight_states.clone(),
         allow_unknown: gates.allow_unknown_flight_state,
     };
     let view = NodeView::of(node, &gate);
-    let sync = view.sync.clone().filter(|s| s.observed_generation == view.generation);
+    let sync = view
+        .sync
+        .clone()
+        .filter(|s| s.observed_generation == view.generation);
     let last_result = sync
         .as_ref()
         .and_then(|s| s.upgrade_id.as_ref())
@@ -167,18 +170,24 @@ async fn carry_out(store: &dyn FleetStore, r: &FirmwareRollout, p: &Plan, genera
     };
     for node in &p.dispatch {
         match store.apply_target(node, Some(&dispatch)).await {
-            Ok(Applied::Ok) => tracing::info!(rollout = %name, device_id = %node, version = %r.spec.version, "dispatched"),
+            Ok(Applied::Ok) => {
+                tracing::info!(rollout = %name, device_id = %node, version = %r.spec.version, "dispatched")
+            }
             Ok(Applied::Conflict) => {
                 tracing::info!(rollout = %name, device_id = %node, "spec.firmware owned by another manager; left alone");
             }
             Ok(Applied::Missing) => {}
-            Err(e) => tracing::warn!(rollout = %name, device_id = %node, error = %e, "dispatch failed; retried next step"),
+            Err(e) => {
+                tracing::warn!(rollout = %name, device_id = %node, error = %e, "dispatch failed; retried next step")
+            }
         }
     }
     for node in &p.cancel {
         match store.apply_target(node, None).await {
             Ok(_) => tracing::info!(rollout = %name, device_id = %node, "called back (not started)"),
-            Err(e) => tracing::warn!(rollout = %name, device_id = %node, error = %e, "call-back failed; retried next step"),
+            Err(e) => {
+                tracing::warn!(rollout = %name, device_id = %node, error = %e, "call-back failed; retried next step")
+            }
         }
     }
     if r.status.as_ref() != Some(&p.status) {
@@ -217,7 +226,10 @@ mod tests {
 
     #[test]
     fn label_selectors_like_the_api_server() {
-        let labels = BTreeMap::from([("fleet".to_owned(), "a".to_owned()), ("hw".to_owned(), "x1".to_owned())]);
+        let labels = BTreeMap::from([
+            ("fleet".to_owned(), "a".to_owned()),
+            ("hw".to_owned(), "x1".to_owned()),
+        ]);
         assert!(selects(None, &labels));
         let sel = LabelSelector {
             match_labels: Some(BTreeMap::from([("fleet".to_owned(), "a".to_owned())])),

@@ -295,7 +295,10 @@ pub fn validate(spec: &FirmwareRolloutSpec) -> Result<(), String> {
         }
     }
     if spec.drone_timeout.is_some() && plan::duration_secs(spec.drone_timeout.as_deref()).is_none() {
-        return Err(format!("spec.droneTimeout {:?} is not a duration", spec.drone_timeout));
+        return Err(format!(
+            "spec.droneTimeout {:?} is not a duration",
+            spec.drone_timeout
+        ));
     }
     for (i, r) in spec.failure_policy.rules.iter().enumerate() {
         if !["failed", "rejected", "rolledBack", "timedOut", "any"].contains(&r.kind.as_str()) {

@@ -58,7 +58,11 @@ impl Outcome {
     pub fn finished(self) -> bool {
         matches!(
             self,
-            Outcome::Succeeded | Outcome::Failed | Outcome::Rejected | Outcome::RolledBack | Outcome::TimedOut
+            Outcome::Succeeded
+                | Outcome::Failed
+                | Outcome::Rejected
+                | Outcome::RolledBack
+                | Outcome::TimedOut
         )
     }
 
@@ -108,7 +112,10 @@ pub fn wave_targets(total: u32, waves: &[WaveSpec]) -> Vec<u32> {
 
 /// The wave of every drone: rank by [`rank_key`], then the first wave whose target covers the
 /// rank. A drone that joins later takes the place its hash gives it.
-pub fn assign_waves<'a>(names: impl IntoIterator<Item = &'a str>, waves: &[WaveSpec]) -> BTreeMap<String, usize> {
+pub fn assign_waves<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    waves: &[WaveSpec],
+) -> BTreeMap<String, usize> {
     let mut ranked: Vec<(u64, &str)> = names.into_iter().map(|n| (rank_key(n), n)).collect();
     ranked.sort_unstable();
     let targets = wave_targets(u32::try_from(ranked.len()).unwrap_or(u32::MAX), waves);
@@ -233,7 +240,15 @@ pub struct Plan {
     pub outcomes: BTreeMap<String, Outcome>,
 }
 
-fn cond(type_: &str, status: bool, reason: &str, message: String, generation: i64, previous: &[Condition], now: &str) -> Condition {
+fn cond(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: i64,
+    previous: &[Condition],
+    now: &str,
+) -> Condition {
     let status = if status { "True" } else { "False" };
     let since = previous
         .iter()
@@ -280,7 +295,9 @@ pub fn plan(
         status.current_wave = 0;
         status.wave_started_time = Some(now_rfc3339.to_owned());
         status.wave_finished_time = None;
-        status.conditions.retain(|c| c.type_ != condition::HALTED || c.reason == "Paused");
+        status
+            .conditions
+            .retain(|c| c.type_ != condition::HALTED || c.reason == "Paused");
     }
     let waves = assign_waves(drones.iter().map(|d| d.name.as_str()), &spec.waves);
     let wave_count = wave_targets(u32::try_from(drones.len()).unwrap_or(u32::MAX), &spec.waves).len();
@@ -335,7 +352,10 @@ pub fn plan(
 
     if let Some(why) = &tripped {
         if !was_halted {
-            events.push(("Halted".to_owned(), format!("circuit breaker tripped in wave {current}: {why}")));
+            events.push((
+                "Halted".to_owned(),
+                format!("circuit breaker tripped in wave {current}: {why}"),
+            ));
         }
         // In-flight drones run to their real end; the ones that have not started are called back.
         for d in drones {
@@ -343,21 +363,85 @@ pub fn plan(
                 cancel.push(d.name.clone());
             }
         }
-        conditions.push(cond(condition::HALTED, true, "CircuitBreakerTripped", why.clone(), generation, &prev_conditions, now_rfc3339));
-        conditions.push(cond(condition::PROGRESSING, false, "Halted", "no new dispatch".into(), generation, &prev_conditions, now_rfc3339));
-        conditions.push(cond(condition::COMPLETE, false, "Halted", "halted before the last wave".into(), generation, &prev_conditions, now_rfc3339));
+        conditions.push(cond(
+            condition::HALTED,
+            true,
+            "CircuitBreakerTripped",
+            why.clone(),
+            generation,
+            &prev_conditions,
+            now_rfc3339,
+        ));
+        conditions.push(cond(
+            condition::PROGRESSING,
+            false,
+            "Halted",
+            "no new dispatch".into(),
+            generation,
+            &prev_conditions,
+            now_rfc3339,
+        ));
+        conditions.push(cond(
+            condition::COMPLETE,
+            false,
+            "Halted",
+            "halted before the last wave".into(),
+            generation,
+            &prev_conditions,
+            now_rfc3339,
+        ));
     } else if complete {
         if !is_true(&prev_conditions, condition::COMPLETE) || new_generation {
             events.push(("Completed".to_owned(), format!("all {wave_count} waves finished")));
         }
-        conditions.push(cond(condition::HALTED, false, "Running", String::new(), generation, &prev_conditions, now_rfc3339));
-        conditions.push(cond(condition::PROGRESSING, false, "Complete", "every wave finished".into(), generation, &prev_conditions, now_rfc3339));
-        conditions.push(cond(condition::COMPLETE, true, "Complete", format!("all {wave_count} waves finished"), generation, &prev_conditions, now_rfc3339));
+        conditions.push(cond(
+            condition::HALTED,
+            false,
+            "Running",
+            String::new(),
+            generation,
+            &prev_conditions,
+            now_rfc3339,
+        ));
+        conditions.push(cond(
+            condition::PROGRESSING,
+            false,
+            "Complete",
+            "every wave finished".into(),
+            generation,
+            &prev_conditions,
+            now_rfc3339,
+        ));
+        conditions.push(cond(
+            condition::COMPLETE,
+            true,
+            "Complete",
+            format!("all {wave_count} waves finished"),
+            generation,
+            &prev_conditions,
+            now_rfc3339,
+        ));
     } else {
         if spec.paused {
-            conditions.push(cond(condition::HALTED, true, "Paused", "spec.paused is true".into(), generation, &prev_conditions, now_rfc3339));
+            conditions.push(cond(
+                condition::HALTED,
+                true,
+                "Paused",
+                "spec.paused is true".into(),
+                generation,
+                &prev_conditions,
+                now_rfc3339,
+            ));
         } else {
-            conditions.push(cond(condition::HALTED, false, "Running", String::new(), generation, &prev_conditions, now_rfc3339));
+            conditions.push(cond(
+                condition::HALTED,
+                false,
+                "Running",
+                String::new(),
+                generation,
+                &prev_conditions,
+                now_rfc3339,
+            ));
         }
         // Soak, then the next wave.
         if wave_done && !last_wave && !spec.paused {
@@ -386,7 +470,9 @@ pub fn plan(
                 .values()
                 .filter(|o| matches!(o, Outcome::Waiting | Outcome::InProgress))
                 .count() as u64;
-            let room = spec.max_concurrent.map_or(u64::MAX, |m| u64::from(m).saturating_sub(in_flight));
+            let room = spec
+                .max_concurrent
+                .map_or(u64::MAX, |m| u64::from(m).saturating_sub(in_flight));
             let mut candidates: Vec<&Drone> = drones
                 .iter()
                 .filter(|d| {
@@ -411,11 +497,22 @@ pub fn plan(
             &prev_conditions,
             now_rfc3339,
         ));
-        conditions.push(cond(condition::COMPLETE, false, "InProgress", String::new(), generation, &prev_conditions, now_rfc3339));
+        conditions.push(cond(
+            condition::COMPLETE,
+            false,
+            "InProgress",
+            String::new(),
+            generation,
+            &prev_conditions,
+            now_rfc3339,
+        ));
     }
     status.conditions = conditions;
     status.counts = count(outcomes.values().copied());
-    status.wave = format!("{}/{wave_count}", (status.current_wave as usize + 1).min(wave_count));
+    status.wave = format!(
+        "{}/{wave_count}",
+        (status.current_wave as usize + 1).min(wave_count)
+    );
     Plan {
         dispatch,
         cancel,
@@ -534,7 +631,13 @@ mod tests {
         assert!(breaker(&rules, &[RolledBack, RolledBack, Succeeded, InProgress]).is_none());
         // Other kinds do not count for a rolledBack rule; `any` counts them all.
         assert!(breaker(&rules, &[Rejected, Failed, Succeeded, Succeeded]).is_none());
-        assert!(breaker(&[rule("any", 50, 4, None)], &[Rejected, TimedOut, Succeeded, Succeeded]).is_some());
+        assert!(
+            breaker(
+                &[rule("any", 50, 4, None)],
+                &[Rejected, TimedOut, Succeeded, Succeeded]
+            )
+            .is_some()
+        );
         // The absolute cap ignores the sample.
         let capped = [rule("failed", 100, 1000, Some(2))];
         assert!(breaker(&capped, &[Failed, InProgress]).is_none());
@@ -646,13 +749,11 @@ mod tests {
     fn a_drone_added_mid_rollout_falls_into_its_wave() {
         let mut s = spec();
         s.failure_policy.rules.clear();
-        s.waves = vec![
-            WaveSpec {
-                percent: Some(50),
-                soak: Some("1h".into()),
-                ..WaveSpec::default()
-            },
-        ];
+        s.waves = vec![WaveSpec {
+            percent: Some(50),
+            soak: Some("1h".into()),
+            ..WaveSpec::default()
+        }];
         let mut drones = fleet(20);
         let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
         assert_eq!(p.dispatch.len(), 10);

@@ -8,8 +8,8 @@
 use super::{EventRecord, StatusSink, WriteError, WriteRequest};
 use crate::crd::{FirmwareSync, FirmwareTarget, FlightNode, new_flightnode};
 use crate::rollout::{FirmwareRollout, FirmwareRolloutStatus};
-use std::collections::BTreeMap;
 use futures_util::future::BoxFuture;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The sled-backed store.
@@ -173,15 +173,23 @@ impl LocalStore {
 
 impl LocalStore {
     async fn flush(&self) -> Result<(), WriteError> {
-        self.db.flush_async().await.map(|_| ()).map_err(|e| WriteError::Retryable {
-            code: 0,
-            retry_after: None,
-            message: format!("flush {}: {e}", self.path),
-        })
+        self.db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(|e| WriteError::Retryable {
+                code: 0,
+                retry_after: None,
+                message: format!("flush {}: {e}", self.path),
+            })
     }
 
     /// Sets (or clears) `status.firmwareSync`; the object as stored, `None` when missing.
-    pub async fn set_sync(&self, name: &str, sync: Option<FirmwareSync>) -> Result<Option<FlightNode>, WriteError> {
+    pub async fn set_sync(
+        &self,
+        name: &str,
+        sync: Option<FirmwareSync>,
+    ) -> Result<Option<FlightNode>, WriteError> {
         let Some(mut node) = self.get(&self.namespace, name) else {
             return Ok(None);
         };
@@ -273,7 +281,11 @@ impl LocalStore {
     }
 
     /// Writes a rollout's status.
-    pub async fn set_rollout_status(&self, name: &str, status: FirmwareRolloutStatus) -> Result<(), WriteError> {
+    pub async fn set_rollout_status(
+        &self,
+        name: &str,
+        status: FirmwareRolloutStatus,
+    ) -> Result<(), WriteError> {
         let Some(mut r) = self.rollout(&self.namespace, name) else {
             return Ok(());
         };
