@@ -27,6 +27,8 @@ PACKAGES=(
     dosfstools                   # mkfs.vfat: the FAT boot disk U-Boot's distro_bootcmd reads
     mtools                       # mcopy: puts boot.scr on that disk without mounting it
     python3                      # the power-cut layer test calls sync_file_range(2) via os.sync_file_range
+    etcd-server                  # etcd behind the real kube-apiserver of the controller tests
+    xz-utils                     # unpack that kube-apiserver (kube-apiserver.xz)
 )
 RUST_TARGETS=(aarch64-unknown-linux-gnu)
 
@@ -38,6 +40,7 @@ declare -A PROVIDES=(
     [file]=file [strace]=strace [curl]=curl [tar]=tar
     [u-boot-tools]=mkimage [mtools]=mcopy
     [python3]=python3
+    [etcd-server]=etcd [xz-utils]=xz
 )
 
 missing_packages() {

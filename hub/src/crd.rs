@@ -69,9 +69,38 @@ pub mod condition {
 pub struct FlightNodeSpec {
     /// Hardware id of the board; bundles list the hardware ids they are compatible with.
     pub hardware_id: String,
-    /// The firmware version the fleet wants on this drone.
+    /// The firmware version the fleet wants on this drone, compared with the committed one
+    /// only (status). Kept for existing objects; `firmware` (with a bundle URL) is what makes
+    /// the hub install, and wins when both are set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware_version: Option<String>,
+    /// The firmware the hub installs on this drone: when it differs from the committed version
+    /// and the drone is online, idle and allowed to, the hub publishes an upgrade command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<FirmwareTarget>,
+}
+
+/// Wanted firmware: a version and the bundle that carries it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FirmwareTarget {
+    /// Version the bundle's signed manifest carries (e.g. `1.4.0`).
+    pub version: String,
+    /// Bundle URL the drone downloads (`http://` or `https://`).
+    pub url: String,
+    /// Allow a version lower than the committed one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_downgrade: bool,
+}
+
+impl FlightNodeSpec {
+    /// The version this drone should run: `firmware.version`, else `firmwareVersion`.
+    pub fn desired_version(&self) -> Option<&str> {
+        self.firmware
+            .as_ref()
+            .map(|f| f.version.as_str())
+            .or(self.firmware_version.as_deref())
+    }
 }
 
 /// What the drone reports, as written by `flightnode-hub`.
@@ -104,6 +133,52 @@ pub struct FlightNodeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+    /// The upgrade the drone is working on now (from its heartbeat).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_upgrade: Option<CurrentUpgrade>,
+    /// What the hub's node reconciler did about `spec.firmware` (its own field manager,
+    /// `flightnode-hub-reconciler`, so heartbeat status writes never touch it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware_sync: Option<FirmwareSync>,
+}
+
+/// The upgrade a drone reports as in flight.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CurrentUpgrade {
+    /// Upgrade id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Target version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// The node reconciler's record for one generation of `spec.firmware`: written **before** an
+/// upgrade command is published, so a restarted or new leader republishes the same upgrade id
+/// (which the agent deduplicates) instead of starting a second install.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FirmwareSync {
+    /// `metadata.generation` this record is about.
+    pub observed_generation: i64,
+    /// Version wanted by that generation.
+    pub version: String,
+    /// `Pending`, `Waiting`, `InProgress`, `Retrying`, `Synced` or `Failed`.
+    pub reason: String,
+    /// Human sentence.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// Upgrade id of the latest attempt (derived from uid, generation and attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_id: Option<String>,
+    /// Attempts made for this generation.
+    #[serde(default)]
+    pub attempts: u32,
+    /// When the latest attempt was published (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub last_attempt_time: Option<String>,
 }
 
 /// Active/booted slot, per-slot version and state, committed version.
@@ -230,12 +305,14 @@ fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
     schema
 }
 
-/// The CRD as YAML, as `flightnode-hub crd` prints it and `hub/deploy/crd.yaml` holds it.
+/// The CRDs (`FlightNode`, `FirmwareRollout`) as YAML, as `flightnode-hub crd` prints them and
+/// `hub/deploy/crd.yaml` holds them.
 pub fn crd_yaml() -> crate::Result<String> {
-    let crd = FlightNode::crd();
-    let yaml = serde_saphyr::to_string(&crd).map_err(|e| crate::Error::Encode(e.to_string()))?;
+    let encode = |e: serde_saphyr::SerializeError| crate::Error::Encode(e.to_string());
+    let nodes = serde_saphyr::to_string(&FlightNode::crd()).map_err(encode)?;
+    let rollouts = serde_saphyr::to_string(&crate::rollout::FirmwareRollout::crd()).map_err(encode)?;
     Ok(format!(
-        "# Generated by `flightnode-hub crd`; do not edit (a test compares the two).\n---\n{yaml}"
+        "# Generated by `flightnode-hub crd`; do not edit (a test compares the two).\n---\n{nodes}---\n{rollouts}"
     ))
 }
 
@@ -246,6 +323,7 @@ pub fn new_flightnode(name: &str, namespace: &str, hardware_id: &str) -> FlightN
         FlightNodeSpec {
             hardware_id: hardware_id.to_owned(),
             firmware_version: None,
+            firmware: None,
         },
     );
     node.metadata.namespace = Some(namespace.to_owned());

@@ -38,6 +38,7 @@ pub fn heartbeat(data: &[u8]) {
     let spec = SpecView {
         firmware_version: Some("2.0.0".into()),
         generation: Some(1),
+        ..SpecView::default()
     };
     let status = with_conditions(
         from_heartbeat(&hb),

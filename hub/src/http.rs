@@ -7,11 +7,16 @@
 //! - `GET /apis/edge.drone.io/v1/namespaces/{ns}/flightnodes/{name}/events`: the durable event
 //!   log of the drone, `{"kind":"FlightNodeEventList","items":[EventRecord…]}`, oldest first
 //! - `PATCH /apis/edge.drone.io/v1/namespaces/{ns}/flightnodes/{name}` with a JSON merge patch
-//!   that sets `spec.firmwareVersion` (the only writable field), like `kubectl patch --type merge`
+//!   that sets `spec.firmware` or `spec.firmwareVersion` (the only writable fields), like
+//!   `kubectl patch --type merge`
+//! - `GET …/firmwarerollouts` (all, per namespace, one, `/status`, `/events`) and
+//!   `PUT …/namespaces/{ns}/firmwarerollouts/{name}` (create or replace the spec:
+//!   `flightnode-hub apply -f`)
 
-use crate::crd::{API_VERSION, FlightNode};
+use crate::crd::{API_VERSION, FirmwareTarget, FlightNode};
 use crate::hub::Hub;
 use crate::metrics::ConditionLabel;
+use crate::rollout::FirmwareRollout;
 use crate::status::SpecView;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -52,6 +57,23 @@ pub fn router(state: HttpState) -> Router {
         .route(
             &format!("{PREFIX}/namespaces/{{ns}}/flightnodes/{{name}}/events"),
             get(events),
+        )
+        .route(&format!("{PREFIX}/firmwarerollouts"), get(rollouts_all))
+        .route(
+            &format!("{PREFIX}/namespaces/{{ns}}/firmwarerollouts"),
+            get(rollouts_ns),
+        )
+        .route(
+            &format!("{PREFIX}/namespaces/{{ns}}/firmwarerollouts/{{name}}"),
+            get(rollout_one).put(rollout_apply),
+        )
+        .route(
+            &format!("{PREFIX}/namespaces/{{ns}}/firmwarerollouts/{{name}}/status"),
+            get(rollout_one),
+        )
+        .route(
+            &format!("{PREFIX}/namespaces/{{ns}}/firmwarerollouts/{{name}}/events"),
+            get(rollout_events),
         )
         .with_state(state)
 }
@@ -168,6 +190,32 @@ async fn patch_spec(
         Ok(v) => v,
         Err(e) => return status_error(StatusCode::BAD_REQUEST, "BadRequest", format!("patch body: {e}")),
     };
+    if let Some(firmware) = patch.pointer("/spec/firmware") {
+        let target: Option<FirmwareTarget> = match serde_json::from_value(firmware.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                return status_error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    format!("spec.firmware must be {{version, url[, allowDowngrade]}} or null: {e}"),
+                );
+            }
+        };
+        // A person's edit: the rollout annotations go, so a rollout leaves this drone alone.
+        let drop = [
+            crate::rollout::ANNOTATION_ROLLOUT,
+            crate::rollout::ANNOTATION_DISPATCHED,
+        ];
+        return match store.set_target(&name, target, &Default::default(), &drop).await {
+            Ok(Some(node)) => {
+                state.hub.sessions.specs().set(&name, SpecView::of(&node));
+                state.hub.spec_changed(&name);
+                Json(node).into_response()
+            }
+            Ok(None) => not_found(&name),
+            Err(e) => status_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
+        };
+    }
     let version = match patch.pointer("/spec/firmwareVersion") {
         Some(serde_json::Value::String(v)) => Some(v.clone()),
         Some(serde_json::Value::Null) => None,
@@ -175,23 +223,108 @@ async fn patch_spec(
             return status_error(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "Invalid",
-                "only spec.firmwareVersion (a string or null) can be patched".into(),
+                "only spec.firmware or spec.firmwareVersion can be patched".into(),
             );
         }
     };
     match store.set_firmware_version(&name, version).await {
         Ok(Some(node)) => {
-            state.hub.sessions.specs().set(
-                &name,
-                SpecView {
-                    firmware_version: node.spec.firmware_version.clone(),
-                    generation: node.metadata.generation,
-                },
-            );
+            state.hub.sessions.specs().set(&name, SpecView::of(&node));
             state.hub.spec_changed(&name);
             Json(node).into_response()
         }
         Ok(None) => not_found(&name),
+        Err(e) => status_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
+    }
+}
+
+fn rollout_list(state: &HttpState, ns: Option<&str>) -> Response {
+    let Some(store) = &state.hub.local else {
+        return no_local_store();
+    };
+    Json(json!({
+        "apiVersion": API_VERSION, "kind": "FirmwareRolloutList",
+        "metadata": { "resourceVersion": store.resource_version() },
+        "items": store.rollouts(ns),
+    }))
+    .into_response()
+}
+
+async fn rollouts_all(State(state): State<HttpState>) -> Response {
+    rollout_list(&state, None)
+}
+
+async fn rollouts_ns(State(state): State<HttpState>, Path(ns): Path<String>) -> Response {
+    rollout_list(&state, Some(&ns))
+}
+
+fn rollout_not_found(name: &str) -> Response {
+    status_error(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!("firmwarerollouts.edge.drone.io \"{name}\" not found"),
+    )
+}
+
+async fn rollout_one(State(state): State<HttpState>, Path((ns, name)): Path<(String, String)>) -> Response {
+    let Some(store) = &state.hub.local else {
+        return no_local_store();
+    };
+    match store.rollout(&ns, &name) {
+        Some(r) => Json(r).into_response(),
+        None => rollout_not_found(&name),
+    }
+}
+
+async fn rollout_events(
+    State(state): State<HttpState>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    let Some(store) = &state.hub.local else {
+        return no_local_store();
+    };
+    if store.rollout(&ns, &name).is_none() {
+        return rollout_not_found(&name);
+    }
+    Json(json!({
+        "apiVersion": "v1", "kind": "EventList",
+        "items": store.rollout_events(&ns, &name),
+    }))
+    .into_response()
+}
+
+/// `flightnode-hub apply -f`: creates or replaces a rollout's spec (the status is the hub's).
+async fn rollout_apply(
+    State(state): State<HttpState>,
+    Path((ns, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(store) = &state.hub.local else {
+        return no_local_store();
+    };
+    if ns != store.namespace() {
+        return status_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!("this hub's local store holds namespace {:?}", store.namespace()),
+        );
+    }
+    let mut rollout: FirmwareRollout = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return status_error(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!("FirmwareRollout: {e}"),
+            );
+        }
+    };
+    if let Err(why) = crate::rollout::validate(&rollout.spec) {
+        return status_error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", why);
+    }
+    rollout.metadata.name = Some(name);
+    match store.apply_rollout(rollout).await {
+        Ok(r) => Json(r).into_response(),
         Err(e) => status_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
     }
 }

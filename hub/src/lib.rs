@@ -21,24 +21,33 @@
 //! - [`get`]: `flightnode-hub get`, a kubectl-like table.
 //! - [`upgrade`]: `flightnode-hub upgrade`, publishes MQTT upgrade/cancel commands.
 //! - [`broker`]: the embedded MQTT broker for laptops and the demo (feature `embedded-broker`).
+//! - [`node_sync`]: the node reconciler's decision (`spec.firmware` → upgrade command), pure.
+//! - [`rollout`]: the `FirmwareRollout` CRD, its wave/breaker plan (pure) and controller.
+//! - [`store`]: what the controllers read and write, on Kubernetes or the local store.
+//! - [`controllers`]: the reconcile loop (leader only); [`lease`]: the Lease election.
 //! - [`hub`]: the shared core (sessions, scheduler, metrics, local store).
 //! - [`serve`]: `flightnode-hub serve`: TLS, sink choice, gRPC and HTTP servers.
 
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod controllers;
 pub mod crd;
 pub mod fuzzing;
 pub mod get;
 pub mod grpc;
 pub mod http;
 pub mod hub;
+pub mod lease;
 pub mod liveness;
 pub mod metrics;
+pub mod node_sync;
+pub mod rollout;
 pub mod scheduler;
 pub mod serve;
 pub mod session;
 pub mod sink;
 pub mod status;
+pub mod store;
 pub mod upgrade;
 
 /// Field manager of every status write.

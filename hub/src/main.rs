@@ -4,9 +4,11 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use flightnode_hub::controllers::ControllerConfig;
 use flightnode_hub::hub::HubConfig;
+use flightnode_hub::node_sync::Policy;
 use flightnode_hub::scheduler::SchedulerConfig;
-use flightnode_hub::serve::{ServeOptions, StoreKind};
+use flightnode_hub::serve::{ControllerOptions, ServeOptions, StoreKind};
 use flightnode_hub::session::SessionConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +37,84 @@ enum Cmd {
     Upgrade(UpgradeArgs),
     /// Publish an MQTT cancel command for one drone.
     Cancel(CancelArgs),
+    /// Create or update FirmwareRollouts (and FlightNode spec.firmware) on a local hub.
+    Apply(ApplyArgs),
+    /// FirmwareRollout commands.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCmd {
+    /// Show a rollout's waves, counts and drones; follows it until it completes or halts.
+    Status(RolloutStatusArgs),
+}
+
+#[derive(Args)]
+struct SourceArgs {
+    /// A hub's HTTP address (local store).
+    #[arg(
+        long,
+        env = "FLIGHTNODE_HUB_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        conflicts_with = "kube"
+    )]
+    server: String,
+    /// Read from the cluster (KUBECONFIG or in-cluster) instead.
+    #[arg(long)]
+    kube: bool,
+}
+
+impl SourceArgs {
+    async fn client(&self) -> anyhow::Result<kube::Client> {
+        Ok(if self.kube {
+            flightnode_hub::sink::kube::client_from_env().await?
+        } else {
+            flightnode_hub::sink::kube::client_for_url(&self.server)?
+        })
+    }
+}
+
+#[derive(Args)]
+struct RolloutStatusArgs {
+    /// Rollout name.
+    name: String,
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Namespace.
+    #[arg(
+        long,
+        short = 'n',
+        env = "FLIGHTNODE_HUB_NAMESPACE",
+        default_value = "default"
+    )]
+    namespace: String,
+    /// Print once instead of following the rollout.
+    #[arg(long)]
+    once: bool,
+    /// Poll interval.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    interval: Duration,
+}
+
+#[derive(Args)]
+struct ApplyArgs {
+    /// YAML file with FirmwareRollout and FlightNode documents.
+    #[arg(long, short = 'f')]
+    file: PathBuf,
+    /// The hub's HTTP address (local store).
+    #[arg(long, env = "FLIGHTNODE_HUB_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// Namespace of documents without one.
+    #[arg(
+        long,
+        short = 'n',
+        env = "FLIGHTNODE_HUB_NAMESPACE",
+        default_value = "default"
+    )]
+    namespace: String,
 }
 
 #[derive(Args)]
@@ -101,10 +181,34 @@ struct ServeArgs {
     /// Status writes in flight at once.
     #[arg(long, env = "FLIGHTNODE_HUB_WRITE_CONCURRENCY", default_value_t = 8)]
     write_concurrency: usize,
+    /// Run the node reconciler and the FirmwareRollout controller (commands go to --mqtt-url).
+    #[arg(long, env = "FLIGHTNODE_HUB_CONTROLLERS")]
+    controllers: bool,
+    /// With --store kube: run the controllers only on the holder of the Lease
+    /// `flightnode-hub-controller` (several replicas). Off: this replica always reconciles.
+    #[arg(long, env = "FLIGHTNODE_HUB_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// This replica's identity in the Lease [default: $POD_NAME, else host name + pid].
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Attempts per generation of spec.firmware for transient failures.
+    #[arg(long, env = "FLIGHTNODE_HUB_MAX_ATTEMPTS", default_value_t = 3)]
+    max_attempts: u32,
+    /// Back-off after the first failed attempt (doubles per attempt).
+    #[arg(long, env = "FLIGHTNODE_HUB_RETRY_BACKOFF", value_parser = humantime::parse_duration, default_value = "30s")]
+    retry_backoff: Duration,
+    /// Longest time between two reconcile passes.
+    #[arg(long, env = "FLIGHTNODE_HUB_RECONCILE_INTERVAL", value_parser = humantime::parse_duration, default_value = "5s")]
+    reconcile_interval: Duration,
+    #[command(flatten)]
+    mqtt: MqttArgs,
 }
 
 #[derive(Args)]
 struct GetArgs {
+    /// `flightnodes` (`fn`, default) or `rollouts` (`firmwarerollouts`, `fwr`).
+    #[arg(default_value = "flightnodes")]
+    resource: String,
     /// A hub's HTTP address (local store).
     #[arg(
         long,
@@ -224,12 +328,20 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "flightnode-hub".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     #[cfg(feature = "embedded-broker")]
     if let Some(listen) = a.embedded_broker {
         flightnode_hub::broker::start(listen)
             .with_context(|| format!("starting the embedded MQTT broker on {listen}"))?;
     }
+    let identity = a.identity.clone().unwrap_or_else(default_identity);
     let grace = a
         .offline_after
         .unwrap_or(a.heartbeat_interval * 3 + Duration::from_secs(5));
@@ -264,6 +376,24 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             },
         },
         write_timeout: a.write_timeout,
+        controllers: a.controllers.then(|| ControllerOptions {
+            // NB: one MQTT client id per replica, or the broker disconnects one for the other.
+            mqtt: flightnode_hub::upgrade::MqttTarget {
+                client_id: format!("{}-{}", a.mqtt.mqtt_client_id, identity),
+                ..a.mqtt.target()
+            },
+            config: ControllerConfig {
+                policy: Policy {
+                    max_attempts: a.max_attempts.max(1),
+                    backoff: a.retry_backoff,
+                    ..Policy::default()
+                },
+                interval: a.reconcile_interval,
+                ..ControllerConfig::default()
+            },
+            leader_election: a.leader_election,
+            identity: identity.clone(),
+        }),
     };
     flightnode_hub::serve::serve(
         opts,
@@ -291,6 +421,55 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Serve(a) => serve(*a).await,
         Cmd::Crd => {
             print!("{}", flightnode_hub::crd::crd_yaml()?);
+            Ok(())
+        }
+        Cmd::Get(a)
+            if matches!(
+                a.resource.as_str(),
+                "rollouts" | "rollout" | "firmwarerollouts" | "fwr"
+            ) =>
+        {
+            let client = if a.kube {
+                flightnode_hub::sink::kube::client_from_env().await?
+            } else {
+                flightnode_hub::sink::kube::client_for_url(&a.server)?
+            };
+            let items = flightnode_hub::rollout::cli::list(&client, a.namespace.as_deref()).await?;
+            if a.json {
+                let body = serde_json::json!({"apiVersion": "edge.drone.io/v1", "kind": "FirmwareRolloutList", "items": items});
+                println!("{}", serde_json::to_string_pretty(&body)?);
+            } else if items.is_empty() {
+                println!("No resources found");
+            } else {
+                print!("{}", flightnode_hub::rollout::cli::table(&items));
+            }
+            Ok(())
+        }
+        Cmd::Get(a) if !matches!(a.resource.as_str(), "flightnodes" | "flightnode" | "fn") => {
+            anyhow::bail!("unknown resource {:?}: flightnodes or rollouts", a.resource)
+        }
+        Cmd::Apply(a) => {
+            let yaml =
+                std::fs::read_to_string(&a.file).with_context(|| format!("read {}", a.file.display()))?;
+            let client = flightnode_hub::sink::kube::client_for_url(&a.server)?;
+            for line in flightnode_hub::rollout::cli::apply(&client, &a.namespace, &yaml).await? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Cmd::Rollout {
+            command: RolloutCmd::Status(a),
+        } => {
+            let client = a.source.client().await?;
+            flightnode_hub::rollout::cli::status(
+                &client,
+                &a.namespace,
+                &a.name,
+                !a.once,
+                a.interval,
+                &mut std::io::stdout(),
+            )
+            .await?;
             Ok(())
         }
         Cmd::Get(a) => {

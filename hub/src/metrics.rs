@@ -24,6 +24,35 @@ pub struct ConditionLabel {
     pub status: String,
 }
 
+/// Label of per-controller metrics: `node`, `rollout`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    /// The controller.
+    pub controller: String,
+}
+
+/// Labels of the rollout drone gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutOutcomeLabel {
+    /// Rollout name.
+    pub rollout: String,
+    /// `succeeded`, `failed`, `rolled_back`, `in_progress`, …
+    pub outcome: String,
+}
+
+/// Label of per-rollout gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutLabel {
+    /// Rollout name.
+    pub rollout: String,
+}
+
+type HistogramFamily = Family<ControllerLabel, Histogram, fn() -> Histogram>;
+
+fn reconcile_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
 /// Every hub metric.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -41,6 +70,16 @@ pub struct Metrics {
     pub missing: Counter,
     /// `FlightNode`s created by auto-registration.
     pub registered: Counter,
+    /// Duration of one reconcile pass, per controller.
+    pub reconcile_duration: HistogramFamily,
+    /// Drones per rollout and outcome.
+    pub rollout_drones: Family<RolloutOutcomeLabel, Gauge>,
+    /// Current wave per rollout (0 = canary).
+    pub rollout_wave: Family<RolloutLabel, Gauge>,
+    /// 1 while a rollout is halted.
+    pub rollout_halted: Family<RolloutLabel, Gauge>,
+    /// 1 while this replica holds the controller Lease.
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -60,6 +99,36 @@ impl Metrics {
         let queue_depth = Gauge::default();
         let missing = Counter::default();
         let registered = Counter::default();
+        let reconcile_duration: HistogramFamily = Family::new_with_constructor(reconcile_histogram);
+        let rollout_drones = Family::<RolloutOutcomeLabel, Gauge>::default();
+        let rollout_wave = Family::<RolloutLabel, Gauge>::default();
+        let rollout_halted = Family::<RolloutLabel, Gauge>::default();
+        let leader = Gauge::default();
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one reconcile pass, per controller",
+            reconcile_duration.clone(),
+        );
+        registry.register(
+            "rollout_drones",
+            "Drones of a FirmwareRollout by outcome",
+            rollout_drones.clone(),
+        );
+        registry.register(
+            "rollout_current_wave",
+            "Current wave of a FirmwareRollout (0 = canary)",
+            rollout_wave.clone(),
+        );
+        registry.register(
+            "rollout_halted",
+            "1 while a FirmwareRollout is halted",
+            rollout_halted.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the controller Lease",
+            leader.clone(),
+        );
         registry.register(
             "heartbeats_received",
             "Heartbeats received, by result",
@@ -100,6 +169,54 @@ impl Metrics {
             queue_depth,
             missing,
             registered,
+            reconcile_duration,
+            rollout_drones,
+            rollout_wave,
+            rollout_halted,
+            leader,
+        }
+    }
+
+    /// Records one reconcile pass of `controller`.
+    pub fn reconcile_done(&self, controller: &str, took: std::time::Duration) {
+        self.reconcile_duration
+            .get_or_create(&ControllerLabel {
+                controller: controller.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Sets the rollout gauges from one rollout step.
+    pub fn set_rollouts(&self, report: &crate::rollout::controller::StepReport) {
+        self.rollout_drones.clear();
+        self.rollout_wave.clear();
+        self.rollout_halted.clear();
+        for (name, plan) in &report.plans {
+            let mut by: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+            for o in plan.outcomes.values() {
+                *by.entry(crate::rollout::controller::outcome_label(*o))
+                    .or_insert(0) += 1;
+            }
+            for (outcome, n) in by {
+                self.rollout_drones
+                    .get_or_create(&RolloutOutcomeLabel {
+                        rollout: name.clone(),
+                        outcome: outcome.to_owned(),
+                    })
+                    .set(n);
+            }
+            let label = RolloutLabel {
+                rollout: name.clone(),
+            };
+            self.rollout_wave
+                .get_or_create(&label)
+                .set(i64::from(plan.status.current_wave));
+            let halted = plan
+                .status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == crate::rollout::condition::HALTED && c.status == "True");
+            self.rollout_halted.get_or_create(&label).set(i64::from(halted));
         }
     }
 

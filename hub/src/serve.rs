@@ -50,6 +50,22 @@ pub struct ServeOptions {
     pub hub: HubConfig,
     /// Timeout of one Kubernetes request.
     pub write_timeout: Duration,
+    /// Run the node reconciler and the rollout controller (on the Lease holder, with the kube
+    /// store), publishing commands through this broker.
+    pub controllers: Option<ControllerOptions>,
+}
+
+/// Settings of the reconcilers.
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    /// Broker the commands go to.
+    pub mqtt: crate::upgrade::MqttTarget,
+    /// Retry policy, gate, interval.
+    pub config: crate::controllers::ControllerConfig,
+    /// Elect a leader on a Lease (kube store); off: this replica always reconciles.
+    pub leader_election: bool,
+    /// This replica's name in the Lease (the pod name).
+    pub identity: String,
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>> {
@@ -118,13 +134,7 @@ pub async fn serve(
             let store = LocalStore::open(&opts.data_dir, &namespace)?;
             for node in store.list(Some(&namespace)) {
                 let name = node.metadata.name.clone().unwrap_or_default();
-                specs.set(
-                    &name,
-                    SpecView {
-                        firmware_version: node.spec.firmware_version.clone(),
-                        generation: node.metadata.generation,
-                    },
-                );
+                specs.set(&name, SpecView::of(&node));
             }
             hub_config.session.sink_stores_events = true;
             let sink: Arc<dyn StatusSink> = Arc::new(store.clone());
@@ -146,6 +156,13 @@ pub async fn serve(
         }
     };
     let mut tasks = hub.start();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut lease_task = None;
+    if let Some(c) = &opts.controllers {
+        let (lease, others) = start_controllers(c, &hub, kube_watch.clone(), stop_rx.clone())?;
+        lease_task = lease;
+        tasks.extend(others);
+    }
     if let Some((client, namespace)) = kube_watch {
         tasks.push(tokio::spawn(crate::sink::kube::watch_specs(
             client,
@@ -172,7 +189,6 @@ pub async fn serve(
     };
 
     let ready = Arc::new(AtomicBool::new(false));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -209,8 +225,103 @@ pub async fn serve(
     });
     ready.store(false, Ordering::SeqCst);
     let _ = http.await;
+    // The lease loop releases the Lease on the stop signal; give it a moment to do so.
+    if let Some(lease) = lease_task {
+        let _ = tokio::time::timeout(Duration::from_secs(3), lease).await;
+    }
     for t in tasks {
         t.abort();
     }
     result
+}
+
+type Tasks = (
+    Option<tokio::task::JoinHandle<()>>,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
+/// Starts the reconcilers; with the kube store and leader election also the Lease loop.
+fn start_controllers(
+    c: &ControllerOptions,
+    hub: &Arc<Hub>,
+    kube: Option<(kube::Client, String)>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Tasks> {
+    let commands: Arc<dyn crate::upgrade::CommandSink> =
+        Arc::new(crate::upgrade::MqttPublisher::start(&c.mqtt)?);
+    let metrics = Arc::clone(&hub.metrics);
+    let config = c.config.clone();
+    let mut tasks = Vec::new();
+    let mut lease_task = None;
+    match (kube, &hub.local) {
+        (Some((client, namespace)), _) => {
+            let (leader_tx, leader_rx) = tokio::sync::watch::channel(!c.leader_election);
+            // NB: without election the sender must outlive the loop (a closed channel is not
+            // "leader forever").
+            let mut keep_tx = None;
+            if c.leader_election {
+                let lease = crate::lease::LeaseConfig::new(&namespace, &c.identity);
+                lease_task = Some(tokio::spawn(crate::lease::run(
+                    client.clone(),
+                    lease,
+                    leader_tx,
+                    stop,
+                )));
+            } else {
+                keep_tx = Some(leader_tx);
+            }
+            let identity = c.identity.clone();
+            let leader_metric = metrics.leader.clone();
+            let mut rx = leader_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    leader_metric.set(i64::from(*rx.borrow()));
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }));
+            tasks.push(tokio::spawn(async move {
+                let store = match crate::store::KubeFleet::start(client, &namespace, &identity).await {
+                    Ok(s) => Arc::new(s),
+                    Err(e) => {
+                        tracing::error!(error = %e, "controllers not started");
+                        return;
+                    }
+                };
+                let controllers = crate::controllers::Controllers {
+                    store,
+                    commands,
+                    metrics,
+                    config,
+                };
+                let _keep = keep_tx;
+                controllers.run(leader_rx).await;
+            }));
+        }
+        (None, Some(local)) => {
+            let hub_ref = Arc::clone(hub);
+            let on_change: crate::store::OnNodeChange = Arc::new(move |node: &crate::crd::FlightNode| {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                hub_ref.sessions.specs().set(&name, SpecView::of(node));
+                hub_ref.spec_changed(&name);
+            });
+            let store = Arc::new(crate::store::LocalFleet::new(local.clone(), on_change));
+            let (leader_tx, leader_rx) = tokio::sync::watch::channel(true);
+            metrics.leader.set(1);
+            let controllers = crate::controllers::Controllers {
+                store,
+                commands,
+                metrics,
+                config,
+            };
+            tasks.push(tokio::spawn(async move {
+                // NB: the sender lives as long as the loop, so `leader` stays true.
+                let _keep = leader_tx;
+                controllers.run(leader_rx).await;
+            }));
+        }
+        (None, None) => {}
+    }
+    Ok((lease_task, tasks))
 }

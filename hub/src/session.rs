@@ -177,6 +177,7 @@ pub fn content_hash(status: &FlightNodeStatus) -> u64 {
     status.agent.hash(&mut h);
     status.observed_generation.hash(&mut h);
     status.conditions.hash(&mut h);
+    status.current_upgrade.hash(&mut h);
     h.finish()
 }
 
@@ -449,19 +450,30 @@ impl Sessions {
         let wall = now_rfc3339();
         let mut map = self.lock();
         let mut out = Vec::new();
+        let mut moved = Vec::new();
         for (name, s) in map.iter_mut() {
             if s.liveness != Liveness::Online || now.saturating_duration_since(s.last_seen) < grace {
                 continue;
             }
+            let spec = self.specs.get(name);
+            // With several replicas, a drone that reconnected to another one is not offline:
+            // that replica stored a newer heartbeat. Forget the session instead of writing over it.
+            if spec.stored_heartbeat_unix > s.heartbeat_unix {
+                tracing::info!(device_id = %s.device_id, "drone served by another replica; session dropped");
+                moved.push(name.clone());
+                continue;
+            }
             let silent_secs = now.saturating_duration_since(s.last_seen).as_secs();
             s.liveness = Liveness::Offline { silent_secs };
-            let spec = self.specs.get(name);
             s.compute(s.base(), &spec, &wall);
             tracing::info!(device_id = %s.device_id, silent_secs, "drone offline: heartbeat timeout");
             out.push(Enqueue {
                 name: name.clone(),
                 priority: Priority::Transition,
             });
+        }
+        for name in moved {
+            map.remove(&name);
         }
         out
     }

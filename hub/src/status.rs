@@ -3,7 +3,8 @@
 //! Pure functions: no clock is read here; callers pass the time as an RFC 3339 string.
 
 use crate::crd::{
-    AgentInfo, Condition, Firmware, FlightNodeStatus, LastUpgrade, Resources, SlotInfo, condition,
+    AgentInfo, Condition, CurrentUpgrade, Firmware, FlightNodeStatus, LastUpgrade, Resources, SlotInfo,
+    condition,
 };
 use flightnode_proto::v1::HeartbeatRequest;
 use time::OffsetDateTime;
@@ -11,10 +12,36 @@ use time::OffsetDateTime;
 /// The spec fields a status depends on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpecView {
-    /// `spec.firmwareVersion`.
+    /// The desired version: `spec.firmware.version`, else `spec.firmwareVersion`.
     pub firmware_version: Option<String>,
     /// `metadata.generation`.
     pub generation: Option<i64>,
+    /// The node reconciler's (reason, message) for this generation (`status.firmwareSync`).
+    pub sync: Option<(String, String)>,
+    /// `status.lastHeartbeatTime` as stored (unix seconds): another replica may have written it.
+    pub stored_heartbeat_unix: i64,
+}
+
+impl SpecView {
+    /// What a status computation needs from a stored object.
+    pub fn of(node: &crate::crd::FlightNode) -> SpecView {
+        let generation = node.metadata.generation;
+        let status = node.status.as_ref();
+        let sync = status
+            .and_then(|s| s.firmware_sync.as_ref())
+            .filter(|s| Some(s.observed_generation) == generation)
+            .map(|s| (s.reason.clone(), s.message.clone()));
+        let stored_heartbeat_unix = status
+            .and_then(|s| s.last_heartbeat_time.as_deref())
+            .and_then(|t| OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+            .map_or(0, OffsetDateTime::unix_timestamp);
+        SpecView {
+            firmware_version: node.spec.desired_version().map(str::to_owned),
+            generation,
+            sync,
+            stored_heartbeat_unix,
+        }
+    }
 }
 
 /// Whether heartbeats are arriving, by the hub's clock.
@@ -151,6 +178,14 @@ pub fn from_heartbeat(hb: &HeartbeatRequest) -> FlightNodeStatus {
                 .map(|t| round_to(f64::from(t), 5.0) as i32),
         }
     });
+    let current_upgrade = hb
+        .upgrade
+        .as_ref()
+        .filter(|u| !u.upgrade_id.is_empty())
+        .map(|u| CurrentUpgrade {
+            id: non_empty(&u.upgrade_id),
+            version: non_empty(&u.version),
+        });
     let agent = Some(AgentInfo {
         version: non_empty(&hb.agent_version),
         boot_id: non_empty(&hb.boot_id),
@@ -164,6 +199,8 @@ pub fn from_heartbeat(hb: &HeartbeatRequest) -> FlightNodeStatus {
         agent,
         observed_generation: None,
         conditions: Vec::new(),
+        current_upgrade,
+        firmware_sync: None,
     }
 }
 
@@ -227,7 +264,7 @@ pub fn with_conditions(
             condition::FIRMWARE_SYNCED,
             "True",
             "NoDesiredVersion",
-            "spec.firmwareVersion is not set".into(),
+            "spec.firmware is not set".into(),
         ),
         (Some(want), Some(have)) if want == have => cond(
             condition::FIRMWARE_SYNCED,
@@ -235,12 +272,17 @@ pub fn with_conditions(
             "Synced",
             format!("committed version is {have}"),
         ),
+        // The node reconciler says why it is not synced yet (waiting, in progress, failed).
+        (Some(_), _) if spec.sync.as_ref().is_some_and(|(r, _)| r != "Synced") => {
+            let (reason, message) = spec.sync.clone().unwrap_or_default();
+            cond(condition::FIRMWARE_SYNCED, "False", &reason, message)
+        }
         (Some(want), have) => cond(
             condition::FIRMWARE_SYNCED,
             "False",
-            "VersionMismatch",
+            "Pending",
             format!(
-                "committed version is {}, spec.firmwareVersion is {want}",
+                "committed version is {}, the spec wants {want}",
                 have.as_deref().unwrap_or("unknown")
             ),
         ),
@@ -369,6 +411,7 @@ mod tests {
         let spec = SpecView {
             firmware_version: Some("1.0.0".into()),
             generation: Some(3),
+            ..SpecView::default()
         };
         let s1 = with_conditions(base.clone(), Liveness::Online, &spec, &[], "T1");
         let get = |s: &FlightNodeStatus, t: &str| {
@@ -398,6 +441,7 @@ mod tests {
         let want2 = SpecView {
             firmware_version: Some("2.0.0".into()),
             generation: Some(4),
+            ..SpecView::default()
         };
         let s3 = with_conditions(base, Liveness::Online, &want2, &s2.conditions, "T3");
         assert_eq!(get(&s3, "FirmwareSynced").status, "False");

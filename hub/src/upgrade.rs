@@ -3,6 +3,7 @@
 
 use crate::{Error, Result};
 use flightnode_proto::mqtt::{Command, UpgradeCommand, derive_upgrade_id, upgrade_topic};
+use futures_util::future::BoxFuture;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -126,9 +127,8 @@ pub fn upgrade_command(
     Ok(cmd)
 }
 
-/// Publishes `cmd` for `device_id` and waits for the PUBACK.
-pub async fn publish(target: &MqttTarget, device_id: &str, cmd: &Command) -> Result<()> {
-    flightnode_proto::device::validate_device_id(device_id).map_err(Error::Invalid)?;
+/// rumqttc options for `target`.
+fn mqtt_options(target: &MqttTarget) -> Result<MqttOptions> {
     let (tls, host, port) = parse_url(&target.url)?;
     let mut options = MqttOptions::new(target.client_id.clone(), host, port);
     options.set_keep_alive(Duration::from_secs(30));
@@ -148,6 +148,13 @@ pub async fn publish(target: &MqttTarget, device_id: &str, cmd: &Command) -> Res
             client_auth,
         }));
     }
+    Ok(options)
+}
+
+/// Publishes `cmd` for `device_id` and waits for the PUBACK.
+pub async fn publish(target: &MqttTarget, device_id: &str, cmd: &Command) -> Result<()> {
+    flightnode_proto::device::validate_device_id(device_id).map_err(Error::Invalid)?;
+    let options = mqtt_options(target)?;
     let (client, mut eventloop) = AsyncClient::new(options, 10);
     let topic = upgrade_topic(device_id);
     let payload = cmd.to_json(Some(device_id));
@@ -177,6 +184,63 @@ pub async fn publish(target: &MqttTarget, device_id: &str, cmd: &Command) -> Res
         .map_err(|_| Error::Mqtt(format!("{}: no PUBACK within {:?}", target.url, target.timeout)))??;
     tracing::info!(device_id, %topic, upgrade_id = cmd.upgrade_id(), "command published");
     Ok(())
+}
+
+/// Where the controllers send commands.
+pub trait CommandSink: Send + Sync + 'static {
+    /// Sends `cmd` to `device_id` (QoS 1; queued once this returns).
+    fn send<'a>(&'a self, device_id: &'a str, cmd: &'a Command) -> BoxFuture<'a, Result<()>>;
+}
+
+/// One long-lived MQTT connection for the controllers (QoS 1, not retained). The event loop
+/// runs in its own task and reconnects; a command queued while the broker is away goes out when
+/// it is back, and the node reconciler re-publishes the same upgrade id when one was lost.
+pub struct MqttPublisher {
+    client: AsyncClient,
+    url: String,
+}
+
+impl MqttPublisher {
+    /// Connects (in the background) to `target`.
+    pub fn start(target: &MqttTarget) -> Result<Self> {
+        let options = mqtt_options(target)?;
+        let (client, mut eventloop) = AsyncClient::new(options, 256);
+        let url = target.url.clone();
+        let log_url = url.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = eventloop.poll().await {
+                    tracing::warn!(url = %log_url, error = %e, "controller MQTT connection lost; reconnecting");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        });
+        Ok(MqttPublisher { client, url })
+    }
+}
+
+impl CommandSink for MqttPublisher {
+    fn send<'a>(&'a self, device_id: &'a str, cmd: &'a Command) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            flightnode_proto::device::validate_device_id(device_id).map_err(Error::Invalid)?;
+            let payload = cmd.to_json(Some(device_id));
+            self.client
+                .publish(
+                    upgrade_topic(device_id),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload.into_bytes(),
+                )
+                .await
+                .map_err(|e| Error::Mqtt(format!("{}: {e}", self.url)))?;
+            tracing::info!(
+                device_id,
+                upgrade_id = cmd.upgrade_id(),
+                "controller command queued"
+            );
+            Ok(())
+        })
+    }
 }
 
 #[cfg(test)]

@@ -43,6 +43,7 @@ fn options(data_dir: &Path) -> ServeOptions {
         insecure: true,
         hub: config(100.0, 100),
         write_timeout: Duration::from_secs(5),
+        controllers: None,
     }
 }
 
@@ -176,13 +177,13 @@ async fn local_store_serves_objects_and_events() {
                 )
             })
             .unwrap_or_default();
-        if synced == "False/VersionMismatch" {
+        if synced == "False/Pending" {
             assert_eq!(node["status"]["observedGeneration"], 2);
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(synced, "False/VersionMismatch");
+    assert_eq!(synced, "False/Pending");
 
     let metrics = kube.request_text(req("GET", "/metrics", "")).await.unwrap();
     assert!(

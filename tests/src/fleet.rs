@@ -246,6 +246,44 @@ impl Hub {
         Ok(list["items"].as_array().cloned().unwrap_or_default())
     }
 
+    /// The FirmwareRollout `name` from the hub's local API, if it exists.
+    pub fn rollout(&self, name: &str) -> Option<Value> {
+        let body = http_get(
+            self.http_port,
+            &format!("/apis/edge.drone.io/v1/namespaces/default/firmwarerollouts/{name}"),
+        )
+        .ok()?;
+        serde_json::from_str(&body).ok()
+    }
+
+    /// The events of rollout `name` (oldest first).
+    pub fn rollout_events(&self, name: &str) -> Result<Vec<Value>> {
+        let body = http_get(
+            self.http_port,
+            &format!("/apis/edge.drone.io/v1/namespaces/default/firmwarerollouts/{name}/events"),
+        )?;
+        let list: Value = serde_json::from_str(&body)?;
+        Ok(list["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// `flightnode-hub apply -f` of `yaml` against this hub.
+    pub fn apply(&self, yaml: &str) -> Result<()> {
+        let file = tempfile::Builder::new().suffix(".yaml").tempfile()?;
+        std::fs::write(file.path(), yaml)?;
+        let server = format!("http://127.0.0.1:{}", self.http_port);
+        run_ok(
+            &binary("flightnode-hub")?,
+            &[
+                "apply",
+                "-f",
+                &file.path().display().to_string(),
+                "--server",
+                &server,
+            ],
+        )?;
+        Ok(())
+    }
+
     /// All FlightNodes.
     pub fn flightnodes(&self) -> Result<Vec<Value>> {
         let body = http_get(self.http_port, "/apis/edge.drone.io/v1/flightnodes")?;
@@ -445,6 +483,8 @@ impl Fleet {
         if let Broker::Embedded { port } = &broker {
             hub_args.extend(["--embedded-broker".into(), format!("127.0.0.1:{port}")]);
         }
+        // Where `serve --controllers` publishes commands (unused without it).
+        hub_args.extend(["--mqtt-url".into(), broker.url()]);
         let mut hub = Hub::new(dir.path(), hub_args)?;
         hub.start()?;
         let bundles = BundleServer::start_blocking()?;

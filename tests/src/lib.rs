@@ -1,6 +1,7 @@
 //! flightnode fleet harness: real processes on loopback for end-to-end tests, demo and benchmarks.
 //!
 //! - [`agent`]: locating and running the real binaries.
+//! - [`apiserver`]: a real kube-apiserver + etcd per test (envtest-style), found via `FLIGHTNODE_K8S_DIR`.
 //! - [`fake_kube`]: an HTTP fake of the Kubernetes API that checks every status write.
 //! - [`boot_sim`]: power-on simulator for reboot mode (U-Boot, GRUB, example script backend).
 //! - [`uboot_qemu`]: real U-Boot under qemu-system-aarch64, its environment in pflash.
@@ -13,6 +14,7 @@
 //! - [`pki`]: a test CA, server and client certificates for mutual TLS (broker and hub).
 
 pub mod agent;
+pub mod apiserver;
 pub mod boot_sim;
 pub mod fake_kube;
 pub mod fleet;

@@ -183,10 +183,7 @@ pub async fn watch_specs(client: Client, namespace: String, hub: std::sync::Arc<
         match item {
             Ok(node) => {
                 let name = node.metadata.name.clone().unwrap_or_default();
-                let spec = crate::status::SpecView {
-                    firmware_version: node.spec.firmware_version.clone(),
-                    generation: node.metadata.generation,
-                };
+                let spec = crate::status::SpecView::of(&node);
                 if hub.sessions.specs().set(&name, spec) {
                     hub.spec_changed(&name);
                 }

@@ -6,8 +6,10 @@
 //! creates it (nobody pre-creates objects on a laptop).
 
 use super::{EventRecord, StatusSink, WriteError, WriteRequest};
-use crate::crd::{FlightNode, new_flightnode};
+use crate::crd::{FirmwareSync, FirmwareTarget, FlightNode, new_flightnode};
+use crate::rollout::{FirmwareRollout, FirmwareRolloutStatus};
 use futures_util::future::BoxFuture;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The sled-backed store.
@@ -16,6 +18,8 @@ pub struct LocalStore {
     db: sled::Db,
     objects: sled::Tree,
     events: sled::Tree,
+    rollouts: sled::Tree,
+    rollout_events: sled::Tree,
     namespace: String,
     path: String,
 }
@@ -48,10 +52,14 @@ impl LocalStore {
         let db = sled::open(dir).map_err(sled_err)?;
         let objects = db.open_tree("objects").map_err(sled_err)?;
         let events = db.open_tree("events").map_err(sled_err)?;
+        let rollouts = db.open_tree("rollouts").map_err(sled_err)?;
+        let rollout_events = db.open_tree("rollout-events").map_err(sled_err)?;
         Ok(LocalStore {
             db,
             objects,
             events,
+            rollouts,
+            rollout_events,
             namespace: namespace.to_owned(),
             path,
         })
@@ -123,7 +131,12 @@ impl LocalStore {
             Some(node) => node,
             None => self.fresh(&req.name, &req.hardware_id)?,
         };
-        node.status = Some(req.status.clone());
+        // NB: `firmwareSync` belongs to the node reconciler, not to heartbeat writes (on the
+        // cluster they are two field managers); keep it.
+        let sync = node.status.take().and_then(|s| s.firmware_sync);
+        let mut status = req.status.clone();
+        status.firmware_sync = sync;
+        node.status = Some(status);
         self.put(node)?;
         for event in &req.events {
             let mut key = events_prefix(&self.namespace, &req.name);
@@ -156,6 +169,165 @@ impl LocalStore {
         self.db.flush_async().await.map_err(internal)?;
         Ok(self.get(&self.namespace, name))
     }
+}
+
+impl LocalStore {
+    async fn flush(&self) -> Result<(), WriteError> {
+        self.db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(|e| WriteError::Retryable {
+                code: 0,
+                retry_after: None,
+                message: format!("flush {}: {e}", self.path),
+            })
+    }
+
+    /// Sets (or clears) `status.firmwareSync`; the object as stored, `None` when missing.
+    pub async fn set_sync(
+        &self,
+        name: &str,
+        sync: Option<FirmwareSync>,
+    ) -> Result<Option<FlightNode>, WriteError> {
+        let Some(mut node) = self.get(&self.namespace, name) else {
+            return Ok(None);
+        };
+        node.status.get_or_insert_with(Default::default).firmware_sync = sync;
+        self.put(node)?;
+        self.flush().await?;
+        Ok(self.get(&self.namespace, name))
+    }
+
+    /// Sets (or clears) `spec.firmware` and merges `annotations` (removing `drop`); bumps the
+    /// generation when the spec changed. `None` when the object is missing.
+    pub async fn set_target(
+        &self,
+        name: &str,
+        target: Option<FirmwareTarget>,
+        annotations: &BTreeMap<String, String>,
+        drop: &[&str],
+    ) -> Result<Option<FlightNode>, WriteError> {
+        let Some(mut node) = self.get(&self.namespace, name) else {
+            return Ok(None);
+        };
+        if node.spec.firmware != target {
+            node.spec.firmware = target;
+            node.metadata.generation = Some(node.metadata.generation.unwrap_or(1) + 1);
+        }
+        let notes = node.metadata.annotations.get_or_insert_with(BTreeMap::new);
+        for key in drop {
+            notes.remove(*key);
+        }
+        notes.extend(annotations.clone());
+        self.put(node)?;
+        self.flush().await?;
+        Ok(self.get(&self.namespace, name))
+    }
+
+    /// Every rollout of a namespace (or all), by name.
+    pub fn rollouts(&self, namespace: Option<&str>) -> Vec<FirmwareRollout> {
+        let iter = match namespace {
+            Some(ns) => self.rollouts.scan_prefix(format!("{ns}/")),
+            None => self.rollouts.iter(),
+        };
+        iter.filter_map(Result::ok)
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect()
+    }
+
+    /// One rollout.
+    pub fn rollout(&self, namespace: &str, name: &str) -> Option<FirmwareRollout> {
+        let bytes = self.rollouts.get(object_key(namespace, name)).ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn put_rollout(&self, mut r: FirmwareRollout) -> Result<FirmwareRollout, WriteError> {
+        r.metadata.resource_version = Some(self.next_resource_version()?);
+        let key = object_key(&self.namespace, &r.metadata.name.clone().unwrap_or_default());
+        self.rollouts
+            .insert(key, serde_json::to_vec(&r).map_err(internal)?)
+            .map_err(internal)?;
+        Ok(r)
+    }
+
+    /// Creates or replaces a rollout's spec and labels (like `kubectl apply`); the generation
+    /// moves when the spec changed. The status is kept.
+    pub async fn apply_rollout(&self, mut r: FirmwareRollout) -> Result<FirmwareRollout, WriteError> {
+        let name = r.metadata.name.clone().unwrap_or_default();
+        r.metadata.namespace = Some(self.namespace.clone());
+        let stored = match self.rollout(&self.namespace, &name) {
+            Some(mut old) => {
+                if old.spec != r.spec {
+                    old.spec = r.spec;
+                    old.metadata.generation = Some(old.metadata.generation.unwrap_or(1) + 1);
+                }
+                old.metadata.labels = r.metadata.labels;
+                old
+            }
+            None => {
+                let id = self.db.generate_id().map_err(internal)?;
+                r.metadata.uid = Some(format!("local-{id:016x}"));
+                r.metadata.generation = Some(1);
+                r.metadata.creation_timestamp =
+                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff_now()));
+                r.status = None;
+                r
+            }
+        };
+        let out = self.put_rollout(stored)?;
+        self.flush().await?;
+        Ok(out)
+    }
+
+    /// Writes a rollout's status.
+    pub async fn set_rollout_status(
+        &self,
+        name: &str,
+        status: FirmwareRolloutStatus,
+    ) -> Result<(), WriteError> {
+        let Some(mut r) = self.rollout(&self.namespace, name) else {
+            return Ok(());
+        };
+        r.status = Some(status);
+        self.put_rollout(r)?;
+        self.flush().await
+    }
+
+    /// Records a rollout event (the local store's Kubernetes Event).
+    pub async fn add_rollout_event(&self, name: &str, event: RolloutEvent) -> Result<(), WriteError> {
+        let id = self.db.generate_id().map_err(internal)?;
+        let mut key = events_prefix(&self.namespace, name);
+        key.extend_from_slice(&id.to_be_bytes());
+        self.rollout_events
+            .insert(key, serde_json::to_vec(&event).map_err(internal)?)
+            .map_err(internal)?;
+        self.flush().await
+    }
+
+    /// A rollout's events, oldest first.
+    pub fn rollout_events(&self, namespace: &str, name: &str) -> Vec<RolloutEvent> {
+        self.rollout_events
+            .scan_prefix(events_prefix(namespace, name))
+            .filter_map(Result::ok)
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect()
+    }
+}
+
+/// A rollout event as the local store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutEvent {
+    /// RFC 3339.
+    pub time: String,
+    /// `Normal` or `Warning`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `WaveAdvanced`, `Halted`, `Completed`.
+    pub reason: String,
+    /// What happened.
+    pub note: String,
 }
 
 fn jiff_now() -> jiff::Timestamp {

@@ -1,10 +1,15 @@
 //! `flightnode-demo`: the whole system on one machine, nothing installed beyond Rust.
 //!
-//! Starts the hub on its local store with its embedded MQTT broker, N simulated drones (real
-//! `flightnode-agent run` processes with file slots in a temp dir), makes a key and bundles and
-//! serves them over loopback, then upgrades: drone 1 commits, drone 2 fails its health check and
-//! rolls back, drone 3 gets a corrupt bundle and rejects it (and so on round-robin for more drones).
-//! Shows a live table of the FlightNodes, ends with a summary, exit code 0, and nothing running.
+//! Starts the hub on its local store with its embedded MQTT broker and its controllers, N
+//! simulated drones (real `flightnode-agent run` processes with file slots in a temp dir), makes a
+//! key and bundles and serves them over loopback, then rolls firmware out with a
+//! `FirmwareRollout` (`flightnode-hub apply -f`): a canary wave and a second wave. The bad build
+//! 2.1.0 fails its health check on the canary, the breaker trips, the rest keep their firmware;
+//! the good build 2.1.1 then rolls through every wave. Ends with a summary, exit code 0, and
+//! nothing running.
+//!
+//! `--manual`: the earlier demo, one `flightnode-hub upgrade` per drone: drone 1 commits, drone 2
+//! fails its health check and rolls back, drone 3 gets a corrupt bundle and rejects it.
 
 use anyhow::{Result, bail};
 use flightnode_tests::fleet::{Fleet, FleetOptions, condition};
@@ -19,18 +24,24 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!(
-            "usage: flightnode-demo [--drones N]   (default 3; build first: cargo build --release --workspace)"
+            "usage: flightnode-demo [--drones N] [--manual]   (default 6, 3 with --manual; build first: cargo build --release --workspace)"
         );
         return ExitCode::SUCCESS;
     }
+    let manual = args.iter().any(|a| a == "--manual");
     let drones = args
         .iter()
         .position(|a| a == "--drones")
         .and_then(|i| args.get(i + 1))
         .and_then(|n| n.parse().ok())
-        .unwrap_or(3usize)
+        .unwrap_or(if manual { 3usize } else { 6 })
         .max(1);
-    match demo(drones) {
+    let run = if manual {
+        demo(drones)
+    } else {
+        rollout_demo(drones.max(4))
+    };
+    match run {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo failed: {e:#}");
@@ -155,6 +166,145 @@ fn demo(n: usize) -> Result<()> {
         bail!("a drone did not end as expected");
     }
     println!("every drone ended where it should; stopping the hub, broker and drones");
+    drop(fleet);
+    Ok(())
+}
+
+/// The bad build's health check fails (the agent passes the version being tried).
+const BAD: &str = "2.1.0";
+const GOOD: &str = "2.1.1";
+
+fn rollout_yaml(version: &str, url: &str) -> String {
+    format!(
+        "apiVersion: edge.drone.io/v1\nkind: FirmwareRollout\nmetadata:\n  name: fleet-2-1\nspec:\n\
+         \x20 version: \"{version}\"\n  url: {url}\n\
+         \x20 waves:\n    - count: 2        # the canary\n      soak: 3s\n    - percent: 50\n      soak: 3s\n\
+         \x20 failurePolicy:\n    rules:\n      - kind: any\n        thresholdPercent: 50\n        minFinished: 2\n\
+         \x20 droneTimeout: 3m\n"
+    )
+}
+
+fn rollout_line(r: &Value) -> String {
+    let s = &r["status"];
+    let c = &s["counts"];
+    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    let halted = s["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Halted" && c["status"] == "True"))
+        .map(|c| format!("  HALTED: {}", c["message"].as_str().unwrap_or("")))
+        .unwrap_or_default();
+    format!(
+        "{} wave {:<4} succeeded {}  in progress {}  waiting {}  not started {}  rolled back {}  failed {}{halted}",
+        r["spec"]["version"].as_str().unwrap_or("?"),
+        s["wave"].as_str().unwrap_or("-"),
+        n("succeeded"),
+        n("inProgress"),
+        n("waiting"),
+        n("notStarted"),
+        n("rolledBack"),
+        n("failed") + n("rejected") + n("timedOut"),
+    )
+}
+
+fn has_condition(r: &Value, type_: &str, generation: i64) -> bool {
+    r["status"]["observedGeneration"].as_i64() == Some(generation)
+        && r["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == type_ && c["status"] == "True"))
+}
+
+/// Follows the rollout, printing a line whenever it changes, until `type_` is True.
+fn follow(fleet: &Fleet, type_: &str, generation: i64) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut last = String::new();
+    loop {
+        if let Some(r) = fleet.hub.rollout("fleet-2-1") {
+            let line = rollout_line(&r);
+            if line != last {
+                println!("  {line}");
+                last = line;
+            }
+            if has_condition(&r, type_, generation) {
+                return Ok(r);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the rollout did not reach {type_} in time:\n{}", fleet.hub.log());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn committed(f: &Value) -> String {
+    f["status"]["firmware"]["committedVersion"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned()
+}
+
+fn rollout_demo(n: usize) -> Result<()> {
+    println!("starting the hub (local store, embedded MQTT broker, controllers) and {n} drones…");
+    let fleet = Fleet::start(FleetOptions {
+        drones: n,
+        embedded_broker: true,
+        health: |_| {
+            format!(
+                "if [ \"$FLIGHTNODE_VERSION\" = {BAD} ]; then echo 'health check: {BAD} does not start the flight controller' >&2; exit 1; fi"
+            )
+        },
+        hub_args: vec!["--controllers".into(), "--reconcile-interval".into(), "1s".into()],
+        ..FleetOptions::default()
+    })?;
+    let (_, bad_url) = fleet.bundle("firmware-2.1.0", BAD, 4 * 1024 * 1024)?;
+    let (_, good_url) = fleet.bundle("firmware-2.1.1", GOOD, 4 * 1024 * 1024)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fleet.hub.flightnodes()?.len() < n {
+        if Instant::now() > deadline {
+            bail!("not every drone reported to the hub:\n{}", fleet.hub.log());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    println!("\nflightnode-hub apply -f rollout.yaml   (version {BAD}: canary of 2, then 50 %, then all)");
+    fleet.hub.apply(&rollout_yaml(BAD, &bad_url))?;
+    let r = follow(&fleet, "Halted", 1)?;
+    let nodes = fleet.hub.flightnodes()?;
+    let rolled_back = r["status"]["counts"]["rolledBack"].as_u64().unwrap_or(0);
+    let on_bad = nodes.iter().filter(|f| committed(f) == BAD).count();
+    let untouched = nodes.iter().filter(|f| committed(f) == "1.0.0").count();
+    println!(
+        "the breaker tripped in the canary: {rolled_back} rolled back, {untouched} of {n} drones still on 1.0.0"
+    );
+    if rolled_back != 2 || on_bad != 0 || untouched != n || r["status"]["currentWave"].as_u64() != Some(0) {
+        bail!("expected the canary (2 drones) to roll back and every drone to stay on 1.0.0: {r}");
+    }
+
+    println!("\nflightnode-hub apply -f rollout.yaml   (version {GOOD}: a new generation resumes)");
+    fleet.hub.apply(&rollout_yaml(GOOD, &good_url))?;
+    follow(&fleet, "Complete", 2)?;
+    let nodes = fleet.hub.flightnodes()?;
+    println!("\nsummary:");
+    for f in &nodes {
+        println!(
+            "  {:<10} running {} in slot {}",
+            f["metadata"]["name"].as_str().unwrap_or("?"),
+            committed(f),
+            f["status"]["firmware"]["activeSlot"].as_str().unwrap_or("?"),
+        );
+    }
+    println!("events:");
+    for e in fleet.hub.rollout_events("fleet-2-1")? {
+        println!(
+            "  {:<8} {:<13} {}",
+            e["type"].as_str().unwrap_or(""),
+            e["reason"].as_str().unwrap_or(""),
+            e["note"].as_str().unwrap_or("")
+        );
+    }
+    if nodes.iter().any(|f| committed(f) != GOOD) {
+        bail!("a drone is not on {GOOD}");
+    }
+    println!("every drone runs {GOOD}; stopping the hub, broker and drones");
     drop(fleet);
     Ok(())
 }

@@ -1,0 +1,152 @@
+//! The reconcilers' loop: on the leader only ([`crate::lease`]), after every change the stores
+//! report and at least every `interval`, run the rollout controller and the node reconciler.
+//!
+//! Order inside a step: the node reconciler first **persists** its record (`firmwareSync` with
+//! the upgrade id) and only then publishes the command. A leader that dies between the two
+//! leaves a record whose id the next leader re-publishes; one that dies after leaves a command
+//! the agent has, under the same id. Either way one install.
+
+use crate::metrics::Metrics;
+use crate::node_sync::{self, Action, FlightGate, NodeView, Policy};
+use crate::store::FleetStore;
+use crate::upgrade::CommandSink;
+use flightnode_proto::mqtt::{Command, UpgradeCommand};
+use kube::ResourceExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Settings of the reconcilers.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Node reconciler retries.
+    pub policy: Policy,
+    /// Flight gate of the node reconciler (drones outside a rollout).
+    pub gate: FlightGate,
+    /// Longest time between two steps.
+    pub interval: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            policy: Policy::default(),
+            gate: FlightGate::default(),
+            interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The reconcilers.
+pub struct Controllers {
+    /// Where objects live.
+    pub store: Arc<dyn FleetStore>,
+    /// Where commands go.
+    pub commands: Arc<dyn CommandSink>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Settings.
+    pub config: ControllerConfig,
+}
+
+fn now() -> (i64, String) {
+    let t = time::OffsetDateTime::now_utc();
+    (t.unix_timestamp(), crate::status::rfc3339(t))
+}
+
+impl Controllers {
+    /// Runs while the process lives; works only while `leader` is true.
+    pub async fn run(self, mut leader: watch::Receiver<bool>) {
+        let changed = self.store.changed();
+        loop {
+            if !*leader.borrow() {
+                tracing::info!("not the leader: reconcilers idle");
+                if leader.wait_for(|l| *l).await.is_err() {
+                    return;
+                }
+                tracing::info!("leader: reconcilers running");
+            }
+            let wait = self.step().await;
+            tokio::select! {
+                () = tokio::time::sleep(wait.min(self.config.interval)) => {}
+                () = changed.notified() => {
+                    // Let a burst of watch events settle into one step.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                changed = leader.changed() => {
+                    if changed.is_err() {
+                        // The election ended (shutdown): stop reconciling.
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One step of both reconcilers; returns when the next one is due at the latest.
+    pub async fn step(&self) -> Duration {
+        let started = std::time::Instant::now();
+        let (t, t_text) = now();
+        match crate::rollout::controller::reconcile_all(self.store.as_ref(), t, &t_text).await {
+            Ok(report) => self.metrics.set_rollouts(&report),
+            Err(e) => tracing::warn!(error = %e, "rollout reconcile failed"),
+        }
+        self.metrics.reconcile_done("rollout", started.elapsed());
+        let started = std::time::Instant::now();
+        let next = self.reconcile_nodes().await;
+        self.metrics.reconcile_done("node", started.elapsed());
+        next
+    }
+
+    /// One pass of the node reconciler over every drone.
+    pub async fn reconcile_nodes(&self) -> Duration {
+        let mut next = self.config.interval;
+        let nodes = match self.store.nodes().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing FlightNodes failed");
+                return next;
+            }
+        };
+        for node in &nodes {
+            let name = node.name_any();
+            let view = NodeView::of(node, &self.config.gate);
+            let (t, t_text) = now();
+            let d = node_sync::decide(&view, &self.config.policy, t, &t_text);
+            if let Some(r) = d.requeue {
+                next = next.min(r);
+            }
+            if d.sync != view.sync {
+                if let Err(e) = self.store.write_sync(&name, d.sync.as_ref()).await {
+                    // NB: nothing is published without its record: it could not be found again.
+                    tracing::warn!(device_id = %name, error = %e, "firmwareSync write failed; not publishing");
+                    continue;
+                }
+            }
+            let cmd = match &d.action {
+                Action::None => continue,
+                Action::Publish { upgrade_id } => {
+                    let Some(target) = view.target.as_ref() else {
+                        continue;
+                    };
+                    Command::Upgrade(UpgradeCommand {
+                        upgrade_id: upgrade_id.clone(),
+                        url: target.url.clone(),
+                        version: semver::Version::parse(&target.version).ok(),
+                        allow_downgrade: target.allow_downgrade,
+                    })
+                }
+                Action::Cancel { upgrade_id } => Command::Cancel {
+                    upgrade_id: upgrade_id.clone(),
+                },
+            };
+            match self.commands.send(&name, &cmd).await {
+                Ok(()) => tracing::info!(device_id = %name, upgrade_id = cmd.upgrade_id(), "command sent"),
+                Err(e) => {
+                    tracing::warn!(device_id = %name, upgrade_id = cmd.upgrade_id(), error = %e, "command not sent; re-published later")
+                }
+            }
+        }
+        next
+    }
+}

@@ -1,0 +1,528 @@
+//! The node reconciler's decision for one `FlightNode`: `spec.firmware` against what the drone
+//! reports, as a pure function. No clock, no I/O: the caller passes the time, writes the returned
+//! [`FirmwareSync`] record, and only then publishes the returned command.
+//!
+//! Exactly-once install: the upgrade id is derived from the object's uid, its generation and the
+//! attempt number ([`upgrade_id`]). The record with that id is persisted before the command goes
+//! out, so a retry of the same attempt, a hub restart or a new leader re-publishes the **same**
+//! id, which the agent treats as a redelivery. A new attempt (a new id) is only made after the
+//! drone reported the previous attempt's end, and only for transient failures (`Failed`,
+//! `Canceled`), with exponential back-off and a bound per generation. `Rejected` (bad signature,
+//! incompatible hardware, downgrade…) and `RolledBack` (the image failed its health check on this
+//! drone) are never retried: the same bundle would fail the same way.
+
+use crate::crd::{FirmwareSync, FirmwareTarget, FlightNode, condition};
+use sha2::Digest;
+use std::time::Duration;
+
+/// Reasons of `status.firmwareSync` and of the `FirmwareSynced` condition.
+pub mod reason {
+    /// Wanted, nothing published yet.
+    pub const PENDING: &str = "Pending";
+    /// A gate holds the upgrade back (offline, busy, flight state, no bundle URL).
+    pub const WAITING: &str = "Waiting";
+    /// Published; the drone is (or is about to be) working on it.
+    pub const IN_PROGRESS: &str = "InProgress";
+    /// The previous attempt failed; the next one waits for its back-off.
+    pub const RETRYING: &str = "Retrying";
+    /// The committed version is the wanted one.
+    pub const SYNCED: &str = "Synced";
+    /// Given up for this generation (rejected, rolled back, or attempts exhausted).
+    pub const FAILED: &str = "Failed";
+}
+
+/// Retry policy of the node reconciler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Attempts per generation (1 = never retry).
+    pub max_attempts: u32,
+    /// Back-off after the first failed attempt; doubles per attempt.
+    pub backoff: Duration,
+    /// Back-off cap.
+    pub backoff_max: Duration,
+    /// Re-publish the same upgrade id when the drone has not picked it up after this long
+    /// (the command may have been lost with a broker restart).
+    pub redeliver_after: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_attempts: 3,
+            backoff: Duration::from_secs(30),
+            backoff_max: Duration::from_secs(600),
+            redeliver_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What the flight state allows, from `status.observedState` when the drone reports one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlightGate {
+    /// States an upgrade may start in.
+    pub allowed: Vec<String>,
+    /// Whether a drone without a known flight state may start (the agent gates again itself).
+    pub allow_unknown: bool,
+}
+
+impl Default for FlightGate {
+    fn default() -> Self {
+        FlightGate {
+            allowed: vec!["disarmed".to_owned()],
+            allow_unknown: true,
+        }
+    }
+}
+
+impl FlightGate {
+    /// `None` when allowed, else why not.
+    pub fn check(&self, observed: Option<&str>) -> Option<String> {
+        match observed {
+            None | Some("unknown" | "") if self.allow_unknown => None,
+            None | Some("unknown" | "") => Some("flight state unknown".to_owned()),
+            Some(state) if self.allowed.iter().any(|a| a == state) => None,
+            Some(state) => Some(format!("flight state {state}")),
+        }
+    }
+}
+
+/// The flight state a drone reports (`status.observedState`, added by the flight gate), read
+/// from the serialised status so this compiles with or without that field.
+pub fn observed_flight_state(node: &FlightNode) -> Option<String> {
+    let status = serde_json::to_value(node.status.as_ref()?).ok()?;
+    status.get("observedState")?.as_str().map(str::to_owned)
+}
+
+/// Everything [`decide`] looks at, taken from one `FlightNode`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeView {
+    /// `metadata.uid`.
+    pub uid: String,
+    /// `metadata.generation`.
+    pub generation: i64,
+    /// `spec.firmware`.
+    pub target: Option<FirmwareTarget>,
+    /// `Online` condition is True.
+    pub online: bool,
+    /// `status.phase` (`Idle` when not upgrading).
+    pub phase: String,
+    /// `status.firmware.committedVersion`.
+    pub committed: Option<String>,
+    /// `status.currentUpgrade.id`.
+    pub current_upgrade: Option<String>,
+    /// `status.lastUpgrade`: (id, result CamelCase, error code).
+    pub last_upgrade: Option<(String, String, String)>,
+    /// Why the flight gate holds (from [`FlightGate::check`]).
+    pub flight_blocked: Option<String>,
+    /// `status.firmwareSync`.
+    pub sync: Option<FirmwareSync>,
+}
+
+impl NodeView {
+    /// Reads a `FlightNode`.
+    pub fn of(node: &FlightNode, gate: &FlightGate) -> NodeView {
+        let status = node.status.clone().unwrap_or_default();
+        NodeView {
+            uid: node.metadata.uid.clone().unwrap_or_default(),
+            generation: node.metadata.generation.unwrap_or(1),
+            target: node.spec.firmware.clone(),
+            online: status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == condition::ONLINE && c.status == "True"),
+            phase: status.phase.clone().unwrap_or_else(|| "Idle".to_owned()),
+            committed: status.firmware.as_ref().and_then(|f| f.committed_version.clone()),
+            current_upgrade: status.current_upgrade.as_ref().and_then(|u| u.id.clone()),
+            last_upgrade: status.last_upgrade.as_ref().and_then(|l| {
+                Some((
+                    l.id.clone()?,
+                    l.result.clone().unwrap_or_default(),
+                    l.error_code.clone().unwrap_or_default(),
+                ))
+            }),
+            flight_blocked: gate.check(observed_flight_state(node).as_deref()),
+            sync: status.firmware_sync,
+        }
+    }
+}
+
+/// What to do after persisting the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to send.
+    None,
+    /// Publish an upgrade command with this id.
+    Publish {
+        /// Upgrade id.
+        upgrade_id: String,
+    },
+    /// Publish a cancel for an upgrade the drone has not started (the spec moved on).
+    Cancel {
+        /// Upgrade id.
+        upgrade_id: String,
+    },
+}
+
+/// The decision for one drone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The record to store in `status.firmwareSync` (`None`: no wanted firmware, clear it).
+    pub sync: Option<FirmwareSync>,
+    /// The command to publish once `sync` is stored.
+    pub action: Action,
+    /// Look again after this long (back-off, redelivery); `None`: on the next change.
+    pub requeue: Option<Duration>,
+}
+
+/// The upgrade id of one attempt at one generation of one object: the same inputs always give
+/// the same id, on every replica, across restarts.
+pub fn upgrade_id(uid: &str, generation: i64, attempt: u32) -> String {
+    let digest = sha2::Sha256::digest(format!("{uid}/{generation}").as_bytes());
+    format!("fn-{}-g{generation}-a{attempt}", &hex::encode(digest)[..12])
+}
+
+fn backoff(policy: &Policy, attempts: u32) -> Duration {
+    let factor = 1u32 << attempts.saturating_sub(1).min(16);
+    policy.backoff.saturating_mul(factor).min(policy.backoff_max)
+}
+
+fn parse_time(t: Option<&str>) -> i64 {
+    t.and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+        .map_or(0, time::OffsetDateTime::unix_timestamp)
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// Decides for one drone at `now` (unix seconds; `now_rfc3339` is the same instant).
+pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> Decision {
+    let keep = |sync: FirmwareSync, action: Action, requeue: Option<Duration>| Decision {
+        sync: Some(sync),
+        action,
+        requeue,
+    };
+    // A record of an older generation whose command the drone has not started: cancel it.
+    let stale = view
+        .sync
+        .as_ref()
+        .filter(|s| s.observed_generation != view.generation)
+        .and_then(|s| s.upgrade_id.clone())
+        .filter(|id| {
+            view.current_upgrade.as_deref() != Some(id.as_str())
+                && view.last_upgrade.as_ref().map(|l| l.0.as_str()) != Some(id.as_str())
+        });
+    let Some(target) = view.target.clone() else {
+        return Decision {
+            sync: None,
+            action: stale.map_or(Action::None, |upgrade_id| Action::Cancel { upgrade_id }),
+            requeue: None,
+        };
+    };
+    let mut rec = match &view.sync {
+        Some(s) if s.observed_generation == view.generation && s.version == target.version => s.clone(),
+        _ => FirmwareSync {
+            observed_generation: view.generation,
+            version: target.version.clone(),
+            reason: reason::PENDING.to_owned(),
+            ..FirmwareSync::default()
+        },
+    };
+    let set = |rec: &mut FirmwareSync, reason: &str, message: String| {
+        rec.reason = reason.to_owned();
+        rec.message = message;
+    };
+
+    if view.committed.as_deref() == Some(target.version.as_str()) {
+        set(
+            &mut rec,
+            reason::SYNCED,
+            format!("committed version is {}", target.version),
+        );
+        return keep(rec, Action::None, None);
+    }
+    if rec.reason == reason::FAILED {
+        return keep(rec, Action::None, None);
+    }
+    if let Some(id) = rec.upgrade_id.clone() {
+        if let Some((_, result, code)) = view.last_upgrade.as_ref().filter(|l| l.0 == id) {
+            match result.as_str() {
+                "Committed" | "AlreadyInstalled" => {
+                    // It installed, yet the committed version is another one: the bundle does not
+                    // carry the version the spec names. Installing it again changes nothing.
+                    let have = view.committed.as_deref().unwrap_or("unknown");
+                    set(
+                        &mut rec,
+                        reason::FAILED,
+                        format!(
+                            "{id} ended {result} but the committed version is {have}, not {}",
+                            target.version
+                        ),
+                    );
+                    return keep(rec, Action::None, None);
+                }
+                "Rejected" | "RolledBack" => {
+                    set(
+                        &mut rec,
+                        reason::FAILED,
+                        format!("{id} ended {result} ({code}); not retried for this generation"),
+                    );
+                    return keep(rec, Action::None, None);
+                }
+                _ if rec.attempts >= policy.max_attempts => {
+                    let message = format!("{id} ended {result} ({code}); {} attempts made", rec.attempts);
+                    set(&mut rec, reason::FAILED, message);
+                    return keep(rec, Action::None, None);
+                }
+                _ => {
+                    let next =
+                        parse_time(rec.last_attempt_time.as_deref()) + secs(backoff(policy, rec.attempts));
+                    if now < next {
+                        let message = format!(
+                            "{id} ended {result} ({code}); attempt {} after back-off",
+                            rec.attempts + 1
+                        );
+                        set(&mut rec, reason::RETRYING, message);
+                        let wait = Duration::from_secs(u64::try_from(next - now).unwrap_or(1));
+                        return keep(rec, Action::None, Some(wait));
+                    }
+                    // Falls through to the gates for the next attempt.
+                    rec.upgrade_id = None;
+                }
+            }
+        } else if view.current_upgrade.as_deref() == Some(id.as_str()) {
+            set(
+                &mut rec,
+                reason::IN_PROGRESS,
+                format!("{id}: phase {}", view.phase),
+            );
+            return keep(rec, Action::None, None);
+        } else {
+            // Published, not picked up yet. Re-publishing the same id is harmless (the agent
+            // deduplicates), so a lost command does not stall the drone forever.
+            let since = now - parse_time(rec.last_attempt_time.as_deref());
+            let idle = view.online && view.phase == "Idle";
+            if idle && since >= secs(policy.redeliver_after) {
+                rec.last_attempt_time = Some(now_rfc3339.to_owned());
+                set(
+                    &mut rec,
+                    reason::IN_PROGRESS,
+                    format!("{id} published again (not picked up)"),
+                );
+                return keep(
+                    rec,
+                    Action::Publish { upgrade_id: id },
+                    Some(policy.redeliver_after),
+                );
+            }
+            set(
+                &mut rec,
+                reason::IN_PROGRESS,
+                format!("{id} published, waiting for the drone"),
+            );
+            let left = secs(policy.redeliver_after).saturating_sub(since).max(1);
+            return keep(
+                rec,
+                Action::None,
+                Some(Duration::from_secs(u64::try_from(left).unwrap_or(1))),
+            );
+        }
+    }
+
+    // Gates before a new attempt.
+    let blocked = if !view.online {
+        Some("drone is offline".to_owned())
+    } else if view.phase != "Idle" {
+        Some(format!(
+            "drone is busy (phase {}, upgrade {})",
+            view.phase,
+            view.current_upgrade.as_deref().unwrap_or("unknown")
+        ))
+    } else {
+        view.flight_blocked.clone()
+    };
+    if let Some(why) = blocked {
+        set(&mut rec, reason::WAITING, why);
+        let action = stale.map_or(Action::None, |upgrade_id| Action::Cancel { upgrade_id });
+        return keep(rec, action, None);
+    }
+    rec.attempts += 1;
+    let id = upgrade_id(&view.uid, view.generation, rec.attempts);
+    rec.upgrade_id = Some(id.clone());
+    rec.last_attempt_time = Some(now_rfc3339.to_owned());
+    let message = format!(
+        "attempt {} of {}: {id} published",
+        rec.attempts, policy.max_attempts
+    );
+    set(&mut rec, reason::IN_PROGRESS, message);
+    keep(
+        rec,
+        Action::Publish { upgrade_id: id },
+        Some(policy.redeliver_after),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_800_000_000;
+
+    fn view() -> NodeView {
+        NodeView {
+            uid: "uid-1".into(),
+            generation: 2,
+            target: Some(FirmwareTarget {
+                version: "2.0.0".into(),
+                url: "http://fw/2.0.0.fnb".into(),
+                allow_downgrade: false,
+            }),
+            online: true,
+            phase: "Idle".into(),
+            committed: Some("1.0.0".into()),
+            ..NodeView::default()
+        }
+    }
+
+    fn at(secs: i64) -> String {
+        crate::status::unix_rfc3339(secs).unwrap_or_default()
+    }
+
+    fn step(v: &mut NodeView, now: i64) -> Decision {
+        let d = decide(v, &Policy::default(), now, &at(now));
+        v.sync = d.sync.clone();
+        d
+    }
+
+    #[test]
+    fn publishes_once_and_the_same_id_after_a_restart() {
+        let mut v = view();
+        let d = step(&mut v, T0);
+        let id = upgrade_id("uid-1", 2, 1);
+        assert_eq!(
+            d.action,
+            Action::Publish {
+                upgrade_id: id.clone()
+            }
+        );
+        // The record is what a restarted leader reads: no new id, no second publish yet.
+        let again = step(&mut v, T0 + 5);
+        assert_eq!(again.action, Action::None);
+        assert_eq!(again.sync.as_ref().unwrap().reason, reason::IN_PROGRESS);
+        // Not picked up for the redelivery time: the *same* id again.
+        let re = step(&mut v, T0 + 61);
+        assert_eq!(
+            re.action,
+            Action::Publish {
+                upgrade_id: id.clone()
+            }
+        );
+        v.current_upgrade = Some(id.clone());
+        v.phase = "Downloading".into();
+        assert_eq!(step(&mut v, T0 + 200).action, Action::None);
+        v.current_upgrade = None;
+        v.phase = "Idle".into();
+        v.committed = Some("2.0.0".into());
+        v.last_upgrade = Some((id, "Committed".into(), String::new()));
+        let done = step(&mut v, T0 + 300);
+        assert_eq!(done.sync.unwrap().reason, reason::SYNCED);
+        assert_eq!(upgrade_id("uid-1", 2, 1), upgrade_id("uid-1", 2, 1));
+        assert_ne!(upgrade_id("uid-1", 2, 1), upgrade_id("uid-1", 3, 1));
+    }
+
+    #[test]
+    fn gates_hold_new_attempts() {
+        let mut v = view();
+        v.online = false;
+        assert_eq!(step(&mut v, T0).sync.unwrap().reason, reason::WAITING);
+        v.online = true;
+        v.phase = "Downloading".into();
+        v.current_upgrade = Some("manual".into());
+        let d = step(&mut v, T0);
+        assert_eq!(d.action, Action::None);
+        assert!(d.sync.unwrap().message.contains("busy"));
+        v.phase = "Idle".into();
+        v.current_upgrade = None;
+        v.flight_blocked = FlightGate::default().check(Some("in-air"));
+        assert_eq!(step(&mut v, T0).sync.unwrap().reason, reason::WAITING);
+        assert_eq!(FlightGate::default().check(None), None);
+        assert!(
+            FlightGate {
+                allow_unknown: false,
+                ..FlightGate::default()
+            }
+            .check(Some("unknown"))
+            .is_some()
+        );
+        v.flight_blocked = None;
+        assert!(matches!(step(&mut v, T0).action, Action::Publish { .. }));
+    }
+
+    #[test]
+    fn transient_failures_retry_with_backoff_then_give_up() {
+        let mut v = view();
+        for attempt in 1..=3u32 {
+            let t = T0 + i64::from(attempt) * 1000;
+            let d = step(&mut v, t);
+            let id = upgrade_id("uid-1", 2, attempt);
+            assert_eq!(
+                d.action,
+                Action::Publish {
+                    upgrade_id: id.clone()
+                },
+                "attempt {attempt}"
+            );
+            v.last_upgrade = Some((id, "Failed".into(), "download_failed".into()));
+            if attempt < 3 {
+                let wait = step(&mut v, t + 1);
+                assert_eq!(wait.action, Action::None);
+                assert_eq!(wait.sync.unwrap().reason, reason::RETRYING);
+            }
+        }
+        let end = step(&mut v, T0 + 10_000);
+        assert_eq!(end.action, Action::None);
+        assert_eq!(end.sync.unwrap().reason, reason::FAILED);
+        // It stays failed for this generation.
+        assert_eq!(step(&mut v, T0 + 20_000).action, Action::None);
+        // A new generation starts over with a new id.
+        v.generation = 3;
+        assert_eq!(
+            step(&mut v, T0 + 20_001).action,
+            Action::Publish {
+                upgrade_id: upgrade_id("uid-1", 3, 1)
+            }
+        );
+    }
+
+    #[test]
+    fn rejected_and_rolled_back_are_never_retried() {
+        for (result, code) in [
+            ("Rejected", "signature_invalid"),
+            ("RolledBack", "health_check_failed"),
+        ] {
+            let mut v = view();
+            let Action::Publish { upgrade_id } = step(&mut v, T0).action else {
+                panic!("no publish");
+            };
+            v.last_upgrade = Some((upgrade_id, result.into(), code.into()));
+            for t in [T0 + 1, T0 + 100_000] {
+                let d = step(&mut v, t);
+                assert_eq!(d.action, Action::None, "{result}");
+                assert_eq!(d.sync.unwrap().reason, reason::FAILED);
+            }
+        }
+    }
+
+    #[test]
+    fn a_changed_spec_cancels_a_command_not_started() {
+        let mut v = view();
+        let Action::Publish { upgrade_id } = step(&mut v, T0).action else {
+            panic!("no publish");
+        };
+        v.target = None;
+        v.generation = 3;
+        let d = step(&mut v, T0 + 1);
+        assert_eq!(d.action, Action::Cancel { upgrade_id });
+        assert_eq!(d.sync, None);
+    }
+}

@@ -1,0 +1,233 @@
+//! The rollout commands: `flightnode-hub get rollouts`, `rollout status NAME` (a live view) and
+//! `apply -f FILE` for the local store (a Kubernetes-shaped API, so the kube client reads it).
+
+use super::{FirmwareRollout, condition};
+use crate::crd::FlightNode;
+use crate::{Error, Result};
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+use std::io::Write;
+use std::time::Duration;
+
+fn api(client: &Client, namespace: Option<&str>) -> Api<FirmwareRollout> {
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn cond<'a>(r: &'a FirmwareRollout, type_: &str) -> Option<&'a crate::crd::Condition> {
+    r.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// `NAME VERSION WAVE SUCCEEDED FAILED TOTAL HALTED COMPLETE`, like the printer columns.
+pub fn table(rollouts: &[FirmwareRollout]) -> String {
+    let mut rows = vec![
+        [
+            "NAME",
+            "VERSION",
+            "WAVE",
+            "SUCCEEDED",
+            "FAILED",
+            "TOTAL",
+            "HALTED",
+            "COMPLETE",
+        ]
+        .map(str::to_owned),
+    ];
+    for r in rollouts {
+        let s = r.status.clone().unwrap_or_default();
+        let status_of = |t: &str| cond(r, t).map_or_else(|| "<none>".to_owned(), |c| c.status.clone());
+        rows.push([
+            r.name_any(),
+            r.spec.version.clone(),
+            if s.wave.is_empty() {
+                "<none>".to_owned()
+            } else {
+                s.wave.clone()
+            },
+            s.counts.succeeded.to_string(),
+            s.counts.failed_total.to_string(),
+            s.counts.total.to_string(),
+            status_of(condition::HALTED),
+            status_of(condition::COMPLETE),
+        ]);
+    }
+    let mut widths = [0usize; 8];
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Lists rollouts, by name.
+pub async fn list(client: &Client, namespace: Option<&str>) -> Result<Vec<FirmwareRollout>> {
+    let mut items = api(client, namespace)
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?
+        .items;
+    items.sort_by_key(ResourceExt::name_any);
+    Ok(items)
+}
+
+/// The status of one rollout as text: wave, counts, conditions, and the drones it touches.
+pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
+    let s = r.status.clone().unwrap_or_default();
+    let c = s.counts;
+    let mut out = format!(
+        "rollout {} → {} ({})\nwave {}  total {}  succeeded {}  in progress {}  waiting {}  not started {}\n\
+         failed {}  rejected {}  rolled back {}  timed out {}  pinned {}\n",
+        r.name_any(),
+        r.spec.version,
+        r.spec.url,
+        if s.wave.is_empty() { "-" } else { &s.wave },
+        c.total,
+        c.succeeded,
+        c.in_progress,
+        c.waiting,
+        c.not_started,
+        c.failed,
+        c.rejected,
+        c.rolled_back,
+        c.timed_out,
+        c.pinned,
+    );
+    for cond in &s.conditions {
+        out.push_str(&format!(
+            "  {:<12} {:<6} {}{}\n",
+            cond.type_,
+            cond.status,
+            cond.reason,
+            if cond.message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", cond.message)
+            }
+        ));
+    }
+    let mine: Vec<&FlightNode> = nodes
+        .iter()
+        .filter(|n| {
+            n.annotations()
+                .get(super::ANNOTATION_ROLLOUT)
+                .is_some_and(|v| v.split('/').next() == Some(r.name_any().as_str()))
+        })
+        .collect();
+    if !mine.is_empty() {
+        out.push_str("  DRONE                 FIRMWARE    SYNC\n");
+        for n in mine {
+            let st = n.status.clone().unwrap_or_default();
+            let fw = st
+                .firmware
+                .and_then(|f| f.committed_version)
+                .unwrap_or_else(|| "-".into());
+            let sync = st
+                .firmware_sync
+                .map(|s| format!("{} {}", s.reason, s.message))
+                .unwrap_or_else(|| "-".into());
+            out.push_str(&format!("  {:<21} {:<11} {}\n", n.name_any(), fw, sync));
+        }
+    }
+    out
+}
+
+/// `rollout status NAME`: prints the status; with `watch`, again on every change until the
+/// rollout is complete or halted.
+pub async fn status(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    watch: bool,
+    interval: Duration,
+    out: &mut (dyn Write + Send),
+) -> Result<()> {
+    let io = |e: std::io::Error| Error::Encode(e.to_string());
+    let rollouts: Api<FirmwareRollout> = Api::namespaced(client.clone(), namespace);
+    let nodes: Api<FlightNode> = Api::namespaced(client.clone(), namespace);
+    let mut last = String::new();
+    loop {
+        let r = rollouts.get(name).await.map_err(Error::Kube)?;
+        let listed = nodes
+            .list(&ListParams::default())
+            .await
+            .map_err(Error::Kube)?
+            .items;
+        let text = render(&r, &listed);
+        if text != last {
+            writeln!(out, "{text}").map_err(io)?;
+            out.flush().map_err(io)?;
+            last = text;
+        }
+        let done = [condition::COMPLETE, condition::HALTED]
+            .iter()
+            .any(|t| cond(&r, t).is_some_and(|c| c.status == "True" && c.reason != "Paused"));
+        if !watch || done {
+            return Ok(());
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// `apply -f FILE` against a local hub: FirmwareRollouts are created or replaced, FlightNodes get
+/// their `spec.firmware` / `spec.firmwareVersion` patched. Returns one line per object.
+pub async fn apply(client: &Client, namespace: &str, yaml: &str) -> Result<Vec<String>> {
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(yaml).map_err(|e| Error::Invalid(format!("YAML: {e}")))?;
+    let mut lines = Vec::new();
+    for doc in docs.into_iter().filter(|d| !d.is_null()) {
+        let kind = doc
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let name = doc
+            .pointer("/metadata/name")
+            .and_then(|n| n.as_str())
+            .ok_or_else(|| Error::Invalid(format!("a {kind} without metadata.name")))?
+            .to_owned();
+        let ns = doc
+            .pointer("/metadata/namespace")
+            .and_then(|n| n.as_str())
+            .unwrap_or(namespace)
+            .to_owned();
+        let path = match kind.as_str() {
+            "FirmwareRollout" => format!("/apis/edge.drone.io/v1/namespaces/{ns}/firmwarerollouts/{name}"),
+            "FlightNode" => format!("/apis/edge.drone.io/v1/namespaces/{ns}/flightnodes/{name}"),
+            other => {
+                return Err(Error::Invalid(format!(
+                    "apply -f: kind {other:?} is not served by the local store"
+                )));
+            }
+        };
+        let req = if kind == "FirmwareRollout" {
+            let r: FirmwareRollout = serde_json::from_value(doc)
+                .map_err(|e| Error::Invalid(format!("FirmwareRollout {name}: {e}")))?;
+            let body = serde_json::to_vec(&r).map_err(|e| Error::Encode(e.to_string()))?;
+            http::Request::put(path)
+                .header("content-type", "application/json")
+                .body(body)
+        } else {
+            let spec = doc.get("spec").cloned().unwrap_or_default();
+            let patch = serde_json::json!({ "spec": {
+                "firmware": spec.get("firmware").cloned().unwrap_or(serde_json::Value::Null),
+            }});
+            let body = serde_json::to_vec(&patch).map_err(|e| Error::Encode(e.to_string()))?;
+            http::Request::patch(path)
+                .header("content-type", "application/merge-patch+json")
+                .body(body)
+        }
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        client.request_text(req).await.map_err(Error::Kube)?;
+        lines.push(format!("{} {name} configured", kind.to_lowercase()));
+    }
+    Ok(lines)
+}

@@ -1,0 +1,246 @@
+//! One reconcile step of every `FirmwareRollout`: read drones into [`plan::Drone`]s, run
+//! [`plan::plan`], then carry the plan out (spec writes, call-backs, status, events).
+
+use super::plan::{self, Drone, Outcome, Plan};
+use super::{ANNOTATION_DISPATCHED, ANNOTATION_ROLLOUT, FirmwareRollout, condition};
+use crate::crd::{FirmwareTarget, FlightNode};
+use crate::node_sync::{FlightGate, NodeView};
+use crate::store::{Applied, Dispatch, FleetStore};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::ResourceExt;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// True when `labels` match `selector` (matchLabels and matchExpressions, like the API server).
+pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    let Some(sel) = selector else {
+        return true;
+    };
+    let labels_ok = sel
+        .match_labels
+        .as_ref()
+        .is_none_or(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    let exprs_ok = sel.match_expressions.as_ref().is_none_or(|exprs| {
+        exprs.iter().all(|e| {
+            let values = e.values.clone().unwrap_or_default();
+            let have = labels.get(&e.key);
+            match e.operator.as_str() {
+                "In" => have.is_some_and(|v| values.contains(v)),
+                "NotIn" => have.is_none_or(|v| !values.contains(v)),
+                "Exists" => have.is_some(),
+                "DoesNotExist" => have.is_none(),
+                _ => false,
+            }
+        })
+    });
+    labels_ok && exprs_ok
+}
+
+/// The rollout's target as a `spec.firmware`.
+pub fn target(r: &FirmwareRollout) -> FirmwareTarget {
+    FirmwareTarget {
+        version: r.spec.version.clone(),
+        url: r.spec.url.clone(),
+        allow_downgrade: r.spec.allow_downgrade,
+    }
+}
+
+fn halted_or_complete(r: &FirmwareRollout) -> bool {
+    r.status.as_ref().is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            (c.type_ == condition::HALTED && c.status == "True" && c.reason != "Paused")
+                || (c.type_ == condition::COMPLETE && c.status == "True")
+        })
+    })
+}
+
+fn parse_time(t: &str) -> i64 {
+    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .map_or(0, time::OffsetDateTime::unix_timestamp)
+}
+
+/// Reads one drone for rollout `r`; `active` are the names of the other rollouts still running.
+pub fn drone(r: &FirmwareRollout, node: &FlightNode, active: &BTreeSet<String>, now: i64) -> Drone {
+    let _ = now;
+    let name = node.name_any();
+    let notes = node.annotations();
+    let owner = notes
+        .get(ANNOTATION_ROLLOUT)
+        .map(|v| v.split('/').next().unwrap_or("").to_owned());
+    let ours = owner.as_deref() == Some(r.name_any().as_str());
+    let want = target(r);
+    let dispatched = ours && node.spec.firmware.as_ref() == Some(&want);
+    let pinned = node.spec.firmware.is_some() && !ours && owner.as_ref().is_none_or(|o| active.contains(o));
+    let gates = &r.spec.gates;
+    let gate = FlightGate {
+        allowed: gates.flight_states.clone(),
+        allow_unknown: gates.allow_unknown_flight_state,
+    };
+    let view = NodeView::of(node, &gate);
+    let sync = view
+        .sync
+        .clone()
+        .filter(|s| s.observed_generation == view.generation);
+    let last_result = sync
+        .as_ref()
+        .and_then(|s| s.upgrade_id.as_ref())
+        .and_then(|id| view.last_upgrade.as_ref().filter(|l| &l.0 == id))
+        .map(|l| l.1.clone());
+    let started = last_result.is_some()
+        || sync
+            .as_ref()
+            .and_then(|s| s.upgrade_id.as_ref())
+            .is_some_and(|id| view.current_upgrade.as_ref() == Some(id));
+    let blocked = if gates.online && !view.online {
+        Some("drone is offline".to_owned())
+    } else {
+        view.flight_blocked.clone()
+    };
+    Drone {
+        name,
+        dispatched,
+        dispatched_at: notes.get(ANNOTATION_DISPATCHED).map_or(0, |t| parse_time(t)),
+        pinned,
+        on_target: view.committed.as_deref() == Some(want.version.as_str()),
+        sync_reason: sync.map(|s| s.reason),
+        last_result,
+        started,
+        blocked,
+    }
+}
+
+/// What one step did (for metrics and logs).
+#[derive(Debug, Default)]
+pub struct StepReport {
+    /// Plans per rollout name.
+    pub plans: BTreeMap<String, Plan>,
+}
+
+/// Reconciles every rollout once.
+pub async fn reconcile_all(store: &dyn FleetStore, now: i64, now_rfc3339: &str) -> crate::Result<StepReport> {
+    let mut rollouts = store.rollouts().await?;
+    rollouts.sort_by_key(|r| (r.metadata.creation_timestamp.clone().map(|t| t.0), r.name_any()));
+    let nodes = store.nodes().await?;
+    let mut report = StepReport::default();
+    for r in &rollouts {
+        let active: BTreeSet<String> = rollouts
+            .iter()
+            .filter(|o| o.name_any() != r.name_any() && !halted_or_complete(o))
+            .map(ResourceExt::name_any)
+            .collect();
+        let drones: Vec<Drone> = nodes
+            .iter()
+            .filter(|n| selects(r.spec.selector.as_ref(), n.labels()))
+            .map(|n| drone(r, n, &active, now))
+            .collect();
+        let generation = r.metadata.generation.unwrap_or(1);
+        let previous = r.status.clone().unwrap_or_default();
+        if let Err(why) = super::validate(&r.spec) {
+            let mut status = previous.clone();
+            status.observed_generation = Some(generation);
+            status.conditions = vec![crate::crd::Condition {
+                type_: condition::PROGRESSING.to_owned(),
+                status: "False".to_owned(),
+                reason: "InvalidSpec".to_owned(),
+                message: why,
+                last_transition_time: now_rfc3339.to_owned(),
+                observed_generation: Some(generation),
+            }];
+            if r.status.as_ref() != Some(&status)
+                && let Err(e) = store.write_rollout_status(&r.name_any(), &status).await
+            {
+                tracing::warn!(rollout = %r.name_any(), error = %e, "rollout status write failed");
+            }
+            continue;
+        }
+        let p = plan::plan(&r.spec, generation, &previous, &drones, now, now_rfc3339);
+        carry_out(store, r, &p, generation, now_rfc3339).await;
+        report.plans.insert(r.name_any(), p);
+    }
+    Ok(report)
+}
+
+async fn carry_out(store: &dyn FleetStore, r: &FirmwareRollout, p: &Plan, generation: i64, now: &str) {
+    let name = r.name_any();
+    let dispatch = Dispatch {
+        target: target(r),
+        annotations: BTreeMap::from([
+            (ANNOTATION_ROLLOUT.to_owned(), format!("{name}/{generation}")),
+            (ANNOTATION_DISPATCHED.to_owned(), now.to_owned()),
+        ]),
+    };
+    for node in &p.dispatch {
+        match store.apply_target(node, Some(&dispatch)).await {
+            Ok(Applied::Ok) => {
+                tracing::info!(rollout = %name, device_id = %node, version = %r.spec.version, "dispatched")
+            }
+            Ok(Applied::Conflict) => {
+                tracing::info!(rollout = %name, device_id = %node, "spec.firmware owned by another manager; left alone");
+            }
+            Ok(Applied::Missing) => {}
+            Err(e) => {
+                tracing::warn!(rollout = %name, device_id = %node, error = %e, "dispatch failed; retried next step")
+            }
+        }
+    }
+    for node in &p.cancel {
+        match store.apply_target(node, None).await {
+            Ok(_) => tracing::info!(rollout = %name, device_id = %node, "called back (not started)"),
+            Err(e) => {
+                tracing::warn!(rollout = %name, device_id = %node, error = %e, "call-back failed; retried next step")
+            }
+        }
+    }
+    if r.status.as_ref() != Some(&p.status) {
+        if let Err(e) = store.write_rollout_status(&name, &p.status).await {
+            tracing::warn!(rollout = %name, error = %e, "rollout status write failed");
+            // NB: no events for a step whose status did not stick: it runs again.
+            return;
+        }
+    }
+    for (reason, note) in &p.events {
+        let warning = reason == "Halted";
+        tracing::info!(rollout = %name, reason, note, "rollout event");
+        store.event(r, warning, reason, note).await;
+    }
+}
+
+/// Outcome names as metric labels.
+pub fn outcome_label(o: Outcome) -> &'static str {
+    match o {
+        Outcome::NotStarted => "not_started",
+        Outcome::Waiting => "waiting",
+        Outcome::InProgress => "in_progress",
+        Outcome::Succeeded => "succeeded",
+        Outcome::Failed => "failed",
+        Outcome::Rejected => "rejected",
+        Outcome::RolledBack => "rolled_back",
+        Outcome::TimedOut => "timed_out",
+        Outcome::Pinned => "pinned",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    #[test]
+    fn label_selectors_like_the_api_server() {
+        let labels = BTreeMap::from([
+            ("fleet".to_owned(), "a".to_owned()),
+            ("hw".to_owned(), "x1".to_owned()),
+        ]);
+        assert!(selects(None, &labels));
+        let sel = LabelSelector {
+            match_labels: Some(BTreeMap::from([("fleet".to_owned(), "a".to_owned())])),
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "hw".into(),
+                operator: "In".into(),
+                values: Some(vec!["x1".into(), "x2".into()]),
+            }]),
+        };
+        assert!(selects(Some(&sel), &labels));
+        let other = BTreeMap::from([("fleet".to_owned(), "b".to_owned())]);
+        assert!(!selects(Some(&sel), &other));
+    }
+}

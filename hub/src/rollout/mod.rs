@@ -1,0 +1,317 @@
+//! The `FirmwareRollout` custom resource (`edge.drone.io/v1`, short name `fwr`): one bundle for
+//! a selection of drones, in waves, with gates and a circuit breaker.
+//!
+//! It works by writing the wanted firmware into the `FlightNode` specs of the drones of the
+//! current wave (server-side apply, field manager [`FIELD_MANAGER`]); the node reconciler
+//! ([`crate::node_sync`]) does the rest, so one path serves a single drone and a fleet.
+//!
+//! - [`plan`]: waves, membership, outcomes and the breaker as pure functions.
+//! - [`controller`]: the reconcile step over a [`crate::store::FleetStore`].
+//! - [`cli`]: `get rollouts`, `rollout status`, `apply -f`.
+
+pub mod cli;
+pub mod controller;
+pub mod plan;
+
+use crate::crd::Condition;
+use kube::CustomResource;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Serialize};
+
+/// Field manager of the rollout controller's writes into `FlightNode` specs.
+pub const FIELD_MANAGER: &str = "flightnode-rollout";
+/// Annotation on a `FlightNode`: which rollout (and generation) wrote its `spec.firmware`.
+pub const ANNOTATION_ROLLOUT: &str = "edge.drone.io/rollout";
+/// Annotation on a `FlightNode`: when the rollout dispatched it (RFC 3339; the per-drone timeout
+/// runs from here).
+pub const ANNOTATION_DISPATCHED: &str = "edge.drone.io/rollout-dispatched";
+
+/// Condition types of a rollout.
+pub mod condition {
+    /// Waves are being worked through.
+    pub const PROGRESSING: &str = "Progressing";
+    /// The circuit breaker tripped (or the rollout is paused): no new dispatch.
+    pub const HALTED: &str = "Halted";
+    /// Every wave finished.
+    pub const COMPLETE: &str = "Complete";
+}
+
+/// A fleet upgrade in waves.
+// NB: clippy reads the repeated `type_ = …` of the printer columns as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[kube(
+    group = "edge.drone.io",
+    version = "v1",
+    kind = "FirmwareRollout",
+    plural = "firmwarerollouts",
+    singular = "firmwarerollout",
+    shortname = "fwr",
+    category = "fleet",
+    namespaced,
+    status = "FirmwareRolloutStatus",
+    doc = "A fleet firmware upgrade in waves, with gates and a circuit breaker.",
+    printcolumn(name = "Version", type_ = "string", json_path = ".spec.version"),
+    printcolumn(name = "Wave", type_ = "string", json_path = ".status.wave"),
+    printcolumn(name = "Succeeded", type_ = "integer", json_path = ".status.counts.succeeded"),
+    printcolumn(name = "Failed", type_ = "integer", json_path = ".status.counts.failedTotal"),
+    printcolumn(name = "Total", type_ = "integer", json_path = ".status.counts.total"),
+    printcolumn(
+        name = "Halted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Halted\")].status"
+    ),
+    printcolumn(
+        name = "Complete",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Complete\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct FirmwareRolloutSpec {
+    /// Version the bundle carries.
+    pub version: String,
+    /// Bundle URL.
+    pub url: String,
+    /// Allow drones on a higher version to go down to this one (a rollback rollout).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_downgrade: bool,
+    /// Which `FlightNode`s (labels); empty: every one in the namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "label_selector_schema")]
+    pub selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    /// Cumulative waves, the first one the canary. Drones are ranked by a stable hash of their
+    /// name; wave N covers the first `count` (or `percent` %) of them. A last wave of 100 % is
+    /// implied.
+    #[serde(default)]
+    pub waves: Vec<WaveSpec>,
+    /// Which drones may start now.
+    #[serde(default)]
+    pub gates: Gates,
+    /// When to stop the rollout.
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    /// A drone that has not finished this long after it was dispatched counts as timed out
+    /// (e.g. `30m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drone_timeout: Option<String>,
+    /// Drones in flight at once (dispatched, not finished); unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+    /// No new dispatch while true; in-flight drones finish.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+}
+
+/// One wave: a cumulative share of the selected drones and how long to watch it before the next.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WaveSpec {
+    /// Drones covered up to and including this wave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// Percent of the selected drones covered up to and including this wave (rounded up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    /// Time to watch the finished wave before the next one starts (e.g. `10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soak: Option<String>,
+}
+
+/// Gates a drone must pass to be dispatched.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Gates {
+    /// Only drones whose `Online` condition is True.
+    #[serde(default = "yes")]
+    pub online: bool,
+    /// Flight states a drone may start in (`status.observedState`).
+    #[serde(default = "default_flight_states")]
+    pub flight_states: Vec<String>,
+    /// Whether a drone that reports no flight state may start (the agent gates again).
+    #[serde(default = "yes")]
+    pub allow_unknown_flight_state: bool,
+    /// Minimum battery, when the drone reports one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_battery_percent: Option<u32>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_flight_states() -> Vec<String> {
+    vec!["disarmed".to_owned()]
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Gates {
+            online: true,
+            flight_states: default_flight_states(),
+            allow_unknown_flight_state: true,
+            min_battery_percent: None,
+        }
+    }
+}
+
+/// Circuit breaker: one rule per outcome kind (AWS IoT Jobs' abortConfig).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailurePolicy {
+    /// Rules; the rollout halts when any trips.
+    #[serde(default)]
+    pub rules: Vec<FailureRule>,
+}
+
+/// Trips when `kind` reaches `thresholdPercent` of finished drones once at least `minFinished`
+/// have finished, or when it reaches `maxCount` drones at any time.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureRule {
+    /// `failed`, `rejected`, `rolledBack`, `timedOut` or `any` (all four).
+    pub kind: String,
+    /// Percent of finished drones (inclusive: 25 trips at exactly 25 %).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold_percent: Option<u32>,
+    /// Finished drones needed before the percentage is evaluated.
+    #[serde(default)]
+    pub min_finished: u32,
+    /// Absolute cap: trips at this many drones of `kind`, whatever the sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_count: Option<u32>,
+}
+
+/// What the controller observed.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FirmwareRolloutStatus {
+    /// Generation these numbers are about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Index of the wave being dispatched (0 = canary).
+    #[serde(default)]
+    pub current_wave: u32,
+    /// `2/3`-style wave progress for the printer column.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub wave: String,
+    /// When the current wave started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave_started_time: Option<String>,
+    /// When every drone of the current wave had finished (its soak runs from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave_finished_time: Option<String>,
+    /// Outcomes before this time do not count for the breaker (set when a halted rollout is
+    /// resumed with a new generation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker_since: Option<String>,
+    /// Drones by outcome.
+    #[serde(default)]
+    pub counts: Counts,
+    /// Progressing, Halted, Complete.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Drones of the rollout by outcome.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Counts {
+    /// Selected drones.
+    pub total: u32,
+    /// In a wave not reached yet, or held back.
+    pub not_started: u32,
+    /// Dispatched, a gate holds them (offline, busy, flying).
+    pub waiting: u32,
+    /// Dispatched and working.
+    pub in_progress: u32,
+    /// On the rollout's version.
+    pub succeeded: u32,
+    /// Failed (download, space, internal) after the node reconciler's retries.
+    pub failed: u32,
+    /// Rejected (signature, compatibility, downgrade).
+    pub rejected: u32,
+    /// Rolled back (health check, trial boot).
+    pub rolled_back: u32,
+    /// Not finished within the per-drone timeout.
+    pub timed_out: u32,
+    /// Pinned by another field manager's `spec.firmware` (never overwritten).
+    pub pinned: u32,
+    /// failed + rejected + rolledBack + timedOut.
+    pub failed_total: u32,
+}
+
+/// The schema of a `metav1.LabelSelector` (k8s-openapi has no schemars 1 impls).
+fn label_selector_schema(_: &mut SchemaGenerator) -> Schema {
+    let schema = serde_json::json!({
+        "type": "object",
+        "description": "Label selector over FlightNodes (matchLabels and matchExpressions).",
+        "properties": {
+            "matchLabels": { "type": "object", "additionalProperties": { "type": "string" } },
+            "matchExpressions": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["key", "operator"],
+                    "properties": {
+                        "key": { "type": "string" },
+                        "operator": { "type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"] },
+                        "values": { "type": "array", "items": { "type": "string" } },
+                    },
+                },
+            },
+        },
+    });
+    Schema::try_from(schema).unwrap_or_default()
+}
+
+fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
+    let mut schema = generator.subschema_for::<Vec<Condition>>();
+    schema.insert("x-kubernetes-list-type".into(), "map".into());
+    schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
+    schema
+}
+
+/// Checks what the schema cannot: waves, durations, rule kinds, the bundle URL. (On a cluster the
+/// controller reports the same through the Progressing condition.)
+pub fn validate(spec: &FirmwareRolloutSpec) -> Result<(), String> {
+    if spec.version.trim().is_empty() {
+        return Err("spec.version is empty".into());
+    }
+    if !(spec.url.starts_with("http://") || spec.url.starts_with("https://")) {
+        return Err(format!("spec.url {:?} is not an http(s) URL", spec.url));
+    }
+    for (i, w) in spec.waves.iter().enumerate() {
+        if w.count.is_some() == w.percent.is_some() {
+            return Err(format!("spec.waves[{i}]: give exactly one of count or percent"));
+        }
+        if w.percent.is_some_and(|p| p > 100) {
+            return Err(format!("spec.waves[{i}].percent is over 100"));
+        }
+        if w.soak.is_some() && plan::duration_secs(w.soak.as_deref()).is_none() {
+            return Err(format!("spec.waves[{i}].soak {:?} is not a duration", w.soak));
+        }
+    }
+    if spec.drone_timeout.is_some() && plan::duration_secs(spec.drone_timeout.as_deref()).is_none() {
+        return Err(format!(
+            "spec.droneTimeout {:?} is not a duration",
+            spec.drone_timeout
+        ));
+    }
+    for (i, r) in spec.failure_policy.rules.iter().enumerate() {
+        if !["failed", "rejected", "rolledBack", "timedOut", "any"].contains(&r.kind.as_str()) {
+            return Err(format!(
+                "spec.failurePolicy.rules[{i}].kind {:?}: failed, rejected, rolledBack, timedOut or any",
+                r.kind
+            ));
+        }
+        if r.threshold_percent.is_none() && r.max_count.is_none() {
+            return Err(format!(
+                "spec.failurePolicy.rules[{i}]: give thresholdPercent, maxCount or both"
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,530 @@
+//! The controllers against a real kube-apiserver (skipped without `FLIGHTNODE_K8S_DIR`): the
+//! committed CRDs install, the committed Role is all the hub needs (every hub request here runs
+//! as the restricted `flight-controller` user bound to it), `kubectl`-style edits by another
+//! field manager never fight the hub's fields, Leases elect one leader, Events are recorded, and
+//! a restart or a failover mid-wave never installs twice.
+//!
+//! Drones are simulated at the API: their statuses are written the way the hub writes heartbeat
+//! statuses (the real `KubeSink`, field manager `flightnode-hub`); commands are recorded by a
+//! [`CommandSink`] instead of a broker (the MQTT path is covered by the fleet tests).
+
+use flightnode_hub::controllers::{ControllerConfig, Controllers};
+use flightnode_hub::crd::{FlightNode, FlightNodeStatus};
+use flightnode_hub::metrics::Metrics;
+use flightnode_hub::node_sync::upgrade_id;
+use flightnode_hub::rollout::{FirmwareRollout, condition};
+use flightnode_hub::sink::kube::KubeSink;
+use flightnode_hub::sink::{StatusSink, WriteRequest};
+use flightnode_hub::status::{Liveness, SpecView, from_heartbeat, with_conditions};
+use flightnode_hub::store::KubeFleet;
+use flightnode_hub::upgrade::CommandSink;
+use flightnode_proto::mqtt::Command;
+use flightnode_proto::v1;
+use flightnode_tests::apiserver::ApiServer;
+use futures_util::future::BoxFuture;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const NS: &str = "flightnode";
+
+/// Records every command instead of publishing it.
+#[derive(Default)]
+struct Recorded(Mutex<Vec<(String, Command)>>);
+
+impl Recorded {
+    fn all(&self) -> Vec<(String, Command)> {
+        self.0.lock().unwrap().clone()
+    }
+    fn upgrades(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (device, cmd) in self.all() {
+            if let Command::Upgrade(u) = cmd {
+                out.entry(device).or_default().push(u.upgrade_id);
+            }
+        }
+        out
+    }
+}
+
+impl CommandSink for Recorded {
+    fn send<'a>(&'a self, device_id: &'a str, cmd: &'a Command) -> BoxFuture<'a, flightnode_hub::Result<()>> {
+        self.0.lock().unwrap().push((device_id.to_owned(), cmd.clone()));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A server with the committed CRDs and Role, the Role bound to the restricted user.
+async fn cluster() -> anyhow::Result<Option<(ApiServer, Client, Client)>> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(api) = ApiServer::start().await? else {
+        return Ok(None);
+    };
+    let admin = api.admin_client().await?;
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    api.apply_yaml(
+        &admin,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: flightnode}\n",
+        None,
+    )
+    .await?;
+    for file in ["crd.yaml", "rbac.yaml"] {
+        let yaml = std::fs::read_to_string(deploy.join(file))?;
+        api.apply_yaml(&admin, &yaml, Some(NS)).await?;
+    }
+    api.apply_yaml(
+        &admin,
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: hub-as-test-user}\n\
+         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: flightnode-hub}\n\
+         subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: flight-controller}]\n",
+        Some(NS),
+    )
+    .await?;
+    let hub = api.restricted_client().await?;
+    Ok(Some((api, admin, hub)))
+}
+
+/// Creates drones as an operator would (`kubectl apply`, its own field manager).
+async fn create_drones(admin: &Client, names: &[String]) -> anyhow::Result<()> {
+    let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
+    for name in names {
+        let body = serde_json::json!({
+            "apiVersion": "edge.drone.io/v1", "kind": "FlightNode",
+            "metadata": { "name": name, "labels": { "fleet": "test" } },
+            "spec": { "hardwareId": "hw-x1" },
+        });
+        nodes
+            .patch(name, &PatchParams::apply("kubectl"), &Patch::Apply(body))
+            .await?;
+    }
+    Ok(())
+}
+
+/// What a drone reports, written as the hub writes heartbeat statuses.
+#[derive(Clone, Default)]
+struct Report {
+    version: String,
+    current: Option<String>,
+    last: Option<(String, &'static str, &'static str)>,
+}
+
+fn status_of(name: &str, r: &Report) -> FlightNodeStatus {
+    let mut hb = flightnode_proto::sample::idle_heartbeat(name, &r.version);
+    if let Some(id) = &r.current {
+        hb.upgrade = Some(v1::CurrentUpgrade {
+            upgrade_id: id.clone(),
+            phase: "downloading".into(),
+            ..Default::default()
+        });
+    }
+    if let Some((id, result, code)) = &r.last {
+        hb.last_upgrade = Some(v1::LastUpgrade {
+            upgrade_id: id.clone(),
+            result: (*result).into(),
+            error_code: (*code).into(),
+            finished_unix: 1_800_000_000,
+            ..Default::default()
+        });
+    }
+    let now = flightnode_hub::status::rfc3339(time::OffsetDateTime::now_utc());
+    let mut s = with_conditions(
+        from_heartbeat(&hb),
+        Liveness::Online,
+        &SpecView::default(),
+        &[],
+        &now,
+    );
+    s.last_heartbeat_time = Some(now);
+    s
+}
+
+async fn report(sink: &KubeSink, name: &str, r: &Report) -> anyhow::Result<()> {
+    let req = WriteRequest {
+        name: name.to_owned(),
+        device_id: name.to_owned(),
+        hardware_id: "hw-x1".into(),
+        status: status_of(name, r),
+        events: Vec::new(),
+    };
+    sink.write_status(&req)
+        .await
+        .map_err(|e| anyhow::anyhow!("status of {name}: {e}"))
+}
+
+async fn controllers(hub: &Client, commands: Arc<Recorded>, identity: &str) -> anyhow::Result<Controllers> {
+    let store = KubeFleet::start(hub.clone(), NS, identity).await?;
+    Ok(Controllers {
+        store: Arc::new(store),
+        commands,
+        metrics: Arc::new(Metrics::new()),
+        config: ControllerConfig::default(),
+    })
+}
+
+/// Steps until `done` holds on a fresh read (watch caches lag writes a little).
+async fn step_until<F>(c: &Controllers, admin: &Client, what: &str, done: F) -> anyhow::Result<()>
+where
+    F: Fn(&[FlightNode], &[FirmwareRollout]) -> bool,
+{
+    let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
+    let rollouts: Api<FirmwareRollout> = Api::namespaced(admin.clone(), NS);
+    for _ in 0..100 {
+        c.step().await;
+        let n = nodes.list(&ListParams::default()).await?.items;
+        let r = rollouts.list(&ListParams::default()).await?.items;
+        if done(&n, &r) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    anyhow::bail!("timed out waiting for: {what}")
+}
+
+fn sync_reason(nodes: &[FlightNode], name: &str) -> Option<String> {
+    nodes
+        .iter()
+        .find(|n| n.name_any() == name)?
+        .status
+        .as_ref()?
+        .firmware_sync
+        .as_ref()
+        .map(|s| s.reason.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_spec_drives_one_install_across_restarts_and_kubectl_edits() -> anyhow::Result<()> {
+    let Some((_api, admin, hub)) = cluster().await? else {
+        return Ok(());
+    };
+    let names = vec!["drone-1".to_owned()];
+    create_drones(&admin, &names).await?;
+    let sink = KubeSink::new(hub.clone(), NS, Duration::from_secs(10));
+    let mut r = Report {
+        version: "1.0.0".into(),
+        ..Report::default()
+    };
+    report(&sink, "drone-1", &r).await?;
+    // The operator sets the wanted firmware with kubectl (field manager "kubectl").
+    let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
+    let want = serde_json::json!({
+        "apiVersion": "edge.drone.io/v1", "kind": "FlightNode",
+        "metadata": { "name": "drone-1", "labels": { "fleet": "test" } },
+        "spec": { "hardwareId": "hw-x1", "firmware": { "version": "2.0.0", "url": "http://fw.example/2.0.0.fnb" } },
+    });
+    let node = nodes
+        .patch("drone-1", &PatchParams::apply("kubectl"), &Patch::Apply(&want))
+        .await?;
+    let id = upgrade_id(
+        &node.uid().unwrap_or_default(),
+        node.metadata.generation.unwrap_or(0),
+        1,
+    );
+
+    let commands = Arc::new(Recorded::default());
+    let c = controllers(&hub, Arc::clone(&commands), "replica-a").await?;
+    step_until(&c, &admin, "firmwareSync InProgress", |n, _| {
+        sync_reason(n, "drone-1").as_deref() == Some("InProgress")
+    })
+    .await?;
+    assert_eq!(commands.upgrades().get("drone-1"), Some(&vec![id.clone()]));
+    // A restart: a new controller with a new cache publishes nothing new.
+    drop(c);
+    let c = controllers(&hub, Arc::clone(&commands), "replica-b").await?;
+    for _ in 0..3 {
+        c.step().await;
+    }
+    assert_eq!(
+        commands.upgrades().get("drone-1"),
+        Some(&vec![id.clone()]),
+        "no second install"
+    );
+
+    // kubectl edits a label: no conflict with the hub's fields, and the hub's status stays.
+    let relabel = serde_json::json!({
+        "apiVersion": "edge.drone.io/v1", "kind": "FlightNode",
+        "metadata": { "name": "drone-1", "labels": { "fleet": "test", "site": "north" } },
+        "spec": { "hardwareId": "hw-x1", "firmware": { "version": "2.0.0", "url": "http://fw.example/2.0.0.fnb" } },
+    });
+    nodes
+        .patch("drone-1", &PatchParams::apply("kubectl"), &Patch::Apply(&relabel))
+        .await?;
+    let got = nodes.get("drone-1").await?;
+    assert_eq!(
+        got.status
+            .as_ref()
+            .and_then(|s| s.firmware_sync.as_ref())
+            .map(|s| s.reason.as_str()),
+        Some("InProgress")
+    );
+    let managers: Vec<String> = got
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect();
+    assert!(
+        managers.contains(&"flightnode-hub-reconciler".to_owned()),
+        "{managers:?}"
+    );
+    assert!(managers.contains(&"flightnode-hub".to_owned()), "{managers:?}");
+
+    // The drone picks it up, then commits: Synced, and a heartbeat status write (another field
+    // manager) does not wipe the reconciler's record.
+    r.current = Some(id.clone());
+    report(&sink, "drone-1", &r).await?;
+    r = Report {
+        version: "2.0.0".into(),
+        current: None,
+        last: Some((id.clone(), "committed", "")),
+    };
+    report(&sink, "drone-1", &r).await?;
+    step_until(&c, &admin, "Synced", |n, _| {
+        sync_reason(n, "drone-1").as_deref() == Some("Synced")
+    })
+    .await?;
+    report(&sink, "drone-1", &r).await?;
+    let got = nodes.get("drone-1").await?;
+    assert_eq!(
+        got.status.and_then(|s| s.firmware_sync).map(|s| s.reason),
+        Some("Synced".to_owned())
+    );
+    assert_eq!(
+        commands.upgrades().get("drone-1"),
+        Some(&vec![id]),
+        "exactly one install"
+    );
+    Ok(())
+}
+
+fn rollout_yaml(version: &str) -> String {
+    format!(
+        "apiVersion: edge.drone.io/v1\nkind: FirmwareRollout\nmetadata: {{name: fleet-upgrade}}\n\
+         spec:\n  version: \"{version}\"\n  url: http://fw.example/{version}.fnb\n\
+         \x20 selector: {{matchLabels: {{fleet: test}}}}\n\
+         \x20 waves: [{{count: 2}}, {{percent: 50}}]\n\
+         \x20 failurePolicy: {{rules: [{{kind: rolledBack, thresholdPercent: 50, minFinished: 2}}]}}\n"
+    )
+}
+
+fn halted(r: &[FirmwareRollout]) -> bool {
+    r.iter().any(|r| {
+        r.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == condition::HALTED && c.status == "True")
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_trips_the_breaker_then_a_good_build_rolls_through_with_a_failover() -> anyhow::Result<()> {
+    let Some((api, admin, hub)) = cluster().await? else {
+        return Ok(());
+    };
+    let names: Vec<String> = (0..8).map(|i| format!("drone-{i}")).collect();
+    create_drones(&admin, &names).await?;
+    let sink = KubeSink::new(hub.clone(), NS, Duration::from_secs(10));
+    for n in &names {
+        report(
+            &sink,
+            n,
+            &Report {
+                version: "1.0.0".into(),
+                ..Report::default()
+            },
+        )
+        .await?;
+    }
+    api.apply_yaml(&admin, &rollout_yaml("2.0.0-bad"), Some(NS))
+        .await?;
+    let commands = Arc::new(Recorded::default());
+    let c = controllers(&hub, Arc::clone(&commands), "replica-a").await?;
+    step_until(&c, &admin, "canary commands", |_, _| {
+        commands.upgrades().len() == 2
+    })
+    .await?;
+    // The canary rolls back: the breaker trips in wave 0.
+    for (device, ids) in commands.upgrades() {
+        let last = Some((ids[0].clone(), "rolled_back", "health_check_failed"));
+        report(
+            &sink,
+            &device,
+            &Report {
+                version: "1.0.0".into(),
+                current: None,
+                last,
+            },
+        )
+        .await?;
+    }
+    step_until(&c, &admin, "Halted", |_, r| halted(r)).await?;
+    let rollouts: Api<FirmwareRollout> = Api::namespaced(admin.clone(), NS);
+    let r = rollouts.get("fleet-upgrade").await?;
+    let s = r.status.clone().unwrap_or_default();
+    assert_eq!(
+        (s.current_wave, s.counts.rolled_back, s.counts.not_started),
+        (0, 2, 6),
+        "{s:?}"
+    );
+    let why = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::HALTED)
+        .unwrap();
+    assert!(why.message.contains("rolledBack 2 of 2"), "{}", why.message);
+    for _ in 0..3 {
+        c.step().await;
+    }
+    assert_eq!(
+        commands.upgrades().len(),
+        2,
+        "no dispatch after the breaker tripped"
+    );
+    // The Event, recorded with the restricted user's rights (events.k8s.io/v1).
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), NS);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(reasons.contains(&"Halted".to_owned()), "{reasons:?}");
+
+    // An operator pins one drone by hand: the rollout must never overwrite it.
+    let pinned = names
+        .iter()
+        .find(|n| !commands.upgrades().contains_key(*n))
+        .cloned()
+        .unwrap();
+    let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
+    let pin = serde_json::json!({
+        "apiVersion": "edge.drone.io/v1", "kind": "FlightNode",
+        "metadata": { "name": pinned, "labels": { "fleet": "test" } },
+        "spec": { "hardwareId": "hw-x1", "firmware": { "version": "1.0.0", "url": "http://fw.example/1.0.0.fnb" } },
+    });
+    nodes
+        .patch(&pinned, &PatchParams::apply("kubectl"), &Patch::Apply(&pin))
+        .await?;
+
+    // A good build: a new generation resumes; drones commit as soon as they get the command.
+    let bad_ids: std::collections::BTreeSet<String> = commands.upgrades().into_values().flatten().collect();
+    api.apply_yaml(&admin, &rollout_yaml("2.0.1"), Some(NS)).await?;
+    let drive = |commands: Arc<Recorded>, sink: KubeSink| {
+        let bad_ids = bad_ids.clone();
+        async move {
+            for (device, ids) in commands.upgrades() {
+                let id = ids.last().cloned().unwrap_or_default();
+                if bad_ids.contains(&id) {
+                    continue;
+                }
+                let last = Some((id, "committed", ""));
+                let _ = report(
+                    &sink,
+                    &device,
+                    &Report {
+                        version: "2.0.1".into(),
+                        current: None,
+                        last,
+                    },
+                )
+                .await;
+            }
+        }
+    };
+    // Replica A works the first wave, then dies mid-rollout; replica B takes over.
+    step_until(&c, &admin, "wave 0 of the good build", |n, _| {
+        n.iter()
+            .filter(|n| n.spec.firmware.as_ref().is_some_and(|f| f.version == "2.0.1"))
+            .count()
+            >= 2
+    })
+    .await?;
+    c.step().await;
+    drive(Arc::clone(&commands), sink.clone()).await;
+    drop(c);
+    let b = controllers(&hub, Arc::clone(&commands), "replica-b").await?;
+    let done = |r: &[FirmwareRollout]| {
+        r.iter().any(|r| {
+            r.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == condition::COMPLETE && c.status == "True")
+            })
+        })
+    };
+    for _ in 0..60 {
+        b.step().await;
+        drive(Arc::clone(&commands), sink.clone()).await;
+        if done(&rollouts.list(&ListParams::default()).await?.items) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = rollouts.get("fleet-upgrade").await?;
+    let s = r.status.clone().unwrap_or_default();
+    assert!(done(std::slice::from_ref(&r)), "{s:?}");
+    assert_eq!((s.counts.succeeded, s.counts.pinned), (7, 1), "{s:?}");
+    // Never two installs of one generation's upgrade on a drone: every drone saw one distinct
+    // id per node generation (re-publishing the same id is the agent's no-op).
+    for (device, ids) in commands.upgrades() {
+        assert_ne!(device, pinned, "the pinned drone got a command");
+        let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+        let canary = ids.iter().any(|i| bad_ids.contains(i));
+        // The canary got the bad build and then the good one; everyone else one install.
+        assert_eq!(distinct.len(), if canary { 2 } else { 1 }, "{device}: {ids:?}");
+    }
+    let pinned_node = nodes.get(&pinned).await?;
+    assert_eq!(
+        pinned_node.spec.firmware.map(|f| f.version),
+        Some("1.0.0".to_owned())
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_lease_holder_and_a_failover() -> anyhow::Result<()> {
+    use flightnode_hub::lease::{LeaseConfig, run};
+    let Some((_api, _admin, hub)) = cluster().await? else {
+        return Ok(());
+    };
+    let config = |id: &str| LeaseConfig {
+        duration: Duration::from_secs(3),
+        renew_every: Duration::from_millis(300),
+        renew_deadline: Duration::from_secs(2),
+        ..LeaseConfig::new(NS, id)
+    };
+    let (a_tx, a_rx) = tokio::sync::watch::channel(false);
+    let (b_tx, b_rx) = tokio::sync::watch::channel(false);
+    let (stop_a, stop_a_rx) = tokio::sync::watch::channel(false);
+    let (_stop_b, stop_b_rx) = tokio::sync::watch::channel(false);
+    let a = tokio::spawn(run(hub.clone(), config("replica-a"), a_tx, stop_a_rx));
+    let b = tokio::spawn(run(hub.clone(), config("replica-b"), b_tx, stop_b_rx));
+    let wait_leader = |rx: tokio::sync::watch::Receiver<bool>| async move {
+        let mut rx = rx;
+        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|l| *l))
+            .await
+            .is_ok()
+    };
+    assert!(wait_leader(a_rx.clone()).await || wait_leader(b_rx.clone()).await);
+    for _ in 0..10 {
+        assert!(!(*a_rx.borrow() && *b_rx.borrow()), "two leaders");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A hard kill of the leader (abort: no release): the other waits out the lease, then leads.
+    let (leader_task, follower_rx) = if *a_rx.borrow() {
+        (a, b_rx.clone())
+    } else {
+        (b, a_rx.clone())
+    };
+    leader_task.abort();
+    assert!(
+        wait_leader(follower_rx).await,
+        "the follower took over after the leader died"
+    );
+    drop((stop_a, _stop_b));
+    Ok(())
+}
