@@ -21,6 +21,7 @@ PACKAGES=(
     qemu-user-static             # run the aarch64 agent on this x86_64 machine
     file                         # check the cross-built binary really is aarch64
     ca-certificates curl tar     # rustup and the bundle tooling
+    python3 python3-venv         # the flight gate tests' flight-controller stand-in (pymavlink, in a venv)
 )
 RUST_TARGETS=(aarch64-unknown-linux-gnu)
 
@@ -29,7 +30,7 @@ declare -A PROVIDES=(
     [mosquitto]=mosquitto [mosquitto-clients]=mosquitto_pub [libubootenv-tool]=fw_setenv
     [grub-common]=grub-editenv [systemd]=systemd-analyze [gcc-aarch64-linux-gnu]=aarch64-linux-gnu-gcc
     [binutils-aarch64-linux-gnu]=aarch64-linux-gnu-ld [qemu-user-static]=qemu-aarch64-static
-    [file]=file [curl]=curl [tar]=tar
+    [file]=file [curl]=curl [tar]=tar [python3]=python3
 )
 
 missing_packages() {
@@ -74,6 +75,16 @@ if ((${#need_pkgs[@]} + ${#need_targets[@]})); then
         exit 2
     fi
 fi
+
+# The flight gate tests talk to a flight-controller stand-in built on pymavlink (PyPI). It goes in
+# a venv under target/, as root or not: nothing is installed system-wide.
+PYMAVLINK_VENV="$PWD/target/pymavlink-venv"
+if ! "$PYMAVLINK_VENV/bin/python3" -c 'import pymavlink' >/dev/null 2>&1; then
+    echo "test.sh: pip install pymavlink into target/pymavlink-venv" >&2
+    python3 -m venv "$PYMAVLINK_VENV"
+    "$PYMAVLINK_VENV/bin/pip" install -q 'pymavlink==2.4.50'
+fi
+export FLIGHTNODE_PYMAVLINK_PYTHON="$PYMAVLINK_VENV/bin/python3"
 
 [[ "${1:-}" == "--" ]] && shift
 exec cargo test --workspace --locked "$@"

@@ -1,6 +1,7 @@
 //! flightnode fleet harness: real processes on loopback for end-to-end tests, demo and benchmarks.
 //!
 //! - [`agent`]: locating and running the real binaries.
+//! - [`fc_standin`]: a pymavlink flight controller stand-in, scripted (arm, takeoff, land, battery).
 //! - [`fake_kube`]: an HTTP fake of the Kubernetes API that checks every status write.
 //! - [`boot_sim`]: power-on simulator for reboot mode (U-Boot, GRUB, example script backend).
 //! - [`fleet`]: broker, hub and N drones as real processes on loopback; the demo and the end-to-end tests use it.
@@ -13,6 +14,7 @@
 pub mod agent;
 pub mod boot_sim;
 pub mod fake_kube;
+pub mod fc_standin;
 pub mod fleet;
 pub mod fuzz;
 pub mod http_server;

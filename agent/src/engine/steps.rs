@@ -50,6 +50,9 @@ impl Engine {
     /// Downloading: verify the manifest (unless already verified), then stream the image into the
     /// target slot from where the last checkpoint left it, and verify its hash.
     pub(super) fn download(&mut self) -> Result<(), Stop> {
+        if self.flight.as_ref().is_some_and(|g| g.config().gate_download) {
+            self.flight_gate()?;
+        }
         let u = self.upgrade()?.clone();
         // An interruption explains any fetch error that follows it: report that, not the error.
         let fetch_stop = |this: &Self, e: crate::download::DownloadError| {
@@ -174,6 +177,7 @@ impl Engine {
 
     /// Staged/Switching: point the system at the target slot.
     pub(super) fn switch(&mut self) -> Result<(), Stop> {
+        self.flight_gate()?;
         let target = self.upgrade()?.target;
         self.state.enter(Phase::Switching);
         self.save()?;
@@ -217,6 +221,11 @@ impl Engine {
     /// Testing: the new slot runs (or should). Apply (command mode), health check, then commit or
     /// roll back. In reboot mode, first find out whether the trial boot happened at all.
     pub(super) fn test(&mut self) -> Result<(), Stop> {
+        // Next comes the apply (command mode) or, before a reboot happened, the reboot.
+        let reboot_mode = matches!(self.activation, Activation::Reboot { .. });
+        if !reboot_mode || self.activation.boot_id()? == self.upgrade()?.boot_id {
+            self.flight_gate()?;
+        }
         let u = self.upgrade()?.clone();
         if let Activation::Reboot { boot, .. } = &self.activation {
             if self.activation.boot_id()? == u.boot_id {
@@ -294,6 +303,16 @@ impl Engine {
 
     /// RollingBack: switch back to the previous slot and end with the recorded error.
     pub(super) fn roll_back(&mut self) -> Result<(), Stop> {
+        // Next comes the re-apply (command mode) or, still on the new slot, the reboot.
+        let touches_vehicle = match &self.activation {
+            Activation::Command { .. } => true,
+            Activation::Reboot { boot, .. } => {
+                boot.booted().map_err(ActivationError::from)? == self.upgrade()?.target
+            }
+        };
+        if touches_vehicle {
+            self.flight_gate()?;
+        }
         let u = self.upgrade()?.clone();
         let old = !u.target;
         let (code, message) = u
