@@ -94,7 +94,7 @@ impl Monitor {
     /// state then means "not heard yet", not "lost".
     pub fn settling(&self) -> bool {
         self.started.elapsed() < self.stale_after
-            && self.latest.lock().map_or(false, |l| l.heartbeat.is_none())
+            && self.latest.lock().is_ok_and(|l| l.heartbeat.is_none())
     }
 }
 
