@@ -8,7 +8,7 @@ use common::*;
 use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
 use flightnode_tests::http_server::BundleServer;
 use flightnode_tests::mosquitto::{Mosquitto, Subscriber};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
 const STATUS: &str = "firmware/drone-test/status";
