@@ -26,9 +26,9 @@ PACKAGES=(
     u-boot-tools                 # mkimage: compiles RAUC's boot script into boot.scr
     dosfstools                   # mkfs.vfat: the FAT boot disk U-Boot's distro_bootcmd reads
     mtools                       # mcopy: puts boot.scr on that disk without mounting it
-    python3                      # the power-cut layer test calls sync_file_range(2) via os.sync_file_range
     etcd-server                  # etcd behind the real kube-apiserver of the controller tests
     xz-utils                     # unpack that kube-apiserver (kube-apiserver.xz)
+    python3 python3-venv         # pymavlink flight-controller stand-in (in a venv); power-cut layer test's sync_file_range call
 )
 RUST_TARGETS=(aarch64-unknown-linux-gnu)
 
@@ -139,6 +139,14 @@ if ! qemu_ok; then
         [[ -n "${FLIGHTNODE_QEMU_AARCH64:-}${FLIGHTNODE_SKIP_UBOOT_QEMU:-}" ]] || exit 2
     fi
 fi
+# The flight gate tests talk to a flight-controller stand-in built on pymavlink (PyPI). It goes in
+# a venv under target/, as root or not: nothing is installed system-wide.
+PYMAVLINK_VENV="$PWD/target/pymavlink-venv"
+if ! "$PYMAVLINK_VENV/bin/python3" -c 'import pymavlink' >/dev/null 2>&1; then
+    echo "test.sh: pip install pymavlink into target/pymavlink-venv" >&2
+    python3 -m venv "$PYMAVLINK_VENV"
+    "$PYMAVLINK_VENV/bin/pip" install -q 'pymavlink==2.4.50'
+export FLIGHTNODE_PYMAVLINK_PYTHON="$PYMAVLINK_VENV/bin/python3"
 
 [[ "${1:-}" == "--" ]] && shift
 exec cargo test --workspace --locked "$@"

@@ -62,6 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         bytes: 1 << 20,
         total: 4 << 20,
         version: "2.0.0".into(),
+        wait_reason: String::new(),
     });
     upgrading.events.push(v1::Event {
         seq: 2,

@@ -75,6 +75,80 @@ pub struct Config {
     /// The daemon (`flightnode-agent run`).
     #[serde(default)]
     pub daemon: DaemonConfig,
+    /// Flight gate: no switch, apply, reboot or rollback while the vehicle flies. Without this
+    /// section nothing is gated.
+    #[serde(default)]
+    pub flight: Option<FlightConfig>,
+}
+
+/// A state of the vehicle the flight gate may let an upgrade step run in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AllowedState {
+    /// Disarmed and not in the air.
+    Disarmed,
+    /// Armed on the ground (a rover, a bench setup).
+    Armed,
+    /// Flying. Only for vehicles whose companion computer may be upgraded in flight.
+    InAir,
+}
+
+/// What the flight gate does when it cannot tell the flight state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownPolicy {
+    /// Wait (reason `flight_state_unknown`) until the state is known again.
+    #[default]
+    Wait,
+    /// Go ahead as if the vehicle were disarmed on the ground.
+    Allow,
+}
+
+/// `[flight]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlightConfig {
+    /// MAVLink link to the flight controller: `udpin:0.0.0.0:14540`, `udpout:HOST:PORT`,
+    /// `tcpout:HOST:PORT`, `tcpin:ADDR:PORT` or `serial:/dev/ttyS1:921600`. Read only.
+    #[serde(default)]
+    pub mavlink: Option<String>,
+    /// Boards without MAVLink: run before every gated step; exit 0 = safe.
+    #[serde(default)]
+    pub gate_command: Option<String>,
+    /// Timeout of the gate command (killed and counted as `flight_state_unknown` after it).
+    #[serde(default = "default_gate_command_timeout", with = "humantime_serde")]
+    pub gate_command_timeout: Duration,
+    /// States in which a gated step may run.
+    #[serde(default = "default_allowed_states")]
+    pub allowed_states: Vec<AllowedState>,
+    /// Wait while the battery reports less than this (0 = no battery check).
+    #[serde(default)]
+    pub min_battery_percent: u8,
+    /// What an unknown flight state means.
+    #[serde(default)]
+    pub unknown: UnknownPolicy,
+    /// A wait longer than this ends the upgrade with `flight_gate_timeout` (never a rollback's).
+    #[serde(default = "default_max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// No HEARTBEAT for this long: the flight state is unknown.
+    #[serde(default = "default_stale_after", with = "humantime_serde")]
+    pub stale_after: Duration,
+    /// Also hold the download until the gate allows it.
+    #[serde(default)]
+    pub gate_download: bool,
+}
+
+fn default_gate_command_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_allowed_states() -> Vec<AllowedState> {
+    vec![AllowedState::Disarmed]
+}
+fn default_max_wait() -> Duration {
+    Duration::from_secs(6 * 3600)
+}
+fn default_stale_after() -> Duration {
+    Duration::from_secs(3)
 }
 
 /// `[mqtt]`.
@@ -468,6 +542,28 @@ impl Config {
                 h.endpoint
             )));
         }
+        if let Some(f) = &config.flight {
+            if f.mavlink.is_none() && f.gate_command.is_none() {
+                return Err(invalid(
+                    "[flight] needs mavlink or gate_command (remove the section to turn the gate off)".into(),
+                ));
+            }
+            if let Some(m) = &f.mavlink {
+                crate::flight::check_address(m).map_err(|e| invalid(format!("flight.mavlink: {e}")))?;
+            }
+            if !f.allowed_states.contains(&AllowedState::Disarmed) {
+                return Err(invalid(
+                    "flight.allowed_states must contain \"disarmed\": otherwise no upgrade could ever run"
+                        .into(),
+                ));
+            }
+            if f.min_battery_percent > 100 {
+                return Err(invalid(format!(
+                    "flight.min_battery_percent is {}, over 100",
+                    f.min_battery_percent
+                )));
+            }
+        }
         Ok(config)
     }
 
@@ -525,6 +621,22 @@ b = "/var/lib/flightnode/slots/b.img"
             let text = MINIMAL.replace("drone-0001", bad);
             let err = Config::parse(&text, Path::new("x.toml")).unwrap_err();
             assert!(err.to_string().contains("device id"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn flight_section_gets_documented_defaults_and_checks_the_link() {
+        let c = Config::parse(MINIMAL, Path::new("x.toml")).unwrap();
+        assert!(c.flight.is_none(), "no [flight] section means no gate");
+        let text = format!("{MINIMAL}\n[flight]\nmavlink = \"udpin:0.0.0.0:14540\"\n");
+        let f = Config::parse(&text, Path::new("x.toml")).unwrap().flight.unwrap();
+        assert_eq!(f.allowed_states, vec![AllowedState::Disarmed]);
+        assert_eq!(f.unknown, UnknownPolicy::Wait);
+        assert_eq!(f.stale_after, Duration::from_secs(3));
+        assert!(!f.gate_download);
+        for bad in ["[flight]\n", "[flight]\nmavlink = \"carrier-pigeon:1\"\n"] {
+            let err = Config::parse(&format!("{MINIMAL}\n{bad}"), Path::new("x.toml")).unwrap_err();
+            assert!(err.to_string().contains("flight"), "{err}");
         }
     }
 

@@ -9,6 +9,8 @@
 //! - shortly after `state` changes its `seq` or phase (changes within [`COALESCE`] go in one
 //!   heartbeat); other state changes (bytes written) count as progress;
 //! - on progress changes, at most every [`PROGRESS_MIN`];
+//! - shortly after the flight state's `observed` changes (battery and the like ride along with
+//!   the next heartbeat);
 //! - soon again when the hub acknowledged events and more are waiting (batches of [`MAX_EVENTS`]);
 //! - after a failure, with jittered exponential backoff from [`BACKOFF_MIN`] capped at the
 //!   interval. A phase change still gets one immediate attempt.
@@ -23,6 +25,7 @@
 //! start; it cannot change without a reboot), or the active slot in command mode.
 
 use crate::config::HubConfig;
+use crate::flight::FlightState;
 use crate::outbox::{Event, Outbox};
 use crate::resources::Sampler;
 use crate::state::{DeviceState, SlotRecord};
@@ -323,6 +326,7 @@ pub fn heartbeat_request(
             bytes,
             total,
             version: u.version().map(ToString::to_string).unwrap_or_default(),
+            wait_reason: u.wait_reason().map(|r| r.as_str().to_owned()).unwrap_or_default(),
         }
     });
     let last_upgrade = state.last.as_ref().map(|l| v1::LastUpgrade {
@@ -348,6 +352,29 @@ pub fn heartbeat_request(
         resources: Some(resources),
         seq,
         events: events.into_iter().map(event).collect(),
+        flight: None,
+    }
+}
+
+/// The heartbeat's flight state.
+pub fn flight_state(s: &FlightState) -> v1::FlightState {
+    v1::FlightState {
+        observed: s.observed.as_str().to_owned(),
+        armed: s.armed,
+        landed_state: s.landed_state.clone().unwrap_or_default(),
+        battery_percent: s.battery_percent.map(u32::from),
+        autopilot: s.autopilot.clone().unwrap_or_default(),
+        system_status: s.system_status.clone().unwrap_or_default(),
+        firmware_version: s.firmware_version.clone().unwrap_or_default(),
+    }
+}
+
+async fn flight_changed(
+    rx: &mut Option<watch::Receiver<FlightState>>,
+) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -362,6 +389,7 @@ pub async fn run(
     mut state: watch::Receiver<DeviceState>,
     mut progress: watch::Receiver<Option<Progress>>,
     outbox: Outbox,
+    mut flight: Option<watch::Receiver<FlightState>>,
     connected: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) -> Result<(), HubLinkError> {
@@ -377,6 +405,7 @@ pub async fn run(
     let mut sent_mark = None;
     let mut failures: u32 = 0;
     let (mut state_open, mut progress_open) = (true, true);
+    let mut sent_observed = None;
     tracing::info!(endpoint = %cfg.endpoint, interval = ?interval, "hub link started");
 
     // Progress-like changes: due no earlier than PROGRESS_MIN after the last attempt.
@@ -407,6 +436,15 @@ pub async fn run(
                 Ok(()) => due = due.min(throttled(last_attempt)),
                 Err(_) => progress_open = false,
             },
+            r = flight_changed(&mut flight) => match r {
+                Ok(()) => {
+                    let observed = flight.as_ref().map(|f| f.borrow().observed);
+                    if observed != sent_observed {
+                        due = due.min(Instant::now() + COALESCE);
+                    }
+                }
+                Err(_) => flight = None,
+            },
             () = tokio::time::sleep_until(due) => {
                 let st = state.borrow_and_update().clone();
                 let pr = *progress.borrow_and_update();
@@ -419,7 +457,12 @@ pub async fn run(
                 let newest_sent = events.last().map(|e| e.seq);
                 let n_events = events.len();
                 let hb_seq = outbox.next_heartbeat_seq();
-                let req = heartbeat_request(&info, &st, pr, sampler.sample(), events, hb_seq);
+                let mut req = heartbeat_request(&info, &st, pr, sampler.sample(), events, hb_seq);
+                if let Some(f) = flight.as_mut() {
+                    let f = f.borrow_and_update().clone();
+                    sent_observed = Some(f.observed);
+                    req.flight = Some(flight_state(&f));
+                }
                 let mut request = tonic::Request::new(req);
                 request.set_timeout(cfg.timeout);
                 let call = tokio::time::timeout(cfg.timeout + Duration::from_secs(1), client.heartbeat(request));

@@ -14,6 +14,8 @@
 //!   transitions. Transitions change memory only; [`store`] writes them.
 //! - [`store`]: sled persistence of [`state::DeviceState`], flushed before every side effect.
 //! - [`engine`]: the upgrade flow — install, resume after a crash, commit or roll back.
+//! - [`flight`]: the flight gate — flight state over MAVLink (read only) and the `[flight]` policy
+//!   that holds an upgrade in phase `waiting` while the vehicle is armed or flying.
 //! - [`daemon`]: `flightnode-agent run` — the engine thread, command rules, control socket, systemd.
 //! - [`failpoint`]: test-only crash points (debug builds only).
 //! - [`mqtt`]: the MQTT link — commands in, status reports out.
@@ -29,6 +31,7 @@ pub mod daemon;
 pub mod download;
 pub mod engine;
 pub mod failpoint;
+pub mod flight;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hooks;

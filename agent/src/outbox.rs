@@ -63,6 +63,8 @@ impl Event {
             if let Some(e) = &u.error {
                 event.error_code = e.code.as_str().to_owned();
                 event.message = e.message.clone();
+            } else if let Some(reason) = u.wait_reason() {
+                event.message = format!("waiting for the vehicle: {reason}");
             }
         } else if let Some(last) = &state.last {
             event.upgrade_id = last.upgrade_id.clone();

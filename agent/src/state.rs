@@ -7,7 +7,7 @@ use flightnode_proto::manifest::Manifest;
 use flightnode_proto::status::{
     CurrentUpgrade, DeviceStatus, ErrorReport, LastUpgrade, Progress, SlotStatus, Slots,
 };
-use flightnode_proto::{ErrorCode, Phase, Slot, SlotState, UpgradeResult};
+use flightnode_proto::{ErrorCode, Phase, Slot, SlotState, UpgradeResult, WaitReason};
 use serde::{Deserialize, Serialize};
 
 /// What one slot holds.
@@ -75,9 +75,40 @@ pub struct Upgrade {
     pub trial_boots: u32,
     /// Why a rollback is under way.
     pub error: Option<ErrorReport>,
+    /// In [`Phase::Waiting`]: the step the flight gate holds back, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<Wait>,
+}
+
+/// An upgrade held by the flight gate (see [`crate::flight`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Wait {
+    /// The phase whose step runs once the gate opens.
+    pub resume: Phase,
+    /// Why it waits now.
+    pub reason: WaitReason,
+    /// Unix seconds when the wait began; `flight.max_wait` counts from here, across restarts.
+    pub since: u64,
 }
 
 impl Upgrade {
+    /// The phase whose step is due: the persisted phase, or the held one while waiting.
+    pub fn step_phase(&self) -> Phase {
+        match (&self.wait, self.phase) {
+            (Some(w), Phase::Waiting) => w.resume,
+            _ => self.phase,
+        }
+    }
+
+    /// Why it waits, in [`Phase::Waiting`].
+    pub fn wait_reason(&self) -> Option<WaitReason> {
+        self.wait
+            .as_ref()
+            .filter(|_| self.phase == Phase::Waiting)
+            .map(|w| w.reason)
+    }
+
     /// Version from the verified manifest.
     pub fn version(&self) -> Option<&semver::Version> {
         self.manifest.as_ref().map(|m| &m.version)
@@ -189,6 +220,7 @@ impl DeviceState {
             trial_boot: None,
             trial_boots: 0,
             error: None,
+            wait: None,
         });
         self.bump();
     }
@@ -262,10 +294,40 @@ impl DeviceState {
         }
     }
 
+    /// Holds the upgrade in [`Phase::Waiting`] for `reason`, remembering the step it holds back
+    /// (a wait that goes on keeps its start). Does not write to sled.
+    pub fn hold(&mut self, reason: WaitReason) {
+        if let Some(u) = self.upgrade.as_mut() {
+            let resume = u.step_phase();
+            let since = u
+                .wait
+                .as_ref()
+                .filter(|_| u.phase == Phase::Waiting)
+                .map_or_else(now_unix, |w| w.since);
+            u.wait = Some(Wait {
+                resume,
+                reason,
+                since,
+            });
+            u.phase = Phase::Waiting;
+        }
+        self.bump();
+    }
+
+    /// Ends a wait: back to the held phase. Does not write to sled.
+    pub fn release(&mut self) {
+        if let Some(u) = self.upgrade.as_mut() {
+            u.phase = u.step_phase();
+            u.wait = None;
+        }
+        self.bump();
+    }
+
     /// Moves the upgrade to `phase`. Does not write to sled.
     pub fn enter(&mut self, phase: Phase) {
         if let Some(u) = self.upgrade.as_mut() {
             u.phase = phase;
+            u.wait = None;
             let (target, version) = (u.target, u.version().cloned());
             match phase {
                 // Complete and hash-verified, but not bootable until the switch.
@@ -353,6 +415,7 @@ impl DeviceState {
             committed_version: self.committed_version.to_string(),
             security_floor: self.security_floor,
             phase: self.phase(),
+            wait_reason: upgrade.and_then(Upgrade::wait_reason),
             progress: upgrade.and_then(|u| {
                 u.manifest.as_ref().map(|m| Progress {
                     bytes: u.written,

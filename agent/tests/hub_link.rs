@@ -220,6 +220,7 @@ impl Device {
             state_rx,
             progress_rx,
             outbox.clone(),
+            None,
             connected_tx,
             shutdown.clone(),
         ));

@@ -114,6 +114,7 @@ fn status(device: &str, seq: u64, result: Option<UpgradeResult>) -> StatusMessag
         } else {
             Phase::Downloading
         },
+        wait_reason: None,
         progress: None,
         result,
         error: None,

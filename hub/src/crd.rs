@@ -58,6 +58,7 @@ pub mod condition {
         json_path = ".status.firmware.committedVersion"
     ),
     printcolumn(name = "Slot", type_ = "string", json_path = ".status.firmware.activeSlot"),
+    printcolumn(name = "Flight", type_ = "string", json_path = ".status.observedState"),
     printcolumn(
         name = "Last-Heartbeat",
         type_ = "date",
@@ -107,9 +108,21 @@ impl FlightNodeSpec {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FlightNodeStatus {
-    /// Upgrade phase: `Idle`, `Downloading`, `Staged`, `Switching`, `Testing`, `RollingBack`.
+    /// Upgrade phase: `Idle`, `Downloading`, `Staged`, `Switching`, `Testing`, `RollingBack`,
+    /// `Waiting` (held by the drone's flight gate; `waitReason` says why).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// In phase `Waiting`: `armed`, `in_air`, `battery_low` or `flight_state_unknown`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_reason: Option<String>,
+    /// What the vehicle is doing, from its flight controller: `disarmed`, `armed`, `in-air` or
+    /// `unknown` (no MAVLink heartbeat). Absent when the drone reads no flight state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_state: Option<String>,
+    /// The flight controller's details behind `observedState`. Changes here alone do not cause
+    /// a write; they ride along with the next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flight: Option<Flight>,
     /// Slots and versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<Firmware>,
@@ -203,6 +216,27 @@ pub struct Firmware {
     /// Lowest security version the drone accepts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_floor: Option<i64>,
+}
+
+/// The flight controller as the drone's agent reads it over MAVLink.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Flight {
+    /// Armed (HEARTBEAT base_mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub armed: Option<bool>,
+    /// `on_ground`, `in_air`, `takeoff`, `landing` or `undefined` (EXTENDED_SYS_STATE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landed_state: Option<String>,
+    /// Remaining battery, percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub battery_percent: Option<i32>,
+    /// Autopilot, e.g. `ardupilotmega`, `px4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autopilot: Option<String>,
+    /// Flight-controller firmware version (AUTOPILOT_VERSION).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware_version: Option<String>,
 }
 
 /// One slot.

@@ -27,8 +27,9 @@ fn age_of(rfc3339: Option<&str>, now: time::OffsetDateTime) -> String {
         .map_or_else(|| "<none>".to_owned(), |t| human_age((now - t).whole_seconds()))
 }
 
-/// One table row: NAME, READY, PHASE, FIRMWARE, SLOT, LAST-HEARTBEAT, AGE.
-pub fn row(node: &FlightNode, now: time::OffsetDateTime) -> [String; 7] {
+/// One table row: NAME, READY, PHASE, FIRMWARE, SLOT, FLIGHT, LAST-HEARTBEAT, AGE (the CRD's
+/// printer columns).
+pub fn row(node: &FlightNode, now: time::OffsetDateTime) -> [String; 8] {
     let status = node.status.clone().unwrap_or_default();
     let ready = status
         .conditions
@@ -43,6 +44,7 @@ pub fn row(node: &FlightNode, now: time::OffsetDateTime) -> [String; 7] {
         status.phase.clone().unwrap_or_else(|| "<none>".into()),
         firmware.committed_version.unwrap_or_else(|| "<none>".into()),
         firmware.active_slot.unwrap_or_else(|| "<none>".into()),
+        status.observed_state.clone().unwrap_or_else(|| "<none>".into()),
         age_of(status.last_heartbeat_time.as_deref(), now),
         age_of(created.as_deref(), now),
     ]
@@ -50,7 +52,7 @@ pub fn row(node: &FlightNode, now: time::OffsetDateTime) -> [String; 7] {
 
 /// The table, with a header line.
 pub fn table(nodes: &[FlightNode], now: time::OffsetDateTime, header: bool) -> String {
-    let mut rows: Vec<[String; 7]> = Vec::new();
+    let mut rows: Vec<[String; 8]> = Vec::new();
     if header {
         rows.push(
             [
@@ -59,6 +61,7 @@ pub fn table(nodes: &[FlightNode], now: time::OffsetDateTime, header: bool) -> S
                 "PHASE",
                 "FIRMWARE",
                 "SLOT",
+                "FLIGHT",
                 "LAST-HEARTBEAT",
                 "AGE",
             ]
@@ -66,7 +69,7 @@ pub fn table(nodes: &[FlightNode], now: time::OffsetDateTime, header: bool) -> S
         );
     }
     rows.extend(nodes.iter().map(|n| row(n, now)));
-    let mut widths = [0usize; 7];
+    let mut widths = [0usize; 8];
     for r in &rows {
         for (w, cell) in widths.iter_mut().zip(r) {
             *w = (*w).max(cell.len());

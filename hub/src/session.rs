@@ -168,9 +168,13 @@ fn parse_unix(rfc3339: &str) -> i64 {
 
 /// Hash of a status without its heartbeat time: equal hashes mean nothing to write but a
 /// refresh. (A 64-bit collision would only delay a write until the next change or refresh.)
+/// The flight details (battery, landed state, ...) are left out: of the flight state only a
+/// change of `observedState` is worth a write of its own.
 pub fn content_hash(status: &FlightNodeStatus) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     status.phase.hash(&mut h);
+    status.wait_reason.hash(&mut h);
+    status.observed_state.hash(&mut h);
     status.firmware.hash(&mut h);
     status.last_upgrade.hash(&mut h);
     status.resources.hash(&mut h);
@@ -192,6 +196,8 @@ struct Session {
     heartbeat_unix: i64,
     /// [`content_hash`] of the status computed last.
     content: u64,
+    /// Hash of the flight details in `base` (not part of `content`).
+    flight: u64,
     /// Content hash and time of the last successful write.
     written: Option<(u64, Instant)>,
     pending_events: BTreeMap<u64, EventRecord>,
@@ -210,6 +216,7 @@ impl Session {
             conditions: [CondState::default(); 4],
             heartbeat_unix: 0,
             content: 0,
+            flight: 0,
             written: None,
             pending_events: BTreeMap::new(),
             durable_seq: 0,
@@ -236,13 +243,20 @@ impl Session {
     }
 
     /// Recomputes the full status from `base` (the heartbeat part) and records it; true when
-    /// its content changed.
+    /// its content changed. New flight details alone are recorded but return false.
     fn compute(&mut self, base: FlightNodeStatus, spec: &SpecView, wall: &str) -> bool {
         let full = status::with_conditions(base, self.liveness, spec, &self.previous_conditions(), wall);
         let content = content_hash(&full);
-        if content == self.content && !self.base.is_empty() {
+        let flight = {
+            let mut h = std::hash::DefaultHasher::new();
+            full.flight.hash(&mut h);
+            h.finish()
+        };
+        let same = content == self.content && !self.base.is_empty();
+        if same && flight == self.flight {
             return false;
         }
+        self.flight = flight;
         let mut base = full.clone();
         base.conditions.clear();
         base.observed_generation = None;
@@ -250,7 +264,7 @@ impl Session {
         self.base = serde_json::to_vec(&base).unwrap_or_default().into_boxed_slice();
         self.conditions = compact_conditions(&full.conditions);
         self.content = content;
-        true
+        !same
     }
 
     /// The full status as it would be written now.

@@ -3,8 +3,8 @@
 //! Pure functions: no clock is read here; callers pass the time as an RFC 3339 string.
 
 use crate::crd::{
-    AgentInfo, Condition, CurrentUpgrade, Firmware, FlightNodeStatus, LastUpgrade, Resources, SlotInfo,
-    condition,
+    AgentInfo, Condition, CurrentUpgrade, Firmware, Flight, FlightNodeStatus, LastUpgrade, Resources,
+    SlotInfo, condition,
 };
 use flightnode_proto::v1::HeartbeatRequest;
 use time::OffsetDateTime;
@@ -190,8 +190,30 @@ pub fn from_heartbeat(hb: &HeartbeatRequest) -> FlightNodeStatus {
         version: non_empty(&hb.agent_version),
         boot_id: non_empty(&hb.boot_id),
     });
+    let wait_reason = hb
+        .upgrade
+        .as_ref()
+        .filter(|_| phase == "Waiting")
+        .and_then(|u| non_empty(&u.wait_reason));
+    // Only the contract's four values; anything else a drone sends is unknown.
+    let observed_state = hb.flight.as_ref().map(|f| {
+        flightnode_proto::ObservedState::parse(&f.observed)
+            .unwrap_or_default()
+            .as_str()
+            .to_owned()
+    });
+    let flight = hb.flight.as_ref().map(|f| Flight {
+        armed: f.armed,
+        landed_state: non_empty(&f.landed_state),
+        battery_percent: f.battery_percent.map(|b| b.min(100) as i32),
+        autopilot: non_empty(&f.autopilot),
+        firmware_version: non_empty(&f.firmware_version),
+    });
     FlightNodeStatus {
         phase: Some(phase),
+        wait_reason,
+        observed_state,
+        flight,
         firmware,
         last_upgrade,
         last_heartbeat_time: None,
@@ -244,7 +266,19 @@ pub fn with_conditions(
             format!("no heartbeat for {silent_secs}s"),
         ),
     };
-    let in_progress = if upgrading {
+    let in_progress = if let Some(reason) = status.wait_reason.as_deref() {
+        // Why it waits, as the reason: `WaitingInAir`, `WaitingArmed`, `WaitingBatteryLow`, ...
+        cond(
+            condition::UPGRADE_IN_PROGRESS,
+            "True",
+            &format!("Waiting{}", camel_case(reason)),
+            format!(
+                "upgrade waits for the vehicle: {} (observed state {})",
+                wait_sentence(reason),
+                status.observed_state.as_deref().unwrap_or("not reported")
+            ),
+        )
+    } else if upgrading {
         cond(
             condition::UPGRADE_IN_PROGRESS,
             "True",
@@ -325,6 +359,16 @@ pub fn with_conditions(
     status.conditions = conditions;
     status.observed_generation = spec.generation;
     status
+}
+
+fn wait_sentence(reason: &str) -> &str {
+    match reason {
+        "armed" => "the vehicle is armed",
+        "in_air" => "the vehicle is in the air",
+        "battery_low" => "the battery is below the drone's minimum",
+        "flight_state_unknown" => "the flight state is unknown (no flight-controller heartbeat)",
+        other => other,
+    }
 }
 
 /// True when two statuses differ in more than the heartbeat time (a write is due).

@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use flightnode_hub::sink::WriteError;
+use flightnode_proto::v1;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{Instant, advance};
@@ -267,4 +268,66 @@ async fn offline_exactly_after_grace_and_back_on_next_heartbeat() {
     assert_eq!(writes.len(), 3);
     assert_eq!(cond(&writes[2].req.status, "Online"), "True/HeartbeatReceived");
     assert_eq!(cond(&writes[2].req.status, "Ready"), "True/Ready");
+}
+
+fn flying(hb: v1::HeartbeatRequest, observed: &str, battery: u32) -> v1::HeartbeatRequest {
+    let mut hb = hb;
+    hb.flight = Some(v1::FlightState {
+        observed: observed.into(),
+        armed: Some(observed != "disarmed"),
+        landed_state: if observed == "in-air" {
+            "in_air"
+        } else {
+            "on_ground"
+        }
+        .into(),
+        battery_percent: Some(battery),
+        autopilot: "ardupilotmega".into(),
+        ..Default::default()
+    });
+    hb
+}
+
+#[tokio::test(start_paused = true)]
+async fn flight_state_is_a_transition_only_when_observed_state_changes() {
+    let sink = Arc::new(ScriptedSink::default());
+    let hub = hub_with(sink.clone(), config(20.0, 40));
+    hub.heartbeat(&flying(heartbeat("d1", "1.0.0"), "in-air", 90))
+        .await;
+    settle().await;
+    assert_eq!(sink.ok_writes().len(), 1);
+    // The battery drains and the vehicle keeps flying: nothing worth a write of its own.
+    for battery in (70..90).rev() {
+        advance(Duration::from_secs(1)).await;
+        hub.heartbeat(&flying(heartbeat("d1", "1.0.0"), "in-air", battery))
+            .await;
+        settle().await;
+    }
+    assert_eq!(
+        sink.ok_writes().len(),
+        1,
+        "battery changes alone are not written at once"
+    );
+    // It lands: observedState changes, written at once, with the newest details.
+    advance(Duration::from_secs(1)).await;
+    hub.heartbeat(&flying(heartbeat("d1", "1.0.0"), "armed", 69))
+        .await;
+    settle().await;
+    let writes = sink.ok_writes();
+    assert_eq!(writes.len(), 2);
+    let status = &writes[1].req.status;
+    assert_eq!(status.observed_state.as_deref(), Some("armed"));
+    assert_eq!(status.flight.as_ref().and_then(|f| f.battery_percent), Some(69));
+    // An upgrade held by the gate: the condition says why.
+    let mut hb = with_phase(flying(heartbeat("d1", "1.0.0"), "armed", 69), "waiting", 1);
+    if let Some(u) = hb.upgrade.as_mut() {
+        u.wait_reason = "armed".into();
+    }
+    hub.heartbeat(&hb).await;
+    settle().await;
+    let writes = sink.ok_writes();
+    let status = &writes.last().unwrap().req.status;
+    assert_eq!(status.phase.as_deref(), Some("Waiting"));
+    assert_eq!(status.wait_reason.as_deref(), Some("armed"));
+    assert_eq!(cond(status, "UpgradeInProgress"), "True/WaitingArmed");
 }

@@ -37,13 +37,16 @@ pub enum ErrorCode {
     Busy,
     /// The upgrade was canceled before anything was activated.
     Canceled,
+    /// The flight gate held the upgrade for longer than `flight.max_wait`; nothing was activated
+    /// (or, if the switch had begun, the old slot was restored once the vehicle allowed it).
+    FlightGateTimeout,
     /// Anything else: a local I/O or configuration failure. The message says which.
     Internal,
 }
 
 impl ErrorCode {
     /// All codes, in documentation order.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         Self::MalformedBundle,
         Self::SignatureInvalid,
         Self::UntrustedKey,
@@ -59,6 +62,7 @@ impl ErrorCode {
         Self::TrialBootFailed,
         Self::Busy,
         Self::Canceled,
+        Self::FlightGateTimeout,
         Self::Internal,
     ];
 
@@ -80,6 +84,7 @@ impl ErrorCode {
             Self::TrialBootFailed => "trial_boot_failed",
             Self::Busy => "busy",
             Self::Canceled => "canceled",
+            Self::FlightGateTimeout => "flight_gate_timeout",
             Self::Internal => "internal",
         }
     }
@@ -99,7 +104,9 @@ impl ErrorCode {
             | Self::SizeMismatch
             | Self::HashMismatch
             | Self::Busy => UpgradeResult::Rejected,
-            Self::DownloadFailed | Self::NoSpace | Self::Internal => UpgradeResult::Failed,
+            Self::DownloadFailed | Self::NoSpace | Self::FlightGateTimeout | Self::Internal => {
+                UpgradeResult::Failed
+            }
         }
     }
 }

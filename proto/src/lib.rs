@@ -19,7 +19,7 @@ pub mod mqtt;
 pub mod sample;
 pub mod status;
 
-pub use status::{Phase, Slot, SlotState};
+pub use status::{ObservedState, Phase, Slot, SlotState, WaitReason};
 
 pub use codes::{ErrorCode, UpgradeResult};
 pub use manifest::Manifest;

@@ -13,7 +13,7 @@
 //! # Reports (QoS 1, retained): [`StatusMessage`] as JSON.
 
 use crate::codes::{ErrorCode, UpgradeResult};
-use crate::status::{ErrorReport, Phase, Progress, Slot};
+use crate::status::{ErrorReport, Phase, Progress, Slot, WaitReason};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
@@ -240,6 +240,9 @@ pub struct StatusMessage {
     pub upgrade_id: Option<String>,
     /// Phase of that upgrade; `idle` once it ended.
     pub phase: Phase,
+    /// Why the upgrade waits, in phase `waiting` (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_reason: Option<WaitReason>,
     /// Download progress.
     pub progress: Option<Progress>,
     /// How it ended, once it ended.

@@ -39,5 +39,6 @@ pub fn idle_heartbeat(device_id: &str, version: &str) -> v1::HeartbeatRequest {
         }),
         seq: 1,
         events: vec![],
+        flight: None,
     }
 }

@@ -84,6 +84,9 @@ pub enum Phase {
     Testing,
     /// Health failed: switching back to the previous slot.
     RollingBack,
+    /// Held by the flight gate before a step that touches the vehicle (switch, apply, reboot,
+    /// rollback, optionally the download); [`WaitReason`] says why.
+    Waiting,
 }
 
 impl Phase {
@@ -96,11 +99,101 @@ impl Phase {
             Phase::Switching => "switching",
             Phase::Testing => "testing",
             Phase::RollingBack => "rolling_back",
+            Phase::Waiting => "waiting",
         }
     }
 }
 
 impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why the flight gate holds an upgrade in [`Phase::Waiting`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitReason {
+    /// The vehicle is armed.
+    Armed,
+    /// The vehicle is flying (taking off, in the air, landing).
+    InAir,
+    /// The battery is below `flight.min_battery_percent`.
+    BatteryLow,
+    /// No flight state: no HEARTBEAT within `flight.stale_after`, or the gate command could not tell.
+    FlightStateUnknown,
+}
+
+impl WaitReason {
+    /// The contract string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitReason::Armed => "armed",
+            WaitReason::InAir => "in_air",
+            WaitReason::BatteryLow => "battery_low",
+            WaitReason::FlightStateUnknown => "flight_state_unknown",
+        }
+    }
+
+    /// Parses the contract string.
+    pub fn parse(s: &str) -> Option<WaitReason> {
+        [
+            WaitReason::Armed,
+            WaitReason::InAir,
+            WaitReason::BatteryLow,
+            WaitReason::FlightStateUnknown,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s.trim())
+    }
+}
+
+impl fmt::Display for WaitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the vehicle is doing, as the FlightNode's `observedState` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ObservedState {
+    /// Disarmed and not in the air.
+    Disarmed,
+    /// Armed, on the ground.
+    Armed,
+    /// Taking off, flying or landing.
+    InAir,
+    /// No flight state (no MAVLink link, or its heartbeat went stale).
+    #[default]
+    Unknown,
+}
+
+impl ObservedState {
+    /// The contract string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObservedState::Disarmed => "disarmed",
+            ObservedState::Armed => "armed",
+            ObservedState::InAir => "in-air",
+            ObservedState::Unknown => "unknown",
+        }
+    }
+
+    /// Parses the contract string.
+    pub fn parse(s: &str) -> Option<ObservedState> {
+        [
+            ObservedState::Disarmed,
+            ObservedState::Armed,
+            ObservedState::InAir,
+            ObservedState::Unknown,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s.trim())
+    }
+}
+
+impl fmt::Display for ObservedState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -195,6 +288,9 @@ pub struct DeviceStatus {
     pub security_floor: u64,
     /// Phase of the current upgrade, `idle` when none.
     pub phase: Phase,
+    /// Why the upgrade waits, in phase `waiting`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_reason: Option<WaitReason>,
     /// Progress of the current download.
     pub progress: Option<Progress>,
     /// The upgrade in flight.

@@ -429,6 +429,8 @@ pub struct FleetOptions {
     pub health: fn(usize) -> String,
     /// Extra `agent.toml` text for every drone.
     pub agent_extra: String,
+    /// Extra `agent.toml` text for drone `i` (after `agent_extra`), e.g. a `[flight]` section.
+    pub drone_extra: Vec<String>,
     /// Extra `flightnode-hub serve` flags.
     pub hub_args: Vec<String>,
     /// Agent binary (default: the workspace's).
@@ -442,6 +444,7 @@ impl Default for FleetOptions {
             embedded_broker: false,
             health: |_| "true".into(),
             agent_extra: String::new(),
+            drone_extra: Vec::new(),
             hub_args: vec!["--offline-after".into(), "6s".into()],
             agent_bin: None,
         }
@@ -497,8 +500,12 @@ impl Fleet {
             dir,
         };
         for i in 0..opts.drones {
-            let drone =
-                fleet.make_drone(&format!("drone-{}", i + 1), &(opts.health)(i), &opts.agent_extra)?;
+            let extra = format!(
+                "{}\n{}",
+                opts.agent_extra,
+                opts.drone_extra.get(i).map_or("", String::as_str)
+            );
+            let drone = fleet.make_drone(&format!("drone-{}", i + 1), &(opts.health)(i), &extra)?;
             fleet.drones.push(drone);
         }
         for d in &mut fleet.drones {

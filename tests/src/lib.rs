@@ -2,6 +2,7 @@
 //!
 //! - [`agent`]: locating and running the real binaries.
 //! - [`apiserver`]: a real kube-apiserver + etcd per test (envtest-style), found via `FLIGHTNODE_K8S_DIR`.
+//! - [`fc_standin`]: a pymavlink flight controller stand-in, scripted (arm, takeoff, land, battery).
 //! - [`fake_kube`]: an HTTP fake of the Kubernetes API that checks every status write.
 //! - [`boot_sim`]: power-on simulator for reboot mode (U-Boot, GRUB, example script backend).
 //! - [`uboot_qemu`]: real U-Boot under qemu-system-aarch64, its environment in pflash.
@@ -17,6 +18,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod boot_sim;
 pub mod fake_kube;
+pub mod fc_standin;
 pub mod fleet;
 pub mod fuzz;
 pub mod http_server;

@@ -218,6 +218,7 @@ pub async fn paced(
                                 bytes: 0,
                                 total: 0,
                                 version: "2.0.0".into(),
+                                wait_reason: String::new(),
                             });
                         }
                         events.push(v1::Event {

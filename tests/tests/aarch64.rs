@@ -1,5 +1,6 @@
 //! The agent as flashed onto the boards: built for aarch64 with Debian's cross gcc and run under
-//! qemu-user — `--version`, `bundle verify`, and scenario 1 against the x86_64 hub and mosquitto.
+//! qemu-user — `--version`, `bundle verify`, scenario 1 against the x86_64 hub and mosquitto, and
+//! an upgrade held by the flight gate while a pymavlink flight controller flies.
 //!
 //! Needs `rustup target add aarch64-unknown-linux-gnu` and the Debian packages
 //! `gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static` (installed by `.ci/run`).
@@ -99,4 +100,63 @@ fn aarch64_agent_runs_under_qemu_and_upgrades_against_the_x86_64_hub() {
         })
         .unwrap();
     assert_eq!(f["status"]["firmware"]["activeSlot"], "b");
+}
+
+/// The flight gate on the board's architecture: the aarch64 agent reads a pymavlink flight
+/// controller over UDP, holds the upgrade while the vehicle flies, and completes once it landed
+/// and disarmed; the FlightNode says why it waited.
+#[test]
+fn aarch64_agent_holds_the_upgrade_while_the_vehicle_flies() {
+    if skip() {
+        eprintln!("FLIGHTNODE_SKIP_AARCH64 set: skipped");
+        return;
+    }
+    use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
+    let agent = aarch64_agent();
+    let port = free_udp_port().unwrap();
+    let mut vehicle = Vehicle::start(port, &["--in-air"]).unwrap();
+    let fleet = Fleet::start(FleetOptions {
+        agent_bin: Some(agent),
+        drone_extra: vec![format!(
+            "[flight]\nmavlink = \"udpin:127.0.0.1:{port}\"\nstale_after = \"3s\"\n"
+        )],
+        ..FleetOptions::default()
+    })
+    .unwrap();
+    let (bundle, _) = fleet.bundle("v2", "2.0.0", 128 * 1024).unwrap();
+    let base = fleet.bundles.url("/");
+    fleet
+        .hub_upgrade(
+            "drone-1",
+            &[
+                "--bundle",
+                bundle.to_str().unwrap(),
+                "--base-url",
+                base.trim_end_matches('/'),
+            ],
+        )
+        .unwrap();
+    let f = fleet
+        .wait_flightnode("drone-1", Duration::from_secs(120), |f| {
+            f["status"]["phase"] == "Waiting" && f["status"]["observedState"] == "in-air"
+        })
+        .unwrap();
+    assert_eq!(f["status"]["waitReason"], "in_air", "{f:#}");
+    assert_eq!(f["status"]["firmware"]["committedVersion"], "1.0.0");
+    let reason = flightnode_tests::fleet::condition(&f, "UpgradeInProgress").unwrap()["reason"].clone();
+    assert_eq!(reason, "WaitingInAir", "{f:#}");
+    std::thread::sleep(Duration::from_secs(2));
+    let d = fleet.drones[0].status().unwrap();
+    assert_eq!(d["phase"], "waiting", "still waiting in the air: {d:#}");
+
+    vehicle.send("land").unwrap();
+    vehicle.send("disarm").unwrap();
+    let f = fleet
+        .wait_flightnode("drone-1", Duration::from_secs(120), |f| {
+            f["status"]["lastUpgrade"]["result"] == "Committed"
+        })
+        .unwrap();
+    assert_eq!(f["status"]["firmware"]["committedVersion"], "2.0.0");
+    assert_eq!(f["status"]["observedState"], "disarmed", "{f:#}");
+    assert_eq!(f["status"]["flight"]["autopilot"], "ardupilotmega", "{f:#}");
 }

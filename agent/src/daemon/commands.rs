@@ -174,8 +174,13 @@ impl Dispatcher {
                     Reply::Nothing
                 }
             }
-            (Command::Cancel { .. }, _, Some(u)) if u.id == id && u.phase == Phase::Downloading => {
-                tracing::info!(upgrade_id = %id, "cancel: stopping the download");
+            (Command::Cancel { .. }, _, Some(u))
+                if u.id == id
+                    && (u.phase == Phase::Downloading
+                        || (u.phase == Phase::Waiting
+                            && matches!(u.step_phase(), Phase::Downloading | Phase::Staged))) =>
+            {
+                tracing::info!(upgrade_id = %id, phase = %u.phase, "cancel: stopping the download or the wait");
                 worker.interrupts.cancel.store(true, Ordering::SeqCst);
                 Reply::Nothing
             }

@@ -71,6 +71,7 @@ pub fn current(device_id: &str, seq: u64, state: &DeviceState, progress: Option<
             timestamp: now_ms(),
             upgrade_id: Some(u.id.clone()),
             phase: u.phase,
+            wait_reason: u.wait_reason(),
             progress: progress.or_else(|| {
                 u.manifest.as_ref().map(|m| Progress {
                     bytes: u.written,
@@ -88,6 +89,7 @@ pub fn current(device_id: &str, seq: u64, state: &DeviceState, progress: Option<
             timestamp: now_ms(),
             upgrade_id: None,
             phase: Phase::Idle,
+            wait_reason: None,
             progress: None,
             result: None,
             error: None,
@@ -104,6 +106,7 @@ pub fn finished(device_id: &str, seq: u64, state: &DeviceState, last: &LastUpgra
         timestamp: now_ms(),
         upgrade_id: Some(last.upgrade_id.clone()),
         phase: Phase::Idle,
+        wait_reason: None,
         progress: None,
         result: Some(last.result),
         error: last.error.as_ref().map(StatusError::from),
@@ -125,6 +128,10 @@ pub fn refused(
         timestamp: now_ms(),
         upgrade_id,
         phase: state.phase(),
+        wait_reason: state
+            .upgrade
+            .as_ref()
+            .and_then(crate::state::Upgrade::wait_reason),
         progress: None,
         result: (error.code == ErrorCode::Busy.as_str()).then_some(flightnode_proto::UpgradeResult::Rejected),
         error: Some(error),

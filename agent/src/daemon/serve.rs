@@ -126,6 +126,8 @@ impl Shared {
 /// Runs the daemon until `shutdown` fires (SIGTERM/SIGINT in `main`).
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let mut engine = Engine::open(cfg.clone(), tokio::runtime::Handle::current())?;
+    // Opened now, not at the first gated step: the hub shows the flight state all the time.
+    let flight = engine.flight_state();
     let db = engine.db();
     let (mqtt_up_tx, mqtt_up) = watch::channel(false);
     let (hub_up_tx, hub_up) = watch::channel(false);
@@ -198,6 +200,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 state,
                 progress,
                 outbox,
+                flight,
                 hub_up_tx,
                 token,
             )

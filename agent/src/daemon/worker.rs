@@ -5,7 +5,7 @@ use crate::engine::{Engine, Interrupts, Observer, Outcome, Request};
 use crate::outbox::{Event, Outbox};
 use crate::state::DeviceState;
 use flightnode_proto::status::Progress;
-use flightnode_proto::{Phase, Slot};
+use flightnode_proto::{Phase, Slot, WaitReason};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -47,18 +47,24 @@ struct Relay {
     progress: watch::Sender<Option<Progress>>,
     transitions: mpsc::UnboundedSender<DeviceState>,
     outbox: Option<Outbox>,
-    last: (Option<String>, Phase, Option<String>),
+    last: TransitionKey,
 }
 
-/// The event a transition produces, if it is one (a phase entered or an upgrade ended); `last`
-/// remembers the previous (upgrade, phase, ending) so repeated saves of one phase make no event.
-pub fn transition_event(
-    state: &DeviceState,
-    last: &mut (Option<String>, Phase, Option<String>),
-) -> Option<Event> {
+/// (upgrade, phase and why it waits, ending) of the last transition.
+pub type TransitionKey = (Option<String>, (Phase, Option<WaitReason>), Option<String>);
+
+/// The event a transition produces, if it is one (a phase entered, a new reason to wait, or an
+/// upgrade ended); `last` remembers the previous one so repeated saves of one phase make no event.
+pub fn transition_event(state: &DeviceState, last: &mut TransitionKey) -> Option<Event> {
     let key = (
         state.upgrade.as_ref().map(|u| u.id.clone()),
-        state.phase(),
+        (
+            state.phase(),
+            state
+                .upgrade
+                .as_ref()
+                .and_then(crate::state::Upgrade::wait_reason),
+        ),
         state
             .last
             .as_ref()
@@ -103,7 +109,7 @@ impl Worker {
         let initial = engine.state().clone();
         let (state_tx, state) = watch::channel(initial.clone());
         let (progress_tx, progress) = watch::channel(None);
-        let mut last = (None, Phase::Idle, None);
+        let mut last: TransitionKey = (None, (Phase::Idle, None), None);
         transition_event(&initial, &mut last);
         engine.set_observer(Box::new(Relay {
             state: state_tx.clone(),

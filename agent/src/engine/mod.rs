@@ -11,6 +11,7 @@
 //!      └─► (rejected / failed / canceled)    └─► RollingBack ──► (rolled_back)
 //! ```
 
+mod flight;
 mod steps;
 mod writer;
 
@@ -136,6 +137,7 @@ pub struct Engine {
     observer: Box<dyn Observer>,
     interrupts: Arc<Interrupts>,
     fleet_gate: Option<FleetGate>,
+    flight: Option<crate::flight::Gate>,
 }
 
 /// Waits up to the given time for the fleet (broker or hub) to be reachable; true when it is.
@@ -151,6 +153,8 @@ enum Stop {
     Paused,
     /// A local failure: propagate, leave the persisted phase for the next start.
     Engine(EngineError),
+    /// The step moved the upgrade to another phase instead of finishing: run that one.
+    Again,
 }
 
 impl<E: Into<EngineError>> From<E> for Stop {
@@ -177,6 +181,7 @@ impl Engine {
         }));
         let activation = Activation::open(&cfg)?;
         let slots = crate::slot::open(&cfg.slots);
+        let cfg_flight = cfg.flight.clone().map(crate::flight::Gate::new);
         let state = match store.load()? {
             Some(state) => state,
             None => {
@@ -198,6 +203,7 @@ impl Engine {
             observer: Box::new(Quiet),
             interrupts,
             fleet_gate: None,
+            flight: cfg_flight,
         };
         engine.settle_pointer()?;
         Ok(engine)
@@ -207,6 +213,14 @@ impl Engine {
     /// sets this; without it the health check alone decides).
     pub fn set_fleet_gate(&mut self, gate: FleetGate) {
         self.fleet_gate = Some(gate);
+    }
+
+    /// The flight state read over MAVLink (opens the link); `None` without `flight.mavlink`.
+    pub fn flight_state(&self) -> Option<tokio::sync::watch::Receiver<crate::flight::FlightState>> {
+        self.flight
+            .as_ref()?
+            .monitor()
+            .map(crate::flight::Monitor::subscribe)
     }
 
     /// The configuration.
@@ -288,7 +302,7 @@ impl Engine {
                 tracing::info!(upgrade_id = %u.id, phase = %u.phase, "resuming the interrupted upgrade");
                 return self.drive();
             }
-            match u.phase {
+            match u.step_phase() {
                 Phase::Downloading | Phase::Staged => {
                     let msg = format!("superseded by upgrade {} from {}", req.id, req.source);
                     self.state.fail(ErrorCode::Canceled, msg);
@@ -392,7 +406,7 @@ impl Engine {
     /// Runs the step of the persisted phase until the upgrade ends or must wait for a reboot.
     fn drive(&mut self) -> Result<Outcome, EngineError> {
         loop {
-            let Some(phase) = self.state.upgrade.as_ref().map(|u| u.phase) else {
+            let Some(phase) = self.state.upgrade.as_ref().map(crate::state::Upgrade::step_phase) else {
                 return Ok(self.state.last.clone().map_or(Outcome::Idle, Outcome::Finished));
             };
             let step = match phase {
@@ -400,8 +414,9 @@ impl Engine {
                 Phase::Staged | Phase::Switching => self.switch(),
                 Phase::Testing => self.test(),
                 Phase::RollingBack => self.roll_back(),
-                // Never persisted with an upgrade; treat like a fresh start of the download.
-                Phase::Idle => {
+                // Never persisted with an upgrade (or a wait without its record); treat like a
+                // fresh start of the download.
+                Phase::Idle | Phase::Waiting => {
                     self.state.enter(Phase::Downloading);
                     Ok(())
                 }
@@ -412,6 +427,7 @@ impl Engine {
                 Err(Stop::Rebooting(slot)) => return Ok(Outcome::AwaitingReboot { slot }),
                 Err(Stop::Paused) => return Ok(Outcome::Paused),
                 Err(Stop::Engine(e)) => return Err(e),
+                Err(Stop::Again) => {}
             }
         }
     }
@@ -448,7 +464,10 @@ impl Engine {
     fn settle_pointer(&self) -> Result<(), EngineError> {
         if let Activation::Command { pointer } = &self.activation {
             let settled = matches!(
-                self.state.phase(),
+                self.state
+                    .upgrade
+                    .as_ref()
+                    .map_or(Phase::Idle, crate::state::Upgrade::step_phase),
                 Phase::Idle | Phase::Downloading | Phase::Staged
             );
             if settled && pointer.read()? != Some(self.state.active) {
@@ -515,7 +534,7 @@ impl Engine {
                     }
                 )),
                 Err(Stop::Rebooting(s)) => Ok(format!("slot {slot} marked bad; rebooting into slot {s}")),
-                Err(Stop::Paused) => Ok(format!("slot {slot}: paused")),
+                Err(Stop::Paused | Stop::Again) => Ok(format!("slot {slot}: paused")),
                 Err(Stop::Upgrade(code, message)) => {
                     self.end(code, message.clone())?;
                     Ok(message)

@@ -53,6 +53,9 @@ impl Engine {
     /// Downloading: verify the manifest (unless already verified), then stream the image into the
     /// target slot from where the last checkpoint left it, and verify its hash.
     pub(super) fn download(&mut self) -> Result<(), Stop> {
+        if self.flight.as_ref().is_some_and(|g| g.config().gate_download) {
+            self.flight_gate()?;
+        }
         let u = self.upgrade()?.clone();
         let running = self.running()?;
         if running == u.target {
@@ -223,6 +226,7 @@ impl Engine {
             self.save()?;
             return Ok(());
         }
+        self.flight_gate()?;
         if let Some(u) = self.state.upgrade.as_mut() {
             u.boot_id = boot_id.clone();
         }
@@ -265,6 +269,11 @@ impl Engine {
     /// Testing: the new slot runs (or should). Apply (command mode), health check, then commit or
     /// roll back. In reboot mode, first find out whether the trial boot happened at all.
     pub(super) fn test(&mut self) -> Result<(), Stop> {
+        // Next comes the apply (command mode) or, before a reboot happened, the reboot.
+        let reboot_mode = matches!(self.activation, Activation::Reboot { .. });
+        if !reboot_mode || self.activation.boot_id()? == self.upgrade()?.boot_id {
+            self.flight_gate()?;
+        }
         let u = self.upgrade()?.clone();
         if let Activation::Reboot { boot, .. } = &self.activation {
             let boot_id = self.activation.boot_id()?;
@@ -401,6 +410,16 @@ impl Engine {
 
     /// RollingBack: switch back to the previous slot and end with the recorded error.
     pub(super) fn roll_back(&mut self) -> Result<(), Stop> {
+        // Next comes the re-apply (command mode) or, still on the new slot, the reboot.
+        let touches_vehicle = match &self.activation {
+            Activation::Command { .. } => true,
+            Activation::Reboot { boot, .. } => {
+                boot.booted().map_err(ActivationError::from)? == self.upgrade()?.target
+            }
+        };
+        if touches_vehicle {
+            self.flight_gate()?;
+        }
         let u = self.upgrade()?.clone();
         let old = !u.target;
         let (code, message) = u

@@ -25,6 +25,7 @@ pub fn with_phase(mut hb: v1::HeartbeatRequest, phase: &str, event_seq: u64) -> 
         bytes: 0,
         total: 0,
         version: "2.0.0".into(),
+        wait_reason: String::new(),
     });
     hb.events.push(v1::Event {
         seq: event_seq,

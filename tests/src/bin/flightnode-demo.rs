@@ -9,12 +9,17 @@
 //! nothing running.
 //!
 //! `--manual`: the earlier demo, one `flightnode-hub upgrade` per drone: drone 1 commits, drone 2
-//! fails its health check and rolls back, drone 3 gets a corrupt bundle and rejects it.
+//! fails its health check and rolls back, drone 3 gets a corrupt bundle and rejects it. Drone 1 is
+//! flying when its upgrade arrives: its flight controller (a small MAVLink sender in this binary)
+//! reports it armed and in the air, so the upgrade waits; it lands, disarms, and the upgrade
+//! completes.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use flightnode_tests::fleet::{Fleet, FleetOptions, condition};
 use serde_json::Value;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What each drone (by index mod 3) should end with.
@@ -50,6 +55,87 @@ fn main() -> ExitCode {
     }
 }
 
+/// Drone 1's flight controller: streams HEARTBEAT, EXTENDED_SYS_STATE and BATTERY_STATUS at
+/// 10 Hz to the agent's MAVLink port, as an ArduPilot autopilot does.
+struct Vehicle {
+    /// (armed, in the air)
+    state: Arc<Mutex<(bool, bool)>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Vehicle {
+    fn start(port: u16) -> Result<Vehicle> {
+        use mavlink::MavConnection;
+        use mavlink::dialects::ardupilotmega::{
+            BATTERY_STATUS_DATA, EXTENDED_SYS_STATE_DATA, HEARTBEAT_DATA, MavAutopilot, MavLandedState,
+            MavMessage, MavModeFlag, MavState, MavType,
+        };
+        let conn = mavlink::connect::<MavMessage>(&format!("udpout:127.0.0.1:{port}"))
+            .with_context(|| format!("MAVLink sender to port {port}"))?;
+        let state = Arc::new(Mutex::new((true, true)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, halt) = (state.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut header = mavlink::MavHeader {
+                system_id: 1,
+                component_id: 1,
+                sequence: 0,
+            };
+            while !halt.load(Ordering::Relaxed) {
+                let (armed, in_air) = st.lock().map(|s| *s).unwrap_or((true, true));
+                let mut base_mode = MavModeFlag::MAV_MODE_FLAG_CUSTOM_MODE_ENABLED;
+                if armed {
+                    base_mode |= MavModeFlag::MAV_MODE_FLAG_SAFETY_ARMED;
+                }
+                let messages = [
+                    MavMessage::HEARTBEAT(HEARTBEAT_DATA {
+                        custom_mode: 5,
+                        mavtype: MavType::MAV_TYPE_QUADROTOR,
+                        autopilot: MavAutopilot::MAV_AUTOPILOT_ARDUPILOTMEGA,
+                        base_mode,
+                        system_status: if armed {
+                            MavState::MAV_STATE_ACTIVE
+                        } else {
+                            MavState::MAV_STATE_STANDBY
+                        },
+                        mavlink_version: 3,
+                    }),
+                    MavMessage::EXTENDED_SYS_STATE(EXTENDED_SYS_STATE_DATA {
+                        landed_state: if in_air {
+                            MavLandedState::MAV_LANDED_STATE_IN_AIR
+                        } else {
+                            MavLandedState::MAV_LANDED_STATE_ON_GROUND
+                        },
+                        ..EXTENDED_SYS_STATE_DATA::DEFAULT
+                    }),
+                    MavMessage::BATTERY_STATUS(BATTERY_STATUS_DATA {
+                        battery_remaining: 76,
+                        ..BATTERY_STATUS_DATA::DEFAULT
+                    }),
+                ];
+                for m in &messages {
+                    let _ = conn.send(&header, m);
+                    header.sequence = header.sequence.wrapping_add(1);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Ok(Vehicle { state, stop })
+    }
+
+    fn set(&self, armed: bool, in_air: bool) {
+        if let Ok(mut s) = self.state.lock() {
+            *s = (armed, in_air);
+        }
+    }
+}
+
+impl Drop for Vehicle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 fn row(f: &Value) -> String {
     let st = &f["status"];
     let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
@@ -62,11 +148,17 @@ fn row(f: &Value) -> String {
         (Some(r), None) => r.to_owned(),
         _ => "-".into(),
     };
+    // Why an upgrade waits: the UpgradeInProgress condition's reason (`WaitingInAir`, ...).
+    let phase = match (st["phase"].as_str(), condition(f, "UpgradeInProgress")) {
+        (Some("Waiting"), Some(c)) => s(&c["reason"]),
+        _ => s(&st["phase"]),
+    };
     format!(
-        "{:<10} {:<8} {:<12} {:<9} {:<5} {}",
+        "{:<10} {:<8} {:<9} {:<18} {:<9} {:<5} {}",
         s(&f["metadata"]["name"]),
         ready,
-        s(&st["phase"]),
+        s(&st["observedState"]),
+        phase,
         s(&st["firmware"]["committedVersion"]),
         s(&st["firmware"]["activeSlot"]),
         last
@@ -75,9 +167,15 @@ fn row(f: &Value) -> String {
 
 fn demo(n: usize) -> Result<()> {
     println!("starting the hub (local store, embedded MQTT broker) and {n} drones…");
+    let mavlink_port = flightnode_tests::fc_standin::free_udp_port()?;
+    let vehicle = Vehicle::start(mavlink_port)?;
+    println!("drone-1's flight controller says: armed, in the air");
     let fleet = Fleet::start(FleetOptions {
         drones: n,
         embedded_broker: true,
+        drone_extra: vec![format!(
+            "[flight]\nmavlink = \"udpin:127.0.0.1:{mavlink_port}\"\nstale_after = \"2s\"\n"
+        )],
         health: |i| {
             if i % 3 == 1 {
                 "echo 'health check: flight controller does not answer' >&2; exit 1".into()
@@ -108,10 +206,13 @@ fn demo(n: usize) -> Result<()> {
     }
     println!("published upgrades to 2.0.0 (drone 3 gets a corrupt bundle)\n");
     println!(
-        "{:<10} {:<8} {:<12} {:<9} {:<5} LAST UPGRADE",
-        "NAME", "READY", "PHASE", "FIRMWARE", "SLOT"
+        "{:<10} {:<8} {:<9} {:<18} {:<9} {:<5} LAST UPGRADE",
+        "NAME", "READY", "FLIGHT", "PHASE", "FIRMWARE", "SLOT"
     );
     let mut last_table = Vec::new();
+    // Drone 1's flight: waiting in the air, then landed (still armed), then disarmed.
+    let mut waited_since: Option<Instant> = None;
+    let mut flight_step = 0;
     let deadline = Instant::now() + Duration::from_secs(180);
     let outcome = loop {
         let mut nodes = fleet.hub.flightnodes()?;
@@ -128,6 +229,25 @@ fn demo(n: usize) -> Result<()> {
                 }
             }
             last_table = table;
+        }
+        let waiting = nodes
+            .iter()
+            .find(|f| f["metadata"]["name"] == "drone-1")
+            .is_some_and(|f| f["status"]["phase"] == "Waiting");
+        if waiting && waited_since.is_none() {
+            waited_since = Some(Instant::now());
+        }
+        if let Some(t) = waited_since {
+            let held = t.elapsed();
+            if flight_step == 0 && held > Duration::from_secs(4) {
+                println!("  (drone-1 lands)");
+                vehicle.set(true, false);
+                flight_step = 1;
+            } else if flight_step == 1 && held > Duration::from_secs(8) {
+                println!("  (drone-1 disarms)");
+                vehicle.set(false, false);
+                flight_step = 2;
+            }
         }
         let done = nodes.len() >= n
             && nodes
@@ -161,6 +281,10 @@ fn demo(n: usize) -> Result<()> {
                 format!("   (expected {want})")
             }
         );
+    }
+    if waited_since.is_none() {
+        ok = false;
+        println!("  drone-1 never waited for its flight to end");
     }
     if !ok {
         bail!("a drone did not end as expected");

@@ -1,0 +1,113 @@
+//! The flight gate: never switch, apply, reboot or roll back while the vehicle is armed or flying.
+//!
+//! # Layout
+//! - [`link`]: reads the flight controller's MAVLink stream (read only: the agent never sends to
+//!   the vehicle) into a [`FlightState`] that the daemon reports and the gate judges.
+//! - [`gate`]: the policy of `[flight]` (allowed states, battery floor, what unknown means) and
+//!   the `gate_command` of boards without MAVLink; [`Gate::check`] says go or why to wait.
+//!
+//! The engine calls the gate before each step that touches the vehicle or the running system and
+//! holds the upgrade in phase `waiting` (persisted, with the reason) until it says go.
+
+pub mod gate;
+pub mod link;
+
+pub use gate::{Gate, Verdict};
+pub use link::Monitor;
+
+use flightnode_proto::ObservedState;
+use serde::Serialize;
+
+/// What the flight controller last told us, as reported upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct FlightState {
+    /// Summary used by the gate and the FlightNode's `observedState`.
+    pub observed: ObservedState,
+    /// HEARTBEAT `base_mode` has `MAV_MODE_FLAG_SAFETY_ARMED`.
+    pub armed: Option<bool>,
+    /// EXTENDED_SYS_STATE `landed_state`: `on_ground`, `in_air`, `takeoff`, `landing`, `undefined`.
+    pub landed_state: Option<String>,
+    /// Remaining battery from BATTERY_STATUS (or SYS_STATUS), 0-100.
+    pub battery_percent: Option<u8>,
+    /// HEARTBEAT `autopilot`, e.g. `ardupilotmega`, `px4`.
+    pub autopilot: Option<String>,
+    /// HEARTBEAT `system_status`, e.g. `standby`, `active`.
+    pub system_status: Option<String>,
+    /// AUTOPILOT_VERSION `flight_sw_version` as `major.minor.patch`, when the vehicle offers it.
+    pub firmware_version: Option<String>,
+}
+
+impl FlightState {
+    /// Whether the vehicle is taking off, flying or landing according to `landed_state`.
+    pub fn in_air(&self) -> bool {
+        matches!(
+            self.landed_state.as_deref(),
+            Some("in_air" | "takeoff" | "landing")
+        )
+    }
+
+    /// The observed state from the fields (`fresh` = a HEARTBEAT arrived within `stale_after`).
+    pub fn summarize(&self, fresh: bool) -> ObservedState {
+        if !fresh || self.armed.is_none() {
+            ObservedState::Unknown
+        } else if self.in_air() {
+            ObservedState::InAir
+        } else if self.armed == Some(true) {
+            ObservedState::Armed
+        } else {
+            ObservedState::Disarmed
+        }
+    }
+}
+
+/// Checks a `flight.mavlink` address without opening it.
+pub fn check_address(address: &str) -> Result<(), String> {
+    let (scheme, _) = address
+        .split_once(':')
+        .ok_or_else(|| format!("{address:?} is not SCHEME:ADDRESS"))?;
+    if !matches!(scheme, "udpin" | "udpout" | "tcpin" | "tcpout" | "serial") {
+        return Err(format!(
+            "{address:?}: use udpin:, udpout:, tcpin:, tcpout: or serial:PORT:BAUD"
+        ));
+    }
+    mavlink::ConnectionAddress::parse_address(address)
+        .map(|_| ())
+        .map_err(|e| format!("{address:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observed_state_prefers_in_air_over_armed_and_needs_a_fresh_heartbeat() {
+        let mut s = FlightState {
+            armed: Some(false),
+            landed_state: Some("on_ground".into()),
+            ..FlightState::default()
+        };
+        assert_eq!(s.summarize(true), ObservedState::Disarmed);
+        assert_eq!(s.summarize(false), ObservedState::Unknown);
+        s.armed = Some(true);
+        assert_eq!(s.summarize(true), ObservedState::Armed);
+        s.landed_state = Some("takeoff".into());
+        assert_eq!(s.summarize(true), ObservedState::InAir);
+        // Disarmed but still reported in the air (a landing not finished): in the air.
+        s.armed = Some(false);
+        assert_eq!(s.summarize(true), ObservedState::InAir);
+    }
+
+    #[test]
+    fn addresses_are_checked() {
+        for ok in [
+            "udpin:0.0.0.0:14540",
+            "tcpout:127.0.0.1:5760",
+            "serial:/dev/ttyS1:921600",
+        ] {
+            check_address(ok).unwrap();
+        }
+        for bad in ["14540", "file:/tmp/x", "serial:/dev/ttyS1:fast", "http://fc"] {
+            assert!(check_address(bad).is_err(), "{bad}");
+        }
+    }
+}

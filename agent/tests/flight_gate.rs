@@ -1,0 +1,318 @@
+//! The flight gate against a flight controller nobody here wrote: pymavlink streaming HEARTBEAT,
+//! EXTENDED_SYS_STATE and BATTERY_STATUS over UDP (`flightnode_tests::fc_standin`), the daemon
+//! with a real mosquitto. No switch, apply or reboot may happen while the vehicle is armed or in
+//! the air, and every upgrade ends correctly once it lands.
+
+mod common;
+use common::*;
+use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
+use flightnode_tests::http_server::BundleServer;
+use flightnode_tests::mosquitto::{Mosquitto, Subscriber};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+const STATUS: &str = "firmware/drone-test/status";
+const UPGRADE: &str = "firmware/drone-test/upgrade";
+
+struct Rig {
+    broker: Mosquitto,
+    dev: Device,
+    sub: Subscriber,
+    srv: BundleServer,
+    port: u16,
+}
+
+impl Rig {
+    /// A device whose `[flight]` section is `flight` plus `mavlink = udpin:<port>` (unless `flight`
+    /// names its own gate), with `extra` config, serving bundle 2.0.0. `@DIR@` in the config
+    /// stands for the device's directory.
+    fn new(flight: &str, extra: &str, health: &str) -> Rig {
+        let broker = Mosquitto::start().unwrap();
+        let port = free_udp_port().unwrap();
+        let link = if flight.contains("gate_command") {
+            String::new()
+        } else {
+            format!("mavlink = \"udpin:127.0.0.1:{port}\"\n")
+        };
+        let dev = Device::new(Options {
+            health: Some(health.into()),
+            extra: format!(
+                "{extra}[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n[flight]\n{link}stale_after = \"1s\"\n{flight}\n",
+                broker.url()
+            ),
+            ..Options::default()
+        });
+        let config = std::fs::read_to_string(&dev.config).unwrap();
+        let config = config.replace("@DIR@", &dev.dir.path().display().to_string());
+        std::fs::write(&dev.config, config).unwrap();
+        let sub = broker.subscriber(STATUS).unwrap();
+        let bundle = dev.bundle("v2", "2.0.0", 200_000, &[]);
+        let srv = BundleServer::start_blocking().unwrap();
+        srv.put_file("/fw.fnb", &bundle).unwrap();
+        Rig {
+            broker,
+            dev,
+            sub,
+            srv,
+            port,
+        }
+    }
+
+    fn vehicle(&self, flags: &[&str]) -> Vehicle {
+        Vehicle::start(self.port, flags).unwrap()
+    }
+
+    fn upgrade(&self, id: &str) {
+        let payload = format!(
+            r#"{{"type":"upgrade","upgrade_id":"{id}","url":"{}"}}"#,
+            self.srv.url("/fw.fnb")
+        );
+        self.broker.publish(UPGRADE, payload.as_bytes(), false).unwrap();
+    }
+
+    fn cancel(&self, id: &str) {
+        let payload = format!(r#"{{"type":"cancel","upgrade_id":"{id}"}}"#);
+        self.broker.publish(UPGRADE, payload.as_bytes(), false).unwrap();
+    }
+
+    /// Waits for a report containing `needle`.
+    fn wait(&self, needle: &str) {
+        assert!(
+            self.sub.wait_for(needle, WAIT),
+            "never saw {needle}\nstatus topic:\n{}\ndaemon log:\n{}",
+            self.sub.output(),
+            std::fs::read_to_string(self.dev.path("daemon.log")).unwrap_or_default()
+        );
+    }
+
+    fn waiting(&self, reason: &str) {
+        self.wait(&format!(r#""phase":"waiting","wait_reason":"{reason}""#));
+    }
+
+    /// Nothing reached the vehicle or the running system: no apply, `current` still on slot a.
+    fn assert_untouched(&self) {
+        assert_eq!(self.dev.applied(), "", "no apply while the gate is closed");
+        assert_eq!(self.dev.pointer(), self.dev.path("slots/a.img"));
+        let s = self.dev.status();
+        assert_eq!(s["active_slot"], "a", "{s:#}");
+        assert_eq!(s["committed_version"], "1.0.0", "{s:#}");
+    }
+}
+
+/// Holds for a moment and checks the upgrade still waits with `reason`: the gate does not leak.
+fn still_waiting(rig: &Rig, reason: &str) {
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = rig.dev.status();
+    assert_eq!(s["phase"], "waiting", "{s:#}");
+    assert_eq!(s["wait_reason"], reason, "{s:#}");
+    rig.assert_untouched();
+}
+
+#[test]
+fn in_the_air_it_downloads_but_switches_only_once_landed_and_disarmed() {
+    let rig = Rig::new("", "", "true");
+    let _d = Daemon::start(&rig.dev);
+    let mut v = rig.vehicle(&["--in-air"]);
+    rig.upgrade("up-fly");
+    rig.waiting("in_air");
+    // The download is not gated: the image is complete in slot b, staged, not switched.
+    let s = rig.dev.status();
+    assert_eq!(s["slots"]["b"]["version"], "2.0.0", "{s:#}");
+    assert_eq!(rig.dev.slot_bytes("b"), image_bytes("2.0.0", 200_000));
+    still_waiting(&rig, "in_air");
+
+    v.send("land").unwrap();
+    rig.waiting("armed");
+    still_waiting(&rig, "armed");
+
+    v.send("disarm").unwrap();
+    rig.wait(r#""result":"committed""#);
+    assert_eq!(rig.dev.applied().lines().count(), 1, "{}", rig.dev.applied());
+    assert!(rig.dev.applied().contains("b 2.0.0"));
+    assert_eq!(rig.dev.status()["committed_version"], "2.0.0");
+    rig.dev.assert_bootable();
+}
+
+#[test]
+fn armed_mid_download_holds_the_switch() {
+    let rig = Rig::new("", "", "true");
+    // The download stalls halfway until the vehicle is armed; then it resumes and completes.
+    rig.srv.set_fault(
+        "/fw.fnb",
+        flightnode_tests::http_server::Fault::Stall { after: 100_000 },
+    );
+    let _d = Daemon::start(&rig.dev);
+    let mut v = rig.vehicle(&[]);
+    rig.upgrade("up-arm");
+    rig.wait(r#""upgrade_id":"up-arm","phase":"downloading""#);
+    v.send("arm").unwrap();
+    rig.srv.clear_fault("/fw.fnb");
+    rig.waiting("armed");
+    still_waiting(&rig, "armed");
+    v.send("disarm").unwrap();
+    rig.wait(r#""result":"committed""#);
+    assert!(rig.dev.applied().contains("b 2.0.0"));
+}
+
+#[test]
+fn in_the_air_during_a_rollback_it_waits_to_re_apply() {
+    // The health check fails once the test says so, after the vehicle took off.
+    let rig = Rig::new(
+        "",
+        "",
+        "while [ ! -f @DIR@/fail-now ]; do sleep 0.1; done; exit 1",
+    );
+    let _d = Daemon::start(&rig.dev);
+    let mut v = rig.vehicle(&[]);
+    rig.upgrade("up-rb");
+    rig.wait(r#""upgrade_id":"up-rb","phase":"testing""#);
+    assert_eq!(rig.dev.applied().lines().count(), 1);
+    v.send("takeoff").unwrap();
+    std::fs::write(rig.dev.path("fail-now"), b"").unwrap();
+    rig.waiting("in_air");
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = rig.dev.status();
+    assert_eq!(
+        (&s["phase"], &s["wait_reason"]),
+        (&"waiting".into(), &"in_air".into()),
+        "{s:#}"
+    );
+    assert_eq!(
+        rig.dev.applied().lines().count(),
+        1,
+        "the old slot is not re-applied in the air: {}",
+        rig.dev.applied()
+    );
+    v.send("land").unwrap();
+    v.send("disarm").unwrap();
+    rig.wait(r#""result":"rolled_back""#);
+    let applied = rig.dev.applied();
+    assert_eq!(applied.lines().count(), 2, "{applied}");
+    assert!(
+        applied.lines().nth(1).unwrap().starts_with("a 1.0.0"),
+        "{applied}"
+    );
+    rig.dev.assert_bootable();
+}
+
+#[test]
+fn lost_link_is_unknown_and_waits_until_the_heartbeat_returns() {
+    let rig = Rig::new("", "", "true");
+    let _d = Daemon::start(&rig.dev);
+    let mut v = rig.vehicle(&[]);
+    v.send("silence").unwrap();
+    rig.upgrade("up-lost");
+    rig.waiting("flight_state_unknown");
+    still_waiting(&rig, "flight_state_unknown");
+    v.send("resume").unwrap();
+    rig.wait(r#""result":"committed""#);
+}
+
+#[test]
+fn low_battery_waits() {
+    let rig = Rig::new("min_battery_percent = 30", "", "true");
+    let _d = Daemon::start(&rig.dev);
+    let mut v = rig.vehicle(&["--battery", "12"]);
+    rig.upgrade("up-bat");
+    rig.waiting("battery_low");
+    still_waiting(&rig, "battery_low");
+    v.send("battery 80").unwrap();
+    rig.wait(r#""result":"committed""#);
+}
+
+#[test]
+fn max_wait_ends_with_flight_gate_timeout_and_the_old_firmware_untouched() {
+    let rig = Rig::new("max_wait = \"3s\"", "", "true");
+    let _d = Daemon::start(&rig.dev);
+    let _v = rig.vehicle(&["--in-air"]);
+    rig.upgrade("up-late");
+    rig.waiting("in_air");
+    rig.wait(r#""result":"failed","error":{"code":"flight_gate_timeout""#);
+    rig.assert_untouched();
+    let s = rig.dev.status();
+    assert_eq!(s["phase"], "idle");
+    assert_eq!(s["last_upgrade"]["error"]["code"], "flight_gate_timeout", "{s:#}");
+    rig.dev.assert_bootable();
+}
+
+#[test]
+fn cancel_while_waiting_ends_canceled() {
+    let rig = Rig::new("", "", "true");
+    let _d = Daemon::start(&rig.dev);
+    let _v = rig.vehicle(&["--in-air"]);
+    rig.upgrade("up-stop");
+    rig.waiting("in_air");
+    rig.cancel("up-stop");
+    rig.wait(r#""upgrade_id":"up-stop","phase":"idle","progress":null,"result":"canceled""#);
+    rig.assert_untouched();
+    rig.dev.assert_bootable();
+}
+
+#[test]
+fn kill_9_while_waiting_comes_back_waiting() {
+    let rig = Rig::new("", "", "true");
+    let mut d = Daemon::start(&rig.dev);
+    let mut v = rig.vehicle(&["--in-air"]);
+    rig.upgrade("up-cut");
+    rig.waiting("in_air");
+    d.0.kill().unwrap();
+    d.0.wait().unwrap();
+    drop(d);
+    let _d = Daemon::start(&rig.dev);
+    // Persisted: it comes back waiting, and the gate still holds (nothing applied).
+    still_waiting(&rig, "in_air");
+    v.send("land").unwrap();
+    v.send("disarm").unwrap();
+    rig.wait(r#""result":"committed""#);
+    assert_eq!(rig.dev.applied().lines().count(), 1, "{}", rig.dev.applied());
+}
+
+#[test]
+fn gate_command_for_boards_without_mavlink() {
+    let rig = Rig::new(
+        "gate_command = 'test -f @DIR@/safe || { echo armed; exit 1; }'",
+        "",
+        "true",
+    );
+    let _d = Daemon::start(&rig.dev);
+    rig.upgrade("up-cmd");
+    rig.waiting("armed");
+    still_waiting(&rig, "armed");
+    std::fs::write(rig.dev.path("safe"), b"").unwrap();
+    rig.wait(r#""result":"committed""#);
+}
+
+#[test]
+fn reboot_mode_does_not_reboot_in_the_air() {
+    let root = tempfile::tempdir().unwrap();
+    let sim = flightnode_tests::boot_sim::SimBoot::uboot(root.path()).unwrap();
+    assert_eq!(sim.power_on().unwrap(), 'A');
+    let marker = root.path().join("rebooted");
+    let rig = Rig::new(
+        "",
+        &format!(
+            "[activation]\nmode = \"reboot\"\nreboot_command = \"touch {}; kill -9 $FLIGHTNODE_AGENT_PID\"\nreboot_wait = \"30s\"\n{}",
+            marker.display(),
+            sim.boot_toml()
+        ),
+        "true",
+    );
+    let mut d = Daemon::start(&rig.dev);
+    let mut v = rig.vehicle(&["--in-air"]);
+    rig.upgrade("up-boot");
+    rig.waiting("in_air");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!marker.exists(), "no reboot in the air");
+    assert_eq!(rig.dev.status()["phase"], "waiting");
+    v.send("land").unwrap();
+    v.send("disarm").unwrap();
+    let status = d.0.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "the reboot command ends the daemon");
+    assert!(marker.exists());
+    drop(d);
+    assert_eq!(sim.power_on().unwrap(), 'B', "the trial boots the new slot");
+    let _d = Daemon::start(&rig.dev);
+    rig.wait(r#""result":"committed""#);
+    assert_eq!(rig.dev.status()["booted_slot"], "b");
+}

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""A flight-controller stand-in for the flight gate tests, built on pymavlink (not on our code).
+
+It sends what an ArduPilot flight controller streams to its companion computer, over UDP to the
+agent's `udpin` port, 10 times a second: HEARTBEAT (armed flag in base_mode, system_status),
+EXTENDED_SYS_STATE (landed_state), BATTERY_STATUS and SYS_STATUS (remaining %), and once a second
+AUTOPILOT_VERSION. It never reads anything back.
+
+Scripted on stdin, one command a line; each is acknowledged with `ok <command>` on stdout once the
+next burst carrying it has been sent:
+    arm | disarm | takeoff (armed, in the air) | land (on the ground, still armed)
+    battery N | silence (send nothing: a lost link) | resume | quit
+
+Usage: fc_standin.py udpout:127.0.0.1:PORT [--armed] [--in-air] [--battery N]
+"""
+
+import os
+import sys
+import threading
+import time
+
+os.environ.setdefault("MAVLINK20", "1")
+from pymavlink import mavutil  # noqa: E402
+
+mav_ = mavutil.mavlink
+
+
+class Vehicle:
+    def __init__(self, armed, in_air, battery):
+        self.armed = armed
+        self.landed = mav_.MAV_LANDED_STATE_IN_AIR if in_air else mav_.MAV_LANDED_STATE_ON_GROUND
+        self.battery = battery
+        self.silent = False
+        self.lock = threading.Lock()
+        self.acks = []
+
+
+def send_burst(conn, v, tick):
+    with v.lock:
+        if v.silent:
+            acks, v.acks = v.acks, []
+            return acks
+        base = mav_.MAV_MODE_FLAG_CUSTOM_MODE_ENABLED | mav_.MAV_MODE_FLAG_STABILIZE_ENABLED
+        if v.armed:
+            base |= mav_.MAV_MODE_FLAG_SAFETY_ARMED
+        status = mav_.MAV_STATE_ACTIVE if v.armed else mav_.MAV_STATE_STANDBY
+        conn.mav.heartbeat_send(
+            mav_.MAV_TYPE_QUADROTOR, mav_.MAV_AUTOPILOT_ARDUPILOTMEGA, base, 5, status
+        )
+        conn.mav.extended_sys_state_send(mav_.MAV_VTOL_STATE_UNDEFINED, v.landed)
+        conn.mav.battery_status_send(
+            0, mav_.MAV_BATTERY_FUNCTION_ALL, mav_.MAV_BATTERY_TYPE_LIPO, 2500,
+            [15800] + [65535] * 9, 1200, -1, -1, v.battery,
+        )
+        conn.mav.sys_status_send(0, 0, 0, 500, 15800, 1200, v.battery, 0, 0, 0, 0, 0, 0)
+        if tick % 10 == 0:
+            # ArduCopter 4.5.7, FIRMWARE_VERSION_TYPE_OFFICIAL (255) in the low byte.
+            conn.mav.autopilot_version_send(
+                0, (4 << 24) | (5 << 16) | (7 << 8) | 255, 0, 0, 0,
+                [0] * 8, [0] * 8, [0] * 8, 0x1209, 0x5741, 0,
+            )
+        acks, v.acks = v.acks, []
+        return acks
+
+
+def commands(v):
+    for line in sys.stdin:
+        words = line.split()
+        if not words:
+            continue
+        cmd = words[0]
+        with v.lock:
+            if cmd == "arm":
+                v.armed = True
+            elif cmd == "disarm":
+                v.armed = False
+            elif cmd == "takeoff":
+                v.armed = True
+                v.landed = mav_.MAV_LANDED_STATE_IN_AIR
+            elif cmd == "land":
+                v.landed = mav_.MAV_LANDED_STATE_ON_GROUND
+            elif cmd == "battery" and len(words) == 2:
+                v.battery = int(words[1])
+            elif cmd == "silence":
+                v.silent = True
+            elif cmd == "resume":
+                v.silent = False
+            elif cmd == "quit":
+                os._exit(0)
+            else:
+                print(f"error unknown command {line.strip()!r}", flush=True)
+                continue
+            v.acks.append(line.strip())
+    # stdin closed: the test is gone.
+    os._exit(0)
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    args = sys.argv[2:]
+    v = Vehicle(
+        armed="--armed" in args or "--in-air" in args,
+        in_air="--in-air" in args,
+        battery=int(args[args.index("--battery") + 1]) if "--battery" in args else 87,
+    )
+    conn = mavutil.mavlink_connection(
+        sys.argv[1], source_system=1, source_component=1, dialect="ardupilotmega"
+    )
+    threading.Thread(target=commands, args=(v,), daemon=True).start()
+    print("ready", flush=True)
+    tick = 0
+    while True:
+        for ack in send_burst(conn, v, tick):
+            print(f"ok {ack}", flush=True)
+        tick += 1
+        time.sleep(0.1)
+
+
+if __name__ == "__main__":
+    main()
