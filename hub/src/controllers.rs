@@ -116,13 +116,14 @@ impl Controllers {
             if let Some(r) = d.requeue {
                 next = next.min(r);
             }
-            if d.sync != view.sync {
-                if let Err(e) = self.store.write_sync(&name, d.sync.as_ref()).await {
-                    // NB: nothing is published without its record: it could not be found again.
-                    tracing::warn!(device_id = %name, error = %e, "firmwareSync write failed; not publishing");
-                    continue;
-                }
+            if d.sync != view.sync
+                && let Err(e) = self.store.write_sync(&name, d.sync.as_ref()).await
+            {
+                // NB: nothing is published without its record: it could not be found again.
+                tracing::warn!(device_id = %name, error = %e, "firmwareSync write failed; not publishing");
+                continue;
             }
+
             let cmd = match &d.action {
                 Action::None => continue,
                 Action::Publish { upgrade_id } => {

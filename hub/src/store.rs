@@ -4,7 +4,7 @@
 //!
 //! Field managers, so nobody fights over a field:
 //! - `flightnode-hub`: heartbeat status (`status.*` but `firmwareSync`);
-//! - [`RECONCILER_MANAGER`]: `status.firmwareSync`;
+//! - `flightnode-hub-reconciler` ([`RECONCILER_MANAGER`]): `status.firmwareSync`;
 //! - [`crate::rollout::FIELD_MANAGER`]: `spec.firmware` and the rollout annotations of the drones
 //!   it dispatched (applied **without** force: a field another manager owns is a conflict, and
 //!   the rollout leaves that drone alone), and the rollout's status.

@@ -190,13 +190,14 @@ async fn carry_out(store: &dyn FleetStore, r: &FirmwareRollout, p: &Plan, genera
             }
         }
     }
-    if r.status.as_ref() != Some(&p.status) {
-        if let Err(e) = store.write_rollout_status(&name, &p.status).await {
-            tracing::warn!(rollout = %name, error = %e, "rollout status write failed");
-            // NB: no events for a step whose status did not stick: it runs again.
-            return;
-        }
+    if r.status.as_ref() != Some(&p.status)
+        && let Err(e) = store.write_rollout_status(&name, &p.status).await
+    {
+        tracing::warn!(rollout = %name, error = %e, "rollout status write failed");
+        // NB: no events for a step whose status did not stick: it runs again.
+        return;
     }
+
     for (reason, note) in &p.events {
         let warning = reason == "Halted";
         tracing::info!(rollout = %name, reason, note, "rollout event");
