@@ -201,6 +201,17 @@ fn lost_link_is_unknown_and_waits_until_the_heartbeat_returns() {
     let _d = Daemon::start(&rig.dev);
     let mut v = rig.vehicle(&[]);
     v.send("silence").unwrap();
+    // The upgrade must arrive after the agent noticed the silence (stale_after), or it would
+    // still see the last fresh "disarmed" and switch.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !std::fs::read_to_string(rig.dev.path("daemon.log"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains("flight state changed") && l.contains("unknown"))
+    {
+        assert!(std::time::Instant::now() < deadline, "the agent never noticed the lost link");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     rig.upgrade("up-lost");
     rig.waiting("flight_state_unknown");
     still_waiting(&rig, "flight_state_unknown");
