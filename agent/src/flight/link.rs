@@ -93,8 +93,7 @@ impl Monitor {
     /// True while the link has just started and no HEARTBEAT could have arrived yet: an unknown
     /// state then means "not heard yet", not "lost".
     pub fn settling(&self) -> bool {
-        self.started.elapsed() < self.stale_after
-            && self.latest.lock().is_ok_and(|l| l.heartbeat.is_none())
+        self.started.elapsed() < self.stale_after && self.latest.lock().is_ok_and(|l| l.heartbeat.is_none())
     }
 }
 

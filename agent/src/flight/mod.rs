@@ -106,7 +106,12 @@ mod tests {
         ] {
             check_address(ok).unwrap();
         }
-        for bad in ["14540", "file:/tmp/x", "serial:/dev/ttyS1:fast", "http://fc"] {
+        for bad in [
+            "14540",
+            "file:capture.tlog",
+            "serial:/dev/ttyS1:fast",
+            "http://fc",
+        ] {
             assert!(check_address(bad).is_err(), "{bad}");
         }
     }
