@@ -9,6 +9,7 @@
 //! - [`http_server`]: a bundle HTTP server that honours `Range` and injects faults.
 //! - [`mosquitto`]: the real Debian broker on a free port, plain or with the example mTLS + ACL config.
 //! - [`pki`]: a test CA, server and client certificates for mutual TLS (broker and hub).
+//! - [`release`]: static musl release builds, the agent's Debian packages, a clean Debian root.
 
 pub mod agent;
 pub mod boot_sim;
@@ -19,3 +20,4 @@ pub mod http_server;
 pub mod load;
 pub mod mosquitto;
 pub mod pki;
+pub mod release;

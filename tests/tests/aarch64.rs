@@ -1,54 +1,44 @@
-//! The agent as flashed onto the boards: built for aarch64 with Debian's cross gcc and run under
-//! qemu-user — `--version`, `bundle verify`, and scenario 1 against the x86_64 hub and mosquitto.
+//! The agent as flashed onto the boards: the static release build for aarch64 (musl, built with
+//! Debian's cross gcc as the linker driver) run under qemu-user — `--version`, `bundle verify`,
+//! and scenario 1 against the x86_64 hub and mosquitto.
 //!
-//! Needs `rustup target add aarch64-unknown-linux-gnu` and the Debian packages
-//! `gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static` (installed by `.ci/run`).
+//! Needs `rustup target add aarch64-unknown-linux-musl` and the Debian packages
+//! `gcc-aarch64-linux-gnu qemu-user-static` (`./test.sh` installs them). The build is
+//! [`release::build`]'s, shared with `tests/tests/packaging.rs` (same target dir and arguments).
 //! Set `FLIGHTNODE_SKIP_AARCH64=1` to skip it on a machine without them.
 
 use flightnode_tests::fleet::{Fleet, FleetOptions};
-use std::path::{Path, PathBuf};
+use flightnode_tests::release::{self, AARCH64};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
-
-const TARGET: &str = "aarch64-unknown-linux-gnu";
 
 fn skip() -> bool {
     std::env::var_os("FLIGHTNODE_SKIP_AARCH64").is_some()
 }
 
-/// Builds the aarch64 agent once (own target dir: the outer cargo holds the main one) and returns
-/// a wrapper that runs it under qemu-user.
+/// The static aarch64 release agent behind a wrapper that runs it under qemu-user (no sysroot:
+/// the binary loads no shared library).
 fn aarch64_agent() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
+    static WRAPPED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    WRAPPED
         .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            let target_dir = root.join("target/aarch64-qemu");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let out = Command::new(cargo)
-                .current_dir(&root)
-                .args(["build", "--locked", "-p", "flightnode-agent", "--target", TARGET])
-                .env("CARGO_TARGET_DIR", &target_dir)
-                .output()
-                .expect("run cargo");
+            let bin = release::build(AARCH64)
+                .unwrap_or_else(|e| panic!("{e:#}\n(or FLIGHTNODE_SKIP_AARCH64=1)"))
+                .agent;
+            let kind = release::file_type(&bin).unwrap();
             assert!(
-                out.status.success(),
-                "building the aarch64 agent failed (rustup target add {TARGET}; apt-get install gcc-aarch64-linux-gnu \
-                 libc6-dev-arm64-cross qemu-user-static; or FLIGHTNODE_SKIP_AARCH64=1):\n{}",
-                String::from_utf8_lossy(&out.stderr)
+                kind.contains("aarch64") && kind.contains("static"),
+                "not a static aarch64 binary: {kind}"
             );
-            let bin = target_dir.join(TARGET).join("debug/flightnode-agent");
-            let wrapper = target_dir.join("flightnode-agent-qemu");
+            let wrapper = release::target_dir().join("flightnode-agent-qemu");
             std::fs::write(
                 &wrapper,
-                format!("#!/bin/sh\nexec qemu-aarch64-static -L /usr/aarch64-linux-gnu {} \"$@\"\n", bin.display()),
+                format!("#!/bin/sh\nexec qemu-aarch64-static {} \"$@\"\n", bin.display()),
             )
             .unwrap();
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-            let file = Command::new("file").arg(&bin).output().map(|o| o.stdout).unwrap_or_default();
-            let file = String::from_utf8_lossy(&file);
-            assert!(file.is_empty() || file.contains("aarch64"), "not an aarch64 binary: {file}");
             wrapper
         })
         .clone()
