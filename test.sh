@@ -22,6 +22,8 @@ PACKAGES=(
     qemu-user-static             # run the aarch64 agent on this x86_64 machine
     file                         # check the cross-built binary really is aarch64
     ca-certificates curl tar     # rustup and the bundle tooling
+    etcd-server                  # etcd behind the real kube-apiserver of the controller tests
+    xz-utils                     # unpack that kube-apiserver (kube-apiserver.xz)
     lintian                      # the agent's .deb packages must be lintian-clean
     mmdebstrap                   # a clean Debian 12 root to dpkg -i the packages into (cached in target/)
     buildah                      # builds the hub image from scratch, no registry needed
@@ -38,7 +40,8 @@ declare -A PROVIDES=(
     [mosquitto]=mosquitto [mosquitto-clients]=mosquitto_pub [libubootenv-tool]=fw_setenv
     [grub-common]=grub-editenv [systemd]=systemd-analyze [gcc-aarch64-linux-gnu]=aarch64-linux-gnu-gcc
     [binutils-aarch64-linux-gnu]=aarch64-linux-gnu-ld [qemu-user-static]=qemu-aarch64-static
-    [file]=file [curl]=curl [tar]=tar [musl-tools]=musl-gcc [lintian]=lintian [mmdebstrap]=mmdebstrap [buildah]=buildah
+    [file]=file [curl]=curl [tar]=tar [etcd-server]=etcd [xz-utils]=xz
+    [musl-tools]=musl-gcc [lintian]=lintian [mmdebstrap]=mmdebstrap [buildah]=buildah
 )
 
 missing_packages() {

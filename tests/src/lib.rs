@@ -1,6 +1,7 @@
 //! flightnode fleet harness: real processes on loopback for end-to-end tests, demo and benchmarks.
 //!
 //! - [`agent`]: locating and running the real binaries.
+//! - [`apiserver`]: a real kube-apiserver + etcd per test (envtest-style), found via `FLIGHTNODE_K8S_DIR`.
 //! - [`fake_kube`]: an HTTP fake of the Kubernetes API that checks every status write.
 //! - [`boot_sim`]: power-on simulator for reboot mode (U-Boot, GRUB, example script backend).
 //! - [`fleet`]: broker, hub and N drones as real processes on loopback; the demo and the end-to-end tests use it.
@@ -12,6 +13,7 @@
 //! - [`release`]: static musl release builds, the agent's Debian packages, a clean Debian root.
 
 pub mod agent;
+pub mod apiserver;
 pub mod boot_sim;
 pub mod fake_kube;
 pub mod fleet;
