@@ -304,7 +304,7 @@ fn footprint(idle_secs: u64, size_mib: u64) -> Result<()> {
         std::fs::metadata(&agent)?.len() as f64 / 1048576.0
     );
     let arm = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/aarch64-unknown-linux-gnu/release/flightnode-agent");
+        .join("../target/aarch64-unknown-linux-musl/release/flightnode-agent");
     match std::fs::metadata(&arm) {
         Ok(m) => println!(
             "{:<52} {:>10.1}",

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# A release's artifacts, all static (musl) so no board or container needs a particular libc:
+#   dist/flightnode-agent-<version>-aarch64   the boards (Raspberry Pi, Jetson, i.MX8, RK3588, ...)
+#   dist/flightnode-agent-<version>-x86_64    x86_64 companion computers
+#   dist/flightnode-agent_<version>-1_arm64.deb, ..._amd64.deb   the same binaries as Debian packages
+#   dist/flightnode-hub-<version>-x86_64      the hub, also what hub/Containerfile packs
+# Needs: rustup target add aarch64-unknown-linux-musl x86_64-unknown-linux-musl;
+#        apt-get install gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu musl-tools;
+#        cargo install cargo-deb --locked.  ./test.sh installs all of them as root.
+# Usage: cross/release.sh [OUT_DIR]   (default dist/)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-dist}
+mkdir -p "$out"
+version=$(cargo pkgid -p flightnode-agent | sed 's/.*[#@]//')
+for target in aarch64-unknown-linux-musl x86_64-unknown-linux-musl; do
+    arch=${target%%-*}
+    pkgs=(-p flightnode-agent)
+    [[ $arch == x86_64 ]] && pkgs+=(-p flightnode-hub)
+    cargo build --release --locked --target "$target" "${pkgs[@]}"
+    cp "target/$target/release/flightnode-agent" "$out/flightnode-agent-$version-$arch"
+    [[ $arch == x86_64 ]] && cp "target/$target/release/flightnode-hub" "$out/flightnode-hub-$version-$arch"
+    # The release profile already strips; cargo-deb's strip would need the cross binutils.
+    deb=$(cargo deb --locked --no-build --no-strip -p flightnode-agent --target "$target" --output "$out" | tail -n1)
+    agent/debian/add-md5sums.sh "$deb"
+done
+(cd "$out" && ls -l && sha256sum -- * > SHA256SUMS)

@@ -1,0 +1,189 @@
+//! Release artifacts as they ship: static musl builds of the agent (aarch64, x86_64) and the hub
+//! (x86_64), the agent's Debian packages, and a clean Debian root to install them into.
+//!
+//! Each release build runs once per test binary in its own target dir (`target/release-builds`:
+//! the outer `cargo test` holds the lock on the main one); a second test binary asking for the
+//! same build finds cargo's fingerprints fresh and pays only a no-op cargo run.
+
+use anyhow::{Context, Result, bail, ensure};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The boards: Raspberry Pi 4/5, Jetson, i.MX8, RK3588 — any aarch64 Linux, whatever its libc.
+pub const AARCH64: &str = "aarch64-unknown-linux-musl";
+/// x86_64 companion computers, and the hub's container image.
+pub const X86_64: &str = "x86_64-unknown-linux-musl";
+/// The size budget of a stripped release agent (flash and update bandwidth on the boards).
+pub const MAX_AGENT_BYTES: u64 = 10 * 1024 * 1024;
+
+/// One target's release binaries.
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub target: &'static str,
+    pub agent: PathBuf,
+    /// Only the x86_64 build has the hub: it runs in the cluster, not on the boards.
+    pub hub: Option<PathBuf>,
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+/// The target dir of the release builds and the packages made from them.
+pub fn target_dir() -> PathBuf {
+    workspace_root().join("target/release-builds")
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs a command and fails with its output when it does not exit 0.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}",
+        out.status,
+        output_text(&out)
+    );
+    Ok(out)
+}
+
+/// The release build for `target` ([`AARCH64`] or [`X86_64`]), built at most once per process.
+pub fn build(target: &'static str) -> Result<Release> {
+    static AARCH64_BUILD: OnceLock<Result<Release, String>> = OnceLock::new();
+    static X86_64_BUILD: OnceLock<Result<Release, String>> = OnceLock::new();
+    let cell = match target {
+        AARCH64 => &AARCH64_BUILD,
+        X86_64 => &X86_64_BUILD,
+        other => bail!("no release build for {other}"),
+    };
+    cell.get_or_init(|| build_uncached(target).map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn build_uncached(target: &'static str) -> Result<Release> {
+    let with_hub = target == X86_64;
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(workspace_root())
+        .args([
+            "build",
+            "--locked",
+            "--profile",
+            "release",
+            "--target",
+            target,
+            "-p",
+            "flightnode-agent",
+        ])
+        .env("CARGO_TARGET_DIR", target_dir());
+    if with_hub {
+        cmd.args(["-p", "flightnode-hub"]);
+    }
+    run(&mut cmd).with_context(|| {
+        format!(
+            "release build for {target} (needs `rustup target add {target}`; aarch64 also \
+             gcc-aarch64-linux-gnu, x86_64 musl-tools: ./test.sh installs them)"
+        )
+    })?;
+    let dir = target_dir().join(target).join("release");
+    Ok(Release {
+        target,
+        agent: dir.join("flightnode-agent"),
+        hub: with_hub.then(|| dir.join("flightnode-hub")),
+    })
+}
+
+/// What `file` says about a binary (e.g. "ELF 64-bit LSB executable, ARM aarch64, ... statically linked").
+pub fn file_type(path: &Path) -> Result<String> {
+    let out = run(Command::new("file").arg("-b").arg(path))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The agent's Debian package for `target`, made by cargo-deb from [`build`]'s binary, with the
+/// md5sums cargo-deb leaves out (`agent/debian/add-md5sums.sh`, as `cross/release.sh` does).
+pub fn deb(target: &'static str) -> Result<PathBuf> {
+    build(target)?;
+    let out_dir = target_dir().join("debian").join(target);
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out = Command::new(cargo())
+        .current_dir(workspace_root())
+        // The profile already strips; cargo-deb's own strip would need the cross binutils.
+        .args([
+            "deb",
+            "--locked",
+            "--no-build",
+            "--no-strip",
+            "-p",
+            "flightnode-agent",
+            "--target",
+            target,
+        ])
+        .arg("--output")
+        .arg(&out_dir)
+        .env("CARGO_TARGET_DIR", target_dir())
+        .output()
+        .context("running cargo deb")?;
+    if !out.status.success() {
+        let text = output_text(&out);
+        if text.contains("no such command") {
+            bail!("cargo-deb is not installed: `cargo install cargo-deb --locked` (./test.sh does)");
+        }
+        bail!("cargo deb for {target} failed:\n{text}");
+    }
+    // cargo-deb prints the path of the package it wrote as its last line.
+    let path = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .find(|l| l.trim_end().ends_with(".deb"))
+        .map(|l| PathBuf::from(l.trim()))
+        .context("cargo deb did not print the package path")?;
+    ensure!(
+        path.is_file(),
+        "cargo deb reported {} but it does not exist",
+        path.display()
+    );
+    let script = workspace_root().join("agent/debian/add-md5sums.sh");
+    run(Command::new(&script).arg(&path)).with_context(|| format!("adding md5sums to {}", path.display()))?;
+    Ok(path)
+}
+
+/// A minimal Debian 12 root (mmdebstrap minbase), built once and cached as a tarball under
+/// `target/debian-root/`; every call unpacks a fresh copy into `dest` (which must be empty).
+/// `FLIGHTNODE_DEBIAN_MIRROR` picks a mirror (default: mmdebstrap's own).
+pub fn debian_root(dest: &Path) -> Result<()> {
+    let cache = workspace_root().join("target/debian-root");
+    let tarball = cache.join("bookworm-minbase.tar");
+    if !tarball.is_file() {
+        std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+        // Written next to the cache and renamed, so an interrupted run never leaves half a root.
+        let partial = cache.join(format!("bookworm-minbase.{}.partial.tar", std::process::id()));
+        let mut cmd = Command::new("mmdebstrap");
+        cmd.args(["--variant=minbase", "--mode=root", "bookworm"])
+            .arg(&partial);
+        if let Some(mirror) = std::env::var_os("FLIGHTNODE_DEBIAN_MIRROR") {
+            cmd.arg(mirror);
+        }
+        run(&mut cmd).context("mmdebstrap of a Debian 12 root (apt-get install mmdebstrap; needs root)")?;
+        std::fs::rename(&partial, &tarball)
+            .with_context(|| format!("renaming {} to {}", partial.display(), tarball.display()))?;
+    }
+    run(Command::new("tar").arg("-xpf").arg(&tarball).arg("-C").arg(dest))
+        .with_context(|| format!("unpacking {} into {}", tarball.display(), dest.display()))?;
+    Ok(())
+}
