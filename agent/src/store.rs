@@ -91,9 +91,14 @@ impl Store {
         // once, or a power cut after the first commit can leave no store at all.
         let blobs = path.join("blobs");
         let parent = state_dir.parent().filter(|p| !p.as_os_str().is_empty());
-        for dir in [Some(blobs.as_path()), Some(path.as_path()), Some(state_dir), parent]
-            .into_iter()
-            .flatten()
+        for dir in [
+            Some(blobs.as_path()),
+            Some(path.as_path()),
+            Some(state_dir),
+            parent,
+        ]
+        .into_iter()
+        .flatten()
         {
             if dir.exists() {
                 fsync(dir)?;

@@ -209,7 +209,10 @@ fn lost_link_is_unknown_and_waits_until_the_heartbeat_returns() {
         .lines()
         .any(|l| l.contains("flight state changed") && l.contains("unknown"))
     {
-        assert!(std::time::Instant::now() < deadline, "the agent never noticed the lost link");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never noticed the lost link"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     rig.upgrade("up-lost");

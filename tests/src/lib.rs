@@ -25,5 +25,5 @@ pub mod http_server;
 pub mod load;
 pub mod mosquitto;
 pub mod pki;
-pub mod uboot_qemu;
 pub mod powercut;
+pub mod uboot_qemu;
