@@ -33,11 +33,15 @@ fn sims(dir: &Path) -> Vec<SimBoot> {
         std::fs::create_dir_all(&d).unwrap();
         d
     };
-    vec![
+    let mut sims = vec![
         SimBoot::uboot(&mk("uboot")).unwrap(),
         SimBoot::grub(&mk("grub")).unwrap(),
         SimBoot::script(&mk("script")).unwrap(),
-    ]
+    ];
+    // Every power-on a real U-Boot run reading what fw_setenv wrote (None only when
+    // FLIGHTNODE_SKIP_UBOOT_QEMU=1).
+    sims.extend(SimBoot::uboot_qemu(&mk("uboot-qemu")).unwrap());
+    sims
 }
 
 fn vars(out: &str) -> BTreeMap<String, String> {
