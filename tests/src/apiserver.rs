@@ -72,6 +72,10 @@ fn unpacked_binary(k8s_dir: &Path) -> Result<PathBuf> {
     let digest = hex_prefix(&sha2::Sha256::digest(&bytes));
     let cache = std::env::temp_dir().join(format!("flightnode-kube-apiserver-{digest}"));
     let bin = cache.join("kube-apiserver");
+    // Tests in one binary start servers in parallel: one unpack at a time, or a second writer's
+    // xz could still be writing the inode the first one renamed and executes (ETXTBSY).
+    static UNPACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = UNPACK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if bin.is_file() {
         return Ok(bin);
     }
@@ -91,6 +95,26 @@ fn unpacked_binary(k8s_dir: &Path) -> Result<PathBuf> {
     std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))?;
     std::fs::rename(&partial, &bin).with_context(|| format!("rename to {}", bin.display()))?;
     Ok(bin)
+}
+
+/// Spawns `cmd`, retrying briefly on ETXTBSY: a child forked by another test thread while the
+/// binary was still open for writing holds that descriptor until it execs.
+fn spawn_retrying(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc_etxtbsy()) && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// `ETXTBSY` on Linux.
+const fn libc_etxtbsy() -> i32 {
+    26
 }
 
 fn hex_prefix(digest: &[u8]) -> String {
@@ -191,8 +215,8 @@ impl ApiServer {
             apiserver: None,
             etcd: Some(etcd),
         };
-        let apiserver = Command::new(&bin)
-            .args(["--etcd-servers", &etcd_url])
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--etcd-servers", &etcd_url])
             .args(["--secure-port", &port.to_string(), "--bind-address", "127.0.0.1"])
             .args([
                 "--advertise-address",
@@ -215,9 +239,8 @@ impl ApiServer {
             .arg("--service-account-signing-key-file")
             .arg(&sa_key)
             .stdout(log_file(&root.join("apiserver.log"))?)
-            .stderr(log_file(&root.join("apiserver.err.log"))?)
-            .spawn()
-            .with_context(|| format!("start {}", bin.display()))?;
+            .stderr(log_file(&root.join("apiserver.err.log"))?);
+        let apiserver = spawn_retrying(&mut cmd).with_context(|| format!("start {}", bin.display()))?;
         server.apiserver = Some(apiserver);
         Ok(server)
     }
