@@ -3,11 +3,9 @@
 use super::{FlightState, Monitor};
 use crate::config::{AllowedState, FlightConfig, UnknownPolicy};
 use flightnode_proto::{ObservedState, WaitReason};
-use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What the gate says about running a step now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,43 +137,30 @@ pub fn judge(cfg: &FlightConfig, s: &FlightState) -> Result<(), (WaitReason, Str
 /// start is `flight_state_unknown`.
 fn run_command(command: &str, timeout: Duration) -> Result<(), (WaitReason, String)> {
     let unknown = |why: String| (WaitReason::FlightStateUnknown, why);
-    let mut child = Command::new("/bin/sh")
-        .arg("-c")
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
         .arg(command)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| unknown(format!("gate command `{command}` could not be started: {e}")))?;
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() >= deadline => {
-                // SAFETY: plain syscall on the child's own process group.
-                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-                let _ = child.wait();
-                return Err(unknown(format!(
-                    "gate command `{command}` did not answer within {timeout:?}"
-                )));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(unknown(format!("gate command `{command}`: {e}"))),
-        }
-    };
-    if status.success() {
+        .stderr(Stdio::inherit());
+    let done = crate::child::run(&mut cmd, None, timeout).map_err(|e| match e {
+        crate::child::ChildError::Timeout { .. } => unknown(format!(
+            "gate command `{command}` did not answer within {timeout:?}"
+        )),
+        e => unknown(format!("gate command `{command}` {e}")),
+    })?;
+    if done.status.success() {
         return Ok(());
     }
-    let mut out = String::new();
-    if let Some(mut stdout) = child.stdout.take() {
-        let _ = stdout.by_ref().take(4096).read_to_string(&mut out);
-    }
+    let out = String::from_utf8_lossy(&done.stdout[..done.stdout.len().min(4096)]).into_owned();
     let word = out.split_whitespace().next().unwrap_or("");
     let reason = WaitReason::parse(word).unwrap_or(WaitReason::FlightStateUnknown);
     Err((
         reason,
-        format!("gate command `{command}` says not now ({status}): {}", out.trim()),
+        format!(
+            "gate command `{command}` says not now ({}): {}",
+            done.status,
+            out.trim()
+        ),
     ))
 }
 
