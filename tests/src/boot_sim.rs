@@ -159,7 +159,7 @@ fn toml_str(p: &Path) -> String {
 }
 
 /// Runs a tool, returning stdout; a failure carries the command and its stderr.
-fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+pub(crate) fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
     let mut child = Command::new(tool)
         .args(args)
         .stdin(if stdin.is_some() {

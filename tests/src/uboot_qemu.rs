@@ -27,6 +27,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::boot_sim::run;
+
 /// Set to `1` to let the real-U-Boot tests pass without running when the tools are missing.
 /// CI never sets it: there, missing tools fail the tests.
 pub const SKIP_ENV: &str = "FLIGHTNODE_SKIP_UBOOT_QEMU";
@@ -607,31 +609,4 @@ fn make_bootdisk(dir: &Path, disk: &Path) -> anyhow::Result<()> {
         bail!("mcopy failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
-}
-
-fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-    let mut child = Command::new(tool)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run {tool}"))?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{tool} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
