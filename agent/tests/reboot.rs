@@ -18,22 +18,6 @@ fn reboot_device(sim: &SimBoot, health: &str) -> Device {
     })
 }
 
-fn sims(dir: &std::path::Path) -> Vec<SimBoot> {
-    let mk = |name: &str| {
-        let d = dir.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    };
-    let mut sims = vec![
-        SimBoot::uboot(&mk("uboot")).unwrap(),
-        SimBoot::grub(&mk("grub")).unwrap(),
-        SimBoot::script(&mk("script")).unwrap(),
-    ];
-    // And real U-Boot under qemu (None only with FLIGHTNODE_SKIP_UBOOT_QEMU=1).
-    sims.extend(SimBoot::uboot_qemu(&mk("uboot-qemu")).unwrap());
-    sims
-}
-
 /// `install` ends in a reboot: the agent is killed by its reboot command.
 fn install_until_reboot(dev: &Device, bundle: &std::path::Path) {
     let o = dev.run(&["install", bundle.to_str().unwrap()]);

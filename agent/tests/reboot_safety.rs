@@ -9,7 +9,6 @@ use common::*;
 use flightnode_tests::boot_sim::{SimBoot, SimKind};
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
 
 /// A reboot-mode device on `sim`. `reboot` is the reboot command: `kill -9` plays a reboot that
 /// ends the agent; `true` plays one that never happens (the agent exits 3).
@@ -26,23 +25,6 @@ fn device(sim: &SimBoot, health: &str, reboot: &str) -> Device {
 }
 
 const KILL: &str = "kill -9 $FLIGHTNODE_AGENT_PID";
-
-fn sims(dir: &Path) -> Vec<SimBoot> {
-    let mk = |name: &str| {
-        let d = dir.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    };
-    let mut sims = vec![
-        SimBoot::uboot(&mk("uboot")).unwrap(),
-        SimBoot::grub(&mk("grub")).unwrap(),
-        SimBoot::script(&mk("script")).unwrap(),
-    ];
-    // Every power-on a real U-Boot run reading what fw_setenv wrote (None only when
-    // FLIGHTNODE_SKIP_UBOOT_QEMU=1).
-    sims.extend(SimBoot::uboot_qemu(&mk("uboot-qemu")).unwrap());
-    sims
-}
 
 fn vars(out: &str) -> BTreeMap<String, String> {
     out.lines()

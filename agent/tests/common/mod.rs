@@ -258,3 +258,21 @@ impl Daemon {
         }
     }
 }
+
+/// One device directory per bootloader the reboot-mode tests run against: the U-Boot, GRUB and
+/// script simulators, and real U-Boot under qemu (absent only with FLIGHTNODE_SKIP_UBOOT_QEMU=1).
+pub fn sims(dir: &Path) -> Vec<flightnode_tests::boot_sim::SimBoot> {
+    use flightnode_tests::boot_sim::SimBoot;
+    let mk = |name: &str| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    let mut sims = vec![
+        SimBoot::uboot(&mk("uboot")).unwrap(),
+        SimBoot::grub(&mk("grub")).unwrap(),
+        SimBoot::script(&mk("script")).unwrap(),
+    ];
+    sims.extend(SimBoot::uboot_qemu(&mk("uboot-qemu")).unwrap());
+    sims
+}
