@@ -63,6 +63,8 @@ pub struct FlightGate {
     pub allowed: Vec<String>,
     /// Whether a drone without a known flight state may start (the agent gates again itself).
     pub allow_unknown: bool,
+    /// Minimum battery, checked when the drone reports one (the agent gates again itself).
+    pub min_battery_percent: Option<u32>,
 }
 
 impl Default for FlightGate {
@@ -70,6 +72,7 @@ impl Default for FlightGate {
         FlightGate {
             allowed: vec!["disarmed".to_owned()],
             allow_unknown: true,
+            min_battery_percent: None,
         }
     }
 }
@@ -83,6 +86,12 @@ impl FlightGate {
             Some(state) if self.allowed.iter().any(|a| a == state) => None,
             Some(state) => Some(format!("flight state {state}")),
         }
+    }
+
+    /// `None` when the reported battery (if any) meets the minimum, else why not.
+    pub fn check_battery(&self, battery_percent: Option<i32>) -> Option<String> {
+        let (min, battery) = (self.min_battery_percent?, battery_percent?);
+        (i64::from(battery) < i64::from(min)).then(|| format!("battery {battery}% below the minimum {min}%"))
     }
 }
 
@@ -140,7 +149,9 @@ impl NodeView {
                     l.error_code.clone().unwrap_or_default(),
                 ))
             }),
-            flight_blocked: gate.check(observed_flight_state(node).as_deref()),
+            flight_blocked: gate
+                .check(observed_flight_state(node).as_deref())
+                .or_else(|| gate.check_battery(status.flight.as_ref().and_then(|f| f.battery_percent))),
             sync: status.firmware_sync,
         }
     }
@@ -454,6 +465,18 @@ mod tests {
             .check(Some("unknown"))
             .is_some()
         );
+        let low = FlightGate {
+            min_battery_percent: Some(30),
+            ..FlightGate::default()
+        };
+        assert!(low.check_battery(Some(12)).is_some());
+        assert_eq!(low.check_battery(Some(30)), None);
+        assert_eq!(
+            low.check_battery(None),
+            None,
+            "unknown battery: the agent gates again"
+        );
+        assert_eq!(FlightGate::default().check_battery(Some(1)), None);
         v.flight_blocked = None;
         assert!(matches!(step(&mut v, T0).action, Action::Publish { .. }));
     }

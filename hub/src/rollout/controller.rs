@@ -74,6 +74,7 @@ pub fn drone(r: &FirmwareRollout, node: &FlightNode, active: &BTreeSet<String>, 
     let gate = FlightGate {
         allowed: gates.flight_states.clone(),
         allow_unknown: gates.allow_unknown_flight_state,
+        min_battery_percent: gates.min_battery_percent,
     };
     let view = NodeView::of(node, &gate);
     let sync = view
