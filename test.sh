@@ -139,6 +139,7 @@ if ! qemu_ok; then
         [[ -n "${FLIGHTNODE_QEMU_AARCH64:-}${FLIGHTNODE_SKIP_UBOOT_QEMU:-}" ]] || exit 2
     fi
 fi
+
 # The flight gate tests talk to a flight-controller stand-in built on pymavlink (PyPI). It goes in
 # a venv under target/, as root or not: nothing is installed system-wide.
 PYMAVLINK_VENV="$PWD/target/pymavlink-venv"
@@ -146,6 +147,7 @@ if ! "$PYMAVLINK_VENV/bin/python3" -c 'import pymavlink' >/dev/null 2>&1; then
     echo "test.sh: pip install pymavlink into target/pymavlink-venv" >&2
     python3 -m venv "$PYMAVLINK_VENV"
     "$PYMAVLINK_VENV/bin/pip" install -q 'pymavlink==2.4.50'
+fi
 export FLIGHTNODE_PYMAVLINK_PYTHON="$PYMAVLINK_VENV/bin/python3"
 
 [[ "${1:-}" == "--" ]] && shift
