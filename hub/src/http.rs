@@ -143,12 +143,17 @@ async fn list_ns(State(state): State<HttpState>, Path(ns): Path<String>) -> Resp
     list(&state, Some(&ns))
 }
 
-fn not_found(name: &str) -> Response {
+/// The API server's 404 for `name` of `resource` (`flightnodes.edge.drone.io`, …).
+fn not_found_of(resource: &str, name: &str) -> Response {
     status_error(
         StatusCode::NOT_FOUND,
         "NotFound",
-        format!("flightnodes.edge.drone.io \"{name}\" not found"),
+        format!("{resource} \"{name}\" not found"),
     )
+}
+
+fn not_found(name: &str) -> Response {
+    not_found_of("flightnodes.edge.drone.io", name)
 }
 
 async fn get_one(State(state): State<HttpState>, Path((ns, name)): Path<(String, String)>) -> Response {
@@ -259,11 +264,7 @@ async fn rollouts_ns(State(state): State<HttpState>, Path(ns): Path<String>) -> 
 }
 
 fn rollout_not_found(name: &str) -> Response {
-    status_error(
-        StatusCode::NOT_FOUND,
-        "NotFound",
-        format!("firmwarerollouts.edge.drone.io \"{name}\" not found"),
-    )
+    not_found_of("firmwarerollouts.edge.drone.io", name)
 }
 
 async fn rollout_one(State(state): State<HttpState>, Path((ns, name)): Path<(String, String)>) -> Response {
