@@ -8,8 +8,8 @@
 //!
 //! The agent runs with `sync_file_range(2)` answering `ENOSYS` (see
 //! `powercut::without_sync_file_range`), so sled 0.34's `flush()` fsyncs; with the call available
-//! sled's flush reaches no disk barrier and the outcome would depend on its 500 ms flusher thread
-//! (see `sled_flush_alone_does_not_survive_a_power_cut`). Set
+//! sled's flush reaches no disk barrier, which is why `Store::save` fsyncs sled's data file itself
+//! (see `a_saved_phase_survives_a_power_cut_with_sync_file_range`). Set
 //! `FLIGHTNODE_POWERCUT_KEEP_SYNC_FILE_RANGE=1` to run everything without the filter: once
 //! `Store::save` fsyncs by itself, every test must pass that way too.
 
@@ -680,7 +680,7 @@ fn random_power_cuts() {
 /// `Store::save` therefore fsyncs sled's data file (`state_dir/db/db`) after `flush()`, and
 /// `Store::open` the store's directories once (sled never fsyncs a directory).
 #[test]
-fn sled_flush_alone_does_not_survive_a_power_cut() {
+fn a_saved_phase_survives_a_power_cut_with_sync_file_range() {
     let mut rig = Rig::new(Mode::Command, true);
     let bundle = rig.bundle.to_str().unwrap().to_owned();
     // Like Rig::agent, but sled keeps sync_file_range.
