@@ -98,6 +98,20 @@ impl Controllers {
         next
     }
 
+    /// Publishes one command to `device` (object `name`); false when it could not be sent.
+    async fn send(&self, name: &str, device: &str, cmd: &Command) -> bool {
+        match self.commands.send(device, cmd).await {
+            Ok(()) => {
+                tracing::info!(device_id = %device, name = %name, upgrade_id = cmd.upgrade_id(), "command sent");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(device_id = %device, name = %name, upgrade_id = cmd.upgrade_id(), error = %e, "command not sent; sent again on a later pass");
+                false
+            }
+        }
+    }
+
     /// One pass of the node reconciler over every drone.
     pub async fn reconcile_nodes(&self) -> Duration {
         let mut next = self.config.interval;
@@ -110,42 +124,47 @@ impl Controllers {
         };
         for node in &nodes {
             let name = node.name_any();
+            let device = node_sync::device_id(node);
             let view = NodeView::of(node, &self.config.gate);
             let (t, t_text) = now();
             let d = node_sync::decide(&view, &self.config.policy, t, &t_text);
             if let Some(r) = d.requeue {
                 next = next.min(r);
             }
-            if d.sync != view.sync
-                && let Err(e) = self.store.write_sync(&name, d.sync.as_ref()).await
-            {
-                // NB: nothing is published without its record: it could not be found again.
-                tracing::warn!(device_id = %name, error = %e, "firmwareSync write failed; not publishing");
-                continue;
-            }
-
             let cmd = match &d.action {
-                Action::None => continue,
-                Action::Publish { upgrade_id } => {
-                    let Some(target) = view.target.as_ref() else {
-                        continue;
-                    };
+                Action::None => None,
+                Action::Publish { upgrade_id } => view.target.as_ref().map(|target| {
                     Command::Upgrade(UpgradeCommand {
                         upgrade_id: upgrade_id.clone(),
                         url: target.url.clone(),
                         version: semver::Version::parse(&target.version).ok(),
                         allow_downgrade: target.allow_downgrade,
                     })
-                }
-                Action::Cancel { upgrade_id } => Command::Cancel {
+                }),
+                Action::Cancel { upgrade_id } => Some(Command::Cancel {
                     upgrade_id: upgrade_id.clone(),
-                },
+                }),
             };
-            match self.commands.send(&name, &cmd).await {
-                Ok(()) => tracing::info!(device_id = %name, upgrade_id = cmd.upgrade_id(), "command sent"),
-                Err(e) => {
-                    tracing::warn!(device_id = %name, upgrade_id = cmd.upgrade_id(), error = %e, "command not sent; re-published later")
-                }
+            // A cancel goes out *before* its record is replaced: the old record is the only place
+            // that names the upgrade to cancel, so when the publish fails it stays, and the next
+            // pass sends the cancel again (a second cancel of the same id is a no-op on the drone).
+            // An upgrade is the other way round: its record first (see the module comment).
+            let cancel_first = matches!(d.action, Action::Cancel { .. });
+            if cancel_first
+                && let Some(cmd) = &cmd
+                && !self.send(&name, &device, cmd).await
+            {
+                continue;
+            }
+            if d.sync != view.sync
+                && let Err(e) = self.store.write_sync(&name, d.sync.as_ref()).await
+            {
+                // NB: nothing is published without its record: it could not be found again.
+                tracing::warn!(device_id = %device, name = %name, error = %e, "firmwareSync write failed; not publishing");
+                continue;
+            }
+            if !cancel_first && let Some(cmd) = &cmd {
+                self.send(&name, &device, cmd).await;
             }
         }
         next

@@ -139,6 +139,11 @@ pub struct FlightNodeStatus {
     /// The agent that reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentInfo>,
+    /// The drone's own id, from its heartbeat. The object's name is that id when it is a valid
+    /// Kubernetes name, else a lower-cased form with a hash suffix (`Drone_7` → `drone-7-1a2b3c4d`);
+    /// the hub sends commands to `firmware/<deviceId>/…`, so such a drone stays reachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
     /// `metadata.generation` of the spec this status was computed against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

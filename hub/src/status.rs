@@ -219,6 +219,7 @@ pub fn from_heartbeat(hb: &HeartbeatRequest) -> FlightNodeStatus {
         last_heartbeat_time: None,
         resources,
         agent,
+        device_id: non_empty(&hb.device_id),
         observed_generation: None,
         conditions: Vec::new(),
         current_upgrade,

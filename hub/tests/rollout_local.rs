@@ -1,0 +1,455 @@
+//! The reconcilers on the embedded local store (no cluster needed), and the rollout commands as
+//! a user runs them.
+//!
+//! - A cancel whose publish fails after the breaker halted a rollout is sent again on a later
+//!   pass, with the same upgrade id (the record naming it is kept until it went out).
+//! - A drone whose device id is not a valid Kubernetes object name (upper case, `_`, 64
+//!   characters) lives in an object with a derived name, and its commands still go to
+//!   `firmware/<real id>/…`.
+//! - `flightnode-hub apply -f`, `get rollouts` and `rollout status` run as processes against a
+//!   `serve --store local --controllers` process: output, exit codes, errors for a missing
+//!   rollout and a bad file.
+//!
+//! Drones are simulated at the store (heartbeat statuses written the way the hub writes them);
+//! commands are recorded by a [`CommandSink`]. The MQTT path to real agents is covered by the
+//! fleet tests (`tests/tests/rollout.rs`).
+
+use flightnode_hub::controllers::{ControllerConfig, Controllers};
+use flightnode_hub::crd::FirmwareTarget;
+use flightnode_hub::metrics::Metrics;
+use flightnode_hub::rollout::{FirmwareRollout, condition};
+use flightnode_hub::session::object_name;
+use flightnode_hub::sink::WriteRequest;
+use flightnode_hub::sink::local::LocalStore;
+use flightnode_hub::status::{Liveness, SpecView, from_heartbeat, with_conditions};
+use flightnode_hub::store::LocalFleet;
+use flightnode_hub::upgrade::CommandSink;
+use flightnode_proto::mqtt::Command;
+use flightnode_proto::v1;
+use futures_util::future::BoxFuture;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const NS: &str = "default";
+
+/// Records commands; while `fail_cancels` is set, a cancel fails the way an unreachable broker
+/// makes it fail.
+#[derive(Default)]
+struct Flaky {
+    sent: Mutex<Vec<(String, Command)>>,
+    fail_cancels: AtomicBool,
+}
+
+impl Flaky {
+    fn all(&self) -> Vec<(String, Command)> {
+        self.sent.lock().unwrap().clone()
+    }
+    fn upgrades(&self) -> Vec<(String, String)> {
+        self.all()
+            .into_iter()
+            .filter_map(|(d, c)| match c {
+                Command::Upgrade(u) => Some((d, u.upgrade_id)),
+                _ => None,
+            })
+            .collect()
+    }
+    fn cancels(&self) -> Vec<(String, String)> {
+        self.all()
+            .into_iter()
+            .filter_map(|(d, c)| match c {
+                Command::Cancel { upgrade_id } => Some((d, upgrade_id)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl CommandSink for Flaky {
+    fn send<'a>(&'a self, device_id: &'a str, cmd: &'a Command) -> BoxFuture<'a, flightnode_hub::Result<()>> {
+        let fail = matches!(cmd, Command::Cancel { .. }) && self.fail_cancels.load(Ordering::SeqCst);
+        if !fail {
+            self.sent
+                .lock()
+                .unwrap()
+                .push((device_id.to_owned(), cmd.clone()));
+        }
+        Box::pin(async move {
+            if fail {
+                Err(flightnode_hub::Error::Mqtt(format!(
+                    "publish to firmware/{device_id}/cancel: connection refused"
+                )))
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
+/// A drone's heartbeat status in the store, as the hub writes it: `last` is (id, result, code).
+async fn report(store: &LocalStore, device_id: &str, version: &str, last: Option<(&str, &str, &str)>) {
+    let mut hb = flightnode_proto::sample::idle_heartbeat(device_id, version);
+    if let Some((id, result, code)) = last {
+        hb.last_upgrade = Some(v1::LastUpgrade {
+            upgrade_id: id.into(),
+            result: result.into(),
+            error_code: code.into(),
+            finished_unix: 1_800_000_000,
+            ..Default::default()
+        });
+    }
+    let now = flightnode_hub::status::rfc3339(time::OffsetDateTime::now_utc());
+    let mut status = with_conditions(
+        from_heartbeat(&hb),
+        Liveness::Online,
+        &SpecView::default(),
+        &[],
+        &now,
+    );
+    status.last_heartbeat_time = Some(now);
+    let req = WriteRequest {
+        name: object_name(device_id),
+        device_id: device_id.to_owned(),
+        hardware_id: "hw-x1".into(),
+        status,
+        events: Vec::new(),
+    };
+    store.write(&req).await.unwrap();
+}
+
+fn controllers(store: &LocalStore, commands: Arc<Flaky>) -> Controllers {
+    Controllers {
+        store: Arc::new(LocalFleet::new(store.clone(), Arc::new(|_| {}))),
+        commands,
+        metrics: Arc::new(Metrics::new()),
+        config: ControllerConfig::default(),
+    }
+}
+
+fn sync_id(store: &LocalStore, name: &str) -> Option<String> {
+    store.get(NS, name)?.status?.firmware_sync?.upgrade_id
+}
+
+fn halted(store: &LocalStore, name: &str) -> bool {
+    store.rollout(NS, name).is_some_and(|r| {
+        r.status.is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == condition::HALTED && c.status == "True")
+        })
+    })
+}
+
+#[tokio::test]
+async fn a_cancel_that_fails_to_publish_after_a_halt_is_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path(), NS).unwrap();
+    let names: Vec<String> = (0..4).map(|i| format!("drone-{i}")).collect();
+    for n in &names {
+        report(&store, n, "1.0.0", None).await;
+    }
+    let rollout: FirmwareRollout = serde_json::from_value(serde_json::json!({
+        "apiVersion": "edge.drone.io/v1", "kind": "FirmwareRollout",
+        "metadata": { "name": "r1" },
+        "spec": {
+            "version": "2.0.0", "url": "http://fw.example/2.0.0.fnb",
+            "waves": [{ "count": 2 }],
+            "failurePolicy": { "rules": [{ "kind": "rolledBack", "maxCount": 1 }] },
+        },
+    }))
+    .unwrap();
+    store.apply_rollout(rollout).await.unwrap();
+    let commands = Arc::new(Flaky::default());
+    let c = controllers(&store, Arc::clone(&commands));
+    c.step().await;
+    let canary = commands.upgrades();
+    assert_eq!(canary.len(), 2, "the canary of two: {canary:?}");
+    let (a, a_id) = canary[0].clone();
+    let (b, b_id) = canary[1].clone();
+
+    // A rolls back; B has not picked its command up yet (the broker went away, say).
+    report(
+        &store,
+        &a,
+        "1.0.0",
+        Some((&a_id, "rolled_back", "health_check_failed")),
+    )
+    .await;
+    commands.fail_cancels.store(true, Ordering::SeqCst);
+    for _ in 0..5 {
+        c.step().await;
+        if halted(&store, "r1") {
+            break;
+        }
+    }
+    assert!(halted(&store, "r1"), "{:?}", store.rollout(NS, "r1"));
+    c.step().await;
+    let node_b = store.get(NS, &b).unwrap();
+    assert_eq!(node_b.spec.firmware, None, "B was called back");
+    assert!(commands.cancels().is_empty(), "{:?}", commands.cancels());
+    assert_eq!(
+        sync_id(&store, &b).as_deref(),
+        Some(b_id.as_str()),
+        "the record naming the upgrade to cancel is kept while the cancel cannot go out"
+    );
+
+    // The broker is back: the next pass sends the cancel, once, for B's upgrade.
+    commands.fail_cancels.store(false, Ordering::SeqCst);
+    c.step().await;
+    assert_eq!(commands.cancels(), vec![(b.clone(), b_id.clone())]);
+    assert_eq!(
+        sync_id(&store, &b),
+        None,
+        "record cleared once the cancel went out"
+    );
+    c.step().await;
+    assert_eq!(commands.cancels().len(), 1, "no second cancel");
+    assert_eq!(commands.upgrades().len(), 2, "no dispatch after the halt");
+}
+
+#[tokio::test]
+async fn a_device_id_that_is_no_object_name_gets_its_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path(), NS).unwrap();
+    let long = format!("UAV_{}", "Q".repeat(60));
+    assert_eq!(long.len(), flightnode_proto::device::MAX_DEVICE_ID_BYTES);
+    let ids = ["Drone_7", "drone_7", long.as_str(), "plain-drone"];
+    let mut names = Vec::new();
+    for id in ids {
+        flightnode_proto::device::validate_device_id(id).unwrap();
+        let name = object_name(id);
+        assert!(is_dns_subdomain(&name), "{id} → {name}");
+        report(&store, id, "1.0.0", None).await;
+        let node = store.get(NS, &name).unwrap();
+        assert_eq!(node.status.and_then(|s| s.device_id).as_deref(), Some(id));
+        names.push(name);
+    }
+    assert_eq!(names[3], "plain-drone", "a valid id is its own name");
+    assert_ne!(names[0], names[1], "Drone_7 and drone_7 are two objects");
+    for name in &names {
+        let target = FirmwareTarget {
+            version: "2.0.0".into(),
+            url: "http://fw.example/2.0.0.fnb".into(),
+            allow_downgrade: false,
+        };
+        store
+            .set_target(name, Some(target), &BTreeMap::new(), &[])
+            .await
+            .unwrap();
+    }
+    let commands = Arc::new(Flaky::default());
+    controllers(&store, Arc::clone(&commands)).step().await;
+    let mut got: Vec<String> = commands.upgrades().into_iter().map(|(d, _)| d).collect();
+    got.sort();
+    let mut want: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+    want.sort();
+    assert_eq!(got, want, "commands go to the drones' own ids");
+}
+
+/// RFC 1123 subdomain, the rule the API server applies to custom object names.
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// One CLI run.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `flightnode-hub ARGS` like a user would; killed (and failed) after two minutes.
+fn hub_cli(args: &[&str]) -> Run {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flightnode-hub"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("flightnode-hub {args:?} did not end");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// The row of `name` in a `get rollouts` table, split into columns.
+fn row(table: &str, name: &str) -> Vec<String> {
+    table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn rollout_commands_on_the_local_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = flightnode_tests::mosquitto::Mosquitto::start().unwrap();
+    let mut hub = flightnode_tests::fleet::Hub::new(
+        dir.path(),
+        vec![
+            "--controllers".into(),
+            "--reconcile-interval".into(),
+            "500ms".into(),
+            "--mqtt-url".into(),
+            broker.url(),
+        ],
+    )
+    .unwrap();
+    hub.start().unwrap();
+    let server = format!("http://127.0.0.1:{}", hub.http_port);
+    let s = server.as_str();
+
+    let none = hub_cli(&["get", "rollouts", "--server", s]);
+    assert_eq!(none.code, Some(0), "{}", none.stderr);
+    assert_eq!(none.stdout.trim(), "No resources found");
+
+    // A rollout over no drone yet (nothing matches its selector): it completes at once.
+    let file = write(
+        dir.path(),
+        "rollout.yaml",
+        "apiVersion: edge.drone.io/v1\nkind: FirmwareRollout\nmetadata:\n  name: fleet-a\nspec:\n\
+         \x20 version: \"2.0.0\"\n  url: http://fw.example/2.0.0.fnb\n\
+         \x20 selector: {matchLabels: {fleet: north}}\n\
+         \x20 waves:\n    - count: 1\n      soak: 1s\n",
+    );
+    let applied = hub_cli(&["apply", "-f", &file, "--server", s]);
+    assert_eq!(applied.code, Some(0), "{}", applied.stderr);
+    assert_eq!(applied.stdout.trim(), "firmwarerollout fleet-a configured");
+
+    let followed = hub_cli(&[
+        "rollout",
+        "status",
+        "fleet-a",
+        "--server",
+        s,
+        "--interval",
+        "200ms",
+    ]);
+    assert_eq!(followed.code, Some(0), "{}\n{}", followed.stdout, followed.stderr);
+    assert!(
+        followed
+            .stdout
+            .contains("rollout fleet-a → 2.0.0 (http://fw.example/2.0.0.fnb)"),
+        "{}",
+        followed.stdout
+    );
+    let complete = followed
+        .stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with("Complete"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(complete.contains("True"), "{}", followed.stdout);
+
+    let listed = hub_cli(&["get", "rollouts", "--server", s]);
+    assert_eq!(listed.code, Some(0), "{}", listed.stderr);
+    let header = listed.stdout.lines().next().unwrap_or_default();
+    assert_eq!(
+        header.split_whitespace().collect::<Vec<_>>(),
+        [
+            "NAME",
+            "VERSION",
+            "WAVE",
+            "SUCCEEDED",
+            "FAILED",
+            "TOTAL",
+            "HALTED",
+            "COMPLETE"
+        ]
+    );
+    assert_eq!(
+        row(&listed.stdout, "fleet-a"),
+        ["fleet-a", "2.0.0", "1/1", "0", "0", "0", "False", "True"]
+    );
+    let json = hub_cli(&["get", "fwr", "--server", s, "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(list["items"][0]["metadata"]["name"], "fleet-a");
+    assert_eq!(list["items"][0]["status"]["observedGeneration"], 1);
+
+    // A second apply of a changed spec is a new generation of the same rollout.
+    let file2 = write(
+        dir.path(),
+        "rollout-2.yaml",
+        &std::fs::read_to_string(&file).unwrap().replace("2.0.0", "2.0.1"),
+    );
+    let again = hub_cli(&["apply", "-f", &file2, "--server", s]);
+    assert_eq!(again.code, Some(0), "{}", again.stderr);
+    let r = hub.rollout("fleet-a").unwrap();
+    assert_eq!(r["metadata"]["generation"], 2);
+    assert_eq!(r["spec"]["version"], "2.0.1");
+
+    // A rollout that does not exist: exit code 1 and a sentence naming it.
+    let missing = hub_cli(&["rollout", "status", "no-such-rollout", "--server", s, "--once"]);
+    assert_eq!(missing.code, Some(1), "{}", missing.stdout);
+    assert!(
+        missing
+            .stderr
+            .contains("rollout no-such-rollout in namespace default: not found"),
+        "{}",
+        missing.stderr
+    );
+    assert!(missing.stdout.is_empty(), "{}", missing.stdout);
+
+    // Bad files: each error names the file and what is wrong, and nothing is stored.
+    let invalid = write(
+        dir.path(),
+        "invalid.yaml",
+        "apiVersion: edge.drone.io/v1\nkind: FirmwareRollout\nmetadata: {name: fleet-b}\nspec:\n\
+         \x20 version: \"3.0.0\"\n  url: http://fw.example/3.0.0.fnb\n  waves: [{count: 2, percent: 10}]\n",
+    );
+    let broken = write(
+        dir.path(),
+        "broken.yaml",
+        "kind: FirmwareRollout\nmetadata: [unclosed\n",
+    );
+    let nameless = write(
+        dir.path(),
+        "nameless.yaml",
+        "apiVersion: edge.drone.io/v1\nkind: FirmwareRollout\nspec: {version: \"1\", url: http://x/1.fnb}\n",
+    );
+    let absent = dir.path().join("absent.yaml").display().to_string();
+    for (path, why) in [
+        (&invalid, "spec.waves[0]: give exactly one of count or percent"),
+        (&broken, "YAML"),
+        (&nameless, "without metadata.name"),
+        (&absent, "read "),
+    ] {
+        let run = hub_cli(&["apply", "-f", path, "--server", s]);
+        assert_eq!(run.code, Some(1), "{path}: {}", run.stdout);
+        assert!(run.stderr.contains(path.as_str()), "{path}: {}", run.stderr);
+        assert!(run.stderr.contains(why), "{path}: {}", run.stderr);
+    }
+    assert!(hub.rollout("fleet-b").is_none());
+    let listed = hub_cli(&["get", "rollouts", "--server", s]);
+    assert_eq!(listed.stdout.lines().count(), 2, "{}", listed.stdout);
+    hub.stop();
+}
