@@ -48,7 +48,8 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum RolloutCmd {
-    /// Show a rollout's waves, counts and drones; follows it until it completes or halts.
+    /// Show a rollout's waves, counts and drones; follows it until it completes or halts
+    /// (exit code 1 when the circuit breaker halted it).
     Status(RolloutStatusArgs),
 }
 
@@ -455,7 +456,10 @@ async fn main() -> anyhow::Result<()> {
             let yaml =
                 std::fs::read_to_string(&a.file).with_context(|| format!("read {}", a.file.display()))?;
             let client = flightnode_hub::sink::kube::client_for_url(&a.server)?;
-            for line in flightnode_hub::rollout::cli::apply(&client, &a.namespace, &yaml).await? {
+            let lines = flightnode_hub::rollout::cli::apply(&client, &a.namespace, &yaml)
+                .await
+                .with_context(|| format!("apply -f {} to {}", a.file.display(), a.server))?;
+            for line in lines {
                 println!("{line}");
             }
             Ok(())
@@ -464,7 +468,7 @@ async fn main() -> anyhow::Result<()> {
             command: RolloutCmd::Status(a),
         } => {
             let client = a.source.client().await?;
-            flightnode_hub::rollout::cli::status(
+            let ended = flightnode_hub::rollout::cli::status(
                 &client,
                 &a.namespace,
                 &a.name,
@@ -473,6 +477,10 @@ async fn main() -> anyhow::Result<()> {
                 &mut std::io::stdout(),
             )
             .await?;
+            // Like `kubectl rollout status`: a script can tell a halted rollout by the exit code.
+            if let flightnode_hub::rollout::cli::Watched::Halted(why) = ended {
+                anyhow::bail!("rollout {} is halted: {why}", a.name);
+            }
             Ok(())
         }
         Cmd::Get(a) => {

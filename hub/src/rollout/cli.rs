@@ -73,7 +73,7 @@ pub async fn list(client: &Client, namespace: Option<&str>) -> Result<Vec<Firmwa
     let mut items = api(client, namespace)
         .list(&ListParams::default())
         .await
-        .map_err(Error::Kube)?
+        .map_err(|e| request_error("list FirmwareRollouts", e))?
         .items;
     items.sort_by_key(ResourceExt::name_any);
     Ok(items)
@@ -140,8 +140,28 @@ pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
     out
 }
 
+/// How `rollout status` ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Watched {
+    /// Every wave finished.
+    Complete,
+    /// The circuit breaker tripped: the `Halted` condition's message.
+    Halted(String),
+    /// Neither (only without `watch`; a paused rollout is not halted).
+    InProgress,
+}
+
+/// A request's error, with the server's own message when it answered.
+fn request_error(what: &str, e: kube::Error) -> Error {
+    match e {
+        kube::Error::Api(s) if s.code == 404 => Error::Invalid(format!("{what}: not found ({})", s.message)),
+        kube::Error::Api(s) => Error::Invalid(format!("{what}: HTTP {} {}: {}", s.code, s.reason, s.message)),
+        other => Error::Invalid(format!("{what}: {other}")),
+    }
+}
+
 /// `rollout status NAME`: prints the status; with `watch`, again on every change until the
-/// rollout is complete or halted.
+/// rollout is complete or halted. Returns how it ended.
 pub async fn status(
     client: &Client,
     namespace: &str,
@@ -149,17 +169,20 @@ pub async fn status(
     watch: bool,
     interval: Duration,
     out: &mut (dyn Write + Send),
-) -> Result<()> {
+) -> Result<Watched> {
     let io = |e: std::io::Error| Error::Encode(e.to_string());
     let rollouts: Api<FirmwareRollout> = Api::namespaced(client.clone(), namespace);
     let nodes: Api<FlightNode> = Api::namespaced(client.clone(), namespace);
     let mut last = String::new();
     loop {
-        let r = rollouts.get(name).await.map_err(Error::Kube)?;
+        let r = rollouts
+            .get(name)
+            .await
+            .map_err(|e| request_error(&format!("rollout {name} in namespace {namespace}"), e))?;
         let listed = nodes
             .list(&ListParams::default())
             .await
-            .map_err(Error::Kube)?
+            .map_err(|e| request_error(&format!("FlightNodes in namespace {namespace}"), e))?
             .items;
         let text = render(&r, &listed);
         if text != last {
@@ -167,11 +190,14 @@ pub async fn status(
             out.flush().map_err(io)?;
             last = text;
         }
-        let done = [condition::COMPLETE, condition::HALTED]
-            .iter()
-            .any(|t| cond(&r, t).is_some_and(|c| c.status == "True" && c.reason != "Paused"));
-        if !watch || done {
-            return Ok(());
+        if cond(&r, condition::COMPLETE).is_some_and(|c| c.status == "True") {
+            return Ok(Watched::Complete);
+        }
+        if let Some(c) = cond(&r, condition::HALTED).filter(|c| c.status == "True" && c.reason != "Paused") {
+            return Ok(Watched::Halted(c.message.clone()));
+        }
+        if !watch {
+            return Ok(Watched::InProgress);
         }
         tokio::time::sleep(interval).await;
     }
@@ -226,7 +252,10 @@ pub async fn apply(client: &Client, namespace: &str, yaml: &str) -> Result<Vec<S
                 .body(body)
         }
         .map_err(|e| Error::Invalid(e.to_string()))?;
-        client.request_text(req).await.map_err(Error::Kube)?;
+        client
+            .request_text(req)
+            .await
+            .map_err(|e| request_error(&format!("{kind} {name}"), e))?;
         lines.push(format!("{} {name} configured", kind.to_lowercase()));
     }
     Ok(lines)
