@@ -425,6 +425,8 @@ pub struct FleetOptions {
     pub drones: usize,
     /// Use the hub's embedded broker instead of mosquitto.
     pub embedded_broker: bool,
+    /// Device id per drone index (default `drone-<index + 1>`).
+    pub device_id: fn(usize) -> String,
     /// Health command per drone index (default `true`).
     pub health: fn(usize) -> String,
     /// Extra `agent.toml` text for every drone.
@@ -442,6 +444,7 @@ impl Default for FleetOptions {
         Self {
             drones: 1,
             embedded_broker: false,
+            device_id: |i| format!("drone-{}", i + 1),
             health: |_| "true".into(),
             agent_extra: String::new(),
             drone_extra: Vec::new(),
@@ -505,7 +508,7 @@ impl Fleet {
                 opts.agent_extra,
                 opts.drone_extra.get(i).map_or("", String::as_str)
             );
-            let drone = fleet.make_drone(&format!("drone-{}", i + 1), &(opts.health)(i), &extra)?;
+            let drone = fleet.make_drone(&(opts.device_id)(i), &(opts.health)(i), &extra)?;
             fleet.drones.push(drone);
         }
         for d in &mut fleet.drones {
