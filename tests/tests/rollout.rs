@@ -2,7 +2,8 @@
 //! slots), real mosquitto and the real hub binary (`serve --controllers`): a bad build whose
 //! health check fails on a share of the drones halts in the right wave with the right counts and
 //! leaves every drone outside the dispatched waves on its old firmware; a good build then passes
-//! through every wave.
+//! through every wave, with the hub killed (SIGKILL) and restarted in the middle: no drone
+//! installs twice, no outcome is lost.
 //!
 //! Store: the hub's embedded local store, not the real kube-apiserver. What this test adds is the
 //! real agents and the MQTT path (commands, health checks, rollbacks, heartbeats back into the
@@ -119,7 +120,7 @@ fn rollout_status(fleet: &Fleet) -> (Option<i32>, String, String) {
 
 #[test]
 fn twenty_agents_a_bad_build_halts_in_the_second_wave_then_a_good_build_rolls_through() {
-    let fleet = Fleet::start(FleetOptions {
+    let mut fleet = Fleet::start(FleetOptions {
         drones: DRONES,
         device_id: |i| {
             if i + 1 == DRONES {
@@ -271,8 +272,17 @@ fn twenty_agents_a_bad_build_halts_in_the_second_wave_then_a_good_build_rolls_th
         .collect();
     assert_eq!(events, ["WaveAdvanced", "Halted"]);
 
-    // The good build, a new generation of the same rollout: through every wave.
+    // The good build, a new generation of the same rollout: through every wave. The hub is
+    // killed (SIGKILL) once the second wave has started and restarted on the same store.
     fleet.hub.apply(&rollout_yaml(GOOD, &good_url)).unwrap();
+    let second_wave = wait_until(WAIT, Duration::from_millis(100), || {
+        fleet.hub.rollout("fleet").is_some_and(|r| {
+            r["status"]["observedGeneration"] == 2 && r["status"]["currentWave"].as_u64() >= Some(1)
+        })
+    });
+    assert!(second_wave, "{:#?}", fleet.hub.rollout("fleet"));
+    fleet.hub.kill();
+    fleet.hub.start().unwrap();
     let r = wait_rollout(&fleet, "Complete", 2);
     assert_eq!(r["status"]["wave"], "3/3", "{r:#}");
     assert!(!is_true(&r, "Halted", 2), "{r:#}");
@@ -291,6 +301,32 @@ fn twenty_agents_a_bad_build_halts_in_the_second_wave_then_a_good_build_rolls_th
         let i = by_name[name];
         let want = if i == good_fails { OLD } else { GOOD };
         assert_eq!(committed(&f), want, "{name}: {f:#}");
+    }
+    // One install per drone per generation that reached it, across the restart: every upgrade
+    // id a drone switched to is distinct, and there are as many as generations that reached it.
+    for (name, &i) in &by_name {
+        let rank = ranked.iter().position(|&x| x == i).unwrap();
+        let installs = if rank < SECOND { 2 } else { 1 };
+        let mut switched: Vec<String> = Vec::new();
+        let ok = wait_until(WAIT, Duration::from_millis(500), || {
+            switched = fleet
+                .hub
+                .events(name)
+                .unwrap_or_default()
+                .iter()
+                .filter(|e| e["phase"] == "Switching")
+                .map(|e| e["upgradeId"].as_str().unwrap_or("").to_owned())
+                .collect();
+            switched.len() >= installs
+        });
+        assert!(ok, "{name}: switched {switched:?}");
+        let distinct: std::collections::BTreeSet<&String> = switched.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            switched.len(),
+            "{name} installed twice: {switched:?}"
+        );
+        assert_eq!(switched.len(), installs, "{name}: {switched:?}");
     }
     let odd = fleet.hub.flightnode(&odd_name).unwrap();
     assert_eq!(committed(&odd), GOOD, "{ODD_ID} got its command: {odd:#}");
