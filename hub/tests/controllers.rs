@@ -528,3 +528,239 @@ async fn one_lease_holder_and_a_failover() -> anyhow::Result<()> {
     drop((stop_a, _stop_b));
     Ok(())
 }
+
+/// Two replicas run side by side the way `serve --controllers` runs them (a Lease loop and the
+/// reconcile loop each); the leader is killed (tasks aborted: no Lease release, no last write)
+/// while the second wave is in flight, and the drones of that wave finish while nobody leads.
+/// The standby sent nothing while the leader lived, takes over after the Lease expires, counts
+/// the outcomes that arrived in the gap, and no drone got two installs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_mid_wave_hands_over_without_a_second_install() -> anyhow::Result<()> {
+    use flightnode_hub::lease::{LeaseConfig, run};
+    let Some((api, admin, hub)) = cluster().await? else {
+        return Ok(());
+    };
+    let names: Vec<String> = (0..6).map(|i| format!("drone-{i}")).collect();
+    create_drones(&admin, &names).await?;
+    let sink = KubeSink::new(hub.clone(), NS, Duration::from_secs(10));
+    let old = Report {
+        version: "1.0.0".into(),
+        ..Report::default()
+    };
+    for n in &names {
+        report(&sink, n, &old).await?;
+    }
+    api.apply_yaml(
+        &admin,
+        "apiVersion: edge.drone.io/v1\nkind: FirmwareRollout\nmetadata: {name: ha}\n\
+         spec:\n  version: \"2.0.0\"\n  url: http://fw.example/2.0.0.fnb\n\
+         \x20 selector: {matchLabels: {fleet: test}}\n  waves: [{count: 2}, {count: 4}]\n",
+        Some(NS),
+    )
+    .await?;
+
+    struct Replica {
+        commands: Arc<Recorded>,
+        leader: tokio::sync::watch::Receiver<bool>,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+        _stop: tokio::sync::watch::Sender<bool>,
+    }
+    let start = |id: &'static str| {
+        let hub = hub.clone();
+        async move {
+            let lease = LeaseConfig {
+                duration: Duration::from_secs(3),
+                renew_every: Duration::from_millis(300),
+                renew_deadline: Duration::from_secs(2),
+                ..LeaseConfig::new(NS, id)
+            };
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            let (stop, stop_rx) = tokio::sync::watch::channel(false);
+            let commands = Arc::new(Recorded::default());
+            let mut c = controllers(&hub, Arc::clone(&commands), id).await?;
+            c.config.interval = Duration::from_millis(300);
+            let tasks = vec![
+                tokio::spawn(run(hub.clone(), lease, tx, stop_rx)),
+                tokio::spawn(c.run(rx.clone())),
+            ];
+            anyhow::Ok(Replica {
+                commands,
+                leader: rx,
+                tasks,
+                _stop: stop,
+            })
+        }
+    };
+    let a = start("replica-a").await?;
+    let b = start("replica-b").await?;
+    let both = |a: &Replica, b: &Replica| {
+        let mut all = a.commands.upgrades();
+        for (d, ids) in b.commands.upgrades() {
+            all.entry(d).or_default().extend(ids);
+        }
+        all
+    };
+    // A drone "installs" each distinct upgrade id once (the agent deduplicates redeliveries).
+    let installed: Mutex<BTreeMap<String, Vec<String>>> = Mutex::default();
+    let drive = |cmds: BTreeMap<String, Vec<String>>, only: Option<Vec<String>>| {
+        let sink = sink.clone();
+        let installed = &installed;
+        async move {
+            for (device, ids) in cmds {
+                if only.as_ref().is_some_and(|o| !o.contains(&device)) {
+                    continue;
+                }
+                for id in ids {
+                    let new = {
+                        let mut m = installed.lock().unwrap();
+                        let seen = m.entry(device.clone()).or_default();
+                        let new = !seen.contains(&id);
+                        if new {
+                            seen.push(id.clone());
+                        }
+                        new
+                    };
+                    if new {
+                        let last = Some((id.clone(), "committed", ""));
+                        let done = Report {
+                            version: "2.0.0".into(),
+                            current: None,
+                            last,
+                        };
+                        report(&sink, &device, &done).await?;
+                    }
+                }
+            }
+            anyhow::Ok(())
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let wait = |what: &str| {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+    };
+
+    // The canary finishes; the leader dispatches the second wave.
+    let canary: Vec<String> = loop {
+        let cmds = both(&a, &b);
+        if cmds.len() >= 2 {
+            break cmds.keys().cloned().collect();
+        }
+        wait("the canary");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (leader, follower) = if *a.leader.borrow() { (a, b) } else { (b, a) };
+    assert!(*leader.leader.borrow() && !*follower.leader.borrow());
+    drive(both(&leader, &follower), Some(canary.clone())).await?;
+    while both(&leader, &follower).len() < 4 {
+        wait("the second wave");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        follower.commands.all().is_empty(),
+        "the standby sent commands while the leader lived: {:?}",
+        follower.commands.all()
+    );
+    // Kill the leader mid-wave; the second wave's drones finish while nobody leads.
+    for t in &leader.tasks {
+        t.abort();
+    }
+    drive(both(&leader, &follower), None).await?;
+    let rollouts: Api<FirmwareRollout> = Api::namespaced(admin.clone(), NS);
+    let complete = |r: &FirmwareRollout| {
+        r.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == condition::COMPLETE && c.status == "True")
+        })
+    };
+    loop {
+        drive(both(&leader, &follower), None).await?;
+        if complete(&rollouts.get("ha").await?) {
+            break;
+        }
+        wait("Complete after the failover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(*follower.leader.borrow(), "the standby leads");
+    assert!(
+        !follower.commands.all().is_empty(),
+        "the standby dispatched the rest"
+    );
+    let s = rollouts.get("ha").await?.status.unwrap_or_default();
+    assert_eq!(
+        (s.counts.total, s.counts.succeeded, s.counts.failed_total),
+        (6, 6, 0),
+        "{s:?}"
+    );
+    // Every drone: one distinct upgrade id over both replicas (re-sending the same id is the
+    // agent's no-op), so one install.
+    let all = both(&leader, &follower);
+    assert_eq!(all.len(), 6, "{all:?}");
+    for (device, ids) in &all {
+        let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), 1, "{device}: {ids:?}");
+    }
+    for t in &follower.tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+/// A device id that is no valid object name (upper case, `_`, 64 characters) on the real API
+/// server: its FlightNode has the derived name the API server accepts, the status the hub writes
+/// keeps the real id (the committed CRD has the field), and the command goes to the real id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_id_that_is_no_object_name_gets_its_commands() -> anyhow::Result<()> {
+    use flightnode_hub::session::object_name;
+    let Some((_api, admin, hub)) = cluster().await? else {
+        return Ok(());
+    };
+    let ids = ["Drone_7".to_owned(), format!("UAV_{}", "Q".repeat(60))];
+    let names: Vec<String> = ids.iter().map(|id| object_name(id)).collect();
+    create_drones(&admin, &names).await?;
+    let sink = KubeSink::new(hub.clone(), NS, Duration::from_secs(10));
+    let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
+    for (id, name) in ids.iter().zip(&names) {
+        let hb = flightnode_proto::sample::idle_heartbeat(id, "1.0.0");
+        let now = flightnode_hub::status::rfc3339(time::OffsetDateTime::now_utc());
+        let status = with_conditions(
+            from_heartbeat(&hb),
+            Liveness::Online,
+            &SpecView::default(),
+            &[],
+            &now,
+        );
+        let req = WriteRequest {
+            name: name.clone(),
+            device_id: id.clone(),
+            hardware_id: "hw-x1".into(),
+            status,
+            events: Vec::new(),
+        };
+        sink.write_status(&req)
+            .await
+            .map_err(|e| anyhow::anyhow!("status of {name}: {e}"))?;
+        let want = serde_json::json!({
+            "apiVersion": "edge.drone.io/v1", "kind": "FlightNode",
+            "metadata": { "name": name, "labels": { "fleet": "test" } },
+            "spec": { "hardwareId": "hw-x1", "firmware": { "version": "2.0.0", "url": "http://fw.example/2.0.0.fnb" } },
+        });
+        nodes
+            .patch(name, &PatchParams::apply("kubectl"), &Patch::Apply(&want))
+            .await?;
+        let stored = nodes.get(name).await?;
+        assert_eq!(
+            stored.status.and_then(|s| s.device_id).as_deref(),
+            Some(id.as_str()),
+            "status.deviceId survives the schema"
+        );
+    }
+    let commands = Arc::new(Recorded::default());
+    let c = controllers(&hub, Arc::clone(&commands), "replica-a").await?;
+    step_until(&c, &admin, "both commands", |_, _| commands.upgrades().len() == 2).await?;
+    let got: Vec<String> = commands.upgrades().into_keys().collect();
+    let mut want = ids.to_vec();
+    want.sort();
+    assert_eq!(got, want);
+    Ok(())
+}
