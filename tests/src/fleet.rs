@@ -123,7 +123,15 @@ impl Drop for Proc {
     }
 }
 
-/// `flightnode-hub serve` on the local store.
+/// Where `serve --store kube` writes: a kubeconfig (its user's rights are the hub's) and the
+/// namespace of the FlightNodes.
+#[derive(Debug, Clone)]
+pub struct KubeStore {
+    pub kubeconfig: PathBuf,
+    pub namespace: String,
+}
+
+/// `flightnode-hub serve` on the local store (or, with `kube`, on a Kubernetes API server).
 pub struct Hub {
     pub grpc_port: u16,
     pub http_port: u16,
@@ -132,6 +140,9 @@ pub struct Hub {
     /// `--tls-key` and `--client-ca` in `extra` for mutual TLS.
     pub insecure: bool,
     pub extra: Vec<String>,
+    /// `--store kube` with this kubeconfig and namespace instead of the local store (the local
+    /// HTTP API, [`Hub::flightnodes`] and friends, is not served then).
+    pub kube: Option<KubeStore>,
     proc: Option<Proc>,
     log: PathBuf,
 }
@@ -146,6 +157,7 @@ impl Hub {
             data_dir: dir.join("hub"),
             insecure: true,
             extra,
+            kube: None,
             proc: None,
             log: dir.join("hub.log"),
         })
@@ -153,13 +165,20 @@ impl Hub {
 
     fn command(&self) -> Result<Command> {
         let mut cmd = Command::new(binary("flightnode-hub")?);
-        cmd.arg("serve").args(["--store", "local"]);
+        cmd.arg("serve");
+        match &self.kube {
+            Some(k) => {
+                cmd.args(["--store", "kube", "--namespace", &k.namespace])
+                    .env("KUBECONFIG", &k.kubeconfig);
+            }
+            None => {
+                cmd.args(["--store", "local", "--data-dir"]).arg(&self.data_dir);
+            }
+        }
         if self.insecure {
             cmd.arg("--insecure");
         }
-        cmd.arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(["--grpc-addr", &format!("127.0.0.1:{}", self.grpc_port)])
+        cmd.args(["--grpc-addr", &format!("127.0.0.1:{}", self.grpc_port)])
             .args(["--http-addr", &format!("127.0.0.1:{}", self.http_port)])
             .args(&self.extra)
             .env("RUST_LOG", "info");
@@ -437,6 +456,8 @@ pub struct FleetOptions {
     pub hub_args: Vec<String>,
     /// Agent binary (default: the workspace's).
     pub agent_bin: Option<PathBuf>,
+    /// Serve the hub on a Kubernetes API server instead of its local store.
+    pub kube: Option<KubeStore>,
 }
 
 impl Default for FleetOptions {
@@ -450,6 +471,7 @@ impl Default for FleetOptions {
             drone_extra: Vec::new(),
             hub_args: vec!["--offline-after".into(), "6s".into()],
             agent_bin: None,
+            kube: None,
         }
     }
 }
@@ -492,6 +514,7 @@ impl Fleet {
         // Where `serve --controllers` publishes commands (unused without it).
         hub_args.extend(["--mqtt-url".into(), broker.url()]);
         let mut hub = Hub::new(dir.path(), hub_args)?;
+        hub.kube = opts.kube.clone();
         hub.start()?;
         let bundles = BundleServer::start_blocking()?;
         let mut fleet = Fleet {
