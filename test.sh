@@ -43,6 +43,17 @@ declare -A PROVIDES=(
     [etcd-server]=etcd [xz-utils]=xz
 )
 
+# The release and packaging tests (tests/tests/packaging.rs, tests/tests/aarch64.rs): static musl
+# builds, the agent's .deb checked by lintian and installed into a clean Debian root, the hub image.
+PACKAGES+=(
+    musl-tools  # musl-gcc: the C code (ring) of the x86_64 musl release build
+    lintian     # the agent's .deb packages are lintian clean
+    mmdebstrap  # a clean Debian 12 root to dpkg -i/upgrade/remove/purge them in (cached under target/)
+    buildah     # builds the hub image from hub/Containerfile: no registry, no daemon
+)
+PROVIDES+=([musl-tools]=musl-gcc [lintian]=lintian [mmdebstrap]=mmdebstrap [buildah]=buildah)
+RUST_TARGETS+=(aarch64-unknown-linux-musl x86_64-unknown-linux-musl)
+
 missing_packages() {
     local p
     for p in "${PACKAGES[@]}"; do
@@ -149,6 +160,20 @@ if ! "$PYMAVLINK_VENV/bin/python3" -c 'import pymavlink' >/dev/null 2>&1; then
     "$PYMAVLINK_VENV/bin/pip" install -q 'pymavlink==2.4.50'
 fi
 export FLIGHTNODE_PYMAVLINK_PYTHON="$PYMAVLINK_VENV/bin/python3"
+
+# cargo-deb makes the agent's .deb (packaging test, cross/release.sh); pinned, since the test
+# checks what it writes. `cargo install` goes to cargo's own bin dir, as root or not, and is kept
+# there: a rerun on the same machine compiles nothing (a fresh one: about 2 minutes).
+CARGO_DEB_VERSION=3.8.0
+if [[ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]]; then
+    if [[ -n "${FLIGHTNODE_TEST_NO_INSTALL:-}" ]]; then
+        echo "test.sh: the packaging test needs cargo-deb $CARGO_DEB_VERSION:" >&2
+        echo "  cargo install --locked cargo-deb --version $CARGO_DEB_VERSION" >&2
+        exit 2
+    fi
+    echo "test.sh: cargo install cargo-deb $CARGO_DEB_VERSION" >&2
+    cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION"
+fi
 
 [[ "${1:-}" == "--" ]] && shift
 exec cargo test --workspace --locked "$@"
