@@ -121,9 +121,11 @@ impl Root {
         release::debian_root(&path).unwrap();
         // systemd cannot run in a chroot, so a stand-in for its systemctl records what the
         // maintainer scripts ask of it; `/run/systemd/system` tells them systemd is running, as on
-        // a board. is-enabled answers from the symlinks deb-systemd-helper really made.
+        // a board. It lives in /usr/local/bin: deb-systemd-helper looks for a real systemctl in
+        // /bin and /usr/bin only (and would hand it the enabling), so the unit's symlinks are
+        // still deb-systemd-helper's own, and is-enabled answers from them.
         std::fs::create_dir_all(path.join("run/systemd/system")).unwrap();
-        let systemctl = path.join("usr/bin/systemctl");
+        let systemctl = path.join("usr/local/bin/systemctl");
         std::fs::write(
             &systemctl,
             r#"#!/bin/sh
@@ -171,6 +173,10 @@ exit 0
         let out = run(Command::new("chroot")
             .arg(&self.path)
             .args(args)
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .env("DEBIAN_FRONTEND", "noninteractive"))
         .unwrap();
         format!(
