@@ -176,7 +176,7 @@ if [[ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]];
 fi
 
 # The static release builds the packaging and qemu-user tests share (tests/src/release.rs: same
-# commands, same target dir) cost about 17 CPU-minutes. They start now, in the background at the
+# commands, same target dir) cost about 17 CPU-minutes (the gnu debug build they replace: 15). They start now, in the background at the
 # lowest CPU priority, so they take what the debug build and the waiting tests leave idle; a test
 # that needs them waits on cargo's lock and then finds them fresh. Whole-suite runs only: a
 # filtered run may not wait for them.
