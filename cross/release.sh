@@ -6,7 +6,7 @@
 #   dist/flightnode-hub-<version>-x86_64      the hub, also what hub/Containerfile packs
 # Needs: rustup target add aarch64-unknown-linux-musl x86_64-unknown-linux-musl;
 #        apt-get install gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu musl-tools;
-#        cargo install cargo-deb --locked.  ./test.sh installs all of them as root.
+#        cargo install --locked cargo-deb --version 3.8.0.  ./test.sh installs all of them.
 # Usage: cross/release.sh [OUT_DIR]   (default dist/)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -13,6 +13,7 @@
 //! - [`mosquitto`]: the real Debian broker on a free port, plain or with the example mTLS + ACL config.
 //! - [`powercut`]: a FUSE layer that keeps only fsynced data and namespace changes, and cuts the power.
 //! - [`pki`]: a test CA, server and client certificates for mutual TLS (broker and hub).
+//! - [`release`]: the static release builds, the agent's Debian packages and a clean Debian root.
 
 pub mod agent;
 pub mod apiserver;
@@ -26,4 +27,5 @@ pub mod load;
 pub mod mosquitto;
 pub mod pki;
 pub mod powercut;
+pub mod release;
 pub mod uboot_qemu;

@@ -1,55 +1,48 @@
-//! The agent as flashed onto the boards: built for aarch64 with Debian's cross gcc and run under
-//! qemu-user — `--version`, `bundle verify`, scenario 1 against the x86_64 hub and mosquitto, and
-//! an upgrade held by the flight gate while a pymavlink flight controller flies.
+//! The agent as flashed onto the boards: the static release build (`aarch64-unknown-linux-musl`,
+//! the binary the arm64 `.deb` and the release ship) run under qemu-user — `--version`,
+//! `bundle verify`, scenario 1 against the x86_64 hub and mosquitto, and an upgrade held by the
+//! flight gate while a pymavlink flight controller flies.
 //!
-//! Needs `rustup target add aarch64-unknown-linux-gnu` and the Debian packages
-//! `gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static` (installed by `.ci/run`).
+//! The build is [`release::build`]'s, shared with the packaging test (one release build per
+//! target per CI run). Needs `rustup target add aarch64-unknown-linux-musl` and the Debian
+//! packages `gcc-aarch64-linux-gnu qemu-user-static` (`./test.sh` installs them).
 //! Set `FLIGHTNODE_SKIP_AARCH64=1` to skip it on a machine without them.
 
 use flightnode_tests::fleet::{Fleet, FleetOptions};
-use std::path::{Path, PathBuf};
+use flightnode_tests::release::{self, AARCH64};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
-
-const TARGET: &str = "aarch64-unknown-linux-gnu";
 
 fn skip() -> bool {
     std::env::var_os("FLIGHTNODE_SKIP_AARCH64").is_some()
 }
 
-/// Builds the aarch64 agent once (own target dir: the outer cargo holds the main one) and returns
-/// a wrapper that runs it under qemu-user.
+/// The release aarch64 agent, and a wrapper that runs it under qemu-user. Static: qemu needs no
+/// `-L` sysroot, as a board needs no particular libc.
 fn aarch64_agent() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            let target_dir = root.join("target/aarch64-qemu");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let out = Command::new(cargo)
-                .current_dir(&root)
-                .args(["build", "--locked", "-p", "flightnode-agent", "--target", TARGET])
-                .env("CARGO_TARGET_DIR", &target_dir)
-                .output()
-                .expect("run cargo");
+            let build = release::build(AARCH64).unwrap_or_else(|e| {
+                panic!("{e:#}\n(or FLIGHTNODE_SKIP_AARCH64=1 on a machine without the cross tools)")
+            });
+            let kind = release::file_type(&build.agent).unwrap();
             assert!(
-                out.status.success(),
-                "building the aarch64 agent failed (rustup target add {TARGET}; apt-get install gcc-aarch64-linux-gnu \
-                 libc6-dev-arm64-cross qemu-user-static; or FLIGHTNODE_SKIP_AARCH64=1):\n{}",
-                String::from_utf8_lossy(&out.stderr)
+                kind.contains("aarch64") && kind.contains("statically linked"),
+                "not a static aarch64 binary: {kind}"
             );
-            let bin = target_dir.join(TARGET).join("debug/flightnode-agent");
-            let wrapper = target_dir.join("flightnode-agent-qemu");
+            let wrapper = release::target_dir().join("flightnode-agent-aarch64-qemu");
             std::fs::write(
                 &wrapper,
-                format!("#!/bin/sh\nexec qemu-aarch64-static -L /usr/aarch64-linux-gnu {} \"$@\"\n", bin.display()),
+                format!(
+                    "#!/bin/sh\nexec qemu-aarch64-static {} \"$@\"\n",
+                    build.agent.display()
+                ),
             )
             .unwrap();
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-            let file = Command::new("file").arg(&bin).output().map(|o| o.stdout).unwrap_or_default();
-            let file = String::from_utf8_lossy(&file);
-            assert!(file.is_empty() || file.contains("aarch64"), "not an aarch64 binary: {file}");
             wrapper
         })
         .clone()

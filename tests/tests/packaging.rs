@@ -119,7 +119,49 @@ impl Root {
         let path = dir.path().join("root");
         std::fs::create_dir(&path).unwrap();
         release::debian_root(&path).unwrap();
+        // systemd cannot run in a chroot, so a stand-in for its systemctl records what the
+        // maintainer scripts ask of it; `/run/systemd/system` tells them systemd is running, as on
+        // a board. It lives in /usr/local/bin: deb-systemd-helper looks for a real systemctl in
+        // /bin and /usr/bin only (and would hand it the enabling), so the unit's symlinks are
+        // still deb-systemd-helper's own, and is-enabled answers from them.
+        std::fs::create_dir_all(path.join("run/systemd/system")).unwrap();
+        let systemctl = path.join("usr/local/bin/systemctl");
+        std::fs::write(
+            &systemctl,
+            r#"#!/bin/sh
+echo "$*" >> /var/log/systemctl-calls
+case " $* " in
+*" is-enabled "*)
+    for unit; do :; done
+    if [ -e "/etc/systemd/system/multi-user.target.wants/$unit" ]; then echo enabled; else echo disabled; exit 1; fi ;;
+esac
+exit 0
+"#,
+        )
+        .unwrap();
+        std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
         Root { _dir: dir, path }
+    }
+
+    /// The start/stop/restart requests made to systemd since the last call, e.g.
+    /// `["start flightnode-agent.service"]` (queries and daemon-reloads left out).
+    fn unit_actions(&self) -> Vec<String> {
+        let log = self.at("var/log/systemctl-calls");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        std::fs::write(&log, "").unwrap();
+        text.lines()
+            .map(|l| {
+                l.split_whitespace()
+                    .filter(|w| !w.starts_with('-'))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .filter(|l| {
+                ["start ", "stop ", "restart ", "try-restart ", "reload "]
+                    .iter()
+                    .any(|v| l.starts_with(v))
+            })
+            .collect()
     }
 
     fn at(&self, path: &str) -> PathBuf {
@@ -131,6 +173,10 @@ impl Root {
         let out = run(Command::new("chroot")
             .arg(&self.path)
             .args(args)
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .env("DEBIAN_FRONTEND", "noninteractive"))
         .unwrap();
         format!(
@@ -182,16 +228,20 @@ fn amd64_package_installs_upgrades_keeps_config_and_state_and_purges_in_a_clean_
         unsafe { libc::geteuid() } == 0,
         "installing into a Debian root needs root (chroot); or FLIGHTNODE_SKIP_PACKAGING=1"
     );
+    // The root comes from the network and the build from the CPU: made side by side.
+    let root = std::thread::spawn(Root::new);
     let deb = release::deb(X86_64).unwrap();
     assert_eq!(deb_field(&deb, "Architecture"), "amd64");
     assert_lintian_clean(&deb);
-
-    let root = Root::new();
+    let root = root.join().expect("making the Debian root failed");
     let unit_wants = "etc/systemd/system/multi-user.target.wants/flightnode-agent.service";
     let example = std::fs::read_to_string(release::workspace_root().join("systemd/agent.toml")).unwrap();
 
-    // Install: binary, unit, example config as a conffile, state dir, unit enabled.
+    let unit_name = "flightnode-agent.service";
+
+    // Install: binary, unit, example config as a conffile, state dir, unit enabled and started.
     root.install(&deb);
+    assert_eq!(root.unit_actions(), [format!("start {unit_name}")], "install");
     let version = root.chroot(&["/usr/bin/flightnode-agent", "--version"]);
     assert!(version.starts_with("flightnode-agent "), "{version}");
     let unit = [
@@ -234,6 +284,9 @@ fn amd64_package_installs_upgrades_keeps_config_and_state_and_purges_in_a_clean_
         root.chroot(&["dpkg-query", "-W", "-f", "${Version}", "flightnode-agent"]),
         "99.0.0-1"
     );
+    // Restarted once the new files are in place, never stopped for the unpack: the drone is not
+    // left without its agent while dpkg works.
+    assert_eq!(root.unit_actions(), [format!("restart {unit_name}")], "upgrade");
     assert_eq!(
         std::fs::read_to_string(root.at("etc/flightnode/agent.toml")).unwrap(),
         edited
@@ -248,8 +301,9 @@ fn amd64_package_installs_upgrades_keeps_config_and_state_and_purges_in_a_clean_
         "the unit is not enabled after upgrade"
     );
 
-    // Remove: the program goes, config and state stay for a reinstall.
+    // Remove: the agent is stopped, the program goes, config and state stay for a reinstall.
     root.chroot(&["dpkg", "-r", "flightnode-agent"]);
+    assert_eq!(root.unit_actions(), [format!("stop {unit_name}")], "remove");
     assert!(!root.at("usr/bin/flightnode-agent").exists());
     assert!(!root.at(unit).exists());
     assert_eq!(
@@ -263,6 +317,7 @@ fn amd64_package_installs_upgrades_keeps_config_and_state_and_purges_in_a_clean_
 
     // Purge: config, state and the enablement go too.
     root.chroot(&["dpkg", "-P", "flightnode-agent"]);
+    assert_eq!(root.unit_actions(), Vec::<String>::new(), "purge");
     assert!(!root.at("etc/flightnode/agent.toml").exists());
     assert!(!root.at("var/lib/flightnode").exists());
     assert!(

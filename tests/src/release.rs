@@ -39,8 +39,31 @@ pub fn target_dir() -> PathBuf {
     workspace_root().join("target/release-builds")
 }
 
-fn cargo() -> String {
-    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+/// A cargo command for the release builds, without the variables cargo sets for the test that
+/// runs it: build scripts that watch one of them (ring watches `CARGO_MANIFEST_DIR`) would see a
+/// change between a build from a test and one by hand, and rebuild everything after them.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&name.as_ref())
+        {
+            cmd.env_remove(name.as_ref());
+        }
+    }
+    cmd.current_dir(workspace_root())
+        .env("CARGO_TARGET_DIR", target_dir());
+    cmd
 }
 
 fn output_text(out: &Output) -> String {
@@ -79,19 +102,17 @@ pub fn build(target: &'static str) -> Result<Release> {
 
 fn build_uncached(target: &'static str) -> Result<Release> {
     let with_hub = target == X86_64;
-    let mut cmd = Command::new(cargo());
-    cmd.current_dir(workspace_root())
-        .args([
-            "build",
-            "--locked",
-            "--profile",
-            "release",
-            "--target",
-            target,
-            "-p",
-            "flightnode-agent",
-        ])
-        .env("CARGO_TARGET_DIR", target_dir());
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--locked",
+        "--profile",
+        "release",
+        "--target",
+        target,
+        "-p",
+        "flightnode-agent",
+    ]);
     if with_hub {
         cmd.args(["-p", "flightnode-hub"]);
     }
@@ -117,12 +138,25 @@ pub fn file_type(path: &Path) -> Result<String> {
 
 /// The agent's Debian package for `target`, made by cargo-deb from [`build`]'s binary, with the
 /// md5sums cargo-deb leaves out (`agent/debian/add-md5sums.sh`, as `cross/release.sh` does).
+/// Made at most once per process, like the build.
 pub fn deb(target: &'static str) -> Result<PathBuf> {
+    static AARCH64_DEB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static X86_64_DEB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let cell = match target {
+        AARCH64 => &AARCH64_DEB,
+        X86_64 => &X86_64_DEB,
+        other => bail!("no package for {other}"),
+    };
+    cell.get_or_init(|| deb_uncached(target).map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn deb_uncached(target: &'static str) -> Result<PathBuf> {
     build(target)?;
     let out_dir = target_dir().join("debian").join(target);
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let out = Command::new(cargo())
-        .current_dir(workspace_root())
+    let out = cargo()
         // The profile already strips; cargo-deb's own strip would need the cross binutils.
         .args([
             "deb",
@@ -136,7 +170,6 @@ pub fn deb(target: &'static str) -> Result<PathBuf> {
         ])
         .arg("--output")
         .arg(&out_dir)
-        .env("CARGO_TARGET_DIR", target_dir())
         .output()
         .context("running cargo deb")?;
     if !out.status.success() {
@@ -163,9 +196,26 @@ pub fn deb(target: &'static str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The Debian mirror of this machine's own bookworm apt source (where its packages come from),
+/// or `FLIGHTNODE_DEBIAN_MIRROR`.
+fn debian_mirror() -> Result<String> {
+    if let Some(mirror) = std::env::var_os("FLIGHTNODE_DEBIAN_MIRROR") {
+        return Ok(mirror.to_string_lossy().into_owned());
+    }
+    let out = run(Command::new("apt-get").args(["indextargets", "--format", "$(REPO_URI) $(RELEASE)"]))?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(_, release)| *release == "bookworm")
+        .map(|(uri, _)| uri.to_string())
+        .context(
+            "no bookworm apt source on this machine to take the Debian mirror from \
+             (run apt-get update, or set FLIGHTNODE_DEBIAN_MIRROR)",
+        )
+}
+
 /// A minimal Debian 12 root (mmdebstrap minbase), built once and cached as a tarball under
 /// `target/debian-root/`; every call unpacks a fresh copy into `dest` (which must be empty).
-/// `FLIGHTNODE_DEBIAN_MIRROR` picks a mirror (default: mmdebstrap's own).
 pub fn debian_root(dest: &Path) -> Result<()> {
     let cache = workspace_root().join("target/debian-root");
     let tarball = cache.join("bookworm-minbase.tar");
@@ -175,10 +225,8 @@ pub fn debian_root(dest: &Path) -> Result<()> {
         let partial = cache.join(format!("bookworm-minbase.{}.partial.tar", std::process::id()));
         let mut cmd = Command::new("mmdebstrap");
         cmd.args(["--variant=minbase", "--mode=root", "bookworm"])
-            .arg(&partial);
-        if let Some(mirror) = std::env::var_os("FLIGHTNODE_DEBIAN_MIRROR") {
-            cmd.arg(mirror);
-        }
+            .arg(&partial)
+            .arg(debian_mirror()?);
         run(&mut cmd).context("mmdebstrap of a Debian 12 root (apt-get install mmdebstrap; needs root)")?;
         std::fs::rename(&partial, &tarball)
             .with_context(|| format!("renaming {} to {}", partial.display(), tarball.display()))?;
