@@ -371,7 +371,9 @@ pub fn rootfs_images(work: &Path, cfg: &BoardConfig, variants: &[Rootfs]) -> Res
             "dpkg -i flightnode-agent.deb (arm64 chroot)",
         )?;
         std::fs::remove_file(root.join("tmp/flightnode-agent.deb"))?;
-        if !root.join("etc/systemd/system/multi-user.target.wants/flightnode-agent.service").exists() {
+        // An absolute symlink into the rootfs: look at the link, not at the host's /lib.
+        let wants = root.join("etc/systemd/system/multi-user.target.wants/flightnode-agent.service");
+        if std::fs::symlink_metadata(&wants).is_err() {
             bail!("the .deb's maintainer scripts did not enable flightnode-agent.service");
         }
         write_file(&root.join("etc/flightnode/agent.toml"), &agent_toml(cfg), 0o644)?;

@@ -7,6 +7,8 @@
 #
 # Runs as root with qemu-user binfmt for arm64 (mmdebstrap runs the packages' maintainer scripts
 # in an arm64 chroot). Packages come from the host's apt sources (mmdebstrap's default).
+# ca-certificates: the agent's bundle downloader loads the system's CA roots at start and refuses
+# to run without any.
 # What the agent needs on top (its .deb, configuration, keys) is added per board by the test.
 set -eu
 out=$1
@@ -16,7 +18,7 @@ out=$1
 keep='/(virtio[^/]*|net_failover|failover|ext4|jbd2|mbcache|crc16|crc32c_generic|libcrc32c|crc32_generic)\.ko'
 
 mmdebstrap --arch=arm64 --variant=minbase --mode=root --format=tar \
-  --include=systemd-sysv,udev,kmod,init-system-helpers,linux-image-arm64,initramfs-tools,libubootenv-tool \
+  --include=systemd-sysv,udev,kmod,init-system-helpers,linux-image-arm64,initramfs-tools,libubootenv-tool,ca-certificates \
   --dpkgopt='path-exclude=/usr/share/man/*' \
   --dpkgopt='path-exclude=/usr/share/locale/*' \
   --dpkgopt='path-exclude=/usr/share/info/*' \
