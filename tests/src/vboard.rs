@@ -129,8 +129,8 @@ fn workspace_root() -> PathBuf {
 
 /// `target/vboard`: the cached base rootfs and the agent's `.deb`.
 pub fn cache_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from);
     target.join("vboard")
 }
 
@@ -385,14 +385,25 @@ pub fn rootfs_images(work: &Path, cfg: &BoardConfig, variants: &[Rootfs]) -> Res
         )?;
         let mut images = Vec::new();
         for v in variants {
-            write_file(&root.join("etc/flightnode-release"), &format!("{}\n", v.release), 0o644)?;
-            write_file(&root.join("usr/lib/flightnode/health-check"), &health_check(v), 0o755)?;
+            write_file(
+                &root.join("etc/flightnode-release"),
+                &format!("{}\n", v.release),
+                0o644,
+            )?;
+            write_file(
+                &root.join("usr/lib/flightnode/health-check"),
+                &health_check(v),
+                0o755,
+            )?;
             let used = dir_bytes(&root)?;
             // ext4's journal (16 MiB at this size) and inode tables, and some room to run:
             // the bundle carries the whole image, so no more than that.
             let size = (used + used / 10 + 32 * MIB).div_ceil(MIB) * MIB;
             if size > SLOT_BYTES {
-                bail!("rootfs {} needs {size} bytes, the slot has {SLOT_BYTES}", v.release);
+                bail!(
+                    "rootfs {} needs {size} bytes, the slot has {SLOT_BYTES}",
+                    v.release
+                );
             }
             let img = work.join(format!("rootfs-{}.img", v.release));
             let _ = std::fs::remove_file(&img);
@@ -432,7 +443,8 @@ fn copy_into(disk: &Path, offset: u64, src: &Path) -> Result<()> {
         .with_context(|| format!("opening {}", disk.display()))?;
     out.seek(SeekFrom::Start(offset))?;
     let mut input = std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
-    std::io::copy(&mut input, &mut out).with_context(|| format!("copying {} into {}", src.display(), disk.display()))?;
+    std::io::copy(&mut input, &mut out)
+        .with_context(|| format!("copying {} into {}", src.display(), disk.display()))?;
     out.sync_all()?;
     Ok(())
 }
@@ -492,14 +504,33 @@ impl Board {
         std::fs::write(&cmd, BOOT_CMD)?;
         run_cmd(
             Command::new("mkimage")
-                .args(["-A", "arm64", "-O", "linux", "-T", "script", "-C", "none", "-n", "vboard A/B", "-d"])
+                .args([
+                    "-A",
+                    "arm64",
+                    "-O",
+                    "linux",
+                    "-T",
+                    "script",
+                    "-C",
+                    "none",
+                    "-n",
+                    "vboard A/B",
+                    "-d",
+                ])
                 .arg(&cmd)
                 .arg(&scr),
             "mkimage (boot.scr)",
         )?;
         run_cmd(
             Command::new("mkfs.vfat")
-                .args(["-F", "16", "-s", "1", "--offset", &(BOOT_START / SECTOR).to_string()])
+                .args([
+                    "-F",
+                    "16",
+                    "-s",
+                    "1",
+                    "--offset",
+                    &(BOOT_START / SECTOR).to_string(),
+                ])
                 .args(["-n", "FNBOOT", &d])
                 .arg((BOOT_BYTES / 1024).to_string()),
             "mkfs.vfat (boot partition)",
@@ -527,7 +558,10 @@ impl Board {
         )?;
         // The A/B block, as the factory writes it.
         let env_config = dir.join("fw_env.config");
-        std::fs::write(&env_config, format!("{d} {ENV_OFFSET:#x} {ENV_BYTES:#x} {ENV_BYTES:#x}\n"))?;
+        std::fs::write(
+            &env_config,
+            format!("{d} {ENV_OFFSET:#x} {ENV_BYTES:#x} {ENV_BYTES:#x}\n"),
+        )?;
         let initial = dir.join("ab-initial-env");
         std::fs::write(&initial, "BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n")?;
         crate::boot_sim::run(

@@ -32,7 +32,10 @@ const UPGRADE_TIMEOUT: Duration = Duration::from_secs(900);
 
 fn status(broker: &Mosquitto) -> Option<Value> {
     let topic = format!("firmware/{DEVICE_ID}/status");
-    let payload = broker.subscribe_once(&topic, Duration::from_secs(3)).ok().flatten()?;
+    let payload = broker
+        .subscribe_once(&topic, Duration::from_secs(3))
+        .ok()
+        .flatten()?;
     serde_json::from_slice(&payload).ok()
 }
 
@@ -106,7 +109,11 @@ fn bundle(agent: &Path, key: &Path, image: &Path, version: &str, out: &Path) {
         .arg(out)
         .output()
         .unwrap();
-    assert!(o.status.success(), "bundle create: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "bundle create: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]
@@ -121,8 +128,17 @@ fn virtual_board_boots_upgrades_rolls_back_and_resumes_after_a_power_cut() {
     let http = BundleServer::start_blocking().unwrap();
     let agent = binary("flightnode-agent").unwrap();
     let keys = work.path().join("keys");
-    let o = Command::new(&agent).arg("keygen").arg("--out-dir").arg(&keys).output().unwrap();
-    assert!(o.status.success(), "keygen: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(&agent)
+        .arg("keygen")
+        .arg("--out-dir")
+        .arg(&keys)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "keygen: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     let cfg = BoardConfig {
         mqtt_port: broker.port(),
@@ -133,9 +149,18 @@ fn virtual_board_boots_upgrades_rolls_back_and_resumes_after_a_power_cut() {
         work.path(),
         &cfg,
         &[
-            Rootfs { release: "1.0.0".into(), healthy: true },
-            Rootfs { release: "2.0.0".into(), healthy: true },
-            Rootfs { release: "3.0.0".into(), healthy: false },
+            Rootfs {
+                release: "1.0.0".into(),
+                healthy: true,
+            },
+            Rootfs {
+                release: "2.0.0".into(),
+                healthy: true,
+            },
+            Rootfs {
+                release: "3.0.0".into(),
+                healthy: false,
+            },
         ],
     )
     .unwrap();
@@ -178,9 +203,11 @@ fn virtual_board_boots_upgrades_rolls_back_and_resumes_after_a_power_cut() {
     // 2. A broken rootfs into B: U-Boot boots it, its health check fails, back to A by itself.
     upgrade(&broker, &mut board, "vb-broken", &url("/rootfs-3.0.0.fnb"));
     board
-        .wait_console("boots A, B, A (trial of B, then rollback)", UPGRADE_TIMEOUT, |c| {
-            boots_in(c).len() >= 3
-        })
+        .wait_console(
+            "boots A, B, A (trial of B, then rollback)",
+            UPGRADE_TIMEOUT,
+            |c| boots_in(c).len() >= 3,
+        )
         .unwrap();
     assert_eq!(board.boots()[..3], ['A', 'B', 'A'], "U-Boot's boots");
     let console = board.console();
@@ -189,9 +216,13 @@ fn virtual_board_boots_upgrades_rolls_back_and_resumes_after_a_power_cut() {
         "the broken rootfs ran its failing health check on B:\n{}",
         board.console_tail(80)
     );
-    let s = wait_status(&broker, &mut board, "vb-broken rolled back", UPGRADE_TIMEOUT, |s| {
-        s["upgrade_id"] == "vb-broken" && s["result"] == "rolled_back"
-    });
+    let s = wait_status(
+        &broker,
+        &mut board,
+        "vb-broken rolled back",
+        UPGRADE_TIMEOUT,
+        |s| s["upgrade_id"] == "vb-broken" && s["result"] == "rolled_back",
+    );
     assert_eq!(s["running"]["version"], "1.0.0", "{s}");
     assert_eq!(s["running"]["slot"], "a", "{s}");
     lap("broken rootfs rolled back to A");
@@ -223,13 +254,17 @@ fn virtual_board_boots_upgrades_rolls_back_and_resumes_after_a_power_cut() {
     http.reset_counters();
     board.power_on().unwrap();
     board
-        .wait_console("the boot after the power cut", BOOT_TIMEOUT, |c| !boots_in(c).is_empty())
+        .wait_console("the boot after the power cut", BOOT_TIMEOUT, |c| {
+            !boots_in(c).is_empty()
+        })
         .unwrap();
     assert_eq!(board.boots(), vec!['A'], "after the cut the board comes up on A");
     board
-        .wait_console("boots A, B (resumed download, trial of B)", UPGRADE_TIMEOUT, |c| {
-            boots_in(c).len() >= 2
-        })
+        .wait_console(
+            "boots A, B (resumed download, trial of B)",
+            UPGRADE_TIMEOUT,
+            |c| boots_in(c).len() >= 2,
+        )
         .unwrap();
     assert_eq!(board.boots()[..2], ['A', 'B']);
     let s = wait_status(&broker, &mut board, "vb-good committed", UPGRADE_TIMEOUT, |s| {
@@ -238,7 +273,9 @@ fn virtual_board_boots_upgrades_rolls_back_and_resumes_after_a_power_cut() {
     assert_eq!(s["running"]["version"], "2.0.0", "{s}");
     assert_eq!(s["running"]["slot"], "b", "{s}");
     let requests = http.requests_for(path);
-    let first = requests.first().expect("the agent fetched the bundle after the power cut");
+    let first = requests
+        .first()
+        .expect("the agent fetched the bundle after the power cut");
     let resumed_from = first
         .range
         .as_deref()
@@ -254,7 +291,11 @@ fn virtual_board_boots_upgrades_rolls_back_and_resumes_after_a_power_cut() {
         "the resumed download did not fetch the whole bundle again"
     );
     let console = board.console();
-    assert!(console.contains("FLIGHTNODE-HEALTH ok release=2.0.0"), "{}", board.console_tail(80));
+    assert!(
+        console.contains("FLIGHTNODE-HEALTH ok release=2.0.0"),
+        "{}",
+        board.console_tail(80)
+    );
     assert!(
         !console.to_lowercase().contains("watchdog timeout"),
         "systemd's watchdog fired on the agent:\n{}",
