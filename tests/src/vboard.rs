@@ -648,6 +648,18 @@ impl Board {
             .unwrap_or_default()
     }
 
+    /// The serial consoles of every power-on so far, in order.
+    pub fn all_consoles(&self) -> String {
+        (1..=self.power_ons)
+            .map(|n| {
+                std::fs::read(self.dir.join(format!("console-{n}.log")))
+                    .map(|b| strip_escapes(&String::from_utf8_lossy(&b)))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The slots U-Boot booted during the current power-on, in order (its `FLIGHTNODE-BOOT` lines).
     pub fn boots(&self) -> Vec<char> {
         boots_in(&self.console())
