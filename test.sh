@@ -29,6 +29,9 @@ PACKAGES=(
     etcd-server                  # etcd behind the real kube-apiserver of the controller tests
     xz-utils                     # unpack that kube-apiserver (kube-apiserver.xz)
     python3 python3-venv         # pymavlink flight-controller stand-in (in a venv); power-cut layer test's sync_file_range call
+    mmdebstrap                   # the virtual board: its arm64 Debian rootfs, from Debian packages only
+    arch-test                    # mmdebstrap's check that arm64 runs here (through qemu-user binfmt)
+    e2fsprogs                    # mkfs.ext4 -d: the virtual board's rootfs and state partitions
 )
 RUST_TARGETS=(aarch64-unknown-linux-gnu)
 
@@ -41,6 +44,7 @@ declare -A PROVIDES=(
     [u-boot-tools]=mkimage [mtools]=mcopy
     [python3]=python3
     [etcd-server]=etcd [xz-utils]=xz
+    [mmdebstrap]=mmdebstrap [arch-test]=arch-test [e2fsprogs]=mkfs.ext4
 )
 
 # The release and packaging tests (tests/tests/packaging.rs, tests/tests/aarch64.rs): static musl
@@ -149,6 +153,23 @@ if ! qemu_ok; then
         echo "  or set FLIGHTNODE_QEMU_AARCH64 to one, or FLIGHTNODE_SKIP_UBOOT_QEMU=1 to skip them." >&2
         [[ -n "${FLIGHTNODE_QEMU_AARCH64:-}${FLIGHTNODE_SKIP_UBOOT_QEMU:-}" ]] || exit 2
     fi
+fi
+
+# The virtual board (tests/tests/vboard.rs) builds an arm64 rootfs with mmdebstrap, which runs the
+# packages' arm64 maintainer scripts in a chroot: the kernel must hand arm64 binaries to
+# qemu-user-static (binfmt_misc). Debian's qemu-user-static ships the rule; a machine without
+# systemd-binfmt running (containers, CI) gets it registered here.
+if [[ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 && $(id -u) -eq 0 && -z "${FLIGHTNODE_TEST_NO_INSTALL:-}" ]]; then
+    [[ -e /proc/sys/fs/binfmt_misc/register ]] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc || true
+    if [[ -w /proc/sys/fs/binfmt_misc/register && -r /usr/lib/binfmt.d/qemu-aarch64.conf ]]; then
+        echo "test.sh: registering qemu-user binfmt for arm64 (the virtual board's rootfs build)" >&2
+        cat /usr/lib/binfmt.d/qemu-aarch64.conf >/proc/sys/fs/binfmt_misc/register
+    fi
+fi
+# The virtual board installs the agent from its .deb, built with cargo-deb.
+if ! cargo deb --version >/dev/null 2>&1 && [[ -z "${FLIGHTNODE_TEST_NO_INSTALL:-}" ]]; then
+    echo "test.sh: cargo install cargo-deb (the agent's .deb for the virtual board)" >&2
+    cargo install --locked cargo-deb --version 3.8.0
 fi
 
 # The flight gate tests talk to a flight-controller stand-in built on pymavlink (PyPI). It goes in

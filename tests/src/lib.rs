@@ -6,6 +6,7 @@
 //! - [`fake_kube`]: an HTTP fake of the Kubernetes API that checks every status write.
 //! - [`boot_sim`]: power-on simulator for reboot mode (U-Boot, GRUB, example script backend).
 //! - [`uboot_qemu`]: real U-Boot under qemu-system-aarch64, its environment in pflash.
+//! - [`vboard`]: a virtual arm64 board from Debian packages (U-Boot, kernel, systemd, the agent's .deb) under qemu.
 //! - [`fleet`]: broker, hub and N drones as real processes on loopback; the demo and the end-to-end tests use it.
 //! - [`load`]: gRPC load generator for the hub (paced fleet, phase bursts, flood) and a no-op hub.
 //! - [`fuzz`]: input mutation for the seeded fuzz smoke tests.
@@ -29,3 +30,4 @@ pub mod pki;
 pub mod powercut;
 pub mod release;
 pub mod uboot_qemu;
+pub mod vboard;

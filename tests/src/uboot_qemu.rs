@@ -89,6 +89,19 @@ pub struct Tools {
     uboot: PathBuf,
 }
 
+impl Tools {
+    /// `qemu-system-aarch64` with this qemu's firmware and module dirs, and Debian's U-Boot as
+    /// the firmware (`-bios`): the start of every command line that boots this U-Boot.
+    pub fn qemu_with_uboot(&self) -> Command {
+        let mut cmd = Command::new(&self.qemu);
+        if let Some((data, modules)) = &self.qemu_data {
+            cmd.arg("-L").arg(data).env("QEMU_MODULE_DIR", modules);
+        }
+        cmd.arg("-bios").arg(&self.uboot);
+        cmd
+    }
+}
+
 /// What one power-on did.
 #[derive(Debug, Clone)]
 pub struct PowerOn {
