@@ -104,7 +104,7 @@ pub fn run(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Result
             Ok(Some(status)) => break status,
             Ok(None) if Instant::now() >= deadline => {
                 // SAFETY: plain syscall on the process group we created for this child.
-                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                unsafe { libc::kill(-(child.id().cast_signed()), libc::SIGKILL) };
                 let _ = child.wait();
                 return Err(ChildError::Timeout {
                     timeout,

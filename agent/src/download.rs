@@ -289,9 +289,9 @@ impl Fetcher {
         };
         let task_handle = self.rt.spawn(async move {
             tokio::select! {
-                _ = tx.closed() => debug!(url = %log_url, "bundle reader dropped; download stopped"),
+                () = tx.closed() => debug!(url = %log_url, "bundle reader dropped; download stopped"),
                 () = stopped => debug!(url = %log_url, "download stopped (cancel or shutdown)"),
-                _ = task.run(offset) => {}
+                () = task.run(offset) => {}
             }
         });
         let mut reader = HttpReader {
@@ -734,15 +734,12 @@ impl HttpTask {
 
         let mut stream = resp.bytes_stream();
         loop {
-            let next = match tokio::time::timeout(self.idle, stream.next()).await {
-                Err(_) => {
-                    return Err(Failure::Retry(DownloadError::Idle {
-                        url: url.clone(),
-                        timeout: self.idle,
-                        offset: p.pos,
-                    }));
-                }
-                Ok(next) => next,
+            let Ok(next) = tokio::time::timeout(self.idle, stream.next()).await else {
+                return Err(Failure::Retry(DownloadError::Idle {
+                    url: url.clone(),
+                    timeout: self.idle,
+                    offset: p.pos,
+                }));
             };
             let mut chunk = match next {
                 None => {
@@ -862,7 +859,7 @@ fn backoff_delay(base: Duration, n: u32) -> Duration {
     let factor = 2u32.saturating_pow(n.saturating_sub(1).min(20));
     let d = base.saturating_mul(factor).min(cap);
     let half = d / 2;
-    let jitter_ms = u64::try_from((d - half).as_millis()).unwrap_or(u64::MAX);
+    let jitter_ms = u64::try_from(d.saturating_sub(half).as_millis()).unwrap_or(u64::MAX);
     if jitter_ms == 0 {
         return d;
     }

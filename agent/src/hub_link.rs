@@ -55,7 +55,7 @@ pub const MAX_EVENTS: usize = 100;
 /// Shortest heartbeat interval accepted from the config or the hub.
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest heartbeat interval accepted from the hub.
-const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+const MAX_INTERVAL: Duration = Duration::from_hours(1);
 
 /// Who is heartbeating.
 #[derive(Debug, Clone)]
@@ -160,7 +160,7 @@ pub fn channel(cfg: &HubConfig, tls: &Tls) -> Result<Channel, HubLinkError> {
         .map_err(|e| endpoint_err(error_chain(&e)))?
         .connect_timeout(cfg.timeout)
         .timeout(cfg.timeout)
-        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .tcp_keepalive(Some(Duration::from_mins(1)))
         .tcp_nodelay(true);
     if endpoint.uri().host().is_none_or(str::is_empty) {
         return Err(endpoint_err("no host".into()));
@@ -381,7 +381,10 @@ async fn flight_changed(
 /// Runs the link until `shutdown`. Returns an error only for a configuration that cannot work
 /// (endpoint URL, TLS files); the hub being unreachable is logged and retried, never an error.
 /// `connected` is true while the last heartbeat succeeded, and false on exit.
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the daemon hands over each shared handle once, at start"
+)]
 pub async fn run(
     cfg: HubConfig,
     tls: Tls,
@@ -424,10 +427,10 @@ pub async fn run(
                         let s = state.borrow();
                         (s.seq, s.phase())
                     };
-                    due = due.min(if sent_mark != Some(mark) {
-                        Instant::now() + COALESCE
-                    } else {
+                    due = due.min(if sent_mark == Some(mark) {
                         throttled(last_attempt)
+                    } else {
+                        Instant::now() + COALESCE
                     });
                 }
                 Err(_) => state_open = false,
@@ -578,18 +581,18 @@ mod tests {
 
         s.begin("up-1".into(), "src".into(), false);
         s.enter(Phase::RollingBack);
-        let p = Some(Progress { bytes: 5, total: 10 });
-        let r = heartbeat_request(&info(), &s, p, v1::Resources::default(), vec![], 8);
+        let progress = Some(Progress { bytes: 5, total: 10 });
+        let r = heartbeat_request(&info(), &s, progress, v1::Resources::default(), vec![], 8);
         let u = r.upgrade.unwrap();
         assert_eq!((u.phase.as_str(), u.bytes, u.total), ("rolling_back", 5, 10));
 
         s.fail(ErrorCode::HealthCheckFailed, "unhealthy".into());
-        let e = Event::from_state(&s);
-        let r = heartbeat_request(&info(), &s, None, v1::Resources::default(), vec![e], 9);
-        let l = r.last_upgrade.unwrap();
-        assert_eq!(l.error_code, "health_check_failed");
-        assert_eq!(l.error_message, "unhealthy");
-        assert_eq!(l.result, ErrorCode::HealthCheckFailed.result().as_str());
+        let event = Event::from_state(&s);
+        let r = heartbeat_request(&info(), &s, None, v1::Resources::default(), vec![event], 9);
+        let last = r.last_upgrade.unwrap();
+        assert_eq!(last.error_code, "health_check_failed");
+        assert_eq!(last.error_message, "unhealthy");
+        assert_eq!(last.result, ErrorCode::HealthCheckFailed.result().as_str());
         assert_eq!(r.events.len(), 1);
         assert_eq!(r.events[0].phase, "idle");
     }

@@ -124,10 +124,10 @@ fn free_bytes(path: &Path) -> std::io::Result<u64> {
     // SAFETY: `statvfs` is plain old data; all-zero is a valid value for it.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+    if unsafe { libc::statvfs(c.as_ptr(), &raw mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    #[allow(clippy::unnecessary_cast, reason = "the field types differ between targets")]
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 

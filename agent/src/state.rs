@@ -145,8 +145,7 @@ pub struct DeviceState {
 fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl DeviceState {
@@ -353,7 +352,7 @@ impl DeviceState {
             state: SlotState::Good,
             floor: Some(self.security_floor),
         };
-        self.finish(&u, UpgradeResult::Committed, None)
+        Some(self.finish(&u, UpgradeResult::Committed, None))
     }
 
     /// Ends the upgrade on the old slot with `error`: the target slot is bad (or stays empty when
@@ -376,15 +375,10 @@ impl DeviceState {
             });
         }
         let result = code.result();
-        self.finish(&u, result, Some(ErrorReport { code, message }))
+        Some(self.finish(&u, result, Some(ErrorReport { code, message })))
     }
 
-    fn finish(
-        &mut self,
-        u: &Upgrade,
-        result: UpgradeResult,
-        error: Option<ErrorReport>,
-    ) -> Option<LastUpgrade> {
+    fn finish(&mut self, u: &Upgrade, result: UpgradeResult, error: Option<ErrorReport>) -> LastUpgrade {
         let last = LastUpgrade {
             upgrade_id: u.id.clone(),
             version: u.version().map(ToString::to_string),
@@ -394,7 +388,7 @@ impl DeviceState {
         };
         self.last = Some(last.clone());
         self.bump();
-        Some(last)
+        last
     }
 
     /// The `status --json` view; `booted` comes from the activation backend.

@@ -144,7 +144,7 @@ impl Controllers {
             match self.commands.send(&name, &cmd).await {
                 Ok(()) => tracing::info!(device_id = %name, upgrade_id = cmd.upgrade_id(), "command sent"),
                 Err(e) => {
-                    tracing::warn!(device_id = %name, upgrade_id = cmd.upgrade_id(), error = %e, "command not sent; re-published later")
+                    tracing::warn!(device_id = %name, upgrade_id = cmd.upgrade_id(), error = %e, "command not sent; re-published later");
                 }
             }
         }

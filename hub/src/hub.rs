@@ -80,7 +80,7 @@ impl Hub {
         self.metrics.heartbeat("ok").inc();
         let observed = self.sessions.observe(hb, Instant::now());
         if let Some(e) = observed.enqueue {
-            self.scheduler.enqueue(e);
+            self.scheduler.enqueue(&e);
         }
         let mut acked_seq = observed.durable_seq;
         if observed.wants_seq > acked_seq {
@@ -101,7 +101,7 @@ impl Hub {
     /// Re-evaluates a drone whose spec changed (desired firmware version).
     pub fn spec_changed(&self, name: &str) {
         if let Some(e) = self.sessions.spec_changed(name, Instant::now()) {
-            self.scheduler.enqueue(e);
+            self.scheduler.enqueue(&e);
         }
     }
 }

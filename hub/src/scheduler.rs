@@ -266,11 +266,13 @@ impl Scheduler {
     }
 
     /// Wants a write for a drone; what goes out is its newest status when a token allows.
-    pub fn enqueue(&self, e: Enqueue) {
+    pub fn enqueue(&self, e: &Enqueue) {
         let mut state = self.state();
         state.want(&e.name, e.priority);
         let wake = state.schedule(&e.name);
-        self.metrics.queue_depth.set(state.depth() as i64);
+        self.metrics
+            .queue_depth
+            .set(i64::try_from(state.depth()).unwrap_or(i64::MAX));
         drop(state);
         if wake {
             self.work.notify_one();
@@ -429,7 +431,9 @@ impl Scheduler {
             }
         }
         let wake = state.schedule(name);
-        self.metrics.queue_depth.set(state.depth() as i64);
+        self.metrics
+            .queue_depth
+            .set(i64::try_from(state.depth()).unwrap_or(i64::MAX));
         drop(state);
         if wake {
             self.work.notify_one();

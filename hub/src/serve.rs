@@ -94,11 +94,10 @@ fn tls_config(opts: &ServeOptions) -> Result<Option<ServerTlsConfig>> {
         ));
     };
     let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-    match &opts.client_ca {
-        Some(ca) => tls = tls.client_ca_root(Certificate::from_pem(read(ca)?)),
-        None => tracing::warn!(
-            "no --client-ca: drones are not authenticated; any client can report for any drone"
-        ),
+    if let Some(ca) = &opts.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    } else {
+        tracing::warn!("no --client-ca: drones are not authenticated; any client can report for any drone");
     }
     Ok(Some(tls))
 }

@@ -53,7 +53,7 @@ impl SpecCache {
     /// Stores a spec; true when it changed.
     pub fn set(&self, name: &str, spec: SpecView) -> bool {
         match self.0.write() {
-            Ok(mut m) => m.insert(name.to_owned(), spec.clone()).as_ref() != Some(&spec),
+            Ok(mut m) => m.insert(name.to_owned(), spec.clone()) != Some(spec),
             Err(_) => false,
         }
     }
@@ -163,7 +163,7 @@ fn compact_conditions(conditions: &[Condition]) -> [CondState; 4] {
 
 fn parse_unix(rfc3339: &str) -> i64 {
     time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
-        .map_or(0, |t| t.unix_timestamp())
+        .map_or(0, time::OffsetDateTime::unix_timestamp)
 }
 
 /// Hash of a status without its heartbeat time: equal hashes mean nothing to write but a

@@ -294,6 +294,7 @@ impl LocalFleet {
     }
 }
 
+#[allow(clippy::needless_pass_by_value, reason = "used as `map_err(local_err)`")]
 fn local_err(e: crate::sink::WriteError) -> Error {
     Error::Invalid(format!("local store: {e}"))
 }

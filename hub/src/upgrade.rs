@@ -83,7 +83,7 @@ pub fn bundle_version(path: &Path) -> Result<semver::Version> {
     if size > flightnode_proto::manifest::MAX_MANIFEST_BYTES {
         return Err(bad(format!("manifest is {size} bytes")));
     }
-    let mut manifest = vec![0u8; size as usize];
+    let mut manifest = vec![0u8; usize::try_from(size).map_err(|e| bad(e.to_string()))?];
     file.read_exact(&mut manifest).map_err(|e| bad(e.to_string()))?;
     let manifest = flightnode_proto::Manifest::parse(&manifest).map_err(|e| bad(e.to_string()))?;
     Ok(manifest.version)

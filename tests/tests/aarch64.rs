@@ -6,7 +6,9 @@
 //! `gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static` (installed by `.ci/run`).
 //! Set `FLIGHTNODE_SKIP_AARCH64=1` to skip it on a machine without them.
 
+use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
 use flightnode_tests::fleet::{Fleet, FleetOptions};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -45,7 +47,6 @@ fn aarch64_agent() -> PathBuf {
                 format!("#!/bin/sh\nexec qemu-aarch64-static -L /usr/aarch64-linux-gnu {} \"$@\"\n", bin.display()),
             )
             .unwrap();
-            use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
             let file = Command::new("file").arg(&bin).output().map(|o| o.stdout).unwrap_or_default();
             let file = String::from_utf8_lossy(&file);
@@ -94,7 +95,7 @@ fn aarch64_agent_runs_under_qemu_and_upgrades_against_the_x86_64_hub() {
         )
         .unwrap();
     let f = fleet
-        .wait_flightnode("drone-1", Duration::from_secs(120), |f| {
+        .wait_flightnode("drone-1", Duration::from_mins(2), |f| {
             f["status"]["lastUpgrade"]["result"] == "Committed"
                 && f["status"]["firmware"]["committedVersion"] == "2.0.0"
         })
@@ -111,7 +112,6 @@ fn aarch64_agent_holds_the_upgrade_while_the_vehicle_flies() {
         eprintln!("FLIGHTNODE_SKIP_AARCH64 set: skipped");
         return;
     }
-    use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
     let agent = aarch64_agent();
     let port = free_udp_port().unwrap();
     let mut vehicle = Vehicle::start(port, &["--in-air"]).unwrap();
@@ -137,7 +137,7 @@ fn aarch64_agent_holds_the_upgrade_while_the_vehicle_flies() {
         )
         .unwrap();
     let f = fleet
-        .wait_flightnode("drone-1", Duration::from_secs(120), |f| {
+        .wait_flightnode("drone-1", Duration::from_mins(2), |f| {
             f["status"]["phase"] == "Waiting" && f["status"]["observedState"] == "in-air"
         })
         .unwrap();
@@ -152,7 +152,7 @@ fn aarch64_agent_holds_the_upgrade_while_the_vehicle_flies() {
     vehicle.send("land").unwrap();
     vehicle.send("disarm").unwrap();
     let f = fleet
-        .wait_flightnode("drone-1", Duration::from_secs(120), |f| {
+        .wait_flightnode("drone-1", Duration::from_mins(2), |f| {
             f["status"]["lastUpgrade"]["result"] == "Committed"
         })
         .unwrap();

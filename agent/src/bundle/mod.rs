@@ -44,6 +44,7 @@ pub const ALGORITHM: &str = "ed25519";
 
 /// Why a bundle, or a key, was refused. Each variant names the step that failed; each message
 /// names the file or entry and what to do about it.
+#[allow(missing_docs, reason = "each field is named in its variant's message")]
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     /// `keygen` found a key file already in place.
@@ -248,6 +249,15 @@ pub fn key_id(key: &VerifyingKey) -> String {
 mod tests {
     use super::*;
 
+    #[derive(Debug)]
+    struct Canceled;
+    impl std::fmt::Display for Canceled {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("canceled")
+        }
+    }
+    impl std::error::Error for Canceled {}
+
     #[test]
     fn io_errors_map_to_codes_and_keep_their_payload() {
         let full = BundleError::Write {
@@ -263,14 +273,6 @@ mod tests {
         };
         assert_eq!(other.code(), ErrorCode::Internal);
 
-        #[derive(Debug)]
-        struct Canceled;
-        impl std::fmt::Display for Canceled {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("canceled")
-            }
-        }
-        impl std::error::Error for Canceled {}
         let read = BundleError::Read {
             source: io::Error::other(Canceled),
         };

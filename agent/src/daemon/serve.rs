@@ -227,7 +227,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         }
     };
     let mut progress_tick = tokio::time::interval(Duration::from_secs(1));
-    let mut watchdog = tokio::time::interval(notify::watchdog_period().unwrap_or(Duration::from_secs(3600)));
+    let mut watchdog = tokio::time::interval(notify::watchdog_period().unwrap_or(Duration::from_hours(1)));
     let mut last_progress = None;
     loop {
         tokio::select! {
@@ -274,6 +274,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
 }
 
 fn bind_control(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
     let err = |source| DaemonError::Socket {
         path: path.to_owned(),
         source,
@@ -289,7 +290,6 @@ fn bind_control(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
         _ => {}
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
-    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     Ok(listener)
 }

@@ -16,13 +16,18 @@ pub enum Job {
     Resume,
     /// Install; the reply gets the outcome (or the engine error) when it ends.
     Install {
+        /// What to install and from where.
         req: Request,
+        /// Who waits for the outcome (`None`: nobody, e.g. an MQTT command).
         reply: Option<oneshot::Sender<Result<Outcome, String>>>,
     },
     /// mark-good / mark-bad.
     Mark {
+        /// The slot to mark.
         slot: Slot,
+        /// Good (true) or bad.
         good: bool,
+        /// Gets the engine's answer or its error.
         reply: oneshot::Sender<Result<String, String>>,
     },
 }

@@ -16,7 +16,7 @@ const TRIAL_BOOTS: u32 = 3;
 
 /// Maps a bundle/copy error to the upgrade's end: a fetch failure carried through the reader keeps
 /// its own code and message. (Cancel and pause are recognised by their flags, in `interrupted`.)
-fn copy_stop(e: BundleError) -> Stop {
+fn copy_stop(e: &BundleError) -> Stop {
     match e
         .io_source()
         .and_then(|io| io.get_ref())
@@ -78,7 +78,7 @@ impl Engine {
             None => {
                 let mut reader = self.fetcher.open(&u.source, 0).map_err(|e| fetch_stop(self, e))?;
                 let header = bundle::read_header(&mut reader, &self.keys)
-                    .map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(e)))?;
+                    .map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(&e)))?;
                 let m = header.manifest;
                 // `already_installed` only for the version that runs (after a fallback the
                 // committed version follows it too, see `DeviceState::fell_back`).
@@ -127,7 +127,7 @@ impl Engine {
                 (m.clone(), start, hasher, reader)
             }
         };
-        self.write_image(manifest, start, hasher, reader, u.target)
+        self.write_image(&manifest, start, hasher, reader, u.target)
     }
 
     /// Reboot mode: the target slot is not bootable from now until its trial is set.
@@ -140,7 +140,7 @@ impl Engine {
 
     fn write_image(
         &mut self,
-        manifest: flightnode_proto::Manifest,
+        manifest: &flightnode_proto::Manifest,
         start: u64,
         hasher: sha2::Sha256,
         mut reader: impl std::io::Read,
@@ -161,10 +161,10 @@ impl Engine {
             &self.interrupts,
         );
         writer.checkpoint_bytes = self.cfg.download.checkpoint_bytes.max(4096);
-        let copied = bundle::copy_image(&mut reader, &mut writer, &manifest, start, hasher);
+        let copied = bundle::copy_image(&mut reader, &mut writer, manifest, start, hasher);
         let file = writer.file;
         // Whatever broke after a cancel or shutdown is not the bundle's fault.
-        copied.map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(e)))?;
+        copied.map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(&e)))?;
         self.slots
             .finish(target, &file, size)
             .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
@@ -228,7 +228,7 @@ impl Engine {
         }
         self.flight_gate()?;
         if let Some(u) = self.state.upgrade.as_mut() {
-            u.boot_id = boot_id.clone();
+            u.boot_id.clone_from(&boot_id);
         }
         self.state.enter(Phase::Switching);
         self.save()?;

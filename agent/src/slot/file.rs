@@ -24,7 +24,7 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+    if unsafe { libc::statvfs(c.as_ptr(), &raw mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
@@ -44,7 +44,7 @@ impl SlotBackend for FileSlots {
             action: "create slot directory",
             source,
         })?;
-        let existing = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let existing = std::fs::metadata(path).map_or(0, |m| m.len());
         let available = free_bytes(dir).map_err(|source| SlotError::Io {
             slot,
             path: path.to_owned(),

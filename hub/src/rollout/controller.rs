@@ -172,14 +172,14 @@ async fn carry_out(store: &dyn FleetStore, r: &FirmwareRollout, p: &Plan, genera
     for node in &p.dispatch {
         match store.apply_target(node, Some(&dispatch)).await {
             Ok(Applied::Ok) => {
-                tracing::info!(rollout = %name, device_id = %node, version = %r.spec.version, "dispatched")
+                tracing::info!(rollout = %name, device_id = %node, version = %r.spec.version, "dispatched");
             }
             Ok(Applied::Conflict) => {
                 tracing::info!(rollout = %name, device_id = %node, "spec.firmware owned by another manager; left alone");
             }
             Ok(Applied::Missing) => {}
             Err(e) => {
-                tracing::warn!(rollout = %name, device_id = %node, error = %e, "dispatch failed; retried next step")
+                tracing::warn!(rollout = %name, device_id = %node, error = %e, "dispatch failed; retried next step");
             }
         }
     }
@@ -187,7 +187,7 @@ async fn carry_out(store: &dyn FleetStore, r: &FirmwareRollout, p: &Plan, genera
         match store.apply_target(node, None).await {
             Ok(_) => tracing::info!(rollout = %name, device_id = %node, "called back (not started)"),
             Err(e) => {
-                tracing::warn!(rollout = %name, device_id = %node, error = %e, "call-back failed; retried next step")
+                tracing::warn!(rollout = %name, device_id = %node, error = %e, "call-back failed; retried next step");
             }
         }
     }

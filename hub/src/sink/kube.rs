@@ -89,7 +89,7 @@ impl KubeSink {
             .await
             .ok()
             .and_then(Result::ok)
-            .map(|b| b.to_bytes())
+            .map(http_body_util::Collected::to_bytes)
             .unwrap_or_default();
         let status: Option<kube::core::Status> = serde_json::from_slice(&body).ok();
         let body_delay = status

@@ -256,24 +256,21 @@ impl LocalStore {
     pub async fn apply_rollout(&self, mut r: FirmwareRollout) -> Result<FirmwareRollout, WriteError> {
         let name = r.metadata.name.clone().unwrap_or_default();
         r.metadata.namespace = Some(self.namespace.clone());
-        let stored = match self.rollout(&self.namespace, &name) {
-            Some(mut old) => {
-                if old.spec != r.spec {
-                    old.spec = r.spec;
-                    old.metadata.generation = Some(old.metadata.generation.unwrap_or(1) + 1);
-                }
-                old.metadata.labels = r.metadata.labels;
-                old
+        let stored = if let Some(mut old) = self.rollout(&self.namespace, &name) {
+            if old.spec != r.spec {
+                old.spec = r.spec;
+                old.metadata.generation = Some(old.metadata.generation.unwrap_or(1) + 1);
             }
-            None => {
-                let id = self.db.generate_id().map_err(internal)?;
-                r.metadata.uid = Some(format!("local-{id:016x}"));
-                r.metadata.generation = Some(1);
-                r.metadata.creation_timestamp =
-                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff_now()));
-                r.status = None;
-                r
-            }
+            old.metadata.labels = r.metadata.labels;
+            old
+        } else {
+            let id = self.db.generate_id().map_err(internal)?;
+            r.metadata.uid = Some(format!("local-{id:016x}"));
+            r.metadata.generation = Some(1);
+            r.metadata.creation_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff_now()));
+            r.status = None;
+            r
         };
         let out = self.put_rollout(stored)?;
         self.flush().await?;
