@@ -2,7 +2,7 @@
 //! (like controller-rs's `State`): sessions, scheduler, metrics and the optional local store.
 
 use crate::metrics::Metrics;
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::scheduler::{Scheduler, SchedulerConfig, StatusSource};
 use crate::session::{SessionConfig, Sessions, SpecCache};
 use crate::sink::StatusSink;
 use crate::sink::local::LocalStore;
@@ -52,7 +52,7 @@ impl Hub {
         let scheduler = Scheduler::new(
             config.scheduler,
             sink,
-            Arc::clone(&sessions),
+            Arc::clone(&sessions) as Arc<dyn StatusSource>,
             Arc::clone(&metrics),
         );
         Arc::new(Hub {

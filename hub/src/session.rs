@@ -13,7 +13,7 @@
 //! `FlightNodeStatus` is rebuilt only when it is written or asked for.
 
 use crate::crd::{Condition, FlightNodeStatus, condition};
-use crate::scheduler::Priority;
+use crate::scheduler::{Built, Enqueue, Priority, StatusSource};
 use crate::sink::{EventRecord, WriteRequest};
 use crate::status::{self, Liveness, SpecView};
 use flightnode_proto::v1::HeartbeatRequest;
@@ -95,16 +95,6 @@ pub fn object_name(device_id: &str) -> String {
     }
 }
 
-/// A write to hand to the scheduler: which drone, and how urgent. The status itself is built
-/// when the write goes out, so a queued write always carries the newest status (latest wins).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Enqueue {
-    /// `FlightNode` name.
-    pub name: String,
-    /// Transition, registration or refresh.
-    pub priority: Priority,
-}
-
 /// What a heartbeat led to.
 #[derive(Debug)]
 pub struct Observed {
@@ -116,15 +106,6 @@ pub struct Observed {
     pub wants_seq: u64,
     /// Highest event seq durably recorded when the heartbeat was observed.
     pub durable_seq: u64,
-}
-
-/// A status write built from a session, with the content hash to record once it succeeded.
-#[derive(Debug, Clone)]
-pub struct Built {
-    /// The write.
-    pub req: WriteRequest,
-    /// Hash of `req.status` without its heartbeat time.
-    pub content: u64,
 }
 
 /// The condition types in the order [`status::with_conditions`] lists them.
@@ -547,5 +528,19 @@ impl Sessions {
     /// True when no drone has been heard from.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl StatusSource for Sessions {
+    fn build(&self, name: &str) -> Option<Built> {
+        Sessions::build(self, name)
+    }
+
+    fn write_done(&self, built: &Built, now: Instant) {
+        Sessions::write_done(self, built, now);
+    }
+
+    fn mark_missing(&self, name: &str) -> bool {
+        Sessions::mark_missing(self, name)
     }
 }
