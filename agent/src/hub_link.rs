@@ -36,6 +36,7 @@ use flightnode_proto::v1::hub_service_client::HubServiceClient;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -129,6 +130,12 @@ pub enum HubLinkError {
         path: PathBuf,
         /// Why.
         reason: String,
+    },
+    /// The first resource sample, taken on a blocking thread, panicked.
+    #[error("hub link: the first resource sample failed")]
+    BlockingTask {
+        /// The task's end.
+        source: tokio::task::JoinError,
     },
     /// tonic rejected the TLS configuration.
     #[error("hub TLS for {endpoint:?}: {reason}")]
@@ -378,6 +385,50 @@ async fn flight_changed(
     }
 }
 
+/// What a heartbeat carries from disk and the system: the waiting events (a sled read) and a
+/// resource sample (sysinfo reads /proc, statvfs), gathered on a blocking thread. A failure
+/// sends the heartbeat without them.
+async fn gather(outbox: &Outbox, sampler: &Arc<std::sync::Mutex<Sampler>>) -> (Vec<Event>, v1::Resources) {
+    let outbox = outbox.clone();
+    let sampler = Arc::clone(sampler);
+    let task = tokio::task::spawn_blocking(move || {
+        let events = outbox.pending(MAX_EVENTS).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "hub link: reading the outbox failed; heartbeat without events");
+            Vec::new()
+        });
+        let resources = sampler
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sample();
+        (events, resources)
+    });
+    task.await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "hub link: gathering events and resources failed; heartbeat without them");
+        (Vec::new(), v1::Resources::default())
+    })
+}
+
+/// Removes the events up to `upto` the hub acknowledged (a sled flush), on a blocking thread;
+/// returns how many went and the newest event still waiting.
+async fn ack(outbox: &Outbox, upto: Option<u64>) -> (usize, Option<u64>) {
+    let outbox = outbox.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let removed = match upto.map(|upto| (upto, outbox.ack(upto))) {
+            None => 0,
+            Some((_, Ok(n))) => n,
+            Some((upto, Err(e))) => {
+                tracing::warn!(error = %e, upto, "hub link: removing acknowledged events failed");
+                0
+            }
+        };
+        (removed, outbox.last_seq().ok().flatten())
+    });
+    task.await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "hub link: removing acknowledged events failed");
+        (0, None)
+    })
+}
+
 /// Runs the link until `shutdown`. Returns an error only for a configuration that cannot work
 /// (endpoint URL, TLS files); the hub being unreachable is logged and retried, never an error.
 /// `connected` is true while the last heartbeat succeeded, and false on exit.
@@ -397,7 +448,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), HubLinkError> {
     let mut client = HubServiceClient::new(channel(&cfg, &tls)?);
-    let mut sampler = Sampler::new(info.state_dir.clone());
+    let state_dir = info.state_dir.clone();
+    // sysinfo reads /proc and /sys: not on the async threads.
+    let sampler = tokio::task::spawn_blocking(move || Sampler::new(state_dir))
+        .await
+        .map_err(|source| HubLinkError::BlockingTask { source })?;
+    let sampler = Arc::new(std::sync::Mutex::new(sampler));
     let set_connected = |value: bool| {
         connected.send_if_modified(|c| std::mem::replace(c, value) != value);
     };
@@ -453,14 +509,11 @@ pub async fn run(
                 let pr = *progress.borrow_and_update();
                 sent_mark = Some((st.seq, st.phase()));
                 last_attempt = Some(Instant::now());
-                let events = outbox.pending(MAX_EVENTS).unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "hub link: reading the outbox failed; heartbeat without events");
-                    Vec::new()
-                });
+                let (events, resources) = gather(&outbox, &sampler).await;
                 let newest_sent = events.last().map(|e| e.seq);
                 let n_events = events.len();
                 let hb_seq = outbox.next_heartbeat_seq();
-                let mut req = heartbeat_request(&info, &st, pr, sampler.sample(), events, hb_seq);
+                let mut req = heartbeat_request(&info, &st, pr, resources, events, hb_seq);
                 if let Some(f) = flight.as_mut() {
                     let f = f.borrow_and_update().clone();
                     sent_observed = Some(f.observed);
@@ -486,14 +539,8 @@ pub async fn run(
                         }
                         failures = 0;
                         set_connected(true);
-                        let mut removed = 0;
-                        if let Some(newest) = newest_sent {
-                            let upto = resp.acked_seq.min(newest);
-                            match outbox.ack(upto) {
-                                Ok(n) => removed = n,
-                                Err(e) => tracing::warn!(error = %e, upto, "hub link: removing acknowledged events failed"),
-                            }
-                        }
+                        let upto = newest_sent.map(|newest| resp.acked_seq.min(newest));
+                        let (removed, newest_waiting) = ack(&outbox, upto).await;
                         tracing::debug!(seq = hb_seq, events = n_events, acked = resp.acked_seq, removed, "heartbeat sent");
                         if resp.heartbeat_interval_seconds > 0 {
                             let want = Duration::from_secs(u64::from(resp.heartbeat_interval_seconds))
@@ -504,7 +551,6 @@ pub async fn run(
                             }
                         }
                         // More to send: events never sent, or the hub is taking batches.
-                        let newest_waiting = outbox.last_seq().ok().flatten();
                         let unsent = match (newest_waiting, newest_sent) {
                             (Some(w), Some(s)) => w > s,
                             (Some(_), None) => true,

@@ -64,14 +64,13 @@ impl Hub {
         })
     }
 
-    /// Starts the writers and the liveness loop.
+    /// Starts the writers (ended by [`Scheduler::drain`]) and the liveness loop (returned).
     pub fn start(&self) -> Vec<JoinHandle<()>> {
-        let mut tasks = self.scheduler.spawn_workers();
-        tasks.push(tokio::spawn(crate::liveness::run(
+        self.scheduler.spawn_workers();
+        vec![tokio::spawn(crate::liveness::run(
             Arc::clone(&self.sessions),
             Arc::clone(&self.scheduler),
-        )));
-        tasks
+        ))]
     }
 
     /// Handles one validated heartbeat: updates the session, queues a write if due, and answers

@@ -272,6 +272,9 @@ pub struct Scheduler {
     source: Arc<dyn StatusSource>,
     metrics: Arc<Metrics>,
     me: std::sync::Weak<Scheduler>,
+    workers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Set by [`Scheduler::drain`]: workers end once nothing is queued.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Scheduler {
@@ -291,6 +294,8 @@ impl Scheduler {
             sink,
             source,
             metrics,
+            workers: Mutex::new(Vec::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -320,14 +325,44 @@ impl Scheduler {
         self.state().depth()
     }
 
-    /// Starts the writer tasks.
-    pub fn spawn_workers(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
-        (0..self.config.workers.max(1))
-            .map(|_| {
-                let me = Arc::clone(self);
-                tokio::spawn(async move { me.worker().await })
-            })
-            .collect()
+    /// Starts the writer tasks; [`Scheduler::drain`] ends them.
+    pub fn spawn_workers(self: &Arc<Self>) {
+        let spawned = (0..self.config.workers.max(1)).map(|_| {
+            let me = Arc::clone(self);
+            tokio::spawn(async move { me.worker().await })
+        });
+        self.workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(spawned);
+    }
+
+    /// Shutdown: the workers write what is queued (at the bucket's rate) and end once the queue
+    /// is empty; after `timeout` the rest is dropped, with a log line saying how much. A write
+    /// waiting for its retry is not waited for.
+    pub async fn drain(&self, timeout: Duration) {
+        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.work.notify_waiters();
+        let workers = std::mem::take(
+            &mut *self
+                .workers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let deadline = Instant::now() + timeout;
+        for mut worker in workers {
+            if tokio::time::timeout_at(deadline, &mut worker).await.is_err() {
+                worker.abort();
+            }
+        }
+        let left = self.depth();
+        if left > 0 {
+            tracing::warn!(
+                drones = left,
+                ?timeout,
+                "shutdown: status writes still waiting were dropped"
+            );
+        }
     }
 
     /// Tokens that only transitions may take: registrations and refreshes leave them in the
@@ -358,6 +393,9 @@ impl Scheduler {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let Some(best) = self.state().best() else {
+                if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
                 notified.await;
                 continue;
             };
@@ -734,6 +772,66 @@ mod tests {
         want(&r.scheduler, "a", Priority::Transition);
         assert_eq!(settle(&mut r.writes).await, ["a"]);
         assert_eq!(*r.source.done.lock().unwrap(), [("a".to_owned(), 1)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_writes_what_is_queued_at_the_bucket_rate_then_ends_the_workers() {
+        let config = SchedulerConfig {
+            qps: 1.0,
+            burst: 1,
+            workers: 2,
+            ..SchedulerConfig::default()
+        };
+        let mut r = rig(config, &[]);
+        r.scheduler.spawn_workers();
+        let started = Instant::now();
+        for name in ["a", "b", "c"] {
+            r.source.set(name, 1);
+            want(&r.scheduler, name, Priority::Transition);
+        }
+        r.scheduler.drain(Duration::from_mins(1)).await;
+        let mut written = Vec::new();
+        while let Ok((name, _)) = r.writes.try_recv() {
+            written.push(name);
+        }
+        assert_eq!(written, ["a", "b", "c"]);
+        // One token at start, then one a second: the drain waited for the bucket.
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(r.scheduler.depth(), 0);
+        assert!(r.scheduler.workers.lock().unwrap().is_empty());
+        // Nothing writes any more.
+        r.source.set("d", 1);
+        want(&r.scheduler, "d", Priority::Transition);
+        assert!(settle(&mut r.writes).await.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_gives_up_after_its_timeout() {
+        let config = SchedulerConfig {
+            qps: 0.01,
+            burst: 1,
+            workers: 1,
+            ..SchedulerConfig::default()
+        };
+        let mut r = rig(config, &[]);
+        r.scheduler.spawn_workers();
+        for name in ["a", "b"] {
+            r.source.set(name, 1);
+            want(&r.scheduler, name, Priority::Transition);
+        }
+        let started = Instant::now();
+        r.scheduler.drain(Duration::from_secs(5)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(settle(&mut r.writes).await.len(), 1, "b waits 100 s for a token");
+        assert_eq!(r.scheduler.depth(), 1);
     }
 
     #[tokio::test(start_paused = true)]

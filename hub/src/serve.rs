@@ -16,6 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+/// How long a stopping hub keeps writing queued statuses (well inside Kubernetes' default 30 s
+/// termination grace period).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Where statuses go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StoreKind {
@@ -231,6 +235,8 @@ pub async fn serve(
     for t in tasks {
         t.abort();
     }
+    // What drones reported last still goes out (transitions first), within a bound.
+    hub.scheduler.drain(DRAIN_TIMEOUT).await;
     result
 }
 

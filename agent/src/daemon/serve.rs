@@ -121,6 +121,23 @@ impl Shared {
         let state = self.worker.state.borrow().clone();
         self.dispatcher.lock().ok().map(|mut d| f(&mut d, &state))
     }
+
+    /// Runs `f` on a blocking thread: the dispatcher's history and report sequence live in sled
+    /// (reads, inserts, flushes) and the activation backend may run a script. `None` (logged)
+    /// when the task panicked.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Shared) -> T + Send + 'static,
+    ) -> Option<T> {
+        let me = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || f(&me)).await {
+            Ok(value) => Some(value),
+            Err(e) => {
+                tracing::error!(error = %e, "daemon: a blocking task failed");
+                None
+            }
+        }
+    }
 }
 
 /// Runs the daemon until `shutdown` fires (SIGTERM/SIGINT in `main`).
@@ -182,10 +199,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             agent_version: env!("CARGO_PKG_VERSION").into(),
             boot_id: boot_id(&cfg),
             state_dir: cfg.state_dir.clone(),
-            booted: match &shared.activation {
-                Activation::Reboot { boot, .. } => boot.booted().ok(),
-                Activation::Command { .. } => None,
-            },
+            booted: shared
+                .blocking(|s| match &s.activation {
+                    Activation::Reboot { boot, .. } => boot.booted().ok(),
+                    Activation::Command { .. } => None,
+                })
+                .await
+                .flatten(),
         };
         let (state, progress, token) = (
             shared.worker.state.clone(),
@@ -233,28 +253,40 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         tokio::select! {
             () = shutdown.cancelled() => break,
             Some(msg) = inbound.recv() => match msg {
-                Inbound::Command(c) => match shared.dispatch(c, false) {
-                    Reply::Report(r) => publish(Some(r)),
-                    Reply::Started(_) | Reply::Nothing => {}
-                },
-                Inbound::Malformed(reason) => publish(shared.report(|d, _| d.malformed(&shared.worker, reason))),
+                Inbound::Command(c) => {
+                    if let Some(Reply::Report(r)) = shared.blocking(move |s| s.dispatch(c, false)).await {
+                        publish(Some(r));
+                    }
+                }
+                Inbound::Malformed(reason) => publish(
+                    shared
+                        .blocking(move |s| s.report(|d, _| d.malformed(&s.worker, reason)))
+                        .await
+                        .flatten(),
+                ),
             },
             Some(state) = transitions.recv() => {
                 notify::status(&format!("phase: {}", state.phase()));
-                if state.upgrade.is_none()
-                    && let Some(last) = &state.last
-                    && let Ok(d) = shared.dispatcher.lock()
-                {
-                    d.history.record(last);
-                }
                 last_progress = None;
-                publish(shared.report(|d, _| reports::current(&d.device_id, d.seq.take(), &state, None)));
+                let report = shared.blocking(move |s| {
+                    if state.upgrade.is_none()
+                        && let Some(last) = &state.last
+                        && let Ok(d) = s.dispatcher.lock()
+                    {
+                        d.history.record(last);
+                    }
+                    s.report(|d, _| reports::current(&d.device_id, d.seq.take(), &state, None))
+                });
+                publish(report.await.flatten());
             }
             _ = progress_tick.tick() => {
                 let p = *shared.worker.progress.borrow();
                 if p.is_some() && p != last_progress {
                     last_progress = p;
-                    publish(shared.report(|d, s| reports::current(&d.device_id, d.seq.take(), s, p)));
+                    let report = shared.blocking(move |s| {
+                        s.report(|d, s| reports::current(&d.device_id, d.seq.take(), s, p))
+                    });
+                    publish(report.await.flatten());
                 }
             }
             _ = watchdog.tick() => notify::watchdog(),
@@ -334,7 +366,16 @@ async fn handle_control(stream: tokio::net::UnixStream, shared: Arc<Shared>) -> 
         }
     };
     match req {
-        CtlRequest::Status => send(&mut w, &Response::Status(Box::new(shared.status()))).await,
+        CtlRequest::Status => {
+            let resp = shared.blocking(Shared::status).await.map_or_else(
+                || Response::Error {
+                    code: "internal".into(),
+                    message: "reading the status failed (see the agent's log)".into(),
+                },
+                |status| Response::Status(Box::new(status)),
+            );
+            send(&mut w, &resp).await
+        }
         CtlRequest::Install {
             source,
             allow_downgrade,
@@ -347,7 +388,11 @@ async fn handle_control(stream: tokio::net::UnixStream, shared: Arc<Shared>) -> 
                 version: None,
                 allow_downgrade,
             });
-            match shared.dispatch(cmd, true) {
+            match shared
+                .blocking(move |s| s.dispatch(cmd, true))
+                .await
+                .unwrap_or(Reply::Nothing)
+            {
                 Reply::Started(Some(mut done)) => {
                     let mut progress = shared.worker.progress.clone();
                     loop {
@@ -380,8 +425,14 @@ async fn handle_control(stream: tokio::net::UnixStream, shared: Arc<Shared>) -> 
                         .last
                         .clone()
                         .filter(|l| l.upgrade_id == id);
-                    let ended =
-                        ended.or_else(|| shared.dispatcher.lock().ok().and_then(|d| d.history.get(&id)));
+                    let ended = if ended.is_some() {
+                        ended
+                    } else {
+                        let id = id.clone();
+                        let from_history =
+                            move |s: &Shared| s.dispatcher.lock().ok().and_then(|d| d.history.get(&id));
+                        shared.blocking(from_history).await.flatten()
+                    };
                     let resp = match (ended, report.error) {
                         (Some(last), _) => Response::Done(last),
                         (None, Some(e)) => Response::Error {

@@ -6,8 +6,8 @@ use crate::outbox::{Event, Outbox};
 use crate::state::DeviceState;
 use flightnode_proto::status::Progress;
 use flightnode_proto::{Phase, Slot, WaitReason};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Work for the engine thread.
@@ -34,7 +34,8 @@ pub enum Job {
 
 /// Handle on the engine thread.
 pub struct Worker {
-    jobs: std::sync::mpsc::Sender<Job>,
+    /// `None` once [`Worker::shutdown`] closed the queue.
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     pending: Arc<AtomicUsize>,
     /// Latest saved state.
     pub state: watch::Receiver<DeviceState>,
@@ -42,7 +43,14 @@ pub struct Worker {
     pub progress: watch::Receiver<Option<Progress>>,
     /// Cancel / pause the download in flight.
     pub interrupts: Arc<Interrupts>,
-    _thread: std::thread::JoinHandle<()>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Disconnected when the engine thread ends (its sender lives on that thread).
+    ended: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+// NB: std Mutexes: held only for a take, a send or a bounded wait, never across an await.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Forwards the engine's notifications: every transition (never coalesced, so no phase is lost)
@@ -127,9 +135,11 @@ impl Worker {
         let pending = Arc::new(AtomicUsize::new(0));
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         let thread_pending = pending.clone();
+        let (alive, ended) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("flightnode-engine".into())
             .spawn(move || {
+                let _alive = alive;
                 for job in rx {
                     run_job(&mut engine, job);
                     state_tx.send_replace(engine.state().clone());
@@ -137,19 +147,22 @@ impl Worker {
                 }
             })?;
         Ok(Self {
-            jobs,
+            jobs: Mutex::new(Some(jobs)),
             pending,
             state,
             progress,
             interrupts,
-            _thread: thread,
+            thread: Mutex::new(Some(thread)),
+            ended: Mutex::new(ended),
         })
     }
 
     /// Queues a job. Marks the worker busy at once, so two commands cannot both pass the busy check.
     pub fn submit(&self, job: Job) -> bool {
         self.pending.fetch_add(1, Ordering::SeqCst);
-        let sent = self.jobs.send(job).is_ok();
+        let sent = lock(&self.jobs)
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(job).is_ok());
         if !sent {
             self.pending.fetch_sub(1, Ordering::SeqCst);
         }
@@ -161,13 +174,25 @@ impl Worker {
         self.pending.load(Ordering::SeqCst) > 0
     }
 
-    /// Pauses any download and waits up to `grace` for the engine to reach a resumable point.
-    /// Every step is write-ahead, so exiting after the grace period is as safe as a crash.
+    /// Pauses any download, closes the job queue and waits up to `grace` for the engine thread
+    /// to end (at a resumable point), then joins it. Every step is write-ahead, so exiting after
+    /// the grace period is as safe as a crash. Blocks: call it from a blocking thread.
     pub fn shutdown(&self, grace: std::time::Duration) {
         self.interrupts.pause.store(true, Ordering::SeqCst);
-        let deadline = std::time::Instant::now() + grace;
-        while self.is_busy() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(50));
+        // The thread ends once its queue is empty and closed.
+        drop(lock(&self.jobs).take());
+        let ended = lock(&self.ended).recv_timeout(grace);
+        if ended != Err(std::sync::mpsc::RecvTimeoutError::Disconnected) {
+            tracing::warn!(
+                ?grace,
+                "the engine did not stop within the grace period; exiting (every step is write-ahead)"
+            );
+            return;
+        }
+        if let Some(thread) = lock(&self.thread).take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the engine thread panicked");
         }
     }
 }
