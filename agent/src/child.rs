@@ -25,10 +25,10 @@ pub struct Finished {
 #[derive(Debug, thiserror::Error)]
 pub enum ChildError {
     /// It could not be started.
-    #[error("could not be started: {0}")]
+    #[error("could not be started")]
     Spawn(#[source] std::io::Error),
     /// Waiting for it failed.
-    #[error("waiting for it failed: {0}")]
+    #[error("waiting for it failed")]
     Wait(#[source] std::io::Error),
     /// It ran past the deadline; its process group was killed.
     #[error("did not finish within {timeout:?} and was killed")]

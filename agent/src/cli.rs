@@ -6,6 +6,7 @@ use flightnode_agent::bundle::{self, CreateOptions, TrustedKeys};
 use flightnode_agent::config::Config;
 use flightnode_agent::daemon::control;
 use flightnode_agent::engine::{Engine, Observer, Outcome, Request, derive_upgrade_id};
+use flightnode_agent::proto::error::Chain;
 use flightnode_agent::proto::status::{DeviceStatus, LastUpgrade};
 use flightnode_agent::proto::{Slot, UpgradeResult};
 use flightnode_agent::state::DeviceState;
@@ -180,7 +181,7 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
-                    eprintln!("error: {}: {}: {e}", file.display(), e.code());
+                    eprintln!("error: {}: {}: {}", file.display(), e.code(), Chain(&e));
                     Ok(ExitCode::FAILURE)
                 }
             }

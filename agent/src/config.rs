@@ -11,7 +11,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/flightnode/agent.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file cannot be read.
-    #[error("cannot read config {path}: {source} (pass --config FILE or set FLIGHTNODE_CONFIG)")]
+    #[error("cannot read config {path} (pass --config FILE or set FLIGHTNODE_CONFIG)")]
     Read {
         /// Config path.
         path: PathBuf,

@@ -29,6 +29,7 @@
 use crate::config::DownloadConfig;
 use bytes::{Buf, Bytes};
 use flightnode_proto::ErrorCode;
+use flightnode_proto::error::Chain;
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, RANGE};
@@ -68,7 +69,7 @@ pub enum DownloadError {
     #[error("cannot set up the bundle downloader: {0}")]
     Setup(String),
     /// A local bundle cannot be opened or positioned.
-    #[error("cannot open bundle {path}: {source}")]
+    #[error("cannot open bundle {path}")]
     OpenFile {
         /// Bundle path.
         path: PathBuf,
@@ -76,7 +77,7 @@ pub enum DownloadError {
         source: io::Error,
     },
     /// A local bundle cannot be read.
-    #[error("cannot read bundle {path} at byte {offset}: {source}")]
+    #[error("cannot read bundle {path} at byte {offset}")]
     ReadFile {
         /// Bundle path.
         path: PathBuf,
@@ -234,7 +235,7 @@ impl Fetcher {
         }
         let client = builder
             .build()
-            .map_err(|e| DownloadError::Setup(error_chain(&e)))?;
+            .map_err(|e| DownloadError::Setup(flightnode_proto::error::chain(&e)))?;
         Ok(Self {
             client,
             rt,
@@ -514,7 +515,7 @@ impl HttpReader {
                 Some(Msg::Started { .. }) => {}
                 Some(Msg::End) => self.state = ReadState::Done,
                 Some(Msg::Err(e)) => {
-                    self.state = ReadState::Failed(e.to_string());
+                    self.state = ReadState::Failed(flightnode_proto::error::chain(&e));
                     return Err(io::Error::other(e));
                 }
                 None => {
@@ -522,7 +523,7 @@ impl HttpReader {
                         url: self.url.clone(),
                         reason: "the download task ended unexpectedly (runtime shut down?)".into(),
                     };
-                    self.state = ReadState::Failed(e.to_string());
+                    self.state = ReadState::Failed(flightnode_proto::error::chain(&e));
                     return Err(io::Error::other(e));
                 }
             }
@@ -592,7 +593,7 @@ impl HttpTask {
                     return;
                 }
                 Err(Failure::Fatal(e)) => {
-                    warn!(url = %self.url_str, offset = p.pos, attempt, error = %e, "bundle download failed");
+                    warn!(url = %self.url_str, offset = p.pos, attempt, error = %Chain(&e), "bundle download failed");
                     let _ = self.tx.send(Msg::Err(e)).await;
                     return;
                 }
@@ -608,12 +609,12 @@ impl HttpTask {
                     attempts: attempt,
                     last: Box::new(err),
                 };
-                warn!(url = %self.url_str, offset = p.pos, attempt, error = %e, "bundle download failed");
+                warn!(url = %self.url_str, offset = p.pos, attempt, error = %Chain(&e), "bundle download failed");
                 let _ = self.tx.send(Msg::Err(e)).await;
                 return;
             }
             let delay = backoff_delay(self.backoff, failures);
-            warn!(url = %self.url_str, offset = p.pos, attempt, error = %err,
+            warn!(url = %self.url_str, offset = p.pos, attempt, error = %Chain(&err),
                 retry_in = ?delay, "bundle download attempt failed; retrying");
             tokio::time::sleep(delay).await;
         }
@@ -636,14 +637,14 @@ impl HttpTask {
             Ok(Err(e)) if e.is_redirect() => {
                 return Err(Failure::Fatal(DownloadError::Redirect {
                     url: url.clone(),
-                    reason: error_chain(&e.without_url()),
+                    reason: flightnode_proto::error::chain(&e.without_url()),
                 }));
             }
             Ok(Err(e)) => {
                 return Err(Failure::Retry(DownloadError::Request {
                     url: url.clone(),
                     offset: p.pos,
-                    reason: error_chain(&e.without_url()),
+                    reason: flightnode_proto::error::chain(&e.without_url()),
                 }));
             }
             Ok(Ok(resp)) => resp,
@@ -758,7 +759,7 @@ impl HttpTask {
                     return Err(Failure::Retry(DownloadError::Transfer {
                         url: url.clone(),
                         offset: p.pos,
-                        reason: error_chain(&e.without_url()),
+                        reason: flightnode_proto::error::chain(&e.without_url()),
                     }));
                 }
                 Some(Ok(chunk)) => chunk,
@@ -864,21 +865,6 @@ fn backoff_delay(base: Duration, n: u32) -> Duration {
         return d;
     }
     half + Duration::from_millis(rand::random_range(0..=jitter_ms))
-}
-
-/// `e` and its sources, joined by ": ", without repeating a message already included.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        let m = cause.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        src = cause.source();
-    }
-    s
 }
 
 #[cfg(test)]

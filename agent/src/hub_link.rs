@@ -30,6 +30,7 @@ use crate::outbox::{Event, Outbox};
 use crate::resources::Sampler;
 use crate::state::{DeviceState, SlotRecord};
 use flightnode_proto::SlotState;
+use flightnode_proto::error::{Chain, chain};
 use flightnode_proto::status::Progress;
 use flightnode_proto::v1;
 use flightnode_proto::v1::hub_service_client::HubServiceClient;
@@ -112,7 +113,7 @@ pub enum HubLinkError {
         key: Option<PathBuf>,
     },
     /// A TLS file could not be read.
-    #[error("hub TLS: reading {what} {path}: {source}")]
+    #[error("hub TLS: reading {what} {path}")]
     Read {
         /// `CA`, `client certificate` or `client key`.
         what: &'static str,
@@ -164,7 +165,7 @@ pub fn channel(cfg: &HubConfig, tls: &Tls) -> Result<Channel, HubLinkError> {
         ));
     };
     let mut endpoint = Endpoint::from_shared(cfg.endpoint.clone())
-        .map_err(|e| endpoint_err(error_chain(&e)))?
+        .map_err(|e| endpoint_err(chain(&e)))?
         .connect_timeout(cfg.timeout)
         .timeout(cfg.timeout)
         .tcp_keepalive(Some(Duration::from_mins(1)))
@@ -196,7 +197,7 @@ pub fn channel(cfg: &HubConfig, tls: &Tls) -> Result<Channel, HubLinkError> {
         }
         endpoint = endpoint.tls_config(tls_config).map_err(|e| HubLinkError::Tls {
             endpoint: cfg.endpoint.clone(),
-            reason: error_chain(&e),
+            reason: chain(&e),
         })?;
     } else if tls.cert.is_some() || tls.key.is_some() {
         tracing::warn!(endpoint = %cfg.endpoint, "hub endpoint is plain http://: the client certificate is not used");
@@ -241,32 +242,18 @@ fn read_key(path: &Path) -> Result<Vec<u8>, HubLinkError> {
     Ok(pem)
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let text = inner.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = inner.source();
-    }
-    s
-}
-
 /// `Unavailable: tcp connect error: Connection refused (os error 111)`.
 fn status_text(status: &tonic::Status) -> String {
     let mut s = format!("{:?}", status.code());
-    let mut seen = Vec::new();
-    for part in std::iter::once(status.message().to_owned()).chain(
-        std::iter::successors(std::error::Error::source(status), |e| e.source()).map(ToString::to_string),
-    ) {
-        if !part.is_empty() && !seen.iter().any(|p: &String| p.contains(&part)) {
-            s.push_str(": ");
-            s.push_str(&part);
-            seen.push(part);
-        }
+    if !status.message().is_empty() {
+        s.push_str(": ");
+        s.push_str(status.message());
+    }
+    if let Some(cause) = std::error::Error::source(status).map(chain)
+        && !s.contains(&cause)
+    {
+        s.push_str(": ");
+        s.push_str(&cause);
     }
     s
 }
@@ -393,7 +380,7 @@ async fn gather(outbox: &Outbox, sampler: &Arc<std::sync::Mutex<Sampler>>) -> (V
     let sampler = Arc::clone(sampler);
     let task = tokio::task::spawn_blocking(move || {
         let events = outbox.pending(MAX_EVENTS).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "hub link: reading the outbox failed; heartbeat without events");
+            tracing::warn!(error = %Chain(&e), "hub link: reading the outbox failed; heartbeat without events");
             Vec::new()
         });
         let resources = sampler
@@ -417,7 +404,7 @@ async fn ack(outbox: &Outbox, upto: Option<u64>) -> (usize, Option<u64>) {
             None => 0,
             Some((_, Ok(n))) => n,
             Some((upto, Err(e))) => {
-                tracing::warn!(error = %e, upto, "hub link: removing acknowledged events failed");
+                tracing::warn!(error = %Chain(&e), upto, "hub link: removing acknowledged events failed");
                 0
             }
         };

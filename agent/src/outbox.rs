@@ -81,10 +81,10 @@ impl Event {
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     /// sled failed.
-    #[error("outbox: {0}")]
+    #[error("outbox store")]
     Sled(#[from] sled::Error),
     /// An event could not be encoded.
-    #[error("outbox: encoding event {seq}: {source}")]
+    #[error("outbox: encoding event {seq}")]
     Encode {
         /// The event's seq.
         seq: u64,
@@ -199,7 +199,7 @@ impl Outbox {
                 Ok(e) => out.push(e),
                 Err(e) => tracing::warn!(
                     key = ?decode_u64(&k),
-                    error = %e,
+                    error = %flightnode_proto::error::Chain(&e),
                     "outbox: skipping an event that does not decode"
                 ),
             }

@@ -344,7 +344,7 @@ fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
 /// The CRDs (`FlightNode`, `FirmwareRollout`) as YAML, as `flightnode-hub crd` prints them and
 /// `hub/deploy/crd.yaml` holds them.
 pub fn crd_yaml() -> crate::Result<String> {
-    let encode = |e: serde_saphyr::SerializeError| crate::Error::Encode(e.to_string());
+    let encode = |e: serde_saphyr::SerializeError| crate::Error::Encode(e.into());
     let nodes = serde_saphyr::to_string(&FlightNode::crd()).map_err(encode)?;
     let rollouts = serde_saphyr::to_string(&crate::rollout::FirmwareRollout::crd()).map_err(encode)?;
     Ok(format!(

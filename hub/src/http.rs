@@ -222,7 +222,11 @@ async fn patch_spec(
                 Json(node).into_response()
             }
             Ok(None) => not_found(&name),
-            Err(e) => status_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &e.to_string()),
+            Err(e) => status_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                &flightnode_proto::error::chain(&e),
+            ),
         };
     }
     let version = match patch.pointer("/spec/firmwareVersion") {
@@ -243,7 +247,11 @@ async fn patch_spec(
             Json(node).into_response()
         }
         Ok(None) => not_found(&name),
-        Err(e) => status_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &e.to_string()),
+        Err(e) => status_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            &flightnode_proto::error::chain(&e),
+        ),
     }
 }
 
@@ -330,6 +338,10 @@ async fn rollout_apply(
     rollout.metadata.name = Some(name);
     match store.apply_rollout(rollout).await {
         Ok(r) => Json(r).into_response(),
-        Err(e) => status_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", &e.to_string()),
+        Err(e) => status_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            &flightnode_proto::error::chain(&e),
+        ),
     }
 }

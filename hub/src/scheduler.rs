@@ -453,7 +453,7 @@ impl Scheduler {
                         self.retry(job, Duration::ZERO);
                     }
                     Err(e) => {
-                        tracing::warn!(device_id = %req.device_id, error = %e, "auto-registration failed");
+                        tracing::warn!(device_id = %req.device_id, error = %flightnode_proto::error::Chain(&e), "auto-registration failed");
                         let delay = self.backoff(job.attempts + 1, None);
                         self.retry(job, delay);
                     }

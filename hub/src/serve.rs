@@ -175,9 +175,9 @@ pub async fn serve(
     }
 
     let serve_err = |addr: SocketAddr| {
-        move |e: std::io::Error| Error::Serve {
+        move |source: std::io::Error| Error::Serve {
             addr: addr.to_string(),
-            message: e.to_string(),
+            source,
         }
     };
     let grpc_listener = tokio::net::TcpListener::bind(opts.grpc_addr)
@@ -209,7 +209,7 @@ pub async fn serve(
     let mut builder = Server::builder();
     let require_identity = opts.client_ca.is_some();
     if let Some(tls) = tls {
-        builder = builder.tls_config(tls).map_err(|e| Error::Tls(e.to_string()))?;
+        builder = builder.tls_config(tls).map_err(Error::Tls)?;
     }
     let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let grpc = builder
@@ -222,9 +222,9 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let result = grpc.await.map_err(|e| Error::Serve {
+    let result = grpc.await.map_err(|source| Error::Grpc {
         addr: bound.grpc.to_string(),
-        message: e.to_string(),
+        source,
     });
     ready.store(false, Ordering::SeqCst);
     let _ = http.await;
@@ -290,7 +290,7 @@ fn start_controllers(
                 let store = match crate::store::KubeFleet::start(client, &namespace, &identity).await {
                     Ok(s) => Arc::new(s),
                     Err(e) => {
-                        tracing::error!(error = %e, "controllers not started");
+                        tracing::error!(error = %flightnode_proto::error::Chain(&e), "controllers not started");
                         return;
                     }
                 };

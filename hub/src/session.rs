@@ -220,7 +220,14 @@ impl Session {
     }
 
     fn base(&self) -> FlightNodeStatus {
-        serde_json::from_slice(&self.base).unwrap_or_default()
+        if self.base.is_empty() {
+            return FlightNodeStatus::default();
+        }
+        serde_json::from_slice(&self.base).unwrap_or_else(|e| {
+            tracing::warn!(device_id = %self.device_id, error = %e,
+                "session: the kept status does not decode; rebuilding it from the next heartbeat");
+            FlightNodeStatus::default()
+        })
     }
 
     /// Recomputes the full status from `base` (the heartbeat part) and records it; true when

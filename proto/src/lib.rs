@@ -4,6 +4,7 @@
 //! - [`manifest`]: the signed bundle manifest and the bundle file layout.
 //! - [`device`]: the device id rule.
 //! - [`codes`]: error codes and upgrade results shared by the CLI, MQTT and the hub.
+//! - [`error`]: how an error reads with its causes ([`error::Chain`]), for agent and hub alike.
 //! - [`status`]: the JSON the agent prints for `status --json` and reports upstream.
 //! - [`mqtt`]: commands on `firmware/<id>/upgrade` and reports on `firmware/<id>/status`.
 //! - [`v1`]: the gRPC `HubService` generated from `flightnode/v1/hub.proto`.
@@ -14,6 +15,7 @@
 
 pub mod codes;
 pub mod device;
+pub mod error;
 pub mod manifest;
 pub mod mqtt;
 pub mod sample;

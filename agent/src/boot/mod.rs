@@ -24,7 +24,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// A tool could not be started.
-    #[error("failed to run {tool}: {source}")]
+    #[error("failed to run {tool}")]
     Spawn {
         /// The program.
         tool: String,

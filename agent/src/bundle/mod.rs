@@ -51,10 +51,10 @@ pub enum BundleError {
     #[error("{}: already exists; refusing to overwrite a key (move it away or choose another directory)", path.display())]
     KeyExists { path: PathBuf },
     /// `keygen` could not create the directory or write a key file.
-    #[error("{}: cannot write key file: {source}; check the directory and its permissions", path.display())]
+    #[error("{}: cannot write key file (check the directory and its permissions)", path.display())]
     KeyWrite { path: PathBuf, source: io::Error },
     /// A key file could not be read.
-    #[error("{}: cannot read key file: {source}; check the path and its permissions", path.display())]
+    #[error("{}: cannot read key file (check the path and its permissions)", path.display())]
     KeyRead { path: PathBuf, source: io::Error },
     /// A key file is not a PEM key of the expected kind.
     #[error("{}: not a {kind}: {reason}; use the file written by keygen (release.key to sign, release.pub to verify)", path.display())]
@@ -67,7 +67,7 @@ pub enum BundleError {
     #[error("no trusted keys configured; list at least one release public key (release.pub) in trusted_keys")]
     NoTrustedKeys,
     /// `create` could not read the image.
-    #[error("{}: cannot read image: {source}; check the path and its permissions", path.display())]
+    #[error("{}: cannot read image (check the path and its permissions)", path.display())]
     ImageRead { path: PathBuf, source: io::Error },
     /// The image changed between hashing it and copying it into the bundle.
     #[error("{}: image changed while the bundle was written ({reason}); retry once nothing writes to it", path.display())]
@@ -76,10 +76,10 @@ pub enum BundleError {
     #[error("cannot build manifest.json: {reason}; fix the bundle options")]
     ManifestBuild { reason: String },
     /// `create` could not write the output bundle.
-    #[error("{}: cannot write bundle: {source}; check free space and permissions", path.display())]
+    #[error("{}: cannot write bundle (check free space and permissions)", path.display())]
     Output { path: PathBuf, source: io::Error },
     /// A bundle file could not be opened.
-    #[error("{}: cannot open bundle: {source}; check the path and its permissions", path.display())]
+    #[error("{}: cannot open bundle (check the path and its permissions)", path.display())]
     Open { path: PathBuf, source: io::Error },
     /// The bundle ended early, before the image.
     #[error(
@@ -170,10 +170,10 @@ pub enum BundleError {
     )]
     ResumeOffset { start: u64, size: u64 },
     /// Reading the bundle stream failed (download or file).
-    #[error("reading the bundle failed: {source}; check the source and retry")]
+    #[error("reading the bundle failed (check the source and retry)")]
     Read { source: io::Error },
     /// Writing the image to its destination failed.
-    #[error("writing the image failed: {source}; check the target slot and free space")]
+    #[error("writing the image failed (check the target slot and free space)")]
     Write { source: io::Error },
 }
 

@@ -12,9 +12,10 @@ use crate::hub_link::{self, DeviceInfo, Tls};
 use crate::mqtt::{self, Inbound};
 use crate::outbox::Outbox;
 use crate::state::DeviceState;
+use flightnode_proto::error::Chain;
 use flightnode_proto::mqtt::{Command, StatusMessage, UpgradeCommand, derive_upgrade_id};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch};
@@ -26,14 +27,19 @@ pub enum DaemonError {
     /// The engine (store, keys, backends).
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// A sled tree of the daemon.
-    #[error("state store: {0}")]
-    Store(#[from] sled::Error),
+    /// A sled tree of the daemon (history, report sequence) in the state store.
+    #[error("state store {}: opening the daemon's trees", path.display())]
+    Store {
+        /// The state store directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: sled::Error,
+    },
     /// The hub outbox.
     #[error(transparent)]
     Outbox(#[from] crate::outbox::OutboxError),
     /// The control socket.
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {}", path.display())]
     Socket {
         /// Socket path.
         path: std::path::PathBuf,
@@ -41,8 +47,8 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     /// The engine thread.
-    #[error("cannot start the engine thread: {0}")]
-    Thread(std::io::Error),
+    #[error("cannot start the engine thread")]
+    Thread(#[source] std::io::Error),
 }
 
 /// How long a stop waits for the engine to reach a resumable point.
@@ -107,19 +113,23 @@ impl Shared {
         status
     }
 
-    fn dispatch(&self, command: Command, want_reply: bool) -> Reply {
-        match self.dispatcher.lock() {
-            Ok(mut d) => d.handle(&self.worker, command, want_reply),
-            Err(_) => Reply::Nothing,
-        }
+    /// The dispatcher. Its state lives in sled and is written before each reply, so after a
+    /// panic while it was held it is still sound: the poisoned lock is logged and recovered
+    /// instead of answering nothing to every later command.
+    fn dispatcher(&self) -> MutexGuard<'_, Dispatcher> {
+        self.dispatcher.lock().unwrap_or_else(|poisoned| {
+            tracing::error!("the command dispatcher panicked while handling an earlier command; carrying on");
+            poisoned.into_inner()
+        })
     }
 
-    fn report(
-        &self,
-        f: impl FnOnce(&mut Dispatcher, &DeviceState) -> StatusMessage,
-    ) -> Option<StatusMessage> {
+    fn dispatch(&self, command: Command, want_reply: bool) -> Reply {
+        self.dispatcher().handle(&self.worker, command, want_reply)
+    }
+
+    fn report(&self, f: impl FnOnce(&mut Dispatcher, &DeviceState) -> StatusMessage) -> StatusMessage {
         let state = self.worker.state.borrow().clone();
-        self.dispatcher.lock().ok().map(|mut d| f(&mut d, &state))
+        f(&mut self.dispatcher(), &state)
     }
 
     /// Runs `f` on a blocking thread: the dispatcher's history and report sequence live in sled
@@ -165,10 +175,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let worker = Worker::start(engine, outbox.clone(), transitions_tx).map_err(DaemonError::Thread)?;
     worker.submit(Job::Resume);
     let activation = Activation::open(&cfg).map_err(EngineError::from)?;
+    let store_err = |source| DaemonError::Store {
+        path: cfg.state_dir.join("db"),
+        source,
+    };
     let dispatcher = Dispatcher {
         device_id: cfg.device_id.clone(),
-        history: History::open(&db)?,
-        seq: Sequencer::open(&db)?,
+        history: History::open(&db).map_err(store_err)?,
+        seq: Sequencer::open(&db).map_err(store_err)?,
     };
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
@@ -185,7 +199,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         let (device, token) = (cfg.device_id.clone(), links.clone());
         tasks.spawn(async move {
             if let Err(e) = mqtt::run(m, device, in_tx, out_rx, mqtt_up_tx, token).await {
-                tracing::error!("MQTT link stopped: {e}");
+                tracing::error!("MQTT link stopped: {}", Chain(&e));
             }
         });
     } else {
@@ -226,7 +240,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             )
             .await
             {
-                tracing::error!("hub link stopped: {e}");
+                tracing::error!("hub link stopped: {}", Chain(&e));
             }
         });
     }
@@ -261,8 +275,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 Inbound::Malformed(reason) => publish(
                     shared
                         .blocking(move |s| s.report(|d, _| d.malformed(&s.worker, reason)))
-                        .await
-                        .flatten(),
+                        .await,
                 ),
             },
             Some(state) = transitions.recv() => {
@@ -271,13 +284,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 let report = shared.blocking(move |s| {
                     if state.upgrade.is_none()
                         && let Some(last) = &state.last
-                        && let Ok(d) = s.dispatcher.lock()
                     {
-                        d.history.record(last);
+                        s.dispatcher().history.record(last);
                     }
                     s.report(|d, _| reports::current(&d.device_id, d.seq.take(), &state, None))
                 });
-                publish(report.await.flatten());
+                publish(report.await);
             }
             _ = progress_tick.tick() => {
                 let p = *shared.worker.progress.borrow();
@@ -286,7 +298,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                     let report = shared.blocking(move |s| {
                         s.report(|d, s| reports::current(&d.device_id, d.seq.take(), s, p))
                     });
-                    publish(report.await.flatten());
+                    publish(report.await);
                 }
             }
             _ = watchdog.tick() => notify::watchdog(),
@@ -429,8 +441,7 @@ async fn handle_control(stream: tokio::net::UnixStream, shared: Arc<Shared>) -> 
                         ended
                     } else {
                         let id = id.clone();
-                        let from_history =
-                            move |s: &Shared| s.dispatcher.lock().ok().and_then(|d| d.history.get(&id));
+                        let from_history = move |s: &Shared| s.dispatcher().history.get(&id);
                         shared.blocking(from_history).await.flatten()
                     };
                     let resp = match (ended, report.error) {

@@ -4,6 +4,7 @@
 use crate::engine::{Engine, Interrupts, Observer, Outcome, Request};
 use crate::outbox::{Event, Outbox};
 use crate::state::DeviceState;
+use flightnode_proto::error::{Chain, chain};
 use flightnode_proto::status::Progress;
 use flightnode_proto::{Phase, Slot, WaitReason};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -97,7 +98,7 @@ impl Observer for Relay {
             if let Some(outbox) = &self.outbox
                 && let Err(e) = outbox.push(&event)
             {
-                tracing::error!(upgrade_id = %event.upgrade_id, "cannot record event for the hub: {e}");
+                tracing::error!(upgrade_id = %event.upgrade_id, "cannot record event for the hub: {}", Chain(&e));
             }
             let _ = self.transitions.send(state.clone());
         }
@@ -201,11 +202,13 @@ fn run_job(engine: &mut Engine, job: Job) {
     match job {
         Job::Resume => match engine.resume() {
             Ok(outcome) => tracing::info!(?outcome, "start-up recovery done"),
-            Err(e) => tracing::error!("start-up recovery failed: {e}"),
+            Err(e) => tracing::error!("start-up recovery failed: {}", Chain(&e)),
         },
         Job::Install { req, reply } => {
             let id = req.id.clone();
-            let result = engine.install(req).map_err(|e| format!("{}: {e}", e.code()));
+            let result = engine
+                .install(req)
+                .map_err(|e| format!("{}: {}", e.code(), Chain(&e)));
             if let Err(e) = &result {
                 tracing::error!(upgrade_id = %id, "install failed: {e}");
             }
@@ -214,7 +217,7 @@ fn run_job(engine: &mut Engine, job: Job) {
             }
         }
         Job::Mark { slot, good, reply } => {
-            let _ = reply.send(engine.mark(slot, good).map_err(|e| e.to_string()));
+            let _ = reply.send(engine.mark(slot, good).map_err(|e| chain(&e)));
         }
     }
 }

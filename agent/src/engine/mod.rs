@@ -38,7 +38,7 @@ pub enum EngineError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Trusted keys could not be loaded.
-    #[error("cannot load trusted keys: {0}")]
+    #[error("cannot load trusted keys")]
     Keys(#[source] BundleError),
     /// The slot pointer or bootloader.
     #[error(transparent)]

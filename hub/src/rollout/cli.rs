@@ -151,7 +151,7 @@ pub async fn status(
     interval: Duration,
     out: &mut (dyn Write + Send),
 ) -> Result<()> {
-    let io = |e: std::io::Error| Error::Encode(e.to_string());
+    let io = |e: std::io::Error| Error::Encode(e.into());
     let rollouts: Api<FirmwareRollout> = Api::namespaced(client.clone(), namespace);
     let nodes: Api<FlightNode> = Api::namespaced(client.clone(), namespace);
     let mut last = String::new();
@@ -212,7 +212,7 @@ pub async fn apply(client: &Client, namespace: &str, yaml: &str) -> Result<Vec<S
         let req = if kind == "FirmwareRollout" {
             let r: FirmwareRollout = serde_json::from_value(doc)
                 .map_err(|e| Error::Invalid(format!("FirmwareRollout {name}: {e}")))?;
-            let body = serde_json::to_vec(&r).map_err(|e| Error::Encode(e.to_string()))?;
+            let body = serde_json::to_vec(&r).map_err(|e| Error::Encode(e.into()))?;
             http::Request::put(path)
                 .header("content-type", "application/json")
                 .body(body)
@@ -221,7 +221,7 @@ pub async fn apply(client: &Client, namespace: &str, yaml: &str) -> Result<Vec<S
             let merge = serde_json::json!({ "spec": {
                 "firmware": spec.get("firmware").cloned().unwrap_or(serde_json::Value::Null),
             }});
-            let body = serde_json::to_vec(&merge).map_err(|e| Error::Encode(e.to_string()))?;
+            let body = serde_json::to_vec(&merge).map_err(|e| Error::Encode(e.into()))?;
             http::Request::patch(path)
                 .header("content-type", "application/merge-patch+json")
                 .body(body)
