@@ -121,7 +121,7 @@ async fn release(api: &Api<Lease>, config: &LeaseConfig) {
     match api.replace(&config.name, &PostParams::default(), &lease).await {
         Ok(_) => tracing::info!(identity = %config.identity, "released the controller lease"),
         Err(e) => {
-            tracing::warn!(identity = %config.identity, error = %flightnode_proto::error::Chain(&e), "lease release failed")
+            tracing::warn!(identity = %config.identity, error = %flightnode_proto::error::Chain(&e), "lease release failed");
         }
     }
 }

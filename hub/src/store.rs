@@ -103,7 +103,7 @@ where
             match item {
                 Ok(_) => changed.notify_one(),
                 Err(e) => {
-                    tracing::warn!(error = %flightnode_proto::error::Chain(&e), "controller watch failed; retrying")
+                    tracing::warn!(error = %flightnode_proto::error::Chain(&e), "controller watch failed; retrying");
                 }
             }
         }

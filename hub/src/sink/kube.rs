@@ -190,7 +190,7 @@ pub async fn watch_specs(client: Client, namespace: String, hub: std::sync::Arc<
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %flightnode_proto::error::Chain(&e), "FlightNode watch failed; retrying")
+                tracing::warn!(error = %flightnode_proto::error::Chain(&e), "FlightNode watch failed; retrying");
             }
         }
     }
