@@ -29,6 +29,7 @@
 use crate::config::DownloadConfig;
 use bytes::{Buf, Bytes};
 use flightnode_proto::ErrorCode;
+use flightnode_proto::backoff;
 use flightnode_proto::error::Chain;
 use futures_util::StreamExt;
 use reqwest::StatusCode;
@@ -856,15 +857,8 @@ fn parse_unsatisfied_range(v: &str) -> Option<u64> {
 /// Backoff before retry number `n` (1-based): `base * 2^(n-1)`, capped, with "equal jitter"
 /// (uniform in `[d/2, d]`), so a fleet that lost its server does not come back in lockstep.
 fn backoff_delay(base: Duration, n: u32) -> Duration {
-    let cap = MAX_BACKOFF.max(base);
-    let factor = 2u32.saturating_pow(n.saturating_sub(1).min(20));
-    let d = base.saturating_mul(factor).min(cap);
-    let half = d / 2;
-    let jitter_ms = u64::try_from(d.saturating_sub(half).as_millis()).unwrap_or(u64::MAX);
-    if jitter_ms == 0 {
-        return d;
-    }
-    half + Duration::from_millis(rand::random_range(0..=jitter_ms))
+    let d = backoff::exponential(base, n, MAX_BACKOFF.max(base));
+    backoff::equal_jitter(d, rand::random())
 }
 
 #[cfg(test)]

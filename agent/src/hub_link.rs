@@ -30,6 +30,7 @@ use crate::outbox::{Event, Outbox};
 use crate::resources::Sampler;
 use crate::state::{DeviceState, SlotRecord};
 use flightnode_proto::SlotState;
+use flightnode_proto::backoff;
 use flightnode_proto::error::{Chain, chain};
 use flightnode_proto::status::Progress;
 use flightnode_proto::v1;
@@ -557,10 +558,8 @@ pub async fn run(
                         } else {
                             tracing::debug!(endpoint = %cfg.endpoint, error = %reason, failures, "heartbeat failed again");
                         }
-                        let backoff = BACKOFF_MIN
-                            .saturating_mul(1u32 << (failures - 1).min(16))
-                            .min(interval);
-                        due = now + jitter(backoff, 0.5, 1.0);
+                        let delay = backoff::exponential(BACKOFF_MIN, failures, interval);
+                        due = now + backoff::equal_jitter(delay, rand::random());
                     }
                 }
             }

@@ -24,6 +24,7 @@
 //!   `false` from the moment the connection is lost.
 
 use crate::config::MqttConfig;
+use flightnode_proto::backoff;
 use flightnode_proto::mqtt::{Command, StatusMessage, parse_command, status_topic, upgrade_topic};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, StateError,
@@ -229,13 +230,8 @@ fn mqtt_options(cfg: &MqttConfig, device_id: &str) -> Result<MqttOptions, MqttEr
 
 /// Reconnect delay before attempt `n` (1-based): 200 ms doubling up to `max`, "equal jitter".
 fn backoff_delay(max: Duration, n: u32) -> Duration {
-    let max = max.max(INITIAL_BACKOFF);
-    let d = INITIAL_BACKOFF
-        .saturating_mul(1u32 << n.saturating_sub(1).min(20))
-        .min(max);
-    let half = d / 2;
-    let jitter_ms = u64::try_from(d.saturating_sub(half).as_millis()).unwrap_or(u64::MAX);
-    half + Duration::from_millis(rand::random_range(0..=jitter_ms))
+    let d = backoff::exponential(INITIAL_BACKOFF, n, max.max(INITIAL_BACKOFF));
+    backoff::equal_jitter(d, rand::random())
 }
 
 /// What the connection task tells the link.

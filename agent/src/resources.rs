@@ -116,8 +116,9 @@ impl Sampler {
 }
 
 /// Bytes available to unprivileged users on the filesystem holding `path` (the nearest existing
-/// ancestor, so a state dir that is not created yet still reports its filesystem).
-fn free_bytes(path: &Path) -> std::io::Result<u64> {
+/// ancestor, so a state dir that is not created yet still reports its filesystem). Also what
+/// the file slots check before writing an image.
+pub(crate) fn free_bytes(path: &Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
     let c = std::ffi::CString::new(existing.as_os_str().as_bytes()).map_err(std::io::Error::other)?;

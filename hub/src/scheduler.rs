@@ -487,10 +487,11 @@ impl Scheduler {
     }
 
     fn backoff(&self, attempts: u32, retry_after: Option<Duration>) -> Duration {
-        let exp = self
-            .config
-            .backoff_base
-            .saturating_mul(1u32 << attempts.saturating_sub(1).min(16));
+        let exp = flightnode_proto::backoff::exponential(
+            self.config.backoff_base,
+            attempts,
+            self.config.backoff_max,
+        );
         retry_after.unwrap_or(exp).min(self.config.backoff_max)
     }
 

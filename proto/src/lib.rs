@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`manifest`]: the signed bundle manifest and the bundle file layout.
 //! - [`device`]: the device id rule.
+//! - [`backoff`]: the exponential back-off of every retry loop.
 //! - [`codes`]: error codes and upgrade results shared by the CLI, MQTT and the hub.
 //! - [`error`]: how an error reads with its causes ([`error::Chain`]), for agent and hub alike.
 //! - [`status`]: the JSON the agent prints for `status --json` and reports upstream.
@@ -13,6 +14,7 @@
 //! understand cannot be trusted to reject what it should.
 #![deny(missing_docs)]
 
+pub mod backoff;
 pub mod codes;
 pub mod device;
 pub mod error;
