@@ -20,6 +20,7 @@ pub mod device;
 pub mod error;
 pub mod manifest;
 pub mod mqtt;
+#[cfg(any(test, feature = "sample"))]
 pub mod sample;
 pub mod status;
 
