@@ -463,6 +463,8 @@ mod tests {
         Fail(ErrorCode),
         ResumeFailed(&'static str),
         FellBack(Slot),
+        Hold(WaitReason),
+        Release,
     }
 
     fn apply(s: &mut DeviceState, op: Op) {
@@ -482,6 +484,8 @@ mod tests {
                 s.resume_failed(id, "no such source");
             }
             Op::FellBack(slot) => s.fell_back(slot),
+            Op::Hold(reason) => s.hold(reason),
+            Op::Release => s.release(),
         }
     }
 
@@ -552,6 +556,39 @@ mod tests {
                     ResumeFailed("u1"),
                 ],
                 (Slot::A, Good, Bad, "1.0.0", 0, Phase::Downloading),
+            ),
+            (
+                "a wait holds the staged image and changes no slot",
+                vec![
+                    Begin("u1"),
+                    Accept("2.0.0", 3),
+                    Enter(Phase::Staged),
+                    Hold(WaitReason::InAir),
+                    Hold(WaitReason::Armed),
+                ],
+                (Slot::A, Good, Bad, "1.0.0", 0, Phase::Waiting),
+            ),
+            (
+                "release returns to the held step",
+                vec![
+                    Begin("u1"),
+                    Accept("2.0.0", 3),
+                    Enter(Phase::Staged),
+                    Hold(WaitReason::InAir),
+                    Release,
+                ],
+                (Slot::A, Good, Bad, "1.0.0", 0, Phase::Staged),
+            ),
+            (
+                "a failure while waiting ends on the old slot",
+                vec![
+                    Begin("u1"),
+                    Accept("2.0.0", 3),
+                    Enter(Phase::Staged),
+                    Hold(WaitReason::InAir),
+                    Fail(ErrorCode::Canceled),
+                ],
+                (Slot::A, Good, Bad, "1.0.0", 0, Phase::Idle),
             ),
             (
                 "another upgrade does not resume it",

@@ -551,3 +551,26 @@ impl StatusSource for Sessions {
         Sessions::mark_missing(self, name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_name_keeps_valid_names_and_maps_the_rest_without_collisions() {
+        let hash = |id: &str| hex::encode(sha2::Sha256::digest(id.as_bytes()))[..8].to_owned();
+        for (id, want) in [
+            ("drone-1", "drone-1".to_owned()),
+            ("fleet.eu-1.drone-7", "fleet.eu-1.drone-7".to_owned()),
+            ("Drone_1", format!("drone-1-{}", hash("Drone_1"))),
+            ("-edge-", format!("edge-{}", hash("-edge-"))),
+            ("a..b", format!("a--b-{}", hash("a..b"))),
+            ("___", format!("d-{}", hash("___"))),
+            ("", format!("d-{}", hash(""))),
+        ] {
+            assert_eq!(object_name(id), want, "{id:?}");
+        }
+        assert_ne!(object_name("Drone_1"), object_name("drone-1"));
+        assert_ne!(object_name("Drone_1"), object_name("drone_1"));
+    }
+}
