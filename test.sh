@@ -2,7 +2,8 @@
 # The whole test suite in one command, on a fresh Debian 12 machine with only a Rust toolchain.
 #
 #   ./test.sh            as root: installs the Debian packages and the rustup target the tests
-#                        need, then runs `cargo test --workspace --locked`
+#                        need, then runs `cargo fmt --check`, `cargo clippy -D warnings` and
+#                        `cargo test --workspace --locked`
 #                        as another user: checks they are there; if not, prints the exact
 #                        `apt-get install ...` / `rustup target add ...` lines and exits 2
 #   ./test.sh -- ARGS    passes ARGS to `cargo test` (e.g. `./test.sh -- -p flightnode-agent`)
@@ -210,6 +211,15 @@ if [[ $# -eq 0 || ( "$1" == "--" && $# -eq 1 ) ]] && [[ -z "${FLIGHTNODE_SKIP_PA
                 -p flightnode-agent -p flightnode-hub
     ) >target/release-builds/prebuild.log 2>&1 &
 fi
+
+# The lint gate: formatting and clippy (pedantic, from [workspace.lints]) fail the run before any
+# test does. hub/tests/crd.rs checks that hub/deploy/crd.yaml is what `flightnode-hub crd` prints.
+# rustup's minimal profile has neither tool.
+for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c"
+done
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 [[ "${1:-}" == "--" ]] && shift
 exec cargo test --workspace --locked "$@"

@@ -42,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Sizes around the tar block boundary, so the padding and tail checks are all reached.
     for (i, size) in [0usize, 1, 511, 512, 1500].into_iter().enumerate() {
         let image = work.path().join("image");
-        std::fs::write(&image, (0..size).map(|b| b as u8).collect::<Vec<_>>())?;
+        std::fs::write(&image, (0..size).map(|b| b.to_le_bytes()[0]).collect::<Vec<_>>())?;
         let opts = CreateOptions {
             version: semver::Version::new(1, i as u64, 0),
             security_version: i as u64,

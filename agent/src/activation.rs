@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ActivationError {
     /// The `current` pointer.
-    #[error("slot pointer {path}: {action}: {source}")]
+    #[error("slot pointer {path}: {action}")]
     Pointer {
         /// The symlink.
         path: PathBuf,
@@ -36,7 +36,7 @@ pub enum ActivationError {
     #[error(transparent)]
     Boot(#[from] BootError),
     /// The boot id file.
-    #[error("cannot read boot id {path}: {source}")]
+    #[error("cannot read boot id {path}")]
     BootId {
         /// The file.
         path: PathBuf,

@@ -25,10 +25,10 @@ pub struct Finished {
 #[derive(Debug, thiserror::Error)]
 pub enum ChildError {
     /// It could not be started.
-    #[error("could not be started: {0}")]
+    #[error("could not be started")]
     Spawn(#[source] std::io::Error),
     /// Waiting for it failed.
-    #[error("waiting for it failed: {0}")]
+    #[error("waiting for it failed")]
     Wait(#[source] std::io::Error),
     /// It ran past the deadline; its process group was killed.
     #[error("did not finish within {timeout:?} and was killed")]
@@ -104,7 +104,7 @@ pub fn run(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Result
             Ok(Some(status)) => break status,
             Ok(None) if Instant::now() >= deadline => {
                 // SAFETY: plain syscall on the process group we created for this child.
-                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                unsafe { libc::kill(-(child.id().cast_signed()), libc::SIGKILL) };
                 let _ = child.wait();
                 return Err(ChildError::Timeout {
                     timeout,

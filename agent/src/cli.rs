@@ -6,6 +6,7 @@ use flightnode_agent::bundle::{self, CreateOptions, TrustedKeys};
 use flightnode_agent::config::Config;
 use flightnode_agent::daemon::control;
 use flightnode_agent::engine::{Engine, Observer, Outcome, Request, derive_upgrade_id};
+use flightnode_agent::proto::error::Chain;
 use flightnode_agent::proto::status::{DeviceStatus, LastUpgrade};
 use flightnode_agent::proto::{Slot, UpgradeResult};
 use flightnode_agent::state::DeviceState;
@@ -180,7 +181,7 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
-                    eprintln!("error: {}: {}: {e}", file.display(), e.code());
+                    eprintln!("error: {}: {}: {}", file.display(), e.code(), Chain(&e));
                     Ok(ExitCode::FAILURE)
                 }
             }
@@ -237,15 +238,15 @@ impl Observer for Progress {
                 return;
             }
             let secs = self.started.elapsed().as_secs_f64().max(0.001);
-            let filled = (bytes * 30 / total) as usize;
+            let filled = usize::try_from(bytes.min(total) * 30 / total).unwrap_or(30);
             eprint!(
                 "\r[{}{}] {:>3}%  {:.1}/{:.1} MiB  {:.1} MiB/s ",
                 "#".repeat(filled),
                 "-".repeat(30 - filled.min(30)),
                 bytes * 100 / total,
-                bytes as f64 / 1048576.0,
-                total as f64 / 1048576.0,
-                bytes as f64 / 1048576.0 / secs
+                bytes as f64 / 1_048_576.0,
+                total as f64 / 1_048_576.0,
+                bytes as f64 / 1_048_576.0 / secs
             );
             let _ = std::io::stderr().flush();
             self.last_draw = Some(Instant::now());
@@ -264,7 +265,7 @@ fn report(last: &LastUpgrade) -> ExitCode {
     match (&last.result, &last.error) {
         (UpgradeResult::Committed, _) => println!("committed: version {version} is active"),
         (UpgradeResult::AlreadyInstalled, _) => {
-            println!("already installed: version {version}, nothing written")
+            println!("already installed: version {version}, nothing written");
         }
         (result, Some(e)) => eprintln!("{result}: {}: {}", e.code, e.message),
         (result, None) => eprintln!("{result}"),

@@ -11,7 +11,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/flightnode/agent.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file cannot be read.
-    #[error("cannot read config {path}: {source} (pass --config FILE or set FLIGHTNODE_CONFIG)")]
+    #[error("cannot read config {path} (pass --config FILE or set FLIGHTNODE_CONFIG)")]
     Read {
         /// Config path.
         path: PathBuf,
@@ -145,7 +145,7 @@ fn default_allowed_states() -> Vec<AllowedState> {
     vec![AllowedState::Disarmed]
 }
 fn default_max_wait() -> Duration {
-    Duration::from_secs(6 * 3600)
+    Duration::from_hours(6)
 }
 fn default_stale_after() -> Duration {
     Duration::from_secs(3)
@@ -246,7 +246,7 @@ fn default_keep_alive() -> Duration {
     Duration::from_secs(30)
 }
 fn default_max_backoff() -> Duration {
-    Duration::from_secs(60)
+    Duration::from_mins(1)
 }
 fn default_heartbeat_interval() -> Duration {
     Duration::from_secs(10)
@@ -258,7 +258,7 @@ fn default_outbox_cap() -> usize {
     1000
 }
 fn default_fleet_timeout() -> Duration {
-    Duration::from_secs(300)
+    Duration::from_mins(5)
 }
 
 /// Slot backend kind.
@@ -425,13 +425,13 @@ fn default_factory_version() -> semver::Version {
     semver::Version::new(0, 0, 0)
 }
 fn default_hook_timeout() -> Duration {
-    Duration::from_secs(300)
+    Duration::from_mins(5)
 }
 fn default_reboot_command() -> String {
     "systemctl reboot".into()
 }
 fn default_reboot_wait() -> Duration {
-    Duration::from_secs(300)
+    Duration::from_mins(5)
 }
 fn default_cmdline() -> PathBuf {
     PathBuf::from("/proc/cmdline")
@@ -452,7 +452,7 @@ fn default_initial_env() -> PathBuf {
     PathBuf::from("/etc/u-boot-initial-env")
 }
 fn default_health_timeout() -> Duration {
-    Duration::from_secs(60)
+    Duration::from_mins(1)
 }
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(30)
@@ -610,7 +610,7 @@ b = "/var/lib/flightnode/slots/b.img"
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/flightnode"));
         assert_eq!(c.factory_version, semver::Version::new(0, 0, 0));
         assert_eq!(c.activation.mode, ActivationMode::Command);
-        assert_eq!(c.health.timeout, Duration::from_secs(60));
+        assert_eq!(c.health.timeout, Duration::from_mins(1));
     }
 
     #[test]
@@ -657,6 +657,6 @@ b = "/var/lib/flightnode/slots/b.img"
         let b = c.boot.unwrap();
         assert_eq!(b.attempts, 9);
         assert_eq!(b.initial_env, Path::new("/etc/u-boot-initial-env"));
-        assert_eq!(b.tool_timeout, Duration::from_secs(300));
+        assert_eq!(b.tool_timeout, Duration::from_mins(5));
     }
 }

@@ -29,6 +29,8 @@
 use crate::config::DownloadConfig;
 use bytes::{Buf, Bytes};
 use flightnode_proto::ErrorCode;
+use flightnode_proto::backoff;
+use flightnode_proto::error::Chain;
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, RANGE};
@@ -68,7 +70,7 @@ pub enum DownloadError {
     #[error("cannot set up the bundle downloader: {0}")]
     Setup(String),
     /// A local bundle cannot be opened or positioned.
-    #[error("cannot open bundle {path}: {source}")]
+    #[error("cannot open bundle {path}")]
     OpenFile {
         /// Bundle path.
         path: PathBuf,
@@ -76,7 +78,7 @@ pub enum DownloadError {
         source: io::Error,
     },
     /// A local bundle cannot be read.
-    #[error("cannot read bundle {path} at byte {offset}: {source}")]
+    #[error("cannot read bundle {path} at byte {offset}")]
     ReadFile {
         /// Bundle path.
         path: PathBuf,
@@ -234,7 +236,7 @@ impl Fetcher {
         }
         let client = builder
             .build()
-            .map_err(|e| DownloadError::Setup(error_chain(&e)))?;
+            .map_err(|e| DownloadError::Setup(flightnode_proto::error::chain(&e)))?;
         Ok(Self {
             client,
             rt,
@@ -289,9 +291,9 @@ impl Fetcher {
         };
         let task_handle = self.rt.spawn(async move {
             tokio::select! {
-                _ = tx.closed() => debug!(url = %log_url, "bundle reader dropped; download stopped"),
+                () = tx.closed() => debug!(url = %log_url, "bundle reader dropped; download stopped"),
                 () = stopped => debug!(url = %log_url, "download stopped (cancel or shutdown)"),
-                _ = task.run(offset) => {}
+                () = task.run(offset) => {}
             }
         });
         let mut reader = HttpReader {
@@ -514,7 +516,7 @@ impl HttpReader {
                 Some(Msg::Started { .. }) => {}
                 Some(Msg::End) => self.state = ReadState::Done,
                 Some(Msg::Err(e)) => {
-                    self.state = ReadState::Failed(e.to_string());
+                    self.state = ReadState::Failed(flightnode_proto::error::chain(&e));
                     return Err(io::Error::other(e));
                 }
                 None => {
@@ -522,7 +524,7 @@ impl HttpReader {
                         url: self.url.clone(),
                         reason: "the download task ended unexpectedly (runtime shut down?)".into(),
                     };
-                    self.state = ReadState::Failed(e.to_string());
+                    self.state = ReadState::Failed(flightnode_proto::error::chain(&e));
                     return Err(io::Error::other(e));
                 }
             }
@@ -592,7 +594,7 @@ impl HttpTask {
                     return;
                 }
                 Err(Failure::Fatal(e)) => {
-                    warn!(url = %self.url_str, offset = p.pos, attempt, error = %e, "bundle download failed");
+                    warn!(url = %self.url_str, offset = p.pos, attempt, error = %Chain(&e), "bundle download failed");
                     let _ = self.tx.send(Msg::Err(e)).await;
                     return;
                 }
@@ -608,12 +610,12 @@ impl HttpTask {
                     attempts: attempt,
                     last: Box::new(err),
                 };
-                warn!(url = %self.url_str, offset = p.pos, attempt, error = %e, "bundle download failed");
+                warn!(url = %self.url_str, offset = p.pos, attempt, error = %Chain(&e), "bundle download failed");
                 let _ = self.tx.send(Msg::Err(e)).await;
                 return;
             }
             let delay = backoff_delay(self.backoff, failures);
-            warn!(url = %self.url_str, offset = p.pos, attempt, error = %err,
+            warn!(url = %self.url_str, offset = p.pos, attempt, error = %Chain(&err),
                 retry_in = ?delay, "bundle download attempt failed; retrying");
             tokio::time::sleep(delay).await;
         }
@@ -636,14 +638,14 @@ impl HttpTask {
             Ok(Err(e)) if e.is_redirect() => {
                 return Err(Failure::Fatal(DownloadError::Redirect {
                     url: url.clone(),
-                    reason: error_chain(&e.without_url()),
+                    reason: flightnode_proto::error::chain(&e.without_url()),
                 }));
             }
             Ok(Err(e)) => {
                 return Err(Failure::Retry(DownloadError::Request {
                     url: url.clone(),
                     offset: p.pos,
-                    reason: error_chain(&e.without_url()),
+                    reason: flightnode_proto::error::chain(&e.without_url()),
                 }));
             }
             Ok(Ok(resp)) => resp,
@@ -734,15 +736,12 @@ impl HttpTask {
 
         let mut stream = resp.bytes_stream();
         loop {
-            let next = match tokio::time::timeout(self.idle, stream.next()).await {
-                Err(_) => {
-                    return Err(Failure::Retry(DownloadError::Idle {
-                        url: url.clone(),
-                        timeout: self.idle,
-                        offset: p.pos,
-                    }));
-                }
-                Ok(next) => next,
+            let Ok(next) = tokio::time::timeout(self.idle, stream.next()).await else {
+                return Err(Failure::Retry(DownloadError::Idle {
+                    url: url.clone(),
+                    timeout: self.idle,
+                    offset: p.pos,
+                }));
             };
             let mut chunk = match next {
                 None => {
@@ -761,7 +760,7 @@ impl HttpTask {
                     return Err(Failure::Retry(DownloadError::Transfer {
                         url: url.clone(),
                         offset: p.pos,
-                        reason: error_chain(&e.without_url()),
+                        reason: flightnode_proto::error::chain(&e.without_url()),
                     }));
                 }
                 Some(Ok(chunk)) => chunk,
@@ -858,30 +857,8 @@ fn parse_unsatisfied_range(v: &str) -> Option<u64> {
 /// Backoff before retry number `n` (1-based): `base * 2^(n-1)`, capped, with "equal jitter"
 /// (uniform in `[d/2, d]`), so a fleet that lost its server does not come back in lockstep.
 fn backoff_delay(base: Duration, n: u32) -> Duration {
-    let cap = MAX_BACKOFF.max(base);
-    let factor = 2u32.saturating_pow(n.saturating_sub(1).min(20));
-    let d = base.saturating_mul(factor).min(cap);
-    let half = d / 2;
-    let jitter_ms = u64::try_from((d - half).as_millis()).unwrap_or(u64::MAX);
-    if jitter_ms == 0 {
-        return d;
-    }
-    half + Duration::from_millis(rand::random_range(0..=jitter_ms))
-}
-
-/// `e` and its sources, joined by ": ", without repeating a message already included.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        let m = cause.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        src = cause.source();
-    }
-    s
+    let d = backoff::exponential(base, n, MAX_BACKOFF.max(base));
+    backoff::equal_jitter(d, rand::random())
 }
 
 #[cfg(test)]

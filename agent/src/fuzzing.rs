@@ -65,7 +65,7 @@ pub fn bundle_reader(data: &[u8]) {
             written: 0,
             cap: header.manifest.image.size,
         };
-        bundle::copy_image(&mut r, &mut sink, &header.manifest, 0, Default::default())
+        bundle::copy_image(&mut r, &mut sink, &header.manifest, 0, sha2::Sha256::default())
     });
     if let Err(e) = result {
         let _ = e.code();

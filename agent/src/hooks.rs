@@ -32,7 +32,7 @@ impl std::fmt::Display for Hook {
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
     /// It could not be started.
-    #[error("{hook} `{command}` could not be started: {source}")]
+    #[error("{hook} `{command}` could not be started")]
     Spawn {
         /// Which hook.
         hook: Hook,

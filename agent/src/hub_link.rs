@@ -30,12 +30,15 @@ use crate::outbox::{Event, Outbox};
 use crate::resources::Sampler;
 use crate::state::{DeviceState, SlotRecord};
 use flightnode_proto::SlotState;
+use flightnode_proto::backoff;
+use flightnode_proto::error::{Chain, chain};
 use flightnode_proto::status::Progress;
 use flightnode_proto::v1;
 use flightnode_proto::v1::hub_service_client::HubServiceClient;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -55,7 +58,7 @@ pub const MAX_EVENTS: usize = 100;
 /// Shortest heartbeat interval accepted from the config or the hub.
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest heartbeat interval accepted from the hub.
-const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+const MAX_INTERVAL: Duration = Duration::from_hours(1);
 
 /// Who is heartbeating.
 #[derive(Debug, Clone)]
@@ -111,7 +114,7 @@ pub enum HubLinkError {
         key: Option<PathBuf>,
     },
     /// A TLS file could not be read.
-    #[error("hub TLS: reading {what} {path}: {source}")]
+    #[error("hub TLS: reading {what} {path}")]
     Read {
         /// `CA`, `client certificate` or `client key`.
         what: &'static str,
@@ -129,6 +132,12 @@ pub enum HubLinkError {
         path: PathBuf,
         /// Why.
         reason: String,
+    },
+    /// The first resource sample, taken on a blocking thread, panicked.
+    #[error("hub link: the first resource sample failed")]
+    BlockingTask {
+        /// The task's end.
+        source: tokio::task::JoinError,
     },
     /// tonic rejected the TLS configuration.
     #[error("hub TLS for {endpoint:?}: {reason}")]
@@ -157,10 +166,10 @@ pub fn channel(cfg: &HubConfig, tls: &Tls) -> Result<Channel, HubLinkError> {
         ));
     };
     let mut endpoint = Endpoint::from_shared(cfg.endpoint.clone())
-        .map_err(|e| endpoint_err(error_chain(&e)))?
+        .map_err(|e| endpoint_err(chain(&e)))?
         .connect_timeout(cfg.timeout)
         .timeout(cfg.timeout)
-        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .tcp_keepalive(Some(Duration::from_mins(1)))
         .tcp_nodelay(true);
     if endpoint.uri().host().is_none_or(str::is_empty) {
         return Err(endpoint_err("no host".into()));
@@ -189,7 +198,7 @@ pub fn channel(cfg: &HubConfig, tls: &Tls) -> Result<Channel, HubLinkError> {
         }
         endpoint = endpoint.tls_config(tls_config).map_err(|e| HubLinkError::Tls {
             endpoint: cfg.endpoint.clone(),
-            reason: error_chain(&e),
+            reason: chain(&e),
         })?;
     } else if tls.cert.is_some() || tls.key.is_some() {
         tracing::warn!(endpoint = %cfg.endpoint, "hub endpoint is plain http://: the client certificate is not used");
@@ -234,32 +243,18 @@ fn read_key(path: &Path) -> Result<Vec<u8>, HubLinkError> {
     Ok(pem)
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let text = inner.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = inner.source();
-    }
-    s
-}
-
 /// `Unavailable: tcp connect error: Connection refused (os error 111)`.
 fn status_text(status: &tonic::Status) -> String {
     let mut s = format!("{:?}", status.code());
-    let mut seen = Vec::new();
-    for part in std::iter::once(status.message().to_owned()).chain(
-        std::iter::successors(std::error::Error::source(status), |e| e.source()).map(ToString::to_string),
-    ) {
-        if !part.is_empty() && !seen.iter().any(|p: &String| p.contains(&part)) {
-            s.push_str(": ");
-            s.push_str(&part);
-            seen.push(part);
-        }
+    if !status.message().is_empty() {
+        s.push_str(": ");
+        s.push_str(status.message());
+    }
+    if let Some(cause) = std::error::Error::source(status).map(chain)
+        && !s.contains(&cause)
+    {
+        s.push_str(": ");
+        s.push_str(&cause);
     }
     s
 }
@@ -378,10 +373,57 @@ async fn flight_changed(
     }
 }
 
+/// What a heartbeat carries from disk and the system: the waiting events (a sled read) and a
+/// resource sample (sysinfo reads /proc, statvfs), gathered on a blocking thread. A failure
+/// sends the heartbeat without them.
+async fn gather(outbox: &Outbox, sampler: &Arc<std::sync::Mutex<Sampler>>) -> (Vec<Event>, v1::Resources) {
+    let outbox = outbox.clone();
+    let sampler = Arc::clone(sampler);
+    let task = tokio::task::spawn_blocking(move || {
+        let events = outbox.pending(MAX_EVENTS).unwrap_or_else(|e| {
+            tracing::warn!(error = %Chain(&e), "hub link: reading the outbox failed; heartbeat without events");
+            Vec::new()
+        });
+        let resources = sampler
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sample();
+        (events, resources)
+    });
+    task.await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "hub link: gathering events and resources failed; heartbeat without them");
+        (Vec::new(), v1::Resources::default())
+    })
+}
+
+/// Removes the events up to `upto` the hub acknowledged (a sled flush), on a blocking thread;
+/// returns how many went and the newest event still waiting.
+async fn ack(outbox: &Outbox, upto: Option<u64>) -> (usize, Option<u64>) {
+    let outbox = outbox.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        let removed = match upto.map(|upto| (upto, outbox.ack(upto))) {
+            None => 0,
+            Some((_, Ok(n))) => n,
+            Some((upto, Err(e))) => {
+                tracing::warn!(error = %Chain(&e), upto, "hub link: removing acknowledged events failed");
+                0
+            }
+        };
+        (removed, outbox.last_seq().ok().flatten())
+    });
+    task.await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "hub link: removing acknowledged events failed");
+        (0, None)
+    })
+}
+
 /// Runs the link until `shutdown`. Returns an error only for a configuration that cannot work
 /// (endpoint URL, TLS files); the hub being unreachable is logged and retried, never an error.
 /// `connected` is true while the last heartbeat succeeded, and false on exit.
-#[allow(clippy::too_many_arguments)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the daemon hands over each shared handle once, at start"
+)]
 pub async fn run(
     cfg: HubConfig,
     tls: Tls,
@@ -394,7 +436,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), HubLinkError> {
     let mut client = HubServiceClient::new(channel(&cfg, &tls)?);
-    let mut sampler = Sampler::new(info.state_dir.clone());
+    let state_dir = info.state_dir.clone();
+    // sysinfo reads /proc and /sys: not on the async threads.
+    let sampler = tokio::task::spawn_blocking(move || Sampler::new(state_dir))
+        .await
+        .map_err(|source| HubLinkError::BlockingTask { source })?;
+    let sampler = Arc::new(std::sync::Mutex::new(sampler));
     let set_connected = |value: bool| {
         connected.send_if_modified(|c| std::mem::replace(c, value) != value);
     };
@@ -424,10 +471,10 @@ pub async fn run(
                         let s = state.borrow();
                         (s.seq, s.phase())
                     };
-                    due = due.min(if sent_mark != Some(mark) {
-                        Instant::now() + COALESCE
-                    } else {
+                    due = due.min(if sent_mark == Some(mark) {
                         throttled(last_attempt)
+                    } else {
+                        Instant::now() + COALESCE
                     });
                 }
                 Err(_) => state_open = false,
@@ -450,14 +497,11 @@ pub async fn run(
                 let pr = *progress.borrow_and_update();
                 sent_mark = Some((st.seq, st.phase()));
                 last_attempt = Some(Instant::now());
-                let events = outbox.pending(MAX_EVENTS).unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "hub link: reading the outbox failed; heartbeat without events");
-                    Vec::new()
-                });
+                let (events, resources) = gather(&outbox, &sampler).await;
                 let newest_sent = events.last().map(|e| e.seq);
                 let n_events = events.len();
                 let hb_seq = outbox.next_heartbeat_seq();
-                let mut req = heartbeat_request(&info, &st, pr, sampler.sample(), events, hb_seq);
+                let mut req = heartbeat_request(&info, &st, pr, resources, events, hb_seq);
                 if let Some(f) = flight.as_mut() {
                     let f = f.borrow_and_update().clone();
                     sent_observed = Some(f.observed);
@@ -483,14 +527,8 @@ pub async fn run(
                         }
                         failures = 0;
                         set_connected(true);
-                        let mut removed = 0;
-                        if let Some(newest) = newest_sent {
-                            let upto = resp.acked_seq.min(newest);
-                            match outbox.ack(upto) {
-                                Ok(n) => removed = n,
-                                Err(e) => tracing::warn!(error = %e, upto, "hub link: removing acknowledged events failed"),
-                            }
-                        }
+                        let upto = newest_sent.map(|newest| resp.acked_seq.min(newest));
+                        let (removed, newest_waiting) = ack(&outbox, upto).await;
                         tracing::debug!(seq = hb_seq, events = n_events, acked = resp.acked_seq, removed, "heartbeat sent");
                         if resp.heartbeat_interval_seconds > 0 {
                             let want = Duration::from_secs(u64::from(resp.heartbeat_interval_seconds))
@@ -501,7 +539,6 @@ pub async fn run(
                             }
                         }
                         // More to send: events never sent, or the hub is taking batches.
-                        let newest_waiting = outbox.last_seq().ok().flatten();
                         let unsent = match (newest_waiting, newest_sent) {
                             (Some(w), Some(s)) => w > s,
                             (Some(_), None) => true,
@@ -521,10 +558,8 @@ pub async fn run(
                         } else {
                             tracing::debug!(endpoint = %cfg.endpoint, error = %reason, failures, "heartbeat failed again");
                         }
-                        let backoff = BACKOFF_MIN
-                            .saturating_mul(1u32 << (failures - 1).min(16))
-                            .min(interval);
-                        due = now + jitter(backoff, 0.5, 1.0);
+                        let delay = backoff::exponential(BACKOFF_MIN, failures, interval);
+                        due = now + backoff::equal_jitter(delay, rand::random());
                     }
                 }
             }
@@ -578,18 +613,18 @@ mod tests {
 
         s.begin("up-1".into(), "src".into(), false);
         s.enter(Phase::RollingBack);
-        let p = Some(Progress { bytes: 5, total: 10 });
-        let r = heartbeat_request(&info(), &s, p, v1::Resources::default(), vec![], 8);
+        let progress = Some(Progress { bytes: 5, total: 10 });
+        let r = heartbeat_request(&info(), &s, progress, v1::Resources::default(), vec![], 8);
         let u = r.upgrade.unwrap();
         assert_eq!((u.phase.as_str(), u.bytes, u.total), ("rolling_back", 5, 10));
 
         s.fail(ErrorCode::HealthCheckFailed, "unhealthy".into());
-        let e = Event::from_state(&s);
-        let r = heartbeat_request(&info(), &s, None, v1::Resources::default(), vec![e], 9);
-        let l = r.last_upgrade.unwrap();
-        assert_eq!(l.error_code, "health_check_failed");
-        assert_eq!(l.error_message, "unhealthy");
-        assert_eq!(l.result, ErrorCode::HealthCheckFailed.result().as_str());
+        let event = Event::from_state(&s);
+        let r = heartbeat_request(&info(), &s, None, v1::Resources::default(), vec![event], 9);
+        let last = r.last_upgrade.unwrap();
+        assert_eq!(last.error_code, "health_check_failed");
+        assert_eq!(last.error_message, "unhealthy");
+        assert_eq!(last.result, ErrorCode::HealthCheckFailed.result().as_str());
         assert_eq!(r.events.len(), 1);
         assert_eq!(r.events[0].phase, "idle");
     }

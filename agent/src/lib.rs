@@ -33,6 +33,7 @@ pub mod engine;
 pub mod failpoint;
 pub mod flight;
 #[doc(hidden)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod hooks;
 pub mod hub_link;

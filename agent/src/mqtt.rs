@@ -24,6 +24,7 @@
 //!   `false` from the moment the connection is lost.
 
 use crate::config::MqttConfig;
+use flightnode_proto::backoff;
 use flightnode_proto::mqtt::{Command, StatusMessage, parse_command, status_topic, upgrade_topic};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, StateError,
@@ -229,13 +230,8 @@ fn mqtt_options(cfg: &MqttConfig, device_id: &str) -> Result<MqttOptions, MqttEr
 
 /// Reconnect delay before attempt `n` (1-based): 200 ms doubling up to `max`, "equal jitter".
 fn backoff_delay(max: Duration, n: u32) -> Duration {
-    let max = max.max(INITIAL_BACKOFF);
-    let d = INITIAL_BACKOFF
-        .saturating_mul(1u32 << n.saturating_sub(1).min(20))
-        .min(max);
-    let half = d / 2;
-    let jitter_ms = u64::try_from((d - half).as_millis()).unwrap_or(u64::MAX);
-    half + Duration::from_millis(rand::random_range(0..=jitter_ms))
+    let d = backoff::exponential(INITIAL_BACKOFF, n, max.max(INITIAL_BACKOFF));
+    backoff::equal_jitter(d, rand::random())
 }
 
 /// What the connection task tells the link.
@@ -323,8 +319,8 @@ async fn drive(
                     return;
                 }
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(retry_in) => {}
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(retry_in) => {}
                 }
                 continue;
             }
@@ -535,14 +531,11 @@ pub async fn run(
     loop {
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break,
-            ev = events.recv() => match ev {
-                Some(ev) => link.on_event(ev),
-                None => {
-                    // The driver never ends before shutdown; if it did, stop instead of spinning.
-                    error!(device_id = %link.device_id, "mqtt: connection task ended unexpectedly");
-                    break;
-                }
+            () = shutdown.cancelled() => break,
+            ev = events.recv() => if let Some(ev) = ev { link.on_event(ev) } else {
+                // The driver never ends before shutdown; if it did, stop instead of spinning.
+                error!(device_id = %link.device_id, "mqtt: connection task ended unexpectedly");
+                break;
             },
             msg = outbound.recv(), if outbound_open => match msg {
                 Some(msg) => {
@@ -551,17 +544,14 @@ pub async fn run(
                 }
                 None => outbound_open = false,
             },
-            permit = inbound.reserve(), if inbound_open && !link.to_daemon.is_empty() => match permit {
-                Ok(permit) => {
-                    if let Some(item) = link.to_daemon.pop_front() {
-                        permit.send(item);
-                    }
+            permit = inbound.reserve(), if inbound_open && !link.to_daemon.is_empty() => if let Ok(permit) = permit {
+                if let Some(item) = link.to_daemon.pop_front() {
+                    permit.send(item);
                 }
-                Err(_) => {
-                    warn!(device_id = %link.device_id, "mqtt: nobody receives commands any more");
-                    inbound_open = false;
-                    link.to_daemon.clear();
-                }
+            } else {
+                warn!(device_id = %link.device_id, "mqtt: nobody receives commands any more");
+                inbound_open = false;
+                link.to_daemon.clear();
             },
         }
         if !inbound_open {

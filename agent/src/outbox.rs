@@ -47,8 +47,7 @@ impl Event {
     pub fn from_state(state: &DeviceState) -> Self {
         let time_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let mut event = Event {
             seq: state.seq,
             time_unix_ms,
@@ -59,19 +58,19 @@ impl Event {
             message: String::new(),
         };
         if let Some(u) = &state.upgrade {
-            event.upgrade_id = u.id.clone();
+            event.upgrade_id.clone_from(&u.id);
             if let Some(e) = &u.error {
-                event.error_code = e.code.as_str().to_owned();
-                event.message = e.message.clone();
+                e.code.as_str().clone_into(&mut event.error_code);
+                event.message.clone_from(&e.message);
             } else if let Some(reason) = u.wait_reason() {
                 event.message = format!("waiting for the vehicle: {reason}");
             }
         } else if let Some(last) = &state.last {
-            event.upgrade_id = last.upgrade_id.clone();
-            event.result = last.result.as_str().to_owned();
+            event.upgrade_id.clone_from(&last.upgrade_id);
+            last.result.as_str().clone_into(&mut event.result);
             if let Some(e) = &last.error {
-                event.error_code = e.code.as_str().to_owned();
-                event.message = e.message.clone();
+                e.code.as_str().clone_into(&mut event.error_code);
+                event.message.clone_from(&e.message);
             }
         }
         event
@@ -82,10 +81,10 @@ impl Event {
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     /// sled failed.
-    #[error("outbox: {0}")]
+    #[error("outbox store")]
     Sled(#[from] sled::Error),
     /// An event could not be encoded.
-    #[error("outbox: encoding event {seq}: {source}")]
+    #[error("outbox: encoding event {seq}")]
     Encode {
         /// The event's seq.
         seq: u64,
@@ -191,7 +190,7 @@ impl Outbox {
     /// they go with the next acknowledgement beyond them.
     pub fn pending(&self, limit: usize) -> Result<Vec<Event>, OutboxError> {
         let mut out = Vec::with_capacity(limit.min(128));
-        for item in self.tree.iter() {
+        for item in &self.tree {
             if out.len() >= limit {
                 break;
             }
@@ -200,7 +199,7 @@ impl Outbox {
                 Ok(e) => out.push(e),
                 Err(e) => tracing::warn!(
                     key = ?decode_u64(&k),
-                    error = %e,
+                    error = %flightnode_proto::error::Chain(&e),
                     "outbox: skipping an event that does not decode"
                 ),
             }
@@ -261,7 +260,7 @@ mod tests {
     fn event(seq: u64) -> Event {
         Event {
             seq,
-            time_unix_ms: 1_700_000_000_000 + seq as i64,
+            time_unix_ms: 1_700_000_000_000 + i64::try_from(seq).unwrap(),
             upgrade_id: "up-1".into(),
             phase: "downloading".into(),
             result: String::new(),

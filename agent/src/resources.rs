@@ -116,18 +116,19 @@ impl Sampler {
 }
 
 /// Bytes available to unprivileged users on the filesystem holding `path` (the nearest existing
-/// ancestor, so a state dir that is not created yet still reports its filesystem).
-fn free_bytes(path: &Path) -> std::io::Result<u64> {
+/// ancestor, so a state dir that is not created yet still reports its filesystem). Also what
+/// the file slots check before writing an image.
+pub(crate) fn free_bytes(path: &Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
     let c = std::ffi::CString::new(existing.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     // SAFETY: `statvfs` is plain old data; all-zero is a valid value for it.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+    if unsafe { libc::statvfs(c.as_ptr(), &raw mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    #[allow(clippy::unnecessary_cast, reason = "the field types differ between targets")]
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 

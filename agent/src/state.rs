@@ -145,8 +145,7 @@ pub struct DeviceState {
 fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl DeviceState {
@@ -353,7 +352,7 @@ impl DeviceState {
             state: SlotState::Good,
             floor: Some(self.security_floor),
         };
-        self.finish(&u, UpgradeResult::Committed, None)
+        Some(self.finish(&u, UpgradeResult::Committed, None))
     }
 
     /// Ends the upgrade on the old slot with `error`: the target slot is bad (or stays empty when
@@ -376,15 +375,10 @@ impl DeviceState {
             });
         }
         let result = code.result();
-        self.finish(&u, result, Some(ErrorReport { code, message }))
+        Some(self.finish(&u, result, Some(ErrorReport { code, message })))
     }
 
-    fn finish(
-        &mut self,
-        u: &Upgrade,
-        result: UpgradeResult,
-        error: Option<ErrorReport>,
-    ) -> Option<LastUpgrade> {
+    fn finish(&mut self, u: &Upgrade, result: UpgradeResult, error: Option<ErrorReport>) -> LastUpgrade {
         let last = LastUpgrade {
             upgrade_id: u.id.clone(),
             version: u.version().map(ToString::to_string),
@@ -394,7 +388,7 @@ impl DeviceState {
         };
         self.last = Some(last.clone());
         self.bump();
-        Some(last)
+        last
     }
 
     /// The `status --json` view; `booted` comes from the activation backend.
@@ -469,6 +463,8 @@ mod tests {
         Fail(ErrorCode),
         ResumeFailed(&'static str),
         FellBack(Slot),
+        Hold(WaitReason),
+        Release,
     }
 
     fn apply(s: &mut DeviceState, op: Op) {
@@ -488,6 +484,8 @@ mod tests {
                 s.resume_failed(id, "no such source");
             }
             Op::FellBack(slot) => s.fell_back(slot),
+            Op::Hold(reason) => s.hold(reason),
+            Op::Release => s.release(),
         }
     }
 
@@ -558,6 +556,39 @@ mod tests {
                     ResumeFailed("u1"),
                 ],
                 (Slot::A, Good, Bad, "1.0.0", 0, Phase::Downloading),
+            ),
+            (
+                "a wait holds the staged image and changes no slot",
+                vec![
+                    Begin("u1"),
+                    Accept("2.0.0", 3),
+                    Enter(Phase::Staged),
+                    Hold(WaitReason::InAir),
+                    Hold(WaitReason::Armed),
+                ],
+                (Slot::A, Good, Bad, "1.0.0", 0, Phase::Waiting),
+            ),
+            (
+                "release returns to the held step",
+                vec![
+                    Begin("u1"),
+                    Accept("2.0.0", 3),
+                    Enter(Phase::Staged),
+                    Hold(WaitReason::InAir),
+                    Release,
+                ],
+                (Slot::A, Good, Bad, "1.0.0", 0, Phase::Staged),
+            ),
+            (
+                "a failure while waiting ends on the old slot",
+                vec![
+                    Begin("u1"),
+                    Accept("2.0.0", 3),
+                    Enter(Phase::Staged),
+                    Hold(WaitReason::InAir),
+                    Fail(ErrorCode::Canceled),
+                ],
+                (Slot::A, Good, Bad, "1.0.0", 0, Phase::Idle),
             ),
             (
                 "another upgrade does not resume it",

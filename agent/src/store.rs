@@ -34,7 +34,7 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// sled failed.
-    #[error("state store {path}: {source}")]
+    #[error("state store {path}")]
     Sled {
         /// Database directory.
         path: PathBuf,

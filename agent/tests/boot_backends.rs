@@ -21,13 +21,13 @@ fn config(sim: &SimBoot) -> BootConfig {
         script: None,
         attempts: FRESH_ATTEMPTS,
         initial_env: sim.initial_env.clone(),
-        tool_timeout: Duration::from_secs(60),
+        tool_timeout: Duration::from_mins(1),
     };
     match sim.kind {
-        SimKind::Uboot | SimKind::UbootQemu => cfg.fw_env_config = sim.env.clone(),
+        SimKind::Uboot | SimKind::UbootQemu => cfg.fw_env_config.clone_from(&sim.env),
         SimKind::Grub => {
             cfg.backend = BootBackendKind::Grub;
-            cfg.grubenv = sim.env.clone();
+            cfg.grubenv.clone_from(&sim.env);
         }
         SimKind::Script => {
             cfg.backend = BootBackendKind::Script;

@@ -72,9 +72,9 @@ fn layout(bytes: &[u8]) -> Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            let h = e.raw_header_position() as usize;
-            let c = e.raw_file_position() as usize;
-            (h..h + 512, c..c + e.size() as usize)
+            let h = usize::try_from(e.raw_header_position()).unwrap();
+            let c = usize::try_from(e.raw_file_position()).unwrap();
+            (h..h + 512, c..c + usize::try_from(e.size()).unwrap())
         })
         .collect()
 }
@@ -162,7 +162,7 @@ fn flipped_bits_are_rejected_with_a_code_fitting_the_region() {
         let name = ["manifest header", "signature header", "image header"][i];
         regions.push((name, h.clone(), &[MalformedBundle]));
     }
-    let mut rng = StdRng::seed_from_u64(0xf11647);
+    let mut rng = StdRng::seed_from_u64(0x00f1_1647);
     for (name, range, allowed) in regions {
         assert!(!range.is_empty(), "{name}");
         for _ in 0..150 {
@@ -205,7 +205,11 @@ fn truncation_anywhere_is_rejected() {
         };
         let result = verify_bytes(&f.bytes[..cut], &f.trusted);
         if cut < image.start || cut >= image.end {
-            let msg = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+            let msg = result
+                .as_ref()
+                .err()
+                .map(std::string::ToString::to_string)
+                .unwrap_or_default();
             assert!(
                 msg.contains("truncated") || msg.contains("ends"),
                 "cut {cut}: {msg}"
@@ -316,7 +320,7 @@ impl<R: Read> Read for Counting<R> {
 #[test]
 fn oversized_entries_are_refused_before_their_content_is_read() {
     let f = fixture(10);
-    let huge_manifest = vec![b' '; MAX_MANIFEST_BYTES as usize + 1];
+    let huge_manifest = vec![b' '; usize::try_from(MAX_MANIFEST_BYTES).unwrap() + 1];
     let bytes = assemble(&huge_manifest, b"{}", 0, b"");
     let mut r = Counting {
         inner: Cursor::new(&bytes),
@@ -358,16 +362,16 @@ fn oversized_entries_are_refused_before_their_content_is_read() {
 #[test]
 fn resuming_with_a_prefed_hasher_matches_a_full_copy() {
     let f = fixture(700_000);
-    for start in [0u64, 1, 4096, 300_000, 699_999, 700_000] {
+    for start in [0usize, 1, 4096, 300_000, 699_999, 700_000] {
         let mut r = Cursor::new(&f.bytes);
         let header = bundle::read_header(&mut r, &f.trusted).unwrap();
-        let mut skipped = vec![0u8; start as usize];
+        let mut skipped = vec![0u8; start];
         r.read_exact(&mut skipped).unwrap();
         let mut hasher = Sha256::new();
         hasher.update(&skipped);
         let mut out = Vec::new();
-        bundle::copy_image(&mut r, &mut out, &header.manifest, start, hasher).unwrap();
-        assert_eq!(out, f.image[start as usize..], "start {start}");
+        bundle::copy_image(&mut r, &mut out, &header.manifest, start as u64, hasher).unwrap();
+        assert_eq!(out, f.image[start..], "start {start}");
     }
     // A hasher fed the wrong prefix is caught.
     let mut r = Cursor::new(&f.bytes);
@@ -448,7 +452,7 @@ fn io_errors_keep_their_payload_and_map_to_codes() {
     };
     let err = bundle::copy_image(&mut r, &mut w, &header.manifest, 0, Sha256::new()).unwrap_err();
     assert_eq!(err.code(), ErrorCode::NoSpace, "{err}");
-    assert_eq!(err.io_source().and_then(|e| e.raw_os_error()), Some(28));
+    assert_eq!(err.io_source().and_then(std::io::Error::raw_os_error), Some(28));
 }
 
 #[test]
@@ -475,7 +479,7 @@ fn create_refuses_options_devices_would_refuse_and_leaves_no_temp_file() {
 
 /// Throughput check: `cargo test --release --test bundle -- --ignored --nocapture`.
 #[test]
-#[ignore]
+#[ignore = "a release-mode measurement, not a check"]
 fn throughput() {
     let f = fixture(256 * 1024 * 1024);
     let out = f.bundle.with_extension("img");
@@ -486,5 +490,5 @@ fn throughput() {
     let mut w = std::fs::File::create(&out).unwrap();
     bundle::copy_image(&mut r, &mut w, &header.manifest, 0, Sha256::new()).unwrap();
     let secs = started.elapsed().as_secs_f64();
-    println!("copy_image: {:.0} MB/s", 256.0 * 1.048576 / secs);
+    println!("copy_image: {:.0} MB/s", 256.0 * 1.048_576 / secs);
 }

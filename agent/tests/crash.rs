@@ -29,19 +29,19 @@ fn assert_consistent(dev: &Device, failpoint: &str) {
         "{failpoint}: active slot {active} is {state}: {s:#}"
     );
     let pointer = dev.pointer();
-    let pointed = if pointer == dev.path("slots/a.img") {
+    let pointed_slot = if pointer == dev.path("slots/a.img") {
         "a"
     } else {
         "b"
     };
-    let pstate = s["slots"][pointed]["state"].as_str().unwrap();
+    let pstate = s["slots"][pointed_slot]["state"].as_str().unwrap();
     assert!(
         pstate == "good" || pstate == "trial",
-        "{failpoint}: pointer names {pointed} in state {pstate}: {s:#}"
+        "{failpoint}: pointer names {pointed_slot} in state {pstate}: {s:#}"
     );
     if pstate == "trial" {
         assert_eq!(
-            dev.slot_bytes(pointed),
+            dev.slot_bytes(pointed_slot),
             image_bytes("2.0.0", 200_000),
             "{failpoint}: trial slot must be complete"
         );

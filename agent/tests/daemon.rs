@@ -2,6 +2,7 @@
 
 mod common;
 use common::*;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
@@ -53,7 +54,6 @@ fn status_install_and_mark_work_through_the_running_daemon() {
     let dev = Device::new(Options::default());
     let mut d = start(&dev, None);
     let mode = std::fs::metadata(dev.path("state/agent.sock")).unwrap();
-    use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         mode.permissions().mode() & 0o777,
         0o600,

@@ -5,6 +5,8 @@ mod common;
 use common::*;
 use flightnode_tests::http_server::{BundleServer, Fault};
 use flightnode_tests::mosquitto::{Mosquitto, Subscriber};
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -287,7 +289,6 @@ fn install_and_reboot(
         )
         .unwrap();
     let status = d.0.wait().unwrap();
-    use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(9), "the reboot command ends the daemon");
     assert_eq!(sim.power_on().unwrap(), 'B');
     srv
@@ -336,7 +337,6 @@ fn reboot_mode_rolls_back_when_the_fleet_never_comes_back() {
     let mut d = start(&dev);
     // Healthy but cut off: marked bad, and the agent reboots back (killed again).
     let status = d.0.wait().unwrap();
-    use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(9), "reboots back to the old slot");
     assert_eq!(sim.power_on().unwrap(), 'A');
     broker.start_again().unwrap();
@@ -393,7 +393,6 @@ fn a_flood_of_ten_thousand_commands_installs_once_and_keeps_the_agent_responsive
         .stdin(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    use std::io::Write;
     publisher
         .stdin
         .take()

@@ -41,7 +41,7 @@ fn blob(len: usize) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            (x >> 24) as u8
+            (x >> 24).to_le_bytes()[0]
         })
         .collect()
 }
@@ -52,10 +52,10 @@ struct Env {
     fetcher: Arc<Fetcher>,
 }
 
-fn env(cfg: DownloadConfig) -> Env {
+fn env(cfg: &DownloadConfig) -> Env {
     let rt = runtime();
     let srv = BundleServer::start_blocking().unwrap();
-    let fetcher = Arc::new(Fetcher::new(&cfg, rt.handle().clone()).unwrap());
+    let fetcher = Arc::new(Fetcher::new(cfg, rt.handle().clone()).unwrap());
     Env { rt, srv, fetcher }
 }
 
@@ -96,7 +96,7 @@ fn ranges(srv: &BundleServer, path: &str) -> Vec<Option<String>> {
 
 #[test]
 fn full_download_equals_the_blob() {
-    let e = env(cfg(2000, 2, 50));
+    let e = env(&cfg(2000, 2, 50));
     let data = blob(3 * 1024 * 1024 + 17);
     e.srv.put("/b.fnb", data.clone());
     let got = fetch(&e, &e.srv.url("/b.fnb"), 0).unwrap();
@@ -109,7 +109,7 @@ fn full_download_equals_the_blob() {
 
 #[test]
 fn starts_at_an_offset_with_a_range_request() {
-    let e = env(cfg(2000, 2, 50));
+    let e = env(&cfg(2000, 2, 50));
     let data = blob(200_000);
     e.srv.put("/b.fnb", data.clone());
     let got = fetch(&e, &e.srv.url("/b.fnb"), 12_345).unwrap();
@@ -129,7 +129,7 @@ fn starts_at_an_offset_with_a_range_request() {
 
 #[test]
 fn cut_connection_resumes_with_range_from_the_cut() {
-    let e = env(cfg(2000, 3, 50));
+    let e = env(&cfg(2000, 3, 50));
     let data = blob(1_000_000);
     e.srv.put("/b.fnb", data.clone());
     e.srv.set_fault(
@@ -152,7 +152,7 @@ fn cut_connection_resumes_with_range_from_the_cut() {
 
 #[test]
 fn several_cuts_and_a_5xx_mid_way_are_retried_transparently() {
-    let e = env(cfg(2000, 5, 20));
+    let e = env(&cfg(2000, 5, 20));
     let data = blob(600_000);
     e.srv.put("/b.fnb", data.clone());
     e.srv.set_fault_sequence(
@@ -186,7 +186,7 @@ fn several_cuts_and_a_5xx_mid_way_are_retried_transparently() {
 
 #[test]
 fn not_found_fails_at_once_without_retries() {
-    let e = env(cfg(2000, 5, 2000));
+    let e = env(&cfg(2000, 5, 2000));
     e.srv.put("/b.fnb", blob(10));
     e.srv.set_fault("/b.fnb", Fault::Status(404));
     let url = e.srv.url("/b.fnb");
@@ -209,7 +209,7 @@ fn not_found_fails_at_once_without_retries() {
 
 #[test]
 fn server_error_forever_gives_up_after_retries_plus_one_attempts() {
-    let e = env(cfg(2000, 3, 20));
+    let e = env(&cfg(2000, 3, 20));
     e.srv.put("/b.fnb", blob(10));
     e.srv.set_fault("/b.fnb", Fault::Status(500));
     let err = fetch(&e, &e.srv.url("/b.fnb"), 0).unwrap_err();
@@ -231,7 +231,7 @@ fn server_error_forever_gives_up_after_retries_plus_one_attempts() {
 #[test]
 fn stalled_body_times_out_and_gives_up() {
     let (idle, retries, backoff) = (300, 2, 50);
-    let e = env(cfg(idle, retries, backoff));
+    let e = env(&cfg(idle, retries, backoff));
     e.srv.put("/b.fnb", blob(100_000));
     e.srv.set_fault("/b.fnb", Fault::Stall { after: 0 });
     let t0 = Instant::now();
@@ -249,7 +249,7 @@ fn stalled_body_times_out_and_gives_up() {
 
 #[test]
 fn stall_mid_way_then_recovery_resumes_at_the_stall() {
-    let e = env(cfg(300, 2, 50));
+    let e = env(&cfg(300, 2, 50));
     let data = blob(300_000);
     e.srv.put("/b.fnb", data.clone());
     e.srv
@@ -264,7 +264,7 @@ fn stall_mid_way_then_recovery_resumes_at_the_stall() {
 
 #[test]
 fn no_response_headers_times_out() {
-    let e = env(cfg(300, 1, 50));
+    let e = env(&cfg(300, 1, 50));
     e.srv.put("/b.fnb", blob(10));
     e.srv.set_fault("/b.fnb", Fault::NoResponse);
     let err = fetch(&e, &e.srv.url("/b.fnb"), 0).unwrap_err();
@@ -276,7 +276,7 @@ fn no_response_headers_times_out() {
 
 #[test]
 fn range_ignored_200_is_skipped_to_the_offset() {
-    let e = env(cfg(2000, 2, 50));
+    let e = env(&cfg(2000, 2, 50));
     let data = blob(500_000);
     e.srv.put("/b.fnb", data.clone());
     e.srv.set_fault("/b.fnb", Fault::IgnoreRange);
@@ -302,7 +302,7 @@ fn range_ignored_200_is_skipped_to_the_offset() {
 
 #[test]
 fn wrong_content_range_start_is_an_error() {
-    let e = env(cfg(2000, 3, 20));
+    let e = env(&cfg(2000, 3, 20));
     e.srv.put("/b.fnb", blob(1000));
     e.srv.set_fault("/b.fnb", Fault::ShiftedRange(7));
     let err = fetch(&e, &e.srv.url("/b.fnb"), 100).unwrap_err();
@@ -315,7 +315,7 @@ fn wrong_content_range_start_is_an_error() {
 
 #[test]
 fn endless_body_reads_a_capped_amount_and_dropping_the_reader_ends_the_task() {
-    let e = env(cfg(2000, 2, 50));
+    let e = env(&cfg(2000, 2, 50));
     let data = blob(100_000);
     e.srv.put("/b.fnb", data.clone());
     e.srv.set_fault("/b.fnb", Fault::Endless);
@@ -349,7 +349,7 @@ fn endless_body_reads_a_capped_amount_and_dropping_the_reader_ends_the_task() {
 
 #[test]
 fn dropping_a_reader_on_a_stalled_download_ends_the_task() {
-    let e = env(cfg(60_000, 5, 50));
+    let e = env(&cfg(60_000, 5, 50));
     e.srv.put("/b.fnb", blob(100_000));
     e.srv.set_fault("/b.fnb", Fault::Stall { after: 1000 });
     let mut r = e.fetcher.open(&e.srv.url("/b.fnb"), 0).unwrap();
@@ -365,7 +365,7 @@ fn dropping_a_reader_on_a_stalled_download_ends_the_task() {
 
 #[test]
 fn redirect_loop_is_an_error_and_a_redirect_is_followed() {
-    let e = env(cfg(2000, 3, 20));
+    let e = env(&cfg(2000, 3, 20));
     e.srv.put("/b.fnb", blob(10));
     e.srv.put("/real.fnb", blob(5000));
     e.srv.set_fault("/b.fnb", Fault::RedirectLoop);
@@ -382,7 +382,7 @@ fn redirect_loop_is_an_error_and_a_redirect_is_followed() {
 
 #[test]
 fn wrong_content_length_fails_instead_of_hanging() {
-    let e = env(cfg(500, 2, 20));
+    let e = env(&cfg(500, 2, 20));
     e.srv.put("/b.fnb", blob(1000));
     e.srv
         .set_fault("/b.fnb", Fault::WrongContentLength { claimed: 5000 });
@@ -392,7 +392,7 @@ fn wrong_content_length_fails_instead_of_hanging() {
 
 #[test]
 fn slow_loris_is_fine_while_bytes_keep_coming_and_bounded_when_they_do_not() {
-    let e = env(cfg(1000, 2, 20));
+    let e = env(&cfg(1000, 2, 20));
     let data = blob(12);
     e.srv.put("/b.fnb", data.clone());
     e.srv.set_fault(
@@ -404,7 +404,7 @@ fn slow_loris_is_fine_while_bytes_keep_coming_and_bounded_when_they_do_not() {
     assert_eq!(fetch(&e, &e.srv.url("/b.fnb"), 0).unwrap(), data);
 
     // One byte per second against a 300 ms idle timeout: each attempt gets a byte, then fails.
-    let e = env(cfg(300, 2, 20));
+    let e = env(&cfg(300, 2, 20));
     e.srv.put("/b.fnb", blob(1000));
     e.srv.set_fault("/b.fnb", Fault::slow_loris());
     let err = fetch(&e, &e.srv.url("/b.fnb"), 0).unwrap_err();
@@ -417,7 +417,7 @@ fn slow_loris_is_fine_while_bytes_keep_coming_and_bounded_when_they_do_not() {
 
 #[test]
 fn connection_refused_is_retried_then_reported() {
-    let e = env(cfg(500, 1, 20));
+    let e = env(&cfg(500, 1, 20));
     let url = e.srv.url("/b.fnb");
     drop(e.srv);
     let fetcher = e.fetcher.clone();
@@ -431,7 +431,7 @@ fn connection_refused_is_retried_then_reported() {
 
 #[test]
 fn local_files_are_read_from_the_offset_and_errors_name_the_path() {
-    let e = env(cfg(2000, 2, 50));
+    let e = env(&cfg(2000, 2, 50));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("b.fnb");
     let data = blob(70_000);
@@ -451,7 +451,9 @@ fn local_files_are_read_from_the_offset_and_errors_name_the_path() {
         "{err}"
     );
     let err = e.fetcher.open(p, 70_001).unwrap_err();
-    assert!(err.to_string().contains("past the end"), "{err}");
+    // The cause is the error's source; reports print the chain.
+    let text = flightnode_agent::proto::error::chain(&err);
+    assert!(text.contains("past the end") && text.contains(p), "{text}");
     let err = e.fetcher.open("ftp://example.invalid/b.fnb", 0).unwrap_err();
     assert!(err.to_string().contains("ftp"), "{err}");
     assert_eq!(e.fetcher.bytes_received(), 0);
@@ -459,7 +461,7 @@ fn local_files_are_read_from_the_offset_and_errors_name_the_path() {
 
 #[test]
 fn attempts_with_real_progress_reset_the_retry_budget() {
-    let e = env(cfg(2000, 1, 20));
+    let e = env(&cfg(2000, 1, 20));
     let data = blob(3_500_000);
     e.srv.put("/b.fnb", data.clone());
     let cut = |offset| Fault::CutAt { offset, times: 1 };

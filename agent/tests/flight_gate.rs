@@ -8,9 +8,10 @@ use common::*;
 use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
 use flightnode_tests::http_server::BundleServer;
 use flightnode_tests::mosquitto::{Mosquitto, Subscriber};
+use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_mins(1);
 const STATUS: &str = "firmware/drone-test/status";
 const UPGRADE: &str = "firmware/drone-test/upgrade";
 
@@ -321,7 +322,6 @@ fn reboot_mode_does_not_reboot_in_the_air() {
     v.send("land").unwrap();
     v.send("disarm").unwrap();
     let status = d.0.wait().unwrap();
-    use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(9), "the reboot command ends the daemon");
     assert!(marker.exists());
     drop(d);

@@ -277,7 +277,7 @@ async fn heartbeat_at_start_and_promptly_on_state_change() {
     let hub = Hub::new();
     let server = Running::start(&hub, "127.0.0.1:0".parse().unwrap(), None).await;
     // A long interval: only the on-change path can deliver the change in time.
-    let cfg = hub_config(format!("http://{}", server.addr), Duration::from_secs(60), 100);
+    let cfg = hub_config(format!("http://{}", server.addr), Duration::from_mins(1), 100);
     let dev = Device::start(cfg, Tls::default());
 
     eventually("first heartbeat", || hub.count() >= 1).await;
@@ -621,7 +621,7 @@ async fn mutual_tls_with_the_device_identity() {
         ca: Some(pki.ca.clone()),
         ..Tls::default()
     };
-    let cfg = hub_config(endpoint.clone(), Duration::from_secs(60), 100);
+    let cfg = hub_config(endpoint.clone(), Duration::from_mins(1), 100);
     let mut client = HubServiceClient::new(hub_link::channel(&cfg, &anonymous).unwrap());
     let refused = client.heartbeat(v1::HeartbeatRequest::default()).await;
     let refused = refused.expect_err("a client without a certificate got through");
@@ -661,14 +661,14 @@ async fn bad_tls_files_fail_setup_with_the_path() {
         cert: Some(pki.cert.clone()),
         key: Some(pki.cert.clone()), // a certificate where the key should be
     };
-    let cfg = hub_config("https://127.0.0.1:1".into(), Duration::from_secs(60), 100);
+    let cfg = hub_config("https://127.0.0.1:1".into(), Duration::from_mins(1), 100);
     let e = hub_link::channel(&cfg, &tls).unwrap_err();
     assert!(
         e.to_string().contains("device.pem") && e.to_string().contains("key"),
         "{e}"
     );
 
-    let cfg = hub_config("https://".into(), Duration::from_secs(60), 100);
+    let cfg = hub_config("https://".into(), Duration::from_mins(1), 100);
     let e = hub_link::channel(&cfg, &tls).unwrap_err();
     assert!(matches!(e, hub_link::HubLinkError::Endpoint { .. }), "{e}");
 }

@@ -137,14 +137,14 @@ fn upgrade(id: &str, url: &str) -> Command {
 fn expect_command(got: Inbound) -> Command {
     match got {
         Inbound::Command(c) => c,
-        other => panic!("expected a command, got {other:?}"),
+        other @ Inbound::Malformed(_) => panic!("expected a command, got {other:?}"),
     }
 }
 
 fn expect_malformed(got: Inbound, what: &str) -> String {
     match got {
         Inbound::Malformed(reason) => reason,
-        other => panic!("{what}: expected Malformed, got {other:?}"),
+        other @ Inbound::Command(_) => panic!("{what}: expected Malformed, got {other:?}"),
     }
 }
 
@@ -200,7 +200,7 @@ async fn commands_arrive_and_garbage_is_malformed_without_breaking_the_link() {
             assert_eq!(u.url, "https://fw.example/fw-1.4.0.fnb");
             assert!(u.upgrade_id.starts_with("u-"));
         }
-        other => panic!("{other:?}"),
+        other @ Command::Cancel { .. } => panic!("{other:?}"),
     }
 
     // JSON.

@@ -294,7 +294,7 @@ impl Rig {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start flightnode-agent");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
         while child.try_wait().expect("wait").is_none() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
@@ -449,7 +449,7 @@ fn download_points() -> [String; 3] {
     ]
 }
 
-fn assert_no_failures(failures: Vec<String>) {
+fn assert_no_failures(failures: &[String]) {
     assert!(
         failures.is_empty(),
         "{} case(s) failed:\n{}",
@@ -473,7 +473,7 @@ fn the_first_start_survives_a_power_cut() {
             failures.push(rig.report(&format!("{mode:?}"), &e));
         }
     }
-    assert_no_failures(failures);
+    assert_no_failures(&failures);
 }
 
 /// Cut at `failpoint` during the install, check the boot, then converge.
@@ -518,7 +518,7 @@ fn every_step(mode: Mode) {
             Err(e) => failures.push(e),
         }
     }
-    assert_no_failures(failures);
+    assert_no_failures(&failures);
 }
 
 #[test]
@@ -572,7 +572,7 @@ fn repeated_power_cuts_during_the_download() {
             failures.push(rig.report(&format!("{mode:?}, four cuts during the download"), &e));
         }
     }
-    assert_no_failures(failures);
+    assert_no_failures(&failures);
 }
 
 /// One random case: a mode, a healthy or unhealthy image, and up to five cuts at random
@@ -639,8 +639,9 @@ fn random_case(seed: u64, case: u64) -> Result<usize, String> {
 fn random_power_cuts() {
     let seed: u64 = std::env::var("FLIGHTNODE_POWERCUT_SEED")
         .ok()
-        .map(|s| s.parse().expect("FLIGHTNODE_POWERCUT_SEED is a u64"))
-        .unwrap_or_else(rand::random);
+        .map_or_else(rand::random, |s| {
+            s.parse().expect("FLIGHTNODE_POWERCUT_SEED is a u64")
+        });
     let only: Option<u64> = std::env::var("FLIGHTNODE_POWERCUT_CASE")
         .ok()
         .map(|s| s.parse().expect("FLIGHTNODE_POWERCUT_CASE is a case number"));
@@ -660,7 +661,7 @@ fn random_power_cuts() {
                 Ok(n) => cuts += n,
                 Err(e) => {
                     cuts += 1;
-                    failures.push(e)
+                    failures.push(e);
                 }
             }
         }
@@ -670,7 +671,7 @@ fn random_power_cuts() {
         }
     }
     eprintln!("{cuts} power cuts in {case} cases, {} failed", failures.len());
-    assert_no_failures(failures);
+    assert_no_failures(&failures);
 }
 
 /// Without the filter sled 0.34's `flush()` is `sync_file_range(2)`, which flushes no disk cache
@@ -728,7 +729,7 @@ fn a_committed_upgrade_survives_a_power_cut() {
             failures.push(rig.report(&format!("{durability:?}"), &e));
         }
     }
-    assert_no_failures(failures);
+    assert_no_failures(&failures);
 }
 
 /// The power fails at every 9th change the install makes on the layer (any write, sync or
@@ -754,5 +755,5 @@ fn power_cut_between_any_two_writes() {
             }
         }
     }
-    assert_no_failures(failures);
+    assert_no_failures(&failures);
 }

@@ -53,14 +53,11 @@ fn power_on(dev: &Device, sim: &SimBoot, case: &str) -> char {
 fn converge(dev: &Device, sim: &SimBoot, case: &str) {
     for _ in 0..6 {
         let o = dev.run(&["resume"]);
-        match o.status.signal() {
-            Some(9) => {
-                power_on(dev, sim, case);
-            }
-            _ => {
-                assert_eq!(dev.status()["phase"], "idle", "{case}: {}", text(&o));
-                return;
-            }
+        if let Some(9) = o.status.signal() {
+            power_on(dev, sim, case);
+        } else {
+            assert_eq!(dev.status()["phase"], "idle", "{case}: {}", text(&o));
+            return;
         }
     }
     panic!("{case}: still rebooting after 6 boots: {:#}", dev.status());

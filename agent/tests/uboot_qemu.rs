@@ -29,7 +29,7 @@ fn backend(sim: &SimBoot) -> UBoot {
         script: None,
         attempts: 3,
         initial_env: sim.initial_env.clone(),
-        tool_timeout: Duration::from_secs(60),
+        tool_timeout: Duration::from_mins(1),
     })
     .expect("open the U-Boot backend")
 }
@@ -66,7 +66,7 @@ fn blank_flash_is_written_only_from_the_initial_env() {
         script: None,
         attempts: 3,
         initial_env: dir.path().join("missing-initial-env"),
-        tool_timeout: Duration::from_secs(60),
+        tool_timeout: Duration::from_mins(1),
     };
     let no_init = UBoot::new(&cfg).unwrap();
     let err = no_init

@@ -43,7 +43,7 @@ pub fn start(listen: SocketAddr) -> std::io::Result<()> {
         .name("embedded-mqtt".into())
         .spawn(move || {
             if let Err(e) = broker.start() {
-                tracing::error!(%listen, "embedded MQTT broker stopped: {e}");
+                tracing::error!(%listen, "embedded MQTT broker stopped: {}", flightnode_proto::error::Chain(&e));
             }
         })?;
     tracing::warn!(%listen, "embedded MQTT broker listening: plain TCP, no authentication — for laptops and demos only");

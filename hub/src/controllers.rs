@@ -89,7 +89,7 @@ impl Controllers {
         let (t, t_text) = now();
         match crate::rollout::controller::reconcile_all(self.store.as_ref(), t, &t_text).await {
             Ok(report) => self.metrics.set_rollouts(&report),
-            Err(e) => tracing::warn!(error = %e, "rollout reconcile failed"),
+            Err(e) => tracing::warn!(error = %flightnode_proto::error::Chain(&e), "rollout reconcile failed"),
         }
         self.metrics.reconcile_done("rollout", started.elapsed());
         let started = std::time::Instant::now();
@@ -118,7 +118,7 @@ impl Controllers {
         let nodes = match self.store.nodes().await {
             Ok(n) => n,
             Err(e) => {
-                tracing::warn!(error = %e, "listing FlightNodes failed");
+                tracing::warn!(error = %flightnode_proto::error::Chain(&e), "listing FlightNodes failed");
                 return next;
             }
         };
@@ -160,7 +160,7 @@ impl Controllers {
                 && let Err(e) = self.store.write_sync(&name, d.sync.as_ref()).await
             {
                 // NB: nothing is published without its record: it could not be found again.
-                tracing::warn!(device_id = %device, name = %name, error = %e, "firmwareSync write failed; not publishing");
+                tracing::warn!(device_id = %device, name = %name, error = %flightnode_proto::error::Chain(&e), "firmwareSync write failed; not publishing");
                 continue;
             }
             if !cancel_first && let Some(cmd) = &cmd {

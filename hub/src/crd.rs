@@ -32,8 +32,10 @@ pub mod condition {
 }
 
 /// Desired state of one drone.
-// NB: clippy reads the repeated `type_ = …` of the printer columns as duplicated attributes.
-#[allow(clippy::duplicated_attributes)]
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "clippy reads the repeated `type_ = …` of the printer columns as duplicated attributes"
+)]
 #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 #[kube(
     group = "edge.drone.io",
@@ -347,7 +349,7 @@ fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
 /// The CRDs (`FlightNode`, `FirmwareRollout`) as YAML, as `flightnode-hub crd` prints them and
 /// `hub/deploy/crd.yaml` holds them.
 pub fn crd_yaml() -> crate::Result<String> {
-    let encode = |e: serde_saphyr::SerializeError| crate::Error::Encode(e.to_string());
+    let encode = |e: serde_saphyr::SerializeError| crate::Error::Encode(e.into());
     let nodes = serde_saphyr::to_string(&FlightNode::crd()).map_err(encode)?;
     let rollouts = serde_saphyr::to_string(&crate::rollout::FirmwareRollout::crd()).map_err(encode)?;
     Ok(format!(

@@ -12,6 +12,10 @@ use std::time::Duration;
 /// Any bytes decoded as a `HeartbeatRequest` (what tonic hands the service) are refused by
 /// [`validate`] with a message, or turn into a status with the four conditions, a valid object
 /// name and a JSON server-side apply body, and pass through a session; never a panic.
+///
+/// # Panics
+///
+/// On a finding: an input that breaks one of those properties.
 pub fn heartbeat(data: &[u8]) {
     let Ok(mut hb) = HeartbeatRequest::decode(data) else {
         return;
@@ -54,7 +58,7 @@ pub fn heartbeat(data: &[u8]) {
 
     let sessions = Sessions::new(
         SessionConfig {
-            refresh: Duration::from_secs(60),
+            refresh: Duration::from_mins(1),
             grace: Duration::from_secs(35),
             sink_stores_events: false,
         },

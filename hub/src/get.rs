@@ -129,14 +129,14 @@ pub async fn list(client: &Client, namespace: Option<&str>) -> Result<Vec<Flight
 /// Runs `get`, printing to `out`.
 pub async fn run(opts: GetOptions, out: &mut (dyn Write + Send)) -> Result<()> {
     let client = client(&opts.source).await?;
-    let io = |e: std::io::Error| Error::Encode(e.to_string());
+    let io = |e: std::io::Error| Error::Encode(e.into());
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
     let mut first = true;
     loop {
         let nodes = list(&client, opts.namespace.as_deref()).await?;
         if opts.json {
             let body = serde_json::json!({"apiVersion": crate::crd::API_VERSION, "kind": "FlightNodeList", "items": nodes});
-            let text = serde_json::to_string_pretty(&body).map_err(|e| Error::Encode(e.to_string()))?;
+            let text = serde_json::to_string_pretty(&body).map_err(|e| Error::Encode(e.into()))?;
             writeln!(out, "{text}").map_err(io)?;
         } else {
             let now = time::OffsetDateTime::now_utc();

@@ -247,11 +247,7 @@ mod tests {
         assert!(cut.len() > MAX_MESSAGE_TEXT_BYTES - 8, "{}", cut.len());
         assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
         assert_eq!(hb.events[1].message, "short");
-        let l = hb
-            .last_upgrade
-            .as_ref()
-            .map(|l| l.error_message.as_str())
-            .unwrap_or("");
+        let l = hb.last_upgrade.as_ref().map_or("", |l| l.error_message.as_str());
         assert!(l.len() <= MAX_MESSAGE_TEXT_BYTES && l.starts_with("xé") && l.ends_with('…'));
 
         // At the limit nothing changes.

@@ -86,7 +86,8 @@ async fn metrics(State(state): State<HttpState>) -> Response {
             .get_or_create(&ConditionLabel { condition, status })
             .set(n);
     }
-    m.queue_depth.set(state.hub.scheduler.depth() as i64);
+    m.queue_depth
+        .set(i64::try_from(state.hub.scheduler.depth()).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,
@@ -106,7 +107,7 @@ async fn readyz(State(state): State<HttpState>) -> Response {
 }
 
 /// A Kubernetes `Status` error body.
-fn status_error(code: StatusCode, reason: &str, message: String) -> Response {
+fn status_error(code: StatusCode, reason: &str, message: &str) -> Response {
     let body = json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
         "message": message, "reason": reason, "code": code.as_u16(),
@@ -118,7 +119,7 @@ fn no_local_store() -> Response {
     status_error(
         StatusCode::NOT_FOUND,
         "NotFound",
-        "this hub writes to Kubernetes (--store kube); read FlightNodes there".into(),
+        "this hub writes to Kubernetes (--store kube); read FlightNodes there",
     )
 }
 
@@ -148,7 +149,7 @@ fn not_found_of(resource: &str, name: &str) -> Response {
     status_error(
         StatusCode::NOT_FOUND,
         "NotFound",
-        format!("{resource} \"{name}\" not found"),
+        &format!("{resource} \"{name}\" not found"),
     )
 }
 
@@ -193,7 +194,7 @@ async fn patch_spec(
     }
     let patch: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return status_error(StatusCode::BAD_REQUEST, "BadRequest", format!("patch body: {e}")),
+        Err(e) => return status_error(StatusCode::BAD_REQUEST, "BadRequest", &format!("patch body: {e}")),
     };
     if let Some(firmware) = patch.pointer("/spec/firmware") {
         let target: Option<FirmwareTarget> = match serde_json::from_value(firmware.clone()) {
@@ -202,7 +203,7 @@ async fn patch_spec(
                 return status_error(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "Invalid",
-                    format!("spec.firmware must be {{version, url[, allowDowngrade]}} or null: {e}"),
+                    &format!("spec.firmware must be {{version, url[, allowDowngrade]}} or null: {e}"),
                 );
             }
         };
@@ -211,14 +212,21 @@ async fn patch_spec(
             crate::rollout::ANNOTATION_ROLLOUT,
             crate::rollout::ANNOTATION_DISPATCHED,
         ];
-        return match store.set_target(&name, target, &Default::default(), &drop).await {
+        return match store
+            .set_target(&name, target, &std::collections::BTreeMap::default(), &drop)
+            .await
+        {
             Ok(Some(node)) => {
                 state.hub.sessions.specs().set(&name, SpecView::of(&node));
                 state.hub.spec_changed(&name);
                 Json(node).into_response()
             }
             Ok(None) => not_found(&name),
-            Err(e) => status_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
+            Err(e) => status_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                &flightnode_proto::error::chain(&e),
+            ),
         };
     }
     let version = match patch.pointer("/spec/firmwareVersion") {
@@ -228,7 +236,7 @@ async fn patch_spec(
             return status_error(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "Invalid",
-                "only spec.firmware or spec.firmwareVersion can be patched".into(),
+                "only spec.firmware or spec.firmwareVersion can be patched",
             );
         }
     };
@@ -239,7 +247,11 @@ async fn patch_spec(
             Json(node).into_response()
         }
         Ok(None) => not_found(&name),
-        Err(e) => status_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
+        Err(e) => status_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            &flightnode_proto::error::chain(&e),
+        ),
     }
 }
 
@@ -307,7 +319,7 @@ async fn rollout_apply(
         return status_error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "Invalid",
-            format!("this hub's local store holds namespace {:?}", store.namespace()),
+            &format!("this hub's local store holds namespace {:?}", store.namespace()),
         );
     }
     let mut rollout: FirmwareRollout = match serde_json::from_slice(&body) {
@@ -316,16 +328,20 @@ async fn rollout_apply(
             return status_error(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
-                format!("FirmwareRollout: {e}"),
+                &format!("FirmwareRollout: {e}"),
             );
         }
     };
     if let Err(why) = crate::rollout::validate(&rollout.spec) {
-        return status_error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", why);
+        return status_error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &why);
     }
     rollout.metadata.name = Some(name);
     match store.apply_rollout(rollout).await {
         Ok(r) => Json(r).into_response(),
-        Err(e) => status_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e.to_string()),
+        Err(e) => status_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            &flightnode_proto::error::chain(&e),
+        ),
     }
 }

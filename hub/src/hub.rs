@@ -2,7 +2,7 @@
 //! (like controller-rs's `State`): sessions, scheduler, metrics and the optional local store.
 
 use crate::metrics::Metrics;
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::scheduler::{Scheduler, SchedulerConfig, StatusSource};
 use crate::session::{SessionConfig, Sessions, SpecCache};
 use crate::sink::StatusSink;
 use crate::sink::local::LocalStore;
@@ -52,7 +52,7 @@ impl Hub {
         let scheduler = Scheduler::new(
             config.scheduler,
             sink,
-            Arc::clone(&sessions),
+            Arc::clone(&sessions) as Arc<dyn StatusSource>,
             Arc::clone(&metrics),
         );
         Arc::new(Hub {
@@ -64,14 +64,13 @@ impl Hub {
         })
     }
 
-    /// Starts the writers and the liveness loop.
+    /// Starts the writers (ended by [`Scheduler::drain`]) and the liveness loop (returned).
     pub fn start(&self) -> Vec<JoinHandle<()>> {
-        let mut tasks = self.scheduler.spawn_workers();
-        tasks.push(tokio::spawn(crate::liveness::run(
+        self.scheduler.spawn_workers();
+        vec![tokio::spawn(crate::liveness::run(
             Arc::clone(&self.sessions),
             Arc::clone(&self.scheduler),
-        )));
-        tasks
+        ))]
     }
 
     /// Handles one validated heartbeat: updates the session, queues a write if due, and answers
@@ -80,7 +79,7 @@ impl Hub {
         self.metrics.heartbeat("ok").inc();
         let observed = self.sessions.observe(hb, Instant::now());
         if let Some(e) = observed.enqueue {
-            self.scheduler.enqueue(e);
+            self.scheduler.enqueue(&e);
         }
         let mut acked_seq = observed.durable_seq;
         if observed.wants_seq > acked_seq {
@@ -101,7 +100,7 @@ impl Hub {
     /// Re-evaluates a drone whose spec changed (desired firmware version).
     pub fn spec_changed(&self, name: &str) {
         if let Some(e) = self.sessions.spec_changed(name, Instant::now()) {
-            self.scheduler.enqueue(e);
+            self.scheduler.enqueue(&e);
         }
     }
 }

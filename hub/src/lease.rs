@@ -88,7 +88,7 @@ pub async fn run(
                 last_renew = None;
             }
             Err(e) => {
-                tracing::warn!(identity = %config.identity, error = %e, "lease request failed");
+                tracing::warn!(identity = %config.identity, error = %flightnode_proto::error::Chain(&e), "lease request failed");
                 let expired = last_renew.is_none_or(|t| now.duration_since(t) >= config.renew_deadline);
                 if *leader.borrow() && expired {
                     tracing::warn!(identity = %config.identity, "could not renew the lease in time; stepping down");
@@ -120,7 +120,9 @@ async fn release(api: &Api<Lease>, config: &LeaseConfig) {
     spec.holder_identity = None;
     match api.replace(&config.name, &PostParams::default(), &lease).await {
         Ok(_) => tracing::info!(identity = %config.identity, "released the controller lease"),
-        Err(e) => tracing::warn!(identity = %config.identity, error = %e, "lease release failed"),
+        Err(e) => {
+            tracing::warn!(identity = %config.identity, error = %flightnode_proto::error::Chain(&e), "lease release failed");
+        }
     }
 }
 

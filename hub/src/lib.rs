@@ -57,13 +57,19 @@ pub const FIELD_MANAGER: &str = "flightnode-hub";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A Kubernetes client call failed.
-    #[error("kubernetes: {0}")]
+    #[error("kubernetes API call failed")]
     Kube(#[source] kube::Error),
-    /// Building the Kubernetes client configuration failed.
-    #[error("kubernetes config: {0}")]
-    KubeConfig(String),
+    /// The Kubernetes client could not be set up (configuration, or a cache that never filled).
+    #[error("kubernetes: {what}")]
+    KubeSetup {
+        /// What was being set up.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: Cause,
+    },
     /// The local store failed.
-    #[error("local store {path}: {source}")]
+    #[error("local store {path}")]
     Sled {
         /// The store directory.
         path: String,
@@ -72,7 +78,7 @@ pub enum Error {
         source: sled::Error,
     },
     /// A file could not be read.
-    #[error("read {path}: {source}")]
+    #[error("read {path}")]
     Read {
         /// The file.
         path: String,
@@ -81,26 +87,53 @@ pub enum Error {
         source: std::io::Error,
     },
     /// TLS material is unusable.
-    #[error("tls: {0}")]
-    Tls(String),
-    /// A listener could not be bound or served.
-    #[error("serve {addr}: {message}")]
+    #[error("tls setup of the gRPC server")]
+    Tls(#[source] tonic::transport::Error),
+    /// A listener could not be bound or its address read.
+    #[error("serve {addr}")]
     Serve {
         /// The address.
         addr: String,
-        /// What failed.
-        message: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
     },
-    /// JSON or YAML (de)serialisation failed.
-    #[error("encode: {0}")]
-    Encode(String),
+    /// The gRPC server failed.
+    #[error("serve gRPC on {addr}")]
+    Grpc {
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// JSON or YAML encoding, or writing it out, failed.
+    #[error("encode")]
+    Encode(#[source] Cause),
     /// MQTT publishing failed.
-    #[error("mqtt: {0}")]
-    Mqtt(String),
+    #[error("mqtt {url}")]
+    Mqtt {
+        /// The broker.
+        url: String,
+        /// The cause.
+        #[source]
+        source: Cause,
+    },
+    /// The broker did not acknowledge a command in time.
+    #[error("mqtt {url}: no PUBACK within {timeout:?}")]
+    MqttTimeout {
+        /// The broker.
+        url: String,
+        /// How long it waited.
+        timeout: std::time::Duration,
+    },
     /// Invalid input (flags, arguments).
     #[error("{0}")]
     Invalid(String),
 }
+
+/// A cause of one of several types (kube, serde, rumqttc, io), kept typed behind the box.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
 /// Result with the hub's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 pub async fn run(sessions: Arc<Sessions>, scheduler: Arc<Scheduler>) {
     loop {
         for e in sessions.expire(Instant::now()) {
-            scheduler.enqueue(e);
+            scheduler.enqueue(&e);
         }
         match sessions.next_deadline() {
             Some(deadline) => {

@@ -50,8 +50,8 @@ impl Default for Policy {
         Policy {
             max_attempts: 3,
             backoff: Duration::from_secs(30),
-            backoff_max: Duration::from_secs(600),
-            redeliver_after: Duration::from_secs(60),
+            backoff_max: Duration::from_mins(10),
+            redeliver_after: Duration::from_mins(1),
         }
     }
 }
@@ -258,7 +258,7 @@ pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> 
         },
     };
     let set = |rec: &mut FirmwareSync, reason: &str, message: String| {
-        rec.reason = reason.to_owned();
+        reason.clone_into(&mut rec.reason);
         rec.message = message;
     };
 

@@ -5,10 +5,12 @@
 //! write is built from the session when a worker takes it, so a burst of heartbeats becomes one
 //! write of the newest status (with every event not yet durable) and a retried write can never
 //! overwrite a newer status. Registrations and refreshes leave half the bucket to transitions.
+//!
+//! The scheduler knows nothing of sessions: it asks a [`StatusSource`] (the sessions, or a fake
+//! in tests) for the write and tells it the outcome.
 
 use crate::metrics::Metrics;
-use crate::session::{Enqueue, Sessions};
-use crate::sink::{StatusSink, WriteError};
+use crate::sink::{StatusSink, WriteError, WriteRequest};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -37,6 +39,36 @@ impl Priority {
             Priority::Refresh => 2,
         }
     }
+}
+
+/// A write to hand to the scheduler: which drone, and how urgent. The status itself is built
+/// when the write goes out, so a queued write always carries the newest status (latest wins).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueue {
+    /// `FlightNode` name.
+    pub name: String,
+    /// Transition, registration or refresh.
+    pub priority: Priority,
+}
+
+/// A status write built by a [`StatusSource`], with the content hash it records once the write
+/// succeeded.
+#[derive(Debug, Clone)]
+pub struct Built {
+    /// The write.
+    pub req: WriteRequest,
+    /// Hash of `req.status` without its heartbeat time.
+    pub content: u64,
+}
+
+/// What the scheduler needs from whoever holds the statuses (the sessions).
+pub trait StatusSource: Send + Sync + 'static {
+    /// The write for a drone as it stands now; `None` when the drone is gone.
+    fn build(&self, name: &str) -> Option<Built>;
+    /// Records a successful write of `built`, finished at `now`.
+    fn write_done(&self, built: &Built, now: Instant);
+    /// The drone's object does not exist; true the first time (so it is logged once).
+    fn mark_missing(&self, name: &str) -> bool;
 }
 
 /// Scheduler settings.
@@ -116,18 +148,22 @@ impl TokenBucket {
     }
 }
 
+/// Where a drone's write stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Slot {
+enum Stage {
     /// Nothing queued or running (a write may still be wanted while a retry waits).
     Idle,
+    /// Waiting in the queue of this priority.
     Queued(Priority),
+    /// A worker is writing it.
     InFlight,
+    /// A failed write waits for its retry.
     Delayed,
 }
 
 /// One drone's place in the scheduler; dropped once nothing is wanted or running.
 struct Entry {
-    slot: Slot,
+    stage: Stage,
     /// A write is wanted, at least this urgent.
     wanted: Option<Priority>,
     /// Failed attempts of the current write.
@@ -153,7 +189,7 @@ impl State {
     /// Wants a write for `name` at `priority` or more.
     fn want(&mut self, name: &str, priority: Priority) -> &mut Entry {
         let entry = self.entries.entry(name.to_owned()).or_insert(Entry {
-            slot: Slot::Idle,
+            stage: Stage::Idle,
             wanted: None,
             attempts: 0,
         });
@@ -168,17 +204,17 @@ impl State {
             return false;
         };
         let Some(priority) = entry.wanted else {
-            if entry.slot == Slot::Idle {
+            if entry.stage == Stage::Idle {
                 self.entries.remove(name);
             }
             return false;
         };
-        match entry.slot {
-            Slot::Idle => {}
-            Slot::Queued(queued) if queued < priority => {}
+        match entry.stage {
+            Stage::Idle => {}
+            Stage::Queued(queued) if queued < priority => {}
             _ => return false,
         }
-        entry.slot = Slot::Queued(priority);
+        entry.stage = Stage::Queued(priority);
         self.queues[priority.index()].push_back(name.to_owned());
         true
     }
@@ -189,7 +225,7 @@ impl State {
             let queue = &mut self.queues[p.index()];
             while let Some(name) = queue.front() {
                 match self.entries.get(name) {
-                    Some(e) if e.slot == Slot::Queued(p) => return Some(p),
+                    Some(e) if e.stage == Stage::Queued(p) => return Some(p),
                     _ => {
                         queue.pop_front();
                     }
@@ -205,10 +241,10 @@ impl State {
                 let Some(entry) = self.entries.get_mut(&name) else {
                     continue;
                 };
-                if entry.slot != Slot::Queued(p) {
+                if entry.stage != Stage::Queued(p) {
                     continue;
                 }
-                entry.slot = Slot::InFlight;
+                entry.stage = Stage::InFlight;
                 let priority = entry.wanted.take().unwrap_or(p);
                 return Some(Job {
                     attempts: entry.attempts,
@@ -233,9 +269,12 @@ pub struct Scheduler {
     bucket: Mutex<TokenBucket>,
     work: Notify,
     sink: Arc<dyn StatusSink>,
-    sessions: Arc<Sessions>,
+    source: Arc<dyn StatusSource>,
     metrics: Arc<Metrics>,
     me: std::sync::Weak<Scheduler>,
+    workers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Set by [`Scheduler::drain`]: workers end once nothing is queued.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Scheduler {
@@ -243,7 +282,7 @@ impl Scheduler {
     pub fn new(
         config: SchedulerConfig,
         sink: Arc<dyn StatusSink>,
-        sessions: Arc<Sessions>,
+        source: Arc<dyn StatusSource>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Scheduler {
@@ -253,8 +292,10 @@ impl Scheduler {
             state: Mutex::new(State::default()),
             work: Notify::new(),
             sink,
-            sessions,
+            source,
             metrics,
+            workers: Mutex::new(Vec::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -266,11 +307,13 @@ impl Scheduler {
     }
 
     /// Wants a write for a drone; what goes out is its newest status when a token allows.
-    pub fn enqueue(&self, e: Enqueue) {
+    pub fn enqueue(&self, e: &Enqueue) {
         let mut state = self.state();
         state.want(&e.name, e.priority);
         let wake = state.schedule(&e.name);
-        self.metrics.queue_depth.set(state.depth() as i64);
+        self.metrics
+            .queue_depth
+            .set(i64::try_from(state.depth()).unwrap_or(i64::MAX));
         drop(state);
         if wake {
             self.work.notify_one();
@@ -282,14 +325,44 @@ impl Scheduler {
         self.state().depth()
     }
 
-    /// Starts the writer tasks.
-    pub fn spawn_workers(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
-        (0..self.config.workers.max(1))
-            .map(|_| {
-                let me = Arc::clone(self);
-                tokio::spawn(async move { me.worker().await })
-            })
-            .collect()
+    /// Starts the writer tasks; [`Scheduler::drain`] ends them.
+    pub fn spawn_workers(self: &Arc<Self>) {
+        let spawned = (0..self.config.workers.max(1)).map(|_| {
+            let me = Arc::clone(self);
+            tokio::spawn(async move { me.worker().await })
+        });
+        self.workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(spawned);
+    }
+
+    /// Shutdown: the workers write what is queued (at the bucket's rate) and end once the queue
+    /// is empty; after `timeout` the rest is dropped, with a log line saying how much. A write
+    /// waiting for its retry is not waited for.
+    pub async fn drain(&self, timeout: Duration) {
+        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.work.notify_waiters();
+        let workers = std::mem::take(
+            &mut *self
+                .workers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let deadline = Instant::now() + timeout;
+        for mut worker in workers {
+            if tokio::time::timeout_at(deadline, &mut worker).await.is_err() {
+                worker.abort();
+            }
+        }
+        let left = self.depth();
+        if left > 0 {
+            tracing::warn!(
+                drones = left,
+                ?timeout,
+                "shutdown: status writes still waiting were dropped"
+            );
+        }
     }
 
     /// Tokens that only transitions may take: registrations and refreshes leave them in the
@@ -320,6 +393,9 @@ impl Scheduler {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let Some(best) = self.state().best() else {
+                if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
                 notified.await;
                 continue;
             };
@@ -347,7 +423,7 @@ impl Scheduler {
     }
 
     async fn run(&self, job: Job) {
-        let Some(built) = self.sessions.build(&job.name) else {
+        let Some(built) = self.source.build(&job.name) else {
             self.finish(&job.name, true);
             return;
         };
@@ -364,7 +440,7 @@ impl Scheduler {
         self.metrics.writes(label).inc();
         match result {
             Ok(()) => {
-                self.sessions.write_done(&built, Instant::now());
+                self.source.write_done(&built, Instant::now());
                 tracing::debug!(device_id = %req.device_id, priority = ?job.priority, "status written");
                 self.finish(&job.name, true);
             }
@@ -377,7 +453,7 @@ impl Scheduler {
                         self.retry(job, Duration::ZERO);
                     }
                     Err(e) => {
-                        tracing::warn!(device_id = %req.device_id, error = %e, "auto-registration failed");
+                        tracing::warn!(device_id = %req.device_id, error = %flightnode_proto::error::Chain(&e), "auto-registration failed");
                         let delay = self.backoff(job.attempts + 1, None);
                         self.retry(job, delay);
                     }
@@ -385,7 +461,7 @@ impl Scheduler {
             }
             Err(WriteError::NotFound) => {
                 self.metrics.missing.inc();
-                if self.sessions.mark_missing(&req.name) {
+                if self.source.mark_missing(&req.name) {
                     tracing::warn!(
                         device_id = %req.device_id,
                         name = %req.name,
@@ -411,10 +487,11 @@ impl Scheduler {
     }
 
     fn backoff(&self, attempts: u32, retry_after: Option<Duration>) -> Duration {
-        let exp = self
-            .config
-            .backoff_base
-            .saturating_mul(1u32 << attempts.saturating_sub(1).min(16));
+        let exp = flightnode_proto::backoff::exponential(
+            self.config.backoff_base,
+            attempts,
+            self.config.backoff_max,
+        );
         retry_after.unwrap_or(exp).min(self.config.backoff_max)
     }
 
@@ -423,13 +500,15 @@ impl Scheduler {
     fn finish(&self, name: &str, done: bool) {
         let mut state = self.state();
         if let Some(entry) = state.entries.get_mut(name) {
-            entry.slot = Slot::Idle;
+            entry.stage = Stage::Idle;
             if done {
                 entry.attempts = 0;
             }
         }
         let wake = state.schedule(name);
-        self.metrics.queue_depth.set(state.depth() as i64);
+        self.metrics
+            .queue_depth
+            .set(i64::try_from(state.depth()).unwrap_or(i64::MAX));
         drop(state);
         if wake {
             self.work.notify_one();
@@ -441,7 +520,7 @@ impl Scheduler {
         {
             let mut state = self.state();
             let entry = state.want(&job.name, job.priority);
-            entry.slot = Slot::Delayed;
+            entry.stage = Stage::Delayed;
             entry.attempts = job.attempts + 1;
         }
         let sched = self.weak();
@@ -456,5 +535,362 @@ impl Scheduler {
 
     fn weak(&self) -> std::sync::Weak<Self> {
         self.me.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::FlightNodeStatus;
+    use futures_util::future::BoxFuture;
+    use std::collections::HashMap;
+    use tokio::sync::mpsc;
+
+    /// Statuses by drone name: `build` hands out the current content number.
+    #[derive(Default)]
+    struct FakeSource {
+        content: Mutex<HashMap<String, u64>>,
+        done: Mutex<Vec<(String, u64)>>,
+        missing: Mutex<Vec<String>>,
+    }
+
+    impl FakeSource {
+        fn set(&self, name: &str, content: u64) {
+            self.content.lock().unwrap().insert(name.to_owned(), content);
+        }
+    }
+
+    impl StatusSource for FakeSource {
+        fn build(&self, name: &str) -> Option<Built> {
+            let content = *self.content.lock().unwrap().get(name)?;
+            Some(Built {
+                req: WriteRequest {
+                    name: name.to_owned(),
+                    device_id: name.to_owned(),
+                    hardware_id: "hw".into(),
+                    status: FlightNodeStatus::default(),
+                    events: Vec::new(),
+                },
+                content,
+            })
+        }
+
+        fn write_done(&self, built: &Built, _now: Instant) {
+            self.done
+                .lock()
+                .unwrap()
+                .push((built.req.name.clone(), built.content));
+        }
+
+        fn mark_missing(&self, name: &str) -> bool {
+            let mut missing = self.missing.lock().unwrap();
+            let first = !missing.iter().any(|m| m == name);
+            missing.push(name.to_owned());
+            first
+        }
+    }
+
+    /// Answers each drone's writes from a script (then `Ok`), and reports every write.
+    struct FakeSink {
+        script: Mutex<HashMap<String, VecDeque<Result<(), WriteError>>>>,
+        writes: mpsc::UnboundedSender<(String, Instant)>,
+    }
+
+    impl StatusSink for FakeSink {
+        fn write_status<'a>(&'a self, req: &'a WriteRequest) -> BoxFuture<'a, Result<(), WriteError>> {
+            let result = self
+                .script
+                .lock()
+                .unwrap()
+                .get_mut(&req.name)
+                .and_then(VecDeque::pop_front)
+                .unwrap_or(Ok(()));
+            self.writes.send((req.name.clone(), Instant::now())).unwrap();
+            Box::pin(async move { result })
+        }
+
+        fn create<'a>(
+            &'a self,
+            _name: &'a str,
+            _hardware_id: &'a str,
+        ) -> BoxFuture<'a, Result<(), WriteError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+    }
+
+    struct Rig {
+        scheduler: Arc<Scheduler>,
+        source: Arc<FakeSource>,
+        writes: mpsc::UnboundedReceiver<(String, Instant)>,
+    }
+
+    fn rig(config: SchedulerConfig, script: &[(&str, Vec<Result<(), WriteError>>)]) -> Rig {
+        let (tx, writes) = mpsc::unbounded_channel();
+        let sink = Arc::new(FakeSink {
+            script: Mutex::new(
+                script
+                    .iter()
+                    .map(|(name, results)| ((*name).to_owned(), results.iter().cloned().collect()))
+                    .collect(),
+            ),
+            writes: tx,
+        });
+        let source = Arc::new(FakeSource::default());
+        let scheduler = Scheduler::new(
+            config,
+            sink,
+            Arc::clone(&source) as Arc<dyn StatusSource>,
+            Arc::new(Metrics::new()),
+        );
+        Rig {
+            scheduler,
+            source,
+            writes,
+        }
+    }
+
+    fn one_worker() -> SchedulerConfig {
+        SchedulerConfig {
+            workers: 1,
+            ..SchedulerConfig::default()
+        }
+    }
+
+    fn want(s: &Scheduler, name: &str, priority: Priority) {
+        s.enqueue(&Enqueue {
+            name: name.into(),
+            priority,
+        });
+    }
+
+    async fn next_write(writes: &mut mpsc::UnboundedReceiver<(String, Instant)>) -> (String, Instant) {
+        tokio::time::timeout(Duration::from_mins(10), writes.recv())
+            .await
+            .expect("a write")
+            .unwrap()
+    }
+
+    /// Lets every timer run out (paused clock) and returns the writes that happened meanwhile.
+    async fn settle(writes: &mut mpsc::UnboundedReceiver<(String, Instant)>) -> Vec<String> {
+        tokio::time::sleep(Duration::from_mins(10)).await;
+        let mut out = Vec::new();
+        while let Ok((name, _)) = writes.try_recv() {
+            out.push(name);
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transitions_go_before_registrations_before_refreshes() {
+        let mut r = rig(one_worker(), &[]);
+        for name in ["refresh", "register", "transition"] {
+            r.source.set(name, 1);
+        }
+        want(&r.scheduler, "refresh", Priority::Refresh);
+        want(&r.scheduler, "register", Priority::Register);
+        want(&r.scheduler, "transition", Priority::Transition);
+        // Raised while queued: it moves up to the transitions' queue.
+        r.source.set("late", 1);
+        want(&r.scheduler, "late", Priority::Refresh);
+        want(&r.scheduler, "late", Priority::Transition);
+        assert_eq!(r.scheduler.depth(), 4);
+        r.scheduler.spawn_workers();
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            order.push(next_write(&mut r.writes).await.0);
+        }
+        assert_eq!(order, ["transition", "late", "register", "refresh"]);
+        assert!(settle(&mut r.writes).await.is_empty());
+        assert_eq!(r.scheduler.depth(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_wants_is_one_write_of_the_newest_status() {
+        let mut r = rig(one_worker(), &[]);
+        for content in 1..=5 {
+            r.source.set("a", content);
+            want(&r.scheduler, "a", Priority::Transition);
+        }
+        r.scheduler.spawn_workers();
+        assert_eq!(settle(&mut r.writes).await, ["a"]);
+        assert_eq!(*r.source.done.lock().unwrap(), [("a".to_owned(), 5)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retryable_failure_is_retried_after_retry_after_with_the_newest_status() {
+        let throttled = WriteError::Retryable {
+            code: 429,
+            retry_after: Some(Duration::from_secs(7)),
+            message: "slow down".into(),
+        };
+        let mut r = rig(one_worker(), &[("a", vec![Err(throttled)])]);
+        r.source.set("a", 1);
+        want(&r.scheduler, "a", Priority::Transition);
+        r.scheduler.spawn_workers();
+        let (_, first) = next_write(&mut r.writes).await;
+        // Newer content while the retry waits, and a want that must not jump the delay.
+        r.source.set("a", 2);
+        want(&r.scheduler, "a", Priority::Transition);
+        let (_, second) = next_write(&mut r.writes).await;
+        let waited = second - first;
+        assert!(waited >= Duration::from_secs(7), "retried after {waited:?}");
+        assert!(waited < Duration::from_secs(8), "retried after {waited:?}");
+        assert!(settle(&mut r.writes).await.is_empty());
+        assert_eq!(*r.source.done.lock().unwrap(), [("a".to_owned(), 2)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_object_is_reported_once_per_drone_and_not_retried() {
+        let mut r = rig(
+            one_worker(),
+            &[("a", vec![Err(WriteError::NotFound), Err(WriteError::NotFound)])],
+        );
+        r.source.set("a", 1);
+        want(&r.scheduler, "a", Priority::Transition);
+        r.scheduler.spawn_workers();
+        assert_eq!(settle(&mut r.writes).await, ["a"]);
+        want(&r.scheduler, "a", Priority::Refresh);
+        assert_eq!(settle(&mut r.writes).await, ["a"]);
+        assert_eq!(*r.source.missing.lock().unwrap(), ["a", "a"]);
+        assert!(r.source.done.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_permanent_failure_is_dropped_and_the_next_want_writes_again() {
+        let refused = WriteError::Permanent {
+            code: 422,
+            message: "invalid".into(),
+        };
+        let mut r = rig(one_worker(), &[("a", vec![Err(refused)])]);
+        r.source.set("a", 1);
+        want(&r.scheduler, "a", Priority::Transition);
+        r.scheduler.spawn_workers();
+        assert_eq!(settle(&mut r.writes).await, ["a"]);
+        want(&r.scheduler, "a", Priority::Transition);
+        assert_eq!(settle(&mut r.writes).await, ["a"]);
+        assert_eq!(*r.source.done.lock().unwrap(), [("a".to_owned(), 1)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_writes_what_is_queued_at_the_bucket_rate_then_ends_the_workers() {
+        let config = SchedulerConfig {
+            qps: 1.0,
+            burst: 1,
+            workers: 2,
+            ..SchedulerConfig::default()
+        };
+        let mut r = rig(config, &[]);
+        r.scheduler.spawn_workers();
+        let started = Instant::now();
+        for name in ["a", "b", "c"] {
+            r.source.set(name, 1);
+            want(&r.scheduler, name, Priority::Transition);
+        }
+        r.scheduler.drain(Duration::from_mins(1)).await;
+        let mut written = Vec::new();
+        while let Ok((name, _)) = r.writes.try_recv() {
+            written.push(name);
+        }
+        assert_eq!(written, ["a", "b", "c"]);
+        // One token at start, then one a second: the drain waited for the bucket.
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(r.scheduler.depth(), 0);
+        assert!(r.scheduler.workers.lock().unwrap().is_empty());
+        // Nothing writes any more.
+        r.source.set("d", 1);
+        want(&r.scheduler, "d", Priority::Transition);
+        assert!(settle(&mut r.writes).await.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_gives_up_after_its_timeout() {
+        let config = SchedulerConfig {
+            qps: 0.01,
+            burst: 1,
+            workers: 1,
+            ..SchedulerConfig::default()
+        };
+        let mut r = rig(config, &[]);
+        r.scheduler.spawn_workers();
+        for name in ["a", "b"] {
+            r.source.set(name, 1);
+            want(&r.scheduler, name, Priority::Transition);
+        }
+        let started = Instant::now();
+        r.scheduler.drain(Duration::from_secs(5)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(settle(&mut r.writes).await.len(), 1, "b waits 100 s for a token");
+        assert_eq!(r.scheduler.depth(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_delays_double_up_to_the_cap_and_honour_retry_after_under_it() {
+        let r = rig(
+            SchedulerConfig {
+                backoff_base: Duration::from_millis(200),
+                backoff_max: Duration::from_secs(30),
+                ..SchedulerConfig::default()
+            },
+            &[],
+        );
+        let s = &r.scheduler;
+        let ms = Duration::from_millis;
+        for (attempts, retry_after, want) in [
+            (1, None, ms(200)),
+            (2, None, ms(400)),
+            (3, None, ms(800)),
+            (8, None, ms(25_600)),
+            (9, None, ms(30_000)),
+            (40, None, ms(30_000)),
+            (1, Some(ms(5_000)), ms(5_000)),
+            (1, Some(ms(90_000)), ms(30_000)),
+        ] {
+            assert_eq!(
+                s.backoff(attempts, retry_after),
+                want,
+                "attempt {attempts}, {retry_after:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_spends_the_burst_then_refills_at_qps_and_keeps_the_reserve() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(2.0, 4);
+        // (seconds after t0, tokens to keep, expected: Ok or the wait)
+        let secs = Duration::from_secs_f64;
+        let steps: [(f64, f64, Result<(), Duration>); 9] = [
+            (0.0, 2.0, Ok(())),            // 4 -> 3
+            (0.0, 2.0, Ok(())),            // 3 -> 2
+            (0.0, 2.0, Err(secs(0.5))),    // 2 < 3: the reserve stays
+            (0.0, 0.0, Ok(())),            // a transition may take it: 2 -> 1
+            (0.0, 0.0, Ok(())),            // 1 -> 0
+            (0.0, 0.0, Err(secs(0.5))),    // empty: one token in 1/qps
+            (0.5, 0.0, Ok(())),            // refilled one
+            (100.0, 0.0, Ok(())),          // refill stops at the burst: 4 -> 3
+            (100.0, 10.0, Err(secs(0.5))), // a reserve above the burst waits for a full bucket
+        ];
+        for (i, (at, keep, want)) in steps.into_iter().enumerate() {
+            assert_eq!(b.try_take_above(t0 + secs(at), keep), want, "step {i}");
+        }
+        b.refund();
+        b.refund();
+        assert_eq!(
+            b.try_take_above(t0 + secs(100.0), 10.0),
+            Ok(()),
+            "refunds fill the bucket"
+        );
     }
 }

@@ -16,6 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+/// How long a stopping hub keeps writing queued statuses (well inside Kubernetes' default 30 s
+/// termination grace period).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Where statuses go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StoreKind {
@@ -94,11 +98,10 @@ fn tls_config(opts: &ServeOptions) -> Result<Option<ServerTlsConfig>> {
         ));
     };
     let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-    match &opts.client_ca {
-        Some(ca) => tls = tls.client_ca_root(Certificate::from_pem(read(ca)?)),
-        None => tracing::warn!(
-            "no --client-ca: drones are not authenticated; any client can report for any drone"
-        ),
+    if let Some(ca) = &opts.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    } else {
+        tracing::warn!("no --client-ca: drones are not authenticated; any client can report for any drone");
     }
     Ok(Some(tls))
 }
@@ -172,9 +175,9 @@ pub async fn serve(
     }
 
     let serve_err = |addr: SocketAddr| {
-        move |e: std::io::Error| Error::Serve {
+        move |source: std::io::Error| Error::Serve {
             addr: addr.to_string(),
-            message: e.to_string(),
+            source,
         }
     };
     let grpc_listener = tokio::net::TcpListener::bind(opts.grpc_addr)
@@ -206,7 +209,7 @@ pub async fn serve(
     let mut builder = Server::builder();
     let require_identity = opts.client_ca.is_some();
     if let Some(tls) = tls {
-        builder = builder.tls_config(tls).map_err(|e| Error::Tls(e.to_string()))?;
+        builder = builder.tls_config(tls).map_err(Error::Tls)?;
     }
     let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let grpc = builder
@@ -219,9 +222,9 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let result = grpc.await.map_err(|e| Error::Serve {
+    let result = grpc.await.map_err(|source| Error::Grpc {
         addr: bound.grpc.to_string(),
-        message: e.to_string(),
+        source,
     });
     ready.store(false, Ordering::SeqCst);
     let _ = http.await;
@@ -232,6 +235,8 @@ pub async fn serve(
     for t in tasks {
         t.abort();
     }
+    // What drones reported last still goes out (transitions first), within a bound.
+    hub.scheduler.drain(DRAIN_TIMEOUT).await;
     result
 }
 
@@ -285,7 +290,7 @@ fn start_controllers(
                 let store = match crate::store::KubeFleet::start(client, &namespace, &identity).await {
                     Ok(s) => Arc::new(s),
                     Err(e) => {
-                        tracing::error!(error = %e, "controllers not started");
+                        tracing::error!(error = %flightnode_proto::error::Chain(&e), "controllers not started");
                         return;
                     }
                 };

@@ -13,7 +13,7 @@
 //! `FlightNodeStatus` is rebuilt only when it is written or asked for.
 
 use crate::crd::{Condition, FlightNodeStatus, condition};
-use crate::scheduler::Priority;
+use crate::scheduler::{Built, Enqueue, Priority, StatusSource};
 use crate::sink::{EventRecord, WriteRequest};
 use crate::status::{self, Liveness, SpecView};
 use flightnode_proto::v1::HeartbeatRequest;
@@ -53,7 +53,7 @@ impl SpecCache {
     /// Stores a spec; true when it changed.
     pub fn set(&self, name: &str, spec: SpecView) -> bool {
         match self.0.write() {
-            Ok(mut m) => m.insert(name.to_owned(), spec.clone()).as_ref() != Some(&spec),
+            Ok(mut m) => m.insert(name.to_owned(), spec.clone()) != Some(spec),
             Err(_) => false,
         }
     }
@@ -95,16 +95,6 @@ pub fn object_name(device_id: &str) -> String {
     }
 }
 
-/// A write to hand to the scheduler: which drone, and how urgent. The status itself is built
-/// when the write goes out, so a queued write always carries the newest status (latest wins).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Enqueue {
-    /// `FlightNode` name.
-    pub name: String,
-    /// Transition, registration or refresh.
-    pub priority: Priority,
-}
-
 /// What a heartbeat led to.
 #[derive(Debug)]
 pub struct Observed {
@@ -116,15 +106,6 @@ pub struct Observed {
     pub wants_seq: u64,
     /// Highest event seq durably recorded when the heartbeat was observed.
     pub durable_seq: u64,
-}
-
-/// A status write built from a session, with the content hash to record once it succeeded.
-#[derive(Debug, Clone)]
-pub struct Built {
-    /// The write.
-    pub req: WriteRequest,
-    /// Hash of `req.status` without its heartbeat time.
-    pub content: u64,
 }
 
 /// The condition types in the order [`status::with_conditions`] lists them.
@@ -163,7 +144,7 @@ fn compact_conditions(conditions: &[Condition]) -> [CondState; 4] {
 
 fn parse_unix(rfc3339: &str) -> i64 {
     time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
-        .map_or(0, |t| t.unix_timestamp())
+        .map_or(0, time::OffsetDateTime::unix_timestamp)
 }
 
 /// Hash of a status without its heartbeat time: equal hashes mean nothing to write but a
@@ -239,7 +220,14 @@ impl Session {
     }
 
     fn base(&self) -> FlightNodeStatus {
-        serde_json::from_slice(&self.base).unwrap_or_default()
+        if self.base.is_empty() {
+            return FlightNodeStatus::default();
+        }
+        serde_json::from_slice(&self.base).unwrap_or_else(|e| {
+            tracing::warn!(device_id = %self.device_id, error = %e,
+                "session: the kept status does not decode; rebuilding it from the next heartbeat");
+            FlightNodeStatus::default()
+        })
     }
 
     /// Recomputes the full status from `base` (the heartbeat part) and records it; true when
@@ -547,5 +535,42 @@ impl Sessions {
     /// True when no drone has been heard from.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl StatusSource for Sessions {
+    fn build(&self, name: &str) -> Option<Built> {
+        Sessions::build(self, name)
+    }
+
+    fn write_done(&self, built: &Built, now: Instant) {
+        Sessions::write_done(self, built, now);
+    }
+
+    fn mark_missing(&self, name: &str) -> bool {
+        Sessions::mark_missing(self, name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_name_keeps_valid_names_and_maps_the_rest_without_collisions() {
+        let hash = |id: &str| hex::encode(sha2::Sha256::digest(id.as_bytes()))[..8].to_owned();
+        for (id, want) in [
+            ("drone-1", "drone-1".to_owned()),
+            ("fleet.eu-1.drone-7", "fleet.eu-1.drone-7".to_owned()),
+            ("Drone_1", format!("drone-1-{}", hash("Drone_1"))),
+            ("-edge-", format!("edge-{}", hash("-edge-"))),
+            ("a..b", format!("a--b-{}", hash("a..b"))),
+            ("___", format!("d-{}", hash("___"))),
+            ("", format!("d-{}", hash(""))),
+        ] {
+            assert_eq!(object_name(id), want, "{id:?}");
+        }
+        assert_ne!(object_name("Drone_1"), object_name("drone-1"));
+        assert_ne!(object_name("Drone_1"), object_name("drone_1"));
     }
 }

@@ -91,6 +91,11 @@ fn non_empty(s: &str) -> Option<String> {
 }
 
 /// Bytes as a Kubernetes binary quantity with two significant digits: `1.9Gi`, `512Mi`, `0`.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "a rounded value below 1024 of its unit"
+)]
 pub fn coarse_quantity(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["", "Ki", "Mi", "Gi", "Ti", "Pi"];
     let mut value = bytes as f64;
@@ -119,8 +124,13 @@ pub fn coarse_quantity(bytes: u64) -> String {
     }
 }
 
-fn round_to(value: f64, step: f64) -> f64 {
-    (value / step).round() * step
+/// `value` rounded to a multiple of `step`, as a whole number.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "percentages and temperatures; `as` saturates anything absurd"
+)]
+fn round_to(value: f64, step: f64) -> i32 {
+    ((value / step).round() * step) as i32
 }
 
 /// The part of the status that comes from one heartbeat: no conditions, no heartbeat time.
@@ -165,17 +175,17 @@ pub fn from_heartbeat(hb: &HeartbeatRequest) -> FlightNodeStatus {
             round_to(
                 r.memory_used_bytes as f64 * 100.0 / r.memory_total_bytes as f64,
                 10.0,
-            ) as i32
+            )
         });
         Resources {
-            cpu_percent: Some(round_to(f64::from(r.cpu_percent.clamp(0.0, 100.0)), 10.0) as i32),
+            cpu_percent: Some(round_to(f64::from(r.cpu_percent.clamp(0.0, 100.0)), 10.0)),
             memory_used_percent,
             memory_total: (r.memory_total_bytes > 0).then(|| coarse_quantity(r.memory_total_bytes)),
             disk_free: Some(coarse_quantity(r.disk_free_bytes)),
             temperature_celsius: r
                 .temperature_celsius
                 .filter(|t| t.is_finite())
-                .map(|t| round_to(f64::from(t), 5.0) as i32),
+                .map(|t| round_to(f64::from(t), 5.0)),
         }
     });
     let current_upgrade = hb
@@ -205,7 +215,7 @@ pub fn from_heartbeat(hb: &HeartbeatRequest) -> FlightNodeStatus {
     let flight = hb.flight.as_ref().map(|f| Flight {
         armed: f.armed,
         landed_state: non_empty(&f.landed_state),
-        battery_percent: f.battery_percent.map(|b| b.min(100) as i32),
+        battery_percent: f.battery_percent.map(|b| b.min(100).cast_signed()),
         autopilot: non_empty(&f.autopilot),
         firmware_version: non_empty(&f.firmware_version),
     });

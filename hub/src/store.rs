@@ -102,7 +102,9 @@ where
         while let Some(item) = stream.next().await {
             match item {
                 Ok(_) => changed.notify_one(),
-                Err(e) => tracing::warn!(error = %e, "controller watch failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %flightnode_proto::error::Chain(&e), "controller watch failed; retrying");
+                }
             }
         }
     });
@@ -121,14 +123,14 @@ impl KubeFleet {
             Api::<FirmwareRollout>::namespaced(client.clone(), namespace),
             Arc::clone(&changed),
         );
-        nodes
-            .wait_until_ready()
-            .await
-            .map_err(|e| Error::KubeConfig(format!("FlightNode cache: {e}")))?;
-        rollouts
-            .wait_until_ready()
-            .await
-            .map_err(|e| Error::KubeConfig(format!("FirmwareRollout cache: {e}")))?;
+        nodes.wait_until_ready().await.map_err(|e| Error::KubeSetup {
+            what: "FlightNode cache",
+            source: e.into(),
+        })?;
+        rollouts.wait_until_ready().await.map_err(|e| Error::KubeSetup {
+            what: "FirmwareRollout cache",
+            source: e.into(),
+        })?;
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -252,7 +254,7 @@ impl FleetStore for KubeFleet {
                 secondary: None,
             };
             if let Err(e) = self.recorder.publish(&ev, &rollout.object_ref(&())).await {
-                tracing::warn!(rollout = %rollout.name_any(), reason, error = %e, "event not recorded");
+                tracing::warn!(rollout = %rollout.name_any(), reason, error = %flightnode_proto::error::Chain(&e), "event not recorded");
             }
         })
     }
@@ -294,6 +296,7 @@ impl LocalFleet {
     }
 }
 
+#[allow(clippy::needless_pass_by_value, reason = "used as `map_err(local_err)`")]
 fn local_err(e: crate::sink::WriteError) -> Error {
     Error::Invalid(format!("local store: {e}"))
 }
@@ -386,7 +389,7 @@ impl FleetStore for LocalFleet {
                 note: note.to_owned(),
             };
             if let Err(e) = self.store.add_rollout_event(&rollout.name_any(), event).await {
-                tracing::warn!(rollout = %rollout.name_any(), error = %e, "event not recorded");
+                tracing::warn!(rollout = %rollout.name_any(), error = %flightnode_proto::error::Chain(&e), "event not recorded");
             }
         })
     }

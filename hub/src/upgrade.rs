@@ -83,7 +83,7 @@ pub fn bundle_version(path: &Path) -> Result<semver::Version> {
     if size > flightnode_proto::manifest::MAX_MANIFEST_BYTES {
         return Err(bad(format!("manifest is {size} bytes")));
     }
-    let mut manifest = vec![0u8; size as usize];
+    let mut manifest = vec![0u8; usize::try_from(size).map_err(|e| bad(e.to_string()))?];
     file.read_exact(&mut manifest).map_err(|e| bad(e.to_string()))?;
     let manifest = flightnode_proto::Manifest::parse(&manifest).map_err(|e| bad(e.to_string()))?;
     Ok(manifest.version)
@@ -162,12 +162,20 @@ pub async fn publish(target: &MqttTarget, device_id: &str, cmd: &Command) -> Res
         client
             .publish(topic.clone(), QoS::AtLeastOnce, false, payload.into_bytes())
             .await
-            .map_err(|e| Error::Mqtt(e.to_string()))?;
+            .map_err(|e| Error::Mqtt {
+                url: target.url.clone(),
+                source: e.into(),
+            })?;
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::PubAck(_))) => break,
                 Ok(_) => {}
-                Err(e) => return Err(Error::Mqtt(format!("{}: {e}", target.url))),
+                Err(e) => {
+                    return Err(Error::Mqtt {
+                        url: target.url.clone(),
+                        source: e.into(),
+                    });
+                }
             }
         }
         let _ = client.disconnect().await;
@@ -181,7 +189,10 @@ pub async fn publish(target: &MqttTarget, device_id: &str, cmd: &Command) -> Res
     };
     tokio::time::timeout(target.timeout, run)
         .await
-        .map_err(|_| Error::Mqtt(format!("{}: no PUBACK within {:?}", target.url, target.timeout)))??;
+        .map_err(|_| Error::MqttTimeout {
+            url: target.url.clone(),
+            timeout: target.timeout,
+        })??;
     tracing::info!(device_id, %topic, upgrade_id = cmd.upgrade_id(), "command published");
     Ok(())
 }
@@ -210,7 +221,7 @@ impl MqttPublisher {
         tokio::spawn(async move {
             loop {
                 if let Err(e) = eventloop.poll().await {
-                    tracing::warn!(url = %log_url, error = %e, "controller MQTT connection lost; reconnecting");
+                    tracing::warn!(url = %log_url, error = %flightnode_proto::error::Chain(&e), "controller MQTT connection lost; reconnecting");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -232,7 +243,10 @@ impl CommandSink for MqttPublisher {
                     payload.into_bytes(),
                 )
                 .await
-                .map_err(|e| Error::Mqtt(format!("{}: {e}", self.url)))?;
+                .map_err(|e| Error::Mqtt {
+                    url: self.url.clone(),
+                    source: e.into(),
+                })?;
             tracing::info!(
                 device_id,
                 upgrade_id = cmd.upgrade_id(),

@@ -500,7 +500,7 @@ async fn one_lease_holder_and_a_failover() -> anyhow::Result<()> {
     let (a_tx, a_rx) = tokio::sync::watch::channel(false);
     let (b_tx, b_rx) = tokio::sync::watch::channel(false);
     let (stop_a, stop_a_rx) = tokio::sync::watch::channel(false);
-    let (_stop_b, stop_b_rx) = tokio::sync::watch::channel(false);
+    let (stop_b, stop_b_rx) = tokio::sync::watch::channel(false);
     let a = tokio::spawn(run(hub.clone(), config("replica-a"), a_tx, stop_a_rx));
     let b = tokio::spawn(run(hub.clone(), config("replica-b"), b_tx, stop_b_rx));
     let wait_leader = |rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -525,7 +525,7 @@ async fn one_lease_holder_and_a_failover() -> anyhow::Result<()> {
         wait_leader(follower_rx).await,
         "the follower took over after the leader died"
     );
-    drop((stop_a, _stop_b));
+    drop((stop_a, stop_b));
     Ok(())
 }
 

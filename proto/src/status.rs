@@ -16,6 +16,7 @@ pub enum Slot {
 
 impl Slot {
     /// The other slot.
+    #[must_use]
     pub fn other(self) -> Slot {
         match self {
             Slot::A => Slot::B,

@@ -30,6 +30,7 @@ use kube::core::GroupVersionKind;
 use kube::discovery::{ApiCapabilities, ApiResource, Scope};
 use kube::{Api, Client, Discovery};
 use sha2::Digest;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -67,14 +68,15 @@ fn free_port() -> Result<u16> {
 /// Unpacks `kube-apiserver.xz` once per content into the system temp dir (tests share it; the
 /// 112 MiB unpack is the slow part of a start). Written to a temp name, then renamed.
 fn unpacked_binary(k8s_dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    // Tests in one binary start servers in parallel: one unpack at a time, or a second writer's
+    // xz could still be writing the inode the first one renamed and executes (ETXTBSY).
+    static UNPACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let xz = k8s_dir.join("kube-apiserver.xz");
     let bytes = std::fs::read(&xz).with_context(|| format!("read {}", xz.display()))?;
     let digest = hex_prefix(&sha2::Sha256::digest(&bytes));
     let cache = std::env::temp_dir().join(format!("flightnode-kube-apiserver-{digest}"));
     let bin = cache.join("kube-apiserver");
-    // Tests in one binary start servers in parallel: one unpack at a time, or a second writer's
-    // xz could still be writing the inode the first one renamed and executes (ETXTBSY).
-    static UNPACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = UNPACK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if bin.is_file() {
         return Ok(bin);
@@ -91,7 +93,6 @@ fn unpacked_binary(k8s_dir: &Path) -> Result<PathBuf> {
     if !status.success() {
         bail!("xz -dc {} failed: {status}", xz.display());
     }
-    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))?;
     std::fs::rename(&partial, &bin).with_context(|| format!("rename to {}", bin.display()))?;
     Ok(bin)
@@ -118,7 +119,10 @@ const fn libc_etxtbsy() -> i32 {
 }
 
 fn hex_prefix(digest: &[u8]) -> String {
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    digest.iter().take(8).fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 fn log_file(path: &Path) -> Result<Stdio> {
@@ -247,7 +251,7 @@ impl ApiServer {
 
     /// Waits until `/readyz` answers 200 to the admin token (generous: the machine may be busy).
     pub async fn wait_ready(&self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + Duration::from_mins(2);
         let mut last = String::new();
         while Instant::now() < deadline {
             match self.admin_client().await {
@@ -392,7 +396,7 @@ impl ApiServer {
     pub async fn wait_established(&self, client: &Client, name: &str) -> Result<()> {
         use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
         let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_mins(1);
         while Instant::now() < deadline {
             let crd = api.get(name).await.with_context(|| format!("get CRD {name}"))?;
             let established = crd
@@ -408,8 +412,7 @@ impl ApiServer {
                     .filter(&[group.as_str()])
                     .run()
                     .await
-                    .map(|d| d.groups().any(|g| g.name() == group))
-                    .unwrap_or(false);
+                    .is_ok_and(|d| d.groups().any(|g| g.name() == group));
                 if served {
                     return Ok(());
                 }
@@ -425,7 +428,7 @@ impl ApiServer {
         for f in ["apiserver.err.log", "etcd.err.log"] {
             let text = std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!("--- {f}\n"));
+            let _ = writeln!(out, "--- {f}");
             for l in &lines[lines.len().saturating_sub(20)..] {
                 out.push_str(l);
                 out.push('\n');

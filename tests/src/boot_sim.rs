@@ -14,7 +14,9 @@
 
 use anyhow::{Context, anyhow, bail};
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -99,7 +101,7 @@ impl SimBoot {
         };
         let machine = crate::uboot_qemu::UbootQemu::new(tools, dir, init)?;
         let mut sim = Self::with_files(SimKind::UbootQemu, machine.fw_env_config.clone(), dir);
-        sim.initial_env = machine.initial_env.clone();
+        sim.initial_env.clone_from(&machine.initial_env);
         sim.qemu = Some(std::sync::Arc::new(machine));
         Ok(Some(sim))
     }
@@ -147,7 +149,7 @@ impl SimBoot {
             toml_str(&self.env),
         );
         if backend == "uboot" {
-            toml.push_str(&format!("initial_env = {}\n", toml_str(&self.initial_env)));
+            let _ = writeln!(toml, "initial_env = {}", toml_str(&self.initial_env));
         }
         toml
     }
@@ -232,7 +234,7 @@ pub fn power_on_uboot(fw_env_config: &Path, cmdline: &Path, boot_id: &Path) -> a
         ("BOOT_A_LEFT", FRESH_ATTEMPTS.to_string()),
         ("BOOT_B_LEFT", FRESH_ATTEMPTS.to_string()),
     ] {
-        if vars.get(key).is_none_or(|v| v.is_empty()) {
+        if vars.get(key).is_none_or(std::string::String::is_empty) {
             vars.insert(key.into(), default);
         }
     }
@@ -266,10 +268,12 @@ pub fn power_on_uboot(fw_env_config: &Path, cmdline: &Path, boot_id: &Path) -> a
 
 /// U-Boot's `saveenv` of the script's variables.
 fn save_uboot(cfg: &str, vars: &BTreeMap<String, String>) -> anyhow::Result<()> {
-    let script: String = ["BOOT_ORDER", "BOOT_A_LEFT", "BOOT_B_LEFT"]
+    let script = ["BOOT_ORDER", "BOOT_A_LEFT", "BOOT_B_LEFT"]
         .iter()
-        .map(|k| format!("{k}={}\n", vars[*k]))
-        .collect();
+        .fold(String::new(), |mut s, k| {
+            let _ = writeln!(s, "{k}={}", vars[*k]);
+            s
+        });
     run("fw_setenv", &["-c", cfg, "-s", "-"], Some(&script))?;
     Ok(())
 }
@@ -486,7 +490,6 @@ esac
         cmdline = sh_quote(cmdline),
     );
     std::fs::write(&path, text)?;
-    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
     Ok(path)
 }

@@ -215,15 +215,7 @@ async fn patch_status(
     }
     let mut inner = fake.lock();
     let key = (ns.clone(), name.clone());
-    let (code, response) = if !violations.is_empty() {
-        inner
-            .violations
-            .extend(violations.iter().map(|m| format!("{ns}/{name}: {m}")));
-        (
-            400,
-            status(StatusCode::BAD_REQUEST, "BadRequest", &violations.join("; ")),
-        )
-    } else {
+    let (code, response) = if violations.is_empty() {
         match fault {
             Some(Fault::NotFound) => (404, status(StatusCode::NOT_FOUND, "NotFound", "not found")),
             Some(Fault::Conflict) => (409, status(StatusCode::CONFLICT, "Conflict", "conflict")),
@@ -259,6 +251,14 @@ async fn patch_status(
                 }
             }
         }
+    } else {
+        inner
+            .violations
+            .extend(violations.iter().map(|m| format!("{ns}/{name}: {m}")));
+        (
+            400,
+            status(StatusCode::BAD_REQUEST, "BadRequest", &violations.join("; ")),
+        )
     };
     inner.writes.push(StatusWrite {
         at: Instant::now(),

@@ -39,7 +39,10 @@ pub enum Broker {
     /// Debian's mosquitto (tests).
     Mosquitto(Mosquitto),
     /// The hub's embedded broker (`flightnode-hub serve --embedded-broker`: the demo).
-    Embedded { port: u16 },
+    Embedded {
+        /// Its MQTT port on loopback.
+        port: u16,
+    },
 }
 
 impl Broker {
@@ -86,7 +89,7 @@ impl Proc {
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // SAFETY: signalling our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            unsafe { libc::kill(c.id().cast_signed(), libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -133,12 +136,16 @@ pub struct KubeStore {
 
 /// `flightnode-hub serve` on the local store (or, with `kube`, on a Kubernetes API server).
 pub struct Hub {
+    /// Where drones send heartbeats.
     pub grpc_port: u16,
+    /// The local API (FlightNodes, FirmwareRollouts) and `/metrics`.
     pub http_port: u16,
+    /// `--data-dir`: the local store.
     pub data_dir: PathBuf,
     /// Serve gRPC in plaintext (`--insecure`, the default); clear it and pass `--tls-cert`,
     /// `--tls-key` and `--client-ca` in `extra` for mutual TLS.
     pub insecure: bool,
+    /// More `serve` arguments.
     pub extra: Vec<String>,
     /// `--store kube` with this kubeconfig and namespace instead of the local store (the local
     /// HTTP API, [`Hub::flightnodes`] and friends, is not served then).
@@ -368,8 +375,11 @@ pub fn http_get(port: u16, path: &str) -> Result<String> {
 
 /// One simulated drone: a state dir, file slots, `agent.toml`, and its `run` process.
 pub struct Drone {
+    /// Device id (`drone-1`, ...).
     pub id: String,
+    /// Its state dir, slots and logs.
     pub dir: PathBuf,
+    /// Its `agent.toml`.
     pub config: PathBuf,
     proc: Option<Proc>,
     agent: PathBuf,
@@ -478,11 +488,17 @@ impl Default for FleetOptions {
 
 /// The whole system on loopback.
 pub struct Fleet {
+    /// Everything of this fleet lives here (removed on drop).
     pub dir: tempfile::TempDir,
+    /// The MQTT broker.
     pub broker: Broker,
+    /// The hub.
     pub hub: Hub,
+    /// The drones, `drone-1` first.
     pub drones: Vec<Drone>,
+    /// Serves the bundles made with [`Fleet::bundle`].
     pub bundles: BundleServer,
+    /// The agent binary the drones run.
     pub agent: PathBuf,
 }
 
@@ -490,8 +506,8 @@ impl Fleet {
     /// Starts broker, hub and drones; makes a signing key.
     pub fn start(opts: FleetOptions) -> Result<Fleet> {
         let dir = tempfile::Builder::new().prefix("flightnode-fleet-").tempdir()?;
-        let agent = match &opts.agent_bin {
-            Some(p) => p.clone(),
+        let agent = match opts.agent_bin {
+            Some(p) => p,
             None => binary("flightnode-agent")?,
         };
         run_ok(
@@ -507,7 +523,7 @@ impl Fleet {
         } else {
             Broker::Mosquitto(Mosquitto::start()?)
         };
-        let mut hub_args = opts.hub_args.clone();
+        let mut hub_args = opts.hub_args;
         if let Broker::Embedded { port } = &broker {
             hub_args.extend(["--embedded-broker".into(), format!("127.0.0.1:{port}")]);
         }
@@ -577,13 +593,13 @@ impl Fleet {
         let image = self.dir.path().join(format!("{name}.img"));
         let mut x: u32 = version
             .bytes()
-            .fold(2166136261, |h, b| (h ^ u32::from(b)).wrapping_mul(16777619));
+            .fold(2_166_136_261, |h, b| (h ^ u32::from(b)).wrapping_mul(16_777_619));
         let bytes: Vec<u8> = (0..len)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 17;
                 x ^= x << 5;
-                x as u8
+                x.to_le_bytes()[0]
             })
             .collect();
         std::fs::write(&image, bytes)?;

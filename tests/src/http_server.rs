@@ -22,6 +22,7 @@
 //! The server stops (and closes every connection) when the [`BundleServer`] is dropped.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -133,7 +134,9 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn count(&self, path: &str, n: u64) {
@@ -474,7 +477,10 @@ fn plan(st: &mut State, req: &Request) -> Plan {
     };
     let mut fault = Fault::None;
     let mut clear = false;
-    let from_sequence = st.sequences.get_mut(&req.path).and_then(|q| q.pop_front());
+    let from_sequence = st
+        .sequences
+        .get_mut(&req.path)
+        .and_then(std::collections::VecDeque::pop_front);
     let sequenced = from_sequence.is_some();
     if let Some(f) = from_sequence {
         fault = f;
@@ -627,7 +633,7 @@ fn reason(status: u16) -> &'static str {
 fn head(status: u16, headers: &[(String, String)], with_length: bool) -> Vec<u8> {
     let mut s = format!("HTTP/1.1 {status} {}\r\n", reason(status));
     for (k, v) in headers {
-        s.push_str(&format!("{k}: {v}\r\n"));
+        let _ = write!(s, "{k}: {v}\r\n");
     }
     if with_length {
         s.push_str("Content-Length: 0\r\n");
@@ -717,12 +723,13 @@ async fn wait_for_close(stream: &mut TcpStream) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write as _;
 
     async fn get(addr: SocketAddr, path: &str, range: Option<&str>) -> String {
         let mut s = TcpStream::connect(addr).await.unwrap();
         let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n");
         if let Some(r) = range {
-            req.push_str(&format!("Range: {r}\r\n"));
+            let _ = write!(req, "Range: {r}\r\n");
         }
         req.push_str("\r\n");
         s.write_all(req.as_bytes()).await.unwrap();
@@ -781,7 +788,6 @@ mod tests {
         srv.set_fault("/b", Fault::Stall { after: 10 });
         let addr = srv.addr();
         let mut c = std::net::TcpStream::connect(addr).unwrap();
-        use std::io::Write;
         c.write_all(b"GET /b HTTP/1.1\r\n\r\n").unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while srv.open_connections() == 0 && Instant::now() < deadline {

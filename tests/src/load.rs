@@ -122,8 +122,15 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
-    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+    let last = sorted.len() - 1;
+    // The rank is in 0..=last once `p` is clamped; `as` saturates a NaN to 0.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "see above"
+    )]
+    let i = ((p.clamp(0.0, 100.0) / 100.0) * last as f64).round() as usize;
+    sorted[i.min(last)]
 }
 
 #[derive(Default)]
@@ -137,7 +144,8 @@ struct Collect {
 async fn send(client: &mut HubServiceClient<Channel>, hb: HeartbeatRequest, c: &mut Collect) -> Instant {
     let t = Instant::now();
     let r = client.heartbeat(hb).await;
-    c.lat.push(t.elapsed().as_micros() as u64);
+    c.lat
+        .push(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
     match r {
         Ok(_) => c.ok += 1,
         Err(_) => c.errors += 1,
@@ -185,15 +193,18 @@ pub async fn paced(
     for i in 0..drones {
         let mut client = clients[i % clients.len()].clone();
         let offset = interval.mul_f64(i as f64 / drones as f64);
-        let nth = i / every.max(1);
-        let changes = wave.drones > 0 && i % every.max(1) == 0 && nth < wave.drones;
+        let change_index = i / every.max(1);
+        let will_change = wave.drones > 0 && i % every.max(1) == 0 && change_index < wave.drones;
         tasks.push(tokio::spawn(async move {
             let mut c = Collect::default();
             let mut seq = 1u64;
             let mut next = start + offset;
-            let change_at =
-                start + wave.start_at + wave.spread.mul_f64(nth as f64 / wave.drones.max(1) as f64);
-            let mut changed = !changes;
+            let change_at = start
+                + wave.start_at
+                + wave
+                    .spread
+                    .mul_f64(change_index as f64 / wave.drones.max(1) as f64);
+            let mut changed = !will_change;
             loop {
                 if !changed && next >= change_at {
                     tokio::time::sleep_until(change_at).await;
@@ -243,7 +254,7 @@ pub async fn paced(
                 }
                 tokio::time::sleep_until(next).await;
                 seq += 1;
-                let version = if changes && changed { "2.0.0" } else { "1.0.0" };
+                let version = if will_change && changed { "2.0.0" } else { "1.0.0" };
                 send(&mut client, idle_heartbeat(i, version, seq), &mut c).await;
                 let jitter = rand::rng().random_range(0.9..1.1);
                 next += interval.mul_f64(jitter);

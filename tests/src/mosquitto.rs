@@ -25,6 +25,7 @@
 
 pub use crate::pki::{ClientCert, Pki};
 use anyhow::{Context, Result, anyhow, bail};
+use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -95,7 +96,7 @@ fn render(example: &str, set: &[(&str, String)]) -> Result<String> {
         match set.iter().position(|(k, _)| *k == key) {
             Some(i) if !line.trim_start().starts_with('#') => {
                 if !seen[i] {
-                    out.push_str(&format!("{key} {}\n", set[i].1));
+                    let _ = writeln!(out, "{key} {}", set[i].1);
                 }
                 seen[i] = true;
             }

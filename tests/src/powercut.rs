@@ -34,6 +34,12 @@
 //! layer.cut()?; // disk/ holds what a power cut would have left: no `lost`
 //! # Ok(()) }
 //! ```
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "FUSE and seccomp ABI fields: offsets and sizes of an in-memory test disk, BPF opcodes"
+)]
 
 use anyhow::{Context, bail};
 use fuser::{
@@ -197,7 +203,7 @@ impl State {
         let mut list: Vec<_> = std::fs::read_dir(dir)
             .with_context(|| format!("reading {}", dir.display()))?
             .collect::<Result<_, _>>()?;
-        list.sort_by_key(|e| e.file_name());
+        list.sort_by_key(std::fs::DirEntry::file_name);
         for entry in list {
             let path = entry.path();
             let meta = std::fs::symlink_metadata(&path)?;
@@ -339,9 +345,8 @@ impl State {
         match (&self.get(ino)?.kind, want_dir) {
             (Kind::Dir { entries, .. }, true) if !entries.is_empty() => return Err(libc::ENOTEMPTY),
             (Kind::Dir { .. }, false) => return Err(libc::EISDIR),
-            (Kind::Dir { .. }, true) => {}
+            (Kind::Dir { .. }, true) | (_, false) => {}
             (_, true) => return Err(libc::ENOTDIR),
-            (_, false) => {}
         }
         // The inode stays in the table: a durable entry or an open file may still name it.
         self.entries_mut(parent)?.remove(name);
@@ -374,9 +379,8 @@ impl State {
             match (&self.get(existing)?.kind, moving_dir) {
                 (Kind::Dir { entries, .. }, true) if !entries.is_empty() => return Err(libc::ENOTEMPTY),
                 (Kind::Dir { .. }, false) => return Err(libc::EISDIR),
-                (Kind::Dir { .. }, true) => {}
+                (Kind::Dir { .. }, true) | (_, false) => {}
                 (_, true) => return Err(libc::ENOTDIR),
-                (_, false) => {}
             }
             self.get_mut(existing)?.touch();
         }
@@ -563,7 +567,7 @@ struct Fs(Arc<Mutex<State>>);
 impl Fs {
     fn st(&self) -> MutexGuard<'_, State> {
         // A panic in another request must not hide the state from the test.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -779,7 +783,7 @@ impl Filesystem for Fs {
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
-        match self.st().write(ino, offset.max(0) as u64, data) {
+        match self.st().write(ino, offset.max(0).cast_unsigned(), data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(e),
         }
@@ -907,7 +911,7 @@ impl Filesystem for Fs {
         if mode != 0 {
             return reply.error(libc::EOPNOTSUPP);
         }
-        let end = (offset + length).max(0) as u64;
+        let end = (offset + length).max(0).cast_unsigned();
         let r = match st.get(ino).map(Inode::size) {
             Ok(size) if end > size => st.truncate(ino, end),
             Ok(_) => Ok(()),
@@ -1014,7 +1018,9 @@ impl PowerCut {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn unmount(&mut self) {
@@ -1096,11 +1102,7 @@ fn deny_sync_file_range() -> std::io::Result<()> {
     // SAFETY: plain prctl calls; `prog` and `filter` outlive them.
     unsafe {
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-            || libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER,
-                &prog as *const libc::sock_fprog,
-            ) != 0
+            || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &raw const prog) != 0
         {
             return Err(std::io::Error::last_os_error());
         }

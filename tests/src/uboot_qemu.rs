@@ -150,6 +150,10 @@ pub fn find_tools() -> Result<Tools, String> {
 
 /// The tools, or `None` when they are missing and [`SKIP_ENV`]`=1`. Missing tools otherwise
 /// panic with a message naming `./test.sh`, so CI cannot pass without running these tests.
+///
+/// # Panics
+///
+/// When a tool is missing and [`SKIP_ENV`] is not `1`.
 pub fn require() -> Option<Tools> {
     static TOOLS: OnceLock<Result<Tools, String>> = OnceLock::new();
     match TOOLS.get_or_init(find_tools) {

@@ -8,8 +8,10 @@
 //! packages `gcc-aarch64-linux-gnu qemu-user-static` (`./test.sh` installs them).
 //! Set `FLIGHTNODE_SKIP_AARCH64=1` to skip it on a machine without them.
 
+use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
 use flightnode_tests::fleet::{Fleet, FleetOptions};
 use flightnode_tests::release::{self, AARCH64};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -41,7 +43,6 @@ fn aarch64_agent() -> PathBuf {
                 ),
             )
             .unwrap();
-            use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
             wrapper
         })
@@ -87,7 +88,7 @@ fn aarch64_agent_runs_under_qemu_and_upgrades_against_the_x86_64_hub() {
         )
         .unwrap();
     let f = fleet
-        .wait_flightnode("drone-1", Duration::from_secs(120), |f| {
+        .wait_flightnode("drone-1", Duration::from_mins(2), |f| {
             f["status"]["lastUpgrade"]["result"] == "Committed"
                 && f["status"]["firmware"]["committedVersion"] == "2.0.0"
         })
@@ -104,7 +105,6 @@ fn aarch64_agent_holds_the_upgrade_while_the_vehicle_flies() {
         eprintln!("FLIGHTNODE_SKIP_AARCH64 set: skipped");
         return;
     }
-    use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
     let agent = aarch64_agent();
     let port = free_udp_port().unwrap();
     let mut vehicle = Vehicle::start(port, &["--in-air"]).unwrap();
@@ -130,7 +130,7 @@ fn aarch64_agent_holds_the_upgrade_while_the_vehicle_flies() {
         )
         .unwrap();
     let f = fleet
-        .wait_flightnode("drone-1", Duration::from_secs(120), |f| {
+        .wait_flightnode("drone-1", Duration::from_mins(2), |f| {
             f["status"]["phase"] == "Waiting" && f["status"]["observedState"] == "in-air"
         })
         .unwrap();
@@ -145,7 +145,7 @@ fn aarch64_agent_holds_the_upgrade_while_the_vehicle_flies() {
     vehicle.send("land").unwrap();
     vehicle.send("disarm").unwrap();
     let f = fleet
-        .wait_flightnode("drone-1", Duration::from_secs(120), |f| {
+        .wait_flightnode("drone-1", Duration::from_mins(2), |f| {
             f["status"]["lastUpgrade"]["result"] == "Committed"
         })
         .unwrap();

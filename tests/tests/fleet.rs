@@ -6,7 +6,7 @@ use flightnode_tests::http_server::Fault;
 use serde_json::Value;
 use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_mins(1);
 const MIB: usize = 1024 * 1024;
 
 fn last_result(f: &Value) -> &str {

@@ -364,7 +364,7 @@ fn build(kind: Kind, i: usize, huge: &Bytes) -> Request {
                         upgrade_id: "up-1".into(),
                         result: bad.into(),
                         ..Default::default()
-                    })
+                    });
                 }
             }
             let mut r = Request::new(encode(&hb));
@@ -568,7 +568,7 @@ impl Abuse {
             }
         };
         // Not a timing assertion: a hung request must fail the test instead of hanging it.
-        let outcome = tokio::time::timeout(Duration::from_secs(60), call)
+        let outcome = tokio::time::timeout(Duration::from_mins(1), call)
             .await
             .unwrap_or_else(|_| Outcome::Transport("no answer within 60 s".into()));
         let wrong = wrong_answer(kind, &request, &outcome);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 struct Disk {
     _dir: tempfile::TempDir,
-    disk: PathBuf,
+    backing: PathBuf,
     mnt: PathBuf,
 }
 
@@ -20,11 +20,15 @@ impl Disk {
         std::fs::create_dir_all(disk.join("sub")).unwrap();
         std::fs::create_dir_all(&mnt).unwrap();
         std::fs::write(disk.join("old"), b"old contents").unwrap();
-        Self { _dir: dir, disk, mnt }
+        Self {
+            _dir: dir,
+            backing: disk,
+            mnt,
+        }
     }
 
     fn mount(&self, mode: Durability) -> PowerCut {
-        PowerCut::mount(&self.disk, &self.mnt, mode).unwrap()
+        PowerCut::mount(&self.backing, &self.mnt, mode).unwrap()
     }
 
     fn m(&self, rel: &str) -> PathBuf {
@@ -32,7 +36,7 @@ impl Disk {
     }
 
     fn d(&self, rel: &str) -> PathBuf {
-        self.disk.join(rel)
+        self.backing.join(rel)
     }
 }
 
@@ -237,14 +241,14 @@ fn unlink_without_a_commit_brings_the_file_back() {
     std::fs::remove_dir(d.m("sub")).unwrap();
     assert!(names(&d.mnt).is_empty());
     layer.cut().unwrap();
-    assert_eq!(names(&d.disk), ["old", "sub"]);
+    assert_eq!(names(&d.backing), ["old", "sub"]);
     assert_eq!(std::fs::read(d.d("old")).unwrap(), b"old contents");
 
     let layer = d.mount(Durability::Journal);
     std::fs::remove_file(d.m("old")).unwrap();
     fsync_dir(&d.mnt);
     layer.cut().unwrap();
-    assert_eq!(names(&d.disk), ["sub"]);
+    assert_eq!(names(&d.backing), ["sub"]);
 }
 
 #[test]
@@ -272,7 +276,7 @@ fn a_new_directory_and_its_files_need_their_parents_synced_in_posix_mode() {
     fsync_dir(&d.m("db"));
     layer.cut().unwrap();
     assert_eq!(
-        names(&d.disk),
+        names(&d.backing),
         ["old", "sub"],
         "db/ itself was never linked durably"
     );
@@ -315,7 +319,7 @@ fn no_space_is_reported_missing() {
     let free = unsafe {
         let c = std::ffi::CString::new(d.mnt.to_str().unwrap()).unwrap();
         let mut st: libc::statvfs = std::mem::zeroed();
-        assert_eq!(libc::statvfs(c.as_ptr(), &mut st), 0);
+        assert_eq!(libc::statvfs(c.as_ptr(), &raw mut st), 0);
         st.f_bavail as u64 * st.f_frsize as u64
     };
     assert!(

@@ -15,6 +15,7 @@ pub use uboot::UBoot;
 use crate::child::{self, ChildError};
 use crate::config::{BootBackendKind, BootConfig};
 use flightnode_proto::Slot;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// A tool could not be started.
-    #[error("failed to run {tool}: {source}")]
+    #[error("failed to run {tool}")]
     Spawn {
         /// The program.
         tool: String,
@@ -139,7 +140,7 @@ pub(crate) fn run_tool(
 ) -> Result<String, BootError> {
     let mut joined = args.join(" ");
     if let Some(input) = stdin {
-        joined.push_str(&format!(" <<< {:?}", input.trim_end()));
+        let _ = write!(joined, " <<< {:?}", input.trim_end());
     }
     let mut cmd = Command::new(tool);
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());

@@ -40,6 +40,7 @@ use super::{
 use crate::config::BootConfig;
 use flightnode_proto::Slot;
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 use tracing::{debug, info, warn};
@@ -213,7 +214,10 @@ impl UBoot {
         for (k, v) in changes {
             all.insert(k.clone(), v.clone());
         }
-        let script: String = all.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        let script = all.iter().fold(String::new(), |mut s, (k, v)| {
+            let _ = writeln!(s, "{k}={v}");
+            s
+        });
         let cfg = self.cfg_arg();
         let init = self.initial_env.to_string_lossy().into_owned();
         let default_env = if env.blank {

@@ -44,16 +44,17 @@ pub const ALGORITHM: &str = "ed25519";
 
 /// Why a bundle, or a key, was refused. Each variant names the step that failed; each message
 /// names the file or entry and what to do about it.
+#[allow(missing_docs, reason = "each field is named in its variant's message")]
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     /// `keygen` found a key file already in place.
     #[error("{}: already exists; refusing to overwrite a key (move it away or choose another directory)", path.display())]
     KeyExists { path: PathBuf },
     /// `keygen` could not create the directory or write a key file.
-    #[error("{}: cannot write key file: {source}; check the directory and its permissions", path.display())]
+    #[error("{}: cannot write key file (check the directory and its permissions)", path.display())]
     KeyWrite { path: PathBuf, source: io::Error },
     /// A key file could not be read.
-    #[error("{}: cannot read key file: {source}; check the path and its permissions", path.display())]
+    #[error("{}: cannot read key file (check the path and its permissions)", path.display())]
     KeyRead { path: PathBuf, source: io::Error },
     /// A key file is not a PEM key of the expected kind.
     #[error("{}: not a {kind}: {reason}; use the file written by keygen (release.key to sign, release.pub to verify)", path.display())]
@@ -66,7 +67,7 @@ pub enum BundleError {
     #[error("no trusted keys configured; list at least one release public key (release.pub) in trusted_keys")]
     NoTrustedKeys,
     /// `create` could not read the image.
-    #[error("{}: cannot read image: {source}; check the path and its permissions", path.display())]
+    #[error("{}: cannot read image (check the path and its permissions)", path.display())]
     ImageRead { path: PathBuf, source: io::Error },
     /// The image changed between hashing it and copying it into the bundle.
     #[error("{}: image changed while the bundle was written ({reason}); retry once nothing writes to it", path.display())]
@@ -75,10 +76,10 @@ pub enum BundleError {
     #[error("cannot build manifest.json: {reason}; fix the bundle options")]
     ManifestBuild { reason: String },
     /// `create` could not write the output bundle.
-    #[error("{}: cannot write bundle: {source}; check free space and permissions", path.display())]
+    #[error("{}: cannot write bundle (check free space and permissions)", path.display())]
     Output { path: PathBuf, source: io::Error },
     /// A bundle file could not be opened.
-    #[error("{}: cannot open bundle: {source}; check the path and its permissions", path.display())]
+    #[error("{}: cannot open bundle (check the path and its permissions)", path.display())]
     Open { path: PathBuf, source: io::Error },
     /// The bundle ended early, before the image.
     #[error(
@@ -169,10 +170,10 @@ pub enum BundleError {
     )]
     ResumeOffset { start: u64, size: u64 },
     /// Reading the bundle stream failed (download or file).
-    #[error("reading the bundle failed: {source}; check the source and retry")]
+    #[error("reading the bundle failed (check the source and retry)")]
     Read { source: io::Error },
     /// Writing the image to its destination failed.
-    #[error("writing the image failed: {source}; check the target slot and free space")]
+    #[error("writing the image failed (check the target slot and free space)")]
     Write { source: io::Error },
 }
 
@@ -248,6 +249,15 @@ pub fn key_id(key: &VerifyingKey) -> String {
 mod tests {
     use super::*;
 
+    #[derive(Debug)]
+    struct Canceled;
+    impl std::fmt::Display for Canceled {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("canceled")
+        }
+    }
+    impl std::error::Error for Canceled {}
+
     #[test]
     fn io_errors_map_to_codes_and_keep_their_payload() {
         let full = BundleError::Write {
@@ -263,14 +273,6 @@ mod tests {
         };
         assert_eq!(other.code(), ErrorCode::Internal);
 
-        #[derive(Debug)]
-        struct Canceled;
-        impl std::fmt::Display for Canceled {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("canceled")
-            }
-        }
-        impl std::error::Error for Canceled {}
         let read = BundleError::Read {
             source: io::Error::other(Canceled),
         };

@@ -94,6 +94,10 @@ pub fn read_header<R: Read>(r: &mut R, keys: &TrustedKeys) -> Result<VerifiedHea
 }
 
 /// Reads one capped entry (header, content, zero padding) and returns its content.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the entry is at most `max` (64 KiB) and its padding under one block"
+)]
 fn read_entry<R: Read>(
     r: &mut R,
     offset: &mut u64,
@@ -210,6 +214,7 @@ pub fn copy_image<R: Read, W: Write>(
 
 /// After the image: its zero padding to a block boundary, then at least the two zero
 /// end-of-archive blocks and at most [`MAX_TAIL`] bytes, all zero, in whole blocks.
+#[allow(clippy::cast_possible_truncation, reason = "the tail is under 21 blocks")]
 fn check_tail<R: Read>(r: &mut R, size: u64) -> Result<(), BundleError> {
     let padding = ustar::padding(size);
     let limit = padding + MAX_TAIL;

@@ -70,8 +70,11 @@ impl History {
 
 /// The daemon's command handling.
 pub struct Dispatcher {
+    /// This drone's id (the MQTT topic and every report name it).
     pub device_id: String,
+    /// Upgrade ids already answered, so a redelivered command is not run twice.
     pub history: History,
+    /// Numbers the reports this agent publishes.
     pub seq: Sequencer,
 }
 

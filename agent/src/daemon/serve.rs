@@ -12,9 +12,10 @@ use crate::hub_link::{self, DeviceInfo, Tls};
 use crate::mqtt::{self, Inbound};
 use crate::outbox::Outbox;
 use crate::state::DeviceState;
+use flightnode_proto::error::Chain;
 use flightnode_proto::mqtt::{Command, StatusMessage, UpgradeCommand, derive_upgrade_id};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch};
@@ -26,14 +27,19 @@ pub enum DaemonError {
     /// The engine (store, keys, backends).
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// A sled tree of the daemon.
-    #[error("state store: {0}")]
-    Store(#[from] sled::Error),
+    /// A sled tree of the daemon (history, report sequence) in the state store.
+    #[error("state store {}: opening the daemon's trees", path.display())]
+    Store {
+        /// The state store directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: sled::Error,
+    },
     /// The hub outbox.
     #[error(transparent)]
     Outbox(#[from] crate::outbox::OutboxError),
     /// The control socket.
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {}", path.display())]
     Socket {
         /// Socket path.
         path: std::path::PathBuf,
@@ -41,8 +47,8 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     /// The engine thread.
-    #[error("cannot start the engine thread: {0}")]
-    Thread(std::io::Error),
+    #[error("cannot start the engine thread")]
+    Thread(#[source] std::io::Error),
 }
 
 /// How long a stop waits for the engine to reach a resumable point.
@@ -107,19 +113,40 @@ impl Shared {
         status
     }
 
-    fn dispatch(&self, command: Command, want_reply: bool) -> Reply {
-        match self.dispatcher.lock() {
-            Ok(mut d) => d.handle(&self.worker, command, want_reply),
-            Err(_) => Reply::Nothing,
-        }
+    /// The dispatcher. Its state lives in sled and is written before each reply, so after a
+    /// panic while it was held it is still sound: the poisoned lock is logged and recovered
+    /// instead of answering nothing to every later command.
+    fn dispatcher(&self) -> MutexGuard<'_, Dispatcher> {
+        self.dispatcher.lock().unwrap_or_else(|poisoned| {
+            tracing::error!("the command dispatcher panicked while handling an earlier command; carrying on");
+            poisoned.into_inner()
+        })
     }
 
-    fn report(
-        &self,
-        f: impl FnOnce(&mut Dispatcher, &DeviceState) -> StatusMessage,
-    ) -> Option<StatusMessage> {
+    fn dispatch(&self, command: Command, want_reply: bool) -> Reply {
+        self.dispatcher().handle(&self.worker, command, want_reply)
+    }
+
+    fn report(&self, f: impl FnOnce(&mut Dispatcher, &DeviceState) -> StatusMessage) -> StatusMessage {
         let state = self.worker.state.borrow().clone();
-        self.dispatcher.lock().ok().map(|mut d| f(&mut d, &state))
+        f(&mut self.dispatcher(), &state)
+    }
+
+    /// Runs `f` on a blocking thread: the dispatcher's history and report sequence live in sled
+    /// (reads, inserts, flushes) and the activation backend may run a script. `None` (logged)
+    /// when the task panicked.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Shared) -> T + Send + 'static,
+    ) -> Option<T> {
+        let me = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || f(&me)).await {
+            Ok(value) => Some(value),
+            Err(e) => {
+                tracing::error!(error = %e, "daemon: a blocking task failed");
+                None
+            }
+        }
     }
 }
 
@@ -148,10 +175,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let worker = Worker::start(engine, outbox.clone(), transitions_tx).map_err(DaemonError::Thread)?;
     worker.submit(Job::Resume);
     let activation = Activation::open(&cfg).map_err(EngineError::from)?;
+    let store_err = |source| DaemonError::Store {
+        path: cfg.state_dir.join("db"),
+        source,
+    };
     let dispatcher = Dispatcher {
         device_id: cfg.device_id.clone(),
-        history: History::open(&db)?,
-        seq: Sequencer::open(&db)?,
+        history: History::open(&db).map_err(store_err)?,
+        seq: Sequencer::open(&db).map_err(store_err)?,
     };
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
@@ -168,7 +199,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         let (device, token) = (cfg.device_id.clone(), links.clone());
         tasks.spawn(async move {
             if let Err(e) = mqtt::run(m, device, in_tx, out_rx, mqtt_up_tx, token).await {
-                tracing::error!("MQTT link stopped: {e}");
+                tracing::error!("MQTT link stopped: {}", Chain(&e));
             }
         });
     } else {
@@ -182,10 +213,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             agent_version: env!("CARGO_PKG_VERSION").into(),
             boot_id: boot_id(&cfg),
             state_dir: cfg.state_dir.clone(),
-            booted: match &shared.activation {
-                Activation::Reboot { boot, .. } => boot.booted().ok(),
-                Activation::Command { .. } => None,
-            },
+            booted: shared
+                .blocking(|s| match &s.activation {
+                    Activation::Reboot { boot, .. } => boot.booted().ok(),
+                    Activation::Command { .. } => None,
+                })
+                .await
+                .flatten(),
         };
         let (state, progress, token) = (
             shared.worker.state.clone(),
@@ -206,7 +240,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             )
             .await
             {
-                tracing::error!("hub link stopped: {e}");
+                tracing::error!("hub link stopped: {}", Chain(&e));
             }
         });
     }
@@ -227,34 +261,44 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         }
     };
     let mut progress_tick = tokio::time::interval(Duration::from_secs(1));
-    let mut watchdog = tokio::time::interval(notify::watchdog_period().unwrap_or(Duration::from_secs(3600)));
+    let mut watchdog = tokio::time::interval(notify::watchdog_period().unwrap_or(Duration::from_hours(1)));
     let mut last_progress = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             Some(msg) = inbound.recv() => match msg {
-                Inbound::Command(c) => match shared.dispatch(c, false) {
-                    Reply::Report(r) => publish(Some(r)),
-                    Reply::Started(_) | Reply::Nothing => {}
-                },
-                Inbound::Malformed(reason) => publish(shared.report(|d, _| d.malformed(&shared.worker, reason))),
+                Inbound::Command(c) => {
+                    if let Some(Reply::Report(r)) = shared.blocking(move |s| s.dispatch(c, false)).await {
+                        publish(Some(r));
+                    }
+                }
+                Inbound::Malformed(reason) => publish(
+                    shared
+                        .blocking(move |s| s.report(|d, _| d.malformed(&s.worker, reason)))
+                        .await,
+                ),
             },
             Some(state) = transitions.recv() => {
                 notify::status(&format!("phase: {}", state.phase()));
-                if state.upgrade.is_none()
-                    && let Some(last) = &state.last
-                    && let Ok(d) = shared.dispatcher.lock()
-                {
-                    d.history.record(last);
-                }
                 last_progress = None;
-                publish(shared.report(|d, _| reports::current(&d.device_id, d.seq.take(), &state, None)));
+                let report = shared.blocking(move |s| {
+                    if state.upgrade.is_none()
+                        && let Some(last) = &state.last
+                    {
+                        s.dispatcher().history.record(last);
+                    }
+                    s.report(|d, _| reports::current(&d.device_id, d.seq.take(), &state, None))
+                });
+                publish(report.await);
             }
             _ = progress_tick.tick() => {
                 let p = *shared.worker.progress.borrow();
                 if p.is_some() && p != last_progress {
                     last_progress = p;
-                    publish(shared.report(|d, s| reports::current(&d.device_id, d.seq.take(), s, p)));
+                    let report = shared.blocking(move |s| {
+                        s.report(|d, s| reports::current(&d.device_id, d.seq.take(), s, p))
+                    });
+                    publish(report.await);
                 }
             }
             _ = watchdog.tick() => notify::watchdog(),
@@ -274,6 +318,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
 }
 
 fn bind_control(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
     let err = |source| DaemonError::Socket {
         path: path.to_owned(),
         source,
@@ -289,7 +334,6 @@ fn bind_control(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
         _ => {}
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
-    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     Ok(listener)
 }
@@ -334,7 +378,16 @@ async fn handle_control(stream: tokio::net::UnixStream, shared: Arc<Shared>) -> 
         }
     };
     match req {
-        CtlRequest::Status => send(&mut w, &Response::Status(Box::new(shared.status()))).await,
+        CtlRequest::Status => {
+            let resp = shared.blocking(Shared::status).await.map_or_else(
+                || Response::Error {
+                    code: "internal".into(),
+                    message: "reading the status failed (see the agent's log)".into(),
+                },
+                |status| Response::Status(Box::new(status)),
+            );
+            send(&mut w, &resp).await
+        }
         CtlRequest::Install {
             source,
             allow_downgrade,
@@ -347,7 +400,11 @@ async fn handle_control(stream: tokio::net::UnixStream, shared: Arc<Shared>) -> 
                 version: None,
                 allow_downgrade,
             });
-            match shared.dispatch(cmd, true) {
+            match shared
+                .blocking(move |s| s.dispatch(cmd, true))
+                .await
+                .unwrap_or(Reply::Nothing)
+            {
                 Reply::Started(Some(mut done)) => {
                     let mut progress = shared.worker.progress.clone();
                     loop {
@@ -380,8 +437,13 @@ async fn handle_control(stream: tokio::net::UnixStream, shared: Arc<Shared>) -> 
                         .last
                         .clone()
                         .filter(|l| l.upgrade_id == id);
-                    let ended =
-                        ended.or_else(|| shared.dispatcher.lock().ok().and_then(|d| d.history.get(&id)));
+                    let ended = if ended.is_some() {
+                        ended
+                    } else {
+                        let id = id.clone();
+                        let from_history = move |s: &Shared| s.dispatcher().history.get(&id);
+                        shared.blocking(from_history).await.flatten()
+                    };
                     let resp = match (ended, report.error) {
                         (Some(last), _) => Response::Done(last),
                         (None, Some(e)) => Response::Error {

@@ -4,10 +4,11 @@
 use crate::engine::{Engine, Interrupts, Observer, Outcome, Request};
 use crate::outbox::{Event, Outbox};
 use crate::state::DeviceState;
+use flightnode_proto::error::{Chain, chain};
 use flightnode_proto::status::Progress;
 use flightnode_proto::{Phase, Slot, WaitReason};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Work for the engine thread.
@@ -16,20 +17,26 @@ pub enum Job {
     Resume,
     /// Install; the reply gets the outcome (or the engine error) when it ends.
     Install {
+        /// What to install and from where.
         req: Request,
+        /// Who waits for the outcome (`None`: nobody, e.g. an MQTT command).
         reply: Option<oneshot::Sender<Result<Outcome, String>>>,
     },
     /// mark-good / mark-bad.
     Mark {
+        /// The slot to mark.
         slot: Slot,
+        /// Good (true) or bad.
         good: bool,
+        /// Gets the engine's answer or its error.
         reply: oneshot::Sender<Result<String, String>>,
     },
 }
 
 /// Handle on the engine thread.
 pub struct Worker {
-    jobs: std::sync::mpsc::Sender<Job>,
+    /// `None` once [`Worker::shutdown`] closed the queue.
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     pending: Arc<AtomicUsize>,
     /// Latest saved state.
     pub state: watch::Receiver<DeviceState>,
@@ -37,7 +44,14 @@ pub struct Worker {
     pub progress: watch::Receiver<Option<Progress>>,
     /// Cancel / pause the download in flight.
     pub interrupts: Arc<Interrupts>,
-    _thread: std::thread::JoinHandle<()>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Disconnected when the engine thread ends (its sender lives on that thread).
+    ended: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+// NB: std Mutexes: held only for a take, a send or a bounded wait, never across an await.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Forwards the engine's notifications: every transition (never coalesced, so no phase is lost)
@@ -84,7 +98,7 @@ impl Observer for Relay {
             if let Some(outbox) = &self.outbox
                 && let Err(e) = outbox.push(&event)
             {
-                tracing::error!(upgrade_id = %event.upgrade_id, "cannot record event for the hub: {e}");
+                tracing::error!(upgrade_id = %event.upgrade_id, "cannot record event for the hub: {}", Chain(&e));
             }
             let _ = self.transitions.send(state.clone());
         }
@@ -122,9 +136,11 @@ impl Worker {
         let pending = Arc::new(AtomicUsize::new(0));
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         let thread_pending = pending.clone();
+        let (alive, ended) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("flightnode-engine".into())
             .spawn(move || {
+                let _alive = alive;
                 for job in rx {
                     run_job(&mut engine, job);
                     state_tx.send_replace(engine.state().clone());
@@ -132,19 +148,22 @@ impl Worker {
                 }
             })?;
         Ok(Self {
-            jobs,
+            jobs: Mutex::new(Some(jobs)),
             pending,
             state,
             progress,
             interrupts,
-            _thread: thread,
+            thread: Mutex::new(Some(thread)),
+            ended: Mutex::new(ended),
         })
     }
 
     /// Queues a job. Marks the worker busy at once, so two commands cannot both pass the busy check.
     pub fn submit(&self, job: Job) -> bool {
         self.pending.fetch_add(1, Ordering::SeqCst);
-        let sent = self.jobs.send(job).is_ok();
+        let sent = lock(&self.jobs)
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(job).is_ok());
         if !sent {
             self.pending.fetch_sub(1, Ordering::SeqCst);
         }
@@ -156,13 +175,25 @@ impl Worker {
         self.pending.load(Ordering::SeqCst) > 0
     }
 
-    /// Pauses any download and waits up to `grace` for the engine to reach a resumable point.
-    /// Every step is write-ahead, so exiting after the grace period is as safe as a crash.
+    /// Pauses any download, closes the job queue and waits up to `grace` for the engine thread
+    /// to end (at a resumable point), then joins it. Every step is write-ahead, so exiting after
+    /// the grace period is as safe as a crash. Blocks: call it from a blocking thread.
     pub fn shutdown(&self, grace: std::time::Duration) {
         self.interrupts.pause.store(true, Ordering::SeqCst);
-        let deadline = std::time::Instant::now() + grace;
-        while self.is_busy() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(50));
+        // The thread ends once its queue is empty and closed.
+        drop(lock(&self.jobs).take());
+        let ended = lock(&self.ended).recv_timeout(grace);
+        if ended != Err(std::sync::mpsc::RecvTimeoutError::Disconnected) {
+            tracing::warn!(
+                ?grace,
+                "the engine did not stop within the grace period; exiting (every step is write-ahead)"
+            );
+            return;
+        }
+        if let Some(thread) = lock(&self.thread).take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the engine thread panicked");
         }
     }
 }
@@ -171,11 +202,13 @@ fn run_job(engine: &mut Engine, job: Job) {
     match job {
         Job::Resume => match engine.resume() {
             Ok(outcome) => tracing::info!(?outcome, "start-up recovery done"),
-            Err(e) => tracing::error!("start-up recovery failed: {e}"),
+            Err(e) => tracing::error!("start-up recovery failed: {}", Chain(&e)),
         },
         Job::Install { req, reply } => {
             let id = req.id.clone();
-            let result = engine.install(req).map_err(|e| format!("{}: {e}", e.code()));
+            let result = engine
+                .install(req)
+                .map_err(|e| format!("{}: {}", e.code(), Chain(&e)));
             if let Err(e) = &result {
                 tracing::error!(upgrade_id = %id, "install failed: {e}");
             }
@@ -184,7 +217,7 @@ fn run_job(engine: &mut Engine, job: Job) {
             }
         }
         Job::Mark { slot, good, reply } => {
-            let _ = reply.send(engine.mark(slot, good).map_err(|e| e.to_string()));
+            let _ = reply.send(engine.mark(slot, good).map_err(|e| chain(&e)));
         }
     }
 }

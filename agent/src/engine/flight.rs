@@ -38,7 +38,10 @@ impl Engine {
         let poll = gate.poll_interval();
         let max_wait = gate.config().max_wait;
         loop {
-            let verdict = self.flight.as_ref().map_or(Verdict::Go, |g| g.check());
+            let verdict = self
+                .flight
+                .as_ref()
+                .map_or(Verdict::Go, crate::flight::Gate::check);
             let u = self.held()?;
             let held = u.step_phase();
             match verdict {

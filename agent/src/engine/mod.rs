@@ -38,7 +38,7 @@ pub enum EngineError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Trusted keys could not be loaded.
-    #[error("cannot load trusted keys: {0}")]
+    #[error("cannot load trusted keys")]
     Keys(#[source] BundleError),
     /// The slot pointer or bootloader.
     #[error(transparent)]
@@ -63,8 +63,7 @@ impl EngineError {
     /// The contract code.
     pub fn code(&self) -> ErrorCode {
         match self {
-            EngineError::Busy { .. } => ErrorCode::Busy,
-            EngineError::Store(StoreError::Locked { .. }) => ErrorCode::Busy,
+            EngineError::Busy { .. } | EngineError::Store(StoreError::Locked { .. }) => ErrorCode::Busy,
             _ => ErrorCode::Internal,
         }
     }
@@ -182,15 +181,14 @@ impl Engine {
         let activation = Activation::open(&cfg)?;
         let slots = crate::slot::open(&cfg.slots);
         let cfg_flight = cfg.flight.clone().map(crate::flight::Gate::new);
-        let state = match store.load()? {
-            Some(state) => state,
-            None => {
-                let state = fresh_state(&cfg, &activation)?;
-                store.save(&state)?;
-                tracing::info!(device_id = %cfg.device_id, version = %cfg.factory_version, slot = %state.active,
-                    "fresh device: the running slot {} is active and good", state.active);
-                state
-            }
+        let state = if let Some(state) = store.load()? {
+            state
+        } else {
+            let state = fresh_state(&cfg, &activation)?;
+            store.save(&state)?;
+            tracing::info!(device_id = %cfg.device_id, version = %cfg.factory_version, slot = %state.active,
+                "fresh device: the running slot {} is active and good", state.active);
+            state
         };
         let engine = Self {
             cfg,
@@ -422,12 +420,11 @@ impl Engine {
                 }
             };
             match step {
-                Ok(()) => {}
+                Ok(()) | Err(Stop::Again) => {}
                 Err(Stop::Upgrade(code, message)) => self.end(code, message)?,
                 Err(Stop::Rebooting(slot)) => return Ok(Outcome::AwaitingReboot { slot }),
                 Err(Stop::Paused) => return Ok(Outcome::Paused),
                 Err(Stop::Engine(e)) => return Err(e),
-                Err(Stop::Again) => {}
             }
         }
     }

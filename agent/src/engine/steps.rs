@@ -16,14 +16,14 @@ const TRIAL_BOOTS: u32 = 3;
 
 /// Maps a bundle/copy error to the upgrade's end: a fetch failure carried through the reader keeps
 /// its own code and message. (Cancel and pause are recognised by their flags, in `interrupted`.)
-fn copy_stop(e: BundleError) -> Stop {
+fn copy_stop(e: &BundleError) -> Stop {
     match e
         .io_source()
         .and_then(|io| io.get_ref())
         .and_then(|i| i.downcast_ref::<DownloadError>())
     {
-        Some(d) => Stop::Upgrade(d.code(), d.to_string()),
-        None => Stop::Upgrade(e.code(), e.to_string()),
+        Some(d) => Stop::Upgrade(d.code(), flightnode_proto::error::chain(d)),
+        None => Stop::Upgrade(e.code(), flightnode_proto::error::chain(e)),
     }
 }
 
@@ -72,13 +72,13 @@ impl Engine {
         // An interruption explains any fetch error that follows it: report that, not the error.
         let fetch_stop = |this: &Self, e: crate::download::DownloadError| {
             this.interrupted()
-                .unwrap_or(Stop::Upgrade(e.code(), e.to_string()))
+                .unwrap_or(Stop::Upgrade(e.code(), flightnode_proto::error::chain(&e)))
         };
         let (manifest, start, hasher, reader) = match &u.manifest {
             None => {
                 let mut reader = self.fetcher.open(&u.source, 0).map_err(|e| fetch_stop(self, e))?;
                 let header = bundle::read_header(&mut reader, &self.keys)
-                    .map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(e)))?;
+                    .map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(&e)))?;
                 let m = header.manifest;
                 // `already_installed` only for the version that runs (after a fallback the
                 // committed version follows it too, see `DeviceState::fell_back`).
@@ -99,7 +99,7 @@ impl Engine {
                 }
                 self.slots
                     .check_room(u.target, m.image.size)
-                    .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
+                    .map_err(|e| Stop::Upgrade(e.code(), flightnode_proto::error::chain(&e)))?;
                 tracing::info!(upgrade_id = %u.id, version = %m.version, slot = %u.target, size = m.image.size,
                     "manifest verified; writing image");
                 // Write-ahead, in RAUC's order: the slot is marked bad in the state, then in the
@@ -127,7 +127,7 @@ impl Engine {
                 (m.clone(), start, hasher, reader)
             }
         };
-        self.write_image(manifest, start, hasher, reader, u.target)
+        self.write_image(&manifest, start, hasher, reader, u.target)
     }
 
     /// Reboot mode: the target slot is not bootable from now until its trial is set.
@@ -140,7 +140,7 @@ impl Engine {
 
     fn write_image(
         &mut self,
-        manifest: flightnode_proto::Manifest,
+        manifest: &flightnode_proto::Manifest,
         start: u64,
         hasher: sha2::Sha256,
         mut reader: impl std::io::Read,
@@ -149,7 +149,7 @@ impl Engine {
         let file = self
             .slots
             .open_at(target, start)
-            .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
+            .map_err(|e| Stop::Upgrade(e.code(), flightnode_proto::error::chain(&e)))?;
         let size = manifest.image.size;
         let mut writer = SlotWriter::new(
             file,
@@ -161,13 +161,13 @@ impl Engine {
             &self.interrupts,
         );
         writer.checkpoint_bytes = self.cfg.download.checkpoint_bytes.max(4096);
-        let copied = bundle::copy_image(&mut reader, &mut writer, &manifest, start, hasher);
+        let copied = bundle::copy_image(&mut reader, &mut writer, manifest, start, hasher);
         let file = writer.file;
         // Whatever broke after a cancel or shutdown is not the bundle's fault.
-        copied.map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(e)))?;
+        copied.map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(&e)))?;
         self.slots
             .finish(target, &file, size)
-            .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
+            .map_err(|e| Stop::Upgrade(e.code(), flightnode_proto::error::chain(&e)))?;
         self.state.written(size);
         self.state.enter(Phase::Staged);
         self.save()?;
@@ -228,7 +228,7 @@ impl Engine {
         }
         self.flight_gate()?;
         if let Some(u) = self.state.upgrade.as_mut() {
-            u.boot_id = boot_id.clone();
+            u.boot_id.clone_from(&boot_id);
         }
         self.state.enter(Phase::Switching);
         self.save()?;
@@ -260,7 +260,7 @@ impl Engine {
         let a = &self.cfg.activation;
         tracing::info!(slot = %next, "rebooting into slot {next}");
         if let Err(e) = self.run_hook(Hook::Reboot, Some(&a.reboot_command), next, a.reboot_wait) {
-            tracing::error!("{e}");
+            tracing::error!("{}", flightnode_proto::error::Chain(&e));
         }
         std::thread::sleep(a.reboot_wait);
         Err(Stop::Rebooting(next))
@@ -320,7 +320,7 @@ impl Engine {
             u.target,
             self.cfg.activation.apply_timeout,
         ) {
-            return self.begin_roll_back(ErrorCode::HealthCheckFailed, e.to_string());
+            return self.begin_roll_back(ErrorCode::HealthCheckFailed, flightnode_proto::error::chain(&e));
         }
         if let Err(e) = self.run_hook(
             Hook::Health,
@@ -328,7 +328,7 @@ impl Engine {
             u.target,
             self.cfg.health.timeout,
         ) {
-            return self.begin_roll_back(ErrorCode::HealthCheckFailed, e.to_string());
+            return self.begin_roll_back(ErrorCode::HealthCheckFailed, flightnode_proto::error::chain(&e));
         }
         if let (Activation::Reboot { .. }, Some(gate)) = (&self.activation, &self.fleet_gate) {
             let timeout = self.cfg.daemon.fleet_timeout;
@@ -434,7 +434,7 @@ impl Engine {
                 let apply = self.cfg.activation.apply_command.as_deref();
                 // The old slot is active whatever this says; a failure is logged, not fatal.
                 if let Err(e) = self.run_hook(Hook::Apply, apply, old, self.cfg.activation.apply_timeout) {
-                    tracing::error!(slot = %old, "re-applying the previous slot failed: {e}");
+                    tracing::error!(slot = %old, "re-applying the previous slot failed: {}", flightnode_proto::error::Chain(&e));
                 }
             }
             Activation::Reboot { boot, .. } => {

@@ -105,7 +105,6 @@ pub fn judge(cfg: &FlightConfig, s: &FlightState) -> Result<(), (WaitReason, Str
                 ),
             ));
         }
-        ObservedState::Unknown | ObservedState::Disarmed => {}
         ObservedState::InAir if !allowed(AllowedState::InAir) => {
             return Err((
                 WaitReason::InAir,
@@ -118,7 +117,8 @@ pub fn judge(cfg: &FlightConfig, s: &FlightState) -> Result<(), (WaitReason, Str
         ObservedState::Armed if !allowed(AllowedState::Armed) => {
             return Err((WaitReason::Armed, "the vehicle is armed".into()));
         }
-        ObservedState::InAir | ObservedState::Armed => {}
+        // Allowed by the policy, or nothing to hold for.
+        ObservedState::Unknown | ObservedState::Disarmed | ObservedState::InAir | ObservedState::Armed => {}
     }
     match s.battery_percent {
         Some(pct) if cfg.min_battery_percent > 0 && pct < cfg.min_battery_percent => Err((

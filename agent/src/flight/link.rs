@@ -174,7 +174,7 @@ fn fold(l: &mut Latest, component: u8, msg: &MavMessage) {
                     MavLandedState::MAV_LANDED_STATE_IN_AIR => "in_air",
                     MavLandedState::MAV_LANDED_STATE_TAKEOFF => "takeoff",
                     MavLandedState::MAV_LANDED_STATE_LANDING => "landing",
-                    _ => "undefined",
+                    MavLandedState::MAV_LANDED_STATE_UNDEFINED => "undefined",
                 }
                 .to_owned(),
             );

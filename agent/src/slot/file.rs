@@ -18,18 +18,6 @@ impl FileSlots {
     }
 }
 
-/// Free bytes on the filesystem holding `path`, for a refusal before writing rather than ENOSPC halfway.
-fn free_bytes(dir: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
 impl SlotBackend for FileSlots {
     fn path(&self, slot: Slot) -> &Path {
         pick(&self.a, &self.b, slot)
@@ -44,8 +32,9 @@ impl SlotBackend for FileSlots {
             action: "create slot directory",
             source,
         })?;
-        let existing = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let available = free_bytes(dir).map_err(|source| SlotError::Io {
+        let existing = std::fs::metadata(path).map_or(0, |m| m.len());
+        // Refused before writing rather than ENOSPC halfway.
+        let available = crate::resources::free_bytes(dir).map_err(|source| SlotError::Io {
             slot,
             path: path.to_owned(),
             action: "statvfs",

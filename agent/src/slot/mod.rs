@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
     /// Opening, writing, reading or syncing the slot failed.
-    #[error("slot {slot} ({path}): {action}: {source}")]
+    #[error("slot {slot} ({path}): {action}")]
     Io {
         /// Which slot.
         slot: Slot,

@@ -1,6 +1,6 @@
 //! A simulated device for the agent's integration tests: a temp dir with keys, `agent.toml`, file
 //! slots and hook scripts, driven through the real `flightnode-agent` binary.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses a different part of it")]
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -191,15 +191,15 @@ pub fn make_executable(p: &Path) {
 
 /// Deterministic pseudo-random image content, different per version.
 pub fn image_bytes(version: &str, len: usize) -> Vec<u8> {
-    let mut x: u64 = version.bytes().fold(0xcbf29ce484222325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    let mut x: u64 = version.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
     (0..len)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            x as u8
+            x.to_le_bytes()[0]
         })
         .collect()
 }
@@ -244,7 +244,7 @@ impl Daemon {
     /// SIGTERM, then waits (at most 30 s) for the exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.0.id().cast_signed(), libc::SIGTERM) };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             if let Some(status) = self.0.try_wait().unwrap() {

@@ -6,6 +6,7 @@ use crate::crd::FlightNode;
 use crate::{Error, Result};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
+use std::fmt::Write as _;
 use std::io::Write;
 use std::time::Duration;
 
@@ -102,8 +103,9 @@ pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
         c.pinned,
     );
     for cond in &s.conditions {
-        out.push_str(&format!(
-            "  {:<12} {:<6} {}{}\n",
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<6} {}{}",
             cond.type_,
             cond.status,
             cond.reason,
@@ -112,7 +114,7 @@ pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
             } else {
                 format!(": {}", cond.message)
             }
-        ));
+        );
     }
     let mine: Vec<&FlightNode> = nodes
         .iter()
@@ -132,9 +134,8 @@ pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
                 .unwrap_or_else(|| "-".into());
             let sync = st
                 .firmware_sync
-                .map(|s| format!("{} {}", s.reason, s.message))
-                .unwrap_or_else(|| "-".into());
-            out.push_str(&format!("  {:<21} {:<11} {}\n", n.name_any(), fw, sync));
+                .map_or_else(|| "-".into(), |s| format!("{} {}", s.reason, s.message));
+            let _ = writeln!(out, "  {:<21} {:<11} {}", n.name_any(), fw, sync);
         }
     }
     out
@@ -170,7 +171,7 @@ pub async fn status(
     interval: Duration,
     out: &mut (dyn Write + Send),
 ) -> Result<Watched> {
-    let io = |e: std::io::Error| Error::Encode(e.to_string());
+    let io = |e: std::io::Error| Error::Encode(e.into());
     let rollouts: Api<FirmwareRollout> = Api::namespaced(client.clone(), namespace);
     let nodes: Api<FlightNode> = Api::namespaced(client.clone(), namespace);
     let mut last = String::new();
@@ -237,16 +238,16 @@ pub async fn apply(client: &Client, namespace: &str, yaml: &str) -> Result<Vec<S
         let req = if kind == "FirmwareRollout" {
             let r: FirmwareRollout = serde_json::from_value(doc)
                 .map_err(|e| Error::Invalid(format!("FirmwareRollout {name}: {e}")))?;
-            let body = serde_json::to_vec(&r).map_err(|e| Error::Encode(e.to_string()))?;
+            let body = serde_json::to_vec(&r).map_err(|e| Error::Encode(e.into()))?;
             http::Request::put(path)
                 .header("content-type", "application/json")
                 .body(body)
         } else {
             let spec = doc.get("spec").cloned().unwrap_or_default();
-            let patch = serde_json::json!({ "spec": {
+            let merge = serde_json::json!({ "spec": {
                 "firmware": spec.get("firmware").cloned().unwrap_or(serde_json::Value::Null),
             }});
-            let body = serde_json::to_vec(&patch).map_err(|e| Error::Encode(e.to_string()))?;
+            let body = serde_json::to_vec(&merge).map_err(|e| Error::Encode(e.into()))?;
             http::Request::patch(path)
                 .header("content-type", "application/merge-patch+json")
                 .body(body)

@@ -149,7 +149,7 @@ pub async fn reconcile_all(store: &dyn FleetStore, now: i64, now_rfc3339: &str) 
             if r.status.as_ref() != Some(&status)
                 && let Err(e) = store.write_rollout_status(&r.name_any(), &status).await
             {
-                tracing::warn!(rollout = %r.name_any(), error = %e, "rollout status write failed");
+                tracing::warn!(rollout = %r.name_any(), error = %flightnode_proto::error::Chain(&e), "rollout status write failed");
             }
             continue;
         }
@@ -172,14 +172,14 @@ async fn carry_out(store: &dyn FleetStore, r: &FirmwareRollout, p: &Plan, genera
     for node in &p.dispatch {
         match store.apply_target(node, Some(&dispatch)).await {
             Ok(Applied::Ok) => {
-                tracing::info!(rollout = %name, device_id = %node, version = %r.spec.version, "dispatched")
+                tracing::info!(rollout = %name, device_id = %node, version = %r.spec.version, "dispatched");
             }
             Ok(Applied::Conflict) => {
                 tracing::info!(rollout = %name, device_id = %node, "spec.firmware owned by another manager; left alone");
             }
             Ok(Applied::Missing) => {}
             Err(e) => {
-                tracing::warn!(rollout = %name, device_id = %node, error = %e, "dispatch failed; retried next step")
+                tracing::warn!(rollout = %name, device_id = %node, error = %flightnode_proto::error::Chain(&e), "dispatch failed; retried next step");
             }
         }
     }
@@ -187,14 +187,14 @@ async fn carry_out(store: &dyn FleetStore, r: &FirmwareRollout, p: &Plan, genera
         match store.apply_target(node, None).await {
             Ok(_) => tracing::info!(rollout = %name, device_id = %node, "called back (not started)"),
             Err(e) => {
-                tracing::warn!(rollout = %name, device_id = %node, error = %e, "call-back failed; retried next step")
+                tracing::warn!(rollout = %name, device_id = %node, error = %flightnode_proto::error::Chain(&e), "call-back failed; retried next step");
             }
         }
     }
     if r.status.as_ref() != Some(&p.status)
         && let Err(e) = store.write_rollout_status(&name, &p.status).await
     {
-        tracing::warn!(rollout = %name, error = %e, "rollout status write failed");
+        tracing::warn!(rollout = %name, error = %flightnode_proto::error::Chain(&e), "rollout status write failed");
         // NB: no events for a step whose status did not stick: it runs again.
         return;
     }

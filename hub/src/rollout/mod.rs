@@ -37,8 +37,10 @@ pub mod condition {
 }
 
 /// A fleet upgrade in waves.
-// NB: clippy reads the repeated `type_ = …` of the printer columns as duplicated attributes.
-#[allow(clippy::duplicated_attributes)]
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "clippy reads the repeated `type_ = …` of the printer columns as duplicated attributes"
+)]
 #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 #[kube(
     group = "edge.drone.io",

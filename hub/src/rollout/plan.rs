@@ -8,6 +8,10 @@ use sha2::Digest;
 use std::collections::BTreeMap;
 
 /// A drone as the rollout sees it.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent facts read from its FlightNode"
+)]
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Drone {
     /// `FlightNode` name (its wave comes from a hash of it).
@@ -97,7 +101,9 @@ pub fn wave_targets(total: u32, waves: &[WaveSpec]) -> Vec<u32> {
     for w in waves {
         let t = match (w.count, w.percent) {
             (Some(c), _) => c,
-            (None, Some(p)) => (u64::from(total) * u64::from(p.min(100))).div_ceil(100) as u32,
+            (None, Some(p)) => {
+                u32::try_from((u64::from(total) * u64::from(p.min(100))).div_ceil(100)).unwrap_or(total)
+            }
             (None, None) => total,
         };
         let t = t.min(total).max(prev);

@@ -25,9 +25,10 @@ pub struct KubeSink {
 
 /// Builds a kube client from the environment (in cluster, or KUBECONFIG), without kube's retries.
 pub async fn client_from_env() -> crate::Result<Client> {
-    let mut config = kube::Config::infer()
-        .await
-        .map_err(|e| crate::Error::KubeConfig(e.to_string()))?;
+    let mut config = kube::Config::infer().await.map_err(|e| crate::Error::KubeSetup {
+        what: "client configuration (in cluster, or KUBECONFIG)",
+        source: e.into(),
+    })?;
     config.default_retry = false;
     Client::try_from(config).map_err(crate::Error::Kube)
 }
@@ -89,7 +90,7 @@ impl KubeSink {
             .await
             .ok()
             .and_then(Result::ok)
-            .map(|b| b.to_bytes())
+            .map(http_body_util::Collected::to_bytes)
             .unwrap_or_default();
         let status: Option<kube::core::Status> = serde_json::from_slice(&body).ok();
         let body_delay = status
@@ -188,7 +189,9 @@ pub async fn watch_specs(client: Client, namespace: String, hub: std::sync::Arc<
                     hub.spec_changed(&name);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "FlightNode watch failed; retrying"),
+            Err(e) => {
+                tracing::warn!(error = %flightnode_proto::error::Chain(&e), "FlightNode watch failed; retrying");
+            }
         }
     }
 }

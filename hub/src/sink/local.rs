@@ -72,8 +72,9 @@ impl LocalStore {
 
     /// One object.
     pub fn get(&self, namespace: &str, name: &str) -> Option<FlightNode> {
-        let bytes = self.objects.get(object_key(namespace, name)).ok()??;
-        serde_json::from_slice(&bytes).ok()
+        let key = object_key(namespace, name);
+        let bytes = self.objects.get(&key).ok()??;
+        decode("FlightNode", key.as_bytes(), &bytes)
     }
 
     /// All objects, in one namespace or all; sorted by namespace and name.
@@ -83,7 +84,7 @@ impl LocalStore {
             None => self.objects.iter(),
         };
         iter.filter_map(Result::ok)
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .filter_map(|(k, v)| decode("FlightNode", &k, &v))
             .collect()
     }
 
@@ -92,7 +93,7 @@ impl LocalStore {
         self.events
             .scan_prefix(events_prefix(namespace, name))
             .filter_map(Result::ok)
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .filter_map(|(k, v)| decode("event", &k, &v))
             .collect()
     }
 
@@ -232,14 +233,15 @@ impl LocalStore {
             None => self.rollouts.iter(),
         };
         iter.filter_map(Result::ok)
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .filter_map(|(k, v)| decode("FirmwareRollout", &k, &v))
             .collect()
     }
 
     /// One rollout.
     pub fn rollout(&self, namespace: &str, name: &str) -> Option<FirmwareRollout> {
-        let bytes = self.rollouts.get(object_key(namespace, name)).ok()??;
-        serde_json::from_slice(&bytes).ok()
+        let key = object_key(namespace, name);
+        let bytes = self.rollouts.get(&key).ok()??;
+        decode("FirmwareRollout", key.as_bytes(), &bytes)
     }
 
     fn put_rollout(&self, mut r: FirmwareRollout) -> Result<FirmwareRollout, WriteError> {
@@ -256,24 +258,21 @@ impl LocalStore {
     pub async fn apply_rollout(&self, mut r: FirmwareRollout) -> Result<FirmwareRollout, WriteError> {
         let name = r.metadata.name.clone().unwrap_or_default();
         r.metadata.namespace = Some(self.namespace.clone());
-        let stored = match self.rollout(&self.namespace, &name) {
-            Some(mut old) => {
-                if old.spec != r.spec {
-                    old.spec = r.spec;
-                    old.metadata.generation = Some(old.metadata.generation.unwrap_or(1) + 1);
-                }
-                old.metadata.labels = r.metadata.labels;
-                old
+        let stored = if let Some(mut old) = self.rollout(&self.namespace, &name) {
+            if old.spec != r.spec {
+                old.spec = r.spec;
+                old.metadata.generation = Some(old.metadata.generation.unwrap_or(1) + 1);
             }
-            None => {
-                let id = self.db.generate_id().map_err(internal)?;
-                r.metadata.uid = Some(format!("local-{id:016x}"));
-                r.metadata.generation = Some(1);
-                r.metadata.creation_timestamp =
-                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff_now()));
-                r.status = None;
-                r
-            }
+            old.metadata.labels = r.metadata.labels;
+            old
+        } else {
+            let id = self.db.generate_id().map_err(internal)?;
+            r.metadata.uid = Some(format!("local-{id:016x}"));
+            r.metadata.generation = Some(1);
+            r.metadata.creation_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff_now()));
+            r.status = None;
+            r
         };
         let out = self.put_rollout(stored)?;
         self.flush().await?;
@@ -310,7 +309,7 @@ impl LocalStore {
         self.rollout_events
             .scan_prefix(events_prefix(namespace, name))
             .filter_map(Result::ok)
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .filter_map(|(k, v)| decode("rollout event", &k, &v))
             .collect()
     }
 }
@@ -354,4 +353,15 @@ impl StatusSink for LocalStore {
     fn kind(&self) -> &'static str {
         "local"
     }
+}
+
+/// Decodes a stored value. One that does not decode (written by another hub version, or
+/// damaged) is logged and left out, not silently missing.
+fn decode<T: serde::de::DeserializeOwned>(what: &str, key: &[u8], bytes: &[u8]) -> Option<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| {
+            tracing::warn!(what, key = %String::from_utf8_lossy(key), error = %e,
+                "local store: a stored value does not decode; left out");
+        })
+        .ok()
 }

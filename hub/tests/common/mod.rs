@@ -1,5 +1,5 @@
 //! Shared test helpers: heartbeats, a scripted in-memory sink, hub construction.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses a different part of it")]
 
 use flightnode_hub::hub::{Hub, HubConfig};
 use flightnode_hub::scheduler::SchedulerConfig;
@@ -86,7 +86,7 @@ impl StatusSink for ScriptedSink {
 pub fn config(qps: f64, burst: u32) -> HubConfig {
     HubConfig {
         session: SessionConfig {
-            refresh: Duration::from_secs(60),
+            refresh: Duration::from_mins(1),
             grace: Duration::from_secs(35),
             sink_stores_events: false,
         },

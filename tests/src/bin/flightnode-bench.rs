@@ -46,7 +46,7 @@ fn main() -> Result<()> {
                 );
             let seconds = flag("--seconds", 40);
             let wave = flightnode_tests::load::Wave {
-                drones: flag("--wave", 50) as usize,
+                drones: usize::try_from(flag("--wave", 50))?,
                 start_at: std::time::Duration::from_secs(seconds / 4),
                 spread: std::time::Duration::from_secs(flag("--wave-secs", 20)),
                 step: std::time::Duration::from_millis(500),
@@ -55,7 +55,7 @@ fn main() -> Result<()> {
                 seconds,
                 interval: flag("--interval", 10),
                 wave,
-                channels: flag("--channels", 12).max(1) as usize,
+                channels: usize::try_from(flag("--channels", 12).max(1))?,
             };
             hub_bench(&drones, plan)
         }
@@ -71,12 +71,12 @@ fn main() -> Result<()> {
 }
 
 fn mib_s(bytes: u64, secs: f64) -> f64 {
-    bytes as f64 / 1048576.0 / secs.max(1e-9)
+    bytes as f64 / 1_048_576.0 / secs.max(1e-9)
 }
 
 /// Median of the runs.
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
+    v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
@@ -84,7 +84,7 @@ fn install(size_mib: u64, runs: u64) -> Result<()> {
     let agent = binary("flightnode-agent")?;
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let size = size_mib * 1048576;
+    let size = size_mib * 1_048_576;
     eprintln!("preparing a {size_mib} MiB image and bundle in {}", dir.display());
     run_ok(
         &agent,
@@ -93,7 +93,7 @@ fn install(size_mib: u64, runs: u64) -> Result<()> {
     let image = dir.join("image");
     {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&image)?);
-        let mut x: u64 = 0x9E3779B97F4A7C15;
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         let mut block = vec![0u8; 1 << 20];
         for _ in 0..size_mib {
             for b in block.chunks_mut(8) {
@@ -216,9 +216,12 @@ fn install(size_mib: u64, runs: u64) -> Result<()> {
 
 /// The least an installer can do: one GET, hash every byte, write it, fsync once.
 fn minimal_copy(addr: std::net::SocketAddr, path: &str, out: &Path, len: u64) -> Result<()> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-    let mut r = std::io::BufReader::with_capacity(256 * 1024, s);
+    let mut sock = std::net::TcpStream::connect(addr)?;
+    write!(
+        sock,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut r = std::io::BufReader::with_capacity(256 * 1024, sock);
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut b = [0u8; 1];
@@ -226,7 +229,7 @@ fn minimal_copy(addr: std::net::SocketAddr, path: &str, out: &Path, len: u64) ->
         head.push(b[0]);
     }
     let mut f = std::fs::File::create(out)?;
-    let mut h = sha2::Sha256::new();
+    let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut got = 0u64;
     loop {
@@ -234,12 +237,12 @@ fn minimal_copy(addr: std::net::SocketAddr, path: &str, out: &Path, len: u64) ->
         if n == 0 {
             break;
         }
-        h.update(&buf[..n]);
+        hasher.update(&buf[..n]);
         f.write_all(&buf[..n])?;
         got += n as u64;
     }
     f.sync_all()?;
-    std::hint::black_box(h.finalize());
+    std::hint::black_box(hasher.finalize());
     if got != len {
         bail!("minimal copy got {got} of {len} bytes");
     }
@@ -259,11 +262,11 @@ fn footprint(idle_secs: u64, size_mib: u64) -> Result<()> {
     std::thread::sleep(std::time::Duration::from_secs(idle_secs));
     let (idle, _) = rss_kib(pid).context("agent gone")?;
     let sub_rss = sub.pid().and_then(rss_kib).map_or(0, |(r, _)| r);
-    let (_, url) = fleet.bundle("big", "2.0.0", (size_mib * 1048576) as usize)?;
+    let (_, url) = fleet.bundle("big", "2.0.0", usize::try_from(size_mib * 1_048_576)?)?;
     broker.publish("firmware/drone-1/upgrade", url.as_bytes(), false)?;
     let t = Instant::now();
     let mut peak = 0;
-    while t.elapsed() < std::time::Duration::from_secs(600) {
+    while t.elapsed() < std::time::Duration::from_mins(10) {
         if let Some((_, hwm)) = rss_kib(pid) {
             peak = hwm;
         }
@@ -301,7 +304,7 @@ fn footprint(idle_secs: u64, size_mib: u64) -> Result<()> {
     println!(
         "{:<52} {:>10.1}",
         "stripped x86_64 binary size (MiB)",
-        std::fs::metadata(&agent)?.len() as f64 / 1048576.0
+        std::fs::metadata(&agent)?.len() as f64 / 1_048_576.0
     );
     let arm = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target/aarch64-unknown-linux-musl/release/flightnode-agent");
@@ -309,7 +312,7 @@ fn footprint(idle_secs: u64, size_mib: u64) -> Result<()> {
         Ok(m) => println!(
             "{:<52} {:>10.1}",
             "stripped aarch64 binary size (MiB)",
-            m.len() as f64 / 1048576.0
+            m.len() as f64 / 1_048_576.0
         ),
         Err(_) => println!("aarch64 binary: run cross/build-aarch64.sh first"),
     }
@@ -423,7 +426,7 @@ fn hub_bench(drones: &[usize], plan: HubPlan) -> Result<()> {
             opt(r.kib_per_drone, 2),
             opt(r.writes_per_s, 1),
             r.max_writes_1s
-                .map_or("-".to_owned(), |m| format!("{m} / {}", BURST as f64 + QPS)),
+                .map_or("-".to_owned(), |m| format!("{m} / {}", f64::from(BURST) + QPS)),
         );
     }
     for r in rows.iter().filter(|r| r.phase_p99_ms.is_some()) {
@@ -467,16 +470,16 @@ async fn noop_run(n: usize, plan: HubPlan) -> Result<HubRow> {
 }
 
 async fn hub_run(n: usize, plan: HubPlan) -> Result<HubRow> {
+    use flightnode_tests::fake_kube::FakeKube;
+    use flightnode_tests::fleet::{Proc, free_port, rss_kib};
+    use flightnode_tests::load;
+    use std::time::Duration;
     let HubPlan {
         seconds,
         interval,
         channels,
         ..
     } = plan;
-    use flightnode_tests::fake_kube::FakeKube;
-    use flightnode_tests::fleet::{Proc, free_port, rss_kib};
-    use flightnode_tests::load;
-    use std::time::Duration;
     let tmp = tempfile::tempdir()?;
     let fake = FakeKube::start().await?;
     for i in 0..n {
@@ -588,12 +591,14 @@ async fn hub_run(n: usize, plan: HubPlan) -> Result<HubRow> {
             .iter()
             .position(|p| load::status_phase(p) == *phase)
             .unwrap_or(0);
-        let ws = by_name.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+        let ws = by_name.get(name.as_str()).map_or(&[][..], Vec::as_slice);
         if ws.iter().any(|(at, i)| at >= sent && *i == Some(k)) {
             exact += 1;
         }
         match ws.iter().find(|(at, i)| at >= sent && i.is_some_and(|i| i >= k)) {
-            Some((at, _)) => delays.push(at.duration_since(*sent).as_micros() as u64),
+            Some((at, _)) => {
+                delays.push(u64::try_from(at.duration_since(*sent).as_micros()).unwrap_or(u64::MAX));
+            }
             None => missing += 1,
         }
     }

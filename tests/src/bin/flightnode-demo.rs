@@ -82,7 +82,7 @@ impl Vehicle {
                 sequence: 0,
             };
             while !halt.load(Ordering::Relaxed) {
-                let (armed, in_air) = st.lock().map(|s| *s).unwrap_or((true, true));
+                let (armed, in_air) = st.lock().map_or((true, true), |s| *s);
                 let mut base_mode = MavModeFlag::MAV_MODE_FLAG_CUSTOM_MODE_ENABLED;
                 if armed {
                     base_mode |= MavModeFlag::MAV_MODE_FLAG_SAFETY_ARMED;
@@ -193,7 +193,7 @@ fn demo(n: usize) -> Result<()> {
     let corrupt_url = fleet.bundles.url("/firmware-2.0.0-corrupt.fnb");
 
     // Wait until every drone has reported once, so the table starts complete.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     while fleet.hub.flightnodes()?.len() < n {
         if Instant::now() > deadline {
             bail!("not every drone reported to the hub:\n{}", fleet.hub.log());
@@ -213,7 +213,7 @@ fn demo(n: usize) -> Result<()> {
     // Drone 1's flight: waiting in the air, then landed (still armed), then disarmed.
     let mut waited_since: Option<Instant> = None;
     let mut flight_step = 0;
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let deadline = Instant::now() + Duration::from_mins(3);
     let outcome = loop {
         let mut nodes = fleet.hub.flightnodes()?;
         nodes.sort_by_key(|f| {
@@ -339,7 +339,7 @@ fn has_condition(r: &Value, type_: &str, generation: i64) -> bool {
 
 /// Follows the rollout, printing a line whenever it changes, until `type_` is True.
 fn follow(fleet: &Fleet, type_: &str, generation: i64) -> Result<Value> {
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_mins(5);
     let mut last = String::new();
     loop {
         if let Some(r) = fleet.hub.rollout("fleet-2-1") {
@@ -381,7 +381,7 @@ fn rollout_demo(n: usize) -> Result<()> {
     })?;
     let (_, bad_url) = fleet.bundle("firmware-2.1.0", BAD, 4 * 1024 * 1024)?;
     let (_, good_url) = fleet.bundle("firmware-2.1.1", GOOD, 4 * 1024 * 1024)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     while fleet.hub.flightnodes()?.len() < n {
         if Instant::now() > deadline {
             bail!("not every drone reported to the hub:\n{}", fleet.hub.log());
