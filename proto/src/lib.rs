@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`manifest`]: the signed bundle manifest and the bundle file layout.
+//! - [`chunks`]: the chunk index of chunked (format 2) bundles.
 //! - [`device`]: the device id rule.
 //! - [`codes`]: error codes and upgrade results shared by the CLI, MQTT and the hub.
 //! - [`status`]: the JSON the agent prints for `status --json` and reports upstream.
@@ -12,6 +13,7 @@
 //! understand cannot be trusted to reject what it should.
 #![deny(missing_docs)]
 
+pub mod chunks;
 pub mod codes;
 pub mod device;
 pub mod manifest;

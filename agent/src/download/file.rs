@@ -40,6 +40,7 @@ pub(super) fn open_file(path: PathBuf, offset: u64) -> Result<BundleReader, Down
     file.seek(SeekFrom::Start(offset)).map_err(|e| fail(&path, e))?;
     Ok(BundleReader {
         total,
+        remaining: None,
         inner: Inner::File(FileReader {
             file,
             path,

@@ -17,7 +17,16 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 impl Fetcher {
-    pub(super) fn open_http(&self, url: reqwest::Url, offset: u64) -> Result<BundleReader, DownloadError> {
+    /// `end`: exclusive end of a bounded range ([`Fetcher::open_range`]); `None` reads to the end.
+    /// `probe`: the range is only the first part ([`Fetcher::open_head`]); the rest is fetched
+    /// once the reader has taken all of it, and a `200` is read as the whole bundle.
+    pub(super) fn open_http(
+        &self,
+        url: reqwest::Url,
+        offset: u64,
+        end: Option<u64>,
+        probe: bool,
+    ) -> Result<BundleReader, DownloadError> {
         let url_str = url.to_string();
         let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
         let task = HttpTask {
@@ -29,6 +38,8 @@ impl Fetcher {
             backoff: self.cfg.backoff,
             received: self.received.clone(),
             tx: tx.clone(),
+            end,
+            probe,
         };
         let log_url = url_str.clone();
         let stop = self.stop.clone();
@@ -63,6 +74,7 @@ impl Fetcher {
                 Some(Msg::Started { total }) => {
                     return Ok(BundleReader {
                         total,
+                        remaining: None,
                         inner: Inner::Http(reader),
                     });
                 }
@@ -80,6 +92,9 @@ impl Fetcher {
         }
     }
 }
+
+/// A probe's doubling parts end here; the rest of the bundle is one request.
+const PROBE_LIMIT: u64 = 8 * 1024 * 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Blocking side
@@ -170,10 +185,16 @@ struct HttpTask {
     backoff: Duration,
     received: Arc<AtomicU64>,
     tx: mpsc::Sender<Msg>,
+    /// Exclusive end of a bounded range request.
+    end: Option<u64>,
+    /// `end` bounds only the first request (see `open_http`).
+    probe: bool,
 }
 
 /// Download state carried across attempts.
 struct Progress {
+    /// Exclusive end of the range asked for (`None`: to the end of the bundle).
+    end: Option<u64>,
     pos: u64,
     total: Option<u64>,
     started: bool,
@@ -203,6 +224,7 @@ impl HttpTask {
             pos: offset,
             total: None,
             started: false,
+            end: self.end,
         };
         let mut attempt: u32 = 0;
         let mut failures: u32 = 0;
@@ -211,6 +233,20 @@ impl HttpTask {
             info!(url = %self.url_str, offset = p.pos, attempt, "downloading bundle");
             let before = p.pos;
             let err = match self.attempt(&mut p).await {
+                Ok(Outcome::Done) if self.probe && p.end.is_some() && p.total.is_none_or(|t| p.pos < t) => {
+                    // This part is read; ask for the next only once the reader took all of it,
+                    // so a reader that stops after the header leaves little in flight. The
+                    // parts double up to PROBE_LIMIT, then the rest comes in one request.
+                    while self.tx.capacity() < self.tx.max_capacity() {
+                        if self.tx.is_closed() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    p.end = (p.pos < PROBE_LIMIT).then(|| p.pos.saturating_mul(2));
+                    failures = 0;
+                    continue;
+                }
                 Ok(Outcome::Done) => {
                     info!(url = %self.url_str, offset = p.pos, attempt, "bundle download complete");
                     let _ = self.tx.send(Msg::End).await;
@@ -250,7 +286,7 @@ impl HttpTask {
 
     /// One request from the current position: send, accept the answer, stream its body.
     async fn attempt(&self, p: &mut Progress) -> Result<Outcome, Failure> {
-        let resp = self.send(p.pos).await?;
+        let resp = self.send(p.pos, p.end).await?;
         let skip = match self.accept(&resp, p)? {
             Accepted::Body { skip } => skip,
             Accepted::Empty => {
@@ -270,11 +306,13 @@ impl HttpTask {
     }
 
     /// Sends `GET` (with `Range: bytes=pos-` past the start) and waits for the response headers.
-    async fn send(&self, pos: u64) -> Result<reqwest::Response, Failure> {
+    async fn send(&self, pos: u64, end: Option<u64>) -> Result<reqwest::Response, Failure> {
         let url = &self.url_str;
         let mut req = self.client.get(self.url.clone());
-        if pos > 0 {
-            req = req.header(RANGE, format!("bytes={}-", pos));
+        if let Some(end) = end {
+            req = req.header(RANGE, format!("bytes={pos}-{}", end.saturating_sub(1)));
+        } else if pos > 0 {
+            req = req.header(RANGE, format!("bytes={pos}-"));
         }
         match tokio::time::timeout(self.idle, req.send()).await {
             Err(_) => Err(Failure::Retry(DownloadError::Idle {
@@ -308,7 +346,16 @@ impl HttpTask {
         };
         let mut skip: u64 = 0;
         match status {
+            StatusCode::OK if p.end.is_some() && !(self.probe && p.pos == 0) => {
+                return Err(Failure::Fatal(DownloadError::RangeIgnored {
+                    url: url.clone(),
+                    start: p.pos,
+                    last: p.end.unwrap_or(0).saturating_sub(1),
+                }));
+            }
             StatusCode::OK => {
+                // A probe answered with the whole bundle: read it as the plain stream.
+                p.end = None;
                 let len = resp.content_length();
                 self.check_total(p, len)?;
                 if p.pos > 0 {
@@ -404,7 +451,7 @@ impl HttpTask {
             };
             let mut chunk = match next {
                 None => {
-                    if let Some(total) = p.total
+                    if let Some(total) = p.end.or(p.total)
                         && p.pos < total
                     {
                         return Err(Failure::Retry(DownloadError::Truncated {
@@ -430,7 +477,7 @@ impl HttpTask {
                 chunk.advance(n);
                 skip -= n as u64;
             }
-            if let Some(total) = p.total
+            if let Some(total) = p.end.or(p.total)
                 && p.pos + chunk.len() as u64 > total
             {
                 return Err(protocol(format!(

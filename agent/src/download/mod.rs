@@ -150,6 +150,18 @@ pub enum DownloadError {
         /// What was wrong.
         reason: String,
     },
+    /// A `Range` request for part of the bundle was answered with the whole bundle (`200`).
+    #[error(
+        "GET {url}: the server ignored Range bytes={start}-{last} and sent the whole bundle; chunked bundles need a server with Range support"
+    )]
+    RangeIgnored {
+        /// Bundle URL.
+        url: String,
+        /// First byte asked for.
+        start: u64,
+        /// Last byte asked for.
+        last: u64,
+    },
     /// Retryable failures exhausted the retry budget.
     #[error("GET {url}: gave up after {attempts} attempts: {}", .last.detail())]
     GaveUp {
@@ -171,9 +183,13 @@ pub enum DownloadError {
 }
 
 impl DownloadError {
-    /// The protocol error code: always [`ErrorCode::DownloadFailed`].
+    /// The protocol error code: [`ErrorCode::RangeUnsupported`] for a server that ignores a
+    /// bounded `Range`, else [`ErrorCode::DownloadFailed`].
     pub fn code(&self) -> ErrorCode {
-        ErrorCode::DownloadFailed
+        match self {
+            Self::RangeIgnored { .. } => ErrorCode::RangeUnsupported,
+            _ => ErrorCode::DownloadFailed,
+        }
     }
 
     /// The message without its `GET {url}: ` prefix (for nesting under a message that has it).
@@ -251,8 +267,33 @@ impl Fetcher {
     pub fn open(&self, source: &str, offset: u64) -> Result<BundleReader, DownloadError> {
         match classify(source)? {
             Source::File(path) => open_file(path, offset),
-            Source::Http(url) => self.open_http(url, offset),
+            Source::Http(url) => self.open_http(url, offset, None, false),
         }
+    }
+
+    /// Like [`open`](Self::open) at offset 0, but over HTTP the first request asks only for
+    /// `head` bytes, and each next part (doubling, up to 8 MiB, then the rest) only once the
+    /// reader has taken the previous one: a caller that stops after the bundle header (a chunked
+    /// bundle) leaves little in flight. A server that ignores `Range` here is read as a plain
+    /// stream.
+    pub fn open_head(&self, source: &str, head: u64) -> Result<BundleReader, DownloadError> {
+        match classify(source)? {
+            Source::File(path) => open_file(path, 0),
+            Source::Http(url) => self.open_http(url, 0, Some(head), true),
+        }
+    }
+
+    /// Opens bundle bytes `[start, start + len)` only: over HTTP one `Range: bytes=start-end`
+    /// request (resumed from where it broke, like [`open`](Self::open)); a server that answers
+    /// with the whole bundle fails with [`DownloadError::RangeIgnored`] instead of being read.
+    /// The reader ends after `len` bytes.
+    pub fn open_range(&self, source: &str, start: u64, len: u64) -> Result<BundleReader, DownloadError> {
+        let mut reader = match classify(source)? {
+            Source::File(path) => open_file(path, start)?,
+            Source::Http(url) => self.open_http(url, start, Some(start.saturating_add(len)), false)?,
+        };
+        reader.remaining = Some(len);
+        Ok(reader)
     }
 
     /// Network body bytes received by this fetcher (including bytes skipped after a `200`).
@@ -264,6 +305,8 @@ impl Fetcher {
 /// The bundle bytes from the offset given to [`Fetcher::open`] to the end.
 pub struct BundleReader {
     total: Option<u64>,
+    /// [`Fetcher::open_range`]: bytes left to hand out.
+    remaining: Option<u64>,
     inner: Inner,
 }
 
@@ -289,10 +332,19 @@ impl std::fmt::Debug for BundleReader {
 
 impl Read for BundleReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match &mut self.inner {
-            Inner::File(r) => r.read(buf),
-            Inner::Http(r) => r.read(buf),
+        let want = match self.remaining {
+            Some(0) => return Ok(0),
+            Some(left) => buf.len().min(usize::try_from(left).unwrap_or(usize::MAX)),
+            None => buf.len(),
+        };
+        let n = match &mut self.inner {
+            Inner::File(r) => r.read(&mut buf[..want]),
+            Inner::Http(r) => r.read(&mut buf[..want]),
+        }?;
+        if let Some(left) = self.remaining.as_mut() {
+            *left -= n as u64;
         }
+        Ok(n)
     }
 }
 
