@@ -195,3 +195,81 @@ fn plain_bundle_still_installs_after_a_chunked_one() {
     assert_eq!(dev.slot_bytes("a"), image_bytes("3.0.0", 100_000));
     dev.assert_bootable();
 }
+
+/// Re-signs `bundle` with the device's key after `edit` changed its chunk index (as a hostile
+/// build server could): the signature verifies, so only the index checks stand in the way.
+fn resign(
+    dev: &Device,
+    bundle: &std::path::Path,
+    edit: impl Fn(&mut Vec<flightnode_proto::chunks::Chunk>),
+) -> Vec<u8> {
+    use base64::Engine as _;
+    use ed25519_dalek::Signer as _;
+    use flightnode_proto::chunks::ChunkIndex;
+    use sha2::Digest as _;
+    let mut ar = tar::Archive::new(std::fs::File::open(bundle).unwrap());
+    let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut bytes).unwrap();
+        entries.push((name, bytes));
+    }
+    let mut index = ChunkIndex::decode(&entries[2].1).unwrap();
+    edit(&mut index.chunks);
+    entries[2].1 = index.encode();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&entries[0].1).unwrap();
+    manifest["chunks"]["index_sha256"] = hex::encode(sha2::Sha256::digest(&entries[2].1)).into();
+    let manifest_bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+    let key = flightnode_agent::bundle::load_signing_key(&dev.key()).unwrap();
+    let sig = serde_json::json!({
+        "algorithm": "ed25519",
+        "key_id": flightnode_agent::bundle::key_id(&key.verifying_key()),
+        "signature": base64::engine::general_purpose::STANDARD.encode(key.sign(&manifest_bytes).to_bytes()),
+    });
+    entries[0].1 = manifest_bytes;
+    entries[1].1 = serde_json::to_vec(&sig).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, bytes) in &entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, bytes.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// A signed index whose frame lies past the bundle, or whose chunks overlap: refused as
+/// `malformed_bundle` before anything is written; the running slot is untouched.
+#[test]
+fn hostile_chunk_index_is_refused_before_any_write() {
+    let dev = Device::new(Options::default());
+    let b2 = chunked_bundle(&dev, "v2", "2.0.0", &image("2.0.0"));
+    let srv = BundleServer::start_blocking().unwrap();
+    let outside = resign(&dev, &b2, |c| c[1].data_offset = u64::MAX / 2);
+    let overlap = resign(&dev, &b2, |c| {
+        c[1].offset -= 100;
+        c[1].size += 100;
+    });
+    for (name, bytes, needle) in [("outside", outside, "outside"), ("overlap", overlap, "overlap")] {
+        let path = format!("/{name}.fnb");
+        srv.put(&path, bytes);
+        let o = dev.run(&["install", &srv.url(&path)]);
+        assert!(!o.status.success(), "{}", text(&o));
+        assert_eq!(error_code(&dev), "malformed_bundle", "{name}: {}", text(&o));
+        let message = dev.status()["last_upgrade"]["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains(needle), "{name}: {message}");
+        assert_eq!(dev.slot_bytes("a"), b"factory image");
+        assert!(
+            dev.slot_bytes("b").is_empty(),
+            "{name}: nothing written to slot b"
+        );
+        dev.assert_bootable();
+    }
+}

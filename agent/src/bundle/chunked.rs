@@ -307,3 +307,44 @@ fn skip(r: &mut impl Read, n: u64) -> Result<(), BundleError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk_of(data: &[u8], frame: &[u8]) -> Chunk {
+        Chunk {
+            sha256: Sha256::digest(data).into(),
+            offset: 0,
+            size: u32::try_from(data.len()).unwrap(),
+            data_offset: 0,
+            data_len: u32::try_from(frame.len()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn decompression_is_bounded_by_the_declared_size_and_checked_by_hash() {
+        let mut dctx = decompressor().unwrap();
+        let mut out = Vec::new();
+        let data = vec![7u8; 64 * 1024];
+        let frame = zstd::bulk::compress(&data, 3).unwrap();
+        let c = chunk_of(&data, &frame);
+        decompress(0, &c, &frame, &mut out, &mut dctx).unwrap();
+        assert_eq!(out, data);
+
+        // A bomb: 256 MiB of zeros in a few KiB, declared as one 64 KiB chunk. It must fail
+        // without the buffer growing past the declared size.
+        let bomb = zstd::bulk::compress(&vec![0u8; 256 << 20], 19).unwrap();
+        assert!(bomb.len() < 64 * 1024, "{}", bomb.len());
+        let mut out = Vec::new();
+        let err = decompress(3, &c, &bomb, &mut out, &mut dctx).unwrap_err();
+        assert!(err.to_string().contains("chunk 3"), "{err}");
+        assert!(out.capacity() <= 128 * 1024, "buffer grew to {}", out.capacity());
+
+        // Right size, wrong content.
+        let other = vec![8u8; 64 * 1024];
+        let frame = zstd::bulk::compress(&other, 3).unwrap();
+        let err = decompress(5, &c, &frame, &mut out, &mut dctx).unwrap_err();
+        assert!(err.reason.contains("sha256"), "{err}");
+    }
+}
