@@ -176,7 +176,7 @@ impl ChunkIndex {
     /// Decodes an index without checking it against a manifest (for a device's own cache).
     pub fn decode(bytes: &[u8]) -> Result<Self, IndexError> {
         let body = bytes.strip_prefix(MAGIC.as_slice()).ok_or(IndexError::Magic)?;
-        if body.len() as u64 % RECORD_LEN != 0 {
+        if !(body.len() as u64).is_multiple_of(RECORD_LEN) {
             let count = body.len() as u64 / RECORD_LEN;
             return Err(IndexError::Length {
                 len: bytes.len() as u64,
@@ -304,7 +304,8 @@ mod tests {
         assert_eq!(bytes.len() as u64, index_len(2).unwrap());
         assert_eq!(ChunkIndex::parse(&bytes, 300, &info(2, 90)).unwrap(), good);
 
-        let cases: Vec<(Vec<Chunk>, u64, fn(&IndexError) -> bool)> = vec![
+        type Case = (Vec<Chunk>, u64, fn(&IndexError) -> bool);
+        let cases: Vec<Case> = vec![
             (vec![chunk(0, 200, 0, 50), chunk(150, 150, 50, 40)], 90, |e| {
                 matches!(e, IndexError::Overlap { index: 1, .. })
             }),
