@@ -48,6 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             security_version: i as u64,
             compatible: vec!["hw-x1".into()],
             expires: None,
+            chunked: None,
         };
         create(&key, &image, &opts, &bundles.join(format!("seed-{size}")))?;
     }

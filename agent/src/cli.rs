@@ -66,12 +66,24 @@ pub enum BundleCommand {
         /// Bundle file to write.
         #[arg(long)]
         output: PathBuf,
+        /// Write a chunked bundle (format 2): content-defined chunks, each zstd-compressed, so
+        /// devices fetch only the chunks their running slot lacks. Needs agents that know format 2.
+        #[arg(long)]
+        chunked: bool,
+        /// zstd level of the chunks (1-22; with --chunked).
+        #[arg(long, requires = "chunked", value_parser = clap::value_parser!(i32).range(1..=22))]
+        level: Option<i32>,
     },
     /// Check a bundle's signature and image hash; print its manifest.
     Verify {
         /// Trusted public key (repeat for several).
         #[arg(long, required = true)]
         key: Vec<PathBuf>,
+        /// Bundle file.
+        file: PathBuf,
+    },
+    /// Print a bundle's format, sizes and chunk count (from its manifest; nothing is verified).
+    Info {
         /// Bundle file.
         file: PathBuf,
     },
@@ -153,6 +165,8 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
             compatible,
             expires_in,
             output,
+            chunked,
+            level,
         } => {
             let expires = expires_in.map(|d| time::OffsetDateTime::now_utc() + d);
             let opts = CreateOptions {
@@ -160,6 +174,7 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
                 security_version,
                 compatible,
                 expires,
+                chunked: chunked.then(|| level.unwrap_or(bundle::chunked::DEFAULT_LEVEL)),
             };
             let m = bundle::create(&key, &image, &opts, &output)?;
             println!(
@@ -185,6 +200,32 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        BundleCommand::Info { file } => {
+            let m = bundle::read_manifest_file(&file)?;
+            let len = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+            println!("bundle:   {} ({len} bytes)", file.display());
+            println!("format:   {}", m.format);
+            println!(
+                "version:  {} (security version {})",
+                m.version, m.security_version
+            );
+            println!("image:    {} bytes, sha256 {}", m.image.size, m.image.sha256);
+            if let Some(c) = &m.chunks {
+                let ratio = c.data_size as f64 / (m.image.size.max(1)) as f64;
+                println!(
+                    "chunks:   {} ({} {}/{}/{} bytes min/avg/max), index {} bytes",
+                    c.count, c.chunker, c.min_size, c.avg_size, c.max_size, c.index_size
+                );
+                println!(
+                    "data:     {} bytes {} ({:.1} % of the image)",
+                    c.data_size,
+                    c.compression,
+                    ratio * 100.0
+                );
+            }
+            println!("(not verified: run bundle verify --key for that)");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -100,6 +100,7 @@ mod tests {
                 size: 1,
                 sha256: "0".repeat(64),
             },
+            chunks: None,
         }
     }
 

@@ -448,6 +448,7 @@ mod tests {
                 size: 100,
                 sha256: "00".repeat(32),
             },
+            chunks: None,
         }
     }
 

@@ -28,6 +28,7 @@ fn options() -> CreateOptions {
         security_version: 3,
         compatible: vec!["cc-aarch64-v1".into()],
         expires: None,
+        chunked: None,
     }
 }
 

@@ -32,6 +32,7 @@ fn bundle_reader_survives_mutated_bundles() {
         security_version: 0,
         compatible: vec!["hw".into()],
         expires: None,
+        chunked: None,
     };
     flightnode_agent::bundle::create(&key, &image, &opts, &out).unwrap();
     let valid_header = flightnode_agent::bundle::verify_file(

@@ -27,6 +27,12 @@ pub enum ErrorCode {
     HashMismatch,
     /// The bundle could not be fetched (HTTP error, connection lost, timeouts, retries exhausted).
     DownloadFailed,
+    /// Chunked bundle: a chunk's data does not decompress to its declared size (a decompression
+    /// bomb is cut there) or does not match its signed sha256. Nothing of it was written.
+    ChunkInvalid,
+    /// Chunked bundle: the server answered a `Range` request with something else than the range
+    /// (a `200` with the whole bundle); a chunked download needs `Range` support.
+    RangeUnsupported,
     /// The target slot is too small for the image, or the disk is full.
     NoSpace,
     /// The health check failed after the switch; the old slot is active again.
@@ -46,7 +52,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// All codes, in documentation order.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 19] = [
         Self::MalformedBundle,
         Self::SignatureInvalid,
         Self::UntrustedKey,
@@ -57,6 +63,8 @@ impl ErrorCode {
         Self::SizeMismatch,
         Self::HashMismatch,
         Self::DownloadFailed,
+        Self::ChunkInvalid,
+        Self::RangeUnsupported,
         Self::NoSpace,
         Self::HealthCheckFailed,
         Self::TrialBootFailed,
@@ -79,6 +87,8 @@ impl ErrorCode {
             Self::SizeMismatch => "size_mismatch",
             Self::HashMismatch => "hash_mismatch",
             Self::DownloadFailed => "download_failed",
+            Self::ChunkInvalid => "chunk_invalid",
+            Self::RangeUnsupported => "range_unsupported",
             Self::NoSpace => "no_space",
             Self::HealthCheckFailed => "health_check_failed",
             Self::TrialBootFailed => "trial_boot_failed",
@@ -103,10 +113,13 @@ impl ErrorCode {
             | Self::Downgrade
             | Self::SizeMismatch
             | Self::HashMismatch
+            | Self::ChunkInvalid
             | Self::Busy => UpgradeResult::Rejected,
-            Self::DownloadFailed | Self::NoSpace | Self::FlightGateTimeout | Self::Internal => {
-                UpgradeResult::Failed
-            }
+            Self::DownloadFailed
+            | Self::RangeUnsupported
+            | Self::NoSpace
+            | Self::FlightGateTimeout
+            | Self::Internal => UpgradeResult::Failed,
         }
     }
 }

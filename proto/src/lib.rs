@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`manifest`]: the signed bundle manifest and the bundle file layout.
+//! - [`chunks`]: the chunk index of chunked (format 2) bundles.
 //! - [`device`]: the device id rule.
 //! - [`backoff`]: the exponential back-off of every retry loop.
 //! - [`codes`]: error codes and upgrade results shared by the CLI, MQTT and the hub.
@@ -15,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod backoff;
+pub mod chunks;
 pub mod codes;
 pub mod device;
 pub mod error;

@@ -11,6 +11,21 @@
 //!
 //! Manifest and signature come first, so a device verifies them before a single image byte
 //! reaches a slot, then streams the image with a running sha256 and a hard cut at `size`.
+//!
+//! # Chunked bundles (format 2)
+//! Format 2 replaces the `image` entry with two entries, still after manifest and signature:
+//!
+//! | entry        | content                                                            | cap        |
+//! |--------------|--------------------------------------------------------------------|------------|
+//! | `chunks.idx` | the chunk index ([`crate::chunks`]): per chunk its sha256, size, offset in the image, offset and length in `chunks.zst` | [`MAX_INDEX_BYTES`] |
+//! | `chunks.zst` | the chunks, each an independent zstd frame, in image order         | manifest   |
+//!
+//! The manifest's [`ChunksInfo`] carries the index's size and sha256, so the signature covers
+//! every chunk hash; `image.size` and `image.sha256` still describe the whole image, which the
+//! device checks before the switch as for format 1. The chunks are content-defined (FastCDC
+//! 2020 with the manifest's sizes), so unchanged regions of two image versions give the same
+//! chunks: a device copies those from its running slot and fetches only the others, with HTTP
+//! `Range` requests into `chunks.zst`.
 //! `tar tvf bundle.fnb` lists it; `tar xOf bundle.fnb manifest.json` shows the manifest.
 //! Entry names are matched exactly and never used as paths.
 
@@ -27,8 +42,22 @@ pub const IMAGE_ENTRY: &str = "image";
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 /// Largest accepted `manifest.sig`.
 pub const MAX_SIGNATURE_BYTES: u64 = 4 * 1024;
-/// The only manifest format this version understands.
+/// Format of a bundle whose `image` entry holds the plain image.
 pub const FORMAT_VERSION: u32 = 1;
+/// Format of a chunked bundle (`chunks.idx` + `chunks.zst` instead of `image`).
+pub const FORMAT_CHUNKED: u32 = 2;
+/// Name of the chunk index entry (format 2).
+pub const INDEX_ENTRY: &str = "chunks.idx";
+/// Name of the compressed chunk data entry (format 2).
+pub const DATA_ENTRY: &str = "chunks.zst";
+/// Largest accepted `chunks.idx` (about 300 000 chunks: 18 GiB at a 64 KiB average).
+pub const MAX_INDEX_BYTES: u64 = 16 * 1024 * 1024;
+/// Largest accepted chunk (`max_size`): bounds what one chunk may decompress to.
+pub const MAX_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
+/// The chunking algorithm of format 2.
+pub const CHUNKER: &str = "fastcdc-2020";
+/// The chunk compression of format 2.
+pub const COMPRESSION: &str = "zstd";
 
 /// What a bundle claims about its image. Signed as the exact bytes of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,8 +81,35 @@ pub struct Manifest {
         with = "time::serde::rfc3339::option"
     )]
     pub expires: Option<OffsetDateTime>,
-    /// The image that follows the manifest.
+    /// The image that follows the manifest (format 2: the image the chunks make up).
     pub image: ImageInfo,
+    /// Format 2 only: how the image is cut and where the chunk index is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<ChunksInfo>,
+}
+
+/// How a format-2 image is chunked, and the digest that ties the chunk index to the signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunksInfo {
+    /// Always [`CHUNKER`].
+    pub chunker: String,
+    /// FastCDC minimum chunk size.
+    pub min_size: u32,
+    /// FastCDC average chunk size.
+    pub avg_size: u32,
+    /// FastCDC maximum chunk size; no chunk is larger.
+    pub max_size: u32,
+    /// Always [`COMPRESSION`].
+    pub compression: String,
+    /// Number of chunks.
+    pub count: u64,
+    /// Exact length of `chunks.idx`.
+    pub index_size: u64,
+    /// Lower-case hex sha256 of `chunks.idx`.
+    pub index_sha256: String,
+    /// Exact length of `chunks.zst`.
+    pub data_size: u64,
 }
 
 /// Size and digest of the image entry.
@@ -86,8 +142,13 @@ pub enum ManifestError {
     #[error("manifest.json is not a valid manifest: {0}")]
     Parse(String),
     /// A format this agent does not understand.
-    #[error("manifest format {0} is not supported (this agent understands format {FORMAT_VERSION})")]
+    #[error(
+        "manifest format {0} is not supported (this agent understands formats {FORMAT_VERSION} and {FORMAT_CHUNKED})"
+    )]
     Format(u32),
+    /// The `chunks` section is missing, present in format 1, or inconsistent.
+    #[error("manifest chunks section is invalid: {0}")]
+    Chunks(String),
     /// `compatible` is empty.
     #[error("manifest lists no compatible hardware")]
     NoCompatible,
@@ -101,21 +162,29 @@ impl Manifest {
     pub fn parse(bytes: &[u8]) -> Result<Self, ManifestError> {
         let manifest: Manifest =
             serde_json::from_slice(bytes).map_err(|e| ManifestError::Parse(e.to_string()))?;
-        if manifest.format != FORMAT_VERSION {
-            return Err(ManifestError::Format(manifest.format));
+        match (manifest.format, &manifest.chunks) {
+            (FORMAT_VERSION, None) => {}
+            (FORMAT_VERSION, Some(_)) => {
+                return Err(ManifestError::Chunks("format 1 has no chunks section".into()));
+            }
+            (FORMAT_CHUNKED, Some(c)) => c.check()?,
+            (FORMAT_CHUNKED, None) => {
+                return Err(ManifestError::Chunks("format 2 needs a chunks section".into()));
+            }
+            (other, _) => return Err(ManifestError::Format(other)),
         }
         if manifest.compatible.is_empty() {
             return Err(ManifestError::NoCompatible);
         }
-        let digest = &manifest.image.sha256;
-        if digest.len() != 64
-            || !digest
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(ManifestError::Digest(digest.clone()));
+        if !is_sha256_hex(&manifest.image.sha256) {
+            return Err(ManifestError::Digest(manifest.image.sha256.clone()));
         }
         Ok(manifest)
+    }
+
+    /// True for a chunked (format 2) bundle.
+    pub fn is_chunked(&self) -> bool {
+        self.chunks.is_some()
     }
 
     /// Canonical bytes for signing: pretty JSON, so `tar xOf` output is readable.
@@ -124,6 +193,54 @@ impl Manifest {
         let mut out = serde_json::to_vec_pretty(self).unwrap_or_default();
         out.push(b'\n');
         out
+    }
+}
+
+/// 64 lower-case hex digits.
+fn is_sha256_hex(digest: &str) -> bool {
+    digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl ChunksInfo {
+    /// Checks the section on its own: known algorithms, sane sizes, an index of the right length.
+    pub fn check(&self) -> Result<(), ManifestError> {
+        let bad = |m: String| Err(ManifestError::Chunks(m));
+        if self.chunker != CHUNKER {
+            return bad(format!("chunker {:?} is not {CHUNKER:?}", self.chunker));
+        }
+        if self.compression != COMPRESSION {
+            return bad(format!(
+                "compression {:?} is not {COMPRESSION:?}",
+                self.compression
+            ));
+        }
+        // The FastCDC bounds: the device cuts its running slot with these same sizes.
+        if !((64..=1024 * 1024).contains(&self.min_size)
+            && self.avg_size >= 256
+            && self.max_size >= 1024
+            && self.min_size <= self.avg_size
+            && self.avg_size <= self.max_size
+            && self.max_size <= MAX_CHUNK_SIZE)
+        {
+            return bad(format!(
+                "chunk sizes min {} avg {} max {} are not 64 <= min <= 1 MiB, 256 <= avg, 1024 <= max, min <= avg <= max <= {MAX_CHUNK_SIZE}",
+                self.min_size, self.avg_size, self.max_size
+            ));
+        }
+        let expected = crate::chunks::index_len(self.count);
+        if expected != Some(self.index_size) || self.index_size > MAX_INDEX_BYTES {
+            return bad(format!(
+                "index_size {} does not fit {} chunks (or is over {MAX_INDEX_BYTES} bytes)",
+                self.index_size, self.count
+            ));
+        }
+        if !is_sha256_hex(&self.index_sha256) {
+            return Err(ManifestError::Digest(self.index_sha256.clone()));
+        }
+        Ok(())
     }
 }
 
@@ -150,6 +267,7 @@ mod tests {
                 size: 10,
                 sha256: "ab".repeat(32),
             },
+            chunks: None,
         }
     }
 
@@ -172,7 +290,13 @@ mod tests {
             Err(ManifestError::Digest(_))
         ));
         let mut m = sample();
-        m.format = 2;
-        assert_eq!(Manifest::parse(&m.to_bytes()), Err(ManifestError::Format(2)));
+        m.format = 3;
+        assert_eq!(Manifest::parse(&m.to_bytes()), Err(ManifestError::Format(3)));
+        let mut m = sample();
+        m.format = FORMAT_CHUNKED;
+        assert!(matches!(
+            Manifest::parse(&m.to_bytes()),
+            Err(ManifestError::Chunks(_))
+        ));
     }
 }

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use ed25519_dalek::Signer as _;
 use flightnode_proto::manifest::{
-    FORMAT_VERSION, IMAGE_ENTRY, ImageInfo, MANIFEST_ENTRY, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES,
-    Manifest, SIGNATURE_ENTRY, Signature,
+    ChunksInfo, DATA_ENTRY, FORMAT_CHUNKED, FORMAT_VERSION, IMAGE_ENTRY, INDEX_ENTRY, ImageInfo,
+    MANIFEST_ENTRY, MAX_INDEX_BYTES, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, Manifest, SIGNATURE_ENTRY,
+    Signature,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -30,6 +31,14 @@ pub struct CreateOptions {
     pub compatible: Vec<String>,
     /// Optional instant after which devices refuse the bundle.
     pub expires: Option<OffsetDateTime>,
+    /// `Some(zstd level)`: write a chunked (format 2) bundle; `None`: format 1, the plain image.
+    pub chunked: Option<i32>,
+}
+
+/// The format-2 parts that go between the signature and the end of the archive.
+struct ChunkedParts {
+    index: Vec<u8>,
+    data: PathBuf,
 }
 
 /// Builds and signs a bundle of `image` with the private key at `key`, written to `output`
@@ -42,11 +51,41 @@ pub fn create(
     output: &Path,
 ) -> Result<Manifest, BundleError> {
     let signing = load_signing_key(key)?;
-    let (size, sha256) = hash_image(image)?;
+    let data_tmp = suffixed(output, ".data.tmp")?;
+    let result = build(&signing, image, opts, output, &data_tmp);
+    let _ = fs::remove_file(&data_tmp);
+    result
+}
+
+fn build(
+    signing: &ed25519_dalek::SigningKey,
+    image: &Path,
+    opts: &CreateOptions,
+    output: &Path,
+    data_tmp: &Path,
+) -> Result<Manifest, BundleError> {
+    let (size, sha256, chunks) = match opts.chunked {
+        None => {
+            let (size, sha256) = hash_image(image)?;
+            (size, sha256, None)
+        }
+        Some(level) => {
+            let (size, sha256, info, index) = compress(image, level, data_tmp)?;
+            let parts = ChunkedParts {
+                index,
+                data: data_tmp.to_path_buf(),
+            };
+            (size, sha256, Some((info, parts)))
+        }
+    };
 
     let now = OffsetDateTime::now_utc();
     let manifest = Manifest {
-        format: FORMAT_VERSION,
+        format: if chunks.is_some() {
+            FORMAT_CHUNKED
+        } else {
+            FORMAT_VERSION
+        },
         version: opts.version.clone(),
         security_version: opts.security_version,
         compatible: opts.compatible.clone(),
@@ -54,6 +93,7 @@ pub fn create(
         created: now.replace_nanosecond(0).unwrap_or(now),
         expires: opts.expires,
         image: ImageInfo { size, sha256 },
+        chunks: chunks.as_ref().map(|(info, _)| info.clone()),
     };
     let manifest_bytes = manifest.to_bytes();
     // Never sign something a device would refuse to parse.
@@ -89,8 +129,9 @@ pub fn create(
     })?;
     debug_assert!(signature_bytes.len() as u64 <= MAX_SIGNATURE_BYTES);
 
-    let tmp = tmp_path(output)?;
-    let result = write_bundle(&tmp, &manifest, &manifest_bytes, &signature_bytes, image);
+    let tmp = suffixed(output, ".tmp")?;
+    let parts = chunks.as_ref().map(|(_, parts)| parts);
+    let result = write_bundle(&tmp, &manifest, &manifest_bytes, &signature_bytes, image, parts);
     let result = result.and_then(|()| {
         fs::rename(&tmp, output).map_err(|source| BundleError::Output {
             path: output.to_path_buf(),
@@ -116,14 +157,51 @@ pub fn create(
     Ok(manifest)
 }
 
-/// `OUTPUT.tmp`, next to the output so the rename stays on one file system.
-fn tmp_path(output: &Path) -> Result<PathBuf, BundleError> {
+/// Cuts and compresses the image into `data_tmp`: size, sha256, the chunking section and the
+/// encoded index.
+fn compress(
+    image: &Path,
+    level: i32,
+    data_tmp: &Path,
+) -> Result<(u64, String, ChunksInfo, Vec<u8>), BundleError> {
+    let out_err = |source| BundleError::Output {
+        path: data_tmp.to_path_buf(),
+        source,
+    };
+    let mut info = super::chunked::new_info();
+    let file = File::create(data_tmp).map_err(out_err)?;
+    let mut w = BufWriter::with_capacity(COPY_BUFFER, file);
+    let c = super::chunked::compress_image(image, &info, level, &mut w, data_tmp)?;
+    w.into_inner()
+        .map_err(|e| out_err(e.into_error()))?
+        .sync_all()
+        .map_err(out_err)?;
+    let index = c.index.encode();
+    if index.len() as u64 > MAX_INDEX_BYTES {
+        return Err(BundleError::ManifestBuild {
+            reason: format!(
+                "the image has {} chunks, more than the {MAX_INDEX_BYTES}-byte chunk index holds",
+                c.index.chunks.len()
+            ),
+        });
+    }
+    info.count = c.index.chunks.len() as u64;
+    info.index_size = index.len() as u64;
+    info.index_sha256 = hex::encode(Sha256::digest(&index));
+    info.data_size = c.data_size;
+    tracing::info!(image = %image.display(), chunks = info.count, size = c.size, compressed = c.data_size, level,
+        "image chunked");
+    Ok((c.size, c.sha256, info, index))
+}
+
+/// `OUTPUT{suffix}`, next to the output so the rename stays on one file system.
+fn suffixed(output: &Path, suffix: &str) -> Result<PathBuf, BundleError> {
     let name = output.file_name().ok_or_else(|| BundleError::Output {
         path: output.to_path_buf(),
         source: io::Error::new(io::ErrorKind::InvalidInput, "not a file path"),
     })?;
     let mut tmp = name.to_os_string();
-    tmp.push(".tmp");
+    tmp.push(suffix);
     Ok(output.with_file_name(tmp))
 }
 
@@ -159,6 +237,7 @@ fn write_bundle(
     manifest_bytes: &[u8],
     signature_bytes: &[u8],
     image: &Path,
+    chunks: Option<&ChunkedParts>,
 ) -> Result<(), BundleError> {
     let out_err = |source| BundleError::Output {
         path: tmp.to_path_buf(),
@@ -178,6 +257,38 @@ fn write_bundle(
     let header = entry_header(SIGNATURE_ENTRY, signature_bytes.len() as u64, mtime).map_err(out_err)?;
     builder.append(&header, signature_bytes).map_err(out_err)?;
 
+    if let (Some(parts), Some(info)) = (chunks, &manifest.chunks) {
+        let header = entry_header(INDEX_ENTRY, parts.index.len() as u64, mtime).map_err(out_err)?;
+        builder.append(&header, parts.index.as_slice()).map_err(out_err)?;
+        let data = File::open(&parts.data).map_err(|source| BundleError::Output {
+            path: parts.data.clone(),
+            source,
+        })?;
+        let header = entry_header(DATA_ENTRY, info.data_size, mtime).map_err(out_err)?;
+        builder
+            .append(&header, data.take(info.data_size))
+            .map_err(out_err)?;
+    } else {
+        append_image(&mut builder, manifest, image, mtime, tmp)?;
+    }
+
+    let buffered = builder.into_inner().map_err(out_err)?;
+    let file = buffered.into_inner().map_err(|e| out_err(e.into_error()))?;
+    file.sync_all().map_err(out_err)
+}
+
+/// Appends the `image` entry, hashing the image again on the way.
+fn append_image(
+    builder: &mut tar::Builder<BufWriter<File>>,
+    manifest: &Manifest,
+    image: &Path,
+    mtime: u64,
+    tmp: &Path,
+) -> Result<(), BundleError> {
+    let out_err = |source| BundleError::Output {
+        path: tmp.to_path_buf(),
+        source,
+    };
     let size = manifest.image.size;
     let mut source = File::open(image).map_err(|source| BundleError::ImageRead {
         path: image.to_path_buf(),
@@ -205,10 +316,7 @@ fn write_bundle(
             ),
         });
     }
-
-    let buffered = builder.into_inner().map_err(out_err)?;
-    let file = buffered.into_inner().map_err(|e| out_err(e.into_error()))?;
-    file.sync_all().map_err(out_err)
+    Ok(())
 }
 
 /// A ustar header for a regular file (no GNU/pax extensions: names are short and fixed).

@@ -23,6 +23,7 @@ use flightnode_proto::ErrorCode;
 use flightnode_proto::manifest::ManifestError;
 use sha2::{Digest, Sha256};
 
+pub mod chunked;
 mod create;
 mod keys;
 mod reader;
@@ -30,7 +31,7 @@ mod ustar;
 
 pub use create::{CreateOptions, create};
 pub use keys::{KeyPaths, TrustedKeys, keygen, load_signing_key, load_verifying_key};
-pub use reader::{VerifiedHeader, copy_image, read_header, verify_file};
+pub use reader::{VerifiedHeader, copy_image, read_header, read_manifest_file, verify_file};
 
 /// Conventional file extension of a bundle (without the dot).
 pub const EXTENSION: &str = "fnb";
@@ -172,6 +173,20 @@ pub enum BundleError {
     /// Reading the bundle stream failed (download or file).
     #[error("reading the bundle failed (check the source and retry)")]
     Read { source: io::Error },
+    /// `chunks.idx` is not what the signed manifest says, or breaks the index rules (a frame
+    /// outside the bundle, overlapping chunks, sizes over the bounds).
+    #[error(
+        "bundle chunk index is invalid: {reason}; the bundle is corrupt or hostile, do not install it, rebuild it with bundle create --chunked"
+    )]
+    ChunkIndex { reason: String },
+    /// The `chunks.zst` entry's tar size differs from the manifest's `chunks.data_size`.
+    #[error(
+        "bundle chunks.zst entry holds {entry} bytes but manifest.json says chunks.data_size = {manifest}; the bundle is corrupt or tampered, rebuild it"
+    )]
+    DataSize { entry: u64, manifest: u64 },
+    /// A chunk's frame does not decompress to its declared size or its hash.
+    #[error("bundle {0}; the chunk data is corrupt or hostile, nothing of it was written")]
+    Chunk(#[source] chunked::ChunkError),
     /// Writing the image to its destination failed.
     #[error("writing the image failed (check the target slot and free space)")]
     Write { source: io::Error },
@@ -206,7 +221,10 @@ impl BundleError {
             | Self::TailTruncated { .. }
             | Self::SignatureFormat { .. }
             | Self::Algorithm { .. }
-            | Self::Manifest { .. } => ErrorCode::MalformedBundle,
+            | Self::Manifest { .. }
+            | Self::ChunkIndex { .. } => ErrorCode::MalformedBundle,
+            Self::Chunk(_) => ErrorCode::ChunkInvalid,
+            Self::DataSize { .. } => ErrorCode::SizeMismatch,
             Self::UntrustedKey { .. } => ErrorCode::UntrustedKey,
             Self::SignatureInvalid { .. } => ErrorCode::SignatureInvalid,
             Self::ImageSize { .. } | Self::ImageTruncated { .. } | Self::TrailingData { .. } => {

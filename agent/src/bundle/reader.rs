@@ -9,9 +9,10 @@ use std::io::{self, BufReader, Read, Write};
 use std::path::Path;
 
 use base64::Engine as _;
+use flightnode_proto::chunks::ChunkIndex;
 use flightnode_proto::manifest::{
-    IMAGE_ENTRY, MANIFEST_ENTRY, MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES, Manifest, SIGNATURE_ENTRY,
-    Signature,
+    DATA_ENTRY, IMAGE_ENTRY, INDEX_ENTRY, MANIFEST_ENTRY, MAX_INDEX_BYTES, MAX_MANIFEST_BYTES,
+    MAX_SIGNATURE_BYTES, Manifest, SIGNATURE_ENTRY, Signature,
 };
 use sha2::{Digest, Sha256};
 
@@ -30,7 +31,10 @@ pub struct VerifiedHeader {
     /// Id of the trusted key that signed it.
     pub key_id: String,
     /// Byte offset of the first image byte in the bundle: where to resume with a `Range` request.
+    /// Chunked bundles: the offset of `chunks.zst`, to which the index's data offsets are relative.
     pub image_offset: u64,
+    /// Chunked bundles: the index, verified against the manifest's digest and checked.
+    pub chunks: Option<ChunkIndex>,
 }
 
 /// Reads and verifies everything before the image and leaves `r` at the first image byte.
@@ -76,6 +80,38 @@ pub fn read_header<R: Read>(r: &mut R, keys: &TrustedKeys) -> Result<VerifiedHea
         });
     }
     let manifest = Manifest::parse(&manifest_bytes).map_err(|reason| BundleError::Manifest { reason })?;
+    if let Some(info) = &manifest.chunks {
+        let index_bytes = read_entry(r, &mut offset, 2, INDEX_ENTRY, MAX_INDEX_BYTES)?;
+        let actual = hex::encode(Sha256::digest(&index_bytes));
+        if actual != info.index_sha256 {
+            return Err(BundleError::ChunkIndex {
+                reason: format!(
+                    "chunks.idx has sha256 {actual} but the signed manifest says {}",
+                    info.index_sha256
+                ),
+            });
+        }
+        let index = ChunkIndex::parse(&index_bytes, manifest.image.size, info).map_err(|e| {
+            BundleError::ChunkIndex {
+                reason: e.to_string(),
+            }
+        })?;
+        let mut block = [0u8; BLOCK];
+        read_full(r, &mut block, &mut offset, "the chunks.zst tar header")?;
+        let entry = ustar::parse_header(&block, 3, DATA_ENTRY, None)?;
+        if entry != info.data_size {
+            return Err(BundleError::DataSize {
+                entry,
+                manifest: info.data_size,
+            });
+        }
+        return Ok(VerifiedHeader {
+            manifest,
+            key_id: signature.key_id,
+            image_offset: offset,
+            chunks: Some(index),
+        });
+    }
 
     let mut block = [0u8; BLOCK];
     read_full(r, &mut block, &mut offset, "the image tar header")?;
@@ -90,7 +126,19 @@ pub fn read_header<R: Read>(r: &mut R, keys: &TrustedKeys) -> Result<VerifiedHea
         manifest,
         key_id: signature.key_id,
         image_offset: offset,
+        chunks: None,
     })
+}
+
+/// Reads `manifest.json` of a bundle file without verifying anything (for `bundle info`).
+pub fn read_manifest_file(path: &Path) -> Result<Manifest, BundleError> {
+    let file = File::open(path).map_err(|source| BundleError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut reader = BufReader::new(file);
+    let bytes = read_entry(&mut reader, &mut 0, 0, MANIFEST_ENTRY, MAX_MANIFEST_BYTES)?;
+    Manifest::parse(&bytes).map_err(|reason| BundleError::Manifest { reason })
 }
 
 /// Reads one capped entry (header, content, zero padding) and returns its content.
@@ -108,7 +156,7 @@ fn read_entry<R: Read>(
     let mut block = [0u8; BLOCK];
     read_full(r, &mut block, offset, entry_what(index, false))?;
     let size = ustar::parse_header(&block, index, name, Some(max))?;
-    // `size <= max` (64 KiB at most), so this allocation is bounded.
+    // `size <= max` (at most the chunk index cap), so this allocation is bounded.
     let mut content = vec![0u8; size as usize];
     read_full(r, &mut content, offset, entry_what(index, true))?;
     let mut padding = vec![0u8; ustar::padding(size) as usize];
@@ -124,8 +172,10 @@ fn entry_what(index: usize, content: bool) -> &'static str {
     match (index, content) {
         (0, false) => "the manifest.json tar header",
         (0, true) => "manifest.json",
-        (_, false) => "the manifest.sig tar header",
-        (_, true) => "manifest.sig",
+        (1, false) => "the manifest.sig tar header",
+        (1, true) => "manifest.sig",
+        (_, false) => "the chunks.idx tar header",
+        (_, true) => "chunks.idx",
     }
 }
 
@@ -250,6 +300,18 @@ pub fn verify_file(path: &Path, keys: &TrustedKeys) -> Result<VerifiedHeader, Bu
     })?;
     let mut reader = BufReader::with_capacity(COPY_BUFFER, file);
     let header = read_header(&mut reader, keys)?;
-    copy_image(&mut reader, &mut io::sink(), &header.manifest, 0, Sha256::new())?;
+    match (&header.chunks, &header.manifest.chunks) {
+        (Some(index), Some(info)) => {
+            let actual = super::chunked::verify_stream(&mut reader, index, info)?;
+            check_tail(&mut reader, info.data_size)?;
+            if actual != header.manifest.image.sha256 {
+                return Err(BundleError::HashMismatch {
+                    expected: header.manifest.image.sha256.clone(),
+                    actual,
+                });
+            }
+        }
+        _ => copy_image(&mut reader, &mut io::sink(), &header.manifest, 0, Sha256::new())?,
+    }
     Ok(header)
 }

@@ -11,6 +11,7 @@
 //!      └─► (rejected / failed / canceled)    └─► RollingBack ──► (rolled_back)
 //! ```
 
+mod chunked;
 mod flight;
 mod steps;
 mod writer;

@@ -11,6 +11,10 @@ use flightnode_proto::{ErrorCode, Phase, Slot};
 use sha2::Digest;
 use std::time::Duration;
 
+/// First request of a download: a format-1 header (manifest and signature are capped at 68 KiB)
+/// fits; a chunked bundle's longer index takes a few doubling requests.
+const HEAD_PROBE: u64 = 128 * 1024;
+
 /// Trial boots that may end before their check finishes (power cuts) before the trial fails.
 const TRIAL_BOOTS: u32 = 3;
 
@@ -29,7 +33,7 @@ fn copy_stop(e: &BundleError) -> Stop {
 
 impl Engine {
     /// An interruption explains any download error that follows it: report that, not the error.
-    fn interrupted(&self) -> Option<Stop> {
+    pub(super) fn interrupted(&self) -> Option<Stop> {
         use std::sync::atomic::Ordering::SeqCst;
         if self.interrupts.pause.load(SeqCst) {
             Some(Stop::Paused)
@@ -43,7 +47,7 @@ impl Engine {
         }
     }
 
-    fn upgrade(&self) -> Result<&crate::state::Upgrade, Stop> {
+    pub(super) fn upgrade(&self) -> Result<&crate::state::Upgrade, Stop> {
         self.state
             .upgrade
             .as_ref()
@@ -76,7 +80,10 @@ impl Engine {
         };
         let (manifest, start, hasher, reader) = match &u.manifest {
             None => {
-                let mut reader = self.fetcher.open(&u.source, 0).map_err(|e| fetch_stop(self, e))?;
+                let mut reader = self
+                    .fetcher
+                    .open_head(&u.source, HEAD_PROBE)
+                    .map_err(|e| fetch_stop(self, e))?;
                 let header = bundle::read_header(&mut reader, &self.keys)
                     .map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(&e)))?;
                 let m = header.manifest;
@@ -108,7 +115,35 @@ impl Engine {
                 self.save()?;
                 self.disable_target(u.target)?;
                 crate::failpoint::hit("verified");
+                if let Some(index) = header.chunks {
+                    // Only the chunks the device lacks are fetched, each with its own request.
+                    drop(reader);
+                    return self.install_chunks(&m, &index, header.image_offset, u.target);
+                }
                 (m, 0, sha2::Sha256::new(), reader)
+            }
+            Some(m) if m.is_chunked() => {
+                self.disable_target(u.target)?;
+                // The index is not kept in the state: fetch the header again (up to `chunks.zst`)
+                // and check it is the bundle whose manifest was accepted.
+                let mut reader = self
+                    .fetcher
+                    .open_range(&u.source, 0, u.image_offset)
+                    .map_err(|e| fetch_stop(self, e))?;
+                let header = bundle::read_header(&mut reader, &self.keys)
+                    .map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(e)))?;
+                drop(reader);
+                let (Some(index), true) = (header.chunks, header.manifest == *m) else {
+                    return Err(Stop::Upgrade(
+                        ErrorCode::MalformedBundle,
+                        format!(
+                            "bundle {} changed since its manifest was accepted; refusing to mix two bundles in slot {}",
+                            u.source, u.target
+                        ),
+                    ));
+                };
+                tracing::info!(upgrade_id = %u.id, slot = %u.target, "resuming chunked image download");
+                return self.install_chunks(m, &index, header.image_offset, u.target);
             }
             Some(m) => {
                 // A crash between the save and the bootloader write above: do it again.
@@ -130,8 +165,27 @@ impl Engine {
         self.write_image(&manifest, start, hasher, reader, u.target)
     }
 
-    /// Reboot mode: the target slot is not bootable from now until its trial is set.
+    /// Chunked bundle: write the image from local and fetched chunks, then stage it.
+    fn install_chunks(
+        &mut self,
+        manifest: &flightnode_proto::Manifest,
+        index: &flightnode_proto::chunks::ChunkIndex,
+        data_offset: u64,
+        target: Slot,
+    ) -> Result<(), Stop> {
+        self.write_chunks(manifest, index, data_offset, target)?;
+        self.state.written(manifest.image.size);
+        self.state.enter(Phase::Staged);
+        self.save()?;
+        tracing::info!(slot = %target, version = %manifest.version, "image written and verified");
+        crate::failpoint::hit("staged");
+        Ok(())
+    }
+
+    /// Reboot mode: the target slot is not bootable from now until its trial is set. Its cached
+    /// chunk index no longer describes it.
     fn disable_target(&self, target: Slot) -> Result<(), Stop> {
+        super::chunked::forget_cache(&self.cfg.state_dir, target);
         if let Activation::Reboot { boot, .. } = &self.activation {
             boot.mark_bad(target).map_err(ActivationError::from)?;
         }

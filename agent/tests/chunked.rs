@@ -1,0 +1,275 @@
+//! Chunked bundles (format 2) over HTTP: only missing chunks travel, resume per chunk, and
+//! hostile chunk data or servers end with their own error code and the old firmware untouched.
+
+mod common;
+use common::*;
+use flightnode_tests::http_server::{BundleServer, Fault};
+use std::os::unix::process::ExitStatusExt;
+
+const IMAGE: usize = 4 * 1024 * 1024;
+
+/// An image that compresses like a root filesystem a little: random blocks between text.
+fn image(version: &str) -> Vec<u8> {
+    let random = image_bytes(version, IMAGE);
+    let mut out = Vec::with_capacity(IMAGE);
+    let mut i = 0;
+    while out.len() < IMAGE {
+        let line = format!("file-{i:08} owner=root mode=0644 {}\n", "x".repeat(i % 50));
+        out.extend_from_slice(line.as_bytes());
+        if i % 64 == 0 {
+            let at = out.len().min(IMAGE - 8192);
+            out.extend_from_slice(&random[at..at + 8192]);
+        }
+        i += 1;
+    }
+    out.truncate(IMAGE);
+    out
+}
+
+/// The same image with a few regions replaced (files rewritten in place).
+fn changed(base: &[u8], version: &str) -> Vec<u8> {
+    let mut out = base.to_vec();
+    let noise = image_bytes(version, 3 * 40_000);
+    for (k, at) in [700_000usize, 2_100_000, 3_500_000].into_iter().enumerate() {
+        out[at..at + 40_000].copy_from_slice(&noise[k * 40_000..(k + 1) * 40_000]);
+    }
+    out
+}
+
+fn chunked_bundle(dev: &Device, name: &str, version: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let img = dev.path(&format!("{name}.img"));
+    std::fs::write(&img, bytes).unwrap();
+    dev.bundle_image(name, &img, version, &["--chunked", "--level", "3"])
+}
+
+fn error_code(dev: &Device) -> String {
+    dev.status()["last_upgrade"]["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Installs v2 (whole, nothing local matches) then v3 (a few regions changed): v3 fetches a
+/// small part of its bundle, with bounded `Range` requests only, and both commit.
+#[test]
+fn update_fetches_only_the_chunks_the_running_slot_lacks() {
+    let dev = Device::new(Options::default());
+    let v2 = image("2.0.0");
+    let v3 = changed(&v2, "3.0.0");
+    let b2 = chunked_bundle(&dev, "v2", "2.0.0", &v2);
+    let b3 = chunked_bundle(&dev, "v3", "3.0.0", &v3);
+    let o = dev.run(&[
+        "bundle",
+        "verify",
+        "--key",
+        dev.path("keys/release.pub").to_str().unwrap(),
+        b3.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let info = dev.run(&["bundle", "info", b3.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("chunks:"),
+        "{}",
+        text(&info)
+    );
+
+    let srv = BundleServer::start_blocking().unwrap();
+    srv.put_file("/v2.fnb", &b2).unwrap();
+    srv.put_file("/v3.fnb", &b3).unwrap();
+    let len2 = std::fs::metadata(&b2).unwrap().len();
+    let len3 = std::fs::metadata(&b3).unwrap().len();
+    assert!(len2 < IMAGE as u64 * 3 / 4, "compressed bundle is {len2} bytes");
+
+    let o = dev.run(&["install", &srv.url("/v2.fnb")]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dev.slot_bytes("b"), v2);
+    dev.assert_bootable();
+
+    let o = dev.run(&["install", &srv.url("/v3.fnb")]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dev.slot_bytes("a"), v3);
+    assert_eq!(dev.status()["committed_version"], "3.0.0");
+    let sent = srv.bytes_sent_for("/v3.fnb");
+    assert!(
+        sent < len3 / 4,
+        "the update sent {sent} of {len3} bundle bytes; only the changed chunks should travel"
+    );
+    let requests = srv.requests_for("/v3.fnb");
+    // The first request reads the header; every later one is a bounded range.
+    assert!(
+        requests[1..].iter().all(|r| r
+            .range
+            .as_deref()
+            .is_some_and(|r| r.split('-').nth(1).is_some_and(|e| !e.is_empty()))),
+        "{requests:?}"
+    );
+    assert!(
+        std::fs::metadata(dev.path("state/slot-a.idx")).is_ok(),
+        "index of the new slot cached"
+    );
+}
+
+/// SIGKILL in the middle of fetching chunks: the next install fetches only what had not been
+/// written, and the image is exact.
+#[test]
+fn sigkill_mid_fetch_resumes_without_refetching_written_chunks() {
+    let dev = Device::new(Options::default());
+    let v2 = image("2.0.0");
+    let b2 = chunked_bundle(&dev, "v2", "2.0.0", &v2);
+    let srv = BundleServer::start_blocking().unwrap();
+    srv.put_file("/v2.fnb", &b2).unwrap();
+    let len = std::fs::metadata(&b2).unwrap().len();
+    let kill_at = len / 2;
+    let o = dev
+        .cmd(&["install", &srv.url("/v2.fnb")])
+        .env("FLIGHTNODE_FAILPOINT", format!("download@{kill_at}"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.signal(), Some(9), "{}", text(&o));
+    assert_eq!(dev.status()["phase"], "downloading");
+    dev.assert_bootable();
+    let first = srv.bytes_sent_for("/v2.fnb");
+    srv.reset_counters();
+
+    let o = dev.run(&["install", &srv.url("/v2.fnb")]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dev.slot_bytes("b"), v2);
+    let second = srv.bytes_sent_for("/v2.fnb");
+    assert!(
+        second < len - kill_at / 2,
+        "resume sent {second} bytes of a {len}-byte bundle after {first} were sent and {kill_at} written"
+    );
+}
+
+/// A flipped byte inside one chunk's compressed data: `chunk_invalid`, running slot untouched.
+#[test]
+fn corrupt_chunk_is_refused_with_chunk_invalid_and_the_old_slot_untouched() {
+    let dev = Device::new(Options::default());
+    let v2 = image("2.0.0");
+    let b2 = chunked_bundle(&dev, "v2", "2.0.0", &v2);
+    let mut bytes = std::fs::read(&b2).unwrap();
+    // Near the end: inside chunks.zst, before the archive's zero tail.
+    let at = bytes.len() - 3 * 1024 - 1500;
+    bytes[at] ^= 0x5a;
+    let srv = BundleServer::start_blocking().unwrap();
+    srv.put("/bad.fnb", bytes);
+    let o = dev.run(&["install", &srv.url("/bad.fnb")]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert_eq!(error_code(&dev), "chunk_invalid", "{}", text(&o));
+    assert_eq!(dev.slot_bytes("a"), b"factory image");
+    dev.assert_bootable();
+}
+
+/// A server that answers `Range` with the whole bundle: `range_unsupported`, old slot untouched,
+/// and the whole bundle is not read over and over.
+#[test]
+fn server_ignoring_range_fails_with_range_unsupported() {
+    let dev = Device::new(Options::default());
+    let b2 = chunked_bundle(&dev, "v2", "2.0.0", &image("2.0.0"));
+    let srv = BundleServer::start_blocking().unwrap();
+    srv.put_file("/v2.fnb", &b2).unwrap();
+    srv.set_fault("/v2.fnb", Fault::IgnoreRange);
+    let o = dev.run(&["install", &srv.url("/v2.fnb")]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert_eq!(error_code(&dev), "range_unsupported", "{}", text(&o));
+    assert_eq!(dev.slot_bytes("a"), b"factory image");
+    assert!(
+        srv.requests_for("/v2.fnb").len() <= 2,
+        "{:?}",
+        srv.requests_for("/v2.fnb")
+    );
+    dev.assert_bootable();
+}
+
+/// Format-1 bundles still install next to format-2 ones.
+#[test]
+fn plain_bundle_still_installs_after_a_chunked_one() {
+    let dev = Device::new(Options::default());
+    let v2 = image("2.0.0");
+    let b2 = chunked_bundle(&dev, "v2", "2.0.0", &v2);
+    let o = dev.run(&["install", b2.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let b3 = dev.bundle("v3", "3.0.0", 100_000, &[]);
+    let o = dev.run(&["install", b3.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dev.slot_bytes("a"), image_bytes("3.0.0", 100_000));
+    dev.assert_bootable();
+}
+
+/// Re-signs `bundle` with the device's key after `edit` changed its chunk index (as a hostile
+/// build server could): the signature verifies, so only the index checks stand in the way.
+fn resign(
+    dev: &Device,
+    bundle: &std::path::Path,
+    edit: impl Fn(&mut Vec<flightnode_proto::chunks::Chunk>),
+) -> Vec<u8> {
+    use base64::Engine as _;
+    use ed25519_dalek::Signer as _;
+    use flightnode_proto::chunks::ChunkIndex;
+    use sha2::Digest as _;
+    let mut ar = tar::Archive::new(std::fs::File::open(bundle).unwrap());
+    let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut bytes).unwrap();
+        entries.push((name, bytes));
+    }
+    let mut index = ChunkIndex::decode(&entries[2].1).unwrap();
+    edit(&mut index.chunks);
+    entries[2].1 = index.encode();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&entries[0].1).unwrap();
+    manifest["chunks"]["index_sha256"] = hex::encode(sha2::Sha256::digest(&entries[2].1)).into();
+    let manifest_bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+    let key = flightnode_agent::bundle::load_signing_key(&dev.key()).unwrap();
+    let sig = serde_json::json!({
+        "algorithm": "ed25519",
+        "key_id": flightnode_agent::bundle::key_id(&key.verifying_key()),
+        "signature": base64::engine::general_purpose::STANDARD.encode(key.sign(&manifest_bytes).to_bytes()),
+    });
+    entries[0].1 = manifest_bytes;
+    entries[1].1 = serde_json::to_vec(&sig).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, bytes) in &entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, bytes.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// A signed index whose frame lies past the bundle, or whose chunks overlap: refused as
+/// `malformed_bundle` before anything is written; the running slot is untouched.
+#[test]
+fn hostile_chunk_index_is_refused_before_any_write() {
+    let dev = Device::new(Options::default());
+    let b2 = chunked_bundle(&dev, "v2", "2.0.0", &image("2.0.0"));
+    let srv = BundleServer::start_blocking().unwrap();
+    let outside = resign(&dev, &b2, |c| c[1].data_offset = u64::MAX / 2);
+    let overlap = resign(&dev, &b2, |c| {
+        c[1].offset -= 100;
+        c[1].size += 100;
+    });
+    for (name, bytes, needle) in [("outside", outside, "outside"), ("overlap", overlap, "overlap")] {
+        let path = format!("/{name}.fnb");
+        srv.put(&path, bytes);
+        let o = dev.run(&["install", &srv.url(&path)]);
+        assert!(!o.status.success(), "{}", text(&o));
+        assert_eq!(error_code(&dev), "malformed_bundle", "{name}: {}", text(&o));
+        let message = dev.status()["last_upgrade"]["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains(needle), "{name}: {message}");
+        assert_eq!(dev.slot_bytes("a"), b"factory image");
+        assert!(
+            dev.slot_bytes("b").is_empty(),
+            "{name}: nothing written to slot b"
+        );
+        dev.assert_bootable();
+    }
+}

@@ -1,0 +1,445 @@
+//! `chunks`: bytes on the wire for a full plain (format 1) download, a full chunked (format 2)
+//! download and a chunked update over the older slot, of a real ext4 image, next to `zstd -19`
+//! of the image and `xdelta3`/`bsdiff` deltas where installed; install time and peak RSS.
+//!
+//! The two images are built here with `mkfs.ext4 -d` (no root needed) from generated trees: 40
+//! "packages" of binaries (token-structured, about 2:1 compressible), text (docs, configs) and
+//! already-compressed blobs. Version 2 upgrades one package (every file replaced), rewrites a
+//! few configs, patches two binaries in place and adds a file: a few percent of the content.
+
+use crate::mib_s;
+use anyhow::{Context, Result, bail};
+use flightnode_tests::agent::{binary, run_ok};
+use flightnode_tests::http_server::BundleServer;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const PACKAGES: u64 = 40;
+/// mtime of every generated file (what a reproducible build sets via `SOURCE_DATE_EPOCH`).
+const EPOCH_V1: u64 = 1_780_000_000;
+const EPOCH_V2: u64 = 1_790_000_000;
+
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: &str) -> Self {
+        Self(
+            seed.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            }) | 1,
+        )
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Shared vocabularies, so files compress like real ones (words repeat across files).
+struct Vocab {
+    words: Vec<String>,
+    tokens: Vec<[u8; 8]>,
+}
+
+impl Vocab {
+    fn new() -> Self {
+        let mut r = Rng::new("vocab");
+        let words = (0..3000)
+            .map(|_| {
+                let len = 2 + r.below(9) as usize;
+                (0..len).map(|_| (b'a' + r.below(26) as u8) as char).collect()
+            })
+            .collect();
+        let tokens = (0..16384).map(|_| r.next().to_le_bytes()).collect();
+        Self { words, tokens }
+    }
+
+    fn text(&self, seed: &str, len: usize) -> Vec<u8> {
+        let mut r = Rng::new(seed);
+        let mut out = Vec::with_capacity(len + 64);
+        while out.len() < len {
+            let n = 4 + r.below(12);
+            for _ in 0..n {
+                // Skewed choice: common words are common.
+                let i = (r.below(3000) * r.below(3000) / 3000) as usize;
+                out.extend_from_slice(self.words[i].as_bytes());
+                out.push(b' ');
+            }
+            out.push(b'\n');
+        }
+        out.truncate(len);
+        out
+    }
+
+    fn binary(&self, seed: &str, len: usize) -> Vec<u8> {
+        let mut r = Rng::new(seed);
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            if r.below(6) == 0 {
+                out.extend_from_slice(&r.next().to_le_bytes());
+            } else {
+                let i = (r.below(16384) * r.below(16384) / 16384) as usize;
+                out.extend_from_slice(&self.tokens[i]);
+            }
+        }
+        out.truncate(len);
+        out
+    }
+
+    fn random(seed: &str, len: usize) -> Vec<u8> {
+        let mut r = Rng::new(seed);
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            out.extend_from_slice(&r.next().to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+}
+
+fn write(root: &Path, rel: &str, bytes: &[u8], epoch: u64) -> Result<()> {
+    let path = root.join(rel);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, bytes)?;
+    let f = std::fs::File::options().write(true).open(&path)?;
+    f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(epoch))?;
+    Ok(())
+}
+
+/// The files of package `p` at package version `pv`.
+fn package(v: &Vocab, root: &Path, p: u64, pv: u32, epoch: u64) -> Result<()> {
+    let mut r = Rng::new(&format!("pkg{p}"));
+    let tag = format!("pkg{p}-v{pv}");
+    let files = 6 + r.below(6);
+    for f in 0..files {
+        let size = (40_000 + r.below(500_000)) as usize;
+        let bytes = v.binary(&format!("{tag}-bin{f}"), size);
+        write(root, &format!("usr/lib/pkg{p:02}/lib{f}.so"), &bytes, epoch)?;
+    }
+    write(
+        root,
+        &format!("usr/bin/tool{p:02}"),
+        &v.binary(&format!("{tag}-tool"), 300_000 + r.below(700_000) as usize),
+        epoch,
+    )?;
+    for f in 0..4 {
+        let size = (5_000 + r.below(60_000)) as usize;
+        write(
+            root,
+            &format!("usr/share/doc/pkg{p:02}/doc{f}.txt"),
+            &v.text(&format!("{tag}-doc{f}"), size),
+            epoch,
+        )?;
+    }
+    let blob = (100_000 + r.below(400_000)) as usize;
+    write(
+        root,
+        &format!("usr/share/pkg{p:02}/data.gz"),
+        &Vocab::random(&format!("{tag}-blob"), blob),
+        epoch,
+    )?;
+    write(
+        root,
+        &format!("etc/pkg{p:02}.conf"),
+        &v.text(&format!("{tag}-conf"), 2_000 + r.below(6_000) as usize),
+        epoch,
+    )?;
+    Ok(())
+}
+
+/// Generates version `version` (1 or 2) of the tree.
+fn tree(v: &Vocab, root: &Path, version: u32) -> Result<()> {
+    for p in 0..PACKAGES {
+        // Version 2 upgrades package 7.
+        let (pv, epoch) = if version == 2 && p == 7 {
+            (2, EPOCH_V2)
+        } else {
+            (1, EPOCH_V1)
+        };
+        package(v, root, p, pv, epoch)?;
+    }
+    if version == 2 {
+        for p in [3u64, 11, 19, 23, 31] {
+            write(
+                root,
+                &format!("etc/pkg{p:02}.conf"),
+                &v.text(&format!("conf-v2-{p}"), 4_000),
+                EPOCH_V2,
+            )?;
+        }
+        for p in [13u64, 29] {
+            let path = root.join(format!("usr/lib/pkg{p:02}/lib0.so"));
+            let mut bytes = std::fs::read(&path)?;
+            let mid = bytes.len() / 2;
+            bytes[mid..mid + 64].copy_from_slice(&Vocab::random(&format!("patch{p}"), 64));
+            write(root, &format!("usr/lib/pkg{p:02}/lib0.so"), &bytes, EPOCH_V2)?;
+        }
+        write(root, "usr/bin/newtool", &v.binary("newtool", 1_000_000), EPOCH_V2)?;
+    }
+    write(
+        root,
+        "etc/os-release",
+        format!("VERSION_ID={version}\n").as_bytes(),
+        EPOCH_V1,
+    )?;
+    Ok(())
+}
+
+fn mkfs(tree: &Path, image: &Path, size_mib: u64) -> Result<()> {
+    let st = Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-U",
+            "6b1e2d3c-0f5a-4c8e-9d7b-1a2b3c4d5e6f",
+            "-E",
+        ])
+        .arg("hash_seed=1f2e3d4c-5b6a-4798-8a9b-0c1d2e3f4a5b,root_owner=0:0")
+        .arg("-d")
+        .arg(tree)
+        .arg(image)
+        .arg(format!("{size_mib}M"))
+        .env("E2FSPROGS_FAKE_TIME", EPOCH_V1.to_string())
+        .status()
+        .context("mkfs.ext4 (apt install e2fsprogs)")?;
+    if !st.success() {
+        bail!("mkfs.ext4 failed for {}", image.display());
+    }
+    Ok(())
+}
+
+fn has(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Output size of a shell command writing to `out`, or None when the tool is missing.
+fn tool_size(tool: &str, script: &str, out: &Path) -> Result<Option<(u64, f64)>> {
+    if !has(tool) {
+        return Ok(None);
+    }
+    let t = Instant::now();
+    let st = Command::new("sh").arg("-c").arg(script).status()?;
+    if !st.success() {
+        eprintln!("{script} failed; its row is left out");
+        return Ok(None);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let len = std::fs::metadata(out)?.len();
+    let _ = std::fs::remove_file(out);
+    Ok(Some((len, secs)))
+}
+
+/// A fresh device directory with its config; returns the config path.
+fn device(dir: &Path, name: &str) -> Result<PathBuf> {
+    let dev = dir.join(name);
+    std::fs::create_dir_all(dev.join("slots"))?;
+    std::fs::write(dev.join("slots/a.img"), b"factory")?;
+    let config = dev.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "device_id = \"bench\"\nhardware = \"bench-hw\"\nstate_dir = {:?}\ntrusted_keys = [{:?}]\n[slots]\nbackend = \"file\"\na = {:?}\nb = {:?}\n",
+            dev.join("state").display().to_string(),
+            dir.join("keys/release.pub").display().to_string(),
+            dev.join("slots/a.img").display().to_string(),
+            dev.join("slots/b.img").display().to_string()
+        ),
+    )?;
+    Ok(config)
+}
+
+/// Runs the agent's install, returning (seconds, peak RSS in KiB).
+fn install(agent: &Path, config: &Path, url: &str) -> Result<(f64, u64)> {
+    let t = Instant::now();
+    let child = Command::new(agent)
+        .arg("--config")
+        .arg(config)
+        .args(["install", url])
+        .spawn()?;
+    let pid = libc::pid_t::try_from(child.id())?;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid out-parameter.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our child; status and usage are valid out-parameters.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let secs = t.elapsed().as_secs_f64();
+    if r != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("install of {url} failed (status {status})");
+    }
+    Ok((secs, u64::try_from(usage.ru_maxrss).unwrap_or(0)))
+}
+
+fn create(
+    agent: &Path,
+    dir: &Path,
+    image: &Path,
+    version: &str,
+    out: &Path,
+    level: Option<i64>,
+) -> Result<f64> {
+    let key = dir.join("keys/release.key").display().to_string();
+    let img = image.display().to_string();
+    let o = out.display().to_string();
+    let mut args = vec![
+        "bundle",
+        "create",
+        "--key",
+        &key,
+        "--image",
+        &img,
+        "--version",
+        version,
+        "--compatible",
+        "bench-hw",
+        "--output",
+        &o,
+    ];
+    let level = level.map(|l| l.to_string());
+    if let Some(l) = &level {
+        args.extend(["--chunked", "--level", l]);
+    }
+    let t = Instant::now();
+    run_ok(agent, &args)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+pub(crate) fn chunks(size_mib: u64, level: u64) -> Result<()> {
+    let agent = binary("flightnode-agent")?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    run_ok(
+        &agent,
+        &["keygen", "--out-dir", &dir.join("keys").display().to_string()],
+    )?;
+    let vocab = Vocab::new();
+    let (img1, img2) = (dir.join("v1.img"), dir.join("v2.img"));
+    for (version, img) in [(1, &img1), (2, &img2)] {
+        let root = dir.join(format!("tree{version}"));
+        eprintln!("generating tree {version} and its {size_mib} MiB ext4 image");
+        tree(&vocab, &root, version)?;
+        mkfs(&root, img, size_mib)?;
+        std::fs::remove_dir_all(&root)?;
+    }
+    let image_len = std::fs::metadata(&img2)?.len();
+    let level = i64::try_from(level)?;
+    eprintln!("creating bundles (zstd level {level})");
+    let plain2 = dir.join("plain2.fnb");
+    let chunked1 = dir.join("chunked1.fnb");
+    let chunked2 = dir.join("chunked2.fnb");
+    let t_plain = create(&agent, dir, &img2, "2.0.0", &plain2, None)?;
+    create(&agent, dir, &img1, "1.1.0", &chunked1, Some(level))?;
+    let t_chunked = create(&agent, dir, &img2, "2.0.0", &chunked2, Some(level))?;
+
+    let server = BundleServer::start_blocking()?;
+    for (path, file) in [
+        ("/plain2.fnb", &plain2),
+        ("/chunked1.fnb", &chunked1),
+        ("/chunked2.fnb", &chunked2),
+    ] {
+        server.put_file(path, file)?;
+    }
+    eprintln!("installing");
+    let cfg = device(dir, "full-v1")?;
+    let (t1, rss1) = install(&agent, &cfg, &server.url("/plain2.fnb"))?;
+    let sent1 = server.bytes_sent_for("/plain2.fnb");
+    std::fs::remove_dir_all(dir.join("full-v1"))?;
+    let cfg = device(dir, "full-v2")?;
+    let (t2, rss2) = install(&agent, &cfg, &server.url("/chunked2.fnb"))?;
+    let sent2 = server.bytes_sent_for("/chunked2.fnb");
+    std::fs::remove_dir_all(dir.join("full-v2"))?;
+    let cfg = device(dir, "update")?;
+    install(&agent, &cfg, &server.url("/chunked1.fnb"))?;
+    server.reset_counters();
+    let (t3, rss3) = install(&agent, &cfg, &server.url("/chunked2.fnb"))?;
+    let sent3 = server.bytes_sent_for("/chunked2.fnb");
+    let requests3 = server.requests_for("/chunked2.fnb").len();
+    std::fs::remove_dir_all(dir.join("update"))?;
+
+    eprintln!("baselines");
+    let (i1, i2) = (img1.display(), img2.display());
+    let zst = dir.join("img.zst");
+    let zstd19 = tool_size(
+        "zstd",
+        &format!("zstd -q -19 -T0 -f -o {} {i2}", zst.display()),
+        &zst,
+    )?;
+    let xd = dir.join("img.xd3");
+    let xdelta = tool_size(
+        "xdelta3",
+        &format!("xdelta3 -e -9 -f -B 268435456 -s {i1} {i2} {}", xd.display()),
+        &xd,
+    )?;
+    let bsd = dir.join("img.bsdiff");
+    // bsdiff's suffix sort takes minutes per 10 MiB and 17x the image in memory: small images only.
+    let bsdiff = if size_mib <= 64 {
+        tool_size("bsdiff", &format!("bsdiff {i1} {i2} {}", bsd.display()), &bsd)?
+    } else {
+        eprintln!("bsdiff skipped above 64 MiB (--size-mib 64 measures it)");
+        None
+    };
+
+    let pct = |b: u64| 100.0 * b as f64 / image_len as f64;
+    println!(
+        "ext4 image {size_mib} MiB, version 2 = one package upgraded, 5 configs rewritten, 2 binaries patched, 1 file added"
+    );
+    println!(
+        "{:<44} {:>12} {:>9} {:>10} {:>10} {:>12}",
+        "transfer", "bytes", "% image", "install s", "MiB/s", "peak RSS MiB"
+    );
+    let row = |name: &str, bytes: u64, secs: f64, rss: u64| {
+        println!(
+            "{name:<44} {bytes:>12} {:>8.2}% {secs:>10.2} {:>10.1} {:>12.1}",
+            pct(bytes),
+            mib_s(image_len, secs),
+            rss as f64 / 1024.0
+        );
+    };
+    row("full download, format 1 (plain image)", sent1, t1, rss1);
+    row(
+        &format!("full download, format 2 (chunked, zstd -{level})"),
+        sent2,
+        t2,
+        rss2,
+    );
+    row(
+        &format!("update over version 1, format 2 ({requests3} requests)"),
+        sent3,
+        t3,
+        rss3,
+    );
+    let other = |name: &str, r: Option<(u64, f64)>| match r {
+        Some((bytes, secs)) => println!(
+            "{name:<44} {bytes:>12} {:>8.2}%   (made in {secs:.1} s)",
+            pct(bytes)
+        ),
+        None => println!("{name:<44} {:>12}", "n/a"),
+    };
+    other("zstd -19 of the image", zstd19);
+    other("xdelta3 -9 delta v1 -> v2", xdelta);
+    other("bsdiff delta v1 -> v2", bsdiff);
+    println!("bundle create: format 1 {t_plain:.1} s, format 2 {t_chunked:.1} s");
+    println!(
+        "goals: update / full image = {:.1} % (<= 10 %); full chunked / zstd -19 = {}; install throughput format 2 / format 1 = {:.2} (>= 0.8)",
+        pct(sent3),
+        zstd19.map_or("n/a".into(), |(z, _)| format!(
+            "{:.3} (<= 1.05)",
+            sent2 as f64 / z as f64
+        )),
+        t1 / t2
+    );
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! `flightnode-bench`: measurements that print tables, each against a baseline measured in the
+//! same run. Build with `cargo build --release --workspace` first; see README "Measurements".
+//!
+//! - `install [--size-mib 256] [--runs 3]`: bundle download + verify + write into a file slot over
+//!   loopback HTTP, vs `curl | tee >(sha256sum) > slot` and a minimal Rust GET + sha256 + write;
+//!   plus raw single-core sha256 throughput, the physical limit.
+//! - `chunks [--size-mib 256] [--level 19]`: bytes the server sends for a full plain download,
+//!   a full chunked download and a chunked update over the older slot of a generated ext4 image,
+//!   next to `zstd -19` and `xdelta3`/`bsdiff` deltas where installed; install time, peak RSS.
+//! - `footprint [--idle-secs 60] [--size-mib 64]`: idle and peak RSS of `flightnode-agent run`
+//!   connected to mosquitto and the hub, idle and during an install, next to a `mosquitto_sub`
+//!   connected to the same broker; stripped binary sizes.
+//! - `hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20] [--channels 12]`:
+//!   N simulated drones over gRPC against a real `flightnode-hub serve --store kube` whose API
+//!   server is the fake Kubernetes API, vs the same generator against a no-op tonic
+//!   `HubService` (the transport's ceiling); `--wave` drones upgrade, their starts spread over
+//!   `--wave-secs` from a quarter into the run; the drones share `--channels` HTTP/2
+//!   connections (one per drone measures what connections cost).
+
+mod chunks;
+mod footprint;
+mod hub;
+mod install;
+
+use anyhow::Result;
+use chunks::chunks;
+use footprint::footprint;
+use hub::{HubPlan, hub_bench};
+use install::install;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str, default: u64| -> u64 {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    match args.first().map(String::as_str) {
+        Some("install") => install(flag("--size-mib", 256), flag("--runs", 3)),
+        Some("chunks") => chunks(flag("--size-mib", 256), flag("--level", 19)),
+        Some("footprint") => footprint(flag("--idle-secs", 60), flag("--size-mib", 64)),
+        Some("hub") => {
+            let drones: Vec<usize> = args
+                .iter()
+                .position(|a| a == "--drones")
+                .and_then(|i| args.get(i + 1))
+                .map_or_else(
+                    || vec![1000, 10000],
+                    |v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect(),
+                );
+            let seconds = flag("--seconds", 40);
+            let wave = flightnode_tests::load::Wave {
+                drones: flag("--wave", 50) as usize,
+                start_at: std::time::Duration::from_secs(seconds / 4),
+                spread: std::time::Duration::from_secs(flag("--wave-secs", 20)),
+                step: std::time::Duration::from_millis(500),
+            };
+            let plan = HubPlan {
+                seconds,
+                interval: flag("--interval", 10),
+                wave,
+                channels: flag("--channels", 12).max(1) as usize,
+            };
+            hub_bench(&drones, plan)
+        }
+        _ => {
+            eprintln!("usage: flightnode-bench install [--size-mib N] [--runs N]");
+            eprintln!("       flightnode-bench chunks [--size-mib 256] [--level 19]");
+            eprintln!("       flightnode-bench footprint [--idle-secs N] [--size-mib N]");
+            eprintln!(
+                "       flightnode-bench hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20] [--channels 12]"
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+pub(crate) fn mib_s(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / 1048576.0 / secs.max(1e-9)
+}
+
+/// Median of the runs.
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
