@@ -203,7 +203,7 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
         }
         BundleCommand::Info { file } => {
             let m = bundle::read_manifest_file(&file)?;
-            let len = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+            let len = std::fs::metadata(&file).map_or(0, |m| m.len());
             println!("bundle:   {} ({len} bytes)", file.display());
             println!("format:   {}", m.format);
             println!(

@@ -559,6 +559,10 @@ async fn a_leader_killed_mid_wave_hands_over_without_a_second_install() -> anyho
     )
     .await?;
 
+    #[allow(
+        clippy::items_after_statements,
+        reason = "the replica type only this test uses"
+    )]
     struct Replica {
         commands: Arc<Recorded>,
         leader: tokio::sync::watch::Receiver<bool>,
@@ -634,7 +638,7 @@ async fn a_leader_killed_mid_wave_hands_over_without_a_second_install() -> anyho
             anyhow::Ok(())
         }
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let deadline = std::time::Instant::now() + Duration::from_mins(2);
     let wait = |what: &str| {
         assert!(std::time::Instant::now() < deadline, "timed out: {what}");
     };

@@ -53,7 +53,7 @@ impl Flaky {
             .into_iter()
             .filter_map(|(d, c)| match c {
                 Command::Upgrade(u) => Some((d, u.upgrade_id)),
-                _ => None,
+                Command::Cancel { .. } => None,
             })
             .collect()
     }
@@ -62,7 +62,7 @@ impl Flaky {
             .into_iter()
             .filter_map(|(d, c)| match c {
                 Command::Cancel { upgrade_id } => Some((d, upgrade_id)),
-                _ => None,
+                Command::Upgrade(_) => None,
             })
             .collect()
     }
@@ -79,9 +79,10 @@ impl CommandSink for Flaky {
         }
         Box::pin(async move {
             if fail {
-                Err(flightnode_hub::Error::Mqtt(format!(
-                    "publish to firmware/{device_id}/cancel: connection refused"
-                )))
+                Err(flightnode_hub::Error::Mqtt {
+                    url: "mqtt://broker.test".into(),
+                    source: format!("publish to firmware/{device_id}/cancel: connection refused").into(),
+                })
             } else {
                 Ok(())
             }
@@ -277,7 +278,7 @@ fn hub_cli(args: &[&str]) -> Run {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_mins(2);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -426,7 +427,7 @@ fn rollout_commands_on_the_local_store() {
         "apiVersion: edge.drone.io/v1\nkind: FirmwareRollout\nmetadata: {name: fleet-b}\nspec:\n\
          \x20 version: \"3.0.0\"\n  url: http://fw.example/3.0.0.fnb\n  waves: [{count: 2, percent: 10}]\n",
     );
-    let broken = write(
+    let unparsable = write(
         dir.path(),
         "broken.yaml",
         "kind: FirmwareRollout\nmetadata: [unclosed\n",
@@ -439,7 +440,7 @@ fn rollout_commands_on_the_local_store() {
     let absent = dir.path().join("absent.yaml").display().to_string();
     for (path, why) in [
         (&invalid, "spec.waves[0]: give exactly one of count or percent"),
-        (&broken, "YAML"),
+        (&unparsable, "YAML"),
         (&nameless, "without metadata.name"),
         (&absent, "read "),
     ] {

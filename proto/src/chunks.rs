@@ -23,7 +23,9 @@ use crate::manifest::ChunksInfo;
 /// First bytes of `chunks.idx`.
 pub const MAGIC: &[u8; 8] = b"FNCHIDX1";
 /// Length of one record.
-pub const RECORD_LEN: u64 = 56;
+pub const RECORD_LEN: u64 = RECORD_BYTES as u64;
+/// [`RECORD_LEN`] as a `usize`, for slicing.
+const RECORD_BYTES: usize = 56;
 
 /// Length of an index of `count` chunks (`None` on overflow).
 pub fn index_len(count: u64) -> Option<u64> {
@@ -161,7 +163,7 @@ pub struct ChunkIndex {
 impl ChunkIndex {
     /// The binary form described in the module docs.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(MAGIC.len() + self.chunks.len() * RECORD_LEN as usize);
+        let mut out = Vec::with_capacity(MAGIC.len() + self.chunks.len() * RECORD_BYTES);
         out.extend_from_slice(MAGIC);
         for c in &self.chunks {
             out.extend_from_slice(&c.sha256);
@@ -185,7 +187,7 @@ impl ChunkIndex {
             });
         }
         let chunks = body
-            .chunks_exact(RECORD_LEN as usize)
+            .chunks_exact(RECORD_BYTES)
             .map(|r| {
                 let u64_at = |i: usize| u64::from_le_bytes(r[i..i + 8].try_into().unwrap_or([0; 8]));
                 let u32_at = |i: usize| u32::from_le_bytes(r[i..i + 4].try_into().unwrap_or([0; 4]));
@@ -287,13 +289,15 @@ mod tests {
 
     fn chunk(offset: u64, size: u32, data_offset: u64, data_len: u32) -> Chunk {
         Chunk {
-            sha256: [offset as u8; 32],
+            sha256: [offset.to_le_bytes()[0]; 32],
             offset,
             size,
             data_offset,
             data_len,
         }
     }
+
+    type Case = (Vec<Chunk>, u64, fn(&IndexError) -> bool);
 
     #[test]
     fn round_trips_and_checks_every_bound() {
@@ -304,7 +308,6 @@ mod tests {
         assert_eq!(bytes.len() as u64, index_len(2).unwrap());
         assert_eq!(ChunkIndex::parse(&bytes, 300, &info(2, 90)).unwrap(), good);
 
-        type Case = (Vec<Chunk>, u64, fn(&IndexError) -> bool);
         let cases: Vec<Case> = vec![
             (vec![chunk(0, 200, 0, 50), chunk(150, 150, 50, 40)], 90, |e| {
                 matches!(e, IndexError::Overlap { index: 1, .. })

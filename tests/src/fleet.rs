@@ -130,7 +130,9 @@ impl Drop for Proc {
 /// namespace of the FlightNodes.
 #[derive(Debug, Clone)]
 pub struct KubeStore {
+    /// The kubeconfig the hub uses (the Role's user).
     pub kubeconfig: PathBuf,
+    /// Where the FlightNodes live.
     pub namespace: String,
 }
 
@@ -530,7 +532,7 @@ impl Fleet {
         // Where `serve --controllers` publishes commands (unused without it).
         hub_args.extend(["--mqtt-url".into(), broker.url()]);
         let mut hub = Hub::new(dir.path(), hub_args)?;
-        hub.kube = opts.kube.clone();
+        hub.kube.clone_from(&opts.kube);
         hub.start()?;
         let bundles = BundleServer::start_blocking()?;
         let mut fleet = Fleet {

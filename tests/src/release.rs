@@ -20,13 +20,18 @@ pub const MAX_AGENT_BYTES: u64 = 10 * 1024 * 1024;
 /// One target's release binaries.
 #[derive(Debug, Clone)]
 pub struct Release {
+    /// The rustc target triple.
     pub target: &'static str,
+    /// The stripped, static agent binary.
     pub agent: PathBuf,
     /// Only the x86_64 build has the hub: it runs in the cluster, not on the boards.
     pub hub: Option<PathBuf>,
 }
 
 /// The workspace root.
+///
+/// # Panics
+/// When the tests crate has no parent directory (it always has: it sits in the workspace).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -183,7 +188,11 @@ fn deb_uncached(target: &'static str) -> Result<PathBuf> {
     let path = String::from_utf8_lossy(&out.stdout)
         .lines()
         .rev()
-        .find(|l| l.trim_end().ends_with(".deb"))
+        .find(|l| {
+            Path::new(l.trim_end())
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("deb"))
+        })
         .map(|l| PathBuf::from(l.trim()))
         .context("cargo deb did not print the package path")?;
     ensure!(

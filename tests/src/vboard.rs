@@ -108,7 +108,10 @@ pub fn find_tools() -> Result<Tools, String> {
     })
 }
 
-/// The tools, or `None` when they are missing and [`SKIP_ENV`]`=1`; missing tools otherwise panic.
+/// The tools, or `None` when they are missing and [`SKIP_ENV`]`=1`.
+///
+/// # Panics
+/// When tools are missing and the skip variable is not set.
 pub fn require() -> Option<Tools> {
     match find_tools() {
         Ok(t) => Some(t),
@@ -161,7 +164,11 @@ fn short_hash(bytes: &[u8]) -> String {
 }
 
 fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// The base root filesystem tarball: built by [`MKROOTFS`] once, then taken from the cache.
@@ -431,8 +438,16 @@ fn mbr_entry(active: bool, kind: u8, lba: u64, sectors: u64) -> [u8; 16] {
     e[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]);
     e[4] = kind;
     e[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
-    e[8..12].copy_from_slice(&(lba as u32).to_le_bytes());
-    e[12..16].copy_from_slice(&(sectors as u32).to_le_bytes());
+    e[8..12].copy_from_slice(
+        &u32::try_from(lba)
+            .expect("MBR partitions start below 2 TiB")
+            .to_le_bytes(),
+    );
+    e[12..16].copy_from_slice(
+        &u32::try_from(sectors)
+            .expect("MBR partitions are below 2 TiB")
+            .to_le_bytes(),
+    );
     e
 }
 

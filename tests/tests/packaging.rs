@@ -34,7 +34,7 @@ fn release_agents_are_static_and_fit_the_size_budget() {
         let size = std::fs::metadata(&build.agent).unwrap().len();
         eprintln!(
             "{target}: flightnode-agent {size} bytes ({:.2} MiB)",
-            size as f64 / 1048576.0
+            size as f64 / 1_048_576.0
         );
         assert!(
             size <= MAX_AGENT_BYTES,

@@ -42,7 +42,7 @@ const GOOD: &str = "2.0.1";
 /// Cumulative waves: a canary of 2, then up to 8, then everyone.
 const CANARY: usize = 2;
 const SECOND: usize = 8;
-const WAIT: Duration = Duration::from_secs(300);
+const WAIT: Duration = Duration::from_mins(5);
 /// The drone whose id is not a valid Kubernetes name (its object is `drone_20` → derived).
 const ODD_ID: &str = "Drone_20";
 

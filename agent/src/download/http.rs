@@ -56,9 +56,9 @@ impl Fetcher {
         };
         let task_handle = self.rt.spawn(async move {
             tokio::select! {
-                _ = tx.closed() => debug!(url = %log_url, "bundle reader dropped; download stopped"),
+                () = tx.closed() => debug!(url = %log_url, "bundle reader dropped; download stopped"),
                 () = stopped => debug!(url = %log_url, "download stopped (cancel or shutdown)"),
-                _ = task.run(offset) => {}
+                () = task.run(offset) => {}
             }
         });
         let mut reader = HttpReader {
@@ -439,15 +439,12 @@ impl HttpTask {
         };
         let mut stream = resp.bytes_stream();
         loop {
-            let next = match tokio::time::timeout(self.idle, stream.next()).await {
-                Err(_) => {
-                    return Err(Failure::Retry(DownloadError::Idle {
-                        url: url.clone(),
-                        timeout: self.idle,
-                        offset: p.pos,
-                    }));
-                }
-                Ok(next) => next,
+            let Ok(next) = tokio::time::timeout(self.idle, stream.next()).await else {
+                return Err(Failure::Retry(DownloadError::Idle {
+                    url: url.clone(),
+                    timeout: self.idle,
+                    offset: p.pos,
+                }));
             };
             let mut chunk = match next {
                 None => {

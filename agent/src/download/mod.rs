@@ -326,7 +326,7 @@ impl std::fmt::Debug for BundleReader {
         f.debug_struct("BundleReader")
             .field("source", &source)
             .field("total", &self.total)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -392,7 +392,7 @@ fn backoff_delay(base: Duration, n: u32) -> Duration {
     let factor = 2u32.saturating_pow(n.saturating_sub(1).min(20));
     let d = base.saturating_mul(factor).min(cap);
     let half = d / 2;
-    let jitter_ms = u64::try_from((d - half).as_millis()).unwrap_or(u64::MAX);
+    let jitter_ms = u64::try_from(d.checked_sub(half).unwrap().as_millis()).unwrap_or(u64::MAX);
     if jitter_ms == 0 {
         return d;
     }

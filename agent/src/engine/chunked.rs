@@ -76,6 +76,7 @@ pub fn forget_cache(state_dir: &Path, slot: Slot) {
     let _ = std::fs::remove_file(cache_path(state_dir, slot));
 }
 
+#[allow(clippy::needless_pass_by_value, reason = "used as a map_err adapter")]
 fn chunk_stop(e: ChunkError) -> Stop {
     Stop::Upgrade(
         ErrorCode::ChunkInvalid,
@@ -168,28 +169,27 @@ impl Engine {
             return HashMap::new();
         };
         let path = cache_path(&self.cfg.state_dir, running);
-        let index = match read_cache(&path, info) {
-            Some(index) => index,
-            None => {
-                let slot_path = self.slots.path(running);
-                let started = Instant::now();
-                let built = File::open(slot_path).and_then(|mut f| {
-                    let len = f.seek(SeekFrom::End(0))?;
-                    f.seek(SeekFrom::Start(0))?;
-                    chunked::index_stream(std::io::BufReader::with_capacity(1 << 20, f), len, info)
-                });
-                match built {
-                    Ok(index) => {
-                        tracing::info!(slot = %running, chunks = index.chunks.len(),
-                            secs = started.elapsed().as_secs_f64(), "indexed the running slot");
-                        write_cache(&path, info, &index);
-                        index
-                    }
-                    Err(e) => {
-                        tracing::warn!(slot = %running, path = %slot_path.display(),
-                            "cannot index the running slot; fetching every chunk: {e}");
-                        return HashMap::new();
-                    }
+        let index = if let Some(index) = read_cache(&path, info) {
+            index
+        } else {
+            let slot_path = self.slots.path(running);
+            let started = Instant::now();
+            let built = File::open(slot_path).and_then(|mut f| {
+                let len = f.seek(SeekFrom::End(0))?;
+                f.seek(SeekFrom::Start(0))?;
+                chunked::index_stream(std::io::BufReader::with_capacity(1 << 20, f), len, info)
+            });
+            match built {
+                Ok(index) => {
+                    tracing::info!(slot = %running, chunks = index.chunks.len(),
+                        secs = started.elapsed().as_secs_f64(), "indexed the running slot");
+                    write_cache(&path, info, &index);
+                    index
+                }
+                Err(e) => {
+                    tracing::warn!(slot = %running, path = %slot_path.display(),
+                        "cannot index the running slot; fetching every chunk: {e}");
+                    return HashMap::new();
                 }
             }
         };
@@ -248,7 +248,10 @@ impl Engine {
     }
 
     /// Pass 2: fetches the missing chunks in coalesced `Range` requests.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one pass over the index: the fetch needs the plan, both slots, the fetcher and the progress"
+    )]
     fn fetch(
         &mut self,
         source: &str,
@@ -325,6 +328,7 @@ impl Engine {
     }
 
     /// A failed read of a fetched range: the fetch error it carries, or what interrupted it.
+    #[allow(clippy::needless_pass_by_value, reason = "used as a map_err adapter")]
     fn read_stop(&self, e: std::io::Error) -> Stop {
         if let Some(stop) = self.interrupted() {
             return stop;

@@ -131,7 +131,7 @@ impl Engine {
                     .open_range(&u.source, 0, u.image_offset)
                     .map_err(|e| fetch_stop(self, e))?;
                 let header = bundle::read_header(&mut reader, &self.keys)
-                    .map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(e)))?;
+                    .map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(&e)))?;
                 drop(reader);
                 let (Some(index), true) = (header.chunks, header.manifest == *m) else {
                     return Err(Stop::Upgrade(

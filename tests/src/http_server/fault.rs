@@ -130,7 +130,10 @@ pub(super) fn plan(st: &mut State, req: &Request) -> Plan {
     };
     let mut fault = Fault::None;
     let mut clear = false;
-    let from_sequence = st.sequences.get_mut(&req.path).and_then(|q| q.pop_front());
+    let from_sequence = st
+        .sequences
+        .get_mut(&req.path)
+        .and_then(std::collections::VecDeque::pop_front);
     let sequenced = from_sequence.is_some();
     if let Some(f) = from_sequence {
         fault = f;

@@ -275,7 +275,7 @@ fn install(agent: &Path, config: &Path, url: &str) -> Result<(f64, u64)> {
     // SAFETY: an all-zero rusage is a valid out-parameter.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `pid` is our child; status and usage are valid out-parameters.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let r = unsafe { libc::wait4(pid, &raw mut status, 0, &raw mut usage) };
     let secs = t.elapsed().as_secs_f64();
     if r != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         bail!("install of {url} failed (status {status})");

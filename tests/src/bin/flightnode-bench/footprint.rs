@@ -22,7 +22,7 @@ pub(crate) fn footprint(idle_secs: u64, size_mib: u64) -> Result<()> {
     broker.publish("firmware/drone-1/upgrade", url.as_bytes(), false)?;
     let t = Instant::now();
     let mut peak = 0;
-    while t.elapsed() < std::time::Duration::from_secs(600) {
+    while t.elapsed() < std::time::Duration::from_mins(10) {
         if let Some((_, hwm)) = rss_kib(pid) {
             peak = hwm;
         }

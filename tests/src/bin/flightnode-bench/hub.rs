@@ -112,7 +112,7 @@ pub(crate) fn hub_bench(drones: &[usize], plan: HubPlan) -> Result<()> {
             opt(r.kib_per_drone, 2),
             opt(r.writes_per_s, 1),
             r.max_writes_1s
-                .map_or("-".to_owned(), |m| format!("{m} / {}", BURST as f64 + QPS)),
+                .map_or("-".to_owned(), |m| format!("{m} / {}", f64::from(BURST) + QPS)),
         );
     }
     for r in rows.iter().filter(|r| r.phase_p99_ms.is_some()) {
