@@ -388,30 +388,13 @@ fn classify(source: &str) -> Result<Source, DownloadError> {
 /// Backoff before retry number `n` (1-based): `base * 2^(n-1)`, capped, with "equal jitter"
 /// (uniform in `[d/2, d]`), so a fleet that lost its server does not come back in lockstep.
 fn backoff_delay(base: Duration, n: u32) -> Duration {
-    let cap = MAX_BACKOFF.max(base);
-    let factor = 2u32.saturating_pow(n.saturating_sub(1).min(20));
-    let d = base.saturating_mul(factor).min(cap);
-    let half = d / 2;
-    let jitter_ms = u64::try_from(d.checked_sub(half).unwrap().as_millis()).unwrap_or(u64::MAX);
-    if jitter_ms == 0 {
-        return d;
-    }
-    half + Duration::from_millis(rand::random_range(0..=jitter_ms))
+    let d = flightnode_proto::backoff::exponential(base, n, MAX_BACKOFF.max(base));
+    flightnode_proto::backoff::equal_jitter(d, rand::random())
 }
 
-/// `e` and its sources, joined by ": ", without repeating a message already included.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        let m = cause.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        src = cause.source();
-    }
-    s
+/// `e` and its sources, each said once (one home: `flightnode_proto::error::chain`).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    flightnode_proto::error::chain(e)
 }
 
 #[cfg(test)]
