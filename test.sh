@@ -121,6 +121,13 @@ provide_qemu() {
     qemu_ok || { echo "test.sh: the unpacked qemu does not run: $QEMU_BIN" >&2; exit 2; }
 }
 
+# The whole suite's build outputs (debug tests, static release builds, board image caches) take
+# about 15 GB under target/; a full disk shows up as a linker killed by SIGBUS, so say it first.
+free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+if [[ -n "$free_kb" ]] && ((free_kb < 15 * 1024 * 1024)); then
+    echo "test.sh: warning: only $((free_kb / 1024)) MiB free on this disk; the suite needs about 15 GB" >&2
+fi
+
 mapfile -t need_pkgs < <(missing_packages)
 mapfile -t need_targets < <(missing_targets)
 
