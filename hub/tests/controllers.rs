@@ -83,6 +83,8 @@ async fn cluster() -> anyhow::Result<Option<(ApiServer, Client, Client)>> {
     )
     .await?;
     let hub = api.restricted_client().await?;
+    api.wait_allowed(&hub, NS, "edge.drone.io", "flightnodes/status", "patch")
+        .await?;
     Ok(Some((api, admin, hub)))
 }
 

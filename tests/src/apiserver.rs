@@ -422,6 +422,54 @@ impl ApiServer {
         bail!("CRD {name} not established after 60 s")
     }
 
+    /// Waits until `client` may `verb` `resource` (in API `group`, `""` for the core group) in
+    /// `namespace`; `resource` may name a subresource (`flightnodes/status`). A Role or RoleBinding just applied takes effect only when the API server's
+    /// RBAC authorizer has seen it through its informers, a moment later: a test that acts as the
+    /// restricted user right after granting it would otherwise race that (and get a 403).
+    pub async fn wait_allowed(
+        &self,
+        client: &Client,
+        namespace: &str,
+        group: &str,
+        resource: &str,
+        verb: &str,
+    ) -> Result<()> {
+        use k8s_openapi::api::authorization::v1::{
+            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+        };
+        let (resource, subresource) = match resource.split_once('/') {
+            Some((r, sub)) => (r, Some(sub.to_owned())),
+            None => (resource, None),
+        };
+        let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: Some(namespace.to_owned()),
+                    group: Some(group.to_owned()),
+                    resource: Some(resource.to_owned()),
+                    subresource,
+                    verb: Some(verb.to_owned()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        let deadline = Instant::now() + Duration::from_mins(1);
+        while Instant::now() < deadline {
+            let answer = api
+                .create(&kube::api::PostParams::default(), &review)
+                .await
+                .with_context(|| format!("access review: {verb} {resource} in {namespace}"))?;
+            if answer.status.is_some_and(|s| s.allowed) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("still not allowed to {verb} {resource} in {namespace} after 60 s: is the Role bound?")
+    }
+
     /// The last lines of the API server's and etcd's logs (for failure messages).
     pub fn log_tail(&self) -> String {
         let mut out = String::new();

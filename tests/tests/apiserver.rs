@@ -36,6 +36,8 @@ async fn launcher_starts_a_server_with_rbac() -> anyhow::Result<()> {
         Some("fleet"),
     )
     .await?;
+    api.wait_allowed(&restricted, "fleet", "", "configmaps", "get")
+        .await?;
     let cm = cms.get("c1").await?;
     assert_eq!(
         cm.data.unwrap_or_default().get("k").map(String::as_str),

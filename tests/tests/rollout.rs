@@ -246,6 +246,9 @@ impl Cluster {
                  roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: flightnode-hub}\n\
                  subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: flight-controller}]\n";
             api.apply_yaml(&admin, binding, Some(NS)).await?;
+            let hub = api.restricted_client().await?;
+            api.wait_allowed(&hub, NS, "edge.drone.io", "flightnodes/status", "patch")
+                .await?;
             // The Role has no `create`: on a cluster an operator registers the drones.
             for i in 1..=DRONES {
                 let node = format!(
