@@ -214,8 +214,8 @@ if [[ $# -eq 0 || ( "$1" == "--" && $# -eq 1 ) ]] && [[ -z "${FLIGHTNODE_SKIP_PA
     (
         export CARGO_TARGET_DIR="$PWD/target/release-builds"
         nice -n 19 cargo build --locked --profile release --target aarch64-unknown-linux-musl -p flightnode-agent &&
-            nice -n 19 cargo build --locked --profile release --target x86_64-unknown-linux-musl \
-                -p flightnode-agent -p flightnode-hub
+            nice -n 19 cargo build --locked --profile release --target x86_64-unknown-linux-musl -p flightnode-agent &&
+            nice -n 19 cargo build --locked --profile release --target x86_64-unknown-linux-musl -p flightnode-hub
     ) >target/release-builds/prebuild.log 2>&1 &
 fi
 

@@ -15,9 +15,10 @@ mkdir -p "$out"
 version=$(cargo pkgid -p flightnode-agent | sed 's/.*[#@]//')
 for target in aarch64-unknown-linux-musl x86_64-unknown-linux-musl; do
     arch=${target%%-*}
-    pkgs=(-p flightnode-agent)
-    [[ $arch == x86_64 ]] && pkgs+=(-p flightnode-hub)
-    cargo build --release --locked --target "$target" "${pkgs[@]}"
+    # One build per package: cargo unifies features across the packages of one build, and the
+    # agent must not carry what the hub's dependencies turn on.
+    cargo build --release --locked --target "$target" -p flightnode-agent
+    [[ $arch == x86_64 ]] && cargo build --release --locked --target "$target" -p flightnode-hub
     cp "target/$target/release/flightnode-agent" "$out/flightnode-agent-$version-$arch"
     [[ $arch == x86_64 ]] && cp "target/$target/release/flightnode-hub" "$out/flightnode-hub-$version-$arch"
     # The release profile already strips; cargo-deb's strip would need the cross binutils.
