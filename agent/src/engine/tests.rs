@@ -387,77 +387,91 @@ const TO_FIRST_REBOOT: [&str; 8] = [
     "reboot b",
 ];
 
-#[test]
-fn a_healthy_image_is_written_verified_tried_and_committed_in_that_order() {
-    let rig = Rig::new();
-    let mut engine = rig.open();
-    let outcome = rig.install(&mut engine).unwrap();
-    assert_eq!(outcome, Outcome::AwaitingReboot { slot: Slot::B });
-    let (engine, outcome) = rig.until_done(engine, outcome);
-    assert_eq!(result(&outcome), (UpgradeResult::Committed, None));
-    let mut expected = lines(&TO_FIRST_REBOOT);
-    expected.extend(lines(&[
-        "power_on -> b",
-        "health b",
-        // Commit only after the health check passed, while the trial is on disk.
-        "mark_good b @ testing a:good b:trial",
-        // The start after an upgrade confirms the boot it runs in.
-        "mark_good b @ idle a:good b:good",
-    ]));
-    assert_eq!(rig.rec.lines(), expected);
-    assert_eq!(engine.state().active, Slot::B);
-    assert_eq!(engine.state().committed_version, semver::Version::new(2, 0, 0));
-    assert_eq!(rig.boots_next(), Slot::B);
+/// One upgrade from the command to its end, on a board where the new image is healthy, fails
+/// its health check, or never comes up.
+struct Scenario {
+    name: &'static str,
+    unhealthy: bool,
+    broken: Option<Slot>,
+    /// The log after [`TO_FIRST_REBOOT`].
+    then: &'static [&'static str],
+    ends: (UpgradeResult, Option<ErrorCode>),
+    /// The slot that runs and boots at the end, with its version.
+    runs: (Slot, u64),
 }
 
 #[test]
-fn a_failed_health_check_rolls_back_to_the_old_slot_and_never_commits() {
-    let rig = Rig::new();
-    std::fs::write(rig.dir.path().join("unhealthy"), b"").unwrap();
-    let mut engine = rig.open();
-    let outcome = rig.install(&mut engine).unwrap();
-    let (engine, outcome) = rig.until_done(engine, outcome);
-    assert_eq!(
-        result(&outcome),
-        (UpgradeResult::RolledBack, Some(ErrorCode::HealthCheckFailed))
-    );
-    let mut expected = lines(&TO_FIRST_REBOOT);
-    expected.extend(lines(&[
-        "power_on -> b",
-        "health b",
-        // The rollback is on disk before the bootloader drops the new slot.
-        "mark_bad b @ rolling_back a:good b:trial",
-        "reboot a",
-        "power_on -> a",
-        "mark_bad b @ rolling_back a:good b:trial",
-        "mark_good a @ idle a:good b:bad",
-    ]));
-    assert_eq!(rig.rec.lines(), expected);
-    assert_eq!(engine.state().active, Slot::A);
-    assert_eq!(engine.state().committed_version, semver::Version::new(1, 0, 0));
-    assert_eq!(rig.boots_next(), Slot::A);
-}
-
-#[test]
-fn a_trial_boot_that_never_comes_up_falls_back_without_a_commit() {
-    let rig = Rig::new();
-    rig.rec.board.lock().unwrap().broken = Some(Slot::B);
-    let mut engine = rig.open();
-    let outcome = rig.install(&mut engine).unwrap();
-    let (engine, outcome) = rig.until_done(engine, outcome);
-    assert_eq!(
-        result(&outcome),
-        (UpgradeResult::RolledBack, Some(ErrorCode::TrialBootFailed))
-    );
-    let mut expected = lines(&TO_FIRST_REBOOT);
-    expected.extend(lines(&[
-        "power_on -> a",
-        "mark_bad b @ testing a:good b:trial",
-        "mark_good a @ idle a:good b:bad",
-    ]));
-    assert_eq!(rig.rec.lines(), expected);
-    assert_eq!(engine.state().active, Slot::A);
-    assert_eq!(rig.boots_next(), Slot::A);
+fn images_are_written_verified_tried_then_committed_or_rolled_back_in_that_order() {
+    let scenarios = [
+        Scenario {
+            name: "healthy",
+            unhealthy: false,
+            broken: None,
+            then: &[
+                "power_on -> b",
+                "health b",
+                // Commit only after the health check passed, while the trial is on disk.
+                "mark_good b @ testing a:good b:trial",
+                // The start after an upgrade confirms the boot it runs in.
+                "mark_good b @ idle a:good b:good",
+            ],
+            ends: (UpgradeResult::Committed, None),
+            runs: (Slot::B, 2),
+        },
+        Scenario {
+            name: "health check fails",
+            unhealthy: true,
+            broken: None,
+            then: &[
+                "power_on -> b",
+                "health b",
+                // The rollback is on disk before the bootloader drops the new slot.
+                "mark_bad b @ rolling_back a:good b:trial",
+                "reboot a",
+                "power_on -> a",
+                "mark_bad b @ rolling_back a:good b:trial",
+                "mark_good a @ idle a:good b:bad",
+            ],
+            ends: (UpgradeResult::RolledBack, Some(ErrorCode::HealthCheckFailed)),
+            runs: (Slot::A, 1),
+        },
+        Scenario {
+            name: "trial boot never comes up",
+            unhealthy: false,
+            broken: Some(Slot::B),
+            then: &[
+                "power_on -> a",
+                "mark_bad b @ testing a:good b:trial",
+                "mark_good a @ idle a:good b:bad",
+            ],
+            ends: (UpgradeResult::RolledBack, Some(ErrorCode::TrialBootFailed)),
+            runs: (Slot::A, 1),
+        },
+    ];
+    for s in scenarios {
+        let rig = Rig::new();
+        if s.unhealthy {
+            std::fs::write(rig.dir.path().join("unhealthy"), b"").unwrap();
+        }
+        rig.rec.board.lock().unwrap().broken = s.broken;
+        let mut engine = rig.open();
+        let outcome = rig.install(&mut engine).unwrap();
+        assert_eq!(outcome, Outcome::AwaitingReboot { slot: Slot::B }, "{}", s.name);
+        let (engine, outcome) = rig.until_done(engine, outcome);
+        assert_eq!(result(&outcome), s.ends, "{}", s.name);
+        let mut expected = lines(&TO_FIRST_REBOOT);
+        expected.extend(lines(s.then));
+        assert_eq!(rig.rec.lines(), expected, "{}", s.name);
+        let (slot, major) = s.runs;
+        assert_eq!(engine.state().active, slot, "{}", s.name);
+        assert_eq!(
+            engine.state().committed_version,
+            semver::Version::new(major, 0, 0),
+            "{}",
+            s.name
+        );
+        assert_eq!(rig.boots_next(), slot, "{}", s.name);
+    }
 }
 
 #[test]
