@@ -154,6 +154,14 @@ impl Store {
     }
 }
 
+/// The device state as last saved in `db`: lets a test's fake backend see what the engine had
+/// persisted when it was called.
+#[cfg(test)]
+pub(crate) fn saved(db: &sled::Db) -> Option<DeviceState> {
+    let bytes = db.get(DEVICE_KEY).ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

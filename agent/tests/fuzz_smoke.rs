@@ -56,3 +56,28 @@ fn bundle_reader_survives_mutated_bundles() {
         flightnode_agent::fuzzing::bundle_reader(&junk);
     }
 }
+
+/// The fuzz crate is its own workspace and carries a copy of the workspace's lint set: the copy
+/// must not drift from the original.
+#[test]
+fn fuzz_crate_lints_equal_the_workspace_lints() {
+    let read = |rel: &str| -> toml::Table {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        text.parse().unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let root = read("../Cargo.toml");
+    let fuzz = read("../fuzz/Cargo.toml");
+    let workspace = &root["workspace"]["lints"];
+    assert!(
+        workspace
+            .get("clippy")
+            .is_some_and(|c| c.get("pedantic").is_some()),
+        "the root Cargo.toml has no [workspace.lints.clippy] pedantic set"
+    );
+    assert_eq!(
+        fuzz.get("lints"),
+        Some(workspace),
+        "fuzz/Cargo.toml [lints] differs from the root's [workspace.lints]"
+    );
+}

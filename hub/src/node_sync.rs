@@ -211,8 +211,7 @@ pub fn upgrade_id(uid: &str, generation: i64, attempt: u32) -> String {
 }
 
 fn backoff(policy: &Policy, attempts: u32) -> Duration {
-    let factor = 1u32 << attempts.saturating_sub(1).min(16);
-    policy.backoff.saturating_mul(factor).min(policy.backoff_max)
+    flightnode_proto::backoff::exponential(policy.backoff, attempts, policy.backoff_max)
 }
 
 fn parse_time(t: Option<&str>) -> i64 {

@@ -5,6 +5,7 @@
 //! drones never see an error, nobody else gets a `FlightNode`, no good drone's status changes,
 //! and the hub's resident memory stays flat between the warm-up and the end.
 
+use flightnode_proto::error::chain;
 use flightnode_proto::v1::hub_service_client::HubServiceClient;
 use flightnode_proto::v1::{self, HeartbeatRequest};
 use flightnode_tests::fleet::{Hub, condition, http_get, rss_kib};
@@ -405,18 +406,6 @@ fn build(kind: Kind, i: usize, huge: &Bytes) -> Request {
         }
         Kind::ForeignCa | Kind::NoClientCert | Kind::ExpiredCert => Request::new(encode(&forged(GOOD[0]))),
     }
-}
-
-/// Every source of an error, joined.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// One raw HTTP/2 gRPC call on `channel`: the body is sent as is.

@@ -33,10 +33,21 @@ impl History {
         })
     }
 
-    /// The final record of `upgrade_id`.
+    /// The final record of `upgrade_id`. One that cannot be read or decoded is logged: the
+    /// upgrade then counts as unknown, so a redelivered command would run again.
     pub fn get(&self, upgrade_id: &str) -> Option<LastUpgrade> {
-        let raw = self.tree.get(upgrade_id.as_bytes()).ok()??;
-        serde_json::from_slice(&raw).ok()
+        let raw = match self.tree.get(upgrade_id.as_bytes()) {
+            Ok(raw) => raw?,
+            Err(e) => {
+                tracing::warn!(upgrade_id, error = %e, "upgrade history: the record cannot be read");
+                return None;
+            }
+        };
+        serde_json::from_slice(&raw)
+            .map_err(
+                |e| tracing::warn!(upgrade_id, error = %e, "upgrade history: the record does not decode"),
+            )
+            .ok()
     }
 
     /// Records how an upgrade ended, dropping the oldest beyond the cap.

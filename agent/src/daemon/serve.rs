@@ -400,11 +400,19 @@ async fn handle_control(stream: tokio::net::UnixStream, shared: Arc<Shared>) -> 
                 version: None,
                 allow_downgrade,
             });
-            match shared
-                .blocking(move |s| s.dispatch(cmd, true))
-                .await
-                .unwrap_or(Reply::Nothing)
-            {
+            let Some(reply) = shared.blocking(move |s| s.dispatch(cmd, true)).await else {
+                // Not "the engine is not running": the dispatcher failed on this very command.
+                let message = "handling the install command failed (see the agent's log)".into();
+                return send(
+                    &mut w,
+                    &Response::Error {
+                        code: "internal".into(),
+                        message,
+                    },
+                )
+                .await;
+            };
+            match reply {
                 Reply::Started(Some(mut done)) => {
                     let mut progress = shared.worker.progress.clone();
                     loop {

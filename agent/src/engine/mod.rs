@@ -14,6 +14,8 @@
 mod chunked;
 mod flight;
 mod steps;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 pub use writer::Interrupts;
@@ -163,10 +165,50 @@ impl<E: Into<EngineError>> From<E> for Stop {
     }
 }
 
+/// The engine's hands on the device: where images go and how the running slot changes.
+/// [`Engine::open`] builds them from the configuration; [`Engine::with_backends`] takes them
+/// ready-made (a test's recording fakes, a board with its own bootloader code).
+pub struct Backends {
+    /// The slot backend images are written through.
+    pub slots: Box<dyn SlotBackend>,
+    /// The command-mode pointer or the reboot-mode bootloader.
+    pub activation: Activation,
+}
+
+impl Backends {
+    /// The backends `cfg` names.
+    pub fn open(cfg: &Config) -> Result<Self, EngineError> {
+        Ok(Self {
+            activation: Activation::open(cfg)?,
+            slots: crate::slot::open(&cfg.slots),
+        })
+    }
+}
+
 impl Engine {
     /// Opens the state store (creating a factory state on a fresh device) and the backends.
     /// Does not resume anything: call [`Engine::resume`] for that.
     pub fn open(cfg: Config, rt: tokio::runtime::Handle) -> Result<Self, EngineError> {
+        Self::build(cfg, rt, Backends::open)
+    }
+
+    /// [`Engine::open`] with the given backends instead of the configured ones; `cfg.slots`,
+    /// `cfg.boot` and `cfg.activation.mode` are not consulted for them.
+    pub fn with_backends(
+        cfg: Config,
+        rt: tokio::runtime::Handle,
+        backends: Backends,
+    ) -> Result<Self, EngineError> {
+        Self::build(cfg, rt, |_| Ok(backends))
+    }
+
+    /// `backends` runs after the store, keys and fetcher are set up, where `open` always built
+    /// them: a locked store is reported before any bootloader tool runs.
+    fn build(
+        cfg: Config,
+        rt: tokio::runtime::Handle,
+        backends: impl FnOnce(&Config) -> Result<Backends, EngineError>,
+    ) -> Result<Self, EngineError> {
         std::fs::create_dir_all(&cfg.state_dir).map_err(|source| StoreError::Sled {
             path: cfg.state_dir.clone(),
             source: sled::Error::Io(source),
@@ -179,8 +221,7 @@ impl Engine {
         fetcher.set_stop(Arc::new(move || {
             flags.cancel.load(Ordering::SeqCst) || flags.pause.load(Ordering::SeqCst)
         }));
-        let activation = Activation::open(&cfg)?;
-        let slots = crate::slot::open(&cfg.slots);
+        let Backends { slots, activation } = backends(&cfg)?;
         let cfg_flight = cfg.flight.clone().map(crate::flight::Gate::new);
         let state = if let Some(state) = store.load()? {
             state

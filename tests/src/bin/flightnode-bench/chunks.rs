@@ -48,6 +48,10 @@ struct Vocab {
 }
 
 impl Vocab {
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "below(n) < n: a length under 11 and a letter offset under 26"
+    )]
     fn new() -> Self {
         let mut r = Rng::new("vocab");
         let words = (0..3000)
@@ -115,6 +119,10 @@ fn write(root: &Path, rel: &str, bytes: &[u8], epoch: u64) -> Result<()> {
 }
 
 /// The files of package `p` at package version `pv`.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "every size is below(n) plus a constant, under 1 MiB: fits any usize"
+)]
 fn package(v: &Vocab, root: &Path, p: u64, pv: u32, epoch: u64) -> Result<()> {
     let mut r = Rng::new(&format!("pkg{p}"));
     let tag = format!("pkg{p}-v{pv}");

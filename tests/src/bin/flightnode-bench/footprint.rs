@@ -1,5 +1,6 @@
 //! `footprint`: idle and peak RSS of the agent, next to a `mosquitto_sub`; binary sizes.
 
+use crate::{MIB, mib};
 use anyhow::{Context, Result, bail};
 use flightnode_tests::agent::binary;
 use std::path::Path;
@@ -18,7 +19,8 @@ pub(crate) fn footprint(idle_secs: u64, size_mib: u64) -> Result<()> {
     std::thread::sleep(std::time::Duration::from_secs(idle_secs));
     let (idle, _) = rss_kib(pid).context("agent gone")?;
     let sub_rss = sub.pid().and_then(rss_kib).map_or(0, |(r, _)| r);
-    let (_, url) = fleet.bundle("big", "2.0.0", (size_mib * 1048576) as usize)?;
+    let size = usize::try_from(size_mib * MIB).context("--size-mib is too large for this host")?;
+    let (_, url) = fleet.bundle("big", "2.0.0", size)?;
     broker.publish("firmware/drone-1/upgrade", url.as_bytes(), false)?;
     let t = Instant::now();
     let mut peak = 0;
@@ -60,7 +62,7 @@ pub(crate) fn footprint(idle_secs: u64, size_mib: u64) -> Result<()> {
     println!(
         "{:<52} {:>10.1}",
         "stripped x86_64 binary size (MiB)",
-        std::fs::metadata(&agent)?.len() as f64 / 1048576.0
+        mib(std::fs::metadata(&agent)?.len())
     );
     let arm = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../target/aarch64-unknown-linux-musl/release/flightnode-agent");
@@ -68,7 +70,7 @@ pub(crate) fn footprint(idle_secs: u64, size_mib: u64) -> Result<()> {
         Ok(m) => println!(
             "{:<52} {:>10.1}",
             "stripped aarch64 binary size (MiB)",
-            m.len() as f64 / 1048576.0
+            mib(m.len())
         ),
         Err(_) => println!("aarch64 binary: run cross/build-aarch64.sh first"),
     }

@@ -156,16 +156,16 @@ async fn noop_run(n: usize, plan: HubPlan) -> Result<HubRow> {
 }
 
 async fn hub_run(n: usize, plan: HubPlan) -> Result<HubRow> {
+    use flightnode_tests::fake_kube::FakeKube;
+    use flightnode_tests::fleet::{Proc, free_port, rss_kib};
+    use flightnode_tests::load;
+    use std::time::Duration;
     let HubPlan {
         seconds,
         interval,
         channels,
         ..
     } = plan;
-    use flightnode_tests::fake_kube::FakeKube;
-    use flightnode_tests::fleet::{Proc, free_port, rss_kib};
-    use flightnode_tests::load;
-    use std::time::Duration;
     let tmp = tempfile::tempdir()?;
     let fake = FakeKube::start().await?;
     for i in 0..n {
@@ -277,12 +277,15 @@ async fn hub_run(n: usize, plan: HubPlan) -> Result<HubRow> {
             .iter()
             .position(|p| load::status_phase(p) == *phase)
             .unwrap_or(0);
-        let ws = by_name.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+        let ws = by_name.get(name.as_str()).map_or(&[][..], Vec::as_slice);
         if ws.iter().any(|(at, i)| at >= sent && *i == Some(k)) {
             exact += 1;
         }
         match ws.iter().find(|(at, i)| at >= sent && i.is_some_and(|i| i >= k)) {
-            Some((at, _)) => delays.push(at.duration_since(*sent).as_micros() as u64),
+            Some((at, _)) => {
+                let micros = at.duration_since(*sent).as_micros();
+                delays.push(u64::try_from(micros).unwrap_or(u64::MAX));
+            }
             None => missing += 1,
         }
     }

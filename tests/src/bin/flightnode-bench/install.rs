@@ -1,6 +1,6 @@
 //! `install`: bundle download + verify + write over loopback, against curl and a minimal copy.
 
-use crate::{median, mib_s};
+use crate::{MIB, median, mib_s};
 use anyhow::{Context, Result, bail};
 use flightnode_tests::agent::{binary, run_ok};
 use flightnode_tests::http_server::BundleServer;
@@ -14,7 +14,7 @@ pub(crate) fn install(size_mib: u64, runs: u64) -> Result<()> {
     let agent = binary("flightnode-agent")?;
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let size = size_mib * 1048576;
+    let size = size_mib * MIB;
     eprintln!("preparing a {size_mib} MiB image and bundle in {}", dir.display());
     run_ok(
         &agent,
@@ -23,7 +23,7 @@ pub(crate) fn install(size_mib: u64, runs: u64) -> Result<()> {
     let image = dir.join("image");
     {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&image)?);
-        let mut x: u64 = 0x9E3779B97F4A7C15;
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         let mut block = vec![0u8; 1 << 20];
         for _ in 0..size_mib {
             for b in block.chunks_mut(8) {
@@ -146,30 +146,33 @@ pub(crate) fn install(size_mib: u64, runs: u64) -> Result<()> {
 
 /// The least an installer can do: one GET, hash every byte, write it, fsync once.
 fn minimal_copy(addr: std::net::SocketAddr, path: &str, out: &Path, len: u64) -> Result<()> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-    let mut r = std::io::BufReader::with_capacity(256 * 1024, s);
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut reader = std::io::BufReader::with_capacity(256 * 1024, stream);
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        r.read_exact(&mut b).context("reading headers")?;
-        head.push(b[0]);
+        let mut byte = [0u8; 1];
+        reader.read_exact(&mut byte).context("reading headers")?;
+        head.push(byte[0]);
     }
-    let mut f = std::fs::File::create(out)?;
-    let mut h = sha2::Sha256::new();
+    let mut file = std::fs::File::create(out)?;
+    let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut got = 0u64;
     loop {
-        let n = r.read(&mut buf)?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }
-        h.update(&buf[..n]);
-        f.write_all(&buf[..n])?;
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n])?;
         got += n as u64;
     }
-    f.sync_all()?;
-    std::hint::black_box(h.finalize());
+    file.sync_all()?;
+    std::hint::black_box(hasher.finalize());
     if got != len {
         bail!("minimal copy got {got} of {len} bytes");
     }

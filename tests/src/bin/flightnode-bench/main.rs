@@ -16,15 +16,6 @@
 //!   `HubService` (the transport's ceiling); `--wave` drones upgrade, their starts spread over
 //!   `--wave-secs` from a quarter into the run; the drones share `--channels` HTTP/2
 //!   connections (one per drone measures what connections cost).
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::unreadable_literal,
-    clippy::items_after_statements,
-    clippy::map_unwrap_or,
-    clippy::many_single_char_names,
-    reason = "a 64-bit-host measurement tool; its split from one file lost the fixes made on the old file, to be redone"
-)]
-
 mod chunks;
 mod footprint;
 mod hub;
@@ -35,20 +26,14 @@ use chunks::chunks;
 use footprint::footprint;
 use hub::{HubPlan, hub_bench};
 use install::install;
+use std::str::FromStr;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str, default: u64| -> u64 {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     match args.first().map(String::as_str) {
-        Some("install") => install(flag("--size-mib", 256), flag("--runs", 3)),
-        Some("chunks") => chunks(flag("--size-mib", 256), flag("--level", 19)),
-        Some("footprint") => footprint(flag("--idle-secs", 60), flag("--size-mib", 64)),
+        Some("install") => install(flag(&args, "--size-mib", 256), flag(&args, "--runs", 3)),
+        Some("chunks") => chunks(flag(&args, "--size-mib", 256), flag(&args, "--level", 19)),
+        Some("footprint") => footprint(flag(&args, "--idle-secs", 60), flag(&args, "--size-mib", 64)),
         Some("hub") => {
             let drones: Vec<usize> = args
                 .iter()
@@ -58,18 +43,18 @@ fn main() -> Result<()> {
                     || vec![1000, 10000],
                     |v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect(),
                 );
-            let seconds = flag("--seconds", 40);
+            let seconds = flag(&args, "--seconds", 40);
             let wave = flightnode_tests::load::Wave {
-                drones: flag("--wave", 50) as usize,
+                drones: flag(&args, "--wave", 50),
                 start_at: std::time::Duration::from_secs(seconds / 4),
-                spread: std::time::Duration::from_secs(flag("--wave-secs", 20)),
+                spread: std::time::Duration::from_secs(flag(&args, "--wave-secs", 20)),
                 step: std::time::Duration::from_millis(500),
             };
             let plan = HubPlan {
                 seconds,
-                interval: flag("--interval", 10),
+                interval: flag(&args, "--interval", 10),
                 wave,
-                channels: flag("--channels", 12).max(1) as usize,
+                channels: flag(&args, "--channels", 12_usize).max(1),
             };
             hub_bench(&drones, plan)
         }
@@ -85,8 +70,25 @@ fn main() -> Result<()> {
     }
 }
 
+/// The value after `name` on the command line, or `default` when it is missing or unparsable.
+fn flag<T: FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Bytes in a MiB.
+pub(crate) const MIB: u64 = 1 << 20;
+
+/// `bytes` in MiB, for tables.
+pub(crate) fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB as f64
+}
+
 pub(crate) fn mib_s(bytes: u64, secs: f64) -> f64 {
-    bytes as f64 / 1048576.0 / secs.max(1e-9)
+    mib(bytes) / secs.max(1e-9)
 }
 
 /// Median of the runs.
