@@ -11,7 +11,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_mins(1);
 const STATUS: &str = "firmware/drone-test/status";
 const UPGRADE: &str = "firmware/drone-test/upgrade";
 /// How long the slow boot backend takes to mark the booted slot good at start-up.
