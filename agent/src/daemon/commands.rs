@@ -9,6 +9,7 @@
 //!   until its install has ended, so a restart before it started does not lose it (the broker
 //!   has its PUBACK already); the next start takes it up again, and its upgrade id keeps a
 //!   second delivery from installing twice;
+//! - cancel of an upgrade still waiting to start → it never starts and ends `canceled`;
 //! - cancel before the image is written → the download stops and ends `canceled`; cancel later →
 //!   the upgrade finishes or rolls back and reports what really happened.
 
@@ -286,6 +287,24 @@ impl Dispatcher {
                 tracing::info!(upgrade_id = %id, phase = %u.phase, "cancel: stopping the download or the wait");
                 worker.interrupts.cancel.store(true, Ordering::SeqCst);
                 Reply::Nothing
+            }
+            (Command::Cancel { .. }, None, None) if worker.cancel_waiting(&id) => {
+                tracing::info!(upgrade_id = %id, "cancel: the upgrade had not started; it never will");
+                let last = LastUpgrade {
+                    upgrade_id: id.clone(),
+                    version: None,
+                    result: flightnode_proto::UpgradeResult::Canceled,
+                    error: Some(flightnode_proto::status::ErrorReport {
+                        code: ErrorCode::Canceled,
+                        message: format!("upgrade {id} was canceled before it started"),
+                    }),
+                    finished: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                };
+                // A redelivery of the command then republishes this instead of installing.
+                self.history.record(&last);
+                Reply::Report(reports::finished(&self.device_id, self.seq.take(), &state, &last))
             }
             (Command::Cancel { .. }, Some(report), _) => {
                 tracing::info!(upgrade_id = %id, phase = %state.phase(), "cancel too late or after the end; it runs to its real end");
