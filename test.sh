@@ -204,7 +204,7 @@ if [[ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]];
     cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION"
 fi
 
-# The static release builds the packaging and qemu-user tests share (tests/src/release.rs: same
+# The static release builds the packaging, qemu-user and virtual-board tests share (tests/src/release.rs: same
 # commands, same target dir) cost about 17 CPU-minutes (the gnu debug build they replace: 15). They start now, in the background at the
 # lowest CPU priority, so they take what the debug build and the waiting tests leave idle; a test
 # that needs them waits on cargo's lock and then finds them fresh. Whole-suite runs only: a
@@ -217,6 +217,26 @@ if [[ $# -eq 0 || ( "$1" == "--" && $# -eq 1 ) ]] && [[ -z "${FLIGHTNODE_SKIP_PA
             nice -n 19 cargo build --locked --profile release --target x86_64-unknown-linux-musl -p flightnode-agent &&
             nice -n 19 cargo build --locked --profile release --target x86_64-unknown-linux-musl -p flightnode-hub
     ) >target/release-builds/prebuild.log 2>&1 &
+fi
+
+# The virtual board's base rootfs (tests/vboard/mkrootfs.sh: about 5 minutes, nearly all of it
+# arm64 maintainer scripts under qemu-user, so one core) is built in the background too, at the
+# lowest priority, while the suite compiles. tests/src/vboard.rs caches it under the same name
+# (the first 16 hex digits of the script's sha256) and takes the same lock, so the test finds it
+# ready or waits for this build instead of starting a second one.
+if [[ $# -eq 0 || ( "$1" == "--" && $# -eq 1 ) ]] && [[ -z "${FLIGHTNODE_SKIP_VBOARD:-}" && $(id -u) -eq 0 ]] &&
+    [[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]] && command -v mmdebstrap >/dev/null; then
+    vboard_key=$(sha256sum tests/vboard/mkrootfs.sh | cut -c1-16)
+    vboard_tar="target/vboard/rootfs-$vboard_key.tar"
+    if [[ ! -f "$vboard_tar" ]]; then
+        mkdir -p target/vboard
+        (
+            flock 9
+            if [[ ! -f "$vboard_tar" ]]; then
+                nice -n 19 sh tests/vboard/mkrootfs.sh "$vboard_tar.partial" && mv "$vboard_tar.partial" "$vboard_tar"
+            fi
+        ) 9>target/vboard/.rootfs.lock >target/vboard/prebuild.log 2>&1 &
+    fi
 fi
 
 # The lint gate: formatting and clippy (pedantic, from [workspace.lints]) fail the run before any

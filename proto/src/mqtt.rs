@@ -11,6 +11,10 @@
 //! fields are rejected.
 //!
 //! # Reports (QoS 1, retained): [`StatusMessage`] as JSON.
+//!
+//! One on every phase change, and one of the current state each time the device has connected
+//! and subscribed (also after a reconnect): an idle drone's retained status is there for whoever
+//! subscribes, even after a broker lost its retained messages. A consumer keeps the highest `seq`.
 
 use crate::codes::{ErrorCode, UpgradeResult};
 use crate::status::{ErrorReport, Phase, Progress, Slot, WaitReason};

@@ -22,10 +22,10 @@
 //!
 //! The base root filesystem is built once by `mmdebstrap` (arm64 maintainer scripts run under
 //! qemu-user binfmt) and cached under `target/vboard/`, keyed by the contents of
-//! `tests/vboard/mkrootfs.sh`; the agent's `.deb` is built by `cargo deb` from the same aarch64
-//! build the qemu-user test uses, and installed with `dpkg -i` in the rootfs. Everything the
-//! board needs at run time comes from the host over qemu's user network (the host is 10.0.2.2):
-//! the MQTT broker and the bundle server both listen on the host's loopback.
+//! `tests/vboard/mkrootfs.sh`; the agent's `.deb` is the release one (`cargo deb` of the static
+//! musl aarch64 release build, [`crate::release::deb`]), installed with `dpkg -i` in the rootfs.
+//! Everything the board needs at run time comes from the host over qemu's user network (the
+//! host is 10.0.2.2): the MQTT broker and the bundle server both listen on the host's loopback.
 
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
@@ -52,7 +52,6 @@ pub const MKROOTFS: &str = include_str!("../vboard/mkrootfs.sh");
 /// The board's U-Boot boot script.
 pub const BOOT_CMD: &str = include_str!("../vboard/boot.cmd");
 
-const AARCH64: &str = "aarch64-unknown-linux-gnu";
 const MIB: u64 = 1024 * 1024;
 const SECTOR: u64 = 512;
 const BOOT_START: u64 = MIB;
@@ -171,6 +170,21 @@ fn hex_lower(bytes: &[u8]) -> String {
     })
 }
 
+/// Blocks until this process holds an exclusive `flock(2)` on `file` (released when it closes).
+fn flock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: flock(2) on a descriptor this function borrows for the call.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// The base root filesystem tarball: built by [`MKROOTFS`] once, then taken from the cache.
 pub fn base_rootfs() -> Result<PathBuf> {
     static BASE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
@@ -184,6 +198,12 @@ fn build_base_rootfs() -> Result<PathBuf> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let key = short_hash(MKROOTFS.as_bytes());
     let tar = dir.join(format!("rootfs-{key}.tar"));
+    // test.sh builds the same tarball in the background while the suite compiles, under this
+    // lock: wait for it instead of building a second one.
+    let lock_path = dir.join(".rootfs.lock");
+    let lock =
+        std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    flock_exclusive(&lock).with_context(|| format!("locking {}", lock_path.display()))?;
     if tar.is_file() {
         return Ok(tar);
     }
@@ -212,44 +232,11 @@ fn build_base_rootfs() -> Result<PathBuf> {
     Ok(tar)
 }
 
-/// The agent's arm64 `.deb`: the aarch64 build of the qemu-user test (`target/aarch64-qemu`,
-/// debug profile) packaged by `cargo deb` with the package's own metadata.
+/// The agent's arm64 `.deb` as it ships: [`crate::release::deb`] of the static
+/// `aarch64-unknown-linux-musl` release build, the same package the packaging test checks and
+/// the same binary the qemu-user test runs (one release build per CI run).
 pub fn agent_deb() -> Result<PathBuf> {
-    static DEB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    DEB.get_or_init(|| build_agent_deb().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow!("building the agent's arm64 .deb: {e}"))
-}
-
-fn build_agent_deb() -> Result<PathBuf> {
-    let root = workspace_root();
-    let target_dir = root.join("target/aarch64-qemu");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_cmd(
-        Command::new(&cargo)
-            .current_dir(&root)
-            .args(["build", "--locked", "-p", "flightnode-agent", "--target", AARCH64])
-            .env("CARGO_TARGET_DIR", &target_dir),
-        "cargo build (aarch64 agent)",
-    )?;
-    let out_dir = cache_dir().join("deb");
-    let _ = std::fs::remove_dir_all(&out_dir);
-    std::fs::create_dir_all(&out_dir)?;
-    let printed = run_cmd(
-        Command::new(&cargo)
-            .current_dir(&root)
-            .args(["deb", "--locked", "-p", "flightnode-agent", "--target", AARCH64])
-            .args(["--profile", "dev", "--no-build", "--fast", "--output"])
-            .arg(&out_dir)
-            .env("CARGO_TARGET_DIR", &target_dir),
-        "cargo deb (aarch64 agent)",
-    )?;
-    let deb = std::fs::read_dir(&out_dir)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .ok_or_else(|| anyhow!("cargo deb wrote no .deb into {} ({printed})", out_dir.display()))?;
-    Ok(deb)
+    crate::release::deb(crate::release::AARCH64).context("the agent's arm64 release .deb")
 }
 
 /// One root filesystem for a slot: the base, the agent's `.deb`, the board's configuration, and

@@ -91,6 +91,11 @@ fn arm64_package_holds_the_static_aarch64_agent_and_is_lintian_clean() {
     let deb = release::deb(AARCH64).unwrap();
     assert_eq!(deb_field(&deb, "Architecture"), "arm64");
     assert_eq!(deb_field(&deb, "Package"), "flightnode-agent");
+    // CA roots only for https:// bundles: recommended, so a board image without them still
+    // installs the agent (it starts and fetches http:// bundles without them).
+    assert_eq!(deb_field(&deb, "Recommends"), "ca-certificates");
+    let depends = deb_field(&deb, "Depends");
+    assert!(!depends.contains("ca-certificates"), "Depends: {depends}");
     assert_lintian_clean(&deb);
 
     let dir = tempfile::tempdir().unwrap();

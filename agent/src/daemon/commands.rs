@@ -3,7 +3,13 @@
 //!
 //! - the upgrade in flight, again → republish its current state (never restart);
 //! - an upgrade that already ended → republish its final state (from the history);
-//! - a new upgrade while another is in flight → `busy`;
+//! - a new upgrade while another is in flight (or accepted and waiting to start) → `busy`;
+//! - an upgrade while the engine is only finishing other work (start-up recovery, a mark-good)
+//!   → accepted: it starts when that work is done. An MQTT command is kept in sled ([`Queued`])
+//!   until its install has ended, so a restart before it started does not lose it (the broker
+//!   has its PUBACK already); the next start takes it up again, and its upgrade id keeps a
+//!   second delivery from installing twice;
+//! - cancel of an upgrade still waiting to start → it never starts and ends `canceled`;
 //! - cancel before the image is written → the download stops and ends `canceled`; cancel later →
 //!   the upgrade finishes or rolls back and reports what really happened.
 
@@ -11,7 +17,7 @@ use super::reports::{self, Sequencer};
 use super::worker::{Job, Worker};
 use crate::engine::{Outcome, Request};
 use crate::state::DeviceState;
-use flightnode_proto::mqtt::{Command, StatusError, StatusMessage};
+use flightnode_proto::mqtt::{Command, StatusError, StatusMessage, UpgradeCommand, parse_command};
 use flightnode_proto::status::LastUpgrade;
 use flightnode_proto::{ErrorCode, Phase};
 use std::sync::atomic::Ordering;
@@ -79,6 +85,65 @@ impl History {
     }
 }
 
+/// MQTT upgrade commands accepted but whose install has not ended yet, by upgrade id (the
+/// command's own JSON). Written before the install is queued, removed by the engine thread when
+/// the install job ends.
+#[derive(Clone)]
+pub struct Queued {
+    tree: sled::Tree,
+}
+
+impl Queued {
+    /// Opens the queue in `db`.
+    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+        Ok(Self {
+            tree: db.open_tree("queued_commands")?,
+        })
+    }
+
+    /// Keeps `cmd` durably (flushed) until [`Queued::remove`].
+    pub fn put(&self, device_id: &str, cmd: &UpgradeCommand) {
+        let json = Command::Upgrade(cmd.clone()).to_json(Some(device_id));
+        let saved = self
+            .tree
+            .insert(cmd.upgrade_id.as_bytes(), json.as_bytes())
+            .and_then(|_| self.tree.flush());
+        if let Err(e) = saved {
+            tracing::warn!(upgrade_id = %cmd.upgrade_id,
+                "cannot keep the accepted command in the state store (a restart before it starts would lose it): {e}");
+        }
+    }
+
+    /// Forgets the command of `upgrade_id`.
+    pub fn remove(&self, upgrade_id: &str) {
+        let removed = self
+            .tree
+            .remove(upgrade_id.as_bytes())
+            .and_then(|_| self.tree.flush());
+        if let Err(e) = removed {
+            tracing::warn!(
+                upgrade_id,
+                "cannot drop an ended command from the state store: {e}"
+            );
+        }
+    }
+
+    /// The kept commands (one that no longer parses is dropped with a warning).
+    pub fn all(&self, device_id: &str) -> Vec<UpgradeCommand> {
+        let mut out = Vec::new();
+        for (key, json) in self.tree.iter().filter_map(Result::ok) {
+            match parse_command(&json, device_id) {
+                Ok(Command::Upgrade(cmd)) => out.push(cmd),
+                other => {
+                    tracing::warn!(key = %String::from_utf8_lossy(&key), ?other, "dropping an unreadable queued command");
+                    let _ = self.tree.remove(key);
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The daemon's command handling.
 pub struct Dispatcher {
     /// This drone's id (the MQTT topic and every report name it).
@@ -87,6 +152,8 @@ pub struct Dispatcher {
     pub history: History,
     /// Numbers the reports this agent publishes.
     pub seq: Sequencer,
+    /// MQTT commands accepted but not ended.
+    pub queued: Queued,
 }
 
 /// What a command led to.
@@ -136,6 +203,26 @@ impl Dispatcher {
         )
     }
 
+    /// At start: takes up the MQTT commands accepted before a restart whose install never ended.
+    /// Returns the reports to publish (for commands whose upgrade is known by now).
+    pub fn replay_queued(&mut self, worker: &Worker) -> Vec<StatusMessage> {
+        let mut reports = Vec::new();
+        for cmd in self.queued.all(&self.device_id) {
+            let id = cmd.upgrade_id.clone();
+            tracing::info!(upgrade_id = %id, "taking up a command accepted before the restart");
+            match self.handle(worker, Command::Upgrade(cmd), false) {
+                Reply::Started(_) => {}
+                Reply::Report(report) => {
+                    // Known (ran, or runs) or refused: either way the command is answered.
+                    self.queued.remove(&id);
+                    reports.push(report);
+                }
+                Reply::Nothing => self.queued.remove(&id),
+            }
+        }
+        reports
+    }
+
     /// Handles one command. `want_reply` asks for the install outcome (local socket).
     pub fn handle(&mut self, worker: &Worker, command: Command, want_reply: bool) -> Reply {
         let state = worker.state.borrow().clone();
@@ -154,10 +241,16 @@ impl Dispatcher {
                 tracing::info!(upgrade_id = %id, "upgrade delivered again; republishing its state");
                 Reply::Report(report)
             }
-            (Command::Upgrade(_), None, _) if worker.is_busy() || state.upgrade.is_some() => {
-                let current = state.upgrade.as_ref().map_or("a queued job".to_owned(), |u| {
-                    format!("upgrade {} ({})", u.id, u.phase)
-                });
+            (Command::Upgrade(_), None, _) if worker.install().as_deref() == Some(id.as_str()) => {
+                tracing::info!(upgrade_id = %id, "upgrade delivered again before it started; it runs once");
+                Reply::Nothing
+            }
+            (Command::Upgrade(_), None, _) if state.upgrade.is_some() || worker.install().is_some() => {
+                let current = match (&state.upgrade, worker.install()) {
+                    (Some(u), _) => format!("upgrade {} ({})", u.id, u.phase),
+                    (None, Some(queued)) => format!("upgrade {queued} (accepted, about to start)"),
+                    (None, None) => "another upgrade".to_owned(),
+                };
                 let message = format!("{current} is in flight; send {id} again when it has ended");
                 tracing::warn!(upgrade_id = %id, "refused: busy");
                 let report = reports::refused(
@@ -176,12 +269,20 @@ impl Dispatcher {
                 } else {
                     (None, None)
                 };
+                if !want_reply {
+                    self.queued.put(&self.device_id, &cmd);
+                }
                 let req = Request {
                     id: cmd.upgrade_id,
                     source: cmd.url,
                     allow_downgrade: cmd.allow_downgrade,
                 };
-                tracing::info!(upgrade_id = %req.id, source = %req.source, "upgrade accepted");
+                if worker.is_busy() {
+                    tracing::info!(upgrade_id = %req.id, source = %req.source,
+                        "upgrade accepted; it starts once the engine has finished its current work (start-up recovery)");
+                } else {
+                    tracing::info!(upgrade_id = %req.id, source = %req.source, "upgrade accepted");
+                }
                 if worker.submit(Job::Install { req, reply: tx }) {
                     Reply::Started(rx)
                 } else {
@@ -197,6 +298,24 @@ impl Dispatcher {
                 tracing::info!(upgrade_id = %id, phase = %u.phase, "cancel: stopping the download or the wait");
                 worker.interrupts.cancel.store(true, Ordering::SeqCst);
                 Reply::Nothing
+            }
+            (Command::Cancel { .. }, None, None) if worker.cancel_waiting(&id) => {
+                tracing::info!(upgrade_id = %id, "cancel: the upgrade had not started; it never will");
+                let last = LastUpgrade {
+                    upgrade_id: id.clone(),
+                    version: None,
+                    result: flightnode_proto::UpgradeResult::Canceled,
+                    error: Some(flightnode_proto::status::ErrorReport {
+                        code: ErrorCode::Canceled,
+                        message: format!("upgrade {id} was canceled before it started"),
+                    }),
+                    finished: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                };
+                // A redelivery of the command then republishes this instead of installing.
+                self.history.record(&last);
+                Reply::Report(reports::finished(&self.device_id, self.seq.take(), &state, &last))
             }
             (Command::Cancel { .. }, Some(report), _) => {
                 tracing::info!(upgrade_id = %id, phase = %state.phase(), "cancel too late or after the end; it runs to its real end");

@@ -1,6 +1,6 @@
 //! Wiring: engine thread, MQTT link, hub link, control socket, systemd — and a clean stop.
 
-use super::commands::{Dispatcher, History, Reply};
+use super::commands::{Dispatcher, History, Queued, Reply};
 use super::control::{self, Request as CtlRequest, Response};
 use super::notify;
 use super::reports::{self, Sequencer};
@@ -157,6 +157,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let flight = engine.flight_state();
     let db = engine.db();
     let (mqtt_up_tx, mqtt_up) = watch::channel(false);
+    let mut mqtt_connected = mqtt_up.clone();
     let (hub_up_tx, hub_up) = watch::channel(false);
     let gate = fleet_gate(
         cfg.daemon.commit_requires,
@@ -183,6 +184,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         device_id: cfg.device_id.clone(),
         history: History::open(&db).map_err(store_err)?,
         seq: Sequencer::open(&db).map_err(store_err)?,
+        queued: Queued::open(&db).map_err(store_err)?,
     };
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
@@ -260,6 +262,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             tracing::warn!("MQTT report queue full; dropping a report");
         }
     };
+    // Commands accepted before a restart whose install never ended: they run after the start-up
+    // recovery, which is first in the engine's queue.
+    for report in shared
+        .blocking(|s| s.dispatcher().replay_queued(&s.worker))
+        .await
+        .unwrap_or_default()
+    {
+        publish(Some(report));
+    }
     let mut progress_tick = tokio::time::interval(Duration::from_secs(1));
     let mut watchdog = tokio::time::interval(notify::watchdog_period().unwrap_or(Duration::from_hours(1)));
     let mut last_progress = None;
@@ -297,6 +308,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                     last_progress = p;
                     let report = shared.blocking(move |s| {
                         s.report(|d, s| reports::current(&d.device_id, d.seq.take(), s, p))
+                    });
+                    publish(report.await);
+                }
+            }
+            // Connected (again): the retained status says what this drone is doing now, also
+            // when it is idle and nothing would be reported otherwise (a broker that lost its
+            // retained messages, an operator or hub that subscribes later).
+            Ok(()) = mqtt_connected.changed(), if cfg.mqtt.is_some() => {
+                if *mqtt_connected.borrow_and_update() {
+                    let report = shared.blocking(move |s| {
+                        let progress = *s.worker.progress.borrow();
+                        s.report(|d, state| reports::current(&d.device_id, d.seq.take(), state, progress))
                     });
                     publish(report.await);
                 }

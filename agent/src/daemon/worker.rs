@@ -33,11 +33,32 @@ pub enum Job {
     },
 }
 
+impl Job {
+    /// The upgrade id of an install job.
+    fn install_id(&self) -> Option<String> {
+        match self {
+            Job::Install { req, .. } => Some(req.id.clone()),
+            Job::Resume | Job::Mark { .. } => None,
+        }
+    }
+}
+
+/// The install job between its submission and its end.
+struct PendingInstall {
+    id: String,
+    /// The engine thread took it up.
+    started: bool,
+    /// Canceled before it started: the engine thread drops it.
+    canceled: bool,
+}
+
 /// Handle on the engine thread.
 pub struct Worker {
     /// `None` once [`Worker::shutdown`] closed the queue.
     jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     pending: Arc<AtomicUsize>,
+    /// The install job queued or running (at most one: see the dispatcher).
+    install: Arc<Mutex<Option<PendingInstall>>>,
     /// Latest saved state.
     pub state: watch::Receiver<DeviceState>,
     /// Latest download progress.
@@ -136,20 +157,46 @@ impl Worker {
         let pending = Arc::new(AtomicUsize::new(0));
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         let thread_pending = pending.clone();
+        let install = Arc::new(Mutex::new(None::<PendingInstall>));
+        let thread_install = install.clone();
+        let queued = super::commands::Queued::open(&engine.db())
+            .map_err(|e| std::io::Error::other(format!("opening the queued commands: {e}")))?;
         let (alive, ended) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("flightnode-engine".into())
             .spawn(move || {
                 let _alive = alive;
                 for job in rx {
-                    run_job(&mut engine, job);
+                    let install_id = job.install_id();
+                    let canceled = install_id.is_some()
+                        && lock(&thread_install).as_mut().is_some_and(|p| {
+                            p.started = true;
+                            p.canceled
+                        });
+                    if canceled {
+                        if let Job::Install { req, reply } = job {
+                            tracing::info!(upgrade_id = %req.id, "canceled before it started; not installing");
+                            if let Some(reply) = reply {
+                                let _ = reply.send(Err(format!("canceled: upgrade {} was canceled before it started", req.id)));
+                            }
+                        }
+                    } else {
+                        run_job(&mut engine, job);
+                    }
                     state_tx.send_replace(engine.state().clone());
+                    if let Some(id) = install_id {
+                        // The store holds the upgrade's outcome now (or its phase, for a reboot
+                        // still to come): the command has nothing left to say.
+                        queued.remove(&id);
+                        lock(&thread_install).take();
+                    }
                     thread_pending.fetch_sub(1, Ordering::SeqCst);
                 }
             })?;
         Ok(Self {
             jobs: Mutex::new(Some(jobs)),
             pending,
+            install,
             state,
             progress,
             interrupts,
@@ -158,14 +205,27 @@ impl Worker {
         })
     }
 
-    /// Queues a job. Marks the worker busy at once, so two commands cannot both pass the busy check.
+    /// Queues a job. An install is recorded at once (see [`Worker::install`]), so two commands
+    /// cannot both pass the busy check.
     pub fn submit(&self, job: Job) -> bool {
         self.pending.fetch_add(1, Ordering::SeqCst);
+        let install = job.install_id();
+        let mut current = lock(&self.install);
+        if let Some(id) = &install {
+            *current = Some(PendingInstall {
+                id: id.clone(),
+                started: false,
+                canceled: false,
+            });
+        }
         let sent = lock(&self.jobs)
             .as_ref()
             .is_some_and(|jobs| jobs.send(job).is_ok());
         if !sent {
             self.pending.fetch_sub(1, Ordering::SeqCst);
+            if install.is_some() {
+                current.take();
+            }
         }
         sent
     }
@@ -173,6 +233,24 @@ impl Worker {
     /// Whether a job is queued or running.
     pub fn is_busy(&self) -> bool {
         self.pending.load(Ordering::SeqCst) > 0
+    }
+
+    /// The upgrade id of the install job that is queued (behind start-up recovery, say) or
+    /// running, until that job has ended and the state shows its outcome.
+    pub fn install(&self) -> Option<String> {
+        lock(&self.install).as_ref().map(|p| p.id.clone())
+    }
+
+    /// Cancels the install of `upgrade_id` if it is still waiting to start: the engine thread
+    /// then drops it. False when it is not the waiting install (or already started).
+    pub fn cancel_waiting(&self, upgrade_id: &str) -> bool {
+        lock(&self.install)
+            .as_mut()
+            .filter(|p| p.id == upgrade_id && !p.started)
+            .is_some_and(|p| {
+                p.canceled = true;
+                true
+            })
     }
 
     /// Pauses any download, closes the job queue and waits up to `grace` for the engine thread

@@ -28,6 +28,12 @@ impl Fetcher {
         probe: bool,
     ) -> Result<BundleReader, DownloadError> {
         let url_str = url.to_string();
+        if let Some(reason) = self.no_roots.as_ref().filter(|_| url.scheme() == "https") {
+            return Err(DownloadError::NoCaRoots {
+                url: url_str,
+                reason: reason.to_string(),
+            });
+        }
         let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
         let task = HttpTask {
             client: self.client.clone(),
@@ -91,6 +97,19 @@ impl Fetcher {
             }
         }
     }
+}
+
+/// The [`NoCaRootsRedirect`](super::NoCaRootsRedirect) behind a redirect error, if that is
+/// what stopped it.
+fn no_roots_redirect(e: &reqwest::Error) -> Option<&super::NoCaRootsRedirect> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<super::NoCaRootsRedirect>() {
+            return Some(r);
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// A probe's doubling parts end here; the rest of the bundle is one request.
@@ -320,15 +339,23 @@ impl HttpTask {
                 timeout: self.idle,
                 offset: pos,
             })),
-            Ok(Err(e)) if e.is_redirect() => Err(Failure::Fatal(DownloadError::Redirect {
-                url: url.clone(),
-                reason: error_chain(&e.without_url()),
-            })),
-            Ok(Err(e)) => Err(Failure::Retry(DownloadError::Request {
-                url: url.clone(),
-                offset: pos,
-                reason: error_chain(&e.without_url()),
-            })),
+            Ok(Err(e)) => Err(if let Some(r) = no_roots_redirect(&e) {
+                Failure::Fatal(DownloadError::NoCaRoots {
+                    url: r.url.clone(),
+                    reason: r.reason.clone(),
+                })
+            } else if e.is_redirect() {
+                Failure::Fatal(DownloadError::Redirect {
+                    url: url.clone(),
+                    reason: error_chain(&e.without_url()),
+                })
+            } else {
+                Failure::Retry(DownloadError::Request {
+                    url: url.clone(),
+                    offset: pos,
+                    reason: error_chain(&e.without_url()),
+                })
+            }),
             Ok(Ok(resp)) => Ok(resp),
         }
     }

@@ -172,6 +172,18 @@ pub enum DownloadError {
         /// The last attempt's failure.
         last: Box<DownloadError>,
     },
+    /// An https:// bundle (or a redirect to one), but the system has no usable CA root
+    /// certificates to verify the server with. Plain http:// keeps working: the bundle's
+    /// signature, not the transport, is what the agent trusts.
+    #[error(
+        "GET {url}: cannot verify an https:// server without CA root certificates ({reason}); install the ca-certificates package (or set SSL_CERT_FILE to a PEM bundle) and restart the agent, or serve the bundle over http://"
+    )]
+    NoCaRoots {
+        /// The https:// URL.
+        url: String,
+        /// Why the system's roots are unusable.
+        reason: String,
+    },
     /// The download task is gone (runtime shut down) or the reader already failed.
     #[error("GET {url}: download stopped: {reason}")]
     Stopped {
@@ -212,6 +224,8 @@ impl DownloadError {
 /// Opens bundle sources. One per agent; cheap to share by reference across threads.
 pub struct Fetcher {
     client: reqwest::Client,
+    /// Why https:// cannot be verified (the system has no usable CA roots); `None` when it can.
+    no_roots: Option<Arc<str>>,
     rt: tokio::runtime::Handle,
     cfg: DownloadConfig,
     received: Arc<AtomicU64>,
@@ -241,17 +255,38 @@ impl Fetcher {
         // reqwest is built with `rustls-no-provider`: without a process-wide provider, building a
         // client panics. Installing fails harmlessly when main already installed one.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
+        let builder = || {
+            let mut builder = reqwest::Client::builder()
+                .user_agent(concat!("flightnode-agent/", env!("CARGO_PKG_VERSION")));
+            if !cfg.connect_timeout.is_zero() {
+                builder = builder.connect_timeout(cfg.connect_timeout);
+            }
+            builder
+        };
+        // Building the client loads the system's CA roots (rustls-platform-verifier) and fails
+        // when there are none, e.g. on a board image without ca-certificates. That must not stop
+        // the agent: http:// bundles need no roots, so only https:// downloads fail, each with
+        // an error that says what to install.
+        let (client, no_roots) = match builder()
             .redirect(reqwest::redirect::Policy::limited(REDIRECT_LIMIT))
-            .user_agent(concat!("flightnode-agent/", env!("CARGO_PKG_VERSION")));
-        if !cfg.connect_timeout.is_zero() {
-            builder = builder.connect_timeout(cfg.connect_timeout);
-        }
-        let client = builder
             .build()
-            .map_err(|e| DownloadError::Setup(error_chain(&e)))?;
+        {
+            Ok(client) => (client, None),
+            Err(e) => {
+                let reason: Arc<str> = error_chain(&e).into();
+                let client = builder()
+                    .redirect(no_roots_redirects(reason.clone()))
+                    .tls_certs_only(std::iter::empty())
+                    .build()
+                    .map_err(|e| DownloadError::Setup(error_chain(&e)))?;
+                tracing::warn!(reason = %reason,
+                    "no usable CA root certificates: https:// bundle downloads will fail until ca-certificates is installed; http:// works");
+                (client, Some(reason))
+            }
+        };
         Ok(Self {
             client,
+            no_roots,
             rt,
             cfg: cfg.clone(),
             received: Arc::new(AtomicU64::new(0)),
@@ -300,6 +335,32 @@ impl Fetcher {
     pub fn bytes_received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
     }
+}
+
+/// reqwest's default redirect policy, except that a redirect to https:// fails with
+/// [`NoCaRootsRedirect`] (the client has no roots to verify it with).
+fn no_roots_redirects(reason: Arc<str>) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.url().scheme() == "https" {
+            let error = NoCaRootsRedirect {
+                url: attempt.url().to_string(),
+                reason: reason.to_string(),
+            };
+            attempt.error(error)
+        } else if attempt.previous().len() > REDIRECT_LIMIT {
+            attempt.error(format!("more than {REDIRECT_LIMIT} redirects"))
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// A redirect to an https:// URL without CA roots; becomes [`DownloadError::NoCaRoots`].
+#[derive(Debug, thiserror::Error)]
+#[error("redirected to {url}, which needs CA root certificates: {reason}")]
+pub(crate) struct NoCaRootsRedirect {
+    pub(crate) url: String,
+    pub(crate) reason: String,
 }
 
 /// The bundle bytes from the offset given to [`Fetcher::open`] to the end.
