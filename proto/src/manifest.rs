@@ -46,6 +46,11 @@ pub const MAX_SIGNATURE_BYTES: u64 = 4 * 1024;
 pub const FORMAT_VERSION: u32 = 1;
 /// Format of a chunked bundle (`chunks.idx` + `chunks.zst` instead of `image`).
 pub const FORMAT_CHUNKED: u32 = 2;
+/// Largest accepted [`ContextInfo::window`]: a device keeps the window, one segment and one
+/// chunk of the image in memory while it writes.
+pub const MAX_CONTEXT_WINDOW: u32 = 8 * 1024 * 1024;
+/// Largest accepted [`ContextInfo::segment`].
+pub const MAX_CONTEXT_SEGMENT: u32 = 4 * 1024 * 1024;
 /// Name of the chunk index entry (format 2).
 pub const INDEX_ENTRY: &str = "chunks.idx";
 /// Name of the compressed chunk data entry (format 2).
@@ -110,6 +115,31 @@ pub struct ChunksInfo {
     pub index_sha256: String,
     /// Exact length of `chunks.zst`.
     pub data_size: u64,
+    /// How each chunk's frame was compressed against the image bytes before it. Absent: every
+    /// frame decodes on its own (the first format-2 bundles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<ContextInfo>,
+}
+
+/// Frames compressed against the image before them, which a device writing in image order
+/// already holds.
+///
+/// The image is cut into segments of `segment` bytes; a chunk belongs to the segment its first
+/// byte is in. A chunk's frame is compressed with zstd's dictionary set to the `window` image
+/// bytes before its segment's start (fewer at the image's start; none in the first segment), as
+/// `ZSTD_compress_usingDict` takes it: raw content, unless those bytes happen to begin with
+/// zstd's dictionary magic. See [`crate::chunks::context_range`].
+///
+/// Independent frames lose every match across chunk boundaries (their sum is about 1.6 times
+/// a whole-image `zstd -19`); with a window of a few MiB the sum comes near the whole-image
+/// size, and a changed chunk still travels alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextInfo {
+    /// Image bytes before a segment that its chunks may refer to.
+    pub window: u32,
+    /// Segment length.
+    pub segment: u32,
 }
 
 /// Size and digest of the image entry.
@@ -239,6 +269,15 @@ impl ChunksInfo {
         }
         if !is_sha256_hex(&self.index_sha256) {
             return Err(ManifestError::Digest(self.index_sha256.clone()));
+        }
+        if let Some(c) = &self.context
+            && !((1..=MAX_CONTEXT_WINDOW).contains(&c.window)
+                && (4096..=MAX_CONTEXT_SEGMENT).contains(&c.segment))
+        {
+            return bad(format!(
+                "context window {} and segment {} are not within 1..={MAX_CONTEXT_WINDOW} and 4096..={MAX_CONTEXT_SEGMENT}",
+                c.window, c.segment
+            ));
         }
         Ok(())
     }
