@@ -11,9 +11,9 @@
 //!   buffer of its declared size and verified against its signed sha256 before it is written.
 //!
 //! Neither slot is trusted: a local chunk is hashed before it is used, and one that does not
-//! match is fetched instead. The whole image's sha256 is computed in the same pass over the same
-//! bytes (nothing is read back), and checked against the manifest before the upgrade may go on
-//! to the switch, as for format 1.
+//! match is fetched instead. The whole image's sha256 is computed over the same bytes as they
+//! pass (on a second thread; nothing is read back from the slot), and checked against the
+//! manifest before the upgrade may go on to the switch, as for format 1.
 //!
 //! Resume needs no byte offset: the next attempt finds every chunk that reached the slot intact
 //! and fetches only the rest. The slot is synced every `download.checkpoint_bytes` written so a
@@ -36,6 +36,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Neighbouring frames closer than this are fetched in one request (the gap is read and dropped).
@@ -141,6 +143,73 @@ struct Tally {
     fetched: u64,
 }
 
+/// Bytes handed to the hashing thread at a time.
+const HASH_BATCH: usize = 512 * 1024;
+
+/// The whole image's sha256, computed on another core: chunks are copied (cheap next to hashing)
+/// into batches that a thread hashes while the next chunks are read, decompressed and written.
+struct ImageHasher {
+    batch: Vec<u8>,
+    tx: Option<SyncSender<Vec<u8>>>,
+    /// Hashed batches come back for reuse.
+    spent: Receiver<Vec<u8>>,
+    thread: Option<JoinHandle<[u8; 32]>>,
+}
+
+impl ImageHasher {
+    fn new() -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel::<Vec<u8>>(2);
+        let (back, spent) = sync_channel(4);
+        let thread = std::thread::Builder::new()
+            .name("image-sha256".into())
+            .spawn(move || {
+                let mut hasher = Sha256::new();
+                for batch in rx {
+                    hasher.update(&batch);
+                    let _ = back.try_send(batch);
+                }
+                hasher.finalize().into()
+            })?;
+        Ok(Self {
+            batch: Vec::with_capacity(HASH_BATCH),
+            tx: Some(tx),
+            spent,
+            thread: Some(thread),
+        })
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        if self.batch.len() + bytes.len() > HASH_BATCH {
+            self.send();
+        }
+        self.batch.extend_from_slice(bytes);
+    }
+
+    fn send(&mut self) {
+        let mut next = self
+            .spent
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(HASH_BATCH));
+        next.clear();
+        let full = std::mem::replace(&mut self.batch, next);
+        if let Some(tx) = &self.tx {
+            // A send fails only if the thread died; `finish` reports that.
+            let _ = tx.send(full);
+        }
+    }
+
+    /// Lower-case hex sha256 of every byte given, in order.
+    fn finish(mut self) -> Result<String, Stop> {
+        self.send();
+        self.tx = None;
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .map(hex::encode)
+            .ok_or_else(|| Stop::Upgrade(ErrorCode::Internal, "the image hashing thread failed".into()))
+    }
+}
+
 /// The open `Range` request: bytes `[pos, end)` of `chunks.zst` are still to be read from it.
 struct Run {
     reader: crate::download::BundleReader,
@@ -230,7 +299,8 @@ impl Engine {
 
         let mut dctx = chunked::decompressor();
         let mut window = chunked::Window::new(&info);
-        let mut image = Sha256::new();
+        let mut image = ImageHasher::new()
+            .map_err(|e| Stop::Upgrade(ErrorCode::Internal, format!("cannot start the image hashing thread: {e}")))?;
         let mut frame = Vec::new();
         let mut run: Option<Run> = None;
         let mut tally = Tally::default();
@@ -296,7 +366,7 @@ impl Engine {
         self.slots
             .finish(target, &file, size)
             .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
-        let actual = hex::encode(image.finalize());
+        let actual = image.finish()?;
         if actual != manifest.image.sha256 {
             return Err(Stop::Upgrade(
                 ErrorCode::HashMismatch,
