@@ -18,10 +18,14 @@
 //! | entry        | content                                                            | cap        |
 //! |--------------|--------------------------------------------------------------------|------------|
 //! | `chunks.idx` | the chunk index ([`crate::chunks`]): per chunk its sha256, size, offset in the image, offset and length in `chunks.zst` | [`MAX_INDEX_BYTES`] |
-//! | `chunks.zst` | the chunks, each an independent zstd frame, in image order         | manifest   |
+//! | `chunks.zst` | the chunks, one zstd frame each, in image order                    | manifest   |
+//!
+//! With [`ChunksInfo::context`] each frame is compressed against the image bytes before its
+//! segment ([`ContextInfo`]), which a device writing the image in order holds when it needs
+//! them; without it every frame decodes on its own.
 //!
 //! The manifest's [`ChunksInfo`] carries the index's size and sha256, so the signature covers
-//! every chunk hash; `image.size` and `image.sha256` still describe the whole image, which the
+//! every chunk hash (and the context, which decides what the frames decode to); `image.size` and `image.sha256` still describe the whole image, which the
 //! device checks before the switch as for format 1. The chunks are content-defined (FastCDC
 //! 2020 with the manifest's sizes), so unchanged regions of two image versions give the same
 //! chunks: a device copies those from its running slot and fetches only the others, with HTTP
