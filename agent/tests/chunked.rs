@@ -295,7 +295,12 @@ fn independent_frame_bundles_still_install_next_to_context_ones() {
     let v3 = changed(&v2, "3.0.0");
     let img2 = dev.path("v2.img");
     std::fs::write(&img2, &v2).unwrap();
-    let b2 = dev.bundle_image("v2", &img2, "2.0.0", &["--chunked", "--level", "3", "--window-kib", "0"]);
+    let b2 = dev.bundle_image(
+        "v2",
+        &img2,
+        "2.0.0",
+        &["--chunked", "--level", "3", "--window-kib", "0"],
+    );
     let b3 = chunked_bundle(&dev, "v3", "3.0.0", &v3);
     let info = |b: &std::path::Path| {
         let o = dev.run(&["bundle", "info", b.to_str().unwrap()]);
@@ -330,16 +335,31 @@ fn wrong_or_oversized_chunk_context_is_refused() {
     let srv = BundleServer::start_blocking().unwrap();
     // Half the segment: every other segment's chunks get a context that ends elsewhere.
     // (A shorter window alone can still decode: its bytes end where the real context ends.)
-    let halved = resign_with(&dev, &b2, |_| {}, |m| {
-        let s = m["chunks"]["context"]["segment"].as_u64().unwrap();
-        m["chunks"]["context"]["segment"] = (s / 2).into();
-    });
-    let dropped = resign_with(&dev, &b2, |_| {}, |m| {
-        m["chunks"].as_object_mut().unwrap().remove("context");
-    });
-    let huge = resign_with(&dev, &b2, |_| {}, |m| {
-        m["chunks"]["context"]["window"] = (64u64 << 20).into();
-    });
+    let halved = resign_with(
+        &dev,
+        &b2,
+        |_| {},
+        |m| {
+            let s = m["chunks"]["context"]["segment"].as_u64().unwrap();
+            m["chunks"]["context"]["segment"] = (s / 2).into();
+        },
+    );
+    let dropped = resign_with(
+        &dev,
+        &b2,
+        |_| {},
+        |m| {
+            m["chunks"].as_object_mut().unwrap().remove("context");
+        },
+    );
+    let huge = resign_with(
+        &dev,
+        &b2,
+        |_| {},
+        |m| {
+            m["chunks"]["context"]["window"] = (64u64 << 20).into();
+        },
+    );
     for (name, bytes, code, needle) in [
         ("halved", halved, "chunk_invalid", "chunk"),
         ("dropped", dropped, "chunk_invalid", "chunk"),

@@ -132,9 +132,7 @@ pub struct Window {
 impl Window {
     /// A window for the chunks of `info`.
     pub fn new(info: &ChunksInfo) -> Self {
-        let reach = info
-            .context
-            .map_or(0, |c| c.window as usize + c.segment as usize);
+        let reach = info.context.map_or(0, |c| c.window as usize + c.segment as usize);
         Self {
             buf: vec![0; 2 * reach + info.max_size as usize],
             start: 0,
@@ -164,7 +162,9 @@ impl Window {
             self.len -= keep;
         }
         let (held, rest) = self.buf.split_at_mut(self.len);
-        let dict = &held[(from - self.start) as usize..(to - self.start) as usize];
+        // Both are within `held` (at most window + segment + a chunk), so they fit a usize.
+        let at = |offset: u64| usize::try_from(offset - self.start).unwrap_or(usize::MAX);
+        let dict = &held[at(from)..at(to)];
         (dict, &mut rest[..size])
     }
 
@@ -210,6 +210,8 @@ pub struct Compressed {
 
 /// Chunks of one batch, as (image offset, length), in image order.
 type Span = (u64, usize);
+/// A compressed chunk: its frame and the sha256 of its bytes.
+type Frame = (Vec<u8>, [u8; 32]);
 
 /// Cuts `image` into chunks, compresses each at `level` (against its context when `info` has
 /// one; batches of segments on all cores) and appends the frames to `data`. One read of the
@@ -271,7 +273,7 @@ pub fn compress_image(
             bytes: &held,
             start: held_start,
         };
-        let results: Vec<io::Result<Vec<(Vec<u8>, [u8; 32])>>> = std::thread::scope(|s| {
+        let results: Vec<io::Result<Vec<Frame>>> = std::thread::scope(|s| {
             let handles: Vec<_> = groups
                 .chunks(per)
                 .map(|part| s.spawn(move || compress_groups(part, view, info.context, level)))
@@ -341,8 +343,9 @@ fn compress_groups(
     held: Held<'_>,
     context: Option<ContextInfo>,
     level: i32,
-) -> io::Result<Vec<(Vec<u8>, [u8; 32])>> {
-    let zerr = |what: &str, code| io::Error::other(format!("{what}: {}", zstd::zstd_safe::get_error_name(code)));
+) -> io::Result<Vec<Frame>> {
+    let zerr =
+        |what: &str, code| io::Error::other(format!("{what}: {}", zstd::zstd_safe::get_error_name(code)));
     let mut cctx = CCtx::create();
     let mut out = Vec::new();
     for group in groups {
@@ -536,7 +539,7 @@ mod tests {
         );
         // A late chunk alone, without the image before it, is refused.
         let c = context.index.chunks[context.index.chunks.len() - 2];
-        let frame = &data[c.data_offset as usize..c.data_end() as usize];
+        let frame = &data[usize::try_from(c.data_offset).unwrap()..usize::try_from(c.data_end()).unwrap()];
         let mut out = vec![0u8; c.size as usize];
         let err = decompress(7, &c, frame, &[], &mut out, &mut decompressor()).unwrap_err();
         assert!(err.to_string().contains("chunk 7"), "{err}");

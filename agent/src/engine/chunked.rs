@@ -299,8 +299,12 @@ impl Engine {
 
         let mut dctx = chunked::decompressor();
         let mut window = chunked::Window::new(&info);
-        let mut image = ImageHasher::new()
-            .map_err(|e| Stop::Upgrade(ErrorCode::Internal, format!("cannot start the image hashing thread: {e}")))?;
+        let mut image = ImageHasher::new().map_err(|e| {
+            Stop::Upgrade(
+                ErrorCode::Internal,
+                format!("cannot start the image hashing thread: {e}"),
+            )
+        })?;
         let mut frame = Vec::new();
         let mut run: Option<Run> = None;
         let mut tally = Tally::default();
@@ -321,27 +325,24 @@ impl Engine {
                     .then_some(true),
                 Plan::Fetch => None,
             };
-            let write = match local {
-                Some(copied) => {
-                    if copied {
-                        tally.copied += u64::from(c.size);
-                    } else {
-                        tally.kept += u64::from(c.size);
-                    }
-                    copied
+            let write = if let Some(copied) = local {
+                if copied {
+                    tally.copied += u64::from(c.size);
+                } else {
+                    tally.kept += u64::from(c.size);
                 }
-                None => {
-                    if plan[i] != Plan::Fetch {
-                        // The slot did not hold what its index said: fetch it after all.
-                        to_fetch += u64::from(c.data_len);
-                    }
-                    let end = ends[i].max(c.data_end());
-                    self.read_frame(&mut run, &source, data_offset, c, end, &mut frame)?;
-                    chunked::decompress(i, c, &frame, dict, out, &mut dctx).map_err(chunk_stop)?;
-                    tally.fetched += u64::from(c.data_len);
-                    tally.fetched_chunks += 1;
-                    true
+                copied
+            } else {
+                if plan[i] != Plan::Fetch {
+                    // The slot did not hold what its index said: fetch it after all.
+                    to_fetch += u64::from(c.data_len);
                 }
+                let end = ends[i].max(c.data_end());
+                self.read_frame(&mut run, &source, data_offset, c, end, &mut frame)?;
+                chunked::decompress(i, c, &frame, dict, out, &mut dctx).map_err(chunk_stop)?;
+                tally.fetched += u64::from(c.data_len);
+                tally.fetched_chunks += 1;
+                true
             };
             let bytes = window.fill(c);
             image.update(bytes);

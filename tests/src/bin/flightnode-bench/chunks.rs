@@ -3,7 +3,7 @@
 //! of the image and `xdelta3`/`bsdiff` deltas where installed; install time and the agent's own
 //! peak RSS.
 //!
-//! The two images are built here with `mkfs.ext4 -d` (no root needed) from generated trees: 40
+//! The two images are built here with `mkfs.ext4 -d` (no root needed) from generated trees: 40 (per 256 MiB)
 //! "packages" of binaries (token-structured, about 2:1 compressible), text (docs, configs) and
 //! already-compressed blobs. Version 2 upgrades one package (every file replaced), rewrites a
 //! few configs, patches two binaries in place and adds a file: a few percent of the content.
@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const PACKAGES: u64 = 40;
+/// Packages in a 256 MiB image (scaled with `--size-mib`, so the tree fits the file system).
+const PACKAGES_PER_256_MIB: u64 = 40;
 /// mtime of every generated file (what a reproducible build sets via `SOURCE_DATE_EPOCH`).
 const EPOCH_V1: u64 = 1_780_000_000;
 const EPOCH_V2: u64 = 1_790_000_000;
@@ -157,8 +158,8 @@ fn package(v: &Vocab, root: &Path, p: u64, pv: u32, epoch: u64) -> Result<()> {
 }
 
 /// Generates version `version` (1 or 2) of the tree.
-fn tree(v: &Vocab, root: &Path, version: u32) -> Result<()> {
-    for p in 0..PACKAGES {
+fn tree(v: &Vocab, root: &Path, version: u32, packages: u64) -> Result<()> {
+    for p in 0..packages {
         // Version 2 upgrades package 7.
         let (pv, epoch) = if version == 2 && p == 7 {
             (2, EPOCH_V2)
@@ -168,7 +169,7 @@ fn tree(v: &Vocab, root: &Path, version: u32) -> Result<()> {
         package(v, root, p, pv, epoch)?;
     }
     if version == 2 {
-        for p in [3u64, 11, 19, 23, 31] {
+        for p in [3u64, 11, 19, 23, 31].map(|p| p % packages) {
             write(
                 root,
                 &format!("etc/pkg{p:02}.conf"),
@@ -176,7 +177,7 @@ fn tree(v: &Vocab, root: &Path, version: u32) -> Result<()> {
                 EPOCH_V2,
             )?;
         }
-        for p in [13u64, 29] {
+        for p in [13u64, 29].map(|p| p % packages) {
             let path = root.join(format!("usr/lib/pkg{p:02}/lib0.so"));
             let mut bytes = std::fs::read(&path)?;
             let mid = bytes.len() / 2;
@@ -370,11 +371,12 @@ pub(crate) fn chunks(size_mib: u64, level: u64, window_kib: u64, runs: u64) -> R
         &["keygen", "--out-dir", &dir.join("keys").display().to_string()],
     )?;
     let vocab = Vocab::new();
+    let packages = (size_mib * PACKAGES_PER_256_MIB / 256).max(8);
     let (img1, img2) = (dir.join("v1.img"), dir.join("v2.img"));
     for (version, img) in [(1, &img1), (2, &img2)] {
         let root = dir.join(format!("tree{version}"));
         eprintln!("generating tree {version} and its {size_mib} MiB ext4 image");
-        tree(&vocab, &root, version)?;
+        tree(&vocab, &root, version, packages)?;
         mkfs(&root, img, size_mib)?;
         std::fs::remove_dir_all(&root)?;
     }
