@@ -384,3 +384,56 @@ fn wrong_or_oversized_chunk_context_is_refused() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(dev.slot_bytes("b"), image("2.0.0"));
 }
+
+/// A fresh install over a slot whose cached index lists an older image keeps that image's
+/// matching chunks in place (read and hashed, not copied or fetched); a slot without a cache is
+/// not read for them.
+#[test]
+fn chunks_the_target_slot_already_holds_stay_in_place() {
+    let dev = Device::new(Options::default());
+    let v2 = image("2.0.0");
+    let v3 = changed(&v2, "3.0.0");
+    let v4 = changed(&v2, "4.0.0");
+    let srv = BundleServer::start_blocking().unwrap();
+    for (name, version, bytes) in [("v2", "2.0.0", &v2), ("v3", "3.0.0", &v3), ("v4", "4.0.0", &v4)] {
+        let b = chunked_bundle(&dev, name, version, bytes);
+        srv.put_file(&format!("/{name}.fnb"), &b).unwrap();
+    }
+    let kept = |o: &std::process::Output| {
+        // The log's fields, without colour escapes.
+        let mut log = String::new();
+        let mut escape = false;
+        for ch in text(o).chars() {
+            match ch {
+                '\u{1b}' => escape = true,
+                'm' if escape => escape = false,
+                _ if escape => {}
+                _ => log.push(ch),
+            }
+        }
+        let at = log.find("chunked image written and verified").expect(&log);
+        let line = &log[at..log[at..].find('\n').map_or(log.len(), |n| at + n)];
+        let field = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("kept="))
+            .expect(line);
+        field.parse::<u64>().unwrap()
+    };
+    let install = |name: &str| {
+        let o = dev
+            .cmd(&["install", &srv.url(&format!("/{name}.fnb"))])
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        o
+    };
+    let o = install("v2");
+    assert_eq!(kept(&o), 0, "slot b held no chunked image");
+    install("v3");
+    // v4 goes to slot b, which still holds v2 and its cached index.
+    let o = install("v4");
+    assert_eq!(dev.slot_bytes("b"), v4);
+    assert!(kept(&o) > (IMAGE as u64) / 2, "{}", text(&o));
+    dev.assert_bootable();
+}
