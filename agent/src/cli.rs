@@ -73,6 +73,11 @@ pub enum BundleCommand {
         /// zstd level of the chunks (1-22; with --chunked).
         #[arg(long, requires = "chunked", value_parser = clap::value_parser!(i32).range(1..=22))]
         level: Option<i32>,
+        /// KiB of the image before each chunk's segment its frame may refer to (with
+        /// --chunked; at most 8192). 0 writes independent frames, the layout agents before
+        /// chunk contexts read.
+        #[arg(long, requires = "chunked", value_parser = clap::value_parser!(u32).range(0..=8192))]
+        window_kib: Option<u32>,
     },
     /// Check a bundle's signature and image hash; print its manifest.
     Verify {
@@ -167,6 +172,7 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
             output,
             chunked,
             level,
+            window_kib,
         } => {
             let expires = expires_in.map(|d| time::OffsetDateTime::now_utc() + d);
             let opts = CreateOptions {
@@ -174,7 +180,10 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
                 security_version,
                 compatible,
                 expires,
-                chunked: chunked.then(|| level.unwrap_or(bundle::chunked::DEFAULT_LEVEL)),
+                chunked: chunked.then(|| bundle::Chunking {
+                    level: level.unwrap_or(bundle::chunked::DEFAULT_LEVEL),
+                    window: window_kib.map_or(bundle::chunked::DEFAULT_WINDOW, |k| k * 1024),
+                }),
             };
             let m = bundle::create(&key, &image, &opts, &output)?;
             println!(
@@ -223,6 +232,13 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
                     c.compression,
                     ratio * 100.0
                 );
+                match c.context {
+                    Some(x) => println!(
+                        "context:  {} bytes before each {}-byte segment",
+                        x.window, x.segment
+                    ),
+                    None => println!("context:  none (independent frames)"),
+                }
             }
             println!("(not verified: run bundle verify --key for that)");
             Ok(ExitCode::SUCCESS)

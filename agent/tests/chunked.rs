@@ -203,6 +203,16 @@ fn resign(
     bundle: &std::path::Path,
     edit: impl Fn(&mut Vec<flightnode_proto::chunks::Chunk>),
 ) -> Vec<u8> {
+    resign_with(dev, bundle, edit, |_| {})
+}
+
+/// [`resign`], also editing the manifest (before it is signed).
+fn resign_with(
+    dev: &Device,
+    bundle: &std::path::Path,
+    edit: impl Fn(&mut Vec<flightnode_proto::chunks::Chunk>),
+    edit_manifest: impl Fn(&mut serde_json::Value),
+) -> Vec<u8> {
     use base64::Engine as _;
     use ed25519_dalek::Signer as _;
     use flightnode_proto::chunks::ChunkIndex;
@@ -221,6 +231,7 @@ fn resign(
     entries[2].1 = index.encode();
     let mut manifest: serde_json::Value = serde_json::from_slice(&entries[0].1).unwrap();
     manifest["chunks"]["index_sha256"] = hex::encode(sha2::Sha256::digest(&entries[2].1)).into();
+    edit_manifest(&mut manifest);
     let manifest_bytes = serde_json::to_vec_pretty(&manifest).unwrap();
     let key = flightnode_agent::bundle::load_signing_key(&dev.key()).unwrap();
     let sig = serde_json::json!({
@@ -272,4 +283,157 @@ fn hostile_chunk_index_is_refused_before_any_write() {
         );
         dev.assert_bootable();
     }
+}
+
+/// Bundles with independent frames (`--window-kib 0`, the layout of the first format-2 agents)
+/// still install, and an update from such an image to one with chunk contexts fetches only the
+/// changed chunks. `bundle info` tells the two apart.
+#[test]
+fn independent_frame_bundles_still_install_next_to_context_ones() {
+    let dev = Device::new(Options::default());
+    let v2 = image("2.0.0");
+    let v3 = changed(&v2, "3.0.0");
+    let img2 = dev.path("v2.img");
+    std::fs::write(&img2, &v2).unwrap();
+    let b2 = dev.bundle_image(
+        "v2",
+        &img2,
+        "2.0.0",
+        &["--chunked", "--level", "3", "--window-kib", "0"],
+    );
+    let b3 = chunked_bundle(&dev, "v3", "3.0.0", &v3);
+    let info = |b: &std::path::Path| {
+        let o = dev.run(&["bundle", "info", b.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(info(&b2).contains("context:  none"), "{}", info(&b2));
+    assert!(info(&b3).contains("bytes before each"), "{}", info(&b3));
+    let len3 = std::fs::metadata(&b3).unwrap().len();
+
+    let srv = BundleServer::start_blocking().unwrap();
+    srv.put_file("/v2.fnb", &b2).unwrap();
+    srv.put_file("/v3.fnb", &b3).unwrap();
+    let o = dev.run(&["install", &srv.url("/v2.fnb")]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dev.slot_bytes("b"), v2);
+    let o = dev.run(&["install", &srv.url("/v3.fnb")]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dev.slot_bytes("a"), v3);
+    let sent = srv.bytes_sent_for("/v3.fnb");
+    assert!(sent < len3 / 4, "the update sent {sent} of {len3} bundle bytes");
+    dev.assert_bootable();
+}
+
+/// A signed manifest whose context does not match how the frames were made (a build server bug
+/// or a hostile one): the frames decode to other bytes or not at all, `chunk_invalid`, the
+/// running slot untouched. A context window over the cap is refused before anything is written.
+#[test]
+fn wrong_or_oversized_chunk_context_is_refused() {
+    let dev = Device::new(Options::default());
+    let b2 = chunked_bundle(&dev, "v2", "2.0.0", &image("2.0.0"));
+    let srv = BundleServer::start_blocking().unwrap();
+    // Half the segment: every other segment's chunks get a context that ends elsewhere.
+    // (A shorter window alone can still decode: its bytes end where the real context ends.)
+    let halved = resign_with(
+        &dev,
+        &b2,
+        |_| {},
+        |m| {
+            let s = m["chunks"]["context"]["segment"].as_u64().unwrap();
+            m["chunks"]["context"]["segment"] = (s / 2).into();
+        },
+    );
+    let dropped = resign_with(
+        &dev,
+        &b2,
+        |_| {},
+        |m| {
+            m["chunks"].as_object_mut().unwrap().remove("context");
+        },
+    );
+    let huge = resign_with(
+        &dev,
+        &b2,
+        |_| {},
+        |m| {
+            m["chunks"]["context"]["window"] = (64u64 << 20).into();
+        },
+    );
+    for (name, bytes, code, needle) in [
+        ("halved", halved, "chunk_invalid", "chunk"),
+        ("dropped", dropped, "chunk_invalid", "chunk"),
+        ("huge", huge, "malformed_bundle", "context window"),
+    ] {
+        let path = format!("/{name}.fnb");
+        srv.put(&path, bytes);
+        let o = dev.run(&["install", &srv.url(&path)]);
+        assert!(!o.status.success(), "{name}: {}", text(&o));
+        assert_eq!(error_code(&dev), code, "{name}: {}", text(&o));
+        let message = dev.status()["last_upgrade"]["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains(needle), "{name}: {message}");
+        assert_eq!(dev.slot_bytes("a"), b"factory image", "{name}");
+        dev.assert_bootable();
+    }
+    // The same bundle, untouched, installs.
+    srv.put_file("/v2.fnb", &b2).unwrap();
+    let o = dev.run(&["install", &srv.url("/v2.fnb")]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dev.slot_bytes("b"), image("2.0.0"));
+}
+
+/// A fresh install over a slot whose cached index lists an older image keeps that image's
+/// matching chunks in place (read and hashed, not copied or fetched); a slot without a cache is
+/// not read for them.
+#[test]
+fn chunks_the_target_slot_already_holds_stay_in_place() {
+    let dev = Device::new(Options::default());
+    let v2 = image("2.0.0");
+    let v3 = changed(&v2, "3.0.0");
+    let v4 = changed(&v2, "4.0.0");
+    let srv = BundleServer::start_blocking().unwrap();
+    for (name, version, bytes) in [("v2", "2.0.0", &v2), ("v3", "3.0.0", &v3), ("v4", "4.0.0", &v4)] {
+        let b = chunked_bundle(&dev, name, version, bytes);
+        srv.put_file(&format!("/{name}.fnb"), &b).unwrap();
+    }
+    let kept = |o: &std::process::Output| {
+        // The log's fields, without colour escapes.
+        let mut log = String::new();
+        let mut escape = false;
+        for ch in text(o).chars() {
+            match ch {
+                '\u{1b}' => escape = true,
+                'm' if escape => escape = false,
+                _ if escape => {}
+                _ => log.push(ch),
+            }
+        }
+        let at = log.find("chunked image written and verified").expect(&log);
+        let line = &log[at..log[at..].find('\n').map_or(log.len(), |n| at + n)];
+        let field = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("kept="))
+            .expect(line);
+        field.parse::<u64>().unwrap()
+    };
+    let install = |name: &str| {
+        let o = dev
+            .cmd(&["install", &srv.url(&format!("/{name}.fnb"))])
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        o
+    };
+    let o = install("v2");
+    assert_eq!(kept(&o), 0, "slot b held no chunked image");
+    install("v3");
+    // v4 goes to slot b, which still holds v2 and its cached index.
+    let o = install("v4");
+    assert_eq!(dev.slot_bytes("b"), v4);
+    assert!(kept(&o) > (IMAGE as u64) / 2, "{}", text(&o));
+    dev.assert_bootable();
 }

@@ -18,7 +18,7 @@
 //! without overlapping, and whose sizes respect the manifest's `max_size`: whatever a hostile
 //! index says, a device reads, allocates and writes only within those bounds.
 
-use crate::manifest::ChunksInfo;
+use crate::manifest::{ChunksInfo, ContextInfo};
 
 /// First bytes of `chunks.idx`.
 pub const MAGIC: &[u8; 8] = b"FNCHIDX1";
@@ -42,6 +42,14 @@ pub fn compressed_bound(size: u32) -> u64 {
         0
     };
     size + (size >> 8) + small + 64
+}
+
+/// The image range `[start, end)` whose bytes are the zstd dictionary of the frame of the chunk
+/// at image offset `offset` (see [`ContextInfo`]); empty (`start == end`) in the first segment.
+pub fn context_range(offset: u64, context: &ContextInfo) -> (u64, u64) {
+    let segment = u64::from(context.segment.max(1));
+    let end = offset / segment * segment;
+    (end.saturating_sub(u64::from(context.window)), end)
 }
 
 /// One chunk of the image.
@@ -284,6 +292,7 @@ mod tests {
             index_size: index_len(count).unwrap(),
             index_sha256: "00".repeat(32),
             data_size,
+            context: None,
         }
     }
 
@@ -341,5 +350,22 @@ mod tests {
         }
         let err = ChunkIndex::parse(&bytes[..bytes.len() - 1], 300, &info(2, 90)).unwrap_err();
         assert!(matches!(err, IndexError::Length { .. }), "{err}");
+    }
+
+    #[test]
+    fn context_is_the_window_before_the_segment() {
+        let c = ContextInfo {
+            window: 1000,
+            segment: 4096,
+        };
+        assert_eq!(context_range(0, &c), (0, 0));
+        assert_eq!(context_range(4095, &c), (0, 0));
+        assert_eq!(context_range(4096, &c), (3096, 4096));
+        assert_eq!(context_range(10_000, &c), (7192, 8192));
+        let wide = ContextInfo {
+            window: 1 << 20,
+            segment: 4096,
+        };
+        assert_eq!(context_range(8192, &wide), (0, 8192));
     }
 }

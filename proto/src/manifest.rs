@@ -18,10 +18,14 @@
 //! | entry        | content                                                            | cap        |
 //! |--------------|--------------------------------------------------------------------|------------|
 //! | `chunks.idx` | the chunk index ([`crate::chunks`]): per chunk its sha256, size, offset in the image, offset and length in `chunks.zst` | [`MAX_INDEX_BYTES`] |
-//! | `chunks.zst` | the chunks, each an independent zstd frame, in image order         | manifest   |
+//! | `chunks.zst` | the chunks, one zstd frame each, in image order                    | manifest   |
+//!
+//! With [`ChunksInfo::context`] each frame is compressed against the image bytes before its
+//! segment ([`ContextInfo`]), which a device writing the image in order holds when it needs
+//! them; without it every frame decodes on its own.
 //!
 //! The manifest's [`ChunksInfo`] carries the index's size and sha256, so the signature covers
-//! every chunk hash; `image.size` and `image.sha256` still describe the whole image, which the
+//! every chunk hash (and the context, which decides what the frames decode to); `image.size` and `image.sha256` still describe the whole image, which the
 //! device checks before the switch as for format 1. The chunks are content-defined (FastCDC
 //! 2020 with the manifest's sizes), so unchanged regions of two image versions give the same
 //! chunks: a device copies those from its running slot and fetches only the others, with HTTP
@@ -46,6 +50,11 @@ pub const MAX_SIGNATURE_BYTES: u64 = 4 * 1024;
 pub const FORMAT_VERSION: u32 = 1;
 /// Format of a chunked bundle (`chunks.idx` + `chunks.zst` instead of `image`).
 pub const FORMAT_CHUNKED: u32 = 2;
+/// Largest accepted [`ContextInfo::window`]: a device keeps the window, one segment and one
+/// chunk of the image in memory while it writes.
+pub const MAX_CONTEXT_WINDOW: u32 = 8 * 1024 * 1024;
+/// Largest accepted [`ContextInfo::segment`].
+pub const MAX_CONTEXT_SEGMENT: u32 = 4 * 1024 * 1024;
 /// Name of the chunk index entry (format 2).
 pub const INDEX_ENTRY: &str = "chunks.idx";
 /// Name of the compressed chunk data entry (format 2).
@@ -110,6 +119,31 @@ pub struct ChunksInfo {
     pub index_sha256: String,
     /// Exact length of `chunks.zst`.
     pub data_size: u64,
+    /// How each chunk's frame was compressed against the image bytes before it. Absent: every
+    /// frame decodes on its own (the first format-2 bundles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<ContextInfo>,
+}
+
+/// Frames compressed against the image before them, which a device writing in image order
+/// already holds.
+///
+/// The image is cut into segments of `segment` bytes; a chunk belongs to the segment its first
+/// byte is in. A chunk's frame is compressed with zstd's dictionary set to the `window` image
+/// bytes before its segment's start (fewer at the image's start; none in the first segment), as
+/// `ZSTD_compress_usingDict` takes it: raw content, unless those bytes happen to begin with
+/// zstd's dictionary magic. See [`crate::chunks::context_range`].
+///
+/// Independent frames lose every match across chunk boundaries (their sum is about 1.6 times
+/// a whole-image `zstd -19`); with a window of a few MiB the sum comes near the whole-image
+/// size, and a changed chunk still travels alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextInfo {
+    /// Image bytes before a segment that its chunks may refer to.
+    pub window: u32,
+    /// Segment length.
+    pub segment: u32,
 }
 
 /// Size and digest of the image entry.
@@ -239,6 +273,15 @@ impl ChunksInfo {
         }
         if !is_sha256_hex(&self.index_sha256) {
             return Err(ManifestError::Digest(self.index_sha256.clone()));
+        }
+        if let Some(c) = &self.context
+            && !((1..=MAX_CONTEXT_WINDOW).contains(&c.window)
+                && (4096..=MAX_CONTEXT_SEGMENT).contains(&c.segment))
+        {
+            return bad(format!(
+                "context window {} and segment {} are not within 1..={MAX_CONTEXT_WINDOW} and 4096..={MAX_CONTEXT_SEGMENT}",
+                c.window, c.segment
+            ));
         }
         Ok(())
     }

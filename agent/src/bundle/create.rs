@@ -31,8 +31,18 @@ pub struct CreateOptions {
     pub compatible: Vec<String>,
     /// Optional instant after which devices refuse the bundle.
     pub expires: Option<OffsetDateTime>,
-    /// `Some(zstd level)`: write a chunked (format 2) bundle; `None`: format 1, the plain image.
-    pub chunked: Option<i32>,
+    /// `Some`: write a chunked (format 2) bundle; `None`: format 1, the plain image.
+    pub chunked: Option<Chunking>,
+}
+
+/// How `bundle create --chunked` compresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunking {
+    /// zstd level.
+    pub level: i32,
+    /// Context window in bytes ([`ContextInfo::window`](flightnode_proto::manifest::ContextInfo));
+    /// 0 for independent frames.
+    pub window: u32,
 }
 
 /// The format-2 parts that go between the signature and the end of the archive.
@@ -69,8 +79,8 @@ fn build(
             let (size, sha256) = hash_image(image)?;
             (size, sha256, None)
         }
-        Some(level) => {
-            let (size, sha256, info, index) = compress(image, level, data_tmp)?;
+        Some(chunking) => {
+            let (size, sha256, info, index) = compress(image, chunking, data_tmp)?;
             let parts = ChunkedParts {
                 index,
                 data: data_tmp.to_path_buf(),
@@ -161,14 +171,14 @@ fn build(
 /// encoded index.
 fn compress(
     image: &Path,
-    level: i32,
+    Chunking { level, window }: Chunking,
     data_tmp: &Path,
 ) -> Result<(u64, String, ChunksInfo, Vec<u8>), BundleError> {
     let out_err = |source| BundleError::Output {
         path: data_tmp.to_path_buf(),
         source,
     };
-    let mut info = super::chunked::new_info();
+    let mut info = super::chunked::new_info(window);
     let file = File::create(data_tmp).map_err(out_err)?;
     let mut w = BufWriter::with_capacity(COPY_BUFFER, file);
     let c = super::chunked::compress_image(image, &info, level, &mut w, data_tmp)?;
@@ -190,7 +200,7 @@ fn compress(
     info.index_sha256 = hex::encode(Sha256::digest(&index));
     info.data_size = c.data_size;
     tracing::info!(image = %image.display(), chunks = info.count, size = c.size, compressed = c.data_size, level,
-        "image chunked");
+        window, "image chunked");
     Ok((c.size, c.sha256, info, index))
 }
 

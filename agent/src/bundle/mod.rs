@@ -29,7 +29,7 @@ mod keys;
 mod reader;
 mod ustar;
 
-pub use create::{CreateOptions, create};
+pub use create::{Chunking, CreateOptions, create};
 pub use keys::{KeyPaths, TrustedKeys, keygen, load_signing_key, load_verifying_key};
 pub use reader::{VerifiedHeader, copy_image, read_header, read_manifest_file, verify_file};
 

@@ -1,18 +1,23 @@
 //! Installing a chunked (format 2) bundle: copy what the device has, fetch only what it lacks.
 //!
-//! Three passes over the signed chunk index, in image order:
-//! 1. **Local.** A chunk already in the target slot at its offset (a resumed install, or an
-//!    older image sharing it) is kept; one found by hash in the running slot's index is read
-//!    from there, verified and written. Neither slot is trusted: every chunk is hashed first.
-//! 2. **Network.** The remaining chunks are grouped into runs of neighbours in `chunks.zst` and
-//!    each run is fetched with one HTTP `Range` request; each frame is decompressed into a
-//!    buffer bounded by its declared size, verified against its signed sha256, then written.
-//! 3. **Whole image.** The slot is synced and its first `image.size` bytes hashed against the
-//!    manifest, as for format 1, before the upgrade may go on to the switch.
+//! One pass over the signed chunk index, in image order. Each chunk comes from the first of:
+//! - **the target slot**, at its own offset: on a resume (after a cut or a power loss) any chunk
+//!   may already be there; on a fresh install, those the slot's cached index says it holds (an
+//!   older image sharing them);
+//! - **the running slot**, found by hash in that slot's index;
+//! - **the network**: the chunks planned for fetching are grouped into runs of neighbours in
+//!   `chunks.zst`, each fetched with one HTTP `Range` request; each frame is decompressed (against
+//!   its context, the image bytes before its segment, which the pass has just written) into a
+//!   buffer of its declared size and verified against its signed sha256 before it is written.
 //!
-//! Resume needs no byte offset: after a cut or a power loss pass 1 finds every chunk that reached
-//! the slot intact and fetches only the rest. The slot is synced every
-//! `download.checkpoint_bytes` of fetched data so a power cut loses little.
+//! Neither slot is trusted: a local chunk is hashed before it is used, and one that does not
+//! match is fetched instead. The whole image's sha256 is computed over the same bytes as they
+//! pass (on a second thread; nothing is read back from the slot), and checked against the
+//! manifest before the upgrade may go on to the switch, as for format 1.
+//!
+//! Resume needs no byte offset: the next attempt finds every chunk that reached the slot intact
+//! and fetches only the rest. The slot is synced every `download.checkpoint_bytes` written so a
+//! power cut loses little.
 //!
 //! The index of each slot's image is cached in the state directory (`slot-<a|b>.idx`): written
 //! when a chunked image was written and verified (so it is there when that slot runs after the
@@ -26,11 +31,13 @@ use flightnode_proto::chunks::{Chunk, ChunkIndex};
 use flightnode_proto::manifest::{ChunksInfo, Manifest};
 use flightnode_proto::{ErrorCode, Slot};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Neighbouring frames closer than this are fetched in one request (the gap is read and dropped).
@@ -46,7 +53,7 @@ pub fn cache_path(state_dir: &Path, slot: Slot) -> PathBuf {
 }
 
 /// The cache file: a JSON line with the chunk sizes, then the binary index.
-fn read_cache(path: &Path, info: &ChunksInfo) -> Option<ChunkIndex> {
+pub(super) fn read_cache(path: &Path, info: &ChunksInfo) -> Option<ChunkIndex> {
     let bytes = std::fs::read(path).ok()?;
     let nl = bytes.iter().position(|&b| b == b'\n')?;
     let sizes: [u32; 3] = serde_json::from_slice(&bytes[..nl]).ok()?;
@@ -94,10 +101,149 @@ fn slot_stop(slot: Slot, path: &Path, action: &'static str, source: std::io::Err
     Stop::Upgrade(e.code(), e.to_string())
 }
 
-/// A chunk to fetch, with its number for messages.
-struct Missing {
-    index: usize,
-    chunk: Chunk,
+/// Which chunks the target slot may already hold at their own offsets.
+pub(super) enum TargetHeld {
+    /// Unknown (a resumed write): try every chunk.
+    Any,
+    /// The chunks of the slot's cached index from before this write began.
+    Known(HashSet<(u64, [u8; 32])>),
+}
+
+impl TargetHeld {
+    /// From the target's cached index, read before the write drops it.
+    pub(super) fn cached(state_dir: &Path, target: Slot, info: &ChunksInfo) -> Self {
+        let held = read_cache(&cache_path(state_dir, target), info)
+            .map(|index| index.chunks.into_iter().map(|c| (c.offset, c.sha256)).collect())
+            .unwrap_or_default();
+        Self::Known(held)
+    }
+
+    fn has(&self, c: &Chunk) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Known(set) => set.contains(&(c.offset, c.sha256)),
+        }
+    }
+}
+
+/// Where the plan expects a chunk from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    Target,
+    Running(u64),
+    Fetch,
+}
+
+/// Bytes of the image by where they came from, for the log.
+#[derive(Default)]
+struct Tally {
+    kept: u64,
+    copied: u64,
+    fetched_chunks: usize,
+    fetched: u64,
+}
+
+/// Bytes handed to the hashing thread at a time.
+const HASH_BATCH: usize = 512 * 1024;
+
+/// The whole image's sha256, computed on another core: chunks are copied (cheap next to hashing)
+/// into batches that a thread hashes while the next chunks are read, decompressed and written.
+struct ImageHasher {
+    batch: Vec<u8>,
+    tx: Option<SyncSender<Vec<u8>>>,
+    /// Hashed batches come back for reuse.
+    spent: Receiver<Vec<u8>>,
+    thread: Option<JoinHandle<[u8; 32]>>,
+}
+
+impl ImageHasher {
+    fn new() -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel::<Vec<u8>>(2);
+        let (back, spent) = sync_channel(4);
+        let thread = std::thread::Builder::new()
+            .name("image-sha256".into())
+            .spawn(move || {
+                let mut hasher = Sha256::new();
+                for batch in rx {
+                    hasher.update(&batch);
+                    let _ = back.try_send(batch);
+                }
+                hasher.finalize().into()
+            })?;
+        Ok(Self {
+            batch: Vec::with_capacity(HASH_BATCH),
+            tx: Some(tx),
+            spent,
+            thread: Some(thread),
+        })
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        if self.batch.len() + bytes.len() > HASH_BATCH {
+            self.send();
+        }
+        self.batch.extend_from_slice(bytes);
+    }
+
+    fn send(&mut self) {
+        let mut next = self
+            .spent
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(HASH_BATCH));
+        next.clear();
+        let full = std::mem::replace(&mut self.batch, next);
+        if let Some(tx) = &self.tx {
+            // A send fails only if the thread died; `finish` reports that.
+            let _ = tx.send(full);
+        }
+    }
+
+    /// Lower-case hex sha256 of every byte given, in order.
+    fn finish(mut self) -> Result<String, Stop> {
+        self.send();
+        self.tx = None;
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .map(hex::encode)
+            .ok_or_else(|| Stop::Upgrade(ErrorCode::Internal, "the image hashing thread failed".into()))
+    }
+}
+
+/// The open `Range` request: bytes `[pos, end)` of `chunks.zst` are still to be read from it.
+struct Run {
+    reader: crate::download::BundleReader,
+    pos: u64,
+    end: u64,
+}
+
+/// For each chunk planned for fetching, the end in `chunks.zst` of the coalesced run it belongs
+/// to (0 for the others).
+fn run_ends(index: &ChunkIndex, plan: &[Plan]) -> Vec<u64> {
+    let mut ends = vec![0u64; plan.len()];
+    let fetch: Vec<usize> = (0..plan.len()).filter(|&i| plan[i] == Plan::Fetch).collect();
+    let mut rest = &fetch[..];
+    while let Some(&first) = rest.first() {
+        let start = index.chunks[first].data_offset;
+        let mut n = 1;
+        while let Some(&next) = rest.get(n) {
+            let prev = &index.chunks[rest[n - 1]];
+            let c = &index.chunks[next];
+            if c.data_offset.saturating_sub(prev.data_end()) > COALESCE_GAP
+                || c.data_end().saturating_sub(start) > MAX_RUN
+            {
+                break;
+            }
+            n += 1;
+        }
+        let (run, tail) = rest.split_at(n);
+        let end = index.chunks[run[n - 1]].data_end();
+        for &i in run {
+            ends[i] = end;
+        }
+        rest = tail;
+    }
+    ends
 }
 
 impl Engine {
@@ -108,6 +254,7 @@ impl Engine {
         index: &ChunkIndex,
         data_offset: u64,
         target: Slot,
+        held: &TargetHeld,
     ) -> Result<(), Stop> {
         let Some(info) = manifest.chunks.clone() else {
             return Err(Stop::Upgrade(ErrorCode::Internal, "not a chunked bundle".into()));
@@ -124,40 +271,114 @@ impl Engine {
             File::open(&target_path).map_err(|e| slot_stop(target, &target_path, "open for reading", e))?;
 
         let started = Instant::now();
-        let missing = self.copy_local(index, &info, &file, &existing, target, &target_path)?;
-        let to_fetch: u64 = missing.iter().map(|m| u64::from(m.chunk.data_len)).sum();
-        let fetch_chunks = missing.len();
-        tracing::info!(slot = %target, chunks = index.chunks.len(), fetch_chunks, to_fetch,
-            local_secs = started.elapsed().as_secs_f64(), "local chunks in place; fetching the rest");
+        let running = self.running_chunks(&info);
+        let running_file = self
+            .running()
+            .ok()
+            .and_then(|slot| File::open(self.slots.path(slot)).ok());
+        let plan: Vec<Plan> = index
+            .chunks
+            .iter()
+            .map(|c| match running.get(&c.sha256) {
+                _ if held.has(c) => Plan::Target,
+                Some(&(offset, size)) if size == c.size && running_file.is_some() => Plan::Running(offset),
+                _ => Plan::Fetch,
+            })
+            .collect();
+        let ends = run_ends(index, &plan);
+        let mut to_fetch: u64 = index
+            .chunks
+            .iter()
+            .zip(&plan)
+            .filter(|(_, p)| **p == Plan::Fetch)
+            .map(|(c, _)| u64::from(c.data_len))
+            .sum();
+        tracing::info!(slot = %target, chunks = index.chunks.len(), to_fetch,
+            plan_secs = started.elapsed().as_secs_f64(), "chunk plan made; writing the image in order");
         self.observer.progress(0, to_fetch);
-        self.fetch(
-            &source,
-            data_offset,
-            &missing,
-            to_fetch,
-            &file,
-            target,
-            &target_path,
-        )?;
+
+        let mut dctx = chunked::decompressor();
+        let mut window = chunked::Window::new(&info);
+        let mut image = ImageHasher::new().map_err(|e| {
+            Stop::Upgrade(
+                ErrorCode::Internal,
+                format!("cannot start the image hashing thread: {e}"),
+            )
+        })?;
+        let mut frame = Vec::new();
+        let mut run: Option<Run> = None;
+        let mut tally = Tally::default();
+        let mut unsynced = 0u64;
+        let mut last_sync = Instant::now();
+        let checkpoint = self.cfg.download.checkpoint_bytes.max(4096);
+        for (i, c) in index.chunks.iter().enumerate() {
+            if let Some(stop) = self.interrupted() {
+                let _ = file.sync_data();
+                return Err(stop);
+            }
+            let (dict, out) = window.next(c);
+            let local = match plan[i] {
+                Plan::Target => read_verified(&existing, c.offset, c, out).then_some(false),
+                Plan::Running(offset) => running_file
+                    .as_ref()
+                    .is_some_and(|f| read_verified(f, offset, c, out))
+                    .then_some(true),
+                Plan::Fetch => None,
+            };
+            let write = if let Some(copied) = local {
+                if copied {
+                    tally.copied += u64::from(c.size);
+                } else {
+                    tally.kept += u64::from(c.size);
+                }
+                copied
+            } else {
+                if plan[i] != Plan::Fetch {
+                    // The slot did not hold what its index said: fetch it after all.
+                    to_fetch += u64::from(c.data_len);
+                }
+                let end = ends[i].max(c.data_end());
+                self.read_frame(&mut run, &source, data_offset, c, end, &mut frame)?;
+                chunked::decompress(i, c, &frame, dict, out, &mut dctx).map_err(chunk_stop)?;
+                tally.fetched += u64::from(c.data_len);
+                tally.fetched_chunks += 1;
+                true
+            };
+            let bytes = window.fill(c);
+            image.update(bytes);
+            if write {
+                file.write_all_at(bytes, c.offset)
+                    .map_err(|e| slot_stop(target, &target_path, "write a chunk", e))?;
+                unsynced += u64::from(c.size);
+            }
+            if local.is_none() {
+                crate::failpoint::download(tally.fetched);
+                self.observer.progress(tally.fetched, to_fetch);
+            }
+            if unsynced >= checkpoint || (unsynced > 0 && last_sync.elapsed() >= SYNC_INTERVAL) {
+                file.sync_data()
+                    .map_err(|e| slot_stop(target, &target_path, "fsync", e))?;
+                unsynced = 0;
+                last_sync = Instant::now();
+            }
+        }
+        drop(run);
 
         self.slots
             .finish(target, &file, size)
             .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
-        let mut hasher = Sha256::new();
-        self.slots
-            .hash_prefix(target, size, &mut hasher)
-            .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
-        let actual = hex::encode(hasher.finalize());
+        let actual = image.finish()?;
         if actual != manifest.image.sha256 {
             return Err(Stop::Upgrade(
                 ErrorCode::HashMismatch,
                 format!(
-                    "slot {target} image sha256 is {actual} after writing every verified chunk, but manifest.json says {}; the slot does not hold what was written",
+                    "slot {target} image sha256 is {actual} over every verified chunk, but manifest.json says {}; the chunk index does not describe the signed image",
                     manifest.image.sha256
                 ),
             ));
         }
-        tracing::info!(slot = %target, fetched = to_fetch, fetch_chunks, secs = started.elapsed().as_secs_f64(),
+        tracing::info!(slot = %target, kept = tally.kept, copied = tally.copied, fetched = tally.fetched,
+            fetched_chunks = tally.fetched_chunks, secs = started.elapsed().as_secs_f64(),
             "chunked image written and verified");
         write_cache(&cache_path(&self.cfg.state_dir, target), &info, index);
         Ok(())
@@ -200,130 +421,46 @@ impl Engine {
         map
     }
 
-    /// Pass 1: keeps chunks the target holds, copies those the running slot holds; returns the
-    /// others.
-    fn copy_local(
-        &mut self,
-        index: &ChunkIndex,
-        info: &ChunksInfo,
-        file: &File,
-        existing: &File,
-        target: Slot,
-        target_path: &Path,
-    ) -> Result<Vec<Missing>, Stop> {
-        let running = self.running_chunks(info);
-        let running_file = self
-            .running()
-            .ok()
-            .and_then(|slot| File::open(self.slots.path(slot)).ok());
-        let mut buf = Vec::with_capacity(info.max_size as usize);
-        let mut missing = Vec::new();
-        let (mut kept, mut copied) = (0u64, 0u64);
-        for (i, c) in index.chunks.iter().enumerate() {
-            if i % 256 == 0
-                && let Some(stop) = self.interrupted()
-            {
-                return Err(stop);
-            }
-            if read_verified(existing, c.offset, c, &mut buf) {
-                kept += u64::from(c.size);
-                continue;
-            }
-            let from_running = running.get(&c.sha256).is_some_and(|&(offset, size)| {
-                size == c.size
-                    && running_file
-                        .as_ref()
-                        .is_some_and(|f| read_verified(f, offset, c, &mut buf))
-            });
-            if from_running {
-                file.write_all_at(&buf, c.offset)
-                    .map_err(|e| slot_stop(target, target_path, "write a copied chunk", e))?;
-                copied += u64::from(c.size);
-                continue;
-            }
-            missing.push(Missing { index: i, chunk: *c });
-        }
-        tracing::info!(slot = %target, kept, copied, missing = missing.len(), "chunks found locally");
-        Ok(missing)
-    }
-
-    /// Pass 2: fetches the missing chunks in coalesced `Range` requests.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "one pass over the index: the fetch needs the plan, both slots, the fetcher and the progress"
-    )]
-    fn fetch(
-        &mut self,
+    /// Reads chunk `c`'s frame into `frame` from the open run when it covers it, else from a new
+    /// `Range` request for `chunks.zst` bytes `[c.data_offset, end)`.
+    fn read_frame(
+        &self,
+        run: &mut Option<Run>,
         source: &str,
         data_offset: u64,
-        missing: &[Missing],
-        to_fetch: u64,
-        file: &File,
-        target: Slot,
-        target_path: &Path,
+        c: &Chunk,
+        end: u64,
+        frame: &mut Vec<u8>,
     ) -> Result<(), Stop> {
-        let mut dctx =
-            chunked::decompressor().map_err(|e| Stop::Upgrade(ErrorCode::Internal, e.to_string()))?;
-        let mut frame = Vec::new();
-        let mut out = Vec::new();
-        let mut fetched = 0u64;
-        let mut unsynced = 0u64;
-        let mut last_sync = Instant::now();
-        let checkpoint = self.cfg.download.checkpoint_bytes.max(4096);
-        let mut rest = missing;
-        while let Some(first) = rest.first() {
-            let mut n = 1;
-            while let Some(next) = rest.get(n) {
-                let prev = &rest[n - 1].chunk;
-                if next.chunk.data_offset - prev.data_end() > COALESCE_GAP
-                    || next.chunk.data_end() - first.chunk.data_offset > MAX_RUN
-                {
-                    break;
-                }
-                n += 1;
-            }
-            let (run, tail) = rest.split_at(n);
-            rest = tail;
-            let start = first.chunk.data_offset;
-            let len = run[n - 1].chunk.data_end() - start;
-            let fetch_stop = |this: &Self, e: crate::download::DownloadError| {
-                this.interrupted()
-                    .unwrap_or(Stop::Upgrade(e.code(), e.to_string()))
-            };
-            let mut reader = self
+        let covered = run
+            .as_ref()
+            .is_some_and(|r| r.pos <= c.data_offset && c.data_end() <= r.end);
+        if !covered {
+            *run = None;
+            let reader = self
                 .fetcher
-                .open_range(source, data_offset + start, len)
-                .map_err(|e| fetch_stop(self, e))?;
-            let mut pos = start;
-            for m in run {
-                if let Some(stop) = self.interrupted() {
-                    let _ = file.sync_data();
-                    return Err(stop);
-                }
-                let c = &m.chunk;
-                let gap = c.data_offset - pos;
-                if gap > 0 {
-                    std::io::copy(&mut (&mut reader).take(gap), &mut std::io::sink())
-                        .map_err(|e| self.read_stop(e))?;
-                }
-                frame.resize(c.data_len as usize, 0);
-                reader.read_exact(&mut frame).map_err(|e| self.read_stop(e))?;
-                pos = c.data_end();
-                chunked::decompress(m.index, c, &frame, &mut out, &mut dctx).map_err(chunk_stop)?;
-                file.write_all_at(&out, c.offset)
-                    .map_err(|e| slot_stop(target, target_path, "write a fetched chunk", e))?;
-                fetched += u64::from(c.data_len);
-                unsynced += u64::from(c.size);
-                crate::failpoint::download(fetched);
-                self.observer.progress(fetched, to_fetch);
-                if unsynced >= checkpoint || last_sync.elapsed() >= SYNC_INTERVAL {
-                    file.sync_data()
-                        .map_err(|e| slot_stop(target, target_path, "fsync", e))?;
-                    unsynced = 0;
-                    last_sync = Instant::now();
-                }
-            }
+                .open_range(source, data_offset + c.data_offset, end - c.data_offset)
+                .map_err(|e| {
+                    self.interrupted()
+                        .unwrap_or(Stop::Upgrade(e.code(), e.to_string()))
+                })?;
+            *run = Some(Run {
+                reader,
+                pos: c.data_offset,
+                end,
+            });
         }
+        let Some(r) = run.as_mut() else {
+            return Err(Stop::Upgrade(ErrorCode::Internal, "no open range".into()));
+        };
+        let gap = c.data_offset - r.pos;
+        if gap > 0 {
+            std::io::copy(&mut (&mut r.reader).take(gap), &mut std::io::sink())
+                .map_err(|e| self.read_stop(e))?;
+        }
+        frame.resize(c.data_len as usize, 0);
+        r.reader.read_exact(frame).map_err(|e| self.read_stop(e))?;
+        r.pos = c.data_end();
         Ok(())
     }
 
@@ -343,8 +480,8 @@ impl Engine {
     }
 }
 
-/// Reads chunk `c`'s length at `offset` of `file` into `buf`; true when it hashes to `c.sha256`.
-fn read_verified(file: &File, offset: u64, c: &Chunk, buf: &mut Vec<u8>) -> bool {
-    buf.resize(c.size as usize, 0);
-    file.read_exact_at(buf, offset).is_ok() && <[u8; 32]>::from(Sha256::digest(&buf[..])) == c.sha256
+/// Reads chunk `c` from `offset` of `file` into `buf` (its size); true when it hashes to
+/// `c.sha256`.
+fn read_verified(file: &File, offset: u64, c: &Chunk, buf: &mut [u8]) -> bool {
+    file.read_exact_at(buf, offset).is_ok() && <[u8; 32]>::from(Sha256::digest(&*buf)) == c.sha256
 }

@@ -1,5 +1,6 @@
 //! The steps of [`Engine::drive`], one per phase.
 
+use super::chunked::TargetHeld;
 use super::writer::SlotWriter;
 use super::{Engine, Stop};
 use crate::activation::{Activation, ActivationError};
@@ -113,12 +114,17 @@ impl Engine {
                 // bootloader, before the first byte overwrites it.
                 self.state.accept_manifest(m.clone(), header.image_offset);
                 self.save()?;
+                // What the target held, from its cached index, before the write drops that cache.
+                let held = m
+                    .chunks
+                    .as_ref()
+                    .map(|info| TargetHeld::cached(&self.cfg.state_dir, u.target, info));
                 self.disable_target(u.target)?;
                 crate::failpoint::hit("verified");
-                if let Some(index) = header.chunks {
-                    // Only the chunks the device lacks are fetched, each with its own request.
+                if let (Some(index), Some(held)) = (header.chunks, held) {
+                    // Only the chunks the device lacks are fetched, in ranges of neighbours.
                     drop(reader);
-                    return self.install_chunks(&m, &index, header.image_offset, u.target);
+                    return self.install_chunks(&m, &index, header.image_offset, u.target, &held);
                 }
                 (m, 0, sha2::Sha256::new(), reader)
             }
@@ -143,7 +149,7 @@ impl Engine {
                     ));
                 };
                 tracing::info!(upgrade_id = %u.id, slot = %u.target, "resuming chunked image download");
-                return self.install_chunks(m, &index, header.image_offset, u.target);
+                return self.install_chunks(m, &index, header.image_offset, u.target, &TargetHeld::Any);
             }
             Some(m) => {
                 // A crash between the save and the bootloader write above: do it again.
@@ -172,8 +178,9 @@ impl Engine {
         index: &flightnode_proto::chunks::ChunkIndex,
         data_offset: u64,
         target: Slot,
+        held: &TargetHeld,
     ) -> Result<(), Stop> {
-        self.write_chunks(manifest, index, data_offset, target)?;
+        self.write_chunks(manifest, index, data_offset, target, held)?;
         self.state.written(manifest.image.size);
         self.state.enter(Phase::Staged);
         self.save()?;

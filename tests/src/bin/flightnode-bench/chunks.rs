@@ -1,8 +1,9 @@
 //! `chunks`: bytes on the wire for a full plain (format 1) download, a full chunked (format 2)
 //! download and a chunked update over the older slot, of a real ext4 image, next to `zstd -19`
-//! of the image and `xdelta3`/`bsdiff` deltas where installed; install time and peak RSS.
+//! of the image and `xdelta3`/`bsdiff` deltas where installed; install time and the agent's own
+//! peak RSS.
 //!
-//! The two images are built here with `mkfs.ext4 -d` (no root needed) from generated trees: 40
+//! The two images are built here with `mkfs.ext4 -d` (no root needed) from generated trees: 40 (per 256 MiB)
 //! "packages" of binaries (token-structured, about 2:1 compressible), text (docs, configs) and
 //! already-compressed blobs. Version 2 upgrades one package (every file replaced), rewrites a
 //! few configs, patches two binaries in place and adds a file: a few percent of the content.
@@ -15,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const PACKAGES: u64 = 40;
+/// Packages in a 256 MiB image (scaled with `--size-mib`, so the tree fits the file system).
+const PACKAGES_PER_256_MIB: u64 = 40;
 /// mtime of every generated file (what a reproducible build sets via `SOURCE_DATE_EPOCH`).
 const EPOCH_V1: u64 = 1_780_000_000;
 const EPOCH_V2: u64 = 1_790_000_000;
@@ -164,8 +166,8 @@ fn package(v: &Vocab, root: &Path, p: u64, pv: u32, epoch: u64) -> Result<()> {
 }
 
 /// Generates version `version` (1 or 2) of the tree.
-fn tree(v: &Vocab, root: &Path, version: u32) -> Result<()> {
-    for p in 0..PACKAGES {
+fn tree(v: &Vocab, root: &Path, version: u32, packages: u64) -> Result<()> {
+    for p in 0..packages {
         // Version 2 upgrades package 7.
         let (pv, epoch) = if version == 2 && p == 7 {
             (2, EPOCH_V2)
@@ -175,7 +177,7 @@ fn tree(v: &Vocab, root: &Path, version: u32) -> Result<()> {
         package(v, root, p, pv, epoch)?;
     }
     if version == 2 {
-        for p in [3u64, 11, 19, 23, 31] {
+        for p in [3u64, 11, 19, 23, 31].map(|p| p % packages) {
             write(
                 root,
                 &format!("etc/pkg{p:02}.conf"),
@@ -183,7 +185,7 @@ fn tree(v: &Vocab, root: &Path, version: u32) -> Result<()> {
                 EPOCH_V2,
             )?;
         }
-        for p in [13u64, 29] {
+        for p in [13u64, 29].map(|p| p % packages) {
             let path = root.join(format!("usr/lib/pkg{p:02}/lib0.so"));
             let mut bytes = std::fs::read(&path)?;
             let mid = bytes.len() / 2;
@@ -270,25 +272,59 @@ fn device(dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(config)
 }
 
-/// Runs the agent's install, returning (seconds, peak RSS in KiB).
+/// Runs the agent's install, returning (seconds, peak RSS of the agent in KiB).
+///
+/// The agent is started by a fresh `flightnode-bench child-rusage` process, not by this one: the
+/// kernel counts the memory of the process an `exec` replaces into the new program's peak, and
+/// here that would be this bench with both images in memory.
 fn install(agent: &Path, config: &Path, url: &str) -> Result<(f64, u64)> {
+    let out = tempfile::NamedTempFile::new()?;
     let t = Instant::now();
-    let child = Command::new(agent)
+    let st = Command::new(std::env::current_exe()?)
+        .arg("child-rusage")
+        .arg(out.path())
+        .arg(agent)
         .arg("--config")
         .arg(config)
         .args(["install", url])
-        .spawn()?;
+        .status()?;
+    let secs = t.elapsed().as_secs_f64();
+    if !st.success() {
+        bail!("install of {url} failed ({st})");
+    }
+    let kib = std::fs::read_to_string(out.path())?.trim().parse()?;
+    Ok((secs, kib))
+}
+
+/// `child-rusage OUT PROGRAM ARGS...`: runs the program, writes its peak RSS (KiB, from
+/// `wait4`) to OUT and exits with its status. Run from a small process, so what the program's
+/// `exec` replaced does not count.
+pub(crate) fn child_rusage(args: &[String]) -> Result<()> {
+    let [out, program, rest @ ..] = args else {
+        bail!("usage: flightnode-bench child-rusage OUT PROGRAM [ARGS...]");
+    };
+    let child = Command::new(program).args(rest).spawn()?;
     let pid = libc::pid_t::try_from(child.id())?;
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid out-parameter.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `pid` is our child; status and usage are valid out-parameters.
     let r = unsafe { libc::wait4(pid, &raw mut status, 0, &raw mut usage) };
-    let secs = t.elapsed().as_secs_f64();
-    if r != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        bail!("install of {url} failed (status {status})");
+    if r != pid {
+        bail!("wait4 on {program} failed: {}", std::io::Error::last_os_error());
     }
-    Ok((secs, u64::try_from(usage.ru_maxrss).unwrap_or(0)))
+    std::fs::write(out, usage.ru_maxrss.to_string())?;
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{program} failed (wait status {status})");
+    }
+    Ok(())
+}
+
+/// Chunked bundle settings: zstd level and context window in KiB.
+#[derive(Clone, Copy)]
+struct Chunking {
+    level: u64,
+    window_kib: u64,
 }
 
 fn create(
@@ -297,7 +333,7 @@ fn create(
     image: &Path,
     version: &str,
     out: &Path,
-    level: Option<i64>,
+    chunking: Option<Chunking>,
 ) -> Result<f64> {
     let key = dir.join("keys/release.key").display().to_string();
     let img = image.display().to_string();
@@ -316,16 +352,25 @@ fn create(
         "--output",
         &o,
     ];
-    let level = level.map(|l| l.to_string());
-    if let Some(l) = &level {
-        args.extend(["--chunked", "--level", l]);
+    let level = chunking.map(|c| c.level.to_string());
+    let window = chunking.map(|c| c.window_kib.to_string());
+    if let (Some(l), Some(w)) = (&level, &window) {
+        args.extend(["--chunked", "--level", l, "--window-kib", w]);
     }
     let t = Instant::now();
     run_ok(agent, &args)?;
     Ok(t.elapsed().as_secs_f64())
 }
 
-pub(crate) fn chunks(size_mib: u64, level: u64) -> Result<()> {
+/// Installs `url` on a fresh device: seconds, peak RSS (KiB).
+fn fresh_install(agent: &Path, dir: &Path, url: &str) -> Result<(f64, u64)> {
+    let cfg = device(dir, "fresh")?;
+    let r = install(agent, &cfg, url)?;
+    std::fs::remove_dir_all(dir.join("fresh"))?;
+    Ok(r)
+}
+
+pub(crate) fn chunks(size_mib: u64, level: u64, window_kib: u64, runs: u64) -> Result<()> {
     let agent = binary("flightnode-agent")?;
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
@@ -334,23 +379,24 @@ pub(crate) fn chunks(size_mib: u64, level: u64) -> Result<()> {
         &["keygen", "--out-dir", &dir.join("keys").display().to_string()],
     )?;
     let vocab = Vocab::new();
+    let packages = (size_mib * PACKAGES_PER_256_MIB / 256).max(8);
     let (img1, img2) = (dir.join("v1.img"), dir.join("v2.img"));
     for (version, img) in [(1, &img1), (2, &img2)] {
         let root = dir.join(format!("tree{version}"));
         eprintln!("generating tree {version} and its {size_mib} MiB ext4 image");
-        tree(&vocab, &root, version)?;
+        tree(&vocab, &root, version, packages)?;
         mkfs(&root, img, size_mib)?;
         std::fs::remove_dir_all(&root)?;
     }
     let image_len = std::fs::metadata(&img2)?.len();
-    let level = i64::try_from(level)?;
-    eprintln!("creating bundles (zstd level {level})");
+    let chunking = Chunking { level, window_kib };
+    eprintln!("creating bundles (zstd level {level}, context window {window_kib} KiB)");
     let plain2 = dir.join("plain2.fnb");
     let chunked1 = dir.join("chunked1.fnb");
     let chunked2 = dir.join("chunked2.fnb");
     let t_plain = create(&agent, dir, &img2, "2.0.0", &plain2, None)?;
-    create(&agent, dir, &img1, "1.1.0", &chunked1, Some(level))?;
-    let t_chunked = create(&agent, dir, &img2, "2.0.0", &chunked2, Some(level))?;
+    create(&agent, dir, &img1, "1.1.0", &chunked1, Some(chunking))?;
+    let t_chunked = create(&agent, dir, &img2, "2.0.0", &chunked2, Some(chunking))?;
 
     let server = BundleServer::start_blocking()?;
     for (path, file) in [
@@ -361,14 +407,20 @@ pub(crate) fn chunks(size_mib: u64, level: u64) -> Result<()> {
         server.put_file(path, file)?;
     }
     eprintln!("installing");
-    let cfg = device(dir, "full-v1")?;
-    let (t1, rss1) = install(&agent, &cfg, &server.url("/plain2.fnb"))?;
-    let sent1 = server.bytes_sent_for("/plain2.fnb");
-    std::fs::remove_dir_all(dir.join("full-v1"))?;
-    let cfg = device(dir, "full-v2")?;
-    let (t2, rss2) = install(&agent, &cfg, &server.url("/chunked2.fnb"))?;
-    let sent2 = server.bytes_sent_for("/chunked2.fnb");
-    std::fs::remove_dir_all(dir.join("full-v2"))?;
+    // Alternating, so a slow moment of this shared machine does not fall on one format only.
+    let (mut t1s, mut t2s, mut rss1, mut rss2) = (Vec::new(), Vec::new(), 0, 0);
+    for _ in 0..runs.max(1) {
+        let (t, r) = fresh_install(&agent, dir, &server.url("/plain2.fnb"))?;
+        t1s.push(t);
+        rss1 = rss1.max(r);
+        let (t, r) = fresh_install(&agent, dir, &server.url("/chunked2.fnb"))?;
+        t2s.push(t);
+        rss2 = rss2.max(r);
+    }
+    let runs = runs.max(1);
+    let (t1, t2) = (crate::median(t1s), crate::median(t2s));
+    let sent1 = server.bytes_sent_for("/plain2.fnb") / runs;
+    let sent2 = server.bytes_sent_for("/chunked2.fnb") / runs;
     let cfg = device(dir, "update")?;
     install(&agent, &cfg, &server.url("/chunked1.fnb"))?;
     server.reset_counters();
@@ -418,7 +470,7 @@ pub(crate) fn chunks(size_mib: u64, level: u64) -> Result<()> {
     };
     row("full download, format 1 (plain image)", sent1, t1, rss1);
     row(
-        &format!("full download, format 2 (chunked, zstd -{level})"),
+        &format!("full download, format 2 (zstd -{level}, {window_kib} KiB context)"),
         sent2,
         t2,
         rss2,

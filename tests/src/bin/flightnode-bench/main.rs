@@ -4,9 +4,10 @@
 //! - `install [--size-mib 256] [--runs 3]`: bundle download + verify + write into a file slot over
 //!   loopback HTTP, vs `curl | tee >(sha256sum) > slot` and a minimal Rust GET + sha256 + write;
 //!   plus raw single-core sha256 throughput, the physical limit.
-//! - `chunks [--size-mib 256] [--level 19]`: bytes the server sends for a full plain download,
-//!   a full chunked download and a chunked update over the older slot of a generated ext4 image,
-//!   next to `zstd -19` and `xdelta3`/`bsdiff` deltas where installed; install time, peak RSS.
+//! - `chunks [--size-mib 256] [--level 19] [--window-kib 2048] [--runs 3]`: bytes the server
+//!   sends for a full plain download, a full chunked download and a chunked update over the older
+//!   slot of a generated ext4 image, next to `zstd -19` and `xdelta3`/`bsdiff` deltas where
+//!   installed; install time (median of the runs) and the agent's own peak RSS.
 //! - `footprint [--idle-secs 60] [--size-mib 64]`: idle and peak RSS of `flightnode-agent run`
 //!   connected to mosquitto and the hub, idle and during an install, next to a `mosquitto_sub`
 //!   connected to the same broker; stripped binary sizes.
@@ -23,6 +24,7 @@ mod install;
 
 use anyhow::Result;
 use chunks::chunks;
+
 use footprint::footprint;
 use hub::{HubPlan, hub_bench};
 use install::install;
@@ -32,7 +34,13 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("install") => install(flag(&args, "--size-mib", 256), flag(&args, "--runs", 3)),
-        Some("chunks") => chunks(flag(&args, "--size-mib", 256), flag(&args, "--level", 19)),
+        Some("chunks") => chunks(
+            flag(&args, "--size-mib", 256),
+            flag(&args, "--level", 19),
+            flag(&args, "--window-kib", 2048),
+            flag(&args, "--runs", 3),
+        ),
+        Some("child-rusage") => chunks::child_rusage(&args[1..]),
         Some("footprint") => footprint(flag(&args, "--idle-secs", 60), flag(&args, "--size-mib", 64)),
         Some("hub") => {
             let drones: Vec<usize> = args
@@ -60,7 +68,9 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!("usage: flightnode-bench install [--size-mib N] [--runs N]");
-            eprintln!("       flightnode-bench chunks [--size-mib 256] [--level 19]");
+            eprintln!(
+                "       flightnode-bench chunks [--size-mib 256] [--level 19] [--window-kib 2048] [--runs 3]"
+            );
             eprintln!("       flightnode-bench footprint [--idle-secs N] [--size-mib N]");
             eprintln!(
                 "       flightnode-bench hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20] [--channels 12]"
