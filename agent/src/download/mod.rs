@@ -67,7 +67,7 @@ pub enum DownloadError {
     #[error("cannot set up the bundle downloader: {0}")]
     Setup(String),
     /// A local bundle cannot be opened or positioned.
-    #[error("cannot open bundle {path}: {source}")]
+    #[error("cannot open bundle {path}")]
     OpenFile {
         /// Bundle path.
         path: PathBuf,
@@ -75,7 +75,7 @@ pub enum DownloadError {
         source: io::Error,
     },
     /// A local bundle cannot be read.
-    #[error("cannot read bundle {path} at byte {offset}: {source}")]
+    #[error("cannot read bundle {path} at byte {offset}")]
     ReadFile {
         /// Bundle path.
         path: PathBuf,
