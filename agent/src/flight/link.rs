@@ -9,7 +9,7 @@
 
 use super::FlightState;
 use mavlink::MavConnection;
-use mavlink::dialects::common::{MavLandedState, MavMessage, MavModeFlag};
+use mavlink::dialects::ardupilotmega::{MavLandedState, MavMessage, MavModeFlag};
 use mavlink::error::MessageReadError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -158,7 +158,7 @@ fn fold(l: &mut Latest, component: u8, msg: &MavMessage) {
         MavMessage::HEARTBEAT(hb) => {
             // Ground stations and other companions send HEARTBEATs too; only the autopilot's count.
             if component != AUTOPILOT_COMPONENT
-                || hb.autopilot == mavlink::dialects::common::MavAutopilot::MAV_AUTOPILOT_INVALID
+                || hb.autopilot == mavlink::dialects::ardupilotmega::MavAutopilot::MAV_AUTOPILOT_INVALID
             {
                 return;
             }
