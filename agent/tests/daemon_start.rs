@@ -144,6 +144,34 @@ fn slow_recovery_device(root: &Path, broker: &Mosquitto) -> (SimBoot, Device) {
     (sim, dev)
 }
 
+/// A slow-recovery device with its broker and a 2.0.0 bundle served at `/fw.fnb`. Fields drop
+/// in declaration order: the server and the device before the broker and their directory.
+struct Recovery {
+    srv: BundleServer,
+    dev: Device,
+    sim: SimBoot,
+    broker: Mosquitto,
+    _root: tempfile::TempDir,
+}
+
+impl Recovery {
+    fn new() -> Recovery {
+        let root = tempfile::tempdir().unwrap();
+        let broker = Mosquitto::start().unwrap();
+        let (sim, dev) = slow_recovery_device(root.path(), &broker);
+        let bundle = dev.bundle("v2", "2.0.0", 50_000, &[]);
+        let srv = BundleServer::start_blocking().unwrap();
+        srv.put_file("/fw.fnb", &bundle).unwrap();
+        Recovery {
+            srv,
+            dev,
+            sim,
+            broker,
+            _root: root,
+        }
+    }
+}
+
 /// Starts the daemon and waits until its MQTT subscription is up while its start-up recovery
 /// still runs (the slow backend), so a command now arrives during that recovery.
 fn start_in_recovery(dev: &Device) -> Daemon {
@@ -175,12 +203,8 @@ fn boot_b_and_commit(sim: &SimBoot, dev: &Device) {
 
 #[test]
 fn an_upgrade_sent_during_start_up_recovery_runs_once_after_it() {
-    let root = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start().unwrap();
-    let (sim, dev) = slow_recovery_device(root.path(), &broker);
-    let bundle = dev.bundle("v2", "2.0.0", 50_000, &[]);
-    let srv = BundleServer::start_blocking().unwrap();
-    srv.put_file("/fw.fnb", &bundle).unwrap();
+    let f = Recovery::new();
+    let (srv, dev, sim, broker) = (&f.srv, &f.dev, &f.sim, &f.broker);
     let sub = broker.subscriber(STATUS).unwrap();
 
     let mut d = start_in_recovery(&dev);
@@ -212,12 +236,8 @@ fn an_upgrade_sent_during_start_up_recovery_runs_once_after_it() {
 
 #[test]
 fn an_upgrade_accepted_during_recovery_survives_a_kill_before_it_started() {
-    let root = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start().unwrap();
-    let (sim, dev) = slow_recovery_device(root.path(), &broker);
-    let bundle = dev.bundle("v2", "2.0.0", 50_000, &[]);
-    let srv = BundleServer::start_blocking().unwrap();
-    srv.put_file("/fw.fnb", &bundle).unwrap();
+    let f = Recovery::new();
+    let (srv, dev, sim, broker) = (&f.srv, &f.dev, &f.sim, &f.broker);
 
     let mut d = start_in_recovery(&dev);
     broker
@@ -249,12 +269,8 @@ fn an_upgrade_accepted_during_recovery_survives_a_kill_before_it_started() {
 
 #[test]
 fn a_cancel_of_an_upgrade_still_waiting_for_the_recovery_means_it_never_starts() {
-    let root = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start().unwrap();
-    let (_sim, dev) = slow_recovery_device(root.path(), &broker);
-    let bundle = dev.bundle("v2", "2.0.0", 50_000, &[]);
-    let srv = BundleServer::start_blocking().unwrap();
-    srv.put_file("/fw.fnb", &bundle).unwrap();
+    let f = Recovery::new();
+    let (srv, dev, broker) = (&f.srv, &f.dev, &f.broker);
     let sub = broker.subscriber(STATUS).unwrap();
 
     let mut d = start_in_recovery(&dev);
