@@ -207,7 +207,7 @@ fn an_upgrade_sent_during_start_up_recovery_runs_once_after_it() {
     let (srv, dev, sim, broker) = (&f.srv, &f.dev, &f.sim, &f.broker);
     let sub = broker.subscriber(STATUS).unwrap();
 
-    let mut d = start_in_recovery(&dev);
+    let mut d = start_in_recovery(dev);
     let cmd = upgrade_json("up-early", &srv.url("/fw.fnb"));
     // Twice: the second delivery finds the first still waiting and must not queue another.
     broker.publish(UPGRADE, cmd.as_bytes(), false).unwrap();
@@ -218,14 +218,14 @@ fn an_upgrade_sent_during_start_up_recovery_runs_once_after_it() {
         Some(9),
         "the upgrade must run after the recovery and end in the reboot command\nstatus topic:\n{}\ndaemon log:\n{}",
         sub.output(),
-        log(&dev)
+        log(dev)
     );
     assert!(!sub.output().contains("\"busy\""), "{}", sub.output());
-    let text = log(&dev);
+    let text = log(dev);
     let recovered = text.find("start-up recovery done").expect("recovery ended");
     let accepted = text.find("upgrade accepted").expect("accepted");
     assert!(accepted < recovered, "accepted during the recovery:\n{text}");
-    boot_b_and_commit(&sim, &dev);
+    boot_b_and_commit(sim, dev);
     let starts = srv
         .requests_for("/fw.fnb")
         .iter()
@@ -239,7 +239,7 @@ fn an_upgrade_accepted_during_recovery_survives_a_kill_before_it_started() {
     let f = Recovery::new();
     let (srv, dev, sim, broker) = (&f.srv, &f.dev, &f.sim, &f.broker);
 
-    let mut d = start_in_recovery(&dev);
+    let mut d = start_in_recovery(dev);
     broker
         .publish(
             UPGRADE,
@@ -247,23 +247,23 @@ fn an_upgrade_accepted_during_recovery_survives_a_kill_before_it_started() {
             false,
         )
         .unwrap();
-    wait_log(&dev, "upgrade accepted");
+    wait_log(dev, "upgrade accepted");
     // Power cut before the recovery ended: the broker has its PUBACK, so it will not resend.
     d.0.kill().unwrap();
     d.0.wait().unwrap();
-    assert!(!log(&dev).contains("start-up recovery done"), "{}", log(&dev));
+    assert!(!log(dev).contains("start-up recovery done"), "{}", log(dev));
     assert_eq!(dev.status()["phase"], "idle", "nothing started yet");
 
-    let mut d = Daemon::start(&dev);
+    let mut d = Daemon::start(dev);
     let status = wait_exit(&mut d, WAIT);
     assert_eq!(
         status.and_then(|s| s.signal()),
         Some(9),
         "the kept command runs after the restart's recovery and ends in the reboot command:\n{}",
-        log(&dev)
+        log(dev)
     );
-    assert!(log(&dev).contains("taking up a command accepted before the restart"));
-    boot_b_and_commit(&sim, &dev);
+    assert!(log(dev).contains("taking up a command accepted before the restart"));
+    boot_b_and_commit(sim, dev);
     assert_eq!(dev.status()["last_upgrade"]["upgrade_id"], "up-kept");
 }
 
@@ -273,10 +273,10 @@ fn a_cancel_of_an_upgrade_still_waiting_for_the_recovery_means_it_never_starts()
     let (srv, dev, broker) = (&f.srv, &f.dev, &f.broker);
     let sub = broker.subscriber(STATUS).unwrap();
 
-    let mut d = start_in_recovery(&dev);
+    let mut d = start_in_recovery(dev);
     let cmd = upgrade_json("up-nope", &srv.url("/fw.fnb"));
     broker.publish(UPGRADE, cmd.as_bytes(), false).unwrap();
-    wait_log(&dev, "upgrade accepted");
+    wait_log(dev, "upgrade accepted");
     broker
         .publish(UPGRADE, br#"{"type":"cancel","upgrade_id":"up-nope"}"#, false)
         .unwrap();
@@ -284,16 +284,16 @@ fn a_cancel_of_an_upgrade_still_waiting_for_the_recovery_means_it_never_starts()
         sub.wait_for(r#""upgrade_id":"up-nope","phase":"idle""#, WAIT) && sub.output().contains("canceled"),
         "{}\n{}",
         sub.output(),
-        log(&dev)
+        log(dev)
     );
-    wait_log(&dev, "start-up recovery done");
+    wait_log(dev, "start-up recovery done");
     // Sent again after the cancel: answered from the history, never installed.
     broker.publish(UPGRADE, cmd.as_bytes(), false).unwrap();
-    wait_log(&dev, "republishing its state");
+    wait_log(dev, "republishing its state");
     assert!(
         wait_exit(&mut d, Duration::from_secs(3)).is_none(),
         "no reboot: {}",
-        log(&dev)
+        log(dev)
     );
     assert!(srv.requests_for("/fw.fnb").is_empty(), "nothing downloaded");
     let s = dev.status();
