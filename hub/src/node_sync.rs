@@ -587,12 +587,12 @@ mod tests {
         assert_eq!(d.sync, None);
     }
 
-    fn target(version: &str) -> Option<FirmwareTarget> {
-        Some(FirmwareTarget {
+    fn target(version: &str) -> FirmwareTarget {
+        FirmwareTarget {
             version: version.into(),
             url: format!("http://fw/{version}.fnb"),
             allow_downgrade: false,
-        })
+        }
     }
 
     #[test]
@@ -604,7 +604,7 @@ mod tests {
         // The drone stays idle and never reports the first command; the spec moves on twice.
         for (generation, version) in [(3, "2.1.0"), (4, "2.2.0")] {
             v.generation = generation;
-            v.target = target(version);
+            v.target = Some(target(version));
             let d = step(&mut v, T0 + generation);
             let new = upgrade_id("uid-1", generation, 1);
             assert_eq!(d.cancel.as_deref(), Some(old.as_str()), "generation {generation}");
@@ -645,7 +645,7 @@ mod tests {
         // The drone got the new version some other way: the old command must not install.
         let mut synced = v.clone();
         synced.generation = 3;
-        synced.target = target("3.0.0");
+        synced.target = Some(target("3.0.0"));
         synced.committed = Some("3.0.0".into());
         let d = step(&mut synced, T0 + 1);
         assert_eq!(d.cancel.as_deref(), Some(old.as_str()));

@@ -508,7 +508,7 @@ impl DroneTopic {
     }
 
     async fn next(&mut self) -> Command {
-        tokio::time::timeout(Duration::from_secs(60), self.rx.recv())
+        tokio::time::timeout(Duration::from_mins(1), self.rx.recv())
             .await
             .expect("no command on the drone's topic within a minute")
             .unwrap()
@@ -521,12 +521,12 @@ impl DroneTopic {
     }
 }
 
-fn firmware(version: &str) -> Option<FirmwareTarget> {
-    Some(FirmwareTarget {
+fn firmware(version: &str) -> FirmwareTarget {
+    FirmwareTarget {
         version: version.into(),
         url: format!("http://fw.example/{version}.fnb"),
         allow_downgrade: false,
-    })
+    }
 }
 
 fn upgrade_of(cmd: Command) -> String {
@@ -576,7 +576,7 @@ async fn a_spec_changed_before_the_drone_started_cancels_the_old_upgrade_on_the_
     };
 
     store
-        .set_target(drone, firmware("2.0.0"), &BTreeMap::new(), &[])
+        .set_target(drone, Some(firmware("2.0.0")), &BTreeMap::new(), &[])
         .await
         .unwrap();
     c.reconcile_nodes().await;
@@ -586,7 +586,7 @@ async fn a_spec_changed_before_the_drone_started_cancels_the_old_upgrade_on_the_
     // The drone stays idle and online and never reports `first` (queued behind other work on
     // the drone, say); the spec moves on.
     store
-        .set_target(drone, firmware("2.1.0"), &BTreeMap::new(), &[])
+        .set_target(drone, Some(firmware("2.1.0")), &BTreeMap::new(), &[])
         .await
         .unwrap();
     c.reconcile_nodes().await;
@@ -610,7 +610,7 @@ async fn a_spec_changed_before_the_drone_started_cancels_the_old_upgrade_on_the_
     // connection and reach the drone, in order, when the broker is back.
     broker.stop().unwrap();
     store
-        .set_target(drone, firmware("2.2.0"), &BTreeMap::new(), &[])
+        .set_target(drone, Some(firmware("2.2.0")), &BTreeMap::new(), &[])
         .await
         .unwrap();
     c.reconcile_nodes().await;
@@ -635,14 +635,14 @@ async fn a_cancel_that_fails_to_publish_holds_the_new_command_back_and_goes_firs
     let commands = Arc::new(Flaky::default());
     let c = controllers(&store, Arc::clone(&commands));
     store
-        .set_target(drone, firmware("2.0.0"), &BTreeMap::new(), &[])
+        .set_target(drone, Some(firmware("2.0.0")), &BTreeMap::new(), &[])
         .await
         .unwrap();
     c.reconcile_nodes().await;
     let first = commands.upgrades()[0].1.clone();
 
     store
-        .set_target(drone, firmware("2.1.0"), &BTreeMap::new(), &[])
+        .set_target(drone, Some(firmware("2.1.0")), &BTreeMap::new(), &[])
         .await
         .unwrap();
     commands.fail_cancels.store(true, Ordering::SeqCst);
