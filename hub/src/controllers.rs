@@ -131,7 +131,7 @@ impl Controllers {
             if let Some(r) = d.requeue {
                 next = next.min(r);
             }
-            let cmd = match &d.action {
+            let upgrade = match &d.action {
                 Action::None => None,
                 Action::Publish { upgrade_id } => view.target.as_ref().map(|target| {
                     Command::Upgrade(UpgradeCommand {
@@ -141,20 +141,27 @@ impl Controllers {
                         allow_downgrade: target.allow_downgrade,
                     })
                 }),
-                Action::Cancel { upgrade_id } => Some(Command::Cancel {
-                    upgrade_id: upgrade_id.clone(),
-                }),
             };
             // A cancel goes out *before* its record is replaced: the old record is the only place
-            // that names the upgrade to cancel, so when the publish fails it stays, and the next
-            // pass sends the cancel again (a second cancel of the same id is a no-op on the drone).
+            // that names the upgrade to cancel, so when the publish fails it stays, nothing else
+            // happens for this drone on this pass, and the next pass sends the cancel again (a
+            // second cancel of the same id is a no-op on the drone). The new command follows on
+            // the same connection, so the drone sees the cancel first. NB: an agent still holding
+            // the old upgrade in its queue may answer the new one `busy`; the new one is then
+            // published again after `redeliver_after`, like any command not picked up.
             // An upgrade is the other way round: its record first (see the module comment).
-            let cancel_first = matches!(d.action, Action::Cancel { .. });
-            if cancel_first
-                && let Some(cmd) = &cmd
-                && !self.send(&name, &device, cmd).await
-            {
-                continue;
+            if let Some(old) = &d.cancel {
+                let cancel = Command::Cancel {
+                    upgrade_id: old.clone(),
+                };
+                let replaced_by = upgrade.as_ref().map_or("", Command::upgrade_id);
+                if !self.send(&name, &device, &cancel).await {
+                    tracing::warn!(device_id = %device, name = %name, upgrade_id = %old, replaced_by, generation = view.generation,
+                        "spec changed before the drone started its upgrade; the cancel is retried before anything else");
+                    continue;
+                }
+                tracing::info!(device_id = %device, name = %name, upgrade_id = %old, replaced_by, generation = view.generation,
+                    "spec changed before the drone started its upgrade; that upgrade is canceled");
             }
             if d.sync != view.sync
                 && let Err(e) = self.store.write_sync(&name, d.sync.as_ref()).await
@@ -163,7 +170,7 @@ impl Controllers {
                 tracing::warn!(device_id = %device, name = %name, error = %flightnode_proto::error::Chain(&e), "firmwareSync write failed; not publishing");
                 continue;
             }
-            if !cancel_first && let Some(cmd) = &cmd {
+            if let Some(cmd) = &upgrade {
                 self.send(&name, &device, cmd).await;
             }
         }

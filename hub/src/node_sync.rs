@@ -10,9 +10,15 @@
 //! `Canceled`), with exponential back-off and a bound per generation. `Rejected` (bad signature,
 //! incompatible hardware, downgrade…) and `RolledBack` (the image failed its health check on this
 //! drone) are never retried: the same bundle would fail the same way.
+//!
+//! A new generation replaces the record. When the old record's command was published and the
+//! drone has neither started nor ended it, the decision also names it in [`Decision::cancel`]:
+//! it goes out before the new record is stored (so a failed publish leaves the record, and the
+//! cancel is sent again next pass), together with the new command when the gates allow one.
 
 use crate::crd::{FirmwareSync, FirmwareTarget, FlightNode, condition};
 use sha2::Digest;
+use std::fmt::Write as _;
 use std::time::Duration;
 
 /// Reasons of `status.firmwareSync` and of the `FirmwareSynced` condition.
@@ -185,11 +191,6 @@ pub enum Action {
         /// Upgrade id.
         upgrade_id: String,
     },
-    /// Publish a cancel for an upgrade the drone has not started (the spec moved on).
-    Cancel {
-        /// Upgrade id.
-        upgrade_id: String,
-    },
 }
 
 /// The decision for one drone.
@@ -197,6 +198,10 @@ pub enum Action {
 pub struct Decision {
     /// The record to store in `status.firmwareSync` (`None`: no wanted firmware, clear it).
     pub sync: Option<FirmwareSync>,
+    /// An older generation's upgrade the drone has not started (the spec moved on): cancel it
+    /// **before** `sync` is stored, since the stored record is the only place naming it. The
+    /// cancel of `X` and a publish of `Y` can come together; `X` is never the id being published.
+    pub cancel: Option<String>,
     /// The command to publish once `sync` is stored.
     pub action: Action,
     /// Look again after this long (back-off, redelivery); `None`: on the next change.
@@ -223,29 +228,45 @@ fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
-/// Decides for one drone at `now` (unix seconds; `now_rfc3339` is the same instant).
-pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> Decision {
-    let keep = |sync: FirmwareSync, action: Action, requeue: Option<Duration>| Decision {
-        sync: Some(sync),
-        action,
-        requeue,
-    };
-    // A record of an older generation whose command the drone has not started: cancel it.
-    let stale = view
-        .sync
+/// The upgrade of an older generation's record that was published and that the drone has
+/// neither reported in flight nor ended: it may still be waiting on the drone (queued behind
+/// other work) or in the broker, and would install firmware the spec no longer asks for.
+/// Records that ended (`Retrying`, `Failed`, `Synced`) or never published have nothing to cancel.
+fn stale_upgrade(view: &NodeView) -> Option<String> {
+    view.sync
         .as_ref()
-        .filter(|s| s.observed_generation != view.generation)
+        .filter(|s| s.observed_generation != view.generation && s.reason == reason::IN_PROGRESS)
         .and_then(|s| s.upgrade_id.clone())
         .filter(|id| {
             view.current_upgrade.as_deref() != Some(id.as_str())
                 && view.last_upgrade.as_ref().map(|l| l.0.as_str()) != Some(id.as_str())
-        });
+        })
+}
+
+/// Decides for one drone at `now` (unix seconds; `now_rfc3339` is the same instant).
+pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> Decision {
+    let stale = stale_upgrade(view);
     let Some(target) = view.target.clone() else {
         return Decision {
             sync: None,
-            action: stale.map_or(Action::None, |upgrade_id| Action::Cancel { upgrade_id }),
+            cancel: stale,
+            action: Action::None,
             requeue: None,
         };
+    };
+    // Every decision below is about a record of this generation; when it replaces an older
+    // one whose command is still unstarted, that command is canceled with it, and the record
+    // says so (the operator sees both ids in the `FirmwareSynced` message).
+    let keep = |mut sync: FirmwareSync, action: Action, requeue: Option<Duration>| {
+        if let Some(old) = &stale {
+            let _ = write!(sync.message, "; {old} (an earlier spec, not started) canceled");
+        }
+        Decision {
+            sync: Some(sync),
+            cancel: stale.clone(),
+            action,
+            requeue,
+        }
     };
     let mut rec = match &view.sync {
         Some(s) if s.observed_generation == view.generation && s.version == target.version => s.clone(),
@@ -371,8 +392,7 @@ pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> 
     };
     if let Some(why) = blocked {
         set(&mut rec, reason::WAITING, why);
-        let action = stale.map_or(Action::None, |upgrade_id| Action::Cancel { upgrade_id });
-        return keep(rec, action, None);
+        return keep(rec, Action::None, None);
     }
     rec.attempts += 1;
     let id = upgrade_id(&view.uid, view.generation, rec.attempts);
@@ -562,7 +582,105 @@ mod tests {
         v.target = None;
         v.generation = 3;
         let d = step(&mut v, T0 + 1);
-        assert_eq!(d.action, Action::Cancel { upgrade_id });
+        assert_eq!(d.cancel, Some(upgrade_id));
+        assert_eq!(d.action, Action::None);
         assert_eq!(d.sync, None);
+    }
+
+    fn target(version: &str) -> FirmwareTarget {
+        FirmwareTarget {
+            version: version.into(),
+            url: format!("http://fw/{version}.fnb"),
+            allow_downgrade: false,
+        }
+    }
+
+    #[test]
+    fn a_new_generation_on_an_idle_drone_cancels_the_unstarted_command_with_the_new_one() {
+        let mut v = view();
+        let Action::Publish { upgrade_id: mut old } = step(&mut v, T0).action else {
+            panic!("no publish");
+        };
+        // The drone stays idle and never reports the first command; the spec moves on twice.
+        for (generation, version) in [(3, "2.1.0"), (4, "2.2.0")] {
+            v.generation = generation;
+            v.target = Some(target(version));
+            let d = step(&mut v, T0 + generation);
+            let new = upgrade_id("uid-1", generation, 1);
+            assert_eq!(d.cancel.as_deref(), Some(old.as_str()), "generation {generation}");
+            assert_eq!(
+                d.action,
+                Action::Publish {
+                    upgrade_id: new.clone()
+                }
+            );
+            assert_ne!(old, new);
+            let rec = d.sync.unwrap();
+            assert_eq!(rec.reason, reason::IN_PROGRESS);
+            assert!(
+                rec.message.contains(&old) && rec.message.contains(&new),
+                "{}",
+                rec.message
+            );
+            // Stored: the next pass cancels nothing and never the new one.
+            let again = step(&mut v, T0 + generation + 1);
+            assert_eq!(again.cancel, None);
+            old = new;
+        }
+    }
+
+    #[test]
+    fn a_new_generation_waiting_at_a_gate_or_already_synced_still_cancels() {
+        let mut v = view();
+        let Action::Publish { upgrade_id: old } = step(&mut v, T0).action else {
+            panic!("no publish");
+        };
+        let mut offline = v.clone();
+        offline.generation = 3;
+        offline.online = false;
+        let d = step(&mut offline, T0 + 1);
+        assert_eq!(d.cancel.as_deref(), Some(old.as_str()));
+        assert_eq!(d.action, Action::None);
+        assert_eq!(d.sync.unwrap().reason, reason::WAITING);
+        // The drone got the new version some other way: the old command must not install.
+        let mut synced = v.clone();
+        synced.generation = 3;
+        synced.target = Some(target("3.0.0"));
+        synced.committed = Some("3.0.0".into());
+        let d = step(&mut synced, T0 + 1);
+        assert_eq!(d.cancel.as_deref(), Some(old.as_str()));
+        assert_eq!(d.sync.unwrap().reason, reason::SYNCED);
+    }
+
+    #[test]
+    fn an_upgrade_the_drone_started_or_ended_is_not_canceled() {
+        let mut v = view();
+        let Action::Publish { upgrade_id: old } = step(&mut v, T0).action else {
+            panic!("no publish");
+        };
+        let mut started = v.clone();
+        started.current_upgrade = Some(old.clone());
+        started.phase = "Downloading".into();
+        started.generation = 3;
+        let d = step(&mut started, T0 + 1);
+        assert_eq!(
+            (d.cancel, d.action),
+            (None, Action::None),
+            "it runs to its real end"
+        );
+        let mut ended = v.clone();
+        ended.last_upgrade = Some((old.clone(), "Failed".into(), "download_failed".into()));
+        assert_eq!(step(&mut ended, T0 + 1).sync.unwrap().reason, reason::RETRYING);
+        // A later report of another upgrade hides the end; the record still says it ended.
+        ended.last_upgrade = Some(("manual".into(), "Committed".into(), String::new()));
+        ended.generation = 3;
+        let d = step(&mut ended, T0 + 2);
+        assert_eq!(d.cancel, None);
+        assert_eq!(
+            d.action,
+            Action::Publish {
+                upgrade_id: upgrade_id("uid-1", 3, 1)
+            }
+        );
     }
 }

@@ -3,6 +3,10 @@
 //!
 //! - A cancel whose publish fails after the breaker halted a rollout is sent again on a later
 //!   pass, with the same upgrade id (the record naming it is kept until it went out).
+//! - A spec changed twice while the drone, idle and online, never starts the command: each
+//!   change cancels the previous upgrade id before the new command, on the drone's topic of a
+//!   real mosquitto, also across a broker restart; a cancel whose publish fails holds the new
+//!   command back and is sent again, first, on the next pass.
 //! - A drone whose device id is not a valid Kubernetes object name (upper case, `_`, 64
 //!   characters) lives in an object with a derived name, and its commands still go to
 //!   `firmware/<real id>/…`.
@@ -453,4 +457,223 @@ fn rollout_commands_on_the_local_store() {
     let listed = hub_cli(&["get", "rollouts", "--server", s]);
     assert_eq!(listed.stdout.lines().count(), 2, "{}", listed.stdout);
     hub.stop();
+}
+
+/// Commands seen on the drone's upgrade topic of a real broker, by a persistent-session client
+/// (it gets what was queued for it while the broker restarted).
+struct DroneTopic {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Command>,
+}
+
+impl DroneTopic {
+    async fn subscribe(url: &str, device_id: &str) -> DroneTopic {
+        let port = url.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+        let mut options = rumqttc::MqttOptions::new(format!("drone-{device_id}"), "127.0.0.1", port);
+        options.set_clean_session(false);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 16);
+        let topic = flightnode_proto::mqtt::upgrade_topic(device_id);
+        client
+            .subscribe(topic.as_str(), rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (subscribed, suback) = tokio::sync::oneshot::channel();
+        let mut subscribed = Some(subscribed);
+        let device = device_id.to_owned();
+        tokio::spawn(async move {
+            let _client = client;
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        if let Some(s) = subscribed.take() {
+                            let _ = s.send(());
+                        }
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let cmd = flightnode_proto::mqtt::parse_command(&p.payload, &device).unwrap();
+                        if tx.send(cmd).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), suback)
+            .await
+            .expect("no SUBACK")
+            .unwrap();
+        DroneTopic { rx }
+    }
+
+    async fn next(&mut self) -> Command {
+        tokio::time::timeout(Duration::from_mins(1), self.rx.recv())
+            .await
+            .expect("no command on the drone's topic within a minute")
+            .unwrap()
+    }
+
+    async fn nothing_more(&mut self) {
+        if let Ok(cmd) = tokio::time::timeout(Duration::from_secs(1), self.rx.recv()).await {
+            panic!("unexpected command {cmd:?}");
+        }
+    }
+}
+
+fn firmware(version: &str) -> FirmwareTarget {
+    FirmwareTarget {
+        version: version.into(),
+        url: format!("http://fw.example/{version}.fnb"),
+        allow_downgrade: false,
+    }
+}
+
+fn upgrade_of(cmd: Command) -> String {
+    match cmd {
+        Command::Upgrade(u) => u.upgrade_id,
+        Command::Cancel { upgrade_id } => panic!("cancel of {upgrade_id} where an upgrade was due"),
+    }
+}
+
+fn cancel_of(cmd: Command) -> String {
+    match cmd {
+        Command::Cancel { upgrade_id } => upgrade_id,
+        Command::Upgrade(u) => panic!("upgrade {} where a cancel was due", u.upgrade_id),
+    }
+}
+
+fn sync_message(store: &LocalStore, name: &str) -> String {
+    store
+        .get(NS, name)
+        .and_then(|n| n.status?.firmware_sync)
+        .map(|s| s.message)
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_spec_changed_before_the_drone_started_cancels_the_old_upgrade_on_the_wire() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path(), NS).unwrap();
+    let mut broker = flightnode_tests::mosquitto::Mosquitto::start().unwrap();
+    let drone = "drone-idle";
+    report(&store, drone, "1.0.0", None).await;
+    let mut topic = DroneTopic::subscribe(&broker.url(), drone).await;
+    let publisher = flightnode_hub::upgrade::MqttPublisher::start(&flightnode_hub::upgrade::MqttTarget {
+        url: broker.url(),
+        ca: None,
+        cert: None,
+        key: None,
+        client_id: "hub-controllers".into(),
+        timeout: Duration::from_secs(10),
+    })
+    .unwrap();
+    let c = Controllers {
+        store: Arc::new(LocalFleet::new(store.clone(), Arc::new(|_| {}))),
+        commands: Arc::new(publisher),
+        metrics: Arc::new(Metrics::new()),
+        config: ControllerConfig::default(),
+    };
+
+    store
+        .set_target(drone, Some(firmware("2.0.0")), &BTreeMap::new(), &[])
+        .await
+        .unwrap();
+    c.reconcile_nodes().await;
+    let first = upgrade_of(topic.next().await);
+    assert_eq!(sync_id(&store, drone).as_deref(), Some(first.as_str()));
+
+    // The drone stays idle and online and never reports `first` (queued behind other work on
+    // the drone, say); the spec moves on.
+    store
+        .set_target(drone, Some(firmware("2.1.0")), &BTreeMap::new(), &[])
+        .await
+        .unwrap();
+    c.reconcile_nodes().await;
+    assert_eq!(
+        cancel_of(topic.next().await),
+        first,
+        "the old upgrade is canceled first"
+    );
+    let second = upgrade_of(topic.next().await);
+    assert_ne!(second, first);
+    assert_eq!(sync_id(&store, drone).as_deref(), Some(second.as_str()));
+    let message = sync_message(&store, drone);
+    assert!(
+        message.contains(&first) && message.contains(&second),
+        "the operator sees both ids: {message}"
+    );
+    c.reconcile_nodes().await;
+    topic.nothing_more().await;
+
+    // Once more with the broker down while the spec changes: both commands wait in the hub's
+    // connection and reach the drone, in order, when the broker is back.
+    broker.stop().unwrap();
+    store
+        .set_target(drone, Some(firmware("2.2.0")), &BTreeMap::new(), &[])
+        .await
+        .unwrap();
+    c.reconcile_nodes().await;
+    broker.start_again().unwrap();
+    assert_eq!(
+        cancel_of(topic.next().await),
+        second,
+        "the cancel survives the broker restart"
+    );
+    let third = upgrade_of(topic.next().await);
+    assert!(third != first && third != second, "{third}");
+    c.reconcile_nodes().await;
+    topic.nothing_more().await;
+}
+
+#[tokio::test]
+async fn a_cancel_that_fails_to_publish_holds_the_new_command_back_and_goes_first_next_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path(), NS).unwrap();
+    let drone = "drone-idle";
+    report(&store, drone, "1.0.0", None).await;
+    let commands = Arc::new(Flaky::default());
+    let c = controllers(&store, Arc::clone(&commands));
+    store
+        .set_target(drone, Some(firmware("2.0.0")), &BTreeMap::new(), &[])
+        .await
+        .unwrap();
+    c.reconcile_nodes().await;
+    let first = commands.upgrades()[0].1.clone();
+
+    store
+        .set_target(drone, Some(firmware("2.1.0")), &BTreeMap::new(), &[])
+        .await
+        .unwrap();
+    commands.fail_cancels.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        c.reconcile_nodes().await;
+    }
+    assert_eq!(
+        commands.upgrades().len(),
+        1,
+        "no new command while the cancel cannot go out: {:?}",
+        commands.all()
+    );
+    assert_eq!(
+        sync_id(&store, drone).as_deref(),
+        Some(first.as_str()),
+        "the record naming the upgrade to cancel is kept"
+    );
+
+    commands.fail_cancels.store(false, Ordering::SeqCst);
+    c.reconcile_nodes().await;
+    let all = commands.all();
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert_eq!(cancel_of(all[1].1.clone()), first);
+    let second = upgrade_of(all[2].1.clone());
+    assert_ne!(second, first);
+    assert_eq!(sync_id(&store, drone).as_deref(), Some(second.as_str()));
+    c.reconcile_nodes().await;
+    assert_eq!(
+        commands.all().len(),
+        3,
+        "nothing sent twice: {:?}",
+        commands.all()
+    );
 }
