@@ -122,10 +122,11 @@ provide_qemu() {
 }
 
 # The whole suite's build outputs (debug tests, static release builds, board image caches) take
-# about 15 GB under target/; a full disk shows up as a linker killed by SIGBUS, so say it first.
+# about 6 GB under target/, the board's temporary images more; a full disk shows up as a linker
+# killed by SIGBUS, so say it first.
 free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
-if [[ -n "$free_kb" ]] && ((free_kb < 15 * 1024 * 1024)); then
-    echo "test.sh: warning: only $((free_kb / 1024)) MiB free on this disk; the suite needs about 15 GB" >&2
+if [[ -n "$free_kb" ]] && ((free_kb < 10 * 1024 * 1024)); then
+    echo "test.sh: warning: only $((free_kb / 1024)) MiB free on this disk; the suite needs about 10 GB" >&2
 fi
 
 mapfile -t need_pkgs < <(missing_packages)
