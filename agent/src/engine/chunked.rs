@@ -11,9 +11,11 @@
 //!   buffer of its declared size and verified against its signed sha256 before it is written.
 //!
 //! Neither slot is trusted: a local chunk is hashed before it is used, and one that does not
-//! match is fetched instead. The whole image's sha256 is computed over the same bytes as they
-//! pass (on a second thread; nothing is read back from the slot), and checked against the
-//! manifest before the upgrade may go on to the switch, as for format 1.
+//! match is fetched instead. The pass runs on two threads: this one fetches, decompresses and
+//! checks each chunk; a writer thread takes the verified chunks in order (through a bounded
+//! queue), writes those the slot lacks and computes the whole image's sha256 over the same bytes
+//! (nothing is read back from the slot), which is checked against the manifest before the
+//! upgrade may go on to the switch, as for format 1.
 //!
 //! Resume needs no byte offset: the next attempt finds every chunk that reached the slot intact
 //! and fetches only the rest. The slot is synced every `download.checkpoint_bytes` written so a
@@ -143,70 +145,151 @@ struct Tally {
     fetched: u64,
 }
 
-/// Bytes handed to the hashing thread at a time.
-const HASH_BATCH: usize = 512 * 1024;
+/// Image bytes handed to the writer thread at a time.
+const BATCH: usize = 512 * 1024;
+/// Batches queued for the writer thread: with the one being filled, the one being written and
+/// the spare ones, memory stays at a few `BATCH`es.
+const QUEUED: usize = 2;
 
-/// The whole image's sha256, computed on another core: chunks are copied (cheap next to hashing)
-/// into batches that a thread hashes while the next chunks are read, decompressed and written.
-struct ImageHasher {
-    batch: Vec<u8>,
-    tx: Option<SyncSender<Vec<u8>>>,
-    /// Hashed batches come back for reuse.
-    spent: Receiver<Vec<u8>>,
-    thread: Option<JoinHandle<[u8; 32]>>,
+/// Consecutive image bytes of a batch that go the same way: written to the slot, or only hashed
+/// (chunks the slot already holds).
+struct Span {
+    offset: u64,
+    len: usize,
+    write: bool,
+    /// Bundle bytes fetched up to the end of this span, for the `download@N` failpoint.
+    fetched: u64,
 }
 
-impl ImageHasher {
-    fn new() -> std::io::Result<Self> {
-        let (tx, rx) = sync_channel::<Vec<u8>>(2);
-        let (back, spent) = sync_channel(4);
+/// Verified image bytes in image order, with where they go.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    spans: Vec<Span>,
+}
+
+/// What the writer thread hands back: the image's sha256, or the slot operation that failed.
+type Written = Result<[u8; 32], (&'static str, std::io::Error)>;
+
+/// The second half of the pass, on its own thread so that it overlaps fetching, decompressing
+/// and checking the next chunks: it hashes the whole image in order and writes the chunks the
+/// slot lacks, syncing the slot every `checkpoint` bytes or `SYNC_INTERVAL`. Only chunks already
+/// checked against their signed sha256 are handed to it, so nothing unverified reaches the slot.
+/// Bytes are copied into batches (cheap next to hashing) because the context window they come
+/// from is reused.
+struct Sink {
+    batch: Batch,
+    tx: Option<SyncSender<Batch>>,
+    /// Written batches come back for reuse.
+    spent: Receiver<Batch>,
+    thread: Option<JoinHandle<Written>>,
+    slot: Slot,
+    path: PathBuf,
+}
+
+impl Sink {
+    fn start(file: File, slot: Slot, path: &Path, checkpoint: u64) -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel::<Batch>(QUEUED);
+        let (back, spent) = sync_channel(QUEUED + 2);
         let thread = std::thread::Builder::new()
-            .name("image-sha256".into())
-            .spawn(move || {
+            .name("image-writer".into())
+            .spawn(move || -> Written {
                 let mut hasher = Sha256::new();
+                let mut unsynced = 0u64;
+                let mut last_sync = Instant::now();
                 for batch in rx {
-                    hasher.update(&batch);
+                    let mut at = 0;
+                    for span in &batch.spans {
+                        let bytes = &batch.bytes[at..at + span.len];
+                        at += span.len;
+                        hasher.update(bytes);
+                        if span.write {
+                            file.write_all_at(bytes, span.offset)
+                                .map_err(|e| ("write a chunk", e))?;
+                            unsynced += bytes.len() as u64;
+                            crate::failpoint::download(span.fetched);
+                        }
+                    }
+                    if unsynced >= checkpoint || (unsynced > 0 && last_sync.elapsed() >= SYNC_INTERVAL) {
+                        file.sync_data().map_err(|e| ("fsync", e))?;
+                        unsynced = 0;
+                        last_sync = Instant::now();
+                    }
                     let _ = back.try_send(batch);
                 }
-                hasher.finalize().into()
+                Ok(hasher.finalize().into())
             })?;
         Ok(Self {
-            batch: Vec::with_capacity(HASH_BATCH),
+            batch: Batch::default(),
             tx: Some(tx),
             spent,
             thread: Some(thread),
+            slot,
+            path: path.to_owned(),
         })
     }
 
-    fn update(&mut self, bytes: &[u8]) {
-        if self.batch.len() + bytes.len() > HASH_BATCH {
+    /// Queues a verified chunk's bytes at image `offset`; false when the writer thread stopped
+    /// (`finish` says why).
+    fn push(&mut self, offset: u64, bytes: &[u8], write: bool, fetched: u64) -> bool {
+        if !self.batch.bytes.is_empty() && self.batch.bytes.len() + bytes.len() > BATCH && !self.send() {
+            return false;
+        }
+        match self.batch.spans.last_mut() {
+            Some(s) if s.write == write && s.offset + s.len as u64 == offset => {
+                s.len += bytes.len();
+                s.fetched = fetched;
+            }
+            _ => self.batch.spans.push(Span {
+                offset,
+                len: bytes.len(),
+                write,
+                fetched,
+            }),
+        }
+        self.batch.bytes.extend_from_slice(bytes);
+        true
+    }
+
+    fn send(&mut self) -> bool {
+        let mut next = self.spent.try_recv().unwrap_or_else(|_| Batch {
+            bytes: Vec::with_capacity(BATCH),
+            spans: Vec::new(),
+        });
+        next.bytes.clear();
+        next.spans.clear();
+        let full = std::mem::replace(&mut self.batch, next);
+        self.tx.as_ref().is_some_and(|tx| tx.send(full).is_ok())
+    }
+
+    /// Hands over what is left, waits until every queued chunk is written, and returns the
+    /// lower-case hex sha256 of every byte given, in order.
+    fn finish(mut self) -> Result<String, Stop> {
+        if !self.batch.bytes.is_empty() {
             self.send();
         }
-        self.batch.extend_from_slice(bytes);
+        self.join()
     }
 
-    fn send(&mut self) {
-        let mut next = self
-            .spent
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(HASH_BATCH));
-        next.clear();
-        let full = std::mem::replace(&mut self.batch, next);
-        if let Some(tx) = &self.tx {
-            // A send fails only if the thread died; `finish` reports that.
-            let _ = tx.send(full);
+    fn join(&mut self) -> Result<String, Stop> {
+        self.tx = None;
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(Ok(sha256))) => Ok(hex::encode(sha256)),
+            Some(Ok(Err((action, e)))) => Err(slot_stop(self.slot, &self.path, action, e)),
+            _ => Err(Stop::Upgrade(
+                ErrorCode::Internal,
+                "the image writer thread failed".into(),
+            )),
         }
     }
+}
 
-    /// Lower-case hex sha256 of every byte given, in order.
-    fn finish(mut self) -> Result<String, Stop> {
-        self.send();
-        self.tx = None;
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .map(hex::encode)
-            .ok_or_else(|| Stop::Upgrade(ErrorCode::Internal, "the image hashing thread failed".into()))
+impl Drop for Sink {
+    /// Whatever way the pass ends, no write of the slot outlives it.
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.join();
+        }
     }
 }
 
@@ -299,20 +382,23 @@ impl Engine {
 
         let mut dctx = chunked::decompressor();
         let mut window = chunked::Window::new(&info);
-        let mut image = ImageHasher::new().map_err(|e| {
-            Stop::Upgrade(
-                ErrorCode::Internal,
-                format!("cannot start the image hashing thread: {e}"),
-            )
-        })?;
+        let checkpoint = self.cfg.download.checkpoint_bytes.max(4096);
+        let mut sink = file
+            .try_clone()
+            .and_then(|f| Sink::start(f, target, &target_path, checkpoint))
+            .map_err(|e| {
+                Stop::Upgrade(
+                    ErrorCode::Internal,
+                    format!("cannot start the image writer thread for slot {target}: {e}"),
+                )
+            })?;
         let mut frame = Vec::new();
         let mut run: Option<Run> = None;
         let mut tally = Tally::default();
-        let mut unsynced = 0u64;
-        let mut last_sync = Instant::now();
-        let checkpoint = self.cfg.download.checkpoint_bytes.max(4096);
         for (i, c) in index.chunks.iter().enumerate() {
             if let Some(stop) = self.interrupted() {
+                // The chunks already verified reach the slot, so a resume does not fetch them again.
+                let _ = sink.finish();
                 let _ = file.sync_data();
                 return Err(stop);
             }
@@ -344,30 +430,25 @@ impl Engine {
                 tally.fetched_chunks += 1;
                 true
             };
-            let bytes = window.fill(c);
-            image.update(bytes);
-            if write {
-                file.write_all_at(bytes, c.offset)
-                    .map_err(|e| slot_stop(target, &target_path, "write a chunk", e))?;
-                unsynced += u64::from(c.size);
+            if !sink.push(c.offset, window.fill(c), write, tally.fetched) {
+                return Err(sink.finish().err().unwrap_or_else(|| {
+                    Stop::Upgrade(
+                        ErrorCode::Internal,
+                        "the image writer thread stopped early".into(),
+                    )
+                }));
             }
             if local.is_none() {
-                crate::failpoint::download(tally.fetched);
                 self.observer.progress(tally.fetched, to_fetch);
-            }
-            if unsynced >= checkpoint || (unsynced > 0 && last_sync.elapsed() >= SYNC_INTERVAL) {
-                file.sync_data()
-                    .map_err(|e| slot_stop(target, &target_path, "fsync", e))?;
-                unsynced = 0;
-                last_sync = Instant::now();
             }
         }
         drop(run);
 
+        // Every chunk is written before the slot's final sync.
+        let actual = sink.finish()?;
         self.slots
             .finish(target, &file, size)
             .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
-        let actual = image.finish()?;
         if actual != manifest.image.sha256 {
             return Err(Stop::Upgrade(
                 ErrorCode::HashMismatch,
