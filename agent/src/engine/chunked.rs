@@ -566,3 +566,88 @@ impl Engine {
 fn read_verified(file: &File, offset: u64, c: &Chunk, buf: &mut [u8]) -> bool {
     file.read_exact_at(buf, offset).is_ok() && <[u8; 32]>::from(Sha256::digest(&*buf)) == c.sha256
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    /// Chunks spread over several batches: the slot gets exactly the chunks marked for writing,
+    /// the ones it already holds are left as they are, and the hash covers every chunk in order.
+    #[test]
+    fn sink_writes_only_the_chunks_to_write_and_hashes_them_all_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot");
+        let held = vec![0xEE; 3 * BATCH];
+        std::fs::write(&path, &held).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let mut sink = Sink::start(file, Slot::B, &path, 4096).unwrap();
+        let sizes = [BATCH / 3, BATCH / 2, 70_000, BATCH, 4096, BATCH / 4];
+        let (mut offset, mut image, mut expected) = (0usize, Vec::new(), Vec::new());
+        for (k, &len) in sizes.iter().enumerate() {
+            let write = k % 3 != 1;
+            let bytes = if write {
+                pattern(k as u8, len)
+            } else {
+                held[offset..offset + len].to_vec()
+            };
+            assert!(sink.push(offset as u64, &bytes, write, 0));
+            image.extend_from_slice(&bytes);
+            expected.extend_from_slice(if write {
+                &bytes
+            } else {
+                &held[offset..offset + len]
+            });
+            offset += len;
+        }
+        let sha = sink.finish().unwrap_or_else(|_| panic!("the writer failed"));
+        assert_eq!(sha, hex::encode(Sha256::digest(&image)));
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[..offset], &expected[..]);
+        assert!(
+            on_disk[offset..].iter().all(|&b| b == 0xEE),
+            "nothing past the last chunk"
+        );
+        // A kept chunk with other bytes than the slot's shows it is not written.
+        let mut sink = Sink::start(
+            std::fs::OpenOptions::new().write(true).open(&path).unwrap(),
+            Slot::B,
+            &path,
+            4096,
+        )
+        .unwrap();
+        assert!(sink.push(0, &[1u8; 100], false, 0));
+        assert!(sink.finish().is_ok());
+        assert_eq!(std::fs::read(&path).unwrap()[..100], expected[..100]);
+    }
+
+    /// A slot that cannot be written ends the pass with a slot error naming the file, and the
+    /// main thread learns it on a later push or at the end.
+    #[test]
+    fn sink_reports_a_failed_write_with_the_slot_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot");
+        std::fs::write(&path, b"old").unwrap();
+        let read_only = File::open(&path).unwrap();
+        let mut sink = Sink::start(read_only, Slot::A, &path, 4096).unwrap();
+        let chunk = vec![7u8; BATCH / 2];
+        let mut pushed = 0;
+        while pushed < 4 * (QUEUED + 4) && sink.push((pushed * chunk.len()) as u64, &chunk, true, 0) {
+            pushed += 1;
+        }
+        match sink.finish() {
+            Err(Stop::Upgrade(_, message)) => {
+                assert!(message.contains("write a chunk"), "{message}");
+                assert!(message.contains(&path.display().to_string()), "{message}");
+            }
+            Err(_) => panic!("not an upgrade error"),
+            Ok(sha) => panic!("a read-only slot was written: {sha}"),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+    }
+}
