@@ -168,8 +168,24 @@ struct Batch {
     spans: Vec<Span>,
 }
 
-/// What the writer thread hands back: the image's sha256, or the slot operation that failed.
-type Written = Result<[u8; 32], (&'static str, std::io::Error)>;
+/// Where the writer thread spent its time, for the log: the pass is as slow as its busier thread.
+#[derive(Default, Clone, Copy)]
+struct Busy {
+    hash: Duration,
+    write: Duration,
+    sync: Duration,
+}
+
+fn timed<T>(into: &mut Duration, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let r = f();
+    *into += t.elapsed();
+    r
+}
+
+/// What the writer thread hands back: the image's sha256 and where its time went, or the slot
+/// operation that failed.
+type Written = Result<([u8; 32], Busy), (&'static str, std::io::Error)>;
 
 /// The second half of the pass, on its own thread so that it overlaps fetching, decompressing
 /// and checking the next chunks: it hashes the whole image in order and writes the chunks the
@@ -195,6 +211,7 @@ impl Sink {
             .name("image-writer".into())
             .spawn(move || -> Written {
                 let mut hasher = Sha256::new();
+                let mut busy = Busy::default();
                 let mut unsynced = 0u64;
                 let mut last_sync = Instant::now();
                 for batch in rx {
@@ -202,22 +219,22 @@ impl Sink {
                     for span in &batch.spans {
                         let bytes = &batch.bytes[at..at + span.len];
                         at += span.len;
-                        hasher.update(bytes);
+                        timed(&mut busy.hash, || hasher.update(bytes));
                         if span.write {
-                            file.write_all_at(bytes, span.offset)
+                            timed(&mut busy.write, || file.write_all_at(bytes, span.offset))
                                 .map_err(|e| ("write a chunk", e))?;
                             unsynced += bytes.len() as u64;
                             crate::failpoint::download(span.fetched);
                         }
                     }
                     if unsynced >= checkpoint || (unsynced > 0 && last_sync.elapsed() >= SYNC_INTERVAL) {
-                        file.sync_data().map_err(|e| ("fsync", e))?;
+                        timed(&mut busy.sync, || file.sync_data()).map_err(|e| ("fsync", e))?;
                         unsynced = 0;
                         last_sync = Instant::now();
                     }
                     let _ = back.try_send(batch);
                 }
-                Ok(hasher.finalize().into())
+                Ok((hasher.finalize().into(), busy))
             })?;
         Ok(Self {
             batch: Batch::default(),
@@ -263,18 +280,18 @@ impl Sink {
     }
 
     /// Hands over what is left, waits until every queued chunk is written, and returns the
-    /// lower-case hex sha256 of every byte given, in order.
-    fn finish(mut self) -> Result<String, Stop> {
+    /// lower-case hex sha256 of every byte given, in order, and where the writer's time went.
+    fn finish(mut self) -> Result<(String, Busy), Stop> {
         if !self.batch.bytes.is_empty() {
             self.send();
         }
         self.join()
     }
 
-    fn join(&mut self) -> Result<String, Stop> {
+    fn join(&mut self) -> Result<(String, Busy), Stop> {
         self.tx = None;
         match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(Ok(sha256))) => Ok(hex::encode(sha256)),
+            Some(Ok(Ok((sha256, busy)))) => Ok((hex::encode(sha256), busy)),
             Some(Ok(Err((action, e)))) => Err(slot_stop(self.slot, &self.path, action, e)),
             _ => Err(Stop::Upgrade(
                 ErrorCode::Internal,
@@ -395,6 +412,8 @@ impl Engine {
         let mut frame = Vec::new();
         let mut run: Option<Run> = None;
         let mut tally = Tally::default();
+        // The main thread's time, for the log.
+        let (mut fetching, mut decoding, mut queueing) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         for (i, c) in index.chunks.iter().enumerate() {
             if let Some(stop) = self.interrupted() {
                 // The chunks already verified reach the slot, so a resume does not fetch them again.
@@ -424,13 +443,19 @@ impl Engine {
                     to_fetch += u64::from(c.data_len);
                 }
                 let end = ends[i].max(c.data_end());
-                self.read_frame(&mut run, &source, data_offset, c, end, &mut frame)?;
-                chunked::decompress(i, c, &frame, dict, out, &mut dctx).map_err(chunk_stop)?;
+                timed(&mut fetching, || {
+                    self.read_frame(&mut run, &source, data_offset, c, end, &mut frame)
+                })?;
+                timed(&mut decoding, || {
+                    chunked::decompress(i, c, &frame, dict, out, &mut dctx)
+                })
+                .map_err(chunk_stop)?;
                 tally.fetched += u64::from(c.data_len);
                 tally.fetched_chunks += 1;
                 true
             };
-            if !sink.push(c.offset, window.fill(c), write, tally.fetched) {
+            let bytes = window.fill(c);
+            if !timed(&mut queueing, || sink.push(c.offset, bytes, write, tally.fetched)) {
                 return Err(sink.finish().err().unwrap_or_else(|| {
                     Stop::Upgrade(
                         ErrorCode::Internal,
@@ -445,7 +470,7 @@ impl Engine {
         drop(run);
 
         // Every chunk is written before the slot's final sync.
-        let actual = sink.finish()?;
+        let (actual, writer) = sink.finish()?;
         self.slots
             .finish(target, &file, size)
             .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
@@ -460,6 +485,9 @@ impl Engine {
         }
         tracing::info!(slot = %target, kept = tally.kept, copied = tally.copied, fetched = tally.fetched,
             fetched_chunks = tally.fetched_chunks, secs = started.elapsed().as_secs_f64(),
+            fetch_secs = fetching.as_secs_f64(), decompress_check_secs = decoding.as_secs_f64(),
+            queue_wait_secs = queueing.as_secs_f64(), image_sha256_secs = writer.hash.as_secs_f64(),
+            write_secs = writer.write.as_secs_f64(), sync_secs = writer.sync.as_secs_f64(),
             "chunked image written and verified");
         write_cache(&cache_path(&self.cfg.state_dir, target), &info, index);
         Ok(())
@@ -605,7 +633,7 @@ mod tests {
             });
             offset += len;
         }
-        let sha = sink.finish().unwrap_or_else(|_| panic!("the writer failed"));
+        let (sha, _) = sink.finish().unwrap_or_else(|_| panic!("the writer failed"));
         assert_eq!(sha, hex::encode(Sha256::digest(&image)));
         let on_disk = std::fs::read(&path).unwrap();
         assert_eq!(&on_disk[..offset], &expected[..]);
@@ -646,7 +674,7 @@ mod tests {
                 assert!(message.contains(&path.display().to_string()), "{message}");
             }
             Err(_) => panic!("not an upgrade error"),
-            Ok(sha) => panic!("a read-only slot was written: {sha}"),
+            Ok((sha, _)) => panic!("a read-only slot was written: {sha}"),
         }
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
     }
