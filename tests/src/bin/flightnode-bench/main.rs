@@ -39,7 +39,7 @@ fn main() -> Result<()> {
             flag(&args, "--level", 19),
             flag(&args, "--window-kib", 2048),
             flag(&args, "--runs", 3),
-            args.iter().any(|a| a == "--no-baselines"),
+            !args.iter().any(|a| a == "--no-baselines"),
         ),
         Some("child-rusage") => chunks::child_rusage(&args[1..]),
         Some("footprint") => footprint(flag(&args, "--idle-secs", 60), flag(&args, "--size-mib", 64)),
