@@ -147,9 +147,10 @@ struct Tally {
 
 /// Image bytes handed to the writer thread at a time.
 const BATCH: usize = 512 * 1024;
-/// Batches queued for the writer thread: with the one being filled, the one being written and
-/// the spare ones, memory stays at a few `BATCH`es.
-const QUEUED: usize = 2;
+/// Batches queued for the writer thread (4 MiB): enough to keep decompressing while the writer
+/// waits for a checkpoint's fsync (with two, the main thread spent about a quarter of the pass
+/// waiting for room). Memory stays bounded at `QUEUED` + 4 batches.
+const QUEUED: usize = 8;
 
 /// Consecutive image bytes of a batch that go the same way: written to the slot, or only hashed
 /// (chunks the slot already holds).
