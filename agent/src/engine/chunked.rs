@@ -11,9 +11,11 @@
 //!   buffer of its declared size and verified against its signed sha256 before it is written.
 //!
 //! Neither slot is trusted: a local chunk is hashed before it is used, and one that does not
-//! match is fetched instead. The whole image's sha256 is computed over the same bytes as they
-//! pass (on a second thread; nothing is read back from the slot), and checked against the
-//! manifest before the upgrade may go on to the switch, as for format 1.
+//! match is fetched instead. The pass runs on two threads: this one fetches, decompresses and
+//! checks each chunk; a writer thread takes the verified chunks in order (through a bounded
+//! queue), writes those the slot lacks and computes the whole image's sha256 over the same bytes
+//! (nothing is read back from the slot), which is checked against the manifest before the
+//! upgrade may go on to the switch, as for format 1.
 //!
 //! Resume needs no byte offset: the next attempt finds every chunk that reached the slot intact
 //! and fetches only the rest. The slot is synced every `download.checkpoint_bytes` written so a
@@ -143,70 +145,169 @@ struct Tally {
     fetched: u64,
 }
 
-/// Bytes handed to the hashing thread at a time.
-const HASH_BATCH: usize = 512 * 1024;
+/// Image bytes handed to the writer thread at a time.
+const BATCH: usize = 512 * 1024;
+/// Batches queued for the writer thread (4 MiB): enough to keep decompressing while the writer
+/// waits for a checkpoint's fsync (with two, the main thread spent about a quarter of the pass
+/// waiting for room). Memory stays bounded at `QUEUED` + 4 batches.
+const QUEUED: usize = 8;
 
-/// The whole image's sha256, computed on another core: chunks are copied (cheap next to hashing)
-/// into batches that a thread hashes while the next chunks are read, decompressed and written.
-struct ImageHasher {
-    batch: Vec<u8>,
-    tx: Option<SyncSender<Vec<u8>>>,
-    /// Hashed batches come back for reuse.
-    spent: Receiver<Vec<u8>>,
-    thread: Option<JoinHandle<[u8; 32]>>,
+/// Consecutive image bytes of a batch that go the same way: written to the slot, or only hashed
+/// (chunks the slot already holds).
+struct Span {
+    offset: u64,
+    len: usize,
+    write: bool,
+    /// Bundle bytes fetched up to the end of this span, for the `download@N` failpoint.
+    fetched: u64,
 }
 
-impl ImageHasher {
-    fn new() -> std::io::Result<Self> {
-        let (tx, rx) = sync_channel::<Vec<u8>>(2);
-        let (back, spent) = sync_channel(4);
+/// Verified image bytes in image order, with where they go.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    spans: Vec<Span>,
+}
+
+/// Where the writer thread spent its time, for the log: the pass is as slow as its busier thread.
+#[derive(Default, Clone, Copy)]
+struct Busy {
+    hash: Duration,
+    write: Duration,
+    sync: Duration,
+}
+
+fn timed<T>(into: &mut Duration, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let r = f();
+    *into += t.elapsed();
+    r
+}
+
+/// What the writer thread hands back: the image's sha256 and where its time went, or the slot
+/// operation that failed.
+type Written = Result<([u8; 32], Busy), (&'static str, std::io::Error)>;
+
+/// The second half of the pass, on its own thread so that it overlaps fetching, decompressing
+/// and checking the next chunks: it hashes the whole image in order and writes the chunks the
+/// slot lacks, syncing the slot every `checkpoint` bytes or `SYNC_INTERVAL`. Only chunks already
+/// checked against their signed sha256 are handed to it, so nothing unverified reaches the slot.
+/// Bytes are copied into batches (cheap next to hashing) because the context window they come
+/// from is reused.
+struct Sink {
+    batch: Batch,
+    tx: Option<SyncSender<Batch>>,
+    /// Written batches come back for reuse.
+    spent: Receiver<Batch>,
+    thread: Option<JoinHandle<Written>>,
+    slot: Slot,
+    path: PathBuf,
+}
+
+impl Sink {
+    fn start(file: File, slot: Slot, path: &Path, checkpoint: u64) -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel::<Batch>(QUEUED);
+        let (back, spent) = sync_channel(QUEUED + 2);
         let thread = std::thread::Builder::new()
-            .name("image-sha256".into())
-            .spawn(move || {
+            .name("image-writer".into())
+            .spawn(move || -> Written {
                 let mut hasher = Sha256::new();
+                let mut busy = Busy::default();
+                let mut unsynced = 0u64;
+                let mut last_sync = Instant::now();
                 for batch in rx {
-                    hasher.update(&batch);
+                    let mut at = 0;
+                    for span in &batch.spans {
+                        let bytes = &batch.bytes[at..at + span.len];
+                        at += span.len;
+                        timed(&mut busy.hash, || hasher.update(bytes));
+                        if span.write {
+                            timed(&mut busy.write, || file.write_all_at(bytes, span.offset))
+                                .map_err(|e| ("write a chunk", e))?;
+                            unsynced += bytes.len() as u64;
+                            crate::failpoint::download(span.fetched);
+                        }
+                    }
+                    if unsynced >= checkpoint || (unsynced > 0 && last_sync.elapsed() >= SYNC_INTERVAL) {
+                        timed(&mut busy.sync, || file.sync_data()).map_err(|e| ("fsync", e))?;
+                        unsynced = 0;
+                        last_sync = Instant::now();
+                    }
                     let _ = back.try_send(batch);
                 }
-                hasher.finalize().into()
+                Ok((hasher.finalize().into(), busy))
             })?;
         Ok(Self {
-            batch: Vec::with_capacity(HASH_BATCH),
+            batch: Batch::default(),
             tx: Some(tx),
             spent,
             thread: Some(thread),
+            slot,
+            path: path.to_owned(),
         })
     }
 
-    fn update(&mut self, bytes: &[u8]) {
-        if self.batch.len() + bytes.len() > HASH_BATCH {
+    /// Queues a verified chunk's bytes at image `offset`; false when the writer thread stopped
+    /// (`finish` says why).
+    fn push(&mut self, offset: u64, bytes: &[u8], write: bool, fetched: u64) -> bool {
+        if !self.batch.bytes.is_empty() && self.batch.bytes.len() + bytes.len() > BATCH && !self.send() {
+            return false;
+        }
+        match self.batch.spans.last_mut() {
+            Some(s) if s.write == write && s.offset + s.len as u64 == offset => {
+                s.len += bytes.len();
+                s.fetched = fetched;
+            }
+            _ => self.batch.spans.push(Span {
+                offset,
+                len: bytes.len(),
+                write,
+                fetched,
+            }),
+        }
+        self.batch.bytes.extend_from_slice(bytes);
+        true
+    }
+
+    fn send(&mut self) -> bool {
+        let mut next = self.spent.try_recv().unwrap_or_else(|_| Batch {
+            bytes: Vec::with_capacity(BATCH),
+            spans: Vec::new(),
+        });
+        next.bytes.clear();
+        next.spans.clear();
+        let full = std::mem::replace(&mut self.batch, next);
+        self.tx.as_ref().is_some_and(|tx| tx.send(full).is_ok())
+    }
+
+    /// Hands over what is left, waits until every queued chunk is written, and returns the
+    /// lower-case hex sha256 of every byte given, in order, and where the writer's time went.
+    fn finish(mut self) -> Result<(String, Busy), Stop> {
+        if !self.batch.bytes.is_empty() {
             self.send();
         }
-        self.batch.extend_from_slice(bytes);
+        self.join()
     }
 
-    fn send(&mut self) {
-        let mut next = self
-            .spent
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(HASH_BATCH));
-        next.clear();
-        let full = std::mem::replace(&mut self.batch, next);
-        if let Some(tx) = &self.tx {
-            // A send fails only if the thread died; `finish` reports that.
-            let _ = tx.send(full);
+    fn join(&mut self) -> Result<(String, Busy), Stop> {
+        self.tx = None;
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(Ok((sha256, busy)))) => Ok((hex::encode(sha256), busy)),
+            Some(Ok(Err((action, e)))) => Err(slot_stop(self.slot, &self.path, action, e)),
+            _ => Err(Stop::Upgrade(
+                ErrorCode::Internal,
+                "the image writer thread failed".into(),
+            )),
         }
     }
+}
 
-    /// Lower-case hex sha256 of every byte given, in order.
-    fn finish(mut self) -> Result<String, Stop> {
-        self.send();
-        self.tx = None;
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .map(hex::encode)
-            .ok_or_else(|| Stop::Upgrade(ErrorCode::Internal, "the image hashing thread failed".into()))
+impl Drop for Sink {
+    /// Whatever way the pass ends, no write of the slot outlives it.
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.join();
+        }
     }
 }
 
@@ -299,20 +400,25 @@ impl Engine {
 
         let mut dctx = chunked::decompressor();
         let mut window = chunked::Window::new(&info);
-        let mut image = ImageHasher::new().map_err(|e| {
-            Stop::Upgrade(
-                ErrorCode::Internal,
-                format!("cannot start the image hashing thread: {e}"),
-            )
-        })?;
+        let checkpoint = self.cfg.download.checkpoint_bytes.max(4096);
+        let mut sink = file
+            .try_clone()
+            .and_then(|f| Sink::start(f, target, &target_path, checkpoint))
+            .map_err(|e| {
+                Stop::Upgrade(
+                    ErrorCode::Internal,
+                    format!("cannot start the image writer thread for slot {target}: {e}"),
+                )
+            })?;
         let mut frame = Vec::new();
         let mut run: Option<Run> = None;
         let mut tally = Tally::default();
-        let mut unsynced = 0u64;
-        let mut last_sync = Instant::now();
-        let checkpoint = self.cfg.download.checkpoint_bytes.max(4096);
+        // The main thread's time, for the log.
+        let (mut fetching, mut decoding, mut queueing) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         for (i, c) in index.chunks.iter().enumerate() {
             if let Some(stop) = self.interrupted() {
+                // The chunks already verified reach the slot, so a resume does not fetch them again.
+                let _ = sink.finish();
                 let _ = file.sync_data();
                 return Err(stop);
             }
@@ -338,36 +444,37 @@ impl Engine {
                     to_fetch += u64::from(c.data_len);
                 }
                 let end = ends[i].max(c.data_end());
-                self.read_frame(&mut run, &source, data_offset, c, end, &mut frame)?;
-                chunked::decompress(i, c, &frame, dict, out, &mut dctx).map_err(chunk_stop)?;
+                timed(&mut fetching, || {
+                    self.read_frame(&mut run, &source, data_offset, c, end, &mut frame)
+                })?;
+                timed(&mut decoding, || {
+                    chunked::decompress(i, c, &frame, dict, out, &mut dctx)
+                })
+                .map_err(chunk_stop)?;
                 tally.fetched += u64::from(c.data_len);
                 tally.fetched_chunks += 1;
                 true
             };
             let bytes = window.fill(c);
-            image.update(bytes);
-            if write {
-                file.write_all_at(bytes, c.offset)
-                    .map_err(|e| slot_stop(target, &target_path, "write a chunk", e))?;
-                unsynced += u64::from(c.size);
+            if !timed(&mut queueing, || sink.push(c.offset, bytes, write, tally.fetched)) {
+                return Err(sink.finish().err().unwrap_or_else(|| {
+                    Stop::Upgrade(
+                        ErrorCode::Internal,
+                        "the image writer thread stopped early".into(),
+                    )
+                }));
             }
             if local.is_none() {
-                crate::failpoint::download(tally.fetched);
                 self.observer.progress(tally.fetched, to_fetch);
-            }
-            if unsynced >= checkpoint || (unsynced > 0 && last_sync.elapsed() >= SYNC_INTERVAL) {
-                file.sync_data()
-                    .map_err(|e| slot_stop(target, &target_path, "fsync", e))?;
-                unsynced = 0;
-                last_sync = Instant::now();
             }
         }
         drop(run);
 
+        // Every chunk is written before the slot's final sync.
+        let (actual, writer) = sink.finish()?;
         self.slots
             .finish(target, &file, size)
             .map_err(|e| Stop::Upgrade(e.code(), e.to_string()))?;
-        let actual = image.finish()?;
         if actual != manifest.image.sha256 {
             return Err(Stop::Upgrade(
                 ErrorCode::HashMismatch,
@@ -379,6 +486,9 @@ impl Engine {
         }
         tracing::info!(slot = %target, kept = tally.kept, copied = tally.copied, fetched = tally.fetched,
             fetched_chunks = tally.fetched_chunks, secs = started.elapsed().as_secs_f64(),
+            fetch_secs = fetching.as_secs_f64(), decompress_check_secs = decoding.as_secs_f64(),
+            queue_wait_secs = queueing.as_secs_f64(), image_sha256_secs = writer.hash.as_secs_f64(),
+            write_secs = writer.write.as_secs_f64(), sync_secs = writer.sync.as_secs_f64(),
             "chunked image written and verified");
         write_cache(&cache_path(&self.cfg.state_dir, target), &info, index);
         Ok(())
@@ -484,4 +594,91 @@ impl Engine {
 /// `c.sha256`.
 fn read_verified(file: &File, offset: u64, c: &Chunk, buf: &mut [u8]) -> bool {
     file.read_exact_at(buf, offset).is_ok() && <[u8; 32]>::from(Sha256::digest(&*buf)) == c.sha256
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| u8::try_from(i % 251).unwrap().wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    /// Chunks spread over several batches: the slot gets exactly the chunks marked for writing,
+    /// the ones it already holds are left as they are, and the hash covers every chunk in order.
+    #[test]
+    fn sink_writes_only_the_chunks_to_write_and_hashes_them_all_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot");
+        let held = vec![0xEE; 3 * BATCH];
+        std::fs::write(&path, &held).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let mut sink = Sink::start(file, Slot::B, &path, 4096).unwrap();
+        let sizes = [BATCH / 3, BATCH / 2, 70_000, BATCH, 4096, BATCH / 4];
+        let (mut offset, mut image, mut expected) = (0usize, Vec::new(), Vec::new());
+        for (k, &len) in (0u8..).zip(&sizes) {
+            let write = k % 3 != 1;
+            let bytes = if write {
+                pattern(k, len)
+            } else {
+                held[offset..offset + len].to_vec()
+            };
+            assert!(sink.push(offset as u64, &bytes, write, 0));
+            image.extend_from_slice(&bytes);
+            expected.extend_from_slice(if write {
+                &bytes
+            } else {
+                &held[offset..offset + len]
+            });
+            offset += len;
+        }
+        let (sha, _) = sink.finish().unwrap_or_else(|_| panic!("the writer failed"));
+        assert_eq!(sha, hex::encode(Sha256::digest(&image)));
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[..offset], &expected[..]);
+        assert!(
+            on_disk[offset..].iter().all(|&b| b == 0xEE),
+            "nothing past the last chunk"
+        );
+        // A kept chunk with other bytes than the slot's shows it is not written.
+        let mut sink = Sink::start(
+            std::fs::OpenOptions::new().write(true).open(&path).unwrap(),
+            Slot::B,
+            &path,
+            4096,
+        )
+        .unwrap();
+        assert!(sink.push(0, &[1u8; 100], false, 0));
+        assert!(sink.finish().is_ok());
+        assert_eq!(std::fs::read(&path).unwrap()[..100], expected[..100]);
+    }
+
+    /// A slot that cannot be written ends the pass with a slot error naming the file, and the
+    /// main thread learns it on a later push or at the end.
+    #[test]
+    fn sink_reports_a_failed_write_with_the_slot_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slot");
+        std::fs::write(&path, b"old").unwrap();
+        let read_only = File::open(&path).unwrap();
+        let mut sink = Sink::start(read_only, Slot::A, &path, 4096).unwrap();
+        let chunk = vec![7u8; BATCH / 2];
+        let mut pushed = 0;
+        while pushed < 4 * (QUEUED + 4) && sink.push((pushed * chunk.len()) as u64, &chunk, true, 0) {
+            pushed += 1;
+        }
+        match sink.finish() {
+            Err(Stop::Upgrade(_, message)) => {
+                assert!(message.contains("write a chunk"), "{message}");
+                assert!(message.contains(&path.display().to_string()), "{message}");
+            }
+            Err(Stop::Rebooting(_) | Stop::Paused | Stop::Engine(_) | Stop::Again) => {
+                panic!("not an upgrade error")
+            }
+            Ok((sha, _)) => panic!("a read-only slot was written: {sha}"),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+    }
 }

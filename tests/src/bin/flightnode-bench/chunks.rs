@@ -370,7 +370,9 @@ fn fresh_install(agent: &Path, dir: &Path, url: &str) -> Result<(f64, u64)> {
     Ok(r)
 }
 
-pub(crate) fn chunks(size_mib: u64, level: u64, window_kib: u64, runs: u64) -> Result<()> {
+/// `baselines` false skips `zstd -19`, `xdelta3` and `bsdiff` of the image (minutes at 256 MiB),
+/// for measuring the installs alone.
+pub(crate) fn chunks(size_mib: u64, level: u64, window_kib: u64, runs: u64, baselines: bool) -> Result<()> {
     let agent = binary("flightnode-agent")?;
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
@@ -430,26 +432,11 @@ pub(crate) fn chunks(size_mib: u64, level: u64, window_kib: u64, runs: u64) -> R
     std::fs::remove_dir_all(dir.join("update"))?;
 
     eprintln!("baselines");
-    let (i1, i2) = (img1.display(), img2.display());
-    let zst = dir.join("img.zst");
-    let zstd19 = tool_size(
-        "zstd",
-        &format!("zstd -q -19 -T0 -f -o {} {i2}", zst.display()),
-        &zst,
-    )?;
-    let xd = dir.join("img.xd3");
-    let xdelta = tool_size(
-        "xdelta3",
-        &format!("xdelta3 -e -9 -f -B 268435456 -s {i1} {i2} {}", xd.display()),
-        &xd,
-    )?;
-    let bsd = dir.join("img.bsdiff");
-    // bsdiff's suffix sort takes minutes per 10 MiB and 17x the image in memory: small images only.
-    let bsdiff = if size_mib <= 64 {
-        tool_size("bsdiff", &format!("bsdiff {i1} {i2} {}", bsd.display()), &bsd)?
+    let (zstd19, xdelta, bsdiff) = if baselines {
+        baseline_sizes(&img1, &img2, dir, size_mib)?
     } else {
-        eprintln!("bsdiff skipped above 64 MiB (--size-mib 64 measures it)");
-        None
+        eprintln!("--no-baselines: zstd, xdelta3 and bsdiff skipped");
+        (None, None, None)
     };
 
     let pct = |b: u64| 100.0 * b as f64 / image_len as f64;
@@ -502,4 +489,33 @@ pub(crate) fn chunks(size_mib: u64, level: u64, window_kib: u64, runs: u64) -> R
         t1 / t2
     );
     Ok(())
+}
+
+/// Sizes of `zstd -19` of the image and of the `xdelta3`/`bsdiff` deltas, where installed.
+type Sizes = (Option<(u64, f64)>, Option<(u64, f64)>, Option<(u64, f64)>);
+
+fn baseline_sizes(img1: &Path, img2: &Path, dir: &Path, size_mib: u64) -> Result<Sizes> {
+    let (i1, i2) = (img1.display(), img2.display());
+    let zst = dir.join("img.zst");
+    let zstd19 = tool_size(
+        "zstd",
+        &format!("zstd -q -19 -T0 -f -o {} {i2}", zst.display()),
+        &zst,
+    )?;
+    let xd = dir.join("img.xd3");
+    let xdelta = tool_size(
+        "xdelta3",
+        &format!("xdelta3 -e -9 -f -B 268435456 -s {i1} {i2} {}", xd.display()),
+        &xd,
+    )?;
+    let bsd = dir.join("img.bsdiff");
+    // bsdiff's suffix sort takes minutes per 10 MiB and 17x the image in memory: small images only.
+    let bsdiff = if size_mib <= 64 {
+        tool_size("bsdiff", &format!("bsdiff {i1} {i2} {}", bsd.display()), &bsd)?
+    } else {
+        eprintln!("bsdiff skipped above 64 MiB (--size-mib 64 measures it)");
+        None
+    };
+
+    Ok((zstd19, xdelta, bsdiff))
 }

@@ -4,7 +4,7 @@
 //! - `install [--size-mib 256] [--runs 3]`: bundle download + verify + write into a file slot over
 //!   loopback HTTP, vs `curl | tee >(sha256sum) > slot` and a minimal Rust GET + sha256 + write;
 //!   plus raw single-core sha256 throughput, the physical limit.
-//! - `chunks [--size-mib 256] [--level 19] [--window-kib 2048] [--runs 3]`: bytes the server
+//! - `chunks [--size-mib 256] [--level 19] [--window-kib 2048] [--runs 3] [--no-baselines]`: bytes the server
 //!   sends for a full plain download, a full chunked download and a chunked update over the older
 //!   slot of a generated ext4 image, next to `zstd -19` and `xdelta3`/`bsdiff` deltas where
 //!   installed; install time (median of the runs) and the agent's own peak RSS.
@@ -39,6 +39,7 @@ fn main() -> Result<()> {
             flag(&args, "--level", 19),
             flag(&args, "--window-kib", 2048),
             flag(&args, "--runs", 3),
+            !args.iter().any(|a| a == "--no-baselines"),
         ),
         Some("child-rusage") => chunks::child_rusage(&args[1..]),
         Some("footprint") => footprint(flag(&args, "--idle-secs", 60), flag(&args, "--size-mib", 64)),
@@ -69,7 +70,7 @@ fn main() -> Result<()> {
         _ => {
             eprintln!("usage: flightnode-bench install [--size-mib N] [--runs N]");
             eprintln!(
-                "       flightnode-bench chunks [--size-mib 256] [--level 19] [--window-kib 2048] [--runs 3]"
+                "       flightnode-bench chunks [--size-mib 256] [--level 19] [--window-kib 2048] [--runs 3] [--no-baselines]"
             );
             eprintln!("       flightnode-bench footprint [--idle-secs N] [--size-mib N]");
             eprintln!(
