@@ -108,8 +108,8 @@ pub fn build(target: &'static str) -> Result<Release> {
 fn build_uncached(target: &'static str) -> Result<Release> {
     let with_hub = target == X86_64;
     // One cargo run per package: built together, the agent would get every feature the hub's
-    // dependencies turn on (cargo unifies features across the packages of one build), about
-    // 2 MiB that the shipped agent never uses.
+    // dependencies turn on (cargo unifies features across the packages of one build): the x86_64
+    // agent was 10.44 MiB that way, 9.61 MiB built alone.
     let packages: &[&str] = if with_hub {
         &["flightnode-agent", "flightnode-hub"]
     } else {
