@@ -579,11 +579,11 @@ fn erase(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// 8 MiB disk, MBR with one bootable FAT16 partition at sector 2048 holding `/boot.scr`.
-fn make_bootdisk(dir: &Path, disk: &Path) -> anyhow::Result<()> {
+/// Compiles a U-Boot boot script (`text`) into `dir/boot.scr` with `mkimage`; returns its path.
+pub fn compile_boot_script(dir: &Path, text: &str, name: &str) -> anyhow::Result<std::path::PathBuf> {
     let src = dir.join("boot.cmd");
     let scr = dir.join("boot.scr");
-    std::fs::write(&src, BOOT_SCRIPT)?;
+    std::fs::write(&src, text).with_context(|| format!("writing {}", src.display()))?;
     run(
         "mkimage",
         &[
@@ -596,13 +596,19 @@ fn make_bootdisk(dir: &Path, disk: &Path) -> anyhow::Result<()> {
             "-C",
             "none",
             "-n",
-            "rauc-ab",
+            name,
             "-d",
             &src.to_string_lossy(),
             &scr.to_string_lossy(),
         ],
         None,
     )?;
+    Ok(scr)
+}
+
+/// 8 MiB disk, MBR with one bootable FAT16 partition at sector 2048 holding `/boot.scr`.
+fn make_bootdisk(dir: &Path, disk: &Path) -> anyhow::Result<()> {
+    let scr = compile_boot_script(dir, BOOT_SCRIPT, "rauc-ab")?;
     let mut image = vec![0u8; 8 * 1024 * 1024];
     // Partition 1: active, type 0x0e (FAT16 LBA), first LBA 2048, 14336 sectors.
     let entry: [u8; 16] = [0x80, 0, 0, 0, 0x0e, 0, 0, 0, 0x00, 0x08, 0, 0, 0x00, 0x38, 0, 0];

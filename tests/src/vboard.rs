@@ -501,28 +501,7 @@ impl Board {
         }
         let d = disk.to_string_lossy().into_owned();
         // Partition 1: FAT with /boot.scr.
-        let cmd = dir.join("boot.cmd");
-        let scr = dir.join("boot.scr");
-        std::fs::write(&cmd, BOOT_CMD)?;
-        run_cmd(
-            Command::new("mkimage")
-                .args([
-                    "-A",
-                    "arm64",
-                    "-O",
-                    "linux",
-                    "-T",
-                    "script",
-                    "-C",
-                    "none",
-                    "-n",
-                    "vboard A/B",
-                    "-d",
-                ])
-                .arg(&cmd)
-                .arg(&scr),
-            "mkimage (boot.scr)",
-        )?;
+        let scr = uboot_qemu::compile_boot_script(dir, BOOT_CMD, "vboard A/B")?;
         run_cmd(
             Command::new("mkfs.vfat")
                 .args([

@@ -8,7 +8,7 @@
 //! already-compressed blobs. Version 2 upgrades one package (every file replaced), rewrites a
 //! few configs, patches two binaries in place and adds a file: a few percent of the content.
 
-use crate::mib_s;
+use crate::{mib, mib_s};
 use anyhow::{Context, Result, bail};
 use flightnode_tests::agent::{binary, run_ok};
 use flightnode_tests::http_server::BundleServer;
@@ -370,9 +370,33 @@ fn fresh_install(agent: &Path, dir: &Path, url: &str) -> Result<(f64, u64)> {
     Ok(r)
 }
 
-/// `baselines` false skips `zstd -19`, `xdelta3` and `bsdiff` of the image (minutes at 256 MiB),
-/// for measuring the installs alone.
-pub(crate) fn chunks(size_mib: u64, level: u64, window_kib: u64, runs: u64, baselines: bool) -> Result<()> {
+/// What `chunks` measures.
+pub(crate) struct Options {
+    /// Size of each generated image.
+    pub size_mib: u64,
+    /// zstd level of the chunked bundles.
+    pub level: u64,
+    /// Context window of the chunked bundles, KiB.
+    pub window_kib: u64,
+    /// Fresh installs per format; the table shows the median.
+    pub runs: u64,
+    /// false skips `zstd -19`, `xdelta3` and `bsdiff` of the image (minutes at 256 MiB), for
+    /// measuring the installs alone.
+    pub baselines: bool,
+    /// Runs `bsdiff` above 64 MiB too (tens of minutes per 64 MiB, 17 times the image in memory).
+    pub bsdiff: bool,
+    /// An existing (version 1, version 2) image pair instead of the generated one.
+    pub images: Option<(PathBuf, PathBuf)>,
+}
+
+pub(crate) fn chunks(o: &Options) -> Result<()> {
+    let Options {
+        size_mib,
+        level,
+        window_kib,
+        runs,
+        ..
+    } = *o;
     let agent = binary("flightnode-agent")?;
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
@@ -380,16 +404,32 @@ pub(crate) fn chunks(size_mib: u64, level: u64, window_kib: u64, runs: u64, base
         &agent,
         &["keygen", "--out-dir", &dir.join("keys").display().to_string()],
     )?;
-    let vocab = Vocab::new();
-    let packages = (size_mib * PACKAGES_PER_256_MIB / 256).max(8);
-    let (img1, img2) = (dir.join("v1.img"), dir.join("v2.img"));
-    for (version, img) in [(1, &img1), (2, &img2)] {
-        let root = dir.join(format!("tree{version}"));
-        eprintln!("generating tree {version} and its {size_mib} MiB ext4 image");
-        tree(&vocab, &root, version, packages)?;
-        mkfs(&root, img, size_mib)?;
-        std::fs::remove_dir_all(&root)?;
-    }
+    let (img1, img2, what) = match &o.images {
+        Some((old, new)) => {
+            for img in [old, new] {
+                std::fs::metadata(img).with_context(|| format!("reading the image {}", img.display()))?;
+            }
+            let what = format!("given images {} -> {}", old.display(), new.display());
+            (old.clone(), new.clone(), what)
+        }
+        None => {
+            let vocab = Vocab::new();
+            let packages = (size_mib * PACKAGES_PER_256_MIB / 256).max(8);
+            let (img1, img2) = (dir.join("v1.img"), dir.join("v2.img"));
+            for (version, img) in [(1, &img1), (2, &img2)] {
+                let root = dir.join(format!("tree{version}"));
+                eprintln!("generating tree {version} and its {size_mib} MiB ext4 image");
+                tree(&vocab, &root, version, packages)?;
+                mkfs(&root, img, size_mib)?;
+                std::fs::remove_dir_all(&root)?;
+            }
+            let what = format!(
+                "generated ext4 images of {size_mib} MiB, version 2 = one package upgraded, 5 configs rewritten, \
+                 2 binaries patched, 1 file added"
+            );
+            (img1, img2, what)
+        }
+    };
     let image_len = std::fs::metadata(&img2)?.len();
     let chunking = Chunking { level, window_kib };
     eprintln!("creating bundles (zstd level {level}, context window {window_kib} KiB)");
@@ -432,17 +472,15 @@ pub(crate) fn chunks(size_mib: u64, level: u64, window_kib: u64, runs: u64, base
     std::fs::remove_dir_all(dir.join("update"))?;
 
     eprintln!("baselines");
-    let (zstd19, xdelta, bsdiff) = if baselines {
-        baseline_sizes(&img1, &img2, dir, size_mib)?
+    let (zstd19, xdelta, bsdiff) = if o.baselines {
+        baseline_sizes(&img1, &img2, dir, o.bsdiff)?
     } else {
         eprintln!("--no-baselines: zstd, xdelta3 and bsdiff skipped");
         (None, None, None)
     };
 
     let pct = |b: u64| 100.0 * b as f64 / image_len as f64;
-    println!(
-        "ext4 image {size_mib} MiB, version 2 = one package upgraded, 5 configs rewritten, 2 binaries patched, 1 file added"
-    );
+    println!("{what}; version 2 is {:.1} MiB", mib(image_len));
     println!(
         "{:<44} {:>12} {:>9} {:>10} {:>10} {:>12}",
         "transfer", "bytes", "% image", "install s", "MiB/s", "peak RSS MiB"
@@ -494,7 +532,7 @@ pub(crate) fn chunks(size_mib: u64, level: u64, window_kib: u64, runs: u64, base
 /// Sizes of `zstd -19` of the image and of the `xdelta3`/`bsdiff` deltas, where installed.
 type Sizes = (Option<(u64, f64)>, Option<(u64, f64)>, Option<(u64, f64)>);
 
-fn baseline_sizes(img1: &Path, img2: &Path, dir: &Path, size_mib: u64) -> Result<Sizes> {
+fn baseline_sizes(img1: &Path, img2: &Path, dir: &Path, force_bsdiff: bool) -> Result<Sizes> {
     let (i1, i2) = (img1.display(), img2.display());
     let zst = dir.join("img.zst");
     let zstd19 = tool_size(
@@ -502,18 +540,21 @@ fn baseline_sizes(img1: &Path, img2: &Path, dir: &Path, size_mib: u64) -> Result
         &format!("zstd -q -19 -T0 -f -o {} {i2}", zst.display()),
         &zst,
     )?;
+    // xdelta3 finds matches only within its source window: the whole of version 1.
+    let window = std::fs::metadata(img1)?.len().next_power_of_two().max(1 << 24);
     let xd = dir.join("img.xd3");
     let xdelta = tool_size(
         "xdelta3",
-        &format!("xdelta3 -e -9 -f -B 268435456 -s {i1} {i2} {}", xd.display()),
+        &format!("xdelta3 -e -9 -f -B {window} -s {i1} {i2} {}", xd.display()),
         &xd,
     )?;
     let bsd = dir.join("img.bsdiff");
-    // bsdiff's suffix sort takes minutes per 10 MiB and 17x the image in memory: small images only.
-    let bsdiff = if size_mib <= 64 {
+    // bsdiff's suffix sort takes minutes per 10 MiB and 17x the image in memory.
+    let bsdiff = if force_bsdiff || std::fs::metadata(img1)?.len() <= 64 * crate::MIB {
+        eprintln!("bsdiff (tens of minutes per 64 MiB)");
         tool_size("bsdiff", &format!("bsdiff {i1} {i2} {}", bsd.display()), &bsd)?
     } else {
-        eprintln!("bsdiff skipped above 64 MiB (--size-mib 64 measures it)");
+        eprintln!("bsdiff skipped above 64 MiB (--bsdiff runs it anyway)");
         None
     };
 

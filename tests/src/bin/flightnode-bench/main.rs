@@ -4,10 +4,12 @@
 //! - `install [--size-mib 256] [--runs 3]`: bundle download + verify + write into a file slot over
 //!   loopback HTTP, vs `curl | tee >(sha256sum) > slot` and a minimal Rust GET + sha256 + write;
 //!   plus raw single-core sha256 throughput, the physical limit.
-//! - `chunks [--size-mib 256] [--level 19] [--window-kib 2048] [--runs 3] [--no-baselines]`: bytes the server
-//!   sends for a full plain download, a full chunked download and a chunked update over the older
-//!   slot of a generated ext4 image, next to `zstd -19` and `xdelta3`/`bsdiff` deltas where
-//!   installed; install time (median of the runs) and the agent's own peak RSS.
+//! - `chunks [--size-mib 256] [--level 19] [--window-kib 2048] [--runs 3] [--no-baselines] [--bsdiff]
+//!   [--old V1.img --new V2.img]`: bytes the server sends for a full plain download, a full
+//!   chunked download and a chunked update over the older slot of an ext4 image (generated, or
+//!   the pair given, such as `tests/bench/debian-pair.sh`'s), next to `zstd -19` and
+//!   `xdelta3`/`bsdiff` deltas where installed; install time (median of the runs) and the agent's
+//!   own peak RSS.
 //! - `footprint [--idle-secs 60] [--size-mib 64]`: idle and peak RSS of `flightnode-agent run`
 //!   connected to mosquitto and the hub, idle and during an install, next to a `mosquitto_sub`
 //!   connected to the same broker; stripped binary sizes.
@@ -34,13 +36,22 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("install") => install(flag(&args, "--size-mib", 256), flag(&args, "--runs", 3)),
-        Some("chunks") => chunks(
-            flag(&args, "--size-mib", 256),
-            flag(&args, "--level", 19),
-            flag(&args, "--window-kib", 2048),
-            flag(&args, "--runs", 3),
-            !args.iter().any(|a| a == "--no-baselines"),
-        ),
+        Some("chunks") => chunks(&chunks::Options {
+            size_mib: flag(&args, "--size-mib", 256),
+            level: flag(&args, "--level", 19),
+            window_kib: flag(&args, "--window-kib", 2048),
+            runs: flag(&args, "--runs", 3),
+            baselines: !args.iter().any(|a| a == "--no-baselines"),
+            bsdiff: args.iter().any(|a| a == "--bsdiff"),
+            images: match (
+                flag(&args, "--old", String::new()),
+                flag(&args, "--new", String::new()),
+            ) {
+                (old, new) if old.is_empty() && new.is_empty() => None,
+                (old, new) if !old.is_empty() && !new.is_empty() => Some((old.into(), new.into())),
+                _ => anyhow::bail!("chunks: give both --old V1.img and --new V2.img, or neither"),
+            },
+        }),
         Some("child-rusage") => chunks::child_rusage(&args[1..]),
         Some("footprint") => footprint(flag(&args, "--idle-secs", 60), flag(&args, "--size-mib", 64)),
         Some("hub") => {
@@ -70,7 +81,7 @@ fn main() -> Result<()> {
         _ => {
             eprintln!("usage: flightnode-bench install [--size-mib N] [--runs N]");
             eprintln!(
-                "       flightnode-bench chunks [--size-mib 256] [--level 19] [--window-kib 2048] [--runs 3] [--no-baselines]"
+                "       flightnode-bench chunks [--size-mib 256] [--level 19] [--window-kib 2048] [--runs 3] [--no-baselines] [--bsdiff] [--old V1.img --new V2.img]"
             );
             eprintln!("       flightnode-bench footprint [--idle-secs N] [--size-mib N]");
             eprintln!(
