@@ -78,6 +78,12 @@ pub enum BundleCommand {
         /// chunk contexts read.
         #[arg(long, requires = "chunked", value_parser = clap::value_parser!(u32).range(0..=8192))]
         window_kib: Option<u32>,
+        /// Average chunk size in KiB (with --chunked; 16-1024, default 64); chunks are between
+        /// a quarter and four times it. Smaller chunks find more of an update in the running
+        /// slot (kernel modules, whose signature and version string change in every build) at
+        /// the cost of a larger index.
+        #[arg(long, requires = "chunked", value_parser = clap::value_parser!(u32).range(16..=1024))]
+        chunk_kib: Option<u32>,
     },
     /// Check a bundle's signature and image hash; print its manifest.
     Verify {
@@ -173,6 +179,7 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
             chunked,
             level,
             window_kib,
+            chunk_kib,
         } => {
             let expires = expires_in.map(|d| time::OffsetDateTime::now_utc() + d);
             let opts = CreateOptions {
@@ -183,6 +190,7 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
                 chunked: chunked.then(|| bundle::Chunking {
                     level: level.unwrap_or(bundle::chunked::DEFAULT_LEVEL),
                     window: window_kib.map_or(bundle::chunked::DEFAULT_WINDOW, |k| k * 1024),
+                    avg_size: chunk_kib.map_or(bundle::chunked::AVG_SIZE, |k| k * 1024),
                 }),
             };
             let m = bundle::create(&key, &image, &opts, &output)?;

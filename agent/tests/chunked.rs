@@ -437,3 +437,50 @@ fn chunks_the_target_slot_already_holds_stay_in_place() {
     assert!(kept(&o) > (IMAGE as u64) / 2, "{}", text(&o));
     dev.assert_bootable();
 }
+
+/// `--chunk-kib` sets the chunk sizes: an update whose changes are small and scattered (a version
+/// string and a signature in every kernel module) fetches less with 16 KiB chunks than with the
+/// default 64 KiB, over a running slot installed from a 64 KiB bundle (its cached index is cut
+/// again with the new sizes), and the image is exact either way.
+#[test]
+fn smaller_chunks_fetch_less_of_scattered_changes() {
+    let v2 = image("2.0.0");
+    let mut v3 = v2.clone();
+    for at in (100_000..IMAGE - 64).step_by(300_000) {
+        v3[at..at + 24].copy_from_slice(b"6.1.0-50-arm64 signed:v3");
+    }
+    let sent_with = |chunk_kib: &str| {
+        let dev = Device::new(Options::default());
+        let b2 = chunked_bundle(&dev, "v2", "2.0.0", &v2);
+        let img3 = dev.path("v3.img");
+        std::fs::write(&img3, &v3).unwrap();
+        let b3 = dev.bundle_image(
+            "v3",
+            &img3,
+            "3.0.0",
+            &["--chunked", "--level", "3", "--chunk-kib", chunk_kib],
+        );
+        let info = dev.run(&["bundle", "info", b3.to_str().unwrap()]);
+        let avg = format!("/{}/", chunk_kib.parse::<u32>().unwrap() * 1024);
+        assert!(
+            String::from_utf8_lossy(&info.stdout).contains(&avg),
+            "{}",
+            text(&info)
+        );
+        let srv = BundleServer::start_blocking().unwrap();
+        srv.put_file("/v2.fnb", &b2).unwrap();
+        srv.put_file("/v3.fnb", &b3).unwrap();
+        let o = dev.run(&["install", &srv.url("/v2.fnb")]);
+        assert!(o.status.success(), "{}", text(&o));
+        let o = dev.run(&["install", &srv.url("/v3.fnb")]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(dev.slot_bytes("a"), v3);
+        dev.assert_bootable();
+        srv.bytes_sent_for("/v3.fnb")
+    };
+    let (small, default) = (sent_with("16"), sent_with("64"));
+    assert!(
+        small * 2 < default,
+        "16 KiB chunks sent {small} bytes, 64 KiB chunks {default}: small chunks should fetch well under half"
+    );
+}

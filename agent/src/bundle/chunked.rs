@@ -16,12 +16,9 @@ use zstd::zstd_safe::{CCtx, CDict, DCtx};
 
 use super::BundleError;
 
-/// FastCDC minimum chunk size of new bundles.
-pub const MIN_SIZE: u32 = 16 * 1024;
-/// FastCDC average chunk size of new bundles.
+/// FastCDC average chunk size of new bundles without `--chunk-kib`; the minimum is a quarter of
+/// the average and the maximum four times it.
 pub const AVG_SIZE: u32 = 64 * 1024;
-/// FastCDC maximum chunk size of new bundles.
-pub const MAX_SIZE: u32 = 256 * 1024;
 /// Context window of new bundles (`bundle create --window`): each frame may refer to this much
 /// of the image before its segment. Measured on an ext4 root filesystem: frames sum to about
 /// 1.6 times a whole-image zstd without context, within a few percent of it with 2 MiB.
@@ -177,13 +174,13 @@ impl Window {
 }
 
 /// The chunking section of a new bundle, before its index is known; `window` 0 makes
-/// independent frames.
-pub fn new_info(window: u32) -> ChunksInfo {
+/// independent frames, `avg_size` is FastCDC's average chunk size.
+pub fn new_info(window: u32, avg_size: u32) -> ChunksInfo {
     ChunksInfo {
         chunker: CHUNKER.into(),
-        min_size: MIN_SIZE,
-        avg_size: AVG_SIZE,
-        max_size: MAX_SIZE,
+        min_size: avg_size / 4,
+        avg_size,
+        max_size: avg_size.saturating_mul(4),
         compression: COMPRESSION.into(),
         count: 0,
         index_size: 0,
@@ -517,7 +514,7 @@ mod tests {
         }
         std::fs::write(&image, &bytes).unwrap();
         let sizes = |window| {
-            let mut info = new_info(window);
+            let mut info = new_info(window, AVG_SIZE);
             if let Some(c) = &mut info.context {
                 c.segment = 64 * 1024;
             }

@@ -43,6 +43,8 @@ pub struct Chunking {
     /// Context window in bytes ([`ContextInfo::window`](flightnode_proto::manifest::ContextInfo));
     /// 0 for independent frames.
     pub window: u32,
+    /// FastCDC's average chunk size in bytes (minimum a quarter, maximum four times it).
+    pub avg_size: u32,
 }
 
 /// The format-2 parts that go between the signature and the end of the archive.
@@ -171,14 +173,18 @@ fn build(
 /// encoded index.
 fn compress(
     image: &Path,
-    Chunking { level, window }: Chunking,
+    Chunking {
+        level,
+        window,
+        avg_size,
+    }: Chunking,
     data_tmp: &Path,
 ) -> Result<(u64, String, ChunksInfo, Vec<u8>), BundleError> {
     let out_err = |source| BundleError::Output {
         path: data_tmp.to_path_buf(),
         source,
     };
-    let mut info = super::chunked::new_info(window);
+    let mut info = super::chunked::new_info(window, avg_size);
     let file = File::create(data_tmp).map_err(out_err)?;
     let mut w = BufWriter::with_capacity(COPY_BUFFER, file);
     let c = super::chunked::compress_image(image, &info, level, &mut w, data_tmp)?;

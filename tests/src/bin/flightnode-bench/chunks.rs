@@ -325,6 +325,7 @@ pub(crate) fn child_rusage(args: &[String]) -> Result<()> {
 struct Chunking {
     level: u64,
     window_kib: u64,
+    chunk_kib: u64,
 }
 
 fn create(
@@ -354,8 +355,9 @@ fn create(
     ];
     let level = chunking.map(|c| c.level.to_string());
     let window = chunking.map(|c| c.window_kib.to_string());
-    if let (Some(l), Some(w)) = (&level, &window) {
-        args.extend(["--chunked", "--level", l, "--window-kib", w]);
+    let avg = chunking.map(|c| c.chunk_kib.to_string());
+    if let (Some(l), Some(w), Some(a)) = (&level, &window, &avg) {
+        args.extend(["--chunked", "--level", l, "--window-kib", w, "--chunk-kib", a]);
     }
     let t = Instant::now();
     run_ok(agent, &args)?;
@@ -378,6 +380,8 @@ pub(crate) struct Options {
     pub level: u64,
     /// Context window of the chunked bundles, KiB.
     pub window_kib: u64,
+    /// Average chunk size of the chunked bundles, KiB.
+    pub chunk_kib: u64,
     /// Fresh installs per format; the table shows the median.
     pub runs: u64,
     /// false skips `zstd -19`, `xdelta3` and `bsdiff` of the image (minutes at 256 MiB), for
@@ -431,8 +435,15 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
         }
     };
     let image_len = std::fs::metadata(&img2)?.len();
-    let chunking = Chunking { level, window_kib };
-    eprintln!("creating bundles (zstd level {level}, context window {window_kib} KiB)");
+    let chunking = Chunking {
+        level,
+        window_kib,
+        chunk_kib: o.chunk_kib,
+    };
+    eprintln!(
+        "creating bundles (zstd level {level}, context window {window_kib} KiB, chunks {} KiB on average)",
+        o.chunk_kib
+    );
     let plain2 = dir.join("plain2.fnb");
     let chunked1 = dir.join("chunked1.fnb");
     let chunked2 = dir.join("chunked2.fnb");
@@ -495,7 +506,10 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
     };
     row("full download, format 1 (plain image)", sent1, t1, rss1);
     row(
-        &format!("full download, format 2 (zstd -{level}, {window_kib} KiB context)"),
+        &format!(
+            "full download, format 2 (zstd -{level}, {window_kib} KiB context, {} KiB chunks)",
+            o.chunk_kib
+        ),
         sent2,
         t2,
         rss2,
