@@ -10,8 +10,10 @@
 # - v2: bookworm + bookworm-security + bookworm-updates, with the newest ABI: a new kernel with
 #   all of Debian's modules and a new initrd, plus whatever openssl, python3.11, expat, ...
 #   updates the security archive holds that day.
-# Both hold the same package list: systemd, udev, the kernel with its initrd, openssh, python3,
-# curl, wpasupplicant, iproute2, libubootenv-tool. The images are built as an image pipeline
+# Both hold the same package list: systemd, udev, the kernel with all its modules and its
+# initrd, openssh, python3, curl, wpasupplicant, iproute2, libubootenv-tool. The initrd holds
+# what mounts a root file system on SD/eMMC, USB or NVMe (MODULES=list, zstd): Debian's default,
+# MODULES=most, takes over an hour per image under qemu-user. The images are built as an image pipeline
 # would: fixed file system UUID and hash seed, timestamps from SOURCE_DATE_EPOCH.
 #
 # Runs as root with qemu-user binfmt for arm64 (mmdebstrap runs the maintainer scripts, the
@@ -50,6 +52,14 @@ build() { # version abi sources...
   mmdebstrap --arch=arm64 --variant=essential --mode=root --format=tar \
     --hook-dir=/usr/share/mmdebstrap/hooks/eatmydata \
     --include=systemd-sysv,udev,kmod,linux-image-"$abi"-arm64,initramfs-tools,libubootenv-tool,openssh-server,python3,curl,ca-certificates,wpasupplicant,iproute2 \
+    --essential-hook='
+      mkdir -p "$1/etc/initramfs-tools/conf.d"
+      printf "MODULES=list\nCOMPRESS=zstd\n" > "$1/etc/initramfs-tools/conf.d/board"
+      # A hook, not /etc/initramfs-tools/modules: that is a conffile of initramfs-tools.
+      mkdir -p "$1/etc/initramfs-tools/hooks"
+      printf "#!/bin/sh\n[ \"\$1\" = prereqs ] && exit 0\n. /usr/share/initramfs-tools/hook-functions\nfor m in ext4 mmc_block sdhci_of_arasan sdhci_iproc dw_mmc_rockchip sdhci_esdhc_imx usb_storage uas nvme virtio_blk virtio_pci; do manual_add_modules \$m; done\n" > "$1/etc/initramfs-tools/hooks/board"
+      chmod 755 "$1/etc/initramfs-tools/hooks/board"
+    ' \
     --customize-hook='rm -f "$1/etc/machine-id"; touch "$1/etc/machine-id"; rm -rf "$1"/var/lib/apt/lists/*_Packages "$1"/var/cache/apt/archives/*.deb' \
     bookworm "$out/v$v.tar" "$@" > "$out/v$v.log" 2>&1
 }
