@@ -408,31 +408,28 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
         &agent,
         &["keygen", "--out-dir", &dir.join("keys").display().to_string()],
     )?;
-    let (img1, img2, what) = match &o.images {
-        Some((old, new)) => {
-            for img in [old, new] {
-                std::fs::metadata(img).with_context(|| format!("reading the image {}", img.display()))?;
-            }
-            let what = format!("given images {} -> {}", old.display(), new.display());
-            (old.clone(), new.clone(), what)
+    let (img1, img2, what) = if let Some((old, new)) = &o.images {
+        for img in [old, new] {
+            std::fs::metadata(img).with_context(|| format!("reading the image {}", img.display()))?;
         }
-        None => {
-            let vocab = Vocab::new();
-            let packages = (size_mib * PACKAGES_PER_256_MIB / 256).max(8);
-            let (img1, img2) = (dir.join("v1.img"), dir.join("v2.img"));
-            for (version, img) in [(1, &img1), (2, &img2)] {
-                let root = dir.join(format!("tree{version}"));
-                eprintln!("generating tree {version} and its {size_mib} MiB ext4 image");
-                tree(&vocab, &root, version, packages)?;
-                mkfs(&root, img, size_mib)?;
-                std::fs::remove_dir_all(&root)?;
-            }
-            let what = format!(
-                "generated ext4 images of {size_mib} MiB, version 2 = one package upgraded, 5 configs rewritten, \
-                 2 binaries patched, 1 file added"
-            );
-            (img1, img2, what)
+        let what = format!("given images {} -> {}", old.display(), new.display());
+        (old.clone(), new.clone(), what)
+    } else {
+        let vocab = Vocab::new();
+        let packages = (size_mib * PACKAGES_PER_256_MIB / 256).max(8);
+        let (img1, img2) = (dir.join("v1.img"), dir.join("v2.img"));
+        for (version, img) in [(1, &img1), (2, &img2)] {
+            let root = dir.join(format!("tree{version}"));
+            eprintln!("generating tree {version} and its {size_mib} MiB ext4 image");
+            tree(&vocab, &root, version, packages)?;
+            mkfs(&root, img, size_mib)?;
+            std::fs::remove_dir_all(&root)?;
         }
+        let what = format!(
+            "generated ext4 images of {size_mib} MiB, version 2 = one package upgraded, 5 configs rewritten, \
+             2 binaries patched, 1 file added"
+        );
+        (img1, img2, what)
     };
     let image_len = std::fs::metadata(&img2)?.len();
     let chunking = Chunking {
