@@ -19,7 +19,7 @@
 # Runs as root with qemu-user binfmt for arm64 (mmdebstrap runs the maintainer scripts, the
 # kernel's update-initramfs included, in an arm64 chroot), as the virtual-board test does; needs
 # mmdebstrap, arch-test, e2fsprogs and xz-utils. Packages come from the host's apt mirrors, so
-# the pair changes as Debian publishes updates; the bench prints the kernel versions it measured.
+# the pair changes as Debian publishes updates; OUTDIR/versions.txt and changed.txt say what it holds.
 # About 10 minutes and 3 GB of disk.
 set -eu
 out=${1:?usage: debian-pair.sh OUTDIR [SIZE_MIB]}
