@@ -320,21 +320,15 @@ pub(crate) fn child_rusage(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Chunked bundle settings: zstd level and context window in KiB.
-#[derive(Clone, Copy)]
-struct Chunking {
-    level: u64,
-    window_kib: u64,
-    chunk_kib: u64,
-}
-
+/// Makes a bundle of `image`: format 1 with `chunking` None, else format 2 with its level, context
+/// window and chunk size. Returns the seconds it took.
 fn create(
     agent: &Path,
     dir: &Path,
     image: &Path,
     version: &str,
     out: &Path,
-    chunking: Option<Chunking>,
+    chunking: Option<&Options>,
 ) -> Result<f64> {
     let key = dir.join("keys/release.key").display().to_string();
     let img = image.display().to_string();
@@ -353,10 +347,8 @@ fn create(
         "--output",
         &o,
     ];
-    let level = chunking.map(|c| c.level.to_string());
-    let window = chunking.map(|c| c.window_kib.to_string());
-    let avg = chunking.map(|c| c.chunk_kib.to_string());
-    if let (Some(l), Some(w), Some(a)) = (&level, &window, &avg) {
+    let chunked = chunking.map(|o| [o.level, o.window_kib, o.chunk_kib].map(|n| n.to_string()));
+    if let Some([l, w, a]) = &chunked {
         args.extend(["--chunked", "--level", l, "--window-kib", w, "--chunk-kib", a]);
     }
     let t = Instant::now();
@@ -432,11 +424,6 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
         (img1, img2, what)
     };
     let image_len = std::fs::metadata(&img2)?.len();
-    let chunking = Chunking {
-        level,
-        window_kib,
-        chunk_kib: o.chunk_kib,
-    };
     eprintln!(
         "creating bundles (zstd level {level}, context window {window_kib} KiB, chunks {} KiB on average)",
         o.chunk_kib
@@ -445,8 +432,8 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
     let chunked1 = dir.join("chunked1.fnb");
     let chunked2 = dir.join("chunked2.fnb");
     let t_plain = create(&agent, dir, &img2, "2.0.0", &plain2, None)?;
-    create(&agent, dir, &img1, "1.1.0", &chunked1, Some(chunking))?;
-    let t_chunked = create(&agent, dir, &img2, "2.0.0", &chunked2, Some(chunking))?;
+    create(&agent, dir, &img1, "1.1.0", &chunked1, Some(o))?;
+    let t_chunked = create(&agent, dir, &img2, "2.0.0", &chunked2, Some(o))?;
 
     let server = BundleServer::start_blocking()?;
     for (path, file) in [
@@ -551,8 +538,9 @@ fn baseline_sizes(img1: &Path, img2: &Path, dir: &Path, force_bsdiff: bool) -> R
         &format!("zstd -q -19 -T0 -f -o {} {i2}", zst.display()),
         &zst,
     )?;
+    let len1 = std::fs::metadata(img1)?.len();
     // xdelta3 finds matches only within its source window: the whole of version 1.
-    let window = std::fs::metadata(img1)?.len().next_power_of_two().max(1 << 24);
+    let window = len1.next_power_of_two().max(1 << 24);
     let xd = dir.join("img.xd3");
     let xdelta = tool_size(
         "xdelta3",
@@ -561,7 +549,7 @@ fn baseline_sizes(img1: &Path, img2: &Path, dir: &Path, force_bsdiff: bool) -> R
     )?;
     let bsd = dir.join("img.bsdiff");
     // bsdiff's suffix sort takes minutes per 10 MiB and 17x the image in memory.
-    let bsdiff = if force_bsdiff || std::fs::metadata(img1)?.len() <= 64 * crate::MIB {
+    let bsdiff = if force_bsdiff || len1 <= 64 * crate::MIB {
         eprintln!("bsdiff (tens of minutes per 64 MiB)");
         tool_size("bsdiff", &format!("bsdiff {i1} {i2} {}", bsd.display()), &bsd)?
     } else {
