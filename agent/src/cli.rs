@@ -78,6 +78,12 @@ pub enum BundleCommand {
         /// chunk contexts read.
         #[arg(long, requires = "chunked", value_parser = clap::value_parser!(u32).range(0..=8192))]
         window_kib: Option<u32>,
+        /// KiB of the image whose chunks share one context (with --chunked; 4-4096, default
+        /// 256). Making a bundle digests the window once per segment: doubling the segment
+        /// halves that work, and the chunks late in a segment lose the bytes just before them
+        /// as context.
+        #[arg(long, requires = "chunked", value_parser = clap::value_parser!(u32).range(4..=4096))]
+        segment_kib: Option<u32>,
         /// Average chunk size in KiB (with --chunked; 16-1024, default 64); chunks are between
         /// a quarter and four times it. Smaller chunks find more of an update in the running
         /// slot (kernel modules, whose signature and version string change in every build) at
@@ -179,6 +185,7 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
             chunked,
             level,
             window_kib,
+            segment_kib,
             chunk_kib,
         } => {
             let expires = expires_in.map(|d| time::OffsetDateTime::now_utc() + d);
@@ -190,6 +197,7 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
                 chunked: chunked.then(|| bundle::Chunking {
                     level: level.unwrap_or(bundle::chunked::DEFAULT_LEVEL),
                     window: window_kib.map_or(bundle::chunked::DEFAULT_WINDOW, |k| k * 1024),
+                    segment: segment_kib.map_or(bundle::chunked::SEGMENT, |k| k * 1024),
                     avg_size: chunk_kib.map_or(bundle::chunked::AVG_SIZE, |k| k * 1024),
                 }),
             };

@@ -196,26 +196,33 @@ fn in_the_air_during_a_rollback_it_waits_to_re_apply() {
     rig.dev.assert_bootable();
 }
 
+/// Waits until the daemon's log says the flight state changed to `observed` ("disarmed" or
+/// "unknown": words no other field of that line prints; the log may carry colour codes around
+/// the field names).
+fn wait_flight_state(rig: &Rig, observed: &str, failure: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !std::fs::read_to_string(rig.dev.path("daemon.log"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains("flight state changed") && l.contains(observed))
+    {
+        assert!(std::time::Instant::now() < deadline, "{failure}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn lost_link_is_unknown_and_waits_until_the_heartbeat_returns() {
     let rig = Rig::new("", "", "true");
     let _d = Daemon::start(&rig.dev);
     let mut v = rig.vehicle(&[]);
+    // Silence before the first HEARTBEAT arrived would leave the state unknown from the start,
+    // with no change to notice: hear the vehicle first.
+    wait_flight_state(&rig, "disarmed", "the agent never heard the vehicle");
     v.send("silence").unwrap();
     // The upgrade must arrive after the agent noticed the silence (stale_after), or it would
     // still see the last fresh "disarmed" and switch.
-    let deadline = std::time::Instant::now() + WAIT;
-    while !std::fs::read_to_string(rig.dev.path("daemon.log"))
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.contains("flight state changed") && l.contains("unknown"))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent never noticed the lost link"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_flight_state(&rig, "unknown", "the agent never noticed the lost link");
     rig.upgrade("up-lost");
     rig.waiting("flight_state_unknown");
     still_waiting(&rig, "flight_state_unknown");

@@ -174,8 +174,9 @@ impl Window {
 }
 
 /// The chunking section of a new bundle, before its index is known; `window` 0 makes
-/// independent frames, `avg_size` is FastCDC's average chunk size.
-pub fn new_info(window: u32, avg_size: u32) -> ChunksInfo {
+/// independent frames, `segment` is how many image bytes share one context, `avg_size` is
+/// FastCDC's average chunk size.
+pub fn new_info(window: u32, segment: u32, avg_size: u32) -> ChunksInfo {
     ChunksInfo {
         chunker: CHUNKER.into(),
         min_size: avg_size / 4,
@@ -186,10 +187,7 @@ pub fn new_info(window: u32, avg_size: u32) -> ChunksInfo {
         index_size: 0,
         index_sha256: String::new(),
         data_size: 0,
-        context: (window > 0).then_some(ContextInfo {
-            window,
-            segment: SEGMENT,
-        }),
+        context: (window > 0).then_some(ContextInfo { window, segment }),
     }
 }
 
@@ -514,10 +512,7 @@ mod tests {
         }
         std::fs::write(&image, &bytes).unwrap();
         let sizes = |window| {
-            let mut info = new_info(window, AVG_SIZE);
-            if let Some(c) = &mut info.context {
-                c.segment = 64 * 1024;
-            }
+            let mut info = new_info(window, 64 * 1024, AVG_SIZE);
             let mut data = Vec::new();
             let c = compress_image(&image, &info, 3, &mut data, &dir.path().join("data")).unwrap();
             info.count = c.index.chunks.len() as u64;

@@ -43,6 +43,8 @@ pub struct Chunking {
     /// Context window in bytes ([`ContextInfo::window`](flightnode_proto::manifest::ContextInfo));
     /// 0 for independent frames.
     pub window: u32,
+    /// Image bytes whose chunks share one context ([`ContextInfo::segment`](flightnode_proto::manifest::ContextInfo)).
+    pub segment: u32,
     /// FastCDC's average chunk size in bytes (minimum a quarter, maximum four times it).
     pub avg_size: u32,
 }
@@ -176,6 +178,7 @@ fn compress(
     Chunking {
         level,
         window,
+        segment,
         avg_size,
     }: Chunking,
     data_tmp: &Path,
@@ -184,7 +187,7 @@ fn compress(
         path: data_tmp.to_path_buf(),
         source,
     };
-    let mut info = super::chunked::new_info(window, avg_size);
+    let mut info = super::chunked::new_info(window, segment, avg_size);
     let file = File::create(data_tmp).map_err(out_err)?;
     let mut w = BufWriter::with_capacity(COPY_BUFFER, file);
     let c = super::chunked::compress_image(image, &info, level, &mut w, data_tmp)?;
@@ -206,7 +209,7 @@ fn compress(
     info.index_sha256 = hex::encode(Sha256::digest(&index));
     info.data_size = c.data_size;
     tracing::info!(image = %image.display(), chunks = info.count, size = c.size, compressed = c.data_size, level,
-        window, "image chunked");
+        window, segment, "image chunked");
     Ok((c.size, c.sha256, info, index))
 }
 
