@@ -74,8 +74,8 @@ pub enum BundleCommand {
         #[arg(long, requires = "chunked", value_parser = clap::value_parser!(i32).range(1..=22))]
         level: Option<i32>,
         /// KiB of the image before each chunk's segment its frame may refer to (with
-        /// --chunked; at most 8192). 0 writes independent frames, the layout agents before
-        /// chunk contexts read.
+        /// --chunked; at most 8192, default 4096). Devices hold about twice this while they
+        /// write. 0 writes independent frames, the layout agents before chunk contexts read.
         #[arg(long, requires = "chunked", value_parser = clap::value_parser!(u32).range(0..=8192))]
         window_kib: Option<u32>,
         /// KiB of the image whose chunks share one context (with --chunked; 4-4096, default

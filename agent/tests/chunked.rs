@@ -484,3 +484,55 @@ fn smaller_chunks_fetch_less_of_scattered_changes() {
         "16 KiB chunks sent {small} bytes, 64 KiB chunks {default}: small chunks should fetch well under half"
     );
 }
+
+/// `--segment-kib` is carried in the signed manifest (`bundle info` shows it), a device decodes
+/// the frames with it, and a smaller segment gives later chunks of a segment more of the bytes
+/// just before them as context: a smaller bundle.
+#[test]
+fn segment_size_reaches_the_manifest_and_smaller_segments_compress_better() {
+    let dev = Device::new(Options::default());
+    let v2 = image("2.0.0");
+    let img = dev.path("v2.img");
+    std::fs::write(&img, &v2).unwrap();
+    let bundle = |name: &str, segment_kib: &str| {
+        let b = dev.bundle_image(
+            name,
+            &img,
+            "2.0.0",
+            &[
+                "--chunked",
+                "--level",
+                "3",
+                "--window-kib",
+                "1024",
+                "--segment-kib",
+                segment_kib,
+            ],
+        );
+        let info = dev.run(&["bundle", "info", b.to_str().unwrap()]);
+        let want = format!(
+            "before each {}-byte segment",
+            segment_kib.parse::<u32>().unwrap() * 1024
+        );
+        assert!(
+            String::from_utf8_lossy(&info.stdout).contains(&want),
+            "{}",
+            text(&info)
+        );
+        b
+    };
+    let (small, large) = (bundle("small", "64"), bundle("large", "1024"));
+    let len = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+    assert!(
+        len(&small) < len(&large),
+        "64 KiB segments made {} bytes, 1 MiB segments {}",
+        len(&small),
+        len(&large)
+    );
+    let srv = BundleServer::start_blocking().unwrap();
+    srv.put_file("/v2.fnb", &small).unwrap();
+    let o = dev.run(&["install", &srv.url("/v2.fnb")]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dev.slot_bytes("b"), v2);
+    dev.assert_bootable();
+}

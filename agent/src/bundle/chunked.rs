@@ -19,12 +19,15 @@ use super::BundleError;
 /// FastCDC average chunk size of new bundles without `--chunk-kib`; the minimum is a quarter of
 /// the average and the maximum four times it.
 pub const AVG_SIZE: u32 = 64 * 1024;
-/// Context window of new bundles (`bundle create --window`): each frame may refer to this much
-/// of the image before its segment. Measured on an ext4 root filesystem: frames sum to about
-/// 1.6 times a whole-image zstd without context, within a few percent of it with 2 MiB.
-pub const DEFAULT_WINDOW: u32 = 2 * 1024 * 1024;
-/// Segment of new bundles: the chunks of one segment share one digested dictionary, so making a
-/// bundle digests about `window / segment` times the image on top of compressing it.
+/// Context window of new bundles (`bundle create --window-kib`): each frame may refer to this
+/// much of the image before its segment. Measured on Debian arm64 root filesystems at level 19:
+/// frames sum to about 1.6 times a whole-image `zstd -19` without context; 1.07 times with
+/// 2 MiB, 1.05 with 4 MiB (devices hold twice the window).
+pub const DEFAULT_WINDOW: u32 = 4 * 1024 * 1024;
+/// Segment of new bundles (`--segment-kib`): the chunks of one segment share one digested
+/// dictionary, so making a bundle digests about `window / segment` times the image on top of
+/// compressing it. Halving it to 128 KiB at a 2 MiB window (the same work as 4 MiB / 256 KiB)
+/// compressed 1.1 % worse than 4 MiB / 256 KiB; doubling it to 512 KiB at 4 MiB, 1.2 % worse.
 pub const SEGMENT: u32 = 256 * 1024;
 /// zstd level of `bundle create --chunked` without `--level`: bundles are made once and
 /// fetched by every drone, and zstd decodes as fast at any level.

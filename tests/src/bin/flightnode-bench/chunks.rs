@@ -347,9 +347,20 @@ fn create(
         "--output",
         &o,
     ];
-    let chunked = chunking.map(|o| [o.level, o.window_kib, o.chunk_kib].map(|n| n.to_string()));
-    if let Some([l, w, a]) = &chunked {
-        args.extend(["--chunked", "--level", l, "--window-kib", w, "--chunk-kib", a]);
+    let chunked =
+        chunking.map(|o| [o.level, o.window_kib, o.segment_kib, o.chunk_kib].map(|n| n.to_string()));
+    if let Some([l, w, s, a]) = &chunked {
+        args.extend([
+            "--chunked",
+            "--level",
+            l,
+            "--window-kib",
+            w,
+            "--segment-kib",
+            s,
+            "--chunk-kib",
+            a,
+        ]);
     }
     let t = Instant::now();
     run_ok(agent, &args)?;
@@ -372,6 +383,8 @@ pub(crate) struct Options {
     pub level: u64,
     /// Context window of the chunked bundles, KiB.
     pub window_kib: u64,
+    /// Context segment of the chunked bundles, KiB.
+    pub segment_kib: u64,
     /// Average chunk size of the chunked bundles, KiB.
     pub chunk_kib: u64,
     /// Fresh installs per format; the table shows the median.
@@ -425,8 +438,8 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
     };
     let image_len = std::fs::metadata(&img2)?.len();
     eprintln!(
-        "creating bundles (zstd level {level}, context window {window_kib} KiB, chunks {} KiB on average)",
-        o.chunk_kib
+        "creating bundles (zstd level {level}, context window {window_kib} KiB per {} KiB segment, chunks {} KiB on average)",
+        o.segment_kib, o.chunk_kib
     );
     let plain2 = dir.join("plain2.fnb");
     let chunked1 = dir.join("chunked1.fnb");
@@ -491,8 +504,8 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
     row("full download, format 1 (plain image)", sent1, t1, rss1);
     row(
         &format!(
-            "full download, format 2 (zstd -{level}, {window_kib} KiB context, {} KiB chunks)",
-            o.chunk_kib
+            "full download, format 2 (zstd -{level}, {window_kib}/{} KiB context, {} KiB chunks)",
+            o.segment_kib, o.chunk_kib
         ),
         sent2,
         t2,

@@ -4,7 +4,7 @@
 //! - `install [--size-mib 256] [--runs 3]`: bundle download + verify + write into a file slot over
 //!   loopback HTTP, vs `curl | tee >(sha256sum) > slot` and a minimal Rust GET + sha256 + write;
 //!   plus raw single-core sha256 throughput, the physical limit.
-//! - `chunks [--size-mib 256] [--level 19] [--window-kib 2048] [--chunk-kib 64] [--runs 3] [--no-baselines] [--bsdiff]
+//! - `chunks [--size-mib 256] [--level 19] [--window-kib 4096] [--segment-kib 256] [--chunk-kib 64] [--runs 3] [--no-baselines] [--bsdiff]
 //!   [--old V1.img --new V2.img]`: bytes the server sends for a full plain download, a full
 //!   chunked download and a chunked update over the older slot of an ext4 image (generated, or
 //!   the pair given, such as `tests/bench/debian-pair.sh`'s), next to `zstd -19` and
@@ -39,7 +39,8 @@ fn main() -> Result<()> {
         Some("chunks") => chunks(&chunks::Options {
             size_mib: flag(&args, "--size-mib", 256),
             level: flag(&args, "--level", 19),
-            window_kib: flag(&args, "--window-kib", 2048),
+            window_kib: flag(&args, "--window-kib", 4096),
+            segment_kib: flag(&args, "--segment-kib", 256),
             chunk_kib: flag(&args, "--chunk-kib", 64),
             runs: flag(&args, "--runs", 3),
             baselines: !args.iter().any(|a| a == "--no-baselines"),
@@ -82,7 +83,7 @@ fn main() -> Result<()> {
         _ => {
             eprintln!("usage: flightnode-bench install [--size-mib N] [--runs N]");
             eprintln!(
-                "       flightnode-bench chunks [--size-mib 256] [--level 19] [--window-kib 2048] [--chunk-kib 64] [--runs 3] [--no-baselines] [--bsdiff] [--old V1.img --new V2.img]"
+                "       flightnode-bench chunks [--size-mib 256] [--level 19] [--window-kib 4096] [--segment-kib 256] [--chunk-kib 64] [--runs 3] [--no-baselines] [--bsdiff] [--old V1.img --new V2.img]"
             );
             eprintln!("       flightnode-bench footprint [--idle-secs N] [--size-mib N]");
             eprintln!(
