@@ -93,14 +93,24 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
 
 /// The release build for `target` ([`AARCH64`] or [`X86_64`]), built at most once per process.
 pub fn build(target: &'static str) -> Result<Release> {
-    static AARCH64_BUILD: OnceLock<Result<Release, String>> = OnceLock::new();
-    static X86_64_BUILD: OnceLock<Result<Release, String>> = OnceLock::new();
+    static BUILDS: [OnceLock<Result<Release, String>>; 2] = [OnceLock::new(), OnceLock::new()];
+    once_per_target(&BUILDS, target, "release build", build_uncached)
+}
+
+/// `make(target)` for [`AARCH64`] or [`X86_64`], run at most once per process and target: every
+/// later caller gets the first result (an error as its message).
+fn once_per_target<T: Clone>(
+    cells: &'static [OnceLock<Result<T, String>>; 2],
+    target: &'static str,
+    what: &str,
+    make: impl FnOnce(&'static str) -> Result<T>,
+) -> Result<T> {
     let cell = match target {
-        AARCH64 => &AARCH64_BUILD,
-        X86_64 => &X86_64_BUILD,
-        other => bail!("no release build for {other}"),
+        AARCH64 => &cells[0],
+        X86_64 => &cells[1],
+        other => bail!("no {what} for {other}"),
     };
-    cell.get_or_init(|| build_uncached(target).map_err(|e| format!("{e:#}")))
+    cell.get_or_init(|| make(target).map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(anyhow::Error::msg)
 }
@@ -152,16 +162,8 @@ pub fn file_type(path: &Path) -> Result<String> {
 /// md5sums cargo-deb leaves out (`agent/debian/add-md5sums.sh`, as `cross/release.sh` does).
 /// Made at most once per process, like the build.
 pub fn deb(target: &'static str) -> Result<PathBuf> {
-    static AARCH64_DEB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    static X86_64_DEB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let cell = match target {
-        AARCH64 => &AARCH64_DEB,
-        X86_64 => &X86_64_DEB,
-        other => bail!("no package for {other}"),
-    };
-    cell.get_or_init(|| deb_uncached(target).map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
+    static DEBS: [OnceLock<Result<PathBuf, String>>; 2] = [OnceLock::new(), OnceLock::new()];
+    once_per_target(&DEBS, target, "package", deb_uncached)
 }
 
 fn deb_uncached(target: &'static str) -> Result<PathBuf> {
