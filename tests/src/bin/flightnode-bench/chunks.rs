@@ -321,7 +321,7 @@ pub(crate) fn child_rusage(args: &[String]) -> Result<()> {
 }
 
 /// Makes a bundle of `image`: format 1 with `chunking` None, else format 2 with its level, context
-/// window and chunk size. Returns the seconds it took.
+/// window and segment, and chunk size. Returns the seconds it took.
 fn create(
     agent: &Path,
     dir: &Path,
