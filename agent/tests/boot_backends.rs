@@ -471,7 +471,8 @@ fn hanging_boot_tool_is_killed_after_the_timeout() {
     set_exec(&script);
     let mut cfg = config(&SimBoot::script(dir.path()).unwrap());
     cfg.script = Some(script);
-    cfg.tool_timeout = Duration::from_millis(500);
+    // Long enough for the script to start, complain and write its pidfile on a loaded machine.
+    cfg.tool_timeout = Duration::from_secs(3);
     let err = Script::new(&cfg)
         .unwrap()
         .set_trial(Slot::B)

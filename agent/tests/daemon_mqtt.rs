@@ -21,8 +21,9 @@ fn device(broker: &Mosquitto, health: &str) -> Device {
     })
 }
 
+/// Starts the daemon once the broker has its subscription (see [`Daemon::start_subscribed`]).
 fn start(dev: &Device) -> Daemon {
-    Daemon::start(dev)
+    Daemon::start_subscribed(dev)
 }
 
 fn serve(dev: &Device, version: &str, len: usize) -> (BundleServer, u64) {
@@ -41,7 +42,7 @@ fn wait(sub: &Subscriber, needle: &str, dev: &Device) {
         sub.wait_for(needle, WAIT),
         "never saw {needle}\nstatus topic:\n{}\ndaemon log:\n{}",
         sub.output(),
-        std::fs::read_to_string(dev.path("daemon.log")).unwrap_or_default()
+        dev.log()
     );
 }
 
@@ -310,7 +311,7 @@ fn reboot_mode_commits_only_after_the_broker_is_reachable_again() {
 
     // The new slot boots healthy, but the broker is down: no commit yet.
     broker.stop().unwrap();
-    let _d = start(&dev);
+    let _d = Daemon::start(&dev);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         dev.status()["phase"],
@@ -339,7 +340,7 @@ fn reboot_mode_rolls_back_when_the_fleet_never_comes_back() {
     let dev = reboot_device(&broker, &sim, "2s");
     let _srv = install_and_reboot(&broker, &dev, &sim);
     broker.stop().unwrap();
-    let mut d = start(&dev);
+    let mut d = Daemon::start(&dev);
     // Healthy but cut off: marked bad, and the agent reboots back (killed again).
     let status = d.0.wait().unwrap();
     assert_eq!(status.signal(), Some(9), "reboots back to the old slot");

@@ -17,22 +17,6 @@ const UPGRADE: &str = "firmware/drone-test/upgrade";
 /// How long the slow boot backend takes to mark the booted slot good at start-up.
 const RECOVERY_SECS: u32 = 8;
 
-fn log(dev: &Device) -> String {
-    std::fs::read_to_string(dev.path("daemon.log")).unwrap_or_default()
-}
-
-fn wait_log(dev: &Device, needle: &str) {
-    let deadline = Instant::now() + WAIT;
-    while !log(dev).contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "the daemon never logged {needle:?}:\n{}",
-            log(dev)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Waits for the daemon to end; `None` when it still runs after `timeout`.
 fn wait_exit(d: &mut Daemon, timeout: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
@@ -93,9 +77,9 @@ fn starts_without_ca_roots_installs_over_http_and_says_what_https_needs() {
     let s = dev.status();
     assert_eq!(s["committed_version"], "2.0.0", "{s:#}");
     assert!(
-        log(&dev).contains("no usable CA root certificates"),
+        dev.log().contains("no usable CA root certificates"),
         "the start says once that https:// will not work:\n{}",
-        log(&dev)
+        dev.log()
     );
 }
 
@@ -175,12 +159,11 @@ impl Recovery {
 /// Starts the daemon and waits until its MQTT subscription is up while its start-up recovery
 /// still runs (the slow backend), so a command now arrives during that recovery.
 fn start_in_recovery(dev: &Device) -> Daemon {
-    let d = Daemon::start_with(dev, &[("RUST_LOG", "info,flightnode_agent::mqtt=debug")]);
-    wait_log(dev, "mqtt: subscribed");
+    let d = Daemon::start_subscribed(dev);
     assert!(
-        !log(dev).contains("start-up recovery done"),
+        !dev.log().contains("start-up recovery done"),
         "the recovery must still run for this test to mean anything:\n{}",
-        log(dev)
+        dev.log()
     );
     d
 }
@@ -195,7 +178,7 @@ fn boot_b_and_commit(sim: &SimBoot, dev: &Device) {
     let _d = Daemon::start(dev);
     let deadline = Instant::now() + WAIT;
     while dev.status()["last_upgrade"]["result"] != "committed" {
-        assert!(Instant::now() < deadline, "{:#}\n{}", dev.status(), log(dev));
+        assert!(Instant::now() < deadline, "{:#}\n{}", dev.status(), dev.log());
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(dev.status()["committed_version"], "2.0.0");
@@ -218,10 +201,10 @@ fn an_upgrade_sent_during_start_up_recovery_runs_once_after_it() {
         Some(9),
         "the upgrade must run after the recovery and end in the reboot command\nstatus topic:\n{}\ndaemon log:\n{}",
         sub.output(),
-        log(dev)
+        dev.log()
     );
     assert!(!sub.output().contains("\"busy\""), "{}", sub.output());
-    let text = log(dev);
+    let text = dev.log();
     let recovered = text.find("start-up recovery done").expect("recovery ended");
     let accepted = text.find("upgrade accepted").expect("accepted");
     assert!(accepted < recovered, "accepted during the recovery:\n{text}");
@@ -247,11 +230,11 @@ fn an_upgrade_accepted_during_recovery_survives_a_kill_before_it_started() {
             false,
         )
         .unwrap();
-    wait_log(dev, "upgrade accepted");
+    dev.wait_log("upgrade accepted");
     // Power cut before the recovery ended: the broker has its PUBACK, so it will not resend.
     d.0.kill().unwrap();
     d.0.wait().unwrap();
-    assert!(!log(dev).contains("start-up recovery done"), "{}", log(dev));
+    assert!(!dev.log().contains("start-up recovery done"), "{}", dev.log());
     assert_eq!(dev.status()["phase"], "idle", "nothing started yet");
 
     let mut d = Daemon::start(dev);
@@ -260,9 +243,12 @@ fn an_upgrade_accepted_during_recovery_survives_a_kill_before_it_started() {
         status.and_then(|s| s.signal()),
         Some(9),
         "the kept command runs after the restart's recovery and ends in the reboot command:\n{}",
-        log(dev)
+        dev.log()
     );
-    assert!(log(dev).contains("taking up a command accepted before the restart"));
+    assert!(
+        dev.log()
+            .contains("taking up a command accepted before the restart")
+    );
     boot_b_and_commit(sim, dev);
     assert_eq!(dev.status()["last_upgrade"]["upgrade_id"], "up-kept");
 }
@@ -276,7 +262,7 @@ fn a_cancel_of_an_upgrade_still_waiting_for_the_recovery_means_it_never_starts()
     let mut d = start_in_recovery(dev);
     let cmd = upgrade_json("up-nope", &srv.url("/fw.fnb"));
     broker.publish(UPGRADE, cmd.as_bytes(), false).unwrap();
-    wait_log(dev, "upgrade accepted");
+    dev.wait_log("upgrade accepted");
     broker
         .publish(UPGRADE, br#"{"type":"cancel","upgrade_id":"up-nope"}"#, false)
         .unwrap();
@@ -284,16 +270,16 @@ fn a_cancel_of_an_upgrade_still_waiting_for_the_recovery_means_it_never_starts()
         sub.wait_for(r#""upgrade_id":"up-nope","phase":"idle""#, WAIT) && sub.output().contains("canceled"),
         "{}\n{}",
         sub.output(),
-        log(dev)
+        dev.log()
     );
-    wait_log(dev, "start-up recovery done");
+    dev.wait_log("start-up recovery done");
     // Sent again after the cancel: answered from the history, never installed.
     broker.publish(UPGRADE, cmd.as_bytes(), false).unwrap();
-    wait_log(dev, "republishing its state");
+    dev.wait_log("republishing its state");
     assert!(
         wait_exit(&mut d, Duration::from_secs(3)).is_none(),
         "no reboot: {}",
-        log(dev)
+        dev.log()
     );
     assert!(srv.requests_for("/fw.fnb").is_empty(), "nothing downloaded");
     let s = dev.status();

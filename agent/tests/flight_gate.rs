@@ -82,7 +82,7 @@ impl Rig {
             self.sub.wait_for(needle, WAIT),
             "never saw {needle}\nstatus topic:\n{}\ndaemon log:\n{}",
             self.sub.output(),
-            std::fs::read_to_string(self.dev.path("daemon.log")).unwrap_or_default()
+            self.dev.log()
         );
     }
 
@@ -112,7 +112,7 @@ fn still_waiting(rig: &Rig, reason: &str) {
 #[test]
 fn in_the_air_it_downloads_but_switches_only_once_landed_and_disarmed() {
     let rig = Rig::new("", "", "true");
-    let _d = Daemon::start(&rig.dev);
+    let _d = Daemon::start_subscribed(&rig.dev);
     let mut v = rig.vehicle(&["--in-air"]);
     rig.upgrade("up-fly");
     rig.waiting("in_air");
@@ -142,7 +142,7 @@ fn armed_mid_download_holds_the_switch() {
         "/fw.fnb",
         flightnode_tests::http_server::Fault::Stall { after: 100_000 },
     );
-    let _d = Daemon::start(&rig.dev);
+    let _d = Daemon::start_subscribed(&rig.dev);
     let mut v = rig.vehicle(&[]);
     rig.upgrade("up-arm");
     rig.wait(r#""upgrade_id":"up-arm","phase":"downloading""#);
@@ -163,12 +163,18 @@ fn in_the_air_during_a_rollback_it_waits_to_re_apply() {
         "",
         "while [ ! -f @DIR@/fail-now ]; do sleep 0.1; done; exit 1",
     );
-    let _d = Daemon::start(&rig.dev);
+    let _d = Daemon::start_subscribed(&rig.dev);
     let mut v = rig.vehicle(&[]);
     rig.upgrade("up-rb");
     rig.wait(r#""upgrade_id":"up-rb","phase":"testing""#);
-    assert_eq!(rig.dev.applied().lines().count(), 1);
+    // "testing" is reported before the apply hook runs: take off only once it has, or the gate
+    // would hold the apply instead of the rollback.
+    wait_until("the new slot was never applied", || {
+        rig.dev.applied().lines().count() == 1
+    });
     v.send("takeoff").unwrap();
+    // The health check fails within 0.1 s of `fail-now`: the agent must know it is flying first.
+    wait_flight_state(&rig, "in-air", "the agent never saw the takeoff");
     std::fs::write(rig.dev.path("fail-now"), b"").unwrap();
     rig.waiting("in_air");
     std::thread::sleep(Duration::from_millis(1500));
@@ -196,16 +202,22 @@ fn in_the_air_during_a_rollback_it_waits_to_re_apply() {
     rig.dev.assert_bootable();
 }
 
-/// Waits until the daemon's log says the flight state changed to `observed` ("disarmed" or
-/// "unknown": words no other field of that line prints; the log may carry colour codes around
-/// the field names).
+/// Waits until the daemon's log says the flight state changed to `observed` ("disarmed",
+/// "in-air" or "unknown": words no other field of that line prints; the log may carry colour
+/// codes around the field names).
 fn wait_flight_state(rig: &Rig, observed: &str, failure: &str) {
+    wait_until(failure, || {
+        rig.dev
+            .log()
+            .lines()
+            .any(|l| l.contains("flight state changed") && l.contains(observed))
+    });
+}
+
+/// Polls `done` until it holds; fails with `failure` after [`WAIT`].
+fn wait_until(failure: &str, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + WAIT;
-    while !std::fs::read_to_string(rig.dev.path("daemon.log"))
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.contains("flight state changed") && l.contains(observed))
-    {
+    while !done() {
         assert!(std::time::Instant::now() < deadline, "{failure}");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -214,7 +226,7 @@ fn wait_flight_state(rig: &Rig, observed: &str, failure: &str) {
 #[test]
 fn lost_link_is_unknown_and_waits_until_the_heartbeat_returns() {
     let rig = Rig::new("", "", "true");
-    let _d = Daemon::start(&rig.dev);
+    let _d = Daemon::start_subscribed(&rig.dev);
     let mut v = rig.vehicle(&[]);
     // Silence before the first HEARTBEAT arrived would leave the state unknown from the start,
     // with no change to notice: hear the vehicle first.
@@ -233,7 +245,7 @@ fn lost_link_is_unknown_and_waits_until_the_heartbeat_returns() {
 #[test]
 fn low_battery_waits() {
     let rig = Rig::new("min_battery_percent = 30", "", "true");
-    let _d = Daemon::start(&rig.dev);
+    let _d = Daemon::start_subscribed(&rig.dev);
     let mut v = rig.vehicle(&["--battery", "12"]);
     rig.upgrade("up-bat");
     rig.waiting("battery_low");
@@ -245,7 +257,7 @@ fn low_battery_waits() {
 #[test]
 fn max_wait_ends_with_flight_gate_timeout_and_the_old_firmware_untouched() {
     let rig = Rig::new("max_wait = \"3s\"", "", "true");
-    let _d = Daemon::start(&rig.dev);
+    let _d = Daemon::start_subscribed(&rig.dev);
     let _v = rig.vehicle(&["--in-air"]);
     rig.upgrade("up-late");
     rig.waiting("in_air");
@@ -260,7 +272,7 @@ fn max_wait_ends_with_flight_gate_timeout_and_the_old_firmware_untouched() {
 #[test]
 fn cancel_while_waiting_ends_canceled() {
     let rig = Rig::new("", "", "true");
-    let _d = Daemon::start(&rig.dev);
+    let _d = Daemon::start_subscribed(&rig.dev);
     let _v = rig.vehicle(&["--in-air"]);
     rig.upgrade("up-stop");
     rig.waiting("in_air");
@@ -273,14 +285,14 @@ fn cancel_while_waiting_ends_canceled() {
 #[test]
 fn kill_9_while_waiting_comes_back_waiting() {
     let rig = Rig::new("", "", "true");
-    let mut d = Daemon::start(&rig.dev);
+    let mut d = Daemon::start_subscribed(&rig.dev);
     let mut v = rig.vehicle(&["--in-air"]);
     rig.upgrade("up-cut");
     rig.waiting("in_air");
     d.0.kill().unwrap();
     d.0.wait().unwrap();
     drop(d);
-    let _d = Daemon::start(&rig.dev);
+    let _d = Daemon::start_subscribed(&rig.dev);
     // Persisted: it comes back waiting, and the gate still holds (nothing applied).
     still_waiting(&rig, "in_air");
     v.send("land").unwrap();
@@ -296,7 +308,7 @@ fn gate_command_for_boards_without_mavlink() {
         "",
         "true",
     );
-    let _d = Daemon::start(&rig.dev);
+    let _d = Daemon::start_subscribed(&rig.dev);
     rig.upgrade("up-cmd");
     rig.waiting("armed");
     still_waiting(&rig, "armed");
@@ -319,7 +331,7 @@ fn reboot_mode_does_not_reboot_in_the_air() {
         ),
         "true",
     );
-    let mut d = Daemon::start(&rig.dev);
+    let mut d = Daemon::start_subscribed(&rig.dev);
     let mut v = rig.vehicle(&["--in-air"]);
     rig.upgrade("up-boot");
     rig.waiting("in_air");
@@ -333,7 +345,7 @@ fn reboot_mode_does_not_reboot_in_the_air() {
     assert!(marker.exists());
     drop(d);
     assert_eq!(sim.power_on().unwrap(), 'B', "the trial boots the new slot");
-    let _d = Daemon::start(&rig.dev);
+    let _d = Daemon::start_subscribed(&rig.dev);
     rig.wait(r#""result":"committed""#);
     assert_eq!(rig.dev.status()["booted_slot"], "b");
 }

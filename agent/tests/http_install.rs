@@ -154,7 +154,14 @@ fn sigterm_pauses_the_download_and_the_next_install_resumes_it() {
     srv.set_fault("/fw.fnb", Fault::Stall { after: len / 2 });
     let url = srv.url("/fw.fnb");
     let mut child = dev.cmd(&["install", &url]).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // The server reached its stall point, so the download is under way (the signal handler is
+    // set before it starts); a moment more lets the agent take in what sits in its socket.
+    let deadline = std::time::Instant::now() + Duration::from_mins(1);
+    while srv.bytes_sent_for("/fw.fnb") < len / 2 {
+        assert!(std::time::Instant::now() < deadline, "the download never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id().cast_signed(), libc::SIGTERM) };
     let status = child.wait().unwrap();

