@@ -347,20 +347,24 @@ fn create(
         "--output",
         &o,
     ];
-    let chunked =
-        chunking.map(|o| [o.level, o.window_kib, o.segment_kib, o.chunk_kib].map(|n| n.to_string()));
-    if let Some([l, w, s, a]) = &chunked {
-        args.extend([
-            "--chunked",
-            "--level",
-            l,
-            "--window-kib",
-            w,
-            "--segment-kib",
-            s,
-            "--chunk-kib",
-            a,
-        ]);
+    // Only the settings given on the command line: the rest are the agent's own defaults, which
+    // the table reads back from the bundle (`bundle info`) rather than keeping a copy here.
+    let given: Vec<(&str, String)> = chunking.map_or_else(Vec::new, |o| {
+        [
+            ("--level", o.level),
+            ("--window-kib", o.window_kib),
+            ("--segment-kib", o.segment_kib),
+            ("--chunk-kib", o.chunk_kib),
+        ]
+        .into_iter()
+        .filter_map(|(flag, v)| v.map(|v| (flag, v.to_string())))
+        .collect()
+    });
+    if chunking.is_some() {
+        args.push("--chunked");
+    }
+    for (flag, v) in &given {
+        args.extend([*flag, v.as_str()]);
     }
     let t = Instant::now();
     run_ok(agent, &args)?;
@@ -379,14 +383,14 @@ fn fresh_install(agent: &Path, dir: &Path, url: &str) -> Result<(f64, u64)> {
 pub(crate) struct Options {
     /// Size of each generated image.
     pub size_mib: u64,
-    /// zstd level of the chunked bundles.
-    pub level: u64,
-    /// Context window of the chunked bundles, KiB.
-    pub window_kib: u64,
-    /// Context segment of the chunked bundles, KiB.
-    pub segment_kib: u64,
-    /// Average chunk size of the chunked bundles, KiB.
-    pub chunk_kib: u64,
+    /// zstd level of the chunked bundles (`None`: `bundle create`'s default).
+    pub level: Option<u64>,
+    /// Context window of the chunked bundles, KiB (`None`: `bundle create`'s default).
+    pub window_kib: Option<u64>,
+    /// Context segment of the chunked bundles, KiB (`None`: `bundle create`'s default).
+    pub segment_kib: Option<u64>,
+    /// Average chunk size of the chunked bundles, KiB (`None`: `bundle create`'s default).
+    pub chunk_kib: Option<u64>,
     /// Fresh installs per format; the table shows the median.
     pub runs: u64,
     /// false skips `zstd -19`, `xdelta3` and `bsdiff` of the image (minutes at 256 MiB), for
@@ -399,13 +403,7 @@ pub(crate) struct Options {
 }
 
 pub(crate) fn chunks(o: &Options) -> Result<()> {
-    let Options {
-        size_mib,
-        level,
-        window_kib,
-        runs,
-        ..
-    } = *o;
+    let Options { size_mib, runs, .. } = *o;
     let agent = binary("flightnode-agent")?;
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
@@ -437,16 +435,15 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
         (img1, img2, what)
     };
     let image_len = std::fs::metadata(&img2)?.len();
-    eprintln!(
-        "creating bundles (zstd level {level}, context window {window_kib} KiB per {} KiB segment, chunks {} KiB on average)",
-        o.segment_kib, o.chunk_kib
-    );
+    eprintln!("creating bundles");
     let plain2 = dir.join("plain2.fnb");
     let chunked1 = dir.join("chunked1.fnb");
     let chunked2 = dir.join("chunked2.fnb");
     let t_plain = create(&agent, dir, &img2, "2.0.0", &plain2, None)?;
     create(&agent, dir, &img1, "1.1.0", &chunked1, Some(o))?;
     let t_chunked = create(&agent, dir, &img2, "2.0.0", &chunked2, Some(o))?;
+    let settings = chunk_settings(&agent, &chunked2, o.level)?;
+    eprintln!("format 2 bundles: {settings}");
 
     let server = BundleServer::start_blocking()?;
     for (path, file) in [
@@ -502,15 +499,7 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
         );
     };
     row("full download, format 1 (plain image)", sent1, t1, rss1);
-    row(
-        &format!(
-            "full download, format 2 (zstd -{level}, {window_kib}/{} KiB context, {} KiB chunks)",
-            o.segment_kib, o.chunk_kib
-        ),
-        sent2,
-        t2,
-        rss2,
-    );
+    row(&format!("full download, format 2 ({settings})"), sent2, t2, rss2);
     row(
         &format!("update over version 1, format 2 ({requests3} requests)"),
         sent3,
@@ -538,6 +527,51 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
         t1 / t2
     );
     Ok(())
+}
+
+/// How `bundle` was chunked, as `bundle info` reads it from the manifest: "zstd -19, 4096/256 KiB
+/// context, 64 KiB chunks". The manifest does not record the level: `level` is the one given, if
+/// any.
+fn chunk_settings(agent: &Path, bundle: &Path, level: Option<u64>) -> Result<String> {
+    let out = Command::new(agent)
+        .args(["bundle", "info"])
+        .arg(bundle)
+        .output()
+        .with_context(|| format!("running {} bundle info", agent.display()))?;
+    let info = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "bundle info {} failed: {}",
+            bundle.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // "chunks:   N (fastcdc MIN/AVG/MAX bytes min/avg/max), ..." and
+    // "context:  W bytes before each S-byte segment" (or "context:  none ...").
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .with_context(|| format!("bundle info {} has no {name:?} line:\n{info}", bundle.display()))
+    };
+    let kib = |bytes: &str| bytes.parse::<u64>().map(|b| b / 1024).ok();
+    let avg = field("chunks:")?
+        .split_whitespace()
+        .nth(2)
+        .and_then(|sizes| sizes.split('/').nth(1))
+        .and_then(kib)
+        .with_context(|| format!("bundle info {}: cannot read the chunk sizes", bundle.display()))?;
+    let context = field("context:")?;
+    let words: Vec<&str> = context.split_whitespace().collect();
+    let context = match (words.first().copied().and_then(kib), words.get(4)) {
+        (Some(w), Some(seg)) => {
+            let seg = seg.strip_suffix("-byte").and_then(kib).unwrap_or(0);
+            format!("{w}/{seg} KiB context")
+        }
+        _ => "no context".to_owned(),
+    };
+    let level = level.map_or_else(|| "zstd, default level".to_owned(), |l| format!("zstd -{l}"));
+    Ok(format!("{level}, {context}, {avg} KiB chunks"))
 }
 
 /// Sizes of `zstd -19` of the image and of the `xdelta3`/`bsdiff` deltas, where installed.

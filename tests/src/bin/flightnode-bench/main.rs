@@ -4,8 +4,9 @@
 //! - `install [--size-mib 256] [--runs 3]`: bundle download + verify + write into a file slot over
 //!   loopback HTTP, vs `curl | tee >(sha256sum) > slot` and a minimal Rust GET + sha256 + write;
 //!   plus raw single-core sha256 throughput, the physical limit.
-//! - `chunks [--size-mib 256] [--level 19] [--window-kib 4096] [--segment-kib 256] [--chunk-kib 64] [--runs 3] [--no-baselines] [--bsdiff]
-//!   [--old V1.img --new V2.img]`: bytes the server sends for a full plain download, a full
+//! - `chunks [--size-mib 256] [--level L] [--window-kib W] [--segment-kib S] [--chunk-kib C] [--runs 3]
+//!   [--no-baselines] [--bsdiff] [--old V1.img --new V2.img]` (L, W, S, C: `bundle create`'s
+//!   defaults unless given): bytes the server sends for a full plain download, a full
 //!   chunked download and a chunked update over the older slot of an ext4 image (generated, or
 //!   the pair given, such as `tests/bench/debian-pair.sh`'s), next to `zstd -19` and
 //!   `xdelta3`/`bsdiff` deltas where installed; install time (median of the runs) and the agent's
@@ -34,14 +35,18 @@ use std::str::FromStr;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        usage();
+        return Ok(());
+    }
     match args.first().map(String::as_str) {
         Some("install") => install(flag(&args, "--size-mib", 256), flag(&args, "--runs", 3)),
         Some("chunks") => chunks(&chunks::Options {
             size_mib: flag(&args, "--size-mib", 256),
-            level: flag(&args, "--level", 19),
-            window_kib: flag(&args, "--window-kib", 4096),
-            segment_kib: flag(&args, "--segment-kib", 256),
-            chunk_kib: flag(&args, "--chunk-kib", 64),
+            level: given(&args, "--level")?,
+            window_kib: given(&args, "--window-kib")?,
+            segment_kib: given(&args, "--segment-kib")?,
+            chunk_kib: given(&args, "--chunk-kib")?,
             runs: flag(&args, "--runs", 3),
             baselines: !args.iter().any(|a| a == "--no-baselines"),
             bsdiff: args.iter().any(|a| a == "--bsdiff"),
@@ -81,17 +86,36 @@ fn main() -> Result<()> {
             hub_bench(&drones, plan)
         }
         _ => {
-            eprintln!("usage: flightnode-bench install [--size-mib N] [--runs N]");
-            eprintln!(
-                "       flightnode-bench chunks [--size-mib 256] [--level 19] [--window-kib 4096] [--segment-kib 256] [--chunk-kib 64] [--runs 3] [--no-baselines] [--bsdiff] [--old V1.img --new V2.img]"
-            );
-            eprintln!("       flightnode-bench footprint [--idle-secs N] [--size-mib N]");
-            eprintln!(
-                "       flightnode-bench hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20] [--channels 12]"
-            );
+            usage();
             std::process::exit(2);
         }
     }
+}
+
+fn usage() {
+    eprintln!("usage: flightnode-bench install [--size-mib N] [--runs N]");
+    eprintln!(
+        "       flightnode-bench chunks [--size-mib 256] [--level L] [--window-kib W] [--segment-kib S] [--chunk-kib C] [--runs 3] [--no-baselines] [--bsdiff] [--old V1.img --new V2.img]"
+    );
+    eprintln!("         (L, W, S, C: `flightnode-agent bundle create`'s defaults unless given)");
+    eprintln!("       flightnode-bench footprint [--idle-secs N] [--size-mib N]");
+    eprintln!(
+        "       flightnode-bench hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20] [--channels 12]"
+    );
+    eprintln!("Build with `cargo build --release --workspace` first; see README \"Measurements\".");
+}
+
+/// The value after `name`, if given; an error when it is given but does not parse.
+fn given<T: FromStr>(args: &[String], name: &str) -> Result<Option<T>> {
+    let Some(i) = args.iter().position(|a| a == name) else {
+        return Ok(None);
+    };
+    let v = args
+        .get(i + 1)
+        .ok_or_else(|| anyhow::anyhow!("{name} needs a value"))?;
+    v.parse()
+        .map(Some)
+        .map_err(|_| anyhow::anyhow!("{name} {v}: not a number"))
 }
 
 /// The value after `name` on the command line, or `default` when it is missing or unparsable.
