@@ -294,7 +294,9 @@ fn install_and_reboot(
             false,
         )
         .unwrap();
-    let status = d.0.wait().unwrap();
+    let status = d
+        .wait_exit(WAIT)
+        .unwrap_or_else(|| panic!("the reboot command never ended the daemon:\n{}", dev.log()));
     assert_eq!(status.signal(), Some(9), "the reboot command ends the daemon");
     assert_eq!(sim.power_on().unwrap(), 'B');
     srv
@@ -342,7 +344,9 @@ fn reboot_mode_rolls_back_when_the_fleet_never_comes_back() {
     broker.stop().unwrap();
     let mut d = Daemon::start(&dev);
     // Healthy but cut off: marked bad, and the agent reboots back (killed again).
-    let status = d.0.wait().unwrap();
+    let status = d
+        .wait_exit(WAIT)
+        .unwrap_or_else(|| panic!("the reboot command never ended the daemon:\n{}", dev.log()));
     assert_eq!(status.signal(), Some(9), "reboots back to the old slot");
     assert_eq!(sim.power_on().unwrap(), 'A');
     broker.start_again().unwrap();

@@ -17,20 +17,6 @@ const UPGRADE: &str = "firmware/drone-test/upgrade";
 /// How long the slow boot backend takes to mark the booted slot good at start-up.
 const RECOVERY_SECS: u32 = 8;
 
-/// Waits for the daemon to end; `None` when it still runs after `timeout`.
-fn wait_exit(d: &mut Daemon, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = d.0.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn starts_without_ca_roots_installs_over_http_and_says_what_https_needs() {
     let dev = Device::new(Options::default());
@@ -195,7 +181,7 @@ fn an_upgrade_sent_during_start_up_recovery_runs_once_after_it() {
     // Twice: the second delivery finds the first still waiting and must not queue another.
     broker.publish(UPGRADE, cmd.as_bytes(), false).unwrap();
     broker.publish(UPGRADE, cmd.as_bytes(), false).unwrap();
-    let status = wait_exit(&mut d, WAIT);
+    let status = d.wait_exit(WAIT);
     assert_eq!(
         status.and_then(|s| s.signal()),
         Some(9),
@@ -238,7 +224,7 @@ fn an_upgrade_accepted_during_recovery_survives_a_kill_before_it_started() {
     assert_eq!(dev.status()["phase"], "idle", "nothing started yet");
 
     let mut d = Daemon::start(dev);
-    let status = wait_exit(&mut d, WAIT);
+    let status = d.wait_exit(WAIT);
     assert_eq!(
         status.and_then(|s| s.signal()),
         Some(9),
@@ -277,7 +263,7 @@ fn a_cancel_of_an_upgrade_still_waiting_for_the_recovery_means_it_never_starts()
     broker.publish(UPGRADE, cmd.as_bytes(), false).unwrap();
     dev.wait_log("republishing its state");
     assert!(
-        wait_exit(&mut d, Duration::from_secs(3)).is_none(),
+        d.wait_exit(Duration::from_secs(3)).is_none(),
         "no reboot: {}",
         dev.log()
     );

@@ -340,7 +340,9 @@ fn reboot_mode_does_not_reboot_in_the_air() {
     assert_eq!(rig.dev.status()["phase"], "waiting");
     v.send("land").unwrap();
     v.send("disarm").unwrap();
-    let status = d.0.wait().unwrap();
+    let status = d
+        .wait_exit(WAIT)
+        .unwrap_or_else(|| panic!("the reboot command never ended the daemon:\n{}", rig.dev.log()));
     assert_eq!(status.signal(), Some(9), "the reboot command ends the daemon");
     assert!(marker.exists());
     drop(d);

@@ -268,6 +268,20 @@ impl Daemon {
         d
     }
 
+    /// Waits for the daemon to end; `None` when it still runs after `timeout`.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// SIGTERM, then waits (at most 30 s) for the exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         // SAFETY: signalling our own child.
