@@ -142,19 +142,25 @@ enum Outcome {
     Transport(String),
 }
 
+/// How a gRPC client sees a connection the hub ended during or right after the handshake.
+const CLOSED: [&str; 4] = [
+    "broken pipe",
+    "connection closed",
+    "connection reset",
+    "connection was not ready",
+];
+
 /// Which answers are right for a request; `None` when it is fine.
 fn wrong_answer(kind: Kind, request: &Request, outcome: &Outcome) -> Option<String> {
     let ok = match (kind.alert(), outcome) {
         // The alert itself, exactly.
         (Some(alert), Outcome::Handshake(e)) => e.contains(&format!("received fatal alert: {alert}")),
-        // A gRPC client writes at once, so it may see its connection reset before the alert;
-        // what matters is that no heartbeat gets an answer.
+        // A gRPC client writes at once, so it may see its connection reset before the alert, or
+        // (hyper: "connection was not ready") closed before its request went out; what matters
+        // is that no heartbeat gets an answer.
         (Some(alert), Outcome::Transport(e)) => {
             let e = e.to_lowercase();
-            e.contains(&alert.to_lowercase())
-                || ["broken pipe", "connection closed", "connection reset"]
-                    .iter()
-                    .any(|s| e.contains(s))
+            e.contains(&alert.to_lowercase()) || CLOSED.iter().any(|s| e.contains(s))
         }
         (_, Outcome::Handshake(_) | Outcome::Transport(_)) => false,
         (_, Outcome::Status(code, message)) => match kind {
@@ -191,16 +197,16 @@ fn label(outcome: &Outcome) -> String {
         Outcome::Status(code, _) => format!("{code:?}"),
         Outcome::Handshake(e) => format!("handshake: {e}"),
         Outcome::Transport(e) => {
+            let lower = e.to_lowercase();
             let alert = ["UnknownCA", "CertificateRequired", "CertificateExpired"]
                 .into_iter()
-                .find(|a| e.contains(a));
-            match alert {
-                Some(a) => format!("gRPC call: alert {a}"),
-                None if e.contains("broken pipe") => "gRPC call: broken pipe".into(),
-                None if e.contains("connection closed") => "gRPC call: connection closed".into(),
-                None if e.to_lowercase().contains("connection reset") => "gRPC call: connection reset".into(),
-                None => format!("gRPC call: {e}"),
-            }
+                .find(|a| e.contains(a))
+                .map(|a| format!("alert {a}"));
+            let closed = CLOSED
+                .iter()
+                .find(|s| lower.contains(*s))
+                .map(|s| (*s).to_owned());
+            format!("gRPC call: {}", alert.or(closed).unwrap_or_else(|| e.clone()))
         }
     }
 }
