@@ -6,12 +6,14 @@
 mod common;
 use common::*;
 use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
+use flightnode_tests::fleet::wait_until;
 use flightnode_tests::http_server::BundleServer;
 use flightnode_tests::mosquitto::{Mosquitto, Subscriber};
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_mins(1);
+const POLL: Duration = Duration::from_millis(100);
 const STATUS: &str = "firmware/drone-test/status";
 const UPGRADE: &str = "firmware/drone-test/upgrade";
 
@@ -169,9 +171,10 @@ fn in_the_air_during_a_rollback_it_waits_to_re_apply() {
     rig.wait(r#""upgrade_id":"up-rb","phase":"testing""#);
     // "testing" is reported before the apply hook runs: take off only once it has, or the gate
     // would hold the apply instead of the rollback.
-    wait_until("the new slot was never applied", || {
-        rig.dev.applied().lines().count() == 1
-    });
+    assert!(
+        wait_until(WAIT, POLL, || rig.dev.applied().lines().count() == 1),
+        "the new slot was never applied"
+    );
     v.send("takeoff").unwrap();
     // The health check fails within 0.1 s of `fail-now`: the agent must know it is flying first.
     wait_flight_state(&rig, "in-air", "the agent never saw the takeoff");
@@ -206,21 +209,13 @@ fn in_the_air_during_a_rollback_it_waits_to_re_apply() {
 /// "in-air" or "unknown": words no other field of that line prints; the log may carry colour
 /// codes around the field names).
 fn wait_flight_state(rig: &Rig, observed: &str, failure: &str) {
-    wait_until(failure, || {
+    let changed = || {
         rig.dev
             .log()
             .lines()
             .any(|l| l.contains("flight state changed") && l.contains(observed))
-    });
-}
-
-/// Polls `done` until it holds; fails with `failure` after [`WAIT`].
-fn wait_until(failure: &str, mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "{failure}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    };
+    assert!(wait_until(WAIT, POLL, changed), "{failure}");
 }
 
 #[test]

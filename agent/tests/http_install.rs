@@ -156,11 +156,11 @@ fn sigterm_pauses_the_download_and_the_next_install_resumes_it() {
     let mut child = dev.cmd(&["install", &url]).spawn().unwrap();
     // The server reached its stall point, so the download is under way (the signal handler is
     // set before it starts); a moment more lets the agent take in what sits in its socket.
-    let deadline = std::time::Instant::now() + Duration::from_mins(1);
-    while srv.bytes_sent_for("/fw.fnb") < len / 2 {
-        assert!(std::time::Instant::now() < deadline, "the download never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let stalled = || srv.bytes_sent_for("/fw.fnb") >= len / 2;
+    assert!(
+        flightnode_tests::fleet::wait_until(Duration::from_mins(1), Duration::from_millis(50), stalled),
+        "the download never started"
+    );
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id().cast_signed(), libc::SIGTERM) };

@@ -5,7 +5,7 @@ mod common;
 
 use flightnode_tests::mosquitto::{Mosquitto, mosquitto_binary};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[test]
 fn upgrade_and_cancel_are_published_on_the_device_topic() {
@@ -53,10 +53,9 @@ fn upgrade_and_cancel_are_published_on_the_device_topic() {
         "{}",
         String::from_utf8_lossy(&cancel.stderr)
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while sub.output().lines().count() < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    flightnode_tests::fleet::wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
+        sub.output().lines().count() >= 2
+    });
     // `mosquitto_sub -v`: "topic payload" per line.
     let output = sub.output();
     let lines: Vec<&str> = output

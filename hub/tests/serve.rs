@@ -241,15 +241,12 @@ fn the_binary_serves_and_get_prints_a_table() {
             .output()
             .unwrap()
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut out = get();
-    while out.status.success()
-        && !String::from_utf8_lossy(&out.stdout).contains("drone-9")
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(100));
-        out = get();
-    }
+    let mut out = None;
+    flightnode_tests::fleet::wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        let o = out.insert(get());
+        !o.status.success() || String::from_utf8_lossy(&o.stdout).contains("drone-9")
+    });
+    let out = out.expect("wait_until asks at least once");
     let _ = child.kill();
     let stderr = {
         use std::io::Read;

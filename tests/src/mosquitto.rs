@@ -519,20 +519,22 @@ impl Mosquitto {
         mut gave_up: impl FnMut() -> Option<String>,
     ) -> Result<()> {
         let acked = format!("Sending SUBACK to {id}");
-        let deadline = Instant::now() + timeout;
-        while !self.log().lines().any(|l| l.ends_with(&acked)) {
-            if let Some(why) = gave_up() {
-                bail!("client {id} never subscribed: {why}");
+        let mut why = None;
+        let subscribed = crate::fleet::wait_until(timeout, Duration::from_millis(20), || {
+            if self.log().lines().any(|l| l.ends_with(&acked)) {
+                return true;
             }
-            if Instant::now() > deadline {
-                bail!(
-                    "client {id} did not subscribe within {timeout:?}; broker log:\n{}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            why = gave_up();
+            why.is_some()
+        });
+        match why {
+            Some(why) => bail!("client {id} never subscribed: {why}"),
+            None if !subscribed => bail!(
+                "client {id} did not subscribe within {timeout:?}; broker log:\n{}",
+                self.log()
+            ),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 

@@ -2,9 +2,11 @@
 //! slots and hook scripts, driven through the real `flightnode-agent` binary.
 #![allow(dead_code, reason = "each test binary uses a different part of it")]
 
+use flightnode_tests::fleet::wait_until;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flightnode-agent");
 pub const HARDWARE: &str = "cc-test-v1";
@@ -171,15 +173,13 @@ checkpoint_bytes = 65536
 
     /// Waits (at most a minute) until the daemon's log contains `needle`.
     pub fn wait_log(&self, needle: &str) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
-        while !self.log().contains(needle) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the daemon never logged {needle:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        assert!(
+            wait_until(Duration::from_mins(1), Duration::from_millis(50), || {
+                self.log().contains(needle)
+            }),
+            "the daemon never logged {needle:?}:\n{}",
+            self.log()
+        );
     }
 
     pub fn applied(&self) -> String {
@@ -269,17 +269,13 @@ impl Daemon {
     }
 
     /// Waits for the daemon to end; `None` when it still runs after `timeout`.
-    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return Some(status);
-            }
-            if std::time::Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, Duration::from_millis(100), || {
+            status = self.0.try_wait().unwrap();
+            status.is_some()
+        });
+        status
     }
 
     /// SIGTERM, then waits (at most 30 s) for the exit.
