@@ -91,8 +91,10 @@ impl Engine {
 
     /// `flight.max_wait` ran out. Before the switch nothing was touched: the upgrade ends. Once
     /// the switch began, the old slot must come back: in reboot mode the bootloader's trial is
-    /// withdrawn (no reboot happened); in command mode the apply may have run before a restart, so
-    /// the upgrade rolls back (which waits for the vehicle too, without a limit).
+    /// withdrawn as a rollback withdraws it, the target marked bad and out of the boot order (no
+    /// reboot happened, and the old slot runs; only making it primary would leave the trial one
+    /// failed boot of the old slot away); in command mode the apply may have run before a
+    /// restart, so the upgrade rolls back (which waits for the vehicle too, without a limit).
     fn flight_gate_timeout(&mut self, message: String) -> Result<(), Stop> {
         let u = self.held()?.clone();
         match (u.step_phase(), &self.activation) {
@@ -100,7 +102,7 @@ impl Engine {
                 Err(Stop::Upgrade(ErrorCode::FlightGateTimeout, message))
             }
             (_, Activation::Reboot { boot, .. }) => {
-                boot.mark_good(!u.target).map_err(ActivationError::from)?;
+                boot.mark_bad(u.target).map_err(ActivationError::from)?;
                 Err(Stop::Upgrade(ErrorCode::FlightGateTimeout, message))
             }
             (Phase::Switching, Activation::Command { .. }) => {

@@ -430,8 +430,11 @@ impl Engine {
         Ok(())
     }
 
-    /// Reboot mode, an upgrade in flight before its trial is set: this boot of the running slot
-    /// worked, so its attempts are restored and a long or resumed download never uses them up.
+    /// Reboot mode, an upgrade in flight: when the booted slot is a good one and not the target,
+    /// it is the fallback and this boot of it worked, so its attempts are restored (U-Boot's
+    /// `BOOT_x_LEFT` refilled, GRUB's `x_TRY` reset). A long or resumed download, or days at the
+    /// flight gate with the board power-cycled in between, never use them up. The order is not
+    /// touched: an armed trial stays armed.
     fn confirm_running(&self, target: Slot) -> Result<(), EngineError> {
         let Activation::Reboot { boot, .. } = &self.activation else {
             return Ok(());
@@ -445,6 +448,11 @@ impl Engine {
 
     /// Runs the step of the persisted phase until the upgrade ends or must wait for a reboot.
     fn drive(&mut self) -> Result<Outcome, EngineError> {
+        // First, before any step can wait (at the flight gate, for a download): a boot spent
+        // waiting must not count as a failed boot of the fallback.
+        if let Some(target) = self.state.upgrade.as_ref().map(|u| u.target) {
+            self.confirm_running(target)?;
+        }
         loop {
             let Some(phase) = self.state.upgrade.as_ref().map(crate::state::Upgrade::step_phase) else {
                 return Ok(self.state.last.clone().map_or(Outcome::Idle, Outcome::Finished));

@@ -4,6 +4,7 @@ use super::chunked::TargetHeld;
 use super::writer::SlotWriter;
 use super::{Engine, Stop};
 use crate::activation::{Activation, ActivationError};
+use crate::boot::{BootBackend, BootError};
 use crate::bundle::{self, BundleError};
 use crate::download::DownloadError;
 use crate::hooks::{self, Hook, HookEnv};
@@ -71,9 +72,6 @@ impl Engine {
                 self.slots.path(u.target).display()
             ))));
         }
-        // This boot of the running slot worked: however long the download, and however many
-        // boots resume it, the bootloader keeps its attempts.
-        self.confirm_running(u.target)?;
         // An interruption explains any fetch error that follows it: report that, not the error.
         let fetch_stop = |this: &Self, e: crate::download::DownloadError| {
             this.interrupted()
@@ -303,11 +301,8 @@ impl Engine {
                 crate::failpoint::hit("switched");
                 Ok(())
             }
-            Activation::Reboot { boot, .. } => {
-                // The running slot is the fallback: make sure the bootloader will take it back
-                // (GRUB's script counts every boot as a try until it is marked good).
-                boot.mark_good(!target).map_err(ActivationError::from)?;
-                boot.set_trial(target).map_err(ActivationError::from)?;
+            Activation::Reboot { .. } => {
+                self.arm_trial(!target, target)?;
                 self.state.enter(Phase::Testing);
                 self.save()?;
                 crate::failpoint::hit("switched");
@@ -316,8 +311,30 @@ impl Engine {
         }
     }
 
-    /// Runs the reboot command and waits for it to take us down.
-    fn reboot(&self, next: Slot) -> Result<(), Stop> {
+    /// Reboot mode: makes `fallback` the slot the bootloader returns to, then arms one trial boot
+    /// of `target`. An armed trial starts at the next power cut or watchdog reset too, so the
+    /// flight gate is asked again right before each write, however recently it was open.
+    fn arm_trial(&mut self, fallback: Slot, target: Slot) -> Result<(), Stop> {
+        // GRUB's script counts every boot as a try until the slot is marked good.
+        self.flight_gate()?;
+        self.boot_write(|boot| boot.mark_good(fallback))?;
+        self.flight_gate()?;
+        self.boot_write(|boot| boot.set_trial(target))
+    }
+
+    /// One bootloader write; command mode has none.
+    fn boot_write(&self, write: impl FnOnce(&dyn BootBackend) -> Result<(), BootError>) -> Result<(), Stop> {
+        if let Activation::Reboot { boot, .. } = &self.activation {
+            write(boot.as_ref()).map_err(ActivationError::from)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the reboot command and waits for it to take us down. Every reboot the agent asks for
+    /// comes through here, so the flight gate is asked here, right before the command, and no
+    /// path (a switch, a retried trial, a rollback) can reboot the vehicle's computer in flight.
+    fn reboot(&mut self, next: Slot) -> Result<(), Stop> {
+        self.flight_gate()?;
         let a = &self.cfg.activation;
         tracing::info!(slot = %next, "rebooting into slot {next}");
         if let Err(e) = self.run_hook(Hook::Reboot, Some(&a.reboot_command), next, a.reboot_wait) {
@@ -330,16 +347,12 @@ impl Engine {
     /// Testing: the new slot runs (or should). Apply (command mode), health check, then commit or
     /// roll back. In reboot mode, first find out whether the trial boot happened at all.
     pub(super) fn test(&mut self) -> Result<(), Stop> {
-        // Next comes the apply (command mode) or, before a reboot happened, the reboot.
-        let reboot_mode = matches!(self.activation, Activation::Reboot { .. });
-        if !reboot_mode || self.activation.boot_id()? == self.upgrade()?.boot_id {
-            self.flight_gate()?;
-        }
         let u = self.upgrade()?.clone();
         if let Activation::Reboot { boot, .. } = &self.activation {
             let boot_id = self.activation.boot_id()?;
             if boot_id == u.boot_id {
-                // Same boot as the one that requested the trial: the reboot has not happened yet.
+                // Same boot as the one that requested the trial: the reboot has not happened yet
+                // (it asks the flight gate itself).
                 return self.reboot(u.target);
             }
             let booted = boot.booted().map_err(ActivationError::from)?;
@@ -375,13 +388,18 @@ impl Engine {
                 self.state.trial_runs();
                 self.save()?;
             }
-        } else if let Err(e) = self.run_hook(
-            Hook::Apply,
-            self.cfg.activation.apply_command.as_deref(),
-            u.target,
-            self.cfg.activation.apply_timeout,
-        ) {
-            return self.begin_roll_back(ErrorCode::HealthCheckFailed, flightnode_proto::error::chain(&e));
+        } else {
+            // The apply may reflash the flight controller.
+            self.flight_gate()?;
+            if let Err(e) = self.run_hook(
+                Hook::Apply,
+                self.cfg.activation.apply_command.as_deref(),
+                u.target,
+                self.cfg.activation.apply_timeout,
+            ) {
+                return self
+                    .begin_roll_back(ErrorCode::HealthCheckFailed, flightnode_proto::error::chain(&e));
+            }
         }
         if let Err(e) = self.run_hook(
             Hook::Health,
@@ -411,7 +429,8 @@ impl Engine {
     /// Reboot mode: the trial slot came up in an earlier boot, but that boot ended (a power cut)
     /// before its health check or fleet gate decided, and the bootloader has since returned to the
     /// old slot. The image booted fine, so the trial is armed again and the check re-run; after
-    /// [`TRIAL_BOOTS`] such boots it counts as failed.
+    /// [`TRIAL_BOOTS`] such boots it counts as failed. Arming and rebooting wait for the flight
+    /// gate: the fallback may be running in the air.
     fn retry_trial(
         &mut self,
         u: &crate::state::Upgrade,
@@ -433,8 +452,7 @@ impl Engine {
         }
         tracing::warn!(slot = %u.target, booted = %booted, trial_boots = u.trial_boots,
             "the trial boot ended before its check finished; trying slot {} again", u.target);
-        boot.mark_good(booted).map_err(ActivationError::from)?;
-        boot.set_trial(u.target).map_err(ActivationError::from)?;
+        self.arm_trial(booted, u.target)?;
         if let Some(up) = self.state.upgrade.as_mut() {
             up.boot_id = boot_id;
             up.trial_boot = None;
@@ -471,14 +489,10 @@ impl Engine {
 
     /// RollingBack: switch back to the previous slot and end with the recorded error.
     pub(super) fn roll_back(&mut self) -> Result<(), Stop> {
-        // Next comes the re-apply (command mode) or, still on the new slot, the reboot.
-        let touches_vehicle = match &self.activation {
-            Activation::Command { .. } => true,
-            Activation::Reboot { boot, .. } => {
-                boot.booted().map_err(ActivationError::from)? == self.upgrade()?.target
-            }
-        };
-        if touches_vehicle {
+        // Command mode: the pointer and the re-apply touch the running system. Reboot mode: only
+        // the reboot does, and `reboot` asks the gate; taking the failed slot out of the
+        // bootloader first makes a power cut during the wait boot the old slot.
+        if matches!(self.activation, Activation::Command { .. }) {
             self.flight_gate()?;
         }
         let u = self.upgrade()?.clone();
@@ -492,6 +506,8 @@ impl Engine {
         match &self.activation {
             Activation::Command { pointer } => {
                 pointer.set(old)?;
+                // Asked again right before the hook: the vehicle may have armed since.
+                self.flight_gate()?;
                 let apply = self.cfg.activation.apply_command.as_deref();
                 // The old slot is active whatever this says; a failure is logged, not fatal.
                 if let Err(e) = self.run_hook(Hook::Apply, apply, old, self.cfg.activation.apply_timeout) {

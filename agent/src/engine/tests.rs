@@ -224,6 +224,12 @@ struct Rig {
 
 impl Rig {
     fn new() -> Self {
+        Self::with("")
+    }
+
+    /// A rig whose config ends with `extra`; `@DIR@` in it stands for the rig's directory and
+    /// `@LOG@` for the call log.
+    fn with(extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
         let keys = crate::bundle::keygen(&p.join("keys")).unwrap();
@@ -265,6 +271,7 @@ reboot_wait = "2s"
 [boot]
 backend = "uboot"
 boot_id = "{boot_id}"
+{extra}
 "#,
             state = p.join("state").display(),
             key = keys.public.display(),
@@ -273,6 +280,9 @@ boot_id = "{boot_id}"
             log = log.display(),
             unhealthy = p.join("unhealthy").display(),
             boot_id = p.join("boot_id").display(),
+            extra = extra
+                .replace("@DIR@", &p.display().to_string())
+                .replace("@LOG@", &log.display().to_string()),
         );
         let cfg = Config::parse(&text, &p.join("agent.toml")).unwrap();
         std::fs::write(p.join("boot_id"), "boot-1").unwrap();
@@ -429,6 +439,8 @@ fn images_are_written_verified_tried_then_committed_or_rolled_back_in_that_order
                 "mark_bad b @ rolling_back a:good b:trial",
                 "reboot a",
                 "power_on -> a",
+                // Every start with an upgrade in flight confirms the fallback that booted.
+                "confirm a @ rolling_back a:good b:trial",
                 "mark_bad b @ rolling_back a:good b:trial",
                 "mark_good a @ idle a:good b:bad",
             ],
@@ -441,6 +453,7 @@ fn images_are_written_verified_tried_then_committed_or_rolled_back_in_that_order
             broken: Some(Slot::B),
             then: &[
                 "power_on -> a",
+                "confirm a @ testing a:good b:trial",
                 "mark_bad b @ testing a:good b:trial",
                 "mark_good a @ idle a:good b:bad",
             ],
@@ -586,4 +599,140 @@ fn a_failure_at_any_step_stops_there_and_leaves_the_old_slot_booting() {
         };
         assert_eq!(result(&outcome), (UpgradeResult::Committed, None), "{step}");
     }
+}
+
+/// `[flight]` for the gated rigs: open while `@DIR@/landed` exists, else "in the air"; every
+/// answer is logged. `max_wait = "0s"`: the first closed answer ends the wait with
+/// `flight_gate_timeout`, so a test sees what the engine does instead of blocking.
+const GATE: &str = r#"[flight]
+gate_command = 'if test -e @DIR@/landed; then echo "gate open" >> @LOG@; else echo "gate in_air" >> @LOG@; echo in_air; exit 1; fi'
+max_wait = "0s"
+"#;
+
+impl Rig {
+    fn land(&self, landed: bool) {
+        let marker = self.dir.path().join("landed");
+        if landed {
+            std::fs::write(marker, b"").unwrap();
+        } else {
+            std::fs::remove_file(marker).unwrap();
+        }
+    }
+
+    /// The log from line `from` on.
+    fn lines_from(&self, from: usize) -> Vec<String> {
+        self.rec.lines().split_off(from)
+    }
+
+    /// Whether the board could ever boot `slot` again without the agent: in the order with
+    /// attempts left (a watchdog reset of the other slot would start it).
+    fn bootable(&self, slot: Slot) -> bool {
+        let board = self.rec.board.lock().unwrap();
+        board.order.contains(&slot) && board.left[ix(slot)] > 0
+    }
+}
+
+/// On the ground the flight gate is asked right before each bootloader write that arms the
+/// trial and right before the reboot, not once for all of them.
+#[test]
+fn the_gate_is_asked_before_each_write_that_arms_the_trial_and_before_the_reboot() {
+    let rig = Rig::with(GATE);
+    rig.land(true);
+    let mut engine = rig.open();
+    let outcome = rig.install(&mut engine).unwrap();
+    assert_eq!(outcome, Outcome::AwaitingReboot { slot: Slot::B });
+    let log = rig.rec.lines();
+    let switch = log
+        .iter()
+        .position(|l| l.starts_with("finish b"))
+        .expect("the image was written");
+    assert_eq!(
+        log[switch + 1..],
+        lines(&[
+            // The switch itself.
+            "gate open",
+            "gate open",
+            "mark_good a @ switching a:good b:bad",
+            "gate open",
+            "set_trial b @ switching a:good b:bad",
+            "gate open",
+            "reboot b",
+        ])
+    );
+}
+
+/// Issue 21 a: the trial slot came up, its boot ended before the check (here: the commit's
+/// bootloader write fails, as a power cut there would stop it), the board fell back to slot a,
+/// and now the vehicle is in the air. Slot a's agent must neither arm the trial again nor reboot;
+/// when the wait runs out the trial is withdrawn.
+#[test]
+fn a_trial_retry_in_the_air_neither_arms_the_trial_nor_reboots() {
+    let rig = Rig::with(GATE);
+    rig.land(true);
+    let mut engine = rig.open();
+    assert_eq!(
+        rig.install(&mut engine).unwrap(),
+        Outcome::AwaitingReboot { slot: Slot::B }
+    );
+    let mut engine = rig.power_cycle(engine);
+    rig.fail("mark_good b @ testing");
+    assert!(engine.resume().is_err(), "the trial boot ends before its commit");
+    rig.land(false);
+    let mut engine = rig.power_cycle(engine);
+    assert_eq!(engine.state().phase(), Phase::Testing);
+    let from = rig.rec.lines().len();
+    let outcome = engine.resume().unwrap();
+    assert_eq!(
+        rig.lines_from(from),
+        lines(&[
+            "confirm a @ testing a:good b:trial",
+            // The retry asks before its first write, and nothing follows but the withdrawal.
+            "gate in_air",
+            "mark_bad b @ waiting a:good b:trial",
+            "mark_good a @ idle a:good b:bad",
+        ])
+    );
+    assert_eq!(
+        result(&outcome),
+        (UpgradeResult::Failed, Some(ErrorCode::FlightGateTimeout))
+    );
+    assert_eq!(engine.state().active, Slot::A);
+    assert!(!rig.bootable(Slot::B), "{:?}", rig.rec.board.lock().unwrap());
+    assert_eq!(rig.boots_next(), Slot::A);
+}
+
+/// Issue 21 d: the trial was armed on the ground, then the vehicle took off before the reboot
+/// and `flight.max_wait` ran out. The trial is withdrawn as a rollback withdraws it: slot b out
+/// of the boot order, so no later reset of slot a can start it.
+#[test]
+fn a_flight_gate_timeout_after_the_trial_was_armed_withdraws_the_trial() {
+    let rig = Rig::with(GATE);
+    rig.land(true);
+    let mut engine = rig.open();
+    assert_eq!(
+        rig.install(&mut engine).unwrap(),
+        Outcome::AwaitingReboot { slot: Slot::B }
+    );
+    // The reboot command did not take the system down; the agent starts again in the same boot,
+    // with the trial armed, and the vehicle took off meanwhile.
+    rig.land(false);
+    let from = rig.rec.lines().len();
+    let outcome = engine.resume().unwrap();
+    assert_eq!(
+        rig.lines_from(from),
+        lines(&[
+            "confirm a @ testing a:good b:trial",
+            "gate in_air",
+            "mark_bad b @ waiting a:good b:trial",
+            "mark_good a @ idle a:good b:bad",
+        ])
+    );
+    assert_eq!(
+        result(&outcome),
+        (UpgradeResult::Failed, Some(ErrorCode::FlightGateTimeout))
+    );
+    // Out of the order: a watchdog reset of slot a can never start the withdrawn trial.
+    assert!(!rig.bootable(Slot::B), "{:?}", rig.rec.board.lock().unwrap());
+    assert_eq!(rig.boots_next(), Slot::A);
+    assert_eq!(engine.state().b.state, SlotState::Bad);
 }
