@@ -346,3 +346,155 @@ fn reboot_mode_does_not_reboot_in_the_air() {
     rig.wait(r#""result":"committed""#);
     assert_eq!(rig.dev.status()["booted_slot"], "b");
 }
+
+/// A reboot-mode rig on `sim`: the reboot command touches `rebooted` in the device directory and
+/// ends the daemon, as a reboot would.
+fn reboot_rig(sim: &flightnode_tests::boot_sim::SimBoot, health: &str) -> Rig {
+    Rig::new(
+        "",
+        &format!(
+            "[activation]\nmode = \"reboot\"\nreboot_command = \"touch @DIR@/rebooted; kill -9 $FLIGHTNODE_AGENT_PID\"\nreboot_wait = \"30s\"\n{}",
+            sim.boot_toml()
+        ),
+        health,
+    )
+}
+
+/// One variable of the bootloader's environment, read with the real tool (`None` when unset).
+fn boot_var(sim: &flightnode_tests::boot_sim::SimBoot, key: &str) -> Option<String> {
+    use flightnode_tests::boot_sim::SimKind;
+    let env = sim.env.to_str().unwrap();
+    let o = match sim.kind {
+        SimKind::Grub => std::process::Command::new("grub-editenv")
+            .args([env, "list"])
+            .output(),
+        _ => std::process::Command::new("fw_printenv")
+            .args(["-c", env])
+            .output(),
+    }
+    .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_owned))
+}
+
+/// Issue 21 a: the trial slot came up, a power cut ended its boot during the health check, the
+/// bootloader fell back to slot a, and meanwhile the vehicle took off. Slot a's agent must not
+/// arm the trial again nor reboot the companion computer until the vehicle has landed.
+#[test]
+fn a_trial_retry_in_the_air_neither_re_arms_nor_reboots() {
+    let root = tempfile::tempdir().unwrap();
+    let sim = flightnode_tests::boot_sim::SimBoot::uboot(root.path()).unwrap();
+    assert_eq!(sim.power_on().unwrap(), 'A');
+    // The first health check on slot b is cut short by a "power cut" (the agent is killed).
+    let rig = reboot_rig(
+        &sim,
+        "if [ \"$FLIGHTNODE_SLOT\" = b ] && [ ! -e @DIR@/cut ]; then touch @DIR@/cut; kill -9 $FLIGHTNODE_AGENT_PID; exit 1; fi; true",
+    );
+    let rebooted = rig.dev.path("rebooted");
+    let mut v = rig.vehicle(&[]);
+    let mut d = Daemon::start_subscribed(&rig.dev);
+    rig.upgrade("up-retry");
+    let ended = |d: &mut Daemon, what: &str| {
+        let status = d
+            .wait_exit(WAIT)
+            .unwrap_or_else(|| panic!("{what} never ended the daemon:\n{}", rig.dev.log()));
+        assert_eq!(status.signal(), Some(9), "{what}:\n{}", rig.dev.log());
+    };
+    ended(&mut d, "the reboot into the trial");
+    std::fs::remove_file(&rebooted).unwrap();
+    drop(d);
+    assert_eq!(sim.power_on().unwrap(), 'B', "the trial boots the new slot");
+    let mut d = Daemon::start_subscribed(&rig.dev);
+    ended(&mut d, "the power cut in the health check");
+    assert!(rig.dev.path("cut").exists() && !rebooted.exists());
+    drop(d);
+    v.send("takeoff").unwrap();
+    // The one trial attempt is used up: the bootloader returns to slot a, in the air.
+    assert_eq!(sim.power_on().unwrap(), 'A');
+    let mut d = Daemon::start_subscribed(&rig.dev);
+    rig.waiting("in_air");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!rebooted.exists(), "no reboot in the air:\n{}", rig.dev.log());
+    assert_eq!(
+        boot_var(&sim, "BOOT_B_LEFT").as_deref(),
+        Some("0"),
+        "the trial is not armed again in the air"
+    );
+    let s = rig.dev.status();
+    assert_eq!(
+        (&s["phase"], &s["booted_slot"]),
+        (&"waiting".into(), &"a".into()),
+        "{s:#}"
+    );
+    v.send("land").unwrap();
+    v.send("disarm").unwrap();
+    ended(&mut d, "the reboot into the retried trial");
+    assert!(rebooted.exists());
+    drop(d);
+    assert_eq!(
+        sim.power_on().unwrap(),
+        'B',
+        "the retried trial boots the new slot"
+    );
+    let _d = Daemon::start_subscribed(&rig.dev);
+    rig.wait(r#""result":"committed""#);
+    assert_eq!(rig.dev.status()["booted_slot"], "b");
+}
+
+/// Issue 21 b: the image is staged and the upgrade waits for a landing when the board is power
+/// cycled (on the bench, in the hangar). The next start confirms the slot that runs before it
+/// waits again: U-Boot's `BOOT_A_LEFT` is refilled and GRUB's `A_TRY` reset, so the power-ons
+/// that follow never run the counter down (GRUB: the very next one would boot the rescue system).
+#[test]
+fn a_power_cycle_while_waiting_to_switch_confirms_the_running_slot() {
+    let root = tempfile::tempdir().unwrap();
+    for (name, key, confirmed, tried) in [("uboot", "BOOT_A_LEFT", "3", "2"), ("grub", "A_TRY", "0", "1")] {
+        let dir = root.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let sim = if name == "grub" {
+            flightnode_tests::boot_sim::SimBoot::grub(&dir)
+        } else {
+            flightnode_tests::boot_sim::SimBoot::uboot(&dir)
+        }
+        .unwrap();
+        assert_eq!(sim.power_on().unwrap(), 'A', "{name}");
+        let rig = reboot_rig(&sim, "true");
+        let _v = rig.vehicle(&["--in-air"]);
+        let mut d = Daemon::start_subscribed(&rig.dev);
+        rig.upgrade("up-cycle");
+        rig.waiting("in_air");
+        assert_eq!(
+            rig.dev.status()["slots"]["b"]["version"],
+            "2.0.0",
+            "{name}: staged"
+        );
+        for cycle in 1..=2 {
+            d.0.kill().unwrap();
+            d.0.wait().unwrap();
+            drop(d);
+            assert_eq!(sim.power_on().unwrap(), 'A', "{name}: power-on {cycle}");
+            assert_eq!(
+                boot_var(&sim, key).as_deref(),
+                Some(tried),
+                "{name}: power-on {cycle}"
+            );
+            d = Daemon::start_subscribed(&rig.dev);
+            let env_confirmed = || boot_var(&sim, key).as_deref() == Some(confirmed);
+            assert!(
+                wait_until(WAIT, POLL, env_confirmed),
+                "{name}: after power-on {cycle} slot a was never confirmed ({key}={:?}):\n{}",
+                boot_var(&sim, key),
+                rig.dev.log()
+            );
+            let s = rig.dev.status();
+            assert_eq!(
+                (&s["phase"], &s["wait_reason"], &s["booted_slot"]),
+                (&"waiting".into(), &"in_air".into(), &"a".into()),
+                "{name}: {s:#}"
+            );
+        }
+        assert!(!rig.dev.path("rebooted").exists(), "{name}: no reboot in the air");
+    }
+}

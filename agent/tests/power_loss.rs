@@ -757,3 +757,87 @@ fn power_cut_between_any_two_writes() {
     }
     assert_no_failures(&failures);
 }
+
+/// Issue 21 b: power cuts while the upgrade waits at the flight gate before the switch (image
+/// staged, vehicle in the air). Each boot comes back waiting, on slot a, with what the wait
+/// needs on disk (the staged image, the reason); the start confirms slot a before it waits, and
+/// that survives the next cut, so the power-ons never run slot a's counter down. Once the vehicle
+/// lands the upgrade commits.
+#[test]
+fn power_cuts_while_waiting_at_the_flight_gate() {
+    let mut failures = Vec::new();
+    for mode in [Mode::Reboot, Mode::Grub] {
+        let mut rig = Rig::new(mode, true);
+        // Closed until `landed` exists. Its second closed answer in one run is the power cut:
+        // the first one has put the wait on disk by then.
+        let gate = format!(
+            "[flight]\ngate_command = 'test -e {d}/landed && exit 0; if test -e {d}/asked; then rm {d}/asked; kill -9 $PPID; exit 1; fi; touch {d}/asked; echo in_air; exit 1'\n",
+            d = rig.dev.dir.path().display()
+        );
+        let mut config = std::fs::read_to_string(&rig.dev.config).unwrap();
+        config.push_str(&gate);
+        std::fs::write(&rig.dev.config, config).unwrap();
+        let bundle = rig.bundle.to_str().unwrap().to_owned();
+        let (key, confirmed) = if mode == Mode::Grub {
+            ("A_TRY", "1")
+        } else {
+            ("BOOT_A_LEFT", "2")
+        };
+        let r = (|| {
+            let mut args = vec!["install".to_owned(), bundle.clone()];
+            for cut in 1..=3 {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let o = rig.agent(&args, None);
+                ensure!(
+                    o.status.signal() == Some(9),
+                    "the gate never cut the power while waiting: {}",
+                    text(&o)
+                );
+                rig.power_cycle()?;
+                let s = rig.status()?;
+                ensure!(
+                    s["phase"] == "waiting"
+                        && s["wait_reason"] == "in_air"
+                        && s["booted_slot"] == "a"
+                        && s["slots"]["b"]["version"] == V2,
+                    "after cut {cut} the upgrade does not wait, staged, on slot a: {s:#}"
+                );
+                // The power-on just used one try of slot a: as many as after a confirmed boot.
+                let env = rig.bootloader.as_ref().map(boot_vars).unwrap_or_default();
+                ensure!(
+                    env.get(key).map(String::as_str) == Some(confirmed),
+                    "after cut {cut}, {key} is {:?}: the boot before was not confirmed",
+                    env.get(key)
+                );
+                args = vec!["resume".to_owned()];
+            }
+            std::fs::write(rig.dev.path("landed"), b"").unwrap();
+            let result = rig.converge()?;
+            ensure!(result == "committed", "ended {result}");
+            Ok(())
+        })();
+        if let Err(e) = r {
+            failures.push(rig.report(&format!("{mode:?}"), &e));
+        }
+    }
+    assert_no_failures(&failures);
+}
+
+/// The bootloader's variables on the surviving disk, read with the real tool.
+fn boot_vars(sim: &SimBoot) -> std::collections::BTreeMap<String, String> {
+    let env = sim.env.to_str().unwrap();
+    let o = match sim.kind {
+        SimKind::Grub => std::process::Command::new("grub-editenv")
+            .args([env, "list"])
+            .output(),
+        _ => std::process::Command::new("fw_printenv")
+            .args(["-c", env])
+            .output(),
+    }
+    .expect("run the bootloader's environment tool");
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
