@@ -784,9 +784,8 @@ fn power_cuts_while_waiting_at_the_flight_gate() {
             ("BOOT_A_LEFT", "2")
         };
         let r = (|| {
-            let mut args = vec!["install".to_owned(), bundle.clone()];
+            let mut args = vec!["install", bundle.as_str()];
             for cut in 1..=3 {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let o = rig.agent(&args, None);
                 ensure!(
                     o.status.signal() == Some(9),
@@ -809,7 +808,7 @@ fn power_cuts_while_waiting_at_the_flight_gate() {
                     "after cut {cut}, {key} is {:?}: the boot before was not confirmed",
                     env.get(key)
                 );
-                args = vec!["resume".to_owned()];
+                args = vec!["resume"];
             }
             std::fs::write(rig.dev.path("landed"), b"").unwrap();
             let result = rig.converge()?;
