@@ -307,9 +307,12 @@ fn tear_write<'c>(
     c
 }
 
+/// Where a write is torn, given the copy's old and new bytes: how many leading bytes are new.
+type Tear = Box<dyn Fn(&[u8], &[u8]) -> usize>;
+
 /// Tear points of a write: only the header (CRC and flag) is new; or everything up to the last
 /// byte that changes (as when the medium lost power inside that page).
-fn tears(header: usize) -> [Box<dyn Fn(&[u8], &[u8]) -> usize>; 2] {
+fn tears(header: usize) -> [Tear; 2] {
     [
         Box::new(move |_, _| header),
         Box::new(|old: &[u8], new: &[u8]| {

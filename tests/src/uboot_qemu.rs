@@ -651,10 +651,10 @@ fn env_config(layout: Layout, medium: &Path) -> String {
     let m = medium.display();
     match layout {
         Layout::Pflash => format!("{m} 0x0 {ENV_SIZE:#x} {ENV_SIZE:#x}\n"),
-        Layout::SdRedundant => SD_ENV_COPIES
-            .iter()
-            .map(|off| format!("{m} {off:#x} {SD_ENV_SIZE:#x}\n"))
-            .collect(),
+        Layout::SdRedundant => {
+            let [first, second] = SD_ENV_COPIES;
+            format!("{m} {first:#x} {SD_ENV_SIZE:#x}\n{m} {second:#x} {SD_ENV_SIZE:#x}\n")
+        }
     }
 }
 
