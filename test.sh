@@ -27,6 +27,7 @@ PACKAGES=(
     u-boot-tools                 # mkimage: compiles RAUC's boot script into boot.scr
     dosfstools                   # mkfs.vfat: the FAT boot disk U-Boot's distro_bootcmd reads
     mtools                       # mcopy: puts boot.scr on that disk without mounting it
+    dpkg-dev bison flex bc libssl-dev  # build U-Boot with a redundant environment from Debian's source (tests/uboot)
     etcd-server                  # etcd behind the real kube-apiserver of the controller tests
     xz-utils                     # unpack that kube-apiserver (kube-apiserver.xz)
     python3 python3-venv         # pymavlink flight-controller stand-in (in a venv); power-cut layer test's sync_file_range call
@@ -43,6 +44,7 @@ declare -A PROVIDES=(
     [binutils-aarch64-linux-gnu]=aarch64-linux-gnu-ld [qemu-user-static]=qemu-aarch64-static
     [file]=file [strace]=strace [curl]=curl [tar]=tar
     [u-boot-tools]=mkimage [mtools]=mcopy
+    [dpkg-dev]=dpkg-source [bison]=bison [flex]=flex [bc]=bc
     [python3]=python3
     [etcd-server]=etcd [xz-utils]=xz
     [mmdebstrap]=mmdebstrap [arch-test]=arch-test [e2fsprogs]=mkfs.ext4
@@ -161,6 +163,22 @@ if ! qemu_ok; then
         echo "  run ./test.sh as root once (it unpacks bookworm-backports' qemu there)," >&2
         echo "  or set FLIGHTNODE_QEMU_AARCH64 to one, or FLIGHTNODE_SKIP_UBOOT_QEMU=1 to skip them." >&2
         [[ -n "${FLIGHTNODE_QEMU_AARCH64:-}${FLIGHTNODE_SKIP_UBOOT_QEMU:-}" ]] || exit 2
+    fi
+fi
+
+# U-Boot with a redundant environment (Debian's u-boot-qemu keeps one copy), built from Debian's
+# u-boot source package into target/uboot-qemu/redundant, where the tests look for it.
+UBOOT_REDUNDANT="${CARGO_TARGET_DIR:-target}/uboot-qemu/redundant"
+if [[ ! -f "$UBOOT_REDUNDANT/u-boot.bin" ]]; then
+    if [[ $(id -u) -eq 0 && -z "${FLIGHTNODE_TEST_NO_INSTALL:-}" ]]; then
+        echo "test.sh: building U-Boot with a redundant environment into $UBOOT_REDUNDANT" >&2
+        mkdir -p "$UBOOT_REDUNDANT"
+        nice bash tests/uboot/build-redundant.sh "$UBOOT_REDUNDANT" >"$UBOOT_REDUNDANT/build.log" 2>&1 ||
+            { tail -n 30 "$UBOOT_REDUNDANT/build.log" >&2; exit 2; }
+    else
+        echo "test.sh: no U-Boot with a redundant environment under $UBOOT_REDUNDANT: run ./test.sh as root" >&2
+        echo "  once (it runs tests/uboot/build-redundant.sh), or set FLIGHTNODE_SKIP_UBOOT_QEMU=1." >&2
+        [[ -n "${FLIGHTNODE_UBOOT_REDUNDANT_BIN:-}${FLIGHTNODE_SKIP_UBOOT_QEMU:-}" ]] || exit 2
     fi
 fi
 

@@ -339,9 +339,21 @@ pub struct BootConfig {
     /// Changes on every boot; tells a reboot from an agent restart.
     #[serde(default = "default_boot_id")]
     pub boot_id: PathBuf,
-    /// uboot: `fw_env.config` passed to `fw_printenv -c`/`fw_setenv -c`.
+    /// uboot: `fw_env.config` passed to `fw_printenv -c`/`fw_setenv -c`. Its device lines are
+    /// the environment's copies: two (a redundant environment) unless `allow_single_copy_env`.
     #[serde(default = "default_fw_env_config")]
     pub fw_env_config: PathBuf,
+    /// uboot: start even though `fw_env.config` describes a single copy of the environment.
+    ///
+    /// RISK: with one copy, a power cut while the agent's `fw_setenv` writes it (at a switch, a
+    /// commit, a rollback, or the confirm at every boot) leaves it with a bad CRC. U-Boot then
+    /// boots on its built-in default environment, which starts slot A; after a commit of B the
+    /// agent takes that boot for a fallback, marks the committed B bad and lowers the rollback
+    /// floor to A's version. Use a redundant environment (U-Boot's
+    /// `CONFIG_SYS_REDUNDAND_ENVIRONMENT`, two lines in `fw_env.config`) instead wherever the
+    /// board allows it. Default `false`: the agent refuses to start on a single copy.
+    #[serde(default)]
+    pub allow_single_copy_env: bool,
     /// grub: the grubenv file.
     #[serde(default = "default_grubenv")]
     pub grubenv: PathBuf,
@@ -658,5 +670,7 @@ b = "/var/lib/flightnode/slots/b.img"
         assert_eq!(b.attempts, 9);
         assert_eq!(b.initial_env, Path::new("/etc/u-boot-initial-env"));
         assert_eq!(b.tool_timeout, Duration::from_mins(5));
+        assert_eq!(b.fw_env_config, Path::new("/etc/fw_env.config"));
+        assert!(!b.allow_single_copy_env, "a single copy must be opted into");
     }
 }

@@ -186,3 +186,57 @@ fn grubenv_cut_mid_write_is_old_or_new_and_boots_the_good_slot() {
         assert_eq!(sim.power_on().unwrap(), 'A', "{failpoint}");
     }
 }
+
+/// Issue 21 item h: with one copy of the U-Boot environment (one line in `fw_env.config`) a power
+/// cut during `fw_setenv` can make U-Boot boot A on its default environment, which the agent would
+/// take for a fallback. The agent refuses to start in reboot mode on such a config, says what to
+/// do, and writes nothing; the operator's explicit opt-in or a second copy lets it start.
+#[test]
+fn single_copy_u_boot_environment_is_refused_at_start_unless_allowed() {
+    let root = tempfile::tempdir().unwrap();
+    let sim = SimBoot::uboot(root.path()).unwrap();
+    assert_eq!(sim.power_on().unwrap(), 'A');
+    let redundant = std::fs::read_to_string(&sim.env).unwrap();
+    let first_line = redundant.lines().next().unwrap();
+    std::fs::write(&sim.env, format!("# the board's only copy\n{first_line}\n")).unwrap();
+    let env_files: Vec<_> = ["uboot.env", "uboot-redund.env"]
+        .iter()
+        .map(|f| std::fs::read(root.path().join(f)).unwrap())
+        .collect();
+
+    let dev = reboot_device(&sim, "true");
+    for args in [&["resume"][..], &["run"]] {
+        let o = dev.run(args);
+        let said = text(&o);
+        assert!(!o.status.success(), "{args:?} must refuse to start: {said}");
+        for needle in [
+            "single copy",
+            "allow_single_copy_env",
+            &*sim.env.to_string_lossy(),
+        ] {
+            assert!(said.contains(needle), "{args:?}: no {needle:?} in: {said}");
+        }
+    }
+    let after: Vec<_> = ["uboot.env", "uboot-redund.env"]
+        .iter()
+        .map(|f| std::fs::read(root.path().join(f)).unwrap())
+        .collect();
+    assert!(after == env_files, "nothing may be written to the environment");
+
+    // The operator accepts the risk explicitly.
+    let config = std::fs::read_to_string(&dev.config).unwrap();
+    std::fs::write(
+        &dev.config,
+        config.replace("[boot]\n", "[boot]\nallow_single_copy_env = true\n"),
+    )
+    .unwrap();
+    let o = dev.run(&["resume"]);
+    assert!(o.status.success(), "opted in: {}", text(&o));
+
+    // A redundant environment needs no opt-in.
+    std::fs::write(&dev.config, &config).unwrap();
+    std::fs::write(&sim.env, &redundant).unwrap();
+    let o = dev.run(&["resume"]);
+    assert!(o.status.success(), "two copies: {}", text(&o));
+    assert_eq!(dev.status()["booted_slot"], "a");
+}

@@ -20,6 +20,7 @@ fn machine(sim: &SimBoot) -> &UbootQemu {
 }
 
 fn backend(sim: &SimBoot) -> UBoot {
+    let redundant = machine(sim).redundant();
     UBoot::new(&BootConfig {
         backend: BootBackendKind::Uboot,
         cmdline: sim.cmdline.clone(),
@@ -30,6 +31,8 @@ fn backend(sim: &SimBoot) -> UBoot {
         attempts: 3,
         initial_env: sim.initial_env.clone(),
         tool_timeout: Duration::from_mins(1),
+        // Debian's U-Boot keeps one copy; the redundant board must open without the opt-in.
+        allow_single_copy_env: !redundant,
     })
     .expect("open the U-Boot backend")
 }
@@ -67,6 +70,7 @@ fn blank_flash_is_written_only_from_the_initial_env() {
         attempts: 3,
         initial_env: dir.path().join("missing-initial-env"),
         tool_timeout: Duration::from_mins(1),
+        allow_single_copy_env: true,
     };
     let no_init = UBoot::new(&cfg).unwrap();
     let err = no_init
@@ -238,4 +242,186 @@ fn staged_trial_rejected_before_the_reboot_boots_a() {
     assert_eq!(s["active_slot"], "a", "{s:#}");
     assert_ne!(s["slots"]["b"]["state"], "good", "{s:#}");
     assert_eq!(power_on(&sim), 'A');
+}
+
+/// CRC-32 (IEEE), as U-Boot checks an environment copy.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// One copy of the environment as a medium holds it: its CRC, then (`flag` bytes: 1 for a
+/// redundant copy) a flag, then the data the CRC covers.
+struct Copy {
+    off: usize,
+    size: usize,
+    flag: usize,
+}
+
+impl Copy {
+    fn crc_ok(&self, medium: &[u8]) -> bool {
+        let c = &medium[self.off..self.off + self.size];
+        crc32(&c[4 + self.flag..]).to_le_bytes() == c[..4]
+    }
+}
+
+/// Runs `write` (a backend call that changes one copy of the environment with the real
+/// `fw_setenv`) and then tears it as a power cut during that write leaves the medium: the first
+/// `tear(written_copy, old, new)` bytes of the copy it wrote are new, the rest is as before.
+/// Returns the copy it tore, checked to have a bad CRC now.
+fn tear_write<'c>(
+    m: &UbootQemu,
+    copies: &'c [Copy],
+    write: impl FnOnce(),
+    tear: impl Fn(&[u8], &[u8]) -> usize,
+) -> &'c Copy {
+    let before = std::fs::read(&m.flash).unwrap();
+    write();
+    let after = std::fs::read(&m.flash).unwrap();
+    let written: Vec<&Copy> = copies
+        .iter()
+        .filter(|c| before[c.off..c.off + c.size] != after[c.off..c.off + c.size])
+        .collect();
+    assert_eq!(written.len(), 1, "fw_setenv writes exactly one copy");
+    let c = written[0];
+    let (old, new) = (&before[c.off..c.off + c.size], &after[c.off..c.off + c.size]);
+    assert!(
+        before[..c.off] == after[..c.off] && before[c.off + c.size..] == after[c.off + c.size..],
+        "and nothing outside it"
+    );
+    let n = tear(old, new);
+    let mut torn = before;
+    torn[c.off..c.off + n].copy_from_slice(&new[..n]);
+    assert!(!c.crc_ok(&torn), "the torn copy at {:#x} fails its CRC", c.off);
+    std::fs::write(&m.flash, &torn).unwrap();
+    c
+}
+
+/// Where a write is torn, given the copy's old and new bytes: how many leading bytes are new.
+type Tear = Box<dyn Fn(&[u8], &[u8]) -> usize>;
+
+/// Tear points of a write: only the header (CRC and flag) is new; or everything up to the last
+/// byte that changes (as when the medium lost power inside that page).
+fn tears(header: usize) -> [Tear; 2] {
+    [
+        Box::new(move |_, _| header),
+        Box::new(|old: &[u8], new: &[u8]| {
+            (0..old.len())
+                .rev()
+                .find(|&i| old[i] != new[i])
+                .expect("the write changes the copy")
+        }),
+    ]
+}
+
+/// The boot script's variables as U-Boot read them at the last power-on (its first line), and
+/// as the host tools read them now, in the same form.
+fn env_u_boot_read(m: &UbootQemu) -> String {
+    let log = m.last().unwrap().log;
+    log.lines()
+        .find_map(|l| l.strip_prefix("FLIGHTNODE-ENV "))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+fn env_host_reads(sim: &SimBoot) -> String {
+    format!(
+        "BOOT_ORDER={} BOOT_A_LEFT={} BOOT_B_LEFT={}",
+        env(sim, "BOOT_ORDER"),
+        env(sim, "BOOT_A_LEFT"),
+        env(sim, "BOOT_B_LEFT")
+    )
+}
+
+/// Committed B, then two power-ons before the agent confirmed: the environment's copies now
+/// differ in `BOOT_B_LEFT`, so the confirm's write changes the copy it overwrites.
+fn commit_b_and_boot_twice(sim: &SimBoot, b: &UBoot) {
+    assert_eq!(power_on(sim), 'A');
+    b.set_trial(Slot::B).unwrap();
+    assert_eq!(power_on(sim), 'B', "the trial");
+    b.mark_good(Slot::B).unwrap();
+    assert_eq!(power_on(sim), 'B', "committed");
+    assert_eq!(power_on(sim), 'B');
+}
+
+/// Issue 21 item h, the layout the agent requires: U-Boot built with a redundant environment
+/// (two copies on an SD card). A power cut tears the agent's `fw_setenv` write of one copy; the
+/// other copy is still valid and U-Boot boots what the last completed write said (the committed
+/// B, with the counter U-Boot itself saved last), not slot A on its default environment.
+#[test]
+fn redundant_env_a_torn_write_boots_what_the_last_complete_write_said() {
+    use flightnode_tests::uboot_qemu::{SD_ENV_COPIES, SD_ENV_SIZE};
+    let dir = tempfile::tempdir().unwrap();
+    let Some(sim) = SimBoot::uboot_qemu_redundant(&dir.path().join("board")).unwrap() else {
+        return;
+    };
+    let m = machine(&sim);
+    let b = backend(&sim);
+    commit_b_and_boot_twice(&sim, &b);
+    let copies = SD_ENV_COPIES.map(|off| Copy {
+        off,
+        size: SD_ENV_SIZE,
+        flag: 1,
+    });
+    let committed = std::fs::read(&m.flash).unwrap();
+    let last_complete = env_host_reads(&sim);
+    assert_eq!(last_complete, "BOOT_ORDER=B A BOOT_A_LEFT=2 BOOT_B_LEFT=1");
+    for (i, tear) in tears(5).iter().enumerate() {
+        std::fs::write(&m.flash, &committed).unwrap();
+        let torn = tear_write(m, &copies, || b.confirm(Slot::B).unwrap(), tear);
+        let other = copies.iter().find(|c| c.off != torn.off).unwrap();
+        assert!(
+            other.crc_ok(&std::fs::read(&m.flash).unwrap()),
+            "tear {i}: the other copy is intact"
+        );
+        assert_eq!(power_on(&sim), 'B', "tear {i}: the committed slot boots");
+        let boot = m.last().unwrap();
+        assert!(
+            !boot.env_was_blank,
+            "tear {i}: U-Boot found a valid copy:\n{}",
+            boot.log
+        );
+        assert_eq!(env_u_boot_read(m), last_complete, "tear {i}: what U-Boot read");
+        assert_eq!(b.booted().unwrap(), Slot::B);
+        // This boot took B's last attempt; the agent's confirm restores them, and it lands.
+        b.confirm(Slot::B).unwrap();
+        assert!(b.is_good(Slot::B).unwrap(), "tear {i}: B stays committed");
+        assert_eq!(env_host_reads(&sim), "BOOT_ORDER=B A BOOT_A_LEFT=2 BOOT_B_LEFT=3");
+    }
+}
+
+/// What the refusal guards against, on Debian's single-copy U-Boot: the same torn write leaves no
+/// valid environment, and U-Boot boots slot A on its built-in default although B was committed.
+#[test]
+fn single_copy_env_a_torn_write_boots_a_on_the_default_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(sim) = SimBoot::uboot_qemu(&dir.path().join("board")).unwrap() else {
+        return;
+    };
+    let m = machine(&sim);
+    let b = backend(&sim);
+    commit_b_and_boot_twice(&sim, &b);
+    let copy = [Copy {
+        off: 0,
+        size: 0x40000,
+        flag: 0,
+    }];
+    let [header, _] = tears(4);
+    tear_write(m, &copy, || b.confirm(Slot::B).unwrap(), header);
+    assert_eq!(power_on(&sim), 'A', "the committed B is not booted");
+    assert!(
+        m.last().unwrap().env_was_blank,
+        "U-Boot ran on its default environment"
+    );
 }

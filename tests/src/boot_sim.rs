@@ -95,15 +95,29 @@ impl SimBoot {
         Self::uboot_qemu_with(dir, false)
     }
 
+    /// Like [`SimBoot::uboot_qemu`] with U-Boot built for a redundant environment (two copies on
+    /// an SD card): see [`crate::uboot_qemu::UbootQemu::new_redundant`].
+    pub fn uboot_qemu_redundant(dir: &Path) -> anyhow::Result<Option<Self>> {
+        let Some(tools) = crate::uboot_qemu::require_redundant() else {
+            return Ok(None);
+        };
+        let machine = crate::uboot_qemu::UbootQemu::new_redundant(tools, dir, true)?;
+        Ok(Some(Self::on_machine(machine, dir)))
+    }
+
     fn uboot_qemu_with(dir: &Path, init: bool) -> anyhow::Result<Option<Self>> {
         let Some(tools) = crate::uboot_qemu::require() else {
             return Ok(None);
         };
         let machine = crate::uboot_qemu::UbootQemu::new(tools, dir, init)?;
+        Ok(Some(Self::on_machine(machine, dir)))
+    }
+
+    fn on_machine(machine: crate::uboot_qemu::UbootQemu, dir: &Path) -> Self {
         let mut sim = Self::with_files(SimKind::UbootQemu, machine.fw_env_config.clone(), dir);
         sim.initial_env.clone_from(&machine.initial_env);
         sim.qemu = Some(std::sync::Arc::new(machine));
-        Ok(Some(sim))
+        sim
     }
 
     fn with_files(kind: SimKind, env: PathBuf, dir: &Path) -> Self {
@@ -150,6 +164,10 @@ impl SimBoot {
         );
         if backend == "uboot" {
             let _ = writeln!(toml, "initial_env = {}", toml_str(&self.initial_env));
+        }
+        if self.qemu.as_ref().is_some_and(|m| !m.redundant()) {
+            // Debian's U-Boot keeps one copy of its environment.
+            toml.push_str("allow_single_copy_env = true\n");
         }
         toml
     }

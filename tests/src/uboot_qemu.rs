@@ -14,6 +14,11 @@
 //! (QEMU issue 2343: `saveenv` fails); `./test.sh` unpacks bookworm-backports' qemu under
 //! `target/uboot-qemu`, which [`require`] finds.
 //!
+//! [`UbootQemu::new_redundant`] boots the same U-Boot source built with a REDUNDANT environment
+//! instead (`tests/uboot/build-redundant.sh`, which `./test.sh` runs into
+//! `target/uboot-qemu/redundant`): two copies on an SD card (`-device sdhci-pci -device
+//! sd-card`), at 0x100000 and 0x120000, 0x20000 bytes each, as eMMC/SD boards keep it.
+//!
 //! The initial environment a board ships as `/etc/u-boot-initial-env` is U-Boot's built-in
 //! default environment. Debian does not ship one, so the first machine of a process boots once
 //! on erased flash, lets U-Boot save its default environment, and keeps that (minus the boot
@@ -36,6 +41,12 @@ pub const SKIP_ENV: &str = "FLIGHTNODE_SKIP_UBOOT_QEMU";
 const UBOOT_BIN: &str = "/usr/lib/u-boot/qemu_arm64/u-boot.bin";
 const ENV_SIZE: usize = 0x40000;
 const FLASH_BYTES: usize = 64 * 1024 * 1024;
+/// The redundant build's SD card: its size (qemu wants a power of two) and the two copies.
+const SD_BYTES: usize = 16 * 1024 * 1024;
+/// Offsets of the redundant build's two environment copies on the SD card.
+pub const SD_ENV_COPIES: [usize; 2] = [0x10_0000, 0x12_0000];
+/// Size of each of them.
+pub const SD_ENV_SIZE: usize = 0x2_0000;
 /// A generous bound for one power-on on a busy 2-core machine (a boot takes about 0.5 s).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -87,6 +98,8 @@ pub struct Tools {
     /// `-L` and `QEMU_MODULE_DIR` for a qemu unpacked outside `/usr`.
     qemu_data: Option<(PathBuf, PathBuf)>,
     uboot: PathBuf,
+    /// The redundant-environment build, when `./test.sh` made it.
+    uboot_redundant: Option<PathBuf>,
 }
 
 impl Tools {
@@ -141,11 +154,48 @@ pub fn find_tools() -> Result<Tools, String> {
         return Err(missing.join("; "));
     }
     let (qemu, qemu_data) = qemu?;
+    let uboot_redundant = std::env::var_os("FLIGHTNODE_UBOOT_REDUNDANT_BIN")
+        .map(PathBuf::from)
+        .or_else(|| under_target("uboot-qemu/redundant/u-boot.bin"))
+        .filter(|p| p.is_file());
     Ok(Tools {
         qemu,
         qemu_data,
         uboot,
+        uboot_redundant,
     })
+}
+
+/// The tools with the redundant-environment U-Boot, under the same rules as [`require`].
+///
+/// # Panics
+///
+/// When a tool or that build is missing and [`SKIP_ENV`] is not `1`.
+pub fn require_redundant() -> Option<Tools> {
+    let tools = require()?;
+    if tools.uboot_redundant.is_some() {
+        return Some(tools);
+    }
+    let why = "no U-Boot built with a redundant environment under target/uboot-qemu/redundant \
+               (tests/uboot/build-redundant.sh makes it; ./test.sh runs it as root) and \
+               FLIGHTNODE_UBOOT_REDUNDANT_BIN is not set";
+    if std::env::var(SKIP_ENV).is_ok_and(|v| v == "1") {
+        eprintln!("skipping a real-U-Boot test ({SKIP_ENV}=1): {why}");
+        return None;
+    }
+    panic!("{why}; or set {SKIP_ENV}=1 to skip the real-U-Boot tests knowingly")
+}
+
+/// `rel` under `CARGO_TARGET_DIR` or the first ancestor of this test binary that has it.
+fn under_target(rel: &str) -> Option<PathBuf> {
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        roots.push(PathBuf::from(t));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    roots.into_iter().map(|r| r.join(rel)).find(|p| p.exists())
 }
 
 /// The tools, or `None` when they are missing and [`SKIP_ENV`]`=1`. Missing tools otherwise
@@ -182,20 +232,7 @@ fn find_qemu() -> Result<(PathBuf, Option<(PathBuf, PathBuf)>), String> {
     if let Some(q) = std::env::var_os("FLIGHTNODE_QEMU_AARCH64") {
         candidates.push(PathBuf::from(q));
     }
-    let mut roots: Vec<PathBuf> = Vec::new();
-    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
-        roots.push(PathBuf::from(t));
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
-    }
-    for r in roots {
-        let q = r.join("uboot-qemu/root/usr/bin/qemu-system-aarch64");
-        if q.is_file() {
-            candidates.push(q);
-            break;
-        }
-    }
+    candidates.extend(under_target("uboot-qemu/root/usr/bin/qemu-system-aarch64").filter(|q| q.is_file()));
     candidates.extend(
         std::env::var_os("PATH")
             .iter()
@@ -262,11 +299,22 @@ fn unpacked_data(qemu: &Path) -> Option<(PathBuf, PathBuf)> {
     ))
 }
 
+/// Where a board's U-Boot keeps its environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Debian's build: one copy at the start of pflash unit 1.
+    Pflash,
+    /// The redundant build: two copies on an SD card ([`SD_ENV_COPIES`]).
+    SdRedundant,
+}
+
 /// One board: flash image, boot disk, `fw_env.config` and initial environment in a directory.
 #[derive(Debug)]
 pub struct UbootQemu {
     tools: Tools,
-    /// pflash unit 1 (64 MiB); the environment is its first 0x40000 bytes.
+    layout: Layout,
+    /// Debian's build: pflash unit 1 (64 MiB), the environment is its first 0x40000 bytes. The
+    /// redundant build: the SD card holding both copies ([`SD_ENV_COPIES`]).
     pub flash: PathBuf,
     bootdisk: PathBuf,
     /// `fw_env.config` for the host tools.
@@ -282,19 +330,38 @@ impl UbootQemu {
     /// variables (`BOOT_ORDER="A B"`, 3 attempts each), as a factory flashes it; else the flash
     /// is erased.
     pub fn new(tools: Tools, dir: &Path, init: bool) -> anyhow::Result<Self> {
+        Self::with_layout(tools, dir, init, Layout::Pflash)
+    }
+
+    /// Like [`UbootQemu::new`], with the U-Boot built with a redundant environment (two copies on
+    /// an SD card, two lines in `fw_env.config`); `tools` from [`require_redundant`].
+    pub fn new_redundant(tools: Tools, dir: &Path, init: bool) -> anyhow::Result<Self> {
+        Self::with_layout(tools, dir, init, Layout::SdRedundant)
+    }
+
+    /// Whether this board's environment has two copies.
+    pub fn redundant(&self) -> bool {
+        self.layout == Layout::SdRedundant
+    }
+
+    fn with_layout(tools: Tools, dir: &Path, init: bool, layout: Layout) -> anyhow::Result<Self> {
+        if layout == Layout::SdRedundant && tools.uboot_redundant.is_none() {
+            bail!("no redundant-environment U-Boot (see require_redundant)");
+        }
         std::fs::create_dir_all(dir)?;
         let bootdisk = dir.join("bootdisk.img");
         make_bootdisk(dir, &bootdisk)?;
-        let flash = dir.join("flash1-env.img");
-        erase(&flash)?;
+        let flash = dir.join(match layout {
+            Layout::Pflash => "flash1-env.img",
+            Layout::SdRedundant => "sd.img",
+        });
+        erase_medium(layout, &flash)?;
         let fw_env_config = dir.join("fw_env.config");
-        std::fs::write(
-            &fw_env_config,
-            format!("{} 0x0 {ENV_SIZE:#x} {ENV_SIZE:#x}\n", flash.display()),
-        )?;
+        std::fs::write(&fw_env_config, env_config(layout, &flash))?;
         let initial_env = dir.join("u-boot-initial-env");
         let machine = Self {
             tools,
+            layout,
             flash,
             bootdisk,
             fw_env_config,
@@ -312,10 +379,11 @@ impl UbootQemu {
         Ok(machine)
     }
 
-    /// U-Boot's default environment, learnt once per process from a real boot on erased flash.
+    /// U-Boot's default environment, learnt once per process and build from a real boot on
+    /// erased flash.
     fn default_env(&self) -> anyhow::Result<String> {
-        static DEFAULT: OnceLock<Result<String, String>> = OnceLock::new();
-        DEFAULT
+        static DEFAULT: [OnceLock<Result<String, String>>; 2] = [OnceLock::new(), OnceLock::new()];
+        DEFAULT[usize::from(self.redundant())]
             .get_or_init(|| self.learn_default_env().map_err(|e| format!("{e:#}")))
             .clone()
             .map_err(|e| anyhow!("learning U-Boot's default environment: {e}"))
@@ -324,12 +392,9 @@ impl UbootQemu {
     fn learn_default_env(&self) -> anyhow::Result<String> {
         let dir = tempfile::tempdir()?;
         let flash = dir.path().join("flash.img");
-        erase(&flash)?;
+        erase_medium(self.layout, &flash)?;
         let cfg = dir.path().join("fw_env.config");
-        std::fs::write(
-            &cfg,
-            format!("{} 0x0 {ENV_SIZE:#x} {ENV_SIZE:#x}\n", flash.display()),
-        )?;
+        std::fs::write(&cfg, env_config(self.layout, &flash))?;
         let boot = self.run_qemu(&flash)?;
         if !boot.env_was_blank {
             bail!("U-Boot did not report the erased flash as blank:\n{}", boot.log);
@@ -419,7 +484,7 @@ impl UbootQemu {
 
     /// Erases the flash (no valid environment), as on a new board.
     pub fn erase_env(&self) -> anyhow::Result<()> {
-        erase(&self.flash)
+        erase_medium(self.layout, &self.flash)
     }
 
     /// One power-on: a real U-Boot run. Fails when U-Boot did not reach the marker (stopped at
@@ -456,12 +521,24 @@ impl UbootQemu {
                 "-monitor",
                 "none",
             ])
-            .args(["-serial", "stdio"])
-            .arg("-bios")
-            .arg(&self.tools.uboot)
-            .arg("-drive")
-            .arg(format!("if=pflash,unit=1,format=raw,file={}", q(flash)))
-            .arg("-drive")
+            .args(["-serial", "stdio"]);
+        match (self.layout, &self.tools.uboot_redundant) {
+            (Layout::SdRedundant, Some(redundant)) => {
+                cmd.arg("-bios")
+                    .arg(redundant)
+                    .arg("-drive")
+                    .arg(format!("if=none,id=sd,format=raw,file={}", q(flash)))
+                    .args(["-device", "sdhci-pci", "-device", "sd-card,drive=sd"]);
+            }
+            (Layout::SdRedundant, None) => bail!("no redundant-environment U-Boot"),
+            (Layout::Pflash, _) => {
+                cmd.arg("-bios")
+                    .arg(&self.tools.uboot)
+                    .arg("-drive")
+                    .arg(format!("if=pflash,unit=1,format=raw,file={}", q(flash)));
+            }
+        }
+        cmd.arg("-drive")
             .arg(format!(
                 "if=none,id=bootdisk,format=raw,readonly=on,file={}",
                 q(&self.bootdisk)
@@ -566,6 +643,31 @@ fn watch(child: &mut Child, console: &Mutex<Vec<u8>>) -> Result<(), String> {
             return Err(format!("no boot marker within {BOOT_TIMEOUT:?}"));
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `fw_env.config` for the environment on `medium`.
+fn env_config(layout: Layout, medium: &Path) -> String {
+    let m = medium.display();
+    match layout {
+        Layout::Pflash => format!("{m} 0x0 {ENV_SIZE:#x} {ENV_SIZE:#x}\n"),
+        Layout::SdRedundant => {
+            let [first, second] = SD_ENV_COPIES;
+            format!("{m} {first:#x} {SD_ENV_SIZE:#x}\n{m} {second:#x} {SD_ENV_SIZE:#x}\n")
+        }
+    }
+}
+
+/// A new board's medium: erased NOR flash, or an SD card of zeroes (no valid copy either way).
+fn erase_medium(layout: Layout, path: &Path) -> anyhow::Result<()> {
+    match layout {
+        Layout::Pflash => erase(path),
+        Layout::SdRedundant => {
+            let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+            f.set_len(SD_BYTES as u64)
+                .with_context(|| format!("sizing {}", path.display()))?;
+            Ok(())
+        }
     }
 }
 

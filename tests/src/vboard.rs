@@ -281,6 +281,8 @@ reboot_command = "systemctl reboot"
 [boot]
 backend = "uboot"
 fw_env_config = "/etc/fw_env.config"
+# The boot script keeps one copy in the disk block (env import -c / env export -c).
+allow_single_copy_env = true
 initial_env = "/etc/u-boot-initial-env"
 
 [health]

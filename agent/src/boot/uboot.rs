@@ -18,9 +18,16 @@
 //!
 //! Every change is written by ONE `fw_setenv -c CFG -s -` call (`name=value` lines on stdin), and
 //! only when something differs; with a redundant environment (two lines in `fw_env.config`)
-//! libubootenv writes the inactive copy and then flips its flag, so a power cut leaves either the
-//! old or the new environment, never half a change. With a single copy there is no such
-//! guarantee. Each write is read back.
+//! libubootenv writes the inactive copy, flagged newer than the active one, so a power cut leaves
+//! either the old or the new environment, never half a change: a torn copy fails its CRC and
+//! U-Boot loads the other. Each write is read back.
+//!
+//! With a single copy a power cut during `fw_setenv` leaves the only copy with a bad CRC: U-Boot
+//! then boots on its built-in default environment (slot A first), and after a commit of B the
+//! agent would take that boot for a fallback, mark the committed B bad and lower the rollback
+//! floor to A's version. [`UBoot::new`] therefore reads `fw_env.config` as libubootenv does
+//! ([`env_copies`]) and refuses a single copy unless `boot.allow_single_copy_env` accepts the
+//! risk.
 //!
 //! Missing variables mean what RAUC's boot script assumes (`test -n "${BOOT_A_LEFT}" || setenv
 //! BOOT_A_LEFT 3`): order `A B`, `attempts` left; the first write fills them in.
@@ -41,7 +48,7 @@ use crate::config::BootConfig;
 use flightnode_proto::Slot;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tracing::{debug, info, warn};
 
@@ -68,6 +75,90 @@ struct Env {
 
 fn left_key(slot: Slot) -> String {
     format!("BOOT_{}_LEFT", env_name(slot))
+}
+
+/// How many copies of the U-Boot environment `fw_env.config` describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvCopies {
+    /// One device line: a power cut during a write can leave no valid environment.
+    Single,
+    /// Two device lines: libubootenv writes the inactive copy and U-Boot loads the newer valid one.
+    Redundant,
+}
+
+/// Reads `fw_env.config` the way libubootenv's `fw_printenv`/`fw_setenv` do: lines starting with
+/// `#` and blank lines are skipped, every other line is `device offset size [sector-size
+/// [sectors]]` (offset as C reads an integer, sizes in hex), the first two such lines are the
+/// environment's copies. Stricter than libubootenv where it would silently skip a line: a line
+/// that is neither a comment nor a device line is an error, since a mistyped second copy would
+/// otherwise leave a single copy without anyone noticing.
+pub fn env_copies(path: &Path) -> Result<EnvCopies, BootError> {
+    let text = std::fs::read_to_string(path).map_err(|e| BootError::Env {
+        location: path.display().to_string(),
+        problem: format!("cannot read fw_env.config (set boot.fw_env_config): {e}"),
+    })?;
+    parse_fw_env_config(&text).map_err(|problem| BootError::Env {
+        location: path.display().to_string(),
+        problem,
+    })
+}
+
+fn parse_fw_env_config(text: &str) -> Result<EnvCopies, String> {
+    let mut sizes: Vec<u64> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line_no = n + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let device_line =
+            || format!("line {line_no} {line:?} is not `device offset env-size [sector-size [sectors]]`");
+        let (Some(offset), Some(size)) = (fields.get(1), fields.get(2)) else {
+            return Err(device_line());
+        };
+        if parse_c_int(offset).is_none() {
+            return Err(format!("{}: offset {offset:?} is no number", device_line()));
+        }
+        let size = parse_hex(size).ok_or_else(|| format!("{}: size {size:?} is not hex", device_line()))?;
+        if size == 0 {
+            return Err(format!("line {line_no} {line:?}: the environment size is 0"));
+        }
+        // libubootenv reads no further than the second copy.
+        if sizes.len() < 2 {
+            sizes.push(size);
+        }
+    }
+    match sizes.as_slice() {
+        [] => Err("names no environment device (every line is a comment or blank)".into()),
+        [_] => Ok(EnvCopies::Single),
+        [a, b, ..] if a != b => Err(format!(
+            "the two environment copies differ in size ({a:#x} and {b:#x}); libubootenv refuses that"
+        )),
+        _ => Ok(EnvCopies::Redundant),
+    }
+}
+
+/// An integer as C's `%lli` reads it: `0x` hex, a leading `0` octal, else decimal.
+fn parse_c_int(s: &str) -> Option<i128> {
+    let (neg, digits) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let value = if let Some(hex) = digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+        i128::from_str_radix(hex, 16).ok()?
+    } else if digits.len() > 1 && digits.starts_with('0') {
+        i128::from_str_radix(&digits[1..], 8).ok()?
+    } else {
+        digits.parse().ok()?
+    };
+    Some(if neg { -value } else { value })
+}
+
+/// A size as C's `%lx` reads it: hex, with or without `0x`.
+fn parse_hex(s: &str) -> Option<u64> {
+    let digits = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).unwrap_or(s);
+    u64::from_str_radix(digits, 16).ok()
 }
 
 /// A counter as U-Boot's `test 0x${..}`/`setexpr` read it.
@@ -98,6 +189,28 @@ impl UBoot {
                 location: cfg.fw_env_config.display().to_string(),
                 problem: "fw_env.config does not exist (set boot.fw_env_config)".into(),
             });
+        }
+        match env_copies(&cfg.fw_env_config)? {
+            EnvCopies::Redundant => {}
+            EnvCopies::Single if cfg.allow_single_copy_env => {
+                warn!(config = %cfg.fw_env_config.display(),
+                    "single-copy U-Boot environment accepted (boot.allow_single_copy_env): a power \
+                     cut during a bootloader write can make U-Boot boot slot A on its default \
+                     environment and undo a committed upgrade");
+            }
+            EnvCopies::Single => {
+                return Err(BootError::Env {
+                    location: cfg.fw_env_config.display().to_string(),
+                    problem: "describes a single copy of the U-Boot environment: a power cut \
+                        during fw_setenv leaves it with a bad CRC, U-Boot then boots slot A on its \
+                        default environment and the agent would take that for a fallback (a \
+                        committed upgrade marked bad, the rollback floor lowered). Give U-Boot a \
+                        redundant environment (CONFIG_SYS_REDUNDAND_ENVIRONMENT) and add the \
+                        second copy as a second line here, or set boot.allow_single_copy_env = \
+                        true to accept that risk"
+                        .into(),
+                });
+            }
         }
         Ok(Self {
             fw_env_config: cfg.fw_env_config.clone(),
@@ -380,5 +493,53 @@ mod tests {
         assert_eq!(parse_left("0x3"), None, "U-Boot would read 0x0x3 as 0");
         assert_eq!(parse_left("-1"), None);
         assert_eq!(parse_left(""), None);
+    }
+
+    #[test]
+    fn fw_env_config_copies_are_counted_as_libubootenv_counts_them() {
+        assert_eq!(
+            parse_fw_env_config("/dev/mtd1 0x0 0x40000 0x40000\n"),
+            Ok(EnvCopies::Single)
+        );
+        assert_eq!(
+            parse_fw_env_config(
+                "# device offset size sector\n\n/dev/mmcblk0 0x400000 0x4000\n\
+                 /dev/mmcblk0 0x404000 0x4000\n"
+            ),
+            Ok(EnvCopies::Redundant)
+        );
+        assert_eq!(
+            parse_fw_env_config("  # /dev/mtd2 0x0 0x4000\n/dev/mtd1 0 4000 4000 1\n"),
+            Ok(EnvCopies::Single),
+            "a commented-out second copy is no copy"
+        );
+        assert_eq!(
+            parse_fw_env_config("/dev/mtd1 0x0 0x4000\n/dev/mtd2 010 4000\n"),
+            Ok(EnvCopies::Redundant),
+            "octal offset and hex size without 0x, as C reads them"
+        );
+        assert_eq!(
+            parse_fw_env_config("/dev/mtd1 0x0 0x4000\r\n/dev/mtd2 0x0 0x4000\r\n"),
+            Ok(EnvCopies::Redundant)
+        );
+    }
+
+    #[test]
+    fn a_bad_fw_env_config_is_refused_with_the_line() {
+        let err = |text: &str| parse_fw_env_config(text).expect_err(text);
+        assert!(err("").contains("no environment device"));
+        assert!(err("# only a comment\n").contains("no environment device"));
+        let e = err("/dev/mtd1 0x0 0x4000\n/dev/mtd2 0x0\n");
+        assert!(
+            e.contains("line 2") && e.contains("device offset env-size"),
+            "{e}"
+        );
+        let e = err("/dev/mtd1 zero 0x4000\n");
+        assert!(e.contains("line 1") && e.contains("offset"), "{e}");
+        let e = err("/dev/mtd1 0x0 0x40g0\n");
+        assert!(e.contains("not hex"), "{e}");
+        assert!(err("/dev/mtd1 0x0 0\n").contains("size is 0"));
+        let e = err("/dev/mtd1 0x0 0x4000\n/dev/mtd2 0x0 0x2000\n");
+        assert!(e.contains("differ in size"), "{e}");
     }
 }
