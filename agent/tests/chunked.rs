@@ -42,6 +42,28 @@ fn chunked_bundle(dev: &Device, name: &str, version: &str, bytes: &[u8]) -> std:
     dev.bundle_image(name, &img, version, &["--chunked", "--level", "3"])
 }
 
+/// The numeric `field` of the agent's log line with `message` in `o` (run with `RUST_LOG=info`).
+fn log_field(o: &std::process::Output, message: &str, field: &str) -> u64 {
+    // The log's fields, without colour escapes.
+    let mut log = String::new();
+    let mut escape = false;
+    for ch in text(o).chars() {
+        match ch {
+            '\u{1b}' => escape = true,
+            'm' if escape => escape = false,
+            _ if escape => {}
+            _ => log.push(ch),
+        }
+    }
+    let at = log.find(message).expect(&log);
+    let line = &log[at..log[at..].find('\n').map_or(log.len(), |n| at + n)];
+    let value = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(field)?.strip_prefix('='))
+        .expect(line);
+    value.parse::<u64>().unwrap()
+}
+
 fn error_code(dev: &Device) -> String {
     dev.status()["last_upgrade"]["error"]["code"]
         .as_str()
@@ -399,26 +421,7 @@ fn chunks_the_target_slot_already_holds_stay_in_place() {
         let b = chunked_bundle(&dev, name, version, bytes);
         srv.put_file(&format!("/{name}.fnb"), &b).unwrap();
     }
-    let kept = |o: &std::process::Output| {
-        // The log's fields, without colour escapes.
-        let mut log = String::new();
-        let mut escape = false;
-        for ch in text(o).chars() {
-            match ch {
-                '\u{1b}' => escape = true,
-                'm' if escape => escape = false,
-                _ if escape => {}
-                _ => log.push(ch),
-            }
-        }
-        let at = log.find("chunked image written and verified").expect(&log);
-        let line = &log[at..log[at..].find('\n').map_or(log.len(), |n| at + n)];
-        let field = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("kept="))
-            .expect(line);
-        field.parse::<u64>().unwrap()
-    };
+    let kept = |o: &std::process::Output| log_field(o, "chunked image written and verified", "kept");
     let install = |name: &str| {
         let o = dev
             .cmd(&["install", &srv.url(&format!("/{name}.fnb"))])
@@ -535,4 +538,70 @@ fn segment_size_reaches_the_manifest_and_smaller_segments_compress_better() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(dev.slot_bytes("b"), v2);
     dev.assert_bootable();
+}
+
+/// Item m: an update killed part way (SIGKILL) and resumed keeps what reached the target slot,
+/// copies from the running slot what it has, and fetches only the chunks neither slot holds, in
+/// coalesced ranges: the resume fetches fewer bytes with fewer requests than the whole update
+/// does uninterrupted (measured at the server on a twin device), and the image verifies.
+#[test]
+fn a_resumed_update_copies_from_the_running_slot_and_fetches_only_what_neither_slot_holds() {
+    let v2 = image("2.0.0");
+    let v3 = changed(&v2, "3.0.0");
+    let dev = Device::new(Options::default());
+    let twin = Device::new(Options::default());
+    // The twin trusts the same key, so both install the same bundles from the same server.
+    std::fs::copy(dev.path("keys/release.pub"), twin.path("keys/release.pub")).unwrap();
+    let srv = BundleServer::start_blocking().unwrap();
+    srv.put_file("/v2.fnb", chunked_bundle(&dev, "v2", "2.0.0", &v2))
+        .unwrap();
+    srv.put_file("/v3.fnb", chunked_bundle(&dev, "v3", "3.0.0", &v3))
+        .unwrap();
+    let install = |d: &Device, path: &str, failpoint: Option<&str>| {
+        let mut cmd = d.cmd(&["install", &srv.url(path)]);
+        cmd.env("RUST_LOG", "info");
+        if let Some(f) = failpoint {
+            cmd.env("FLIGHTNODE_FAILPOINT", f);
+        }
+        cmd.output().unwrap()
+    };
+    for d in [&dev, &twin] {
+        let o = install(d, "/v2.fnb", None);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+
+    srv.reset_counters();
+    let o = install(&twin, "/v3.fnb", None);
+    assert!(o.status.success(), "{}", text(&o));
+    let (whole_bytes, whole_requests) = (srv.bytes_sent_for("/v3.fnb"), srv.requests_for("/v3.fnb").len());
+
+    // Killed once the first changed chunk was fetched and written, about a quarter in.
+    let o = install(&dev, "/v3.fnb", Some("download@1"));
+    assert_eq!(o.status.signal(), Some(9), "{}", text(&o));
+    assert_eq!(dev.status()["phase"], "downloading");
+    dev.assert_bootable();
+    srv.reset_counters();
+    let o = install(&dev, "/v3.fnb", None);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dev.slot_bytes("a"), v3);
+    assert_eq!(dev.status()["committed_version"], "3.0.0");
+    dev.assert_bootable();
+
+    let (bytes, requests) = (srv.bytes_sent_for("/v3.fnb"), srv.requests_for("/v3.fnb"));
+    let done = "chunked image written and verified";
+    assert!(
+        log_field(&o, done, "kept") > 0 && log_field(&o, done, "copied") > 0,
+        "the resume keeps the written chunks and copies from the running slot: {}",
+        text(&o)
+    );
+    assert!(
+        bytes < whole_bytes && requests.len() <= whole_requests,
+        "the resume fetched {bytes} bytes in {} requests, the whole update {whole_bytes} in {whole_requests}: {requests:?}",
+        requests.len()
+    );
+    assert_eq!(
+        log_field(&o, "chunk plan made", "to_fetch"),
+        log_field(&o, done, "fetched"),
+        "progress counts the bytes still to download"
+    );
 }

@@ -220,3 +220,40 @@ fn the_same_install_after_download_failed_resumes_the_written_prefix() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(dev.slot_bytes("a"), image_bytes("4.0.0", 10_000));
 }
+
+/// Item l: with `retries = 0`, bundles whose length is no power of two install over HTTP in one
+/// attempt each. A small bundle's first range reaches past its end before its length is known:
+/// the server's shorter `206` is the whole bundle. A larger one's doubling ranges, once the
+/// length is known, never reach past its end.
+#[test]
+fn ranges_never_reach_past_the_bundle_and_a_short_final_range_is_complete() {
+    let dev = Device::new(Options::default());
+    let config = std::fs::read_to_string(&dev.config).unwrap();
+    assert!(config.contains("retries = 2"), "{config}");
+    std::fs::write(&dev.config, config.replace("retries = 2", "retries = 0")).unwrap();
+    let srv = BundleServer::start_blocking().unwrap();
+    for (name, version, size) in [("small", "2.0.0", 10_000), ("large", "3.0.0", 3_000_000)] {
+        let bundle = dev.bundle(name, version, size, &[]);
+        let len = std::fs::metadata(&bundle).unwrap().len();
+        let path = format!("/{name}.fnb");
+        srv.put_file(&path, &bundle).unwrap();
+        let o = dev.run(&["install", &srv.url(&path)]);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        assert_eq!(dev.status()["committed_version"], version);
+        let requests = srv.requests_for(&path);
+        assert!(
+            requests.iter().all(|r| r.status == 206),
+            "{name}: every range is answered, none retried: {requests:?}"
+        );
+        let ends: Vec<u64> = requests
+            .iter()
+            .skip(1)
+            .filter_map(|r| r.range.as_deref()?.split('-').nth(1)?.parse().ok())
+            .collect();
+        assert!(
+            ends.iter().all(|&end| end < len),
+            "{name}: a range past the end of the {len}-byte bundle: {requests:?}"
+        );
+    }
+    dev.assert_bootable();
+}

@@ -377,8 +377,14 @@ fn compress_groups(
 }
 
 /// Cuts the first `len` bytes of `reader` (a slot) with `info`'s sizes and returns their chunks
-/// (data fields zero): the index a device keeps of its running slot.
-pub fn index_stream(reader: impl Read, len: u64, info: &ChunksInfo) -> io::Result<ChunkIndex> {
+/// (data fields zero): the index a device keeps of its running slot. Stops after `max_chunks`
+/// chunks (the last one's end then falls short of `len`).
+pub fn index_stream(
+    reader: impl Read,
+    len: u64,
+    info: &ChunksInfo,
+    max_chunks: usize,
+) -> io::Result<ChunkIndex> {
     let mut index = ChunkIndex::default();
     let chunker = StreamCDC::new(
         reader.take(len),
@@ -386,7 +392,7 @@ pub fn index_stream(reader: impl Read, len: u64, info: &ChunksInfo) -> io::Resul
         info.avg_size as usize,
         info.max_size as usize,
     );
-    for c in chunker {
+    for c in chunker.take(max_chunks) {
         let c = c.map_err(io::Error::from)?;
         index.chunks.push(Chunk {
             sha256: Sha256::digest(&c.data).into(),

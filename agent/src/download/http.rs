@@ -219,6 +219,16 @@ struct Progress {
     started: bool,
 }
 
+impl Progress {
+    /// Once the bundle's length is known, a range never ends past it: a server answers a range
+    /// that does with a shorter `206` (as HTTP requires), whose end is the bundle's.
+    fn clamp_end(&mut self) {
+        if let (Some(end), Some(total)) = (self.end, self.total) {
+            self.end = Some(end.min(total));
+        }
+    }
+}
+
 enum Outcome {
     Done,
     ReaderGone,
@@ -263,6 +273,7 @@ impl HttpTask {
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                     p.end = (p.pos < PROBE_LIMIT).then(|| p.pos.saturating_mul(2));
+                    p.clamp_end();
                     failures = 0;
                     continue;
                 }
@@ -414,6 +425,9 @@ impl HttpTask {
                     )));
                 }
                 self.check_total(p, total)?;
+                // A range asked past the end (before the length was known) is answered up to
+                // the end: the body is complete there.
+                p.clamp_end();
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 let cr = header_str(resp, CONTENT_RANGE);

@@ -10,6 +10,9 @@
 //!   request is accepted and its first `N` bytes are skipped; a `206` whose `Content-Range` does
 //!   not start at `N` is an error; a `416` whose `Content-Range: bytes */N` says the bundle is
 //!   exactly `N` bytes long is an empty remainder.
+//! - A bounded range (`Range: bytes=N-M`) is never asked past the end of the bundle once its
+//!   length is known; a `206` whose `Content-Range` ends at the bundle's last byte, before the
+//!   range asked for, is the whole remainder (HTTP answers a range past the end that way).
 //! - Every wait for response headers or for the next body chunk is bounded by `idle_timeout`;
 //!   connecting by `connect_timeout`. Redirects follow reqwest's default policy (at most 10).
 //! - A dropped connection, an idle timeout, a `5xx`, `408` or `429`, or a body that ends before the

@@ -1,14 +1,18 @@
 //! Installing a chunked (format 2) bundle: copy what the device has, fetch only what it lacks.
 //!
 //! One pass over the signed chunk index, in image order. Each chunk comes from the first of:
-//! - **the target slot**, at its own offset: on a resume (after a cut or a power loss) any chunk
-//!   may already be there; on a fresh install, those the slot's cached index says it holds (an
-//!   older image sharing them);
+//! - **the target slot**, at its own offset: on a resume (after a cut or a power loss) the plan
+//!   reads and hashes every chunk's place in the slot first, so it knows which reached it; on a
+//!   fresh install, those the slot's cached index says it holds (an older image sharing them);
 //! - **the running slot**, found by hash in that slot's index;
 //! - **the network**: the chunks planned for fetching are grouped into runs of neighbours in
 //!   `chunks.zst`, each fetched with one HTTP `Range` request; each frame is decompressed (against
 //!   its context, the image bytes before its segment, which the pass has just written) into a
 //!   buffer of its declared size and verified against its signed sha256 before it is written.
+//!
+//! The plan is the same for a fresh install and a resume, so a resume copies from the running
+//! slot and coalesces its fetches like a fresh install, and its progress counts only the bytes
+//! still to download.
 //!
 //! Neither slot is trusted: a local chunk is hashed before it is used, and one that does not
 //! match is fetched instead. The pass runs on two threads: this one fetches, decompresses and
@@ -24,7 +28,11 @@
 //! The index of each slot's image is cached in the state directory (`slot-<a|b>.idx`): written
 //! when a chunked image was written and verified (so it is there when that slot runs after the
 //! commit), dropped when a write of the slot begins, and rebuilt by cutting the running slot
-//! when missing or cut with other sizes.
+//! when missing or cut with other sizes. Cutting reads only the running image, not the whole
+//! partition: its size when an older cache says it, else the size of the image being installed
+//! (the state does not record the size of a factory or format-1 image), and at most
+//! [`RUNNING_CHUNKS_PER_CHUNK`] times as many chunks as the new image has, so the index of a
+//! large partition cut with small chunks cannot exhaust the memory of the device.
 
 use super::{Engine, Stop};
 use crate::bundle::chunked::{self, ChunkError};
@@ -48,6 +56,12 @@ const COALESCE_GAP: u64 = 32 * 1024;
 const MAX_RUN: u64 = 32 * 1024 * 1024;
 /// Sync the slot at least this often while fetching.
 const SYNC_INTERVAL: Duration = Duration::from_secs(2);
+/// Cutting the running slot stops after this many chunks per chunk of the image being installed
+/// (and at least [`MIN_RUNNING_CHUNKS`]): its index costs at most a few times the memory of the
+/// signed index already held, and the chunks past the cap are fetched.
+const RUNNING_CHUNKS_PER_CHUNK: usize = 4;
+/// The cap for small images.
+const MIN_RUNNING_CHUNKS: usize = 64 * 1024;
 
 /// Path of the cached index of `slot`.
 pub fn cache_path(state_dir: &Path, slot: Slot) -> PathBuf {
@@ -56,13 +70,58 @@ pub fn cache_path(state_dir: &Path, slot: Slot) -> PathBuf {
 
 /// The cache file: a JSON line with the chunk sizes, then the binary index.
 pub(super) fn read_cache(path: &Path, info: &ChunksInfo) -> Option<ChunkIndex> {
+    let (sizes, index) = read_any_cache(path)?;
+    (sizes == [info.min_size, info.avg_size, info.max_size]).then_some(index)
+}
+
+/// The cache file, whatever chunk sizes it was cut with.
+fn read_any_cache(path: &Path) -> Option<([u32; 3], ChunkIndex)> {
     let bytes = std::fs::read(path).ok()?;
     let nl = bytes.iter().position(|&b| b == b'\n')?;
     let sizes: [u32; 3] = serde_json::from_slice(&bytes[..nl]).ok()?;
-    if sizes != [info.min_size, info.avg_size, info.max_size] {
-        return None;
+    Some((sizes, ChunkIndex::decode(&bytes[nl + 1..]).ok()?))
+}
+
+/// The running slot's index, cut from its first `bound` bytes (or fewer, if the slot is
+/// shorter), with at most `cap` chunks.
+struct RunningIndex {
+    index: ChunkIndex,
+    /// Bytes of the slot the index covers.
+    covered: u64,
+    /// Bytes that were to be indexed: `covered` is less when the cap was hit.
+    bound: u64,
+}
+
+impl RunningIndex {
+    /// Whether the cap stopped the cut before `bound`.
+    fn capped(&self) -> bool {
+        self.covered < self.bound
     }
-    ChunkIndex::decode(&bytes[nl + 1..]).ok()
+}
+
+/// How much of the running slot to cut when its index at `cache` does not fit: the size of its
+/// image when a cache cut with other sizes says it, else `image_size` (of the image being
+/// installed). Past its image, a slot holds only leftovers of older images (or nothing), and
+/// the state does not record the size of a factory or format-1 image.
+fn running_bound(cache: &Path, image_size: u64) -> u64 {
+    read_any_cache(cache)
+        .and_then(|(_, old)| old.chunks.last().map(Chunk::end))
+        .unwrap_or(image_size)
+}
+
+/// Cuts the first `bound` bytes of the slot at `path` with the sizes of `info`, stopping after
+/// `cap` chunks.
+fn index_running(path: &Path, bound: u64, cap: usize, info: &ChunksInfo) -> std::io::Result<RunningIndex> {
+    let mut f = File::open(path)?;
+    let bound = f.seek(SeekFrom::End(0))?.min(bound);
+    f.seek(SeekFrom::Start(0))?;
+    let index = chunked::index_stream(std::io::BufReader::with_capacity(1 << 20, f), bound, info, cap)?;
+    let covered = index.chunks.last().map_or(0, Chunk::end);
+    Ok(RunningIndex {
+        index,
+        covered,
+        bound,
+    })
 }
 
 /// Writes the cache atomically (tmp, fsync, rename); failures only cost a rebuild later.
@@ -120,18 +179,55 @@ impl TargetHeld {
         Self::Known(held)
     }
 
-    fn has(&self, c: &Chunk) -> bool {
+    /// Where `c` comes from in the target slot, if it does: a resume reads and hashes its place
+    /// in `existing` (the slot) now, into `buf`, so the plan knows which chunks to copy or fetch.
+    fn plan(&self, c: &Chunk, existing: &File, buf: &mut Vec<u8>) -> Option<Plan> {
         match self {
-            Self::Any => true,
-            Self::Known(set) => set.contains(&(c.offset, c.sha256)),
+            Self::Any => {
+                buf.resize(c.size as usize, 0);
+                read_verified(existing, c.offset, c, buf).then_some(Plan::Held)
+            }
+            Self::Known(set) => set.contains(&(c.offset, c.sha256)).then_some(Plan::Target),
         }
     }
+}
+
+/// Where each chunk of `index` comes from: the target slot, else the running slot (`running`,
+/// by hash, when `running_readable`), else the network. A resume reads the whole target slot
+/// here, so a cancel or shutdown (`interrupted`) is honoured between chunks.
+fn plan_chunks(
+    index: &ChunkIndex,
+    held: &TargetHeld,
+    existing: &File,
+    running: &HashMap<[u8; 32], (u64, u32)>,
+    running_readable: bool,
+    interrupted: impl Fn() -> Option<Stop>,
+) -> Result<Vec<Plan>, Stop> {
+    let mut buf = Vec::new();
+    let mut plan = Vec::with_capacity(index.chunks.len());
+    for c in &index.chunks {
+        if let Some(stop) = interrupted() {
+            return Err(stop);
+        }
+        plan.push(
+            held.plan(c, existing, &mut buf)
+                .unwrap_or_else(|| match running.get(&c.sha256) {
+                    Some(&(offset, size)) if size == c.size && running_readable => Plan::Running(offset),
+                    _ => Plan::Fetch,
+                }),
+        );
+    }
+    Ok(plan)
 }
 
 /// Where the plan expects a chunk from.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Plan {
+    /// In the target slot at its offset, read and hashed while planning (a resume).
+    Held,
+    /// In the target slot according to its cached index: hashed when it is read.
     Target,
+    /// In the running slot at this offset: hashed when it is read.
     Running(u64),
     Fetch,
 }
@@ -372,21 +468,30 @@ impl Engine {
             File::open(&target_path).map_err(|e| slot_stop(target, &target_path, "open for reading", e))?;
 
         let started = Instant::now();
-        let running = self.running_chunks(&info);
+        let cap = index
+            .chunks
+            .len()
+            .saturating_mul(RUNNING_CHUNKS_PER_CHUNK)
+            .max(MIN_RUNNING_CHUNKS);
+        let running = self.running_chunks(&info, size, cap);
         let running_file = self
             .running()
             .ok()
             .and_then(|slot| File::open(self.slots.path(slot)).ok());
-        let plan: Vec<Plan> = index
-            .chunks
-            .iter()
-            .map(|c| match running.get(&c.sha256) {
-                _ if held.has(c) => Plan::Target,
-                Some(&(offset, size)) if size == c.size && running_file.is_some() => Plan::Running(offset),
-                _ => Plan::Fetch,
-            })
-            .collect();
+        let plan = plan_chunks(index, held, &existing, &running, running_file.is_some(), || {
+            self.interrupted()
+        })?;
+        drop(running);
         let ends = run_ends(index, &plan);
+        let planned = |want: fn(&Plan) -> bool| {
+            index
+                .chunks
+                .iter()
+                .zip(&plan)
+                .filter(|(_, p)| want(p))
+                .map(|(c, _)| u64::from(c.size))
+                .sum::<u64>()
+        };
         let mut to_fetch: u64 = index
             .chunks
             .iter()
@@ -395,6 +500,8 @@ impl Engine {
             .map(|(c, _)| u64::from(c.data_len))
             .sum();
         tracing::info!(slot = %target, chunks = index.chunks.len(), to_fetch,
+            in_target = planned(|p| matches!(p, Plan::Held | Plan::Target)),
+            from_running = planned(|p| matches!(p, Plan::Running(_))),
             plan_secs = started.elapsed().as_secs_f64(), "chunk plan made; writing the image in order");
         self.observer.progress(0, to_fetch);
 
@@ -424,6 +531,8 @@ impl Engine {
             }
             let (dict, out) = window.next(c);
             let local = match plan[i] {
+                // Hashed while planning; the image's sha256 at the end covers it again.
+                Plan::Held => existing.read_exact_at(out, c.offset).is_ok().then_some(false),
                 Plan::Target => read_verified(&existing, c.offset, c, out).then_some(false),
                 Plan::Running(offset) => running_file
                     .as_ref()
@@ -494,8 +603,15 @@ impl Engine {
         Ok(())
     }
 
-    /// The running slot's chunks by hash: from the cache, or by cutting the slot.
-    fn running_chunks(&self, info: &ChunksInfo) -> HashMap<[u8; 32], (u64, u32)> {
+    /// The running slot's chunks by hash: from the cache, or by cutting the slot's image (see the
+    /// module docs for its bound), with at most `cap` chunks. `image_size`: of the image being
+    /// installed.
+    fn running_chunks(
+        &self,
+        info: &ChunksInfo,
+        image_size: u64,
+        cap: usize,
+    ) -> HashMap<[u8; 32], (u64, u32)> {
         let Ok(running) = self.running() else {
             return HashMap::new();
         };
@@ -503,19 +619,21 @@ impl Engine {
         let index = if let Some(index) = read_cache(&path, info) {
             index
         } else {
+            let bound = running_bound(&path, image_size);
             let slot_path = self.slots.path(running);
             let started = Instant::now();
-            let built = File::open(slot_path).and_then(|mut f| {
-                let len = f.seek(SeekFrom::End(0))?;
-                f.seek(SeekFrom::Start(0))?;
-                chunked::index_stream(std::io::BufReader::with_capacity(1 << 20, f), len, info)
-            });
-            match built {
-                Ok(index) => {
-                    tracing::info!(slot = %running, chunks = index.chunks.len(),
+            match index_running(slot_path, bound, cap, info) {
+                Ok(cut) => {
+                    if cut.capped() {
+                        tracing::warn!(slot = %running, path = %slot_path.display(), cap,
+                            covered = cut.covered, bound = cut.bound,
+                            "indexing the running slot stopped at its chunk cap; chunks past it are fetched, not copied (larger chunks avoid this)");
+                    } else {
+                        write_cache(&path, info, &cut.index);
+                    }
+                    tracing::info!(slot = %running, chunks = cut.index.chunks.len(), bytes = cut.covered,
                         secs = started.elapsed().as_secs_f64(), "indexed the running slot");
-                    write_cache(&path, info, &index);
-                    index
+                    cut.index
                 }
                 Err(e) => {
                     tracing::warn!(slot = %running, path = %slot_path.display(),
@@ -653,6 +771,50 @@ mod tests {
         assert!(sink.push(0, &[1u8; 100], false, 0));
         assert!(sink.finish().is_ok());
         assert_eq!(std::fs::read(&path).unwrap()[..100], expected[..100]);
+    }
+
+    /// Item k: a large partition holding a small image is cut only up to the bound (not to its
+    /// end), and a cut that would make more chunks than the cap stops there and says so. A cache
+    /// cut with other sizes bounds the cut to the image it describes.
+    #[test]
+    fn indexing_the_running_slot_is_bounded_by_the_image_and_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let slot = dir.path().join("slot");
+        let image = 1 << 20;
+        std::fs::write(&slot, pattern(3, image)).unwrap();
+        // A 256 MiB partition: the rest is whatever was there (here: a hole of zeros).
+        File::options()
+            .write(true)
+            .open(&slot)
+            .unwrap()
+            .set_len(256 << 20)
+            .unwrap();
+        let info = chunked::new_info(0, 0, 1024);
+
+        let cut = index_running(&slot, image as u64, usize::MAX, &info).unwrap();
+        assert!(!cut.capped());
+        assert_eq!(cut.covered, image as u64, "the whole image and nothing past it");
+        assert!(cut.index.chunks.len() <= image / info.min_size as usize);
+
+        let cut = index_running(&slot, image as u64, 10, &info).unwrap();
+        assert_eq!(cut.index.chunks.len(), 10);
+        assert!(cut.capped(), "covered {} of {}", cut.covered, cut.bound);
+
+        let cache = dir.path().join("slot-a.idx");
+        assert_eq!(
+            running_bound(&cache, 5 << 20),
+            5 << 20,
+            "no cache: the new image's size"
+        );
+        let other = chunked::new_info(0, 0, 4096);
+        let old = index_running(&slot, 600_000, usize::MAX, &other).unwrap();
+        write_cache(&cache, &other, &old.index);
+        assert!(read_cache(&cache, &info).is_none());
+        assert_eq!(
+            running_bound(&cache, 5 << 20),
+            600_000,
+            "the image the old cache describes"
+        );
     }
 
     /// A slot that cannot be written ends the pass with a slot error naming the file, and the
