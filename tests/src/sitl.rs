@@ -65,11 +65,12 @@ impl Sitl {
         // No dataflash log: about 4 MB per flight that nobody reads.
         std::fs::write(&defaults, "LOG_BACKEND_TYPE 0\n")
             .with_context(|| format!("write {}", defaults.display()))?;
-        let spread = u16::try_from(std::process::id() % 400).unwrap_or(0) * 10;
+        // ArduPilot keeps the instance in a byte (its ports wrap above 255).
+        let spread = u16::try_from(std::process::id() % 200).unwrap_or(0);
         let mut last_error = String::new();
         // A few tries: another test may take the ports between the check and the start.
         for _ in 0..3 {
-            let instance = 100 + (spread + NEXT.fetch_add(1, Ordering::Relaxed)) % 4000;
+            let instance = 10 + (spread + NEXT.fetch_add(1, Ordering::Relaxed)) % 240;
             if !ports_free(instance) {
                 continue;
             }
@@ -78,8 +79,8 @@ impl Sitl {
             let mut guard = Command::new("bash")
                 .arg("-c")
                 .arg(concat!(
-                    r#"stop() { kill $(cat "$2/pids" 2>/dev/null) 2>/dev/null; rm -f "$2/pids"; }; "#,
-                    r#""$1/start-sitl.sh" "$2" "$3" || { stop; exit 1; }; read -r _; stop"#
+                    r#"dir=$2; stop() { kill $(cat "$dir/pids" 2>/dev/null) 2>/dev/null; rm -f "$dir/pids"; }; "#,
+                    r#""$1/start-sitl.sh" "$dir" "$3" || { stop; exit 1; }; read -r _; stop"#
                 ))
                 .arg("sitl-guard")
                 .arg(&ardupilot)
