@@ -97,7 +97,7 @@ impl<T: Risky + Clone> Tracked<T> {
         self.pending.push(v);
         if self.pending.len() >= rules.confirm {
             // Of the agreeing samples, the most cautious one.
-            self.value = self.pending.drain(..).max_by_key(|v| v.risk());
+            self.value = self.pending.drain(..).max_by_key(Risky::risk);
         }
     }
 }
