@@ -16,7 +16,7 @@ fn a_second_system_saying_disarmed_does_not_open_the_gate() {
     let port = free_udp_port().unwrap();
     let g = Gated::new(&flight(port, ""));
     let mut vehicle = Vehicle::start(port, &["--in-air"]).unwrap();
-    g.wait_flight(&["in-air"]);
+    g.wait_log_line(&["flight state changed", "in-air"]);
     // A ground station or a fleet-mate behind the same router, or a spoofed datagram: an autopilot
     // HEARTBEAT, disarmed and on the ground, ten times a second.
     let _other = Vehicle::start(port, &["--sysid", "2"]).unwrap();
@@ -59,6 +59,7 @@ fn a_mavlink_1_vehicle_is_heard() {
     let port = free_udp_port().unwrap();
     let g = Gated::new(&flight(port, ""));
     let _vehicle = Vehicle::start(port, &["--mavlink1"]).unwrap();
-    g.wait_flight(&["disarmed", "on_ground"]);
+    g.wait_log_line(&["flight state changed", "disarmed"]);
+    g.wait_log_line(&["landed state changed", "on_ground"]);
     g.install("2.0.0").committed(&g, WAIT);
 }

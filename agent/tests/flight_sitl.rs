@@ -15,14 +15,15 @@ fn on_the_ground_it_upgrades_in_the_air_it_waits_after_landing_it_upgrades() {
     let g = Gated::new(&format!("mavlink = \"{}\"\n", sitl.agent_address()));
     // SITL sends nothing but HEARTBEAT until asked: a landed state and a battery level mean the
     // agent asked for them.
-    g.wait_flight(&["disarmed", "on_ground", "Some(100)"]);
+    g.wait_log_line(&["landed state changed", "on_ground"]);
+    g.wait_log_line(&["battery level known", "Some(100)"]);
     g.install("2.0.0").committed(&g, WAIT);
 
     let mut pilot = sitl.pilot().unwrap();
     pilot
         .take_off(5)
         .unwrap_or_else(|e| panic!("{e:#}\nSITL:\n{}", sitl.log()));
-    g.wait_flight(&["in-air", "in_air"]);
+    g.wait_log_line(&["landed state changed", "in_air"]);
     let install = g.install("3.0.0");
     g.assert_held("in_air");
 

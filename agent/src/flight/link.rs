@@ -69,16 +69,18 @@ impl Monitor {
                         let now = snapshot(&latest, &rules);
                         tx.send_if_modified(|s| {
                             let changed = *s != now;
-                            // Not every battery percent: what the gate decides on, and whether
-                            // a battery level is known at all.
-                            if changed
-                                && (s.observed != now.observed
-                                    || s.landed_state != now.landed_state
-                                    || s.battery_percent.is_some() != now.battery_percent.is_some())
-                            {
+                            if s.observed != now.observed {
                                 tracing::info!(observed = %now.observed, armed = ?now.armed,
                                     landed_state = ?now.landed_state, battery = ?now.battery_percent,
                                     "flight state changed");
+                            }
+                            // Apart from the observed state: whether the vehicle answers the
+                            // stream requests at all shows here.
+                            if s.landed_state != now.landed_state {
+                                tracing::info!(landed_state = ?now.landed_state, "landed state changed");
+                            }
+                            if s.battery_percent.is_some() != now.battery_percent.is_some() {
+                                tracing::info!(battery = ?now.battery_percent, "battery level known or lost");
                             }
                             *s = now;
                             changed

@@ -79,18 +79,18 @@ impl Gated {
         );
     }
 
-    /// Waits until the daemon logged a flight state change whose line holds all of `words`
-    /// (`disarmed`, `in-air` for the observed state; `on_ground`, `in_air` for the landed state).
-    pub fn wait_flight(&self, words: &[&str]) {
+    /// Waits until a line of the daemon's log holds all of `words` (the log may carry colour
+    /// codes around field names: match values and messages).
+    pub fn wait_log_line(&self, words: &[&str]) {
         let seen = || {
             self.dev
                 .log()
                 .lines()
-                .any(|l| l.contains("flight state changed") && words.iter().all(|w| l.contains(w)))
+                .any(|l| words.iter().all(|w| l.contains(w)))
         };
         assert!(
             wait_until(WAIT, POLL, seen),
-            "the agent never saw the vehicle {words:?}; daemon log:\n{}",
+            "the daemon never logged {words:?}; daemon log:\n{}",
             self.dev.log()
         );
     }
