@@ -108,10 +108,20 @@ pub enum UnknownPolicy {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FlightConfig {
-    /// MAVLink link to the flight controller: `udpin:0.0.0.0:14540`, `udpout:HOST:PORT`,
-    /// `tcpout:HOST:PORT`, `tcpin:ADDR:PORT` or `serial:/dev/ttyS1:921600`. Read only.
+    /// MAVLink link to the flight controller: `serial:/dev/ttyS1:921600`, `udpin:127.0.0.1:14540`,
+    /// `udpout:HOST:PORT`, `tcpout:HOST:PORT` or `tcpin:ADDR:PORT`. MAVLink 1 and 2 are read; the
+    /// agent sends only the stream requests (`MAV_CMD_SET_MESSAGE_INTERVAL`) it needs.
     #[serde(default)]
     pub mavlink: Option<String>,
+    /// The vehicle's MAVLink system id. Everything from other systems (a ground station, a
+    /// fleet-mate behind the same router, a spoofed datagram) is ignored. Unset: the first
+    /// autopilot HEARTBEAT heard picks it (logged), which a sender that speaks first could win.
+    #[serde(default)]
+    pub system_id: Option<u8>,
+    /// Consecutive agreeing samples of a message type before a change that would open the gate
+    /// (disarmed, on the ground, more battery) is believed; a change that closes it counts at once.
+    #[serde(default = "default_confirm_samples")]
+    pub confirm_samples: u8,
     /// Boards without MAVLink: run before every gated step; exit 0 = safe.
     #[serde(default)]
     pub gate_command: Option<String>,
@@ -130,7 +140,9 @@ pub struct FlightConfig {
     /// A wait longer than this ends the upgrade with `flight_gate_timeout` (never a rollback's).
     #[serde(default = "default_max_wait", with = "humantime_serde")]
     pub max_wait: Duration,
-    /// No HEARTBEAT for this long: the flight state is unknown.
+    /// No HEARTBEAT for this long: the flight state is unknown. Each other message type expires
+    /// on its own after this too (no landed state while armed = in the air; no battery once one
+    /// was reported = unknown).
     #[serde(default = "default_stale_after", with = "humantime_serde")]
     pub stale_after: Duration,
     /// Also hold the download until the gate allows it.
@@ -143,6 +155,9 @@ fn default_gate_command_timeout() -> Duration {
 }
 fn default_allowed_states() -> Vec<AllowedState> {
     vec![AllowedState::Disarmed]
+}
+fn default_confirm_samples() -> u8 {
+    3
 }
 fn default_max_wait() -> Duration {
     Duration::from_hours(6)
@@ -569,6 +584,14 @@ impl Config {
                         .into(),
                 ));
             }
+            if f.system_id == Some(0) {
+                return Err(invalid(
+                    "flight.system_id is 0, the broadcast id: use the vehicle's own (1-255)".into(),
+                ));
+            }
+            if f.confirm_samples == 0 {
+                return Err(invalid("flight.confirm_samples must be at least 1".into()));
+            }
             if f.min_battery_percent > 100 {
                 return Err(invalid(format!(
                     "flight.min_battery_percent is {}, over 100",
@@ -645,8 +668,14 @@ b = "/var/lib/flightnode/slots/b.img"
         assert_eq!(f.allowed_states, vec![AllowedState::Disarmed]);
         assert_eq!(f.unknown, UnknownPolicy::Wait);
         assert_eq!(f.stale_after, Duration::from_secs(3));
+        assert_eq!((f.system_id, f.confirm_samples), (None, 3));
         assert!(!f.gate_download);
-        for bad in ["[flight]\n", "[flight]\nmavlink = \"carrier-pigeon:1\"\n"] {
+        for bad in [
+            "[flight]\n",
+            "[flight]\nmavlink = \"carrier-pigeon:1\"\n",
+            "[flight]\nmavlink = \"udpin:127.0.0.1:14540\"\nsystem_id = 0\n",
+            "[flight]\nmavlink = \"udpin:127.0.0.1:14540\"\nconfirm_samples = 0\n",
+        ] {
             let err = Config::parse(&format!("{MINIMAL}\n{bad}"), Path::new("x.toml")).unwrap_err();
             assert!(err.to_string().contains("flight"), "{err}");
         }

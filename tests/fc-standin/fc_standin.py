@@ -11,7 +11,11 @@ next burst carrying it has been sent:
     arm | disarm | takeoff (armed, in the air) | land (on the ground, still armed)
     battery N | silence (send nothing: a lost link) | resume | quit
 
-Usage: fc_standin.py udpout:127.0.0.1:PORT [--armed] [--in-air] [--battery N]
+Usage: fc_standin.py udpout:127.0.0.1:PORT [--armed] [--in-air] [--battery N] [--sysid N]
+                     [--mavlink1] [--no-landed-state]
+    --sysid N           send as MAVLink system N (default 1): a second vehicle or a ground station
+    --mavlink1          speak MAVLink 1, as older flight controllers and telemetry radios do
+    --no-landed-state   never send EXTENDED_SYS_STATE, as ArduPilot does until asked for it
 """
 
 import os
@@ -19,14 +23,19 @@ import sys
 import threading
 import time
 
-os.environ.setdefault("MAVLINK20", "1")
+# pymavlink picks the wire version from the environment when it is imported.
+if "--mavlink1" in sys.argv:
+    os.environ.pop("MAVLINK20", None)
+else:
+    os.environ.setdefault("MAVLINK20", "1")
 from pymavlink import mavutil  # noqa: E402
 
 mav_ = mavutil.mavlink
 
 
 class Vehicle:
-    def __init__(self, armed, in_air, battery):
+    def __init__(self, armed, in_air, battery, landed_state):
+        self.landed_state = landed_state
         self.armed = armed
         self.landed = mav_.MAV_LANDED_STATE_IN_AIR if in_air else mav_.MAV_LANDED_STATE_ON_GROUND
         self.battery = battery
@@ -47,7 +56,8 @@ def send_burst(conn, v, tick):
         conn.mav.heartbeat_send(
             mav_.MAV_TYPE_QUADROTOR, mav_.MAV_AUTOPILOT_ARDUPILOTMEGA, base, 5, status
         )
-        conn.mav.extended_sys_state_send(mav_.MAV_VTOL_STATE_UNDEFINED, v.landed)
+        if v.landed_state:
+            conn.mav.extended_sys_state_send(mav_.MAV_VTOL_STATE_UNDEFINED, v.landed)
         conn.mav.battery_status_send(
             0, mav_.MAV_BATTERY_FUNCTION_ALL, mav_.MAV_BATTERY_TYPE_LIPO, 2500,
             [15800] + [65535] * 9, 1200, -1, -1, v.battery,
@@ -103,10 +113,14 @@ def main():
         armed="--armed" in args or "--in-air" in args,
         in_air="--in-air" in args,
         battery=int(args[args.index("--battery") + 1]) if "--battery" in args else 87,
+        landed_state="--no-landed-state" not in args,
     )
+    sysid = int(args[args.index("--sysid") + 1]) if "--sysid" in args else 1
     conn = mavutil.mavlink_connection(
-        sys.argv[1], source_system=1, source_component=1, dialect="ardupilotmega"
+        sys.argv[1], source_system=sysid, source_component=1, dialect="ardupilotmega"
     )
+    if "--mavlink1" in args and conn.mavlink20():
+        sys.exit("fc_standin: pymavlink still speaks MAVLink 2")
     threading.Thread(target=commands, args=(v,), daemon=True).start()
     print("ready", flush=True)
     tick = 0

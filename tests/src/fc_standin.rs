@@ -1,6 +1,8 @@
 //! A flight controller for the flight gate tests: `tests/fc-standin/fc_standin.py`, built on
 //! pymavlink, streaming HEARTBEAT, EXTENDED_SYS_STATE, BATTERY_STATUS and SYS_STATUS over UDP to
 //! the agent's `udpin` port, scripted from here (`arm`, `takeoff`, `land`, `battery 12`, ...).
+//! It also makes the faults a real autopilot cannot: a lost link, a second MAVLink system
+//! (`--sysid 2`), MAVLink 1 (`--mavlink1`), no landed state (`--no-landed-state`).
 //!
 //! The Python comes from `FLIGHTNODE_PYMAVLINK_PYTHON`, else the venv `./test.sh` makes in
 //! `target/pymavlink-venv`, else `python3` on `PATH`.
@@ -35,26 +37,25 @@ pub fn free_udp_port() -> Result<u16> {
     Ok(s.local_addr()?.port())
 }
 
-/// The running stand-in; killed on drop.
-pub struct Vehicle {
+/// A pymavlink script driven one command a line on stdin, answering `ready`, `ok <command>` or
+/// `error ...` on stdout; killed on drop.
+pub struct Scripted {
     child: Child,
     stdin: ChildStdin,
     lines: mpsc::Receiver<String>,
-    port: u16,
 }
 
-impl Vehicle {
-    /// Starts streaming to `127.0.0.1:port`. `flags`: `--armed`, `--in-air`, `--battery N`.
-    pub fn start(port: u16, flags: &[&str]) -> Result<Self> {
+impl Scripted {
+    /// Starts `script args` with the pymavlink Python and waits for its `ready`.
+    pub fn start(script: &std::path::Path, args: &[String]) -> Result<Self> {
         let mut child = Command::new(python())
-            .arg(script())
-            .arg(format!("udpout:127.0.0.1:{port}"))
-            .args(flags)
+            .arg(script)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| format!("starting {} {}", python().display(), script().display()))?;
+            .with_context(|| format!("starting {} {}", python().display(), script.display()))?;
         let stdin = child.stdin.take().context("stand-in stdin")?;
         let stdout = child.stdout.take().context("stand-in stdout")?;
         let (tx, lines) = mpsc::channel();
@@ -65,17 +66,54 @@ impl Vehicle {
                 }
             }
         });
-        let mut v = Self {
-            child,
-            stdin,
-            lines,
-            port,
-        };
-        v.expect("ready").context(
-            "the pymavlink stand-in did not start: run ./test.sh (it installs pymavlink) \
-             or set FLIGHTNODE_PYMAVLINK_PYTHON",
-        )?;
+        let mut v = Self { child, stdin, lines };
+        v.expect("ready", Duration::from_secs(30)).with_context(|| {
+            format!(
+                "{} did not start: run ./test.sh (it installs pymavlink) \
+                 or set FLIGHTNODE_PYMAVLINK_PYTHON",
+                script.display()
+            )
+        })?;
         Ok(v)
+    }
+
+    fn expect(&mut self, want: &str, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line == want => return Ok(()),
+                Ok(line) if line.starts_with("error") => bail!("pymavlink script: {line}"),
+                Ok(_) => {}
+                Err(_) => bail!("pymavlink script never said {want:?} within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Runs one command and returns once the script answered `ok <command>` (within `timeout`).
+    pub fn send_within(&mut self, command: &str, timeout: Duration) -> Result<()> {
+        writeln!(self.stdin, "{command}")?;
+        self.stdin.flush()?;
+        self.expect(&format!("ok {command}"), timeout)
+    }
+}
+
+/// The running stand-in; killed on drop.
+pub struct Vehicle {
+    script: Scripted,
+    port: u16,
+}
+
+impl Vehicle {
+    /// Starts streaming to `127.0.0.1:port`. `flags`: `--armed`, `--in-air`, `--battery N`,
+    /// `--sysid N`, `--mavlink1`, `--no-landed-state`.
+    pub fn start(port: u16, flags: &[&str]) -> Result<Self> {
+        let mut args = vec![format!("udpout:127.0.0.1:{port}")];
+        args.extend(flags.iter().map(|f| (*f).to_owned()));
+        Ok(Self {
+            script: Scripted::start(&script(), &args)?,
+            port,
+        })
     }
 
     /// The agent's port it streams to.
@@ -83,27 +121,14 @@ impl Vehicle {
         self.port
     }
 
-    fn expect(&mut self, want: &str) -> Result<()> {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(30)) {
-                Ok(line) if line == want => return Ok(()),
-                Ok(line) if line.starts_with("error") => bail!("stand-in: {line}"),
-                Ok(_) => {}
-                Err(_) => bail!("stand-in never said {want:?}"),
-            }
-        }
-    }
-
     /// Runs one command (`arm`, `disarm`, `takeoff`, `land`, `battery N`, `silence`, `resume`)
     /// and returns once a burst carrying it was sent.
     pub fn send(&mut self, command: &str) -> Result<()> {
-        writeln!(self.stdin, "{command}")?;
-        self.stdin.flush()?;
-        self.expect(&format!("ok {command}"))
+        self.script.send_within(command, Duration::from_secs(30))
     }
 }
 
-impl Drop for Vehicle {
+impl Drop for Scripted {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

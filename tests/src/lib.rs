@@ -3,6 +3,7 @@
 //! - [`agent`]: locating and running the real binaries.
 //! - [`apiserver`]: a real kube-apiserver + etcd per test (envtest-style), found via `FLIGHTNODE_K8S_DIR`.
 //! - [`fc_standin`]: a pymavlink flight controller stand-in, scripted (arm, takeoff, land, battery).
+//! - [`sitl`]: a real autopilot, ArduPilot Copter SITL, found via `FLIGHTNODE_ARDUPILOT_DIR`, and a pilot for it.
 //! - [`fake_kube`]: an HTTP fake of the Kubernetes API that checks every status write.
 //! - [`boot_sim`]: power-on simulator for reboot mode (U-Boot, GRUB, example script backend).
 //! - [`uboot_qemu`]: real U-Boot under qemu-system-aarch64, its environment in pflash.
@@ -29,5 +30,6 @@ pub mod mosquitto;
 pub mod pki;
 pub mod powercut;
 pub mod release;
+pub mod sitl;
 pub mod uboot_qemu;
 pub mod vboard;

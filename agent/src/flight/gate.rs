@@ -45,7 +45,7 @@ impl Gate {
         self.monitor
             .get_or_init(|| {
                 let address = self.cfg.mavlink.as_deref()?;
-                Monitor::start(address, self.cfg.stale_after)
+                Monitor::start(address, &self.cfg)
                     .map_err(|e| tracing::error!(mavlink = %address, "cannot start the MAVLink reader: {e}"))
                     .ok()
             })
@@ -106,13 +106,18 @@ pub fn judge(cfg: &FlightConfig, s: &FlightState) -> Result<(), (WaitReason, Str
             ));
         }
         ObservedState::InAir if !allowed(AllowedState::InAir) => {
-            return Err((
-                WaitReason::InAir,
-                format!(
-                    "the vehicle is in the air (landed_state {})",
-                    s.landed_state.as_deref().unwrap_or("?")
+            let why = match s.landed_state.as_deref() {
+                Some(landed) if !s.armed_landed_state_unknown() => {
+                    format!("the vehicle is in the air (landed_state {landed})")
+                }
+                landed => format!(
+                    "the vehicle is armed and its landed state is {} (EXTENDED_SYS_STATE within {}): \
+                     it may be flying",
+                    landed.unwrap_or("not reported"),
+                    humantime::format_duration(cfg.stale_after)
                 ),
-            ));
+            };
+            return Err((WaitReason::InAir, why));
         }
         ObservedState::Armed if !allowed(AllowedState::Armed) => {
             return Err((WaitReason::Armed, "the vehicle is armed".into()));
@@ -121,6 +126,16 @@ pub fn judge(cfg: &FlightConfig, s: &FlightState) -> Result<(), (WaitReason, Str
         ObservedState::Unknown | ObservedState::Disarmed | ObservedState::InAir | ObservedState::Armed => {}
     }
     match s.battery_percent {
+        None if s.battery_expired && cfg.min_battery_percent > 0 && cfg.unknown == UnknownPolicy::Wait => {
+            Err((
+                WaitReason::FlightStateUnknown,
+                format!(
+                    "no battery level from the vehicle within {} (flight.min_battery_percent {})",
+                    humantime::format_duration(cfg.stale_after),
+                    cfg.min_battery_percent
+                ),
+            ))
+        }
         Some(pct) if cfg.min_battery_percent > 0 && pct < cfg.min_battery_percent => Err((
             WaitReason::BatteryLow,
             format!(
@@ -190,6 +205,11 @@ mod tests {
         let reason = |s: FlightState| judge(&c, &s).err().map(|(r, _)| r);
         assert_eq!(reason(state(ObservedState::Disarmed, Some(80))), None);
         assert_eq!(reason(state(ObservedState::Disarmed, None)), None);
+        let expired = FlightState {
+            battery_expired: true,
+            ..state(ObservedState::Disarmed, None)
+        };
+        assert_eq!(reason(expired), Some(WaitReason::FlightStateUnknown));
         assert_eq!(
             reason(state(ObservedState::Armed, Some(80))),
             Some(WaitReason::Armed)

@@ -1,16 +1,21 @@
-//! The MAVLink link to the flight controller, read only.
+//! The MAVLink link to the flight controller.
 //!
-//! One thread owns the connection (`mavlink::connect`, blocking) and folds every HEARTBEAT,
-//! EXTENDED_SYS_STATE, BATTERY_STATUS, SYS_STATUS and AUTOPILOT_VERSION into the latest state;
-//! a second one publishes that state on a watch every [`TICK`], turning it `unknown` when no
-//! HEARTBEAT came for `stale_after`. Nothing is ever sent to the vehicle: a udpin/tcpout link to a
-//! flight controller or mavlink-router streams without being asked. A broken link is reopened
-//! every [`RECONNECT`].
+//! One thread owns the connection (`mavlink::connect`, blocking, MAVLink 1 and 2 frames alike)
+//! and folds HEARTBEAT, EXTENDED_SYS_STATE, BATTERY_STATUS, SYS_STATUS and AUTOPILOT_VERSION of
+//! one vehicle into the latest state ([`super::track`] says what is believed); a second one
+//! publishes that state on a watch every [`TICK`]. A broken link is reopened every [`RECONNECT`].
+//!
+//! The only thing the agent sends: `MAV_CMD_SET_MESSAGE_INTERVAL` for EXTENDED_SYS_STATE,
+//! SYS_STATUS and BATTERY_STATUS once the vehicle is known, and again while one of them does not
+//! arrive. ArduPilot streams none of them unless asked (on Copter EXTENDED_SYS_STATE is in no
+//! stream group at all), so an agent that waits to be told never learns the landed state.
 
 use super::FlightState;
-use mavlink::MavConnection;
-use mavlink::dialects::ardupilotmega::{MavLandedState, MavMessage, MavModeFlag};
+use super::track::{AUTOPILOT_COMPONENT, Latest, Rules};
+use crate::config::FlightConfig;
+use mavlink::dialects::ardupilotmega::{COMMAND_LONG_DATA, MavCmd, MavMessage};
 use mavlink::error::MessageReadError;
+use mavlink::{MAVLinkMessageRaw, MavConnection, MavHeader, MavlinkVersion, Message};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,34 +25,40 @@ use tokio::sync::watch;
 pub const TICK: Duration = Duration::from_millis(100);
 /// Wait before reopening a link that failed.
 pub const RECONNECT: Duration = Duration::from_secs(1);
-
-#[derive(Default)]
-struct Latest {
-    state: FlightState,
-    heartbeat: Option<Instant>,
-}
+/// MAV_COMP_ID_ONBOARD_COMPUTER: who the agent is when it asks for streams.
+const OWN_COMPONENT: u8 = 191;
+/// The messages the gate needs and the vehicle may not send unasked, by MAVLink message id:
+/// EXTENDED_SYS_STATE (landed state), SYS_STATUS and BATTERY_STATUS (battery).
+const STREAMS: [u32; 3] = [245, 1, 147];
+/// MAVLink's nominal HEARTBEAT period: how long confirming the first state may take per sample.
+const HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);
 
 /// The running link; dropping it stops the publisher (the reader ends with the process or the
 /// next message).
 pub struct Monitor {
     rx: watch::Receiver<FlightState>,
     started: Instant,
-    stale_after: Duration,
+    rules: Rules,
     latest: Arc<Mutex<Latest>>,
     stop: Arc<AtomicBool>,
 }
 
 impl Monitor {
-    /// Starts reading `address` (see [`super::check_address`]).
-    pub fn start(address: &str, stale_after: Duration) -> std::io::Result<Self> {
-        let latest = Arc::new(Mutex::new(Latest::default()));
+    /// Starts reading `address` (see [`super::check_address`]) with the rules of `cfg`.
+    pub fn start(address: &str, cfg: &FlightConfig) -> std::io::Result<Self> {
+        let rules = Rules {
+            system_id: cfg.system_id,
+            confirm: usize::from(cfg.confirm_samples.max(1)),
+            stale_after: cfg.stale_after,
+        };
+        let latest = Arc::new(Mutex::new(Latest::new(&rules)));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = watch::channel(FlightState::default());
         {
             let (latest, stop, address) = (latest.clone(), stop.clone(), address.to_owned());
             std::thread::Builder::new()
                 .name("flightnode-mavlink".into())
-                .spawn(move || read_loop(&address, &latest, &stop))?;
+                .spawn(move || read_loop(&address, &rules, &latest, &stop))?;
         }
         {
             let (latest, stop) = (latest.clone(), stop.clone());
@@ -55,13 +66,21 @@ impl Monitor {
                 .name("flightnode-flight".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        let now = snapshot(&latest, stale_after);
+                        let now = snapshot(&latest, &rules);
                         tx.send_if_modified(|s| {
                             let changed = *s != now;
-                            if changed && s.observed != now.observed {
+                            if s.observed != now.observed {
                                 tracing::info!(observed = %now.observed, armed = ?now.armed,
                                     landed_state = ?now.landed_state, battery = ?now.battery_percent,
                                     "flight state changed");
+                            }
+                            // Apart from the observed state: whether the vehicle answers the
+                            // stream requests at all shows here.
+                            if s.landed_state != now.landed_state {
+                                tracing::info!(landed_state = ?now.landed_state, "landed state changed");
+                            }
+                            if s.battery_percent.is_some() != now.battery_percent.is_some() {
+                                tracing::info!(battery = ?now.battery_percent, "battery level known or lost");
                             }
                             *s = now;
                             changed
@@ -70,11 +89,12 @@ impl Monitor {
                     }
                 })?;
         }
-        tracing::info!(mavlink = %address, stale_after = ?stale_after, "reading the flight state over MAVLink");
+        tracing::info!(mavlink = %address, system_id = ?cfg.system_id, stale_after = ?cfg.stale_after,
+            confirm_samples = cfg.confirm_samples, "reading the flight state over MAVLink");
         Ok(Self {
             rx,
             started: Instant::now(),
-            stale_after,
+            rules,
             latest,
             stop,
         })
@@ -82,7 +102,7 @@ impl Monitor {
 
     /// The flight state now.
     pub fn state(&self) -> FlightState {
-        snapshot(&self.latest, self.stale_after)
+        snapshot(&self.latest, &self.rules)
     }
 
     /// Changes of the flight state.
@@ -90,10 +110,12 @@ impl Monitor {
         self.rx.clone()
     }
 
-    /// True while the link has just started and no HEARTBEAT could have arrived yet: an unknown
-    /// state then means "not heard yet", not "lost".
+    /// True while the link has just started and the state could not be known yet (a HEARTBEAT,
+    /// then `confirm_samples` of them): an unknown state then means "not heard yet", not "lost".
     pub fn settling(&self) -> bool {
-        self.started.elapsed() < self.stale_after && self.latest.lock().is_ok_and(|l| l.heartbeat.is_none())
+        let confirming = HEARTBEAT_PERIOD.saturating_mul(u32::try_from(self.rules.confirm).unwrap_or(1));
+        self.started.elapsed() < self.rules.stale_after + confirming
+            && self.latest.lock().is_ok_and(|l| !l.known_once)
     }
 }
 
@@ -103,20 +125,75 @@ impl Drop for Monitor {
     }
 }
 
-fn snapshot(latest: &Mutex<Latest>, stale_after: Duration) -> FlightState {
-    let Ok(l) = latest.lock() else {
+fn snapshot(latest: &Mutex<Latest>, rules: &Rules) -> FlightState {
+    let Ok(mut l) = latest.lock() else {
         return FlightState::default();
     };
-    let fresh = l.heartbeat.is_some_and(|t| t.elapsed() <= stale_after);
-    let mut s = l.state.clone();
-    s.observed = s.summarize(fresh);
-    s
+    l.state(Instant::now(), rules)
 }
 
-fn read_loop(address: &str, latest: &Mutex<Latest>, stop: &AtomicBool) {
+/// When each stream was last asked for on this connection.
+struct Requests {
+    last: [Option<Instant>; STREAMS.len()],
+    warned: bool,
+}
+
+impl Requests {
+    /// Asks the vehicle for every stream of [`STREAMS`] that has not arrived within half of
+    /// `stale_after`, at most once per half `stale_after` each: after a (re)connect, an autopilot
+    /// reboot, or a request lost on a lossy radio.
+    fn ask(
+        &mut self,
+        conn: &impl MavConnection<MavMessage>,
+        system: u32,
+        last_sample: [Option<Instant>; STREAMS.len()],
+        rules: &Rules,
+        now: Instant,
+    ) {
+        let every = rules.stale_after / 2;
+        // Well within stale_after, so one lost message does not expire a value.
+        let interval = (rules.stale_after / 4).min(Duration::from_millis(250));
+        for (i, (&id, at)) in STREAMS.iter().zip(last_sample).enumerate() {
+            let arriving = at.is_some_and(|t| now.saturating_duration_since(t) < every);
+            let asked = self.last[i].is_some_and(|t| now.saturating_duration_since(t) < every);
+            if arriving || asked {
+                continue;
+            }
+            self.last[i] = Some(now);
+            let header = MavHeader {
+                system_id: system,
+                component_id: OWN_COMPONENT,
+                sequence: 0,
+            };
+            let cmd = MavMessage::COMMAND_LONG(COMMAND_LONG_DATA {
+                target_system: u8::try_from(system).unwrap_or(0),
+                target_component: AUTOPILOT_COMPONENT,
+                command: MavCmd::MAV_CMD_SET_MESSAGE_INTERVAL,
+                param1: id as f32,
+                param2: interval.as_micros() as f32,
+                ..COMMAND_LONG_DATA::DEFAULT
+            });
+            match conn.send(&header, &cmd) {
+                Ok(_) => tracing::debug!(system_id = system, message_id = id, interval = ?interval,
+                    "MAVLink: requested a stream"),
+                Err(e) if !self.warned => {
+                    self.warned = true;
+                    tracing::warn!(
+                        system_id = system,
+                        message_id = id,
+                        "MAVLink: cannot request a stream from the vehicle: {e}"
+                    );
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+fn read_loop(address: &str, rules: &Rules, latest: &Mutex<Latest>, stop: &AtomicBool) {
     let mut logged = false;
     while !stop.load(Ordering::Relaxed) {
-        let conn = match mavlink::connect::<MavMessage>(address) {
+        let mut conn = match mavlink::connect::<MavMessage>(address) {
             Ok(c) => c,
             Err(e) => {
                 if !logged {
@@ -127,75 +204,52 @@ fn read_loop(address: &str, latest: &Mutex<Latest>, stop: &AtomicBool) {
                 continue;
             }
         };
+        // A flight controller or a telemetry radio may speak MAVLink 1 only.
+        conn.set_allow_recv_any_version(true);
         logged = false;
+        let mut requests = Requests {
+            last: [None; STREAMS.len()],
+            warned: false,
+        };
         loop {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            match conn.recv() {
-                Ok((header, msg)) => {
-                    if let Ok(mut l) = latest.lock() {
-                        fold(&mut l, header.component_id, &msg);
-                    }
-                }
+            let raw = match conn.recv_raw() {
+                Ok(raw) => raw,
                 // A corrupt frame is skipped; the stream goes on.
-                Err(MessageReadError::Parse(_)) => {}
+                Err(MessageReadError::Parse(_)) => continue,
                 Err(MessageReadError::Io(e)) => {
                     tracing::warn!(mavlink = %address, "MAVLink link broken: {e}; reopening");
                     std::thread::sleep(RECONNECT);
                     break;
                 }
+            };
+            let version = match raw {
+                MAVLinkMessageRaw::V1(_) => MavlinkVersion::V1,
+                MAVLinkMessageRaw::V2(_) => MavlinkVersion::V2,
+            };
+            let Ok(msg) = MavMessage::parse(version, raw.message_id(), raw.payload()) else {
+                continue;
+            };
+            let Ok(mut l) = latest.lock() else { return };
+            let now = Instant::now();
+            if !l.fold((raw.system_id(), raw.component_id()), version, &msg, now, rules) {
+                continue;
             }
-        }
-    }
-}
-
-/// MAV_COMP_ID_AUTOPILOT1: the flight controller itself, as opposed to cameras, gimbals, GCSs.
-const AUTOPILOT_COMPONENT: u8 = 1;
-
-fn fold(l: &mut Latest, component: u8, msg: &MavMessage) {
-    match msg {
-        MavMessage::HEARTBEAT(hb) => {
-            // Ground stations and other companions send HEARTBEATs too; only the autopilot's count.
-            if component != AUTOPILOT_COMPONENT
-                || hb.autopilot == mavlink::dialects::ardupilotmega::MavAutopilot::MAV_AUTOPILOT_INVALID
+            let (system, version) = (l.system, l.version);
+            let last_sample = STREAMS.map(|id| l.last_sample(id));
+            // Not held while sending: a slow serial write would stall the published state.
+            drop(l);
+            // Answer in the vehicle's own version: a MAVLink 1 radio drops MAVLink 2 frames.
+            if let Some(v) = version
+                && v != conn.protocol_version()
             {
-                return;
+                conn.set_protocol_version(v);
             }
-            l.heartbeat = Some(Instant::now());
-            l.state.armed = Some(hb.base_mode.contains(MavModeFlag::MAV_MODE_FLAG_SAFETY_ARMED));
-            l.state.autopilot = Some(enum_name(&hb.autopilot, "MAV_AUTOPILOT_"));
-            l.state.system_status = Some(enum_name(&hb.system_status, "MAV_STATE_"));
+            if let Some(system) = system {
+                requests.ask(&conn, system, last_sample, rules, now);
+            }
         }
-        MavMessage::EXTENDED_SYS_STATE(x) => {
-            l.state.landed_state = Some(
-                match x.landed_state {
-                    MavLandedState::MAV_LANDED_STATE_ON_GROUND => "on_ground",
-                    MavLandedState::MAV_LANDED_STATE_IN_AIR => "in_air",
-                    MavLandedState::MAV_LANDED_STATE_TAKEOFF => "takeoff",
-                    MavLandedState::MAV_LANDED_STATE_LANDING => "landing",
-                    MavLandedState::MAV_LANDED_STATE_UNDEFINED => "undefined",
-                }
-                .to_owned(),
-            );
-        }
-        // -1 = the autopilot does not know; keep what we had.
-        MavMessage::BATTERY_STATUS(b) if b.battery_remaining >= 0 && b.id == 0 => {
-            l.state.battery_percent = Some(b.battery_remaining.unsigned_abs().min(100));
-        }
-        MavMessage::SYS_STATUS(s) if s.battery_remaining >= 0 => {
-            l.state.battery_percent = Some(s.battery_remaining.unsigned_abs().min(100));
-        }
-        MavMessage::AUTOPILOT_VERSION(v) => {
-            let [major, minor, patch, _type] = v.flight_sw_version.to_be_bytes();
-            l.state.firmware_version = Some(format!("{major}.{minor}.{patch}"));
-        }
-        _ => {}
     }
-}
-
-/// `MAV_AUTOPILOT_ARDUPILOTMEGA` → `ardupilotmega`.
-fn enum_name(value: &impl std::fmt::Debug, prefix: &str) -> String {
-    let name = format!("{value:?}");
-    name.strip_prefix(prefix).unwrap_or(&name).to_ascii_lowercase()
 }

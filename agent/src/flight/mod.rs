@@ -1,8 +1,11 @@
 //! The flight gate: never switch, apply, reboot or roll back while the vehicle is armed or flying.
 //!
 //! # Layout
-//! - [`link`]: reads the flight controller's MAVLink stream (read only: the agent never sends to
-//!   the vehicle) into a [`FlightState`] that the daemon reports and the gate judges.
+//! - [`link`]: reads one vehicle's MAVLink stream (version 1 or 2; the agent sends nothing but
+//!   the stream requests it needs) into a [`FlightState`] that the daemon reports and the gate
+//!   judges.
+//! - [`track`]: what is believed: one MAVLink system, values that expire, changes that open
+//!   the gate only once confirmed.
 //! - [`gate`]: the policy of `[flight]` (allowed states, battery floor, what unknown means) and
 //!   the `gate_command` of boards without MAVLink; [`Gate::check`] says go or why to wait.
 //!
@@ -11,6 +14,7 @@
 
 pub mod gate;
 pub mod link;
+mod track;
 
 pub use gate::{Gate, Verdict};
 pub use link::Monitor;
@@ -29,6 +33,9 @@ pub struct FlightState {
     pub landed_state: Option<String>,
     /// Remaining battery from BATTERY_STATUS (or SYS_STATUS), 0-100.
     pub battery_percent: Option<u8>,
+    /// The vehicle reported a battery level on this link, but none lately: unknown, not absent.
+    #[serde(skip)]
+    pub battery_expired: bool,
     /// HEARTBEAT `autopilot`, e.g. `ardupilotmega`, `px4`.
     pub autopilot: Option<String>,
     /// HEARTBEAT `system_status`, e.g. `standby`, `active`.
@@ -46,11 +53,17 @@ impl FlightState {
         )
     }
 
+    /// Whether the vehicle is armed and its landed state is not known to be `on_ground` (none
+    /// reported lately, or `undefined`): it may be flying, so it counts as in the air.
+    pub fn armed_landed_state_unknown(&self) -> bool {
+        self.armed == Some(true) && !self.in_air() && self.landed_state.as_deref() != Some("on_ground")
+    }
+
     /// The observed state from the fields (`fresh` = a HEARTBEAT arrived within `stale_after`).
     pub fn summarize(&self, fresh: bool) -> ObservedState {
         if !fresh || self.armed.is_none() {
             ObservedState::Unknown
-        } else if self.in_air() {
+        } else if self.in_air() || self.armed_landed_state_unknown() {
             ObservedState::InAir
         } else if self.armed == Some(true) {
             ObservedState::Armed
@@ -90,6 +103,14 @@ mod tests {
         assert_eq!(s.summarize(false), ObservedState::Unknown);
         s.armed = Some(true);
         assert_eq!(s.summarize(true), ObservedState::Armed);
+        // Armed with no landed state, or an undefined one: it may be flying.
+        for landed in [None, Some("undefined")] {
+            let armed = FlightState {
+                landed_state: landed.map(str::to_owned),
+                ..s.clone()
+            };
+            assert_eq!(armed.summarize(true), ObservedState::InAir, "{landed:?}");
+        }
         s.landed_state = Some("takeoff".into());
         assert_eq!(s.summarize(true), ObservedState::InAir);
         // Disarmed but still reported in the air (a landing not finished): in the air.

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+pub mod flight;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_flightnode-agent");
 pub const HARDWARE: &str = "cc-test-v1";
 
