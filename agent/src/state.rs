@@ -2,17 +2,47 @@
 //!
 //! Every method here changes memory only and **does not write to sled**; the engine calls
 //! [`crate::store::Store::save`] after each transition and before the side effect that follows it.
+//!
+//! # The persisted format, and how it may change
+//!
+//! Both slots' images share the state dir: after image N+1's agent wrote the state, a failed
+//! trial boots image N again and N's agent must still open it, or it never confirms its slot nor
+//! takes another upgrade. So the record ([`DeviceState::encode`], JSON) carries its format,
+//! [`STATE_FORMAT`] (absent before format 2: every earlier release), and
+//! [`DeviceState::decode`] reads it tolerantly, never strictly as a bundle manifest or an MQTT
+//! command is read (those come from outside; this comes from ourselves). The rules, for every
+//! type written here (including the proto types embedded: manifest, error, last upgrade):
+//!
+//! - A new field is optional, with `#[serde(default)]`, and its absence means what the agents
+//!   before it did: an older agent ignores it and must still act safely without it. A field
+//!   without such a meaning needs a new phase instead (see below).
+//! - Never rename or remove a field, never change its type or meaning, never reuse an enum value
+//!   for something else. Bump [`STATE_FORMAT`] with every change of what is written, and keep a
+//!   fixture of the old format under `agent/tests/fixtures/state/`.
+//! - What an older agent does with a value it does not know: an unknown phase (also the phase a
+//!   wait holds), target slot or unreadable manifest drops the upgrade: the slot that runs is
+//!   confirmed and kept, the target is marked bad, and the upgrade ends `failed` with
+//!   `state_too_new` ([`DeviceState::end_dropped`]). An unknown error code reads as `internal`
+//!   (its name kept in the message), an unknown wait reason as `flight_state_unknown` (still
+//!   held), an unknown result as `failed` (or what the error code says), an unknown slot state as
+//!   `bad`. An unreadable resumable download or last-upgrade record is forgotten. Unknown fields
+//!   are ignored (and not written back).
+
+mod stored;
 
 use flightnode_proto::manifest::Manifest;
 use flightnode_proto::status::{
     CurrentUpgrade, DeviceStatus, ErrorReport, LastUpgrade, Progress, SlotStatus, Slots,
 };
 use flightnode_proto::{ErrorCode, Phase, Slot, SlotState, UpgradeResult, WaitReason};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+/// Format of the state this agent writes (the record's `format`); see the module docs.
+/// 1: every release before the field existed; 2: `format` written, decoded tolerantly.
+pub const STATE_FORMAT: u32 = 2;
 
 /// What one slot holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SlotRecord {
     /// Version of the complete image in the slot.
     pub version: Option<semver::Version>,
@@ -45,8 +75,7 @@ impl SlotRecord {
 }
 
 /// The upgrade in flight, as far as it got.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Upgrade {
     /// Upgrade id (from the operator, or derived from the source).
     pub id: String,
@@ -81,8 +110,7 @@ pub struct Upgrade {
 }
 
 /// An upgrade held by the flight gate (see [`crate::flight`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Wait {
     /// The phase whose step runs once the gate opens.
     pub resume: Phase,
@@ -116,8 +144,7 @@ impl Upgrade {
 }
 
 /// Everything persisted about the device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeviceState {
     /// Slot that runs: command mode, where `current` points; reboot mode, the slot booted (a
     /// pending trial becomes active only once it has booted).
@@ -140,6 +167,40 @@ pub struct DeviceState {
     /// upgrade sent again resumes from its written prefix. Any other upgrade drops it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumable: Option<Upgrade>,
+    /// An upgrade the store held that this agent cannot carry on (written by a newer agent):
+    /// set by [`DeviceState::decode`], ended by [`DeviceState::end_dropped`]. Never written.
+    #[serde(skip)]
+    pub dropped: Option<Dropped>,
+}
+
+/// An upgrade of a newer agent that this one cannot carry on (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    /// Its upgrade id.
+    pub id: String,
+    /// Its version, when its manifest names one.
+    pub version: Option<String>,
+    /// The slot it was writing, when this agent knows that slot name.
+    pub target: Option<Slot>,
+    /// The format of the record it came from.
+    pub format: u32,
+    /// What this agent does not know about it.
+    pub why: String,
+}
+
+/// The record as written: the state and its format.
+#[derive(Serialize)]
+struct Written<'a> {
+    format: u32,
+    #[serde(flatten)]
+    state: &'a DeviceState,
+}
+
+/// Reads a persisted [`LastUpgrade`] (the state's `last`, the daemon's upgrade history) with the
+/// tolerance of [`DeviceState::decode`]: an unknown error code or result maps as the module docs
+/// say.
+pub fn decode_last_upgrade(bytes: &[u8]) -> Result<LastUpgrade, serde_json::Error> {
+    stored::decode_last(bytes)
 }
 
 fn now_unix() -> u64 {
@@ -167,6 +228,7 @@ impl DeviceState {
             last: None,
             seq: 0,
             resumable: None,
+            dropped: None,
         };
         *state.slot_mut(running) = SlotRecord {
             version: Some(version),
@@ -174,6 +236,55 @@ impl DeviceState {
             floor: Some(0),
         };
         state
+    }
+
+    /// The persisted record: JSON with [`STATE_FORMAT`].
+    pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&Written {
+            format: STATE_FORMAT,
+            state: self,
+        })
+    }
+
+    /// Reads a persisted record of any format, earlier or later (see the module docs): an upgrade
+    /// this agent cannot carry on is left in [`DeviceState::dropped`]. Fails only on a record that
+    /// is not JSON or lacks the slots, versions, floor or sequence.
+    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        stored::decode(bytes)
+    }
+
+    /// Ends the upgrade a newer agent left (see [`DeviceState::dropped`]): the slot it wrote is
+    /// bad, the other one active, and it ends `failed` with `state_too_new`. The caller confirms
+    /// the slot that runs. Returns the finished record. Does not write to sled.
+    pub fn end_dropped(&mut self) -> Option<LastUpgrade> {
+        let d = self.dropped.take()?;
+        let slots = if let Some(target) = d.target {
+            self.active = !target;
+            // What the newer agent left there is unknown: no version is claimed for it.
+            *self.slot_mut(target) = SlotRecord::bad(None);
+            format!("slot {} stays active, slot {target} is marked bad", self.active)
+        } else {
+            format!("slot {} stays active", self.active)
+        };
+        // Its written prefix may no longer be what the newer agent left in that slot.
+        self.resumable = None;
+        let code = ErrorCode::StateTooNew;
+        let message = format!(
+            "upgrade {} was dropped: a newer agent recorded it (state format {}, this agent \
+             writes {STATE_FORMAT}) and {}; the board runs this older image, {slots}. Send the \
+             upgrade again",
+            d.id, d.format, d.why
+        );
+        let last = LastUpgrade {
+            upgrade_id: d.id,
+            version: d.version,
+            result: code.result(),
+            error: Some(ErrorReport { code, message }),
+            finished: now_unix(),
+        };
+        self.last = Some(last.clone());
+        self.bump();
+        Some(last)
     }
 
     /// The record of `slot`.
@@ -649,7 +760,217 @@ mod tests {
         // A record written before `floor`, `resumable` and the trial fields existed still loads.
         let mut json: serde_json::Value = serde_json::to_value(&s).unwrap();
         json["b"].as_object_mut().unwrap().remove("floor");
-        let old: DeviceState = serde_json::from_value(json).unwrap();
+        let old = DeviceState::decode(json.to_string().as_bytes()).unwrap();
         assert_eq!(old.b.floor, None);
+    }
+
+    /// A change to a stored record, and what must hold of the state it decodes to.
+    type Case = (&'static str, fn(&mut serde_json::Value), fn(&DeviceState) -> bool);
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/state")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn decode(name: &str) -> DeviceState {
+        DeviceState::decode(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    #[test]
+    fn every_earlier_format_decodes_and_is_written_back_in_this_one() {
+        let s = decode("format1-first-release.json");
+        let u = s.upgrade.as_ref().unwrap();
+        assert_eq!(
+            (u.phase, u.target, u.image_offset, u.written),
+            (Phase::Downloading, Slot::A, 1536, 4096)
+        );
+        assert_eq!(u.version(), Some(&v("1.2.0")));
+        assert_eq!((s.a.floor, s.b.floor, s.security_floor), (None, None, 2));
+        assert_eq!(s.last.as_ref().unwrap().result, UpgradeResult::Committed);
+
+        let s = decode("format1-flight-gate.json");
+        let u = s.upgrade.as_ref().unwrap();
+        assert_eq!(
+            (u.wait_reason(), u.step_phase()),
+            (Some(WaitReason::InAir), Phase::Switching)
+        );
+        assert!(u.manifest.as_ref().unwrap().expires.is_some());
+        assert_eq!(s.last.unwrap().error.unwrap().code, ErrorCode::FlightGateTimeout);
+
+        let s = decode("format1-trial-floor.json");
+        let u = s.upgrade.as_ref().unwrap();
+        assert_eq!(
+            (u.phase, u.trial_boots, u.trial_boot.is_some()),
+            (Phase::Testing, 1, true)
+        );
+        assert_eq!((s.a.floor, s.b.state), (Some(0), SlotState::Trial));
+
+        let s = decode("format1-chunked.json");
+        let r = s.resumable.as_ref().unwrap();
+        let chunks = r.manifest.as_ref().unwrap().chunks.as_ref().unwrap();
+        assert_eq!((chunks.count, chunks.context), (4, None));
+        assert_eq!(s.last.unwrap().error.unwrap().code, ErrorCode::DownloadFailed);
+
+        let s = decode("format1-chunk-context.json");
+        let chunks = s
+            .upgrade
+            .as_ref()
+            .unwrap()
+            .manifest
+            .as_ref()
+            .unwrap()
+            .chunks
+            .clone()
+            .unwrap();
+        assert_eq!(chunks.context.unwrap().window, 4 * 1024 * 1024);
+        assert_eq!(s.last.unwrap().error.unwrap().code, ErrorCode::ChunkInvalid);
+
+        // This format: written back byte for byte.
+        let current = fixture("format2.json");
+        let s = DeviceState::decode(&current).unwrap();
+        assert_eq!(s.encode().unwrap(), current.trim_ascii_end());
+
+        for name in [
+            "format1-first-release.json",
+            "format1-flight-gate.json",
+            "format1-trial-floor.json",
+            "format1-chunked.json",
+            "format1-chunk-context.json",
+        ] {
+            let s = decode(name);
+            assert_eq!(s.dropped, None, "{name}");
+            let written = s.encode().unwrap();
+            let json: serde_json::Value = serde_json::from_slice(&written).unwrap();
+            assert_eq!(json["format"], STATE_FORMAT, "{name}");
+            assert_eq!(DeviceState::decode(&written).unwrap(), s, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_newer_agents_upgrade_in_an_unknown_phase_is_dropped() {
+        let mut s = decode("newer-unknown-phase.json");
+        assert_eq!(s.upgrade, None);
+        let d = s.dropped.clone().unwrap();
+        assert_eq!(
+            (d.id.as_str(), d.target, d.version.as_deref(), d.format),
+            ("up-newer", Some(Slot::B), Some("2.0.0"), 3)
+        );
+        assert!(d.why.contains("`attesting`"), "{}", d.why);
+        // What it knows is kept; what it does not is mapped.
+        assert_eq!(
+            (s.a.state, s.b.state, s.seq),
+            (SlotState::Good, SlotState::Trial, 31)
+        );
+        let last = s.last.clone().unwrap();
+        assert_eq!(last.result, UpgradeResult::Failed);
+        let error = last.error.unwrap();
+        assert_eq!(error.code, ErrorCode::Internal);
+        assert!(
+            error.message.contains("thermal_limit") && error.message.contains("CPU at 95 C"),
+            "{}",
+            error.message
+        );
+        assert_eq!(s.resumable, None, "its phase is unknown too");
+
+        let last = s.end_dropped().unwrap();
+        assert_eq!(s.dropped, None);
+        assert_eq!(
+            (s.active, s.a.state, s.b.state, s.phase()),
+            (Slot::A, SlotState::Good, SlotState::Bad, Phase::Idle)
+        );
+        assert_eq!(
+            (last.upgrade_id.as_str(), last.result),
+            ("up-newer", UpgradeResult::Failed)
+        );
+        let error = last.error.unwrap();
+        assert_eq!(error.code, ErrorCode::StateTooNew);
+        assert!(
+            error.message.contains("newer agent") && error.message.contains("slot a stays active"),
+            "{}",
+            error.message
+        );
+        assert_eq!(s.seq, 32, "a transition");
+        assert_eq!(s.end_dropped(), None, "once");
+    }
+
+    #[test]
+    fn a_newer_agents_upgrade_in_a_known_phase_carries_on() {
+        let s = decode("newer-known-phase.json");
+        assert_eq!(s.dropped, None);
+        let u = s.upgrade.as_ref().unwrap();
+        assert_eq!(u.id, "up-held");
+        assert_eq!(
+            (u.wait_reason(), u.step_phase()),
+            (Some(WaitReason::FlightStateUnknown), Phase::Switching),
+            "an unknown reason still holds it"
+        );
+        let error = s.last.unwrap().error.unwrap();
+        assert_eq!(error.code, ErrorCode::Internal);
+        assert!(error.message.contains("`thermal_limit`"), "{}", error.message);
+    }
+
+    #[test]
+    fn unknown_values_take_their_safe_meaning() {
+        let base: serde_json::Value = serde_json::from_slice(&fixture("format2.json")).unwrap();
+        let cases: Vec<Case> = vec![
+            (
+                "unknown slot state",
+                |j| j["b"]["state"] = "quarantined".into(),
+                |s| s.b.state == SlotState::Bad && s.upgrade.is_some(),
+            ),
+            (
+                "unknown held phase",
+                |j| j["upgrade"]["wait"]["resume"] = "attesting".into(),
+                |s| s.upgrade.is_none() && s.dropped.as_ref().is_some_and(|d| d.why.contains("attesting")),
+            ),
+            (
+                "unknown target slot",
+                |j| j["upgrade"]["target"] = "c".into(),
+                |s| s.dropped.as_ref().is_some_and(|d| d.target.is_none()),
+            ),
+            (
+                "manifest of a newer format",
+                |j| j["upgrade"]["manifest"]["signer_chain"] = "x".into(),
+                |s| s.dropped.as_ref().is_some_and(|d| d.why.contains("manifest")),
+            ),
+            (
+                "upgrade record without its id",
+                |j| {
+                    j["upgrade"].as_object_mut().unwrap().remove("id");
+                },
+                |s| s.dropped.as_ref().is_some_and(|d| d.target == Some(Slot::B)),
+            ),
+            (
+                "unknown result, known code",
+                |j| j["last"] = serde_json::json!({"upgrade_id": "u", "version": null, "result": "superseded", "error": {"code": "canceled", "message": "m"}, "finished": 1}),
+                |s| {
+                    s.last
+                        .as_ref()
+                        .is_some_and(|l| l.result == UpgradeResult::Canceled)
+                },
+            ),
+            (
+                "unreadable last record",
+                |j| j["last"] = serde_json::json!({"result": 7}),
+                |s| s.last.is_none() && s.upgrade.is_some(),
+            ),
+        ];
+        for (name, change, check) in cases {
+            let mut j = base.clone();
+            change(&mut j);
+            let s = DeviceState::decode(j.to_string().as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(check(&s), "{name}: {s:?}");
+        }
+        for broken in [&b"not json"[..], br#"{"format": 9, "active": "a"}"#] {
+            assert!(
+                DeviceState::decode(broken).is_err(),
+                "{}",
+                String::from_utf8_lossy(broken)
+            );
+        }
+        let last = decode_last_upgrade(br#"{"upgrade_id":"u","version":"2.0.0","result":"committed","error":null,"finished":5,"signed_by":"hub"}"#).unwrap();
+        assert_eq!((last.result, last.finished), (UpgradeResult::Committed, 5));
     }
 }

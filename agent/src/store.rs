@@ -41,7 +41,8 @@ pub enum StoreError {
         /// Why.
         source: sled::Error,
     },
-    /// The stored record cannot be decoded (written by an incompatible version, or damaged).
+    /// The stored record cannot be decoded: damaged (a record of any agent version decodes, see
+    /// [`crate::state`]).
     #[error(
         "state store {path}: stored device state is unreadable ({message}); move the directory aside to start over"
     )]
@@ -116,7 +117,7 @@ impl Store {
     pub fn load(&self) -> Result<Option<DeviceState>, StoreError> {
         let raw = self.db.get(DEVICE_KEY).map_err(|source| self.sled(source))?;
         raw.map(|bytes| {
-            serde_json::from_slice(&bytes).map_err(|e| StoreError::Decode {
+            DeviceState::decode(&bytes).map_err(|e| StoreError::Decode {
                 path: self.path.clone(),
                 message: e.to_string(),
             })
@@ -126,7 +127,7 @@ impl Store {
 
     /// Writes the whole device state and flushes it to disk before returning.
     pub fn save(&self, state: &DeviceState) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(state).map_err(|e| StoreError::Decode {
+        let bytes = state.encode().map_err(|e| StoreError::Decode {
             path: self.path.clone(),
             message: e.to_string(),
         })?;
@@ -159,7 +160,7 @@ impl Store {
 #[cfg(test)]
 pub(crate) fn saved(db: &sled::Db) -> Option<DeviceState> {
     let bytes = db.get(DEVICE_KEY).ok()??;
-    serde_json::from_slice(&bytes).ok()
+    DeviceState::decode(&bytes).ok()
 }
 
 #[cfg(test)]

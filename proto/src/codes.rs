@@ -46,13 +46,17 @@ pub enum ErrorCode {
     /// The flight gate held the upgrade for longer than `flight.max_wait`; nothing was activated
     /// (or, if the switch had begun, the old slot was restored once the vehicle allowed it).
     FlightGateTimeout,
+    /// The upgrade in flight was recorded by a newer agent in a form this agent cannot carry on
+    /// (a phase, slot or manifest it does not know): the board fell back to this older image.
+    /// The upgrade was dropped, the slot that runs is kept and the other one is marked bad.
+    StateTooNew,
     /// Anything else: a local I/O or configuration failure. The message says which.
     Internal,
 }
 
 impl ErrorCode {
     /// All codes, in documentation order.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         Self::MalformedBundle,
         Self::SignatureInvalid,
         Self::UntrustedKey,
@@ -71,6 +75,7 @@ impl ErrorCode {
         Self::Busy,
         Self::Canceled,
         Self::FlightGateTimeout,
+        Self::StateTooNew,
         Self::Internal,
     ];
 
@@ -95,6 +100,7 @@ impl ErrorCode {
             Self::Busy => "busy",
             Self::Canceled => "canceled",
             Self::FlightGateTimeout => "flight_gate_timeout",
+            Self::StateTooNew => "state_too_new",
             Self::Internal => "internal",
         }
     }
@@ -119,6 +125,7 @@ impl ErrorCode {
             | Self::RangeUnsupported
             | Self::NoSpace
             | Self::FlightGateTimeout
+            | Self::StateTooNew
             | Self::Internal => UpgradeResult::Failed,
         }
     }

@@ -49,7 +49,7 @@ impl History {
                 return None;
             }
         };
-        serde_json::from_slice(&raw)
+        crate::state::decode_last_upgrade(&raw)
             .map_err(
                 |e| tracing::warn!(upgrade_id, error = %e, "upgrade history: the record does not decode"),
             )
@@ -70,7 +70,7 @@ impl History {
                 .iter()
                 .filter_map(Result::ok)
                 .filter_map(|(k, v)| {
-                    serde_json::from_slice::<LastUpgrade>(&v)
+                    crate::state::decode_last_upgrade(&v)
                         .ok()
                         .map(|l| (l.finished, k))
                 })

@@ -309,10 +309,12 @@ impl Engine {
         } else {
             None
         };
-        let state = match stored {
+        let mut state = match stored {
             Some(state) => state,
             None => fresh_state(cfg, &activation)?,
         };
+        // Shown as the next start will leave it (in memory only).
+        state.end_dropped();
         let booted = activation.booted(state.active)?;
         Ok(state.report(&cfg.device_id, booted))
     }
@@ -326,6 +328,7 @@ impl Engine {
     /// Installs a bundle. An interrupted upgrade of the same source (or id) is resumed instead of
     /// restarted; one that never reached a slot switch is set aside; one that did is finished first.
     pub fn install(&mut self, req: Request) -> Result<Outcome, EngineError> {
+        self.end_dropped()?;
         if self.state.upgrade.is_none() {
             // Whatever the last boot showed (a fallback, a lost confirmation) is settled first,
             // so the policy compares against the version that really runs.
@@ -387,6 +390,7 @@ impl Engine {
     /// Finishes or undoes whatever was in flight when the agent stopped. Running it again in the
     /// same state does nothing new.
     pub fn resume(&mut self) -> Result<Outcome, EngineError> {
+        self.end_dropped()?;
         if self.state.upgrade.is_none() {
             self.confirm_boot()?;
             return Ok(Outcome::Idle);
@@ -497,6 +501,35 @@ impl Engine {
         self.settle_pointer()
     }
 
+    /// Ends an upgrade the store held that this agent cannot carry on (a newer agent's, see
+    /// [`crate::state`]) before anything else runs: the slot that runs stays (the caller confirms
+    /// it with the bootloader), the other is bad, and the end is saved and reported.
+    fn end_dropped(&mut self) -> Result<(), EngineError> {
+        let Some(dropped) = &self.state.dropped else {
+            return Ok(());
+        };
+        if let (Some(target), Activation::Reboot { boot, .. }) = (dropped.target, &self.activation) {
+            // Out of the boot order before the save, as a rollback does: a crash repeats this.
+            // Never the slot that runs: with no verdict on it the bootloader falls back later.
+            let booted = boot.booted().map_err(ActivationError::from)?;
+            if booted != target {
+                boot.mark_bad(target).map_err(ActivationError::from)?;
+            }
+        }
+        if let Some(last) = self.state.end_dropped() {
+            let message = last
+                .error
+                .as_ref()
+                .map(|e| e.message.as_str())
+                .unwrap_or_default();
+            tracing::warn!(upgrade_id = %last.upgrade_id, code = %ErrorCode::StateTooNew, slot = %self.state.active,
+                "upgrade ended: {message}");
+            self.save()?;
+            self.settle_pointer()?;
+        }
+        Ok(())
+    }
+
     /// Saves the state, then tells the observer.
     fn save(&mut self) -> Result<(), EngineError> {
         self.store.save(&self.state)?;
@@ -510,13 +543,15 @@ impl Engine {
     /// then names the trial slot, which may be the failed one.
     fn settle_pointer(&self) -> Result<(), EngineError> {
         if let Activation::Command { pointer } = &self.activation {
-            let settled = matches!(
-                self.state
-                    .upgrade
-                    .as_ref()
-                    .map_or(Phase::Idle, crate::state::Upgrade::step_phase),
-                Phase::Idle | Phase::Downloading | Phase::Staged
-            );
+            // A newer agent's dropped upgrade may have switched: wait for `end_dropped`.
+            let settled = self.state.dropped.is_none()
+                && matches!(
+                    self.state
+                        .upgrade
+                        .as_ref()
+                        .map_or(Phase::Idle, crate::state::Upgrade::step_phase),
+                    Phase::Idle | Phase::Downloading | Phase::Staged
+                );
             if settled && pointer.read()? != Some(self.state.active) {
                 pointer.set(self.state.active)?;
             }
@@ -530,6 +565,7 @@ impl Engine {
     /// booted (a pending trial is refused until its boot), and `mark-bad` refuses whatever would
     /// leave no good slot to boot. Marking a pending trial bad cancels it in the bootloader.
     pub fn mark(&mut self, slot: Slot, good: bool) -> Result<String, EngineError> {
+        self.end_dropped()?;
         let running = self.running()?;
         let boot_id = self.activation.boot_id()?;
         let trial = self
