@@ -4,7 +4,8 @@
 //! Names are the journal steps (`verified`, `staged`, `switching`, …), `pointer_renamed` (after the
 //! `current` rename, before its directory fsync), `download@N`, which fires once at least N image
 //! bytes were written, and `grubenv-synced`/`grubenv-renamed` inside the GRUB backend's write (new
-//! file fsynced but not renamed; renamed but directory not fsynced).
+//! file fsynced but not renamed; renamed but directory not fsynced), and `command_queued` in the
+//! daemon (an MQTT install accepted and kept in the store, not yet handed to the engine).
 
 /// Dies with SIGKILL when the armed failpoint is `name`.
 #[inline]

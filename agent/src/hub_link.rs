@@ -8,6 +8,8 @@
 //! - at start, then every `heartbeat_interval` (±10 % jitter; the hub may override the interval);
 //! - shortly after `state` changes its `seq` or phase (changes within [`COALESCE`] go in one
 //!   heartbeat); other state changes (bytes written) count as progress;
+//! - shortly after an event was pushed to the outbox (a refused command is one without any
+//!   state change);
 //! - on progress changes, at most every [`PROGRESS_MIN`];
 //! - shortly after the flight state's `observed` changes (battery and the like ride along with
 //!   the next heartbeat);
@@ -453,6 +455,8 @@ pub async fn run(
     let mut failures: u32 = 0;
     let (mut state_open, mut progress_open) = (true, true);
     let mut sent_observed = None;
+    let mut pushed = outbox.pushed();
+    let mut pushed_open = true;
     tracing::info!(endpoint = %cfg.endpoint, interval = ?interval, "hub link started");
 
     // Progress-like changes: due no earlier than PROGRESS_MIN after the last attempt.
@@ -478,6 +482,10 @@ pub async fn run(
                     });
                 }
                 Err(_) => state_open = false,
+            },
+            r = pushed.changed(), if pushed_open => match r {
+                Ok(()) => due = due.min(Instant::now() + COALESCE),
+                Err(_) => pushed_open = false,
             },
             r = progress.changed(), if progress_open => match r {
                 Ok(()) => due = due.min(throttled(last_attempt)),

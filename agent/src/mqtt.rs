@@ -11,7 +11,8 @@
 //! - failed attempts are retried with jittered exponential backoff (200 ms, doubling, capped at
 //!   `max_backoff`); each failure is logged once;
 //! - every publish on the upgrade topic is parsed with [`parse_command`] and sent on `inbound` as
-//!   [`Inbound::Command`] or [`Inbound::Malformed`]. Packets up to [`MAX_INCOMING_PACKET`] are read
+//!   [`Inbound::Command`] or [`Inbound::Malformed`] (with the upgrade id the payload still names,
+//!   so the refusal is reported against it). Packets up to [`MAX_INCOMING_PACKET`] are read
 //!   (so oversized commands are refused by the parser, not by the transport). A packet above that
 //!   makes rumqttc drop the connection; the link then reports it as malformed and reconnects once
 //!   with a clean session so the broker forgets the poison message instead of redelivering it for
@@ -25,7 +26,9 @@
 
 use crate::config::MqttConfig;
 use flightnode_proto::backoff;
-use flightnode_proto::mqtt::{Command, StatusMessage, parse_command, status_topic, upgrade_topic};
+use flightnode_proto::mqtt::{
+    Command, StatusMessage, named_upgrade_id, parse_command, status_topic, upgrade_topic,
+};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, StateError,
     SubscribeReasonCode, TlsConfiguration, Transport,
@@ -59,8 +62,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub enum Inbound {
     /// A valid command.
     Command(Command),
-    /// A payload that is not a command, with the reason.
-    Malformed(String),
+    /// A payload that is not a command.
+    Malformed {
+        /// Why.
+        reason: String,
+        /// The upgrade id the payload still names, if any ([`named_upgrade_id`]).
+        upgrade_id: Option<String>,
+    },
 }
 
 /// Why the link cannot start. Once running, [`run`] only returns at `shutdown`.
@@ -378,7 +386,7 @@ impl Link {
             let victim = self
                 .to_daemon
                 .iter()
-                .position(|i| matches!(i, Inbound::Malformed(_)))
+                .position(|i| matches!(i, Inbound::Malformed { .. }))
                 .unwrap_or(0);
             self.to_daemon.remove(victim);
             warn!(device_id = %self.device_id, "mqtt: daemon is not reading commands; dropped one");
@@ -439,9 +447,12 @@ impl Link {
                 self.session_up = false;
                 self.set_connected(false);
             }
-            LinkEvent::Oversize(n) => self.queue_inbound(Inbound::Malformed(format!(
-                "payload of about {n} bytes is over the {MAX_INCOMING_PACKET}-byte MQTT packet limit"
-            ))),
+            LinkEvent::Oversize(n) => self.queue_inbound(Inbound::Malformed {
+                reason: format!(
+                    "payload of about {n} bytes is over the {MAX_INCOMING_PACKET}-byte MQTT packet limit"
+                ),
+                upgrade_id: None,
+            }),
             LinkEvent::Mqtt(Event::Incoming(Incoming::SubAck(ack))) => {
                 if ack
                     .return_codes
@@ -462,7 +473,10 @@ impl Link {
                 }
                 let item = match parse_command(&p.payload, &self.device_id) {
                     Ok(cmd) => Inbound::Command(cmd),
-                    Err(m) => Inbound::Malformed(m.0),
+                    Err(m) => Inbound::Malformed {
+                        reason: m.0,
+                        upgrade_id: named_upgrade_id(&p.payload),
+                    },
                 };
                 self.queue_inbound(item);
             }

@@ -1,9 +1,16 @@
 //! The event outbox: phase transitions kept in sled until the hub acknowledges them.
 //!
 //! Events live in the `outbox` tree keyed by their big-endian `seq`, so iteration is oldest first.
-//! [`Outbox::push`] flushes before it returns: an event is durable before the side effect it
-//! announces. The outbox is bounded by `cap`: beyond it the oldest events are dropped, counted in
-//! [`Outbox::dropped`] and logged — it is bounded and says so.
+//! [`Outbox::push`] syncs the store ([`Durable::sync`]) before it returns: an event is durable
+//! before the side effect it announces, and one that was pushed survives a power cut. The outbox
+//! is bounded by `cap`: beyond it the oldest events are dropped, counted in [`Outbox::dropped`]
+//! and logged — it is bounded and says so.
+//!
+//! An event's `seq` is the device state's `seq` after its transition, unless that is not above
+//! the last seq the outbox handed out: then it is the next number. Refused commands
+//! ([`Event::refused`]) are events without a transition of their own, so they take the next
+//! number and the transitions after them move up with it: seqs only grow, per state dir (the
+//! highest is kept in `outbox_meta`), which is what the hub's acknowledgement relies on.
 //!
 //! The hub answers every heartbeat with the highest `seq` it has durably recorded;
 //! [`Outbox::ack`] removes everything up to it.
@@ -14,18 +21,23 @@
 //! without a write per heartbeat.
 
 use crate::state::DeviceState;
+use crate::store::{Durable, StoreError};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::watch;
 
 const TREE: &str = "outbox";
 const META_TREE: &str = "outbox_meta";
 const RUN_KEY: &[u8] = b"run";
+/// The highest event seq handed out (see the module docs).
+const HIGH_KEY: &[u8] = b"high_seq";
 
 /// One phase transition, as sent in `HeartbeatRequest.events`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// Agent event sequence ([`DeviceState::seq`] after the transition); monotonic.
+    /// Agent event sequence, monotonic per state dir: [`DeviceState::seq`] after the transition
+    /// or the next number (see the module docs). [`Outbox::push`] assigns it.
     pub seq: u64,
     /// When it happened, Unix milliseconds.
     pub time_unix_ms: i64,
@@ -45,12 +57,9 @@ impl Event {
     /// The event for the transition that produced `state`, stamped now: `seq` is `state.seq`, the
     /// phase is `state.phase()`; when idle, upgrade id, result and error come from `state.last`.
     pub fn from_state(state: &DeviceState) -> Self {
-        let time_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let mut event = Event {
             seq: state.seq,
-            time_unix_ms,
+            time_unix_ms: now_unix_ms(),
             upgrade_id: String::new(),
             phase: state.phase().as_str().to_owned(),
             result: String::new(),
@@ -75,6 +84,29 @@ impl Event {
         }
         event
     }
+
+    /// A command refused without becoming an upgrade (busy, malformed, refused by the engine):
+    /// phase `idle`, result `rejected`, with the refusal's code (an [`ErrorCode`] string or
+    /// `malformed`). Its `seq` is assigned by [`Outbox::push`].
+    ///
+    /// [`ErrorCode`]: flightnode_proto::ErrorCode
+    pub fn refused(upgrade_id: &str, code: &str, message: &str) -> Self {
+        Event {
+            seq: 0,
+            time_unix_ms: now_unix_ms(),
+            upgrade_id: upgrade_id.to_owned(),
+            phase: flightnode_proto::Phase::Idle.as_str().to_owned(),
+            result: flightnode_proto::UpgradeResult::Rejected.as_str().to_owned(),
+            error_code: code.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Outbox failures.
@@ -83,6 +115,9 @@ pub enum OutboxError {
     /// sled failed.
     #[error("outbox store")]
     Sled(#[from] sled::Error),
+    /// The store could not make the outbox durable.
+    #[error("outbox store")]
+    Store(#[from] StoreError),
     /// An event could not be encoded.
     #[error("outbox: encoding event {seq}")]
     Encode {
@@ -97,9 +132,15 @@ pub enum OutboxError {
 #[derive(Clone)]
 pub struct Outbox {
     tree: sled::Tree,
+    meta: sled::Tree,
+    store: Durable,
     cap: usize,
     dropped: Arc<AtomicU64>,
     heartbeat: Arc<AtomicU64>,
+    /// The highest seq handed out; held while a push assigns and stores the next.
+    high: Arc<Mutex<u64>>,
+    /// The seq of the last pushed event, for whoever sends them (the hub link).
+    pushed: Arc<watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -112,11 +153,11 @@ impl std::fmt::Debug for Outbox {
 }
 
 impl Outbox {
-    /// Opens the outbox in `db`, keeping at most `cap` events (at least one). Bumps and flushes
+    /// Opens the outbox in `store`, keeping at most `cap` events (at least one). Bumps and syncs
     /// the persisted run counter used by [`Outbox::next_heartbeat_seq`].
-    pub fn open(db: &sled::Db, cap: usize) -> Result<Self, OutboxError> {
-        let tree = db.open_tree(TREE)?;
-        let meta = db.open_tree(META_TREE)?;
+    pub fn open(store: &Durable, cap: usize) -> Result<Self, OutboxError> {
+        let tree = store.db().open_tree(TREE)?;
+        let meta = store.db().open_tree(META_TREE)?;
         let run = meta
             .update_and_fetch(RUN_KEY, |old| {
                 let prev = old.and_then(decode_u64).unwrap_or(0);
@@ -125,30 +166,50 @@ impl Outbox {
             .as_deref()
             .and_then(decode_u64)
             .unwrap_or(1);
-        meta.flush()?;
+        store.sync()?;
+        let high = meta
+            .get(HIGH_KEY)?
+            .as_deref()
+            .and_then(decode_u64)
+            .unwrap_or(0)
+            .max(tree.last()?.and_then(|(k, _)| decode_u64(&k)).unwrap_or(0));
         let outbox = Self {
             tree,
+            meta,
+            store: store.clone(),
             cap: cap.max(1),
             dropped: Arc::new(AtomicU64::new(0)),
             heartbeat: Arc::new(AtomicU64::new((run & 0xffff_ffff) << 32)),
+            high: Arc::new(Mutex::new(high)),
+            pushed: Arc::new(watch::Sender::new(high)),
         };
         // A smaller cap than in the last run applies at once.
         outbox.enforce_cap()?;
         Ok(outbox)
     }
 
-    /// Stores `event` and flushes: when this returns, the event survives a crash. Beyond the cap
-    /// the oldest events are dropped (counted and logged). An event with the seq of a stored one
-    /// replaces it.
-    pub fn push(&self, event: &Event) -> Result<(), OutboxError> {
-        let value = serde_json::to_vec(event).map_err(|source| OutboxError::Encode {
-            seq: event.seq,
-            source,
-        })?;
-        self.tree.insert(event.seq.to_be_bytes(), value)?;
+    /// Stores `event` with its seq (see the module docs) and syncs: when this returns, the
+    /// event survives a power cut. Beyond the cap the oldest events are dropped (counted and
+    /// logged). Returns the seq it was stored with.
+    pub fn push(&self, event: &Event) -> Result<u64, OutboxError> {
+        let mut high = self.high.lock().unwrap_or_else(PoisonError::into_inner);
+        let seq = event.seq.max(high.saturating_add(1));
+        let event = Event { seq, ..event.clone() };
+        let value = serde_json::to_vec(&event).map_err(|source| OutboxError::Encode { seq, source })?;
+        // The mark first: an event stored without it still counts through the tree's last key.
+        self.meta.insert(HIGH_KEY, &seq.to_be_bytes())?;
+        self.tree.insert(seq.to_be_bytes(), value)?;
         self.enforce_cap()?;
-        self.tree.flush()?;
-        Ok(())
+        self.store.sync()?;
+        *high = seq;
+        drop(high);
+        self.pushed.send_replace(seq);
+        Ok(seq)
+    }
+
+    /// Changes to the seq of the last pushed event.
+    pub fn pushed(&self) -> watch::Receiver<u64> {
+        self.pushed.subscribe()
     }
 
     fn enforce_cap(&self) -> Result<(), OutboxError> {
@@ -172,7 +233,7 @@ impl Outbox {
             }
         }
         if dropped > 0 {
-            self.tree.flush()?;
+            self.store.sync()?;
             let total = self.dropped.fetch_add(dropped, Ordering::Relaxed) + dropped;
             tracing::warn!(
                 dropped,
@@ -207,7 +268,7 @@ impl Outbox {
         Ok(out)
     }
 
-    /// Removes every event with `seq <= upto_seq` and flushes. Returns how many were removed.
+    /// Removes every event with `seq <= upto_seq` and syncs. Returns how many were removed.
     pub fn ack(&self, upto_seq: u64) -> Result<usize, OutboxError> {
         let mut batch = sled::Batch::default();
         let mut n = 0;
@@ -218,7 +279,7 @@ impl Outbox {
         }
         if n > 0 {
             self.tree.apply_batch(batch)?;
-            self.tree.flush()?;
+            self.store.sync()?;
         }
         Ok(n)
     }
@@ -269,10 +330,10 @@ mod tests {
         }
     }
 
-    fn db() -> (tempfile::TempDir, sled::Db) {
+    fn db() -> (tempfile::TempDir, Durable) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        (dir, db)
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        (dir, store.durable())
     }
 
     fn seqs(o: &Outbox, limit: usize) -> Vec<u64> {
@@ -283,7 +344,7 @@ mod tests {
     fn ordered_by_seq_across_byte_boundaries() {
         let (_d, db) = db();
         let o = Outbox::open(&db, 100).unwrap();
-        for s in [300u64, 2, 256, 1, 255] {
+        for s in [1u64, 2, 255, 256, 300] {
             o.push(&event(s)).unwrap();
         }
         assert_eq!(seqs(&o, 10), vec![1, 2, 255, 256, 300]);
@@ -327,13 +388,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first;
         {
-            let db = sled::open(dir.path().join("db")).unwrap();
-            let o = Outbox::open(&db, 10).unwrap();
+            let store = crate::store::Store::open(dir.path()).unwrap();
+            let o = Outbox::open(&store.durable(), 10).unwrap();
             o.push(&event(7)).unwrap();
             first = o.next_heartbeat_seq();
             assert!(o.next_heartbeat_seq() > first);
         }
-        let db = sled::open(dir.path().join("db")).unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let db = store.durable();
         let o = Outbox::open(&db, 10).unwrap();
         assert_eq!(seqs(&o, 10), vec![7]);
         assert!(o.next_heartbeat_seq() > first + 1);
@@ -342,6 +404,40 @@ mod tests {
         let o = Outbox::open(&db, 1).unwrap();
         o.push(&event(8)).unwrap();
         assert_eq!(seqs(&o, 10), vec![8]);
+    }
+
+    #[test]
+    fn a_refusal_takes_the_next_seq_and_later_transitions_move_up_across_reopen() {
+        let (dir, db) = db();
+        let o = Outbox::open(&db, 10).unwrap();
+        assert_eq!(o.push(&event(4)).unwrap(), 4);
+        let mut pushed = o.pushed();
+        assert_eq!(
+            o.push(&Event::refused("up-2", "busy", "up-1 is in flight"))
+                .unwrap(),
+            5
+        );
+        assert!(pushed.has_changed().unwrap());
+        assert_eq!(*pushed.borrow_and_update(), 5);
+        // The state's next transition is seq 5 too: it must not replace the refusal.
+        assert_eq!(o.push(&event(5)).unwrap(), 6);
+        let events = o.pending(10).unwrap();
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5, 6]);
+        assert_eq!(
+            (
+                events[1].result.as_str(),
+                events[1].error_code.as_str(),
+                events[1].phase.as_str()
+            ),
+            ("rejected", "busy", "idle")
+        );
+        // Acknowledged and reopened: the mark survives an empty outbox.
+        o.ack(6).unwrap();
+        drop((o, db));
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let o = Outbox::open(&store.durable(), 10).unwrap();
+        assert_eq!(o.push(&event(6)).unwrap(), 7);
+        assert_eq!(o.push(&event(9)).unwrap(), 9);
     }
 
     #[test]

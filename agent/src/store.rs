@@ -8,9 +8,13 @@
 //! never fsyncs a directory. The power-loss tests (`agent/tests/power_loss.rs`) lost saved phases
 //! and whole stores that way. So `save` fsyncs sled's data file after the flush, and `open`
 //! fsyncs the directories sled created, once.
+//!
+//! Every other tree in the same database (the daemon's queued commands, outbox, report sequence
+//! and history) is made durable the same way, through [`Durable::sync`]: `save` uses it too.
 
 use crate::state::DeviceState;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const DEVICE_KEY: &[u8] = b"device";
 
@@ -59,7 +63,45 @@ pub struct Store {
     db: sled::Db,
     path: PathBuf,
     /// sled's data file (`db/db`), fsynced after every flush.
-    data: std::fs::File,
+    data: Arc<std::fs::File>,
+}
+
+/// A handle on the store's database for trees other than the device state: a write is durable
+/// once [`Durable::sync`] returned (sled's `flush()` followed by an fsync of its data file; see
+/// the module docs). Cheap to clone; every clone syncs the same file.
+#[derive(Clone)]
+pub struct Durable {
+    db: sled::Db,
+    path: PathBuf,
+    data: Arc<std::fs::File>,
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durable")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Durable {
+    /// The database.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Makes every write to the database so far durable: a power cut after this returns keeps
+    /// them.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(|source| StoreError::Sled {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.data.sync_all().map_err(|source| StoreError::Sync {
+            path: self.path.join("db"),
+            source,
+        })
+    }
 }
 
 /// fsyncs `path` (a file or a directory).
@@ -110,7 +152,11 @@ impl Store {
             path: data_path,
             source,
         })?;
-        Ok(Self { db, path, data })
+        Ok(Self {
+            db,
+            path,
+            data: Arc::new(data),
+        })
     }
 
     /// Loads the device state, or `None` on a fresh device.
@@ -134,12 +180,16 @@ impl Store {
         self.db
             .insert(DEVICE_KEY, bytes)
             .map_err(|source| self.sled(source))?;
-        self.db.flush().map_err(|source| self.sled(source))?;
-        self.data.sync_all().map_err(|source| StoreError::Sync {
-            path: self.path.join("db"),
-            source,
-        })?;
-        Ok(())
+        self.durable().sync()
+    }
+
+    /// A handle that makes writes to other trees of this database durable.
+    pub fn durable(&self) -> Durable {
+        Durable {
+            db: self.db.clone(),
+            path: self.path.clone(),
+            data: Arc::clone(&self.data),
+        }
     }
 
     /// The database, for other trees (the daemon's outbox and upgrade history).

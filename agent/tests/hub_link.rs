@@ -199,8 +199,8 @@ fn init() {
 impl Device {
     fn start(cfg: HubConfig, tls: Tls) -> Device {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path().join("db")).open().unwrap();
-        let outbox = Outbox::open(&db, cfg.outbox_cap).unwrap();
+        let store = flightnode_agent::store::Store::open(dir.path()).unwrap();
+        let outbox = Outbox::open(&store.durable(), cfg.outbox_cap).unwrap();
         let (state, state_rx) = watch::channel(DeviceState::factory(semver::Version::new(1, 0, 0)));
         let (progress, progress_rx) = watch::channel(None);
         let (connected_tx, connected) = watch::channel(false);

@@ -137,13 +137,13 @@ fn upgrade(id: &str, url: &str) -> Command {
 fn expect_command(got: Inbound) -> Command {
     match got {
         Inbound::Command(c) => c,
-        other @ Inbound::Malformed(_) => panic!("expected a command, got {other:?}"),
+        other @ Inbound::Malformed { .. } => panic!("expected a command, got {other:?}"),
     }
 }
 
 fn expect_malformed(got: Inbound, what: &str) -> String {
     match got {
-        Inbound::Malformed(reason) => reason,
+        Inbound::Malformed { reason, .. } => reason,
         other @ Inbound::Command(_) => panic!("{what}: expected Malformed, got {other:?}"),
     }
 }

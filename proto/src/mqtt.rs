@@ -220,6 +220,19 @@ pub fn parse_command(payload: &[u8], device_id: &str) -> Result<Command, Malform
     }
 }
 
+/// The upgrade id a payload that [`parse_command`] refused still names: a JSON object with a
+/// valid `upgrade_id` string (whatever else is wrong with it), so the refusal can be reported
+/// against that upgrade. `None` for anything else (a bare URL names no id of its own).
+pub fn named_upgrade_id(payload: &[u8]) -> Option<String> {
+    if payload.len() > MAX_COMMAND_BYTES {
+        return None;
+    }
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(payload).ok()?;
+    let id = object.get("upgrade_id")?.as_str()?;
+    check_id(id).ok()?;
+    Some(id.to_owned())
+}
+
 /// What is running.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -240,7 +253,8 @@ pub struct StatusMessage {
     pub seq: u64,
     /// Unix milliseconds when the report was made.
     pub timestamp: u64,
-    /// The upgrade the report is about; `None` for a payload that named none (malformed).
+    /// The upgrade the report is about; `None` for a payload that named none (malformed; see
+    /// [`named_upgrade_id`]).
     pub upgrade_id: Option<String>,
     /// Phase of that upgrade; `idle` once it ended.
     pub phase: Phase,
@@ -249,7 +263,7 @@ pub struct StatusMessage {
     pub wait_reason: Option<WaitReason>,
     /// Download progress.
     pub progress: Option<Progress>,
-    /// How it ended, once it ended.
+    /// How it ended, once it ended; `rejected` for a refused command that named an upgrade.
     pub result: Option<UpgradeResult>,
     /// Why, when it did not commit (or the command was refused: `busy`, `malformed`).
     pub error: Option<StatusError>,
@@ -338,6 +352,31 @@ mod tests {
         for p in bad {
             assert!(
                 parse_command(p, "d1").is_err(),
+                "{:?}",
+                String::from_utf8_lossy(p)
+            );
+        }
+        let named: &[(&[u8], Option<&str>)] = &[
+            (
+                br#"{"type":"upgrade","upgrade_id":"x","url":"ftp://h/b"}"#,
+                Some("x"),
+            ),
+            (
+                br#"{"type":"upgrade","upgrade_id":"x","url":"http://h/b","extra":1}"#,
+                Some("x"),
+            ),
+            (
+                br#"{"type":"upgrade","upgrade_id":"a b","url":"http://h/b"}"#,
+                None,
+            ),
+            (br#"{"type":"upgrade","upgrade_id":7,"url":"http://h/b"}"#, None),
+            (b"ftp://h/b", None),
+            (b"\xff\xfe", None),
+        ];
+        for (p, id) in named {
+            assert_eq!(
+                named_upgrade_id(p).as_deref(),
+                *id,
                 "{:?}",
                 String::from_utf8_lossy(p)
             );

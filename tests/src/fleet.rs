@@ -568,7 +568,9 @@ impl Fleet {
         Ok(fleet)
     }
 
-    fn make_drone(&self, id: &str, health: &str, extra: &str) -> Result<Drone> {
+    /// Writes the dir and `agent.toml` of drone `id` (not started; [`Fleet::start`] makes its
+    /// own drones this way), for a test that prepares its storage first.
+    pub fn make_drone(&self, id: &str, health: &str, extra: &str) -> Result<Drone> {
         let dir = self.dir.path().join(id);
         std::fs::create_dir_all(dir.join("slots"))?;
         std::fs::write(dir.join("slots/a.img"), b"factory firmware 1.0.0")?;

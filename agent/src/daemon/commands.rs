@@ -4,6 +4,9 @@
 //! - the upgrade in flight, again → republish its current state (never restart);
 //! - an upgrade that already ended → republish its final state (from the history);
 //! - a new upgrade while another is in flight (or accepted and waiting to start) → `busy`;
+//! - every refusal (busy, a malformed payload, an install the engine refuses before it starts)
+//!   is reported on the status topic and, with a hub, as an outbox event against the upgrade id
+//!   the command named, so a rollout learns it from the drone instead of from its timeout;
 //! - an upgrade while the engine is only finishing other work (start-up recovery, a mark-good)
 //!   → accepted: it starts when that work is done. An MQTT command is kept in sled ([`Queued`])
 //!   until its install has ended, so a restart before it started does not lose it (the broker
@@ -16,7 +19,10 @@
 use super::reports::{self, Sequencer};
 use super::worker::{Job, Worker};
 use crate::engine::{Outcome, Request};
+use crate::outbox::{Event, Outbox};
 use crate::state::DeviceState;
+use crate::store::Durable;
+use flightnode_proto::error::{Chain, chain};
 use flightnode_proto::mqtt::{Command, StatusError, StatusMessage, UpgradeCommand, parse_command};
 use flightnode_proto::status::LastUpgrade;
 use flightnode_proto::{ErrorCode, Phase};
@@ -29,13 +35,15 @@ const HISTORY_CAP: usize = 256;
 /// Final results by upgrade id, so a redelivered command republishes instead of reinstalling.
 pub struct History {
     tree: sled::Tree,
+    store: Durable,
 }
 
 impl History {
-    /// Opens the history in `db`.
-    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+    /// Opens the history in `store`.
+    pub fn open(store: &Durable) -> Result<Self, sled::Error> {
         Ok(Self {
-            tree: db.open_tree("history")?,
+            tree: store.db().open_tree("history")?,
+            store: store.clone(),
         })
     }
 
@@ -56,7 +64,8 @@ impl History {
             .ok()
     }
 
-    /// Records how an upgrade ended, dropping the oldest beyond the cap.
+    /// Records how an upgrade ended, dropping the oldest beyond the cap, durably: a redelivery
+    /// after a power cut must not install it again.
     pub fn record(&self, last: &LastUpgrade) {
         let Ok(bytes) = serde_json::to_vec(last) else {
             return;
@@ -82,6 +91,9 @@ impl History {
                 None => break,
             }
         }
+        if let Err(e) = self.store.sync() {
+            tracing::warn!(upgrade_id = %last.upgrade_id, error = %Chain(&e), "cannot make the upgrade history durable");
+        }
     }
 }
 
@@ -91,23 +103,27 @@ impl History {
 #[derive(Clone)]
 pub struct Queued {
     tree: sled::Tree,
+    store: Durable,
 }
 
 impl Queued {
-    /// Opens the queue in `db`.
-    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
+    /// Opens the queue in `store`.
+    pub fn open(store: &Durable) -> Result<Self, sled::Error> {
         Ok(Self {
-            tree: db.open_tree("queued_commands")?,
+            tree: store.db().open_tree("queued_commands")?,
+            store: store.clone(),
         })
     }
 
-    /// Keeps `cmd` durably (flushed) until [`Queued::remove`].
+    /// Keeps `cmd` durably (synced: the broker has its PUBACK, nothing would send it again)
+    /// until [`Queued::remove`].
     pub fn put(&self, device_id: &str, cmd: &UpgradeCommand) {
         let json = Command::Upgrade(cmd.clone()).to_json(Some(device_id));
         let saved = self
             .tree
             .insert(cmd.upgrade_id.as_bytes(), json.as_bytes())
-            .and_then(|_| self.tree.flush());
+            .map_err(|e| e.to_string())
+            .and_then(|_| self.store.sync().map_err(|e| chain(&e)));
         if let Err(e) = saved {
             tracing::warn!(upgrade_id = %cmd.upgrade_id,
                 "cannot keep the accepted command in the state store (a restart before it starts would lose it): {e}");
@@ -119,7 +135,8 @@ impl Queued {
         let removed = self
             .tree
             .remove(upgrade_id.as_bytes())
-            .and_then(|_| self.tree.flush());
+            .map_err(|e| e.to_string())
+            .and_then(|_| self.store.sync().map_err(|e| chain(&e)));
         if let Err(e) = removed {
             tracing::warn!(
                 upgrade_id,
@@ -154,6 +171,8 @@ pub struct Dispatcher {
     pub seq: Sequencer,
     /// MQTT commands accepted but not ended.
     pub queued: Queued,
+    /// Hub-bound events (refusals go there too), when a hub is configured.
+    pub outbox: Option<Outbox>,
 }
 
 /// What a command led to.
@@ -190,17 +209,33 @@ impl Dispatcher {
             .map(|last| reports::finished(&self.device_id, seq, state, &last))
     }
 
-    /// A report for a payload that is not a command.
-    pub fn malformed(&mut self, worker: &Worker, reason: String) -> StatusMessage {
-        tracing::warn!(device_id = %self.device_id, "malformed command: {reason}");
+    /// A report for a payload that is not a command; `upgrade_id` is the one it still names.
+    pub fn malformed(
+        &mut self,
+        worker: &Worker,
+        reason: String,
+        upgrade_id: Option<String>,
+    ) -> StatusMessage {
         let state = worker.state.borrow().clone();
-        reports::refused(
-            &self.device_id,
-            self.seq.take(),
-            &state,
-            None,
-            StatusError::malformed(reason),
-        )
+        self.refuse(&state, upgrade_id, StatusError::malformed(reason))
+    }
+
+    /// Reports a refused command: the status report to publish, and (with a hub, when the
+    /// command named an upgrade) a durable outbox event with the same code.
+    pub fn refuse(
+        &mut self,
+        state: &DeviceState,
+        upgrade_id: Option<String>,
+        error: StatusError,
+    ) -> StatusMessage {
+        tracing::warn!(device_id = %self.device_id, upgrade_id = upgrade_id.as_deref().unwrap_or(""),
+            code = %error.code, "command refused: {}", error.message);
+        if let (Some(outbox), Some(id)) = (&self.outbox, &upgrade_id)
+            && let Err(e) = outbox.push(&Event::refused(id, &error.code, &error.message))
+        {
+            tracing::error!(upgrade_id = %id, "cannot record the refusal for the hub: {}", Chain(&e));
+        }
+        reports::refused(&self.device_id, self.seq.take(), state, upgrade_id, error)
     }
 
     /// At start: takes up the MQTT commands accepted before a restart whose install never ended.
@@ -252,15 +287,7 @@ impl Dispatcher {
                     (None, None) => "another upgrade".to_owned(),
                 };
                 let message = format!("{current} is in flight; send {id} again when it has ended");
-                tracing::warn!(upgrade_id = %id, "refused: busy");
-                let report = reports::refused(
-                    &self.device_id,
-                    self.seq.take(),
-                    &state,
-                    Some(id),
-                    StatusError::code(ErrorCode::Busy, message),
-                );
-                Reply::Report(report)
+                Reply::Report(self.refuse(&state, Some(id), StatusError::code(ErrorCode::Busy, message)))
             }
             (Command::Upgrade(cmd), None, _) => {
                 let (tx, rx) = if want_reply {
@@ -271,6 +298,7 @@ impl Dispatcher {
                 };
                 if !want_reply {
                     self.queued.put(&self.device_id, &cmd);
+                    crate::failpoint::hit("command_queued");
                 }
                 let req = Request {
                     id: cmd.upgrade_id,

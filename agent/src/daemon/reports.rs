@@ -2,9 +2,11 @@
 //! sequence that keeps growing across restarts.
 
 use crate::state::DeviceState;
+use crate::store::Durable;
+use flightnode_proto::Phase;
+use flightnode_proto::error::chain;
 use flightnode_proto::mqtt::{Running, StatusError, StatusMessage};
 use flightnode_proto::status::{LastUpgrade, Progress};
-use flightnode_proto::{ErrorCode, Phase};
 
 const SEQ_KEY: &[u8] = b"report_seq";
 /// Sequence numbers reserved per sled write: a restart skips at most this many.
@@ -13,33 +15,37 @@ const SEQ_BLOCK: u64 = 1000;
 /// Hands out report sequence numbers: a block is reserved durably, then used from memory.
 pub struct Sequencer {
     tree: sled::Tree,
+    store: Durable,
     next: u64,
     reserved: u64,
 }
 
 impl Sequencer {
-    /// Opens the counter in `db`.
-    pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
-        let tree = db.open_tree("meta")?;
+    /// Opens the counter in `store`.
+    pub fn open(store: &Durable) -> Result<Self, sled::Error> {
+        let tree = store.db().open_tree("meta")?;
         let start = tree
             .get(SEQ_KEY)?
             .and_then(|v| v.as_ref().try_into().ok())
             .map_or(0, u64::from_be_bytes);
         Ok(Self {
             tree,
+            store: store.clone(),
             next: start,
             reserved: start,
         })
     }
 
-    /// The next sequence number.
+    /// The next sequence number. A new block is synced before its first number is used: a
+    /// power cut must not make the numbers start over below what consumers already kept.
     pub fn take(&mut self) -> u64 {
         if self.next >= self.reserved {
             self.reserved = self.next + SEQ_BLOCK;
             let saved = self
                 .tree
                 .insert(SEQ_KEY, &self.reserved.to_be_bytes())
-                .and_then(|_| self.tree.flush());
+                .map_err(|e| e.to_string())
+                .and_then(|_| self.store.sync().map_err(|e| chain(&e)));
             if let Err(e) = saved {
                 tracing::warn!("cannot persist the report sequence: {e}");
             }
@@ -114,7 +120,9 @@ pub fn finished(device_id: &str, seq: u64, state: &DeviceState, last: &LastUpgra
     }
 }
 
-/// A refusal of a command that never became an upgrade (`busy`, `malformed`).
+/// A refusal of a command that never became an upgrade (`busy`, `malformed`, refused by the
+/// engine): `result` is `rejected` when the command named an upgrade. The phase and wait reason
+/// are those of whatever is in flight: the report is retained, and says what the drone does now.
 pub fn refused(
     device_id: &str,
     seq: u64,
@@ -126,14 +134,16 @@ pub fn refused(
         device_id: device_id.into(),
         seq,
         timestamp: now_ms(),
-        upgrade_id,
         phase: state.phase(),
         wait_reason: state
             .upgrade
             .as_ref()
             .and_then(crate::state::Upgrade::wait_reason),
         progress: None,
-        result: (error.code == ErrorCode::Busy.as_str()).then_some(flightnode_proto::UpgradeResult::Rejected),
+        result: upgrade_id
+            .is_some()
+            .then_some(flightnode_proto::UpgradeResult::Rejected),
+        upgrade_id,
         error: Some(error),
         running: running(state),
     }

@@ -155,7 +155,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let mut engine = Engine::open(cfg.clone(), tokio::runtime::Handle::current())?;
     // Opened now, not at the first gated step: the hub shows the flight state all the time.
     let flight = engine.flight_state();
-    let db = engine.db();
+    let db = engine.durable();
     let (mqtt_up_tx, mqtt_up) = watch::channel(false);
     let mut mqtt_connected = mqtt_up.clone();
     let (hub_up_tx, hub_up) = watch::channel(false);
@@ -173,7 +173,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         .map(|h| Outbox::open(&db, h.outbox_cap))
         .transpose()?;
     let (transitions_tx, mut transitions) = mpsc::unbounded_channel();
-    let worker = Worker::start(engine, outbox.clone(), transitions_tx).map_err(DaemonError::Thread)?;
+    let (refusals_tx, mut refusals) = mpsc::unbounded_channel();
+    let worker =
+        Worker::start(engine, outbox.clone(), transitions_tx, refusals_tx).map_err(DaemonError::Thread)?;
     worker.submit(Job::Resume);
     let activation = Activation::open(&cfg).map_err(EngineError::from)?;
     let store_err = |source| DaemonError::Store {
@@ -185,6 +187,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         history: History::open(&db).map_err(store_err)?,
         seq: Sequencer::open(&db).map_err(store_err)?,
         queued: Queued::open(&db).map_err(store_err)?,
+        outbox: outbox.clone(),
     };
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
@@ -283,12 +286,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                         publish(Some(r));
                     }
                 }
-                Inbound::Malformed(reason) => publish(
+                Inbound::Malformed { reason, upgrade_id } => publish(
                     shared
-                        .blocking(move |s| s.report(|d, _| d.malformed(&s.worker, reason)))
+                        .blocking(move |s| s.report(|d, _| d.malformed(&s.worker, reason, upgrade_id)))
                         .await,
                 ),
             },
+            Some((id, error)) = refusals.recv() => {
+                let report = shared.blocking(move |s| s.report(|d, state| d.refuse(state, Some(id), error)));
+                publish(report.await);
+            }
             Some(state) = transitions.recv() => {
                 notify::status(&format!("phase: {}", state.phase()));
                 last_progress = None;

@@ -5,6 +5,7 @@ use crate::engine::{Engine, Interrupts, Observer, Outcome, Request};
 use crate::outbox::{Event, Outbox};
 use crate::state::DeviceState;
 use flightnode_proto::error::{Chain, chain};
+use flightnode_proto::mqtt::StatusError;
 use flightnode_proto::status::Progress;
 use flightnode_proto::{Phase, Slot, WaitReason};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -134,12 +135,18 @@ impl Observer for Relay {
     }
 }
 
+/// An install without a waiting caller (an MQTT command) that the engine refused before it
+/// became an upgrade: its id and why.
+pub type Refusal = (String, StatusError);
+
 impl Worker {
-    /// Starts the engine thread. `transitions` gets every saved phase change.
+    /// Starts the engine thread. `transitions` gets every saved phase change, `refusals` every
+    /// MQTT install the engine refused before it started (to be reported like any refusal).
     pub fn start(
         mut engine: Engine,
         outbox: Option<Outbox>,
         transitions: mpsc::UnboundedSender<DeviceState>,
+        refusals: mpsc::UnboundedSender<Refusal>,
     ) -> std::io::Result<Self> {
         let initial = engine.state().clone();
         let (state_tx, state) = watch::channel(initial.clone());
@@ -159,7 +166,7 @@ impl Worker {
         let thread_pending = pending.clone();
         let install = Arc::new(Mutex::new(None::<PendingInstall>));
         let thread_install = install.clone();
-        let queued = super::commands::Queued::open(&engine.db())
+        let queued = super::commands::Queued::open(&engine.durable())
             .map_err(|e| std::io::Error::other(format!("opening the queued commands: {e}")))?;
         let (alive, ended) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -180,8 +187,17 @@ impl Worker {
                                 let _ = reply.send(Err(format!("canceled: upgrade {} was canceled before it started", req.id)));
                             }
                         }
-                    } else {
-                        run_job(&mut engine, job);
+                    } else if let Some(error) = run_job(&mut engine, job) {
+                        // Only what never became an upgrade is a refusal; one that started and
+                        // stopped on an engine error is in the state and reported from there.
+                        let state = engine.state();
+                        let known = |id: &str| {
+                            state.upgrade.as_ref().is_some_and(|u| u.id == id)
+                                || state.last.as_ref().is_some_and(|l| l.upgrade_id == id)
+                        };
+                        if let Some(id) = install_id.as_deref().filter(|id| !known(id)) {
+                            let _ = refusals.send((id.to_owned(), error));
+                        }
                     }
                     state_tx.send_replace(engine.state().clone());
                     if let Some(id) = install_id {
@@ -276,26 +292,34 @@ impl Worker {
     }
 }
 
-fn run_job(engine: &mut Engine, job: Job) {
+/// Runs one job. Returns the error of an install nobody waits for (an MQTT command).
+fn run_job(engine: &mut Engine, job: Job) -> Option<StatusError> {
     match job {
-        Job::Resume => match engine.resume() {
-            Ok(outcome) => tracing::info!(?outcome, "start-up recovery done"),
-            Err(e) => tracing::error!("start-up recovery failed: {}", Chain(&e)),
-        },
+        Job::Resume => {
+            match engine.resume() {
+                Ok(outcome) => tracing::info!(?outcome, "start-up recovery done"),
+                Err(e) => tracing::error!("start-up recovery failed: {}", Chain(&e)),
+            }
+            None
+        }
         Job::Install { req, reply } => {
             let id = req.id.clone();
-            let result = engine
-                .install(req)
-                .map_err(|e| format!("{}: {}", e.code(), Chain(&e)));
-            if let Err(e) = &result {
-                tracing::error!(upgrade_id = %id, "install failed: {e}");
-            }
+            let result = engine.install(req);
+            let refusal = match &result {
+                Err(e) => {
+                    tracing::error!(upgrade_id = %id, code = %e.code(), "install failed: {}", Chain(e));
+                    reply.is_none().then(|| StatusError::code(e.code(), chain(e)))
+                }
+                Ok(_) => None,
+            };
             if let Some(reply) = reply {
-                let _ = reply.send(result);
+                let _ = reply.send(result.map_err(|e| format!("{}: {}", e.code(), Chain(&e))));
             }
+            refusal
         }
         Job::Mark { slot, good, reply } => {
             let _ = reply.send(engine.mark(slot, good).map_err(|e| chain(&e)));
+            None
         }
     }
 }

@@ -283,6 +283,11 @@ impl Engine {
         self.store.db().clone()
     }
 
+    /// The store's database with its durability point, for the daemon's own trees.
+    pub fn durable(&self) -> crate::store::Durable {
+        self.store.durable()
+    }
+
     /// The persisted device state.
     pub fn state(&self) -> &DeviceState {
         &self.state
