@@ -7,9 +7,9 @@
 //!
 //! Both slots' images share the state dir: after image N+1's agent wrote the state, a failed
 //! trial boots image N again and N's agent must still open it, or it never confirms its slot nor
-//! takes another upgrade. So the record ([`DeviceState::encode`], JSON) carries its format,
-//! [`STATE_FORMAT`] (absent before format 2: every earlier release), and
-//! [`DeviceState::decode`] reads it tolerantly, never strictly as a bundle manifest or an MQTT
+//! takes another upgrade. So the record ([`DeviceState::encode`], JSON) has a format,
+//! [`STATE_FORMAT`], which the store keeps beside it (absent before format 2: every earlier
+//! release), and [`DeviceState::decode`] reads it tolerantly, never strictly as a bundle manifest or an MQTT
 //! command is read (those come from outside; this comes from ourselves). The rules, for every
 //! type written here (including the proto types embedded: manifest, error, last upgrade):
 //!
@@ -19,6 +19,10 @@
 //! - Never rename or remove a field, never change its type or meaning, never reuse an enum value
 //!   for something else. Bump [`STATE_FORMAT`] with every change of what is written, and keep a
 //!   fixture of the old format under `agent/tests/fixtures/state/`.
+//! - Agents of format 1 (every release before this rule) decode strictly: while one of their
+//!   images may still be a device's fallback, the record gains no field at all, which is why the
+//!   format number lives beside it in the store and not in it (a test holds format 1's richest
+//!   record byte for byte).
 //! - What an older agent does with a value it does not know: an unknown phase (also the phase a
 //!   wait holds), target slot or unreadable manifest drops the upgrade: the slot that runs is
 //!   confirmed and kept, the target is marked bad, and the upgrade ends `failed` with
@@ -38,7 +42,8 @@ use flightnode_proto::{ErrorCode, Phase, Slot, SlotState, UpgradeResult, WaitRea
 use serde::Serialize;
 
 /// Format of the state this agent writes (the record's `format`); see the module docs.
-/// 1: every release before the field existed; 2: `format` written, decoded tolerantly.
+/// 1: every release before it was kept, decoded strictly; 2: kept, decoded tolerantly, the record
+/// itself unchanged.
 pub const STATE_FORMAT: u32 = 2;
 
 /// What one slot holds.
@@ -188,14 +193,6 @@ pub struct Dropped {
     pub why: String,
 }
 
-/// The record as written: the state and its format.
-#[derive(Serialize)]
-struct Written<'a> {
-    format: u32,
-    #[serde(flatten)]
-    state: &'a DeviceState,
-}
-
 /// Reads a persisted [`LastUpgrade`] (the state's `last`, the daemon's upgrade history) with the
 /// tolerance of [`DeviceState::decode`]: an unknown error code or result maps as the module docs
 /// say.
@@ -238,19 +235,17 @@ impl DeviceState {
         state
     }
 
-    /// The persisted record: JSON with [`STATE_FORMAT`].
+    /// The persisted record: JSON, in the shape format 1 agents read (see the module docs).
     pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
-        serde_json::to_vec(&Written {
-            format: STATE_FORMAT,
-            state: self,
-        })
+        serde_json::to_vec(self)
     }
 
     /// Reads a persisted record of any format, earlier or later (see the module docs): an upgrade
     /// this agent cannot carry on is left in [`DeviceState::dropped`]. Fails only on a record that
     /// is not JSON or lacks the slots, versions, floor or sequence.
-    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        stored::decode(bytes)
+    /// `format` is what the store kept beside the record.
+    pub fn decode(bytes: &[u8], format: u32) -> Result<Self, serde_json::Error> {
+        stored::decode(bytes, format)
     }
 
     /// Ends the upgrade a newer agent left (see [`DeviceState::dropped`]): the slot it wrote is
@@ -760,7 +755,7 @@ mod tests {
         // A record written before `floor`, `resumable` and the trial fields existed still loads.
         let mut json: serde_json::Value = serde_json::to_value(&s).unwrap();
         json["b"].as_object_mut().unwrap().remove("floor");
-        let old = DeviceState::decode(json.to_string().as_bytes()).unwrap();
+        let old = DeviceState::decode(json.to_string().as_bytes(), 1).unwrap();
         assert_eq!(old.b.floor, None);
     }
 
@@ -775,7 +770,7 @@ mod tests {
     }
 
     fn decode(name: &str) -> DeviceState {
-        DeviceState::decode(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+        DeviceState::decode(&fixture(name), 1).unwrap_or_else(|e| panic!("{name}: {e}"))
     }
 
     #[test]
@@ -827,10 +822,12 @@ mod tests {
         assert_eq!(chunks.context.unwrap().window, 4 * 1024 * 1024);
         assert_eq!(s.last.unwrap().error.unwrap().code, ErrorCode::ChunkInvalid);
 
-        // This format: written back byte for byte.
+        // This format: written back byte for byte, in the shape format 1 agents read strictly
+        // (no `format` in the record: the store keeps it beside).
         let current = fixture("format2.json");
-        let s = DeviceState::decode(&current).unwrap();
+        let s = DeviceState::decode(&current, STATE_FORMAT).unwrap();
         assert_eq!(s.encode().unwrap(), current.trim_ascii_end());
+        assert!(!current.starts_with(b"{\"format\""));
 
         for name in [
             "format1-first-release.json",
@@ -843,8 +840,12 @@ mod tests {
             assert_eq!(s.dropped, None, "{name}");
             let written = s.encode().unwrap();
             let json: serde_json::Value = serde_json::from_slice(&written).unwrap();
-            assert_eq!(json["format"], STATE_FORMAT, "{name}");
-            assert_eq!(DeviceState::decode(&written).unwrap(), s, "{name}");
+            assert_eq!(
+                json.get("format"),
+                None,
+                "{name}: format 1 agents refuse the field"
+            );
+            assert_eq!(DeviceState::decode(&written, STATE_FORMAT).unwrap(), s, "{name}");
         }
     }
 
@@ -960,12 +961,13 @@ mod tests {
         for (name, change, check) in cases {
             let mut j = base.clone();
             change(&mut j);
-            let s = DeviceState::decode(j.to_string().as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let s =
+                DeviceState::decode(j.to_string().as_bytes(), 1).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(check(&s), "{name}: {s:?}");
         }
         for broken in [&b"not json"[..], br#"{"format": 9, "active": "a"}"#] {
             assert!(
-                DeviceState::decode(broken).is_err(),
+                DeviceState::decode(broken, 1).is_err(),
                 "{}",
                 String::from_utf8_lossy(broken)
             );

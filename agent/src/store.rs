@@ -17,6 +17,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const DEVICE_KEY: &[u8] = b"device";
+/// The format of the record under [`DEVICE_KEY`] ([`crate::state::STATE_FORMAT`], decimal ASCII),
+/// kept beside the record rather than in it: agents up to format 1 decode the record strictly, and
+/// one of them may be the fallback image that opens this store next.
+const FORMAT_KEY: &[u8] = b"device-format";
 
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -162,8 +166,14 @@ impl Store {
     /// Loads the device state, or `None` on a fresh device.
     pub fn load(&self) -> Result<Option<DeviceState>, StoreError> {
         let raw = self.db.get(DEVICE_KEY).map_err(|source| self.sled(source))?;
+        let format = self
+            .db
+            .get(FORMAT_KEY)
+            .map_err(|source| self.sled(source))?
+            .and_then(|f| std::str::from_utf8(&f).ok()?.trim().parse().ok())
+            .unwrap_or(1);
         raw.map(|bytes| {
-            DeviceState::decode(&bytes).map_err(|e| StoreError::Decode {
+            DeviceState::decode(&bytes, format).map_err(|e| StoreError::Decode {
                 path: self.path.clone(),
                 message: e.to_string(),
             })
@@ -177,9 +187,11 @@ impl Store {
             path: self.path.clone(),
             message: e.to_string(),
         })?;
-        self.db
-            .insert(DEVICE_KEY, bytes)
-            .map_err(|source| self.sled(source))?;
+        // One batch: the record and its format are never seen apart.
+        let mut batch = sled::Batch::default();
+        batch.insert(DEVICE_KEY, bytes);
+        batch.insert(FORMAT_KEY, crate::state::STATE_FORMAT.to_string().as_bytes());
+        self.db.apply_batch(batch).map_err(|source| self.sled(source))?;
         self.durable().sync()
     }
 
@@ -210,7 +222,7 @@ impl Store {
 #[cfg(test)]
 pub(crate) fn saved(db: &sled::Db) -> Option<DeviceState> {
     let bytes = db.get(DEVICE_KEY).ok()??;
-    DeviceState::decode(&bytes).ok()
+    DeviceState::decode(&bytes, crate::state::STATE_FORMAT).ok()
 }
 
 #[cfg(test)]

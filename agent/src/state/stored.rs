@@ -223,8 +223,10 @@ fn known_upgrade(raw: &Value) -> Result<Upgrade, Unusable> {
 /// Decodes a persisted state tolerantly (see the module docs). Fails only when the record is
 /// not JSON or lacks what no safe meaning can replace: the active slot, the slot records, the
 /// committed version, the floor, the sequence.
-pub(super) fn decode(bytes: &[u8]) -> Result<DeviceState, serde_json::Error> {
-    let s: StoredState = serde_json::from_slice(bytes)?;
+pub(super) fn decode(bytes: &[u8], format: u32) -> Result<DeviceState, serde_json::Error> {
+    let mut s: StoredState = serde_json::from_slice(bytes)?;
+    // A later format may carry its number in the record too, once no format 1 agent is a fallback.
+    s.format = s.format.max(format);
     if s.format > STATE_FORMAT {
         tracing::info!(
             format = s.format,
