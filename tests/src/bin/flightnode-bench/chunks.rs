@@ -7,6 +7,11 @@
 //! "packages" of binaries (token-structured, about 2:1 compressible), text (docs, configs) and
 //! already-compressed blobs. Version 2 upgrades one package (every file replaced), rewrites a
 //! few configs, patches two binaries in place and adds a file: a few percent of the content.
+//!
+//! With `--real-files DIR,...` the images are tar archives of this machine's own files instead
+//! (`--size-mib` of them, in name order): version 2 changes about 3 % of the files, the first
+//! near the start, each growing, so every byte after the first change moves, as an update of a
+//! root filesystem image moves what follows a grown file.
 
 use crate::{mib, mib_s};
 use anyhow::{Context, Result, bail};
@@ -203,6 +208,102 @@ fn tree(v: &Vocab, root: &Path, version: u32, packages: u64) -> Result<()> {
     Ok(())
 }
 
+/// One file in `CHANGE_EVERY` changes in version 2 of a real-file image (about 3 %).
+const CHANGE_EVERY: usize = 33;
+
+/// Regular files under `dirs`, in name order, until they add up to `budget` bytes: (path, size).
+fn real_files(dirs: &[PathBuf], budget: u64) -> Result<Vec<(PathBuf, u64)>> {
+    fn walk(dir: &Path, budget: u64, total: &mut u64, out: &mut Vec<(PathBuf, u64)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for path in paths {
+            if *total >= budget {
+                return;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                walk(&path, budget, total, out);
+            } else if meta.is_file() && meta.len() > 0 && std::fs::File::open(&path).is_ok() {
+                *total += meta.len();
+                out.push((path, meta.len()));
+            }
+        }
+    }
+    let (mut total, mut out) = (0, Vec::new());
+    for dir in dirs {
+        walk(dir, budget, &mut total, &mut out);
+    }
+    if total < budget {
+        bail!(
+            "only {} MiB of readable files under the --real-files directories, {} MiB asked",
+            total / crate::MIB,
+            budget / crate::MIB
+        );
+    }
+    Ok(out)
+}
+
+/// Version `version` of the real-file tree under `root`: the files as they are, or in version 2
+/// every `CHANGE_EVERY`th one changed (three 48-byte patches and 1536 new bytes in its middle).
+/// Returns how many files changed.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "below(n) < n, and n is a file length held in memory"
+)]
+fn real_tree(files: &[(PathBuf, u64)], root: &Path, version: u32) -> Result<usize> {
+    let mut changed = 0;
+    for (k, (path, _)) in files.iter().enumerate() {
+        let rel = path.strip_prefix("/").unwrap_or(path);
+        let mut bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        if version == 2 && k % CHANGE_EVERY == 3 {
+            let seed = path.display().to_string();
+            let mut r = Rng::new(&seed);
+            let len = bytes.len() as u64;
+            for p in 0..3 {
+                let at = r.below(len.saturating_sub(48)) as usize;
+                let end = (at + 48).min(bytes.len());
+                bytes[at..end].copy_from_slice(&Vocab::random(&format!("{seed}{p}"), end - at));
+            }
+            let mid = bytes.len() / 2;
+            let tail = bytes.split_off(mid);
+            bytes.extend_from_slice(&Vocab::random(&format!("{seed}-new"), 1536));
+            bytes.extend_from_slice(&tail);
+            changed += 1;
+        }
+        write(root, &rel.display().to_string(), &bytes, EPOCH_V1)?;
+    }
+    Ok(changed)
+}
+
+/// A tar of `tree`, the same bytes for the same files (names sorted, owners and times fixed).
+fn tar(tree: &Path, image: &Path) -> Result<()> {
+    let st = Command::new("tar")
+        .args([
+            "--sort=name",
+            "--format=gnu",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+        ])
+        .arg(format!("--mtime=@{EPOCH_V1}"))
+        .arg("-cf")
+        .arg(image)
+        .arg("-C")
+        .arg(tree)
+        .arg(".")
+        .status()
+        .context("running tar")?;
+    if !st.success() {
+        bail!("tar of {} failed", tree.display());
+    }
+    Ok(())
+}
+
 fn mkfs(tree: &Path, image: &Path, size_mib: u64) -> Result<()> {
     let st = Command::new("mkfs.ext4")
         .args([
@@ -272,12 +373,23 @@ fn device(dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(config)
 }
 
-/// Runs the agent's install, returning (seconds, peak RSS of the agent in KiB).
+/// What one install of the agent cost.
+#[derive(Clone, Copy)]
+struct Cost {
+    /// Wall time.
+    secs: f64,
+    /// Peak RSS of the agent, KiB.
+    kib: u64,
+    /// CPU time of the agent, user + system, every thread.
+    cpu: f64,
+}
+
+/// Runs the agent's install.
 ///
 /// The agent is started by a fresh `flightnode-bench child-rusage` process, not by this one: the
 /// kernel counts the memory of the process an `exec` replaces into the new program's peak, and
 /// here that would be this bench with both images in memory.
-fn install(agent: &Path, config: &Path, url: &str) -> Result<(f64, u64)> {
+fn install(agent: &Path, config: &Path, url: &str) -> Result<Cost> {
     let out = tempfile::NamedTempFile::new()?;
     let t = Instant::now();
     let st = Command::new(std::env::current_exe()?)
@@ -292,12 +404,15 @@ fn install(agent: &Path, config: &Path, url: &str) -> Result<(f64, u64)> {
     if !st.success() {
         bail!("install of {url} failed ({st})");
     }
-    let kib = std::fs::read_to_string(out.path())?.trim().parse()?;
-    Ok((secs, kib))
+    let usage = std::fs::read_to_string(out.path())?;
+    let mut fields = usage.split_whitespace();
+    let kib = fields.next().unwrap_or_default().parse()?;
+    let cpu = fields.next().unwrap_or_default().parse()?;
+    Ok(Cost { secs, kib, cpu })
 }
 
 /// `child-rusage OUT PROGRAM ARGS...`: runs the program, writes its peak RSS (KiB, from
-/// `wait4`) to OUT and exits with its status. Run from a small process, so what the program's
+/// `wait4`) and its CPU seconds (user + system) to OUT and exits with its status. Run from a small process, so what the program's
 /// `exec` replaced does not count.
 pub(crate) fn child_rusage(args: &[String]) -> Result<()> {
     let [out, program, rest @ ..] = args else {
@@ -313,7 +428,15 @@ pub(crate) fn child_rusage(args: &[String]) -> Result<()> {
     if r != pid {
         bail!("wait4 on {program} failed: {}", std::io::Error::last_os_error());
     }
-    std::fs::write(out, usage.ru_maxrss.to_string())?;
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    std::fs::write(
+        out,
+        format!(
+            "{} {:.3}",
+            usage.ru_maxrss,
+            secs(usage.ru_utime) + secs(usage.ru_stime)
+        ),
+    )?;
     if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         bail!("{program} failed (wait status {status})");
     }
@@ -371,8 +494,8 @@ fn create(
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Installs `url` on a fresh device: seconds, peak RSS (KiB).
-fn fresh_install(agent: &Path, dir: &Path, url: &str) -> Result<(f64, u64)> {
+/// Installs `url` on a fresh device.
+fn fresh_install(agent: &Path, dir: &Path, url: &str) -> Result<Cost> {
     let cfg = device(dir, "fresh")?;
     let r = install(agent, &cfg, url)?;
     std::fs::remove_dir_all(dir.join("fresh"))?;
@@ -400,6 +523,8 @@ pub(crate) struct Options {
     pub bsdiff: bool,
     /// An existing (version 1, version 2) image pair instead of the generated one.
     pub images: Option<(PathBuf, PathBuf)>,
+    /// Tar images of `size_mib` of the files under these directories instead of generated ones.
+    pub real_files: Option<Vec<PathBuf>>,
 }
 
 pub(crate) fn chunks(o: &Options) -> Result<()> {
@@ -417,6 +542,29 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
         }
         let what = format!("given images {} -> {}", old.display(), new.display());
         (old.clone(), new.clone(), what)
+    } else if let Some(dirs) = &o.real_files {
+        let files = real_files(dirs, size_mib * crate::MIB)?;
+        let (img1, img2) = (dir.join("v1.img"), dir.join("v2.img"));
+        let mut changed = 0;
+        for (version, img) in [(1, &img1), (2, &img2)] {
+            let root = dir.join(format!("tree{version}"));
+            eprintln!(
+                "copying {} real files into tree {version} and its tar image",
+                files.len()
+            );
+            changed = real_tree(&files, &root, version)?;
+            tar(&root, img)?;
+            std::fs::remove_dir_all(&root)?;
+        }
+        let names: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        let what = format!(
+            "tar images of {} real files ({size_mib} MiB from {}), version 2 = {changed} files ({:.1} %) changed and grown, \
+             everything after the first change shifted",
+            files.len(),
+            names.join(", "),
+            100.0 * changed as f64 / files.len() as f64
+        );
+        (img1, img2, what)
     } else {
         let vocab = Vocab::new();
         let packages = (size_mib * PACKAGES_PER_256_MIB / 256).max(8);
@@ -453,25 +601,37 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
     ] {
         server.put_file(path, file)?;
     }
-    eprintln!("installing");
+    let load_before = loadavg();
+    eprintln!("installing (load average {load_before})");
     // Alternating, so a slow moment of this shared machine does not fall on one format only.
-    let (mut t1s, mut t2s, mut rss1, mut rss2) = (Vec::new(), Vec::new(), 0, 0);
+    let (mut t1s, mut t2s, mut cpu1s, mut cpu2s, mut rss1, mut rss2) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0, 0);
     for _ in 0..runs.max(1) {
-        let (t, r) = fresh_install(&agent, dir, &server.url("/plain2.fnb"))?;
-        t1s.push(t);
-        rss1 = rss1.max(r);
-        let (t, r) = fresh_install(&agent, dir, &server.url("/chunked2.fnb"))?;
-        t2s.push(t);
-        rss2 = rss2.max(r);
+        let c = fresh_install(&agent, dir, &server.url("/plain2.fnb"))?;
+        t1s.push(c.secs);
+        cpu1s.push(c.cpu);
+        rss1 = rss1.max(c.kib);
+        let c = fresh_install(&agent, dir, &server.url("/chunked2.fnb"))?;
+        t2s.push(c.secs);
+        cpu2s.push(c.cpu);
+        rss2 = rss2.max(c.kib);
     }
     let runs = runs.max(1);
+    eprintln!("format 1 install s: {t1s:.2?}, CPU s: {cpu1s:.2?}");
+    eprintln!("format 2 install s: {t2s:.2?}, CPU s: {cpu2s:.2?}");
     let (t1, t2) = (crate::median(t1s), crate::median(t2s));
+    let (cpu1, cpu2) = (crate::median(cpu1s), crate::median(cpu2s));
     let sent1 = server.bytes_sent_for("/plain2.fnb") / runs;
     let sent2 = server.bytes_sent_for("/chunked2.fnb") / runs;
     let cfg = device(dir, "update")?;
     install(&agent, &cfg, &server.url("/chunked1.fnb"))?;
     server.reset_counters();
-    let (t3, rss3) = install(&agent, &cfg, &server.url("/chunked2.fnb"))?;
+    let Cost {
+        secs: t3,
+        kib: rss3,
+        cpu: cpu3,
+    } = install(&agent, &cfg, &server.url("/chunked2.fnb"))?;
+    let load_after = loadavg();
     let sent3 = server.bytes_sent_for("/chunked2.fnb");
     let requests3 = server.requests_for("/chunked2.fnb").len();
     std::fs::remove_dir_all(dir.join("update"))?;
@@ -487,23 +647,35 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
     let pct = |b: u64| 100.0 * b as f64 / image_len as f64;
     println!("{what}; version 2 is {:.1} MiB", mib(image_len));
     println!(
-        "{:<44} {:>12} {:>9} {:>10} {:>10} {:>12}",
-        "transfer", "bytes", "% image", "install s", "MiB/s", "peak RSS MiB"
+        "installs: median of {runs} per format, alternating; load average {load_before} before, {load_after} after; \
+         {} chunk workers unless [download] threads says otherwise",
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
     );
-    let row = |name: &str, bytes: u64, secs: f64, rss: u64| {
+    println!(
+        "{:<44} {:>12} {:>9} {:>10} {:>8} {:>10} {:>12}",
+        "transfer", "bytes", "% image", "install s", "CPU s", "MiB/s", "peak RSS MiB"
+    );
+    let row = |name: &str, bytes: u64, secs: f64, cpu: f64, rss: u64| {
         println!(
-            "{name:<44} {bytes:>12} {:>8.2}% {secs:>10.2} {:>10.1} {:>12.1}",
+            "{name:<44} {bytes:>12} {:>8.2}% {secs:>10.2} {cpu:>8.2} {:>10.1} {:>12.1}",
             pct(bytes),
             mib_s(image_len, secs),
             rss as f64 / 1024.0
         );
     };
-    row("full download, format 1 (plain image)", sent1, t1, rss1);
-    row(&format!("full download, format 2 ({settings})"), sent2, t2, rss2);
+    row("full download, format 1 (plain image)", sent1, t1, cpu1, rss1);
+    row(
+        &format!("full download, format 2 ({settings})"),
+        sent2,
+        t2,
+        cpu2,
+        rss2,
+    );
     row(
         &format!("update over version 1, format 2 ({requests3} requests)"),
         sent3,
         t3,
+        cpu3,
         rss3,
     );
     let other = |name: &str, r: Option<(u64, f64)>| match r {
@@ -527,6 +699,14 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
         t1 / t2
     );
     Ok(())
+}
+
+/// The 1, 5 and 15 minute load averages, as the kernel reports them.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".into(),
+        |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    )
 }
 
 /// How `bundle` was chunked, as `bundle info` reads it from the manifest: "zstd -19, 4096/256 KiB
