@@ -88,7 +88,7 @@ impl Controllers {
         let started = std::time::Instant::now();
         let (t, t_text) = now();
         match crate::rollout::controller::reconcile_all(self.store.as_ref(), t, &t_text).await {
-            Ok(report) => self.metrics.set_rollouts(&report),
+            Ok(report) => self.metrics.set_rollouts(&report.gauges()),
             Err(e) => tracing::warn!(error = %flightnode_proto::error::Chain(&e), "rollout reconcile failed"),
         }
         self.metrics.reconcile_done("rollout", started.elapsed());

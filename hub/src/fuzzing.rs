@@ -2,7 +2,8 @@
 //! that runs it in `cargo test` (`hub/tests/fuzz_smoke.rs`). A panic is a finding.
 
 use crate::grpc::{MAX_MESSAGE_TEXT_BYTES, validate};
-use crate::session::{SessionConfig, Sessions, SpecCache, object_name};
+use crate::crd::object_name;
+use crate::session::{SessionConfig, Sessions, SpecCache};
 use crate::status::{Liveness, SpecView, from_heartbeat, with_conditions};
 use flightnode_proto::v1::HeartbeatRequest;
 use prost::Message;

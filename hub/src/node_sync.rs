@@ -111,13 +111,13 @@ pub fn observed_flight_state(node: &FlightNode) -> Option<String> {
 /// The device id commands for `node` go to: `status.deviceId` (what the drone calls itself) when
 /// it maps to this object's name, else the object's name. An id that is not a valid Kubernetes
 /// name (upper case, `_`…) lives in an object with a derived name
-/// ([`crate::session::object_name`]); publishing to the object's name would reach nobody.
+/// ([`crate::crd::object_name`]); publishing to the object's name would reach nobody.
 /// NB: the mapping is checked so that a status copied onto another object cannot redirect that
 /// object's commands to a different drone.
 pub fn device_id(node: &FlightNode) -> String {
     let name = node.metadata.name.clone().unwrap_or_default();
     match node.status.as_ref().and_then(|s| s.device_id.as_deref()) {
-        Some(id) if crate::session::object_name(id) == name => id.to_owned(),
+        Some(id) if crate::crd::object_name(id) == name => id.to_owned(),
         Some(id) => {
             tracing::warn!(device_id = %id, name = %name, "status.deviceId does not map to this object; using the object name");
             name

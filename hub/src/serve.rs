@@ -167,10 +167,15 @@ pub async fn serve(
         tasks.extend(others);
     }
     if let Some((client, namespace)) = kube_watch {
+        let hub_ref = Arc::clone(&hub);
+        let on_node = move |node: &crate::crd::FlightNode| {
+            let name = node.metadata.name.clone().unwrap_or_default();
+            if hub_ref.sessions.specs().set(&name, SpecView::of(node)) {
+                hub_ref.spec_changed(&name);
+            }
+        };
         tasks.push(tokio::spawn(crate::sink::kube::watch_specs(
-            client,
-            namespace,
-            Arc::clone(&hub),
+            client, namespace, on_node,
         )));
     }
 

@@ -717,7 +717,7 @@ async fn a_leader_killed_mid_wave_hands_over_without_a_second_install() -> anyho
 /// keeps the real id (the committed CRD has the field), and the command goes to the real id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_id_that_is_no_object_name_gets_its_commands() -> anyhow::Result<()> {
-    use flightnode_hub::session::object_name;
+    use flightnode_hub::crd::object_name;
     let Some((_api, admin, hub)) = cluster().await? else {
         return Ok(());
     };

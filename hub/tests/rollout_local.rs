@@ -22,7 +22,7 @@ use flightnode_hub::controllers::{ControllerConfig, Controllers};
 use flightnode_hub::crd::FirmwareTarget;
 use flightnode_hub::metrics::Metrics;
 use flightnode_hub::rollout::{FirmwareRollout, condition};
-use flightnode_hub::session::object_name;
+use flightnode_hub::crd::object_name;
 use flightnode_hub::sink::WriteRequest;
 use flightnode_hub::sink::local::LocalStore;
 use flightnode_hub::status::{Liveness, SpecView, from_heartbeat, with_conditions};

@@ -4,6 +4,7 @@
 use super::plan::{self, Drone, Outcome, Plan};
 use super::{ANNOTATION_DISPATCHED, ANNOTATION_ROLLOUT, FirmwareRollout, condition};
 use crate::crd::{FirmwareTarget, FlightNode};
+use crate::metrics::{Metrics, RolloutGauges};
 use crate::node_sync::{FlightGate, NodeView};
 use crate::store::{Applied, Dispatch, FleetStore};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -114,6 +115,32 @@ pub fn drone(r: &FirmwareRollout, node: &FlightNode, active: &BTreeSet<String>, 
 pub struct StepReport {
     /// Plans per rollout name.
     pub plans: BTreeMap<String, Plan>,
+}
+
+impl StepReport {
+    /// The rollout gauges of this step, for [`Metrics::set_rollouts`].
+    pub fn gauges(&self) -> Vec<RolloutGauges> {
+        self.plans
+            .iter()
+            .map(|(name, plan)| {
+                let mut drones = BTreeMap::new();
+                for o in plan.outcomes.values() {
+                    *drones.entry(outcome_label(*o)).or_insert(0) += 1;
+                }
+                let halted = plan
+                    .status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == condition::HALTED && c.status == "True");
+                RolloutGauges {
+                    rollout: name.clone(),
+                    drones,
+                    wave: plan.status.current_wave,
+                    halted,
+                }
+            })
+            .collect()
+    }
 }
 
 /// Reconciles every rollout once.

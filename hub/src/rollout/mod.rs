@@ -276,6 +276,13 @@ fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
     schema
 }
 
+/// `30m`, `90s` → seconds; `None` for absent or unparsable (reported by the controller).
+pub fn duration_secs(text: Option<&str>) -> Option<i64> {
+    humantime::parse_duration(text?.trim())
+        .ok()
+        .and_then(|d| i64::try_from(d.as_secs()).ok())
+}
+
 /// Checks what the schema cannot: waves, durations, rule kinds, the bundle URL. (On a cluster the
 /// controller reports the same through the Progressing condition.)
 pub fn validate(spec: &FirmwareRolloutSpec) -> Result<(), String> {
@@ -292,11 +299,11 @@ pub fn validate(spec: &FirmwareRolloutSpec) -> Result<(), String> {
         if w.percent.is_some_and(|p| p > 100) {
             return Err(format!("spec.waves[{i}].percent is over 100"));
         }
-        if w.soak.is_some() && plan::duration_secs(w.soak.as_deref()).is_none() {
+        if w.soak.is_some() && duration_secs(w.soak.as_deref()).is_none() {
             return Err(format!("spec.waves[{i}].soak {:?} is not a duration", w.soak));
         }
     }
-    if spec.drone_timeout.is_some() && plan::duration_secs(spec.drone_timeout.as_deref()).is_none() {
+    if spec.drone_timeout.is_some() && duration_secs(spec.drone_timeout.as_deref()).is_none() {
         return Err(format!(
             "spec.droneTimeout {:?} is not a duration",
             spec.drone_timeout

@@ -2,7 +2,9 @@
 //! controller reads the objects into [`Drone`]s, calls [`plan`] with the time, and carries out
 //! the returned [`Plan`] (spec writes, cancels, status, events).
 
-use super::{Counts, FailureRule, FirmwareRolloutSpec, FirmwareRolloutStatus, WaveSpec, condition};
+use super::{
+    Counts, FailureRule, FirmwareRolloutSpec, FirmwareRolloutStatus, WaveSpec, condition, duration_secs,
+};
 use crate::crd::Condition;
 use sha2::Digest;
 use std::collections::BTreeMap;
@@ -221,13 +223,6 @@ pub fn breaker(rules: &[FailureRule], outcomes: &[Outcome]) -> Option<String> {
         }
     }
     None
-}
-
-/// `30m`, `90s` → seconds; `None` for absent or unparsable (reported by the controller).
-pub fn duration_secs(text: Option<&str>) -> Option<i64> {
-    humantime::parse_duration(text?.trim())
-        .ok()
-        .and_then(|d| i64::try_from(d.as_secs()).ok())
 }
 
 /// What to do now.

@@ -170,9 +170,10 @@ impl StatusSink for KubeSink {
     }
 }
 
-/// Keeps the spec cache in step with the `FlightNode`s in `namespace` (a kube watcher) and
-/// re-evaluates a drone whose `spec.firmwareVersion` or generation changed. Runs forever.
-pub async fn watch_specs(client: Client, namespace: String, hub: std::sync::Arc<crate::hub::Hub>) {
+/// Watches the `FlightNode`s in `namespace` and hands every applied object to `on_node` (which
+/// keeps the hub's spec cache in step and re-evaluates a drone whose spec changed). Runs
+/// forever.
+pub async fn watch_specs(client: Client, namespace: String, on_node: impl Fn(&FlightNode) + Send + 'static) {
     use futures_util::StreamExt;
     use kube::runtime::{WatchStreamExt, watcher};
     let api: kube::Api<FlightNode> = kube::Api::namespaced(client, &namespace);
@@ -182,13 +183,7 @@ pub async fn watch_specs(client: Client, namespace: String, hub: std::sync::Arc<
     futures_util::pin_mut!(stream);
     while let Some(item) = stream.next().await {
         match item {
-            Ok(node) => {
-                let name = node.metadata.name.clone().unwrap_or_default();
-                let spec = crate::status::SpecView::of(&node);
-                if hub.sessions.specs().set(&name, spec) {
-                    hub.spec_changed(&name);
-                }
-            }
+            Ok(node) => on_node(&node),
             Err(e) => {
                 tracing::warn!(error = %flightnode_proto::error::Chain(&e), "FlightNode watch failed; retrying");
             }
