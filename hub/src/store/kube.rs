@@ -4,9 +4,9 @@
 //! raw so that `Retry-After` is honoured; kube's own retry layer is switched off because the
 //! scheduler owns retries and rate limits.
 
-use super::{StatusSink, WriteError, WriteRequest};
+use super::sink::{StatusSink, WriteError, WriteRequest};
 use crate::FIELD_MANAGER;
-use crate::crd::{API_VERSION, FlightNode, KIND, new_flightnode};
+use crate::api::flightnode::{API_VERSION, FlightNode, KIND, new_flightnode};
 use futures_util::future::BoxFuture;
 use http_body_util::BodyExt;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -116,7 +116,7 @@ impl KubeSink {
 }
 
 /// The server-side apply body of a status write: only apiVersion, kind and status.
-pub fn apply_body(status: &crate::crd::FlightNodeStatus) -> serde_json::Value {
+pub fn apply_body(status: &crate::api::flightnode::FlightNodeStatus) -> serde_json::Value {
     serde_json::json!({ "apiVersion": API_VERSION, "kind": KIND, "status": status })
 }
 

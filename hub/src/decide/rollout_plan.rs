@@ -2,10 +2,10 @@
 //! controller reads the objects into [`Drone`]s, calls [`plan`] with the time, and carries out
 //! the returned [`Plan`] (spec writes, cancels, status, events).
 
-use super::{
+use crate::api::meta::Condition;
+use crate::api::rollout::{
     Counts, FailureRule, FirmwareRolloutSpec, FirmwareRolloutStatus, WaveSpec, condition, duration_secs,
 };
-use crate::crd::Condition;
 use sha2::Digest;
 use std::collections::BTreeMap;
 
@@ -149,7 +149,7 @@ pub fn outcome(d: &Drone, now: i64, timeout_secs: Option<i64>, clock_start: Opti
     if d.pinned {
         return Outcome::Pinned;
     }
-    if d.dispatched && d.sync_reason.as_deref() == Some(crate::node_sync::reason::FAILED) {
+    if d.dispatched && d.sync_reason.as_deref() == Some(crate::decide::node_sync::reason::FAILED) {
         return match d.last_result.as_deref() {
             Some("Rejected") => Outcome::Rejected,
             Some("RolledBack") => Outcome::RolledBack,
@@ -526,12 +526,12 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rollout::FailurePolicy;
+    use crate::api::rollout::FailurePolicy;
 
     const T0: i64 = 1_800_000_000;
 
     fn at(t: i64) -> String {
-        crate::status::unix_rfc3339(t).unwrap_or_default()
+        crate::decide::status::unix_rfc3339(t).unwrap_or_default()
     }
 
     fn rule(kind: &str, pct: u32, min: u32, cap: Option<u32>) -> FailureRule {

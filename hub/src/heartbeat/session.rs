@@ -12,10 +12,11 @@
 //! pairs, and hashes instead of copies of what was computed and written. The full
 //! `FlightNodeStatus` is rebuilt only when it is written or asked for.
 
-use crate::crd::{Condition, FlightNodeStatus, condition, object_name};
-use crate::scheduler::{Built, Enqueue, Priority, StatusSource};
-use crate::sink::{EventRecord, WriteRequest};
-use crate::status::{self, Liveness, SpecView};
+use crate::api::flightnode::{FlightNodeStatus, condition, object_name};
+use crate::api::meta::Condition;
+use crate::decide::status::{self, Liveness, SpecView};
+use crate::heartbeat::scheduler::{Built, Enqueue, Priority, StatusSource};
+use crate::store::sink::{EventRecord, WriteRequest};
 use flightnode_proto::v1::HeartbeatRequest;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};

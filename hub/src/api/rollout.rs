@@ -3,17 +3,12 @@
 //!
 //! It works by writing the wanted firmware into the `FlightNode` specs of the drones of the
 //! current wave (server-side apply, field manager [`FIELD_MANAGER`]); the node reconciler
-//! ([`crate::node_sync`]) does the rest, so one path serves a single drone and a fleet.
+//! ([`crate::decide::node_sync`]) does the rest, so one path serves a single drone and a fleet.
 //!
-//! - [`plan`]: waves, membership, outcomes and the breaker as pure functions.
-//! - [`controller`]: the reconcile step over a [`crate::store::FleetStore`].
-//! - [`cli`]: `get rollouts`, `rollout status`, `apply -f`.
+//! Its waves and breaker are decided in [`crate::decide::rollout_plan`], carried out by
+//! [`crate::controller::rollout`], and shown by [`crate::cmd::rollout`].
 
-pub mod cli;
-pub mod controller;
-pub mod plan;
-
-use crate::crd::Condition;
+use super::meta::{Condition, conditions_schema};
 use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
@@ -267,13 +262,6 @@ fn label_selector_schema(_: &mut SchemaGenerator) -> Schema {
         },
     });
     Schema::try_from(schema).unwrap_or_default()
-}
-
-fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
-    let mut schema = generator.subschema_for::<Vec<Condition>>();
-    schema.insert("x-kubernetes-list-type".into(), "map".into());
-    schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
-    schema
 }
 
 /// `30m`, `90s` → seconds; `None` for absent or unparsable (reported by the controller).

@@ -1,12 +1,12 @@
 //! One reconcile step of every `FirmwareRollout`: read drones into [`plan::Drone`]s, run
 //! [`plan::plan`], then carry the plan out (spec writes, call-backs, status, events).
 
-use super::plan::{self, Drone, Outcome, Plan};
-use super::{ANNOTATION_DISPATCHED, ANNOTATION_ROLLOUT, FirmwareRollout, condition};
-use crate::crd::{FirmwareTarget, FlightNode};
+use crate::api::flightnode::{FirmwareTarget, FlightNode};
+use crate::api::rollout::{ANNOTATION_DISPATCHED, ANNOTATION_ROLLOUT, FirmwareRollout, condition};
+use crate::decide::node_sync::{FlightGate, NodeView};
+use crate::decide::rollout_plan::{self as plan, Drone, Outcome, Plan};
 use crate::metrics::{Metrics, RolloutGauges};
-use crate::node_sync::{FlightGate, NodeView};
-use crate::store::{Applied, Dispatch, FleetStore};
+use crate::store::fleet::{Applied, Dispatch, FleetStore};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use std::collections::{BTreeMap, BTreeSet};
@@ -162,10 +162,10 @@ pub async fn reconcile_all(store: &dyn FleetStore, now: i64, now_rfc3339: &str) 
             .collect();
         let generation = r.metadata.generation.unwrap_or(1);
         let previous = r.status.clone().unwrap_or_default();
-        if let Err(why) = super::validate(&r.spec) {
+        if let Err(why) = crate::api::rollout::validate(&r.spec) {
             let mut status = previous.clone();
             status.observed_generation = Some(generation);
-            status.conditions = vec![crate::crd::Condition {
+            status.conditions = vec![crate::api::meta::Condition {
                 type_: condition::PROGRESSING.to_owned(),
                 status: "False".to_owned(),
                 reason: "InvalidSpec".to_owned(),
