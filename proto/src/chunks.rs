@@ -18,8 +18,8 @@
 //! without overlapping, and whose sizes respect the manifest's `max_size`: whatever a hostile
 //! index says, a device reads, allocates and writes only within those bounds.
 
-pub use crate::manifest::{INDEX_MAGIC as MAGIC, INDEX_RECORD_LEN as RECORD_LEN, index_len};
 use crate::manifest::{ChunksInfo, ContextInfo};
+pub use crate::manifest::{INDEX_MAGIC as MAGIC, INDEX_RECORD_LEN as RECORD_LEN, index_len};
 
 /// [`RECORD_LEN`] as a `usize`, for slicing.
 #[allow(clippy::cast_possible_truncation, reason = "56 fits every usize")]

@@ -66,17 +66,19 @@ pub const MAX_INDEX_BYTES: u64 = 16 * 1024 * 1024;
 pub const INDEX_MAGIC: &[u8; 8] = b"FNCHIDX1";
 /// Length of one `chunks.idx` record (re-exported as `chunks::RECORD_LEN`).
 pub const INDEX_RECORD_LEN: u64 = 56;
-
-/// Length of an index of `count` chunks (`None` on overflow).
-pub fn index_len(count: u64) -> Option<u64> {
-    count.checked_mul(INDEX_RECORD_LEN)?.checked_add(INDEX_MAGIC.len() as u64)
-}
 /// Largest accepted chunk (`max_size`): bounds what one chunk may decompress to.
 pub const MAX_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
 /// The chunking algorithm of format 2.
 pub const CHUNKER: &str = "fastcdc-2020";
 /// The chunk compression of format 2.
 pub const COMPRESSION: &str = "zstd";
+
+/// Length of an index of `count` chunks (`None` on overflow).
+pub fn index_len(count: u64) -> Option<u64> {
+    count
+        .checked_mul(INDEX_RECORD_LEN)?
+        .checked_add(INDEX_MAGIC.len() as u64)
+}
 
 /// What a bundle claims about its image. Signed as the exact bytes of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

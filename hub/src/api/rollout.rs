@@ -5,8 +5,9 @@
 //! current wave (server-side apply, field manager [`FIELD_MANAGER`]); the node reconciler
 //! ([`crate::decide::node_sync`]) does the rest, so one path serves a single drone and a fleet.
 //!
-//! Its waves and breaker are decided in [`crate::decide::rollout_plan`], carried out by
-//! [`crate::controller::rollout`], and shown by [`crate::cmd::rollout`].
+//! Its waves and breaker are decided in [`crate::decide::rollout_waves`] and
+//! [`crate::decide::rollout_plan`], carried out by [`crate::controller::rollout`], and shown by
+//! [`crate::cmd::rollout`].
 
 use super::meta::{Condition, conditions_schema};
 use kube::CustomResource;

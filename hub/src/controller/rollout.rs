@@ -1,11 +1,12 @@
-//! One reconcile step of every `FirmwareRollout`: read drones into [`plan::Drone`]s, run
+//! One reconcile step of every `FirmwareRollout`: read drones into [`Drone`]s, run
 //! [`plan::plan`], then carry the plan out (spec writes, call-backs, status, events).
 
 use crate::api::flightnode::{FirmwareTarget, FlightNode};
 use crate::api::rollout::{ANNOTATION_DISPATCHED, ANNOTATION_ROLLOUT, FirmwareRollout, condition};
 use crate::decide::node_sync::{FlightGate, NodeView};
-use crate::decide::rollout_plan::{self as plan, Drone, Outcome, Plan};
-use crate::metrics::{Metrics, RolloutGauges};
+use crate::decide::rollout_plan::{self as plan, Plan};
+use crate::decide::rollout_waves::{Drone, Outcome};
+use crate::metrics::RolloutGauges;
 use crate::store::fleet::{Applied, Dispatch, FleetStore};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
@@ -118,7 +119,7 @@ pub struct StepReport {
 }
 
 impl StepReport {
-    /// The rollout gauges of this step, for [`Metrics::set_rollouts`].
+    /// The rollout gauges of this step, for [`crate::metrics::Metrics::set_rollouts`].
     pub fn gauges(&self) -> Vec<RolloutGauges> {
         self.plans
             .iter()

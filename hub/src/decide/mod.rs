@@ -4,8 +4,10 @@
 //!
 //! - [`status`]: heartbeat → `FlightNodeStatus`: phase names, coarse resources, conditions.
 //! - [`node_sync`]: the node reconciler's decision (`spec.firmware` → upgrade command, retries).
-//! - [`rollout_plan`]: a rollout's waves, drone outcomes, circuit breaker and next step.
+//! - [`rollout_waves`]: a rollout's waves, drone outcomes and circuit breaker.
+//! - [`rollout_plan`]: a rollout's next step (dispatch, call back, status, events).
 
 pub mod node_sync;
 pub mod rollout_plan;
+pub mod rollout_waves;
 pub mod status;
