@@ -8,8 +8,9 @@
 //! clock ([`heartbeat::liveness`]), like the node lifecycle controller does for kubelets.
 //!
 //! # Layout
-//! One-way layers, bottom first. Each is a folder whose `mod.rs` says what it owns; a module
-//! imports only from its own layer and the ones below, so no two modules import each other.
+//! One-way layers, bottom first. Each is a folder whose `mod.rs` says what it owns. A module
+//! imports only from its own layer and the ones below, and no two modules import each other
+//! (a low module that needs something from above takes a value or a callback instead).
 //!
 //! 1. [`api`]: the custom resources: `FlightNode`, `FirmwareRollout`, conditions, the CRD YAML.
 //!    Imports nothing of the hub.

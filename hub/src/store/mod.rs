@@ -1,6 +1,7 @@
 //! Layer 3, the stores: where objects live, on a cluster (the Kubernetes API) or on a laptop
-//! (an embedded sled store). The layers above see them only through two traits, so the
-//! heartbeat side and the controllers run the same on either:
+//! (an embedded sled store). The heartbeat side and the controllers write through two traits,
+//! so they run the same on either (only the local store's HTTP API reads the sled store
+//! directly):
 //!
 //! - [`sink`]: [`sink::StatusSink`], where heartbeat status goes, and its write types.
 //! - [`fleet`]: [`fleet::FleetStore`], what the controllers read and write, with its Kubernetes
