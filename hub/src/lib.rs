@@ -1,54 +1,39 @@
 //! flightnode hub: gRPC heartbeats in, `FlightNode` status out.
 //!
-//! Drones send heartbeats over gRPC ([`grpc`]); the hub keeps a session per drone in memory
-//! ([`session`]), turns each heartbeat into a `FlightNode` status ([`status`]) and writes it only
-//! when it changed or grew stale, through a rate-limited latest-wins queue ([`scheduler`]) into a
-//! status sink ([`sink`]): the Kubernetes API, or an embedded sled store for a laptop. Liveness is
-//! judged by the hub's own clock ([`liveness`]), like the node lifecycle controller does for
-//! kubelets.
+//! Drones send heartbeats over gRPC ([`heartbeat::grpc`]); the hub keeps a session per drone in
+//! memory ([`heartbeat::session`]), turns each heartbeat into a `FlightNode` status
+//! ([`decide::status`]) and writes it only when it changed or grew stale, through a rate-limited
+//! latest-wins queue ([`heartbeat::scheduler`]) into a status sink ([`store::sink`]): the
+//! Kubernetes API, or an embedded sled store for a laptop. Liveness is judged by the hub's own
+//! clock ([`heartbeat::liveness`]), like the node lifecycle controller does for kubelets.
 //!
 //! # Layout
-//! - [`crd`]: the `FlightNode` custom resource (`edge.drone.io/v1`) and its CRD.
-//! - [`status`]: heartbeat → `FlightNodeStatus`, conditions, phase names.
-//! - [`session`]: one in-memory session per drone; decides when a write is due; event acks.
-//! - [`scheduler`]: token bucket, per-drone latest-wins queue, priorities, retries.
-//! - [`liveness`]: marks drones offline when heartbeats stop.
-//! - [`sink`]: the `StatusSink` trait; [`sink::kube`] (server-side apply) and [`sink::local`] (sled).
-//! - [`grpc`]: the tonic `HubService`, mTLS identity check, input validation.
-//! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the local store's Kubernetes-shaped API.
-//! - [`metrics`]: prometheus-client registry.
-//! - [`fuzzing`]: fuzz target bodies (cargo-fuzz `heartbeat` and its smoke test).
-//! - [`get`]: `flightnode-hub get`, a kubectl-like table.
-//! - [`upgrade`]: `flightnode-hub upgrade`, publishes MQTT upgrade/cancel commands.
-//! - [`broker`]: the embedded MQTT broker for laptops and the demo (feature `embedded-broker`).
-//! - [`node_sync`]: the node reconciler's decision (`spec.firmware` → upgrade command), pure.
-//! - [`rollout`]: the `FirmwareRollout` CRD, its wave/breaker plan (pure) and controller.
-//! - [`store`]: what the controllers read and write, on Kubernetes or the local store.
-//! - [`controllers`]: the reconcile loop (leader only); [`lease`]: the Lease election.
-//! - [`hub`]: the shared core (sessions, scheduler, metrics, local store).
-//! - [`serve`]: `flightnode-hub serve`: TLS, sink choice, gRPC and HTTP servers.
+//! One-way layers, bottom first. Each is a folder whose `mod.rs` says what it owns. A module
+//! imports only from its own layer and the ones below, and no two modules import each other
+//! (a low module that needs something from above takes a value or a callback instead).
+//!
+//! 1. [`api`]: the custom resources: `FlightNode`, `FirmwareRollout`, conditions, the CRD YAML.
+//!    Imports nothing of the hub.
+//! 2. [`decide`]: pure decisions over those types: status from a heartbeat, the node
+//!    reconciler's decision, a rollout's plan.
+//! 3. [`store`]: where objects live, the Kubernetes API or the embedded sled store, behind the
+//!    [`store::sink::StatusSink`] and [`store::fleet::FleetStore`] traits.
+//! 4. [`controller`]: the reconcile loop, the rollout controller, the Lease election and the
+//!    MQTT commands they send.
+//! 5. [`heartbeat`]: the gRPC service, sessions, liveness and the write scheduler.
+//! 6. [`cmd`]: the binary's commands: `serve` (with its HTTP port and embedded broker), `get`,
+//!    `rollout`, `apply`, `upgrade`, `cancel`.
+//!
+//! Beside the layers: [`metrics`], the prometheus registry every layer may record into (it
+//! imports nothing of the hub), and here the crate's [`Error`] and [`FIELD_MANAGER`].
 
-#[cfg(feature = "embedded-broker")]
-pub mod broker;
-pub mod controllers;
-pub mod crd;
-pub mod fuzzing;
-pub mod get;
-pub mod grpc;
-pub mod http;
-pub mod hub;
-pub mod lease;
-pub mod liveness;
+pub mod api;
+pub mod cmd;
+pub mod controller;
+pub mod decide;
+pub mod heartbeat;
 pub mod metrics;
-pub mod node_sync;
-pub mod rollout;
-pub mod scheduler;
-pub mod serve;
-pub mod session;
-pub mod sink;
-pub mod status;
 pub mod store;
-pub mod upgrade;
 
 /// Field manager of every status write.
 pub const FIELD_MANAGER: &str = "flightnode-hub";

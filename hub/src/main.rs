@@ -2,12 +2,12 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use flightnode_hub::controllers::ControllerConfig;
-use flightnode_hub::hub::HubConfig;
-use flightnode_hub::node_sync::Policy;
-use flightnode_hub::scheduler::SchedulerConfig;
-use flightnode_hub::serve::{ControllerOptions, ServeOptions, StoreKind};
-use flightnode_hub::session::SessionConfig;
+use flightnode_hub::cmd::serve::{ControllerOptions, ServeOptions, StoreKind};
+use flightnode_hub::controller::reconcile::ControllerConfig;
+use flightnode_hub::decide::node_sync::Policy;
+use flightnode_hub::heartbeat::hub::HubConfig;
+use flightnode_hub::heartbeat::scheduler::SchedulerConfig;
+use flightnode_hub::heartbeat::session::SessionConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -69,9 +69,9 @@ struct SourceArgs {
 impl SourceArgs {
     async fn client(&self) -> anyhow::Result<kube::Client> {
         Ok(if self.kube {
-            flightnode_hub::sink::kube::client_from_env().await?
+            flightnode_hub::store::kube::client_from_env().await?
         } else {
-            flightnode_hub::sink::kube::client_for_url(&self.server)?
+            flightnode_hub::store::kube::client_for_url(&self.server)?
         })
     }
 }
@@ -265,8 +265,8 @@ struct MqttArgs {
 }
 
 impl MqttArgs {
-    fn target(&self) -> flightnode_hub::upgrade::MqttTarget {
-        flightnode_hub::upgrade::MqttTarget {
+    fn target(&self) -> flightnode_hub::controller::mqtt::MqttTarget {
+        flightnode_hub::controller::mqtt::MqttTarget {
             url: self.mqtt_url.clone(),
             ca: self.mqtt_ca.clone(),
             cert: self.mqtt_cert.clone(),
@@ -340,7 +340,7 @@ fn default_identity() -> String {
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     #[cfg(feature = "embedded-broker")]
     if let Some(listen) = a.embedded_broker {
-        flightnode_hub::broker::start(listen)
+        flightnode_hub::cmd::broker::start(listen)
             .with_context(|| format!("starting the embedded MQTT broker on {listen}"))?;
     }
     let identity = a.identity.clone().unwrap_or_else(default_identity);
@@ -380,7 +380,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         write_timeout: a.write_timeout,
         controllers: a.controllers.then(|| ControllerOptions {
             // NB: one MQTT client id per replica, or the broker disconnects one for the other.
-            mqtt: flightnode_hub::upgrade::MqttTarget {
+            mqtt: flightnode_hub::controller::mqtt::MqttTarget {
                 client_id: format!("{}-{}", a.mqtt.mqtt_client_id, identity),
                 ..a.mqtt.target()
             },
@@ -397,7 +397,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             identity: identity.clone(),
         }),
     };
-    flightnode_hub::serve::serve(
+    flightnode_hub::cmd::serve::serve(
         opts,
         |bound| {
             // One parseable line for scripts and tests that start the hub on port 0.
@@ -423,7 +423,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Serve(a) => serve(*a).await,
         Cmd::Crd => {
-            print!("{}", flightnode_hub::crd::crd_yaml()?);
+            print!("{}", flightnode_hub::api::crd_yaml()?);
             Ok(())
         }
         Cmd::Get(a)
@@ -433,18 +433,18 @@ async fn main() -> anyhow::Result<()> {
             ) =>
         {
             let client = if a.kube {
-                flightnode_hub::sink::kube::client_from_env().await?
+                flightnode_hub::store::kube::client_from_env().await?
             } else {
-                flightnode_hub::sink::kube::client_for_url(&a.server)?
+                flightnode_hub::store::kube::client_for_url(&a.server)?
             };
-            let items = flightnode_hub::rollout::cli::list(&client, a.namespace.as_deref()).await?;
+            let items = flightnode_hub::cmd::rollout::list(&client, a.namespace.as_deref()).await?;
             if a.json {
                 let body = serde_json::json!({"apiVersion": "edge.drone.io/v1", "kind": "FirmwareRolloutList", "items": items});
                 println!("{}", serde_json::to_string_pretty(&body)?);
             } else if items.is_empty() {
                 println!("No resources found");
             } else {
-                print!("{}", flightnode_hub::rollout::cli::table(&items));
+                print!("{}", flightnode_hub::cmd::rollout::table(&items));
             }
             Ok(())
         }
@@ -454,8 +454,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Apply(a) => {
             let yaml =
                 std::fs::read_to_string(&a.file).with_context(|| format!("read {}", a.file.display()))?;
-            let client = flightnode_hub::sink::kube::client_for_url(&a.server)?;
-            let lines = flightnode_hub::rollout::cli::apply(&client, &a.namespace, &yaml)
+            let client = flightnode_hub::store::kube::client_for_url(&a.server)?;
+            let lines = flightnode_hub::cmd::rollout::apply(&client, &a.namespace, &yaml)
                 .await
                 .with_context(|| format!("apply -f {} to {}", a.file.display(), a.server))?;
             for line in lines {
@@ -467,7 +467,7 @@ async fn main() -> anyhow::Result<()> {
             command: RolloutCmd::Status(a),
         } => {
             let client = a.source.client().await?;
-            let ended = flightnode_hub::rollout::cli::status(
+            let ended = flightnode_hub::cmd::rollout::status(
                 &client,
                 &a.namespace,
                 &a.name,
@@ -477,36 +477,36 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             // Like `kubectl rollout status`: a script can tell a halted rollout by the exit code.
-            if let flightnode_hub::rollout::cli::Watched::Halted(why) = ended {
+            if let flightnode_hub::cmd::rollout::Watched::Halted(why) = ended {
                 anyhow::bail!("rollout {} is halted: {why}", a.name);
             }
             Ok(())
         }
         Cmd::Get(a) => {
             let source = if a.kube {
-                flightnode_hub::get::Source::Kube
+                flightnode_hub::cmd::get::Source::Kube
             } else {
-                flightnode_hub::get::Source::Server(a.server)
+                flightnode_hub::cmd::get::Source::Server(a.server)
             };
-            let opts = flightnode_hub::get::GetOptions {
+            let opts = flightnode_hub::cmd::get::GetOptions {
                 source,
                 namespace: a.namespace,
                 json: a.json,
                 watch: a.watch,
                 interval: a.interval,
             };
-            flightnode_hub::get::run(opts, &mut std::io::stdout()).await?;
+            flightnode_hub::cmd::get::run(opts, &mut std::io::stdout()).await?;
             Ok(())
         }
         Cmd::Upgrade(a) => {
-            let cmd = flightnode_hub::upgrade::upgrade_command(
+            let cmd = flightnode_hub::cmd::upgrade::upgrade_command(
                 a.url.as_deref(),
                 a.bundle.as_deref(),
                 a.base_url.as_deref(),
                 a.upgrade_id,
                 a.allow_downgrade,
             )?;
-            flightnode_hub::upgrade::publish(&a.mqtt.target(), &a.device, &cmd)
+            flightnode_hub::controller::mqtt::publish(&a.mqtt.target(), &a.device, &cmd)
                 .await
                 .with_context(|| format!("publish upgrade for {}", a.device))?;
             println!("{}", cmd.upgrade_id());
@@ -516,7 +516,7 @@ async fn main() -> anyhow::Result<()> {
             let cmd = flightnode_proto::mqtt::Command::Cancel {
                 upgrade_id: a.upgrade_id,
             };
-            flightnode_hub::upgrade::publish(&a.mqtt.target(), &a.device, &cmd)
+            flightnode_hub::controller::mqtt::publish(&a.mqtt.target(), &a.device, &cmd)
                 .await
                 .with_context(|| format!("publish cancel for {}", a.device))?;
             Ok(())

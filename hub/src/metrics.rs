@@ -47,6 +47,20 @@ pub struct RolloutLabel {
     pub rollout: String,
 }
 
+/// One rollout's gauges after a controller step. Plain values, so this module needs nothing of
+/// the rollout controller that fills them in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RolloutGauges {
+    /// Rollout name.
+    pub rollout: String,
+    /// Drones per outcome label (`succeeded`, `failed`, `rolled_back`, `in_progress`, …).
+    pub drones: std::collections::BTreeMap<&'static str, i64>,
+    /// Current wave (0 = canary).
+    pub wave: u32,
+    /// The `Halted` condition is True.
+    pub halted: bool,
+}
+
 type HistogramFamily = Family<ControllerLabel, Histogram, fn() -> Histogram>;
 
 fn reconcile_histogram() -> Histogram {
@@ -186,37 +200,25 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Sets the rollout gauges from one rollout step.
-    pub fn set_rollouts(&self, report: &crate::rollout::controller::StepReport) {
+    /// Sets the rollout gauges from one rollout step (rollouts not listed are dropped).
+    pub fn set_rollouts(&self, rollouts: &[RolloutGauges]) {
         self.rollout_drones.clear();
         self.rollout_wave.clear();
         self.rollout_halted.clear();
-        for (name, plan) in &report.plans {
-            let mut by: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
-            for o in plan.outcomes.values() {
-                *by.entry(crate::rollout::controller::outcome_label(*o))
-                    .or_insert(0) += 1;
-            }
-            for (outcome, n) in by {
+        for r in rollouts {
+            for (outcome, n) in &r.drones {
                 self.rollout_drones
                     .get_or_create(&RolloutOutcomeLabel {
-                        rollout: name.clone(),
-                        outcome: outcome.to_owned(),
+                        rollout: r.rollout.clone(),
+                        outcome: (*outcome).to_owned(),
                     })
-                    .set(n);
+                    .set(*n);
             }
             let label = RolloutLabel {
-                rollout: name.clone(),
+                rollout: r.rollout.clone(),
             };
-            self.rollout_wave
-                .get_or_create(&label)
-                .set(i64::from(plan.status.current_wave));
-            let halted = plan
-                .status
-                .conditions
-                .iter()
-                .any(|c| c.type_ == crate::rollout::condition::HALTED && c.status == "True");
-            self.rollout_halted.get_or_create(&label).set(i64::from(halted));
+            self.rollout_wave.get_or_create(&label).set(i64::from(r.wave));
+            self.rollout_halted.get_or_create(&label).set(i64::from(r.halted));
         }
     }
 

@@ -8,16 +8,16 @@
 //! statuses (the real `KubeSink`, field manager `flightnode-hub`); commands are recorded by a
 //! [`CommandSink`] instead of a broker (the MQTT path is covered by the fleet tests).
 
-use flightnode_hub::controllers::{ControllerConfig, Controllers};
-use flightnode_hub::crd::{FlightNode, FlightNodeStatus};
+use flightnode_hub::api::flightnode::{FlightNode, FlightNodeStatus};
+use flightnode_hub::api::rollout::{FirmwareRollout, condition};
+use flightnode_hub::controller::mqtt::CommandSink;
+use flightnode_hub::controller::reconcile::{ControllerConfig, Controllers};
+use flightnode_hub::decide::node_sync::upgrade_id;
+use flightnode_hub::decide::status::{Liveness, SpecView, from_heartbeat, with_conditions};
 use flightnode_hub::metrics::Metrics;
-use flightnode_hub::node_sync::upgrade_id;
-use flightnode_hub::rollout::{FirmwareRollout, condition};
-use flightnode_hub::sink::kube::KubeSink;
-use flightnode_hub::sink::{StatusSink, WriteRequest};
-use flightnode_hub::status::{Liveness, SpecView, from_heartbeat, with_conditions};
-use flightnode_hub::store::KubeFleet;
-use flightnode_hub::upgrade::CommandSink;
+use flightnode_hub::store::fleet::KubeFleet;
+use flightnode_hub::store::kube::KubeSink;
+use flightnode_hub::store::sink::{StatusSink, WriteRequest};
 use flightnode_proto::mqtt::Command;
 use flightnode_proto::v1;
 use flightnode_tests::apiserver::ApiServer;
@@ -130,7 +130,7 @@ fn status_of(name: &str, r: &Report) -> FlightNodeStatus {
             ..Default::default()
         });
     }
-    let now = flightnode_hub::status::rfc3339(time::OffsetDateTime::now_utc());
+    let now = flightnode_hub::decide::status::rfc3339(time::OffsetDateTime::now_utc());
     let mut s = with_conditions(
         from_heartbeat(&hb),
         Liveness::Online,
@@ -489,7 +489,7 @@ async fn canary_trips_the_breaker_then_a_good_build_rolls_through_with_a_failove
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_lease_holder_and_a_failover() -> anyhow::Result<()> {
-    use flightnode_hub::lease::{LeaseConfig, run};
+    use flightnode_hub::controller::lease::{LeaseConfig, run};
     let Some((_api, _admin, hub)) = cluster().await? else {
         return Ok(());
     };
@@ -538,7 +538,7 @@ async fn one_lease_holder_and_a_failover() -> anyhow::Result<()> {
 /// the outcomes that arrived in the gap, and no drone got two installs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_killed_mid_wave_hands_over_without_a_second_install() -> anyhow::Result<()> {
-    use flightnode_hub::lease::{LeaseConfig, run};
+    use flightnode_hub::controller::lease::{LeaseConfig, run};
     let Some((api, admin, hub)) = cluster().await? else {
         return Ok(());
     };
@@ -717,7 +717,7 @@ async fn a_leader_killed_mid_wave_hands_over_without_a_second_install() -> anyho
 /// keeps the real id (the committed CRD has the field), and the command goes to the real id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_id_that_is_no_object_name_gets_its_commands() -> anyhow::Result<()> {
-    use flightnode_hub::session::object_name;
+    use flightnode_hub::api::flightnode::object_name;
     let Some((_api, admin, hub)) = cluster().await? else {
         return Ok(());
     };
@@ -728,7 +728,7 @@ async fn a_device_id_that_is_no_object_name_gets_its_commands() -> anyhow::Resul
     let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
     for (id, name) in ids.iter().zip(&names) {
         let hb = flightnode_proto::sample::idle_heartbeat(id, "1.0.0");
-        let now = flightnode_hub::status::rfc3339(time::OffsetDateTime::now_utc());
+        let now = flightnode_hub::decide::status::rfc3339(time::OffsetDateTime::now_utc());
         let status = with_conditions(
             from_heartbeat(&hb),
             Liveness::Online,

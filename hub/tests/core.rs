@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use flightnode_hub::sink::WriteError;
+use flightnode_hub::store::sink::WriteError;
 use flightnode_proto::v1;
 use std::sync::Arc;
 use std::time::Duration;

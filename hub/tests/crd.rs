@@ -2,7 +2,7 @@
 
 #[test]
 fn committed_crd_matches_generated() {
-    let generated = flightnode_hub::crd::crd_yaml().expect("crd yaml");
+    let generated = flightnode_hub::api::crd_yaml().expect("crd yaml");
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/crd.yaml");
     let committed = std::fs::read_to_string(&path).expect("read deploy/crd.yaml");
     assert!(
@@ -20,6 +20,6 @@ fn binary_prints_the_crd() {
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        flightnode_hub::crd::crd_yaml().unwrap()
+        flightnode_hub::api::crd_yaml().unwrap()
     );
 }

@@ -30,17 +30,17 @@ fn heartbeat_handling_survives_mutated_heartbeats() {
     // The seeds themselves are accepted heartbeats.
     for s in &seeds {
         let mut hb = flightnode_proto::v1::HeartbeatRequest::decode(s.as_slice()).unwrap();
-        assert_eq!(flightnode_hub::grpc::validate(&mut hb), Ok(()));
-        flightnode_hub::fuzzing::heartbeat(s);
+        assert_eq!(flightnode_hub::heartbeat::grpc::validate(&mut hb), Ok(()));
+        flightnode_hub::heartbeat::fuzzing::heartbeat(s);
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(23);
     for _ in 0..4_000 {
         let seed = &seeds[rng.random_range(0..seeds.len())];
-        flightnode_hub::fuzzing::heartbeat(&mutate(&mut rng, seed));
+        flightnode_hub::heartbeat::fuzzing::heartbeat(&mutate(&mut rng, seed));
     }
     for _ in 0..1_000 {
         let n = rng.random_range(0..512);
         let junk: Vec<u8> = (0..n).map(|_| rng.random()).collect();
-        flightnode_hub::fuzzing::heartbeat(&junk);
+        flightnode_hub::heartbeat::fuzzing::heartbeat(&junk);
     }
 }

@@ -3,9 +3,9 @@
 mod common;
 
 use common::{config, heartbeat, with_phase};
-use flightnode_hub::hub::{Hub, HubConfig};
-use flightnode_hub::session::SpecCache;
-use flightnode_hub::sink::kube::{KubeSink, client_for_url};
+use flightnode_hub::heartbeat::hub::{Hub, HubConfig};
+use flightnode_hub::heartbeat::session::SpecCache;
+use flightnode_hub::store::kube::{KubeSink, client_for_url};
 use flightnode_tests::fake_kube::{FakeKube, Fault};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -75,7 +75,7 @@ fn upgrade_and_cancel_are_published_on_the_device_topic() {
 /// Installs the CRD, creates a FlightNode, heartbeats, reads the status back with the kube client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_cluster_when_configured() {
-    use flightnode_hub::crd::FlightNode;
+    use flightnode_hub::api::flightnode::FlightNode;
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use kube::CustomResourceExt;
     use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -105,21 +105,21 @@ async fn real_cluster_when_configured() {
     let name = format!("fn-test-{}", std::process::id());
     api.create(
         &PostParams::default(),
-        &flightnode_hub::crd::new_flightnode(&name, &ns, "hw-x1"),
+        &flightnode_hub::api::flightnode::new_flightnode(&name, &ns, "hw-x1"),
     )
     .await
     .unwrap();
 
-    let sink = std::sync::Arc::new(flightnode_hub::sink::kube::KubeSink::new(
+    let sink = std::sync::Arc::new(flightnode_hub::store::kube::KubeSink::new(
         client.clone(),
         &ns,
         Duration::from_secs(10),
     ));
-    let hub = flightnode_hub::hub::Hub::new(
+    let hub = flightnode_hub::heartbeat::hub::Hub::new(
         common::config(5.0, 5),
         sink,
         None,
-        std::sync::Arc::new(flightnode_hub::session::SpecCache::default()),
+        std::sync::Arc::new(flightnode_hub::heartbeat::session::SpecCache::default()),
     );
     hub.start();
     hub.heartbeat(&common::heartbeat(&name, "1.0.0")).await;

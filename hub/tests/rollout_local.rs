@@ -18,16 +18,16 @@
 //! commands are recorded by a [`CommandSink`]. The MQTT path to real agents is covered by the
 //! fleet tests (`tests/tests/rollout.rs`).
 
-use flightnode_hub::controllers::{ControllerConfig, Controllers};
-use flightnode_hub::crd::FirmwareTarget;
+use flightnode_hub::api::flightnode::FirmwareTarget;
+use flightnode_hub::api::flightnode::object_name;
+use flightnode_hub::api::rollout::{FirmwareRollout, condition};
+use flightnode_hub::controller::mqtt::CommandSink;
+use flightnode_hub::controller::reconcile::{ControllerConfig, Controllers};
+use flightnode_hub::decide::status::{Liveness, SpecView, from_heartbeat, with_conditions};
 use flightnode_hub::metrics::Metrics;
-use flightnode_hub::rollout::{FirmwareRollout, condition};
-use flightnode_hub::session::object_name;
-use flightnode_hub::sink::WriteRequest;
-use flightnode_hub::sink::local::LocalStore;
-use flightnode_hub::status::{Liveness, SpecView, from_heartbeat, with_conditions};
-use flightnode_hub::store::LocalFleet;
-use flightnode_hub::upgrade::CommandSink;
+use flightnode_hub::store::fleet::LocalFleet;
+use flightnode_hub::store::local::LocalStore;
+use flightnode_hub::store::sink::WriteRequest;
 use flightnode_proto::mqtt::Command;
 use flightnode_proto::v1;
 use futures_util::future::BoxFuture;
@@ -106,7 +106,7 @@ async fn report(store: &LocalStore, device_id: &str, version: &str, last: Option
             ..Default::default()
         });
     }
-    let now = flightnode_hub::status::rfc3339(time::OffsetDateTime::now_utc());
+    let now = flightnode_hub::decide::status::rfc3339(time::OffsetDateTime::now_utc());
     let mut status = with_conditions(
         from_heartbeat(&hb),
         Liveness::Online,
@@ -559,14 +559,16 @@ async fn a_spec_changed_before_the_drone_started_cancels_the_old_upgrade_on_the_
     let drone = "drone-idle";
     report(&store, drone, "1.0.0", None).await;
     let mut topic = DroneTopic::subscribe(&broker.url(), drone).await;
-    let publisher = flightnode_hub::upgrade::MqttPublisher::start(&flightnode_hub::upgrade::MqttTarget {
-        url: broker.url(),
-        ca: None,
-        cert: None,
-        key: None,
-        client_id: "hub-controllers".into(),
-        timeout: Duration::from_secs(10),
-    })
+    let publisher = flightnode_hub::controller::mqtt::MqttPublisher::start(
+        &flightnode_hub::controller::mqtt::MqttTarget {
+            url: broker.url(),
+            ca: None,
+            cert: None,
+            key: None,
+            client_id: "hub-controllers".into(),
+            timeout: Duration::from_secs(10),
+        },
+    )
     .unwrap();
     let c = Controllers {
         store: Arc::new(LocalFleet::new(store.clone(), Arc::new(|_| {}))),

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{config, heartbeat, with_phase};
-use flightnode_hub::serve::{Bound, ServeOptions, StoreKind};
+use flightnode_hub::cmd::serve::{Bound, ServeOptions, StoreKind};
 use flightnode_proto::v1::hub_service_client::HubServiceClient;
 use flightnode_tests::pki::Pki;
 use std::path::Path;
@@ -15,7 +15,7 @@ async fn start(opts: ServeOptions) -> Bound {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let r = flightnode_hub::serve::serve(
+        let r = flightnode_hub::cmd::serve::serve(
             opts,
             move |b| {
                 let _ = tx.send(b);
@@ -126,8 +126,8 @@ async fn local_store_serves_objects_and_events() {
     assert_eq!(client.heartbeat(hb).await.unwrap().into_inner().acked_seq, 3);
 
     let http = format!("http://{}", bound.http);
-    let kube = flightnode_hub::sink::kube::client_for_url(&http).unwrap();
-    let nodes = flightnode_hub::get::list(&kube, None).await.unwrap();
+    let kube = flightnode_hub::store::kube::client_for_url(&http).unwrap();
+    let nodes = flightnode_hub::cmd::get::list(&kube, None).await.unwrap();
     assert_eq!(nodes.len(), 1);
     let status = nodes[0].status.clone().unwrap();
     assert_eq!(status.phase.as_deref(), Some("Switching"));

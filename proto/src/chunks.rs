@@ -19,18 +19,11 @@
 //! index says, a device reads, allocates and writes only within those bounds.
 
 use crate::manifest::{ChunksInfo, ContextInfo};
+pub use crate::manifest::{INDEX_MAGIC as MAGIC, INDEX_RECORD_LEN as RECORD_LEN, index_len};
 
-/// First bytes of `chunks.idx`.
-pub const MAGIC: &[u8; 8] = b"FNCHIDX1";
-/// Length of one record.
-pub const RECORD_LEN: u64 = RECORD_BYTES as u64;
 /// [`RECORD_LEN`] as a `usize`, for slicing.
-const RECORD_BYTES: usize = 56;
-
-/// Length of an index of `count` chunks (`None` on overflow).
-pub fn index_len(count: u64) -> Option<u64> {
-    count.checked_mul(RECORD_LEN)?.checked_add(MAGIC.len() as u64)
-}
+#[allow(clippy::cast_possible_truncation, reason = "56 fits every usize")]
+const RECORD_BYTES: usize = RECORD_LEN as usize;
 
 /// Largest zstd frame a chunk of `size` bytes may take: zstd's own compress bound
 /// (`ZSTD_COMPRESSBOUND`) plus room for the frame header and checksum.

@@ -61,12 +61,24 @@ pub const INDEX_ENTRY: &str = "chunks.idx";
 pub const DATA_ENTRY: &str = "chunks.zst";
 /// Largest accepted `chunks.idx` (about 300 000 chunks: 18 GiB at a 64 KiB average).
 pub const MAX_INDEX_BYTES: u64 = 16 * 1024 * 1024;
+/// First bytes of `chunks.idx` (re-exported as `chunks::MAGIC`). The index's geometry lives here,
+/// below [`crate::chunks`], because [`ChunksInfo::check`] needs it to check `index_size`.
+pub const INDEX_MAGIC: &[u8; 8] = b"FNCHIDX1";
+/// Length of one `chunks.idx` record (re-exported as `chunks::RECORD_LEN`).
+pub const INDEX_RECORD_LEN: u64 = 56;
 /// Largest accepted chunk (`max_size`): bounds what one chunk may decompress to.
 pub const MAX_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
 /// The chunking algorithm of format 2.
 pub const CHUNKER: &str = "fastcdc-2020";
 /// The chunk compression of format 2.
 pub const COMPRESSION: &str = "zstd";
+
+/// Length of an index of `count` chunks (`None` on overflow).
+pub fn index_len(count: u64) -> Option<u64> {
+    count
+        .checked_mul(INDEX_RECORD_LEN)?
+        .checked_add(INDEX_MAGIC.len() as u64)
+}
 
 /// What a bundle claims about its image. Signed as the exact bytes of `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,7 +276,7 @@ impl ChunksInfo {
                 self.min_size, self.avg_size, self.max_size
             ));
         }
-        let expected = crate::chunks::index_len(self.count);
+        let expected = index_len(self.count);
         if expected != Some(self.index_size) || self.index_size > MAX_INDEX_BYTES {
             return bad(format!(
                 "index_size {} does not fit {} chunks (or is over {MAX_INDEX_BYTES} bytes)",

@@ -1,5 +1,5 @@
 //! Input mutation for the seeded fuzz smoke tests (the bodies live next to the code they test:
-//! `flightnode_agent::fuzzing`, `flightnode_hub::fuzzing`; the long runs are `fuzz/run.sh`).
+//! `flightnode_agent::fuzzing`, `flightnode_hub::heartbeat::fuzzing`; the long runs are `fuzz/run.sh`).
 
 use rand::Rng;
 

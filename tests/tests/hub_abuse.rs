@@ -34,9 +34,9 @@ const WARMUP: usize = 1_000;
 const WORKERS: usize = 16;
 /// Allowed growth of the hub's RSS from the warm-up to the end.
 const MAX_GROWTH_KIB: u64 = 16 * 1024;
-/// The hub's decoding cap (`flightnode_hub::grpc::MAX_MESSAGE_BYTES`).
+/// The hub's decoding cap (`flightnode_hub::heartbeat::grpc::MAX_MESSAGE_BYTES`).
 const HUB_MAX_MESSAGE: usize = 64 * 1024;
-/// What the hub keeps of a free-text message (`flightnode_hub::grpc::MAX_MESSAGE_TEXT_BYTES`).
+/// What the hub keeps of a free-text message (`flightnode_hub::heartbeat::grpc::MAX_MESSAGE_TEXT_BYTES`).
 const HUB_MAX_TEXT: usize = 1024;
 /// Drones with their own certificates that heartbeat all along.
 const GOOD: [&str; 3] = ["drone-1", "drone-2", "drone-3"];

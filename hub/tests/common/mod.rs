@@ -1,10 +1,10 @@
 //! Shared test helpers: heartbeats, a scripted in-memory sink, hub construction.
 #![allow(dead_code, reason = "each test binary uses a different part of it")]
 
-use flightnode_hub::hub::{Hub, HubConfig};
-use flightnode_hub::scheduler::SchedulerConfig;
-use flightnode_hub::session::{SessionConfig, SpecCache};
-use flightnode_hub::sink::{StatusSink, WriteError, WriteRequest};
+use flightnode_hub::heartbeat::hub::{Hub, HubConfig};
+use flightnode_hub::heartbeat::scheduler::SchedulerConfig;
+use flightnode_hub::heartbeat::session::{SessionConfig, SpecCache};
+use flightnode_hub::store::sink::{StatusSink, WriteError, WriteRequest};
 use flightnode_proto::v1;
 use futures_util::future::BoxFuture;
 use std::collections::VecDeque;
@@ -114,7 +114,7 @@ pub async fn settle() {
 }
 
 /// The status of a condition type in a status.
-pub fn cond(status: &flightnode_hub::crd::FlightNodeStatus, type_: &str) -> String {
+pub fn cond(status: &flightnode_hub::api::flightnode::FlightNodeStatus, type_: &str) -> String {
     status
         .conditions
         .iter()

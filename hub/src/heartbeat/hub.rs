@@ -1,11 +1,11 @@
 //! The hub core shared by the gRPC service, the HTTP server and the background tasks
 //! (like controller-rs's `State`): sessions, scheduler, metrics and the optional local store.
 
+use crate::heartbeat::scheduler::{Scheduler, SchedulerConfig, StatusSource};
+use crate::heartbeat::session::{SessionConfig, Sessions, SpecCache};
 use crate::metrics::Metrics;
-use crate::scheduler::{Scheduler, SchedulerConfig, StatusSource};
-use crate::session::{SessionConfig, Sessions, SpecCache};
-use crate::sink::StatusSink;
-use crate::sink::local::LocalStore;
+use crate::store::local::LocalStore;
+use crate::store::sink::StatusSink;
 use flightnode_proto::v1::{HeartbeatRequest, HeartbeatResponse};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,7 +67,7 @@ impl Hub {
     /// Starts the writers (ended by [`Scheduler::drain`]) and the liveness loop (returned).
     pub fn start(&self) -> Vec<JoinHandle<()>> {
         self.scheduler.spawn_workers();
-        vec![tokio::spawn(crate::liveness::run(
+        vec![tokio::spawn(crate::heartbeat::liveness::run(
             Arc::clone(&self.sessions),
             Arc::clone(&self.scheduler),
         ))]

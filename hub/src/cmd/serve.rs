@@ -1,12 +1,12 @@
 //! `flightnode-hub serve`: picks the sink, starts the tasks, serves gRPC and HTTP until shutdown.
 
-use crate::http::HttpState;
-use crate::hub::{Hub, HubConfig};
-use crate::session::SpecCache;
-use crate::sink::StatusSink;
-use crate::sink::kube::KubeSink;
-use crate::sink::local::LocalStore;
-use crate::status::SpecView;
+use crate::cmd::http::HttpState;
+use crate::decide::status::SpecView;
+use crate::heartbeat::hub::{Hub, HubConfig};
+use crate::heartbeat::session::SpecCache;
+use crate::store::kube::KubeSink;
+use crate::store::local::LocalStore;
+use crate::store::sink::StatusSink;
 use crate::{Error, Result};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -63,9 +63,9 @@ pub struct ServeOptions {
 #[derive(Debug, Clone)]
 pub struct ControllerOptions {
     /// Broker the commands go to.
-    pub mqtt: crate::upgrade::MqttTarget,
+    pub mqtt: crate::controller::mqtt::MqttTarget,
     /// Retry policy, gate, interval.
-    pub config: crate::controllers::ControllerConfig,
+    pub config: crate::controller::reconcile::ControllerConfig,
     /// Elect a leader on a Lease (kube store); off: this replica always reconciles.
     pub leader_election: bool,
     /// This replica's name in the Lease (the pod name).
@@ -145,7 +145,7 @@ pub async fn serve(
             (Hub::new(hub_config, sink, Some(store), specs), None)
         }
         StoreKind::Kube => {
-            let client = crate::sink::kube::client_from_env().await?;
+            let client = crate::store::kube::client_from_env().await?;
             let namespace = opts
                 .namespace
                 .clone()
@@ -167,10 +167,15 @@ pub async fn serve(
         tasks.extend(others);
     }
     if let Some((client, namespace)) = kube_watch {
-        tasks.push(tokio::spawn(crate::sink::kube::watch_specs(
-            client,
-            namespace,
-            Arc::clone(&hub),
+        let hub_ref = Arc::clone(&hub);
+        let on_node = move |node: &crate::api::flightnode::FlightNode| {
+            let name = node.metadata.name.clone().unwrap_or_default();
+            if hub_ref.sessions.specs().set(&name, SpecView::of(node)) {
+                hub_ref.spec_changed(&name);
+            }
+        };
+        tasks.push(tokio::spawn(crate::store::kube::watch_specs(
+            client, namespace, on_node,
         )));
     }
 
@@ -195,7 +200,7 @@ pub async fn serve(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let router = crate::http::router(HttpState {
+    let router = crate::cmd::http::router(HttpState {
         hub: Arc::clone(&hub),
         ready: Arc::clone(&ready),
     });
@@ -213,7 +218,10 @@ pub async fn serve(
     }
     let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let grpc = builder
-        .add_service(crate::grpc::service(Arc::clone(&hub), require_identity))
+        .add_service(crate::heartbeat::grpc::service(
+            Arc::clone(&hub),
+            require_identity,
+        ))
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx));
     ready.store(true, Ordering::SeqCst);
     tracing::info!(grpc = %bound.grpc, http = %bound.http, mtls = require_identity, "flightnode-hub serving");
@@ -252,8 +260,8 @@ fn start_controllers(
     kube: Option<(kube::Client, String)>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Tasks> {
-    let commands: Arc<dyn crate::upgrade::CommandSink> =
-        Arc::new(crate::upgrade::MqttPublisher::start(&c.mqtt)?);
+    let commands: Arc<dyn crate::controller::mqtt::CommandSink> =
+        Arc::new(crate::controller::mqtt::MqttPublisher::start(&c.mqtt)?);
     let metrics = Arc::clone(&hub.metrics);
     let config = c.config.clone();
     let mut tasks = Vec::new();
@@ -265,8 +273,8 @@ fn start_controllers(
             // "leader forever").
             let mut keep_tx = None;
             if c.leader_election {
-                let lease = crate::lease::LeaseConfig::new(&namespace, &c.identity);
-                lease_task = Some(tokio::spawn(crate::lease::run(
+                let lease = crate::controller::lease::LeaseConfig::new(&namespace, &c.identity);
+                lease_task = Some(tokio::spawn(crate::controller::lease::run(
                     client.clone(),
                     lease,
                     leader_tx,
@@ -287,14 +295,14 @@ fn start_controllers(
                 }
             }));
             tasks.push(tokio::spawn(async move {
-                let store = match crate::store::KubeFleet::start(client, &namespace, &identity).await {
+                let store = match crate::store::fleet::KubeFleet::start(client, &namespace, &identity).await {
                     Ok(s) => Arc::new(s),
                     Err(e) => {
                         tracing::error!(error = %flightnode_proto::error::Chain(&e), "controllers not started");
                         return;
                     }
                 };
-                let controllers = crate::controllers::Controllers {
+                let controllers = crate::controller::reconcile::Controllers {
                     store,
                     commands,
                     metrics,
@@ -306,15 +314,16 @@ fn start_controllers(
         }
         (None, Some(local)) => {
             let hub_ref = Arc::clone(hub);
-            let on_change: crate::store::OnNodeChange = Arc::new(move |node: &crate::crd::FlightNode| {
-                let name = node.metadata.name.clone().unwrap_or_default();
-                hub_ref.sessions.specs().set(&name, SpecView::of(node));
-                hub_ref.spec_changed(&name);
-            });
-            let store = Arc::new(crate::store::LocalFleet::new(local.clone(), on_change));
+            let on_change: crate::store::fleet::OnNodeChange =
+                Arc::new(move |node: &crate::api::flightnode::FlightNode| {
+                    let name = node.metadata.name.clone().unwrap_or_default();
+                    hub_ref.sessions.specs().set(&name, SpecView::of(node));
+                    hub_ref.spec_changed(&name);
+                });
+            let store = Arc::new(crate::store::fleet::LocalFleet::new(local.clone(), on_change));
             let (leader_tx, leader_rx) = tokio::sync::watch::channel(true);
             metrics.leader.set(1);
-            let controllers = crate::controllers::Controllers {
+            let controllers = crate::controller::reconcile::Controllers {
                 store,
                 commands,
                 metrics,

@@ -4,9 +4,9 @@
 //! raw so that `Retry-After` is honoured; kube's own retry layer is switched off because the
 //! scheduler owns retries and rate limits.
 
-use super::{StatusSink, WriteError, WriteRequest};
+use super::sink::{StatusSink, WriteError, WriteRequest};
 use crate::FIELD_MANAGER;
-use crate::crd::{API_VERSION, FlightNode, KIND, new_flightnode};
+use crate::api::flightnode::{API_VERSION, FlightNode, KIND, new_flightnode};
 use futures_util::future::BoxFuture;
 use http_body_util::BodyExt;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -116,7 +116,7 @@ impl KubeSink {
 }
 
 /// The server-side apply body of a status write: only apiVersion, kind and status.
-pub fn apply_body(status: &crate::crd::FlightNodeStatus) -> serde_json::Value {
+pub fn apply_body(status: &crate::api::flightnode::FlightNodeStatus) -> serde_json::Value {
     serde_json::json!({ "apiVersion": API_VERSION, "kind": KIND, "status": status })
 }
 
@@ -170,9 +170,10 @@ impl StatusSink for KubeSink {
     }
 }
 
-/// Keeps the spec cache in step with the `FlightNode`s in `namespace` (a kube watcher) and
-/// re-evaluates a drone whose `spec.firmwareVersion` or generation changed. Runs forever.
-pub async fn watch_specs(client: Client, namespace: String, hub: std::sync::Arc<crate::hub::Hub>) {
+/// Watches the `FlightNode`s in `namespace` and hands every applied object to `on_node` (which
+/// keeps the hub's spec cache in step and re-evaluates a drone whose spec changed). Runs
+/// forever.
+pub async fn watch_specs(client: Client, namespace: String, on_node: impl Fn(&FlightNode) + Send + 'static) {
     use futures_util::StreamExt;
     use kube::runtime::{WatchStreamExt, watcher};
     let api: kube::Api<FlightNode> = kube::Api::namespaced(client, &namespace);
@@ -182,13 +183,7 @@ pub async fn watch_specs(client: Client, namespace: String, hub: std::sync::Arc<
     futures_util::pin_mut!(stream);
     while let Some(item) = stream.next().await {
         match item {
-            Ok(node) => {
-                let name = node.metadata.name.clone().unwrap_or_default();
-                let spec = crate::status::SpecView::of(&node);
-                if hub.sessions.specs().set(&name, spec) {
-                    hub.spec_changed(&name);
-                }
-            }
+            Ok(node) => on_node(&node),
             Err(e) => {
                 tracing::warn!(error = %flightnode_proto::error::Chain(&e), "FlightNode watch failed; retrying");
             }

@@ -5,9 +5,9 @@
 //! (`{namespace}/{name}\0{seq as u64 BE}` → [`EventRecord`] JSON). A write to a missing object
 //! creates it (nobody pre-creates objects on a laptop).
 
-use super::{EventRecord, StatusSink, WriteError, WriteRequest};
-use crate::crd::{FirmwareSync, FirmwareTarget, FlightNode, new_flightnode};
-use crate::rollout::{FirmwareRollout, FirmwareRolloutStatus};
+use super::sink::{EventRecord, StatusSink, WriteError, WriteRequest};
+use crate::api::flightnode::{FirmwareSync, FirmwareTarget, FlightNode, new_flightnode};
+use crate::api::rollout::{FirmwareRollout, FirmwareRolloutStatus};
 use futures_util::future::BoxFuture;
 use std::collections::BTreeMap;
 use std::path::Path;

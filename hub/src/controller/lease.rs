@@ -1,6 +1,6 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, the way client-go's leaderelection does
 //! it, in a small loop on kube-rs: every replica serves heartbeats; only the holder of the Lease
-//! runs the reconcilers ([`crate::controllers`]).
+//! runs the reconcilers ([`crate::controller::reconcile`]).
 //!
 //! - Acquire: the Lease is absent, or its record (holder, renew time) has not changed for a whole
 //!   `leaseDurationSeconds` **as observed by this replica's clock** (no trust in the other

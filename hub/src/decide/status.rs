@@ -2,10 +2,11 @@
 //!
 //! Pure functions: no clock is read here; callers pass the time as an RFC 3339 string.
 
-use crate::crd::{
-    AgentInfo, Condition, CurrentUpgrade, Firmware, Flight, FlightNodeStatus, LastUpgrade, Resources,
-    SlotInfo, condition,
+use crate::api::flightnode::{
+    AgentInfo, CurrentUpgrade, Firmware, Flight, FlightNodeStatus, LastUpgrade, Resources, SlotInfo,
+    condition,
 };
+use crate::api::meta::Condition;
 use flightnode_proto::v1::HeartbeatRequest;
 use time::OffsetDateTime;
 
@@ -24,7 +25,7 @@ pub struct SpecView {
 
 impl SpecView {
     /// What a status computation needs from a stored object.
-    pub fn of(node: &crate::crd::FlightNode) -> SpecView {
+    pub fn of(node: &crate::api::flightnode::FlightNode) -> SpecView {
         let generation = node.metadata.generation;
         let status = node.status.as_ref();
         let sync = status
@@ -522,6 +523,6 @@ mod tests {
         );
         assert_eq!(s.phase.as_deref(), Some("Idle"));
         assert!(s.conditions.iter().all(|c| !c.reason.is_empty()));
-        crate::fuzzing::heartbeat(input);
+        crate::heartbeat::fuzzing::heartbeat(input);
     }
 }

@@ -4,7 +4,7 @@
 //! service then requires the heartbeat's `device_id` to be one of the identities in it (subject
 //! CN or a DNS/URI SAN): a drone can only speak for itself.
 
-use crate::hub::Hub;
+use crate::heartbeat::hub::Hub;
 use flightnode_proto::device::validate_device_id;
 use flightnode_proto::v1::hub_service_server::{HubService, HubServiceServer};
 use flightnode_proto::v1::{HeartbeatRequest, HeartbeatResponse};

@@ -10,7 +10,7 @@
 //! in tests) for the write and tells it the outcome.
 
 use crate::metrics::Metrics;
-use crate::sink::{StatusSink, WriteError, WriteRequest};
+use crate::store::sink::{StatusSink, WriteError, WriteRequest};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -541,7 +541,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::FlightNodeStatus;
+    use crate::api::flightnode::FlightNodeStatus;
     use futures_util::future::BoxFuture;
     use std::collections::HashMap;
     use tokio::sync::mpsc;

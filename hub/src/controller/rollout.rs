@@ -1,11 +1,13 @@
-//! One reconcile step of every `FirmwareRollout`: read drones into [`plan::Drone`]s, run
+//! One reconcile step of every `FirmwareRollout`: read drones into [`Drone`]s, run
 //! [`plan::plan`], then carry the plan out (spec writes, call-backs, status, events).
 
-use super::plan::{self, Drone, Outcome, Plan};
-use super::{ANNOTATION_DISPATCHED, ANNOTATION_ROLLOUT, FirmwareRollout, condition};
-use crate::crd::{FirmwareTarget, FlightNode};
-use crate::node_sync::{FlightGate, NodeView};
-use crate::store::{Applied, Dispatch, FleetStore};
+use crate::api::flightnode::{FirmwareTarget, FlightNode};
+use crate::api::rollout::{ANNOTATION_DISPATCHED, ANNOTATION_ROLLOUT, FirmwareRollout, condition};
+use crate::decide::node_sync::{FlightGate, NodeView};
+use crate::decide::rollout_plan::{self as plan, Plan};
+use crate::decide::rollout_waves::{Drone, Outcome};
+use crate::metrics::RolloutGauges;
+use crate::store::fleet::{Applied, Dispatch, FleetStore};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use std::collections::{BTreeMap, BTreeSet};
@@ -116,6 +118,32 @@ pub struct StepReport {
     pub plans: BTreeMap<String, Plan>,
 }
 
+impl StepReport {
+    /// The rollout gauges of this step, for [`crate::metrics::Metrics::set_rollouts`].
+    pub fn gauges(&self) -> Vec<RolloutGauges> {
+        self.plans
+            .iter()
+            .map(|(name, plan)| {
+                let mut drones = BTreeMap::new();
+                for o in plan.outcomes.values() {
+                    *drones.entry(outcome_label(*o)).or_insert(0) += 1;
+                }
+                let halted = plan
+                    .status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == condition::HALTED && c.status == "True");
+                RolloutGauges {
+                    rollout: name.clone(),
+                    drones,
+                    wave: plan.status.current_wave,
+                    halted,
+                }
+            })
+            .collect()
+    }
+}
+
 /// Reconciles every rollout once.
 pub async fn reconcile_all(store: &dyn FleetStore, now: i64, now_rfc3339: &str) -> crate::Result<StepReport> {
     let mut rollouts = store.rollouts().await?;
@@ -135,10 +163,10 @@ pub async fn reconcile_all(store: &dyn FleetStore, now: i64, now_rfc3339: &str) 
             .collect();
         let generation = r.metadata.generation.unwrap_or(1);
         let previous = r.status.clone().unwrap_or_default();
-        if let Err(why) = super::validate(&r.spec) {
+        if let Err(why) = crate::api::rollout::validate(&r.spec) {
             let mut status = previous.clone();
             status.observed_generation = Some(generation);
-            status.conditions = vec![crate::crd::Condition {
+            status.conditions = vec![crate::api::meta::Condition {
                 type_: condition::PROGRESSING.to_owned(),
                 status: "False".to_owned(),
                 reason: "InvalidSpec".to_owned(),

@@ -1,16 +1,16 @@
 //! What the controllers read and write, on either store: [`FleetStore`], with [`KubeFleet`]
 //! (watch caches, server-side apply with one field manager per writer, events.k8s.io/v1 Events)
-//! and the embedded local store ([`crate::sink::local::LocalStore`]).
+//! and the embedded local store ([`crate::store::local::LocalStore`]).
 //!
 //! Field managers, so nobody fights over a field:
 //! - `flightnode-hub`: heartbeat status (`status.*` but `firmwareSync`);
 //! - `flightnode-hub-reconciler` ([`RECONCILER_MANAGER`]): `status.firmwareSync`;
-//! - [`crate::rollout::FIELD_MANAGER`]: `spec.firmware` and the rollout annotations of the drones
+//! - [`crate::api::rollout::FIELD_MANAGER`]: `spec.firmware` and the rollout annotations of the drones
 //!   it dispatched (applied **without** force: a field another manager owns is a conflict, and
 //!   the rollout leaves that drone alone), and the rollout's status.
 
-use crate::crd::{API_VERSION, FirmwareSync, FirmwareTarget, FlightNode, KIND};
-use crate::rollout::{FirmwareRollout, FirmwareRolloutStatus};
+use crate::api::flightnode::{API_VERSION, FirmwareSync, FirmwareTarget, FlightNode, KIND};
+use crate::api::rollout::{FirmwareRollout, FirmwareRolloutStatus};
 use crate::{Error, Result};
 use futures_util::future::BoxFuture;
 use kube::api::{Patch, PatchParams};
@@ -203,7 +203,7 @@ impl FleetStore for KubeFleet {
                 }),
             };
             // NB: no force: a person's `kubectl` edit of spec.firmware wins over the rollout.
-            let params = PatchParams::apply(crate::rollout::FIELD_MANAGER);
+            let params = PatchParams::apply(crate::api::rollout::FIELD_MANAGER);
             match self.node_api().patch(node, &params, &Patch::Apply(body)).await {
                 Ok(_) => Ok(Applied::Ok),
                 Err(e) if is_status(&e, 409) => Ok(Applied::Conflict),
@@ -225,7 +225,7 @@ impl FleetStore for KubeFleet {
             });
             api.patch_status(
                 rollout,
-                &PatchParams::apply(crate::rollout::FIELD_MANAGER).force(),
+                &PatchParams::apply(crate::api::rollout::FIELD_MANAGER).force(),
                 &Patch::Apply(body),
             )
             .await
@@ -270,14 +270,14 @@ pub type OnNodeChange = Arc<dyn Fn(&FlightNode) + Send + Sync>;
 /// The embedded local store as a [`FleetStore`] (one process, no field managers: the same
 /// ownership is kept by writing only the fields each writer owns).
 pub struct LocalFleet {
-    store: crate::sink::local::LocalStore,
+    store: crate::store::local::LocalStore,
     on_change: OnNodeChange,
     changed: Arc<Notify>,
 }
 
 impl LocalFleet {
     /// Wraps a local store.
-    pub fn new(store: crate::sink::local::LocalStore, on_change: OnNodeChange) -> Self {
+    pub fn new(store: crate::store::local::LocalStore, on_change: OnNodeChange) -> Self {
         LocalFleet {
             store,
             on_change,
@@ -297,7 +297,7 @@ impl LocalFleet {
 }
 
 #[allow(clippy::needless_pass_by_value, reason = "used as `map_err(local_err)`")]
-fn local_err(e: crate::sink::WriteError) -> Error {
+fn local_err(e: crate::store::sink::WriteError) -> Error {
     Error::Invalid(format!("local store: {e}"))
 }
 
@@ -335,15 +335,15 @@ impl FleetStore for LocalFleet {
                 .metadata
                 .annotations
                 .as_ref()
-                .is_some_and(|a| a.contains_key(crate::rollout::ANNOTATION_ROLLOUT));
+                .is_some_and(|a| a.contains_key(crate::api::rollout::ANNOTATION_ROLLOUT));
             // The same rule as the cluster's field ownership: spec.firmware set by someone else
             // (no rollout annotation) is theirs.
             if current.spec.firmware.is_some() && !ours {
                 return Ok(Applied::Conflict);
             }
             let keys = [
-                crate::rollout::ANNOTATION_ROLLOUT,
-                crate::rollout::ANNOTATION_DISPATCHED,
+                crate::api::rollout::ANNOTATION_ROLLOUT,
+                crate::api::rollout::ANNOTATION_DISPATCHED,
             ];
             let n = match dispatch {
                 Some(d) => self
@@ -382,8 +382,8 @@ impl FleetStore for LocalFleet {
         note: &'a str,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let event = crate::sink::local::RolloutEvent {
-                time: crate::status::rfc3339(time::OffsetDateTime::now_utc()),
+            let event = crate::store::local::RolloutEvent {
+                time: crate::decide::status::rfc3339(time::OffsetDateTime::now_utc()),
                 type_: if warning { "Warning" } else { "Normal" }.to_owned(),
                 reason: reason.to_owned(),
                 note: note.to_owned(),

@@ -1,8 +1,8 @@
 //! The rollout commands: `flightnode-hub get rollouts`, `rollout status NAME` (a live view) and
 //! `apply -f FILE` for the local store (a Kubernetes-shaped API, so the kube client reads it).
 
-use super::{FirmwareRollout, condition};
-use crate::crd::FlightNode;
+use crate::api::flightnode::FlightNode;
+use crate::api::rollout::{FirmwareRollout, condition};
 use crate::{Error, Result};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
@@ -17,7 +17,7 @@ fn api(client: &Client, namespace: Option<&str>) -> Api<FirmwareRollout> {
     }
 }
 
-fn cond<'a>(r: &'a FirmwareRollout, type_: &str) -> Option<&'a crate::crd::Condition> {
+fn cond<'a>(r: &'a FirmwareRollout, type_: &str) -> Option<&'a crate::api::meta::Condition> {
     r.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
 }
 
@@ -120,7 +120,7 @@ pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
         .iter()
         .filter(|n| {
             n.annotations()
-                .get(super::ANNOTATION_ROLLOUT)
+                .get(crate::api::rollout::ANNOTATION_ROLLOUT)
                 .is_some_and(|v| v.split('/').next() == Some(r.name_any().as_str()))
         })
         .collect();

@@ -1,4 +1,4 @@
-//! The reconcilers' loop: on the leader only ([`crate::lease`]), after every change the stores
+//! The reconcilers' loop: on the leader only ([`crate::controller::lease`]), after every change the stores
 //! report and at least every `interval`, run the rollout controller and the node reconciler.
 //!
 //! Order inside a step: the node reconciler first **persists** its record (`firmwareSync` with
@@ -6,10 +6,10 @@
 //! leaves a record whose id the next leader re-publishes; one that dies after leaves a command
 //! the agent has, under the same id. Either way one install.
 
+use crate::controller::mqtt::CommandSink;
+use crate::decide::node_sync::{self, Action, FlightGate, NodeView, Policy};
 use crate::metrics::Metrics;
-use crate::node_sync::{self, Action, FlightGate, NodeView, Policy};
-use crate::store::FleetStore;
-use crate::upgrade::CommandSink;
+use crate::store::fleet::FleetStore;
 use flightnode_proto::mqtt::{Command, UpgradeCommand};
 use kube::ResourceExt;
 use std::sync::Arc;
@@ -51,7 +51,7 @@ pub struct Controllers {
 
 fn now() -> (i64, String) {
     let t = time::OffsetDateTime::now_utc();
-    (t.unix_timestamp(), crate::status::rfc3339(t))
+    (t.unix_timestamp(), crate::decide::status::rfc3339(t))
 }
 
 impl Controllers {
@@ -87,8 +87,8 @@ impl Controllers {
     pub async fn step(&self) -> Duration {
         let started = std::time::Instant::now();
         let (t, t_text) = now();
-        match crate::rollout::controller::reconcile_all(self.store.as_ref(), t, &t_text).await {
-            Ok(report) => self.metrics.set_rollouts(&report),
+        match crate::controller::rollout::reconcile_all(self.store.as_ref(), t, &t_text).await {
+            Ok(report) => self.metrics.set_rollouts(&report.gauges()),
             Err(e) => tracing::warn!(error = %flightnode_proto::error::Chain(&e), "rollout reconcile failed"),
         }
         self.metrics.reconcile_done("rollout", started.elapsed());

@@ -1,9 +1,10 @@
 //! Fuzz target bodies, shared by the cargo-fuzz target `heartbeat` in `fuzz/` and the smoke test
 //! that runs it in `cargo test` (`hub/tests/fuzz_smoke.rs`). A panic is a finding.
 
-use crate::grpc::{MAX_MESSAGE_TEXT_BYTES, validate};
-use crate::session::{SessionConfig, Sessions, SpecCache, object_name};
-use crate::status::{Liveness, SpecView, from_heartbeat, with_conditions};
+use crate::api::flightnode::object_name;
+use crate::decide::status::{Liveness, SpecView, from_heartbeat, with_conditions};
+use crate::heartbeat::grpc::{MAX_MESSAGE_TEXT_BYTES, validate};
+use crate::heartbeat::session::{SessionConfig, Sessions, SpecCache};
 use flightnode_proto::v1::HeartbeatRequest;
 use prost::Message;
 use std::sync::Arc;
@@ -53,7 +54,7 @@ pub fn heartbeat(data: &[u8]) {
     );
     assert_eq!(status.conditions.len(), 4);
     assert!(status.phase.as_deref().is_some_and(|p| !p.is_empty()));
-    let body = crate::sink::kube::apply_body(&status);
+    let body = crate::store::kube::apply_body(&status);
     assert!(serde_json::to_vec(&body).is_ok());
 
     let sessions = Sessions::new(

@@ -13,11 +13,11 @@
 //!   `PUT …/namespaces/{ns}/firmwarerollouts/{name}` (create or replace the spec:
 //!   `flightnode-hub apply -f`)
 
-use crate::crd::{API_VERSION, FirmwareTarget, FlightNode};
-use crate::hub::Hub;
+use crate::api::flightnode::{API_VERSION, FirmwareTarget, FlightNode};
+use crate::api::rollout::FirmwareRollout;
+use crate::decide::status::SpecView;
+use crate::heartbeat::hub::Hub;
 use crate::metrics::ConditionLabel;
-use crate::rollout::FirmwareRollout;
-use crate::status::SpecView;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -209,8 +209,8 @@ async fn patch_spec(
         };
         // A person's edit: the rollout annotations go, so a rollout leaves this drone alone.
         let drop = [
-            crate::rollout::ANNOTATION_ROLLOUT,
-            crate::rollout::ANNOTATION_DISPATCHED,
+            crate::api::rollout::ANNOTATION_ROLLOUT,
+            crate::api::rollout::ANNOTATION_DISPATCHED,
         ];
         return match store
             .set_target(&name, target, &std::collections::BTreeMap::default(), &drop)
@@ -332,7 +332,7 @@ async fn rollout_apply(
             );
         }
     };
-    if let Err(why) = crate::rollout::validate(&rollout.spec) {
+    if let Err(why) = crate::api::rollout::validate(&rollout.spec) {
         return status_error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &why);
     }
     rollout.metadata.name = Some(name);

@@ -3,17 +3,13 @@
 //!
 //! It works by writing the wanted firmware into the `FlightNode` specs of the drones of the
 //! current wave (server-side apply, field manager [`FIELD_MANAGER`]); the node reconciler
-//! ([`crate::node_sync`]) does the rest, so one path serves a single drone and a fleet.
+//! ([`crate::decide::node_sync`]) does the rest, so one path serves a single drone and a fleet.
 //!
-//! - [`plan`]: waves, membership, outcomes and the breaker as pure functions.
-//! - [`controller`]: the reconcile step over a [`crate::store::FleetStore`].
-//! - [`cli`]: `get rollouts`, `rollout status`, `apply -f`.
+//! Its waves and breaker are decided in [`crate::decide::rollout_waves`] and
+//! [`crate::decide::rollout_plan`], carried out by [`crate::controller::rollout`], and shown by
+//! [`crate::cmd::rollout`].
 
-pub mod cli;
-pub mod controller;
-pub mod plan;
-
-use crate::crd::Condition;
+use super::meta::{Condition, conditions_schema};
 use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
@@ -269,11 +265,11 @@ fn label_selector_schema(_: &mut SchemaGenerator) -> Schema {
     Schema::try_from(schema).unwrap_or_default()
 }
 
-fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
-    let mut schema = generator.subschema_for::<Vec<Condition>>();
-    schema.insert("x-kubernetes-list-type".into(), "map".into());
-    schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
-    schema
+/// `30m`, `90s` → seconds; `None` for absent or unparsable (reported by the controller).
+pub fn duration_secs(text: Option<&str>) -> Option<i64> {
+    humantime::parse_duration(text?.trim())
+        .ok()
+        .and_then(|d| i64::try_from(d.as_secs()).ok())
 }
 
 /// Checks what the schema cannot: waves, durations, rule kinds, the bundle URL. (On a cluster the
@@ -292,11 +288,11 @@ pub fn validate(spec: &FirmwareRolloutSpec) -> Result<(), String> {
         if w.percent.is_some_and(|p| p > 100) {
             return Err(format!("spec.waves[{i}].percent is over 100"));
         }
-        if w.soak.is_some() && plan::duration_secs(w.soak.as_deref()).is_none() {
+        if w.soak.is_some() && duration_secs(w.soak.as_deref()).is_none() {
             return Err(format!("spec.waves[{i}].soak {:?} is not a duration", w.soak));
         }
     }
-    if spec.drone_timeout.is_some() && plan::duration_secs(spec.drone_timeout.as_deref()).is_none() {
+    if spec.drone_timeout.is_some() && duration_secs(spec.drone_timeout.as_deref()).is_none() {
         return Err(format!(
             "spec.droneTimeout {:?} is not a duration",
             spec.drone_timeout

@@ -16,7 +16,7 @@
 //! it goes out before the new record is stored (so a failed publish leaves the record, and the
 //! cancel is sent again next pass), together with the new command when the gates allow one.
 
-use crate::crd::{FirmwareSync, FirmwareTarget, FlightNode, condition};
+use crate::api::flightnode::{FirmwareSync, FirmwareTarget, FlightNode, condition};
 use sha2::Digest;
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -111,13 +111,13 @@ pub fn observed_flight_state(node: &FlightNode) -> Option<String> {
 /// The device id commands for `node` go to: `status.deviceId` (what the drone calls itself) when
 /// it maps to this object's name, else the object's name. An id that is not a valid Kubernetes
 /// name (upper case, `_`…) lives in an object with a derived name
-/// ([`crate::session::object_name`]); publishing to the object's name would reach nobody.
+/// ([`crate::api::flightnode::object_name`]); publishing to the object's name would reach nobody.
 /// NB: the mapping is checked so that a status copied onto another object cannot redirect that
 /// object's commands to a different drone.
 pub fn device_id(node: &FlightNode) -> String {
     let name = node.metadata.name.clone().unwrap_or_default();
     match node.status.as_ref().and_then(|s| s.device_id.as_deref()) {
-        Some(id) if crate::session::object_name(id) == name => id.to_owned(),
+        Some(id) if crate::api::flightnode::object_name(id) == name => id.to_owned(),
         Some(id) => {
             tracing::warn!(device_id = %id, name = %name, "status.deviceId does not map to this object; using the object name");
             name
@@ -433,7 +433,7 @@ mod tests {
     }
 
     fn at(secs: i64) -> String {
-        crate::status::unix_rfc3339(secs).unwrap_or_default()
+        crate::decide::status::unix_rfc3339(secs).unwrap_or_default()
     }
 
     fn step(v: &mut NodeView, now: i64) -> Decision {

@@ -12,12 +12,12 @@
 //! pairs, and hashes instead of copies of what was computed and written. The full
 //! `FlightNodeStatus` is rebuilt only when it is written or asked for.
 
-use crate::crd::{Condition, FlightNodeStatus, condition};
-use crate::scheduler::{Built, Enqueue, Priority, StatusSource};
-use crate::sink::{EventRecord, WriteRequest};
-use crate::status::{self, Liveness, SpecView};
+use crate::api::flightnode::{FlightNodeStatus, condition, object_name};
+use crate::api::meta::Condition;
+use crate::decide::status::{self, Liveness, SpecView};
+use crate::heartbeat::scheduler::{Built, Enqueue, Priority, StatusSource};
+use crate::store::sink::{EventRecord, WriteRequest};
 use flightnode_proto::v1::HeartbeatRequest;
-use sha2::Digest;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -56,42 +56,6 @@ impl SpecCache {
             Ok(mut m) => m.insert(name.to_owned(), spec.clone()) != Some(spec),
             Err(_) => false,
         }
-    }
-}
-
-/// The `FlightNode` name for a device id: the id itself when it is a valid DNS subdomain name,
-/// else a lower-cased, `_`→`-` form plus `-` and 8 hex digits of its SHA-256 (so `Drone_1` and
-/// `drone-1` do not collide).
-pub fn object_name(device_id: &str) -> String {
-    let valid = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 253
-            && s.split('.').all(|label| {
-                !label.is_empty()
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                    && !label.starts_with('-')
-                    && !label.ends_with('-')
-            })
-    };
-    if valid(device_id) {
-        return device_id.to_owned();
-    }
-    let mut base: String = device_id
-        .chars()
-        .map(|c| match c {
-            'A'..='Z' => c.to_ascii_lowercase(),
-            'a'..='z' | '0'..='9' => c,
-            _ => '-',
-        })
-        .collect();
-    base = base.trim_matches('-').to_owned();
-    let hash = hex::encode(sha2::Sha256::digest(device_id.as_bytes()));
-    if base.is_empty() {
-        format!("d-{}", &hash[..8])
-    } else {
-        format!("{base}-{}", &hash[..8])
     }
 }
 
@@ -549,28 +513,5 @@ impl StatusSource for Sessions {
 
     fn mark_missing(&self, name: &str) -> bool {
         Sessions::mark_missing(self, name)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn object_name_keeps_valid_names_and_maps_the_rest_without_collisions() {
-        let hash = |id: &str| hex::encode(sha2::Sha256::digest(id.as_bytes()))[..8].to_owned();
-        for (id, want) in [
-            ("drone-1", "drone-1".to_owned()),
-            ("fleet.eu-1.drone-7", "fleet.eu-1.drone-7".to_owned()),
-            ("Drone_1", format!("drone-1-{}", hash("Drone_1"))),
-            ("-edge-", format!("edge-{}", hash("-edge-"))),
-            ("a..b", format!("a--b-{}", hash("a..b"))),
-            ("___", format!("d-{}", hash("___"))),
-            ("", format!("d-{}", hash(""))),
-        ] {
-            assert_eq!(object_name(id), want, "{id:?}");
-        }
-        assert_ne!(object_name("Drone_1"), object_name("drone-1"));
-        assert_ne!(object_name("Drone_1"), object_name("drone_1"));
     }
 }

@@ -1,10 +1,8 @@
-//! Status sinks: where `FlightNode` status goes. [`kube`] writes to the Kubernetes API with
-//! server-side apply; [`local`] keeps objects and event logs in an embedded sled store.
+//! Status sinks: where `FlightNode` status goes. [`super::kube`] writes to the Kubernetes API
+//! with server-side apply; [`super::local`] keeps objects and event logs in an embedded sled
+//! store.
 
-pub mod kube;
-pub mod local;
-
-use crate::crd::FlightNodeStatus;
+use crate::api::flightnode::FlightNodeStatus;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -50,8 +48,8 @@ impl EventRecord {
             seq: e.seq,
             time,
             upgrade_id: e.upgrade_id.clone(),
-            phase: crate::status::camel_case(phase),
-            result: crate::status::camel_case(&e.result),
+            phase: crate::decide::status::camel_case(phase),
+            result: crate::decide::status::camel_case(&e.result),
             error_code: e.error_code.clone(),
             message: e.message.clone(),
         }

@@ -1,7 +1,7 @@
 //! `flightnode-hub get`: lists `FlightNode`s like `kubectl get flightnodes`, from the local
 //! hub's HTTP API (it is Kubernetes-shaped, so the kube client reads it) or from a cluster.
 
-use crate::crd::FlightNode;
+use crate::api::flightnode::FlightNode;
 use crate::{Error, Result};
 use kube::api::ListParams;
 use kube::{Api, Client};
@@ -34,7 +34,7 @@ pub fn row(node: &FlightNode, now: time::OffsetDateTime) -> [String; 8] {
     let ready = status
         .conditions
         .iter()
-        .find(|c| c.type_ == crate::crd::condition::READY)
+        .find(|c| c.type_ == crate::api::flightnode::condition::READY)
         .map_or("<none>".to_owned(), |c| c.status.clone());
     let firmware = status.firmware.clone().unwrap_or_default();
     let created = node.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string());
@@ -110,8 +110,8 @@ pub struct GetOptions {
 
 async fn client(source: &Source) -> Result<Client> {
     match source {
-        Source::Server(url) => crate::sink::kube::client_for_url(url),
-        Source::Kube => crate::sink::kube::client_from_env().await,
+        Source::Server(url) => crate::store::kube::client_for_url(url),
+        Source::Kube => crate::store::kube::client_from_env().await,
     }
 }
 
@@ -135,7 +135,7 @@ pub async fn run(opts: GetOptions, out: &mut (dyn Write + Send)) -> Result<()> {
     loop {
         let nodes = list(&client, opts.namespace.as_deref()).await?;
         if opts.json {
-            let body = serde_json::json!({"apiVersion": crate::crd::API_VERSION, "kind": "FlightNodeList", "items": nodes});
+            let body = serde_json::json!({"apiVersion": crate::api::flightnode::API_VERSION, "kind": "FlightNodeList", "items": nodes});
             let text = serde_json::to_string_pretty(&body).map_err(|e| Error::Encode(e.into()))?;
             writeln!(out, "{text}").map_err(io)?;
         } else {
@@ -178,7 +178,7 @@ mod tests {
 
     #[test]
     fn table_has_kubectl_columns() {
-        let node = crate::crd::new_flightnode("drone-1", "default", "hw");
+        let node = crate::api::flightnode::new_flightnode("drone-1", "default", "hw");
         let text = table(&[node], time::OffsetDateTime::now_utc(), true);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("NAME"));

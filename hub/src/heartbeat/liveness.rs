@@ -1,8 +1,8 @@
 //! Liveness by the hub's own clock: a drone silent for the grace period goes
 //! `Online=False`/`Ready=Unknown` (`HeartbeatTimeout`); its next heartbeat restores it.
 
-use crate::scheduler::Scheduler;
-use crate::session::Sessions;
+use crate::heartbeat::scheduler::Scheduler;
+use crate::heartbeat::session::Sessions;
 use std::sync::Arc;
 use tokio::time::Instant;
 

@@ -1,0 +1,13 @@
+//! Layer 2, the decisions: pure functions over the API types. No clock, no I/O, no store: the
+//! caller passes the time in and carries out what comes back, so each decision is tested with
+//! plain values.
+//!
+//! - [`status`]: heartbeat → `FlightNodeStatus`: phase names, coarse resources, conditions.
+//! - [`node_sync`]: the node reconciler's decision (`spec.firmware` → upgrade command, retries).
+//! - [`rollout_waves`]: a rollout's waves, drone outcomes and circuit breaker.
+//! - [`rollout_plan`]: a rollout's next step (dispatch, call back, status, events).
+
+pub mod node_sync;
+pub mod rollout_plan;
+pub mod rollout_waves;
+pub mod status;
