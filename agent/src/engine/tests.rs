@@ -6,7 +6,7 @@
 //! keeps RAUC's model (an order of slots, attempts left per slot) and can be power-cycled, so a
 //! test also sees which slot the board would boot after any step.
 
-use super::{Backends, Engine, Outcome, Request};
+use super::{Backends, Engine, EngineError, Outcome, Request};
 use crate::activation::Activation;
 use crate::boot::{BootBackend, BootError};
 use crate::config::Config;
@@ -313,7 +313,7 @@ boot_id = "{boot_id}"
     }
 
     fn open(&self) -> Engine {
-        let backends = Backends {
+        let backends = || Backends {
             slots: Box::new(FakeSlots {
                 files: FileSlots::new(self.cfg.slots.a.clone(), self.cfg.slots.b.clone()),
                 rec: self.rec.clone(),
@@ -323,7 +323,19 @@ boot_id = "{boot_id}"
                 boot_id: self.dir.path().join("boot_id"),
             },
         };
-        let engine = Engine::with_backends(self.cfg.clone(), self.rt.handle().clone(), backends).unwrap();
+        // The engine's store was just dropped, but sled's flusher thread lets go of the database's
+        // lock a moment later: a reopen in the same process can see it still held.
+        *self.rec.db.lock().unwrap() = None;
+        let mut tries = 0;
+        let engine = loop {
+            match Engine::with_backends(self.cfg.clone(), self.rt.handle().clone(), backends()) {
+                Err(EngineError::Store(crate::store::StoreError::Locked { .. })) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => break r.unwrap(),
+            }
+        };
         *self.rec.db.lock().unwrap() = Some(engine.db());
         engine
     }
