@@ -7,8 +7,9 @@
 //! - Each value expires on its own after `stale_after`: armed (HEARTBEAT), the landed state, the
 //!   battery. An armed vehicle whose landed state expired counts as in the air.
 //! - A change that would open the gate (to disarmed, to on the ground, to more battery, or from
-//!   nothing to anything) is believed after `confirm_samples` consecutive samples agree on it; a
-//!   change that closes the gate counts at once. One stray frame cannot open the gate.
+//!   nothing to a value that does not hold it shut) is believed after `confirm_samples`
+//!   consecutive samples agree on it; a change that closes the gate counts at once, from nothing
+//!   too. One stray frame cannot open the gate.
 
 use super::FlightState;
 use mavlink::MavlinkVersion;
@@ -50,12 +51,18 @@ impl<T> Default for Tracked<T> {
 /// How much a value holds the gate shut: higher = more.
 trait Risky {
     fn risk(&self) -> i32;
+    /// Whether this value alone holds the gate shut: believed at once even from unknown, so
+    /// `unknown = "allow"` does not let an armed vehicle through while its first samples confirm.
+    fn closes(&self) -> bool;
 }
 
 impl Risky for bool {
     /// `armed`.
     fn risk(&self) -> i32 {
         i32::from(*self)
+    }
+    fn closes(&self) -> bool {
+        *self
     }
 }
 
@@ -64,12 +71,19 @@ impl Risky for &'static str {
     fn risk(&self) -> i32 {
         i32::from(*self != "on_ground")
     }
+    fn closes(&self) -> bool {
+        *self != "on_ground"
+    }
 }
 
 impl Risky for u8 {
     /// Battery percent: less is riskier.
     fn risk(&self) -> i32 {
         -i32::from(*self)
+    }
+    /// Whether a level is too low is the gate's call (`min_battery_percent`).
+    fn closes(&self) -> bool {
+        false
     }
 }
 
@@ -88,7 +102,10 @@ impl<T: Risky + Clone> Tracked<T> {
             self.value = None;
         }
         self.at = Some(now);
-        let opens = current.as_ref().is_none_or(|c| v.risk() < c.risk());
+        let opens = match &current {
+            None => !v.closes(),
+            Some(c) => v.risk() < c.risk(),
+        };
         if !opens {
             self.value = Some(v);
             self.pending.clear();
@@ -323,6 +340,11 @@ mod tests {
             feed(&mut l, (1, 1), &on_ground, t, &RULES);
         }
         assert_eq!(l.state(t, &RULES).observed, ObservedState::Disarmed);
+        // From unknown too: the first armed HEARTBEAT is believed at once (no window in which
+        // `unknown = "allow"` lets an armed vehicle through).
+        let mut fresh = Latest::new(&RULES);
+        feed(&mut fresh, (1, 1), &heartbeat(true), t, &RULES);
+        assert_eq!(fresh.state(t, &RULES).observed, ObservedState::InAir);
         // One armed HEARTBEAT closes the gate at once.
         feed(&mut l, (1, 1), &heartbeat(true), t, &RULES);
         assert_eq!(l.state(t, &RULES).observed, ObservedState::Armed);
