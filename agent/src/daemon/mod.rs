@@ -4,6 +4,7 @@
 //! - [`worker`]: the engine thread and the job queue in front of it.
 //! - [`commands`]: what a command does given what is in flight (dedupe, busy, cancel), and the
 //!   history of ended upgrades.
+//! - [`queued`]: accepted MQTT commands kept in the store until their install ends.
 //! - [`reports`]: `firmware/<id>/status` reports and their persistent sequence.
 //! - [`control`]: the local socket for `status`, `install`, `mark-good`/`mark-bad`.
 //! - [`notify`]: systemd READY/WATCHDOG/STATUS.
@@ -13,6 +14,7 @@
 pub mod commands;
 pub mod control;
 pub mod notify;
+pub mod queued;
 pub mod reports;
 pub mod worker;
 

@@ -1,8 +1,9 @@
 //! Wiring: engine thread, MQTT link, hub link, control socket, systemd — and a clean stop.
 
-use super::commands::{Dispatcher, History, Queued, Reply};
+use super::commands::{Dispatcher, History, Reply};
 use super::control::{self, Request as CtlRequest, Response};
 use super::notify;
+use super::queued::Queued;
 use super::reports::{self, Sequencer};
 use super::worker::{Job, Worker};
 use crate::activation::Activation;

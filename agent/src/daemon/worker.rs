@@ -166,7 +166,7 @@ impl Worker {
         let thread_pending = pending.clone();
         let install = Arc::new(Mutex::new(None::<PendingInstall>));
         let thread_install = install.clone();
-        let queued = super::commands::Queued::open(&engine.durable())
+        let queued = super::queued::Queued::open(&engine.durable())
             .map_err(|e| std::io::Error::other(format!("opening the queued commands: {e}")))?;
         let (alive, ended) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
