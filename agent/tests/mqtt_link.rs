@@ -471,7 +471,14 @@ async fn clients_the_broker_does_not_trust_never_connect() {
         "a foreign certificate was accepted\n{}",
         broker.log()
     );
-    let attempts = broker.log().matches("New connection from").count();
+    // mosquitto logs an attempt as "New connection from" or, when the TLS handshake fails before
+    // it got that far (seen under load), only as "Client connection from ... failed".
+    let log = broker.log();
+    let attempts = log.matches("New connection from").count()
+        + log
+            .lines()
+            .filter(|l| l.contains("Client connection from") && l.contains("failed"))
+            .count();
     assert!(attempts >= 1, "{}", broker.log());
     assert!(attempts < 40, "{attempts} attempts in 5 s: no backoff?");
     link.stop().await;
