@@ -362,21 +362,7 @@ fn reboot_rig(sim: &flightnode_tests::boot_sim::SimBoot, health: &str) -> Rig {
 
 /// One variable of the bootloader's environment, read with the real tool (`None` when unset).
 fn boot_var(sim: &flightnode_tests::boot_sim::SimBoot, key: &str) -> Option<String> {
-    use flightnode_tests::boot_sim::SimKind;
-    let env = sim.env.to_str().unwrap();
-    let o = match sim.kind {
-        SimKind::Grub => std::process::Command::new("grub-editenv")
-            .args([env, "list"])
-            .output(),
-        _ => std::process::Command::new("fw_printenv")
-            .args(["-c", env])
-            .output(),
-    }
-    .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_owned))
+    sim.vars().unwrap().remove(key)
 }
 
 /// Issue 21 a: the trial slot came up, a power cut ended its boot during the health check, the

@@ -838,7 +838,11 @@ fn power_cuts_while_waiting_at_the_flight_gate() {
                     "after cut {cut} the upgrade does not wait, staged, on slot a: {s:#}"
                 );
                 // The power-on just used one try of slot a: as many as after a confirmed boot.
-                let env = rig.bootloader.as_ref().map(boot_vars).unwrap_or_default();
+                let env = rig
+                    .bootloader
+                    .as_ref()
+                    .map(|b| b.vars().unwrap())
+                    .unwrap_or_default();
                 ensure!(
                     env.get(key).map(String::as_str) == Some(confirmed),
                     "after cut {cut}, {key} is {:?}: the boot before was not confirmed",
@@ -856,25 +860,6 @@ fn power_cuts_while_waiting_at_the_flight_gate() {
         }
     }
     assert_no_failures(&failures);
-}
-
-/// The bootloader's variables on the surviving disk, read with the real tool.
-fn boot_vars(sim: &SimBoot) -> std::collections::BTreeMap<String, String> {
-    let env = sim.env.to_str().unwrap();
-    let o = match sim.kind {
-        SimKind::Grub => std::process::Command::new("grub-editenv")
-            .args([env, "list"])
-            .output(),
-        _ => std::process::Command::new("fw_printenv")
-            .args(["-c", env])
-            .output(),
-    }
-    .expect("run the bootloader's environment tool");
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
 }
 
 /// Power cuts through the chunked (format 2) install, whose writer thread writes and syncs the

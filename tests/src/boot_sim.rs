@@ -149,6 +149,18 @@ impl SimBoot {
         }
     }
 
+    /// The bootloader's variables as its own tool reads them (`fw_printenv -c`, `grub-editenv
+    /// list`): what survived on the disk.
+    pub fn vars(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        let env = self.env.to_string_lossy();
+        let text = match self.kind {
+            SimKind::Uboot | SimKind::UbootQemu => run("fw_printenv", &["-c", &env], None)?,
+            SimKind::Grub => run("grub-editenv", &[&env, "list"], None)?,
+            SimKind::Script => bail!("a script bootloader keeps no variables"),
+        };
+        Ok(parse_vars(&text))
+    }
+
     /// An agent.toml `[boot]` section using these files (paths quoted as TOML strings).
     pub fn boot_toml(&self) -> String {
         let (backend, key) = match self.kind {
