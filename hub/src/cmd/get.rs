@@ -69,19 +69,7 @@ pub fn table(nodes: &[FlightNode], now: time::OffsetDateTime, header: bool) -> S
         );
     }
     rows.extend(nodes.iter().map(|n| row(n, now)));
-    let mut widths = [0usize; 8];
-    for r in &rows {
-        for (w, cell) in widths.iter_mut().zip(r) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    for r in &rows {
-        let line: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(line.join("   ").trim_end());
-        out.push('\n');
-    }
-    out
+    super::table(&rows)
 }
 
 /// Where to read from.

@@ -18,3 +18,21 @@ pub mod http;
 pub mod rollout;
 pub mod serve;
 pub mod upgrade;
+
+/// Rows as kubectl prints them: each column as wide as its widest cell, three spaces apart, no
+/// trailing blanks.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -54,19 +54,7 @@ pub fn table(rollouts: &[FirmwareRollout]) -> String {
             status_of(condition::COMPLETE),
         ]);
     }
-    let mut widths = [0usize; 8];
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let mut out = String::new();
-    for r in &rows {
-        let line: Vec<String> = r.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(line.join("   ").trim_end());
-        out.push('\n');
-    }
-    out
+    super::table(&rows)
 }
 
 /// Lists rollouts, by name.
