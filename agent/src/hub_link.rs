@@ -353,6 +353,25 @@ pub fn heartbeat_request(
     }
 }
 
+/// The heartbeat's `last_upgrade`: the state's last upgrade, or the newest refused command when
+/// that came later. A refusal never becomes the state's `last` (it is no upgrade), yet it is the
+/// answer to the command the hub is waiting on.
+fn newest_end(last: Option<v1::LastUpgrade>, refusal: Option<&Event>) -> Option<v1::LastUpgrade> {
+    let Some(r) = refusal else { return last };
+    let refused_unix = r.time_unix_ms.div_euclid(1000);
+    if last.as_ref().is_some_and(|l| l.finished_unix > refused_unix) {
+        return last;
+    }
+    Some(v1::LastUpgrade {
+        upgrade_id: r.upgrade_id.clone(),
+        version: String::new(),
+        result: r.result.clone(),
+        error_code: r.error_code.clone(),
+        error_message: r.message.clone(),
+        finished_unix: refused_unix,
+    })
+}
+
 /// The heartbeat's flight state.
 pub fn flight_state(s: &FlightState) -> v1::FlightState {
     v1::FlightState {
@@ -375,10 +394,18 @@ async fn flight_changed(
     }
 }
 
-/// What a heartbeat carries from disk and the system: the waiting events (a sled read) and a
-/// resource sample (sysinfo reads /proc, statvfs), gathered on a blocking thread. A failure
-/// sends the heartbeat without them.
-async fn gather(outbox: &Outbox, sampler: &Arc<std::sync::Mutex<Sampler>>) -> (Vec<Event>, v1::Resources) {
+/// What a heartbeat carries from disk and the system, gathered by [`gather`].
+#[derive(Default)]
+struct Gathered {
+    events: Vec<Event>,
+    refusal: Option<Event>,
+    resources: v1::Resources,
+}
+
+/// What a heartbeat carries from disk and the system: the waiting events and the newest refusal
+/// (sled reads) and a resource sample (sysinfo reads /proc, statvfs), gathered on a blocking
+/// thread. A failure sends the heartbeat without them.
+async fn gather(outbox: &Outbox, sampler: &Arc<std::sync::Mutex<Sampler>>) -> Gathered {
     let outbox = outbox.clone();
     let sampler = Arc::clone(sampler);
     let task = tokio::task::spawn_blocking(move || {
@@ -386,15 +413,23 @@ async fn gather(outbox: &Outbox, sampler: &Arc<std::sync::Mutex<Sampler>>) -> (V
             tracing::warn!(error = %Chain(&e), "hub link: reading the outbox failed; heartbeat without events");
             Vec::new()
         });
+        let refusal = outbox.last_refusal().unwrap_or_else(|e| {
+            tracing::warn!(error = %Chain(&e), "hub link: reading the last refusal failed; heartbeat without it");
+            None
+        });
         let resources = sampler
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .sample();
-        (events, resources)
+        Gathered {
+            events,
+            refusal,
+            resources,
+        }
     });
     task.await.unwrap_or_else(|e| {
         tracing::warn!(error = %e, "hub link: gathering events and resources failed; heartbeat without them");
-        (Vec::new(), v1::Resources::default())
+        Gathered::default()
     })
 }
 
@@ -505,11 +540,12 @@ pub async fn run(
                 let pr = *progress.borrow_and_update();
                 sent_mark = Some((st.seq, st.phase()));
                 last_attempt = Some(Instant::now());
-                let (events, resources) = gather(&outbox, &sampler).await;
+                let Gathered { events, refusal, resources } = gather(&outbox, &sampler).await;
                 let newest_sent = events.last().map(|e| e.seq);
                 let n_events = events.len();
                 let hb_seq = outbox.next_heartbeat_seq();
                 let mut req = heartbeat_request(&info, &st, pr, resources, events, hb_seq);
+                req.last_upgrade = newest_end(req.last_upgrade.take(), refusal.as_ref());
                 if let Some(f) = flight.as_mut() {
                     let f = f.borrow_and_update().clone();
                     sent_observed = Some(f.observed);
@@ -635,6 +671,36 @@ mod tests {
         assert_eq!(last.result, ErrorCode::HealthCheckFailed.result().as_str());
         assert_eq!(r.events.len(), 1);
         assert_eq!(r.events[0].phase, "idle");
+    }
+
+    #[test]
+    fn a_refusal_is_the_last_upgrade_until_an_upgrade_ends_after_it() {
+        let mut s = DeviceState::factory(semver::Version::new(1, 2, 3));
+        s.begin("up-1".into(), "src".into(), false);
+        s.fail(ErrorCode::DownloadFailed, "gone".into());
+        let finished = i64::try_from(s.last.as_ref().unwrap().finished).unwrap();
+        let last = heartbeat_request(&info(), &s, None, v1::Resources::default(), vec![], 1).last_upgrade;
+        let mut refusal = Event::refused("up-2", "busy", "up-1 is in flight");
+
+        refusal.time_unix_ms = (finished + 5) * 1000;
+        let got = newest_end(last.clone(), Some(&refusal)).unwrap();
+        assert_eq!(
+            (
+                got.upgrade_id.as_str(),
+                got.result.as_str(),
+                got.error_code.as_str()
+            ),
+            ("up-2", "rejected", "busy")
+        );
+        assert_eq!(got.finished_unix, finished + 5);
+
+        refusal.time_unix_ms = (finished - 5) * 1000;
+        assert_eq!(
+            newest_end(last.clone(), Some(&refusal)).unwrap().upgrade_id,
+            "up-1"
+        );
+        assert_eq!(newest_end(last, None).unwrap().upgrade_id, "up-1");
+        assert_eq!(newest_end(None, Some(&refusal)).unwrap().upgrade_id, "up-2");
     }
 
     #[tokio::test]

@@ -32,6 +32,8 @@ const META_TREE: &str = "outbox_meta";
 const RUN_KEY: &[u8] = b"run";
 /// The highest event seq handed out (see the module docs).
 const HIGH_KEY: &[u8] = b"high_seq";
+/// The newest refusal ([`Outbox::push_refusal`]), kept after the hub acknowledged it.
+const REFUSAL_KEY: &[u8] = b"last_refusal";
 
 /// One phase transition, as sent in `HeartbeatRequest.events`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,12 +194,37 @@ impl Outbox {
     /// event survives a power cut. Beyond the cap the oldest events are dropped (counted and
     /// logged). Returns the seq it was stored with.
     pub fn push(&self, event: &Event) -> Result<u64, OutboxError> {
+        self.push_keeping(event, false)
+    }
+
+    /// [`Outbox::push`] for a refused command ([`Event::refused`]), which is also kept as the
+    /// newest refusal ([`Outbox::last_refusal`]) in the same sync. A refusal is no transition, so
+    /// the device state's `last` never names it; without this the heartbeat's `last_upgrade`
+    /// would not either, and a rollout waiting for the drone would learn of it only at its
+    /// timeout.
+    pub fn push_refusal(&self, event: &Event) -> Result<u64, OutboxError> {
+        self.push_keeping(event, true)
+    }
+
+    /// The newest refused command, if any was refused in this state dir. A record that does not
+    /// decode counts as none.
+    pub fn last_refusal(&self) -> Result<Option<Event>, OutboxError> {
+        Ok(self
+            .meta
+            .get(REFUSAL_KEY)?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    fn push_keeping(&self, event: &Event, refusal: bool) -> Result<u64, OutboxError> {
         let mut high = self.high.lock().unwrap_or_else(PoisonError::into_inner);
         let seq = event.seq.max(high.saturating_add(1));
         let event = Event { seq, ..event.clone() };
         let value = serde_json::to_vec(&event).map_err(|source| OutboxError::Encode { seq, source })?;
         // The mark first: an event stored without it still counts through the tree's last key.
         self.meta.insert(HIGH_KEY, &seq.to_be_bytes())?;
+        if refusal {
+            self.meta.insert(REFUSAL_KEY, value.as_slice())?;
+        }
         self.tree.insert(seq.to_be_bytes(), value)?;
         self.enforce_cap()?;
         self.store.sync()?;
@@ -394,7 +421,7 @@ mod tests {
             first = o.next_heartbeat_seq();
             assert!(o.next_heartbeat_seq() > first);
         }
-        let store = crate::store::Store::open(dir.path()).unwrap();
+        let store = crate::store::reopen(dir.path());
         let db = store.durable();
         let o = Outbox::open(&db, 10).unwrap();
         assert_eq!(seqs(&o, 10), vec![7]);
@@ -434,10 +461,33 @@ mod tests {
         // Acknowledged and reopened: the mark survives an empty outbox.
         o.ack(6).unwrap();
         drop((o, db));
-        let store = crate::store::Store::open(dir.path()).unwrap();
+        let store = crate::store::reopen(dir.path());
         let o = Outbox::open(&store.durable(), 10).unwrap();
         assert_eq!(o.push(&event(6)).unwrap(), 7);
         assert_eq!(o.push(&event(9)).unwrap(), 9);
+    }
+
+    #[test]
+    fn the_newest_refusal_outlives_its_acknowledgement_and_a_reopen() {
+        let (dir, db) = db();
+        let o = Outbox::open(&db, 10).unwrap();
+        assert!(o.last_refusal().unwrap().is_none());
+        o.push_refusal(&Event::refused("up-1", "malformed", "no url"))
+            .unwrap();
+        let seq = o
+            .push_refusal(&Event::refused("up-2", "busy", "up-0 is in flight"))
+            .unwrap();
+        // A transition is no refusal.
+        o.push(&event(1)).unwrap();
+        o.ack(seq + 1).unwrap();
+        drop((o, db));
+        let store = crate::store::reopen(dir.path());
+        let o = Outbox::open(&store.durable(), 10).unwrap();
+        let last = o.last_refusal().unwrap().unwrap();
+        assert_eq!(
+            (last.upgrade_id.as_str(), last.error_code.as_str(), last.seq),
+            ("up-2", "busy", seq)
+        );
     }
 
     #[test]

@@ -225,6 +225,23 @@ pub(crate) fn saved(db: &sled::Db) -> Option<DeviceState> {
     DeviceState::decode(&bytes, crate::state::STATE_FORMAT).ok()
 }
 
+/// Reopens the store of a test that just dropped it. sled's flusher thread lets go of the
+/// database's lock a moment after the last handle is dropped, so a reopen in the same process
+/// can see it still held: wait for it, up to 5 s.
+#[cfg(test)]
+pub(crate) fn reopen(state_dir: &Path) -> Store {
+    for _ in 0..100 {
+        match Store::open(state_dir) {
+            Err(StoreError::Locked { .. }) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            r => return r.unwrap(),
+        }
+    }
+    panic!(
+        "{} stayed locked for 5 s after the test dropped it",
+        state_dir.display()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -219,6 +219,21 @@ fn refused_commands_are_reported_on_the_status_topic_and_to_the_hub() {
                 .any(|e| e["upgradeId"] == id && e["errorCode"] == code && e["result"] == "Rejected")
         });
         assert!(ok, "the hub never saw {id} refused with {code}: {events:#?}");
+        // The drone's status names the refusal as its last upgrade: a rollout waiting on this
+        // command learns of it at once, not at its timeout.
+        let mut last = Value::Null;
+        let ok = wait_until(WAIT, Duration::from_millis(200), || {
+            last = fleet
+                .hub
+                .flightnode(ID)
+                .map(|n| n["status"]["lastUpgrade"].clone())
+                .unwrap_or_default();
+            last["id"] == id && last["result"] == "Rejected" && last["errorCode"] == code
+        });
+        assert!(
+            ok,
+            "status.lastUpgrade never named {id} refused with {code}: {last:#}"
+        );
     };
 
     // A payload that is not a valid command but names its upgrade.

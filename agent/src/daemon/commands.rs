@@ -168,7 +168,7 @@ impl Dispatcher {
         tracing::warn!(device_id = %self.device_id, upgrade_id = upgrade_id.as_deref().unwrap_or(""),
             code = %error.code, "command refused: {}", error.message);
         if let (Some(outbox), Some(id)) = (&self.outbox, &upgrade_id)
-            && let Err(e) = outbox.push(&Event::refused(id, &error.code, &error.message))
+            && let Err(e) = outbox.push_refusal(&Event::refused(id, &error.code, &error.message))
         {
             tracing::error!(upgrade_id = %id, "cannot record the refusal for the hub: {}", Chain(&e));
         }

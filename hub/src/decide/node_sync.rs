@@ -7,9 +7,10 @@
 //! out, so a retry of the same attempt, a hub restart or a new leader re-publishes the **same**
 //! id, which the agent treats as a redelivery. A new attempt (a new id) is only made after the
 //! drone reported the previous attempt's end, and only for transient failures (`Failed`,
-//! `Canceled`), with exponential back-off and a bound per generation. `Rejected` (bad signature,
-//! incompatible hardware, downgrade…) and `RolledBack` (the image failed its health check on this
-//! drone) are never retried: the same bundle would fail the same way.
+//! `Canceled`, and a command `Rejected` as `busy`), with exponential back-off and a bound per
+//! generation. Every other `Rejected` (bad signature, incompatible hardware, downgrade…) and
+//! `RolledBack` (the image failed its health check on this drone) are never retried: the same
+//! bundle would fail the same way.
 //!
 //! A new generation replaces the record. When the old record's command was published and the
 //! drone has neither started nor ended it, the decision also names it in [`Decision::cancel`]:
@@ -295,6 +296,9 @@ pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> 
     }
     if let Some(id) = rec.upgrade_id.clone() {
         if let Some((_, result, code)) = view.last_upgrade.as_ref().filter(|l| l.0 == id) {
+            // Busy is the one refusal that says nothing about the bundle: the drone was working
+            // on another upgrade. A new attempt after the back-off can succeed.
+            let busy = result == "Rejected" && code == flightnode_proto::ErrorCode::Busy.as_str();
             match result.as_str() {
                 "Committed" | "AlreadyInstalled" => {
                     // It installed, yet the committed version is another one: the bundle does not
@@ -310,7 +314,7 @@ pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> 
                     );
                     return keep(rec, Action::None, None);
                 }
-                "Rejected" | "RolledBack" => {
+                "Rejected" | "RolledBack" if !busy => {
                     set(
                         &mut rec,
                         reason::FAILED,
@@ -571,6 +575,22 @@ mod tests {
                 assert_eq!(d.sync.unwrap().reason, reason::FAILED);
             }
         }
+    }
+
+    #[test]
+    fn a_command_refused_as_busy_is_tried_again_after_the_back_off() {
+        let mut v = view();
+        let Action::Publish { upgrade_id: first } = step(&mut v, T0).action else {
+            panic!("no publish");
+        };
+        v.last_upgrade = Some((first.clone(), "Rejected".into(), "busy".into()));
+        let wait = step(&mut v, T0 + 1);
+        assert_eq!(wait.action, Action::None);
+        assert_eq!(wait.sync.unwrap().reason, reason::RETRYING);
+        let Action::Publish { upgrade_id: second } = step(&mut v, T0 + 10_000).action else {
+            panic!("busy was not tried again");
+        };
+        assert_ne!(second, first);
     }
 
     #[test]
