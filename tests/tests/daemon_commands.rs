@@ -79,12 +79,17 @@ impl Rig {
 
     /// Starts `run` with `FLIGHTNODE_FAILPOINT=failpoint` and waits for its subscription.
     fn start_failing_at(&self, failpoint: &str) -> Proc {
+        self.start_with(&[("FLIGHTNODE_FAILPOINT", failpoint)])
+    }
+
+    /// Starts `run` with `env` and waits for its subscription.
+    fn start_with(&self, env: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(&self.fleet.agent);
         cmd.arg("--config")
             .arg(&self.drone.config)
             .arg("run")
             .env("RUST_LOG", "info")
-            .env("FLIGHTNODE_FAILPOINT", failpoint);
+            .envs(env.iter().copied());
         let mut proc = Proc::spawn(cmd, &self.drone.dir.join("agent.log")).unwrap();
         mosquitto(&self.fleet)
             .wait_subscribed(ID, WAIT, || {
@@ -168,6 +173,52 @@ fn an_accepted_command_survives_a_power_cut_and_runs() {
         "{}",
         rig.drone.log()
     );
+}
+
+/// A cancel that arrives after the engine thread took the command up, but before the engine saved
+/// its first phase (an offline drone gets its queued upgrade and the cancel back to back), still
+/// wins: nothing is written and the upgrade ends canceled.
+#[test]
+fn a_cancel_right_after_the_engine_took_the_command_up_wins() {
+    let rig = Rig::new();
+    let (_, url) = rig.fleet.bundle("v2", "2.0.0", 200_000).unwrap();
+    let release = rig.drone.dir.join("release");
+    let mut agent = rig.start_with(&[
+        ("FLIGHTNODE_FAILPOINT", "hold:install_taken"),
+        ("FLIGHTNODE_FAILPOINT_RELEASE", release.to_str().unwrap()),
+    ]);
+    rig.publish(&upgrade_json("cx-1", &url));
+    assert!(
+        wait_until(WAIT, Duration::from_millis(50), || agent
+            .log()
+            .contains("failpoint install_taken: holding")),
+        "the engine never took the command up:\n{}",
+        agent.log()
+    );
+    rig.publish(r#"{"type":"cancel","upgrade_id":"cx-1"}"#);
+    assert!(
+        wait_until(WAIT, Duration::from_millis(50), || agent.log().contains("cancel")),
+        "the cancel never reached the agent:\n{}",
+        agent.log()
+    );
+    std::fs::write(&release, "").unwrap();
+    let mut status = Value::Null;
+    let ended = wait_until(WAIT, Duration::from_millis(200), || {
+        status = rig.status();
+        !status["last_upgrade"].is_null()
+    });
+    assert!(ended, "the upgrade never ended: {status:#}\n{}", agent.log());
+    assert_eq!(
+        (
+            &status["last_upgrade"]["upgrade_id"],
+            &status["last_upgrade"]["result"]
+        ),
+        (&Value::from("cx-1"), &Value::from("canceled")),
+        "{status:#}\nagent log:\n{}",
+        agent.log()
+    );
+    assert_eq!(status["committed_version"], "1.0.0", "{status:#}");
+    agent.kill();
 }
 
 /// The hub is down while an install ends: its events wait in the outbox. The power fails; after

@@ -12,7 +12,8 @@
 //!   until its install has ended, so a restart before it started does not lose it (the broker
 //!   has its PUBACK already); the next start takes it up again, and its upgrade id keeps a
 //!   second delivery from installing twice;
-//! - cancel of an upgrade still waiting to start → it never starts and ends `canceled`;
+//! - cancel of an upgrade still waiting to start → it never starts and ends `canceled`; one the
+//!   engine has taken up but not yet saved → it stops before it writes and ends `canceled`;
 //! - cancel before the image is written → the download stops and ends `canceled`; cancel later →
 //!   the upgrade finishes or rolls back and reports what really happened.
 
@@ -27,7 +28,6 @@ use flightnode_proto::error::Chain;
 use flightnode_proto::mqtt::{Command, StatusError, StatusMessage};
 use flightnode_proto::status::LastUpgrade;
 use flightnode_proto::{ErrorCode, Phase};
-use std::sync::atomic::Ordering;
 use tokio::sync::oneshot;
 
 /// Upgrades remembered for redelivery after they ended.
@@ -261,7 +261,7 @@ impl Dispatcher {
                             && matches!(u.step_phase(), Phase::Downloading | Phase::Staged))) =>
             {
                 tracing::info!(upgrade_id = %id, phase = %u.phase, "cancel: stopping the download or the wait");
-                worker.interrupts.cancel.store(true, Ordering::SeqCst);
+                worker.interrupts.cancel(&id);
                 Reply::Nothing
             }
             (Command::Cancel { .. }, None, None) if worker.cancel_waiting(&id) => {
@@ -281,6 +281,13 @@ impl Dispatcher {
                 // A redelivery of the command then republishes this instead of installing.
                 self.history.record(&last);
                 Reply::Report(reports::finished(&self.device_id, self.seq.take(), &state, &last))
+            }
+            (Command::Cancel { .. }, None, None) if worker.install().as_deref() == Some(id.as_str()) => {
+                // The engine took the command up but has not saved its first phase yet: the
+                // cancel waits for it in the interrupts, and the download stops before it writes.
+                tracing::info!(upgrade_id = %id, "cancel: the upgrade is starting; it stops before it writes");
+                worker.interrupts.cancel(&id);
+                Reply::Nothing
             }
             (Command::Cancel { .. }, Some(report), _) => {
                 tracing::info!(upgrade_id = %id, phase = %state.phase(), "cancel too late or after the end; it runs to its real end");

@@ -180,6 +180,9 @@ impl Worker {
                             p.started = true;
                             p.canceled
                         });
+                    if install_id.is_some() {
+                        crate::failpoint::hit("install_taken");
+                    }
                     if canceled {
                         if let Job::Install { req, reply } = job {
                             tracing::info!(upgrade_id = %req.id, "canceled before it started; not installing");

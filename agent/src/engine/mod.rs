@@ -340,7 +340,7 @@ impl Engine {
             self.confirm_boot()?;
         }
         if self.state.resume_failed(&req.id, &req.source) {
-            self.interrupts.cancel.store(false, Ordering::SeqCst);
+            self.interrupts.start_upgrade(&req.id);
             tracing::info!(upgrade_id = %req.id, "resuming the upgrade whose download failed, from its written prefix");
             self.save()?;
             return self.drive();
@@ -366,7 +366,7 @@ impl Engine {
                 }
             }
         }
-        self.interrupts.cancel.store(false, Ordering::SeqCst);
+        self.interrupts.start_upgrade(&req.id);
         let running = self.running()?;
         if self.state.slot(running).state != SlotState::Good {
             // The other slot may be the only good image left: never overwrite it from here.

@@ -39,10 +39,38 @@ pub struct SlotWriter<'a> {
 /// Flags other threads set to stop a download: cancel ends the upgrade, pause keeps it resumable.
 #[derive(Default)]
 pub struct Interrupts {
-    /// Cancel the upgrade (before the image is written).
+    /// Cancel the upgrade (before the image is written). Set through [`Interrupts::cancel`].
     pub cancel: AtomicBool,
     /// Pause for shutdown: checkpoint and stop.
     pub pause: AtomicBool,
+    /// The upgrade the cancel is for.
+    cancel_for: std::sync::Mutex<Option<String>>,
+}
+
+impl Interrupts {
+    /// Cancels upgrade `upgrade_id`, whether it runs already or is about to start: a new
+    /// upgrade clears the flag only when it was meant for another one
+    /// ([`Interrupts::start_upgrade`]), so a cancel that arrives between the engine taking up
+    /// the command and saving its first phase still wins.
+    pub fn cancel(&self, upgrade_id: &str) {
+        *self.lock_for() = Some(upgrade_id.to_owned());
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// An upgrade starts (or resumes): a cancel left over from another upgrade no longer applies.
+    pub fn start_upgrade(&self, upgrade_id: &str) {
+        let mut cancel_for = self.lock_for();
+        if cancel_for.as_deref() != Some(upgrade_id) {
+            *cancel_for = None;
+            self.cancel.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn lock_for(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.cancel_for
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl<'a> SlotWriter<'a> {
