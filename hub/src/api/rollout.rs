@@ -22,6 +22,13 @@ pub const ANNOTATION_ROLLOUT: &str = "edge.drone.io/rollout";
 /// runs from here).
 pub const ANNOTATION_DISPATCHED: &str = "edge.drone.io/rollout-dispatched";
 
+/// What `spec.droneTimeout` and `spec.waves[].soak` look like: Go-style, `30m`, `1h30m`, `90s`.
+pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
+/// `spec.failurePolicy.rules[].kind`.
+pub const RULE_KINDS: [&str; 5] = ["failed", "rejected", "rolledBack", "timedOut", "any"];
+/// `spec.gates.flightStates[]`: the contract's observed states.
+pub const FLIGHT_STATES: [&str; 4] = ["disarmed", "armed", "in-air", "unknown"];
+
 /// Condition types of a rollout.
 pub mod condition {
     /// Waves are being worked through.
@@ -69,8 +76,10 @@ pub mod condition {
 #[serde(rename_all = "camelCase")]
 pub struct FirmwareRolloutSpec {
     /// Version the bundle carries.
+    #[schemars(length(min = 1))]
     pub version: String,
-    /// Bundle URL.
+    /// Bundle URL (`http://` or `https://`).
+    #[schemars(regex(pattern = r"^https?://.+"))]
     pub url: String,
     /// Allow drones on a higher version to go down to this one (a rollback rollout).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -91,11 +100,13 @@ pub struct FirmwareRolloutSpec {
     #[serde(default)]
     pub failure_policy: FailurePolicy,
     /// A drone that has not finished this long after it was dispatched counts as timed out
-    /// (e.g. `30m`).
+    /// (e.g. `30m`, `1h30m`; units `ms`, `s`, `m`, `h`, `d`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub drone_timeout: Option<String>,
-    /// Drones in flight at once (dispatched, not finished); unset: no limit.
+    /// Drones in flight at once (dispatched, not finished), at least 1; unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_concurrent: Option<u32>,
     /// No new dispatch while true; in-flight drones finish.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -105,15 +116,22 @@ pub struct FirmwareRolloutSpec {
 /// One wave: a cumulative share of the selected drones and how long to watch it before the next.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.count) != has(self.percent)",
+    "message": "give exactly one of count or percent",
+}]))]
 pub struct WaveSpec {
-    /// Drones covered up to and including this wave.
+    /// Drones covered up to and including this wave (at least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub count: Option<u32>,
-    /// Percent of the selected drones covered up to and including this wave (rounded up).
+    /// Percent of the selected drones covered up to and including this wave (rounded up), 1–100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
     pub percent: Option<u32>,
     /// Time to watch the finished wave before the next one starts (e.g. `10m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
     pub soak: Option<String>,
 }
 
@@ -126,12 +144,14 @@ pub struct Gates {
     pub online: bool,
     /// Flight states a drone may start in (`status.observedState`).
     #[serde(default = "default_flight_states")]
+    #[schemars(extend("items" = { "type": "string", "enum": FLIGHT_STATES }))]
     pub flight_states: Vec<String>,
     /// Whether a drone that reports no flight state may start (the agent gates again).
     #[serde(default = "yes")]
     pub allow_unknown_flight_state: bool,
-    /// Minimum battery, when the drone reports one.
+    /// Minimum battery, when the drone reports one (0–100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
     pub min_battery_percent: Option<u32>,
 }
 
@@ -167,17 +187,24 @@ pub struct FailurePolicy {
 /// have finished, or when it reaches `maxCount` drones at any time.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.thresholdPercent) || has(self.maxCount)",
+    "message": "give thresholdPercent, maxCount or both",
+}]))]
 pub struct FailureRule {
     /// `failed`, `rejected`, `rolledBack`, `timedOut` or `any` (all four).
+    #[schemars(extend("enum" = RULE_KINDS))]
     pub kind: String,
-    /// Percent of finished drones (inclusive: 25 trips at exactly 25 %).
+    /// Percent of finished drones, 1–100 (inclusive: 25 trips at exactly 25 %).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
     pub threshold_percent: Option<u32>,
     /// Finished drones needed before the percentage is evaluated.
     #[serde(default)]
     pub min_finished: u32,
-    /// Absolute cap: trips at this many drones of `kind`, whatever the sample.
+    /// Absolute cap: trips at this many drones of `kind` (at least 1), whatever the sample.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_count: Option<u32>,
 }
 
@@ -265,15 +292,34 @@ fn label_selector_schema(_: &mut SchemaGenerator) -> Schema {
     Schema::try_from(schema).unwrap_or_default()
 }
 
-/// `30m`, `90s` → seconds; `None` for absent or unparsable (reported by the controller).
+/// `30m`, `1h30m`, `90s` ([`DURATION_PATTERN`]) → whole seconds; `None` for absent or not in
+/// that form.
 pub fn duration_secs(text: Option<&str>) -> Option<i64> {
-    humantime::parse_duration(text?.trim())
-        .ok()
-        .and_then(|d| i64::try_from(d.as_secs()).ok())
+    let mut rest = text?;
+    if rest.is_empty() {
+        return None;
+    }
+    let mut millis: i64 = 0;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let n: i64 = rest.get(..digits)?.parse().ok()?;
+        rest = &rest[digits..];
+        let (unit_ms, len) = match rest.as_bytes() {
+            [b'm', b's', ..] => (1, 2),
+            [b's', ..] => (1_000, 1),
+            [b'm', ..] => (60_000, 1),
+            [b'h', ..] => (3_600_000, 1),
+            [b'd', ..] => (86_400_000, 1),
+            _ => return None,
+        };
+        rest = &rest[len..];
+        millis = millis.checked_add(n.checked_mul(unit_ms)?)?;
+    }
+    Some(millis / 1000)
 }
 
-/// Checks what the schema cannot: waves, durations, rule kinds, the bundle URL. (On a cluster the
-/// controller reports the same through the Progressing condition.)
+/// Checks a spec the way the CRD's schema does on a cluster (ranges, enums, patterns, the rules
+/// between fields), so the local store refuses what `kubectl apply` refuses. Names the field.
 pub fn validate(spec: &FirmwareRolloutSpec) -> Result<(), String> {
     if spec.version.trim().is_empty() {
         return Err("spec.version is empty".into());
@@ -285,29 +331,63 @@ pub fn validate(spec: &FirmwareRolloutSpec) -> Result<(), String> {
         if w.count.is_some() == w.percent.is_some() {
             return Err(format!("spec.waves[{i}]: give exactly one of count or percent"));
         }
-        if w.percent.is_some_and(|p| p > 100) {
-            return Err(format!("spec.waves[{i}].percent is over 100"));
+        if w.count == Some(0) {
+            return Err(format!("spec.waves[{i}].count must be at least 1"));
+        }
+        if w.percent.is_some_and(|p| !(1..=100).contains(&p)) {
+            return Err(format!("spec.waves[{i}].percent must be 1 to 100"));
         }
         if w.soak.is_some() && duration_secs(w.soak.as_deref()).is_none() {
-            return Err(format!("spec.waves[{i}].soak {:?} is not a duration", w.soak));
+            return Err(format!(
+                "spec.waves[{i}].soak {:?} is not a duration like 10m or 1h30m",
+                w.soak.as_deref().unwrap_or_default()
+            ));
         }
     }
     if spec.drone_timeout.is_some() && duration_secs(spec.drone_timeout.as_deref()).is_none() {
         return Err(format!(
-            "spec.droneTimeout {:?} is not a duration",
-            spec.drone_timeout
+            "spec.droneTimeout {:?} is not a duration like 30m or 1h30m",
+            spec.drone_timeout.as_deref().unwrap_or_default()
+        ));
+    }
+    if spec.max_concurrent == Some(0) {
+        return Err("spec.maxConcurrent must be at least 1 (leave it out for no limit)".into());
+    }
+    if spec.gates.min_battery_percent.is_some_and(|p| p > 100) {
+        return Err("spec.gates.minBatteryPercent must be 0 to 100".into());
+    }
+    if let Some(s) = spec
+        .gates
+        .flight_states
+        .iter()
+        .find(|s| !FLIGHT_STATES.contains(&s.as_str()))
+    {
+        return Err(format!(
+            "spec.gates.flightStates: {s:?} is not one of {}",
+            FLIGHT_STATES.join(", ")
         ));
     }
     for (i, r) in spec.failure_policy.rules.iter().enumerate() {
-        if !["failed", "rejected", "rolledBack", "timedOut", "any"].contains(&r.kind.as_str()) {
+        if !RULE_KINDS.contains(&r.kind.as_str()) {
             return Err(format!(
-                "spec.failurePolicy.rules[{i}].kind {:?}: failed, rejected, rolledBack, timedOut or any",
-                r.kind
+                "spec.failurePolicy.rules[{i}].kind {:?}: one of {}",
+                r.kind,
+                RULE_KINDS.join(", ")
             ));
         }
         if r.threshold_percent.is_none() && r.max_count.is_none() {
             return Err(format!(
                 "spec.failurePolicy.rules[{i}]: give thresholdPercent, maxCount or both"
+            ));
+        }
+        if r.threshold_percent.is_some_and(|p| !(1..=100).contains(&p)) {
+            return Err(format!(
+                "spec.failurePolicy.rules[{i}].thresholdPercent must be 1 to 100"
+            ));
+        }
+        if r.max_count == Some(0) {
+            return Err(format!(
+                "spec.failurePolicy.rules[{i}].maxCount must be at least 1"
             ));
         }
     }
