@@ -239,6 +239,46 @@ fn s9_stopped_drone_goes_offline_and_comes_back() {
         .unwrap();
 }
 
+/// Sessions live in the hub's memory: a hub restarted while its drone goes dark must still mark
+/// the drone offline (from its stored heartbeat time), or it passes every online gate forever.
+#[test]
+fn s9_a_drone_that_went_dark_while_the_hub_restarted_goes_offline() {
+    let mut fleet = Fleet::start(FleetOptions {
+        hub_args: ["--offline-after", "3s", "--status-refresh", "3s"]
+            .map(String::from)
+            .to_vec(),
+        ..FleetOptions::default()
+    })
+    .unwrap();
+    fleet
+        .wait_flightnode("drone-1", WAIT, |f| {
+            condition(f, "Online").is_some_and(|c| c["status"] == "True")
+        })
+        .unwrap();
+    fleet.hub.kill();
+    fleet.drones[0].kill();
+    fleet.hub.start().unwrap();
+    let f = fleet
+        .wait_flightnode("drone-1", WAIT, |f| {
+            condition(f, "Online").is_some_and(|c| c["status"] == "False")
+        })
+        .unwrap();
+    assert_eq!(
+        condition(&f, "Online").unwrap()["reason"],
+        "HeartbeatTimeout",
+        "{f:#}"
+    );
+    assert_eq!(condition(&f, "Ready").unwrap()["status"], "Unknown", "{f:#}");
+    // What the drone last reported stays.
+    assert_eq!(committed(&f), "1.0.0", "{f:#}");
+    fleet.drones[0].start().unwrap();
+    fleet
+        .wait_flightnode("drone-1", WAIT, |f| {
+            condition(f, "Online").is_some_and(|c| c["status"] == "True")
+        })
+        .unwrap();
+}
+
 #[test]
 fn s8_hub_down_for_a_whole_upgrade_then_every_transition_arrives() {
     let mut fleet = Fleet::start(FleetOptions::default()).unwrap();

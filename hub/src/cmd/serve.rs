@@ -1,7 +1,6 @@
 //! `flightnode-hub serve`: picks the sink, starts the tasks, serves gRPC and HTTP until shutdown.
 
 use crate::cmd::http::HttpState;
-use crate::decide::status::SpecView;
 use crate::heartbeat::hub::{Hub, HubConfig};
 use crate::heartbeat::session::SpecCache;
 use crate::store::kube::KubeSink;
@@ -135,14 +134,15 @@ pub async fn serve(
         StoreKind::Local => {
             let namespace = opts.namespace.clone().unwrap_or_else(|| "default".to_owned());
             let store = LocalStore::open(&opts.data_dir, &namespace)?;
-            for node in store.list(Some(&namespace)) {
-                let name = node.metadata.name.clone().unwrap_or_default();
-                specs.set(&name, SpecView::of(&node));
-            }
             hub_config.session.sink_stores_events = true;
             let sink: Arc<dyn StatusSink> = Arc::new(store.clone());
             tracing::info!(data_dir = %opts.data_dir.display(), %namespace, "status sink: local store");
-            (Hub::new(hub_config, sink, Some(store), specs), None)
+            let hub = Hub::new(hub_config, sink, Some(store.clone()), specs);
+            // Drones stored online before a restart are watched until they are heard again.
+            for node in store.list(Some(&namespace)) {
+                hub.node_seen(&node);
+            }
+            (hub, None)
         }
         StoreKind::Kube => {
             let client = crate::store::kube::client_from_env().await?;
@@ -168,12 +168,7 @@ pub async fn serve(
     }
     if let Some((client, namespace)) = kube_watch {
         let hub_ref = Arc::clone(&hub);
-        let on_node = move |node: &crate::api::flightnode::FlightNode| {
-            let name = node.metadata.name.clone().unwrap_or_default();
-            if hub_ref.sessions.specs().set(&name, SpecView::of(node)) {
-                hub_ref.spec_changed(&name);
-            }
-        };
+        let on_node = move |node: &crate::api::flightnode::FlightNode| hub_ref.node_seen(node);
         tasks.push(tokio::spawn(crate::store::kube::watch_specs(
             client, namespace, on_node,
         )));
@@ -315,11 +310,7 @@ fn start_controllers(
         (None, Some(local)) => {
             let hub_ref = Arc::clone(hub);
             let on_change: crate::store::fleet::OnNodeChange =
-                Arc::new(move |node: &crate::api::flightnode::FlightNode| {
-                    let name = node.metadata.name.clone().unwrap_or_default();
-                    hub_ref.sessions.specs().set(&name, SpecView::of(node));
-                    hub_ref.spec_changed(&name);
-                });
+                Arc::new(move |node: &crate::api::flightnode::FlightNode| hub_ref.node_seen(node));
             let store = Arc::new(crate::store::fleet::LocalFleet::new(local.clone(), on_change));
             let (leader_tx, leader_rx) = tokio::sync::watch::channel(true);
             metrics.leader.set(1);

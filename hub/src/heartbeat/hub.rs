@@ -97,6 +97,23 @@ impl Hub {
         }
     }
 
+    /// A `FlightNode` as the store reports it (at start, and on every change): keeps its spec,
+    /// re-evaluates its status when the spec changed, and watches it when another replica
+    /// serves it or served it ([`Sessions::watch`]).
+    pub fn node_seen(&self, node: &crate::api::flightnode::FlightNode) {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        if self
+            .sessions
+            .specs()
+            .set(&name, crate::decide::status::SpecView::of(node))
+        {
+            self.spec_changed(&name);
+        }
+        if let Some(status) = &node.status {
+            self.sessions.watch(&name, status, Instant::now());
+        }
+    }
+
     /// Re-evaluates a drone whose spec changed (desired firmware version).
     pub fn spec_changed(&self, name: &str) {
         if let Some(e) = self.sessions.spec_changed(name, Instant::now()) {

@@ -148,6 +148,9 @@ struct Session {
     pending_events: BTreeMap<u64, EventRecord>,
     durable_seq: u64,
     missing_logged: bool,
+    /// Not served here: a drone the store shows online, watched from its stored
+    /// `lastHeartbeatTime` so that someone marks it offline when it goes silent ([`Sessions::watch`]).
+    watching: bool,
 }
 
 impl Session {
@@ -166,7 +169,25 @@ impl Session {
             pending_events: BTreeMap::new(),
             durable_seq: 0,
             missing_logged: false,
+            watching: false,
         }
+    }
+
+    /// How long this session may stay silent. A watched drone's stored heartbeat time is only
+    /// rewritten every `refresh` by the replica that serves it, so it gets that much longer.
+    fn grace(&self, config: &SessionConfig) -> Duration {
+        if self.watching {
+            config.grace + config.refresh
+        } else {
+            config.grace
+        }
+    }
+
+    /// Watches the drone from the heartbeat time another replica stored (unix seconds).
+    fn watch_from(&mut self, stored_unix: i64, now: Instant) {
+        self.watching = true;
+        self.heartbeat_unix = stored_unix;
+        self.last_seen = instant_of(stored_unix, now);
     }
 
     fn previous_conditions(&self) -> Vec<Condition> {
@@ -249,6 +270,15 @@ fn now_rfc3339() -> String {
     status::rfc3339(time::OffsetDateTime::now_utc())
 }
 
+/// The monotonic instant of wall-clock time `unix` (seconds), given that it is `now` now.
+fn instant_of(unix: i64, now: Instant) -> Instant {
+    let ago = time::OffsetDateTime::now_utc()
+        .unix_timestamp()
+        .saturating_sub(unix);
+    now.checked_sub(Duration::from_secs(u64::try_from(ago).unwrap_or(0)))
+        .unwrap_or(now)
+}
+
 impl Sessions {
     /// No sessions yet.
     pub fn new(config: SessionConfig, specs: Arc<SpecCache>) -> Self {
@@ -303,7 +333,8 @@ impl Sessions {
             is_new = true;
             Session::new(hb, now)
         });
-        let was_offline = session.liveness != Liveness::Online;
+        let was_offline = session.liveness != Liveness::Online || session.watching;
+        session.watching = false;
         if *session.hardware_id != *hb.hardware_id {
             session.hardware_id = hb.hardware_id.as_str().into();
         }
@@ -412,45 +443,44 @@ impl Sessions {
 
     /// Marks drones silent for the grace period offline; returns their writes.
     pub fn expire(&self, now: Instant) -> Vec<Enqueue> {
-        let grace = self.config.grace;
         let wall = now_rfc3339();
         let mut map = self.lock();
         let mut out = Vec::new();
-        let mut moved = Vec::new();
         for (name, s) in map.iter_mut() {
-            if s.liveness != Liveness::Online || now.saturating_duration_since(s.last_seen) < grace {
+            if s.liveness != Liveness::Online
+                || now.saturating_duration_since(s.last_seen) < s.grace(&self.config)
+            {
                 continue;
             }
             let spec = self.specs.get(name);
             // With several replicas, a drone that reconnected to another one is not offline:
-            // that replica stored a newer heartbeat. Forget the session instead of writing over it.
+            // that replica stored a newer heartbeat. Watch it from there instead of writing over
+            // it: if that replica goes away too, this one still marks the drone offline.
             if spec.stored_heartbeat_unix > s.heartbeat_unix {
-                tracing::info!(device_id = %s.device_id, "drone served by another replica; session dropped");
-                moved.push(name.clone());
+                if !s.watching {
+                    tracing::info!(device_id = %s.device_id, "drone served by another replica; watching its stored heartbeat");
+                }
+                s.watch_from(spec.stored_heartbeat_unix, now);
                 continue;
             }
             let silent_secs = now.saturating_duration_since(s.last_seen).as_secs();
             s.liveness = Liveness::Offline { silent_secs };
             s.compute(s.base(), &spec, &wall);
-            tracing::info!(device_id = %s.device_id, silent_secs, "drone offline: heartbeat timeout");
+            tracing::info!(device_id = %s.device_id, silent_secs, watched = s.watching, "drone offline: heartbeat timeout");
             out.push(Enqueue {
                 name: name.clone(),
                 priority: Priority::Transition,
             });
-        }
-        for name in moved {
-            map.remove(&name);
         }
         out
     }
 
     /// When the next online drone would time out.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let grace = self.config.grace;
         self.lock()
             .values()
             .filter(|s| s.liveness == Liveness::Online)
-            .map(|s| s.last_seen + grace)
+            .map(|s| s.last_seen + s.grace(&self.config))
             .min()
     }
 
@@ -459,7 +489,8 @@ impl Sessions {
         let spec = self.specs.get(name);
         let wall = now_rfc3339();
         let mut map = self.lock();
-        let s = map.get_mut(name)?;
+        // A watched drone's status is its serving replica's to write.
+        let s = map.get_mut(name).filter(|s| !s.watching)?;
         let changed = s.compute(s.base(), &spec, &wall);
         let priority = self.due(s, now, changed).filter(|p| *p == Priority::Transition)?;
         Some(Enqueue {
@@ -476,7 +507,7 @@ impl Sessions {
     /// Number of drones per (condition type, status), for metrics.
     pub fn condition_counts(&self) -> BTreeMap<(String, String), i64> {
         let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
-        for s in self.lock().values() {
+        for s in self.lock().values().filter(|s| !s.watching) {
             for (type_, c) in CONDITION_TYPES.iter().zip(s.conditions) {
                 if c.status != 0 {
                     *counts
@@ -491,9 +522,59 @@ impl Sessions {
             .collect()
     }
 
-    /// Number of sessions.
+    /// Number of drones served here (watched ones not counted).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().values().filter(|s| !s.watching).count()
+    }
+
+    /// Watches a drone the store shows online that this replica has no session for, from its
+    /// stored status (called for every object the store reports, so it must be cheap). Sessions
+    /// live in memory and start from a heartbeat: without this, a drone that went dark while its
+    /// replica restarted (or was scaled away) would stay `Online=True` forever, pass the
+    /// rollouts' online gate and be dispatched. It is marked offline when its stored heartbeat
+    /// time gets older than the grace period plus the refresh interval (no replica rewrote it).
+    pub fn watch(&self, name: &str, stored: &FlightNodeStatus, now: Instant) {
+        let online = stored
+            .conditions
+            .iter()
+            .any(|c| c.type_ == condition::ONLINE && c.status == "True");
+        let stored_unix = stored.last_heartbeat_time.as_deref().map_or(0, parse_unix);
+        let mut map = self.lock();
+        if let Some(s) = map.get_mut(name) {
+            if s.watching && stored_unix > s.heartbeat_unix {
+                s.watch_from(stored_unix, now);
+            }
+            return;
+        }
+        if !online || stored_unix <= 0 {
+            return;
+        }
+        let device_id = stored.device_id.as_deref().unwrap_or(name);
+        let mut session = Session::new(
+            &HeartbeatRequest {
+                device_id: device_id.to_owned(),
+                ..HeartbeatRequest::default()
+            },
+            now,
+        );
+        session.watch_from(stored_unix, now);
+        session.conditions = compact_conditions(&stored.conditions);
+        let mut base = stored.clone();
+        base.conditions.clear();
+        base.observed_generation = None;
+        base.firmware_sync = None;
+        base.last_heartbeat_time = None;
+        session.compute(base, &self.specs.get(name), &now_rfc3339());
+        // Nothing to write while it is online: the stored status is what it shows.
+        session.written = Some((session.content, now));
+        tracing::debug!(
+            name,
+            device_id,
+            "watching a drone another replica serves (or served)"
+        );
+        map.insert(name.to_owned(), session);
+        drop(map);
+        self.liveness_wake.notify_one();
     }
 
     /// True when no drone has been heard from.
@@ -513,5 +594,83 @@ impl StatusSource for Sessions {
 
     fn mark_missing(&self, name: &str) -> bool {
         Sessions::mark_missing(self, name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sessions() -> Sessions {
+        let config = SessionConfig {
+            refresh: Duration::from_mins(1),
+            grace: Duration::from_secs(30),
+            sink_stores_events: false,
+        };
+        Sessions::new(config, Arc::default())
+    }
+
+    /// A status as a replica stored it: Online as given, heartbeat `ago` seconds ago.
+    fn stored(online: bool, ago: i64) -> FlightNodeStatus {
+        let t = time::OffsetDateTime::now_utc().unix_timestamp() - ago;
+        FlightNodeStatus {
+            device_id: Some("drone-1".into()),
+            phase: Some("Idle".into()),
+            last_heartbeat_time: status::unix_rfc3339(t),
+            conditions: vec![Condition {
+                type_: condition::ONLINE.into(),
+                status: if online { "True" } else { "False" }.into(),
+                last_transition_time: status::unix_rfc3339(t - 600).unwrap_or_default(),
+                ..Condition::default()
+            }],
+            ..FlightNodeStatus::default()
+        }
+    }
+
+    fn online(s: &FlightNodeStatus) -> (&str, &str) {
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::ONLINE)
+            .unwrap();
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn a_drone_stored_online_that_nobody_hears_goes_offline_after_grace_and_refresh() {
+        let s = sessions();
+        let now = Instant::now();
+        s.watch("drone-1", &stored(true, 60), now);
+        assert!(s.expire(now).is_empty(), "60 s is within grace + refresh (90 s)");
+        assert_eq!(s.len(), 0, "a watched drone is not served here");
+        let writes = s.expire(now + Duration::from_secs(31));
+        assert_eq!(writes.len(), 1);
+        let status = s.current("drone-1").unwrap();
+        assert_eq!(online(&status), ("False", "HeartbeatTimeout"));
+        assert_eq!(status.last_heartbeat_time, stored(true, 60).last_heartbeat_time);
+        assert_eq!(status.phase.as_deref(), Some("Idle"));
+    }
+
+    #[test]
+    fn a_watched_drone_whose_stored_heartbeat_moves_on_stays_online() {
+        let s = sessions();
+        let now = Instant::now();
+        s.watch("drone-1", &stored(true, 60), now);
+        // Its replica rewrote the heartbeat time: someone hears it.
+        s.watch("drone-1", &stored(true, 0), now);
+        assert!(s.expire(now + Duration::from_secs(31)).is_empty());
+        assert!(
+            s.spec_changed("drone-1", now).is_none(),
+            "its status is not this replica's to write"
+        );
+    }
+
+    #[test]
+    fn a_drone_stored_offline_is_not_watched() {
+        let s = sessions();
+        let now = Instant::now();
+        s.watch("drone-1", &stored(false, 600), now);
+        assert!(s.expire(now).is_empty());
+        assert!(s.current("drone-1").is_none());
     }
 }
