@@ -115,6 +115,12 @@ pub enum Error {
     /// Invalid input (flags, arguments).
     #[error("{0}")]
     Invalid(String),
+    /// A controller write or publish refused because this replica no longer leads.
+    #[error("{what} not done: this replica is not the leader (any more)")]
+    NotLeader {
+        /// What was not written or sent.
+        what: String,
+    },
 }
 
 /// A cause of one of several types (kube, serde, rumqttc, io), kept typed behind the box.

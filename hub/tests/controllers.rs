@@ -489,7 +489,7 @@ async fn canary_trips_the_breaker_then_a_good_build_rolls_through_with_a_failove
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_lease_holder_and_a_failover() -> anyhow::Result<()> {
-    use flightnode_hub::controller::lease::{LeaseConfig, run};
+    use flightnode_hub::controller::lease::{Leadership, LeaseConfig, run};
     let Some((_api, _admin, hub)) = cluster().await? else {
         return Ok(());
     };
@@ -499,25 +499,23 @@ async fn one_lease_holder_and_a_failover() -> anyhow::Result<()> {
         renew_deadline: Duration::from_secs(2),
         ..LeaseConfig::new(NS, id)
     };
-    let (a_tx, a_rx) = tokio::sync::watch::channel(false);
-    let (b_tx, b_rx) = tokio::sync::watch::channel(false);
+    let (a_rx, b_rx) = (Leadership::follower(), Leadership::follower());
     let (stop_a, stop_a_rx) = tokio::sync::watch::channel(false);
     let (stop_b, stop_b_rx) = tokio::sync::watch::channel(false);
-    let a = tokio::spawn(run(hub.clone(), config("replica-a"), a_tx, stop_a_rx));
-    let b = tokio::spawn(run(hub.clone(), config("replica-b"), b_tx, stop_b_rx));
-    let wait_leader = |rx: tokio::sync::watch::Receiver<bool>| async move {
-        let mut rx = rx;
-        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|l| *l))
+    let a = tokio::spawn(run(hub.clone(), config("replica-a"), a_rx.clone(), stop_a_rx));
+    let b = tokio::spawn(run(hub.clone(), config("replica-b"), b_rx.clone(), stop_b_rx));
+    let wait_leader = |l: Leadership| async move {
+        tokio::time::timeout(Duration::from_secs(30), l.gained())
             .await
             .is_ok()
     };
     assert!(wait_leader(a_rx.clone()).await || wait_leader(b_rx.clone()).await);
     for _ in 0..10 {
-        assert!(!(*a_rx.borrow() && *b_rx.borrow()), "two leaders");
+        assert!(!(a_rx.is_leader() && b_rx.is_leader()), "two leaders");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // A hard kill of the leader (abort: no release): the other waits out the lease, then leads.
-    let (leader_task, follower_rx) = if *a_rx.borrow() {
+    let (leader_task, follower_rx) = if a_rx.is_leader() {
         (a, b_rx.clone())
     } else {
         (b, a_rx.clone())
@@ -538,7 +536,7 @@ async fn one_lease_holder_and_a_failover() -> anyhow::Result<()> {
 /// the outcomes that arrived in the gap, and no drone got two installs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_killed_mid_wave_hands_over_without_a_second_install() -> anyhow::Result<()> {
-    use flightnode_hub::controller::lease::{LeaseConfig, run};
+    use flightnode_hub::controller::lease::{Leadership, LeaseConfig, run};
     let Some((api, admin, hub)) = cluster().await? else {
         return Ok(());
     };
@@ -567,7 +565,7 @@ async fn a_leader_killed_mid_wave_hands_over_without_a_second_install() -> anyho
     )]
     struct Replica {
         commands: Arc<Recorded>,
-        leader: tokio::sync::watch::Receiver<bool>,
+        leader: Leadership,
         tasks: Vec<tokio::task::JoinHandle<()>>,
         _stop: tokio::sync::watch::Sender<bool>,
     }
@@ -580,13 +578,13 @@ async fn a_leader_killed_mid_wave_hands_over_without_a_second_install() -> anyho
                 renew_deadline: Duration::from_secs(2),
                 ..LeaseConfig::new(NS, id)
             };
-            let (tx, rx) = tokio::sync::watch::channel(false);
+            let rx = Leadership::follower();
             let (stop, stop_rx) = tokio::sync::watch::channel(false);
             let commands = Arc::new(Recorded::default());
             let mut c = controllers(&hub, Arc::clone(&commands), id).await?;
             c.config.interval = Duration::from_millis(300);
             let tasks = vec![
-                tokio::spawn(run(hub.clone(), lease, tx, stop_rx)),
+                tokio::spawn(run(hub.clone(), lease, rx.clone(), stop_rx)),
                 tokio::spawn(c.run(rx.clone())),
             ];
             anyhow::Ok(Replica {
@@ -654,8 +652,8 @@ async fn a_leader_killed_mid_wave_hands_over_without_a_second_install() -> anyho
         wait("the canary");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let (leader, follower) = if *a.leader.borrow() { (a, b) } else { (b, a) };
-    assert!(*leader.leader.borrow() && !*follower.leader.borrow());
+    let (leader, follower) = if a.leader.is_leader() { (a, b) } else { (b, a) };
+    assert!(leader.leader.is_leader() && !follower.leader.is_leader());
     drive(both(&leader, &follower), Some(canary.clone())).await?;
     while both(&leader, &follower).len() < 4 {
         wait("the second wave");
@@ -687,7 +685,7 @@ async fn a_leader_killed_mid_wave_hands_over_without_a_second_install() -> anyho
         wait("Complete after the failover");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(*follower.leader.borrow(), "the standby leads");
+    assert!(follower.leader.is_leader(), "the standby leads");
     assert!(
         !follower.commands.all().is_empty(),
         "the standby dispatched the rest"
@@ -768,5 +766,143 @@ async fn a_device_id_that_is_no_object_name_gets_its_commands() -> anyhow::Resul
     let mut want = ids.to_vec();
     want.sort();
     assert_eq!(got, want);
+    Ok(())
+}
+
+/// A TCP relay to the API server that can be frozen: bytes stop moving both ways, the way calls
+/// hang when the server or the network stalls (kube's client has no read timeout).
+struct Freezable {
+    url: String,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Copies `from` to `to`, holding every chunk while `frozen` is set.
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn freezable(upstream_port: u16) -> anyhow::Result<Freezable> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("https://127.0.0.1:{}", listener.local_addr()?.port());
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&frozen);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(relay(cr, sw, Arc::clone(&flag)));
+            tokio::spawn(relay(sr, cw, Arc::clone(&flag)));
+        }
+    });
+    Ok(Freezable { url, frozen })
+}
+
+/// The leader's Lease calls hang (the relay to the API server freezes) while its controllers
+/// keep running: it must stop writing and publishing by its own clock, before the other replica
+/// may take over, instead of leading forever next to the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_lease_calls_hang_writes_and_publishes_nothing_after_the_takeover()
+-> anyhow::Result<()> {
+    use flightnode_hub::controller::fence::{FencedCommands, FencedStore};
+    use flightnode_hub::controller::lease::{Leadership, LeaseConfig, run};
+    let Some((api, admin, hub)) = cluster().await? else {
+        return Ok(());
+    };
+    let relay = freezable(api.port()).await?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(api.restricted_kubeconfig())?;
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?;
+    config.cluster_url = relay.url.parse()?;
+    let hung_lease_client = Client::try_from(config)?;
+
+    let lease = |id: &str| LeaseConfig {
+        duration: Duration::from_secs(3),
+        renew_every: Duration::from_millis(300),
+        renew_deadline: Duration::from_secs(2),
+        ..LeaseConfig::new(NS, id)
+    };
+    let start = |id: &'static str, lease_client: Client| {
+        let hub = hub.clone();
+        let lease = lease(id);
+        async move {
+            let leader = Leadership::follower();
+            let (stop, stop_rx) = tokio::sync::watch::channel(false);
+            let commands = Arc::new(Recorded::default());
+            let mut c = controllers(&hub, Arc::clone(&commands), id).await?;
+            c.config.interval = Duration::from_millis(300);
+            c.store = Arc::new(FencedStore::new(c.store, leader.clone()));
+            c.commands = Arc::new(FencedCommands::new(c.commands, leader.clone()));
+            tokio::spawn(run(lease_client, lease, leader.clone(), stop_rx));
+            tokio::spawn(c.run(leader.clone()));
+            anyhow::Ok((leader, commands, stop))
+        }
+    };
+    let (a, a_commands, _stop_a) = start("replica-a", hung_lease_client).await?;
+    tokio::time::timeout(Duration::from_secs(30), a.gained()).await?;
+    let (b, b_commands, _stop_b) = start("replica-b", hub.clone()).await?;
+
+    relay.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(30), b.gained()).await?;
+    assert!(
+        !a.is_leader(),
+        "two leaders: the hung one still believes it leads"
+    );
+
+    // Work for whoever leads: a drone that wants 2.0.0.
+    create_drones(&admin, &["drone-z".to_owned()]).await?;
+    let sink = KubeSink::new(hub.clone(), NS, Duration::from_secs(10));
+    let old = Report {
+        version: "1.0.0".into(),
+        ..Report::default()
+    };
+    report(&sink, "drone-z", &old).await?;
+    let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
+    nodes
+        .patch(
+            "drone-z",
+            &PatchParams::apply("kubectl"),
+            &Patch::Apply(serde_json::json!({
+                "apiVersion": "edge.drone.io/v1", "kind": "FlightNode",
+                "metadata": { "name": "drone-z", "labels": { "fleet": "test" } },
+                "spec": { "hardwareId": "hw-x1", "firmware": { "version": "2.0.0", "url": "http://fw.example/2.0.0.fnb" } },
+            })),
+        )
+        .await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !b_commands.upgrades().contains_key("drone-z") {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the new leader never dispatched"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Steps of the old replica's controllers keep coming; give them time to misbehave.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !a_commands.upgrades().contains_key("drone-z"),
+        "the replica that lost the lease published: {:?}",
+        a_commands.all()
+    );
+    assert!(b.is_leader() && !a.is_leader());
     Ok(())
 }

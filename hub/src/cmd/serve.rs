@@ -160,11 +160,14 @@ pub async fn serve(
     };
     let mut tasks = hub.start();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The Lease is released only after the controllers stopped (see the end of this function).
+    let (lease_stop_tx, lease_stop_rx) = tokio::sync::watch::channel(false);
     let mut lease_task = None;
+    let mut controller_tasks = Vec::new();
     if let Some(c) = &opts.controllers {
-        let (lease, others) = start_controllers(c, &hub, kube_watch.clone(), stop_rx.clone())?;
+        let (lease, others) = start_controllers(c, &hub, kube_watch.clone(), lease_stop_rx)?;
         lease_task = lease;
-        tasks.extend(others);
+        controller_tasks = others;
     }
     if let Some((client, namespace)) = kube_watch {
         let hub_ref = Arc::clone(&hub);
@@ -231,7 +234,13 @@ pub async fn serve(
     });
     ready.store(false, Ordering::SeqCst);
     let _ = http.await;
-    // The lease loop releases the Lease on the stop signal; give it a moment to do so.
+    // The controllers stop first, so nothing they do can land after the Lease is released and
+    // another replica took over; then the lease loop releases the Lease.
+    for t in controller_tasks {
+        t.abort();
+        let _ = t.await;
+    }
+    let _ = lease_stop_tx.send(true);
     if let Some(lease) = lease_task {
         let _ = tokio::time::timeout(Duration::from_secs(3), lease).await;
     }
@@ -255,7 +264,9 @@ fn start_controllers(
     kube: Option<(kube::Client, String)>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Tasks> {
-    let commands: Arc<dyn crate::controller::mqtt::CommandSink> =
+    use crate::controller::fence::{FencedCommands, FencedStore};
+    use crate::controller::lease::Leadership;
+    let publisher: Arc<dyn crate::controller::mqtt::CommandSink> =
         Arc::new(crate::controller::mqtt::MqttPublisher::start(&c.mqtt)?);
     let metrics = Arc::clone(&hub.metrics);
     let config = c.config.clone();
@@ -263,32 +274,31 @@ fn start_controllers(
     let mut lease_task = None;
     match (kube, &hub.local) {
         (Some((client, namespace)), _) => {
-            let (leader_tx, leader_rx) = tokio::sync::watch::channel(!c.leader_election);
-            // NB: without election the sender must outlive the loop (a closed channel is not
-            // "leader forever").
-            let mut keep_tx = None;
-            if c.leader_election {
+            let leader = if c.leader_election {
+                let leader = Leadership::follower();
                 let lease = crate::controller::lease::LeaseConfig::new(&namespace, &c.identity);
                 lease_task = Some(tokio::spawn(crate::controller::lease::run(
                     client.clone(),
                     lease,
-                    leader_tx,
+                    leader.clone(),
                     stop,
                 )));
+                leader
             } else {
-                keep_tx = Some(leader_tx);
-            }
+                Leadership::always()
+            };
             let identity = c.identity.clone();
             let leader_metric = metrics.leader.clone();
-            let mut rx = leader_rx.clone();
+            let gauge = leader.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
-                    leader_metric.set(i64::from(*rx.borrow()));
-                    if rx.changed().await.is_err() {
-                        return;
-                    }
+                    leader_metric.set(0);
+                    gauge.gained().await;
+                    leader_metric.set(1);
+                    gauge.lost().await;
                 }
             }));
+            let commands = Arc::new(FencedCommands::new(publisher, leader.clone()));
             tasks.push(tokio::spawn(async move {
                 let store = match crate::store::fleet::KubeFleet::start(client, &namespace, &identity).await {
                     Ok(s) => Arc::new(s),
@@ -298,13 +308,12 @@ fn start_controllers(
                     }
                 };
                 let controllers = crate::controller::reconcile::Controllers {
-                    store,
+                    store: Arc::new(FencedStore::new(store, leader.clone())),
                     commands,
                     metrics,
                     config,
                 };
-                let _keep = keep_tx;
-                controllers.run(leader_rx).await;
+                controllers.run(leader).await;
             }));
         }
         (None, Some(local)) => {
@@ -312,19 +321,14 @@ fn start_controllers(
             let on_change: crate::store::fleet::OnNodeChange =
                 Arc::new(move |node: &crate::api::flightnode::FlightNode| hub_ref.node_seen(node));
             let store = Arc::new(crate::store::fleet::LocalFleet::new(local.clone(), on_change));
-            let (leader_tx, leader_rx) = tokio::sync::watch::channel(true);
             metrics.leader.set(1);
             let controllers = crate::controller::reconcile::Controllers {
                 store,
-                commands,
+                commands: publisher,
                 metrics,
                 config,
             };
-            tasks.push(tokio::spawn(async move {
-                // NB: the sender lives as long as the loop, so `leader` stays true.
-                let _keep = leader_tx;
-                controllers.run(leader_rx).await;
-            }));
+            tasks.push(tokio::spawn(controllers.run(Leadership::always())));
         }
         (None, None) => {}
     }

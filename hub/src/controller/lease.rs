@@ -6,15 +6,22 @@
 //!   `leaseDurationSeconds` **as observed by this replica's clock** (no trust in the other
 //!   replica's clock). Every write is a `replace` carrying the resourceVersion it read, so two
 //!   replicas cannot both win: the loser gets 409.
-//! - Renew every `renew_every`. A leader that could not renew for `renew_deadline` steps down
-//!   **before** anybody else may take over (`renew_deadline < duration`), so there is never a
-//!   moment with two leaders dispatching.
-//! - On shutdown the holder clears `holderIdentity`, so the next replica takes over at once.
+//! - Renew every `renew_every`; every round is time-boxed (kube's client has no read timeout).
+//! - Leadership is a deadline, not a flag ([`Leadership`]): a successful round makes this replica
+//!   the leader until the round's **start** plus `renew_deadline`, by its own monotonic clock.
+//!   Nobody else may take over before the round's start plus `duration` (`renew_deadline <
+//!   duration`), so there is never a moment with two leaders writing, whatever happens to this
+//!   process: a hung API call, a paused process (SIGSTOP, a VM migration), a starved runtime. The
+//!   controllers' writes and publishes check it each time ([`crate::controller::fence`]), and a
+//!   step in flight is abandoned when it passes.
+//! - On shutdown the controllers stop first; then the holder clears `holderIdentity`, so the next
+//!   replica takes over at once.
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -50,6 +57,76 @@ impl LeaseConfig {
     }
 }
 
+/// Whether this replica leads: until an instant of its monotonic clock (`None`: it does not).
+/// Cheap to clone; clones share the deadline.
+#[derive(Clone, Debug)]
+pub struct Leadership(Arc<watch::Sender<Option<Instant>>>);
+
+impl Leadership {
+    /// Not leading (yet).
+    pub fn follower() -> Self {
+        Leadership(Arc::new(watch::Sender::new(None)))
+    }
+
+    /// Leading for good: one replica without election (the local store, or election turned off).
+    pub fn always() -> Self {
+        let forever = Instant::now() + Duration::from_hours(100 * 365 * 24);
+        Leadership(Arc::new(watch::Sender::new(Some(forever))))
+    }
+
+    /// True while the deadline has not passed.
+    pub fn is_leader(&self) -> bool {
+        self.0.borrow().is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Leads until `until`.
+    pub fn renewed_until(&self, until: Instant) {
+        self.0.send_replace(Some(until));
+    }
+
+    /// Stops leading now.
+    pub fn step_down(&self) {
+        self.0.send_replace(None);
+    }
+
+    /// Resolves once this replica does not lead: at once, when the deadline passes, or when it
+    /// steps down.
+    pub async fn lost(&self) {
+        let mut rx = self.0.subscribe();
+        loop {
+            let until = *rx.borrow_and_update();
+            match until {
+                Some(t) if Instant::now() < t => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(t) => {}
+                        r = rx.changed() => if r.is_err() { return },
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Resolves once this replica leads.
+    pub async fn gained(&self) {
+        let mut rx = self.0.subscribe();
+        loop {
+            if self.is_leader() {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                // NB: cannot happen while `self` holds the sender.
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// Changes of the deadline (for the leader gauge).
+    pub fn subscribe(&self) -> watch::Receiver<Option<Instant>> {
+        self.0.subscribe()
+    }
+}
+
 fn micro_now() -> MicroTime {
     MicroTime(jiff::Timestamp::now())
 }
@@ -60,48 +137,56 @@ struct Observed {
     at: Instant,
 }
 
-/// Runs the election until `shutdown` fires; `leader` says whether this replica leads.
+/// Runs the election until `shutdown` fires; `leader` says whether (and until when) this
+/// replica leads. Stop the controllers before firing `shutdown`: the Lease is released then.
 pub async fn run(
     client: Client,
     config: LeaseConfig,
-    leader: watch::Sender<bool>,
+    leader: Leadership,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let mut observed: Option<Observed> = None;
-    let mut last_renew: Option<Instant> = None;
+    // A round may take at most half the renew deadline, so one slow round never costs the lease.
+    let round_timeout = (config.renew_deadline / 2).max(Duration::from_millis(100));
+    let mut was_leader = false;
     loop {
-        let now = Instant::now();
-        match try_acquire_or_renew(&api, &config, &mut observed, now).await {
-            Ok(true) => {
-                last_renew = Some(now);
-                if !*leader.borrow() {
+        let started = Instant::now();
+        let round = tokio::time::timeout(
+            round_timeout,
+            try_acquire_or_renew(&api, &config, &mut observed, started),
+        );
+        match round.await {
+            Ok(Ok(true)) => {
+                leader.renewed_until(started + config.renew_deadline);
+                if !was_leader {
                     tracing::info!(identity = %config.identity, lease = %config.name, "acquired the controller lease");
-                    let _ = leader.send(true);
                 }
             }
-            Ok(false) => {
-                if *leader.borrow() {
+            Ok(Ok(false)) => {
+                leader.step_down();
+                if was_leader {
                     tracing::warn!(identity = %config.identity, "lost the controller lease");
-                    let _ = leader.send(false);
                 }
-                last_renew = None;
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(identity = %config.identity, error = %flightnode_proto::error::Chain(&e), "lease request failed");
-                let expired = last_renew.is_none_or(|t| now.duration_since(t) >= config.renew_deadline);
-                if *leader.borrow() && expired {
-                    tracing::warn!(identity = %config.identity, "could not renew the lease in time; stepping down");
-                    let _ = leader.send(false);
-                }
+            }
+            Err(_) => {
+                tracing::warn!(identity = %config.identity, timeout = ?round_timeout, "lease request got no answer in time");
             }
         }
+        if was_leader && !leader.is_leader() {
+            tracing::warn!(identity = %config.identity, "could not renew the lease in time; stepped down");
+        }
+        was_leader = leader.is_leader();
         tokio::select! {
             () = tokio::time::sleep(config.renew_every) => {}
             () = async { let _ = shutdown.wait_for(|s| *s).await; } => {
-                if *leader.borrow() {
-                    let _ = leader.send(false);
-                    release(&api, &config).await;
+                let held = leader.is_leader();
+                leader.step_down();
+                if held {
+                    let _ = tokio::time::timeout(round_timeout, release(&api, &config)).await;
                 }
                 return;
             }

@@ -6,6 +6,7 @@
 //! leaves a record whose id the next leader re-publishes; one that dies after leaves a command
 //! the agent has, under the same id. Either way one install.
 
+use crate::controller::lease::Leadership;
 use crate::controller::mqtt::CommandSink;
 use crate::decide::node_sync::{self, Action, FlightGate, NodeView, Policy};
 use crate::metrics::Metrics;
@@ -14,7 +15,6 @@ use flightnode_proto::mqtt::{Command, UpgradeCommand};
 use kube::ResourceExt;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 
 /// Settings of the reconcilers.
 #[derive(Debug, Clone)]
@@ -55,30 +55,32 @@ fn now() -> (i64, String) {
 }
 
 impl Controllers {
-    /// Runs while the process lives; works only while `leader` is true.
-    pub async fn run(self, mut leader: watch::Receiver<bool>) {
+    /// Runs while the process lives; works only while `leader` leads. A step is abandoned when
+    /// leadership passes in the middle of it (its writes are fenced anyway: build `store` and
+    /// `commands` with [`crate::controller::fence`]). Stop it by aborting its task.
+    pub async fn run(self, leader: Leadership) {
         let changed = self.store.changed();
         loop {
-            if !*leader.borrow() {
+            if !leader.is_leader() {
                 tracing::info!("not the leader: reconcilers idle");
-                if leader.wait_for(|l| *l).await.is_err() {
-                    return;
-                }
+                leader.gained().await;
                 tracing::info!("leader: reconcilers running");
             }
-            let wait = self.step().await;
+            let wait = tokio::select! {
+                biased;
+                () = leader.lost() => {
+                    tracing::warn!("leadership lost in the middle of a step; the rest of it is abandoned");
+                    continue;
+                }
+                wait = self.step() => wait,
+            };
             tokio::select! {
                 () = tokio::time::sleep(wait.min(self.config.interval)) => {}
                 () = changed.notified() => {
                     // Let a burst of watch events settle into one step.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                changed = leader.changed() => {
-                    if changed.is_err() {
-                        // The election ended (shutdown): stop reconciling.
-                        return;
-                    }
-                }
+                () = leader.lost() => {}
             }
         }
     }
