@@ -585,6 +585,49 @@ fn repeated_power_cuts_during_the_download() {
     assert_no_failures(&failures);
 }
 
+/// GRUB gives each boot one try: a boot of the committed slot B whose power fails before the
+/// agent confirms it (`B_TRY=0`) makes the next power-on fall back to slot A. The agent then runs
+/// the old image, and the record must say so: the upgrade it had reported committed ends
+/// `rolled_back` (`trial_boot_failed`), not `committed` beside an active slot A.
+#[test]
+fn grub_fallback_from_the_committed_slot_is_reported_rolled_back() {
+    let mut rig = Rig::new(Mode::Grub, true);
+    let bundle = rig.bundle.to_str().unwrap().to_owned();
+    let r = (|| {
+        let o = rig.agent(&["install", &bundle], None);
+        ensure!(
+            o.status.signal() == Some(9),
+            "the install did not reboot: {}",
+            text(&o)
+        );
+        let slot = rig.power_cycle()?;
+        ensure!(slot == 'B', "the trial boot starts {slot}");
+        rig.boot_until_settled()?;
+        let s = rig.status()?;
+        ensure!(rig.check_settled(&s)? == "committed", "not committed: {s:#}");
+        // The next boot of B loses power before the agent runs: GRUB counted it as a try.
+        let slot = rig.power_cycle()?;
+        ensure!(slot == 'B', "the committed slot does not boot: {slot}");
+        let slot = rig.power_cycle()?;
+        ensure!(
+            slot == 'A',
+            "GRUB falls back after an unconfirmed boot of B, yet {slot} boots"
+        );
+        let o = rig.agent(&["resume"], None);
+        ensure!(o.status.success(), "resume on slot A: {}", text(&o));
+        let s = rig.status()?;
+        ensure!(
+            s["last_upgrade"]["result"] == "rolled_back"
+                && s["last_upgrade"]["error"]["code"] == "trial_boot_failed",
+            "slot A runs again, but the record says: {s:#}"
+        );
+        rig.check_settled(&s).map(drop)
+    })();
+    if let Err(e) = r {
+        panic!("{}", rig.report("GRUB, fallback after the commit", &e));
+    }
+}
+
 /// One random case: a mode, a healthy or unhealthy image, and up to five cuts at random
 /// failpoints (steps or download offsets), then convergence. Returns the number of cuts.
 fn random_case(modes: &[Mode], seed: u64, case: u64) -> Result<usize, String> {
