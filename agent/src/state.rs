@@ -362,22 +362,58 @@ impl DeviceState {
     /// Reboot mode, nothing in flight: the bootloader started `booted`, a good slot, instead of the
     /// active one (the active one stopped booting, or was marked bad). `booted` is active, the
     /// other slot is bad, and the committed version and the security floor are those of the slot
-    /// that runs. Does not write to sled.
-    pub fn fell_back(&mut self, booted: Slot) {
+    /// that runs. When the last upgrade committed the slot left behind, it ends `rolled_back`
+    /// instead: `trial_boot_failed`, or `health_check_failed` when that slot had been marked bad.
+    /// Returns that record. Does not write to sled.
+    pub fn fell_back(&mut self, booted: Slot) -> Option<LastUpgrade> {
         let failed = !booted;
         self.active = booted;
-        if self.slot(failed).state != SlotState::Empty {
-            let version = self.slot(failed).version.clone();
-            *self.slot_mut(failed) = SlotRecord::bad(version);
+        let before = self.slot(failed).clone();
+        if before.state != SlotState::Empty {
+            *self.slot_mut(failed) = SlotRecord::bad(before.version.clone());
         }
         let running = self.slot(booted).clone();
-        if let Some(v) = running.version {
-            self.committed_version = v;
+        if let Some(v) = &running.version {
+            self.committed_version = v.clone();
         }
         if let Some(floor) = running.floor {
             self.security_floor = floor;
         }
         self.bump();
+        // Left as it was, the record would claim the upgrade committed while the board runs the
+        // old image. Not rare with GRUB: its script gives every boot one try, so one boot of the
+        // committed slot that loses power before the agent confirms it is a fallback.
+        let undone = self.last.as_mut().filter(|l| {
+            l.result == UpgradeResult::Committed
+                && l.version.is_some()
+                && l.version == before.version.as_ref().map(ToString::to_string)
+        })?;
+        let runs = running
+            .version
+            .as_ref()
+            .map_or_else(|| "its image".to_owned(), |v| format!("version {v}"));
+        let (code, message) = if before.state == SlotState::Bad {
+            (
+                ErrorCode::HealthCheckFailed,
+                format!(
+                    "slot {failed} was committed, then marked bad; slot {booted} booted and runs \
+                     {runs} again"
+                ),
+            )
+        } else {
+            (
+                ErrorCode::TrialBootFailed,
+                format!(
+                    "slot {failed} was committed, but a later boot of it was never confirmed (it \
+                     failed, hung or lost power first) and the bootloader fell back to slot \
+                     {booted}, which runs {runs} again"
+                ),
+            )
+        };
+        undone.result = code.result();
+        undone.error = Some(ErrorReport { code, message });
+        undone.finished = now_unix();
+        Some(undone.clone())
     }
 
     /// Records the verified manifest and marks the target slot bad: it is about to be
@@ -590,7 +626,9 @@ mod tests {
             Op::ResumeFailed(id) => {
                 s.resume_failed(id, "no such source");
             }
-            Op::FellBack(slot) => s.fell_back(slot),
+            Op::FellBack(slot) => {
+                s.fell_back(slot);
+            }
             Op::Hold(reason) => s.hold(reason),
             Op::Release => s.release(),
         }
@@ -743,6 +781,69 @@ mod tests {
         // A failure before the manifest was verified has nothing to resume.
         s.fail(ErrorCode::DownloadFailed, "404".into());
         assert!(s.resumable.is_none());
+    }
+
+    /// A fallback from the slot the last upgrade committed undoes that upgrade in the record: it
+    /// must not say `committed` while the board runs the old image. A fallback that has nothing
+    /// to do with the last upgrade leaves its record alone.
+    #[test]
+    fn a_fallback_from_the_committed_slot_ends_the_upgrade_rolled_back() {
+        use Op::*;
+        let committed = || {
+            let mut s = DeviceState::factory(v("1.0.0"));
+            for op in [
+                Begin("u1"),
+                Accept("2.0.0", 3),
+                Enter(Phase::Staged),
+                Enter(Phase::Switching),
+                Enter(Phase::Testing),
+                TrialRuns,
+                Commit,
+            ] {
+                apply(&mut s, op);
+            }
+            assert_eq!(s.last.as_ref().unwrap().result, UpgradeResult::Committed);
+            s
+        };
+        let mut s = committed();
+        let last = s.fell_back(Slot::A).expect("the committed upgrade is undone");
+        assert_eq!(s.last.as_ref(), Some(&last));
+        assert_eq!(
+            (last.upgrade_id.as_str(), last.version.as_deref(), last.result),
+            ("u1", Some("2.0.0"), UpgradeResult::RolledBack)
+        );
+        let error = last.error.unwrap();
+        assert_eq!(error.code, ErrorCode::TrialBootFailed);
+        assert!(
+            error.message.contains("slot b was committed") && error.message.contains("1.0.0"),
+            "{}",
+            error.message
+        );
+        assert_eq!(
+            (s.active, s.committed_version.to_string()),
+            (Slot::A, "1.0.0".into())
+        );
+
+        // Back on B by hand, then a fallback to A again: the record is already rolled back.
+        let before = s.last.clone();
+        s.active = Slot::B;
+        assert!(s.fell_back(Slot::A).is_none());
+        assert_eq!(s.last, before);
+
+        // The committed slot was marked bad (`mark-bad b`), then A booted.
+        let mut s = committed();
+        s.b.state = SlotState::Bad;
+        let error = s.fell_back(Slot::A).unwrap().error.unwrap();
+        assert_eq!(error.code, ErrorCode::HealthCheckFailed, "{}", error.message);
+
+        // A failed upgrade's record stays as it ended.
+        let mut s = DeviceState::factory(v("1.0.0"));
+        for op in [Begin("u1"), Accept("2.0.0", 3), Fail(ErrorCode::DownloadFailed)] {
+            apply(&mut s, op);
+        }
+        let before = s.last.clone();
+        assert!(s.fell_back(Slot::A).is_none());
+        assert_eq!(s.last, before);
     }
 
     #[test]

@@ -168,8 +168,9 @@ fn grubenv_cut_mid_write_is_old_or_new_and_boots_the_good_slot() {
                 "{failpoint}: not renamed yet, the old file is in place"
             );
         } else {
+            // A factory grubenv already says B_OK=0: B leaving ORDER is what shows the new file.
             assert!(
-                vars.contains("B_OK=0"),
+                vars.contains("B_OK=0") && vars.lines().any(|l| l == "ORDER=A"),
                 "{failpoint}: the new file is in place: {vars}"
             );
         }

@@ -443,7 +443,13 @@ pub fn fresh_uboot_env(dir: &Path, init: bool) -> anyhow::Result<PathBuf> {
 }
 
 /// Creates `DIR/grubenv` (`grub-editenv FILE create`) with `ORDER=A B`, `A_OK=1`, `A_TRY=0`,
-/// `B_OK=1`, `B_TRY=0`. Returns its path.
+/// `B_OK=0`, `B_TRY=0`, as a factory flashes a board whose slot B was never written. Returns its
+/// path.
+///
+/// `B_OK=0`, not 1: RAUC's script boots any slot with `OK=1` and `TRY=0`, so a factory grubenv
+/// that says `B_OK=1` over an empty slot B sends the first power-on after an unconfirmed boot of
+/// A into that empty slot (an unset flag reads as 0 too: the script presets it). The agent sets
+/// `B_OK=1` itself when it arms the first trial of B.
 pub fn fresh_grubenv(dir: &Path) -> anyhow::Result<PathBuf> {
     let env = dir.join("grubenv");
     let file = env.to_string_lossy();
@@ -456,7 +462,7 @@ pub fn fresh_grubenv(dir: &Path) -> anyhow::Result<PathBuf> {
             "ORDER=A B",
             "A_OK=1",
             "A_TRY=0",
-            "B_OK=1",
+            "B_OK=0",
             "B_TRY=0",
         ],
         None,

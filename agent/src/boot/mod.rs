@@ -195,7 +195,14 @@ fn slot_from_cmdline(text: &str) -> Result<Slot, String> {
         if key != "rauc.slot" && key != "flightnode.slot" {
             continue;
         }
-        let slot = Slot::parse(value).ok_or_else(|| format!("{word:?} names no slot (expected A or B)"))?;
+        // RAUC's GRUB script boots its default entry, a rescue system (`rauc.slot=R`), when no
+        // slot may boot; the agent manages A and B only and must not guess which of them to touch.
+        let slot = Slot::parse(value).ok_or_else(|| {
+            format!(
+                "{word:?} names no slot of ours (expected A or B): this is a rescue or recovery \
+                 boot, and the agent acts only in a boot of slot A or B"
+            )
+        })?;
         match found {
             Some((prev, prev_word)) if prev != slot => {
                 return Err(format!("{prev_word:?} and {word:?} disagree"));
@@ -289,6 +296,8 @@ mod tests {
         assert_eq!(slot_from_cmdline("rauc.slot=A flightnode.slot=a"), Ok(Slot::A));
         assert!(slot_from_cmdline("rauc.slot=A flightnode.slot=b").is_err());
         assert!(slot_from_cmdline("rauc.slot=C").is_err());
+        let rescue = slot_from_cmdline("panic=60 quiet rauc.slot=R").unwrap_err();
+        assert!(rescue.contains("rescue"), "{rescue}");
         assert!(slot_from_cmdline("root=/dev/sda2 quiet").is_err());
     }
 

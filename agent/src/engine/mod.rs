@@ -430,7 +430,12 @@ impl Engine {
             if self.state.slot(failed).state != SlotState::Empty {
                 boot.mark_bad(failed).map_err(ActivationError::from)?;
             }
-            self.state.fell_back(booted);
+            if let Some(last) = self.state.fell_back(booted)
+                && let Some(error) = &last.error
+            {
+                tracing::warn!(upgrade_id = %last.upgrade_id, code = %error.code,
+                    "the committed upgrade is undone: {}", error.message);
+            }
             self.save()?;
         }
         if let Activation::Reboot { boot, .. } = &self.activation {
