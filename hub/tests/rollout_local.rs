@@ -559,20 +559,23 @@ async fn a_spec_changed_before_the_drone_started_cancels_the_old_upgrade_on_the_
     let drone = "drone-idle";
     report(&store, drone, "1.0.0", None).await;
     let mut topic = DroneTopic::subscribe(&broker.url(), drone).await;
-    let publisher = flightnode_hub::controller::mqtt::MqttPublisher::start(
-        &flightnode_hub::controller::mqtt::MqttTarget {
-            url: broker.url(),
-            ca: None,
-            cert: None,
-            key: None,
-            client_id: "hub-controllers".into(),
-            timeout: Duration::from_secs(10),
-        },
-    )
-    .unwrap();
+    let publisher = Arc::new(
+        flightnode_hub::controller::mqtt::MqttPublisher::start(
+            &flightnode_hub::controller::mqtt::MqttTarget {
+                url: broker.url(),
+                ca: None,
+                cert: None,
+                key: None,
+                client_id: "hub-controllers".into(),
+                timeout: Duration::from_secs(10),
+            },
+        )
+        .unwrap(),
+    );
+    assert!(publisher.wait_connected(Duration::from_secs(30)).await);
     let c = Controllers {
         store: Arc::new(LocalFleet::new(store.clone(), Arc::new(|_| {}))),
-        commands: Arc::new(publisher),
+        commands: Arc::clone(&publisher) as _,
         metrics: Arc::new(Metrics::new()),
         config: ControllerConfig::default(),
     };
@@ -608,15 +611,19 @@ async fn a_spec_changed_before_the_drone_started_cancels_the_old_upgrade_on_the_
     c.reconcile_nodes().await;
     topic.nothing_more().await;
 
-    // Once more with the broker down while the spec changes: both commands wait in the hub's
-    // connection and reach the drone, in order, when the broker is back.
+    // Once more with the broker down while the spec changes: the cancel cannot go out, so the
+    // record stays and nothing else happens; when the broker is back, the next pass sends the
+    // cancel first, then the new command.
     broker.stop().unwrap();
     store
         .set_target(drone, Some(firmware("2.2.0")), &BTreeMap::new(), &[])
         .await
         .unwrap();
     c.reconcile_nodes().await;
+    assert_eq!(sync_id(&store, drone).as_deref(), Some(second.as_str()));
     broker.start_again().unwrap();
+    assert!(publisher.wait_connected(Duration::from_secs(30)).await);
+    c.reconcile_nodes().await;
     assert_eq!(
         cancel_of(topic.next().await),
         second,

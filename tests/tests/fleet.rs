@@ -1,7 +1,7 @@
 //! End-to-end: mosquitto, the hub and drones as real processes; assertions on what an operator
 //! sees (FlightNode objects, `firmware/<id>/status`) and on the drones' slots.
 
-use flightnode_tests::fleet::{Fleet, FleetOptions, condition};
+use flightnode_tests::fleet::{Fleet, FleetOptions, condition, wait_until};
 use flightnode_tests::http_server::Fault;
 use serde_json::Value;
 use std::time::Duration;
@@ -182,6 +182,55 @@ fn s6_cut_mid_download_and_sigkill_resume_and_commit_with_little_refetch() {
         "downloaded {sent} bytes for a {size}-byte image"
     );
     assert_eq!(fleet.drones[0].slot("b").len(), size);
+}
+
+/// The node reconciler's command goes out while the broker has stopped answering (SIGSTOP), and
+/// the broker then dies and comes back empty. rumqttc's new session drops what was in flight, so
+/// a command that was only handed over is no delivery: it must go out again as soon as the broker
+/// is back, not after the one-minute redelivery delay.
+#[test]
+fn s7_a_command_in_flight_when_the_broker_dies_goes_out_when_it_is_back() {
+    let mut fleet = Fleet::start(FleetOptions {
+        hub_args: [
+            "--offline-after",
+            "60s",
+            "--controllers",
+            "--reconcile-interval",
+            "1s",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..FleetOptions::default()
+    })
+    .unwrap();
+    fleet
+        .wait_flightnode("drone-1", WAIT, |f| committed(f) == "1.0.0")
+        .unwrap();
+    let (_, url) = fleet.bundle("v2", "2.0.0", 64 * 1024).unwrap();
+    broker(&mut fleet).freeze().unwrap();
+    fleet
+        .hub
+        .apply(&format!(
+            "apiVersion: edge.drone.io/v1\nkind: FlightNode\nmetadata: {{name: drone-1}}\n\
+             spec: {{firmware: {{version: 2.0.0, url: \"{url}\"}}}}\n"
+        ))
+        .unwrap();
+    // The reconciler handed the command over (or gave up waiting for its PUBACK).
+    assert!(
+        wait_until(WAIT, Duration::from_millis(200), || {
+            let log = fleet.hub.log();
+            log.contains("command sent") || log.contains("not acknowledged by the broker")
+        }),
+        "the reconciler never tried:\n{}",
+        fleet.hub.log()
+    );
+    broker(&mut fleet).kill().unwrap();
+    broker(&mut fleet).start_again().unwrap();
+    // Well inside the redelivery delay (60 s) a command lost with the broker used to wait for.
+    let f = fleet
+        .wait_flightnode("drone-1", Duration::from_secs(40), |f| committed(f) == "2.0.0")
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(committed(&f), "2.0.0");
 }
 
 #[test]

@@ -16,6 +16,9 @@ use kube::ResourceExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How soon a pass comes after a command the broker did not acknowledge.
+const UNSENT_RETRY: Duration = Duration::from_secs(2);
+
 /// Settings of the reconcilers.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
@@ -108,7 +111,7 @@ impl Controllers {
                 true
             }
             Err(e) => {
-                tracing::warn!(device_id = %device, name = %name, upgrade_id = cmd.upgrade_id(), error = %e, "command not sent; sent again on a later pass");
+                tracing::warn!(device_id = %device, name = %name, upgrade_id = cmd.upgrade_id(), error = %flightnode_proto::error::Chain(&e), "command not acknowledged by the broker; sent again on the next pass");
                 false
             }
         }
@@ -172,8 +175,19 @@ impl Controllers {
                 tracing::warn!(device_id = %device, name = %name, error = %flightnode_proto::error::Chain(&e), "firmwareSync write failed; not publishing");
                 continue;
             }
-            if let Some(cmd) = &upgrade {
-                self.send(&name, &device, cmd).await;
+            if let Some(cmd) = &upgrade
+                && !self.send(&name, &device, cmd).await
+            {
+                // The broker does not have it: make the record due for a re-publish on the next
+                // pass (the same id) instead of after `redeliver_after`.
+                if let Some(mut rec) = d.sync.clone() {
+                    rec.last_attempt_time = None;
+                    if let Err(e) = self.store.write_sync(&name, Some(&rec)).await {
+                        tracing::warn!(device_id = %device, name = %name, error = %flightnode_proto::error::Chain(&e),
+                            "firmwareSync write failed; the command goes out again after the redelivery delay");
+                    }
+                }
+                next = next.min(UNSENT_RETRY);
             }
         }
         next
