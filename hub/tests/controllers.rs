@@ -74,14 +74,19 @@ async fn cluster() -> anyhow::Result<Option<(ApiServer, Client, Client)>> {
         let yaml = std::fs::read_to_string(deploy.join(file))?;
         api.apply_yaml(&admin, &yaml, Some(NS)).await?;
     }
-    api.apply_yaml(
-        &admin,
-        "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: hub-as-test-user}\n\
-         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: flightnode-hub}\n\
-         subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: flight-controller}]\n",
-        Some(NS),
-    )
-    .await?;
+    // The test user runs both jobs (heartbeats and controllers): it gets both Roles.
+    for role in ["flightnode-hub", "flightnode-controller"] {
+        api.apply_yaml(
+            &admin,
+            &format!(
+                "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: {role}-as-test-user}}\n\
+                 roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {role}}}\n\
+                 subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: flight-controller}}]\n"
+            ),
+            Some(NS),
+        )
+        .await?;
+    }
     let hub = api.restricted_client().await?;
     api.wait_allowed(&hub, NS, "edge.drone.io", "flightnodes/status", "patch")
         .await?;

@@ -117,12 +117,56 @@ async fn deploy_manifests_pass_server_side_dry_run_on_a_real_api_server() {
         "RoleBinding",
         "Deployment",
         "Service",
+        "PodDisruptionBudget",
     ] {
         assert!(
             rendered.iter().any(|o| o["kind"] == want),
             "the kustomization lost its {want}: {kinds:?}"
         );
     }
+
+    // One job per ServiceAccount: only the controllers may change what a drone installs.
+    let find = |kind: &str, name: &str| {
+        rendered
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}: {kinds:?}"))
+    };
+    let may_patch_spec = |role: &Value| {
+        role["rules"].as_array().unwrap().iter().any(|r| {
+            r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == "flightnodes")
+                && r["verbs"].as_array().unwrap().iter().any(|v| v == "patch")
+        })
+    };
+    assert!(
+        !may_patch_spec(find("Role", "flightnode-hub")),
+        "the drone-facing Role may patch specs"
+    );
+    assert!(may_patch_spec(find("Role", "flightnode-controller")));
+    for (name, controllers) in [("flightnode-hub", false), ("flightnode-controller", true)] {
+        let pod = &find("Deployment", name)["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], name);
+        let runs_controllers = pod["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "FLIGHTNODE_HUB_CONTROLLERS" && e["value"] == "true");
+        assert_eq!(runs_controllers, controllers, "{name}");
+        assert!(
+            pod["affinity"]["podAntiAffinity"].is_object(),
+            "{name}: its two replicas may land on one node"
+        );
+        assert_eq!(find("PodDisruptionBudget", name)["spec"]["minAvailable"], 1);
+    }
+    let service = find("Service", "flightnode-hub");
+    assert_eq!(
+        service["spec"]["selector"]["app.kubernetes.io/name"],
+        "flightnode-hub"
+    );
 
     // What a namespaced object or a FlightNode cannot be checked without: created for real.
     for obj in rendered

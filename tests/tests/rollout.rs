@@ -241,11 +241,16 @@ impl Cluster {
                 let yaml = std::fs::read_to_string(deploy.join(file))?;
                 api.apply_yaml(&admin, &yaml, Some(NS)).await?;
             }
-            let binding = "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\n\
-                 metadata: {name: hub-as-test-user}\n\
-                 roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: flightnode-hub}\n\
-                 subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: flight-controller}]\n";
-            api.apply_yaml(&admin, binding, Some(NS)).await?;
+            // The hub process runs both jobs (heartbeats and controllers): both Roles.
+            for role in ["flightnode-hub", "flightnode-controller"] {
+                let binding = format!(
+                    "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\n\
+                     metadata: {{name: {role}-as-test-user}}\n\
+                     roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {role}}}\n\
+                     subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: flight-controller}}]\n"
+                );
+                api.apply_yaml(&admin, &binding, Some(NS)).await?;
+            }
             let hub = api.restricted_client().await?;
             api.wait_allowed(&hub, NS, "edge.drone.io", "flightnodes/status", "patch")
                 .await?;
