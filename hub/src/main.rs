@@ -477,10 +477,16 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             // Like `kubectl rollout status`: a script can tell a halted rollout by the exit code.
-            if let flightnode_hub::cmd::rollout::Watched::Halted(why) = ended {
-                anyhow::bail!("rollout {} is halted: {why}", a.name);
+            match ended {
+                flightnode_hub::cmd::rollout::Watched::Halted(why) => {
+                    anyhow::bail!("rollout {} is halted: {why}", a.name)
+                }
+                flightnode_hub::cmd::rollout::Watched::Stalled(reason, why) => {
+                    anyhow::bail!("rollout {} cannot progress ({reason}): {why}", a.name)
+                }
+                flightnode_hub::cmd::rollout::Watched::Complete
+                | flightnode_hub::cmd::rollout::Watched::InProgress => Ok(()),
             }
-            Ok(())
         }
         Cmd::Get(a) => {
             let source = if a.kube {

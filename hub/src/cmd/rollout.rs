@@ -136,8 +136,45 @@ pub enum Watched {
     Complete,
     /// The circuit breaker tripped: the `Halted` condition's message.
     Halted(String),
-    /// Neither (only without `watch`; a paused rollout is not halted).
+    /// It cannot progress: the `Progressing` condition is False with this (reason, message):
+    /// `InvalidSpec`, or `ProgressDeadlineExceeded`.
+    Stalled(String, String),
+    /// None of these yet (only without `watch`; a paused rollout is not halted).
     InProgress,
+}
+
+/// Reasons of a `Progressing=False` condition that no waiting will change.
+const STALLED: [&str; 2] = ["InvalidSpec", "ProgressDeadlineExceeded"];
+
+/// How a rollout stands, or `None` while it is still going (or its status is of an earlier
+/// generation: like `kubectl rollout status`, conditions count only once the controller has
+/// observed the current spec).
+pub fn verdict(r: &FirmwareRollout) -> Option<Watched> {
+    let observed = r.status.as_ref().and_then(|s| s.observed_generation);
+    if r.metadata.generation.is_some() && observed != r.metadata.generation {
+        return None;
+    }
+    if cond(r, condition::COMPLETE).is_some_and(|c| c.status == "True") {
+        return Some(Watched::Complete);
+    }
+    if let Some(c) = cond(r, condition::HALTED).filter(|c| c.status == "True" && c.reason != "Paused") {
+        return Some(Watched::Halted(c.message.clone()));
+    }
+    cond(r, condition::PROGRESSING)
+        .filter(|c| c.status == "False" && STALLED.contains(&c.reason.as_str()))
+        .map(|c| Watched::Stalled(c.reason.clone(), c.message.clone()))
+}
+
+/// The line `rollout status` prints while the controller has not seen the current spec.
+fn unobserved(r: &FirmwareRollout) -> Option<String> {
+    let generation = r.metadata.generation?;
+    let observed = r.status.as_ref().and_then(|s| s.observed_generation);
+    (observed != Some(generation)).then(|| {
+        format!(
+            "waiting for the controller to observe generation {generation} (the status below is of {})",
+            observed.map_or_else(|| "no generation yet".to_owned(), |g| format!("generation {g}"))
+        )
+    })
 }
 
 /// A request's error, with the server's own message when it answered.
@@ -173,17 +210,17 @@ pub async fn status(
             .await
             .map_err(|e| request_error(&format!("FlightNodes in namespace {namespace}"), e))?
             .items;
-        let text = render(&r, &listed);
+        let mut text = render(&r, &listed);
+        if let Some(line) = unobserved(&r) {
+            text = format!("{line}\n{text}");
+        }
         if text != last {
             writeln!(out, "{text}").map_err(io)?;
             out.flush().map_err(io)?;
             last = text;
         }
-        if cond(&r, condition::COMPLETE).is_some_and(|c| c.status == "True") {
-            return Ok(Watched::Complete);
-        }
-        if let Some(c) = cond(&r, condition::HALTED).filter(|c| c.status == "True" && c.reason != "Paused") {
-            return Ok(Watched::Halted(c.message.clone()));
+        if let Some(ended) = verdict(&r) {
+            return Ok(ended);
         }
         if !watch {
             return Ok(Watched::InProgress);
@@ -248,4 +285,65 @@ pub async fn apply(client: &Client, namespace: &str, yaml: &str) -> Result<Vec<S
         lines.push(format!("{} {name} configured", kind.to_lowercase()));
     }
     Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::meta::Condition;
+    use crate::api::rollout::{FirmwareRolloutSpec, FirmwareRolloutStatus};
+
+    fn rollout(generation: i64, observed: i64, conditions: &[(&str, &str, &str)]) -> FirmwareRollout {
+        let mut r = FirmwareRollout::new("fleet", FirmwareRolloutSpec::default());
+        r.metadata.generation = Some(generation);
+        r.status = Some(FirmwareRolloutStatus {
+            observed_generation: Some(observed),
+            conditions: conditions
+                .iter()
+                .map(|(t, s, reason)| Condition {
+                    type_: (*t).into(),
+                    status: (*s).into(),
+                    reason: (*reason).into(),
+                    message: format!("{t} {reason}"),
+                    ..Condition::default()
+                })
+                .collect(),
+            ..FirmwareRolloutStatus::default()
+        });
+        r
+    }
+
+    #[test]
+    fn conditions_count_only_for_the_observed_generation() {
+        let done = [(condition::COMPLETE, "True", "AllWavesFinished")];
+        assert_eq!(verdict(&rollout(1, 1, &done)), Some(Watched::Complete));
+        // A new spec the controller has not seen: the old Complete says nothing about it.
+        assert_eq!(verdict(&rollout(2, 1, &done)), None);
+        assert!(
+            unobserved(&rollout(2, 1, &done))
+                .unwrap()
+                .contains("generation 2")
+        );
+        assert!(unobserved(&rollout(2, 2, &done)).is_none());
+    }
+
+    #[test]
+    fn halted_stalled_and_paused() {
+        let halted = [(condition::HALTED, "True", "BreakerTripped")];
+        assert!(matches!(
+            verdict(&rollout(1, 1, &halted)),
+            Some(Watched::Halted(_))
+        ));
+        let paused = [(condition::HALTED, "True", "Paused")];
+        assert_eq!(verdict(&rollout(1, 1, &paused)), None);
+        for reason in ["InvalidSpec", "ProgressDeadlineExceeded"] {
+            let stalled = [(condition::PROGRESSING, "False", reason)];
+            assert_eq!(
+                verdict(&rollout(1, 1, &stalled)),
+                Some(Watched::Stalled(reason.into(), format!("Progressing {reason}")))
+            );
+        }
+        let waiting = [(condition::PROGRESSING, "False", "WaitingForSoak")];
+        assert_eq!(verdict(&rollout(1, 1, &waiting)), None);
+    }
 }
