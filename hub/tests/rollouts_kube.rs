@@ -236,7 +236,15 @@ async fn overlapping_rollouts_never_take_turns_on_a_drone() -> anyhow::Result<()
             n.name_any()
         );
     }
-    // Never old, new, old on one drone.
+    assert_eq!(commands.versions().len(), names.len());
+    // Both complete: nobody sends anything any more.
+    let sent = commands.all().len();
+    for _ in 0..10 {
+        c.step().await;
+        installs.drive(&commands, &sink).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Never old, new, old on one drone, over the whole run.
     for (device, versions) in commands.versions() {
         let first_new = versions.iter().position(|v| v == "7.1.0");
         if let Some(i) = first_new {
@@ -245,14 +253,6 @@ async fn overlapping_rollouts_never_take_turns_on_a_drone() -> anyhow::Result<()
                 "{device} was commanded {versions:?}"
             );
         }
-    }
-    assert_eq!(commands.versions().len(), names.len());
-    // Both complete: nobody sends anything any more.
-    let sent = commands.all().len();
-    for _ in 0..10 {
-        c.step().await;
-        installs.drive(&commands, &sink).await?;
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(
         commands.all()[sent..],
