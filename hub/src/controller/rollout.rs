@@ -367,4 +367,104 @@ mod tests {
         let other = BTreeMap::from([("fleet".to_owned(), "b".to_owned())]);
         assert!(!selects(Some(&sel), &other));
     }
+
+    fn rollout(name: &str, version: &str, created: i64) -> FirmwareRollout {
+        let mut r = FirmwareRollout::new(
+            name,
+            crate::api::rollout::FirmwareRolloutSpec {
+                version: version.into(),
+                url: format!("http://fw/{version}.fnb"),
+                ..Default::default()
+            },
+        );
+        let at = jiff::Timestamp::from_second(1_800_000_000 + created).unwrap_or_default();
+        r.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+        r
+    }
+
+    /// A drone whose spec.firmware rollout `by` wrote (`None`: a person), then `edit` applied.
+    fn node(by: Option<&FirmwareRollout>, edit: impl FnOnce(&mut FlightNode)) -> FlightNode {
+        let mut n = crate::api::flightnode::new_flightnode("drone-1", "ns", "hw");
+        if let Some(r) = by {
+            let t = target(r);
+            n.metadata.annotations = Some(BTreeMap::from([
+                (ANNOTATION_ROLLOUT.to_owned(), format!("{}/1", r.name_any())),
+                (ANNOTATION_TARGET.to_owned(), firmware_hash(&t)),
+            ]));
+            n.spec.firmware = Some(t);
+        } else {
+            n.spec.firmware = Some(FirmwareTarget {
+                version: "1.5.0".into(),
+                url: "http://fw/1.5.0.fnb".into(),
+                allow_downgrade: false,
+            });
+        }
+        edit(&mut n);
+        n
+    }
+
+    /// Who owns a drone's spec.firmware, and which rollout may have the drone.
+    #[test]
+    fn ownership_of_a_drone_by_annotation_hash_and_field_manager() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+        let old = rollout("fw-old", "7.0.0", 0);
+        let new = rollout("fw-new", "7.1.0", 1);
+        let both = [old.clone(), new.clone()];
+        let only_old = [old.clone()];
+        let claims =
+            |rollouts: &[FirmwareRollout], n: &FlightNode| Claims::of(rollouts, std::slice::from_ref(n));
+        // The older rollout's drone: the newer one claims it (not pinned: it takes it over), the
+        // older one yields it.
+        let n = node(Some(&old), |_| {});
+        let d = drone(&new, &n, &claims(&both, &n));
+        assert!(
+            !d.pinned && !d.dispatched && !d.stale && d.superseded_by.is_none(),
+            "{d:?}"
+        );
+        let d = drone(&old, &n, &claims(&both, &n));
+        assert_eq!(d.superseded_by.as_deref(), Some("fw-new"));
+        // Alone, the older rollout's own drone is dispatched; after a target change it is stale.
+        let d = drone(&old, &n, &claims(&only_old, &n));
+        assert!(d.dispatched && !d.stale && d.superseded_by.is_none(), "{d:?}");
+        let moved = rollout("fw-old", "7.0.1", 0);
+        let d = drone(&moved, &n, &claims(std::slice::from_ref(&moved), &n));
+        assert!(d.stale && !d.dispatched && !d.pinned, "{d:?}");
+        // The newer rollout's drone, even when the newer no longer selects it: the older yields.
+        let n = node(Some(&new), |_| {});
+        let d = drone(&old, &n, &claims(&only_old, &n));
+        assert_eq!(
+            d.superseded_by.as_deref(),
+            None,
+            "fw-new is gone: no longer newer"
+        );
+        let mut unselecting = new.clone();
+        unselecting.spec.selector = Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([("fleet".to_owned(), "elsewhere".to_owned())])),
+            ..LabelSelector::default()
+        });
+        let d = drone(&old, &n, &claims(&[old.clone(), unselecting], &n));
+        assert_eq!(d.superseded_by.as_deref(), Some("fw-new"));
+        // A person's: set without a rollout, edited after the dispatch (the hash no longer
+        // matches), or a field of it held by another manager.
+        let by_hand = node(None, |_| {});
+        assert!(drone(&new, &by_hand, &claims(&both, &by_hand)).pinned);
+        let edited = node(Some(&new), |n| {
+            if let Some(f) = n.spec.firmware.as_mut() {
+                f.version = "1.5.0".into();
+            }
+        });
+        assert!(drone(&new, &edited, &claims(&both, &edited)).pinned);
+        let co_owned = node(Some(&new), |n| {
+            n.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+                manager: Some("kubectl-edit".into()),
+                operation: Some("Update".into()),
+                fields_v1: Some(FieldsV1(
+                    serde_json::json!({ "f:spec": { "f:firmware": { "f:url": {} } } }),
+                )),
+                ..ManagedFieldsEntry::default()
+            }]);
+        });
+        let d = drone(&new, &co_owned, &claims(&both, &co_owned));
+        assert!(d.pinned && !d.dispatched, "{d:?}");
+    }
 }
