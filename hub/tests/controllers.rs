@@ -6,199 +6,25 @@
 //!
 //! Drones are simulated at the API: their statuses are written the way the hub writes heartbeat
 //! statuses (the real `KubeSink`, field manager `flightnode-hub`); commands are recorded by a
-//! [`CommandSink`] instead of a broker (the MQTT path is covered by the fleet tests).
+//! `CommandSink` instead of a broker (the MQTT path is covered by the fleet tests). The harness
+//! is `common/cluster.rs`; overlapping rollouts, halts and edits are in `rollouts_kube.rs`.
 
-use flightnode_hub::api::flightnode::{FlightNode, FlightNodeStatus};
+mod common;
+
+use common::cluster::{
+    NS, Recorded, Report, cluster, controllers, create_drones, report, step_until, sync_reason,
+};
+use flightnode_hub::api::flightnode::FlightNode;
 use flightnode_hub::api::rollout::{FirmwareRollout, condition};
-use flightnode_hub::controller::mqtt::CommandSink;
-use flightnode_hub::controller::reconcile::{ControllerConfig, Controllers};
 use flightnode_hub::decide::node_sync::upgrade_id;
 use flightnode_hub::decide::status::{Liveness, SpecView, from_heartbeat, with_conditions};
-use flightnode_hub::metrics::Metrics;
-use flightnode_hub::store::fleet::KubeFleet;
 use flightnode_hub::store::kube::KubeSink;
 use flightnode_hub::store::sink::{StatusSink, WriteRequest};
-use flightnode_proto::mqtt::Command;
-use flightnode_proto::v1;
-use flightnode_tests::apiserver::ApiServer;
-use futures_util::future::BoxFuture;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-const NS: &str = "flightnode";
-
-/// Records every command instead of publishing it.
-#[derive(Default)]
-struct Recorded(Mutex<Vec<(String, Command)>>);
-
-impl Recorded {
-    fn all(&self) -> Vec<(String, Command)> {
-        self.0.lock().unwrap().clone()
-    }
-    fn upgrades(&self) -> BTreeMap<String, Vec<String>> {
-        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (device, cmd) in self.all() {
-            if let Command::Upgrade(u) = cmd {
-                out.entry(device).or_default().push(u.upgrade_id);
-            }
-        }
-        out
-    }
-}
-
-impl CommandSink for Recorded {
-    fn send<'a>(&'a self, device_id: &'a str, cmd: &'a Command) -> BoxFuture<'a, flightnode_hub::Result<()>> {
-        self.0.lock().unwrap().push((device_id.to_owned(), cmd.clone()));
-        Box::pin(async { Ok(()) })
-    }
-}
-
-/// A server with the committed CRDs and Role, the Role bound to the restricted user.
-async fn cluster() -> anyhow::Result<Option<(ApiServer, Client, Client)>> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let Some(api) = ApiServer::start().await? else {
-        return Ok(None);
-    };
-    let admin = api.admin_client().await?;
-    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
-    api.apply_yaml(
-        &admin,
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: flightnode}\n",
-        None,
-    )
-    .await?;
-    for file in ["crd.yaml", "rbac.yaml"] {
-        let yaml = std::fs::read_to_string(deploy.join(file))?;
-        api.apply_yaml(&admin, &yaml, Some(NS)).await?;
-    }
-    // The test user runs both jobs (heartbeats and controllers): it gets both Roles.
-    for role in ["flightnode-hub", "flightnode-controller"] {
-        api.apply_yaml(
-            &admin,
-            &format!(
-                "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: {role}-as-test-user}}\n\
-                 roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {role}}}\n\
-                 subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: flight-controller}}]\n"
-            ),
-            Some(NS),
-        )
-        .await?;
-    }
-    let hub = api.restricted_client().await?;
-    api.wait_allowed(&hub, NS, "edge.drone.io", "flightnodes/status", "patch")
-        .await?;
-    Ok(Some((api, admin, hub)))
-}
-
-/// Creates drones as an operator would (`kubectl apply`, its own field manager).
-async fn create_drones(admin: &Client, names: &[String]) -> anyhow::Result<()> {
-    let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
-    for name in names {
-        let body = serde_json::json!({
-            "apiVersion": "edge.drone.io/v1", "kind": "FlightNode",
-            "metadata": { "name": name, "labels": { "fleet": "test" } },
-            "spec": { "hardwareId": "hw-x1" },
-        });
-        nodes
-            .patch(name, &PatchParams::apply("kubectl"), &Patch::Apply(body))
-            .await?;
-    }
-    Ok(())
-}
-
-/// What a drone reports, written as the hub writes heartbeat statuses.
-#[derive(Clone, Default)]
-struct Report {
-    version: String,
-    current: Option<String>,
-    last: Option<(String, &'static str, &'static str)>,
-}
-
-fn status_of(name: &str, r: &Report) -> FlightNodeStatus {
-    let mut hb = flightnode_proto::sample::idle_heartbeat(name, &r.version);
-    if let Some(id) = &r.current {
-        hb.upgrade = Some(v1::CurrentUpgrade {
-            upgrade_id: id.clone(),
-            phase: "downloading".into(),
-            ..Default::default()
-        });
-    }
-    if let Some((id, result, code)) = &r.last {
-        hb.last_upgrade = Some(v1::LastUpgrade {
-            upgrade_id: id.clone(),
-            result: (*result).into(),
-            error_code: (*code).into(),
-            finished_unix: 1_800_000_000,
-            ..Default::default()
-        });
-    }
-    let now = flightnode_hub::decide::status::rfc3339(time::OffsetDateTime::now_utc());
-    let mut s = with_conditions(
-        from_heartbeat(&hb),
-        Liveness::Online,
-        &SpecView::default(),
-        &[],
-        &now,
-    );
-    s.last_heartbeat_time = Some(now);
-    s
-}
-
-async fn report(sink: &KubeSink, name: &str, r: &Report) -> anyhow::Result<()> {
-    let req = WriteRequest {
-        name: name.to_owned(),
-        device_id: name.to_owned(),
-        hardware_id: "hw-x1".into(),
-        status: status_of(name, r),
-        events: Vec::new(),
-    };
-    sink.write_status(&req)
-        .await
-        .map_err(|e| anyhow::anyhow!("status of {name}: {e}"))
-}
-
-async fn controllers(hub: &Client, commands: Arc<Recorded>, identity: &str) -> anyhow::Result<Controllers> {
-    let store = KubeFleet::start(hub.clone(), NS, identity).await?;
-    Ok(Controllers {
-        store: Arc::new(store),
-        commands,
-        metrics: Arc::new(Metrics::new()),
-        config: ControllerConfig::default(),
-    })
-}
-
-/// Steps until `done` holds on a fresh read (watch caches lag writes a little).
-async fn step_until<F>(c: &Controllers, admin: &Client, what: &str, done: F) -> anyhow::Result<()>
-where
-    F: Fn(&[FlightNode], &[FirmwareRollout]) -> bool,
-{
-    let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
-    let rollouts: Api<FirmwareRollout> = Api::namespaced(admin.clone(), NS);
-    for _ in 0..100 {
-        c.step().await;
-        let n = nodes.list(&ListParams::default()).await?.items;
-        let r = rollouts.list(&ListParams::default()).await?.items;
-        if done(&n, &r) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
-    anyhow::bail!("timed out waiting for: {what}")
-}
-
-fn sync_reason(nodes: &[FlightNode], name: &str) -> Option<String> {
-    nodes
-        .iter()
-        .find(|n| n.name_any() == name)?
-        .status
-        .as_ref()?
-        .firmware_sync
-        .as_ref()
-        .map(|s| s.reason.clone())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_spec_drives_one_install_across_restarts_and_kubectl_edits() -> anyhow::Result<()> {
@@ -286,6 +112,7 @@ async fn node_spec_drives_one_install_across_restarts_and_kubectl_edits() -> any
         version: "2.0.0".into(),
         current: None,
         last: Some((id.clone(), "committed", "")),
+        ..Report::default()
     };
     report(&sink, "drone-1", &r).await?;
     step_until(&c, &admin, "Synced", |n, _| {
@@ -363,6 +190,7 @@ async fn canary_trips_the_breaker_then_a_good_build_rolls_through_with_a_failove
                 version: "1.0.0".into(),
                 current: None,
                 last,
+                ..Report::default()
             },
         )
         .await?;
@@ -436,6 +264,7 @@ async fn canary_trips_the_breaker_then_a_good_build_rolls_through_with_a_failove
                         version: "2.0.1".into(),
                         current: None,
                         last,
+                        ..Report::default()
                     },
                 )
                 .await;
@@ -635,6 +464,7 @@ async fn a_leader_killed_mid_wave_hands_over_without_a_second_install() -> anyho
                             version: "2.0.0".into(),
                             current: None,
                             last,
+                            ..Report::default()
                         };
                         report(&sink, &device, &done).await?;
                     }

@@ -215,6 +215,128 @@ async fn a_cancel_that_fails_to_publish_after_a_halt_is_sent_again() {
     assert_eq!(commands.upgrades().len(), 2, "no dispatch after the halt");
 }
 
+/// Every drone reports its last upgrade command committed, once per upgrade id.
+async fn install_last(store: &LocalStore, commands: &Flaky, done: &mut Vec<String>) {
+    let mut last: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for (device, cmd) in commands.all() {
+        match cmd {
+            Command::Upgrade(u) => {
+                let version = u.version.map(|v| v.to_string()).unwrap_or_default();
+                last.insert(device, (u.upgrade_id, version));
+            }
+            Command::Cancel { upgrade_id } => {
+                if last.get(&device).is_some_and(|(id, _)| *id == upgrade_id) {
+                    last.remove(&device);
+                }
+            }
+        }
+    }
+    for (device, (id, version)) in last {
+        if !done.contains(&id) {
+            report(store, &device, &version, Some((&id, "committed", ""))).await;
+            done.push(id);
+        }
+    }
+}
+
+fn rollout_of(name: &str, version: &str, canary: u32) -> FirmwareRollout {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "edge.drone.io/v1", "kind": "FirmwareRollout",
+        "metadata": { "name": name },
+        "spec": {
+            "version": version, "url": format!("http://fw.example/{version}.fnb"),
+            "waves": [{ "count": canary }],
+        },
+    }))
+    .unwrap()
+}
+
+/// Two overlapping rollouts on the local store (ownership kept by the rollout annotation there):
+/// the older yields, the newer takes the older's drone over, no drone is commanded old, new,
+/// old, and once both completed nothing more is sent.
+#[tokio::test]
+async fn overlapping_rollouts_on_the_local_store_never_take_turns_on_a_drone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path(), NS).unwrap();
+    let names: Vec<String> = (0..4).map(|i| format!("drone-{i}")).collect();
+    for n in &names {
+        report(&store, n, "1.0.0", None).await;
+    }
+    store.apply_rollout(rollout_of("old", "7.0.0", 1)).await.unwrap();
+    let commands = Arc::new(Flaky::default());
+    let c = controllers(&store, Arc::clone(&commands));
+    let mut done = Vec::new();
+    c.step().await;
+    install_last(&store, &commands, &mut done).await;
+    assert_eq!(commands.upgrades().len(), 1, "the old rollout's canary");
+    // Creation times have whole seconds: the newer one is a second younger.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    store.apply_rollout(rollout_of("new", "7.1.0", 2)).await.unwrap();
+    let complete = |name: &str| {
+        store.rollout(NS, name).is_some_and(|r| {
+            r.status.is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == condition::COMPLETE && c.status == "True")
+            })
+        })
+    };
+    let on_new = || {
+        names.iter().all(|n| {
+            store
+                .get(NS, n)
+                .and_then(|n| n.status?.firmware?.committed_version)
+                .as_deref()
+                == Some("7.1.0")
+        })
+    };
+    for _ in 0..40 {
+        c.step().await;
+        install_last(&store, &commands, &mut done).await;
+        if complete("old") && complete("new") && on_new() {
+            break;
+        }
+    }
+    assert!(
+        complete("old") && complete("new") && on_new(),
+        "{:?}",
+        store.rollouts(Some(NS))
+    );
+    let sent = commands.all().len();
+    for _ in 0..5 {
+        c.step().await;
+        install_last(&store, &commands, &mut done).await;
+    }
+    let mut versions: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (device, cmd) in commands.all() {
+        if let Command::Upgrade(u) = cmd {
+            let v = u.version.map(|v| v.to_string()).unwrap_or_default();
+            versions.entry(device).or_default().push(v);
+        }
+    }
+    for (device, v) in &versions {
+        if let Some(i) = v.iter().position(|v| v == "7.1.0") {
+            assert!(
+                v[i..].iter().all(|v| v == "7.1.0"),
+                "{device} was commanded {v:?}"
+            );
+        }
+    }
+    assert_eq!(commands.all()[sent..], [], "commands after both completed");
+    let old = store
+        .rollout(NS, "old")
+        .and_then(|r| r.status)
+        .unwrap_or_default();
+    let superseded = old
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::SUPERSEDED && c.status == "True")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(superseded.contains("new"), "{:?}", old.conditions);
+    assert_eq!(old.counts.superseded, 4, "{:?}", old.counts);
+}
+
 #[tokio::test]
 async fn a_device_id_that_is_no_object_name_gets_its_commands() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,22 +2,32 @@
 //! a selection of drones, in waves, with gates and a circuit breaker.
 //!
 //! It works by writing the wanted firmware into the `FlightNode` specs of the drones of the
-//! current wave (server-side apply, field manager [`FIELD_MANAGER`]); the node reconciler
-//! ([`crate::decide::node_sync`]) does the rest, so one path serves a single drone and a fleet.
+//! current wave (server-side apply, one field manager per rollout: [`field_manager`]); the node
+//! reconciler ([`crate::decide::node_sync`]) does the rest, so one path serves a single drone and
+//! a fleet.
 //!
 //! Its waves and breaker are decided in [`crate::decide::rollout_waves`] and
 //! [`crate::decide::rollout_plan`], carried out by [`crate::controller::rollout`], and shown by
 //! [`crate::cmd::rollout`].
 
+use super::flightnode::FirmwareTarget;
 use super::meta::{Condition, conditions_schema};
 use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
-/// Field manager of the rollout controller's writes into `FlightNode` specs.
+/// Field manager of the rollout controller's status writes, and of every rollout's writes into
+/// `FlightNode` specs before each rollout got its own ([`field_manager`]): drones dispatched by
+/// an older hub still carry fields this manager owns.
 pub const FIELD_MANAGER: &str = "flightnode-rollout";
-/// Annotation on a `FlightNode`: which rollout (and generation) wrote its `spec.firmware`.
+/// Annotation on a `FlightNode`: which rollout wrote its `spec.firmware`, and the generation at
+/// which that rollout's target was set (`NAME/GENERATION`, see `status.targetGeneration`).
 pub const ANNOTATION_ROLLOUT: &str = "edge.drone.io/rollout";
+/// Annotation on a `FlightNode`: [`firmware_hash`] of the `spec.firmware` the rollout wrote. A
+/// `spec.firmware` that no longer matches it was edited by someone else after the dispatch, and
+/// is theirs.
+pub const ANNOTATION_TARGET: &str = "edge.drone.io/rollout-target";
 /// Annotation on a `FlightNode`: when the rollout dispatched it (RFC 3339; the per-drone timeout
 /// runs from here).
 pub const ANNOTATION_DISPATCHED: &str = "edge.drone.io/rollout-dispatched";
@@ -37,6 +47,47 @@ pub mod condition {
     pub const HALTED: &str = "Halted";
     /// Every wave finished.
     pub const COMPLETE: &str = "Complete";
+    /// Some selected drones belong to a newer rollout that selects them too: this one yields them
+    /// (the reason is `NewerRollout`, the message names the newer rollouts).
+    pub const SUPERSEDED: &str = "Superseded";
+}
+
+/// The field manager of one rollout's writes into `FlightNode` specs: `flightnode-rollout/NAME`.
+/// One per rollout, so a rollout's call-back (an apply without the fields) gives up only what
+/// that rollout wrote, and a write over another rollout's `spec.firmware` is a conflict unless
+/// it is meant ([`crate::store::fleet::Dispatch::take_over`]). The API server allows 128
+/// characters; a longer one ends in a hash of the name instead.
+pub fn field_manager(rollout: &str) -> String {
+    let full = format!("{FIELD_MANAGER}/{rollout}");
+    if full.len() <= 128 {
+        return full;
+    }
+    let digest = hex::encode(sha2::Sha256::digest(rollout.as_bytes()));
+    let keep: String = full.chars().take(128 - 17).collect();
+    format!("{keep}-{}", &digest[..16])
+}
+
+/// A short stable hash of a `spec.firmware` (version, url, allowDowngrade), for
+/// [`ANNOTATION_TARGET`].
+pub fn firmware_hash(target: &FirmwareTarget) -> String {
+    let text = format!("{}\n{}\n{}", target.version, target.url, target.allow_downgrade);
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))[..16].to_owned()
+}
+
+/// A short stable hash of a rollout's target: what it writes (version, url, allowDowngrade) and
+/// where (selector). Wave progress belongs to one target (`status.targetHash`): only a change of
+/// it starts the waves over; `paused`, the gates, the breaker's rules or the waves do not.
+pub fn target_hash(spec: &FirmwareRolloutSpec) -> String {
+    let selector = spec
+        .selector
+        .as_ref()
+        .and_then(|s| serde_json::to_string(s).ok())
+        .unwrap_or_default();
+    let text = format!(
+        "{}\n{}\n{}\n{selector}",
+        spec.version, spec.url, spec.allow_downgrade
+    );
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))[..16].to_owned()
 }
 
 /// A fleet upgrade in waves.
@@ -215,6 +266,13 @@ pub struct FirmwareRolloutStatus {
     /// Generation these numbers are about.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Hash of the target (version, url, allowDowngrade, selector) the wave progress belongs to;
+    /// the waves start over only when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_hash: Option<String>,
+    /// Generation at which that target was first seen (the drones' rollout annotation names it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_generation: Option<i64>,
     /// Index of the wave being dispatched (0 = canary).
     #[serde(default)]
     pub current_wave: u32,
@@ -227,14 +285,13 @@ pub struct FirmwareRolloutStatus {
     /// When every drone of the current wave had finished (its soak runs from here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wave_finished_time: Option<String>,
-    /// Outcomes before this time do not count for the breaker (set when a halted rollout is
-    /// resumed with a new generation).
+    /// Outcomes before this time do not count for the breaker (set when the target changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub breaker_since: Option<String>,
     /// Drones by outcome.
     #[serde(default)]
     pub counts: Counts,
-    /// Progressing, Halted, Complete.
+    /// Progressing, Halted, Complete, Superseded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
@@ -264,6 +321,9 @@ pub struct Counts {
     pub timed_out: u32,
     /// Pinned by another field manager's `spec.firmware` (never overwritten).
     pub pinned: u32,
+    /// Selected by a newer rollout too: that one's (the `Superseded` condition names it).
+    #[serde(default)]
+    pub superseded: u32,
     /// failed + rejected + rolledBack + timedOut.
     pub failed_total: u32,
 }

@@ -210,6 +210,7 @@ async fn patch_spec(
         // A person's edit: the rollout annotations go, so a rollout leaves this drone alone.
         let drop = [
             crate::api::rollout::ANNOTATION_ROLLOUT,
+            crate::api::rollout::ANNOTATION_TARGET,
             crate::api::rollout::ANNOTATION_DISPATCHED,
         ];
         return match store

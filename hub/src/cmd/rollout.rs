@@ -74,7 +74,7 @@ pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
     let c = s.counts;
     let mut out = format!(
         "rollout {} → {} ({})\nwave {}  total {}  succeeded {}  in progress {}  waiting {}  not started {}\n\
-         failed {}  rejected {}  rolled back {}  timed out {}  pinned {}\n",
+         failed {}  rejected {}  rolled back {}  timed out {}  pinned {}  superseded {}\n",
         r.name_any(),
         r.spec.version,
         r.spec.url,
@@ -89,6 +89,7 @@ pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
         c.rolled_back,
         c.timed_out,
         c.pinned,
+        c.superseded,
     );
     for cond in &s.conditions {
         let _ = writeln!(

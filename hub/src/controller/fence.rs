@@ -57,10 +57,13 @@ impl FleetStore for FencedStore {
     fn apply_target<'a>(
         &'a self,
         node: &'a str,
+        rollout: &'a str,
         dispatch: Option<&'a Dispatch>,
     ) -> BoxFuture<'a, Result<Applied>> {
-        match check(&self.leader, || format!("spec.firmware of {node}")) {
-            Ok(()) => self.inner.apply_target(node, dispatch),
+        match check(&self.leader, || {
+            format!("spec.firmware of {node} (rollout {rollout})")
+        }) {
+            Ok(()) => self.inner.apply_target(node, rollout, dispatch),
             Err(e) => Box::pin(async { Err(e) }),
         }
     }

@@ -1,8 +1,12 @@
-//! One reconcile step of every `FirmwareRollout`: read drones into [`Drone`]s, run
-//! [`plan::plan`], then carry the plan out (spec writes, call-backs, status, events).
+//! One reconcile step of every `FirmwareRollout`: read drones into [`Drone`]s (who owns each
+//! drone's `spec.firmware`, and which rollout may have it: [`Claims`]), run [`plan::plan`], then
+//! carry the plan out (spec writes, call-backs, status, events).
 
 use crate::api::flightnode::{FirmwareTarget, FlightNode};
-use crate::api::rollout::{ANNOTATION_DISPATCHED, ANNOTATION_ROLLOUT, FirmwareRollout, condition};
+use crate::api::rollout::{
+    ANNOTATION_DISPATCHED, ANNOTATION_ROLLOUT, ANNOTATION_TARGET, FirmwareRollout, condition, firmware_hash,
+    validate,
+};
 use crate::decide::node_sync::{FlightGate, NodeView};
 use crate::decide::rollout_plan::{self as plan, Plan};
 use crate::decide::rollout_waves::{Drone, Outcome};
@@ -10,7 +14,7 @@ use crate::metrics::RolloutGauges;
 use crate::store::fleet::{Applied, Dispatch, FleetStore};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// True when `labels` match `selector` (matchLabels and matchExpressions, like the API server).
 pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
@@ -46,32 +50,101 @@ pub fn target(r: &FirmwareRollout) -> FirmwareTarget {
     }
 }
 
-fn halted_or_complete(r: &FirmwareRollout) -> bool {
-    r.status.as_ref().is_some_and(|s| {
-        s.conditions.iter().any(|c| {
-            (c.type_ == condition::HALTED && c.status == "True" && c.reason != "Paused")
-                || (c.type_ == condition::COMPLETE && c.status == "True")
-        })
-    })
-}
-
 fn parse_time(t: &str) -> i64 {
     time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
         .map_or(0, time::OffsetDateTime::unix_timestamp)
 }
 
-/// Reads one drone for rollout `r`; `active` are the names of the other rollouts still running.
-pub fn drone(r: &FirmwareRollout, node: &FlightNode, active: &BTreeSet<String>, now: i64) -> Drone {
-    let _ = now;
+/// Who may have each drone, from every rollout at once: a drone belongs to the newest rollout
+/// that selects it (creation time, then name), so overlapping rollouts never take turns on it:
+/// the older one yields, and only a newer rollout ever takes a drone from another one.
+#[derive(Debug, Default)]
+pub struct Claims {
+    /// Drone name → the newest rollout selecting it (valid specs only, not being deleted).
+    claimant: BTreeMap<String, String>,
+    /// Rollout name → its place, oldest first.
+    order: BTreeMap<String, usize>,
+}
+
+impl Claims {
+    /// Claims of `rollouts` (sorted oldest first) over `nodes`.
+    pub fn of(rollouts: &[FirmwareRollout], nodes: &[FlightNode]) -> Claims {
+        let mut claims = Claims::default();
+        for (i, r) in rollouts.iter().enumerate() {
+            claims.order.insert(r.name_any(), i);
+            // NB: an invalid or deleted rollout dispatches nothing, so it claims nothing either;
+            // an older one keeps its drones.
+            if validate(&r.spec).is_err() || r.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            for n in nodes
+                .iter()
+                .filter(|n| selects(r.spec.selector.as_ref(), n.labels()))
+            {
+                claims.claimant.insert(n.name_any(), r.name_any());
+            }
+        }
+        claims
+    }
+
+    /// `a` was created after `b` (a rollout that no longer exists is older than any).
+    fn newer(&self, a: &str, b: &str) -> bool {
+        match (self.order.get(a), self.order.get(b)) {
+            (Some(a), Some(b)) => a > b,
+            _ => false,
+        }
+    }
+}
+
+/// Managers of the node's `spec.firmware` fields, from `metadata.managedFields` (empty on the
+/// local store, which keeps none).
+fn firmware_managers(node: &FlightNode) -> Vec<String> {
+    node.metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.pointer("/f:spec/f:firmware").is_some())
+        })
+        .filter_map(|m| m.manager.clone())
+        .collect()
+}
+
+/// Reads one drone for rollout `r`.
+///
+/// Ownership of `spec.firmware`: a rollout owns it when the rollout annotation names it, the
+/// target annotation still matches the firmware (and on a cluster no other field manager holds
+/// any of its fields); anybody else's `spec.firmware` is a person's, and pinned. Of the rollouts,
+/// the drone is the newest selecting one's ([`Claims`]); a rollout also yields a drone whose
+/// firmware a newer rollout wrote.
+pub fn drone(r: &FirmwareRollout, node: &FlightNode, claims: &Claims) -> Drone {
+    let me = r.name_any();
     let name = node.name_any();
     let notes = node.annotations();
     let owner = notes
         .get(ANNOTATION_ROLLOUT)
         .map(|v| v.split('/').next().unwrap_or("").to_owned());
-    let ours = owner.as_deref() == Some(r.name_any().as_str());
+    let firmware = node.spec.firmware.as_ref();
+    // Annotations from before target hashes have none: the firmware is taken as written.
+    let unedited = match (firmware, notes.get(ANNOTATION_TARGET)) {
+        (Some(f), Some(hash)) => firmware_hash(f) == *hash,
+        _ => true,
+    };
+    let other_manager = firmware_managers(node)
+        .iter()
+        .any(|m| !m.starts_with(crate::api::rollout::FIELD_MANAGER));
+    let rollout_owned = firmware.is_some() && owner.is_some() && unedited && !other_manager;
+    let superseded_by = match claims.claimant.get(&name) {
+        Some(c) if *c != me => Some(c.clone()),
+        _ => owner
+            .clone()
+            .filter(|o| rollout_owned && *o != me && claims.newer(o, &me)),
+    };
     let want = target(r);
-    let dispatched = ours && node.spec.firmware.as_ref() == Some(&want);
-    let pinned = node.spec.firmware.is_some() && !ours && owner.as_ref().is_none_or(|o| active.contains(o));
+    let ours = rollout_owned && owner.as_deref() == Some(me.as_str());
+    let dispatched = ours && firmware == Some(&want);
     let gates = &r.spec.gates;
     let gate = FlightGate {
         allowed: gates.flight_states.clone(),
@@ -83,16 +156,14 @@ pub fn drone(r: &FirmwareRollout, node: &FlightNode, active: &BTreeSet<String>, 
         .sync
         .clone()
         .filter(|s| s.observed_generation == view.generation);
-    let last_result = sync
+    let recorded = sync.as_ref().and_then(|s| s.upgrade_id.clone());
+    let last_result = recorded
         .as_ref()
-        .and_then(|s| s.upgrade_id.as_ref())
         .and_then(|id| view.last_upgrade.as_ref().filter(|l| &l.0 == id))
         .map(|l| l.1.clone());
-    let started = last_result.is_some()
-        || sync
-            .as_ref()
-            .and_then(|s| s.upgrade_id.as_ref())
-            .is_some_and(|id| view.current_upgrade.as_ref() == Some(id));
+    let running = recorded
+        .as_ref()
+        .is_some_and(|id| view.current_upgrade.as_ref() == Some(id));
     let blocked = if gates.online && !view.online {
         Some("drone is offline".to_owned())
     } else {
@@ -102,11 +173,14 @@ pub fn drone(r: &FirmwareRollout, node: &FlightNode, active: &BTreeSet<String>, 
         name,
         dispatched,
         dispatched_at: notes.get(ANNOTATION_DISPATCHED).map_or(0, |t| parse_time(t)),
-        pinned,
+        stale: ours && !dispatched,
+        pinned: firmware.is_some() && !rollout_owned,
+        superseded_by,
         on_target: view.committed.as_deref() == Some(want.version.as_str()),
         sync_reason: sync.map(|s| s.reason),
+        started: last_result.is_some() || running,
         last_result,
-        started,
+        running,
         blocked,
     }
 }
@@ -149,21 +223,17 @@ pub async fn reconcile_all(store: &dyn FleetStore, now: i64, now_rfc3339: &str) 
     let mut rollouts = store.rollouts().await?;
     rollouts.sort_by_key(|r| (r.metadata.creation_timestamp.clone().map(|t| t.0), r.name_any()));
     let nodes = store.nodes().await?;
+    let claims = Claims::of(&rollouts, &nodes);
     let mut report = StepReport::default();
     for r in &rollouts {
-        let active: BTreeSet<String> = rollouts
-            .iter()
-            .filter(|o| o.name_any() != r.name_any() && !halted_or_complete(o))
-            .map(ResourceExt::name_any)
-            .collect();
-        let drones: Vec<Drone> = nodes
+        let selected: Vec<&FlightNode> = nodes
             .iter()
             .filter(|n| selects(r.spec.selector.as_ref(), n.labels()))
-            .map(|n| drone(r, n, &active, now))
             .collect();
+        let drones: Vec<Drone> = selected.iter().map(|n| drone(r, n, &claims)).collect();
         let generation = r.metadata.generation.unwrap_or(1);
         let previous = r.status.clone().unwrap_or_default();
-        if let Err(why) = crate::api::rollout::validate(&r.spec) {
+        if let Err(why) = validate(&r.spec) {
             let mut status = previous.clone();
             status.observed_generation = Some(generation);
             status.conditions = vec![crate::api::meta::Condition {
@@ -182,28 +252,51 @@ pub async fn reconcile_all(store: &dyn FleetStore, now: i64, now_rfc3339: &str) 
             continue;
         }
         let p = plan::plan(&r.spec, generation, &previous, &drones, now, now_rfc3339);
-        carry_out(store, r, &p, generation, now_rfc3339).await;
+        // A drone that carries a spec.firmware the plan may replace holds another rollout's (or
+        // this one's earlier) target: it is taken over, on condition nothing changed since read.
+        let take_over: BTreeMap<String, String> = selected
+            .iter()
+            .filter(|n| n.spec.firmware.is_some() && p.dispatch.contains(&n.name_any()))
+            .filter_map(|n| Some((n.name_any(), n.metadata.resource_version.clone()?)))
+            .collect();
+        carry_out(store, r, &p, &take_over, now_rfc3339).await;
         report.plans.insert(r.name_any(), p);
     }
     Ok(report)
 }
 
-async fn carry_out(store: &dyn FleetStore, r: &FirmwareRollout, p: &Plan, generation: i64, now: &str) {
+async fn carry_out(
+    store: &dyn FleetStore,
+    r: &FirmwareRollout,
+    p: &Plan,
+    take_over: &BTreeMap<String, String>,
+    now: &str,
+) {
     let name = r.name_any();
-    let dispatch = Dispatch {
-        target: target(r),
-        annotations: BTreeMap::from([
-            (ANNOTATION_ROLLOUT.to_owned(), format!("{name}/{generation}")),
-            (ANNOTATION_DISPATCHED.to_owned(), now.to_owned()),
-        ]),
-    };
+    let target_generation = p.status.target_generation.or(r.metadata.generation).unwrap_or(1);
+    let want = target(r);
+    let annotations = BTreeMap::from([
+        (
+            ANNOTATION_ROLLOUT.to_owned(),
+            format!("{name}/{target_generation}"),
+        ),
+        (ANNOTATION_TARGET.to_owned(), firmware_hash(&want)),
+        (ANNOTATION_DISPATCHED.to_owned(), now.to_owned()),
+    ]);
     for node in &p.dispatch {
-        match store.apply_target(node, Some(&dispatch)).await {
+        let dispatch = Dispatch {
+            target: want.clone(),
+            annotations: annotations.clone(),
+            take_over: take_over.get(node).cloned(),
+        };
+        match store.apply_target(node, &name, Some(&dispatch)).await {
             Ok(Applied::Ok) => {
-                tracing::info!(rollout = %name, device_id = %node, version = %r.spec.version, "dispatched");
+                tracing::info!(rollout = %name, device_id = %node, version = %r.spec.version, taken_over = dispatch.take_over.is_some(), "dispatched");
             }
             Ok(Applied::Conflict) => {
-                tracing::info!(rollout = %name, device_id = %node, "spec.firmware owned by another manager; left alone");
+                // NB: not retried blindly: the next step reads the drone again, and a
+                // spec.firmware someone else wrote meanwhile counts as pinned.
+                tracing::info!(rollout = %name, device_id = %node, "spec.firmware changed or owned by another manager; left alone");
             }
             Ok(Applied::Missing) => {}
             Err(e) => {
@@ -212,7 +305,7 @@ async fn carry_out(store: &dyn FleetStore, r: &FirmwareRollout, p: &Plan, genera
         }
     }
     for node in &p.cancel {
-        match store.apply_target(node, None).await {
+        match store.apply_target(node, &name, None).await {
             Ok(_) => tracing::info!(rollout = %name, device_id = %node, "called back (not started)"),
             Err(e) => {
                 tracing::warn!(rollout = %name, device_id = %node, error = %flightnode_proto::error::Chain(&e), "call-back failed; retried next step");
@@ -246,6 +339,7 @@ pub fn outcome_label(o: Outcome) -> &'static str {
         Outcome::RolledBack => "rolled_back",
         Outcome::TimedOut => "timed_out",
         Outcome::Pinned => "pinned",
+        Outcome::Superseded => "superseded",
     }
 }
 
@@ -272,5 +366,105 @@ mod tests {
         assert!(selects(Some(&sel), &labels));
         let other = BTreeMap::from([("fleet".to_owned(), "b".to_owned())]);
         assert!(!selects(Some(&sel), &other));
+    }
+
+    fn rollout(name: &str, version: &str, created: i64) -> FirmwareRollout {
+        let mut r = FirmwareRollout::new(
+            name,
+            crate::api::rollout::FirmwareRolloutSpec {
+                version: version.into(),
+                url: format!("http://fw/{version}.fnb"),
+                ..Default::default()
+            },
+        );
+        let at = jiff::Timestamp::from_second(1_800_000_000 + created).unwrap_or_default();
+        r.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+        r
+    }
+
+    /// A drone whose spec.firmware rollout `by` wrote (`None`: a person), then `edit` applied.
+    fn node(by: Option<&FirmwareRollout>, edit: impl FnOnce(&mut FlightNode)) -> FlightNode {
+        let mut n = crate::api::flightnode::new_flightnode("drone-1", "ns", "hw");
+        if let Some(r) = by {
+            let t = target(r);
+            n.metadata.annotations = Some(BTreeMap::from([
+                (ANNOTATION_ROLLOUT.to_owned(), format!("{}/1", r.name_any())),
+                (ANNOTATION_TARGET.to_owned(), firmware_hash(&t)),
+            ]));
+            n.spec.firmware = Some(t);
+        } else {
+            n.spec.firmware = Some(FirmwareTarget {
+                version: "1.5.0".into(),
+                url: "http://fw/1.5.0.fnb".into(),
+                allow_downgrade: false,
+            });
+        }
+        edit(&mut n);
+        n
+    }
+
+    /// Who owns a drone's spec.firmware, and which rollout may have the drone.
+    #[test]
+    fn ownership_of_a_drone_by_annotation_hash_and_field_manager() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+        let old = rollout("fw-old", "7.0.0", 0);
+        let new = rollout("fw-new", "7.1.0", 1);
+        let both = [old.clone(), new.clone()];
+        let only_old = [old.clone()];
+        let claims =
+            |rollouts: &[FirmwareRollout], n: &FlightNode| Claims::of(rollouts, std::slice::from_ref(n));
+        // The older rollout's drone: the newer one claims it (not pinned: it takes it over), the
+        // older one yields it.
+        let n = node(Some(&old), |_| {});
+        let d = drone(&new, &n, &claims(&both, &n));
+        assert!(
+            !d.pinned && !d.dispatched && !d.stale && d.superseded_by.is_none(),
+            "{d:?}"
+        );
+        let d = drone(&old, &n, &claims(&both, &n));
+        assert_eq!(d.superseded_by.as_deref(), Some("fw-new"));
+        // Alone, the older rollout's own drone is dispatched; after a target change it is stale.
+        let d = drone(&old, &n, &claims(&only_old, &n));
+        assert!(d.dispatched && !d.stale && d.superseded_by.is_none(), "{d:?}");
+        let moved = rollout("fw-old", "7.0.1", 0);
+        let d = drone(&moved, &n, &claims(std::slice::from_ref(&moved), &n));
+        assert!(d.stale && !d.dispatched && !d.pinned, "{d:?}");
+        // The newer rollout's drone, even when the newer no longer selects it: the older yields.
+        let n = node(Some(&new), |_| {});
+        let d = drone(&old, &n, &claims(&only_old, &n));
+        assert_eq!(
+            d.superseded_by.as_deref(),
+            None,
+            "fw-new is gone: no longer newer"
+        );
+        let mut unselecting = new.clone();
+        unselecting.spec.selector = Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([("fleet".to_owned(), "elsewhere".to_owned())])),
+            ..LabelSelector::default()
+        });
+        let d = drone(&old, &n, &claims(&[old.clone(), unselecting], &n));
+        assert_eq!(d.superseded_by.as_deref(), Some("fw-new"));
+        // A person's: set without a rollout, edited after the dispatch (the hash no longer
+        // matches), or a field of it held by another manager.
+        let by_hand = node(None, |_| {});
+        assert!(drone(&new, &by_hand, &claims(&both, &by_hand)).pinned);
+        let edited = node(Some(&new), |n| {
+            if let Some(f) = n.spec.firmware.as_mut() {
+                f.version = "1.5.0".into();
+            }
+        });
+        assert!(drone(&new, &edited, &claims(&both, &edited)).pinned);
+        let co_owned = node(Some(&new), |n| {
+            n.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+                manager: Some("kubectl-edit".into()),
+                operation: Some("Update".into()),
+                fields_v1: Some(FieldsV1(
+                    serde_json::json!({ "f:spec": { "f:firmware": { "f:url": {} } } }),
+                )),
+                ..ManagedFieldsEntry::default()
+            }]);
+        });
+        let d = drone(&new, &co_owned, &claims(&both, &co_owned));
+        assert!(d.pinned && !d.dispatched, "{d:?}");
     }
 }

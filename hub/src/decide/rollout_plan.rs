@@ -3,10 +3,13 @@
 //! cancels, status, events). The waves, outcomes and breaker it uses are in
 //! [`super::rollout_waves`].
 
+use super::node_sync;
 use super::rollout_waves::{Drone, Outcome, assign_waves, breaker, count, outcome, rank_key, wave_targets};
 use crate::api::meta::Condition;
-use crate::api::rollout::{FirmwareRolloutSpec, FirmwareRolloutStatus, condition, duration_secs};
-use std::collections::BTreeMap;
+use crate::api::rollout::{
+    FirmwareRolloutSpec, FirmwareRolloutStatus, condition, duration_secs, target_hash,
+};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What to do now.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -58,7 +61,25 @@ fn parse_time(t: Option<&str>) -> Option<i64> {
         .map(time::OffsetDateTime::unix_timestamp)
 }
 
+/// Drones that carry this rollout's `spec.firmware` and whose command has not started: what a
+/// halt, a yield to a newer rollout or a new target takes back (waiting at a gate, timed out
+/// offline, in `Retrying` between attempts, or dispatched for an earlier target). A drone running
+/// the upgrade keeps it to its real end; one whose install ended keeps its record, the outcome.
+fn unstarted(d: &Drone) -> bool {
+    if d.running {
+        return false;
+    }
+    d.stale || (d.dispatched && !d.on_target && d.sync_reason.as_deref() != Some(node_sync::reason::FAILED))
+}
+
 /// One reconcile step of a rollout of `generation` over `drones` at `now`.
+///
+/// Wave progress belongs to the target ([`target_hash`], recorded in `status.targetHash`): only
+/// a change of version, url, allowDowngrade or selector starts the waves over and lifts a
+/// breaker halt; any other edit (`paused`, gates, rules, waves) keeps the progress, the halt
+/// and the completion. A terminal rollout (Complete for its target, or halted by the breaker)
+/// never dispatches. Drones a newer rollout selects ([`Drone::superseded_by`]) are yielded:
+/// never dispatched, called back when not started, and named in the `Superseded` condition.
 pub fn plan(
     spec: &FirmwareRolloutSpec,
     generation: i64,
@@ -69,20 +90,34 @@ pub fn plan(
 ) -> Plan {
     let mut status = previous.clone();
     let mut events = Vec::new();
-    let new_generation = previous.observed_generation != Some(generation);
-    if new_generation {
-        if is_true(&previous.conditions, condition::HALTED) {
-            // Resumed: outcomes before now do not count for the breaker again.
+    let target = target_hash(spec);
+    // A status written before target hashes: its progress belongs to the generation it observed.
+    let target_changed = match &previous.target_hash {
+        Some(h) => *h != target,
+        None => previous.observed_generation != Some(generation),
+    };
+    if target_changed {
+        if previous.observed_generation.is_some() {
+            // Outcomes of an earlier target do not count for this one's breaker.
             status.breaker_since = Some(now_rfc3339.to_owned());
         }
-        status.observed_generation = Some(generation);
+        status.target_generation = Some(generation);
         status.current_wave = 0;
         status.wave_started_time = Some(now_rfc3339.to_owned());
         status.wave_finished_time = None;
-        status
-            .conditions
-            .retain(|c| c.type_ != condition::HALTED || c.reason == "Paused");
     }
+    status.target_hash = Some(target);
+    status.target_generation.get_or_insert(generation);
+    status.observed_generation = Some(generation);
+    // Terminal states stick for their target: another edit neither resumes a halt nor reopens a
+    // finished rollout.
+    let halted_before = previous
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::HALTED && c.status == "True" && c.reason == "CircuitBreakerTripped")
+        .filter(|_| !target_changed);
+    let was_complete = !target_changed && is_true(&previous.conditions, condition::COMPLETE);
+
     let waves = assign_waves(drones.iter().map(|d| d.name.as_str()), &spec.waves);
     let wave_count = wave_targets(u32::try_from(drones.len()).unwrap_or(u32::MAX), &spec.waves).len();
     let timeout = duration_secs(spec.drone_timeout.as_deref());
@@ -95,7 +130,7 @@ pub fn plan(
         let wave = waves.get(&d.name).copied().unwrap_or(0);
         let clock = if d.dispatched {
             Some(d.dispatched_at)
-        } else if wave <= current && !d.pinned {
+        } else if wave <= current && !d.pinned && d.superseded_by.is_none() {
             Some(wave_start)
         } else {
             None
@@ -108,44 +143,30 @@ pub fn plan(
         .filter(|d| d.dispatched && d.dispatched_at >= breaker_since)
         .map(|d| outcomes[&d.name])
         .collect();
-    let was_halted = is_true(&status.conditions, condition::HALTED)
-        && status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == condition::HALTED && c.reason == "CircuitBreakerTripped");
-    let tripped = if was_halted {
-        status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == condition::HALTED)
-            .map(|c| c.message.clone())
-    } else {
-        breaker(&spec.failure_policy.rules, &sample)
+    let tripped = match halted_before {
+        Some(c) => Some(c.message.clone()),
+        None if was_complete => None,
+        None => breaker(&spec.failure_policy.rules, &sample),
     };
 
     let mut dispatch = Vec::new();
-    let mut cancel = Vec::new();
     let prev_conditions = previous.conditions.clone();
     let mut conditions = Vec::new();
     let wave_done = drones.iter().all(|d| {
         let o = outcomes[&d.name];
-        waves.get(&d.name).copied().unwrap_or(0) > current || o.finished() || o == Outcome::Pinned
+        waves.get(&d.name).copied().unwrap_or(0) > current
+            || o.finished()
+            || matches!(o, Outcome::Pinned | Outcome::Superseded)
     });
     let last_wave = current + 1 >= wave_count;
-    let complete = wave_done && last_wave && tripped.is_none();
+    let complete = was_complete || (wave_done && last_wave && tripped.is_none());
 
     if let Some(why) = &tripped {
-        if !was_halted {
+        if halted_before.is_none() {
             events.push((
                 "Halted".to_owned(),
                 format!("circuit breaker tripped in wave {current}: {why}"),
             ));
-        }
-        // In-flight drones run to their real end; the ones that have not started are called back.
-        for d in drones {
-            if d.dispatched && !d.started && outcomes[&d.name] == Outcome::Waiting {
-                cancel.push(d.name.clone());
-            }
         }
         conditions.push(cond(
             condition::HALTED,
@@ -175,7 +196,7 @@ pub fn plan(
             now_rfc3339,
         ));
     } else if complete {
-        if !is_true(&prev_conditions, condition::COMPLETE) || new_generation {
+        if !was_complete {
             events.push(("Completed".to_owned(), format!("all {wave_count} waves finished")));
         }
         conditions.push(cond(
@@ -291,6 +312,38 @@ pub fn plan(
             now_rfc3339,
         ));
     }
+
+    // Call-backs: on a halt every unstarted drone of this rollout; otherwise the ones yielded to
+    // a newer rollout and the ones of an earlier target that are not dispatched again now.
+    let halted = tripped.is_some();
+    let cancel: Vec<String> = drones
+        .iter()
+        .filter(|d| unstarted(d) && (halted || d.superseded_by.is_some() || d.stale))
+        .filter(|d| !dispatch.contains(&d.name))
+        .map(|d| d.name.clone())
+        .collect();
+
+    let newer: BTreeSet<&str> = drones.iter().filter_map(|d| d.superseded_by.as_deref()).collect();
+    if !newer.is_empty() {
+        let yielded = drones.iter().filter(|d| d.superseded_by.is_some()).count();
+        let names = newer.iter().copied().collect::<Vec<_>>().join(", ");
+        let message = format!(
+            "{yielded} of {} selected drones belong to newer rollout(s) {names}; this rollout yields them",
+            drones.len()
+        );
+        if !is_true(&prev_conditions, condition::SUPERSEDED) {
+            events.push(("Superseded".to_owned(), message.clone()));
+        }
+        conditions.push(cond(
+            condition::SUPERSEDED,
+            true,
+            "NewerRollout",
+            message,
+            generation,
+            &prev_conditions,
+            now_rfc3339,
+        ));
+    }
     status.conditions = conditions;
     status.counts = count(outcomes.values().copied());
     status.wave = format!(
@@ -307,208 +360,4 @@ pub fn plan(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::api::rollout::{FailurePolicy, WaveSpec};
-    use crate::decide::rollout_waves::tests::{rule, waves};
-
-    const T0: i64 = 1_800_000_000;
-
-    fn at(t: i64) -> String {
-        crate::decide::status::unix_rfc3339(t).unwrap_or_default()
-    }
-
-    fn spec() -> FirmwareRolloutSpec {
-        FirmwareRolloutSpec {
-            version: "2.0.0".into(),
-            url: "http://fw/2.0.0.fnb".into(),
-            waves: waves(),
-            failure_policy: FailurePolicy {
-                rules: vec![rule("any", 50, 2, None)],
-            },
-            drone_timeout: Some("10m".into()),
-            ..FirmwareRolloutSpec::default()
-        }
-    }
-
-    fn fleet(n: usize) -> Vec<Drone> {
-        (0..n)
-            .map(|i| Drone {
-                name: format!("drone-{i:02}"),
-                ..Drone::default()
-            })
-            .collect()
-    }
-
-    /// Carries the plan out the way the controller does: dispatch writes the target, cancel takes
-    /// it back.
-    fn apply(drones: &mut [Drone], p: &Plan, now: i64) {
-        for d in drones.iter_mut() {
-            if p.dispatch.contains(&d.name) {
-                d.dispatched = true;
-                d.dispatched_at = now;
-            }
-            if p.cancel.contains(&d.name) {
-                d.dispatched = false;
-            }
-        }
-    }
-
-    fn finish(d: &mut Drone, result: &str) {
-        d.started = true;
-        if result == "Committed" {
-            d.on_target = true;
-        } else {
-            d.sync_reason = Some("Failed".into());
-            d.last_result = Some(result.into());
-        }
-    }
-
-    #[test]
-    fn canary_trips_the_breaker_and_the_rest_is_called_back() {
-        let s = spec();
-        let mut drones = fleet(10);
-        let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
-        assert_eq!(p.dispatch.len(), 2, "canary only");
-        apply(&mut drones, &p, T0);
-        let canary = p.dispatch.clone();
-        // One canary rolls back: 1 of 1 finished, but the minimum sample is 2.
-        let i = drones.iter().position(|d| d.name == canary[0]).unwrap();
-        finish(&mut drones[i], "RolledBack");
-        let p = plan(&s, 1, &p.status, &drones, T0 + 10, &at(T0 + 10));
-        assert!(!is_true(&p.status.conditions, condition::HALTED));
-        assert!(p.dispatch.is_empty(), "the canary has not finished");
-        // The second one rolls back too: 2 of 2 = 100 % ≥ 50 %.
-        let j = drones.iter().position(|d| d.name == canary[1]).unwrap();
-        finish(&mut drones[j], "RolledBack");
-        let p = plan(&s, 1, &p.status, &drones, T0 + 20, &at(T0 + 20));
-        assert!(is_true(&p.status.conditions, condition::HALTED));
-        assert_eq!(p.events[0].0, "Halted");
-        assert_eq!(p.status.counts.rolled_back, 2);
-        assert_eq!(p.status.counts.not_started, 8);
-        assert_eq!(p.status.current_wave, 0, "halted in the canary");
-        assert!(p.dispatch.is_empty());
-        // Sticky: the next step says the same and emits no second event.
-        let p2 = plan(&s, 1, &p.status, &drones, T0 + 30, &at(T0 + 30));
-        assert!(is_true(&p2.status.conditions, condition::HALTED));
-        assert!(p2.events.is_empty() && p2.dispatch.is_empty());
-    }
-
-    #[test]
-    fn waves_advance_after_soak_and_complete() {
-        let mut s = spec();
-        s.failure_policy.rules.clear();
-        let mut drones = fleet(4);
-        let mut status = FirmwareRolloutStatus::default();
-        let mut now = T0;
-        let mut seen_events = Vec::new();
-        for _ in 0..20 {
-            let p = plan(&s, 1, &status, &drones, now, &at(now));
-            apply(&mut drones, &p, now);
-            for d in drones.iter_mut().filter(|d| d.dispatched) {
-                finish(d, "Committed");
-            }
-            seen_events.extend(p.events.iter().map(|e| e.0.clone()));
-            status = p.status;
-            now += 30;
-        }
-        assert!(is_true(&status.conditions, condition::COMPLETE));
-        assert_eq!(status.counts.succeeded, 4);
-        assert_eq!(seen_events.iter().filter(|e| *e == "WaveAdvanced").count(), 2);
-        assert_eq!(seen_events.iter().filter(|e| *e == "Completed").count(), 1);
-    }
-
-    #[test]
-    fn soak_holds_the_next_wave() {
-        let mut s = spec();
-        s.failure_policy.rules.clear();
-        let mut drones = fleet(10);
-        let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
-        apply(&mut drones, &p, T0);
-        for d in drones.iter_mut().filter(|d| d.dispatched) {
-            finish(d, "Committed");
-        }
-        let p = plan(&s, 1, &p.status, &drones, T0 + 5, &at(T0 + 5));
-        assert!(p.dispatch.is_empty(), "soak of 60 s");
-        assert_eq!(p.status.current_wave, 0);
-        let p = plan(&s, 1, &p.status, &drones, T0 + 64, &at(T0 + 64));
-        assert_eq!(p.status.current_wave, 0, "59 s soaked");
-        let p = plan(&s, 1, &p.status, &drones, T0 + 65, &at(T0 + 65));
-        assert_eq!(p.status.current_wave, 1);
-        assert_eq!(p.dispatch.len(), 3);
-    }
-
-    #[test]
-    fn a_drone_offline_mid_wave_times_out_and_counts() {
-        let mut s = spec();
-        s.failure_policy.rules = vec![rule("timedOut", 100, 1, None)];
-        let mut drones = fleet(10);
-        let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
-        apply(&mut drones, &p, T0);
-        // It went offline after dispatch: the node reconciler holds it (Waiting), never started.
-        let p = plan(&s, 1, &p.status, &drones, T0 + 599, &at(T0 + 599));
-        assert_eq!(p.status.counts.waiting, 2);
-        assert!(!is_true(&p.status.conditions, condition::HALTED));
-        let p = plan(&s, 1, &p.status, &drones, T0 + 600, &at(T0 + 600));
-        assert_eq!(p.status.counts.timed_out, 2);
-        assert!(is_true(&p.status.conditions, condition::HALTED));
-        // Gated drones (offline before dispatch) are not dispatched, and time out from the wave's
-        // start so the wave is not stuck forever.
-        let mut gated = fleet(3);
-        for d in &mut gated {
-            d.blocked = Some("drone is offline".into());
-        }
-        let p = plan(&spec(), 1, &FirmwareRolloutStatus::default(), &gated, T0, &at(T0));
-        assert!(p.dispatch.is_empty());
-        let p = plan(&spec(), 1, &p.status, &gated, T0 + 600, &at(T0 + 600));
-        assert_eq!(p.status.counts.timed_out, 2);
-    }
-
-    #[test]
-    fn a_drone_added_mid_rollout_falls_into_its_wave() {
-        let mut s = spec();
-        s.failure_policy.rules.clear();
-        s.waves = vec![WaveSpec {
-            percent: Some(50),
-            soak: Some("1h".into()),
-            ..WaveSpec::default()
-        }];
-        let mut drones = fleet(20);
-        let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
-        assert_eq!(p.dispatch.len(), 10);
-        apply(&mut drones, &p, T0);
-        // Newcomers: those whose hash ranks them into the first half are dispatched at once.
-        let mut grown = drones.clone();
-        grown.extend((0..20).map(|i| Drone {
-            name: format!("late-{i:02}"),
-            ..Drone::default()
-        }));
-        let waves = assign_waves(grown.iter().map(|d| d.name.as_str()), &s.waves);
-        let p = plan(&s, 1, &p.status, &grown, T0 + 1, &at(T0 + 1));
-        for name in &p.dispatch {
-            assert_eq!(waves[name], 0, "{name} dispatched outside the current wave");
-        }
-        // Every newcomer whose hash puts it in the running wave is dispatched now, none other.
-        for d in grown.iter().filter(|d| d.name.starts_with("late-")) {
-            assert_eq!(p.dispatch.contains(&d.name), waves[&d.name] == 0, "{}", d.name);
-        }
-        assert!(p.dispatch.iter().any(|n| n.starts_with("late-")));
-    }
-
-    #[test]
-    fn max_concurrent_and_pause_limit_dispatch() {
-        let mut s = spec();
-        s.waves.clear();
-        s.max_concurrent = Some(3);
-        let mut drones = fleet(10);
-        let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
-        assert_eq!(p.dispatch.len(), 3);
-        apply(&mut drones, &p, T0);
-        let p = plan(&s, 1, &p.status, &drones, T0 + 1, &at(T0 + 1));
-        assert!(p.dispatch.is_empty());
-        s.paused = true;
-        let p = plan(&s, 2, &p.status, &fleet(10), T0 + 2, &at(T0 + 2));
-        assert!(p.dispatch.is_empty());
-        assert!(is_true(&p.status.conditions, condition::HALTED));
-    }
-}
+mod tests;

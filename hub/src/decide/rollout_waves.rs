@@ -19,8 +19,15 @@ pub struct Drone {
     pub dispatched: bool,
     /// When it was dispatched (unix seconds; 0 when not).
     pub dispatched_at: i64,
-    /// Someone else owns its `spec.firmware` (a person, or another rollout still running).
+    /// Its `spec.firmware` was written by this rollout for an earlier target (another
+    /// generation's version, url or selector): called back unless it is running, or dispatched
+    /// again with the current target when its wave is open.
+    pub stale: bool,
+    /// A person owns its `spec.firmware` (set without a rollout, or edited after the dispatch).
     pub pinned: bool,
+    /// A newer rollout selects this drone too (or wrote its `spec.firmware`): the drone is that
+    /// one's, and this rollout yields it.
+    pub superseded_by: Option<String>,
     /// Committed version is the rollout's version.
     pub on_target: bool,
     /// `status.firmwareSync.reason` for its current generation.
@@ -29,6 +36,9 @@ pub struct Drone {
     pub last_result: Option<String>,
     /// The drone picked the upgrade up (reported it in flight, or finished it).
     pub started: bool,
+    /// The drone reports the recorded upgrade in flight right now: it runs to its real end and
+    /// is never called back. (A drone in `Retrying` started once but is not running.)
+    pub running: bool,
     /// Why a gate holds it (offline, flight state, battery); `None`: it may start.
     pub blocked: Option<String>,
 }
@@ -54,6 +64,8 @@ pub enum Outcome {
     TimedOut,
     /// Someone else owns its `spec.firmware`.
     Pinned,
+    /// A newer rollout's drone.
+    Superseded,
 }
 
 impl Outcome {
@@ -140,11 +152,22 @@ pub fn assign_waves<'a>(
 /// The outcome of one drone at `now`; `clock_start` is when its timeout clock started (its
 /// dispatch, or the start of its wave when a gate kept it from being dispatched).
 pub fn outcome(d: &Drone, now: i64, timeout_secs: Option<i64>, clock_start: Option<i64>) -> Outcome {
+    if d.superseded_by.is_some() {
+        return Outcome::Superseded;
+    }
     if d.on_target {
         return Outcome::Succeeded;
     }
     if d.pinned {
         return Outcome::Pinned;
+    }
+    if d.stale {
+        // Busy with an earlier target of this rollout: in flight until it ends, then free.
+        return if d.running {
+            Outcome::InProgress
+        } else {
+            Outcome::NotStarted
+        };
     }
     if d.dispatched && d.sync_reason.as_deref() == Some(node_sync::reason::FAILED) {
         return match d.last_result.as_deref() {
@@ -185,6 +208,7 @@ pub fn count(outcomes: impl IntoIterator<Item = Outcome>) -> Counts {
             Outcome::RolledBack => c.rolled_back += 1,
             Outcome::TimedOut => c.timed_out += 1,
             Outcome::Pinned => c.pinned += 1,
+            Outcome::Superseded => c.superseded += 1,
         }
     }
     c.failed_total = c.failed + c.rejected + c.rolled_back + c.timed_out;

@@ -5,9 +5,14 @@
 //! Field managers, so nobody fights over a field:
 //! - `flightnode-hub`: heartbeat status (`status.*` but `firmwareSync`);
 //! - `flightnode-hub-reconciler` ([`RECONCILER_MANAGER`]): `status.firmwareSync`;
-//! - [`crate::api::rollout::FIELD_MANAGER`]: `spec.firmware` and the rollout annotations of the drones
-//!   it dispatched (applied **without** force: a field another manager owns is a conflict, and
-//!   the rollout leaves that drone alone), and the rollout's status.
+//! - `flightnode-rollout/NAME` ([`crate::api::rollout::field_manager`]), one per rollout:
+//!   `spec.firmware` and the rollout annotations of the drones that rollout dispatched. Applied
+//!   **without** force, except when it takes a drone over from another rollout (or from its own
+//!   earlier target), and then only on condition of the resourceVersion the decision was made on
+//!   ([`Dispatch::take_over`]): a `spec.firmware` a person wrote is never overwritten. A
+//!   call-back is an apply without the fields, so it gives up only what this rollout wrote.
+//! - [`crate::api::rollout::FIELD_MANAGER`]: the rollouts' status; and, from hubs before the
+//!   per-rollout managers, drones' `spec.firmware` (a call-back releases it as well).
 
 use crate::api::flightnode::{API_VERSION, FirmwareSync, FirmwareTarget, FlightNode, KIND};
 use crate::api::rollout::{FirmwareRollout, FirmwareRolloutStatus};
@@ -30,8 +35,12 @@ pub const RECONCILER_MANAGER: &str = "flightnode-hub-reconciler";
 pub struct Dispatch {
     /// The firmware.
     pub target: FirmwareTarget,
-    /// Annotations that go with it (rollout, dispatch time).
+    /// Annotations that go with it (rollout, target hash, dispatch time).
     pub annotations: BTreeMap<String, String>,
+    /// The drone carries another rollout's (or this rollout's earlier) `spec.firmware`: take it
+    /// over (a forced apply), but only if the object is still at this resourceVersion. `None`:
+    /// a plain apply, where any field another manager owns is a conflict.
+    pub take_over: Option<String>,
 }
 
 /// How a spec apply ended.
@@ -39,7 +48,8 @@ pub struct Dispatch {
 pub enum Applied {
     /// Written.
     Ok,
-    /// Another field manager owns `spec.firmware`; left alone.
+    /// Another field manager owns `spec.firmware`, or the object changed since the decision to
+    /// take it over; left alone (the next step reads it again).
     Conflict,
     /// The object is gone.
     Missing,
@@ -53,10 +63,12 @@ pub trait FleetStore: Send + Sync + 'static {
     fn rollouts(&self) -> BoxFuture<'_, Result<Vec<FirmwareRollout>>>;
     /// Sets (or with `None` clears) `status.firmwareSync` of a drone.
     fn write_sync<'a>(&'a self, node: &'a str, sync: Option<&'a FirmwareSync>) -> BoxFuture<'a, Result<()>>;
-    /// Writes (or with `None` takes back) a rollout's `spec.firmware` of a drone.
+    /// Writes (or with `None` takes back) rollout `rollout`'s `spec.firmware` of a drone. A
+    /// take-back removes only what that rollout wrote.
     fn apply_target<'a>(
         &'a self,
         node: &'a str,
+        rollout: &'a str,
         dispatch: Option<&'a Dispatch>,
     ) -> BoxFuture<'a, Result<Applied>>;
     /// Writes a rollout's status.
@@ -189,27 +201,57 @@ impl FleetStore for KubeFleet {
     fn apply_target<'a>(
         &'a self,
         node: &'a str,
+        rollout: &'a str,
         dispatch: Option<&'a Dispatch>,
     ) -> BoxFuture<'a, Result<Applied>> {
         Box::pin(async move {
+            let manager = crate::api::rollout::field_manager(rollout);
+            let mut params = PatchParams::apply(&manager);
             let body = match dispatch {
-                Some(d) => serde_json::json!({
-                    "apiVersion": API_VERSION, "kind": KIND,
-                    "metadata": { "name": node, "annotations": d.annotations },
-                    "spec": { "firmware": d.target },
-                }),
+                Some(d) => {
+                    let mut metadata = serde_json::json!({ "name": node, "annotations": d.annotations });
+                    if let Some(rv) = &d.take_over {
+                        // NB: forced only over what was read: an edit since then makes the
+                        // precondition fail (409) instead of being overwritten.
+                        metadata["resourceVersion"] = serde_json::json!(rv);
+                        params = params.force();
+                    }
+                    serde_json::json!({
+                        "apiVersion": API_VERSION, "kind": KIND,
+                        "metadata": metadata,
+                        "spec": { "firmware": d.target },
+                    })
+                }
                 None => serde_json::json!({
                     "apiVersion": API_VERSION, "kind": KIND, "metadata": { "name": node },
                 }),
             };
-            // NB: no force: a person's `kubectl` edit of spec.firmware wins over the rollout.
-            let params = PatchParams::apply(crate::api::rollout::FIELD_MANAGER);
-            match self.node_api().patch(node, &params, &Patch::Apply(body)).await {
-                Ok(_) => Ok(Applied::Ok),
-                Err(e) if is_status(&e, 409) => Ok(Applied::Conflict),
-                Err(e) if is_status(&e, 404) => Ok(Applied::Missing),
-                Err(e) => Err(Error::Kube(e)),
+            let applied = match self.node_api().patch(node, &params, &Patch::Apply(&body)).await {
+                Ok(_) => Applied::Ok,
+                Err(e) if is_status(&e, 409) => return Ok(Applied::Conflict),
+                Err(e) if is_status(&e, 404) => return Ok(Applied::Missing),
+                Err(e) => return Err(Error::Kube(e)),
+            };
+            // A call-back of a drone dispatched by a hub from before the per-rollout managers:
+            // the shared manager still holds its fields, and would keep spec.firmware alive.
+            let key = reflector::ObjectRef::new(node).within(&self.namespace);
+            let legacy = dispatch.is_none()
+                && self.nodes.get(&key).is_some_and(|n| {
+                    n.metadata
+                        .managed_fields
+                        .iter()
+                        .flatten()
+                        .any(|m| m.manager.as_deref() == Some(crate::api::rollout::FIELD_MANAGER))
+                });
+            if legacy {
+                let params = PatchParams::apply(crate::api::rollout::FIELD_MANAGER);
+                match self.node_api().patch(node, &params, &Patch::Apply(&body)).await {
+                    Ok(_) => {}
+                    Err(e) if is_status(&e, 404) => return Ok(Applied::Missing),
+                    Err(e) => return Err(Error::Kube(e)),
+                }
             }
+            Ok(applied)
         })
     }
 
@@ -325,32 +367,46 @@ impl FleetStore for LocalFleet {
     fn apply_target<'a>(
         &'a self,
         node: &'a str,
+        rollout: &'a str,
         dispatch: Option<&'a Dispatch>,
     ) -> BoxFuture<'a, Result<Applied>> {
         Box::pin(async move {
             let Some(current) = self.store.get(self.store.namespace(), node) else {
                 return Ok(Applied::Missing);
             };
-            let ours = current
+            // The cluster's field ownership, kept here by the rollout annotation: spec.firmware
+            // set without one is a person's; one naming another rollout is that rollout's, taken
+            // over only when meant and only as it was read.
+            let owner = current
                 .metadata
                 .annotations
                 .as_ref()
-                .is_some_and(|a| a.contains_key(crate::api::rollout::ANNOTATION_ROLLOUT));
-            // The same rule as the cluster's field ownership: spec.firmware set by someone else
-            // (no rollout annotation) is theirs.
-            if current.spec.firmware.is_some() && !ours {
-                return Ok(Applied::Conflict);
-            }
+                .and_then(|a| a.get(crate::api::rollout::ANNOTATION_ROLLOUT))
+                .map(|v| v.split('/').next().unwrap_or("").to_owned());
+            let ours = owner.as_deref() == Some(rollout);
             let keys = [
                 crate::api::rollout::ANNOTATION_ROLLOUT,
+                crate::api::rollout::ANNOTATION_TARGET,
                 crate::api::rollout::ANNOTATION_DISPATCHED,
             ];
             let n = match dispatch {
-                Some(d) => self
-                    .store
-                    .set_target(node, Some(d.target.clone()), &d.annotations, &keys)
-                    .await
-                    .map_err(local_err)?,
+                Some(d) => {
+                    if let Some(rv) = &d.take_over
+                        && current.metadata.resource_version.as_ref() != Some(rv)
+                    {
+                        return Ok(Applied::Conflict);
+                    }
+                    let foreign = owner.is_none() || (!ours && d.take_over.is_none());
+                    if current.spec.firmware.is_some() && foreign {
+                        return Ok(Applied::Conflict);
+                    }
+                    self.store
+                        .set_target(node, Some(d.target.clone()), &d.annotations, &keys)
+                        .await
+                        .map_err(local_err)?
+                }
+                // Nothing of this rollout's to take back: like an apply that owns no field.
+                None if !ours => return Ok(Applied::Ok),
                 None => self
                     .store
                     .set_target(node, None, &BTreeMap::new(), &keys)

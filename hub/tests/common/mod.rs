@@ -1,6 +1,8 @@
 //! Shared test helpers: heartbeats, a scripted in-memory sink, hub construction.
 #![allow(dead_code, reason = "each test binary uses a different part of it")]
 
+pub mod cluster;
+
 use flightnode_hub::heartbeat::hub::{Hub, HubConfig};
 use flightnode_hub::heartbeat::scheduler::SchedulerConfig;
 use flightnode_hub::heartbeat::session::{SessionConfig, SpecCache};

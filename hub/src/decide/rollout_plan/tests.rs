@@ -1,0 +1,587 @@
+//! Table and scenario tests of [`super::plan`].
+use super::*;
+use crate::api::rollout::{FailurePolicy, WaveSpec};
+use crate::decide::rollout_waves::tests::{rule, waves};
+
+const T0: i64 = 1_800_000_000;
+
+fn at(t: i64) -> String {
+    crate::decide::status::unix_rfc3339(t).unwrap_or_default()
+}
+
+fn spec() -> FirmwareRolloutSpec {
+    FirmwareRolloutSpec {
+        version: "2.0.0".into(),
+        url: "http://fw/2.0.0.fnb".into(),
+        waves: waves(),
+        failure_policy: FailurePolicy {
+            rules: vec![rule("any", 50, 2, None)],
+        },
+        drone_timeout: Some("10m".into()),
+        ..FirmwareRolloutSpec::default()
+    }
+}
+
+fn fleet(n: usize) -> Vec<Drone> {
+    (0..n)
+        .map(|i| Drone {
+            name: format!("drone-{i:02}"),
+            ..Drone::default()
+        })
+        .collect()
+}
+
+/// Carries the plan out the way the controller does: dispatch writes the target, cancel takes
+/// it back.
+fn apply(drones: &mut [Drone], p: &Plan, now: i64) {
+    for d in drones.iter_mut() {
+        if p.dispatch.contains(&d.name) {
+            d.dispatched = true;
+            d.dispatched_at = now;
+        }
+        if p.cancel.contains(&d.name) {
+            d.dispatched = false;
+        }
+    }
+}
+
+fn finish(d: &mut Drone, result: &str) {
+    d.started = true;
+    if result == "Committed" {
+        d.on_target = true;
+    } else {
+        d.sync_reason = Some("Failed".into());
+        d.last_result = Some(result.into());
+    }
+}
+
+#[test]
+fn canary_trips_the_breaker_and_the_rest_is_called_back() {
+    let s = spec();
+    let mut drones = fleet(10);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    assert_eq!(p.dispatch.len(), 2, "canary only");
+    apply(&mut drones, &p, T0);
+    let canary = p.dispatch.clone();
+    // One canary rolls back: 1 of 1 finished, but the minimum sample is 2.
+    let i = drones.iter().position(|d| d.name == canary[0]).unwrap();
+    finish(&mut drones[i], "RolledBack");
+    let p = plan(&s, 1, &p.status, &drones, T0 + 10, &at(T0 + 10));
+    assert!(!is_true(&p.status.conditions, condition::HALTED));
+    assert!(p.dispatch.is_empty(), "the canary has not finished");
+    // The second one rolls back too: 2 of 2 = 100 % ≥ 50 %.
+    let j = drones.iter().position(|d| d.name == canary[1]).unwrap();
+    finish(&mut drones[j], "RolledBack");
+    let p = plan(&s, 1, &p.status, &drones, T0 + 20, &at(T0 + 20));
+    assert!(is_true(&p.status.conditions, condition::HALTED));
+    assert_eq!(p.events[0].0, "Halted");
+    assert_eq!(p.status.counts.rolled_back, 2);
+    assert_eq!(p.status.counts.not_started, 8);
+    assert_eq!(p.status.current_wave, 0, "halted in the canary");
+    assert!(p.dispatch.is_empty());
+    // Sticky: the next step says the same and emits no second event.
+    let p2 = plan(&s, 1, &p.status, &drones, T0 + 30, &at(T0 + 30));
+    assert!(is_true(&p2.status.conditions, condition::HALTED));
+    assert!(p2.events.is_empty() && p2.dispatch.is_empty());
+}
+
+#[test]
+fn waves_advance_after_soak_and_complete() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    let mut drones = fleet(4);
+    let mut status = FirmwareRolloutStatus::default();
+    let mut now = T0;
+    let mut seen_events = Vec::new();
+    for _ in 0..20 {
+        let p = plan(&s, 1, &status, &drones, now, &at(now));
+        apply(&mut drones, &p, now);
+        for d in drones.iter_mut().filter(|d| d.dispatched) {
+            finish(d, "Committed");
+        }
+        seen_events.extend(p.events.iter().map(|e| e.0.clone()));
+        status = p.status;
+        now += 30;
+    }
+    assert!(is_true(&status.conditions, condition::COMPLETE));
+    assert_eq!(status.counts.succeeded, 4);
+    assert_eq!(seen_events.iter().filter(|e| *e == "WaveAdvanced").count(), 2);
+    assert_eq!(seen_events.iter().filter(|e| *e == "Completed").count(), 1);
+}
+
+#[test]
+fn soak_holds_the_next_wave() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    let mut drones = fleet(10);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    apply(&mut drones, &p, T0);
+    for d in drones.iter_mut().filter(|d| d.dispatched) {
+        finish(d, "Committed");
+    }
+    let p = plan(&s, 1, &p.status, &drones, T0 + 5, &at(T0 + 5));
+    assert!(p.dispatch.is_empty(), "soak of 60 s");
+    assert_eq!(p.status.current_wave, 0);
+    let p = plan(&s, 1, &p.status, &drones, T0 + 64, &at(T0 + 64));
+    assert_eq!(p.status.current_wave, 0, "59 s soaked");
+    let p = plan(&s, 1, &p.status, &drones, T0 + 65, &at(T0 + 65));
+    assert_eq!(p.status.current_wave, 1);
+    assert_eq!(p.dispatch.len(), 3);
+}
+
+#[test]
+fn a_drone_offline_mid_wave_times_out_and_counts() {
+    let mut s = spec();
+    s.failure_policy.rules = vec![rule("timedOut", 100, 1, None)];
+    let mut drones = fleet(10);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    apply(&mut drones, &p, T0);
+    // It went offline after dispatch: the node reconciler holds it (Waiting), never started.
+    let p = plan(&s, 1, &p.status, &drones, T0 + 599, &at(T0 + 599));
+    assert_eq!(p.status.counts.waiting, 2);
+    assert!(!is_true(&p.status.conditions, condition::HALTED));
+    let p = plan(&s, 1, &p.status, &drones, T0 + 600, &at(T0 + 600));
+    assert_eq!(p.status.counts.timed_out, 2);
+    assert!(is_true(&p.status.conditions, condition::HALTED));
+    // Gated drones (offline before dispatch) are not dispatched, and time out from the wave's
+    // start so the wave is not stuck forever.
+    let mut gated = fleet(3);
+    for d in &mut gated {
+        d.blocked = Some("drone is offline".into());
+    }
+    let p = plan(&spec(), 1, &FirmwareRolloutStatus::default(), &gated, T0, &at(T0));
+    assert!(p.dispatch.is_empty());
+    let p = plan(&spec(), 1, &p.status, &gated, T0 + 600, &at(T0 + 600));
+    assert_eq!(p.status.counts.timed_out, 2);
+}
+
+#[test]
+fn a_drone_added_mid_rollout_falls_into_its_wave() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    s.waves = vec![WaveSpec {
+        percent: Some(50),
+        soak: Some("1h".into()),
+        ..WaveSpec::default()
+    }];
+    let mut drones = fleet(20);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    assert_eq!(p.dispatch.len(), 10);
+    apply(&mut drones, &p, T0);
+    // Newcomers: those whose hash ranks them into the first half are dispatched at once.
+    let mut grown = drones.clone();
+    grown.extend((0..20).map(|i| Drone {
+        name: format!("late-{i:02}"),
+        ..Drone::default()
+    }));
+    let waves = assign_waves(grown.iter().map(|d| d.name.as_str()), &s.waves);
+    let p = plan(&s, 1, &p.status, &grown, T0 + 1, &at(T0 + 1));
+    for name in &p.dispatch {
+        assert_eq!(waves[name], 0, "{name} dispatched outside the current wave");
+    }
+    // Every newcomer whose hash puts it in the running wave is dispatched now, none other.
+    for d in grown.iter().filter(|d| d.name.starts_with("late-")) {
+        assert_eq!(p.dispatch.contains(&d.name), waves[&d.name] == 0, "{}", d.name);
+    }
+    assert!(p.dispatch.iter().any(|n| n.starts_with("late-")));
+}
+
+#[test]
+fn max_concurrent_and_pause_limit_dispatch() {
+    let mut s = spec();
+    s.waves.clear();
+    s.max_concurrent = Some(3);
+    let mut drones = fleet(10);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    assert_eq!(p.dispatch.len(), 3);
+    apply(&mut drones, &p, T0);
+    let p = plan(&s, 1, &p.status, &drones, T0 + 1, &at(T0 + 1));
+    assert!(p.dispatch.is_empty());
+    s.paused = true;
+    let p = plan(&s, 2, &p.status, &fleet(10), T0 + 2, &at(T0 + 2));
+    assert!(p.dispatch.is_empty());
+    assert!(is_true(&p.status.conditions, condition::HALTED));
+}
+
+/// The status of a rollout the breaker halted in the canary (generation 1).
+fn halted_status(s: &FirmwareRolloutSpec) -> FirmwareRolloutStatus {
+    FirmwareRolloutStatus {
+        observed_generation: Some(1),
+        target_hash: Some(target_hash(s)),
+        target_generation: Some(1),
+        wave_started_time: Some(at(T0)),
+        conditions: vec![Condition {
+            type_: condition::HALTED.into(),
+            status: "True".into(),
+            reason: "CircuitBreakerTripped".into(),
+            message: "rolledBack 1 of 1".into(),
+            last_transition_time: at(T0),
+            observed_generation: Some(1),
+        }],
+        ..FirmwareRolloutStatus::default()
+    }
+}
+
+fn drone(name: &str, edit: impl FnOnce(&mut Drone)) -> Drone {
+    let mut d = Drone {
+        name: name.into(),
+        ..Drone::default()
+    };
+    edit(&mut d);
+    d
+}
+
+/// What a halt calls back: every drone of this rollout whose command has not started, whatever
+/// held it (a gate, the timeout, a retry's back-off, an earlier target); never one that runs or
+/// ended, nor anybody else's.
+#[test]
+fn a_halt_calls_back_every_drone_whose_command_has_not_started() {
+    let s = spec();
+    let dispatched = |d: &mut Drone| {
+        d.dispatched = true;
+        d.dispatched_at = T0;
+    };
+    // (drone, called back)
+    let table: Vec<(Drone, bool)> = vec![
+        (drone("waiting-at-a-gate", dispatched), true),
+        (
+            drone("offline-timed-out", |d| {
+                dispatched(d);
+                d.blocked = Some("drone is offline".into());
+            }),
+            true,
+        ),
+        (
+            drone("retrying", |d| {
+                dispatched(d);
+                d.started = true;
+                d.sync_reason = Some("Retrying".into());
+                d.last_result = Some("Failed".into());
+            }),
+            true,
+        ),
+        (
+            drone("attempt-2-published", |d| {
+                dispatched(d);
+                d.sync_reason = Some("InProgress".into());
+            }),
+            true,
+        ),
+        (
+            drone("earlier-generation", |d| {
+                d.stale = true;
+                d.dispatched_at = T0 - 3600;
+            }),
+            true,
+        ),
+        (
+            drone("running", |d| {
+                dispatched(d);
+                d.started = true;
+                d.running = true;
+            }),
+            false,
+        ),
+        (
+            drone("earlier-generation-running", |d| {
+                d.stale = true;
+                d.started = true;
+                d.running = true;
+            }),
+            false,
+        ),
+        (
+            drone("rolled-back", |d| {
+                dispatched(d);
+                d.started = true;
+                d.sync_reason = Some("Failed".into());
+                d.last_result = Some("RolledBack".into());
+            }),
+            false,
+        ),
+        (
+            drone("succeeded", |d| {
+                dispatched(d);
+                d.started = true;
+                d.on_target = true;
+            }),
+            false,
+        ),
+        (drone("pinned-by-a-person", |d| d.pinned = true), false),
+        (drone("never-dispatched", |_| {}), false),
+    ];
+    let drones: Vec<Drone> = table.iter().map(|(d, _)| d.clone()).collect();
+    // 20 minutes after the dispatch: the 10 m drone timeout has passed for every one.
+    let now = T0 + 1200;
+    let p = plan(&s, 1, &halted_status(&s), &drones, now, &at(now));
+    assert!(p.dispatch.is_empty(), "{:?}", p.dispatch);
+    for (d, want) in &table {
+        assert_eq!(
+            p.cancel.contains(&d.name),
+            *want,
+            "{}: cancel {:?}",
+            d.name,
+            p.cancel
+        );
+    }
+    assert_eq!(p.outcomes["offline-timed-out"], Outcome::TimedOut);
+    assert!(is_true(&p.status.conditions, condition::HALTED));
+}
+
+/// A new target starts the waves over: drones an earlier target dispatched that have not
+/// started are dispatched again when their wave is open, called back otherwise; a running one
+/// runs to its end first.
+#[test]
+fn a_new_target_calls_back_or_redispatches_what_the_old_one_left_unstarted() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    let mut drones = fleet(10);
+    let mut status = FirmwareRolloutStatus::default();
+    let mut now = T0;
+    // Wave 0 and 1 of 2.0.0 go out; the drones of wave 1 never start.
+    while status.current_wave < 1 || drones.iter().filter(|d| d.dispatched).count() < 5 {
+        let p = plan(&s, 1, &status, &drones, now, &at(now));
+        apply(&mut drones, &p, now);
+        for d in drones
+            .iter_mut()
+            .filter(|d| d.dispatched && d.dispatched_at < T0 + 60)
+        {
+            finish(d, "Committed");
+        }
+        status = p.status;
+        now += 30;
+        assert!(now < T0 + 3600, "wave 1 never started");
+    }
+    let waves = assign_waves(drones.iter().map(|d| d.name.as_str()), &s.waves);
+    // 2.0.1 replaces it: everything 2.0.0 wrote is now an earlier target; one drone of wave 1
+    // is running it.
+    s.version = "2.0.1".into();
+    s.url = "http://fw/2.0.1.fnb".into();
+    let running = drones
+        .iter()
+        .find(|d| waves[&d.name] == 1)
+        .map(|d| d.name.clone())
+        .unwrap_or_default();
+    for d in &mut drones {
+        if d.dispatched {
+            d.stale = true;
+            d.dispatched = false;
+            d.on_target = false;
+            d.running = d.name == running;
+            d.started = d.running;
+        }
+    }
+    let p = plan(&s, 2, &status, &drones, now, &at(now));
+    assert_eq!(p.status.current_wave, 0, "a new target starts over");
+    for d in drones.iter().filter(|d| d.stale) {
+        let (dispatched, canceled) = (p.dispatch.contains(&d.name), p.cancel.contains(&d.name));
+        match waves[&d.name] {
+            _ if d.name == running => assert!(!dispatched && !canceled, "{}: running", d.name),
+            0 => assert!(dispatched && !canceled, "{}: wave 0 is open", d.name),
+            _ => assert!(
+                !dispatched && canceled,
+                "{}: wave {} not open",
+                d.name,
+                waves[&d.name]
+            ),
+        }
+    }
+}
+
+/// A spec edit of a table row.
+type Edit = fn(&mut FirmwareRolloutSpec);
+
+/// Edits that keep the target keep the progress, a halt and a completion; edits of the target
+/// (version, url, allowDowngrade, selector) start the waves over and lift a halt.
+#[test]
+fn only_a_target_change_restarts_the_waves() {
+    let mut base = spec();
+    base.failure_policy.rules.clear();
+    base.waves[1].soak = Some("1h".into());
+    // A rollout soaking in wave 1 (of 3), generation 1.
+    let mut drones = fleet(10);
+    let mut status = FirmwareRolloutStatus::default();
+    let mut now = T0;
+    while status.current_wave < 1 || status.wave_finished_time.is_none() {
+        let p = plan(&base, 1, &status, &drones, now, &at(now));
+        apply(&mut drones, &p, now);
+        for d in drones.iter_mut().filter(|d| d.dispatched) {
+            finish(d, "Committed");
+        }
+        status = p.status;
+        now += 30;
+        assert!(now < T0 + 3600, "wave 1 never finished");
+    }
+    assert_eq!(status.current_wave, 1);
+    let soaking = status.clone();
+    let table: Vec<(&str, Edit, bool)> = vec![
+        ("pause", |s| s.paused = true, false),
+        (
+            "failure policy",
+            |s| s.failure_policy.rules = vec![rule("any", 90, 5, None)],
+            false,
+        ),
+        ("soak", |s| s.waves[0].soak = Some("5m".into()), false),
+        ("gates", |s| s.gates.min_battery_percent = Some(40), false),
+        ("max concurrent", |s| s.max_concurrent = Some(1), false),
+        ("drone timeout", |s| s.drone_timeout = Some("1h".into()), false),
+        ("version", |s| s.version = "2.0.1".into(), true),
+        ("url", |s| s.url = "http://mirror/2.0.0.fnb".into(), true),
+        ("allow downgrade", |s| s.allow_downgrade = true, true),
+        (
+            "selector",
+            |s| {
+                s.selector = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                    match_labels: Some([("fleet".to_owned(), "north".to_owned())].into()),
+                    ..Default::default()
+                });
+            },
+            true,
+        ),
+    ];
+    for (what, edit, restarts) in &table {
+        let mut s = base.clone();
+        edit(&mut s);
+        let p = plan(&s, 2, &soaking, &drones, now + 1, &at(now + 1));
+        assert_eq!(
+            p.status.current_wave == 0,
+            *restarts,
+            "{what}: wave {}",
+            p.status.current_wave
+        );
+        assert_eq!(p.status.observed_generation, Some(2), "{what}");
+        assert_eq!(
+            p.status.wave_started_time != soaking.wave_started_time,
+            *restarts,
+            "{what}: the wave's clock"
+        );
+        // Halted by the breaker in generation 1: the same edit on a halted rollout.
+        let halted = halted_status(&base);
+        let p = plan(&s, 2, &halted, &drones, now + 1, &at(now + 1));
+        let breaker_halt = p.status.conditions.iter().any(|c| {
+            c.type_ == condition::HALTED && c.status == "True" && c.reason == "CircuitBreakerTripped"
+        });
+        assert_eq!(breaker_halt, !restarts, "{what}: the breaker's halt");
+        if !restarts {
+            assert!(p.dispatch.is_empty(), "{what}: dispatch {:?}", p.dispatch);
+        }
+        assert_eq!(
+            p.status.target_generation,
+            Some(if *restarts { 2 } else { 1 }),
+            "{what}"
+        );
+    }
+    // Unpausing resumes where it was: the wave and its soak clock are those of before.
+    let mut paused = base.clone();
+    paused.paused = true;
+    let p = plan(&paused, 2, &soaking, &drones, now + 1, &at(now + 1));
+    let p = plan(&base, 3, &p.status, &drones, now + 2, &at(now + 2));
+    assert_eq!(p.status.current_wave, 1);
+    assert_eq!(p.status.wave_started_time, soaking.wave_started_time);
+    assert_eq!(
+        p.status.wave_finished_time, soaking.wave_finished_time,
+        "the soak goes on"
+    );
+}
+
+/// A Complete rollout is terminal for its target: a drone that later looks not started (another
+/// rollout's, a newcomer) is never dispatched, no edit but a new target reopens it, and the
+/// Completed event is not sent again.
+#[test]
+fn a_complete_rollout_never_dispatches_again() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    let mut drones = fleet(4);
+    let mut status = FirmwareRolloutStatus::default();
+    let mut now = T0;
+    while !is_true(&status.conditions, condition::COMPLETE) {
+        let p = plan(&s, 1, &status, &drones, now, &at(now));
+        apply(&mut drones, &p, now);
+        for d in drones.iter_mut().filter(|d| d.dispatched) {
+            finish(d, "Committed");
+        }
+        status = p.status;
+        now += 30;
+        assert!(now < T0 + 3600, "never completed");
+    }
+    // Another rollout took two drones to its version and finished; a newcomer joined.
+    for d in drones.iter_mut().take(2) {
+        *d = Drone {
+            name: d.name.clone(),
+            ..Drone::default()
+        };
+    }
+    drones.push(Drone {
+        name: "newcomer".into(),
+        ..Drone::default()
+    });
+    for generation in [1, 2] {
+        let mut edited = s.clone();
+        edited.paused = generation == 2;
+        let p = plan(&edited, generation, &status, &drones, now, &at(now));
+        assert!(p.dispatch.is_empty(), "generation {generation}: {:?}", p.dispatch);
+        assert!(p.cancel.is_empty());
+        assert!(
+            is_true(&p.status.conditions, condition::COMPLETE),
+            "{:?}",
+            p.status.conditions
+        );
+        assert!(p.events.is_empty(), "{:?}", p.events);
+        assert_eq!(p.status.counts.not_started, 3);
+    }
+    // A new target does reopen it.
+    s.version = "2.0.1".into();
+    let p = plan(&s, 3, &status, &drones, now, &at(now));
+    assert!(!is_true(&p.status.conditions, condition::COMPLETE));
+    assert!(!p.dispatch.is_empty());
+}
+
+/// Drones a newer rollout selects are that one's: never dispatched here, called back when this
+/// rollout's command has not started, counted as superseded, and named in a condition (once as
+/// an event).
+#[test]
+fn an_older_rollout_yields_the_drones_a_newer_one_selects() {
+    let mut s = spec();
+    s.waves.clear();
+    let mut drones = fleet(6);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    assert_eq!(p.dispatch.len(), 6);
+    apply(&mut drones, &p, T0);
+    // A newer rollout selects drones 0-3: 0 is running ours, 1 finished ours, 2 and 3 wait.
+    drones[0].started = true;
+    drones[0].running = true;
+    finish(&mut drones[1], "Committed");
+    for d in drones.iter_mut().take(4) {
+        d.superseded_by = Some("fw-newer".into());
+    }
+    let p = plan(&s, 1, &p.status, &drones, T0 + 5, &at(T0 + 5));
+    assert!(p.dispatch.is_empty());
+    assert_eq!(p.cancel, vec!["drone-02".to_owned(), "drone-03".to_owned()]);
+    assert_eq!(p.status.counts.superseded, 4);
+    let c = p
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::SUPERSEDED)
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "NewerRollout"));
+    assert!(
+        c.message.contains("fw-newer") && c.message.starts_with("4 of 6"),
+        "{}",
+        c.message
+    );
+    assert_eq!(p.events.iter().filter(|e| e.0 == "Superseded").count(), 1);
+    // Not started again after the call-back, and no second event.
+    apply(&mut drones, &p, T0 + 5);
+    let p = plan(&s, 1, &p.status, &drones, T0 + 10, &at(T0 + 10));
+    assert!(p.dispatch.is_empty() && p.cancel.is_empty(), "{p:?}");
+    assert!(p.events.iter().all(|e| e.0 != "Superseded"));
+    // The rest finish: complete over what it still has, the condition says why the rest is not.
+    for d in drones.iter_mut().skip(4) {
+        finish(d, "Committed");
+    }
+    let p = plan(&s, 1, &p.status, &drones, T0 + 15, &at(T0 + 15));
+    assert!(is_true(&p.status.conditions, condition::COMPLETE));
+    assert!(is_true(&p.status.conditions, condition::SUPERSEDED));
+}

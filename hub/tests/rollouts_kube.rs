@@ -1,0 +1,496 @@
+//! Rollouts under real operations, on a real kube-apiserver (skipped without
+//! `FLIGHTNODE_K8S_DIR`; the harness is `common/cluster.rs`, every hub request runs as the user
+//! bound to the committed Role):
+//!
+//! - two overlapping rollouts created a second apart: the older yields (its status says so), no
+//!   drone is ever commanded old, new, old, and once both completed nobody sends anything;
+//! - a halt calls back the canary drone that timed out offline and the one in `Retrying`, no
+//!   retry follows, the offline one gets a cancel when it returns, and an edit of the breaker's
+//!   rules does not resume the halted rollout;
+//! - pausing a rollout soaking in its second wave keeps the wave and its soak;
+//! - a drone whose `spec.firmware` a person edited after the dispatch counts as pinned, so the
+//!   wave finishes; each rollout writes under its own field manager.
+//!
+//! Drones are simulated at the API (statuses written as the hub writes heartbeat statuses); a
+//! drone "installs" the last upgrade command it got by reporting it committed.
+
+mod common;
+
+use common::cluster::{NS, Recorded, Report, cluster, controllers, create_drones, report};
+use flightnode_hub::api::flightnode::FlightNode;
+use flightnode_hub::api::rollout::{FirmwareRollout, condition};
+use flightnode_hub::controller::reconcile::Controllers;
+use flightnode_hub::store::kube::KubeSink;
+use flightnode_proto::mqtt::Command;
+use flightnode_tests::apiserver::ApiServer;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn rollout(name: &str, version: &str, rest: &str) -> String {
+    format!(
+        "apiVersion: edge.drone.io/v1\nkind: FirmwareRollout\nmetadata: {{name: {name}}}\n\
+         spec:\n  version: \"{version}\"\n  url: http://fw.example/{version}.fnb\n\
+         \x20 selector: {{matchLabels: {{fleet: test}}}}\n{rest}"
+    )
+}
+
+fn condition_of(r: &FirmwareRollout, type_: &str) -> Option<flightnode_hub::api::meta::Condition> {
+    r.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == "True")
+        .cloned()
+}
+
+/// Every drone reports its last upgrade command committed (once per upgrade id).
+struct Installs {
+    done: BTreeSet<String>,
+}
+
+impl Installs {
+    async fn drive(&mut self, commands: &Recorded, sink: &KubeSink) -> anyhow::Result<()> {
+        let mut last: BTreeMap<String, (String, String)> = BTreeMap::new();
+        for (device, cmd) in commands.all() {
+            match cmd {
+                Command::Upgrade(u) => {
+                    let version = u.version.map(|v| v.to_string()).unwrap_or_default();
+                    last.insert(device, (u.upgrade_id, version));
+                }
+                Command::Cancel { upgrade_id } => {
+                    if last.get(&device).is_some_and(|(id, _)| *id == upgrade_id) {
+                        last.remove(&device);
+                    }
+                }
+            }
+        }
+        for (device, (id, version)) in last {
+            if self.done.insert(id.clone()) {
+                let r = Report {
+                    version,
+                    last: Some((id, "committed", "")),
+                    ..Report::default()
+                };
+                report(sink, &device, &r).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn lists(admin: &Client) -> anyhow::Result<(Vec<FlightNode>, Vec<FirmwareRollout>)> {
+    let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
+    let rollouts: Api<FirmwareRollout> = Api::namespaced(admin.clone(), NS);
+    Ok((
+        nodes.list(&ListParams::default()).await?.items,
+        rollouts.list(&ListParams::default()).await?.items,
+    ))
+}
+
+/// Steps (and lets the drones install, when `installs` is given) until `done` holds on a fresh
+/// read.
+async fn run_until<F>(
+    c: &Controllers,
+    admin: &Client,
+    drive: Option<(&mut Installs, &Recorded, &KubeSink)>,
+    what: &str,
+    done: F,
+) -> anyhow::Result<(Vec<FlightNode>, Vec<FirmwareRollout>)>
+where
+    F: Fn(&[FlightNode], &[FirmwareRollout]) -> bool,
+{
+    let deadline = Instant::now() + Duration::from_mins(1);
+    let mut drive = drive;
+    loop {
+        c.step().await;
+        if let Some((installs, commands, sink)) = drive.as_mut() {
+            installs.drive(commands, sink).await?;
+        }
+        let (n, r) = lists(admin).await?;
+        if done(&n, &r) {
+            return Ok((n, r));
+        }
+        if Instant::now() > deadline {
+            let syncs: Vec<_> = n
+                .iter()
+                .map(|n| {
+                    (
+                        n.name_any(),
+                        n.status.as_ref().and_then(|s| s.firmware_sync.clone()),
+                    )
+                })
+                .collect();
+            let rollouts: Vec<_> = r.iter().map(|r| (r.name_any(), &r.status)).collect();
+            anyhow::bail!("timed out waiting for: {what}\nrollouts: {rollouts:#?}\ndrones: {syncs:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+fn is(r: &[FirmwareRollout], name: &str, type_: &str) -> bool {
+    r.iter()
+        .any(|r| r.name_any() == name && condition_of(r, type_).is_some())
+}
+
+async fn fleet(n: usize) -> anyhow::Result<Option<(ApiServer, Client, Client, KubeSink, Vec<String>)>> {
+    let Some((api, admin, hub)) = cluster().await? else {
+        return Ok(None);
+    };
+    let names: Vec<String> = (0..n).map(|i| format!("drone-{i}")).collect();
+    create_drones(&admin, &names).await?;
+    let sink = KubeSink::new(hub.clone(), NS, Duration::from_secs(10));
+    for name in &names {
+        let r = Report {
+            version: "1.0.0".into(),
+            ..Report::default()
+        };
+        report(&sink, name, &r).await?;
+    }
+    Ok(Some((api, admin, hub, sink, names)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_rollouts_never_take_turns_on_a_drone() -> anyhow::Result<()> {
+    let Some((api, admin, hub, sink, names)) = fleet(4).await? else {
+        return Ok(());
+    };
+    api.apply_yaml(
+        &admin,
+        &rollout("fw-old", "7.0.0", "  waves: [{count: 1}]\n"),
+        Some(NS),
+    )
+    .await?;
+    let commands = Arc::new(Recorded::default());
+    let c = controllers(&hub, Arc::clone(&commands), "replica-a").await?;
+    let mut installs = Installs {
+        done: BTreeSet::new(),
+    };
+    run_until(
+        &c,
+        &admin,
+        Some((&mut installs, &commands, &sink)),
+        "the old rollout's canary",
+        |_, _| !commands.upgrades().is_empty(),
+    )
+    .await?;
+    // A second later (creation times have whole seconds), a newer rollout over the same drones.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    api.apply_yaml(
+        &admin,
+        &rollout("fw-new", "7.1.0", "  waves: [{count: 2}]\n"),
+        Some(NS),
+    )
+    .await?;
+    let (nodes, rollouts) = run_until(
+        &c,
+        &admin,
+        Some((&mut installs, &commands, &sink)),
+        "both rollouts Complete",
+        |n, r| {
+            is(r, "fw-old", condition::COMPLETE)
+                && is(r, "fw-new", condition::COMPLETE)
+                && n.iter().all(|n| {
+                    n.status
+                        .as_ref()
+                        .and_then(|s| s.firmware.as_ref())
+                        .and_then(|f| f.committed_version.as_deref())
+                        == Some("7.1.0")
+                })
+        },
+    )
+    .await?;
+    // The older one yields, and says to whom.
+    let old = rollouts.iter().find(|r| r.name_any() == "fw-old").unwrap();
+    let superseded = condition_of(old, condition::SUPERSEDED).expect("fw-old has Superseded=True");
+    assert_eq!(superseded.reason, "NewerRollout");
+    assert!(superseded.message.contains("fw-new"), "{}", superseded.message);
+    let new = rollouts.iter().find(|r| r.name_any() == "fw-new").unwrap();
+    assert!(condition_of(new, condition::SUPERSEDED).is_none());
+    let counts = new.status.clone().unwrap_or_default().counts;
+    assert_eq!((counts.total, counts.succeeded), (4, 4), "{counts:?}");
+    // Every spec.firmware is the newer rollout's, under its own field manager.
+    for n in &nodes {
+        assert_eq!(
+            n.spec.firmware.as_ref().map(|f| f.version.as_str()),
+            Some("7.1.0")
+        );
+        let managers: Vec<String> = n
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter(|m| {
+                m.fields_v1
+                    .as_ref()
+                    .is_some_and(|f| f.0.pointer("/f:spec/f:firmware").is_some())
+            })
+            .filter_map(|m| m.manager.clone())
+            .collect();
+        assert_eq!(
+            managers,
+            vec!["flightnode-rollout/fw-new".to_owned()],
+            "{}",
+            n.name_any()
+        );
+    }
+    assert_eq!(commands.versions().len(), names.len());
+    // Both complete: nobody sends anything any more.
+    let sent = commands.all().len();
+    for _ in 0..10 {
+        c.step().await;
+        installs.drive(&commands, &sink).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Never old, new, old on one drone, over the whole run.
+    for (device, versions) in commands.versions() {
+        let first_new = versions.iter().position(|v| v == "7.1.0");
+        if let Some(i) = first_new {
+            assert!(
+                versions[i..].iter().all(|v| v == "7.1.0"),
+                "{device} was commanded {versions:?}"
+            );
+        }
+    }
+    assert_eq!(
+        commands.all()[sent..],
+        [],
+        "commands after both rollouts completed"
+    );
+    let (_, rollouts) = lists(&admin).await?;
+    assert!(is(&rollouts, "fw-old", condition::COMPLETE) && is(&rollouts, "fw-new", condition::COMPLETE));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_calls_back_the_offline_and_the_retrying_canary_and_stays_halted() -> anyhow::Result<()> {
+    let Some((api, admin, hub, sink, _)) = fleet(6).await? else {
+        return Ok(());
+    };
+    let spec = |max: u32| {
+        rollout(
+            "fw-bad",
+            "2.0.0",
+            &format!(
+                "  waves: [{{count: 3, soak: 1h}}]\n  droneTimeout: 3s\n\
+                 \x20 failurePolicy: {{rules: [{{kind: rolledBack, maxCount: {max}}}]}}\n"
+            ),
+        )
+    };
+    api.apply_yaml(&admin, &spec(1), Some(NS)).await?;
+    let commands = Arc::new(Recorded::default());
+    let mut c = controllers(&hub, Arc::clone(&commands), "replica-a").await?;
+    // A retry 8 s after a failed attempt: without the call-back, attempt 2 comes in this test.
+    c.config.policy.backoff = Duration::from_secs(8);
+    run_until(&c, &admin, None, "the canary's commands", |_, _| {
+        commands.upgrades().len() == 3
+    })
+    .await?;
+    let canary: Vec<(String, String)> = commands
+        .upgrades()
+        .into_iter()
+        .map(|(d, ids)| (d, ids[0].clone()))
+        .collect();
+    let (bad, offline, retrying) = (&canary[0], &canary[1], &canary[2]);
+    // One goes dark before it picks its command up; one fails transiently (Retrying).
+    let dark = Report {
+        version: "1.0.0".into(),
+        offline: true,
+        ..Report::default()
+    };
+    report(&sink, &offline.0, &dark).await?;
+    let failed = Report {
+        version: "1.0.0".into(),
+        last: Some((retrying.1.clone(), "failed", "download_failed")),
+        ..Report::default()
+    };
+    report(&sink, &retrying.0, &failed).await?;
+    let sync_of = |n: &[FlightNode], name: &str| {
+        n.iter()
+            .find(|n| n.name_any() == name)
+            .and_then(|n| n.status.clone())
+            .and_then(|s| s.firmware_sync)
+            .map(|s| s.reason)
+    };
+    run_until(
+        &c,
+        &admin,
+        None,
+        "Retrying, and the dark one timed out",
+        |n, r| {
+            sync_of(n, &retrying.0).as_deref() == Some("Retrying")
+                && r.iter()
+                    .any(|r| r.status.as_ref().is_some_and(|s| s.counts.timed_out >= 1))
+        },
+    )
+    .await?;
+    // The third rolls back: the breaker trips.
+    let rolled_back = Report {
+        version: "1.0.0".into(),
+        last: Some((bad.1.clone(), "rolled_back", "health_check_failed")),
+        ..Report::default()
+    };
+    report(&sink, &bad.0, &rolled_back).await?;
+    let firmware = |n: &[FlightNode], name: &str| {
+        n.iter()
+            .find(|n| n.name_any() == name)
+            .and_then(|n| n.spec.firmware.clone())
+            .map(|f| f.version)
+    };
+    let (nodes, _) = run_until(&c, &admin, None, "Halted, and the call-backs", |n, r| {
+        is(r, "fw-bad", condition::HALTED)
+            && firmware(n, &offline.0).is_none()
+            && firmware(n, &retrying.0).is_none()
+    })
+    .await?;
+    assert_eq!(
+        firmware(&nodes, &bad.0).as_deref(),
+        Some("2.0.0"),
+        "the rolled-back drone keeps its record"
+    );
+    // An edit of the breaker's rules is no resume.
+    api.apply_yaml(&admin, &spec(5), Some(NS)).await?;
+    // The dark one returns; the back-off of the failed one passes.
+    let back = Report {
+        version: "1.0.0".into(),
+        ..Report::default()
+    };
+    report(&sink, &offline.0, &back).await?;
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        c.step().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (nodes, rollouts) = lists(&admin).await?;
+    let r = rollouts.iter().find(|r| r.name_any() == "fw-bad").unwrap();
+    let s = r.status.clone().unwrap_or_default();
+    assert_eq!(s.observed_generation, r.metadata.generation, "{s:?}");
+    assert!(condition_of(r, condition::HALTED).is_some(), "{s:?}");
+    for (device, ids) in commands.upgrades() {
+        assert_eq!(
+            ids.len(),
+            1,
+            "{device}: {ids:?} (a retry or a dispatch after the halt)"
+        );
+    }
+    assert_eq!(commands.upgrades().len(), 3, "{:?}", commands.upgrades());
+    assert!(
+        commands
+            .cancels()
+            .get(&offline.0)
+            .is_some_and(|c| c.contains(&offline.1)),
+        "the returning drone's command is canceled: {:?}",
+        commands.cancels()
+    );
+    assert!(firmware(&nodes, &offline.0).is_none() && firmware(&nodes, &retrying.0).is_none());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_keeps_the_wave_and_its_soak() -> anyhow::Result<()> {
+    let Some((api, admin, hub, sink, _)) = fleet(4).await? else {
+        return Ok(());
+    };
+    let spec = |paused: bool| {
+        rollout(
+            "fw",
+            "2.0.0",
+            &format!("  waves: [{{count: 1}}, {{count: 2, soak: 1h}}]\n  paused: {paused}\n"),
+        )
+    };
+    api.apply_yaml(&admin, &spec(false), Some(NS)).await?;
+    let commands = Arc::new(Recorded::default());
+    let c = controllers(&hub, Arc::clone(&commands), "replica-a").await?;
+    let mut installs = Installs {
+        done: BTreeSet::new(),
+    };
+    let soaking = |r: &[FirmwareRollout]| {
+        r.iter().any(|r| {
+            r.status
+                .as_ref()
+                .is_some_and(|s| s.current_wave == 1 && s.wave_finished_time.is_some())
+        })
+    };
+    let (_, before) = run_until(
+        &c,
+        &admin,
+        Some((&mut installs, &commands, &sink)),
+        "wave 1 soaking",
+        |_, r| soaking(r),
+    )
+    .await?;
+    let before = before[0].status.clone().unwrap_or_default();
+    for paused in [true, false] {
+        api.apply_yaml(&admin, &spec(paused), Some(NS)).await?;
+        let (_, after) = run_until(&c, &admin, None, "the edit observed", |_, r| {
+            r[0].status.as_ref().and_then(|s| s.observed_generation) == r[0].metadata.generation
+        })
+        .await?;
+        let after = after[0].status.clone().unwrap_or_default();
+        assert_eq!(
+            (
+                after.current_wave,
+                &after.wave_started_time,
+                &after.wave_finished_time
+            ),
+            (1, &before.wave_started_time, &before.wave_finished_time),
+            "paused {paused}: {after:?}"
+        );
+    }
+    assert_eq!(commands.upgrades().len(), 2, "no dispatch during the soak");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drone_edited_after_dispatch_is_pinned_and_the_wave_finishes() -> anyhow::Result<()> {
+    let Some((api, admin, hub, sink, names)) = fleet(3).await? else {
+        return Ok(());
+    };
+    api.apply_yaml(&admin, &rollout("fw", "2.0.0", ""), Some(NS))
+        .await?;
+    let commands = Arc::new(Recorded::default());
+    let c = controllers(&hub, Arc::clone(&commands), "replica-a").await?;
+    run_until(&c, &admin, None, "every drone dispatched", |n, _| {
+        n.iter().all(|n| n.spec.firmware.is_some())
+    })
+    .await?;
+    // A person edits one drone's firmware after the dispatch, the way `kubectl edit` does (an
+    // update under its own field manager, not an apply).
+    let edited = &names[0];
+    let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
+    let edit = serde_json::json!({ "spec": { "firmware": { "version": "1.5.0", "url": "http://fw.example/1.5.0.fnb" } } });
+    let params = PatchParams {
+        field_manager: Some("kubectl-edit".into()),
+        ..PatchParams::default()
+    };
+    nodes.patch(edited, &params, &Patch::Merge(&edit)).await?;
+    let mut installs = Installs {
+        done: BTreeSet::new(),
+    };
+    let (nodes_now, rollouts) = run_until(
+        &c,
+        &admin,
+        Some((&mut installs, &commands, &sink)),
+        "Complete with the edited drone pinned",
+        |_, r| is(r, "fw", condition::COMPLETE),
+    )
+    .await?;
+    let s = rollouts[0].status.clone().unwrap_or_default();
+    assert_eq!((s.counts.succeeded, s.counts.pinned), (2, 1), "{s:?}");
+    let node = nodes_now.iter().find(|n| n.name_any() == *edited).unwrap();
+    assert_eq!(
+        node.spec.firmware.as_ref().map(|f| f.version.as_str()),
+        Some("1.5.0"),
+        "the person's edit stands"
+    );
+    let managers: BTreeSet<String> = nodes_now
+        .iter()
+        .flat_map(|n| n.metadata.managed_fields.clone().unwrap_or_default())
+        .filter_map(|m| m.manager)
+        .collect();
+    assert!(managers.contains("flightnode-rollout/fw"), "{managers:?}");
+    assert!(!managers.contains("flightnode-rollout"), "{managers:?}");
+    Ok(())
+}
