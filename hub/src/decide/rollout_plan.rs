@@ -152,12 +152,28 @@ pub fn plan(
     let mut dispatch = Vec::new();
     let prev_conditions = previous.conditions.clone();
     let mut conditions = Vec::new();
-    let wave_done = drones.iter().all(|d| {
+    let all_finished = drones.iter().all(|d| {
         let o = outcomes[&d.name];
         waves.get(&d.name).copied().unwrap_or(0) > current
             || o.finished()
             || matches!(o, Outcome::Pinned | Outcome::Superseded)
     });
+    // Evidence: a wave advances only on as many real results as it has drones. A drone that
+    // timed out (offline, flying, never picked the command up) is no result: the next drones by
+    // rank take its place, so an offline canary never lets the next wave start on nothing.
+    let members = drones
+        .iter()
+        .filter(|d| {
+            waves.get(&d.name).copied().unwrap_or(0) <= current
+                && !matches!(outcomes[&d.name], Outcome::Pinned | Outcome::Superseded)
+        })
+        .count();
+    let evidence = drones.iter().filter(|d| outcomes[&d.name].is_result()).count();
+    let pending = outcomes
+        .values()
+        .filter(|o| matches!(o, Outcome::Waiting | Outcome::InProgress))
+        .count();
+    let wave_done = all_finished && evidence >= members;
     let last_wave = current + 1 >= wave_count;
     let complete = was_complete || (wave_done && last_wave && tripped.is_none());
 
@@ -287,17 +303,41 @@ pub fn plan(
                 })
                 .collect();
             candidates.sort_by_key(|d| rank_key(&d.name));
+            // Stand-ins, by rank from the later waves, for drones of this wave that cannot give
+            // a result (held by a gate, timed out).
+            let short = members.saturating_sub(evidence + pending + candidates.len());
+            if short > 0 {
+                let mut later: Vec<&Drone> = drones
+                    .iter()
+                    .filter(|d| {
+                        outcomes[&d.name] == Outcome::NotStarted
+                            && waves.get(&d.name).copied().unwrap_or(0) > current
+                            && d.blocked.is_none()
+                    })
+                    .collect();
+                later.sort_by_key(|d| rank_key(&d.name));
+                candidates.extend(later.into_iter().take(short));
+            }
             dispatch = candidates
                 .into_iter()
                 .take(usize::try_from(room).unwrap_or(usize::MAX))
                 .map(|d| d.name.clone())
                 .collect();
         }
+        let waiting_for_evidence =
+            all_finished && evidence < members && status.current_wave as usize == current;
         conditions.push(cond(
             condition::PROGRESSING,
             !spec.paused,
             if spec.paused { "Paused" } else { "WaveInProgress" },
-            format!("wave {} of {wave_count}", status.current_wave + 1),
+            if waiting_for_evidence {
+                format!(
+                    "wave {} of {wave_count}: {evidence} of {members} drones gave a result; the next drones by rank stand in for the rest",
+                    status.current_wave + 1
+                )
+            } else {
+                format!("wave {} of {wave_count}", status.current_wave + 1)
+            },
             generation,
             &prev_conditions,
             now_rfc3339,

@@ -81,6 +81,15 @@ impl Outcome {
         )
     }
 
+    /// A result the drone reported (evidence about the build): not a timeout, which says
+    /// nothing about it.
+    pub fn is_result(self) -> bool {
+        matches!(
+            self,
+            Outcome::Succeeded | Outcome::Failed | Outcome::Rejected | Outcome::RolledBack
+        )
+    }
+
     /// Counts towards a breaker rule of `kind`.
     pub fn is_kind(self, kind: &str) -> bool {
         match kind {

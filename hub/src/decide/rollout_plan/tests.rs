@@ -585,3 +585,61 @@ fn an_older_rollout_yields_the_drones_a_newer_one_selects() {
     assert!(is_true(&p.status.conditions, condition::COMPLETE));
     assert!(is_true(&p.status.conditions, condition::SUPERSEDED));
 }
+
+/// Issue 22 f: a canary that gives no result (it never picks its command up and times out) is
+/// no evidence. The next drone by rank stands in for it, and the next wave waits for that result.
+#[test]
+fn a_silent_canary_is_replaced_by_rank_and_the_next_wave_waits_for_a_real_result() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    s.waves[0].soak = None;
+    let mut drones = fleet(10);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    let canary = p.dispatch.clone();
+    assert_eq!(canary.len(), 2);
+    apply(&mut drones, &p, T0);
+    let first = drones.iter().position(|d| d.name == canary[0]).unwrap();
+    finish(&mut drones[first], "Committed");
+
+    // The second canary never picked its command up: timed out, no result. A stand-in goes out
+    // and the canary wave is not done on one result of two.
+    let p = plan(&s, 1, &p.status, &drones, T0 + 600, &at(T0 + 600));
+    assert_eq!(p.status.counts.timed_out, 1);
+    assert_eq!(p.status.current_wave, 0, "wave 1 started on one result of two");
+    assert_eq!(p.dispatch.len(), 1, "one stand-in: {:?}", p.dispatch);
+    let stand_in = p.dispatch[0].clone();
+    assert!(!canary.contains(&stand_in));
+    let progressing = p
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::PROGRESSING)
+        .unwrap();
+    assert!(progressing.message.contains("1 of 2"), "{}", progressing.message);
+    apply(&mut drones, &p, T0 + 600);
+    let p = plan(&s, 1, &p.status, &drones, T0 + 601, &at(T0 + 601));
+    assert_eq!(p.status.current_wave, 0);
+    assert!(p.dispatch.is_empty(), "{:?}", p.dispatch);
+
+    // The stand-in succeeds: now the wave is done and the next one starts.
+    let i = drones.iter().position(|d| d.name == stand_in).unwrap();
+    finish(&mut drones[i], "Committed");
+    let p = plan(&s, 1, &p.status, &drones, T0 + 700, &at(T0 + 700));
+    assert_eq!(p.status.current_wave, 1);
+    assert!(!p.dispatch.is_empty());
+}
+
+#[test]
+fn a_wave_of_only_timeouts_never_counts_as_done() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    let mut gated = fleet(3);
+    for d in &mut gated {
+        d.blocked = Some("drone is offline".into());
+    }
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &gated, T0, &at(T0));
+    let p = plan(&s, 1, &p.status, &gated, T0 + 3600, &at(T0 + 3600));
+    assert_eq!(p.status.counts.timed_out, 2);
+    assert_eq!(p.status.current_wave, 0);
+    assert!(!is_true(&p.status.conditions, condition::COMPLETE));
+}
