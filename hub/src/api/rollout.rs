@@ -34,6 +34,8 @@ pub const ANNOTATION_DISPATCHED: &str = "edge.drone.io/rollout-dispatched";
 
 /// What `spec.droneTimeout` and `spec.waves[].soak` look like: Go-style, `30m`, `1h30m`, `90s`.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
+/// `spec.progressDeadline` when it is not set, in seconds.
+pub const DEFAULT_PROGRESS_DEADLINE_SECS: i64 = 3600;
 /// `spec.failurePolicy.rules[].kind`.
 pub const RULE_KINDS: [&str; 5] = ["failed", "rejected", "rolledBack", "timedOut", "any"];
 /// `spec.gates.flightStates[]`: the contract's observed states.
@@ -162,6 +164,13 @@ pub struct FirmwareRolloutSpec {
     /// No new dispatch while true; in-flight drones finish.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// How long an open wave may go without progress (a drone dispatched or finished, a wave
+    /// advanced) before `Progressing` turns False with `ProgressDeadlineExceeded` and
+    /// `rollout status` gives up (default `1h`). Soaks and pauses do not count. Like a
+    /// Deployment's, the rollout itself goes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub progress_deadline: Option<String>,
 }
 
 /// One wave: a cumulative share of the selected drones and how long to watch it before the next.
@@ -288,6 +297,9 @@ pub struct FirmwareRolloutStatus {
     /// Outcomes before this time do not count for the breaker (set when the target changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub breaker_since: Option<String>,
+    /// The last time the rollout progressed (see `spec.progressDeadline`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<String>,
     /// Drones by outcome.
     #[serde(default)]
     pub counts: Counts,
@@ -403,6 +415,12 @@ pub fn validate(spec: &FirmwareRolloutSpec) -> Result<(), String> {
                 w.soak.as_deref().unwrap_or_default()
             ));
         }
+    }
+    if spec.progress_deadline.is_some() && duration_secs(spec.progress_deadline.as_deref()).is_none() {
+        return Err(format!(
+            "spec.progressDeadline {:?} is not a duration like 1h or 30m",
+            spec.progress_deadline.as_deref().unwrap_or_default()
+        ));
     }
     if spec.drone_timeout.is_some() && duration_secs(spec.drone_timeout.as_deref()).is_none() {
         return Err(format!(

@@ -61,6 +61,37 @@ fn parse_time(t: Option<&str>) -> Option<i64> {
         .map(time::OffsetDateTime::unix_timestamp)
 }
 
+/// How many drones had finished at the previous step (from its counts).
+fn previous_finished(previous: &FirmwareRolloutStatus) -> usize {
+    let c = previous.counts;
+    (c.succeeded + c.failed + c.rejected + c.rolled_back + c.timed_out) as usize
+}
+
+/// What holds the rollout, for the deadline's message: how many drones wait, and the first few
+/// gates that hold undispatched drones.
+fn blocked_summary(drones: &[Drone], outcomes: &BTreeMap<String, Outcome>) -> String {
+    let waiting = outcomes
+        .values()
+        .filter(|o| matches!(o, Outcome::Waiting | Outcome::InProgress))
+        .count();
+    let mut gates: BTreeMap<&str, usize> = BTreeMap::new();
+    for d in drones.iter().filter(|d| outcomes[&d.name] == Outcome::NotStarted) {
+        if let Some(why) = d.blocked.as_deref() {
+            *gates.entry(why).or_default() += 1;
+        }
+    }
+    let held: Vec<String> = gates
+        .iter()
+        .take(3)
+        .map(|(why, n)| format!("{n} held: {why}"))
+        .collect();
+    if held.is_empty() {
+        format!("{waiting} dispatched and not finished")
+    } else {
+        format!("{waiting} dispatched and not finished, {}", held.join(", "))
+    }
+}
+
 /// Drones that carry this rollout's `spec.firmware` and whose command has not started: what a
 /// halt, a yield to a newer rollout or a new target takes back (waiting at a gate, timed out
 /// offline, in `Retrying` between attempts, or dispatched for an earlier target). A drone running
@@ -326,11 +357,46 @@ pub fn plan(
         }
         let waiting_for_evidence =
             all_finished && evidence < members && status.current_wave as usize == current;
+        // Progress: something was dispatched or finished, or the wave moved on. Soaking and
+        // pausing are waits by design and keep the clock at zero.
+        let finished_now = outcomes.values().filter(|o| o.finished()).count();
+        let finished_before = previous_finished(previous);
+        let soaking = wave_done && !last_wave;
+        if !dispatch.is_empty()
+            || finished_now != finished_before
+            || status.current_wave != previous.current_wave
+            || soaking
+            || spec.paused
+            || target_changed
+            || status.last_progress_time.is_none()
+        {
+            status.last_progress_time = Some(now_rfc3339.to_owned());
+        }
+        let deadline = spec
+            .progress_deadline
+            .as_deref()
+            .and_then(|d| duration_secs(Some(d)))
+            .unwrap_or(crate::api::rollout::DEFAULT_PROGRESS_DEADLINE_SECS);
+        let stuck_since = parse_time(status.last_progress_time.as_deref()).unwrap_or(now);
+        let exceeded = now - stuck_since >= deadline;
         conditions.push(cond(
             condition::PROGRESSING,
-            !spec.paused,
-            if spec.paused { "Paused" } else { "WaveInProgress" },
-            if waiting_for_evidence {
+            !spec.paused && !exceeded,
+            if spec.paused {
+                "Paused"
+            } else if exceeded {
+                "ProgressDeadlineExceeded"
+            } else {
+                "WaveInProgress"
+            },
+            if exceeded && !spec.paused {
+                format!(
+                    "wave {} of {wave_count}: no drone dispatched or finished for {}s (spec.progressDeadline); {}",
+                    status.current_wave + 1,
+                    now - stuck_since,
+                    blocked_summary(drones, &outcomes)
+                )
+            } else if waiting_for_evidence {
                 format!(
                     "wave {} of {wave_count}: {evidence} of {members} drones gave a result; the next drones by rank stand in for the rest",
                     status.current_wave + 1

@@ -643,3 +643,72 @@ fn a_wave_of_only_timeouts_never_counts_as_done() {
     assert_eq!(p.status.current_wave, 0);
     assert!(!is_true(&p.status.conditions, condition::COMPLETE));
 }
+
+fn progressing(p: &Plan) -> &Condition {
+    p.status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::PROGRESSING)
+        .unwrap()
+}
+
+/// Issue 22 j: a rollout that cannot move (every drone offline) says so after its progress
+/// deadline, so `rollout status` ends instead of waiting forever.
+#[test]
+fn no_progress_for_the_deadline_turns_progressing_false() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    s.progress_deadline = Some("30m".into());
+    let mut gated = fleet(4);
+    for d in &mut gated {
+        d.blocked = Some("drone is offline".into());
+    }
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &gated, T0, &at(T0));
+    // The canaries time out at +600: that is a change, the clock starts again there.
+    let p = plan(&s, 1, &p.status, &gated, T0 + 600, &at(T0 + 600));
+    let t = T0 + 600 + 1799;
+    let p = plan(&s, 1, &p.status, &gated, t, &at(t));
+    assert_eq!(progressing(&p).status, "True", "{:?}", progressing(&p));
+    let p = plan(&s, 1, &p.status, &gated, t + 1, &at(t + 1));
+    let c = progressing(&p);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "ProgressDeadlineExceeded")
+    );
+    assert!(c.message.contains("held: drone is offline"), "{}", c.message);
+    // Drones that come back and are dispatched (stand-ins for the timed-out canaries) are
+    // progress again.
+    let mut back = gated.clone();
+    for d in &mut back {
+        d.blocked = None;
+    }
+    let p = plan(&s, 1, &p.status, &back, t + 2, &at(t + 2));
+    assert!(!p.dispatch.is_empty());
+    assert_eq!(progressing(&p).status, "True");
+}
+
+#[test]
+fn a_soak_longer_than_the_deadline_is_no_stall() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    s.waves[0].soak = Some("2h".into());
+    s.progress_deadline = Some("1h".into());
+    let mut drones = fleet(10);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    apply(&mut drones, &p, T0);
+    for d in drones.iter_mut().filter(|d| d.dispatched) {
+        finish(d, "Committed");
+    }
+    let mut status = p.status;
+    for t in [T0 + 10, T0 + 3000, T0 + 5400, T0 + 7000] {
+        let p = plan(&s, 1, &status, &drones, t, &at(t));
+        assert_eq!(
+            progressing(&p).status,
+            "True",
+            "at +{}: {:?}",
+            t - T0,
+            progressing(&p)
+        );
+        status = p.status;
+    }
+}
