@@ -31,6 +31,9 @@ pub const ANNOTATION_TARGET: &str = "edge.drone.io/rollout-target";
 /// Annotation on a `FlightNode`: when the rollout dispatched it (RFC 3339; the per-drone timeout
 /// runs from here).
 pub const ANNOTATION_DISPATCHED: &str = "edge.drone.io/rollout-dispatched";
+/// Annotation on a `FlightNode`: the dispatching rollout's `spec.gates` (JSON), which the node
+/// reconciler applies again right before it publishes the command.
+pub const ANNOTATION_GATES: &str = "edge.drone.io/rollout-gates";
 
 /// What `spec.droneTimeout` and `spec.waves[].soak` look like: Go-style, `30m`, `1h30m`, `90s`.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";

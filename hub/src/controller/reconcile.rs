@@ -130,7 +130,7 @@ impl Controllers {
         for node in &nodes {
             let name = node.name_any();
             let device = node_sync::device_id(node);
-            let view = NodeView::of(node, &self.config.gate);
+            let view = NodeView::of(node, &FlightGate::for_node(node, &self.config.gate));
             let (t, t_text) = now();
             let d = node_sync::decide(&view, &self.config.policy, t, &t_text);
             if let Some(r) = d.requeue {

@@ -4,8 +4,8 @@
 
 use crate::api::flightnode::{FirmwareTarget, FlightNode};
 use crate::api::rollout::{
-    ANNOTATION_DISPATCHED, ANNOTATION_ROLLOUT, ANNOTATION_TARGET, FirmwareRollout, condition, firmware_hash,
-    validate,
+    ANNOTATION_DISPATCHED, ANNOTATION_GATES, ANNOTATION_ROLLOUT, ANNOTATION_TARGET, FirmwareRollout,
+    condition, firmware_hash, validate,
 };
 use crate::decide::node_sync::{FlightGate, NodeView};
 use crate::decide::rollout_plan::{self as plan, Plan};
@@ -146,11 +146,7 @@ pub fn drone(r: &FirmwareRollout, node: &FlightNode, claims: &Claims) -> Drone {
     let ours = rollout_owned && owner.as_deref() == Some(me.as_str());
     let dispatched = ours && firmware == Some(&want);
     let gates = &r.spec.gates;
-    let gate = FlightGate {
-        allowed: gates.flight_states.clone(),
-        allow_unknown: gates.allow_unknown_flight_state,
-        min_battery_percent: gates.min_battery_percent,
-    };
+    let gate = FlightGate::of(gates);
     let view = NodeView::of(node, &gate);
     let sync = view
         .sync
@@ -282,6 +278,11 @@ async fn carry_out(
         ),
         (ANNOTATION_TARGET.to_owned(), firmware_hash(&want)),
         (ANNOTATION_DISPATCHED.to_owned(), now.to_owned()),
+        (
+            ANNOTATION_GATES.to_owned(),
+            // NB: plain strings, numbers and booleans: serialising cannot fail.
+            serde_json::to_string(&r.spec.gates).unwrap_or_default(),
+        ),
     ]);
     for node in &p.dispatch {
         let dispatch = Dispatch {

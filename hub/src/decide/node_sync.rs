@@ -74,6 +74,29 @@ pub struct FlightGate {
     pub min_battery_percent: Option<u32>,
 }
 
+impl FlightGate {
+    /// A rollout's gates as the node reconciler applies them.
+    pub fn of(gates: &crate::api::rollout::Gates) -> FlightGate {
+        FlightGate {
+            allowed: gates.flight_states.clone(),
+            allow_unknown: gates.allow_unknown_flight_state,
+            min_battery_percent: gates.min_battery_percent,
+        }
+    }
+
+    /// The gate for `node`: the gates of the rollout that dispatched it (from its
+    /// [`ANNOTATION_GATES`](crate::api::rollout::ANNOTATION_GATES)), else `default`. A rollout's
+    /// battery and flight-state gates thus hold at publish time too, not only at dispatch.
+    pub fn for_node(node: &FlightNode, default: &FlightGate) -> FlightGate {
+        node.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::api::rollout::ANNOTATION_GATES))
+            .and_then(|json| serde_json::from_str::<crate::api::rollout::Gates>(json).ok())
+            .map_or_else(|| default.clone(), |g| FlightGate::of(&g))
+    }
+}
+
 impl Default for FlightGate {
     fn default() -> Self {
         FlightGate {
@@ -575,6 +598,58 @@ mod tests {
                 assert_eq!(d.sync.unwrap().reason, reason::FAILED);
             }
         }
+    }
+
+    /// Issue 22 k: the gates of the rollout that dispatched a drone hold at publish time, not
+    /// only at dispatch: its battery dropped under the rollout's minimum meanwhile.
+    #[test]
+    fn a_rollouts_gates_hold_at_publish() {
+        use crate::api::flightnode::{Flight, FlightNodeSpec, FlightNodeStatus};
+        use crate::api::rollout::{ANNOTATION_GATES, Gates};
+        let mut node = FlightNode::new(
+            "drone-1",
+            FlightNodeSpec {
+                firmware: Some(target("2.0.0")),
+                ..FlightNodeSpec::default()
+            },
+        );
+        node.status = Some(FlightNodeStatus {
+            observed_state: Some("disarmed".into()),
+            flight: Some(Flight {
+                battery_percent: Some(30),
+                ..Flight::default()
+            }),
+            ..FlightNodeStatus::default()
+        });
+        let global = FlightGate::default();
+        assert_eq!(
+            NodeView::of(&node, &FlightGate::for_node(&node, &global)).flight_blocked,
+            None
+        );
+        let gates = Gates {
+            min_battery_percent: Some(50),
+            ..Gates::default()
+        };
+        node.metadata.annotations = Some(
+            [(
+                ANNOTATION_GATES.to_owned(),
+                serde_json::to_string(&gates).unwrap(),
+            )]
+            .into_iter()
+            .collect(),
+        );
+        let blocked = NodeView::of(&node, &FlightGate::for_node(&node, &global)).flight_blocked;
+        assert!(
+            blocked.as_deref().is_some_and(|b| b.contains("30")),
+            "{blocked:?}"
+        );
+        // An annotation that does not parse falls back to the global gate.
+        node.metadata.annotations = Some(
+            [(ANNOTATION_GATES.to_owned(), "{not json".to_owned())]
+                .into_iter()
+                .collect(),
+        );
+        assert_eq!(FlightGate::for_node(&node, &global), global);
     }
 
     #[test]
