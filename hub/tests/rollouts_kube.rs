@@ -496,3 +496,78 @@ async fn a_drone_edited_after_dispatch_is_pinned_and_the_wave_finishes() -> anyh
     assert!(!managers.contains("flightnode-rollout"), "{managers:?}");
     Ok(())
 }
+
+/// Issue 22 m: `kubectl delete fwr` and a drone leaving the selection call back what the rollout
+/// dispatched and the drone has not started; a drone that started keeps its target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_rollout_and_a_deselected_drone_call_back_what_has_not_started() -> anyhow::Result<()> {
+    let Some((api, admin, hub, sink, names)) = fleet(3).await? else {
+        return Ok(());
+    };
+    api.apply_yaml(&admin, &rollout("fw", "2.0.0", ""), Some(NS))
+        .await?;
+    let commands = Arc::new(Recorded::default());
+    let c = controllers(&hub, Arc::clone(&commands), "replica-a").await?;
+    run_until(&c, &admin, None, "every drone dispatched", |n, _| {
+        n.iter().all(|n| n.spec.firmware.is_some())
+    })
+    .await?;
+    let firmware = |n: &[FlightNode], name: &str| {
+        n.iter()
+            .find(|n| n.name_any() == name)
+            .and_then(|n| n.spec.firmware.clone())
+    };
+    // One drone starts its upgrade: it keeps its target whatever happens to the rollout.
+    let (nodes, _) = run_until(&c, &admin, None, "commands out", |n, _| {
+        n.iter().all(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.firmware_sync.as_ref())
+                .is_some_and(|s| s.upgrade_id.is_some())
+        })
+    })
+    .await?;
+    let started = &names[0];
+    let id = nodes
+        .iter()
+        .find(|n| n.name_any() == *started)
+        .and_then(|n| n.status.clone()?.firmware_sync?.upgrade_id)
+        .unwrap();
+    let running = Report {
+        version: "1.0.0".into(),
+        current: Some(id),
+        ..Report::default()
+    };
+    report(&sink, started, &running).await?;
+
+    // A drone leaves the selection (its label changes).
+    let leaving = &names[1];
+    let nodes_api: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
+    let relabel = serde_json::json!({ "metadata": { "labels": { "fleet": "elsewhere" } } });
+    nodes_api
+        .patch(leaving, &PatchParams::default(), &Patch::Merge(&relabel))
+        .await?;
+    run_until(&c, &admin, None, "the deselected drone called back", |n, _| {
+        firmware(n, leaving).is_none()
+    })
+    .await?;
+
+    // The rollout is deleted.
+    let rollouts: Api<FirmwareRollout> = Api::namespaced(admin.clone(), NS);
+    rollouts.delete("fw", &Default::default()).await?;
+    let (nodes, _) = run_until(&c, &admin, None, "the unstarted drone called back", |n, r| {
+        r.is_empty() && firmware(n, &names[2]).is_none()
+    })
+    .await?;
+    assert!(
+        firmware(&nodes, started).is_some(),
+        "the drone that started keeps its target"
+    );
+    assert!(
+        commands.cancels().contains_key(leaving.as_str())
+            || commands.cancels().contains_key(names[2].as_str()),
+        "a cancel went out for a called-back command: {:?}",
+        commands.cancels()
+    );
+    Ok(())
+}

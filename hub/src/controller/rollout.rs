@@ -258,7 +258,64 @@ pub async fn reconcile_all(store: &dyn FleetStore, now: i64, now_rfc3339: &str) 
         carry_out(store, r, &p, &take_over, now_rfc3339).await;
         report.plans.insert(r.name_any(), p);
     }
+    call_back_orphans(store, &rollouts, &nodes).await;
     Ok(report)
+}
+
+/// The rollout that dispatched `node` but no longer has a say over it: deleted, or its selector
+/// no longer selects the drone. `None` while the rollout exists and selects it.
+fn orphaned_by<'a>(node: &'a FlightNode, rollouts: &[FirmwareRollout]) -> Option<&'a str> {
+    let owner = node.annotations().get(ANNOTATION_ROLLOUT)?.split('/').next()?;
+    let selects_it = rollouts
+        .iter()
+        .find(|r| r.name_any() == owner)
+        .is_some_and(|r| selects(r.spec.selector.as_ref(), node.labels()));
+    (!selects_it && node.spec.firmware.is_some()).then_some(owner)
+}
+
+/// Whether the drone started (or ended) the command its `spec.firmware` led to, or already runs
+/// that version: then it keeps its target to the real end, as after a halt.
+fn command_started(node: &FlightNode) -> bool {
+    let view = NodeView::of(node, &FlightGate::default());
+    let on_target = node
+        .spec
+        .firmware
+        .as_ref()
+        .is_some_and(|f| view.committed.as_deref() == Some(f.version.as_str()));
+    let id = view
+        .sync
+        .as_ref()
+        .filter(|s| s.observed_generation == view.generation)
+        .and_then(|s| s.upgrade_id.clone());
+    on_target
+        || id.is_some_and(|id| {
+            view.current_upgrade.as_deref() == Some(id.as_str())
+                || view.last_upgrade.as_ref().is_some_and(|l| l.0 == id)
+        })
+}
+
+/// A rollout deleted (`kubectl delete fwr`), or a drone that left a rollout's selection: what
+/// the rollout dispatched and the drone has not started is called back, like after a halt. The
+/// rollout annotation on each drone is the durable record of who dispatched it, so this holds
+/// without a finalizer, even when the rollout was deleted while no controller ran.
+async fn call_back_orphans(store: &dyn FleetStore, rollouts: &[FirmwareRollout], nodes: &[FlightNode]) {
+    for node in nodes {
+        let Some(owner) = orphaned_by(node, rollouts) else {
+            continue;
+        };
+        if command_started(node) {
+            continue;
+        }
+        let name = node.name_any();
+        match store.apply_target(&name, owner, None).await {
+            Ok(_) => tracing::info!(rollout = %owner, device_id = %name,
+                "called back: the rollout was deleted or no longer selects the drone, and it had not started"),
+            Err(e) => {
+                tracing::warn!(rollout = %owner, device_id = %name, error = %flightnode_proto::error::Chain(&e),
+                "call-back of a deleted or deselecting rollout failed; retried next step")
+            }
+        }
+    }
 }
 
 async fn carry_out(
