@@ -308,11 +308,13 @@ async fn call_back_orphans(store: &dyn FleetStore, rollouts: &[FirmwareRollout],
         }
         let name = node.name_any();
         match store.apply_target(&name, owner, None).await {
-            Ok(_) => tracing::info!(rollout = %owner, device_id = %name,
-                "called back: the rollout was deleted or no longer selects the drone, and it had not started"),
+            Ok(_) => {
+                tracing::info!(rollout = %owner, device_id = %name,
+                    "called back: the rollout was deleted or no longer selects the drone, and it had not started");
+            }
             Err(e) => {
                 tracing::warn!(rollout = %owner, device_id = %name, error = %flightnode_proto::error::Chain(&e),
-                "call-back of a deleted or deselecting rollout failed; retried next step")
+                    "call-back of a deleted or deselecting rollout failed; retried next step");
             }
         }
     }
