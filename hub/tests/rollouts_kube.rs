@@ -554,7 +554,7 @@ async fn a_deleted_rollout_and_a_deselected_drone_call_back_what_has_not_started
 
     // The rollout is deleted.
     let rollouts: Api<FirmwareRollout> = Api::namespaced(admin.clone(), NS);
-    rollouts.delete("fw", &Default::default()).await?;
+    rollouts.delete("fw", &kube::api::DeleteParams::default()).await?;
     let (nodes, _) = run_until(&c, &admin, None, "the unstarted drone called back", |n, r| {
         r.is_empty() && firmware(n, &names[2]).is_none()
     })
