@@ -318,9 +318,13 @@ pub fn plan(
         }
         let current = status.current_wave as usize;
         if !spec.paused {
-            let in_flight = outcomes
-                .values()
-                .filter(|o| matches!(o, Outcome::Waiting | Outcome::InProgress))
+            // A drone that timed out but is still installing is still in flight.
+            let in_flight = drones
+                .iter()
+                .filter(|d| {
+                    matches!(outcomes[&d.name], Outcome::Waiting | Outcome::InProgress)
+                        || (outcomes[&d.name] == Outcome::TimedOut && d.running)
+                })
                 .count() as u64;
             let room = spec
                 .max_concurrent

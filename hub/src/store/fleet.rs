@@ -89,7 +89,8 @@ pub trait FleetStore: Send + Sync + 'static {
     fn changed(&self) -> Arc<Notify>;
 }
 
-/// The Kubernetes store: reflector caches of both kinds in one namespace.
+/// The Kubernetes store: reflector caches of both kinds in one namespace, and what this store
+/// wrote on top of them until the caches catch up ([`Written`]).
 pub struct KubeFleet {
     client: Client,
     namespace: String,
@@ -97,6 +98,60 @@ pub struct KubeFleet {
     rollouts: Store<FirmwareRollout>,
     recorder: Recorder,
     changed: Arc<Notify>,
+    written_nodes: Written<FlightNode>,
+    written_rollouts: Written<FirmwareRollout>,
+}
+
+/// Read-your-writes over a watch cache (the expectations of a controller): every object this
+/// store wrote, as the API server returned it, with the resourceVersion the cache held when the
+/// write went out. A read takes the written object while the cache still holds that version,
+/// and forgets it as soon as the cache moved on. Without it, the step after a dispatch can read
+/// the drone as not dispatched yet (and dispatch past `maxConcurrent`), and the step after a
+/// status write can read the old status (and emit `WaveAdvanced` or `Halted` twice).
+pub struct Written<K>(std::sync::Mutex<BTreeMap<String, (Option<String>, K)>>);
+
+impl<K> Default for Written<K> {
+    fn default() -> Self {
+        Written(std::sync::Mutex::new(BTreeMap::new()))
+    }
+}
+
+impl<K: Resource + Clone> Written<K> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Option<String>, K)>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records `object` as written over the cached version `cached_rv`.
+    pub fn record(&self, cached_rv: Option<String>, object: K) {
+        let name = object.meta().name.clone().unwrap_or_default();
+        let mut map = self.lock();
+        // A second write before the cache caught up with the first keeps the first one's
+        // cached version: the cache may show neither write yet.
+        let rv = match map.get(&name) {
+            Some((rv, last)) if last.meta().resource_version != cached_rv => rv.clone(),
+            _ => cached_rv,
+        };
+        map.insert(name, (rv, object));
+    }
+
+    /// `cached` with this store's own writes on top, where the cache has not caught up yet.
+    pub fn overlay(&self, cached: Vec<K>) -> Vec<K> {
+        let mut map = self.lock();
+        cached
+            .into_iter()
+            .map(|c| {
+                let name = c.meta().name.clone().unwrap_or_default();
+                match map.get(&name) {
+                    Some((rv, written)) if *rv == c.meta().resource_version => written.clone(),
+                    Some(_) => {
+                        map.remove(&name);
+                        c
+                    }
+                    None => c,
+                }
+            })
+            .collect()
+    }
 }
 
 fn spawn_reflector<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
@@ -157,7 +212,16 @@ impl KubeFleet {
             rollouts,
             recorder,
             changed,
+            written_nodes: Written::default(),
+            written_rollouts: Written::default(),
         })
+    }
+
+    fn cached_node_rv(&self, node: &str) -> Option<String> {
+        let key = reflector::ObjectRef::new(node).within(&self.namespace);
+        self.nodes
+            .get(&key)
+            .and_then(|n| n.metadata.resource_version.clone())
     }
 
     fn node_api(&self) -> Api<FlightNode> {
@@ -171,11 +235,17 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
 
 impl FleetStore for KubeFleet {
     fn nodes(&self) -> BoxFuture<'_, Result<Vec<FlightNode>>> {
-        Box::pin(async move { Ok(self.nodes.state().iter().map(|n| (**n).clone()).collect()) })
+        Box::pin(async move {
+            let cached = self.nodes.state().iter().map(|n| (**n).clone()).collect();
+            Ok(self.written_nodes.overlay(cached))
+        })
     }
 
     fn rollouts(&self) -> BoxFuture<'_, Result<Vec<FirmwareRollout>>> {
-        Box::pin(async move { Ok(self.rollouts.state().iter().map(|r| (**r).clone()).collect()) })
+        Box::pin(async move {
+            let cached = self.rollouts.state().iter().map(|r| (**r).clone()).collect();
+            Ok(self.written_rollouts.overlay(cached))
+        })
     }
 
     fn write_sync<'a>(&'a self, node: &'a str, sync: Option<&'a FirmwareSync>) -> BoxFuture<'a, Result<()>> {
@@ -186,15 +256,18 @@ impl FleetStore for KubeFleet {
                 None => serde_json::json!({}),
             };
             let body = serde_json::json!({ "apiVersion": API_VERSION, "kind": KIND, "status": status });
-            self.node_api()
+            let cached_rv = self.cached_node_rv(node);
+            let written = self
+                .node_api()
                 .patch_status(
                     node,
                     &PatchParams::apply(RECONCILER_MANAGER).force(),
                     &Patch::Apply(body),
                 )
                 .await
-                .map(|_| ())
-                .map_err(Error::Kube)
+                .map_err(Error::Kube)?;
+            self.written_nodes.record(cached_rv, written);
+            Ok(())
         })
     }
 
@@ -226,8 +299,12 @@ impl FleetStore for KubeFleet {
                     "apiVersion": API_VERSION, "kind": KIND, "metadata": { "name": node },
                 }),
             };
+            let cached_rv = self.cached_node_rv(node);
             let applied = match self.node_api().patch(node, &params, &Patch::Apply(&body)).await {
-                Ok(_) => Applied::Ok,
+                Ok(written) => {
+                    self.written_nodes.record(cached_rv.clone(), written);
+                    Applied::Ok
+                }
                 Err(e) if is_status(&e, 409) => return Ok(Applied::Conflict),
                 Err(e) if is_status(&e, 404) => return Ok(Applied::Missing),
                 Err(e) => return Err(Error::Kube(e)),
@@ -246,7 +323,7 @@ impl FleetStore for KubeFleet {
             if legacy {
                 let params = PatchParams::apply(crate::api::rollout::FIELD_MANAGER);
                 match self.node_api().patch(node, &params, &Patch::Apply(&body)).await {
-                    Ok(_) => {}
+                    Ok(written) => self.written_nodes.record(cached_rv, written),
                     Err(e) if is_status(&e, 404) => return Ok(Applied::Missing),
                     Err(e) => return Err(Error::Kube(e)),
                 }
@@ -265,14 +342,21 @@ impl FleetStore for KubeFleet {
             let body = serde_json::json!({
                 "apiVersion": API_VERSION, "kind": "FirmwareRollout", "status": status,
             });
-            api.patch_status(
-                rollout,
-                &PatchParams::apply(crate::api::rollout::FIELD_MANAGER).force(),
-                &Patch::Apply(body),
-            )
-            .await
-            .map(|_| ())
-            .map_err(Error::Kube)
+            let key = reflector::ObjectRef::new(rollout).within(&self.namespace);
+            let cached_rv = self
+                .rollouts
+                .get(&key)
+                .and_then(|r| r.metadata.resource_version.clone());
+            let written = api
+                .patch_status(
+                    rollout,
+                    &PatchParams::apply(crate::api::rollout::FIELD_MANAGER).force(),
+                    &Patch::Apply(body),
+                )
+                .await
+                .map_err(Error::Kube)?;
+            self.written_rollouts.record(cached_rv, written);
+            Ok(())
         })
     }
 
@@ -452,5 +536,49 @@ impl FleetStore for LocalFleet {
 
     fn changed(&self) -> Arc<Notify> {
         Arc::clone(&self.changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::flightnode::FlightNodeSpec;
+
+    fn node(name: &str, rv: &str, version: Option<&str>) -> FlightNode {
+        let mut n = FlightNode::new(name, FlightNodeSpec::default());
+        n.metadata.resource_version = Some(rv.into());
+        n.spec.firmware = version.map(|v| FirmwareTarget {
+            version: v.into(),
+            url: format!("http://fw/{v}.fnb"),
+            allow_downgrade: false,
+        });
+        n
+    }
+
+    fn version(nodes: &[FlightNode]) -> Option<String> {
+        nodes[0].spec.firmware.as_ref().map(|f| f.version.clone())
+    }
+
+    #[test]
+    fn a_write_is_read_back_until_the_cache_catches_up() {
+        let w = Written::default();
+        w.record(Some("5".into()), node("d1", "6", Some("2.0.0")));
+        // The cache still holds version 5: the dispatch is read back.
+        assert_eq!(
+            version(&w.overlay(vec![node("d1", "5", None)])).as_deref(),
+            Some("2.0.0")
+        );
+        // A second write before the cache caught up keeps the first's baseline.
+        w.record(Some("5".into()), node("d1", "7", Some("2.1.0")));
+        assert_eq!(
+            version(&w.overlay(vec![node("d1", "5", None)])).as_deref(),
+            Some("2.1.0")
+        );
+        // The cache moved on: it wins, and the overlay is gone for good.
+        assert_eq!(
+            version(&w.overlay(vec![node("d1", "7", Some("2.1.0"))])).as_deref(),
+            Some("2.1.0")
+        );
+        assert_eq!(version(&w.overlay(vec![node("d1", "5", None)])), None);
     }
 }

@@ -712,3 +712,30 @@ fn a_soak_longer_than_the_deadline_is_no_stall() {
         status = p.status;
     }
 }
+
+/// Issue 22 l: a drone that timed out but is still installing still counts against
+/// `maxConcurrent`.
+#[test]
+fn a_timed_out_drone_still_installing_holds_its_place_in_max_concurrent() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    s.waves = vec![WaveSpec {
+        percent: Some(100),
+        ..WaveSpec::default()
+    }];
+    s.max_concurrent = Some(2);
+    let mut drones = fleet(6);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    assert_eq!(p.dispatch.len(), 2);
+    apply(&mut drones, &p, T0);
+    for d in drones.iter_mut().filter(|d| d.dispatched) {
+        d.started = true;
+        d.running = true;
+        // Dispatched long ago: past the drone timeout, and still installing.
+        d.dispatched_at = T0 - 600;
+    }
+    let p = plan(&s, 1, &p.status, &drones, T0 + 1, &at(T0 + 1));
+    assert_eq!(p.status.counts.timed_out, 2);
+    assert_eq!(p.status.counts.not_started, 4);
+    assert!(p.dispatch.is_empty(), "past maxConcurrent: {:?}", p.dispatch);
+}
