@@ -174,6 +174,85 @@ pub struct FirmwareRolloutSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub progress_deadline: Option<String>,
+    /// How fast drones are dispatched (AWS IoT Jobs' rollout config): at most
+    /// `maximumPerMinute` (default 600), optionally ramping up from `exponentialRate`.
+    #[serde(default)]
+    pub dispatch_rate: DispatchRate,
+}
+
+/// `spec.dispatchRate`: dispatches per minute, with an optional exponential ramp-up.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DispatchRate {
+    /// Drones dispatched in any 60 s, at most (at least 1).
+    #[serde(default = "default_maximum_per_minute")]
+    #[schemars(range(min = 1))]
+    pub maximum_per_minute: u32,
+    /// Start slower and speed up as drones succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exponential_rate: Option<ExponentialRate>,
+}
+
+/// The ramp-up: `baseRatePerMinute`, multiplied by `incrementFactor` each time another
+/// `rateIncreaseCriteria.numberOfSucceededDrones` drones succeeded, up to `maximumPerMinute`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExponentialRate {
+    /// The first minute's rate (at least 1).
+    #[schemars(range(min = 1))]
+    pub base_rate_per_minute: u32,
+    /// Factor per step of the ramp, 1.1 to 5.
+    #[schemars(range(min = 1.1, max = 5.0))]
+    pub increment_factor: f64,
+    /// When the rate steps up.
+    pub rate_increase_criteria: RateIncreaseCriteria,
+}
+
+/// The ramp's step.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateIncreaseCriteria {
+    /// Succeeded drones per step of the ramp (at least 1).
+    #[schemars(range(min = 1))]
+    pub number_of_succeeded_drones: u32,
+}
+
+fn default_maximum_per_minute() -> u32 {
+    600
+}
+
+impl Default for DispatchRate {
+    fn default() -> Self {
+        DispatchRate {
+            maximum_per_minute: default_maximum_per_minute(),
+            exponential_rate: None,
+        }
+    }
+}
+
+impl DispatchRate {
+    /// Dispatches allowed per minute once `succeeded` drones succeeded.
+    pub fn per_minute(&self, succeeded: usize) -> usize {
+        let max = self.maximum_per_minute.max(1) as usize;
+        let Some(e) = &self.exponential_rate else {
+            return max;
+        };
+        let steps = succeeded / e.rate_increase_criteria.number_of_succeeded_drones.max(1) as usize;
+        let factor = e.increment_factor.clamp(1.0, 5.0);
+        let rate = f64::from(e.base_rate_per_minute.max(1))
+            * factor.powi(i32::try_from(steps.min(64)).unwrap_or(64));
+        if rate >= max as f64 {
+            max
+        } else {
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "rate is at least 1 and under `max` here"
+            )]
+            let whole = rate.floor() as usize;
+            whole.max(1)
+        }
+    }
 }
 
 /// One wave: a cumulative share of the selected drones and how long to watch it before the next.
@@ -430,6 +509,22 @@ pub fn validate(spec: &FirmwareRolloutSpec) -> Result<(), String> {
             "spec.droneTimeout {:?} is not a duration like 30m or 1h30m",
             spec.drone_timeout.as_deref().unwrap_or_default()
         ));
+    }
+    if spec.dispatch_rate.maximum_per_minute == 0 {
+        return Err("spec.dispatchRate.maximumPerMinute must be at least 1".into());
+    }
+    if let Some(e) = &spec.dispatch_rate.exponential_rate {
+        if e.base_rate_per_minute == 0 {
+            return Err("spec.dispatchRate.exponentialRate.baseRatePerMinute must be at least 1".into());
+        }
+        if !(1.1..=5.0).contains(&e.increment_factor) {
+            return Err("spec.dispatchRate.exponentialRate.incrementFactor must be 1.1 to 5".into());
+        }
+        if e.rate_increase_criteria.number_of_succeeded_drones == 0 {
+            return Err(
+                "spec.dispatchRate.exponentialRate.rateIncreaseCriteria.numberOfSucceededDrones must be at least 1".into(),
+            );
+        }
     }
     if spec.max_concurrent == Some(0) {
         return Err("spec.maxConcurrent must be at least 1 (leave it out for no limit)".into());

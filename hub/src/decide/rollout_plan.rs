@@ -329,6 +329,17 @@ pub fn plan(
             let room = spec
                 .max_concurrent
                 .map_or(u64::MAX, |m| u64::from(m).saturating_sub(in_flight));
+            // The dispatch rate: what went out in the last minute counts against this one's.
+            let succeeded = outcomes.values().filter(|o| **o == Outcome::Succeeded).count();
+            let last_minute = drones
+                .iter()
+                .filter(|d| d.dispatched && now - d.dispatched_at < 60)
+                .count();
+            let rate_room = spec
+                .dispatch_rate
+                .per_minute(succeeded)
+                .saturating_sub(last_minute) as u64;
+            let room = room.min(rate_room);
             let mut candidates: Vec<&Drone> = drones
                 .iter()
                 .filter(|d| {

@@ -739,3 +739,49 @@ fn a_timed_out_drone_still_installing_holds_its_place_in_max_concurrent() {
     assert_eq!(p.status.counts.not_started, 4);
     assert!(p.dispatch.is_empty(), "past maxConcurrent: {:?}", p.dispatch);
 }
+
+/// Issue 22 scale: a 100 % wave without `maxConcurrent` no longer sends every drone at once; the
+/// dispatch rate caps each minute, and an exponential ramp speeds up as drones succeed.
+#[test]
+fn the_dispatch_rate_caps_each_minute_and_ramps_up_with_successes() {
+    use crate::api::rollout::{DispatchRate, ExponentialRate, RateIncreaseCriteria};
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    s.waves = vec![WaveSpec {
+        percent: Some(100),
+        ..WaveSpec::default()
+    }];
+    s.dispatch_rate = DispatchRate {
+        maximum_per_minute: 8,
+        exponential_rate: Some(ExponentialRate {
+            base_rate_per_minute: 2,
+            increment_factor: 2.0,
+            rate_increase_criteria: RateIncreaseCriteria {
+                number_of_succeeded_drones: 2,
+            },
+        }),
+    };
+    let mut drones = fleet(40);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    assert_eq!(p.dispatch.len(), 2, "the base rate");
+    apply(&mut drones, &p, T0);
+    // Within the same minute: nothing more.
+    let p = plan(&s, 1, &p.status, &drones, T0 + 30, &at(T0 + 30));
+    assert!(p.dispatch.is_empty());
+    // Both succeeded: the next minute goes at 4, then 8 (the maximum), never more.
+    for d in drones.iter_mut().filter(|d| d.dispatched) {
+        finish(d, "Committed");
+    }
+    let p = plan(&s, 1, &p.status, &drones, T0 + 60, &at(T0 + 60));
+    assert_eq!(p.dispatch.len(), 4);
+    apply(&mut drones, &p, T0 + 60);
+    for d in drones.iter_mut().filter(|d| d.dispatched) {
+        finish(d, "Committed");
+    }
+    let p = plan(&s, 1, &p.status, &drones, T0 + 120, &at(T0 + 120));
+    assert_eq!(p.dispatch.len(), 8, "capped at maximumPerMinute");
+    // Without a ramp: the maximum from the start.
+    s.dispatch_rate.exponential_rate = None;
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &fleet(40), T0, &at(T0));
+    assert_eq!(p.dispatch.len(), 8);
+}
