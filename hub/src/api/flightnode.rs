@@ -136,6 +136,10 @@ pub struct FlightNodeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("format" = "date-time"))]
     pub last_heartbeat_time: Option<String>,
+    /// The agent's sequence number of that heartbeat (monotonic per drone state dir): which hub
+    /// replica wrote the newest status, without comparing two pods' clocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_seq: Option<u64>,
     /// Coarse resource usage (rounded so that normal jitter does not cause writes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,

@@ -21,6 +21,8 @@ pub struct SpecView {
     pub sync: Option<(String, String)>,
     /// `status.lastHeartbeatTime` as stored (unix seconds): another replica may have written it.
     pub stored_heartbeat_unix: i64,
+    /// `status.heartbeatSeq` as stored (0: none).
+    pub stored_seq: u64,
 }
 
 impl SpecView {
@@ -41,6 +43,7 @@ impl SpecView {
             generation,
             sync,
             stored_heartbeat_unix,
+            stored_seq: status.and_then(|s| s.heartbeat_seq).unwrap_or(0),
         }
     }
 }
@@ -228,6 +231,7 @@ pub fn from_heartbeat(hb: &HeartbeatRequest) -> FlightNodeStatus {
         firmware,
         last_upgrade,
         last_heartbeat_time: None,
+        heartbeat_seq: None,
         resources,
         agent,
         device_id: non_empty(&hb.device_id),
@@ -387,6 +391,7 @@ fn wait_sentence(reason: &str) -> &str {
 pub fn content_differs(a: &FlightNodeStatus, b: &FlightNodeStatus) -> bool {
     let strip = |s: &FlightNodeStatus| FlightNodeStatus {
         last_heartbeat_time: None,
+        heartbeat_seq: None,
         ..s.clone()
     };
     strip(a) != strip(b)

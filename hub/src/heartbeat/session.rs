@@ -139,6 +139,8 @@ struct Session {
     base: Box<[u8]>,
     conditions: [CondState; 4],
     heartbeat_unix: i64,
+    /// The agent's sequence number of the last heartbeat (0: none seen).
+    seq: u64,
     /// [`content_hash`] of the status computed last.
     content: u64,
     /// Hash of the flight details in `base` (not part of `content`).
@@ -163,6 +165,7 @@ impl Session {
             base: Box::default(),
             conditions: [CondState::default(); 4],
             heartbeat_unix: 0,
+            seq: 0,
             content: 0,
             flight: 0,
             written: None,
@@ -183,11 +186,28 @@ impl Session {
         }
     }
 
-    /// Watches the drone from the heartbeat time another replica stored (unix seconds).
-    fn watch_from(&mut self, stored_unix: i64, now: Instant) {
+    /// Watches the drone from the heartbeat another replica stored (unix seconds, agent seq).
+    fn watch_from(&mut self, stored_unix: i64, stored_seq: u64, now: Instant) {
         self.watching = true;
         self.heartbeat_unix = stored_unix;
+        self.seq = stored_seq;
         self.last_seen = instant_of(stored_unix, now);
+    }
+
+    /// Whether another replica stored a newer heartbeat of this drone than this session saw, and
+    /// is still writing it. By the agent's own sequence number, never by comparing two pods'
+    /// clocks; a stored status without one (an older hub) falls back to its time. A stored
+    /// status that nobody refreshed for the grace period plus the refresh interval does not
+    /// count: a drone whose state dir was wiped starts its numbers again from 1.
+    fn newer_elsewhere(&self, spec: &SpecView, config: &SessionConfig) -> bool {
+        let newer = if spec.stored_seq > 0 && self.seq > 0 {
+            spec.stored_seq > self.seq
+        } else {
+            spec.stored_heartbeat_unix > self.heartbeat_unix
+        };
+        let alive_for = i64::try_from((config.grace + config.refresh).as_secs()).unwrap_or(i64::MAX);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        newer && now.saturating_sub(spec.stored_heartbeat_unix) < alive_for
     }
 
     fn previous_conditions(&self) -> Vec<Condition> {
@@ -250,6 +270,7 @@ impl Session {
             wall,
         );
         s.last_heartbeat_time = status::unix_rfc3339(self.heartbeat_unix);
+        s.heartbeat_seq = (self.seq > 0).then_some(self.seq);
         s
     }
 }
@@ -341,6 +362,7 @@ impl Sessions {
         session.last_seen = now;
         session.liveness = Liveness::Online;
         session.heartbeat_unix = wall_time.unix_timestamp();
+        session.seq = hb.seq;
         let durable = session.durable_seq;
         let mut wants_seq = 0;
         for event in hb.events.iter().filter(|e| e.seq > durable) {
@@ -382,6 +404,13 @@ impl Sessions {
         let wall = now_rfc3339();
         let map = self.lock();
         let s = map.get(name)?;
+        // A write queued here while the drone moved to another replica (a retry, a slow
+        // bucket) must not land over that replica's newer status.
+        if !s.watching && s.newer_elsewhere(&spec, &self.config) {
+            tracing::info!(device_id = %s.device_id, seq = s.seq, stored_seq = spec.stored_seq,
+                "another replica stored a newer heartbeat of this drone; not writing over it");
+            return None;
+        }
         let status = s.status(&spec, &wall);
         Some(Built {
             content: content_hash(&status),
@@ -456,11 +485,11 @@ impl Sessions {
             // With several replicas, a drone that reconnected to another one is not offline:
             // that replica stored a newer heartbeat. Watch it from there instead of writing over
             // it: if that replica goes away too, this one still marks the drone offline.
-            if spec.stored_heartbeat_unix > s.heartbeat_unix {
+            if s.newer_elsewhere(&spec, &self.config) {
                 if !s.watching {
                     tracing::info!(device_id = %s.device_id, "drone served by another replica; watching its stored heartbeat");
                 }
-                s.watch_from(spec.stored_heartbeat_unix, now);
+                s.watch_from(spec.stored_heartbeat_unix, spec.stored_seq, now);
                 continue;
             }
             let silent_secs = now.saturating_duration_since(s.last_seen).as_secs();
@@ -541,8 +570,9 @@ impl Sessions {
         let stored_unix = stored.last_heartbeat_time.as_deref().map_or(0, parse_unix);
         let mut map = self.lock();
         if let Some(s) = map.get_mut(name) {
-            if s.watching && stored_unix > s.heartbeat_unix {
-                s.watch_from(stored_unix, now);
+            let stored_seq = stored.heartbeat_seq.unwrap_or(0);
+            if s.watching && (stored_unix > s.heartbeat_unix || stored_seq > s.seq) {
+                s.watch_from(stored_unix, stored_seq, now);
             }
             return;
         }
@@ -557,7 +587,7 @@ impl Sessions {
             },
             now,
         );
-        session.watch_from(stored_unix, now);
+        session.watch_from(stored_unix, stored.heartbeat_seq.unwrap_or(0), now);
         session.conditions = compact_conditions(&stored.conditions);
         let mut base = stored.clone();
         base.conditions.clear();
@@ -662,6 +692,60 @@ mod tests {
         assert!(
             s.spec_changed("drone-1", now).is_none(),
             "its status is not this replica's to write"
+        );
+    }
+
+    fn heard(s: &Sessions, seq: u64, now: Instant) {
+        let mut hb = flightnode_proto::sample::idle_heartbeat("drone-1", "1.0.0");
+        hb.seq = seq;
+        s.observe(&hb, now);
+    }
+
+    /// What another replica stored: its agent seq and heartbeat time (`ago` seconds ago by
+    /// this replica's clock).
+    fn stored_elsewhere(s: &Sessions, seq: u64, ago: i64) {
+        let t = time::OffsetDateTime::now_utc().unix_timestamp() - ago;
+        s.specs().set(
+            "drone-1",
+            SpecView {
+                stored_seq: seq,
+                stored_heartbeat_unix: t,
+                ..SpecView::default()
+            },
+        );
+    }
+
+    /// Issue 22 n: a write queued here after the drone moved to another replica does not land
+    /// over that replica's newer status (by the agent's seq), unless nobody refreshed it.
+    #[test]
+    fn a_write_over_a_newer_heartbeat_stored_by_another_replica_is_dropped() {
+        let s = sessions();
+        let now = Instant::now();
+        heard(&s, 10, now);
+        assert_eq!(s.build("drone-1").unwrap().req.status.heartbeat_seq, Some(10));
+        stored_elsewhere(&s, 12, 1);
+        assert!(s.build("drone-1").is_none(), "written over a newer status");
+        // The agent's numbers started again (its state dir was wiped), and the old status is
+        // no longer refreshed by anyone: this replica writes again.
+        stored_elsewhere(&s, 12, 200);
+        assert!(s.build("drone-1").is_some());
+    }
+
+    /// Issue 22 n: whether another replica took the drone over is decided by the agent's seq,
+    /// not by comparing two pods' clocks: a replica whose clock runs ahead does not keep a
+    /// silent drone online.
+    #[test]
+    fn a_silent_drone_goes_offline_even_when_another_pods_clock_runs_ahead() {
+        let s = sessions();
+        let now = Instant::now();
+        heard(&s, 20, now);
+        // The other replica served it before (seq 15), with a clock 60 s ahead.
+        stored_elsewhere(&s, 15, -60);
+        let writes = s.expire(now + Duration::from_secs(31));
+        assert_eq!(writes.len(), 1, "the drone stayed online");
+        assert_eq!(
+            online(&s.current("drone-1").unwrap()),
+            ("False", "HeartbeatTimeout")
         );
     }
 
