@@ -808,3 +808,43 @@ async fn a_cancel_that_fails_to_publish_holds_the_new_command_back_and_goes_firs
         commands.all()
     );
 }
+
+/// Issue 22 c: one pass of the node reconciler does a bounded amount of work; the rest of the
+/// fleet goes in the next pass, which is due at once.
+#[tokio::test]
+async fn a_node_pass_writes_for_at_most_its_cap_and_asks_for_the_next_pass_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path(), NS).unwrap();
+    let names: Vec<String> = (0..5).map(|i| format!("drone-{i}")).collect();
+    for n in &names {
+        report(&store, n, "1.0.0", None).await;
+        store
+            .set_target(n, Some(firmware("2.0.0")), &BTreeMap::new(), &[])
+            .await
+            .unwrap();
+    }
+    let commands = Arc::new(Flaky::default());
+    let mut c = controllers(&store, Arc::clone(&commands));
+    c.config.max_writes_per_pass = 2;
+    assert_eq!(
+        c.reconcile_nodes().await,
+        Duration::ZERO,
+        "the rest is due at once"
+    );
+    assert_eq!(commands.upgrades().len(), 2);
+    let mut passes = 1;
+    loop {
+        let before = commands.upgrades().len();
+        let next = c.reconcile_nodes().await;
+        passes += 1;
+        assert!(
+            commands.upgrades().len() - before <= 2,
+            "over the cap in one pass"
+        );
+        if next != Duration::ZERO {
+            break;
+        }
+        assert!(passes < 10, "the fleet never got through");
+    }
+    assert_eq!(commands.upgrades().len(), 5, "{:?}", commands.upgrades());
+}

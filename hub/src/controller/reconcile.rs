@@ -28,6 +28,10 @@ pub struct ControllerConfig {
     pub gate: FlightGate,
     /// Longest time between two steps.
     pub interval: Duration,
+    /// Most drones the node reconciler writes or publishes for in one pass; the rest go in the
+    /// next pass, which comes at once. Bounds what a step does after leadership passed and how
+    /// long a step holds the loop.
+    pub max_writes_per_pass: usize,
 }
 
 impl Default for ControllerConfig {
@@ -36,6 +40,7 @@ impl Default for ControllerConfig {
             policy: Policy::default(),
             gate: FlightGate::default(),
             interval: Duration::from_secs(5),
+            max_writes_per_pass: 200,
         }
     }
 }
@@ -127,7 +132,15 @@ impl Controllers {
                 return next;
             }
         };
+        let mut writes = 0;
         for node in &nodes {
+            if writes >= self.config.max_writes_per_pass {
+                tracing::info!(
+                    writes,
+                    "node reconciler: the rest of the fleet goes in the next pass"
+                );
+                return Duration::ZERO;
+            }
             let name = node.name_any();
             let device = node_sync::device_id(node);
             let view = NodeView::of(node, &FlightGate::for_node(node, &self.config.gate));
@@ -155,6 +168,9 @@ impl Controllers {
             // the old upgrade in its queue may answer the new one `busy`; the new one is then
             // published again after `redeliver_after`, like any command not picked up.
             // An upgrade is the other way round: its record first (see the module comment).
+            if d.cancel.is_some() || d.sync != view.sync || upgrade.is_some() {
+                writes += 1;
+            }
             if let Some(old) = &d.cancel {
                 let cancel = Command::Cancel {
                     upgrade_id: old.clone(),
