@@ -547,3 +547,44 @@ fn assert_events(view: &dyn View, want: &[&str]) {
         assert_eq!(got, want);
     }
 }
+
+/// Issue 22 e on the real API server: sessions live in the hub's memory, so a hub restarted
+/// while its drone went dark must still mark the drone offline, from its stored status (or the
+/// drone passes every rollout's online gate forever).
+#[test]
+fn a_drone_that_went_dark_while_the_hub_restarted_goes_offline_on_a_real_api_server() {
+    let _one = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let cluster = Arc::new(cluster);
+    let kube = KubeStore {
+        kubeconfig: cluster.api.restricted_kubeconfig(),
+        namespace: NS.to_owned(),
+    };
+    let mut fleet = Fleet::start(FleetOptions {
+        hub_args: ["--offline-after", "3s", "--status-refresh", "3s"]
+            .map(String::from)
+            .to_vec(),
+        kube: Some(kube),
+        ..FleetOptions::default()
+    })
+    .unwrap();
+    let online = |want: &str| {
+        wait_until(WAIT, Duration::from_millis(500), || {
+            cluster.nodes().iter().any(|f| {
+                f["metadata"]["name"] == "drone-1"
+                    && condition(f, "Online").is_some_and(|c| c["status"] == want)
+            })
+        })
+    };
+    assert!(online("True"), "never online:\n{}", tail(&fleet.hub.log()));
+    fleet.hub.kill();
+    fleet.drones[0].kill();
+    fleet.hub.start().unwrap();
+    assert!(
+        online("False"),
+        "the drone stayed online after the hub restarted:\n{}",
+        tail(&fleet.hub.log())
+    );
+}
