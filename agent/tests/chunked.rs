@@ -605,3 +605,134 @@ fn a_resumed_update_copies_from_the_running_slot_and_fetches_only_what_neither_s
         "progress counts the bytes still to download"
     );
 }
+
+/// A device whose config sets `download.chunk_workers`.
+fn device_with_workers(workers: usize) -> Device {
+    let dev = Device::new(Options::default());
+    let config = std::fs::read_to_string(&dev.config).unwrap();
+    let config = config.replacen(
+        "[download]\n",
+        &format!("[download]\nchunk_workers = {workers}\n"),
+        1,
+    );
+    std::fs::write(&dev.config, config).unwrap();
+    dev
+}
+
+/// The numeric fields of the agent's "chunked image written and verified" line.
+fn tally(o: &std::process::Output) -> [u64; 4] {
+    let message = "chunked image written and verified";
+    ["workers", "kept", "copied", "fetched"].map(|field| log_field(o, message, field))
+}
+
+/// The same installs with the chunks decompressed on the fetching thread (`chunk_workers = 1`)
+/// and on three workers: a fresh install cut by SIGKILL half way and resumed (chunks the slot
+/// holds are read back by the workers), an update (most chunks copied from the running slot)
+/// and a bundle of small independent frames. Each slot holds the image, and the chunks come
+/// from the same places with either.
+#[test]
+fn chunk_workers_write_the_same_images_as_the_inline_pass() {
+    let v2 = image("2.0.0");
+    let v3 = changed(&v2, "3.0.0");
+    let v4 = image("4.0.0");
+    let mut seen = Vec::new();
+    for workers in [1, 3] {
+        let dev = device_with_workers(workers);
+        let b2 = chunked_bundle(&dev, "v2", "2.0.0", &v2);
+        let b3 = chunked_bundle(&dev, "v3", "3.0.0", &v3);
+        let img4 = dev.path("v4.img");
+        std::fs::write(&img4, &v4).unwrap();
+        let b4 = dev.bundle_image(
+            "v4",
+            &img4,
+            "4.0.0",
+            &[
+                "--chunked",
+                "--level",
+                "3",
+                "--window-kib",
+                "0",
+                "--chunk-kib",
+                "16",
+            ],
+        );
+        let srv = BundleServer::start_blocking().unwrap();
+        for (name, b) in [("v2", &b2), ("v3", &b3), ("v4", &b4)] {
+            srv.put_file(&format!("/{name}.fnb"), b).unwrap();
+        }
+        let install = |name: &str| {
+            let o = dev
+                .cmd(&["install", &srv.url(&format!("/{name}.fnb"))])
+                .env("RUST_LOG", "info")
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{workers} workers, {name}: {}", text(&o));
+            o
+        };
+
+        let kill_at = std::fs::metadata(&b2).unwrap().len() / 2;
+        let o = dev
+            .cmd(&["install", &srv.url("/v2.fnb")])
+            .env("FLIGHTNODE_FAILPOINT", format!("download@{kill_at}"))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.signal(), Some(9), "{workers} workers: {}", text(&o));
+        assert_eq!(dev.status()["phase"], "downloading");
+        let resumed = tally(&install("v2"));
+        assert_eq!(dev.slot_bytes("b"), v2, "{workers} workers");
+        assert!(resumed[1] > 0, "{workers} workers: the resume kept nothing");
+        let updated = tally(&install("v3"));
+        assert_eq!(dev.slot_bytes("a"), v3, "{workers} workers");
+        assert!(updated[2] > (IMAGE as u64) / 2, "{workers} workers: {updated:?}");
+        let small = tally(&install("v4"));
+        assert_eq!(dev.slot_bytes("b"), v4, "{workers} workers");
+        dev.assert_bootable();
+        assert_eq!([resumed[0], updated[0], small[0]], [workers as u64; 3]);
+        seen.push([resumed, updated, small].map(|t| t[1..].to_vec()));
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "kept, copied and fetched bytes with 1 worker and with 3"
+    );
+}
+
+/// Two flipped bytes in the chunk data, one half way and one near the end: with three workers
+/// (which may find the later one first) as with one, `chunk_invalid` naming the same, first bad
+/// chunk, and the running slot untouched.
+#[test]
+fn a_corrupt_chunk_is_refused_alike_with_workers() {
+    let v2 = image("2.0.0");
+    let mut named = Vec::new();
+    for workers in [1, 3] {
+        let dev = device_with_workers(workers);
+        let b2 = chunked_bundle(&dev, "v2", "2.0.0", &v2);
+        let mut bytes = std::fs::read(&b2).unwrap();
+        for at in [bytes.len() / 2, bytes.len() - 3 * 1024 - 1500] {
+            bytes[at] ^= 0x5a;
+        }
+        let srv = BundleServer::start_blocking().unwrap();
+        srv.put("/bad.fnb", bytes);
+        let o = dev.run(&["install", &srv.url("/bad.fnb")]);
+        assert!(!o.status.success(), "{}", text(&o));
+        assert_eq!(
+            error_code(&dev),
+            "chunk_invalid",
+            "{workers} workers: {}",
+            text(&o)
+        );
+        let message = dev.status()["last_upgrade"]["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let chunk = message
+            .split(" (image bytes")
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(chunk.starts_with("chunk "), "{workers} workers: {message}");
+        named.push(chunk);
+        assert_eq!(dev.slot_bytes("a"), b"factory image");
+        dev.assert_bootable();
+    }
+    assert_eq!(named[0], named[1], "the first bad chunk is named with either");
+}
