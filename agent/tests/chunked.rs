@@ -627,68 +627,63 @@ fn tally(o: &std::process::Output) -> [u64; 4] {
 
 /// The same installs with the chunks decompressed on the fetching thread (`chunk_workers = 1`)
 /// and on three workers: a fresh install cut by SIGKILL half way and resumed (chunks the slot
-/// holds are read back by the workers), an update (most chunks copied from the running slot)
-/// and a bundle of small independent frames. Each slot holds the image, and the chunks come
-/// from the same places with either.
+/// holds are read back by the workers), an update (most chunks copied from the running slot),
+/// a bundle of small independent frames and an update with small chunks and a small segment (so
+/// the pass waits for a context every few chunks). Each slot holds the image, and the chunks
+/// come from the same places with either.
 #[test]
 fn chunk_workers_write_the_same_images_as_the_inline_pass() {
     let v2 = image("2.0.0");
     let v3 = changed(&v2, "3.0.0");
     let v4 = image("4.0.0");
+    let v5 = changed(&v4, "5.0.0");
+    let small = ["--chunk-kib", "16"];
+    let installs: [(&str, &[u8], &[&str], &str); 4] = [
+        ("2.0.0", &v2, &[], "b"),
+        ("3.0.0", &v3, &[], "a"),
+        ("4.0.0", &v4, &[small[0], small[1], "--window-kib", "0"], "b"),
+        ("5.0.0", &v5, &[small[0], small[1], "--segment-kib", "32"], "a"),
+    ];
     let mut seen = Vec::new();
     for workers in [1, 3] {
         let dev = device_with_workers(workers);
-        let b2 = chunked_bundle(&dev, "v2", "2.0.0", &v2);
-        let b3 = chunked_bundle(&dev, "v3", "3.0.0", &v3);
-        let img4 = dev.path("v4.img");
-        std::fs::write(&img4, &v4).unwrap();
-        let b4 = dev.bundle_image(
-            "v4",
-            &img4,
-            "4.0.0",
-            &[
-                "--chunked",
-                "--level",
-                "3",
-                "--window-kib",
-                "0",
-                "--chunk-kib",
-                "16",
-            ],
-        );
         let srv = BundleServer::start_blocking().unwrap();
-        for (name, b) in [("v2", &b2), ("v3", &b3), ("v4", &b4)] {
-            srv.put_file(&format!("/{name}.fnb"), b).unwrap();
-        }
-        let install = |name: &str| {
+        let mut tallies = Vec::new();
+        for (k, &(version, bytes, flags, slot)) in installs.iter().enumerate() {
+            let img = dev.path(&format!("{version}.img"));
+            std::fs::write(&img, bytes).unwrap();
+            let args = [&["--chunked", "--level", "3"], flags].concat();
+            let bundle = dev.bundle_image(version, &img, version, &args);
+            let url = srv.url(&format!("/{version}.fnb"));
+            srv.put_file(&format!("/{version}.fnb"), &bundle).unwrap();
+            if k == 0 {
+                let kill_at = std::fs::metadata(&bundle).unwrap().len() / 2;
+                let o = dev
+                    .cmd(&["install", &url])
+                    .env("FLIGHTNODE_FAILPOINT", format!("download@{kill_at}"))
+                    .output()
+                    .unwrap();
+                assert_eq!(o.status.signal(), Some(9), "{workers} workers: {}", text(&o));
+                assert_eq!(dev.status()["phase"], "downloading");
+            }
             let o = dev
-                .cmd(&["install", &srv.url(&format!("/{name}.fnb"))])
+                .cmd(&["install", &url])
                 .env("RUST_LOG", "info")
                 .output()
                 .unwrap();
-            assert!(o.status.success(), "{workers} workers, {name}: {}", text(&o));
-            o
-        };
-
-        let kill_at = std::fs::metadata(&b2).unwrap().len() / 2;
-        let o = dev
-            .cmd(&["install", &srv.url("/v2.fnb")])
-            .env("FLIGHTNODE_FAILPOINT", format!("download@{kill_at}"))
-            .output()
-            .unwrap();
-        assert_eq!(o.status.signal(), Some(9), "{workers} workers: {}", text(&o));
-        assert_eq!(dev.status()["phase"], "downloading");
-        let resumed = tally(&install("v2"));
-        assert_eq!(dev.slot_bytes("b"), v2, "{workers} workers");
-        assert!(resumed[1] > 0, "{workers} workers: the resume kept nothing");
-        let updated = tally(&install("v3"));
-        assert_eq!(dev.slot_bytes("a"), v3, "{workers} workers");
-        assert!(updated[2] > (IMAGE as u64) / 2, "{workers} workers: {updated:?}");
-        let small = tally(&install("v4"));
-        assert_eq!(dev.slot_bytes("b"), v4, "{workers} workers");
+            assert!(o.status.success(), "{workers} workers, {version}: {}", text(&o));
+            assert_eq!(dev.slot_bytes(slot), bytes, "{workers} workers, {version}");
+            let [used, kept, copied, fetched] = tally(&o);
+            assert_eq!(used, workers as u64, "{version}");
+            tallies.push([kept, copied, fetched]);
+        }
         dev.assert_bootable();
-        assert_eq!([resumed[0], updated[0], small[0]], [workers as u64; 3]);
-        seen.push([resumed, updated, small].map(|t| t[1..].to_vec()));
+        assert!(tallies[0][0] > 0, "{workers} workers: the resume kept nothing");
+        assert!(
+            tallies[1][1] > (IMAGE as u64) / 2,
+            "{workers} workers: {tallies:?}"
+        );
+        seen.push(tallies);
     }
     assert_eq!(
         seen[0], seen[1],
