@@ -731,3 +731,55 @@ fn a_corrupt_chunk_is_refused_alike_with_workers() {
     }
     assert_eq!(named[0], named[1], "the first bad chunk is named with either");
 }
+
+/// SIGTERM while three chunk workers are at work and the server stalls half way: the agent
+/// pauses at once (exit 130), the slot is never activated, and the next install keeps what the
+/// workers verified and fetches the rest.
+#[test]
+fn sigterm_pauses_a_pass_with_chunk_workers_promptly() {
+    let dev = device_with_workers(3);
+    let v2 = image("2.0.0");
+    let b2 = chunked_bundle(&dev, "v2", "2.0.0", &v2);
+    let len = std::fs::metadata(&b2).unwrap().len();
+    let srv = BundleServer::start_blocking().unwrap();
+    srv.put_file("/v2.fnb", &b2).unwrap();
+    srv.set_fault("/v2.fnb", Fault::Stall { after: len / 2 });
+    let url = srv.url("/v2.fnb");
+    let mut child = dev.cmd(&["install", &url]).spawn().unwrap();
+    let stalled = || srv.bytes_sent_for("/v2.fnb") >= len / 2;
+    assert!(
+        flightnode_tests::fleet::wait_until(
+            std::time::Duration::from_mins(1),
+            std::time::Duration::from_millis(50),
+            stalled
+        ),
+        "the download never started"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let signalled = std::time::Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id().cast_signed(), libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "SIGTERM pauses with exit 130");
+    assert!(
+        signalled.elapsed() < std::time::Duration::from_secs(3),
+        "paused {:?} after the signal",
+        signalled.elapsed()
+    );
+    let s = dev.status();
+    assert_eq!(s["phase"], "downloading", "{s:#}");
+    assert_eq!(s["slots"]["b"]["state"], "bad", "{s:#}");
+    dev.assert_bootable();
+
+    srv.clear_fault("/v2.fnb");
+    let o = dev
+        .cmd(&["install", &url])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dev.slot_bytes("b"), v2);
+    let [workers, kept, _, _] = tally(&o);
+    assert_eq!(workers, 3);
+    assert!(kept > 0, "the resume kept nothing the workers verified");
+}
