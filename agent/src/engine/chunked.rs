@@ -53,6 +53,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 mod pool;
+mod worker;
 
 /// Neighbouring frames closer than this are fetched in one request (the gap is read and dropped).
 const COALESCE_GAP: u64 = 32 * 1024;

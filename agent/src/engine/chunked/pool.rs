@@ -1,10 +1,11 @@
-//! The chunk workers of a chunked install (`download.chunk_workers` > 1): they decompress the
-//! fetched frames and read the chunks a slot holds, and check every chunk against its signed
-//! sha256, so the cores of a companion computer share what one thread does in the inline pass.
+//! The pooled pass of a chunked install (`download.chunk_workers` > 1): workers (`worker`)
+//! decompress the fetched frames and read the chunks a slot holds, and check every chunk against
+//! its signed sha256, so the cores of a companion computer share what one thread does in the
+//! inline pass.
 //!
-//! This thread keeps the pass's order: it plans, fetches the frames (while the workers decompress
-//! the chunks before them), takes the results in whatever order they come and hands them on to
-//! the writer in image order, each only once it is verified and every chunk before it is.
+//! This thread keeps the pass's order: it fetches the frames (while the workers decompress the
+//! chunks before them), takes the results in whatever order they come and hands them on to the
+//! writer in image order, each only once it is verified and every chunk before it is.
 //!
 //! A frame is decompressed against its context, the image bytes before its segment, so it goes
 //! to a worker only once every chunk before its segment is in the window: the chunks of one
@@ -18,66 +19,22 @@
 //! inline pass: at most [`IN_FLIGHT_PER_WORKER`] × workers chunks (at least [`MIN_IN_FLIGHT`])
 //! with their frames between this thread and the window.
 
-use super::{Inputs, Plan, Run, Sink, Tally, Times, chunk_stop, interrupt, read_verified, timed};
+use super::worker::{Done, Input, Job, Outcome, local, work};
+use super::{Inputs, Plan, Run, Sink, Tally, Times, chunk_stop, interrupt, timed};
 use crate::bundle::chunked::{self, Window};
 use crate::engine::{Engine, Stop};
 use flightnode_proto::ErrorCode;
-use flightnode_proto::chunks::{Chunk, context_range};
+use flightnode_proto::chunks::context_range;
 use std::collections::VecDeque;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Mutex, PoisonError, RwLock, RwLockWriteGuard, TryLockError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Chunks handed out per worker and not yet passed on: enough that a worker finds the next job
 /// waiting while this thread fetches, few enough that memory stays a few chunks per worker.
 const IN_FLIGHT_PER_WORKER: usize = 4;
 /// Chunks handed out at least, whatever the workers.
 const MIN_IN_FLIGHT: usize = 8;
-
-/// What a worker makes a chunk from.
-enum Input<'a> {
-    /// The job's frame, fetched.
-    Frame,
-    /// The bytes a slot should hold at `offset`; `verify`: hash them (not yet done while
-    /// planning).
-    Local {
-        file: &'a File,
-        offset: u64,
-        verify: bool,
-    },
-}
-
-/// Chunk `i` to make: its bytes go to `out`, a recycled buffer.
-struct Job<'a> {
-    i: usize,
-    input: Input<'a>,
-    out: Vec<u8>,
-    frame: Vec<u8>,
-}
-
-enum Outcome {
-    /// `out` holds the chunk, checked against its sha256 (unless planning did).
-    Verified,
-    /// The slot did not hold the chunk (unreadable, or other bytes): fetch it.
-    NotHeld,
-    /// The frame does not decompress to the chunk.
-    Invalid(chunked::ChunkError),
-    /// A fault of the pass itself (a panic), not of the bundle.
-    Failed(String),
-}
-
-/// A finished job, with its buffers back for reuse.
-struct Done {
-    i: usize,
-    out: Vec<u8>,
-    frame: Vec<u8>,
-    outcome: Outcome,
-    /// Time the worker spent on it.
-    busy: Duration,
-}
 
 /// Where a chunk's bytes come from, for where they go and the tally.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -105,93 +62,8 @@ enum Pending {
 /// Fetches chunk `i`'s frame into the buffer.
 type Fetch<'f> = dyn FnMut(usize, &mut Vec<u8>) -> Result<(), Stop> + 'f;
 
-fn local(file: &File, offset: u64, verify: bool) -> Input<'_> {
-    Input::Local { file, offset, verify }
-}
-
 fn internal(message: String) -> Stop {
     Stop::Upgrade(ErrorCode::Internal, message)
-}
-
-fn work(
-    jobs: &Mutex<Receiver<Job<'_>>>,
-    done: &Sender<Done>,
-    chunks: &[Chunk],
-    window: Option<&RwLock<Window>>,
-) {
-    let mut dctx = chunked::decompressor();
-    loop {
-        // The lock is held only while waiting for the next job.
-        let next = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
-        let Ok(Job {
-            i,
-            input,
-            mut out,
-            frame,
-        }) = next
-        else {
-            return;
-        };
-        let started = Instant::now();
-        let c = &chunks[i];
-        out.resize(c.size as usize, 0);
-        let outcome = match input {
-            Input::Frame => {
-                // A panic would otherwise leave this thread waiting for a chunk no worker has.
-                std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    decode(i, c, &frame, window, &mut out, &mut dctx)
-                }))
-                .unwrap_or_else(|_| {
-                    dctx = chunked::decompressor();
-                    Outcome::Failed(format!("decompressing chunk {i} panicked"))
-                })
-            }
-            Input::Local { file, offset, verify } => {
-                let held = if verify {
-                    read_verified(file, offset, c, &mut out)
-                } else {
-                    file.read_exact_at(&mut out, offset).is_ok()
-                };
-                if held { Outcome::Verified } else { Outcome::NotHeld }
-            }
-        };
-        let finished = Done {
-            i,
-            out,
-            frame,
-            outcome,
-            busy: started.elapsed(),
-        };
-        if done.send(finished).is_err() {
-            return;
-        }
-    }
-}
-
-fn decode(
-    i: usize,
-    c: &Chunk,
-    frame: &[u8],
-    window: Option<&RwLock<Window>>,
-    out: &mut [u8],
-    dctx: &mut zstd::zstd_safe::DCtx<'static>,
-) -> Outcome {
-    let decoded = match window {
-        None => chunked::decompress(i, c, frame, &[], out, dctx),
-        Some(window) => {
-            let window = window.read().unwrap_or_else(PoisonError::into_inner);
-            let Some(dict) = window.context(c) else {
-                return Outcome::Failed(format!(
-                    "chunk {i} was handed out before its context was in the window"
-                ));
-            };
-            chunked::decompress(i, c, frame, dict, out, dctx)
-        }
-    };
-    match decoded {
-        Ok(()) => Outcome::Verified,
-        Err(e) => Outcome::Invalid(e),
-    }
 }
 
 /// The order-keeping side of the pooled pass (see the module docs).
