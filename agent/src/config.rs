@@ -431,6 +431,30 @@ pub struct DownloadConfig {
     /// Record resumable progress (fsync + store) at least every this many image bytes.
     #[serde(default = "default_checkpoint_bytes")]
     pub checkpoint_bytes: u64,
+    /// Threads that decompress and check the chunks of a chunked (format 2) bundle. 1 does it on
+    /// the thread that fetches (two threads in all, with the writer); without it, one less than
+    /// the cores, at most [`MAX_DEFAULT_CHUNK_WORKERS`] and at least 1.
+    #[serde(default)]
+    pub chunk_workers: Option<usize>,
+}
+
+/// `download.chunk_workers` when not set is capped at this: the companion computers flightnode
+/// runs on have four cores (a Pi 4, a Jetson), and the writer and the fetching thread keep one
+/// busy between them.
+pub const MAX_DEFAULT_CHUNK_WORKERS: usize = 4;
+/// More chunk workers than this is a typo: a segment's chunks (about four at the defaults) are
+/// all that can decompress at once.
+pub const MAX_CHUNK_WORKERS: usize = 64;
+
+impl DownloadConfig {
+    /// The chunk workers to run: `chunk_workers`, else one less than the cores (capped), so a
+    /// 2-core computer keeps the two-thread pass, where workers only contend for the cores.
+    pub fn chunk_workers(&self) -> usize {
+        self.chunk_workers.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+            cores.saturating_sub(1).clamp(1, MAX_DEFAULT_CHUNK_WORKERS)
+        })
+    }
 }
 
 impl Default for DownloadConfig {
@@ -441,6 +465,7 @@ impl Default for DownloadConfig {
             retries: default_retries(),
             backoff: default_backoff(),
             checkpoint_bytes: default_checkpoint_bytes(),
+            chunk_workers: None,
         }
     }
 }
@@ -549,6 +574,13 @@ impl Config {
                 }
                 Some(_) => {}
             }
+        }
+        if let Some(n) = config.download.chunk_workers
+            && !(1..=MAX_CHUNK_WORKERS).contains(&n)
+        {
+            return Err(invalid(format!(
+                "download.chunk_workers = {n} must be 1 to {MAX_CHUNK_WORKERS} (leave it out for one less than the cores, at most {MAX_DEFAULT_CHUNK_WORKERS})"
+            )));
         }
         if let Some(m) = &config.mqtt {
             if !(m.url.starts_with("mqtt://") || m.url.starts_with("mqtts://")) {
@@ -678,6 +710,32 @@ b = "/var/lib/flightnode/slots/b.img"
         ] {
             let err = Config::parse(&format!("{MINIMAL}\n{bad}"), Path::new("x.toml")).unwrap_err();
             assert!(err.to_string().contains("flight"), "{err}");
+        }
+    }
+
+    #[test]
+    fn chunk_workers_default_to_the_cores_but_one_and_zero_is_refused() {
+        let c = Config::parse(MINIMAL, Path::new("x.toml")).unwrap();
+        assert_eq!(c.download.chunk_workers, None);
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let default = c.download.chunk_workers();
+        assert!((1..=MAX_DEFAULT_CHUNK_WORKERS).contains(&default), "{default}");
+        assert_eq!(
+            default,
+            (cores - 1).clamp(1, MAX_DEFAULT_CHUNK_WORKERS),
+            "{cores} cores"
+        );
+        let text = format!("{MINIMAL}\n[download]\nchunk_workers = 6\n");
+        let c = Config::parse(&text, Path::new("x.toml")).unwrap();
+        assert_eq!(
+            c.download.chunk_workers(),
+            6,
+            "a set count is not capped at the default's cap"
+        );
+        for bad in [0, MAX_CHUNK_WORKERS + 1] {
+            let text = format!("{MINIMAL}\n[download]\nchunk_workers = {bad}\n");
+            let err = Config::parse(&text, Path::new("x.toml")).unwrap_err();
+            assert!(err.to_string().contains("chunk_workers"), "{bad}: {err}");
         }
     }
 

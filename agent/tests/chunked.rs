@@ -605,3 +605,181 @@ fn a_resumed_update_copies_from_the_running_slot_and_fetches_only_what_neither_s
         "progress counts the bytes still to download"
     );
 }
+
+/// A device whose config sets `download.chunk_workers`.
+fn device_with_workers(workers: usize) -> Device {
+    let dev = Device::new(Options::default());
+    let config = std::fs::read_to_string(&dev.config).unwrap();
+    let config = config.replacen(
+        "[download]\n",
+        &format!("[download]\nchunk_workers = {workers}\n"),
+        1,
+    );
+    std::fs::write(&dev.config, config).unwrap();
+    dev
+}
+
+/// The numeric fields of the agent's "chunked image written and verified" line.
+fn tally(o: &std::process::Output) -> [u64; 4] {
+    let message = "chunked image written and verified";
+    ["workers", "kept", "copied", "fetched"].map(|field| log_field(o, message, field))
+}
+
+/// The same installs with the chunks decompressed on the fetching thread (`chunk_workers = 1`)
+/// and on three workers: a fresh install cut by SIGKILL half way and resumed (chunks the slot
+/// holds are read back by the workers), an update (most chunks copied from the running slot),
+/// a bundle of small independent frames and an update with small chunks and a small segment (so
+/// the pass waits for a context every few chunks). Each slot holds the image, and the chunks
+/// come from the same places with either.
+#[test]
+fn chunk_workers_write_the_same_images_as_the_inline_pass() {
+    let v2 = image("2.0.0");
+    let v3 = changed(&v2, "3.0.0");
+    let v4 = image("4.0.0");
+    let v5 = changed(&v4, "5.0.0");
+    let small = ["--chunk-kib", "16"];
+    let installs: [(&str, &[u8], &[&str], &str); 4] = [
+        ("2.0.0", &v2, &[], "b"),
+        ("3.0.0", &v3, &[], "a"),
+        ("4.0.0", &v4, &[small[0], small[1], "--window-kib", "0"], "b"),
+        ("5.0.0", &v5, &[small[0], small[1], "--segment-kib", "32"], "a"),
+    ];
+    let mut seen = Vec::new();
+    for workers in [1, 3] {
+        let dev = device_with_workers(workers);
+        let srv = BundleServer::start_blocking().unwrap();
+        let mut tallies = Vec::new();
+        for (k, &(version, bytes, flags, slot)) in installs.iter().enumerate() {
+            let img = dev.path(&format!("{version}.img"));
+            std::fs::write(&img, bytes).unwrap();
+            let args = [&["--chunked", "--level", "3"], flags].concat();
+            let bundle = dev.bundle_image(version, &img, version, &args);
+            let url = srv.url(&format!("/{version}.fnb"));
+            srv.put_file(&format!("/{version}.fnb"), &bundle).unwrap();
+            if k == 0 {
+                let kill_at = std::fs::metadata(&bundle).unwrap().len() / 2;
+                let o = dev
+                    .cmd(&["install", &url])
+                    .env("FLIGHTNODE_FAILPOINT", format!("download@{kill_at}"))
+                    .output()
+                    .unwrap();
+                assert_eq!(o.status.signal(), Some(9), "{workers} workers: {}", text(&o));
+                assert_eq!(dev.status()["phase"], "downloading");
+            }
+            let o = dev
+                .cmd(&["install", &url])
+                .env("RUST_LOG", "info")
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{workers} workers, {version}: {}", text(&o));
+            assert_eq!(dev.slot_bytes(slot), bytes, "{workers} workers, {version}");
+            let [used, kept, copied, fetched] = tally(&o);
+            assert_eq!(used, workers as u64, "{version}");
+            tallies.push([kept, copied, fetched]);
+        }
+        dev.assert_bootable();
+        assert!(tallies[0][0] > 0, "{workers} workers: the resume kept nothing");
+        assert!(
+            tallies[1][1] > (IMAGE as u64) / 2,
+            "{workers} workers: {tallies:?}"
+        );
+        seen.push(tallies);
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "kept, copied and fetched bytes with 1 worker and with 3"
+    );
+}
+
+/// Two flipped bytes in the chunk data, one half way and one near the end: with three workers
+/// (which may find the later one first) as with one, `chunk_invalid` naming the same, first bad
+/// chunk, and the running slot untouched.
+#[test]
+fn a_corrupt_chunk_is_refused_alike_with_workers() {
+    let v2 = image("2.0.0");
+    let mut named = Vec::new();
+    for workers in [1, 3] {
+        let dev = device_with_workers(workers);
+        let b2 = chunked_bundle(&dev, "v2", "2.0.0", &v2);
+        let mut bytes = std::fs::read(&b2).unwrap();
+        for at in [bytes.len() / 2, bytes.len() - 3 * 1024 - 1500] {
+            bytes[at] ^= 0x5a;
+        }
+        let srv = BundleServer::start_blocking().unwrap();
+        srv.put("/bad.fnb", bytes);
+        let o = dev.run(&["install", &srv.url("/bad.fnb")]);
+        assert!(!o.status.success(), "{}", text(&o));
+        assert_eq!(
+            error_code(&dev),
+            "chunk_invalid",
+            "{workers} workers: {}",
+            text(&o)
+        );
+        let message = dev.status()["last_upgrade"]["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let chunk = message
+            .split(" (image bytes")
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(chunk.starts_with("chunk "), "{workers} workers: {message}");
+        named.push(chunk);
+        assert_eq!(dev.slot_bytes("a"), b"factory image");
+        dev.assert_bootable();
+    }
+    assert_eq!(named[0], named[1], "the first bad chunk is named with either");
+}
+
+/// SIGTERM while three chunk workers are at work and the server stalls half way: the agent
+/// pauses at once (exit 130), the slot is never activated, and the next install keeps what the
+/// workers verified and fetches the rest.
+#[test]
+fn sigterm_pauses_a_pass_with_chunk_workers_promptly() {
+    let dev = device_with_workers(3);
+    let v2 = image("2.0.0");
+    let b2 = chunked_bundle(&dev, "v2", "2.0.0", &v2);
+    let len = std::fs::metadata(&b2).unwrap().len();
+    let srv = BundleServer::start_blocking().unwrap();
+    srv.put_file("/v2.fnb", &b2).unwrap();
+    srv.set_fault("/v2.fnb", Fault::Stall { after: len / 2 });
+    let url = srv.url("/v2.fnb");
+    let mut child = dev.cmd(&["install", &url]).spawn().unwrap();
+    let stalled = || srv.bytes_sent_for("/v2.fnb") >= len / 2;
+    assert!(
+        flightnode_tests::fleet::wait_until(
+            std::time::Duration::from_mins(1),
+            std::time::Duration::from_millis(50),
+            stalled
+        ),
+        "the download never started"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let signalled = std::time::Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id().cast_signed(), libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "SIGTERM pauses with exit 130");
+    assert!(
+        signalled.elapsed() < std::time::Duration::from_secs(3),
+        "paused {:?} after the signal",
+        signalled.elapsed()
+    );
+    let s = dev.status();
+    assert_eq!(s["phase"], "downloading", "{s:#}");
+    assert_eq!(s["slots"]["b"]["state"], "bad", "{s:#}");
+    dev.assert_bootable();
+
+    srv.clear_fault("/v2.fnb");
+    let o = dev
+        .cmd(&["install", &url])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dev.slot_bytes("b"), v2);
+    let [workers, kept, _, _] = tally(&o);
+    assert_eq!(workers, 3);
+    assert!(kept > 0, "the resume kept nothing the workers verified");
+}

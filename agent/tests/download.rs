@@ -30,6 +30,7 @@ fn cfg(idle_ms: u64, retries: u32, backoff_ms: u64) -> DownloadConfig {
         connect_timeout: Duration::from_secs(2),
         retries,
         backoff: Duration::from_millis(backoff_ms),
+        ..DownloadConfig::default()
     }
 }
 

@@ -174,6 +174,24 @@ impl Window {
         self.len += chunk.size as usize;
         &self.buf[at..self.len]
     }
+
+    /// Appends `chunk`'s bytes, decompressed or read elsewhere (`bytes.len()` is its size).
+    pub fn append(&mut self, chunk: &Chunk, bytes: &[u8]) {
+        let (_, out) = self.next(chunk);
+        out.copy_from_slice(bytes);
+        self.fill(chunk);
+    }
+
+    /// The context of `chunk` when the window holds all of it, else `None`: its frame can be
+    /// decompressed while the chunks between its context and it are not here yet.
+    pub fn context(&self, chunk: &Chunk) -> Option<&[u8]> {
+        let Some(c) = self.context else {
+            return Some(&[]);
+        };
+        let (from, to) = context_range(chunk.offset, &c);
+        let at = |offset: u64| usize::try_from(offset.checked_sub(self.start)?).ok();
+        self.buf[..self.len].get(at(from)?..at(to)?)
+    }
 }
 
 /// The chunking section of a new bundle, before its index is known; `window` 0 makes

@@ -15,11 +15,13 @@
 //! still to download.
 //!
 //! Neither slot is trusted: a local chunk is hashed before it is used, and one that does not
-//! match is fetched instead. The pass runs on two threads: this one fetches, decompresses and
-//! checks each chunk; a writer thread takes the verified chunks in order (through a bounded
-//! queue), writes those the slot lacks and computes the whole image's sha256 over the same bytes
-//! (nothing is read back from the slot), which is checked against the manifest before the
-//! upgrade may go on to the switch, as for format 1.
+//! match is fetched instead. With one chunk worker (`download.chunk_workers`, the default on a
+//! 2-core computer) the pass runs on two threads: this one fetches, decompresses and checks each
+//! chunk; a writer thread takes the verified chunks in order (through a bounded queue), writes
+//! those the slot lacks and computes the whole image's sha256 over the same bytes (nothing is
+//! read back from the slot), which is checked against the manifest before the upgrade may go on
+//! to the switch, as for format 1. With more, workers decompress and check the chunks while this
+//! thread fetches and keeps the order (`pool`); the writer is the same.
 //!
 //! Resume needs no byte offset: the next attempt finds every chunk that reached the slot intact
 //! and fetches only the rest. The slot is synced every `download.checkpoint_bytes` written so a
@@ -49,6 +51,9 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+mod pool;
+mod worker;
 
 /// Neighbouring frames closer than this are fetched in one request (the gap is read and dropped).
 const COALESCE_GAP: u64 = 32 * 1024;
@@ -239,6 +244,45 @@ struct Tally {
     copied: u64,
     fetched_chunks: usize,
     fetched: u64,
+    /// Bundle bytes to download, for progress: grows when a slot did not hold a planned chunk.
+    to_fetch: u64,
+}
+
+/// What a pass over the chunks reads from.
+struct Inputs<'a> {
+    chunks: &'a [Chunk],
+    info: &'a ChunksInfo,
+    plan: &'a [Plan],
+    /// For each chunk planned for fetching, the end of its coalesced run ([`run_ends`]).
+    ends: &'a [u64],
+    /// The target slot, for reading.
+    existing: &'a File,
+    running_file: Option<&'a File>,
+    /// The target slot, for writing: synced when the pass is interrupted.
+    file: &'a File,
+    source: &'a str,
+    data_offset: u64,
+}
+
+/// Where the pass's own threads spent their time, for the log: the pass is as slow as its
+/// busiest thread.
+#[derive(Default)]
+struct Times {
+    fetching: Duration,
+    /// Decompressing and checking chunks; with workers, their time summed.
+    decoding: Duration,
+    /// Waiting for a worker to finish a chunk (with workers only).
+    waiting: Duration,
+    /// Waiting for room in the writer's queue.
+    queueing: Duration,
+}
+
+/// A pass interrupted by a cancel or shutdown: the chunks already verified reach the slot, so a
+/// resume does not fetch them again.
+fn interrupt(sink: Sink, file: &File, stop: Stop) -> Stop {
+    let _ = sink.finish();
+    let _ = file.sync_data();
+    stop
 }
 
 /// Image bytes handed to the writer thread at a time.
@@ -376,6 +420,16 @@ impl Sink {
         self.tx.as_ref().is_some_and(|tx| tx.send(full).is_ok())
     }
 
+    /// Why a push failed: the writer thread stopped, and says why.
+    fn stopped(&mut self) -> Stop {
+        self.join().err().unwrap_or_else(|| {
+            Stop::Upgrade(
+                ErrorCode::Internal,
+                "the image writer thread stopped early".into(),
+            )
+        })
+    }
+
     /// Hands over what is left, waits until every queued chunk is written, and returns the
     /// lower-case hex sha256 of every byte given, in order, and where the writer's time went.
     fn finish(mut self) -> Result<(String, Busy), Stop> {
@@ -492,7 +546,7 @@ impl Engine {
                 .map(|(c, _)| u64::from(c.size))
                 .sum::<u64>()
         };
-        let mut to_fetch: u64 = index
+        let to_fetch: u64 = index
             .chunks
             .iter()
             .zip(&plan)
@@ -505,10 +559,8 @@ impl Engine {
             plan_secs = started.elapsed().as_secs_f64(), "chunk plan made; writing the image in order");
         self.observer.progress(0, to_fetch);
 
-        let mut dctx = chunked::decompressor();
-        let mut window = chunked::Window::new(&info);
         let checkpoint = self.cfg.download.checkpoint_bytes.max(4096);
-        let mut sink = file
+        let sink = file
             .try_clone()
             .and_then(|f| Sink::start(f, target, &target_path, checkpoint))
             .map_err(|e| {
@@ -517,67 +569,28 @@ impl Engine {
                     format!("cannot start the image writer thread for slot {target}: {e}"),
                 )
             })?;
-        let mut frame = Vec::new();
-        let mut run: Option<Run> = None;
-        let mut tally = Tally::default();
-        // The main thread's time, for the log.
-        let (mut fetching, mut decoding, mut queueing) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-        for (i, c) in index.chunks.iter().enumerate() {
-            if let Some(stop) = self.interrupted() {
-                // The chunks already verified reach the slot, so a resume does not fetch them again.
-                let _ = sink.finish();
-                let _ = file.sync_data();
-                return Err(stop);
-            }
-            let (dict, out) = window.next(c);
-            let local = match plan[i] {
-                // Hashed while planning; the image's sha256 at the end covers it again.
-                Plan::Held => existing.read_exact_at(out, c.offset).is_ok().then_some(false),
-                Plan::Target => read_verified(&existing, c.offset, c, out).then_some(false),
-                Plan::Running(offset) => running_file
-                    .as_ref()
-                    .is_some_and(|f| read_verified(f, offset, c, out))
-                    .then_some(true),
-                Plan::Fetch => None,
-            };
-            let write = if let Some(copied) = local {
-                if copied {
-                    tally.copied += u64::from(c.size);
-                } else {
-                    tally.kept += u64::from(c.size);
-                }
-                copied
-            } else {
-                if plan[i] != Plan::Fetch {
-                    // The slot did not hold what its index said: fetch it after all.
-                    to_fetch += u64::from(c.data_len);
-                }
-                let end = ends[i].max(c.data_end());
-                timed(&mut fetching, || {
-                    self.read_frame(&mut run, &source, data_offset, c, end, &mut frame)
-                })?;
-                timed(&mut decoding, || {
-                    chunked::decompress(i, c, &frame, dict, out, &mut dctx)
-                })
-                .map_err(chunk_stop)?;
-                tally.fetched += u64::from(c.data_len);
-                tally.fetched_chunks += 1;
-                true
-            };
-            let bytes = window.fill(c);
-            if !timed(&mut queueing, || sink.push(c.offset, bytes, write, tally.fetched)) {
-                return Err(sink.finish().err().unwrap_or_else(|| {
-                    Stop::Upgrade(
-                        ErrorCode::Internal,
-                        "the image writer thread stopped early".into(),
-                    )
-                }));
-            }
-            if local.is_none() {
-                self.observer.progress(tally.fetched, to_fetch);
-            }
-        }
-        drop(run);
+        let inputs = Inputs {
+            chunks: &index.chunks,
+            info: &info,
+            plan: &plan,
+            ends: &ends,
+            existing: &existing,
+            running_file: running_file.as_ref(),
+            file: &file,
+            source: &source,
+            data_offset,
+        };
+        let workers = self.cfg.download.chunk_workers();
+        let tally = Tally {
+            to_fetch,
+            ..Tally::default()
+        };
+        let mut times = Times::default();
+        let (sink, tally) = if workers > 1 {
+            self.pooled_pass(&inputs, workers, sink, tally, &mut times)?
+        } else {
+            self.inline_pass(&inputs, sink, tally, &mut times)?
+        };
 
         // Every chunk is written before the slot's final sync.
         let (actual, writer) = sink.finish()?;
@@ -594,13 +607,79 @@ impl Engine {
             ));
         }
         tracing::info!(slot = %target, kept = tally.kept, copied = tally.copied, fetched = tally.fetched,
-            fetched_chunks = tally.fetched_chunks, secs = started.elapsed().as_secs_f64(),
-            fetch_secs = fetching.as_secs_f64(), decompress_check_secs = decoding.as_secs_f64(),
-            queue_wait_secs = queueing.as_secs_f64(), image_sha256_secs = writer.hash.as_secs_f64(),
+            fetched_chunks = tally.fetched_chunks, workers, secs = started.elapsed().as_secs_f64(),
+            fetch_secs = times.fetching.as_secs_f64(), decompress_check_secs = times.decoding.as_secs_f64(),
+            worker_wait_secs = times.waiting.as_secs_f64(),
+            queue_wait_secs = times.queueing.as_secs_f64(), image_sha256_secs = writer.hash.as_secs_f64(),
             write_secs = writer.write.as_secs_f64(), sync_secs = writer.sync.as_secs_f64(),
             "chunked image written and verified");
         write_cache(&cache_path(&self.cfg.state_dir, target), &info, index);
         Ok(())
+    }
+
+    /// The pass on this thread: fetch, decompress and check each chunk in turn, while the writer
+    /// thread writes and hashes the ones before it.
+    fn inline_pass(
+        &mut self,
+        at: &Inputs<'_>,
+        mut sink: Sink,
+        mut tally: Tally,
+        times: &mut Times,
+    ) -> Result<(Sink, Tally), Stop> {
+        let mut dctx = chunked::decompressor();
+        let mut window = chunked::Window::new(at.info);
+        let mut frame = Vec::new();
+        let mut run: Option<Run> = None;
+        for (i, c) in at.chunks.iter().enumerate() {
+            if let Some(stop) = self.interrupted() {
+                return Err(interrupt(sink, at.file, stop));
+            }
+            let (dict, out) = window.next(c);
+            let local = match at.plan[i] {
+                // Hashed while planning; the image's sha256 at the end covers it again.
+                Plan::Held => at.existing.read_exact_at(out, c.offset).is_ok().then_some(false),
+                Plan::Target => read_verified(at.existing, c.offset, c, out).then_some(false),
+                Plan::Running(offset) => at
+                    .running_file
+                    .is_some_and(|f| read_verified(f, offset, c, out))
+                    .then_some(true),
+                Plan::Fetch => None,
+            };
+            let write = if let Some(copied) = local {
+                if copied {
+                    tally.copied += u64::from(c.size);
+                } else {
+                    tally.kept += u64::from(c.size);
+                }
+                copied
+            } else {
+                if at.plan[i] != Plan::Fetch {
+                    // The slot did not hold what its index said: fetch it after all.
+                    tally.to_fetch += u64::from(c.data_len);
+                }
+                let end = at.ends[i].max(c.data_end());
+                timed(&mut times.fetching, || {
+                    self.read_frame(&mut run, at.source, at.data_offset, c, end, &mut frame)
+                })?;
+                timed(&mut times.decoding, || {
+                    chunked::decompress(i, c, &frame, dict, out, &mut dctx)
+                })
+                .map_err(chunk_stop)?;
+                tally.fetched += u64::from(c.data_len);
+                tally.fetched_chunks += 1;
+                true
+            };
+            let bytes = window.fill(c);
+            if !timed(&mut times.queueing, || {
+                sink.push(c.offset, bytes, write, tally.fetched)
+            }) {
+                return Err(sink.stopped());
+            }
+            if local.is_none() {
+                self.observer.progress(tally.fetched, tally.to_fetch);
+            }
+        }
+        Ok((sink, tally))
     }
 
     /// The running slot's chunks by hash: from the cache, or by cutting the slot's image (see the

@@ -354,8 +354,9 @@ fn tool_size(tool: &str, script: &str, out: &Path) -> Result<Option<(u64, f64)>>
     Ok(Some((len, secs)))
 }
 
-/// A fresh device directory with its config; returns the config path.
-fn device(dir: &Path, name: &str) -> Result<PathBuf> {
+/// A fresh device directory with its config (with `[download] chunk_workers` when `workers` is
+/// given, else the agent's default); returns the config path.
+fn device(dir: &Path, name: &str, workers: Option<u64>) -> Result<PathBuf> {
     let dev = dir.join(name);
     std::fs::create_dir_all(dev.join("slots"))?;
     std::fs::write(dev.join("slots/a.img"), b"factory")?;
@@ -368,7 +369,7 @@ fn device(dir: &Path, name: &str) -> Result<PathBuf> {
             dir.join("keys/release.pub").display().to_string(),
             dev.join("slots/a.img").display().to_string(),
             dev.join("slots/b.img").display().to_string()
-        ),
+        ) + &workers.map_or_else(String::new, |n| format!("[download]\nchunk_workers = {n}\n")),
     )?;
     Ok(config)
 }
@@ -494,9 +495,9 @@ fn create(
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Installs `url` on a fresh device.
-fn fresh_install(agent: &Path, dir: &Path, url: &str) -> Result<Cost> {
-    let cfg = device(dir, "fresh")?;
+/// Installs `url` on a fresh device with `workers` chunk workers (`None`: the agent's default).
+fn fresh_install(agent: &Path, dir: &Path, url: &str, workers: Option<u64>) -> Result<Cost> {
+    let cfg = device(dir, "fresh", workers)?;
     let r = install(agent, &cfg, url)?;
     std::fs::remove_dir_all(dir.join("fresh"))?;
     Ok(r)
@@ -525,6 +526,38 @@ pub(crate) struct Options {
     pub images: Option<(PathBuf, PathBuf)>,
     /// Tar images of `size_mib` of the files under these directories instead of generated ones.
     pub real_files: Option<Vec<PathBuf>>,
+    /// Installs format 2 twice per round, with `[download] chunk_workers` = 1 and = this, side
+    /// by side (`None`: once, with the agent's default).
+    pub chunk_workers: Option<u64>,
+}
+
+/// One way of installing that the table has a row for.
+struct Variant {
+    name: String,
+    path: &'static str,
+    workers: Option<u64>,
+    secs: Vec<f64>,
+    cpu: Vec<f64>,
+    kib: u64,
+}
+
+impl Variant {
+    fn new(name: String, path: &'static str, workers: Option<u64>) -> Self {
+        Self {
+            name,
+            path,
+            workers,
+            secs: Vec::new(),
+            cpu: Vec::new(),
+            kib: 0,
+        }
+    }
+}
+
+/// How the agent picks its chunk workers without `[download] chunk_workers`.
+fn default_workers() -> u64 {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    u64::try_from(cores.saturating_sub(1).clamp(1, 4)).unwrap_or(1)
 }
 
 pub(crate) fn chunks(o: &Options) -> Result<()> {
@@ -603,38 +636,67 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
     }
     let load_before = loadavg();
     eprintln!("installing (load average {load_before})");
-    // Alternating, so a slow moment of this shared machine does not fall on one format only.
-    let (mut t1s, mut t2s, mut cpu1s, mut cpu2s, mut rss1, mut rss2) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0, 0);
-    for _ in 0..runs.max(1) {
-        let c = fresh_install(&agent, dir, &server.url("/plain2.fnb"))?;
-        t1s.push(c.secs);
-        cpu1s.push(c.cpu);
-        rss1 = rss1.max(c.kib);
-        let c = fresh_install(&agent, dir, &server.url("/chunked2.fnb"))?;
-        t2s.push(c.secs);
-        cpu2s.push(c.cpu);
-        rss2 = rss2.max(c.kib);
+    let worker_settings = match o.chunk_workers {
+        Some(n) => vec![Some(1), Some(n)],
+        None => vec![None],
+    };
+    let label = |w: Option<u64>| match w {
+        Some(1) => ", 1 chunk worker".to_owned(),
+        Some(n) => format!(", {n} chunk workers"),
+        None => format!(", default {} chunk worker(s)", default_workers()),
+    };
+    let mut variants = vec![Variant::new(
+        "full download, format 1 (plain image)".into(),
+        "/plain2.fnb",
+        None,
+    )];
+    for &w in &worker_settings {
+        variants.push(Variant::new(
+            format!("full download, format 2{}", label(w)),
+            "/chunked2.fnb",
+            w,
+        ));
     }
+    // Alternating, so a slow moment of this shared machine does not fall on one format only; the
+    // format 2 installs swap places every round.
     let runs = runs.max(1);
-    eprintln!("format 1 install s: {t1s:.2?}, CPU s: {cpu1s:.2?}");
-    eprintln!("format 2 install s: {t2s:.2?}, CPU s: {cpu2s:.2?}");
-    let (t1, t2) = (crate::median(t1s), crate::median(t2s));
-    let (cpu1, cpu2) = (crate::median(cpu1s), crate::median(cpu2s));
+    for round in 0..runs {
+        let mut order: Vec<usize> = (0..variants.len()).collect();
+        if round % 2 == 1 {
+            order[1..].reverse();
+        }
+        for k in order {
+            let v = &mut variants[k];
+            let c = fresh_install(&agent, dir, &server.url(v.path), v.workers)?;
+            v.secs.push(c.secs);
+            v.cpu.push(c.cpu);
+            v.kib = v.kib.max(c.kib);
+        }
+    }
+    for v in &variants {
+        eprintln!("{}: install s {:.2?}, CPU s {:.2?}", v.name, v.secs, v.cpu);
+    }
     let sent1 = server.bytes_sent_for("/plain2.fnb") / runs;
-    let sent2 = server.bytes_sent_for("/chunked2.fnb") / runs;
-    let cfg = device(dir, "update")?;
-    install(&agent, &cfg, &server.url("/chunked1.fnb"))?;
-    server.reset_counters();
-    let Cost {
-        secs: t3,
-        kib: rss3,
-        cpu: cpu3,
-    } = install(&agent, &cfg, &server.url("/chunked2.fnb"))?;
+    let sent2 = server.bytes_sent_for("/chunked2.fnb") / (runs * worker_settings.len() as u64);
+    let mut updates = Vec::new();
+    for &w in &worker_settings {
+        let cfg = device(dir, "update", w)?;
+        install(&agent, &cfg, &server.url("/chunked1.fnb"))?;
+        server.reset_counters();
+        let cost = install(&agent, &cfg, &server.url("/chunked2.fnb"))?;
+        let sent = server.bytes_sent_for("/chunked2.fnb");
+        let requests = server.requests_for("/chunked2.fnb").len();
+        std::fs::remove_dir_all(dir.join("update"))?;
+        updates.push((
+            format!(
+                "update over version 1, format 2 ({requests} requests){}",
+                label(w)
+            ),
+            sent,
+            cost,
+        ));
+    }
     let load_after = loadavg();
-    let sent3 = server.bytes_sent_for("/chunked2.fnb");
-    let requests3 = server.requests_for("/chunked2.fnb").len();
-    std::fs::remove_dir_all(dir.join("update"))?;
 
     eprintln!("baselines");
     let (zstd19, xdelta, bsdiff) = if o.baselines {
@@ -647,56 +709,59 @@ pub(crate) fn chunks(o: &Options) -> Result<()> {
     let pct = |b: u64| 100.0 * b as f64 / image_len as f64;
     println!("{what}; version 2 is {:.1} MiB", mib(image_len));
     println!(
-        "installs: median of {runs} per format, alternating; load average {load_before} before, {load_after} after; \
-         {} chunk workers unless [download] threads says otherwise",
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+        "installs: median of {runs} per row, alternating; load average {load_before} before, {load_after} after; \
+         the agent's default here is {} chunk worker(s)",
+        default_workers()
     );
     println!(
-        "{:<44} {:>12} {:>9} {:>10} {:>8} {:>10} {:>12}",
+        "{:<64} {:>12} {:>9} {:>10} {:>8} {:>10} {:>12}",
         "transfer", "bytes", "% image", "install s", "CPU s", "MiB/s", "peak RSS MiB"
     );
     let row = |name: &str, bytes: u64, secs: f64, cpu: f64, rss: u64| {
         println!(
-            "{name:<44} {bytes:>12} {:>8.2}% {secs:>10.2} {cpu:>8.2} {:>10.1} {:>12.1}",
+            "{name:<64} {bytes:>12} {:>8.2}% {secs:>10.2} {cpu:>8.2} {:>10.1} {:>12.1}",
             pct(bytes),
             mib_s(image_len, secs),
             rss as f64 / 1024.0
         );
     };
-    row("full download, format 1 (plain image)", sent1, t1, cpu1, rss1);
-    row(
-        &format!("full download, format 2 ({settings})"),
-        sent2,
-        t2,
-        cpu2,
-        rss2,
-    );
-    row(
-        &format!("update over version 1, format 2 ({requests3} requests)"),
-        sent3,
-        t3,
-        cpu3,
-        rss3,
-    );
+    let medians: Vec<(f64, f64)> = variants
+        .iter()
+        .map(|v| (crate::median(v.secs.clone()), crate::median(v.cpu.clone())))
+        .collect();
+    for (v, &(secs, cpu)) in variants.iter().zip(&medians) {
+        let sent = if v.path == "/plain2.fnb" { sent1 } else { sent2 };
+        row(&v.name, sent, secs, cpu, v.kib);
+    }
+    println!("format 2: {settings}");
+    for (name, sent, cost) in &updates {
+        row(name, *sent, cost.secs, cost.cpu, cost.kib);
+    }
     let other = |name: &str, r: Option<(u64, f64)>| match r {
         Some((bytes, secs)) => println!(
-            "{name:<44} {bytes:>12} {:>8.2}%   (made in {secs:.1} s)",
+            "{name:<64} {bytes:>12} {:>8.2}%   (made in {secs:.1} s)",
             pct(bytes)
         ),
-        None => println!("{name:<44} {:>12}", "n/a"),
+        None => println!("{name:<64} {:>12}", "n/a"),
     };
     other("zstd -19 of the image", zstd19);
     other("xdelta3 -9 delta v1 -> v2", xdelta);
     other("bsdiff delta v1 -> v2", bsdiff);
     println!("bundle create: format 1 {t_plain:.1} s, format 2 {t_chunked:.1} s");
+    let t1 = medians[0].0;
+    let ratios: Vec<String> = variants[1..]
+        .iter()
+        .zip(&medians[1..])
+        .map(|(v, &(t2, _))| format!("{:.2}{}", t1 / t2, label(v.workers)))
+        .collect();
     println!(
-        "goals: update / full image = {:.1} % (<= 10 %); full chunked / zstd -19 = {}; install throughput format 2 / format 1 = {:.2} (>= 0.8)",
-        pct(sent3),
+        "goals: update / full image = {:.1} % (<= 10 %); full chunked / zstd -19 = {}; install throughput format 2 / format 1 = {} (>= 0.8)",
+        pct(updates[0].1),
         zstd19.map_or("n/a".into(), |(z, _)| format!(
             "{:.3} (<= 1.05)",
             sent2 as f64 / z as f64
         )),
-        t1 / t2
+        ratios.join("; ")
     );
     Ok(())
 }

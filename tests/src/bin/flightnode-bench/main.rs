@@ -5,12 +5,14 @@
 //!   loopback HTTP, vs `curl | tee >(sha256sum) > slot` and a minimal Rust GET + sha256 + write;
 //!   plus raw single-core sha256 throughput, the physical limit.
 //! - `chunks [--size-mib 256] [--level L] [--window-kib W] [--segment-kib S] [--chunk-kib C] [--runs 3]
-//!   [--no-baselines] [--bsdiff] [--old V1.img --new V2.img | --real-files DIR,...]` (L, W, S, C:
+//!   [--no-baselines] [--bsdiff] [--old V1.img --new V2.img | --real-files DIR,...] [--chunk-workers N]` (L, W, S, C:
 //!   `bundle create`'s defaults unless given): bytes the server sends for a full plain download,
 //!   a full chunked download and a chunked update over the older slot of an ext4 image
 //!   (generated, or the pair given, such as `tests/bench/debian-pair.sh`'s) or of a tar of
 //!   `--size-mib` of real files, next to `zstd -19` and `xdelta3`/`bsdiff` deltas where
 //!   installed; install time and CPU time (median of the runs) and the agent's own peak RSS.
+//!   `--chunk-workers N` installs format 2 with `[download] chunk_workers` = 1 and = N, side by
+//!   side in the same alternating rounds.
 //! - `footprint [--idle-secs 60] [--size-mib 64]`: idle and peak RSS of `flightnode-agent run`
 //!   connected to mosquitto and the hub, idle and during an install, next to a `mosquitto_sub`
 //!   connected to the same broker; stripped binary sizes.
@@ -60,6 +62,7 @@ fn main() -> Result<()> {
             },
             real_files: given::<String>(&args, "--real-files")?
                 .map(|dirs| dirs.split(',').map(std::path::PathBuf::from).collect()),
+            chunk_workers: given(&args, "--chunk-workers")?,
         }),
         Some("child-rusage") => chunks::child_rusage(&args[1..]),
         Some("footprint") => footprint(flag(&args, "--idle-secs", 60), flag(&args, "--size-mib", 64)),
@@ -97,7 +100,7 @@ fn main() -> Result<()> {
 fn usage() {
     eprintln!("usage: flightnode-bench install [--size-mib N] [--runs N]");
     eprintln!(
-        "       flightnode-bench chunks [--size-mib 256] [--level L] [--window-kib W] [--segment-kib S] [--chunk-kib C] [--runs 3] [--no-baselines] [--bsdiff] [--old V1.img --new V2.img | --real-files DIR,...]"
+        "       flightnode-bench chunks [--size-mib 256] [--level L] [--window-kib W] [--segment-kib S] [--chunk-kib C] [--runs 3] [--no-baselines] [--bsdiff] [--old V1.img --new V2.img | --real-files DIR,...] [--chunk-workers N]"
     );
     eprintln!("         (L, W, S, C: `flightnode-agent bundle create`'s defaults unless given)");
     eprintln!("       flightnode-bench footprint [--idle-secs N] [--size-mib N]");
