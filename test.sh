@@ -167,14 +167,22 @@ if ! qemu_ok; then
 fi
 
 # U-Boot with a redundant environment (Debian's u-boot-qemu keeps one copy), built from Debian's
-# u-boot source package into target/uboot-qemu/redundant, where the tests look for it.
+# u-boot source package into target/uboot-qemu/redundant, where the tests look for it. About 2
+# CPU-minutes: it runs in the background at the lowest priority while the lint gate and the
+# build take the cores. The lock is taken here, before the background job starts, so a test that
+# needs the build (tests/src/uboot_qemu.rs takes the same lock) can never run ahead of it.
 UBOOT_REDUNDANT="${CARGO_TARGET_DIR:-target}/uboot-qemu/redundant"
 if [[ ! -f "$UBOOT_REDUNDANT/u-boot.bin" ]]; then
     if [[ $(id -u) -eq 0 && -z "${FLIGHTNODE_TEST_NO_INSTALL:-}" ]]; then
-        echo "test.sh: building U-Boot with a redundant environment into $UBOOT_REDUNDANT" >&2
+        echo "test.sh: building U-Boot with a redundant environment into $UBOOT_REDUNDANT (in the background)" >&2
         mkdir -p "$UBOOT_REDUNDANT"
-        nice bash tests/uboot/build-redundant.sh "$UBOOT_REDUNDANT" >"$UBOOT_REDUNDANT/build.log" 2>&1 ||
-            { tail -n 30 "$UBOOT_REDUNDANT/build.log" >&2; exit 2; }
+        exec 8>"$UBOOT_REDUNDANT/.build.lock"
+        flock 8
+        (
+            nice -n 19 bash tests/uboot/build-redundant.sh "$UBOOT_REDUNDANT" >"$UBOOT_REDUNDANT/build.log" 2>&1 ||
+                echo "test.sh: the U-Boot build failed; see $UBOOT_REDUNDANT/build.log" >&2
+        ) &
+        exec 8>&-
     else
         echo "test.sh: no U-Boot with a redundant environment under $UBOOT_REDUNDANT: run ./test.sh as root" >&2
         echo "  once (it runs tests/uboot/build-redundant.sh), or set FLIGHTNODE_SKIP_UBOOT_QEMU=1." >&2
@@ -193,11 +201,6 @@ if [[ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 && $(id -u) -eq 0 && -z "${FLIG
         cat /usr/lib/binfmt.d/qemu-aarch64.conf >/proc/sys/fs/binfmt_misc/register
     fi
 fi
-# The virtual board installs the agent from its .deb, built with cargo-deb.
-if ! cargo deb --version >/dev/null 2>&1 && [[ -z "${FLIGHTNODE_TEST_NO_INSTALL:-}" ]]; then
-    echo "test.sh: cargo install cargo-deb (the agent's .deb for the virtual board)" >&2
-    cargo install --locked cargo-deb --version 3.8.0
-fi
 
 # The flight gate tests talk to a flight-controller stand-in built on pymavlink (PyPI). It goes in
 # a venv under target/, as root or not: nothing is installed system-wide.
@@ -209,33 +212,47 @@ if ! "$PYMAVLINK_VENV/bin/python3" -c 'import pymavlink' >/dev/null 2>&1; then
 fi
 export FLIGHTNODE_PYMAVLINK_PYTHON="$PYMAVLINK_VENV/bin/python3"
 
-# cargo-deb makes the agent's .deb (packaging test, cross/release.sh); pinned, since the test
-# checks what it writes. `cargo install` goes to cargo's own bin dir, as root or not, and is kept
-# there: a rerun on the same machine compiles nothing (a fresh one: 94 CPU-seconds, about 1 minute).
+# cargo-deb makes the agent's .deb (packaging test, virtual board, cross/release.sh); pinned, since
+# the test checks what it writes. `cargo install` goes to cargo's own bin dir, as root or not, and
+# is kept there: a rerun on the same machine compiles nothing (a fresh one: 94 CPU-seconds).
 CARGO_DEB_VERSION=3.8.0
+need_cargo_deb=
 if [[ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]]; then
     if [[ -n "${FLIGHTNODE_TEST_NO_INSTALL:-}" ]]; then
         echo "test.sh: the packaging test needs cargo-deb $CARGO_DEB_VERSION:" >&2
         echo "  cargo install --locked cargo-deb --version $CARGO_DEB_VERSION" >&2
         exit 2
     fi
-    echo "test.sh: cargo install cargo-deb $CARGO_DEB_VERSION" >&2
-    cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION"
+    need_cargo_deb=1
 fi
 
-# The static release builds the packaging, qemu-user and virtual-board tests share (tests/src/release.rs: same
-# commands, same target dir) cost about 17 CPU-minutes (the gnu debug build they replace: 15). They start now, in the background at the
-# lowest CPU priority, so they take what the debug build and the waiting tests leave idle; a test
-# that needs them waits on cargo's lock and then finds them fresh. Whole-suite runs only: a
-# filtered run may not wait for them.
+# The static release builds the packaging, qemu-user and virtual-board tests share
+# (tests/src/release.rs: same commands, same target dir) took about 17 CPU-minutes while the image
+# test's hub was built with whole-program LTO (now `release-quick`, without it), and cargo-deb's
+# install 1.5 more. In a whole-suite run they start now, in the background at the lowest CPU
+# priority, so they take what the lint gate, the debug build and the waiting tests leave idle. The
+# lock is taken before the job starts and held until it ends: tests/src/release.rs takes it too,
+# so a test that needs them waits and then finds them fresh. A filtered run installs cargo-deb
+# now and builds on demand.
 if [[ $# -eq 0 || ( "$1" == "--" && $# -eq 1 ) ]] && [[ -z "${FLIGHTNODE_SKIP_PACKAGING:-}" ]]; then
     mkdir -p target/release-builds
+    exec 7>target/release-builds/.prebuild.lock
+    flock 7
     (
+        if [[ -n "$need_cargo_deb" ]]; then
+            echo "test.sh: cargo install cargo-deb $CARGO_DEB_VERSION"
+            nice -n 19 cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION" ||
+                echo "test.sh: cargo install cargo-deb failed" >&2
+        fi
         export CARGO_TARGET_DIR="$PWD/target/release-builds"
         nice -n 19 cargo build --locked --profile release --target aarch64-unknown-linux-musl -p flightnode-agent &&
             nice -n 19 cargo build --locked --profile release --target x86_64-unknown-linux-musl -p flightnode-agent &&
-            nice -n 19 cargo build --locked --profile release --target x86_64-unknown-linux-musl -p flightnode-hub
+            nice -n 19 cargo build --locked --profile release-quick --target x86_64-unknown-linux-musl -p flightnode-hub
     ) >target/release-builds/prebuild.log 2>&1 &
+    exec 7>&-
+elif [[ -n "$need_cargo_deb" ]]; then
+    echo "test.sh: cargo install cargo-deb $CARGO_DEB_VERSION" >&2
+    cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION"
 fi
 
 # The virtual board's base rootfs (tests/vboard/mkrootfs.sh: about 5 minutes, nearly all of it

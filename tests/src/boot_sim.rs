@@ -12,13 +12,12 @@
 //! # Ok(()) }
 //! ```
 
+use crate::tool::run;
 use anyhow::{Context, anyhow, bail};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 /// Attempts the helpers give each slot in a fresh U-Boot environment (RAUC's default).
 pub const FRESH_ATTEMPTS: u32 = 3;
@@ -188,34 +187,6 @@ impl SimBoot {
 fn toml_str(p: &Path) -> String {
     // TOML basic strings accept JSON-style escapes for `"` and `\`.
     format!("{:?}", p.to_string_lossy())
-}
-
-/// Runs a tool, returning stdout; a failure carries the command and its stderr.
-pub(crate) fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-    let mut child = Command::new(tool)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run {tool}"))?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{tool} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn parse_vars(text: &str) -> BTreeMap<String, String> {

@@ -15,19 +15,7 @@ use std::time::{Duration, Instant};
 /// Hardware id of every simulated drone.
 pub const HARDWARE: &str = "cc-sim-v1";
 
-/// Polls `done` every `every` until it holds or `timeout` passes; true when it held.
-pub fn wait_until(timeout: Duration, every: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(every);
-    }
-}
+pub use crate::poll::wait_until;
 
 /// A free loopback port.
 pub fn free_port() -> Result<u16> {

@@ -15,6 +15,7 @@
 //! - [`mosquitto`]: the real Debian broker on a free port, plain or with the example mTLS + ACL config.
 //! - [`powercut`]: a FUSE layer that keeps only fsynced data and namespace changes, and cuts the power.
 //! - [`pki`]: a test CA, server and client certificates for mutual TLS (broker and hub).
+//! - [`poll`]: waiting for what a test observes from outside; `tool`: running the host's tools.
 //! - [`release`]: the static release builds, the agent's Debian packages and a clean Debian root.
 
 pub mod agent;
@@ -28,8 +29,10 @@ pub mod http_server;
 pub mod load;
 pub mod mosquitto;
 pub mod pki;
+pub mod poll;
 pub mod powercut;
 pub mod release;
 pub mod sitl;
+pub(crate) mod tool;
 pub mod uboot_qemu;
 pub mod vboard;

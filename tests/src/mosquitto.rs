@@ -520,7 +520,7 @@ impl Mosquitto {
     ) -> Result<()> {
         let acked = format!("Sending SUBACK to {id}");
         let mut why = None;
-        let subscribed = crate::fleet::wait_until(timeout, Duration::from_millis(20), || {
+        let subscribed = crate::poll::wait_until(timeout, Duration::from_millis(20), || {
             if self.log().lines().any(|l| l.ends_with(&acked)) {
                 return true;
             }

@@ -115,23 +115,43 @@ fn once_per_target<T: Clone>(
         .map_err(anyhow::Error::msg)
 }
 
+/// Waits until `./test.sh`'s background job (cargo-deb's install and these same release builds)
+/// has ended: it holds this lock from before it starts. Without that job the lock is free at once.
+fn wait_for_prebuild() -> Result<()> {
+    let path = target_dir().join(".prebuild.lock");
+    if !path.exists() {
+        return Ok(());
+    }
+    let lock = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    lock.lock_shared()
+        .with_context(|| format!("waiting for the release prebuild's lock {}", path.display()))?;
+    Ok(())
+}
+
+/// The cargo profile of the hub the image test puts in its image (`./test.sh` prebuilds the same).
+pub const HUB_PROFILE: &str = "release-quick";
+
 fn build_uncached(target: &'static str) -> Result<Release> {
+    wait_for_prebuild()?;
     let with_hub = target == X86_64;
     // One cargo run per package: built together, the agent would get every feature the hub's
     // dependencies turn on (cargo unifies features across the packages of one build): the x86_64
     // agent was 10.44 MiB that way, 9.61 MiB built alone.
-    let packages: &[&str] = if with_hub {
-        &["flightnode-agent", "flightnode-hub"]
+    // The agent in the release profile, whose size budget the packaging test checks; the hub,
+    // which has none, in `release-quick` (no whole-program LTO): the image test's hub is a static
+    // build of the same code, at a third of the CPU time.
+    let packages: &[(&str, &str)] = if with_hub {
+        &[("flightnode-agent", "release"), ("flightnode-hub", HUB_PROFILE)]
     } else {
-        &["flightnode-agent"]
+        &[("flightnode-agent", "release")]
     };
-    for package in packages {
+    for (package, profile) in packages {
         let mut cmd = cargo();
         cmd.args([
             "build",
             "--locked",
             "--profile",
-            "release",
+            profile,
             "--target",
             target,
             "-p",
@@ -144,11 +164,11 @@ fn build_uncached(target: &'static str) -> Result<Release> {
             )
         })?;
     }
-    let dir = target_dir().join(target).join("release");
+    let dir = target_dir().join(target);
     Ok(Release {
         target,
-        agent: dir.join("flightnode-agent"),
-        hub: with_hub.then(|| dir.join("flightnode-hub")),
+        agent: dir.join("release").join("flightnode-agent"),
+        hub: with_hub.then(|| dir.join(HUB_PROFILE).join("flightnode-hub")),
     })
 }
 
@@ -189,7 +209,10 @@ fn deb_uncached(target: &'static str) -> Result<PathBuf> {
     if !out.status.success() {
         let text = output_text(&out);
         if text.contains("no such command") {
-            bail!("cargo-deb is not installed: `cargo install cargo-deb --locked` (./test.sh does)");
+            bail!(
+                "cargo-deb is not installed: `cargo install cargo-deb --locked` (./test.sh does; \
+                 a whole-suite run logs that install in target/release-builds/prebuild.log)"
+            );
         }
         bail!("cargo deb for {target} failed:\n{text}");
     }

@@ -32,7 +32,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::boot_sim::run;
+use crate::tool::run;
 
 /// Set to `1` to let the real-U-Boot tests pass without running when the tools are missing.
 /// CI never sets it: there, missing tools fail the tests.
@@ -172,18 +172,49 @@ pub fn find_tools() -> Result<Tools, String> {
 ///
 /// When a tool or that build is missing and [`SKIP_ENV`] is not `1`.
 pub fn require_redundant() -> Option<Tools> {
-    let tools = require()?;
+    wait_for_redundant_build();
+    let mut tools = require()?;
+    if tools.uboot_redundant.is_none() {
+        // It may have been looked for before the background build finished.
+        tools.uboot_redundant = under_target("uboot-qemu/redundant/u-boot.bin").filter(|p| p.is_file());
+    }
     if tools.uboot_redundant.is_some() {
         return Some(tools);
     }
     let why = "no U-Boot built with a redundant environment under target/uboot-qemu/redundant \
-               (tests/uboot/build-redundant.sh makes it; ./test.sh runs it as root) and \
+               (tests/uboot/build-redundant.sh makes it; ./test.sh runs it as root and logs to \
+               build.log there) and \
                FLIGHTNODE_UBOOT_REDUNDANT_BIN is not set";
     if std::env::var(SKIP_ENV).is_ok_and(|v| v == "1") {
         eprintln!("skipping a real-U-Boot test ({SKIP_ENV}=1): {why}");
         return None;
     }
     panic!("{why}; or set {SKIP_ENV}=1 to skip the real-U-Boot tests knowingly")
+}
+
+/// Waits while `./test.sh` builds the redundant-environment U-Boot in the background: it holds
+/// this lock from before the build starts until it ends.
+fn wait_for_redundant_build() {
+    if std::env::var_os("FLIGHTNODE_UBOOT_REDUNDANT_BIN").is_some() {
+        return;
+    }
+    let Some(path) = under_target("uboot-qemu/redundant/.build.lock") else {
+        return;
+    };
+    match std::fs::File::open(&path) {
+        Ok(lock) => {
+            if let Err(e) = lock.lock_shared() {
+                eprintln!(
+                    "not waiting for the U-Boot build: locking {}: {e}",
+                    path.display()
+                );
+            }
+        }
+        Err(e) => eprintln!(
+            "not waiting for the U-Boot build: opening {}: {e}",
+            path.display()
+        ),
+    }
 }
 
 /// `rel` under `CARGO_TARGET_DIR` or the first ancestor of this test binary that has it.

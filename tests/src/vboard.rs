@@ -547,7 +547,7 @@ impl Board {
         )?;
         let initial = dir.join("ab-initial-env");
         std::fs::write(&initial, "BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=3\n")?;
-        crate::boot_sim::run(
+        crate::tool::run(
             "fw_setenv",
             &[
                 "-c",
@@ -573,7 +573,7 @@ impl Board {
 
     /// The A/B variables as the host reads them from the disk (the board should be off).
     pub fn ab_env(&self) -> Result<BTreeMap<String, String>> {
-        let out = crate::boot_sim::run(
+        let out = crate::tool::run(
             "fw_printenv",
             &["-c", &self.env_config.to_string_lossy(), "-f", "/dev/null"],
             None,
