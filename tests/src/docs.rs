@@ -163,17 +163,14 @@ fn strip_code_spans(line: &str) -> String {
                 j += 1;
             }
         }
-        match close {
-            Some(end) => {
-                // Keep the span's text for headings' anchors, without anything link-like.
-                let inner: String = chars[i + run..end - run].iter().collect();
-                out.push_str(&inner.replace(['[', ']', '(', ')'], " "));
-                i = end;
-            }
-            None => {
-                out.extend(&chars[i..i + run]);
-                i += run;
-            }
+        if let Some(end) = close {
+            // Keep the span's text for headings' anchors, without anything link-like.
+            let inner: String = chars[i + run..end - run].iter().collect();
+            out.push_str(&inner.replace(['[', ']', '(', ')'], " "));
+            i = end;
+        } else {
+            out.extend(&chars[i..i + run]);
+            i += run;
         }
     }
     out
