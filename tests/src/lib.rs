@@ -17,10 +17,12 @@
 //! - [`pki`]: a test CA, server and client certificates for mutual TLS (broker and hub).
 //! - [`poll`]: waiting for what a test observes from outside; `tool`: running the host's tools.
 //! - [`release`]: the static release builds, the agent's Debian packages and a clean Debian root.
+//! - [`docs`]: the book under `docs/`: mdBook to build it, and a checker for its links and the README's.
 
 pub mod agent;
 pub mod apiserver;
 pub mod boot_sim;
+pub mod docs;
 pub mod fake_kube;
 pub mod fc_standin;
 pub mod fleet;

@@ -16,8 +16,8 @@
 //! dead leader's Lease); the two never run at once.
 //!
 //! Determinism: waves come from a stable hash of each drone's name (SHA-256, first 8 bytes, big
-//! endian; the README's contract), computed here from the names the hub shows, and the drones
-//! that fail are picked by their rank. The breaker rule only looks at the sample once every drone
+//! endian; the contract of docs/src/operator/rollouts.md), computed here from the names the hub
+//! shows, and the drones that fail are picked by their rank. The breaker rule only looks at the sample once every drone
 //! dispatched so far has finished (`minFinished` = the size of the first two waves), so it trips
 //! at exactly one point whatever the order the drones finish in. No wall-clock assertions; every
 //! wait has a generous timeout.

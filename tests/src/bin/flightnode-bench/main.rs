@@ -1,5 +1,5 @@
 //! `flightnode-bench`: measurements that print tables, each against a baseline measured in the
-//! same run. Build with `cargo build --release --workspace` first; see README "Measurements".
+//! same run. Build with `cargo build --release --workspace` first; see docs/src/measurements.md.
 //!
 //! - `install [--size-mib 256] [--runs 3]`: bundle download + verify + write into a file slot over
 //!   loopback HTTP, vs `curl | tee >(sha256sum) > slot` and a minimal Rust GET + sha256 + write;
@@ -107,7 +107,7 @@ fn usage() {
     eprintln!(
         "       flightnode-bench hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20] [--channels 12]"
     );
-    eprintln!("Build with `cargo build --release --workspace` first; see README \"Measurements\".");
+    eprintln!("Build with `cargo build --release --workspace` first; see docs/src/measurements.md.");
 }
 
 /// The value after `name`, if given; an error when it is given but does not parse.
