@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!(
-            "usage: flightnode-demo [--drones N] [--manual]   (default 6, 3 with --manual; build first: cargo build --release --workspace)"
+            "usage: flightnode-demo [--drones N] [--manual]   (default 6, 3 with --manual; build first: cargo build --profile release-quick --bin flightnode-demo --bin flightnode-hub --bin flightnode-agent)"
         );
         return ExitCode::SUCCESS;
     }
