@@ -16,10 +16,12 @@
 //! - [`powercut`]: a FUSE layer that keeps only fsynced data and namespace changes, and cuts the power.
 //! - [`pki`]: a test CA, server and client certificates for mutual TLS (broker and hub).
 //! - [`release`]: the static release builds, the agent's Debian packages and a clean Debian root.
+//! - [`docs`]: the reference pages, read the way the tests that keep them true compare them with the code.
 
 pub mod agent;
 pub mod apiserver;
 pub mod boot_sim;
+pub mod docs;
 pub mod fake_kube;
 pub mod fc_standin;
 pub mod fleet;
