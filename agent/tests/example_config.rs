@@ -60,7 +60,7 @@ fn key_lines(text: &str) -> BTreeMap<String, (usize, bool)> {
             None => (line, false),
         };
         if let Some(name) = section_of(rest) {
-            section = name.to_owned();
+            name.clone_into(&mut section);
         } else if let Some(key) = key_of(rest) {
             let path = if section.is_empty() {
                 key.to_owned()
@@ -110,7 +110,9 @@ fn full() -> (String, BTreeMap<String, Value>) {
 
 /// `text` with the line of `path` replaced by `line` (or left out).
 fn with_line(text: &str, path: &str, line: Option<&str>) -> String {
-    let (index, _) = key_lines(text)[path];
+    let (index, _) = *key_lines(text)
+        .get(path)
+        .unwrap_or_else(|| panic!("{EXAMPLE} has no line for `{path}`"));
     text.lines()
         .enumerate()
         .filter_map(|(i, l)| if i == index { line } else { Some(l) })

@@ -168,11 +168,13 @@ fn table_rows(text: &str) -> Vec<Vec<String>> {
             .split('|')
             .map(|c| c.trim().to_owned())
             .collect();
-        if let Some(inner) = cells[0].strip_prefix('`').and_then(|f| f.strip_suffix('`'))
-            && !inner.is_empty()
-            && !inner.contains('`')
-        {
-            cells[0] = inner.to_owned();
+        let key = cells[0]
+            .strip_prefix('`')
+            .and_then(|f| f.strip_suffix('`'))
+            .filter(|inner| !inner.is_empty() && !inner.contains('`'))
+            .map(str::to_owned);
+        if let Some(key) = key {
+            cells[0] = key;
             out.push(cells);
         }
     }
@@ -350,11 +352,15 @@ fn parse_help(text: &str) -> HelpCommand {
                     .trim_matches(|c| matches!(c, '<' | '>' | '[' | ']' | '.'))
                     .to_owned(),
             ),
-            "Options:" if item.starts_with('-') => {
+            // A flag's own line is indented at most 6 columns; with long flags clap puts the
+            // description (and its `[env: …]`) on the next line, indented further.
+            "Options:" => {
+                let indent = line.len() - item.len();
                 let flag = item
                     .split_whitespace()
                     .map(|t| t.trim_end_matches(',').trim_end_matches("..."))
                     .find(|t| t.starts_with("--"))
+                    .filter(|_| indent <= 6 && item.starts_with('-'))
                     .map(|t| t.split(['[', '=']).next().unwrap_or(t).to_owned());
                 if let Some(flag) = flag.filter(|f| f != "--help" && f != "--version") {
                     out.flags.insert(flag);
