@@ -136,6 +136,76 @@ fn exposed(text: &str) -> BTreeMap<String, (String, BTreeSet<String>)> {
     out
 }
 
+/// The metric names of OpenMetrics text, as [`exposed`] names them.
+fn exposed_names(text: &str) -> BTreeSet<String> {
+    exposed(text).into_keys().collect()
+}
+
+/// A `flightnode-hub serve` process (local store, plain gRPC, ports picked by the kernel),
+/// killed when dropped.
+struct ServedHub {
+    child: std::process::Child,
+    http: String,
+    _data: tempfile::TempDir,
+}
+
+impl ServedHub {
+    fn start() -> ServedHub {
+        use std::io::BufRead;
+        let data = tempfile::tempdir().unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flightnode-hub"));
+        cmd.arg("serve")
+            .arg("--insecure")
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("FLIGHTNODE_HUB_") {
+                cmd.env_remove(var);
+            }
+        }
+        let mut child = cmd.spawn().expect("starting flightnode-hub serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        let read = std::io::BufReader::new(stdout).read_line(&mut line);
+        let http = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("http="))
+            .map(str::to_owned);
+        let Some(http) = http.filter(|_| read.is_ok()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("flightnode-hub serve did not print its listening line: {line:?}");
+        };
+        ServedHub {
+            child,
+            http,
+            _data: data,
+        }
+    }
+
+    /// The body of `GET path` (HTTP/1.0: no chunked encoding to undo).
+    fn get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&self.http).unwrap();
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.http).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.contains(" 200 "), "GET {path}: {head}");
+        body.to_owned()
+    }
+}
+
+impl Drop for ServedHub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn metrics_reference_documents_every_metric_with_its_type_and_labels() {
     let exposed = exposed(&populated_metrics().encode());
@@ -147,12 +217,26 @@ fn metrics_reference_documents_every_metric_with_its_type_and_labels() {
     let section = page.section(2, "Hub metrics");
     let rows = section.table_rows();
     let names = |keys: Vec<&String>| keys.into_iter().cloned().collect::<BTreeSet<String>>();
+    let documented = names(rows.iter().map(|r| &r[0]).collect());
     assert_same(
         "metrics",
         &names(exposed.keys().collect()),
-        "the hub's registry (`/metrics`)",
-        &names(rows.iter().map(|r| &r[0]).collect()),
+        "the hub's registry",
+        &documented,
         &section.at(&page),
+    );
+    // And what the served endpoint shows, in case something registers past `Metrics`. A family
+    // with labels shows only once it has a series, so a fresh hub shows a subset.
+    let scraped = exposed_names(&ServedHub::start().get("/metrics"));
+    let undocumented: Vec<&String> = scraped.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "`GET /metrics` of flightnode-hub serve has {undocumented:?}, which {} does not document",
+        section.at(&page)
+    );
+    assert!(
+        scraped.contains("flightnode_hub_leader"),
+        "the scrape was not read: {scraped:?}"
     );
     for row in &rows {
         let (kind, labels) = &exposed[&row[0]];
