@@ -1,6 +1,9 @@
 //! `agent.toml`: the agent's configuration, with the defaults documented in `systemd/agent.toml`.
+//!
+//! `Serialize` is for the tests that hold `systemd/agent.toml` and the configuration reference
+//! to the keys these types accept: a serialized config names every key, unset ones as null.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -37,7 +40,7 @@ pub enum ConfigError {
 }
 
 /// The whole `agent.toml`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This drone's id: MQTT client id and topic segment, so no `+ # /` and at most 64 characters.
@@ -82,7 +85,7 @@ pub struct Config {
 }
 
 /// A state of the vehicle the flight gate may let an upgrade step run in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AllowedState {
     /// Disarmed and not in the air.
@@ -94,7 +97,7 @@ pub enum AllowedState {
 }
 
 /// What the flight gate does when it cannot tell the flight state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum UnknownPolicy {
     /// Wait (reason `flight_state_unknown`) until the state is known again.
@@ -105,7 +108,7 @@ pub enum UnknownPolicy {
 }
 
 /// `[flight]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FlightConfig {
     /// MAVLink link to the flight controller: `serial:/dev/ttyS1:921600`, `udpin:127.0.0.1:14540`,
@@ -167,7 +170,7 @@ fn default_stale_after() -> Duration {
 }
 
 /// `[mqtt]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     /// `mqtt://host:1883` or `mqtts://host:8883`.
@@ -196,7 +199,7 @@ pub struct MqttConfig {
 }
 
 /// `[hub]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HubConfig {
     /// `https://hub:50051`, or `http://` for plain (testing only).
@@ -222,7 +225,7 @@ pub struct HubConfig {
 }
 
 /// What must be reachable again before a trial slot is committed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum FleetGate {
     /// Either the broker or the hub (whichever is configured).
@@ -237,7 +240,7 @@ pub enum FleetGate {
 }
 
 /// `[daemon]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
     /// In `run`, a trial slot is committed only after the health check passes **and** this is reachable.
@@ -277,7 +280,7 @@ fn default_fleet_timeout() -> Duration {
 }
 
 /// Slot backend kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SlotBackendKind {
     /// Image files; created when missing.
@@ -287,7 +290,7 @@ pub enum SlotBackendKind {
 }
 
 /// `[slots]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlotsConfig {
     /// `file` or `block`.
@@ -299,7 +302,7 @@ pub struct SlotsConfig {
 }
 
 /// Activation mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ActivationMode {
     /// Switch a `current` pointer and run the apply command; no reboot.
@@ -310,7 +313,7 @@ pub enum ActivationMode {
 }
 
 /// `[activation]`.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ActivationConfig {
     /// `command` or `reboot`.
@@ -331,7 +334,7 @@ pub struct ActivationConfig {
 }
 
 /// Bootloader backend kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BootBackendKind {
     /// U-Boot environment through `fw_printenv`/`fw_setenv`, RAUC's `BOOT_ORDER`/`BOOT_x_LEFT`.
@@ -343,7 +346,7 @@ pub enum BootBackendKind {
 }
 
 /// `[boot]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootConfig {
     /// `uboot`, `grub` or `script`.
@@ -392,7 +395,7 @@ pub struct BootConfig {
 }
 
 /// `[health]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     /// Exit 0 = healthy. Without a command every switch counts as healthy.
@@ -413,7 +416,7 @@ impl Default for HealthConfig {
 }
 
 /// `[download]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DownloadConfig {
     /// No byte for this long ends the attempt.

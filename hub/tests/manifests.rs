@@ -1,9 +1,9 @@
 //! `hub/deploy/` as a cluster would take it: every object of the kustomization (plus the optional
-//! auto-register RBAC and the example FlightNode) applied with server-side apply, dry run and
-//! strict field validation, against a real kube-apiserver — the guarantee `helm template
-//! --validate` gave, for our manifests. Only the CRD and the namespace are created for real: the
-//! API server cannot check a FlightNode without its CRD, nor a namespaced object without its
-//! namespace.
+//! auto-register RBAC and the examples, a FlightNode with `spec.firmware` and a FirmwareRollout)
+//! applied with server-side apply, dry run and strict field validation, against a real
+//! kube-apiserver — the guarantee `helm template --validate` gave, for our manifests. Only the CRD
+//! and the namespace are created for real: the API server cannot check a FlightNode without its
+//! CRD, nor a namespaced object without its namespace.
 //!
 //! Needs the API server from `FLIGHTNODE_K8S_DIR` (`.ci/run` sets it; see
 //! `flightnode_tests::apiserver`); skips with a message without it.
@@ -184,7 +184,21 @@ async fn deploy_manifests_pass_server_side_dry_run_on_a_real_api_server() {
 
     let mut objects = rendered.clone();
     objects.extend(documents(&deploy_dir().join("rbac-auto-register.yaml")));
-    objects.extend(documents(&deploy_dir().join("examples/flightnode.yaml")));
+    // Every example: the FlightNode with spec.firmware and the FirmwareRollout.
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(deploy_dir().join("examples"))
+        .expect("hub/deploy/examples")
+        .map(|e| e.expect("an example").path())
+        .collect();
+    examples.sort();
+    for example in &examples {
+        objects.extend(documents(example));
+    }
+    for kind in ["FlightNode", "FirmwareRollout"] {
+        assert!(
+            objects.iter().any(|o| o["kind"] == kind),
+            "hub/deploy/examples has no {kind}"
+        );
+    }
     for obj in &objects {
         let back = apply(&client, obj, true)
             .await

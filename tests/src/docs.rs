@@ -19,10 +19,7 @@ pub const MDBOOK_ENV: &str = "FLIGHTNODE_MDBOOK";
 /// CI never sets it: there, a missing mdBook fails the test.
 pub const SKIP_ENV: &str = "FLIGHTNODE_SKIP_MDBOOK";
 
-/// The workspace root (where `README.md` and `docs/` are).
-pub fn workspace_root() -> PathBuf {
-    normalize(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-}
+pub use crate::release::workspace_root;
 
 /// `$FLIGHTNODE_MDBOOK`, else `mdbook` on `PATH`, checked by running `--version`; `None` when
 /// there is none and [`SKIP_ENV`]`=1`.

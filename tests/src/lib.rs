@@ -18,6 +18,7 @@
 //! - [`poll`]: waiting for what a test observes from outside; `tool`: running the host's tools.
 //! - [`release`]: the static release builds, the agent's Debian packages and a clean Debian root.
 //! - [`docs`]: the book under `docs/`: mdBook to build it, and a checker for its links and the README's.
+//! - [`reference`]: the reference pages, read the way the tests that keep them true compare them with the code.
 
 pub mod agent;
 pub mod apiserver;
@@ -33,6 +34,7 @@ pub mod mosquitto;
 pub mod pki;
 pub mod poll;
 pub mod powercut;
+pub mod reference;
 pub mod release;
 pub mod sitl;
 pub(crate) mod tool;

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Ready`, `Online`, `UpgradeInProgress` or `FirmwareSynced`.
+    /// On a FlightNode `Ready`, `Online`, `UpgradeInProgress` or `FirmwareSynced`; on a
+    /// FirmwareRollout `Progressing`, `Halted`, `Complete` or `Superseded`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
