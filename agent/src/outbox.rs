@@ -103,6 +103,18 @@ impl Event {
             message: message.to_owned(),
         }
     }
+
+    /// An upgrade canceled before it ever ran (waiting to start, or not arrived yet): phase
+    /// `idle`, result `canceled`, code `canceled`. Pushed like a refusal
+    /// ([`Outbox::push_refusal`]): it never becomes the device state's `last`, yet it is the
+    /// answer the hub waits for to stop sending the cancel.
+    pub fn canceled(upgrade_id: &str, message: &str) -> Self {
+        Event {
+            result: flightnode_proto::UpgradeResult::Canceled.as_str().to_owned(),
+            error_code: flightnode_proto::ErrorCode::Canceled.as_str().to_owned(),
+            ..Event::refused(upgrade_id, "", message)
+        }
+    }
 }
 
 fn now_unix_ms() -> i64 {

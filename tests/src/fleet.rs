@@ -114,6 +114,25 @@ impl Drop for Proc {
     }
 }
 
+/// SIGSTOP to `pid`, a child of this process not waited for yet: for a task that must stop a
+/// process the instant it sees something (a [`Hub`] held elsewhere: [`Hub::pid`]).
+pub fn pause_child(pid: u32) -> Result<()> {
+    signal_child(pid, libc::SIGSTOP)
+}
+
+/// Sends `signal` to `pid`, a child of this process not waited for yet (so the pid is still its
+/// own).
+fn signal_child(pid: u32, signal: libc::c_int) -> Result<()> {
+    // SAFETY: kill(2) has no memory effects; the caller passes its own child's pid.
+    if unsafe { libc::kill(pid.cast_signed(), signal) } != 0 {
+        bail!(
+            "signal {signal} to pid {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
 /// Where `serve --store kube` writes: a kubeconfig (its user's rights are the hub's) and the
 /// namespace of the FlightNodes.
 #[derive(Debug, Clone)]
@@ -221,6 +240,24 @@ impl Hub {
     /// Process id.
     pub fn pid(&self) -> Option<u32> {
         self.proc.as_ref().and_then(Proc::pid)
+    }
+
+    /// SIGSTOP: the process stops where it is, sockets open, clocks running on without it (a
+    /// paused VM, a stalled node). Killing it on drop still works.
+    pub fn pause(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Hub::pause`].
+    pub fn resume(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    fn signal(&self, signal: libc::c_int) -> Result<()> {
+        let Some(pid) = self.pid() else {
+            bail!("the hub is not running");
+        };
+        signal_child(pid, signal)
     }
 
     /// Whether the process runs.

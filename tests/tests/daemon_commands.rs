@@ -309,3 +309,65 @@ fn refused_commands_are_reported_on_the_status_topic_and_to_the_hub() {
     wait_hub(&fleet, "up-b", "busy");
     fleet.drones[0].kill();
 }
+
+/// A cancel that overtakes its upgrade (the hub sends it again while the upgrade still sits in a
+/// broker's queue, or the broker lost the first cancel but kept the upgrade): the drone ends the
+/// upgrade canceled without running it, the hub's status names it canceled as the last upgrade
+/// (the hub's sign that its cancel arrived), and the upgrade, when it comes after all, never
+/// installs.
+#[test]
+fn a_cancel_of_an_upgrade_not_arrived_yet_is_acknowledged_and_the_upgrade_never_installs() {
+    let fleet = Fleet::start(FleetOptions::default()).unwrap();
+    let sub = mosquitto(&fleet).subscriber(STATUS).unwrap();
+    let publish = |payload: &str| {
+        mosquitto(&fleet)
+            .publish(UPGRADE, payload.as_bytes(), false)
+            .unwrap();
+    };
+    let (_, url) = fleet.bundle("v2", "2.0.0", 200_000).unwrap();
+    publish(r#"{"type":"cancel","upgrade_id":"late-1"}"#);
+    assert!(
+        sub.wait_for(
+            r#""upgrade_id":"late-1","phase":"idle","progress":null,"result":"canceled""#,
+            WAIT
+        ),
+        "no canceled report on the status topic:\n{}\nagent log:\n{}",
+        sub.output(),
+        fleet.drones[0].log()
+    );
+    let mut last = Value::Null;
+    let ok = wait_until(WAIT, Duration::from_millis(200), || {
+        last = fleet
+            .hub
+            .flightnode(ID)
+            .map(|n| n["status"]["lastUpgrade"].clone())
+            .unwrap_or_default();
+        last["id"] == "late-1" && last["result"] == "Canceled"
+    });
+    assert!(ok, "status.lastUpgrade never named late-1 canceled: {last:#}");
+
+    // The upgrade arrives after its cancel: answered with its end, not installed.
+    publish(&upgrade_json("late-1", &url));
+    assert!(
+        wait_until(WAIT, Duration::from_millis(100), || fleet.drones[0]
+            .log()
+            .contains("upgrade delivered again; republishing its state")),
+        "the late upgrade was not recognised:\n{}",
+        fleet.drones[0].log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let node = fleet.hub.flightnode(ID).unwrap_or_default();
+    assert_eq!(
+        node["status"]["firmware"]["committedVersion"], "1.0.0",
+        "{node:#}"
+    );
+    assert!(
+        node["status"]["currentUpgrade"].is_null(),
+        "it started the canceled upgrade: {node:#}"
+    );
+    assert!(
+        !fleet.drones[0].log().contains("upgrade accepted"),
+        "{}",
+        fleet.drones[0].log()
+    );
+}

@@ -14,6 +14,9 @@
 //!   second delivery from installing twice;
 //! - cancel of an upgrade still waiting to start → it never starts and ends `canceled`; one the
 //!   engine has taken up but not yet saved → it stops before it writes and ends `canceled`;
+//! - cancel of an upgrade this drone has not seen → it ends `canceled` without running, so the
+//!   upgrade never installs if it arrives later; either of these is reported to the hub as the
+//!   heartbeat's last upgrade, which is how the hub knows its cancel arrived;
 //! - cancel before the image is written → the download stops and ends `canceled`; cancel later →
 //!   the upgrade finishes or rolls back and reports what really happened.
 
@@ -266,21 +269,11 @@ impl Dispatcher {
             }
             (Command::Cancel { .. }, None, None) if worker.cancel_waiting(&id) => {
                 tracing::info!(upgrade_id = %id, "cancel: the upgrade had not started; it never will");
-                let last = LastUpgrade {
-                    upgrade_id: id.clone(),
-                    version: None,
-                    result: flightnode_proto::UpgradeResult::Canceled,
-                    error: Some(flightnode_proto::status::ErrorReport {
-                        code: ErrorCode::Canceled,
-                        message: format!("upgrade {id} was canceled before it started"),
-                    }),
-                    finished: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
-                };
-                // A redelivery of the command then republishes this instead of installing.
-                self.history.record(&last);
-                Reply::Report(reports::finished(&self.device_id, self.seq.take(), &state, &last))
+                self.canceled_before_start(
+                    &state,
+                    &id,
+                    format!("upgrade {id} was canceled before it started"),
+                )
             }
             (Command::Cancel { .. }, None, None) if worker.install().as_deref() == Some(id.as_str()) => {
                 // The engine took the command up but has not saved its first phase yet: the
@@ -294,9 +287,42 @@ impl Dispatcher {
                 Reply::Report(report)
             }
             (Command::Cancel { .. }, None, _) => {
-                tracing::warn!(upgrade_id = %id, "cancel of an unknown upgrade ignored");
-                Reply::Nothing
+                // The cancel overtook its upgrade (the upgrade is still in a broker's queue, or
+                // comes again from a hub that re-publishes it), or the upgrade never reaches
+                // this drone. Either way it must not install when it arrives, and the hub keeps
+                // sending the cancel until it hears the upgrade is over.
+                tracing::info!(upgrade_id = %id, "cancel of an upgrade this drone has not seen; it will not install if it arrives");
+                self.canceled_before_start(
+                    &state,
+                    &id,
+                    format!("upgrade {id} was canceled before it arrived"),
+                )
             }
         }
+    }
+
+    /// Ends `id` as canceled without it having run: in the history (a later delivery of the
+    /// command republishes this instead of installing) and, with a hub, as the heartbeat's last
+    /// upgrade (the hub's acknowledgement of its cancel).
+    fn canceled_before_start(&mut self, state: &DeviceState, id: &str, message: String) -> Reply {
+        if let Some(outbox) = &self.outbox
+            && let Err(e) = outbox.push_refusal(&Event::canceled(id, &message))
+        {
+            tracing::error!(upgrade_id = %id, "cannot record the cancel for the hub: {}", Chain(&e));
+        }
+        let last = LastUpgrade {
+            upgrade_id: id.to_owned(),
+            version: None,
+            result: flightnode_proto::UpgradeResult::Canceled,
+            error: Some(flightnode_proto::status::ErrorReport {
+                code: ErrorCode::Canceled,
+                message,
+            }),
+            finished: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        self.history.record(&last);
+        Reply::Report(reports::finished(&self.device_id, self.seq.take(), state, &last))
     }
 }

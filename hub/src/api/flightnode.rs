@@ -187,9 +187,10 @@ pub struct CurrentUpgrade {
 pub struct FirmwareSync {
     /// `metadata.generation` this record is about.
     pub observed_generation: i64,
-    /// Version wanted by that generation.
+    /// Version wanted by that generation (empty when it wants none).
     pub version: String,
-    /// `Pending`, `Waiting`, `InProgress`, `Retrying`, `Synced` or `Failed`.
+    /// `Pending`, `Waiting`, `InProgress`, `Retrying`, `Synced` or `Failed`; `Canceling` when
+    /// no firmware is wanted any more and only cancels wait for the drone's acknowledgement.
     pub reason: String,
     /// Human sentence.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -204,6 +205,28 @@ pub struct FirmwareSync {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("format" = "date-time"))]
     pub last_attempt_time: Option<String>,
+    /// Cancels of earlier upgrades the drone has not acknowledged yet: sent again after a
+    /// back-off until the drone reports the upgrade ended (canceled, or run to its end) or
+    /// took up a command sent after the cancel. A broker keeps a command it acknowledged only
+    /// as long as it keeps the drone's session, so one acknowledgement is no delivery.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_cancels: Vec<PendingCancel>,
+}
+
+/// A cancel sent and not acknowledged by the drone yet.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingCancel {
+    /// The upgrade to cancel.
+    pub upgrade_id: String,
+    /// When the broker first acknowledged the cancel (RFC 3339).
+    #[schemars(extend("format" = "date-time"))]
+    pub first_sent_time: String,
+    /// When it was last sent (RFC 3339).
+    #[schemars(extend("format" = "date-time"))]
+    pub last_sent_time: String,
+    /// How often the broker acknowledged it.
+    pub sends: u32,
 }
 
 /// Active/booted slot, per-slot version and state, committed version.

@@ -160,29 +160,53 @@ impl Controllers {
                     })
                 }),
             };
-            // A cancel goes out *before* its record is replaced: the old record is the only place
-            // that names the upgrade to cancel, so when the publish fails it stays, nothing else
-            // happens for this drone on this pass, and the next pass sends the cancel again (a
-            // second cancel of the same id is a no-op on the drone). The new command follows on
-            // the same connection, so the drone sees the cancel first. NB: an agent still holding
-            // the old upgrade in its queue may answer the new one `busy`; the new one is then
-            // published again after `redeliver_after`, like any command not picked up.
-            // An upgrade is the other way round: its record first (see the module comment).
-            if d.cancel.is_some() || d.sync != view.sync || upgrade.is_some() {
+            // Cancels go out *before* their record is written: for a spec that moved on, the
+            // old record is the only place that names the upgrade to cancel; for a cancel due
+            // again, the record says when it was sent. When a publish fails nothing is written
+            // and nothing else happens for this drone on this pass: the next pass sends the
+            // cancels again (a second cancel of the same id is a no-op on the drone). The new
+            // command follows on the same connection, so the drone sees the cancel first. NB:
+            // an agent still holding the old upgrade in its queue may answer the new one `busy`;
+            // the new one is then published again after `redeliver_after`, like any command not
+            // picked up. An upgrade is the other way round: its record first (see the module
+            // comment).
+            if !d.cancel.is_empty() || d.sync != view.sync || upgrade.is_some() {
                 writes += 1;
             }
-            if let Some(old) = &d.cancel {
+            for (id, how) in &d.acknowledged {
+                tracing::info!(device_id = %device, name = %name, upgrade_id = %id, how = %how, "cancel acknowledged by the drone");
+            }
+            let replaced_by = upgrade.as_ref().map_or("", Command::upgrade_id);
+            let mut all_sent = true;
+            for old in &d.cancel {
                 let cancel = Command::Cancel {
                     upgrade_id: old.clone(),
                 };
-                let replaced_by = upgrade.as_ref().map_or("", Command::upgrade_id);
+                let again = view
+                    .sync
+                    .iter()
+                    .flat_map(|s| &s.pending_cancels)
+                    .find(|p| p.upgrade_id == *old);
                 if !self.send(&name, &device, &cancel).await {
                     tracing::warn!(device_id = %device, name = %name, upgrade_id = %old, replaced_by, generation = view.generation,
-                        "spec changed before the drone started its upgrade; the cancel is retried before anything else");
-                    continue;
+                        "cancel not taken by the broker; it is retried before anything else");
+                    all_sent = false;
+                    break;
                 }
-                tracing::info!(device_id = %device, name = %name, upgrade_id = %old, replaced_by, generation = view.generation,
-                    "spec changed before the drone started its upgrade; that upgrade is canceled");
+                match again {
+                    Some(p) => {
+                        tracing::info!(device_id = %device, name = %name, upgrade_id = %old, sends = p.sends + 1, since = %p.first_sent_time,
+                        "cancel sent again: the drone has not acknowledged it");
+                    }
+                    None => {
+                        tracing::info!(device_id = %device, name = %name, upgrade_id = %old, replaced_by, generation = view.generation,
+                        "spec changed before the drone started its upgrade; that upgrade is canceled");
+                    }
+                }
+            }
+            if !all_sent {
+                next = next.min(UNSENT_RETRY);
+                continue;
             }
             if d.sync != view.sync
                 && let Err(e) = self.store.write_sync(&name, d.sync.as_ref()).await

@@ -3,10 +3,12 @@
 //! plain values.
 //!
 //! - [`status`]: heartbeat → `FlightNodeStatus`: phase names, coarse resources, conditions.
+//! - [`cancel`]: when the drone acknowledged a cancel, when to send it again.
 //! - [`node_sync`]: the node reconciler's decision (`spec.firmware` → upgrade command, retries).
 //! - [`rollout_waves`]: a rollout's waves, drone outcomes and circuit breaker.
 //! - [`rollout_plan`]: a rollout's next step (dispatch, call back, status, events).
 
+pub mod cancel;
 pub mod node_sync;
 pub mod rollout_plan;
 pub mod rollout_waves;

@@ -16,7 +16,11 @@
 //! drone has neither started nor ended it, the decision also names it in [`Decision::cancel`]:
 //! it goes out before the new record is stored (so a failed publish leaves the record, and the
 //! cancel is sent again next pass), together with the new command when the gates allow one.
+//! The new record keeps the cancel in `pendingCancels` until the drone acknowledges it, and it
+//! is sent again after a back-off until then ([`super::cancel`]): a broker's PUBACK is no
+//! delivery.
 
+use super::cancel;
 use crate::api::flightnode::{FirmwareSync, FirmwareTarget, FlightNode, condition};
 use sha2::Digest;
 use std::fmt::Write as _;
@@ -36,6 +40,8 @@ pub mod reason {
     pub const SYNCED: &str = "Synced";
     /// Given up for this generation (rejected, rolled back, or attempts exhausted).
     pub const FAILED: &str = "Failed";
+    /// No firmware wanted; a cancel waits for the drone's acknowledgement.
+    pub const CANCELING: &str = "Canceling";
 }
 
 /// Retry policy of the node reconciler.
@@ -43,7 +49,8 @@ pub mod reason {
 pub struct Policy {
     /// Attempts per generation (1 = never retry).
     pub max_attempts: u32,
-    /// Back-off after the first failed attempt; doubles per attempt.
+    /// Back-off after the first failed attempt; doubles per attempt. Unacknowledged cancels are
+    /// sent again on the same schedule.
     pub backoff: Duration,
     /// Back-off cap.
     pub backoff_max: Duration,
@@ -222,10 +229,13 @@ pub enum Action {
 pub struct Decision {
     /// The record to store in `status.firmwareSync` (`None`: no wanted firmware, clear it).
     pub sync: Option<FirmwareSync>,
-    /// An older generation's upgrade the drone has not started (the spec moved on): cancel it
-    /// **before** `sync` is stored, since the stored record is the only place naming it. The
-    /// cancel of `X` and a publish of `Y` can come together; `X` is never the id being published.
-    pub cancel: Option<String>,
+    /// Upgrades to cancel **before** `sync` is stored: an older generation's upgrade the drone
+    /// has not started (the spec moved on; the stored record is the only place naming it), and
+    /// cancels of `sync.pendingCancels` due again. The cancel of `X` and a publish of `Y` can
+    /// come together; `X` is never the id being published.
+    pub cancel: Vec<String>,
+    /// Pending cancels the drone acknowledged, and how (dropped from the record).
+    pub acknowledged: Vec<(String, String)>,
     /// The command to publish once `sync` is stored.
     pub action: Action,
     /// Look again after this long (back-off, redelivery); `None`: on the next change.
@@ -267,30 +277,57 @@ fn stale_upgrade(view: &NodeView) -> Option<String> {
         })
 }
 
+fn cancels(
+    view: &NodeView,
+    stale: Option<&str>,
+    sent_after: Option<&str>,
+    policy: &Policy,
+    now: i64,
+    now_rfc3339: &str,
+) -> cancel::Carried {
+    let reported = cancel::Reported {
+        current_upgrade: view.current_upgrade.as_deref(),
+        last_upgrade: view.last_upgrade.as_ref().map(|l| (l.0.as_str(), l.1.as_str())),
+        sent_after,
+    };
+    let resend = cancel::Resend {
+        first: policy.backoff,
+        max: policy.backoff_max,
+    };
+    let stored = view
+        .sync
+        .as_ref()
+        .map_or(&[][..], |s| s.pending_cancels.as_slice());
+    cancel::carry(stored, stale, reported, resend, now, now_rfc3339)
+}
+
 /// Decides for one drone at `now` (unix seconds; `now_rfc3339` is the same instant).
 pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> Decision {
     let stale = stale_upgrade(view);
     let Some(target) = view.target.clone() else {
+        // No firmware wanted: the record stays only for cancels the drone has not acknowledged.
+        let c = cancels(view, stale.as_deref(), None, policy, now, now_rfc3339);
+        let sync = (!c.pending.is_empty()).then(|| {
+            let ids: Vec<&str> = c.pending.iter().map(|p| p.upgrade_id.as_str()).collect();
+            FirmwareSync {
+                observed_generation: view.generation,
+                version: String::new(),
+                reason: reason::CANCELING.to_owned(),
+                message: format!(
+                    "no firmware wanted; cancel of {} sent, waiting for the drone to acknowledge",
+                    ids.join(", ")
+                ),
+                pending_cancels: c.pending,
+                ..FirmwareSync::default()
+            }
+        });
         return Decision {
-            sync: None,
-            cancel: stale,
+            sync,
+            cancel: c.send,
+            acknowledged: c.acknowledged,
             action: Action::None,
-            requeue: None,
+            requeue: c.requeue,
         };
-    };
-    // Every decision below is about a record of this generation; when it replaces an older
-    // one whose command is still unstarted, that command is canceled with it, and the record
-    // says so (the operator sees both ids in the `FirmwareSynced` message).
-    let keep = |mut sync: FirmwareSync, action: Action, requeue: Option<Duration>| {
-        if let Some(old) = &stale {
-            let _ = write!(sync.message, "; {old} (an earlier spec, not started) canceled");
-        }
-        Decision {
-            sync: Some(sync),
-            cancel: stale.clone(),
-            action,
-            requeue,
-        }
     };
     let mut rec = match &view.sync {
         Some(s) if s.observed_generation == view.generation && s.version == target.version => s.clone(),
@@ -300,6 +337,36 @@ pub fn decide(view: &NodeView, policy: &Policy, now: i64, now_rfc3339: &str) -> 
             reason: reason::PENDING.to_owned(),
             ..FirmwareSync::default()
         },
+    };
+    let c = cancels(
+        view,
+        stale.as_deref(),
+        rec.upgrade_id.as_deref(),
+        policy,
+        now,
+        now_rfc3339,
+    );
+    // Every decision below is about a record of this generation; when it replaces an older
+    // one whose command is still unstarted, that command is canceled with it, and the record
+    // says so (the operator sees both ids in the `FirmwareSynced` message), and keeps every
+    // cancel the drone has not acknowledged.
+    let keep = |mut sync: FirmwareSync, action: Action, requeue: Option<Duration>| {
+        if let Some(old) = &stale {
+            let _ = write!(sync.message, "; {old} (an earlier spec, not started) canceled");
+        }
+        cancel::note(&mut sync.message, &c.pending, stale.as_deref());
+        sync.pending_cancels.clone_from(&c.pending);
+        let requeue = match (requeue, c.requeue) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Decision {
+            sync: Some(sync),
+            cancel: c.send.clone(),
+            acknowledged: c.acknowledged.clone(),
+            action,
+            requeue,
+        }
     };
     let set = |rec: &mut FirmwareSync, reason: &str, message: String| {
         reason.clone_into(&mut rec.reason);

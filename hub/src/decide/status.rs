@@ -310,6 +310,11 @@ pub fn with_conditions(
         )
     };
     let synced = match (&spec.firmware_version, &committed) {
+        // Nothing wanted, but a cancel the drone has not acknowledged yet: say so.
+        (None, _) if spec.sync.as_ref().is_some_and(|(r, _)| r == "Canceling") => {
+            let (reason, message) = spec.sync.clone().unwrap_or_default();
+            cond(condition::FIRMWARE_SYNCED, "True", &reason, message)
+        }
         (None, _) => cond(
             condition::FIRMWARE_SYNCED,
             "True",

@@ -237,9 +237,22 @@ fn a_changed_spec_cancels_a_command_not_started() {
     v.target = None;
     v.generation = 3;
     let d = step(&mut v, T0 + 1);
-    assert_eq!(d.cancel, Some(upgrade_id));
+    assert_eq!(d.cancel, vec![upgrade_id.clone()]);
     assert_eq!(d.action, Action::None);
+    // The record stays for the cancel until the drone acknowledges it.
+    let rec = d.sync.clone().unwrap();
+    assert_eq!(rec.reason, reason::CANCELING);
+    assert_eq!(rec.pending_cancels.len(), 1);
+    assert!(rec.message.contains(&upgrade_id), "{}", rec.message);
+    // Not due again yet; then due after the back-off.
+    assert!(step(&mut v, T0 + 2).cancel.is_empty());
+    assert_eq!(step(&mut v, T0 + 31).cancel, vec![upgrade_id.clone()]);
+    // The drone reports it canceled: the record goes.
+    v.last_upgrade = Some((upgrade_id, "Canceled".into(), "canceled".into()));
+    let d = step(&mut v, T0 + 32);
+    assert!(d.cancel.is_empty());
     assert_eq!(d.sync, None);
+    assert_eq!(d.acknowledged.len(), 1);
 }
 
 fn target(version: &str) -> FirmwareTarget {
@@ -262,7 +275,7 @@ fn a_new_generation_on_an_idle_drone_cancels_the_unstarted_command_with_the_new_
         v.target = Some(target(version));
         let d = step(&mut v, T0 + generation);
         let new = upgrade_id("uid-1", generation, 1);
-        assert_eq!(d.cancel.as_deref(), Some(old.as_str()), "generation {generation}");
+        assert_eq!(d.cancel, vec![old.clone()], "generation {generation}");
         assert_eq!(
             d.action,
             Action::Publish {
@@ -279,7 +292,14 @@ fn a_new_generation_on_an_idle_drone_cancels_the_unstarted_command_with_the_new_
         );
         // Stored: the next pass cancels nothing and never the new one.
         let again = step(&mut v, T0 + generation + 1);
-        assert_eq!(again.cancel, None);
+        assert!(again.cancel.is_empty());
+        // The drone takes the new command up: it is past the old one, and the cancel is
+        // acknowledged.
+        v.current_upgrade = Some(new.clone());
+        let acked = step(&mut v, T0 + generation + 2);
+        assert!(acked.sync.unwrap().pending_cancels.is_empty());
+        assert_eq!(acked.acknowledged.len(), 1);
+        v.current_upgrade = None;
         old = new;
     }
 }
@@ -294,7 +314,7 @@ fn a_new_generation_waiting_at_a_gate_or_already_synced_still_cancels() {
     offline.generation = 3;
     offline.online = false;
     let d = step(&mut offline, T0 + 1);
-    assert_eq!(d.cancel.as_deref(), Some(old.as_str()));
+    assert_eq!(d.cancel, vec![old.clone()]);
     assert_eq!(d.action, Action::None);
     assert_eq!(d.sync.unwrap().reason, reason::WAITING);
     // The drone got the new version some other way: the old command must not install.
@@ -303,7 +323,7 @@ fn a_new_generation_waiting_at_a_gate_or_already_synced_still_cancels() {
     synced.target = Some(target("3.0.0"));
     synced.committed = Some("3.0.0".into());
     let d = step(&mut synced, T0 + 1);
-    assert_eq!(d.cancel.as_deref(), Some(old.as_str()));
+    assert_eq!(d.cancel, vec![old.clone()]);
     assert_eq!(d.sync.unwrap().reason, reason::SYNCED);
 }
 
@@ -320,7 +340,7 @@ fn an_upgrade_the_drone_started_or_ended_is_not_canceled() {
     let d = step(&mut started, T0 + 1);
     assert_eq!(
         (d.cancel, d.action),
-        (None, Action::None),
+        (vec![], Action::None),
         "it runs to its real end"
     );
     let mut ended = v.clone();
@@ -330,11 +350,70 @@ fn an_upgrade_the_drone_started_or_ended_is_not_canceled() {
     ended.last_upgrade = Some(("manual".into(), "Committed".into(), String::new()));
     ended.generation = 3;
     let d = step(&mut ended, T0 + 2);
-    assert_eq!(d.cancel, None);
+    assert!(d.cancel.is_empty());
     assert_eq!(
         d.action,
         Action::Publish {
             upgrade_id: upgrade_id("uid-1", 3, 1)
         }
     );
+}
+
+#[test]
+fn a_pending_cancel_is_kept_and_sent_again_until_the_drone_acknowledges_it() {
+    let mut v = view();
+    let Action::Publish { upgrade_id: old } = step(&mut v, T0).action else {
+        panic!("no publish");
+    };
+    // The drone went dark before it took the command up; the spec moves on.
+    v.online = false;
+    v.generation = 3;
+    v.target = Some(target("2.1.0"));
+    let d = step(&mut v, T0 + 1);
+    assert_eq!(d.cancel, vec![old.clone()]);
+    assert_eq!(d.sync.as_ref().unwrap().reason, reason::WAITING);
+    // (seconds after the first send, the cancel due?) on the doubling back-off of 30 s.
+    for (at, due) in [
+        (10, false),
+        (31, true),
+        (60, false),
+        (91, true),
+        (200, false),
+        (211, true),
+    ] {
+        let d = step(&mut v, T0 + at);
+        assert_eq!(!d.cancel.is_empty(), due, "{at} s");
+        let rec = d.sync.unwrap();
+        assert_eq!(rec.pending_cancels.len(), 1, "{at} s");
+        assert!(
+            rec.message.matches(old.as_str()).count() >= 1 && rec.message.matches("; cancel of").count() <= 1,
+            "{}",
+            rec.message
+        );
+    }
+    assert_eq!(v.sync.as_ref().unwrap().pending_cancels[0].sends, 4);
+    // Back online and idle, the old upgrade still unreported: not acknowledged; the new one is
+    // published, and the cancel stays.
+    v.online = true;
+    let d = step(&mut v, T0 + 212);
+    let Action::Publish { upgrade_id: new } = d.action else {
+        panic!("no publish");
+    };
+    assert_eq!(d.sync.unwrap().pending_cancels.len(), 1);
+    // It turns out the drone had the old one after all (queued while it was dark): in flight,
+    // the cancel is still due on its schedule.
+    v.current_upgrade = Some(old.clone());
+    v.phase = "Downloading".into();
+    let d = step(&mut v, T0 + 500);
+    assert_eq!(d.cancel, vec![old.clone()]);
+    // It stops: canceled. The record forgets the cancel and goes on with the new command.
+    v.current_upgrade = None;
+    v.phase = "Idle".into();
+    v.last_upgrade = Some((old.clone(), "Canceled".into(), "canceled".into()));
+    let d = step(&mut v, T0 + 501);
+    assert!(d.cancel.is_empty());
+    let rec = d.sync.unwrap();
+    assert!(rec.pending_cancels.is_empty());
+    assert!(!rec.message.contains("cancel of"), "{}", rec.message);
+    assert_eq!(rec.upgrade_id.as_deref(), Some(new.as_str()));
 }
