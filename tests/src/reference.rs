@@ -14,7 +14,6 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::path::PathBuf;
 
 /// One reference page.
 #[derive(Debug, Clone)]
