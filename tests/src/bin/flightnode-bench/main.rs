@@ -23,11 +23,12 @@
 //!   `--wave-secs` from a quarter into the run; the drones share `--channels` HTTP/2
 //!   connections (one per drone measures what connections cost).
 //! - `rollout [--drones 1000] [--api-qps 200] [--api-burst 400] [--interval 30] [--soak 5s]
-//!   [--timeout-secs 900]`: N simulated drones (gRPC heartbeats, MQTT commands, no agents) through
-//!   a FirmwareRollout on the real Kubernetes API server (`FLIGHTNODE_K8S_DIR`) with the real
+//!   [--max-per-minute 3000] [--timeout-secs 900]`: N simulated drones (gRPC heartbeats, MQTT
+//!   commands, no agents) through a FirmwareRollout (`spec.dispatchRate.maximumPerMinute` set to
+//!   `--max-per-minute`) on the real Kubernetes API server (`FLIGHTNODE_K8S_DIR`) with the real
 //!   `flightnode-hub serve --store kube --controllers`, next to the same rollout with N/10
 //!   drones: controller step time, API requests per dispatched drone, hub peak memory, and the
-//!   times from `spec.firmware` to the command and from the command to `Synced`.
+//!   times from `spec.firmware` to the command and to `Synced`.
 mod chunks;
 mod footprint;
 mod hub;
@@ -106,6 +107,7 @@ fn main() -> Result<()> {
             api_burst: flag(&args, "--api-burst", 400),
             interval: std::time::Duration::from_secs(flag(&args, "--interval", 30_u64).max(1)),
             soak: flag(&args, "--soak", "5s".to_owned()),
+            max_per_minute: flag(&args, "--max-per-minute", 3000_u32).max(1),
             timeout: std::time::Duration::from_secs(flag(&args, "--timeout-secs", 900)),
         }),
         _ => {
@@ -126,7 +128,7 @@ fn usage() {
         "       flightnode-bench hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20] [--channels 12]"
     );
     eprintln!(
-        "       flightnode-bench rollout [--drones 1000] [--api-qps 200] [--api-burst 400] [--interval 30] [--soak 5s] [--timeout-secs 900]"
+        "       flightnode-bench rollout [--drones 1000] [--api-qps 200] [--api-burst 400] [--interval 30] [--soak 5s] [--max-per-minute 3000] [--timeout-secs 900]"
     );
     eprintln!("Build with `cargo build --release --workspace` first; see README \"Measurements\".");
 }

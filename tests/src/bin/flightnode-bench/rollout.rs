@@ -42,6 +42,9 @@ pub(crate) struct RolloutPlan {
     pub(crate) interval: Duration,
     /// Soak of the first two waves.
     pub(crate) soak: String,
+    /// The rollout's `spec.dispatchRate.maximumPerMinute` (the hub's default of 600 would make a
+    /// 10,000-drone run take 17 minutes of dispatching alone).
+    pub(crate) max_per_minute: u32,
     /// Longest wait for Complete.
     pub(crate) timeout: Duration,
 }
@@ -196,8 +199,9 @@ fn condition_true(status: &serde_json::Value, kind: &str) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c["type"] == kind && c["status"] == "True"))
 }
 
-/// The rollout: waves 1 %, 10 % (each soaking `soak`), 100 %; no `maxConcurrent`, default gates.
-fn rollout_body(soak: &str) -> serde_json::Value {
+/// The rollout: waves 1 %, 10 % (each soaking `soak`), 100 %; no `maxConcurrent`, default gates,
+/// at most `per_minute` dispatches a minute.
+fn rollout_body(soak: &str, per_minute: u32) -> serde_json::Value {
     serde_json::json!({
         "apiVersion": "edge.drone.io/v1", "kind": "FirmwareRollout",
         "metadata": { "name": "bench", "namespace": NS },
@@ -210,6 +214,7 @@ fn rollout_body(soak: &str) -> serde_json::Value {
                 { "percent": 10, "soak": soak },
                 { "percent": 100 },
             ],
+            "dispatchRate": { "maximumPerMinute": per_minute },
         },
     })
 }
@@ -312,7 +317,7 @@ async fn run(n: usize, plan: &RolloutPlan) -> Result<Row> {
         .patch(
             "bench",
             &PatchParams::apply("kubectl"),
-            &Patch::Apply(rollout_body(&plan.soak)),
+            &Patch::Apply(rollout_body(&plan.soak, plan.max_per_minute)),
         )
         .await
         .context("apply the FirmwareRollout")?;
@@ -326,17 +331,22 @@ async fn run(n: usize, plan: &RolloutPlan) -> Result<Row> {
     })
     .await;
     let took = started.elapsed();
+    let mut all_synced = None;
     if let Err(e) = &complete {
         // Measured as far as it got: the row says so.
         eprintln!("rollout, {n} drones: {e}; hub log tail:\n{}", tail(&hub.log()));
     } else {
         // The last drones' Synced records follow Complete by up to a node pass (over a minute
         // at 10k drones).
-        let _ = wait_for("every dispatched drone Synced", Duration::from_mins(5), || {
+        if wait_for("every dispatched drone Synced", Duration::from_mins(5), || {
             let s = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             s.values().filter(|s| s.synced.is_some()).count() >= n
         })
-        .await;
+        .await
+        .is_ok()
+        {
+            all_synced = Some(started.elapsed());
+        }
     }
     let final_status = rollout_status
         .lock()
@@ -386,7 +396,8 @@ async fn run(n: usize, plan: &RolloutPlan) -> Result<Row> {
             -i64::try_from(earlier.duration_since(later).as_micros()).unwrap_or(i64::MAX)
         }
     };
-    let (mut spec_to_cmd, mut cmd_to_record, mut cmd_to_synced) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut spec_to_cmd, mut cmd_to_record, mut cmd_to_synced, mut spec_to_synced) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut never_synced = 0;
     for (i, (id, at)) in &first_cmd {
         let Some(s) = seen.get(&load::drone_id(*i)) else {
@@ -401,11 +412,21 @@ async fn run(n: usize, plan: &RolloutPlan) -> Result<Row> {
             cmd_to_record.push(signed_ms(*r, *at));
         }
         match &s.synced {
-            Some((sid, t)) if sid == id => cmd_to_synced.push(signed_ms(*t, *at)),
+            Some((sid, t)) if sid == id => {
+                cmd_to_synced.push(signed_ms(*t, *at));
+                if let Some(spec) = s.spec {
+                    spec_to_synced.push(signed_ms(*t, spec));
+                }
+            }
             _ => never_synced += 1,
         }
     }
-    for v in [&mut spec_to_cmd, &mut cmd_to_record, &mut cmd_to_synced] {
+    for v in [
+        &mut spec_to_cmd,
+        &mut cmd_to_record,
+        &mut cmd_to_synced,
+        &mut spec_to_synced,
+    ] {
         v.sort_unstable();
     }
     let loads = loads
@@ -420,6 +441,7 @@ async fn run(n: usize, plan: &RolloutPlan) -> Result<Row> {
         dispatched: first_cmd.len(),
         commands: upgrades.len(),
         took,
+        all_synced,
         rollout_step: hub_delta.histogram(
             "flightnode_hub_reconcile_duration_seconds",
             &[("controller", "rollout")],
@@ -435,6 +457,7 @@ async fn run(n: usize, plan: &RolloutPlan) -> Result<Row> {
         spec_to_cmd,
         cmd_to_record,
         cmd_to_synced,
+        spec_to_synced,
         never_synced,
         load_max: loads.iter().copied().fold(0.0, f64::max),
         load_mean: loads.iter().sum::<f64>() / loads.len().max(1) as f64,
