@@ -109,7 +109,10 @@ pub struct KubeFleet {
 /// and forgets it as soon as the cache moved on. Without it, the step after a dispatch can read
 /// the drone as not dispatched yet (and dispatch past `maxConcurrent`), and the step after a
 /// status write can read the old status (and emit `WaveAdvanced` or `Halted` twice).
-pub struct Written<K>(std::sync::Mutex<BTreeMap<String, (Option<String>, Arc<K>)>>);
+pub struct Written<K>(std::sync::Mutex<WrittenMap<K>>);
+
+/// Object name → (the cached resourceVersion the write went out over, the written object).
+type WrittenMap<K> = BTreeMap<String, (Option<String>, Arc<K>)>;
 
 impl<K> Default for Written<K> {
     fn default() -> Self {
@@ -118,7 +121,7 @@ impl<K> Default for Written<K> {
 }
 
 impl<K: Resource + Clone> Written<K> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Option<String>, Arc<K>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WrittenMap<K>> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
