@@ -39,7 +39,7 @@ impl FencedStore {
 }
 
 impl FleetStore for FencedStore {
-    fn nodes(&self) -> BoxFuture<'_, Result<Vec<FlightNode>>> {
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<Arc<FlightNode>>>> {
         self.inner.nodes()
     }
 

@@ -15,6 +15,7 @@ use crate::store::fleet::{Applied, Dispatch, FleetStore};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// True when `labels` match `selector` (matchLabels and matchExpressions, like the API server).
 pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
@@ -68,7 +69,7 @@ pub struct Claims {
 
 impl Claims {
     /// Claims of `rollouts` (sorted oldest first) over `nodes`.
-    pub fn of(rollouts: &[FirmwareRollout], nodes: &[FlightNode]) -> Claims {
+    pub fn of<N: std::borrow::Borrow<FlightNode>>(rollouts: &[FirmwareRollout], nodes: &[N]) -> Claims {
         let mut claims = Claims::default();
         for (i, r) in rollouts.iter().enumerate() {
             claims.order.insert(r.name_any(), i);
@@ -79,6 +80,7 @@ impl Claims {
             }
             for n in nodes
                 .iter()
+                .map(|n| std::borrow::Borrow::<FlightNode>::borrow(n))
                 .filter(|n| selects(r.spec.selector.as_ref(), n.labels()))
             {
                 claims.claimant.insert(n.name_any(), r.name_any());
@@ -224,6 +226,7 @@ pub async fn reconcile_all(store: &dyn FleetStore, now: i64, now_rfc3339: &str) 
     for r in &rollouts {
         let selected: Vec<&FlightNode> = nodes
             .iter()
+            .map(|n| &**n)
             .filter(|n| selects(r.spec.selector.as_ref(), n.labels()))
             .collect();
         let drones: Vec<Drone> = selected.iter().map(|n| drone(r, n, &claims)).collect();
@@ -298,7 +301,7 @@ fn command_started(node: &FlightNode) -> bool {
 /// the rollout dispatched and the drone has not started is called back, like after a halt. The
 /// rollout annotation on each drone is the durable record of who dispatched it, so this holds
 /// without a finalizer, even when the rollout was deleted while no controller ran.
-async fn call_back_orphans(store: &dyn FleetStore, rollouts: &[FirmwareRollout], nodes: &[FlightNode]) {
+async fn call_back_orphans(store: &dyn FleetStore, rollouts: &[FirmwareRollout], nodes: &[Arc<FlightNode>]) {
     for node in nodes {
         let Some(owner) = orphaned_by(node, rollouts) else {
             continue;

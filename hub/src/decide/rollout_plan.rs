@@ -348,7 +348,7 @@ pub fn plan(
                         && d.blocked.is_none()
                 })
                 .collect();
-            candidates.sort_by_key(|d| rank_key(&d.name));
+            candidates.sort_by_cached_key(|d| rank_key(&d.name));
             // Stand-ins, by rank from the later waves, for drones of this wave that cannot give
             // a result (held by a gate, timed out).
             let short = members.saturating_sub(evidence + pending + candidates.len());
@@ -361,7 +361,7 @@ pub fn plan(
                             && d.blocked.is_none()
                     })
                     .collect();
-                later.sort_by_key(|d| rank_key(&d.name));
+                later.sort_by_cached_key(|d| rank_key(&d.name));
                 candidates.extend(later.into_iter().take(short));
             }
             dispatch = candidates

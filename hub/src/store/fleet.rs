@@ -57,8 +57,9 @@ pub enum Applied {
 
 /// The controllers' view of the world.
 pub trait FleetStore: Send + Sync + 'static {
-    /// Every `FlightNode` of the namespace.
-    fn nodes(&self) -> BoxFuture<'_, Result<Vec<FlightNode>>>;
+    /// Every `FlightNode` of the namespace, shared with the store's cache: a step reads the
+    /// whole fleet without copying it.
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<Arc<FlightNode>>>>;
     /// Every `FirmwareRollout` of the namespace.
     fn rollouts(&self) -> BoxFuture<'_, Result<Vec<FirmwareRollout>>>;
     /// Sets (or with `None` clears) `status.firmwareSync` of a drone.
@@ -108,7 +109,10 @@ pub struct KubeFleet {
 /// and forgets it as soon as the cache moved on. Without it, the step after a dispatch can read
 /// the drone as not dispatched yet (and dispatch past `maxConcurrent`), and the step after a
 /// status write can read the old status (and emit `WaveAdvanced` or `Halted` twice).
-pub struct Written<K>(std::sync::Mutex<BTreeMap<String, (Option<String>, K)>>);
+pub struct Written<K>(std::sync::Mutex<WrittenMap<K>>);
+
+/// Object name → (the cached resourceVersion the write went out over, the written object).
+type WrittenMap<K> = BTreeMap<String, (Option<String>, Arc<K>)>;
 
 impl<K> Default for Written<K> {
     fn default() -> Self {
@@ -117,7 +121,7 @@ impl<K> Default for Written<K> {
 }
 
 impl<K: Resource + Clone> Written<K> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Option<String>, K)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WrittenMap<K>> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -131,18 +135,18 @@ impl<K: Resource + Clone> Written<K> {
             Some((rv, last)) if last.meta().resource_version != cached_rv => rv.clone(),
             _ => cached_rv,
         };
-        map.insert(name, (rv, object));
+        map.insert(name, (rv, Arc::new(object)));
     }
 
     /// `cached` with this store's own writes on top, where the cache has not caught up yet.
-    pub fn overlay(&self, cached: Vec<K>) -> Vec<K> {
+    pub fn overlay(&self, cached: Vec<Arc<K>>) -> Vec<Arc<K>> {
         let mut map = self.lock();
         cached
             .into_iter()
             .map(|c| {
                 let name = c.meta().name.clone().unwrap_or_default();
                 match map.get(&name) {
-                    Some((rv, written)) if *rv == c.meta().resource_version => written.clone(),
+                    Some((rv, written)) if *rv == c.meta().resource_version => Arc::clone(written),
                     Some(_) => {
                         map.remove(&name);
                         c
@@ -154,14 +158,30 @@ impl<K: Resource + Clone> Written<K> {
     }
 }
 
-fn spawn_reflector<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
+/// Keeps of a drone's `managedFields` only what the controllers read: the entries that hold a
+/// field of `spec.firmware` (who owns the target, [`crate::controller::rollout::drone`]) and
+/// those of the shared rollout manager of older hubs (a call-back releases them). The rest (the
+/// creator's fields, the heartbeat status, `firmwareSync`) is most of a cached drone, and nobody
+/// reads it.
+pub fn trim_managed_fields(node: &mut FlightNode) {
+    if let Some(entries) = node.metadata.managed_fields.as_mut() {
+        entries.retain(|m| {
+            m.manager.as_deref() == Some(crate::api::rollout::FIELD_MANAGER)
+                || m.fields_v1
+                    .as_ref()
+                    .is_some_and(|f| f.0.pointer("/f:spec/f:firmware").is_some())
+        });
+    }
+}
+
+fn spawn_reflector<K>(api: Api<K>, changed: Arc<Notify>, trim: fn(&mut K)) -> Store<K>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     use futures_util::StreamExt;
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).modify(trim))
         .default_backoff()
         .touched_objects();
     tokio::spawn(async move {
@@ -185,10 +205,12 @@ impl KubeFleet {
         let nodes = spawn_reflector(
             Api::<FlightNode>::namespaced(client.clone(), namespace),
             Arc::clone(&changed),
+            trim_managed_fields,
         );
         let rollouts = spawn_reflector(
             Api::<FirmwareRollout>::namespaced(client.clone(), namespace),
             Arc::clone(&changed),
+            |_| {},
         );
         nodes.wait_until_ready().await.map_err(|e| Error::KubeSetup {
             what: "FlightNode cache",
@@ -234,17 +256,14 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
 }
 
 impl FleetStore for KubeFleet {
-    fn nodes(&self) -> BoxFuture<'_, Result<Vec<FlightNode>>> {
-        Box::pin(async move {
-            let cached = self.nodes.state().iter().map(|n| (**n).clone()).collect();
-            Ok(self.written_nodes.overlay(cached))
-        })
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<Arc<FlightNode>>>> {
+        Box::pin(async move { Ok(self.written_nodes.overlay(self.nodes.state())) })
     }
 
     fn rollouts(&self) -> BoxFuture<'_, Result<Vec<FirmwareRollout>>> {
         Box::pin(async move {
-            let cached = self.rollouts.state().iter().map(|r| (**r).clone()).collect();
-            Ok(self.written_rollouts.overlay(cached))
+            let rollouts = self.written_rollouts.overlay(self.rollouts.state());
+            Ok(rollouts.into_iter().map(Arc::unwrap_or_clone).collect())
         })
     }
 
@@ -257,7 +276,7 @@ impl FleetStore for KubeFleet {
             };
             let body = serde_json::json!({ "apiVersion": API_VERSION, "kind": KIND, "status": status });
             let cached_rv = self.cached_node_rv(node);
-            let written = self
+            let mut written = self
                 .node_api()
                 .patch_status(
                     node,
@@ -266,6 +285,7 @@ impl FleetStore for KubeFleet {
                 )
                 .await
                 .map_err(Error::Kube)?;
+            trim_managed_fields(&mut written);
             self.written_nodes.record(cached_rv, written);
             Ok(())
         })
@@ -301,7 +321,8 @@ impl FleetStore for KubeFleet {
             };
             let cached_rv = self.cached_node_rv(node);
             let applied = match self.node_api().patch(node, &params, &Patch::Apply(&body)).await {
-                Ok(written) => {
+                Ok(mut written) => {
+                    trim_managed_fields(&mut written);
                     self.written_nodes.record(cached_rv.clone(), written);
                     Applied::Ok
                 }
@@ -323,7 +344,10 @@ impl FleetStore for KubeFleet {
             if legacy {
                 let params = PatchParams::apply(crate::api::rollout::FIELD_MANAGER);
                 match self.node_api().patch(node, &params, &Patch::Apply(&body)).await {
-                    Ok(written) => self.written_nodes.record(cached_rv, written),
+                    Ok(mut written) => {
+                        trim_managed_fields(&mut written);
+                        self.written_nodes.record(cached_rv, written);
+                    }
                     Err(e) if is_status(&e, 404) => return Ok(Applied::Missing),
                     Err(e) => return Err(Error::Kube(e)),
                 }
@@ -428,8 +452,11 @@ fn local_err(e: crate::store::sink::WriteError) -> Error {
 }
 
 impl FleetStore for LocalFleet {
-    fn nodes(&self) -> BoxFuture<'_, Result<Vec<FlightNode>>> {
-        Box::pin(async move { Ok(self.store.list(Some(self.store.namespace()))) })
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<Arc<FlightNode>>>> {
+        Box::pin(async move {
+            let nodes = self.store.list(Some(self.store.namespace()));
+            Ok(nodes.into_iter().map(Arc::new).collect())
+        })
     }
 
     fn rollouts(&self) -> BoxFuture<'_, Result<Vec<FirmwareRollout>>> {
@@ -555,7 +582,7 @@ mod tests {
         n
     }
 
-    fn version(nodes: &[FlightNode]) -> Option<String> {
+    fn version(nodes: &[Arc<FlightNode>]) -> Option<String> {
         nodes[0].spec.firmware.as_ref().map(|f| f.version.clone())
     }
 
@@ -565,20 +592,72 @@ mod tests {
         w.record(Some("5".into()), node("d1", "6", Some("2.0.0")));
         // The cache still holds version 5: the dispatch is read back.
         assert_eq!(
-            version(&w.overlay(vec![node("d1", "5", None)])).as_deref(),
+            version(&w.overlay(vec![Arc::new(node("d1", "5", None))])).as_deref(),
             Some("2.0.0")
         );
         // A second write before the cache caught up keeps the first's baseline.
         w.record(Some("5".into()), node("d1", "7", Some("2.1.0")));
         assert_eq!(
-            version(&w.overlay(vec![node("d1", "5", None)])).as_deref(),
+            version(&w.overlay(vec![Arc::new(node("d1", "5", None))])).as_deref(),
             Some("2.1.0")
         );
         // The cache moved on: it wins, and the overlay is gone for good.
         assert_eq!(
-            version(&w.overlay(vec![node("d1", "7", Some("2.1.0"))])).as_deref(),
+            version(&w.overlay(vec![Arc::new(node("d1", "7", Some("2.1.0")))])).as_deref(),
             Some("2.1.0")
         );
-        assert_eq!(version(&w.overlay(vec![node("d1", "5", None)])), None);
+        assert_eq!(version(&w.overlay(vec![Arc::new(node("d1", "5", None))])), None);
+    }
+
+    /// What the cache keeps of managedFields still tells who owns spec.firmware.
+    #[test]
+    fn trimmed_managed_fields_keep_the_owners_of_the_target() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+        let entry = |manager: &str, fields: serde_json::Value| ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            operation: Some("Apply".into()),
+            fields_v1: Some(FieldsV1(fields)),
+            ..ManagedFieldsEntry::default()
+        };
+        let mut n = node("d1", "5", Some("2.0.0"));
+        n.metadata.managed_fields = Some(vec![
+            entry("kubectl", serde_json::json!({ "f:spec": { "f:hardwareId": {} } })),
+            entry(
+                "flightnode-hub",
+                serde_json::json!({ "f:status": { "f:conditions": {} } }),
+            ),
+            entry(
+                RECONCILER_MANAGER,
+                serde_json::json!({ "f:status": { "f:firmwareSync": {} } }),
+            ),
+            entry(
+                "flightnode-rollout/fw",
+                serde_json::json!({ "f:spec": { "f:firmware": { "f:version": {} } } }),
+            ),
+            entry(
+                "kubectl-edit",
+                serde_json::json!({ "f:spec": { "f:firmware": { "f:url": {} } } }),
+            ),
+            entry(
+                crate::api::rollout::FIELD_MANAGER,
+                serde_json::json!({ "f:metadata": {} }),
+            ),
+        ]);
+        trim_managed_fields(&mut n);
+        let kept: Vec<_> = n
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .filter_map(|m| m.manager.as_deref())
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "flightnode-rollout/fw",
+                "kubectl-edit",
+                crate::api::rollout::FIELD_MANAGER
+            ]
+        );
     }
 }

@@ -22,10 +22,21 @@
 //!   `HubService` (the transport's ceiling); `--wave` drones upgrade, their starts spread over
 //!   `--wave-secs` from a quarter into the run; the drones share `--channels` HTTP/2
 //!   connections (one per drone measures what connections cost).
+//! - `rollout [--drones 1000] [--api-qps 200] [--api-burst 400] [--interval 30] [--soak 5s]
+//!   [--max-per-minute 3000] [--timeout-secs 900]`: N simulated drones (gRPC heartbeats, MQTT
+//!   commands, no agents) through a FirmwareRollout (`spec.dispatchRate.maximumPerMinute` set to
+//!   `--max-per-minute`) on the real Kubernetes API server (`FLIGHTNODE_K8S_DIR`) with the real
+//!   `flightnode-hub serve --store kube --controllers`, next to the same rollout with N/10
+//!   drones: controller step time, API requests per dispatched drone, hub peak memory, and the
+//!   times from `spec.firmware` to the command and to `Synced`.
 mod chunks;
 mod footprint;
 mod hub;
 mod install;
+mod prom;
+mod rollout;
+mod rollout_drones;
+mod rollout_report;
 
 use anyhow::Result;
 use chunks::chunks;
@@ -90,6 +101,15 @@ fn main() -> Result<()> {
             };
             hub_bench(&drones, plan)
         }
+        Some("rollout") => rollout::rollout_bench(&rollout::RolloutPlan {
+            drones: flag(&args, "--drones", 1000_usize).max(1),
+            api_qps: flag(&args, "--api-qps", 200.0),
+            api_burst: flag(&args, "--api-burst", 400),
+            interval: std::time::Duration::from_secs(flag(&args, "--interval", 30_u64).max(1)),
+            soak: flag(&args, "--soak", "5s".to_owned()),
+            max_per_minute: flag(&args, "--max-per-minute", 3000_u32).max(1),
+            timeout: std::time::Duration::from_secs(flag(&args, "--timeout-secs", 900)),
+        }),
         _ => {
             usage();
             std::process::exit(2);
@@ -106,6 +126,9 @@ fn usage() {
     eprintln!("       flightnode-bench footprint [--idle-secs N] [--size-mib N]");
     eprintln!(
         "       flightnode-bench hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20] [--channels 12]"
+    );
+    eprintln!(
+        "       flightnode-bench rollout [--drones 1000] [--api-qps 200] [--api-burst 400] [--interval 30] [--soak 5s] [--max-per-minute 3000] [--timeout-secs 900]"
     );
     eprintln!("Build with `cargo build --release --workspace` first; see docs/src/measurements.md.");
 }
