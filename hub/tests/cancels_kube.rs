@@ -7,58 +7,15 @@
 
 mod common;
 
-use common::cluster::{NS, Report, cluster, create_drones, report};
+use common::cluster::{NS, Report, cluster, create_drones, lists, report, step_until};
 use flightnode_hub::api::flightnode::FlightNode;
 use flightnode_hub::api::rollout::{FirmwareRollout, condition};
 use flightnode_hub::controller::reconcile::Controllers;
 use flightnode_hub::store::kube::KubeSink;
 use flightnode_proto::mqtt::Command;
-use kube::api::ListParams;
-use kube::{Api, Client, ResourceExt};
+use kube::ResourceExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-async fn lists(admin: &Client) -> anyhow::Result<(Vec<FlightNode>, Vec<FirmwareRollout>)> {
-    let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
-    let rollouts: Api<FirmwareRollout> = Api::namespaced(admin.clone(), NS);
-    Ok((
-        nodes.list(&ListParams::default()).await?.items,
-        rollouts.list(&ListParams::default()).await?.items,
-    ))
-}
-
-/// Steps until `done` holds on a fresh read.
-async fn run_until<F>(
-    c: &Controllers,
-    admin: &Client,
-    what: &str,
-    done: F,
-) -> anyhow::Result<(Vec<FlightNode>, Vec<FirmwareRollout>)>
-where
-    F: Fn(&[FlightNode], &[FirmwareRollout]) -> bool,
-{
-    let deadline = Instant::now() + Duration::from_mins(1);
-    loop {
-        c.step().await;
-        let (n, r) = lists(admin).await?;
-        if done(&n, &r) {
-            return Ok((n, r));
-        }
-        if Instant::now() > deadline {
-            let syncs: Vec<_> = n
-                .iter()
-                .map(|n| {
-                    (
-                        n.name_any(),
-                        n.status.as_ref().and_then(|s| s.firmware_sync.clone()),
-                    )
-                })
-                .collect();
-            anyhow::bail!("timed out waiting for: {what}\ndrones: {syncs:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
-}
 
 fn halted(r: &[FirmwareRollout], name: &str) -> bool {
     r.iter().any(|r| {
@@ -216,7 +173,7 @@ async fn a_cancel_the_broker_lost_after_its_puback_still_reaches_the_drone() -> 
             .find(|n| n.name_any() == name)
             .and_then(|n| n.status.clone()?.firmware_sync?.upgrade_id)
     };
-    let (nodes, _) = run_until(&c, &admin, "both commands published", |n, _| {
+    let (nodes, _) = step_until(&c, &admin, "both commands published", |n, _| {
         upgrade_of(n, bad).is_some() && upgrade_of(n, far).is_some()
     })
     .await?;
@@ -241,7 +198,7 @@ async fn a_cancel_the_broker_lost_after_its_puback_still_reaches_the_drone() -> 
             .and_then(|n| n.status.clone()?.firmware_sync)
             .map(|s| (s.reason, s.pending_cancels))
     };
-    run_until(
+    step_until(
         &c,
         &admin,
         "halted, the far drone called back and its cancel sent",
@@ -303,7 +260,7 @@ async fn a_cancel_the_broker_lost_after_its_puback_still_reaches_the_drone() -> 
         ..Report::default()
     };
     report(&sink, far, &canceled).await?;
-    run_until(&c, &admin, "the cancel acknowledged", |n, _| pending(n).is_none()).await?;
+    step_until(&c, &admin, "the cancel acknowledged", |n, _| pending(n).is_none()).await?;
     let sent = link.cancels_of(&far_id);
     let until = Instant::now() + Duration::from_secs(6);
     while Instant::now() < until {

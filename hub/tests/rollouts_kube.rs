@@ -16,14 +16,16 @@
 
 mod common;
 
-use common::cluster::{NS, Recorded, Report, cluster, controllers, create_drones, report};
+use common::cluster::{
+    NS, Recorded, Report, cluster, controllers, create_drones, lists, report, sync_records,
+};
 use flightnode_hub::api::flightnode::FlightNode;
 use flightnode_hub::api::rollout::{FirmwareRollout, condition};
 use flightnode_hub::controller::reconcile::Controllers;
 use flightnode_hub::store::kube::KubeSink;
 use flightnode_proto::mqtt::Command;
 use flightnode_tests::apiserver::ApiServer;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -81,15 +83,6 @@ impl Installs {
     }
 }
 
-async fn lists(admin: &Client) -> anyhow::Result<(Vec<FlightNode>, Vec<FirmwareRollout>)> {
-    let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
-    let rollouts: Api<FirmwareRollout> = Api::namespaced(admin.clone(), NS);
-    Ok((
-        nodes.list(&ListParams::default()).await?.items,
-        rollouts.list(&ListParams::default()).await?.items,
-    ))
-}
-
 /// Steps (and lets the drones install, when `installs` is given) until `done` holds on a fresh
 /// read.
 async fn run_until<F>(
@@ -114,15 +107,7 @@ where
             return Ok((n, r));
         }
         if Instant::now() > deadline {
-            let syncs: Vec<_> = n
-                .iter()
-                .map(|n| {
-                    (
-                        n.name_any(),
-                        n.status.as_ref().and_then(|s| s.firmware_sync.clone()),
-                    )
-                })
-                .collect();
+            let syncs = sync_records(&n);
             let rollouts: Vec<_> = r.iter().map(|r| (r.name_any(), &r.status)).collect();
             anyhow::bail!("timed out waiting for: {what}\nrollouts: {rollouts:#?}\ndrones: {syncs:#?}");
         }

@@ -3,7 +3,7 @@
 //! statuses written the way the hub writes heartbeat statuses (the real `KubeSink`), and a
 //! [`CommandSink`] that records commands instead of publishing them.
 
-use flightnode_hub::api::flightnode::{FlightNode, FlightNodeStatus};
+use flightnode_hub::api::flightnode::{FirmwareSync, FlightNode, FlightNodeStatus};
 use flightnode_hub::api::rollout::FirmwareRollout;
 use flightnode_hub::controller::mqtt::CommandSink;
 use flightnode_hub::controller::reconcile::{ControllerConfig, Controllers};
@@ -20,7 +20,7 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const NS: &str = "flightnode";
 
@@ -199,23 +199,52 @@ pub async fn controllers(
     })
 }
 
-/// Steps until `done` holds on a fresh read (watch caches lag writes a little).
-pub async fn step_until<F>(c: &Controllers, admin: &Client, what: &str, done: F) -> anyhow::Result<()>
+/// Every FlightNode and FirmwareRollout in [`NS`], read fresh from the API server.
+pub async fn lists(admin: &Client) -> anyhow::Result<(Vec<FlightNode>, Vec<FirmwareRollout>)> {
+    let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
+    let rollouts: Api<FirmwareRollout> = Api::namespaced(admin.clone(), NS);
+    Ok((
+        nodes.list(&ListParams::default()).await?.items,
+        rollouts.list(&ListParams::default()).await?.items,
+    ))
+}
+
+/// What a test that timed out prints: each drone's firmwareSync record.
+pub fn sync_records(nodes: &[FlightNode]) -> Vec<(String, Option<FirmwareSync>)> {
+    nodes
+        .iter()
+        .map(|n| {
+            (
+                n.name_any(),
+                n.status.as_ref().and_then(|s| s.firmware_sync.clone()),
+            )
+        })
+        .collect()
+}
+
+/// Steps until `done` holds on a fresh read (watch caches lag writes a little), for at most a
+/// minute; returns that read. A timeout names every drone's firmwareSync record.
+pub async fn step_until<F>(
+    c: &Controllers,
+    admin: &Client,
+    what: &str,
+    done: F,
+) -> anyhow::Result<(Vec<FlightNode>, Vec<FirmwareRollout>)>
 where
     F: Fn(&[FlightNode], &[FirmwareRollout]) -> bool,
 {
-    let nodes: Api<FlightNode> = Api::namespaced(admin.clone(), NS);
-    let rollouts: Api<FirmwareRollout> = Api::namespaced(admin.clone(), NS);
-    for _ in 0..100 {
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
         c.step().await;
-        let n = nodes.list(&ListParams::default()).await?.items;
-        let r = rollouts.list(&ListParams::default()).await?.items;
+        let (n, r) = lists(admin).await?;
         if done(&n, &r) {
-            return Ok(());
+            return Ok((n, r));
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("timed out waiting for: {what}\ndrones: {:#?}", sync_records(&n));
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    anyhow::bail!("timed out waiting for: {what}")
 }
 
 pub fn sync_reason(nodes: &[FlightNode], name: &str) -> Option<String> {
