@@ -181,7 +181,8 @@ struct ServeArgs {
     /// Timeout of one Kubernetes API request.
     #[arg(long, env = "FLIGHTNODE_HUB_WRITE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
     write_timeout: Duration,
-    /// Status writes in flight at once.
+    /// API writes in flight at once: heartbeat status writes, and, each, the controllers' drone
+    /// writes and commands.
     #[arg(long, env = "FLIGHTNODE_HUB_WRITE_CONCURRENCY", default_value_t = 8)]
     write_concurrency: usize,
     /// Run the node reconciler and the FirmwareRollout controller (commands go to --mqtt-url).
@@ -391,6 +392,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
                     ..Policy::default()
                 },
                 interval: a.reconcile_interval,
+                concurrent_writes: a.write_concurrency.max(1),
                 ..ControllerConfig::default()
             },
             leader_election: a.leader_election,

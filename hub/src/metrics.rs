@@ -94,6 +94,8 @@ pub struct Metrics {
     pub rollout_halted: Family<RolloutLabel, Gauge>,
     /// 1 while this replica holds the controller Lease.
     pub leader: Gauge,
+    /// Drones the node reconciler read and decided afresh (unchanged drones are skipped).
+    pub node_decisions: Counter,
 }
 
 impl Default for Metrics {
@@ -118,6 +120,12 @@ impl Metrics {
         let rollout_wave = Family::<RolloutLabel, Gauge>::default();
         let rollout_halted = Family::<RolloutLabel, Gauge>::default();
         let leader = Gauge::default();
+        let node_decisions = Counter::default();
+        registry.register(
+            "node_decisions",
+            "Drones the node reconciler decided afresh; a pass skips drones unchanged since their last decision",
+            node_decisions.clone(),
+        );
         registry.register(
             "reconcile_duration_seconds",
             "Duration of one reconcile pass, per controller",
@@ -188,6 +196,7 @@ impl Metrics {
             rollout_wave,
             rollout_halted,
             leader,
+            node_decisions,
         }
     }
 

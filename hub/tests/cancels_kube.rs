@@ -150,12 +150,12 @@ async fn a_cancel_the_broker_lost_after_its_puback_still_reaches_the_drone() -> 
         "no broker"
     );
     let store = flightnode_hub::store::fleet::KubeFleet::start(hub.clone(), NS, "replica-a").await?;
-    let mut c = Controllers {
-        store: Arc::new(store),
-        commands: Arc::clone(&publisher) as _,
-        metrics: Arc::new(flightnode_hub::metrics::Metrics::new()),
-        config: flightnode_hub::controller::reconcile::ControllerConfig::default(),
-    };
+    let mut c = Controllers::new(
+        Arc::new(store),
+        Arc::clone(&publisher) as _,
+        Arc::new(flightnode_hub::metrics::Metrics::new()),
+        flightnode_hub::controller::reconcile::ControllerConfig::default(),
+    );
     c.config.policy.backoff = Duration::from_secs(2);
     c.config.policy.backoff_max = Duration::from_secs(4);
     api.apply_yaml(

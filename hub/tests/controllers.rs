@@ -65,14 +65,29 @@ async fn node_spec_drives_one_install_across_restarts_and_kubectl_edits() -> any
     // A restart: a new controller with a new cache publishes nothing new.
     drop(c);
     let c = controllers(&hub, Arc::clone(&commands), "replica-b").await?;
+    let decisions = || c.metrics.node_decisions.get();
+    for _ in 0..100 {
+        if decisions() > 0 {
+            break;
+        }
+        c.step().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for _ in 0..3 {
         c.step().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(
         commands.upgrades().get("drone-1"),
         Some(&vec![id.clone()]),
         "no second install"
     );
+    // Passes over an unchanged drone whose redelivery is not due do not decide it again.
+    let settled = decisions();
+    for _ in 0..3 {
+        c.step().await;
+    }
+    assert_eq!(decisions(), settled, "an unchanged drone was decided again");
 
     // kubectl edits a label: no conflict with the hub's fields, and the hub's status stays.
     let relabel = serde_json::json!({
@@ -83,6 +98,15 @@ async fn node_spec_drives_one_install_across_restarts_and_kubectl_edits() -> any
     nodes
         .patch("drone-1", &PatchParams::apply("kubectl"), &Patch::Apply(&relabel))
         .await?;
+    // The edit is a change: the next passes decide the drone again.
+    for _ in 0..100 {
+        if decisions() > settled {
+            break;
+        }
+        c.step().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(decisions() > settled, "the edited drone is decided again");
     let got = nodes.get("drone-1").await?;
     assert_eq!(
         got.status

@@ -126,12 +126,12 @@ async fn report(store: &LocalStore, device_id: &str, version: &str, last: Option
 }
 
 fn controllers(store: &LocalStore, commands: Arc<Flaky>) -> Controllers {
-    Controllers {
-        store: Arc::new(LocalFleet::new(store.clone(), Arc::new(|_| {}))),
+    Controllers::new(
+        Arc::new(LocalFleet::new(store.clone(), Arc::new(|_| {}))),
         commands,
-        metrics: Arc::new(Metrics::new()),
-        config: ControllerConfig::default(),
-    }
+        Arc::new(Metrics::new()),
+        ControllerConfig::default(),
+    )
 }
 
 fn sync_id(store: &LocalStore, name: &str) -> Option<String> {
@@ -695,12 +695,12 @@ async fn a_spec_changed_before_the_drone_started_cancels_the_old_upgrade_on_the_
         .unwrap(),
     );
     assert!(publisher.wait_connected(Duration::from_secs(30)).await);
-    let c = Controllers {
-        store: Arc::new(LocalFleet::new(store.clone(), Arc::new(|_| {}))),
-        commands: Arc::clone(&publisher) as _,
-        metrics: Arc::new(Metrics::new()),
-        config: ControllerConfig::default(),
-    };
+    let c = Controllers::new(
+        Arc::new(LocalFleet::new(store.clone(), Arc::new(|_| {}))),
+        Arc::clone(&publisher) as _,
+        Arc::new(Metrics::new()),
+        ControllerConfig::default(),
+    );
 
     store
         .set_target(drone, Some(firmware("2.0.0")), &BTreeMap::new(), &[])

@@ -184,7 +184,8 @@ pub struct FirmwareRolloutSpec {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DispatchRate {
-    /// Drones dispatched in any 60 s, at most (at least 1).
+    /// Drones dispatched in any 60 s, at most (at least 1); spread over the minute, a sixth of
+    /// it (rounded up) in any 10 s.
     #[serde(default = "default_maximum_per_minute")]
     #[schemars(range(min = 1))]
     pub maximum_per_minute: u32,

@@ -307,12 +307,12 @@ fn start_controllers(
                         return;
                     }
                 };
-                let controllers = crate::controller::reconcile::Controllers {
-                    store: Arc::new(FencedStore::new(store, leader.clone())),
+                let controllers = crate::controller::reconcile::Controllers::new(
+                    Arc::new(FencedStore::new(store, leader.clone())),
                     commands,
                     metrics,
                     config,
-                };
+                );
                 controllers.run(leader).await;
             }));
         }
@@ -322,12 +322,8 @@ fn start_controllers(
                 Arc::new(move |node: &crate::api::flightnode::FlightNode| hub_ref.node_seen(node));
             let store = Arc::new(crate::store::fleet::LocalFleet::new(local.clone(), on_change));
             metrics.leader.set(1);
-            let controllers = crate::controller::reconcile::Controllers {
-                store,
-                commands: publisher,
-                metrics,
-                config,
-            };
+            let controllers =
+                crate::controller::reconcile::Controllers::new(store, publisher, metrics, config);
             tasks.push(tokio::spawn(controllers.run(Leadership::always())));
         }
         (None, None) => {}

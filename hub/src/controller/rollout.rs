@@ -12,6 +12,7 @@ use crate::decide::rollout_plan::{self as plan, Plan};
 use crate::decide::rollout_waves::{Drone, Outcome};
 use crate::metrics::RolloutGauges;
 use crate::store::fleet::{Applied, Dispatch, FleetStore};
+use futures_util::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use std::collections::BTreeMap;
@@ -216,8 +217,14 @@ impl StepReport {
     }
 }
 
-/// Reconciles every rollout once.
-pub async fn reconcile_all(store: &dyn FleetStore, now: i64, now_rfc3339: &str) -> crate::Result<StepReport> {
+/// Reconciles every rollout once, with up to `concurrency` drone writes in flight at a time.
+pub async fn reconcile_all(
+    store: &dyn FleetStore,
+    now: i64,
+    now_rfc3339: &str,
+    concurrency: usize,
+) -> crate::Result<StepReport> {
+    let concurrency = concurrency.max(1);
     let mut rollouts = store.rollouts().await?;
     rollouts.sort_by_key(|r| (r.metadata.creation_timestamp.clone().map(|t| t.0), r.name_any()));
     let nodes = store.nodes().await?;
@@ -258,10 +265,10 @@ pub async fn reconcile_all(store: &dyn FleetStore, now: i64, now_rfc3339: &str) 
             .filter(|n| n.spec.firmware.is_some() && p.dispatch.contains(&n.name_any()))
             .filter_map(|n| Some((n.name_any(), n.metadata.resource_version.clone()?)))
             .collect();
-        carry_out(store, r, &p, &take_over, now_rfc3339).await;
+        carry_out(store, r, &p, &take_over, now_rfc3339, concurrency).await;
         report.plans.insert(r.name_any(), p);
     }
-    call_back_orphans(store, &rollouts, &nodes).await;
+    call_back_orphans(store, &rollouts, &nodes, concurrency).await;
     Ok(report)
 }
 
@@ -301,26 +308,30 @@ fn command_started(node: &FlightNode) -> bool {
 /// the rollout dispatched and the drone has not started is called back, like after a halt. The
 /// rollout annotation on each drone is the durable record of who dispatched it, so this holds
 /// without a finalizer, even when the rollout was deleted while no controller ran.
-async fn call_back_orphans(store: &dyn FleetStore, rollouts: &[FirmwareRollout], nodes: &[Arc<FlightNode>]) {
-    for node in nodes {
-        let Some(owner) = orphaned_by(node, rollouts) else {
-            continue;
-        };
-        if command_started(node) {
-            continue;
-        }
-        let name = node.name_any();
-        match store.apply_target(&name, owner, None).await {
-            Ok(_) => {
-                tracing::info!(rollout = %owner, device_id = %name,
-                    "called back: the rollout was deleted or no longer selects the drone, and it had not started");
+async fn call_back_orphans(
+    store: &dyn FleetStore,
+    rollouts: &[FirmwareRollout],
+    nodes: &[Arc<FlightNode>],
+    concurrency: usize,
+) {
+    let orphans = nodes.iter().filter_map(|node| {
+        let owner = orphaned_by(node, rollouts)?;
+        (!command_started(node)).then(|| (node.name_any(), owner))
+    });
+    futures_util::stream::iter(orphans)
+        .for_each_concurrent(concurrency, |(name, owner)| async move {
+            match store.apply_target(&name, owner, None).await {
+                Ok(_) => {
+                    tracing::info!(rollout = %owner, device_id = %name,
+                        "called back: the rollout was deleted or no longer selects the drone, and it had not started");
+                }
+                Err(e) => {
+                    tracing::warn!(rollout = %owner, device_id = %name, error = %flightnode_proto::error::Chain(&e),
+                        "call-back of a deleted or deselecting rollout failed; retried next step");
+                }
             }
-            Err(e) => {
-                tracing::warn!(rollout = %owner, device_id = %name, error = %flightnode_proto::error::Chain(&e),
-                    "call-back of a deleted or deselecting rollout failed; retried next step");
-            }
-        }
-    }
+        })
+        .await;
 }
 
 async fn carry_out(
@@ -329,6 +340,7 @@ async fn carry_out(
     p: &Plan,
     take_over: &BTreeMap<String, String>,
     now: &str,
+    concurrency: usize,
 ) {
     let name = r.name_any();
     let target_generation = p.status.target_generation.or(r.metadata.generation).unwrap_or(1);
@@ -346,37 +358,43 @@ async fn carry_out(
             serde_json::to_string(&r.spec.gates).unwrap_or_default(),
         ),
     ]);
-    for node in &p.dispatch {
-        let dispatch = Dispatch {
-            target: want.clone(),
-            annotations: annotations.clone(),
-            take_over: take_over.get(node).cloned(),
-        };
-        match store.apply_target(node, &name, Some(&dispatch)).await {
-            Ok(Applied::Ok) => {
-                tracing::info!(rollout = %name, device_id = %node, version = %r.spec.version, taken_over = dispatch.take_over.is_some(), "dispatched");
+    let name = name.as_str();
+    let (want, annotations) = (&want, &annotations);
+    futures_util::stream::iter(&p.dispatch)
+        .for_each_concurrent(concurrency, |node| async move {
+            let dispatch = Dispatch {
+                target: want.clone(),
+                annotations: annotations.clone(),
+                take_over: take_over.get(node).cloned(),
+            };
+            match store.apply_target(node, name, Some(&dispatch)).await {
+                Ok(Applied::Ok) => {
+                    tracing::info!(rollout = %name, device_id = %node, version = %r.spec.version, taken_over = dispatch.take_over.is_some(), "dispatched");
+                }
+                Ok(Applied::Conflict) => {
+                    // NB: not retried blindly: the next step reads the drone again, and a
+                    // spec.firmware someone else wrote meanwhile counts as pinned.
+                    tracing::info!(rollout = %name, device_id = %node, "spec.firmware changed or owned by another manager; left alone");
+                }
+                Ok(Applied::Missing) => {}
+                Err(e) => {
+                    tracing::warn!(rollout = %name, device_id = %node, error = %flightnode_proto::error::Chain(&e), "dispatch failed; retried next step");
+                }
             }
-            Ok(Applied::Conflict) => {
-                // NB: not retried blindly: the next step reads the drone again, and a
-                // spec.firmware someone else wrote meanwhile counts as pinned.
-                tracing::info!(rollout = %name, device_id = %node, "spec.firmware changed or owned by another manager; left alone");
+        })
+        .await;
+    futures_util::stream::iter(&p.cancel)
+        .for_each_concurrent(concurrency, |node| async move {
+            match store.apply_target(node, name, None).await {
+                Ok(_) => tracing::info!(rollout = %name, device_id = %node, "called back (not started)"),
+                Err(e) => {
+                    tracing::warn!(rollout = %name, device_id = %node, error = %flightnode_proto::error::Chain(&e), "call-back failed; retried next step");
+                }
             }
-            Ok(Applied::Missing) => {}
-            Err(e) => {
-                tracing::warn!(rollout = %name, device_id = %node, error = %flightnode_proto::error::Chain(&e), "dispatch failed; retried next step");
-            }
-        }
-    }
-    for node in &p.cancel {
-        match store.apply_target(node, &name, None).await {
-            Ok(_) => tracing::info!(rollout = %name, device_id = %node, "called back (not started)"),
-            Err(e) => {
-                tracing::warn!(rollout = %name, device_id = %node, error = %flightnode_proto::error::Chain(&e), "call-back failed; retried next step");
-            }
-        }
-    }
+        })
+        .await;
     if r.status.as_ref() != Some(&p.status)
-        && let Err(e) = store.write_rollout_status(&name, &p.status).await
+        && let Err(e) = store.write_rollout_status(name, &p.status).await
     {
         tracing::warn!(rollout = %name, error = %flightnode_proto::error::Chain(&e), "rollout status write failed");
         // NB: no events for a step whose status did not stick: it runs again.

@@ -11,6 +11,11 @@ use crate::api::rollout::{
 };
 use std::collections::{BTreeMap, BTreeSet};
 
+/// The dispatch rate's minute is cut into this many slices of [`SLICE_SECS`]; each gets its share.
+const SLICES_PER_MINUTE: usize = 6;
+/// Length of one slice of the dispatch rate's minute, in seconds.
+const SLICE_SECS: i64 = 10;
+
 /// What to do now.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
@@ -329,16 +334,21 @@ pub fn plan(
             let room = spec
                 .max_concurrent
                 .map_or(u64::MAX, |m| u64::from(m).saturating_sub(in_flight));
-            // The dispatch rate: what went out in the last minute counts against this one's.
+            // The dispatch rate: what went out in the last minute counts against this one's,
+            // and the minute's allowance is spread over its slices, so a step never sends a
+            // whole minute's worth at once (and holds the loop while writing it).
             let succeeded = outcomes.values().filter(|o| **o == Outcome::Succeeded).count();
-            let last_minute = drones
-                .iter()
-                .filter(|d| d.dispatched && now - d.dispatched_at < 60)
-                .count();
-            let rate_room = spec
-                .dispatch_rate
-                .per_minute(succeeded)
-                .saturating_sub(last_minute) as u64;
+            let sent_within = |secs: i64| {
+                drones
+                    .iter()
+                    .filter(|d| d.dispatched && now - d.dispatched_at < secs)
+                    .count()
+            };
+            let per_minute = spec.dispatch_rate.per_minute(succeeded);
+            let per_slice = per_minute.div_ceil(SLICES_PER_MINUTE);
+            let rate_room = per_minute
+                .saturating_sub(sent_within(60))
+                .min(per_slice.saturating_sub(sent_within(SLICE_SECS))) as u64;
             let room = room.min(rate_room);
             let mut candidates: Vec<&Drone> = drones
                 .iter()

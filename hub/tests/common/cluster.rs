@@ -191,12 +191,12 @@ pub async fn controllers(
     identity: &str,
 ) -> anyhow::Result<Controllers> {
     let store = KubeFleet::start(hub.clone(), NS, identity).await?;
-    Ok(Controllers {
-        store: Arc::new(store),
+    Ok(Controllers::new(
+        Arc::new(store),
         commands,
-        metrics: Arc::new(Metrics::new()),
-        config: ControllerConfig::default(),
-    })
+        Arc::new(Metrics::new()),
+        ControllerConfig::default(),
+    ))
 }
 
 /// Every FlightNode and FirmwareRollout in [`NS`], read fresh from the API server.

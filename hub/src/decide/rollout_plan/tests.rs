@@ -741,9 +741,10 @@ fn a_timed_out_drone_still_installing_holds_its_place_in_max_concurrent() {
 }
 
 /// Issue 22 scale: a 100 % wave without `maxConcurrent` no longer sends every drone at once; the
-/// dispatch rate caps each minute, and an exponential ramp speeds up as drones succeed.
+/// dispatch rate caps each minute, spread over its six 10-second slices, and an exponential ramp
+/// speeds up as drones succeed.
 #[test]
-fn the_dispatch_rate_caps_each_minute_and_ramps_up_with_successes() {
+fn the_dispatch_rate_caps_each_minute_spreads_it_and_ramps_up_with_successes() {
     use crate::api::rollout::{DispatchRate, ExponentialRate, RateIncreaseCriteria};
     let mut s = spec();
     s.failure_policy.rules.clear();
@@ -752,7 +753,7 @@ fn the_dispatch_rate_caps_each_minute_and_ramps_up_with_successes() {
         ..WaveSpec::default()
     }];
     s.dispatch_rate = DispatchRate {
-        maximum_per_minute: 8,
+        maximum_per_minute: 12,
         exponential_rate: Some(ExponentialRate {
             base_rate_per_minute: 2,
             increment_factor: 2.0,
@@ -761,27 +762,35 @@ fn the_dispatch_rate_caps_each_minute_and_ramps_up_with_successes() {
             },
         }),
     };
-    let mut drones = fleet(40);
+    let mut drones = fleet(80);
     let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
-    assert_eq!(p.dispatch.len(), 2, "the base rate");
+    assert_eq!(p.dispatch.len(), 1, "the base rate, 2 a minute: 1 per slice");
     apply(&mut drones, &p, T0);
-    // Within the same minute: nothing more.
+    let p = plan(&s, 1, &p.status, &drones, T0 + 5, &at(T0 + 5));
+    assert!(p.dispatch.is_empty(), "same slice: nothing more");
+    let p = plan(&s, 1, &p.status, &drones, T0 + 10, &at(T0 + 10));
+    assert_eq!(p.dispatch.len(), 1, "next slice");
+    apply(&mut drones, &p, T0 + 10);
+    // Within the same minute: the minute's 2 are out, nothing more in any slice.
     let p = plan(&s, 1, &p.status, &drones, T0 + 30, &at(T0 + 30));
     assert!(p.dispatch.is_empty());
-    // Both succeeded: the next minute goes at 4, then 8 (the maximum), never more.
+    // Both succeeded: the next minute goes at 4 (one slice gets 1 of them), then 8.
     for d in drones.iter_mut().filter(|d| d.dispatched) {
         finish(d, "Committed");
     }
-    let p = plan(&s, 1, &p.status, &drones, T0 + 60, &at(T0 + 60));
-    assert_eq!(p.dispatch.len(), 4);
-    apply(&mut drones, &p, T0 + 60);
-    for d in drones.iter_mut().filter(|d| d.dispatched) {
-        finish(d, "Committed");
-    }
-    let p = plan(&s, 1, &p.status, &drones, T0 + 120, &at(T0 + 120));
-    assert_eq!(p.dispatch.len(), 8, "capped at maximumPerMinute");
-    // Without a ramp: the maximum from the start.
+    let p = plan(&s, 1, &p.status, &drones, T0 + 75, &at(T0 + 75));
+    assert_eq!(p.dispatch.len(), 1, "4 a minute: 1 per slice");
+    // A minute at the maximum, slice by slice: 2 each, 12 in all, never more.
     s.dispatch_rate.exponential_rate = None;
-    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &fleet(40), T0, &at(T0));
-    assert_eq!(p.dispatch.len(), 8);
+    let mut drones = fleet(80);
+    let mut status = FirmwareRolloutStatus::default();
+    let mut sent = Vec::new();
+    for slice in 0..8 {
+        let t = T0 + 10 * slice;
+        let p = plan(&s, 1, &status, &drones, t, &at(t));
+        apply(&mut drones, &p, t);
+        sent.push(p.dispatch.len());
+        status = p.status;
+    }
+    assert_eq!(sent, vec![2; 8], "2 per 10-second slice: 12 per minute");
 }
