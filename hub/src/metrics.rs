@@ -96,6 +96,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Drones the node reconciler read and decided afresh (unchanged drones are skipped).
     pub node_decisions: Counter,
+    /// Drones the rollout controller read afresh (unchanged drones are reused).
+    pub rollout_drone_reads: Counter,
 }
 
 impl Default for Metrics {
@@ -121,6 +123,12 @@ impl Metrics {
         let rollout_halted = Family::<RolloutLabel, Gauge>::default();
         let leader = Gauge::default();
         let node_decisions = Counter::default();
+        let rollout_drone_reads = Counter::default();
+        registry.register(
+            "rollout_drone_reads",
+            "Drones the FirmwareRollout controller read afresh; a step reuses drones unchanged since it last read them",
+            rollout_drone_reads.clone(),
+        );
         registry.register(
             "node_decisions",
             "Drones the node reconciler decided afresh; a pass skips drones unchanged since their last decision",
@@ -197,6 +205,7 @@ impl Metrics {
             rollout_halted,
             leader,
             node_decisions,
+            rollout_drone_reads,
         }
     }
 

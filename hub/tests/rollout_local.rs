@@ -303,10 +303,27 @@ async fn overlapping_rollouts_on_the_local_store_never_take_turns_on_a_drone() {
         store.rollouts(Some(NS))
     );
     let sent = commands.all().len();
-    for _ in 0..5 {
+    let reads = || {
+        (
+            c.metrics.rollout_drone_reads.get(),
+            c.metrics.node_decisions.get(),
+        )
+    };
+    let mut read_before = reads();
+    for i in 0..5 {
         c.step().await;
         install_last(&store, &commands, &mut done).await;
+        if i == 0 {
+            // The first step still sees the last step's own writes.
+            read_before = reads();
+        }
     }
+    // Steps over a fleet where nothing changed read no drone again: a step costs what changed.
+    assert_eq!(
+        reads(),
+        read_before,
+        "drones read again (rollout reads, node decisions)"
+    );
     let mut versions: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (device, cmd) in commands.all() {
         if let Command::Upgrade(u) = cmd {

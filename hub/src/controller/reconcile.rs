@@ -66,6 +66,8 @@ pub struct Controllers {
     pub config: ControllerConfig,
     /// Drones the last passes found nothing to do for (see [`Seen`]).
     seen: Mutex<HashMap<String, Seen>>,
+    /// Drones the rollout controller read in earlier steps.
+    drones: Mutex<crate::controller::rollout::DroneCache>,
 }
 
 fn now() -> (i64, String) {
@@ -87,6 +89,7 @@ impl Controllers {
             metrics,
             config,
             seen: Mutex::new(HashMap::new()),
+            drones: Mutex::default(),
         }
     }
 
@@ -130,14 +133,19 @@ impl Controllers {
     pub async fn step(&self) -> Duration {
         let started = std::time::Instant::now();
         let (t, t_text) = now();
-        match crate::controller::rollout::reconcile_all(
+        let reads_before = self.drone_reads();
+        let stepped = crate::controller::rollout::reconcile_all(
             self.store.as_ref(),
             t,
             &t_text,
             self.config.concurrent_writes,
+            &self.drones,
         )
-        .await
-        {
+        .await;
+        self.metrics
+            .rollout_drone_reads
+            .inc_by(self.drone_reads() - reads_before);
+        match stepped {
             Ok(report) => self.metrics.set_rollouts(&report.gauges()),
             Err(e) => tracing::warn!(error = %flightnode_proto::error::Chain(&e), "rollout reconcile failed"),
         }
@@ -146,6 +154,13 @@ impl Controllers {
         let next = self.reconcile_nodes().await;
         self.metrics.reconcile_done("node", started.elapsed());
         next
+    }
+
+    fn drone_reads(&self) -> u64 {
+        self.drones
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .reads
     }
 
     /// Publishes one command to `device` (object `name`); false when it could not be sent.

@@ -15,8 +15,8 @@ use crate::store::fleet::{Applied, Dispatch, FleetStore};
 use futures_util::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 /// True when `labels` match `selector` (matchLabels and matchExpressions, like the API server).
 pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
@@ -217,18 +217,85 @@ impl StepReport {
     }
 }
 
-/// Reconciles every rollout once, with up to `concurrency` drone writes in flight at a time.
+/// The drones each rollout read in earlier steps, reused while the drone's object and every
+/// rollout's spec stay as they were: a step reads afresh only the drones that changed.
+#[derive(Debug, Default)]
+pub struct DroneCache {
+    /// [`rollouts_fingerprint`] the entries were read under.
+    rollouts: u64,
+    /// Rollout name → drone name → (the drone's resourceVersion, what was read).
+    by_rollout: HashMap<String, HashMap<String, (String, Drone)>>,
+    /// Drones read afresh, over the cache's life.
+    pub reads: u64,
+}
+
+/// What a [`Drone`] read depends on besides its own object: every rollout's identity, spec
+/// generation and deletion (the claims), not their status, which each step rewrites.
+fn rollouts_fingerprint(rollouts: &[FirmwareRollout]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for r in rollouts {
+        (
+            r.name_any(),
+            r.metadata.uid.as_deref(),
+            r.metadata.generation,
+            r.metadata.deletion_timestamp.is_some(),
+        )
+            .hash(&mut h);
+    }
+    h.finish()
+}
+
+impl DroneCache {
+    /// The drones of `r` among `selected`, read afresh where the object changed.
+    fn read(&mut self, r: &FirmwareRollout, selected: &[&FlightNode], claims: &Claims) -> Vec<Drone> {
+        let before = self.by_rollout.remove(&r.name_any()).unwrap_or_default();
+        let mut after = HashMap::with_capacity(selected.len());
+        let drones = selected
+            .iter()
+            .map(|n| {
+                let name = n.name_any();
+                let rv = n.metadata.resource_version.clone().unwrap_or_default();
+                let d = match before.get(&name) {
+                    Some((was, d)) if !rv.is_empty() && *was == rv => d.clone(),
+                    _ => {
+                        self.reads += 1;
+                        drone(r, n, claims)
+                    }
+                };
+                after.insert(name, (rv, d.clone()));
+                d
+            })
+            .collect();
+        self.by_rollout.insert(r.name_any(), after);
+        drones
+    }
+}
+
+/// Reconciles every rollout once, with up to `concurrency` drone writes in flight at a time,
+/// reading drones through `cache`.
 pub async fn reconcile_all(
     store: &dyn FleetStore,
     now: i64,
     now_rfc3339: &str,
     concurrency: usize,
+    cache: &Mutex<DroneCache>,
 ) -> crate::Result<StepReport> {
     let concurrency = concurrency.max(1);
     let mut rollouts = store.rollouts().await?;
     rollouts.sort_by_key(|r| (r.metadata.creation_timestamp.clone().map(|t| t.0), r.name_any()));
     let nodes = store.nodes().await?;
     let claims = Claims::of(&rollouts, &nodes);
+    {
+        let mut c = cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fingerprint = rollouts_fingerprint(&rollouts);
+        if c.rollouts != fingerprint {
+            c.rollouts = fingerprint;
+            c.by_rollout.clear();
+        }
+        let names: std::collections::HashSet<String> = rollouts.iter().map(ResourceExt::name_any).collect();
+        c.by_rollout.retain(|name, _| names.contains(name));
+    }
     let mut report = StepReport::default();
     for r in &rollouts {
         let selected: Vec<&FlightNode> = nodes
@@ -236,7 +303,10 @@ pub async fn reconcile_all(
             .map(|n| &**n)
             .filter(|n| selects(r.spec.selector.as_ref(), n.labels()))
             .collect();
-        let drones: Vec<Drone> = selected.iter().map(|n| drone(r, n, &claims)).collect();
+        let drones = cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .read(r, &selected, &claims);
         let generation = r.metadata.generation.unwrap_or(1);
         let previous = r.status.clone().unwrap_or_default();
         if let Err(why) = validate(&r.spec) {
