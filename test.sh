@@ -190,7 +190,7 @@ if [[ ! -f "$UBOOT_REDUNDANT/u-boot.bin" ]]; then
     fi
 fi
 
-# The virtual board (tests/tests/vboard.rs) builds an arm64 rootfs with mmdebstrap, which runs the
+# The virtual board (tests/tests/board_vm.rs) builds an arm64 rootfs with mmdebstrap, which runs the
 # packages' arm64 maintainer scripts in a chroot: the kernel must hand arm64 binaries to
 # qemu-user-static (binfmt_misc). Debian's qemu-user-static ships the rule; a machine without
 # systemd-binfmt running (containers, CI) gets it registered here.
@@ -242,14 +242,22 @@ fi
 # (tests/src/release.rs: same commands, same target dir) took about 17 CPU-minutes while the image
 # test's hub was built with whole-program LTO (now `release-quick`, without it), and cargo-deb's
 # install 1.5 more. In a whole-suite run they start now, in the background at the lowest CPU
-# priority, so they take what the lint gate, the debug build and the waiting tests leave idle. The
-# lock is taken before the job starts and held until it ends: tests/src/release.rs takes it too,
-# so a test that needs them waits and then finds them fresh. A filtered run installs cargo-deb
-# now and builds on demand.
+# priority, so they take what the lint gate, the debug build and the waiting tests leave idle.
+# One lock per target, taken before the job starts: the aarch64 one (cargo-deb, then the aarch64
+# agent) is released as soon as that build ends, so the qemu-user and board tests run while the
+# x86_64 builds go on; the x86_64 one (agent, hub) at the end. tests/src/release.rs waits on the
+# lock of the target it needs, and a build this run's job finished (its stamp holds this run's
+# token) is taken as it is: a cargo run would wait for cargo's own lock on the target dir while
+# the job builds the other target. A filtered run installs cargo-deb now and builds on demand.
 if [[ $# -eq 0 || ( "$1" == "--" && $# -eq 1 ) ]] && [[ -z "${FLIGHTNODE_SKIP_PACKAGING:-}" ]]; then
     mkdir -p target/release-builds
-    exec 7>target/release-builds/.prebuild.lock
+    FLIGHTNODE_PREBUILD_TOKEN="$$.$(date +%s%N)"
+    export FLIGHTNODE_PREBUILD_TOKEN
+    rm -f target/release-builds/.prebuilt-*
+    exec 7>target/release-builds/.prebuild-aarch64-unknown-linux-musl.lock
     flock 7
+    exec 6>target/release-builds/.prebuild-x86_64-unknown-linux-musl.lock
+    flock 6
     (
         if [[ -n "$need_cargo_deb" ]]; then
             echo "test.sh: cargo install cargo-deb $CARGO_DEB_VERSION"
@@ -257,11 +265,15 @@ if [[ $# -eq 0 || ( "$1" == "--" && $# -eq 1 ) ]] && [[ -z "${FLIGHTNODE_SKIP_PA
                 echo "test.sh: cargo install cargo-deb failed" >&2
         fi
         export CARGO_TARGET_DIR="$PWD/target/release-builds"
+        stamp() { printf %s "$FLIGHTNODE_PREBUILD_TOKEN" >"$CARGO_TARGET_DIR/.prebuilt-$1"; }
         nice -n 19 cargo build --locked --profile release --target aarch64-unknown-linux-musl -p flightnode-agent &&
-            nice -n 19 cargo build --locked --profile release --target x86_64-unknown-linux-musl -p flightnode-agent &&
-            nice -n 19 cargo build --locked --profile release-quick --target x86_64-unknown-linux-musl -p flightnode-hub
+            stamp aarch64-unknown-linux-musl
+        exec 7>&-
+        nice -n 19 cargo build --locked --profile release --target x86_64-unknown-linux-musl -p flightnode-agent &&
+            nice -n 19 cargo build --locked --profile release-quick --target x86_64-unknown-linux-musl -p flightnode-hub &&
+            stamp x86_64-unknown-linux-musl
     ) >target/release-builds/prebuild.log 2>&1 &
-    exec 7>&-
+    exec 7>&- 6>&-
 elif [[ -n "$need_cargo_deb" ]]; then
     echo "test.sh: cargo install cargo-deb $CARGO_DEB_VERSION" >&2
     cargo install --locked --quiet cargo-deb --version "$CARGO_DEB_VERSION"

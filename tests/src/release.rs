@@ -116,23 +116,29 @@ fn once_per_target<T: Clone>(
 }
 
 /// Waits until `./test.sh`'s background job (cargo-deb's install and these same release builds)
-/// has ended: it holds this lock from before it starts. Without that job the lock is free at once.
-fn wait_for_prebuild() -> Result<()> {
-    let path = target_dir().join(".prebuild.lock");
-    if !path.exists() {
-        return Ok(());
+/// is done with `target`: it holds one lock per target from before it starts. Without that job
+/// the lock is free at once. True when the job built `target` in this very run (its stamp holds
+/// the run's token): then no cargo run is needed, and one would wait for cargo's own lock on the
+/// target dir while the job builds the other target.
+fn wait_for_prebuild(target: &str) -> Result<bool> {
+    let path = target_dir().join(format!(".prebuild-{target}.lock"));
+    if path.exists() {
+        let lock = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        lock.lock_shared()
+            .with_context(|| format!("waiting for the release prebuild's lock {}", path.display()))?;
     }
-    let lock = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    lock.lock_shared()
-        .with_context(|| format!("waiting for the release prebuild's lock {}", path.display()))?;
-    Ok(())
+    let Some(token) = std::env::var_os("FLIGHTNODE_PREBUILD_TOKEN") else {
+        return Ok(false);
+    };
+    let stamp = target_dir().join(format!(".prebuilt-{target}"));
+    Ok(std::fs::read(stamp).is_ok_and(|s| s == token.as_encoded_bytes()))
 }
 
 /// The cargo profile of the hub the image test puts in its image (`./test.sh` prebuilds the same).
 pub const HUB_PROFILE: &str = "release-quick";
 
 fn build_uncached(target: &'static str) -> Result<Release> {
-    wait_for_prebuild()?;
+    let prebuilt = wait_for_prebuild(target)?;
     let with_hub = target == X86_64;
     // One cargo run per package: built together, the agent would get every feature the hub's
     // dependencies turn on (cargo unifies features across the packages of one build): the x86_64
@@ -145,7 +151,7 @@ fn build_uncached(target: &'static str) -> Result<Release> {
     } else {
         &[("flightnode-agent", "release")]
     };
-    for (package, profile) in packages {
+    for (package, profile) in packages.iter().filter(|_| !prebuilt) {
         let mut cmd = cargo();
         cmd.args([
             "build",

@@ -17,6 +17,10 @@
 //! Everything is observed from outside: the serial console (U-Boot's and systemd's lines, the
 //! journal forwarded to it) and the agent's retained MQTT status on the host's mosquitto. No
 //! wall-clock assertion; the timeouts are generous because the board is emulated on a busy host.
+//!
+//! The file's name puts it right after the qemu-user test (cargo runs test binaries by name): it
+//! needs only the aarch64 build, so in a whole-suite run it overlaps the x86_64 release builds the
+//! packaging test waits for.
 #![allow(
     clippy::similar_names,
     reason = "broker and broken: the MQTT broker and the broken build"
