@@ -42,7 +42,7 @@ pub enum HookError {
         source: std::io::Error,
     },
     /// It exited non-zero or was killed by a signal.
-    #[error("{hook} `{command}` failed ({status})")]
+    #[error("{hook} `{command}` failed ({status}){}", said(output))]
     Failed {
         /// Which hook.
         hook: Hook,
@@ -50,9 +50,14 @@ pub enum HookError {
         command: String,
         /// Exit status.
         status: String,
+        /// The end of what it printed ([`tail`]): why it failed, in its own words.
+        output: String,
     },
     /// It ran past its timeout and was killed.
-    #[error("{hook} `{command}` did not finish within {timeout:?} and was killed")]
+    #[error(
+        "{hook} `{command}` did not finish within {timeout:?} and was killed{}",
+        said(output)
+    )]
     Timeout {
         /// Which hook.
         hook: Hook,
@@ -60,7 +65,42 @@ pub enum HookError {
         command: String,
         /// The limit.
         timeout: Duration,
+        /// The end of what it had printed by then.
+        output: String,
     },
+}
+
+/// Lines and characters of a hook's output kept in its error: the error travels in the drone's
+/// status and heartbeats up to its FlightNode (`status.lastUpgrade.errorMessage`), where an
+/// operator reads why a drone rolled back.
+const TAIL_LINES: usize = 5;
+const TAIL_CHARS: usize = 400;
+
+/// The last [`TAIL_LINES`] non-empty lines of `output`, at most [`TAIL_CHARS`] characters (the
+/// end kept), joined with " | ".
+pub fn tail(output: &[u8]) -> String {
+    let text = String::from_utf8_lossy(output);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let joined = lines[lines.len().saturating_sub(TAIL_LINES)..].join(" | ");
+    let count = joined.chars().count();
+    if count <= TAIL_CHARS {
+        joined
+    } else {
+        let kept: String = joined.chars().skip(count - TAIL_CHARS).collect();
+        format!("…{kept}")
+    }
+}
+
+fn said(output: &str) -> String {
+    if output.is_empty() {
+        String::new()
+    } else {
+        format!("; it said: {output}")
+    }
 }
 
 /// The slot a hook is about.
@@ -75,15 +115,19 @@ pub struct HookEnv<'a> {
 
 /// Runs `command` through `sh -c` and waits at most `timeout`. The apply command also gets the slot
 /// path as its argument (`$1`); the others read it from `FLIGHTNODE_SLOT_PATH`.
-/// Output goes to the agent's stderr, so it lands in the journal next to the agent's own lines.
+/// Its output (stdout and stderr, in order) is collected: the end of it goes into the error when
+/// the hook fails, and all of it to the agent's stderr once the hook ends, so it lands in the
+/// journal next to the agent's own lines.
 pub fn run(hook: Hook, command: &str, env: &HookEnv<'_>, timeout: Duration) -> Result<(), HookError> {
     tracing::info!(slot = %env.slot, %command, "running {hook}");
     let mut cmd = Command::new("/bin/sh");
+    // NB: stdout joins stderr in the shell, so both come in order through one pipe, and a timeout
+    // (which keeps only stderr) still has everything printed so far.
     cmd.arg("-c")
         .arg(if matches!(hook, Hook::Apply) {
-            format!("{command} \"$@\"")
+            format!("exec 1>&2; {command} \"$@\"")
         } else {
-            command.to_owned()
+            format!("exec 1>&2; {command}")
         })
         .arg("flightnode-hook")
         .arg(env.path)
@@ -92,19 +136,35 @@ pub fn run(hook: Hook, command: &str, env: &HookEnv<'_>, timeout: Duration) -> R
         .env("FLIGHTNODE_VERSION", env.version)
         .env("FLIGHTNODE_AGENT_PID", std::process::id().to_string())
         .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::piped());
+    let forward = |output: &[u8]| {
+        use std::io::Write;
+        // NB: best effort: the journal copy must not turn a hook's result into an error.
+        let _ = std::io::stderr().lock().write_all(output);
+    };
     match child::run(&mut cmd, None, timeout) {
-        Ok(f) if f.status.success() => Ok(()),
-        Ok(f) => Err(HookError::Failed {
-            hook,
-            command: command.to_owned(),
-            status: f.status.to_string(),
-        }),
-        Err(ChildError::Timeout { .. }) => Err(HookError::Timeout {
-            hook,
-            command: command.to_owned(),
-            timeout,
-        }),
+        Ok(f) if f.status.success() => {
+            forward(&f.stderr);
+            Ok(())
+        }
+        Ok(f) => {
+            forward(&f.stderr);
+            Err(HookError::Failed {
+                hook,
+                command: command.to_owned(),
+                status: f.status.to_string(),
+                output: tail(&f.stderr),
+            })
+        }
+        Err(ChildError::Timeout { stderr, .. }) => {
+            forward(&stderr);
+            Err(HookError::Timeout {
+                hook,
+                command: command.to_owned(),
+                timeout,
+                output: tail(&stderr),
+            })
+        }
         Err(ChildError::Spawn(source) | ChildError::Wait(source)) => Err(HookError::Spawn {
             hook,
             command: command.to_owned(),
@@ -141,6 +201,38 @@ mod tests {
         )
         .unwrap();
         assert_eq!(std::fs::read_to_string(out).unwrap(), "b 1.2.3 /dev/slot-b\n");
+    }
+
+    /// The end of a failing hook's output, stdout and stderr in order, is in its error: that is
+    /// what reaches the FlightNode as the reason a drone rolled back.
+    #[test]
+    fn a_failing_hook_says_why_in_its_error() {
+        let p = Path::new("/x");
+        let script =
+            "for i in 1 2 3 4 5 6; do echo \"line $i\"; done; echo 'gps: no 3D fix after 30 s' >&2; exit 1";
+        let err = run(Hook::Health, script, &env(p), Duration::from_secs(10)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.ends_with("; it said: line 3 | line 4 | line 5 | line 6 | gps: no 3D fix after 30 s"),
+            "{text}"
+        );
+        let err = run(
+            Hook::Health,
+            "echo 'waiting for the camera'; sleep 30",
+            &env(p),
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(matches!(err, HookError::Timeout { .. }), "{err}");
+        assert!(
+            err.to_string().ends_with("it said: waiting for the camera"),
+            "{err}"
+        );
+        // Long output keeps its end.
+        let long = tail("x".repeat(1000).as_bytes());
+        assert_eq!(long.chars().count(), TAIL_CHARS + 1);
+        assert!(long.starts_with('…'));
+        assert_eq!(tail(b"\n\n"), "");
     }
 
     #[test]

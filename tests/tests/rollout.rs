@@ -202,7 +202,10 @@ fn options(kube: Option<KubeStore>, plain_ids: bool) -> FleetOptions {
         },
         // A drone fails its health check for version V when its slots directory holds a file
         // `unhealthy-V` (placed below, once the waves are known).
-        health: |_| r#"test ! -e "$(dirname "$FLIGHTNODE_SLOT_PATH")/unhealthy-$FLIGHTNODE_VERSION""#.into(),
+        // It says why on its output, as a real one would: the rollback carries that upstream.
+        health: |_| {
+            r#"if test -e "$(dirname "$FLIGHTNODE_SLOT_PATH")/unhealthy-$FLIGHTNODE_VERSION"; then echo "checking gps"; echo "gps: no 3D fix after 30 s" >&2; exit 1; fi"#.into()
+        },
         hub_args: vec![
             "--offline-after".into(),
             "60s".into(),
@@ -448,12 +451,29 @@ fn scenario(fleet: &mut Fleet, view_of: impl for<'a> Fn(&'a Fleet) -> Box<dyn Vi
         if bad_ones.contains(&i) {
             assert_eq!(f["status"]["lastUpgrade"]["result"], "RolledBack", "{f:#}");
             assert_eq!(f["status"]["lastUpgrade"]["errorCode"], "health_check_failed");
+            let why = f["status"]["lastUpgrade"]["errorMessage"].as_str().unwrap_or("");
+            assert!(
+                why.contains("it said: checking gps | gps: no 3D fix after 30 s"),
+                "the rollback cause does not reach the FlightNode: {f:#}"
+            );
             assert_eq!(f["status"]["firmware"]["activeSlot"], "a", "{f:#}");
         }
     }
     let (code, out, err) = view_of(fleet).rollout_status();
     assert_eq!(code, Some(1), "{out}\n{err}");
     assert!(out.contains("rolled back 3"), "{out}");
+    // The per-drone list says why each bad drone rolled back, in its own words.
+    assert_eq!(
+        out.matches("└ RolledBack health_check_failed: ").count(),
+        3,
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("it said: checking gps | gps: no 3D fix after 30 s")
+            .count(),
+        3,
+        "{out}"
+    );
     assert!(
         err.contains("rollout fleet is halted: rolledBack 3 of 8"),
         "{err}"

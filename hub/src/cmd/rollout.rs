@@ -125,9 +125,30 @@ pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
                 .firmware_sync
                 .map_or_else(|| "-".into(), |s| format!("{} {}", s.reason, s.message));
             let _ = writeln!(out, "  {:<21} {:<11} {}", n.name_any(), fw, sync);
+            if let Some(why) = st.last_upgrade.as_ref().and_then(cause) {
+                let _ = writeln!(out, "  {:<21} {why}", "");
+            }
         }
     }
     out
+}
+
+/// Why a drone's last upgrade did not commit, for the per-drone list: result, error code and the
+/// drone's own message (for a rollback, the end of its health check's output, or that the trial
+/// boot never came up). `None` when it committed or there is no last upgrade.
+fn cause(last: &crate::api::flightnode::LastUpgrade) -> Option<String> {
+    let result = last.result.as_deref()?;
+    if matches!(result, "Committed" | "AlreadyInstalled") {
+        return None;
+    }
+    let mut why = format!("└ {result}");
+    if let Some(code) = last.error_code.as_deref().filter(|c| !c.is_empty()) {
+        let _ = write!(why, " {code}");
+    }
+    if let Some(message) = last.error_message.as_deref().filter(|m| !m.is_empty()) {
+        let _ = write!(why, ": {message}");
+    }
+    Some(why)
 }
 
 /// How `rollout status` ended.
