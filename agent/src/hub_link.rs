@@ -294,7 +294,8 @@ fn event(e: Event) -> v1::Event {
     }
 }
 
-/// The heartbeat for `state` (contract strings throughout; empty = not set).
+/// The heartbeat for `state` (contract strings throughout; empty = not set), with the running
+/// image's (flights, airborne seconds) when a MAVLink link counts them.
 pub fn heartbeat_request(
     info: &DeviceInfo,
     state: &DeviceState,
@@ -302,6 +303,7 @@ pub fn heartbeat_request(
     resources: v1::Resources,
     events: Vec<Event>,
     seq: u64,
+    flown: Option<(u32, u64)>,
 ) -> v1::HeartbeatRequest {
     let firmware = v1::FirmwareState {
         active_slot: state.active.as_str().to_owned(),
@@ -310,6 +312,8 @@ pub fn heartbeat_request(
         slot_b: Some(slot_info(&state.b)),
         committed_version: state.committed_version.to_string(),
         security_floor: state.security_floor,
+        flights: flown.map(|f| f.0),
+        airborne_seconds: flown.map(|f| f.1),
     };
     let upgrade = state.upgrade.as_ref().map(|u| {
         let total = u.manifest.as_ref().map_or(0, |m| m.image.size);
@@ -469,6 +473,7 @@ pub async fn run(
     mut progress: watch::Receiver<Option<Progress>>,
     outbox: Outbox,
     mut flight: Option<watch::Receiver<FlightState>>,
+    flights: Option<watch::Receiver<crate::flight::log::FlightLog>>,
     connected: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) -> Result<(), HubLinkError> {
@@ -544,13 +549,17 @@ pub async fn run(
                 let newest_sent = events.last().map(|e| e.seq);
                 let n_events = events.len();
                 let hb_seq = outbox.next_heartbeat_seq();
-                let mut req = heartbeat_request(&info, &st, pr, resources, events, hb_seq);
+                let flown = flights
+                    .as_ref()
+                    .map(|log| log.borrow().of(&crate::flight::log::image_of(&st)));
+                let mut req = heartbeat_request(&info, &st, pr, resources, events, hb_seq, flown);
                 req.last_upgrade = newest_end(req.last_upgrade.take(), refusal.as_ref());
                 if let Some(f) = flight.as_mut() {
                     let f = f.borrow_and_update().clone();
                     sent_observed = Some(f.observed);
                     req.flight = Some(flight_state(&f));
                 }
+
                 let mut request = tonic::Request::new(req);
                 request.set_timeout(cfg.timeout);
                 let call = tokio::time::timeout(cfg.timeout + Duration::from_secs(1), client.heartbeat(request));
@@ -645,26 +654,42 @@ mod tests {
     #[test]
     fn maps_state_to_contract_strings() {
         let mut s = DeviceState::factory(semver::Version::new(1, 2, 3));
-        let r = heartbeat_request(&info(), &s, None, v1::Resources::default(), vec![], 7);
+        let r = heartbeat_request(&info(), &s, None, v1::Resources::default(), vec![], 7, None);
         let fw = r.firmware.unwrap();
         assert_eq!(fw.active_slot, "a");
         assert_eq!(fw.slot_a.unwrap().state, "good");
         assert_eq!(fw.slot_b.clone().unwrap().state, "empty");
         assert_eq!(fw.slot_b.unwrap().version, "");
         assert_eq!(fw.committed_version, "1.2.3");
+        assert_eq!(
+            (fw.flights, fw.airborne_seconds),
+            (None, None),
+            "no link, no count"
+        );
         assert!(r.upgrade.is_none() && r.last_upgrade.is_none());
         assert_eq!(r.seq, 7);
+        let r = heartbeat_request(
+            &info(),
+            &s,
+            None,
+            v1::Resources::default(),
+            vec![],
+            7,
+            Some((2, 95)),
+        );
+        let fw = r.firmware.unwrap();
+        assert_eq!((fw.flights, fw.airborne_seconds), (Some(2), Some(95)));
 
         s.begin("up-1".into(), "src".into(), false);
         s.enter(Phase::RollingBack);
         let progress = Some(Progress { bytes: 5, total: 10 });
-        let r = heartbeat_request(&info(), &s, progress, v1::Resources::default(), vec![], 8);
+        let r = heartbeat_request(&info(), &s, progress, v1::Resources::default(), vec![], 8, None);
         let u = r.upgrade.unwrap();
         assert_eq!((u.phase.as_str(), u.bytes, u.total), ("rolling_back", 5, 10));
 
         s.fail(ErrorCode::HealthCheckFailed, "unhealthy".into());
         let event = Event::from_state(&s);
-        let r = heartbeat_request(&info(), &s, None, v1::Resources::default(), vec![event], 9);
+        let r = heartbeat_request(&info(), &s, None, v1::Resources::default(), vec![event], 9, None);
         let last = r.last_upgrade.unwrap();
         assert_eq!(last.error_code, "health_check_failed");
         assert_eq!(last.error_message, "unhealthy");
@@ -679,7 +704,8 @@ mod tests {
         s.begin("up-1".into(), "src".into(), false);
         s.fail(ErrorCode::DownloadFailed, "gone".into());
         let finished = i64::try_from(s.last.as_ref().unwrap().finished).unwrap();
-        let last = heartbeat_request(&info(), &s, None, v1::Resources::default(), vec![], 1).last_upgrade;
+        let last =
+            heartbeat_request(&info(), &s, None, v1::Resources::default(), vec![], 1, None).last_upgrade;
         let mut refusal = Event::refused("up-2", "busy", "up-1 is in flight");
 
         refusal.time_unix_ms = (finished + 5) * 1000;

@@ -565,6 +565,7 @@ impl DeviceState {
                 target_slot: u.target,
             }),
             last_upgrade: self.last.clone(),
+            flights: None,
         }
     }
 }

@@ -489,3 +489,49 @@ fn a_power_cycle_while_waiting_to_switch_confirms_the_running_slot() {
         assert!(!rig.dev.path("rebooted").exists(), "{name}: no reboot in the air");
     }
 }
+
+/// Issue 24, flights since commit: a takeoff → landing cycle on the flight controller is one
+/// flight of the running image, kept across a `kill -9`, and a committed upgrade starts the new
+/// image from zero.
+#[test]
+fn flights_are_counted_per_image_and_survive_a_kill_9() {
+    let rig = Rig::new("", "", "true");
+    let mut d = Daemon::start_subscribed(&rig.dev);
+    let mut v = rig.vehicle(&[]);
+    let flights = |rig: &Rig| {
+        let s = rig.dev.status();
+        (
+            s["flights"]["flights"].as_u64(),
+            s["flights"]["airborne_secs"].as_u64(),
+        )
+    };
+    wait_flight_state(&rig, "disarmed", "the vehicle never showed on the ground");
+    assert_eq!(flights(&rig), (Some(0), Some(0)), "no flight yet");
+    v.send("takeoff").unwrap();
+    wait_flight_state(&rig, "in-air", "the vehicle never showed in the air");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(flights(&rig).0, Some(0), "a flight counts once it lands");
+    v.send("land").unwrap();
+    v.send("disarm").unwrap();
+    assert!(
+        wait_until(WAIT, POLL, || flights(&rig).0 == Some(1)),
+        "the landing was not counted: {:?}\n{}",
+        flights(&rig),
+        rig.dev.log()
+    );
+    assert!(flights(&rig).1 >= Some(1), "{:?}", flights(&rig));
+    // Kept in the store: a SIGKILL loses nothing.
+    d.0.kill().unwrap();
+    d.0.wait().unwrap();
+    drop(d);
+    let _d = Daemon::start_subscribed(&rig.dev);
+    assert_eq!(flights(&rig).0, Some(1), "the count did not survive kill -9");
+    // A new image proves itself from zero.
+    rig.upgrade("up-new-image");
+    rig.wait(r#""result":"committed""#);
+    assert!(
+        wait_until(WAIT, POLL, || flights(&rig) == (Some(0), Some(0))),
+        "the new image did not start from zero: {:?}",
+        flights(&rig)
+    );
+}

@@ -221,6 +221,7 @@ impl Device {
             progress_rx,
             outbox.clone(),
             None,
+            None,
             connected_tx,
             shutdown.clone(),
         ));

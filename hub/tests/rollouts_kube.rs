@@ -8,6 +8,8 @@
 //!   retry follows, the offline one gets a cancel when it returns, and an edit of the breaker's
 //!   rules does not resume the halted rollout;
 //! - pausing a rollout soaking in its second wave keeps the wave and its soak;
+//! - a wave with a flight soak holds the next wave until its canary's FlightNode shows a flight
+//!   on the new firmware;
 //! - a drone whose `spec.firmware` a person edited after the dispatch counts as pinned, so the
 //!   wave finishes; each rollout writes under its own field manager.
 //!
@@ -554,5 +556,70 @@ async fn a_deleted_rollout_and_a_deselected_drone_call_back_what_has_not_started
         "a cancel went out for a called-back command: {:?}",
         commands.cancels()
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flight_soak_holds_the_next_wave_until_the_canary_has_flown() -> anyhow::Result<()> {
+    let Some((api, admin, hub, sink, _)) = fleet(3).await? else {
+        return Ok(());
+    };
+    let spec = "  waves: [{count: 1, flightSoak: {flights: 1, flightTime: 5m}}, {percent: 100}]\n";
+    api.apply_yaml(&admin, &rollout("fw", "2.0.0", spec), Some(NS))
+        .await?;
+    let commands = Arc::new(Recorded::default());
+    let c = controllers(&hub, Arc::clone(&commands), "replica-a").await?;
+    let mut installs = Installs {
+        done: BTreeSet::new(),
+    };
+    let soaking_in_flight = |r: &[FirmwareRollout]| {
+        r.iter().any(|r| {
+            condition_of(r, condition::PROGRESSING).is_some_and(|c| c.message.contains("soaking in flight"))
+        })
+    };
+    run_until(
+        &c,
+        &admin,
+        Some((&mut installs, &commands, &sink)),
+        "the canary committed, the wave soaking in flight",
+        |_, r| soaking_in_flight(r),
+    )
+    .await?;
+    for _ in 0..5 {
+        c.step().await;
+        installs.drive(&commands, &sink).await?;
+    }
+    let upgrades = commands.upgrades();
+    assert_eq!(upgrades.len(), 1, "only the canary before it flies: {upgrades:?}");
+    let (canary, ids) = upgrades
+        .iter()
+        .next()
+        .map(|(d, i)| (d.clone(), i.clone()))
+        .unwrap_or_default();
+    // The canary flies once, for 6 minutes, on 2.0.0: its FlightNode shows it, the next wave
+    // starts and the rollout completes.
+    let flown = Report {
+        version: "2.0.0".into(),
+        last: ids.last().map(|id| (id.clone(), "committed", "")),
+        flights: Some((1, 360)),
+        ..Report::default()
+    };
+    report(&sink, &canary, &flown).await?;
+    let (nodes, _) = run_until(
+        &c,
+        &admin,
+        Some((&mut installs, &commands, &sink)),
+        "Complete after the canary flew",
+        |_, r| is(r, "fw", condition::COMPLETE),
+    )
+    .await?;
+    let node = nodes.iter().find(|n| n.name_any() == canary).unwrap();
+    let fw = node
+        .status
+        .as_ref()
+        .and_then(|s| s.firmware.clone())
+        .unwrap_or_default();
+    assert_eq!((fw.flights, fw.flight_time.as_deref()), (Some(1), Some("6m0s")));
+    assert_eq!(commands.upgrades().len(), 3);
     Ok(())
 }

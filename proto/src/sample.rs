@@ -25,6 +25,8 @@ pub fn idle_heartbeat(device_id: &str, version: &str) -> v1::HeartbeatRequest {
             }),
             committed_version: version.into(),
             security_floor: 0,
+            flights: None,
+            airborne_seconds: None,
         }),
         upgrade: None,
         last_upgrade: None,

@@ -298,4 +298,17 @@ pub struct DeviceStatus {
     pub upgrade: Option<CurrentUpgrade>,
     /// The last finished upgrade.
     pub last_upgrade: Option<LastUpgrade>,
+    /// Flights of the running image since it was committed, when a MAVLink link counts them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flights: Option<Flights>,
+}
+
+/// Flights of the running image since it was committed (or became the running one again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flights {
+    /// Takeoff → landing cycles.
+    pub flights: u32,
+    /// Seconds in the air over those flights.
+    pub airborne_secs: u64,
 }

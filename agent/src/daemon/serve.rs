@@ -101,6 +101,8 @@ struct Shared {
     worker: Worker,
     dispatcher: Mutex<Dispatcher>,
     activation: Activation,
+    /// Flights since commit, when a MAVLink link counts them.
+    flights: Option<watch::Receiver<crate::flight::log::FlightLog>>,
 }
 
 impl Shared {
@@ -110,6 +112,13 @@ impl Shared {
         let mut status = state.report(&self.cfg.device_id, booted);
         if let (Some(p), Some(_)) = (*self.worker.progress.borrow(), &status.upgrade) {
             status.progress = Some(p);
+        }
+        if let Some(log) = &self.flights {
+            let (flights, airborne_secs) = log.borrow().of(&crate::flight::log::image_of(&state));
+            status.flights = Some(flightnode_proto::status::Flights {
+                flights,
+                airborne_secs,
+            });
         }
         status
     }
@@ -190,14 +199,32 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         queued: Queued::open(&db).map_err(store_err)?,
         outbox: outbox.clone(),
     };
+    // Flights since commit, counted from the same MAVLink link as the gate (none without one).
+    let (flights_tx, flights) = match &flight {
+        Some(_) => {
+            let (tx, rx) = watch::channel(crate::flight::log::load(&db));
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         worker,
         dispatcher: Mutex::new(dispatcher),
         activation,
+        flights: flights.clone(),
     });
     let links = shutdown.child_token();
     let mut tasks = tokio::task::JoinSet::new();
+    if let (Some(f), Some(tx)) = (flight.clone(), flights_tx) {
+        tasks.spawn(crate::flight::log::keep(
+            db.clone(),
+            f,
+            shared.worker.state.clone(),
+            tx,
+            links.clone(),
+        ));
+    }
 
     let (out_tx, out_rx) = mpsc::channel::<StatusMessage>(256);
     let (in_tx, mut inbound) = mpsc::channel::<Inbound>(64);
@@ -241,6 +268,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 progress,
                 outbox,
                 flight,
+                flights,
                 hub_up_tx,
                 token,
             )

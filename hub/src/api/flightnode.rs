@@ -60,8 +60,15 @@ pub mod condition {
         type_ = "string",
         json_path = ".status.firmware.committedVersion"
     ),
+    printcolumn(name = "Flights", type_ = "integer", json_path = ".status.firmware.flights"),
     printcolumn(name = "Slot", type_ = "string", json_path = ".status.firmware.activeSlot"),
     printcolumn(name = "Flight", type_ = "string", json_path = ".status.observedState"),
+    printcolumn(
+        name = "Last-Upgrade",
+        type_ = "string",
+        json_path = ".status.lastUpgrade.result"
+    ),
+    printcolumn(name = "Why", type_ = "string", json_path = ".status.lastUpgrade.errorCode"),
     printcolumn(
         name = "Last-Heartbeat",
         type_ = "date",
@@ -251,6 +258,13 @@ pub struct Firmware {
     /// Lowest security version the drone accepts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_floor: Option<i64>,
+    /// Flights (takeoff to landing) of the running image since it was committed, counted by
+    /// the drone from its flight controller; absent when the drone has no MAVLink link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flights: Option<i64>,
+    /// Airborne time over those flights, like `1h2m5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flight_time: Option<String>,
 }
 
 /// The flight controller as the drone's agent reads it over MAVLink.

@@ -276,6 +276,38 @@ pub struct WaveSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub soak: Option<String>,
+    /// Soak in flight: the next wave starts only once enough of this wave's succeeded drones
+    /// have flown on the new firmware (besides `soak`, which is wall time). A drone that has not
+    /// flown is inconclusive, never a success; `spec.progressDeadline` ends the wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flight_soak: Option<FlightSoak>,
+}
+
+/// How much a wave's drones must fly on the new firmware before the next wave.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FlightSoak {
+    /// Flights (takeoff to landing) each drone must have made on the new firmware (at least 1).
+    #[serde(default = "one")]
+    #[schemars(range(min = 1))]
+    pub flights: u32,
+    /// Airborne time each drone must have on the new firmware, besides the flights (e.g. `10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub flight_time: Option<String>,
+    /// Percent of the wave's succeeded drones that must have flown that much (rounded up, at
+    /// least one drone), 1–100.
+    #[serde(default = "hundred")]
+    #[schemars(range(min = 1, max = 100))]
+    pub percent: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn hundred() -> u32 {
+    100
 }
 
 /// Gates a drone must pass to be dispatched.
@@ -380,6 +412,10 @@ pub struct FirmwareRolloutStatus {
     /// Outcomes before this time do not count for the breaker (set when the target changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub breaker_since: Option<String>,
+    /// Succeeded drones of the current wave that flew enough for its `flightSoak` (set while it
+    /// soaks in flight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flown_drones: Option<u32>,
     /// The last time the rollout progressed (see `spec.progressDeadline`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_progress_time: Option<String>,
@@ -497,6 +533,20 @@ pub fn validate(spec: &FirmwareRolloutSpec) -> Result<(), String> {
                 "spec.waves[{i}].soak {:?} is not a duration like 10m or 1h30m",
                 w.soak.as_deref().unwrap_or_default()
             ));
+        }
+        if let Some(f) = &w.flight_soak {
+            if f.flights == 0 {
+                return Err(format!("spec.waves[{i}].flightSoak.flights must be at least 1"));
+            }
+            if !(1..=100).contains(&f.percent) {
+                return Err(format!("spec.waves[{i}].flightSoak.percent must be 1 to 100"));
+            }
+            if f.flight_time.is_some() && duration_secs(f.flight_time.as_deref()).is_none() {
+                return Err(format!(
+                    "spec.waves[{i}].flightSoak.flightTime {:?} is not a duration like 10m or 1h30m",
+                    f.flight_time.as_deref().unwrap_or_default()
+                ));
+            }
         }
     }
     if spec.progress_deadline.is_some() && duration_secs(spec.progress_deadline.as_deref()).is_none() {

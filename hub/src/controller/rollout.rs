@@ -181,6 +181,17 @@ pub fn drone(r: &FirmwareRollout, node: &FlightNode, claims: &Claims) -> Drone {
         last_result,
         running,
         blocked,
+        flights: node
+            .status
+            .as_ref()
+            .and_then(|s| s.firmware.as_ref())
+            .and_then(|f| f.flights)
+            .and_then(|n| u32::try_from(n).ok()),
+        flight_secs: node
+            .status
+            .as_ref()
+            .and_then(|s| s.firmware.as_ref())
+            .and_then(|f| crate::api::rollout::duration_secs(f.flight_time.as_deref())),
     }
 }
 

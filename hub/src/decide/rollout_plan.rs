@@ -97,6 +97,71 @@ fn blocked_summary(drones: &[Drone], outcomes: &BTreeMap<String, Outcome>) -> St
     }
 }
 
+/// How far a wave's flight soak ([`crate::api::rollout::FlightSoak`]) is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Flown {
+    /// Succeeded drones of the wave that flew enough on the new firmware.
+    have: u32,
+    /// How many must have.
+    need: u32,
+    /// Succeeded drones of the wave.
+    of: u32,
+    /// What each must have flown, for the message.
+    what: String,
+}
+
+impl Flown {
+    /// The flight soak `f` of wave `current`: its succeeded drones that flew at least
+    /// `f.flights` flights and `f.flightTime` on the new firmware. A drone that reports no
+    /// flights has not flown (inconclusive, never a success).
+    fn of(
+        f: &crate::api::rollout::FlightSoak,
+        drones: &[Drone],
+        waves: &BTreeMap<String, usize>,
+        current: usize,
+        outcomes: &BTreeMap<String, Outcome>,
+    ) -> Flown {
+        let min_secs = duration_secs(f.flight_time.as_deref()).unwrap_or(0);
+        let succeeded: Vec<&Drone> = drones
+            .iter()
+            .filter(|d| waves.get(&d.name).copied().unwrap_or(0) == current)
+            .filter(|d| outcomes[&d.name] == Outcome::Succeeded)
+            .collect();
+        let of = u32::try_from(succeeded.len()).unwrap_or(u32::MAX);
+        let have = succeeded
+            .iter()
+            .filter(|d| d.flights.unwrap_or(0) >= f.flights && d.flight_secs.unwrap_or(0) >= min_secs)
+            .count();
+        let need = (u64::from(of) * u64::from(f.percent.clamp(1, 100)))
+            .div_ceil(100)
+            .max(1);
+        let what = match f.flight_time.as_deref() {
+            Some(t) => format!("{} flight(s) and {t} in the air", f.flights),
+            None => format!("{} flight(s)", f.flights),
+        };
+        Flown {
+            have: u32::try_from(have).unwrap_or(u32::MAX),
+            need: u32::try_from(need).unwrap_or(u32::MAX),
+            of,
+            what,
+        }
+    }
+
+    fn enough(&self) -> bool {
+        self.have >= self.need
+    }
+}
+
+impl std::fmt::Display for Flown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} succeeded drones flew {} on the new firmware; {} needed",
+            self.have, self.of, self.what, self.need
+        )
+    }
+}
+
 /// Drones that carry this rollout's `spec.firmware` and whose command has not started: what a
 /// halt, a yield to a newer rollout or a new target takes back (waiting at a gate, timed out
 /// offline, in `Retrying` between attempts, or dispatched for an earlier target). A drone running
@@ -212,6 +277,24 @@ pub fn plan(
     let wave_done = all_finished && evidence >= members;
     let last_wave = current + 1 >= wave_count;
     let complete = was_complete || (wave_done && last_wave && tripped.is_none());
+    let flown = spec
+        .waves
+        .get(current)
+        .and_then(|w| w.flight_soak.as_ref())
+        .filter(|_| wave_done && !last_wave)
+        .map(|f| Flown::of(f, drones, &waves, current, &outcomes));
+    // Waiting for flights after the wall-time soak is no soak by design: the progress deadline
+    // runs (a wave whose drones never fly must not wait forever).
+    let wall_soak_over = {
+        let finished_at = parse_time(status.wave_finished_time.as_deref()).unwrap_or(now);
+        let soak = spec
+            .waves
+            .get(current)
+            .and_then(|w| duration_secs(w.soak.as_deref()))
+            .unwrap_or(0);
+        status.wave_finished_time.is_some() && now >= finished_at + soak
+    };
+    let waiting_for_flights = wall_soak_over && flown.as_ref().is_some_and(|f| !f.enough());
 
     if let Some(why) = &tripped {
         if halted_before.is_none() {
@@ -300,7 +383,7 @@ pub fn plan(
                 now_rfc3339,
             ));
         }
-        // Soak, then the next wave.
+        // Soak (wall time, then flights), then the next wave.
         if wave_done && !last_wave && !spec.paused {
             let finished_at = parse_time(status.wave_finished_time.as_deref()).unwrap_or(now);
             if status.wave_finished_time.is_none() {
@@ -311,7 +394,7 @@ pub fn plan(
                 .get(current)
                 .and_then(|w| duration_secs(w.soak.as_deref()))
                 .unwrap_or(0);
-            if now >= finished_at + soak {
+            if now >= finished_at + soak && flown.as_ref().is_none_or(Flown::enough) {
                 status.current_wave += 1;
                 status.wave_started_time = Some(now_rfc3339.to_owned());
                 status.wave_finished_time = None;
@@ -386,11 +469,14 @@ pub fn plan(
         // pausing are waits by design and keep the clock at zero.
         let finished_now = outcomes.values().filter(|o| o.finished()).count();
         let finished_before = previous_finished(previous);
-        let soaking = wave_done && !last_wave;
+        let soaking = wave_done && !last_wave && !waiting_for_flights;
+        let flown_before = previous.flown_drones;
+        status.flown_drones = flown.as_ref().map(|f| f.have);
         if !dispatch.is_empty()
             || finished_now != finished_before
             || status.current_wave != previous.current_wave
             || soaking
+            || status.flown_drones > flown_before
             || spec.paused
             || target_changed
             || status.last_progress_time.is_none()
@@ -421,6 +507,8 @@ pub fn plan(
                     now - stuck_since,
                     blocked_summary(drones, &outcomes)
                 )
+            } else if let Some(f) = flown.as_ref().filter(|_| waiting_for_flights) {
+                format!("wave {} of {wave_count}: soaking in flight: {f}", status.current_wave + 1)
             } else if waiting_for_evidence {
                 format!(
                     "wave {} of {wave_count}: {evidence} of {members} drones gave a result; the next drones by rank stand in for the rest",

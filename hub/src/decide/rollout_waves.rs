@@ -41,6 +41,11 @@ pub struct Drone {
     pub running: bool,
     /// Why a gate holds it (offline, flight state, battery); `None`: it may start.
     pub blocked: Option<String>,
+    /// Flights of its running image since it was committed (`status.firmware.flights`);
+    /// `None` when it reports none.
+    pub flights: Option<u32>,
+    /// Airborne seconds over those flights (`status.firmware.flightTime`).
+    pub flight_secs: Option<i64>,
 }
 
 /// Where a drone stands in the rollout.

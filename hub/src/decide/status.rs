@@ -137,6 +137,17 @@ fn round_to(value: f64, step: f64) -> i32 {
     ((value / step).round() * step) as i32
 }
 
+/// Seconds as a Go-style duration, the way Kubernetes prints them: `0s`, `45s`, `12m30s`,
+/// `1h2m5s`.
+pub fn duration_text(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
 /// The part of the status that comes from one heartbeat: no conditions, no heartbeat time.
 pub fn from_heartbeat(hb: &HeartbeatRequest) -> FlightNodeStatus {
     // Normalised first: a phase of only underscores ("_") has no word to name and is idle like
@@ -160,6 +171,8 @@ pub fn from_heartbeat(hb: &HeartbeatRequest) -> FlightNodeStatus {
             slot_a: slot(&f.slot_a),
             slot_b: slot(&f.slot_b),
             security_floor: i64::try_from(f.security_floor).ok().filter(|v| *v > 0),
+            flights: f.flights.map(i64::from),
+            flight_time: f.airborne_seconds.map(duration_text),
         }
     });
     let last_upgrade = hb
@@ -431,11 +444,33 @@ mod tests {
         assert_eq!(coarse_quantity(1_992_294_400), "1.9Gi");
         assert_eq!(coarse_quantity(512 << 20), "510Mi");
         assert_eq!(coarse_quantity(5_000_000_000), "4.7Gi");
+        assert_eq!(duration_text(0), "0s");
+        assert_eq!(duration_text(45), "45s");
+        assert_eq!(duration_text(750), "12m30s");
+        assert_eq!(duration_text(3725), "1h2m5s");
         assert_eq!(unix_rfc3339(0), None);
         assert_eq!(
             unix_rfc3339(1_700_000_000).as_deref(),
             Some("2023-11-14T22:13:20Z")
         );
+    }
+
+    /// Flights since commit reach `status.firmware`; a drone without a MAVLink link has none.
+    #[test]
+    fn flights_since_commit_map_to_the_firmware_status() {
+        let mut hb = heartbeat();
+        let fw = from_heartbeat(&hb).firmware.unwrap_or_default();
+        assert_eq!((fw.flights, fw.flight_time), (None, None));
+        if let Some(f) = hb.firmware.as_mut() {
+            f.flights = Some(3);
+            f.airborne_seconds = Some(3725);
+        }
+        let before = from_heartbeat(&heartbeat());
+        let s = from_heartbeat(&hb);
+        let fw = s.firmware.clone().unwrap_or_default();
+        assert_eq!(fw.flights, Some(3));
+        assert_eq!(fw.flight_time.as_deref(), Some("1h2m5s"));
+        assert!(content_differs(&before, &s), "a landing is a status change");
     }
 
     #[test]

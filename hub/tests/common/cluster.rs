@@ -136,10 +136,16 @@ pub struct Report {
     pub last: Option<(String, &'static str, &'static str)>,
     /// Silent for a minute: `Online` False.
     pub offline: bool,
+    /// Flights since commit and their airborne seconds (a drone with a MAVLink link).
+    pub flights: Option<(u32, u64)>,
 }
 
 pub fn status_of(name: &str, r: &Report) -> FlightNodeStatus {
     let mut hb = flightnode_proto::sample::idle_heartbeat(name, &r.version);
+    if let (Some((flights, secs)), Some(fw)) = (r.flights, hb.firmware.as_mut()) {
+        fw.flights = Some(flights);
+        fw.airborne_seconds = Some(secs);
+    }
     if let Some(id) = &r.current {
         hb.upgrade = Some(v1::CurrentUpgrade {
             upgrade_id: id.clone(),

@@ -794,3 +794,98 @@ fn the_dispatch_rate_caps_each_minute_spreads_it_and_ramps_up_with_successes() {
     }
     assert_eq!(sent, vec![2; 8], "2 per 10-second slice: 12 per minute");
 }
+
+/// Issue 24, soak in flight: a wave with `flightSoak` advances only once enough of its succeeded
+/// drones have flown that much on the new firmware; drones that have not flown are inconclusive,
+/// and the progress deadline ends a wait nobody flies through.
+#[test]
+fn a_flight_soak_waits_for_flights_on_the_new_firmware_and_has_a_deadline() {
+    use crate::api::rollout::FlightSoak;
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    s.progress_deadline = Some("30m".into());
+    s.waves = vec![
+        WaveSpec {
+            count: Some(2),
+            soak: Some("5m".into()),
+            flight_soak: Some(FlightSoak {
+                flights: 2,
+                flight_time: Some("10m".into()),
+                percent: 50,
+            }),
+            ..WaveSpec::default()
+        },
+        WaveSpec {
+            percent: Some(100),
+            ..WaveSpec::default()
+        },
+    ];
+    let mut drones = fleet(10);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    assert_eq!(p.dispatch.len(), 2, "the canaries");
+    apply(&mut drones, &p, T0);
+    let canaries = p.dispatch.clone();
+    for d in drones.iter_mut().filter(|d| canaries.contains(&d.name)) {
+        finish(d, "Committed");
+        d.flights = Some(0);
+        d.flight_secs = Some(0);
+    }
+    let progressing = |p: &Plan| {
+        p.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::PROGRESSING)
+            .map(|c| (c.reason.clone(), c.message.clone()))
+            .unwrap_or_default()
+    };
+    // Finished, soaking in wall time: the deadline does not run.
+    let mut status = plan(&s, 1, &p.status, &drones, T0 + 60, &at(T0 + 60)).status;
+    let p = plan(&s, 1, &status, &drones, T0 + 400, &at(T0 + 400));
+    assert_eq!(
+        p.status.current_wave, 0,
+        "no flights yet: the wall-time soak alone is not enough"
+    );
+    assert!(p.dispatch.is_empty());
+    let (reason, message) = progressing(&p);
+    assert_eq!(reason, "WaveInProgress");
+    assert!(
+        message.contains("soaking in flight: 0 of 2 succeeded drones flew 2 flight(s) and 10m in the air"),
+        "{message}"
+    );
+    status = p.status;
+    // One flight, or flights too short: not enough. Two flights of 12 minutes on one canary
+    // (50 % of 2): the next wave starts.
+    let first = canaries[0].clone();
+    let set = |drones: &mut Vec<Drone>, flights: u32, secs: i64| {
+        for d in drones.iter_mut().filter(|d| d.name == first) {
+            d.flights = Some(flights);
+            d.flight_secs = Some(secs);
+        }
+    };
+    set(&mut drones, 1, 900);
+    status = plan(&s, 1, &status, &drones, T0 + 500, &at(T0 + 500)).status;
+    assert_eq!(status.current_wave, 0);
+    set(&mut drones, 2, 300);
+    status = plan(&s, 1, &status, &drones, T0 + 600, &at(T0 + 600)).status;
+    assert_eq!(status.current_wave, 0, "too little time in the air");
+    set(&mut drones, 2, 720);
+    let p = plan(&s, 1, &status, &drones, T0 + 700, &at(T0 + 700));
+    assert_eq!(p.status.current_wave, 1, "{:?}", progressing(&p));
+    assert!(p.events.iter().any(|(r, _)| r == "WaveAdvanced"));
+
+    // Nobody flies: the progress deadline ends the wait with a reason.
+    let mut drones = fleet(10);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    apply(&mut drones, &p, T0);
+    for d in drones.iter_mut().filter(|d| d.dispatched) {
+        finish(d, "Committed");
+    }
+    let mut status = p.status;
+    for t in [60, 400, 1000, 2000, 2500] {
+        status = plan(&s, 1, &status, &drones, T0 + t, &at(T0 + t)).status;
+    }
+    let p = plan(&s, 1, &status, &drones, T0 + 2500, &at(T0 + 2500));
+    let (reason, message) = progressing(&p);
+    assert_eq!(reason, "ProgressDeadlineExceeded", "{message}");
+    assert_eq!(p.status.current_wave, 0);
+}
