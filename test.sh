@@ -50,7 +50,7 @@ declare -A PROVIDES=(
     [mmdebstrap]=mmdebstrap [arch-test]=arch-test [e2fsprogs]=mkfs.ext4
 )
 
-# The release and packaging tests (tests/tests/packaging.rs, tests/tests/aarch64.rs): static musl
+# The release and packaging tests (tests/tests/shipping.rs, tests/tests/aarch64.rs): static musl
 # builds, the agent's .deb checked by lintian and installed into a clean Debian root, the hub image.
 PACKAGES+=(
     musl-tools  # musl-gcc: the C code (ring) of the x86_64 musl release build

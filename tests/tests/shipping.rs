@@ -5,6 +5,10 @@
 //! Needs root (chroot), cargo-deb, lintian, mmdebstrap and the musl targets; `./test.sh` installs
 //! them. The first run downloads a minimal Debian root (about 60 MB) and caches it under
 //! `target/debian-root/`. Set `FLIGHTNODE_SKIP_PACKAGING=1` to skip on a machine without them.
+//!
+//! The file's name puts it last among the harness's tests (cargo runs test binaries by name): it
+//! needs the x86_64 release builds, the last the background prebuild makes, so the tests that
+//! need none run while they are built.
 
 use flightnode_tests::release::{self, AARCH64, MAX_AGENT_BYTES, X86_64, run};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
