@@ -108,14 +108,19 @@ pub enum BundleCommand {
 
 /// Logs to the journal under systemd (structured fields kept), human-readable to stderr otherwise.
 pub fn init_logging(verbose: u8, daemon: bool) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::prelude::*;
     let default = match (verbose, daemon) {
-        (0, false) => "warn",
-        (0, true) | (1, _) => "info",
-        _ => "debug",
+        (0, false) => LevelFilter::WARN,
+        (0, true) | (1, _) => LevelFilter::INFO,
+        _ => LevelFilter::DEBUG,
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // NB: `Targets` (`info,flightnode_agent::mqtt=debug`), not `EnvFilter`: its span and field
+    // filters need a regex engine, a few hundred KiB of the drone's binary for nobody.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(default));
     let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
     let registry = tracing_subscriber::registry().with(filter);
     match journald {
