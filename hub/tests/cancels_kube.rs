@@ -51,34 +51,15 @@ impl DroneLink {
     async fn connect(&mut self) -> anyhow::Result<()> {
         let mut options = rumqttc::MqttOptions::new(self.device.clone(), "127.0.0.1", self.port);
         options.set_clean_session(false);
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 16);
         let topic = flightnode_proto::mqtt::upgrade_topic(&self.device);
-        client
-            .subscribe(topic.as_str(), rumqttc::QoS::AtLeastOnce)
-            .await?;
-        let (subscribed, suback) = tokio::sync::oneshot::channel();
-        let mut subscribed = Some(subscribed);
         let (got, device) = (Arc::clone(&self.got), self.device.clone());
-        self.task = Some(tokio::spawn(async move {
-            let _client = client;
-            loop {
-                match eventloop.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
-                        if let Some(s) = subscribed.take() {
-                            let _ = s.send(());
-                        }
-                    }
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                        if let Ok(cmd) = flightnode_proto::mqtt::parse_command(&p.payload, &device) {
-                            got.lock().unwrap().push(cmd);
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
+        let task = common::subscribe(options, &topic, move |p| {
+            if let Ok(cmd) = flightnode_proto::mqtt::parse_command(&p.payload, &device) {
+                got.lock().unwrap().push(cmd);
             }
-        }));
-        tokio::time::timeout(Duration::from_secs(30), suback).await??;
+        })
+        .await?;
+        self.task = Some(task);
         Ok(())
     }
 

@@ -46,38 +46,19 @@ impl Topics {
     async fn subscribe(port: u16, pause: Option<u32>) -> anyhow::Result<Topics> {
         let topics = Topics::default();
         let options = rumqttc::MqttOptions::new("drones", "127.0.0.1", port);
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
-        client
-            .subscribe("firmware/+/upgrade", rumqttc::QoS::AtLeastOnce)
-            .await?;
-        let (subscribed, suback) = tokio::sync::oneshot::channel();
-        let mut subscribed = Some(subscribed);
         let seen = topics.clone();
-        tokio::spawn(async move {
-            let _client = client;
-            loop {
-                match eventloop.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
-                        if let Some(s) = subscribed.take() {
-                            let _ = s.send(());
-                        }
-                    }
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                        let device = p.topic.split('/').nth(1).unwrap_or_default().to_owned();
-                        if let Ok(Command::Upgrade(u)) = parse_command(&p.payload, &device) {
-                            let mut seen = seen.0.lock().unwrap();
-                            if let Some(pid) = pause.filter(|_| seen.is_empty()) {
-                                pause_child(pid).unwrap();
-                            }
-                            seen.push((device, u.upgrade_id));
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        // NB: the task runs for the rest of the test; it ends with the runtime.
+        let _link = common::subscribe(options, "firmware/+/upgrade", move |p| {
+            let device = p.topic.split('/').nth(1).unwrap_or_default().to_owned();
+            if let Ok(Command::Upgrade(u)) = parse_command(&p.payload, &device) {
+                let mut seen = seen.0.lock().unwrap();
+                if let Some(pid) = pause.filter(|_| seen.is_empty()) {
+                    pause_child(pid).unwrap();
                 }
+                seen.push((device, u.upgrade_id));
             }
-        });
-        tokio::time::timeout(Duration::from_secs(30), suback).await??;
+        })
+        .await?;
         Ok(topics)
     }
 }

@@ -3,6 +3,37 @@
 
 pub mod cluster;
 
+/// Connects an MQTT client with `options`, subscribes it to `topic` (QoS 1) and hands every
+/// message it receives to `on_publish`; returns once the broker acknowledged the subscription.
+/// The returned task runs the connection: aborting it drops the link without a word.
+pub async fn subscribe(
+    options: rumqttc::MqttOptions,
+    topic: &str,
+    mut on_publish: impl FnMut(rumqttc::Publish) + Send + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
+    client.subscribe(topic, rumqttc::QoS::AtLeastOnce).await?;
+    let (subscribed, suback) = tokio::sync::oneshot::channel();
+    let mut subscribed = Some(subscribed);
+    let task = tokio::spawn(async move {
+        let _client = client;
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    if let Some(s) = subscribed.take() {
+                        let _ = s.send(());
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => on_publish(p),
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(30), suback).await??;
+    Ok(task)
+}
+
 use flightnode_hub::heartbeat::hub::{Hub, HubConfig};
 use flightnode_hub::heartbeat::scheduler::SchedulerConfig;
 use flightnode_hub::heartbeat::session::{SessionConfig, SpecCache};
