@@ -865,3 +865,49 @@ async fn a_node_pass_writes_for_at_most_its_cap_and_asks_for_the_next_pass_at_on
     }
     assert_eq!(commands.upgrades().len(), 5, "{:?}", commands.upgrades());
 }
+
+/// Many drones written at once, the way a rollout step and a node pass write them
+/// (`--write-concurrency`): every write returns. sled's own async flush can leave concurrent
+/// callers waiting forever (and block the runtime's threads), which once stalled a rollout
+/// mid-wave after a hub restart; the writes run on a thread of their own, so that fails here
+/// instead of hanging.
+#[test]
+fn concurrent_writes_to_the_local_store_all_return() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path(), NS).unwrap();
+    let ids: Vec<String> = (0..64).map(|i| format!("drone-{i}")).collect();
+    let (done, finished) = std::sync::mpsc::channel();
+    let (writer, names) = (store.clone(), ids.clone());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for round in 0..5 {
+                futures_util::stream::iter(&names)
+                    .for_each_concurrent(16, |id| {
+                        let store = &writer;
+                        async move {
+                            report(store, id, "1.0.0", None).await;
+                            let target = Some(firmware(&format!("2.0.{round}")));
+                            let set = store.set_target(id, target, &BTreeMap::new(), &[]).await;
+                            assert!(set.unwrap().is_some(), "{id} is missing");
+                        }
+                    })
+                    .await;
+            }
+        });
+        let _ = done.send(());
+    });
+    assert!(
+        finished.recv_timeout(Duration::from_secs(120)).is_ok(),
+        "concurrent local-store writes never returned (or panicked)"
+    );
+    for id in &ids {
+        let node = store.get(NS, id).unwrap();
+        assert_eq!(node.spec.firmware.unwrap().version, "2.0.4", "{id}");
+    }
+}

@@ -145,11 +145,7 @@ impl LocalStore {
             let bytes = serde_json::to_vec(event).map_err(internal)?;
             self.events.insert(key, bytes).map_err(internal)?;
         }
-        self.db.flush_async().await.map_err(|e| WriteError::Retryable {
-            code: 0,
-            retry_after: None,
-            message: format!("flush {}: {e}", self.path),
-        })?;
+        self.flush().await?;
         Ok(())
     }
 
@@ -167,22 +163,27 @@ impl LocalStore {
             node.metadata.generation = Some(node.metadata.generation.unwrap_or(1) + 1);
         }
         self.put(node)?;
-        self.db.flush_async().await.map_err(internal)?;
+        self.flush().await?;
         Ok(self.get(&self.namespace, name))
     }
 }
 
 impl LocalStore {
+    /// Makes every write so far durable. NB: sled 0.34's `flush_async` can leave concurrent
+    /// callers waiting forever (sled#1308), and the controller writes several drones at once:
+    /// the blocking flush runs on the blocking pool instead.
     async fn flush(&self) -> Result<(), WriteError> {
-        self.db
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(|e| WriteError::Retryable {
-                code: 0,
-                retry_after: None,
-                message: format!("flush {}: {e}", self.path),
-            })
+        let db = self.db.clone();
+        let failed = |message: String| WriteError::Retryable {
+            code: 0,
+            retry_after: None,
+            message: format!("flush {}: {message}", self.path),
+        };
+        match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(failed(e.to_string())),
+            Err(e) => Err(failed(e.to_string())),
+        }
     }
 
     /// Sets (or clears) `status.firmwareSync`; the object as stored, `None` when missing.
@@ -344,7 +345,7 @@ impl StatusSink for LocalStore {
             if self.get(&self.namespace, name).is_none() {
                 let node = self.fresh(name, hardware_id)?;
                 self.put(node)?;
-                self.db.flush_async().await.map_err(internal)?;
+                self.flush().await?;
             }
             Ok(())
         })
