@@ -49,6 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             compatible: vec!["hw-x1".into()],
             expires: None,
             chunked: None,
+            autopilot: None,
         };
         create(&key, &image, &opts, &bundles.join(format!("seed-{size}")))?;
     }

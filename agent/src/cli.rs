@@ -66,6 +66,12 @@ pub enum BundleCommand {
         /// Bundle file to write.
         #[arg(long)]
         output: PathBuf,
+        /// The flight-controller firmware this image flies with, as a semver requirement on the
+        /// version the autopilot reports (e.g. ">=4.7.0, <4.8.0"). While the autopilot reports
+        /// another, the agent keeps the vehicle from arming. Agents older than this option
+        /// refuse bundles that carry it.
+        #[arg(long, value_name = "REQ")]
+        autopilot: Option<semver::VersionReq>,
         /// Write a chunked bundle (format 2): content-defined chunks, each zstd-compressed, so
         /// devices fetch only the chunks their running slot lacks. Needs agents that know format 2.
         #[arg(long)]
@@ -187,6 +193,7 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
             compatible,
             expires_in,
             output,
+            autopilot,
             chunked,
             level,
             window_kib,
@@ -199,6 +206,7 @@ pub fn bundle(cmd: BundleCommand) -> Result<ExitCode> {
                 security_version,
                 compatible,
                 expires,
+                autopilot,
                 chunked: chunked.then(|| bundle::Chunking {
                     level: level.unwrap_or(bundle::chunked::DEFAULT_LEVEL),
                     window: window_kib.map_or(bundle::chunked::DEFAULT_WINDOW, |k| k * 1024),

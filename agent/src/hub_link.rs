@@ -354,6 +354,7 @@ pub fn heartbeat_request(
         seq,
         events: events.into_iter().map(event).collect(),
         flight: None,
+        arm_lock: None,
     }
 }
 
@@ -554,11 +555,17 @@ pub async fn run(
                     .map(|log| log.borrow().of(&crate::flight::log::image_of(&st)));
                 let mut req = heartbeat_request(&info, &st, pr, resources, events, hb_seq, flown);
                 req.last_upgrade = newest_end(req.last_upgrade.take(), refusal.as_ref());
+                let mut autopilot = None;
                 if let Some(f) = flight.as_mut() {
                     let f = f.borrow_and_update().clone();
                     sent_observed = Some(f.observed);
                     req.flight = Some(flight_state(&f));
+                    autopilot = f.firmware_version;
                 }
+                req.arm_lock = crate::flight::arm::lock_of(&st, autopilot.as_deref()).map(|l| v1::ArmLock {
+                    reason: l.reason.as_str().to_owned(),
+                    message: l.message,
+                });
 
                 let mut request = tonic::Request::new(req);
                 request.set_timeout(cfg.timeout);

@@ -101,6 +101,7 @@ mod tests {
                 sha256: "0".repeat(64),
             },
             chunks: None,
+            autopilot: None,
         }
     }
 

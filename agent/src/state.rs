@@ -58,6 +58,11 @@ pub struct SlotRecord {
     /// before it existed, and for images never committed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub floor: Option<u64>,
+    /// The flight-controller firmware the image flies with, from its bundle's manifest (see
+    /// [`Manifest::autopilot`]); kept once committed, so the arming interlock knows it on every
+    /// later start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autopilot: Option<semver::VersionReq>,
 }
 
 impl SlotRecord {
@@ -66,6 +71,7 @@ impl SlotRecord {
             version: None,
             state: SlotState::Empty,
             floor: None,
+            autopilot: None,
         }
     }
 
@@ -75,6 +81,7 @@ impl SlotRecord {
             version,
             state: SlotState::Bad,
             floor: None,
+            autopilot: None,
         }
     }
 }
@@ -231,6 +238,7 @@ impl DeviceState {
             version: Some(version),
             state: SlotState::Good,
             floor: Some(0),
+            autopilot: None,
         };
         state
     }
@@ -493,6 +501,7 @@ impl DeviceState {
             version: Some(manifest.version.clone()),
             state: SlotState::Good,
             floor: Some(self.security_floor),
+            autopilot: manifest.autopilot.clone(),
         };
         Some(self.finish(&u, UpgradeResult::Committed, None))
     }
@@ -566,6 +575,7 @@ impl DeviceState {
             }),
             last_upgrade: self.last.clone(),
             flights: None,
+            arm_lock: None,
         }
     }
 }
@@ -592,6 +602,7 @@ mod tests {
                 sha256: "00".repeat(32),
             },
             chunks: None,
+            autopilot: None,
         }
     }
 

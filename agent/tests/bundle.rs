@@ -29,6 +29,7 @@ fn options() -> CreateOptions {
         compatible: vec!["cc-aarch64-v1".into()],
         expires: None,
         chunked: None,
+        autopilot: None,
     }
 }
 

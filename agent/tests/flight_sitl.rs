@@ -33,3 +33,85 @@ fn on_the_ground_it_upgrades_in_the_air_it_waits_after_landing_it_upgrades() {
     install.committed(&g, WAIT);
     g.dev.assert_bootable();
 }
+
+/// The arming interlock against the real autopilot, through the Lua script the package ships
+/// (`SCR_ENABLE 1`): while the new image is on trial the autopilot refuses to arm and says why;
+/// with the agent killed mid-trial it still refuses (fails closed); after the commit it arms,
+/// flies, and the flight counts for the new image.
+#[test]
+fn the_autopilot_refuses_to_arm_during_an_install_and_flies_after_the_commit() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("ardupilot/flightnode_arming.lua");
+    let Some(sitl) = Sitl::start_with(10, "SCR_ENABLE 1", &[script]).unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let mut g = Gated::with(
+        &format!("mavlink = \"{}\"\n", sitl.agent_address()),
+        common::Options {
+            // The trial lasts until the test says so.
+            health: Some(format!("while [ ! -e {} ]; do sleep 0.1; done", go.display())),
+            health_timeout: Some("10m".into()),
+            ..common::Options::default()
+        },
+    );
+    g.wait_log_line(&["landed state changed", "on_ground"]);
+    let mut pilot = sitl.pilot().unwrap();
+    let _install = g.install("2.0.0");
+    let locked = |g: &Gated, reason: &str| {
+        let on_trial = || g.dev.status()["arm_lock"]["reason"] == reason;
+        assert!(
+            flightnode_tests::fleet::wait_until(WAIT, std::time::Duration::from_millis(100), on_trial),
+            "no {reason} lock: {:#}\n{}",
+            g.dev.status(),
+            g.dev.log()
+        );
+    };
+    locked(&g, "trial");
+    assert_eq!(
+        g.dev.status()["arm_lock"]["message"],
+        "2.0.0 in slot b is on trial, not yet confirmed"
+    );
+    pilot
+        .arm_refused("Arm: flightnode: new firmware on trial")
+        .unwrap_or_else(|e| panic!("{e:#}\nagent:\n{}\nSITL:\n{}", g.dev.log(), sitl.log()));
+
+    // The agent dies mid-trial: the autopilot keeps the vehicle on the ground.
+    g.daemon.0.kill().unwrap();
+    g.daemon.0.wait().unwrap();
+    pilot
+        .arm_refused("new firmware on trial, agent silent")
+        .unwrap_or_else(|e| panic!("{e:#}\nSITL:\n{}", sitl.log()));
+
+    // Back up, the trial goes on; the health check passes and the image commits.
+    g.daemon = common::Daemon::start_with(&g.dev, &[("RUST_LOG", "info")]);
+    locked(&g, "trial");
+    std::fs::write(&go, b"").unwrap();
+    let committed = || g.dev.status()["committed_version"] == "2.0.0" && g.dev.status()["arm_lock"].is_null();
+    assert!(
+        flightnode_tests::fleet::wait_until(WAIT, std::time::Duration::from_millis(100), committed),
+        "{:#}\n{}",
+        g.dev.status(),
+        g.dev.log()
+    );
+    pilot.take_off(5).unwrap_or_else(|e| {
+        panic!(
+            "arming after the commit: {e:#}\nagent:\n{}\nSITL:\n{}",
+            g.dev.log(),
+            sitl.log()
+        )
+    });
+    g.wait_log_line(&["landed state changed", "in_air"]);
+    pilot
+        .land()
+        .unwrap_or_else(|e| panic!("{e:#}\nSITL:\n{}", sitl.log()));
+    // The flight is counted for the committed image, from the real autopilot's landed state.
+    let flown = || g.dev.status()["flights"]["flights"] == 1;
+    assert!(
+        flightnode_tests::fleet::wait_until(WAIT, std::time::Duration::from_millis(100), flown),
+        "{:#}\n{}",
+        g.dev.status(),
+        g.dev.log()
+    );
+    assert!(g.dev.status()["flights"]["airborne_secs"].as_u64() > Some(0));
+}

@@ -33,6 +33,7 @@ fn bundle_reader_survives_mutated_bundles() {
         compatible: vec!["hw".into()],
         expires: None,
         chunked: None,
+        autopilot: None,
     };
     flightnode_agent::bundle::create(&key, &image, &opts, &out).unwrap();
     let valid_header = flightnode_agent::bundle::verify_file(

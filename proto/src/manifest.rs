@@ -107,6 +107,12 @@ pub struct Manifest {
     /// Format 2 only: how the image is cut and where the chunk index is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunks: Option<ChunksInfo>,
+    /// The flight-controller firmware this image flies with: a semver requirement on what the
+    /// autopilot reports in AUTOPILOT_VERSION (`>=4.7.0, <4.8.0`). While it reports another
+    /// version the agent keeps the vehicle from arming. Agents before it refuse a bundle that
+    /// carries it (`deny_unknown_fields`), so it is only written when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autopilot: Option<semver::VersionReq>,
 }
 
 /// How a format-2 image is chunked, and the digest that ties the chunk index to the signature.
@@ -323,6 +329,7 @@ mod tests {
                 sha256: "ab".repeat(32),
             },
             chunks: None,
+            autopilot: None,
         }
     }
 

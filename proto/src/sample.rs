@@ -42,5 +42,6 @@ pub fn idle_heartbeat(device_id: &str, version: &str) -> v1::HeartbeatRequest {
         seq: 1,
         events: vec![],
         flight: None,
+        arm_lock: None,
     }
 }

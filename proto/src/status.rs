@@ -301,6 +301,80 @@ pub struct DeviceStatus {
     /// Flights of the running image since it was committed, when a MAVLink link counts them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flights: Option<Flights>,
+    /// Why the agent keeps the vehicle from arming; absent while it may arm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arm_lock: Option<ArmLock>,
+}
+
+/// The arming interlock: why the vehicle must not take off now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArmLock {
+    /// The kind of lock.
+    pub reason: ArmLockReason,
+    /// What the pilot is told, e.g. `installing 3.0.0 into slot b`.
+    pub message: String,
+}
+
+/// Why the agent keeps the vehicle on the ground.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArmLockReason {
+    /// A new image is being written to the inactive slot.
+    Installing,
+    /// The active slot is being switched (pointer, bootloader, apply or reboot).
+    Switching,
+    /// The new image runs on trial and is not confirmed yet.
+    Trial,
+    /// The old image is being brought back.
+    RollingBack,
+    /// The flight controller's firmware is not what the running image's bundle declares.
+    AutopilotMismatch,
+}
+
+impl ArmLockReason {
+    /// Every reason, in the order of their wire codes (1, 2, ...).
+    pub const ALL: [ArmLockReason; 5] = [
+        ArmLockReason::Installing,
+        ArmLockReason::Switching,
+        ArmLockReason::Trial,
+        ArmLockReason::RollingBack,
+        ArmLockReason::AutopilotMismatch,
+    ];
+
+    /// The contract string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArmLockReason::Installing => "installing",
+            ArmLockReason::Switching => "switching",
+            ArmLockReason::Trial => "trial",
+            ArmLockReason::RollingBack => "rolling_back",
+            ArmLockReason::AutopilotMismatch => "autopilot_mismatch",
+        }
+    }
+
+    /// The number the agent sends the flight controller's script (0 means unlocked): stable,
+    /// because the script on the autopilot is updated separately from the agent.
+    pub fn code(self) -> i32 {
+        match self {
+            ArmLockReason::Installing => 1,
+            ArmLockReason::Switching => 2,
+            ArmLockReason::Trial => 3,
+            ArmLockReason::RollingBack => 4,
+            ArmLockReason::AutopilotMismatch => 5,
+        }
+    }
+
+    /// Parses the contract string.
+    pub fn parse(s: &str) -> Option<ArmLockReason> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s.trim())
+    }
+}
+
+impl fmt::Display for ArmLockReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Flights of the running image since it was committed (or became the running one again).

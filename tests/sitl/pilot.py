@@ -11,6 +11,9 @@ or `error <why>`:
                   until its EKF uses GPS), take off to ALT metres; done once the copter is armed
                   and the takeoff was accepted
     land          LAND; done once the autopilot disarmed itself after touchdown
+    refused TEXT  GUIDED, then try to arm (again while the autopilot refuses for other reasons)
+                  until it refuses with a STATUSTEXT holding TEXT; an error if it arms instead
+                  (it is disarmed again)
     quit
 
 Usage: pilot.py tcp:127.0.0.1:PORT
@@ -67,6 +70,34 @@ def takeoff(conn, alt):
     return None
 
 
+def refused(conn, text):
+    command(conn, mav_.MAV_CMD_DO_SET_MODE, mav_.MAV_MODE_FLAG_CUSTOM_MODE_ENABLED, COPTER_GUIDED)
+    deadline = time.monotonic() + ARM_TIMEOUT
+    texts = []
+    while time.monotonic() < deadline:
+        conn.mav.command_long_send(
+            conn.target_system, conn.target_component, mav_.MAV_CMD_COMPONENT_ARM_DISARM, 0, 1, 0, 0, 0, 0, 0, 0
+        )
+        texts, result, end = [], None, time.monotonic() + 5
+        while time.monotonic() < end:
+            m = conn.recv_match(type=["COMMAND_ACK", "STATUSTEXT"], blocking=True, timeout=0.5)
+            if m is None:
+                if result is not None:
+                    break
+                continue
+            if m.get_type() == "STATUSTEXT":
+                texts.append(m.text)
+            elif m.command == mav_.MAV_CMD_COMPONENT_ARM_DISARM:
+                result = m.result
+        if result == mav_.MAV_RESULT_ACCEPTED:
+            command(conn, mav_.MAV_CMD_COMPONENT_ARM_DISARM, 0, 21196)
+            return f"armed although {text!r} was expected; it said {texts}"
+        if any(text in t for t in texts):
+            return None
+        time.sleep(0.5)
+    return f"never refused with {text!r} within {ARM_TIMEOUT} s; last said {texts}"
+
+
 def land(conn):
     result = command(conn, mav_.MAV_CMD_NAV_LAND)
     if result != mav_.MAV_RESULT_ACCEPTED:
@@ -93,6 +124,8 @@ def main():
             error = takeoff(conn, float(words[1]))
         elif words[0] == "land":
             error = land(conn)
+        elif words[0] == "refused" and len(words) > 1:
+            error = refused(conn, line.strip().split(" ", 1)[1])
         elif words[0] == "quit":
             break
         else:

@@ -54,6 +54,13 @@ impl Sitl {
     /// Starts SITL at `speedup` (sim seconds per wall second), on the ground, disarmed, in
     /// STABILIZE. `None` (after printing why) when ArduPilot is not available.
     pub fn start(speedup: u32) -> Result<Option<Sitl>> {
+        Self::start_with(speedup, "", &[])
+    }
+
+    /// [`Sitl::start`] with extra parameter lines (`NAME VALUE`, applied at boot) and Lua
+    /// scripts copied into the autopilot's `scripts/` (they run when `params` hold
+    /// `SCR_ENABLE 1`).
+    pub fn start_with(speedup: u32, params: &str, scripts: &[PathBuf]) -> Result<Option<Sitl>> {
         let Some(ardupilot) = ardupilot_dir() else {
             eprintln!(
                 "SKIPPED: no ArduPilot SITL (start-sitl.sh) in {ENV_DIR} or ../shared/ardupilot beside the checkout"
@@ -63,7 +70,7 @@ impl Sitl {
         let dir = tempfile::tempdir().context("SITL temp dir")?;
         let defaults = dir.path().join("test.parm");
         // No dataflash log: about 4 MB per flight that nobody reads.
-        std::fs::write(&defaults, "LOG_BACKEND_TYPE 0\n")
+        std::fs::write(&defaults, format!("LOG_BACKEND_TYPE 0\n{params}\n"))
             .with_context(|| format!("write {}", defaults.display()))?;
         // ArduPilot keeps the instance in a byte (its ports wrap above 255).
         let spread = u16::try_from(std::process::id() % 200).unwrap_or(0);
@@ -73,6 +80,16 @@ impl Sitl {
             let instance = 10 + (spread + NEXT.fetch_add(1, Ordering::Relaxed)) % 240;
             if !ports_free(instance) {
                 continue;
+            }
+            let scripts_dir = dir.path().join(format!("inst{instance}/scripts"));
+            std::fs::create_dir_all(&scripts_dir)
+                .with_context(|| format!("create {}", scripts_dir.display()))?;
+            for script in scripts {
+                let name = script
+                    .file_name()
+                    .context("a Lua script path without a file name")?;
+                std::fs::copy(script, scripts_dir.join(name))
+                    .with_context(|| format!("copy {} into {}", script.display(), scripts_dir.display()))?;
             }
             // The guard starts SITL, then waits for its stdin to close and stops it. A start that
             // failed (not listening in time) may leave the autopilot running: stopped as well.
@@ -143,6 +160,13 @@ impl Pilot {
     pub fn take_off(&mut self, metres: u32) -> Result<()> {
         self.0
             .send_within(&format!("takeoff {metres}"), Duration::from_mins(3))
+    }
+
+    /// Tries to arm (in GUIDED) until the autopilot refuses with a STATUSTEXT holding `text`;
+    /// an error if it arms instead (it is disarmed again) or never says so.
+    pub fn arm_refused(&mut self, text: &str) -> Result<()> {
+        self.0
+            .send_within(&format!("refused {text}"), Duration::from_mins(3))
     }
 
     /// LAND, and wait until the autopilot disarmed itself after touchdown.

@@ -33,6 +33,8 @@ pub struct CreateOptions {
     pub expires: Option<OffsetDateTime>,
     /// `Some`: write a chunked (format 2) bundle; `None`: format 1, the plain image.
     pub chunked: Option<Chunking>,
+    /// The flight-controller firmware the image flies with (see [`Manifest::autopilot`]).
+    pub autopilot: Option<semver::VersionReq>,
 }
 
 /// How `bundle create --chunked` compresses.
@@ -108,6 +110,7 @@ fn build(
         expires: opts.expires,
         image: ImageInfo { size, sha256 },
         chunks: chunks.as_ref().map(|(info, _)| info.clone()),
+        autopilot: opts.autopilot.clone(),
     };
     let manifest_bytes = manifest.to_bytes();
     // Never sign something a device would refuse to parse.

@@ -103,6 +103,8 @@ struct Shared {
     activation: Activation,
     /// Flights since commit, when a MAVLink link counts them.
     flights: Option<watch::Receiver<crate::flight::log::FlightLog>>,
+    /// What the flight controller reports, when a MAVLink link reads it.
+    flight: Option<watch::Receiver<crate::flight::FlightState>>,
 }
 
 impl Shared {
@@ -120,6 +122,11 @@ impl Shared {
                 airborne_secs,
             });
         }
+        let autopilot = self
+            .flight
+            .as_ref()
+            .and_then(|f| f.borrow().firmware_version.clone());
+        status.arm_lock = crate::flight::arm::lock_of(&state, autopilot.as_deref());
         status
     }
 
@@ -165,6 +172,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let mut engine = Engine::open(cfg.clone(), tokio::runtime::Handle::current())?;
     // Opened now, not at the first gated step: the hub shows the flight state all the time.
     let flight = engine.flight_state();
+    let arm_switch = engine.arm_switch();
     let db = engine.durable();
     let (mqtt_up_tx, mqtt_up) = watch::channel(false);
     let mut mqtt_connected = mqtt_up.clone();
@@ -213,9 +221,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         dispatcher: Mutex::new(dispatcher),
         activation,
         flights: flights.clone(),
+        flight: flight.clone(),
     });
     let links = shutdown.child_token();
     let mut tasks = tokio::task::JoinSet::new();
+    if let (Some(f), Some(switch)) = (flight.clone(), arm_switch) {
+        tasks.spawn(crate::flight::arm::keep(
+            switch,
+            shared.worker.state.clone(),
+            f,
+            links.clone(),
+        ));
+    }
     if let (Some(f), Some(tx)) = (flight.clone(), flights_tx) {
         tasks.spawn(crate::flight::log::keep(
             db.clone(),

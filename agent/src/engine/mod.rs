@@ -263,6 +263,14 @@ impl Engine {
             .map(crate::flight::Monitor::subscribe)
     }
 
+    /// Where the arming lock the MAVLink link carries is set; `None` without a link.
+    pub fn arm_switch(&self) -> Option<crate::flight::arm::ArmSwitch> {
+        self.flight
+            .as_ref()?
+            .monitor()
+            .map(crate::flight::Monitor::arm_switch)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.cfg

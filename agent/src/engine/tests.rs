@@ -246,6 +246,7 @@ impl Rig {
             compatible: vec!["hw-order".into()],
             expires: None,
             chunked: None,
+            autopilot: None,
         };
         crate::bundle::create(&keys.private, &p.join("image"), &opts, &bundle).unwrap();
         let log = p.join("calls.log");

@@ -5,17 +5,23 @@
 //! one vehicle into the latest state ([`super::track`] says what is believed); a second one
 //! publishes that state on a watch every [`TICK`]. A broken link is reopened every [`RECONNECT`].
 //!
-//! The only thing the agent sends: `MAV_CMD_SET_MESSAGE_INTERVAL` for EXTENDED_SYS_STATE,
-//! SYS_STATUS and BATTERY_STATUS once the vehicle is known, and again while one of them does not
-//! arrive. ArduPilot streams none of them unless asked (on Copter EXTENDED_SYS_STATE is in no
-//! stream group at all), so an agent that waits to be told never learns the landed state.
+//! What the agent sends: `MAV_CMD_SET_MESSAGE_INTERVAL` for EXTENDED_SYS_STATE, SYS_STATUS and
+//! BATTERY_STATUS once the vehicle is known, and again while one of them does not arrive
+//! (ArduPilot streams none of them unless asked; on Copter EXTENDED_SYS_STATE is in no stream
+//! group at all, so an agent that waits to be told never learns the landed state); and the
+//! arming interlock of [`super::arm`]: the lock every second, a STATUSTEXT when it changes, and
+//! the answer to an arm-authorisation request.
 
 use super::FlightState;
+use super::arm::{self, ArmSwitch, AuthorizationAck};
 use super::track::{AUTOPILOT_COMPONENT, Latest, Rules};
 use crate::config::FlightConfig;
-use mavlink::dialects::ardupilotmega::{COMMAND_LONG_DATA, MavCmd, MavMessage};
+use mavlink::dialects::ardupilotmega::{
+    COMMAND_ACK_DATA, COMMAND_LONG_DATA, MavCmd, MavMessage, MavResult, MavSeverity, NAMED_VALUE_INT_DATA,
+    STATUSTEXT_DATA,
+};
 use mavlink::error::MessageReadError;
-use mavlink::{MAVLinkMessageRaw, MavConnection, MavHeader, MavlinkVersion, Message};
+use mavlink::{MAVLinkMessageRaw, MAVLinkV2MessageRaw, MavConnection, MavHeader, MavlinkVersion, Message};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,6 +47,7 @@ pub struct Monitor {
     rules: Rules,
     latest: Arc<Mutex<Latest>>,
     stop: Arc<AtomicBool>,
+    arm: ArmSwitch,
 }
 
 impl Monitor {
@@ -53,12 +60,14 @@ impl Monitor {
         };
         let latest = Arc::new(Mutex::new(Latest::new(&rules)));
         let stop = Arc::new(AtomicBool::new(false));
+        let arm = ArmSwitch::default();
         let (tx, rx) = watch::channel(FlightState::default());
         {
-            let (latest, stop, address) = (latest.clone(), stop.clone(), address.to_owned());
+            let (latest, stop, address, arm) =
+                (latest.clone(), stop.clone(), address.to_owned(), arm.clone());
             std::thread::Builder::new()
                 .name("flightnode-mavlink".into())
-                .spawn(move || read_loop(&address, &rules, &latest, &stop))?;
+                .spawn(move || read_loop(&address, &rules, &latest, &stop, &arm))?;
         }
         {
             let (latest, stop) = (latest.clone(), stop.clone());
@@ -97,7 +106,13 @@ impl Monitor {
             rules,
             latest,
             stop,
+            arm,
         })
+    }
+
+    /// Where the daemon sets the arming lock this link carries to the autopilot.
+    pub fn arm_switch(&self) -> ArmSwitch {
+        self.arm.clone()
     }
 
     /// The flight state now.
@@ -190,7 +205,123 @@ impl Requests {
     }
 }
 
-fn read_loop(address: &str, rules: &Rules, latest: &Mutex<Latest>, stop: &AtomicBool) {
+/// What this connection last told the autopilot about the arming lock.
+struct Announced {
+    code: Option<i32>,
+    at: Option<Instant>,
+    started: Instant,
+}
+
+impl Announced {
+    /// Sends the lock when it changed or [`arm::ANNOUNCE`] passed, and a STATUSTEXT for the pilot
+    /// when it changed.
+    fn tell(
+        &mut self,
+        conn: &impl MavConnection<MavMessage>,
+        header: MavHeader,
+        lock: Option<&flightnode_proto::status::ArmLock>,
+        now: Instant,
+    ) {
+        let code = arm::code(lock);
+        let changed = self.code != Some(code);
+        if !changed
+            && self
+                .at
+                .is_some_and(|t| now.saturating_duration_since(t) < arm::ANNOUNCE)
+        {
+            return;
+        }
+        let value = MavMessage::NAMED_VALUE_INT(NAMED_VALUE_INT_DATA {
+            time_boot_ms: u32::try_from(now.saturating_duration_since(self.started).as_millis())
+                .unwrap_or(u32::MAX),
+            value: code,
+            name: arm::LOCK_NAME.into(),
+        });
+        if let Err(e) = conn.send(&header, &value) {
+            tracing::debug!("MAVLink: cannot send the arming lock: {e}");
+            return;
+        }
+        if changed {
+            let text = match lock {
+                Some(l) => STATUSTEXT_DATA {
+                    severity: MavSeverity::MAV_SEVERITY_WARNING,
+                    text: arm::status_text(l).as_str().into(),
+                    ..STATUSTEXT_DATA::DEFAULT
+                },
+                None if self.code.is_some() => STATUSTEXT_DATA {
+                    severity: MavSeverity::MAV_SEVERITY_INFO,
+                    text: "flightnode: arming allowed again".into(),
+                    ..STATUSTEXT_DATA::DEFAULT
+                },
+                None => STATUSTEXT_DATA::DEFAULT,
+            };
+            if text.text[0] != 0 {
+                let _ = conn.send(&header, &MavMessage::STATUSTEXT(text));
+            }
+        }
+        self.code = Some(code);
+        self.at = Some(now);
+    }
+}
+
+/// Answers a PX4 arm-authorisation request (`MAV_CMD_ARM_AUTHORIZATION_REQUEST` from the
+/// vehicle) with the lock now: accepted for [`arm::AUTHORIZED_FOR`] s, or denied and why.
+fn authorize(
+    conn: &impl MavConnection<MavMessage>,
+    header: MavHeader,
+    requester: (u32, u8),
+    lock: Option<&flightnode_proto::status::ArmLock>,
+) {
+    let ack = AuthorizationAck::answer(lock, u8::try_from(requester.0).unwrap_or(0), requester.1);
+    match lock {
+        Some(l) => {
+            tracing::warn!(reason = %l.reason, "arm authorisation request denied: {}", l.message);
+            let text = STATUSTEXT_DATA {
+                severity: MavSeverity::MAV_SEVERITY_WARNING,
+                text: arm::status_text(l).as_str().into(),
+                ..STATUSTEXT_DATA::DEFAULT
+            };
+            let _ = conn.send(&header, &MavMessage::STATUSTEXT(text));
+        }
+        None => tracing::info!("arm authorisation request granted for {} s", arm::AUTHORIZED_FOR),
+    }
+    let sent = if conn.protocol_version() == MavlinkVersion::V2 {
+        let mut raw = MAVLinkV2MessageRaw::new();
+        raw.serialize_message_data(header, &ack);
+        conn.send_raw(&MAVLinkMessageRaw::V2(raw))
+    } else {
+        // MAVLink 1 carries no extension fields: the bare result.
+        let result = if lock.is_some() {
+            MavResult::MAV_RESULT_DENIED
+        } else {
+            MavResult::MAV_RESULT_ACCEPTED
+        };
+        conn.send(
+            &header,
+            &MavMessage::COMMAND_ACK(COMMAND_ACK_DATA {
+                command: MavCmd::MAV_CMD_ARM_AUTHORIZATION_REQUEST,
+                result,
+            }),
+        )
+    };
+    if let Err(e) = sent {
+        tracing::warn!("MAVLink: cannot answer the arm authorisation request: {e}");
+    }
+}
+
+/// A `MAV_CMD_ARM_AUTHORIZATION_REQUEST` the vehicle addressed to its own system (PX4 sends it
+/// to `COM_ARM_AUTH_ID`, set to the vehicle's `MAV_SYS_ID`) and to us or to every component.
+fn authorization_request(msg: &MavMessage, vehicle: Option<u32>, from: (u32, u8)) -> bool {
+    let MavMessage::COMMAND_LONG(c) = msg else {
+        return false;
+    };
+    c.command == MavCmd::MAV_CMD_ARM_AUTHORIZATION_REQUEST
+        && vehicle.is_none_or(|v| from.0 == v)
+        && u32::from(c.target_system) == from.0
+        && (c.target_component == 0 || c.target_component == OWN_COMPONENT)
+}
+
+fn read_loop(address: &str, rules: &Rules, latest: &Mutex<Latest>, stop: &AtomicBool, arm_lock: &ArmSwitch) {
     let mut logged = false;
     while !stop.load(Ordering::Relaxed) {
         let mut conn = match mavlink::connect::<MavMessage>(address) {
@@ -210,6 +341,11 @@ fn read_loop(address: &str, rules: &Rules, latest: &Mutex<Latest>, stop: &Atomic
         let mut requests = Requests {
             last: [None; STREAMS.len()],
             warned: false,
+        };
+        let mut announced = Announced {
+            code: None,
+            at: None,
+            started: Instant::now(),
         };
         loop {
             if stop.load(Ordering::Relaxed) {
@@ -232,9 +368,20 @@ fn read_loop(address: &str, rules: &Rules, latest: &Mutex<Latest>, stop: &Atomic
             let Ok(msg) = MavMessage::parse(version, raw.message_id(), raw.payload()) else {
                 continue;
             };
+            let from = (raw.system_id(), raw.component_id());
             let Ok(mut l) = latest.lock() else { return };
+            if authorization_request(&msg, l.system, from) {
+                drop(l);
+                let header = MavHeader {
+                    system_id: from.0,
+                    component_id: OWN_COMPONENT,
+                    sequence: 0,
+                };
+                authorize(&conn, header, from, arm_lock.get().as_ref());
+                continue;
+            }
             let now = Instant::now();
-            if !l.fold((raw.system_id(), raw.component_id()), version, &msg, now, rules) {
+            if !l.fold(from, version, &msg, now, rules) {
                 continue;
             }
             let (system, version) = (l.system, l.version);
@@ -249,6 +396,12 @@ fn read_loop(address: &str, rules: &Rules, latest: &Mutex<Latest>, stop: &Atomic
             }
             if let Some(system) = system {
                 requests.ask(&conn, system, last_sample, rules, now);
+                let header = MavHeader {
+                    system_id: system,
+                    component_id: OWN_COMPONENT,
+                    sequence: 0,
+                };
+                announced.tell(&conn, header, arm_lock.get().as_ref(), now);
             }
         }
     }

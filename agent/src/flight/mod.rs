@@ -9,12 +9,15 @@
 //! - [`gate`]: the policy of `[flight]` (allowed states, battery floor, what unknown means) and
 //!   the `gate_command` of boards without MAVLink; [`Gate::check`] says go or why to wait.
 //!
+//! - [`arm`]: the arming interlock: when the vehicle must not arm, and how the link tells the
+//!   autopilot (a Lua script on ArduPilot, the arm-authorisation protocol on PX4).
 //! - [`log`]: flights since the running image was committed (takeoff → landing cycles and
 //!   airborne time), persisted and reported upstream.
 //!
 //! The engine calls the gate before each step that touches the vehicle or the running system and
 //! holds the upgrade in phase `waiting` (persisted, with the reason) until it says go.
 
+pub mod arm;
 pub mod gate;
 pub mod link;
 pub mod log;

@@ -63,6 +63,8 @@ struct StoredSlot {
     state: Lenient<SlotState>,
     #[serde(default)]
     floor: Option<u64>,
+    #[serde(default)]
+    autopilot: Option<semver::VersionReq>,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +129,7 @@ impl StoredSlot {
             version: self.version,
             state,
             floor: self.floor,
+            autopilot: self.autopilot,
         }
     }
 }

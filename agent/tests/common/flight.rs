@@ -24,9 +24,14 @@ pub struct Install {
 
 impl Gated {
     pub fn new(flight: &str) -> Gated {
+        Self::with(flight, Options::default())
+    }
+
+    /// A device with `[flight]` = `flight` and the rest of `opts`.
+    pub fn with(flight: &str, opts: Options) -> Gated {
         let dev = Device::new(Options {
-            extra: format!("[flight]\n{flight}\n"),
-            ..Options::default()
+            extra: format!("[flight]\n{flight}\n{}", opts.extra),
+            ..opts
         });
         let daemon = Daemon::start_with(&dev, &[("RUST_LOG", "info")]);
         Gated { dev, daemon }

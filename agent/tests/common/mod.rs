@@ -37,6 +37,8 @@ pub fn text(o: &Output) -> String {
 #[derive(Default)]
 pub struct Options {
     pub health: Option<String>,
+    /// `health.timeout`; 20 s when `None`.
+    pub health_timeout: Option<String>,
     pub extra: String,
     pub factory_version: Option<String>,
 }
@@ -60,6 +62,7 @@ impl Device {
         .unwrap();
         make_executable(&apply);
         let health = opts.health.unwrap_or_else(|| "true".into());
+        let health_timeout = opts.health_timeout.unwrap_or_else(|| "20s".into());
         let config = p.join("agent.toml");
         let factory = opts.factory_version.unwrap_or_else(|| "1.0.0".into());
         std::fs::write(
@@ -76,7 +79,7 @@ a = "{a}"
 b = "{b}"
 [health]
 command = '{health}'
-timeout = "20s"
+timeout = "{health_timeout}"
 [download]
 idle_timeout = "2s"
 retries = 2

@@ -64,6 +64,12 @@ pub mod condition {
     printcolumn(name = "Slot", type_ = "string", json_path = ".status.firmware.activeSlot"),
     printcolumn(name = "Flight", type_ = "string", json_path = ".status.observedState"),
     printcolumn(
+        name = "Arm-Lock",
+        type_ = "string",
+        json_path = ".status.armLock.reason",
+        priority = 1
+    ),
+    printcolumn(
         name = "Last-Upgrade",
         type_ = "string",
         json_path = ".status.lastUpgrade.result"
@@ -133,6 +139,10 @@ pub struct FlightNodeStatus {
     /// a write; they ride along with the next one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flight: Option<Flight>,
+    /// Why the drone's agent keeps the vehicle from arming (its arming interlock); absent while
+    /// it may arm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arm_lock: Option<ArmLock>,
     /// Slots and versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<Firmware>,
@@ -265,6 +275,17 @@ pub struct Firmware {
     /// Airborne time over those flights, like `1h2m5s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flight_time: Option<String>,
+}
+
+/// The arming interlock of the drone's agent.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ArmLock {
+    /// `installing`, `switching`, `trial`, `rolling_back` or `autopilot_mismatch`.
+    pub reason: String,
+    /// What the pilot's ground station is told, e.g. `installing 3.0.0 into slot b`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// The flight controller as the drone's agent reads it over MAVLink.

@@ -236,11 +236,21 @@ pub fn from_heartbeat(hb: &HeartbeatRequest) -> FlightNodeStatus {
         autopilot: non_empty(&f.autopilot),
         firmware_version: non_empty(&f.firmware_version),
     });
+    // A reason this hub does not know is shown as the drone sent it (it is only displayed).
+    let arm_lock = hb
+        .arm_lock
+        .as_ref()
+        .filter(|l| !l.reason.trim().is_empty())
+        .map(|l| crate::api::flightnode::ArmLock {
+            reason: l.reason.trim().chars().take(64).collect(),
+            message: l.message.chars().take(256).collect(),
+        });
     FlightNodeStatus {
         phase: Some(phase),
         wait_reason,
         observed_state,
         flight,
+        arm_lock,
         firmware,
         last_upgrade,
         last_heartbeat_time: None,
