@@ -535,3 +535,62 @@ fn flights_are_counted_per_image_and_survive_a_kill_9() {
         flights(&rig)
     );
 }
+
+/// PX4's arm authorisation (`COM_ARM_AUTH_REQ 1`, `COM_ARM_AUTH_ID` = the vehicle's system id)
+/// against the agent as the authoriser, with the stand-in asking as PX4 does: granted for a few
+/// seconds while nothing is installed, denied (with a STATUSTEXT saying why) while the new image
+/// is on trial, granted after the commit; denied while the flight controller runs firmware the
+/// running image's bundle does not allow, granted once it does. The same lock reaches an
+/// ArduPilot script as NAMED_VALUE_INT FN_ARMLK.
+#[test]
+fn px4_arm_authorization_is_denied_during_an_install_and_for_the_wrong_autopilot() {
+    let port = free_udp_port().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let g = flight::Gated::with(
+        &format!("mavlink = \"udpin:127.0.0.1:{port}\"\nstale_after = \"1s\"\n"),
+        Options {
+            health: Some(format!("while [ ! -e {} ]; do sleep 0.1; done", go.display())),
+            health_timeout: Some("10m".into()),
+            ..Options::default()
+        },
+    );
+    let mut fc = Vehicle::start(port, &["--px4"]).unwrap();
+    g.wait_log_line(&["flight state changed", "disarmed"]);
+    let granted = (Some((0, 5, 5)), Vec::<String>::new());
+    assert_eq!(fc.authorize().unwrap(), granted, "idle: granted for 5 s");
+    assert_eq!(fc.armlock().unwrap(), 0);
+
+    let _install = g.install("2.0.0");
+    let trial = || g.dev.status()["arm_lock"]["reason"] == "trial";
+    assert!(wait_until(WAIT, POLL, trial), "{:#}", g.dev.status());
+    let (ack, texts) = fc.authorize().unwrap();
+    assert_eq!(ack, Some((2, 0, 0)), "on trial: denied (MAV_RESULT_DENIED, generic)");
+    assert!(
+        texts.iter().any(|t| t == "flightnode: no arming: 2.0.0 in slot b is on trial"),
+        "the pilot is told why: {texts:?}"
+    );
+    assert!(wait_until(WAIT, POLL, || fc.armlock().unwrap() == 3), "FN_ARMLK is 3 (trial)");
+    std::fs::write(&go, b"").unwrap();
+    let committed = || g.dev.status()["committed_version"] == "2.0.0";
+    assert!(wait_until(WAIT, POLL, committed), "{:#}", g.dev.status());
+    assert!(wait_until(WAIT, POLL, || fc.authorize().unwrap() == granted), "granted after the commit");
+
+    // 3.0.0 flies only with ArduPilot/PX4 4.7.x; the stand-in reports 4.5.7.
+    let bundle = g.dev.bundle("v3", "3.0.0", 100_000, &["--autopilot", ">=4.7.0, <4.8.0"]);
+    let out = g.dev.run(&["install", &bundle.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mismatch = || g.dev.status()["arm_lock"]["reason"] == "autopilot_mismatch";
+    assert!(wait_until(WAIT, POLL, mismatch), "{:#}", g.dev.status());
+    assert_eq!(
+        g.dev.status()["arm_lock"]["message"],
+        "flight controller runs 4.5.7, firmware 3.0.0 needs >=4.7.0, <4.8.0"
+    );
+    assert_eq!(fc.authorize().unwrap().0, Some((2, 0, 0)));
+    // The flight controller is flashed to a fitting version: arming is allowed again.
+    fc.send("version 4.7.2").unwrap();
+    let fits = || g.dev.status()["arm_lock"].is_null();
+    assert!(wait_until(WAIT, POLL, fits), "{:#}", g.dev.status());
+    assert!(wait_until(WAIT, POLL, || fc.authorize().unwrap() == granted));
+    assert!(wait_until(WAIT, POLL, || fc.armlock().unwrap() == 0));
+}

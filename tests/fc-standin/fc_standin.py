@@ -4,15 +4,23 @@
 It sends what an ArduPilot flight controller streams to its companion computer, over UDP to the
 agent's `udpin` port, 10 times a second: HEARTBEAT (armed flag in base_mode, system_status),
 EXTENDED_SYS_STATE (landed_state), BATTERY_STATUS and SYS_STATUS (remaining %), and once a second
-AUTOPILOT_VERSION. It never reads anything back.
+AUTOPILOT_VERSION. It reads back what the agent sends: the arming lock (NAMED_VALUE_INT FN_ARMLK),
+STATUSTEXT and the answers to PX4's arm-authorisation request.
 
 Scripted on stdin, one command a line; each is acknowledged with `ok <command>` on stdout once the
 next burst carrying it has been sent:
     arm | disarm | takeoff (armed, in the air) | land (on the ground, still armed)
     battery N | silence (send nothing: a lost link) | resume | quit
+    version X.Y.Z   report this flight-controller firmware in AUTOPILOT_VERSION
+    authorize       as PX4 does before arming: MAV_CMD_ARM_AUTHORIZATION_REQUEST to its own system
+                    (COM_ARM_AUTH_ID = MAV_SYS_ID), every component; prints
+                    `ack RESULT PROGRESS RESULT_PARAM2` (or `ack none` after 5 s) and the
+                    STATUSTEXTs that came with it as `text ...`, then `ok authorize`
+    armlock         prints `armlock N`: the last FN_ARMLK value the agent sent (-1: none yet)
 
 Usage: fc_standin.py udpout:127.0.0.1:PORT [--armed] [--in-air] [--battery N] [--sysid N]
-                     [--mavlink1] [--no-landed-state]
+                     [--mavlink1] [--no-landed-state] [--px4]
+    --px4               say MAV_AUTOPILOT_PX4 in HEARTBEAT
     --sysid N           send as MAVLink system N (default 1): a second vehicle or a ground station
     --mavlink1          speak MAVLink 1, as older flight controllers and telemetry radios do
     --no-landed-state   never send EXTENDED_SYS_STATE, as ArduPilot does until asked for it
@@ -42,6 +50,12 @@ class Vehicle:
         self.silent = False
         self.lock = threading.Lock()
         self.acks = []
+        self.autopilot = mav_.MAV_AUTOPILOT_ARDUPILOTMEGA
+        # ArduCopter 4.5.7, FIRMWARE_VERSION_TYPE_OFFICIAL (255) in the low byte.
+        self.version = (4, 5, 7)
+        self.armlock = -1
+        self.texts = []
+        self.auth_acks = []
 
 
 def send_burst(conn, v, tick):
@@ -53,9 +67,7 @@ def send_burst(conn, v, tick):
         if v.armed:
             base |= mav_.MAV_MODE_FLAG_SAFETY_ARMED
         status = mav_.MAV_STATE_ACTIVE if v.armed else mav_.MAV_STATE_STANDBY
-        conn.mav.heartbeat_send(
-            mav_.MAV_TYPE_QUADROTOR, mav_.MAV_AUTOPILOT_ARDUPILOTMEGA, base, 5, status
-        )
+        conn.mav.heartbeat_send(mav_.MAV_TYPE_QUADROTOR, v.autopilot, base, 5, status)
         if v.landed_state:
             conn.mav.extended_sys_state_send(mav_.MAV_VTOL_STATE_UNDEFINED, v.landed)
         conn.mav.battery_status_send(
@@ -64,21 +76,71 @@ def send_burst(conn, v, tick):
         )
         conn.mav.sys_status_send(0, 0, 0, 500, 15800, 1200, v.battery, 0, 0, 0, 0, 0, 0)
         if tick % 10 == 0:
-            # ArduCopter 4.5.7, FIRMWARE_VERSION_TYPE_OFFICIAL (255) in the low byte.
+            major, minor, patch = v.version
             conn.mav.autopilot_version_send(
-                0, (4 << 24) | (5 << 16) | (7 << 8) | 255, 0, 0, 0,
+                0, (major << 24) | (minor << 16) | (patch << 8) | 255, 0, 0, 0,
                 [0] * 8, [0] * 8, [0] * 8, 0x1209, 0x5741, 0,
             )
         acks, v.acks = v.acks, []
         return acks
 
 
-def commands(v):
+def receive(conn, v):
+    """Collects what the agent sends back."""
+    while True:
+        m = conn.recv_match(type=["NAMED_VALUE_INT", "STATUSTEXT", "COMMAND_ACK"], blocking=True, timeout=0.5)
+        if m is None:
+            continue
+        with v.lock:
+            if m.get_type() == "NAMED_VALUE_INT" and m.name == "FN_ARMLK":
+                v.armlock = m.value
+            elif m.get_type() == "STATUSTEXT":
+                v.texts.append(m.text)
+            elif m.get_type() == "COMMAND_ACK" and m.command == mav_.MAV_CMD_ARM_AUTHORIZATION_REQUEST:
+                v.auth_acks.append(m)
+
+
+def authorize(conn, v, sysid):
+    with v.lock:
+        v.auth_acks, v.texts = [], []
+    # PX4 sends the request to COM_ARM_AUTH_ID with target component 0; param1 is the vehicle.
+    conn.mav.command_long_send(sysid, 0, mav_.MAV_CMD_ARM_AUTHORIZATION_REQUEST, 0, sysid, 0, 0, 0, 0, 0, 0)
+    deadline = time.monotonic() + 5
+    ack = None
+    while time.monotonic() < deadline and ack is None:
+        time.sleep(0.05)
+        with v.lock:
+            ack = v.auth_acks[0] if v.auth_acks else None
+    # The reason comes as a STATUSTEXT next to the answer.
+    time.sleep(0.3)
+    with v.lock:
+        texts = list(v.texts)
+    if ack is None:
+        print("ack none", flush=True)
+    else:
+        progress = getattr(ack, "progress", 0)
+        param2 = getattr(ack, "result_param2", 0)
+        print(f"ack {ack.result} {progress} {param2}", flush=True)
+    for t in texts:
+        print(f"text {t}", flush=True)
+
+
+def commands(v, conn, sysid):
     for line in sys.stdin:
         words = line.split()
         if not words:
             continue
         cmd = words[0]
+        if cmd == "authorize":
+            authorize(conn, v, sysid)
+            print(f"ok {line.strip()}", flush=True)
+            continue
+        if cmd == "armlock":
+            with v.lock:
+                value = v.armlock
+            print(f"armlock {value}", flush=True)
+            print(f"ok {line.strip()}", flush=True)
+            continue
         with v.lock:
             if cmd == "arm":
                 v.armed = True
@@ -95,6 +157,8 @@ def commands(v):
                 v.silent = True
             elif cmd == "resume":
                 v.silent = False
+            elif cmd == "version" and len(words) == 2:
+                v.version = tuple(int(x) for x in words[1].split("."))
             elif cmd == "quit":
                 os._exit(0)
             else:
@@ -121,7 +185,10 @@ def main():
     )
     if "--mavlink1" in args and conn.mavlink20():
         sys.exit("fc_standin: pymavlink still speaks MAVLink 2")
-    threading.Thread(target=commands, args=(v,), daemon=True).start()
+    if "--px4" in args:
+        v.autopilot = mav_.MAV_AUTOPILOT_PX4
+    threading.Thread(target=commands, args=(v, conn, sysid), daemon=True).start()
+    threading.Thread(target=receive, args=(conn, v), daemon=True).start()
     print("ready", flush=True)
     tick = 0
     while True:

@@ -78,16 +78,29 @@ impl Scripted {
     }
 
     fn expect(&mut self, want: &str, timeout: Duration) -> Result<()> {
+        self.expect_collecting(want, timeout).map(|_| ())
+    }
+
+    /// Waits for the line `want`; the lines before it.
+    fn expect_collecting(&mut self, want: &str, timeout: Duration) -> Result<Vec<String>> {
         let deadline = std::time::Instant::now() + timeout;
+        let mut before = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line == want => return Ok(()),
+                Ok(line) if line == want => return Ok(before),
                 Ok(line) if line.starts_with("error") => bail!("pymavlink script: {line}"),
-                Ok(_) => {}
+                Ok(line) => before.push(line),
                 Err(_) => bail!("pymavlink script never said {want:?} within {timeout:?}"),
             }
         }
+    }
+
+    /// Runs one command and returns the lines it printed before `ok <command>`.
+    pub fn send_collecting(&mut self, command: &str, timeout: Duration) -> Result<Vec<String>> {
+        writeln!(self.stdin, "{command}")?;
+        self.stdin.flush()?;
+        self.expect_collecting(&format!("ok {command}"), timeout)
     }
 
     /// Runs one command and returns once the script answered `ok <command>` (within `timeout`).
@@ -121,8 +134,38 @@ impl Vehicle {
         self.port
     }
 
-    /// Runs one command (`arm`, `disarm`, `takeoff`, `land`, `battery N`, `silence`, `resume`)
-    /// and returns once a burst carrying it was sent.
+    /// Asks for arm authorisation as PX4 does: the agent's answer, `(result, progress,
+    /// result_param2)` (`None`: no answer within 5 s), and the STATUSTEXTs that came with it.
+    pub fn authorize(&mut self) -> Result<(Option<(u8, u8, i32)>, Vec<String>)> {
+        let lines = self.script.send_collecting("authorize", Duration::from_secs(30))?;
+        let mut ack = None;
+        let mut texts = Vec::new();
+        for line in lines {
+            if let Some(t) = line.strip_prefix("text ") {
+                texts.push(t.to_owned());
+            } else if let Some(a) = line.strip_prefix("ack ") {
+                let n: Vec<&str> = a.split(' ').collect();
+                if let [r, p, p2] = n[..] {
+                    ack = Some((r.parse()?, p.parse()?, p2.parse()?));
+                }
+            }
+        }
+        Ok((ack, texts))
+    }
+
+    /// The last arming lock code the agent sent (`-1`: none yet).
+    pub fn armlock(&mut self) -> Result<i32> {
+        let lines = self.script.send_collecting("armlock", Duration::from_secs(30))?;
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix("armlock "))
+            .context("the stand-in printed no armlock line")?
+            .parse()
+            .context("armlock value")
+    }
+
+    /// Runs one command (`arm`, `disarm`, `takeoff`, `land`, `battery N`, `silence`, `resume`,
+    /// `version X.Y.Z`) and returns once a burst carrying it was sent.
     pub fn send(&mut self, command: &str) -> Result<()> {
         self.script.send_within(command, Duration::from_secs(30))
     }
