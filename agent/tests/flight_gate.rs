@@ -565,19 +565,33 @@ fn px4_arm_authorization_is_denied_during_an_install_and_for_the_wrong_autopilot
     let trial = || g.dev.status()["arm_lock"]["reason"] == "trial";
     assert!(wait_until(WAIT, POLL, trial), "{:#}", g.dev.status());
     let (ack, texts) = fc.authorize().unwrap();
-    assert_eq!(ack, Some((2, 0, 0)), "on trial: denied (MAV_RESULT_DENIED, generic)");
+    assert_eq!(
+        ack,
+        Some((2, 0, 0)),
+        "on trial: denied (MAV_RESULT_DENIED, generic)"
+    );
     assert!(
-        texts.iter().any(|t| t == "flightnode: no arming: 2.0.0 in slot b is on trial"),
+        texts
+            .iter()
+            .any(|t| t == "flightnode: no arming: 2.0.0 in slot b is on trial"),
         "the pilot is told why: {texts:?}"
     );
-    assert!(wait_until(WAIT, POLL, || fc.armlock().unwrap() == 3), "FN_ARMLK is 3 (trial)");
+    assert!(
+        wait_until(WAIT, POLL, || fc.armlock().unwrap() == 3),
+        "FN_ARMLK is 3 (trial)"
+    );
     std::fs::write(&go, b"").unwrap();
     let committed = || g.dev.status()["committed_version"] == "2.0.0";
     assert!(wait_until(WAIT, POLL, committed), "{:#}", g.dev.status());
-    assert!(wait_until(WAIT, POLL, || fc.authorize().unwrap() == granted), "granted after the commit");
+    assert!(
+        wait_until(WAIT, POLL, || fc.authorize().unwrap() == granted),
+        "granted after the commit"
+    );
 
     // 3.0.0 flies only with ArduPilot/PX4 4.7.x; the stand-in reports 4.5.7.
-    let bundle = g.dev.bundle("v3", "3.0.0", 100_000, &["--autopilot", ">=4.7.0, <4.8.0"]);
+    let bundle = g
+        .dev
+        .bundle("v3", "3.0.0", 100_000, &["--autopilot", ">=4.7.0, <4.8.0"]);
     let out = g.dev.run(&["install", &bundle.display().to_string()]);
     assert!(out.status.success(), "{}", text(&out));
     let mismatch = || g.dev.status()["arm_lock"]["reason"] == "autopilot_mismatch";

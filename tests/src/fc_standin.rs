@@ -137,7 +137,9 @@ impl Vehicle {
     /// Asks for arm authorisation as PX4 does: the agent's answer, `(result, progress,
     /// result_param2)` (`None`: no answer within 5 s), and the STATUSTEXTs that came with it.
     pub fn authorize(&mut self) -> Result<(Option<(u8, u8, i32)>, Vec<String>)> {
-        let lines = self.script.send_collecting("authorize", Duration::from_secs(30))?;
+        let lines = self
+            .script
+            .send_collecting("authorize", Duration::from_secs(30))?;
         let mut ack = None;
         let mut texts = Vec::new();
         for line in lines {

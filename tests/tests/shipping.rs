@@ -106,6 +106,14 @@ fn arm64_package_holds_the_static_aarch64_agent_and_is_lintian_clean() {
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir.path())).unwrap();
     let kind = release::file_type(&dir.path().join("usr/bin/flightnode-agent")).unwrap();
     assert!(kind.contains("aarch64") && kind.contains("static"), "{kind}");
+    // The autopilot's half of the arming interlock ships with the agent, the same bytes.
+    let lua = "usr/share/flightnode-agent/ardupilot/flightnode_arming.lua";
+    assert_eq!(
+        std::fs::read(dir.path().join(lua)).unwrap(),
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/ardupilot/flightnode_arming.lua"))
+            .unwrap(),
+        "{lua}"
+    );
     let conffiles = run(Command::new("dpkg-deb").arg("-I").arg(&deb).arg("conffiles")).unwrap();
     assert_eq!(
         String::from_utf8_lossy(&conffiles.stdout).trim(),

@@ -465,6 +465,28 @@ mod tests {
         );
     }
 
+    /// The drone's arming lock reaches `status.armLock`; none (or an empty reason) is absent, and
+    /// a lock that comes or goes is a status change.
+    #[test]
+    fn the_arming_lock_maps_to_the_status() {
+        let mut hb = heartbeat();
+        assert_eq!(from_heartbeat(&hb).arm_lock, None);
+        hb.arm_lock = Some(flightnode_proto::v1::ArmLock {
+            reason: " ".into(),
+            message: "x".into(),
+        });
+        assert_eq!(from_heartbeat(&hb).arm_lock, None, "no reason, no lock");
+        hb.arm_lock = Some(flightnode_proto::v1::ArmLock {
+            reason: "trial".into(),
+            message: "2.0.0 in slot b is on trial, not yet confirmed".into(),
+        });
+        let s = from_heartbeat(&hb);
+        let lock = s.arm_lock.clone().unwrap_or_default();
+        assert_eq!(lock.reason, "trial");
+        assert_eq!(lock.message, "2.0.0 in slot b is on trial, not yet confirmed");
+        assert!(content_differs(&from_heartbeat(&heartbeat()), &s));
+    }
+
     /// Flights since commit reach `status.firmware`; a drone without a MAVLink link has none.
     #[test]
     fn flights_since_commit_map_to_the_firmware_status() {
