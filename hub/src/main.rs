@@ -42,6 +42,32 @@ enum Cmd {
         #[command(subcommand)]
         command: RolloutCmd,
     },
+    /// The fleet at a glance: counts per version, phase and flight state, online, and the drones
+    /// that need attention and why.
+    Fleet(FleetArgs),
+    /// Describe one drone: slots, versions, flights since commit, its last upgrade and why it
+    /// ended so, the flight controller, conditions and recent events.
+    Drone(DroneArgs),
+}
+
+#[derive(Args)]
+struct FleetArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Namespace [default: the kubeconfig context's, else `default`].
+    #[arg(long, short = 'n', env = "FLIGHTNODE_HUB_NAMESPACE")]
+    namespace: Option<String>,
+}
+
+#[derive(Args)]
+struct DroneArgs {
+    /// FlightNode name.
+    name: String,
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Namespace [default: the kubeconfig context's, else `default`].
+    #[arg(long, short = 'n', env = "FLIGHTNODE_HUB_NAMESPACE")]
+    namespace: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -49,31 +75,73 @@ enum RolloutCmd {
     /// Show a rollout's waves, counts and drones; follows it until it completes or halts
     /// (exit code 1 when the circuit breaker halted it).
     Status(RolloutStatusArgs),
+    /// Pause a rollout: nothing new is dispatched, drones already dispatched go on
+    /// (sets `spec.paused: true`, like a merge patch of `{"spec":{"paused":true}}` with kubectl).
+    Pause(RolloutNameArgs),
+    /// Resume a paused rollout (sets `spec.paused: false`).
+    Resume(RolloutNameArgs),
+}
+
+#[derive(Args)]
+struct RolloutNameArgs {
+    /// Rollout name.
+    name: String,
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Namespace [default: the kubeconfig context's, else `default`].
+    #[arg(long, short = 'n', env = "FLIGHTNODE_HUB_NAMESPACE")]
+    namespace: Option<String>,
 }
 
 #[derive(Args)]
 struct SourceArgs {
-    /// A hub's HTTP address (local store).
-    #[arg(
-        long,
-        env = "FLIGHTNODE_HUB_SERVER",
-        default_value = "http://127.0.0.1:8080",
-        conflicts_with = "kube"
-    )]
-    server: String,
+    /// A hub's HTTP address (local store) [default: http://127.0.0.1:8080; as `kubectl
+    /// flightnode`: the cluster].
+    #[arg(long, env = "FLIGHTNODE_HUB_SERVER", conflicts_with = "kube")]
+    server: Option<String>,
     /// Read from the cluster (KUBECONFIG or in-cluster) instead.
     #[arg(long)]
     kube: bool,
 }
 
+/// The hub's default HTTP address.
+const LOCAL_HUB: &str = "http://127.0.0.1:8080";
+
 impl SourceArgs {
+    /// Whether this talks to a local hub rather than a cluster. As a kubectl plugin the cluster
+    /// of the kubeconfig is the default, as it is for kubectl.
+    fn local(&self) -> bool {
+        !self.kube && (self.server.is_some() || !as_kubectl_plugin())
+    }
+
     async fn client(&self) -> anyhow::Result<kube::Client> {
-        Ok(if self.kube {
-            flightnode_hub::store::kube::client_from_env().await?
+        Ok(if self.local() {
+            flightnode_hub::store::kube::client_for_url(self.server.as_deref().unwrap_or(LOCAL_HUB))?
         } else {
-            flightnode_hub::store::kube::client_for_url(&self.server)?
+            flightnode_hub::store::kube::client_from_env().await?
         })
     }
+
+    /// `namespace`, else the kubeconfig context's for a cluster, else `default`.
+    fn namespace(&self, namespace: Option<&str>, client: &kube::Client) -> String {
+        match namespace {
+            Some(ns) => ns.to_owned(),
+            None if self.local() => "default".to_owned(),
+            None => client.default_namespace().to_owned(),
+        }
+    }
+}
+
+/// Run as `kubectl-flightnode` (a link to this binary on PATH), i.e. as `kubectl flightnode …`.
+fn as_kubectl_plugin() -> bool {
+    std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().starts_with("kubectl-flightnode"))
+        })
+        .unwrap_or(false)
 }
 
 #[derive(Args)]
@@ -411,6 +479,20 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `rollout pause|resume NAME`.
+async fn set_paused(a: &RolloutNameArgs, paused: bool) -> anyhow::Result<()> {
+    let client = a.source.client().await?;
+    let ns = a.source.namespace(a.namespace.as_deref(), &client);
+    let changed = flightnode_hub::cmd::rollout::set_paused(&client, &ns, &a.name, paused).await?;
+    let verb = if paused { "paused" } else { "resumed" };
+    if changed {
+        println!("firmwarerollout.edge.drone.io/{} {verb}", a.name);
+    } else {
+        println!("firmwarerollout.edge.drone.io/{} was already {verb}", a.name);
+    }
+    Ok(())
+}
+
 // One match arm per subcommand; splitting it would only move the dispatch elsewhere.
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -422,7 +504,19 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let cli = if as_kubectl_plugin() {
+        // kubectl runs `kubectl-flightnode ARGS`: help and errors name the command the user typed.
+        let mut cmd = <Cli as clap::CommandFactory>::command()
+            .name("kubectl flightnode")
+            .bin_name("kubectl flightnode");
+        let matches = cmd.get_matches_mut();
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+            .map_err(|e| e.format(&mut cmd))
+            .unwrap_or_else(|e| e.exit())
+    } else {
+        Cli::parse()
+    };
+    match cli.command {
         Cmd::Serve(a) => serve(*a).await,
         Cmd::Crd => {
             print!("{}", flightnode_hub::api::crd_yaml()?);
@@ -465,6 +559,47 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Fleet(a) => {
+            let client = a.source.client().await?;
+            let ns = a.source.namespace(a.namespace.as_deref(), &client);
+            let nodes = flightnode_hub::cmd::get::list(&client, Some(&ns)).await?;
+            print!(
+                "{}",
+                flightnode_hub::cmd::fleet::summary(&nodes, &ns, time::OffsetDateTime::now_utc())
+            );
+            Ok(())
+        }
+        Cmd::Drone(a) => {
+            let client = a.source.client().await?;
+            let ns = a.source.namespace(a.namespace.as_deref(), &client);
+            let api: kube::Api<flightnode_hub::api::flightnode::FlightNode> =
+                kube::Api::namespaced(client.clone(), &ns);
+            let node = api
+                .get_opt(&a.name)
+                .await
+                .with_context(|| format!("read FlightNode {} in namespace {ns}", a.name))?
+                .with_context(|| {
+                    format!(
+                        "no drone {} in namespace {ns}; `kubectl flightnode fleet` lists them",
+                        a.name
+                    )
+                })?;
+            // Events are a nice-to-have: a user without the right to list them still sees the drone.
+            let events = flightnode_hub::cmd::fleet::events(&client, &ns, &a.name, a.source.local())
+                .await
+                .unwrap_or_else(|e| vec![format!("<cannot list events: {e}>")]);
+            print!(
+                "{}",
+                flightnode_hub::cmd::fleet::describe(&node, &events, time::OffsetDateTime::now_utc())
+            );
+            Ok(())
+        }
+        Cmd::Rollout {
+            command: RolloutCmd::Pause(a),
+        } => set_paused(&a, true).await,
+        Cmd::Rollout {
+            command: RolloutCmd::Resume(a),
+        } => set_paused(&a, false).await,
         Cmd::Rollout {
             command: RolloutCmd::Status(a),
         } => {

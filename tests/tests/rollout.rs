@@ -144,6 +144,28 @@ trait View {
     /// Upgrade ids drone `name` reported switching to (local store only: the kube store keeps
     /// no per-drone event log).
     fn switched(&self, name: &str) -> Option<Vec<String>>;
+    /// `kubectl flightnode ARGS` as an operator runs it: the hub binary under the plugin's name,
+    /// against this store (on a cluster as the admin, through the kubeconfig).
+    fn plugin(&self, args: &[&str]) -> (Option<i32>, String, String);
+}
+
+/// Runs `kubectl-flightnode ARGS` (a link to the hub binary, as an operator installs it) with
+/// `env`.
+fn plugin_cli(args: &[String], env: &[(&str, &std::path::Path)]) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("kubectl-flightnode");
+    std::os::unix::fs::symlink(binary("flightnode-hub").unwrap(), &link).unwrap();
+    let mut cmd = std::process::Command::new(&link);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 struct Local<'a>(&'a Fleet);
@@ -171,6 +193,12 @@ impl View for Local<'_> {
                 .map(|e| e["reason"].as_str().unwrap_or("").to_owned())
                 .collect(),
         )
+    }
+    fn plugin(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let server = format!("http://127.0.0.1:{}", self.0.hub.http_port);
+        let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        args.extend(["--server".to_owned(), server]);
+        plugin_cli(&args, &[])
     }
     fn switched(&self, name: &str) -> Option<Vec<String>> {
         let events = self.0.hub.events(name).ok()?;
@@ -310,6 +338,12 @@ impl View for Arc<Cluster> {
     }
     fn switched(&self, _: &str) -> Option<Vec<String>> {
         None
+    }
+    fn plugin(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        args.extend(["-n".to_owned(), NS.to_owned()]);
+        let kubeconfig = self.api.admin_kubeconfig();
+        plugin_cli(&args, &[("KUBECONFIG", &kubeconfig)])
     }
 }
 
@@ -480,6 +514,39 @@ fn scenario(fleet: &mut Fleet, view_of: impl for<'a> Fn(&'a Fleet) -> Box<dyn Vi
     );
     assert_events(&*view_of(fleet), &["WaveAdvanced", "Halted"]);
 
+    // The on-call's view: the fleet at a glance names the three drones that rolled back, and a
+    // drone's description says why, in the drone's own words.
+    let (code, out, err) = view_of(fleet).plugin(&["fleet"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains(&format!("{DRONES} drones, {DRONES} online, 0 offline")),
+        "{out}"
+    );
+    assert!(out.contains("Needs attention (3):"), "{out}");
+    assert_eq!(
+        out.matches(&format!("last upgrade {BAD} RolledBack (health_check_failed)"))
+            .count(),
+        3,
+        "{out}"
+    );
+    let bad_name = by_name
+        .iter()
+        .find(|(_, i)| **i == bad_ones[0])
+        .map(|(n, _)| n.clone())
+        .unwrap();
+    let (code, out, err) = view_of(fleet).plugin(&["drone", &bad_name]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains(&format!("Name:           {bad_name}")), "{out}");
+    assert!(out.contains(&format!("Firmware:       {OLD}")), "{out}");
+    assert!(out.contains("cause: health_check_failed"), "{out}");
+    assert!(
+        out.contains("it said: checking gps | gps: no 3D fix after 30 s"),
+        "{out}"
+    );
+    let (code, _, err) = view_of(fleet).plugin(&["drone", "no-such-drone"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no drone no-such-drone in namespace"), "{err}");
+
     // The good build, a new generation of the same rollout: through every wave. The hub is
     // killed (SIGKILL) once the second wave has started and restarted on the same store.
     view_of(fleet).apply(&rollout_yaml(GOOD, &good_url));
@@ -553,6 +620,25 @@ fn scenario(fleet: &mut Fleet, view_of: impl for<'a> Fn(&'a Fleet) -> Box<dyn Vi
             "Completed",
         ],
     );
+
+    // Pause and resume from the plugin: a spec write anyone could make with `kubectl patch`.
+    let (code, out, err) = view_of(fleet).plugin(&["rollout", "pause", "fleet"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), "firmwarerollout.edge.drone.io/fleet paused");
+    assert_eq!(view_of(fleet).rollout().unwrap()["spec"]["paused"], true);
+    let (_, out, _) = view_of(fleet).plugin(&["rollout", "pause", "fleet"]);
+    assert_eq!(
+        out.trim(),
+        "firmwarerollout.edge.drone.io/fleet was already paused"
+    );
+    let (code, out, err) = view_of(fleet).plugin(&["rollout", "resume", "fleet"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), "firmwarerollout.edge.drone.io/fleet resumed");
+    assert!(view_of(fleet).rollout().unwrap()["spec"]["paused"].is_null());
+    let (code, _, err) = view_of(fleet).plugin(&["rollout", "pause", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("rollout nope in namespace"), "{err}");
+    assert!(err.contains("not found"), "{err}");
 }
 
 /// The rollout's events are `want` (where the view keeps them). The controller records an event

@@ -13,6 +13,7 @@
 
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod fleet;
 pub mod get;
 pub mod http;
 pub mod rollout;

@@ -369,3 +369,28 @@ mod tests {
         assert_eq!(verdict(&rollout(1, 1, &waiting)), None);
     }
 }
+
+/// `rollout pause|resume NAME`: sets `spec.paused`, reading the rollout first so the write
+/// carries its `resourceVersion` (a concurrent edit is a conflict, retried on the fresh object).
+/// Works against a cluster and a local hub alike. Returns whether anything changed.
+pub async fn set_paused(client: &Client, namespace: &str, name: &str, paused: bool) -> Result<bool> {
+    let api: Api<FirmwareRollout> = Api::namespaced(client.clone(), namespace);
+    let what = format!("rollout {name} in namespace {namespace}");
+    for _ in 0..3 {
+        let mut r = api.get(name).await.map_err(|e| request_error(&what, e))?;
+        if r.spec.paused == paused {
+            return Ok(false);
+        }
+        r.spec.paused = paused;
+        // NB: the status subresource is the controller's; a replace of the object leaves it.
+        r.status = None;
+        match api.replace(name, &kube::api::PostParams::default(), &r).await {
+            Ok(_) => return Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(request_error(&what, e)),
+        }
+    }
+    Err(Error::Invalid(format!(
+        "{what}: it kept changing under the write; try again"
+    )))
+}
