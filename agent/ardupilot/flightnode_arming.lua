@@ -7,7 +7,7 @@
 -- with "Arm: flightnode: ..." and the ground station shows "PreArm: flightnode: ...".
 --
 -- Fails closed: an agent that held a lock and then goes silent (killed, crashed, link lost during
--- an install) keeps the lock, with "agent silent" added. Fails open: an agent never heard since
+-- an install) keeps the lock, with "agent lost" added. Fails open: an agent never heard since
 -- the autopilot booted, or whose last word was 0, does not keep the vehicle on the ground (no
 -- install is known to run, and a drone without a working companion must still be flyable).
 -- After an autopilot reboot the lock is open until the agent's next message (within a second).
@@ -21,12 +21,14 @@ local LOCK_NAME = "FN_ARMLK"
 -- The agent sends every second: five missed messages mean it is gone.
 local SILENT_MS = 5000
 local PERIOD_MS = 200
+-- Short: the ground station gets "PreArm: " .. reason in a 50-byte STATUSTEXT, and a lost agent
+-- adds ", agent lost"; the agent's own STATUSTEXT and status say more.
 local REASONS = {
-  [1] = "installing firmware",
+  [1] = "writing firmware",
   [2] = "switching firmware",
-  [3] = "new firmware on trial",
-  [4] = "rolling back firmware",
-  [5] = "autopilot firmware mismatch",
+  [3] = "firmware on trial",
+  [4] = "rolling back",
+  [5] = "wrong autopilot fw",
 }
 
 local auth_id = nil
@@ -77,9 +79,9 @@ local function update()
   end
   local why = nil
   if heard_ms and code ~= 0 then
-    why = "flightnode: " .. (REASONS[code] or ("update lock " .. code))
+    why = "flightnode: " .. (REASONS[code] or ("lock " .. code))
     if millis():toint() - heard_ms > SILENT_MS then
-      why = why .. ", agent silent"
+      why = why .. ", agent lost"
     end
   end
   if why then

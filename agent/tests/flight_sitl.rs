@@ -73,14 +73,14 @@ fn the_autopilot_refuses_to_arm_during_an_install_and_flies_after_the_commit() {
         "2.0.0 in slot b is on trial, not yet confirmed"
     );
     pilot
-        .arm_refused("Arm: flightnode: new firmware on trial")
+        .arm_refused("Arm: flightnode: firmware on trial")
         .unwrap_or_else(|e| panic!("{e:#}\nagent:\n{}\nSITL:\n{}", g.dev.log(), sitl.log()));
 
     // The agent dies mid-trial: the autopilot keeps the vehicle on the ground.
     g.daemon.0.kill().unwrap();
     g.daemon.0.wait().unwrap();
     pilot
-        .arm_refused("new firmware on trial, agent silent")
+        .arm_refused("Arm: flightnode: firmware on trial, agent lost")
         .unwrap_or_else(|e| panic!("{e:#}\nSITL:\n{}", sitl.log()));
 
     // Back up, the trial goes on; the health check passes and the image commits.
