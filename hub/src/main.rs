@@ -80,6 +80,8 @@ enum RolloutCmd {
     Pause(RolloutNameArgs),
     /// Resume a paused rollout (sets `spec.paused: false`).
     Resume(RolloutNameArgs),
+    /// The rollout's recorded events (waves advanced, halts, completion), oldest first.
+    History(RolloutNameArgs),
 }
 
 #[derive(Args)]
@@ -600,6 +602,17 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Rollout {
             command: RolloutCmd::Resume(a),
         } => set_paused(&a, false).await,
+        Cmd::Rollout {
+            command: RolloutCmd::History(a),
+        } => {
+            let client = a.source.client().await?;
+            let ns = a.source.namespace(a.namespace.as_deref(), &client);
+            print!(
+                "{}",
+                flightnode_hub::cmd::rollout::history(&client, &ns, &a.name, a.source.local()).await?
+            );
+            Ok(())
+        }
         Cmd::Rollout {
             command: RolloutCmd::Status(a),
         } => {

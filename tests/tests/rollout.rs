@@ -621,6 +621,17 @@ fn scenario(fleet: &mut Fleet, view_of: impl for<'a> Fn(&'a Fleet) -> Box<dyn Vi
         ],
     );
 
+    // The rollout's history: its waves, the halt of the bad build and the completion.
+    let (code, out, err) = view_of(fleet).plugin(&["rollout", "history", "fleet"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    for reason in ["WaveAdvanced", "Halted", "Completed"] {
+        assert!(out.contains(reason), "no {reason} in the history:\n{out}");
+    }
+    assert!(
+        out.starts_with("rollout fleet: generation 2, target 2.0.1"),
+        "{out}"
+    );
+
     // Pause and resume from the plugin: a spec write anyone could make with `kubectl patch`.
     let (code, out, err) = view_of(fleet).plugin(&["rollout", "pause", "fleet"]);
     assert_eq!(code, Some(0), "{err}");

@@ -394,3 +394,65 @@ pub async fn set_paused(client: &Client, namespace: &str, name: &str, paused: bo
         "{what}: it kept changing under the write; try again"
     )))
 }
+
+/// `rollout history NAME`: the rollout's recorded events (waves advanced, halts, completion),
+/// oldest first, under a line naming its generation and target. A local hub keeps them in its
+/// store; a cluster has them as Events about the rollout (repeats of one reason there may be
+/// folded into one series, as kubectl shows them).
+pub async fn history(client: &Client, namespace: &str, name: &str, local: bool) -> Result<String> {
+    let api: Api<FirmwareRollout> = Api::namespaced(client.clone(), namespace);
+    let what = format!("rollout {name} in namespace {namespace}");
+    let r = api.get(name).await.map_err(|e| request_error(&what, e))?;
+    let mut rows: Vec<[String; 4]> = vec![["TIME", "TYPE", "REASON", "MESSAGE"].map(str::to_owned)];
+    if local {
+        let url = format!("/apis/edge.drone.io/v1/namespaces/{namespace}/firmwarerollouts/{name}/events");
+        let req = http::Request::get(url)
+            .body(Vec::new())
+            .map_err(|e| Error::Invalid(format!("events of {what}: {e}")))?;
+        let list: serde_json::Value = client.request(req).await.map_err(|e| request_error(&what, e))?;
+        for e in list["items"].as_array().into_iter().flatten() {
+            let text = |k: &str| e[k].as_str().unwrap_or("").to_owned();
+            rows.push([text("time"), text("type"), text("reason"), text("note")]);
+        }
+    } else {
+        let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), namespace);
+        let params = ListParams::default().fields(&format!(
+            "involvedObject.kind=FirmwareRollout,involvedObject.name={name}"
+        ));
+        let mut items = events
+            .list(&params)
+            .await
+            .map_err(|e| request_error(&format!("events of {what}"), e))?
+            .items;
+        let when = |e: &k8s_openapi::api::core::v1::Event| {
+            e.event_time
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .or_else(|| e.last_timestamp.as_ref().map(|t| t.0.to_string()))
+                .unwrap_or_default()
+        };
+        items.sort_by_key(|e| when(e));
+        for e in &items {
+            rows.push([
+                when(e),
+                e.type_.clone().unwrap_or_default(),
+                e.reason.clone().unwrap_or_default(),
+                e.message.clone().unwrap_or_default(),
+            ]);
+        }
+    }
+    let status = r.status.clone().unwrap_or_default();
+    let mut out = format!(
+        "rollout {name}: generation {}, target {} ({}) since generation {}\n",
+        r.metadata.generation.unwrap_or(1),
+        r.spec.version,
+        r.spec.url,
+        status.target_generation.unwrap_or(1),
+    );
+    if rows.len() == 1 {
+        out.push_str("No events recorded.\n");
+    } else {
+        out.push_str(&super::table(&rows));
+    }
+    Ok(out)
+}
