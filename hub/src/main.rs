@@ -78,8 +78,16 @@ enum RolloutCmd {
     /// Pause a rollout: nothing new is dispatched, drones already dispatched go on
     /// (sets `spec.paused: true`, like a merge patch of `{"spec":{"paused":true}}` with kubectl).
     Pause(RolloutNameArgs),
-    /// Resume a paused rollout (sets `spec.paused: false`).
+    /// Resume a paused or halted rollout: clears `spec.paused`, and lifts a circuit-breaker halt
+    /// or an abort without a spec edit (the breaker counts afresh from then).
     Resume(RolloutNameArgs),
+    /// Abort a rollout: nothing new is dispatched and every drone that has not started is called
+    /// back (`Halted`, reason `Aborted`) until `resume` or a new target. Refused for a complete
+    /// rollout.
+    Abort(RolloutNameArgs),
+    /// End the current wave's soak now: the next wave starts (refused while the wave's drones
+    /// still work, in the last wave, or while halted).
+    Promote(RolloutNameArgs),
     /// The rollout's recorded events (waves advanced, halts, completion), oldest first.
     History(RolloutNameArgs),
 }
@@ -481,11 +489,78 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long a verb waits for the controller to carry out its request.
+const REQUEST_WAIT: Duration = Duration::from_secs(30);
+
+/// `rollout abort|promote NAME` (and `resume` of a halt): the request, and what came of it.
+async fn operator_request(a: &RolloutNameArgs, action: &str, done: &str) -> anyhow::Result<()> {
+    use flightnode_hub::cmd::rollout::{Requested, halted_or_complete, request, whoami};
+    let client = a.source.client().await?;
+    let ns = a.source.namespace(a.namespace.as_deref(), &client);
+    let api: kube::Api<flightnode_hub::api::rollout::FirmwareRollout> =
+        kube::Api::namespaced(client.clone(), &ns);
+    let r = api
+        .get_opt(&a.name)
+        .await
+        .with_context(|| format!("read rollout {} in namespace {ns}", a.name))?
+        .with_context(|| format!("rollout {} in namespace {ns}: not found", a.name))?;
+    let (_, complete) = halted_or_complete(&r);
+    if action == "abort" && complete {
+        anyhow::bail!("rollout {} is complete: nothing to abort", a.name);
+    }
+    let by = whoami(&client, a.source.local()).await;
+    match request(
+        &client,
+        &ns,
+        &a.name,
+        action,
+        &by,
+        action == "resume",
+        REQUEST_WAIT,
+    )
+    .await?
+    {
+        Requested::Done(message) => {
+            println!("firmwarerollout.edge.drone.io/{} {done}: {message}", a.name);
+            Ok(())
+        }
+        Requested::Refused(why) => anyhow::bail!("rollout {}: {why}", a.name),
+        Requested::Pending => {
+            println!(
+                "firmwarerollout.edge.drone.io/{} {action} requested; no controller carried it out within {}s (is a hub with --controllers running?)",
+                a.name,
+                REQUEST_WAIT.as_secs()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `rollout resume NAME`: a halt (breaker or abort) is lifted by a request, a pause by clearing
+/// `spec.paused`.
+async fn resume(a: &RolloutNameArgs) -> anyhow::Result<()> {
+    let client = a.source.client().await?;
+    let ns = a.source.namespace(a.namespace.as_deref(), &client);
+    let api: kube::Api<flightnode_hub::api::rollout::FirmwareRollout> =
+        kube::Api::namespaced(client.clone(), &ns);
+    let r = api
+        .get_opt(&a.name)
+        .await
+        .with_context(|| format!("read rollout {} in namespace {ns}", a.name))?
+        .with_context(|| format!("rollout {} in namespace {ns}: not found", a.name))?;
+    let (halted, _) = flightnode_hub::cmd::rollout::halted_or_complete(&r);
+    if halted {
+        return operator_request(a, "resume", "resumed").await;
+    }
+    set_paused(a, false).await
+}
+
 /// `rollout pause|resume NAME`.
 async fn set_paused(a: &RolloutNameArgs, paused: bool) -> anyhow::Result<()> {
     let client = a.source.client().await?;
     let ns = a.source.namespace(a.namespace.as_deref(), &client);
-    let changed = flightnode_hub::cmd::rollout::set_paused(&client, &ns, &a.name, paused).await?;
+    let by = flightnode_hub::cmd::rollout::whoami(&client, a.source.local()).await;
+    let changed = flightnode_hub::cmd::rollout::set_paused(&client, &ns, &a.name, paused, &by).await?;
     let verb = if paused { "paused" } else { "resumed" };
     if changed {
         println!("firmwarerollout.edge.drone.io/{} {verb}", a.name);
@@ -601,7 +676,13 @@ async fn main() -> anyhow::Result<()> {
         } => set_paused(&a, true).await,
         Cmd::Rollout {
             command: RolloutCmd::Resume(a),
-        } => set_paused(&a, false).await,
+        } => resume(&a).await,
+        Cmd::Rollout {
+            command: RolloutCmd::Abort(a),
+        } => operator_request(&a, "abort", "aborted").await,
+        Cmd::Rollout {
+            command: RolloutCmd::Promote(a),
+        } => operator_request(&a, "promote", "promoted").await,
         Cmd::Rollout {
             command: RolloutCmd::History(a),
         } => {

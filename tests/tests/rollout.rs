@@ -705,3 +705,173 @@ fn a_drone_that_went_dark_while_the_hub_restarted_goes_offline_on_a_real_api_ser
         tail(&fleet.hub.log())
     );
 }
+
+/// The operator's verbs on the real API server with four real agents, run from outside as an
+/// operator would (`kubectl-flightnode`, the admin's kubeconfig): `promote` ends a one-hour
+/// soak; `abort` calls back every dispatched drone that has not started (here held by a gate),
+/// and a second one is refused; `resume` lifts the abort without a spec edit and the rollout
+/// completes; `abort` of the complete rollout is refused; `history` names every action and who.
+#[test]
+fn operators_promote_abort_and_resume_a_rollout_of_real_agents_on_a_real_api_server() {
+    let _one = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let cluster = Arc::new(cluster);
+    let kube = KubeStore {
+        kubeconfig: cluster.api.restricted_kubeconfig(),
+        namespace: NS.to_owned(),
+    };
+    let mut opts = options(Some(kube), true);
+    opts.drones = 4;
+    let mut fleet = Fleet::start(opts).unwrap();
+    // The four drones with agents, and only they, are the rollout's.
+    for i in 1..=4 {
+        cluster.apply(&format!(
+            "apiVersion: edge.drone.io/v1\nkind: FlightNode\nmetadata: {{name: drone-{i}, labels: {{ops: \"yes\"}}}}\n\
+             spec: {{hardwareId: {HARDWARE}}}\n"
+        ));
+    }
+    let (_, url) = fleet.bundle("good", GOOD, 64 * 1024).unwrap();
+    let rollout = |flight_states: &str, allow_unknown: bool| {
+        format!(
+            "apiVersion: edge.drone.io/v1\nkind: FirmwareRollout\nmetadata:\n  name: ops\nspec:\n\
+             \x20 version: \"{GOOD}\"\n  url: {url}\n  selector: {{matchLabels: {{ops: \"yes\"}}}}\n\
+             \x20 waves:\n    - count: 1\n      soak: 1h\n\
+             \x20 gates: {{flightStates: [{flight_states}], allowUnknownFlightState: {allow_unknown}}}\n"
+        )
+    };
+    let online = wait_until(WAIT, Duration::from_millis(500), || {
+        cluster
+            .nodes()
+            .iter()
+            .filter(|f| condition(f, "Online").is_some_and(|c| c["status"] == "True"))
+            .count()
+            == 4
+    });
+    assert!(online, "not every drone online:\n{}", tail(&fleet.hub.log()));
+    cluster.apply(&rollout("disarmed", true));
+    let get = || {
+        let api = cluster.resource("FirmwareRollout", "firmwarerollouts");
+        let r = cluster.rt.block_on(api.get_opt("ops")).ok().flatten();
+        r.and_then(|r| serde_json::to_value(r).ok()).unwrap_or_default()
+    };
+    let soaking = wait_until(WAIT, Duration::from_millis(500), || {
+        let r = get();
+        r["status"]["waveFinishedTime"].is_string() && r["status"]["currentWave"] == 0
+    });
+    assert!(soaking, "the canary never finished: {:#}", get());
+
+    // The rest may not start yet (no drone reports the armed state the gate now wants), then
+    // the canary's hour of soak is cut short.
+    cluster.apply(&rollout("armed", false));
+    let edited = wait_until(WAIT, Duration::from_millis(200), || {
+        get()["status"]["observedGeneration"] == 2
+    });
+    assert!(edited, "{:#}", get());
+    let plugin = |args: &[&str]| cluster.plugin(args);
+    let (code, out, err) = plugin(&["rollout", "promote", "ops"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(
+        out.trim(),
+        "firmwarerollout.edge.drone.io/ops promoted: the soak of wave 1 ends now"
+    );
+    let dispatched = |n: usize| {
+        wait_until(WAIT, Duration::from_millis(300), || {
+            cluster
+                .nodes()
+                .iter()
+                .filter(|f| f["spec"]["firmware"]["version"] == GOOD)
+                .count()
+                == n
+        })
+    };
+    assert!(dispatched(4), "wave 2 was not dispatched: {:#}", get());
+
+    // Abort: the three held drones are called back; the canary keeps what it committed.
+    let (code, out, err) = plugin(&["rollout", "abort", "ops"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.starts_with("firmwarerollout.edge.drone.io/ops aborted: nothing new is dispatched"),
+        "{out}"
+    );
+    assert!(
+        dispatched(1),
+        "the unstarted drones were not called back: {:#}",
+        get()
+    );
+    let r = get();
+    let halted = r["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Halted"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (&halted["status"], &halted["reason"]),
+        (&"True".into(), &"Aborted".into()),
+        "{r:#}"
+    );
+    let (code, _, err) = plugin(&["rollout", "abort", "ops"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("rollout ops: abort: the rollout is already aborted"),
+        "{err}"
+    );
+
+    // Lift the gate again (a spec edit does not end an abort), then resume: it completes.
+    cluster.apply(&rollout("disarmed", true));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(dispatched(1), "an edit resumed an aborted rollout: {:#}", get());
+    let (code, out, err) = plugin(&["rollout", "resume", "ops"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.starts_with("firmwarerollout.edge.drone.io/ops resumed: halt lifted"),
+        "{out}"
+    );
+    let complete = wait_until(WAIT, Duration::from_millis(500), || {
+        is_true(&get(), "Complete", 3)
+    });
+    assert!(complete, "{:#}", get());
+    for f in cluster
+        .nodes()
+        .iter()
+        .filter(|f| f["metadata"]["labels"]["ops"] == "yes")
+    {
+        assert_eq!(committed(f), GOOD, "{f:#}");
+    }
+    let (code, _, err) = plugin(&["rollout", "abort", "ops"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("rollout ops is complete: nothing to abort"), "{err}");
+
+    // The history: every action, and who did it (the admin user of the kubeconfig).
+    let history = get()["status"]["history"].clone();
+    let actions: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["action"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "Created", "Edited", "Promoted", "Aborted", "Refused", "Edited", "Resumed"
+        ],
+        "{history:#}"
+    );
+    let by: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["by"].as_str().unwrap_or(""))
+        .collect();
+    assert!(
+        by[2..].iter().all(|b| !b.is_empty() && *b == by[2]),
+        "{history:#}"
+    );
+    let (code, out, _) = plugin(&["rollout", "history", "ops"]);
+    assert_eq!(code, Some(0));
+    for reason in ["Promoted", "Aborted", "Resumed", "Completed"] {
+        assert!(out.contains(reason), "no {reason} event:\n{out}");
+    }
+    fleet.hub.stop();
+}

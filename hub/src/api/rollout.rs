@@ -35,6 +35,33 @@ pub const ANNOTATION_DISPATCHED: &str = "edge.drone.io/rollout-dispatched";
 /// reconciler applies again right before it publishes the command.
 pub const ANNOTATION_GATES: &str = "edge.drone.io/rollout-gates";
 
+/// Annotation on a `FirmwareRollout`: an operator's request, JSON [`Request`]
+/// (`kubectl flightnode rollout abort|resume|promote NAME` writes it; so can `kubectl
+/// annotate`). Metadata, not spec: it bumps no generation. The controller carries out each
+/// request id once and records it in `status.history`.
+pub const ANNOTATION_REQUEST: &str = "edge.drone.io/request";
+/// Annotation on a `FirmwareRollout`: who last edited it, as the flightnode CLI saw its user
+/// (the history names this editor; without it, the field manager of the latest spec write).
+pub const ANNOTATION_EDITED_BY: &str = "edge.drone.io/edited-by";
+/// Entries `status.history` keeps.
+pub const HISTORY_LEN: usize = 20;
+
+/// An operator's request in [`ANNOTATION_REQUEST`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Request {
+    /// `abort`, `resume` or `promote`.
+    pub action: String,
+    /// Unique per request: the same id is carried out once.
+    pub id: String,
+    /// Who asked (the user as the CLI saw it).
+    #[serde(default)]
+    pub by: String,
+    /// When (RFC 3339).
+    #[serde(default)]
+    pub at: String,
+}
+
 /// What `spec.droneTimeout` and `spec.waves[].soak` look like: Go-style, `30m`, `1h30m`, `90s`.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
 /// `spec.progressDeadline` when it is not set, in seconds.
@@ -422,10 +449,55 @@ pub struct FirmwareRolloutStatus {
     /// Drones by outcome.
     #[serde(default)]
     pub counts: Counts,
+    /// Set by an `abort` request: nothing new is dispatched and every drone that has not
+    /// started is called back (`Halted` with reason `Aborted`), until a `resume` request or a
+    /// new target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted: Option<Actor>,
+    /// The wave whose soak a `promote` request ended (the next wave starts once it finished).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_wave: Option<u32>,
+    /// Id of the last operator request (annotation `edge.drone.io/request`) carried out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_request: Option<String>,
+    /// What operators did to this rollout, oldest first, the last 20: created, edited, paused,
+    /// resumed, aborted, promoted, with who and when (also as Events).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEntry>,
     /// Progressing, Halted, Complete, Superseded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// Who did something, and when.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Actor {
+    /// The user as the flightnode CLI saw it, else the field manager of the write.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub by: String,
+    /// When (RFC 3339).
+    pub time: String,
+}
+
+/// One operator action in `status.history`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    /// `Created`, `Edited`, `Paused`, `Resumed`, `Aborted`, `Promoted`; `Refused` for a request
+    /// that made no sense (the message says why).
+    pub action: String,
+    /// The user as the flightnode CLI saw it, else the field manager of the write.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub by: String,
+    /// When the controller saw it (RFC 3339).
+    pub time: String,
+    /// The rollout's generation then.
+    pub generation: i64,
+    /// What happened.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// Drones of the rollout by outcome.

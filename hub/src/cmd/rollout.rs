@@ -373,7 +373,13 @@ mod tests {
 /// `rollout pause|resume NAME`: sets `spec.paused`, reading the rollout first so the write
 /// carries its `resourceVersion` (a concurrent edit is a conflict, retried on the fresh object).
 /// Works against a cluster and a local hub alike. Returns whether anything changed.
-pub async fn set_paused(client: &Client, namespace: &str, name: &str, paused: bool) -> Result<bool> {
+pub async fn set_paused(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    paused: bool,
+    by: &str,
+) -> Result<bool> {
     let api: Api<FirmwareRollout> = Api::namespaced(client.clone(), namespace);
     let what = format!("rollout {name} in namespace {namespace}");
     for _ in 0..3 {
@@ -382,6 +388,14 @@ pub async fn set_paused(client: &Client, namespace: &str, name: &str, paused: bo
             return Ok(false);
         }
         r.spec.paused = paused;
+        // The rollout's history names who paused it.
+        r.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                crate::api::rollout::ANNOTATION_EDITED_BY.to_owned(),
+                by.to_owned(),
+            );
         // NB: the status subresource is the controller's; a replace of the object leaves it.
         r.status = None;
         match api.replace(name, &kube::api::PostParams::default(), &r).await {
@@ -455,4 +469,141 @@ pub async fn history(client: &Client, namespace: &str, name: &str, local: bool) 
         out.push_str(&super::table(&rows));
     }
     Ok(out)
+}
+
+/// Who the user is, for the rollout's history: on a cluster the name the API server knows
+/// (a SelfSubjectReview), on a local hub the login name. Self-reported for the history's sake;
+/// the API server's audit log is the record that cannot be forged.
+pub async fn whoami(client: &Client, local: bool) -> String {
+    let login = || {
+        std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_else(|_| "local user".to_owned())
+    };
+    if local {
+        return login();
+    }
+    let body = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"});
+    let Ok(req) = http::Request::post("/apis/authentication.k8s.io/v1/selfsubjectreviews")
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&body).unwrap_or_default())
+    else {
+        return login();
+    };
+    match client.request::<serde_json::Value>(req).await {
+        Ok(review) => review["status"]["userInfo"]["username"]
+            .as_str()
+            .map_or_else(login, str::to_owned),
+        Err(e) => {
+            tracing::debug!(error = %e, "SelfSubjectReview failed; naming the login user");
+            login()
+        }
+    }
+}
+
+/// How an operator request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requested {
+    /// Carried out: the history's message.
+    Done(String),
+    /// Refused by the controller: why.
+    Refused(String),
+    /// Written, but no controller carried it out in time.
+    Pending,
+}
+
+/// Writes an operator request (`abort`, `resume`, `promote`) into the rollout's
+/// [`crate::api::rollout::ANNOTATION_REQUEST`] annotation (with `paused` also set to false for
+/// a resume of a paused rollout) and waits up to `wait` for the controller to carry it out.
+pub async fn request(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    action: &str,
+    by: &str,
+    unpause: bool,
+    wait: Duration,
+) -> Result<Requested> {
+    let api: Api<FirmwareRollout> = Api::namespaced(client.clone(), namespace);
+    let what = format!("rollout {name} in namespace {namespace}");
+    let now = time::OffsetDateTime::now_utc();
+    let at = now
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let id = format!("{action}-{}", now.unix_timestamp_nanos());
+    let q = crate::api::rollout::Request {
+        action: action.to_owned(),
+        id: id.clone(),
+        by: by.to_owned(),
+        at,
+    };
+    let text = serde_json::to_string(&q).map_err(|e| Error::Encode(e.into()))?;
+    let mut written = false;
+    for _ in 0..3 {
+        let mut r = api.get(name).await.map_err(|e| request_error(&what, e))?;
+        let notes = r.metadata.annotations.get_or_insert_with(Default::default);
+        notes.insert(crate::api::rollout::ANNOTATION_REQUEST.to_owned(), text.clone());
+        if unpause && r.spec.paused {
+            r.spec.paused = false;
+            notes.insert(
+                crate::api::rollout::ANNOTATION_EDITED_BY.to_owned(),
+                by.to_owned(),
+            );
+        }
+        r.status = None;
+        match api.replace(name, &kube::api::PostParams::default(), &r).await {
+            Ok(_) => {
+                written = true;
+                break;
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(request_error(&what, e)),
+        }
+    }
+    if !written {
+        return Err(Error::Invalid(format!(
+            "{what}: it kept changing under the write; try again"
+        )));
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let r = api.get(name).await.map_err(|e| request_error(&what, e))?;
+        let status = r.status.unwrap_or_default();
+        if status.last_request.as_deref() == Some(id.as_str()) {
+            // The entry the controller wrote for it: the newest one by this user.
+            let entry = status
+                .history
+                .iter()
+                .rev()
+                .find(|h| h.by == by && h.action != "Edited");
+            return Ok(match entry {
+                Some(h) if h.action == "Refused" => Requested::Refused(h.message.clone()),
+                Some(h) => Requested::Done(h.message.clone()),
+                None => Requested::Done(String::new()),
+            });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(Requested::Pending);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Whether the rollout is halted by its breaker or aborted (what `resume` lifts), and whether it
+/// is complete for its target (what `abort` refuses).
+pub fn halted_or_complete(r: &FirmwareRollout) -> (bool, bool) {
+    let conditions = r
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let halted = conditions.iter().any(|c| {
+        c.type_ == condition::HALTED
+            && c.status == "True"
+            && matches!(c.reason.as_str(), "CircuitBreakerTripped" | "Aborted")
+    });
+    let complete = conditions
+        .iter()
+        .any(|c| c.type_ == condition::COMPLETE && c.status == "True");
+    (halted, complete)
 }

@@ -283,6 +283,37 @@ impl DroneCache {
     }
 }
 
+/// The operators' side of a step: the request annotation, and who wrote the current spec (the
+/// user the flightnode CLI named, else the field manager of the newest spec write, e.g.
+/// `kubectl-edit`).
+fn operator_of(r: &FirmwareRollout) -> plan::Operator {
+    let notes = r.annotations();
+    let request = notes
+        .get(crate::api::rollout::ANNOTATION_REQUEST)
+        .and_then(|text| {
+            serde_json::from_str::<crate::api::rollout::Request>(text)
+                .map_err(|e| {
+                    tracing::warn!(rollout = %r.name_any(), error = %e,
+                    "the request annotation is no JSON request ({{\"action\":…,\"id\":…}}); ignored");
+                })
+                .ok()
+        });
+    let manager = r
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.subresource.as_deref().unwrap_or("").is_empty())
+        .filter(|m| m.fields_v1.as_ref().is_some_and(|f| f.0.get("f:spec").is_some()))
+        .max_by_key(|m| m.time.as_ref().map(|t| t.0))
+        .and_then(|m| m.manager.clone());
+    let editor = notes
+        .get(crate::api::rollout::ANNOTATION_EDITED_BY)
+        .cloned()
+        .or(manager);
+    plan::Operator { request, editor }
+}
+
 /// Reconciles every rollout once, with up to `concurrency` drone writes in flight at a time,
 /// reading drones through `cache`.
 pub async fn reconcile_all(
@@ -338,7 +369,15 @@ pub async fn reconcile_all(
             }
             continue;
         }
-        let p = plan::plan(&r.spec, generation, &previous, &drones, now, now_rfc3339);
+        let p = plan::plan_with(
+            &r.spec,
+            generation,
+            &previous,
+            &drones,
+            now,
+            now_rfc3339,
+            &operator_of(r),
+        );
         // A drone that carries a spec.firmware the plan may replace holds another rollout's (or
         // this one's earlier) target: it is taken over, on condition nothing changed since read.
         let take_over: BTreeMap<String, String> = selected

@@ -7,7 +7,8 @@ use super::node_sync;
 use super::rollout_waves::{Drone, Outcome, assign_waves, breaker, count, outcome, rank_key, wave_targets};
 use crate::api::meta::Condition;
 use crate::api::rollout::{
-    FirmwareRolloutSpec, FirmwareRolloutStatus, condition, duration_secs, target_hash,
+    Actor, FirmwareRolloutSpec, FirmwareRolloutStatus, HISTORY_LEN, HistoryEntry, Request, condition,
+    duration_secs, target_hash,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -173,6 +174,11 @@ fn unstarted(d: &Drone) -> bool {
     d.stale || (d.dispatched && !d.on_target && d.sync_reason.as_deref() != Some(node_sync::reason::FAILED))
 }
 
+/// `by` for a sentence: who, or that nobody said.
+fn who(by: &str) -> &str {
+    if by.is_empty() { "an unnamed user" } else { by }
+}
+
 /// One reconcile step of a rollout of `generation` over `drones` at `now`.
 ///
 /// Wave progress belongs to the target ([`target_hash`], recorded in `status.targetHash`): only
@@ -188,6 +194,63 @@ pub fn plan(
     drones: &[Drone],
     now: i64,
     now_rfc3339: &str,
+) -> Plan {
+    plan_with(
+        spec,
+        generation,
+        previous,
+        drones,
+        now,
+        now_rfc3339,
+        &Operator::default(),
+    )
+}
+
+/// What operators did since the last step: the request in the rollout's annotation
+/// ([`crate::api::rollout::ANNOTATION_REQUEST`]) and who last edited its spec.
+#[derive(Debug, Clone, Default)]
+pub struct Operator {
+    /// The request, carried out once per id.
+    pub request: Option<Request>,
+    /// Who wrote the current generation (for the history).
+    pub editor: Option<String>,
+}
+
+fn record(
+    status: &mut FirmwareRolloutStatus,
+    action: &str,
+    by: &str,
+    now: &str,
+    generation: i64,
+    message: String,
+) {
+    status.history.push(HistoryEntry {
+        action: action.to_owned(),
+        by: by.to_owned(),
+        time: now.to_owned(),
+        generation,
+        message,
+    });
+    let over = status.history.len().saturating_sub(HISTORY_LEN);
+    status.history.drain(..over);
+}
+
+/// [`plan`] with the operators' actions: `abort` (sticky until `resume` or a new target),
+/// `resume` (lifts a breaker halt or an abort; the breaker counts from then), `promote` (ends
+/// the finished current wave's soak now), each recorded in `status.history` with an Event, and
+/// a refused one recorded as `Refused` with why.
+#[allow(
+    clippy::too_many_lines,
+    reason = "one step of the rollout; its parts share the outcomes and the status being built"
+)]
+pub fn plan_with(
+    spec: &FirmwareRolloutSpec,
+    generation: i64,
+    previous: &FirmwareRolloutStatus,
+    drones: &[Drone],
+    now: i64,
+    now_rfc3339: &str,
+    op: &Operator,
 ) -> Plan {
     let mut status = previous.clone();
     let mut events = Vec::new();
@@ -207,17 +270,117 @@ pub fn plan(
         status.wave_started_time = Some(now_rfc3339.to_owned());
         status.wave_finished_time = None;
     }
+    if target_changed {
+        // A new target is a new rollout of the same name: an abort or a promotion was about
+        // the old one.
+        status.aborted = None;
+        status.promoted_wave = None;
+    }
     status.target_hash = Some(target);
     status.target_generation.get_or_insert(generation);
     status.observed_generation = Some(generation);
+    let editor = op.editor.clone().unwrap_or_default();
+    match previous.observed_generation {
+        None => record(
+            &mut status,
+            "Created",
+            &editor,
+            now_rfc3339,
+            generation,
+            format!("{} from {}", spec.version, spec.url),
+        ),
+        Some(g) if g != generation => {
+            let was_paused = previous
+                .conditions
+                .iter()
+                .any(|c| c.type_ == condition::HALTED && c.status == "True" && c.reason == "Paused");
+            let (action, message) = match (was_paused, spec.paused) {
+                (false, true) => ("Paused", "spec.paused set: nothing new is dispatched".to_owned()),
+                (true, false) => ("Resumed", "spec.paused cleared".to_owned()),
+                _ if target_changed => ("Edited", format!("new target {} from {}", spec.version, spec.url)),
+                _ => ("Edited", format!("spec changed (generation {generation})")),
+            };
+            record(&mut status, action, &editor, now_rfc3339, generation, message);
+        }
+        Some(_) => {}
+    }
+    let request = op
+        .request
+        .as_ref()
+        .filter(|q| !q.id.is_empty() && previous.last_request.as_deref() != Some(q.id.as_str()));
+    if let Some(q) = request {
+        status.last_request = Some(q.id.clone());
+    }
     // Terminal states stick for their target: another edit neither resumes a halt nor reopens a
     // finished rollout.
-    let halted_before = previous
+    let mut halted_before = previous
         .conditions
         .iter()
         .find(|c| c.type_ == condition::HALTED && c.status == "True" && c.reason == "CircuitBreakerTripped")
         .filter(|_| !target_changed);
     let was_complete = !target_changed && is_true(&previous.conditions, condition::COMPLETE);
+    match request.map(|q| (q.action.as_str(), q)) {
+        Some(("abort", q)) => {
+            let refused = if was_complete {
+                Some("the rollout is complete: nothing to abort")
+            } else if status.aborted.is_some() {
+                Some("the rollout is already aborted")
+            } else {
+                None
+            };
+            if let Some(why) = refused {
+                record(
+                    &mut status,
+                    "Refused",
+                    &q.by,
+                    now_rfc3339,
+                    generation,
+                    format!("abort: {why}"),
+                );
+            } else {
+                status.aborted = Some(Actor {
+                    by: q.by.clone(),
+                    time: now_rfc3339.to_owned(),
+                });
+                let note = "nothing new is dispatched; every drone that has not started is called back";
+                record(
+                    &mut status,
+                    "Aborted",
+                    &q.by,
+                    now_rfc3339,
+                    generation,
+                    note.to_owned(),
+                );
+                events.push(("Aborted".to_owned(), format!("aborted by {}: {note}", who(&q.by))));
+            }
+        }
+        Some(("resume", q)) => {
+            if halted_before.is_some() || status.aborted.is_some() {
+                halted_before = None;
+                status.aborted = None;
+                // The outcomes that tripped the breaker are judged; it counts afresh from here.
+                status.breaker_since = Some(now_rfc3339.to_owned());
+                let note = "halt lifted: dispatching goes on and the circuit breaker counts from now";
+                record(
+                    &mut status,
+                    "Resumed",
+                    &q.by,
+                    now_rfc3339,
+                    generation,
+                    note.to_owned(),
+                );
+                events.push(("Resumed".to_owned(), format!("resumed by {}: {note}", who(&q.by))));
+            } else {
+                let why = "resume: the rollout is neither halted nor aborted".to_owned();
+                record(&mut status, "Refused", &q.by, now_rfc3339, generation, why);
+            }
+        }
+        Some(("promote", _)) | None => {}
+        Some((other, q)) => {
+            let why = format!("unknown action {other:?} (abort, resume or promote)");
+            record(&mut status, "Refused", &q.by, now_rfc3339, generation, why);
+        }
+    }
 
     let waves = assign_waves(drones.iter().map(|d| d.name.as_str()), &spec.waves);
     let wave_count = wave_targets(u32::try_from(drones.len()).unwrap_or(u32::MAX), &spec.waves).len();
@@ -244,10 +407,16 @@ pub fn plan(
         .filter(|d| d.dispatched && d.dispatched_at >= breaker_since)
         .map(|d| outcomes[&d.name])
         .collect();
-    let tripped = match halted_before {
-        Some(c) => Some(c.message.clone()),
-        None if was_complete => None,
-        None => breaker(&spec.failure_policy.rules, &sample),
+    let tripped = match (&status.aborted, halted_before) {
+        (Some(a), _) => Some(format!("aborted by {} at {}", who(&a.by), a.time)),
+        (None, Some(c)) => Some(c.message.clone()),
+        (None, None) if was_complete => None,
+        (None, None) => breaker(&spec.failure_policy.rules, &sample),
+    };
+    let halt_reason = if status.aborted.is_some() {
+        "Aborted"
+    } else {
+        "CircuitBreakerTripped"
     };
 
     let mut dispatch = Vec::new();
@@ -295,9 +464,50 @@ pub fn plan(
         status.wave_finished_time.is_some() && now >= finished_at + soak
     };
     let waiting_for_flights = wall_soak_over && flown.as_ref().is_some_and(|f| !f.enough());
+    if let Some(q) = request.filter(|q| q.action == "promote") {
+        let refused = if tripped.is_some() {
+            Some("the rollout is halted; resume it first".to_owned())
+        } else if last_wave {
+            Some("the last wave has no soak to end".to_owned())
+        } else if !wave_done {
+            Some(format!(
+                "wave {} has not finished: {pending} drones are still working",
+                current + 1
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            record(
+                &mut status,
+                "Refused",
+                &q.by,
+                now_rfc3339,
+                generation,
+                format!("promote: {why}"),
+            );
+        } else {
+            status.promoted_wave = u32::try_from(current).ok();
+            let note = format!("the soak of wave {} ends now", current + 1);
+            record(
+                &mut status,
+                "Promoted",
+                &q.by,
+                now_rfc3339,
+                generation,
+                note.clone(),
+            );
+            events.push((
+                "Promoted".to_owned(),
+                format!("promoted by {}: {note}", who(&q.by)),
+            ));
+        }
+    }
+    let promoted = status.promoted_wave.is_some_and(|w| w as usize == current);
+    let waiting_for_flights = waiting_for_flights && !promoted;
 
     if let Some(why) = &tripped {
-        if halted_before.is_none() {
+        if halted_before.is_none() && status.aborted.is_none() {
             events.push((
                 "Halted".to_owned(),
                 format!("circuit breaker tripped in wave {current}: {why}"),
@@ -306,7 +516,7 @@ pub fn plan(
         conditions.push(cond(
             condition::HALTED,
             true,
-            "CircuitBreakerTripped",
+            halt_reason,
             why.clone(),
             generation,
             &prev_conditions,
@@ -315,7 +525,11 @@ pub fn plan(
         conditions.push(cond(
             condition::PROGRESSING,
             false,
-            "Halted",
+            if status.aborted.is_some() {
+                "Aborted"
+            } else {
+                "Halted"
+            },
             "no new dispatch".into(),
             generation,
             &prev_conditions,
@@ -324,7 +538,11 @@ pub fn plan(
         conditions.push(cond(
             condition::COMPLETE,
             false,
-            "Halted",
+            if status.aborted.is_some() {
+                "Aborted"
+            } else {
+                "Halted"
+            },
             "halted before the last wave".into(),
             generation,
             &prev_conditions,
@@ -394,7 +612,8 @@ pub fn plan(
                 .get(current)
                 .and_then(|w| duration_secs(w.soak.as_deref()))
                 .unwrap_or(0);
-            if now >= finished_at + soak && flown.as_ref().is_none_or(Flown::enough) {
+            if promoted || (now >= finished_at + soak && flown.as_ref().is_none_or(Flown::enough)) {
+                status.promoted_wave = None;
                 status.current_wave += 1;
                 status.wave_started_time = Some(now_rfc3339.to_owned());
                 status.wave_finished_time = None;

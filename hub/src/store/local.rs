@@ -265,6 +265,8 @@ impl LocalStore {
                 old.metadata.generation = Some(old.metadata.generation.unwrap_or(1) + 1);
             }
             old.metadata.labels = r.metadata.labels;
+            // Operator requests and the editor's name ride in annotations.
+            old.metadata.annotations = r.metadata.annotations;
             old
         } else {
             let id = self.db.generate_id().map_err(internal)?;

@@ -889,3 +889,256 @@ fn a_flight_soak_waits_for_flights_on_the_new_firmware_and_has_a_deadline() {
     assert_eq!(reason, "ProgressDeadlineExceeded", "{message}");
     assert_eq!(p.status.current_wave, 0);
 }
+
+fn ask(action: &str, id: &str) -> Operator {
+    Operator {
+        request: Some(Request {
+            action: action.into(),
+            id: id.into(),
+            by: "alice".into(),
+            at: at(T0),
+        }),
+        editor: Some("alice".into()),
+    }
+}
+
+fn last(status: &FirmwareRolloutStatus) -> (&str, &str, &str) {
+    let h = status.history.last().unwrap();
+    (h.action.as_str(), h.by.as_str(), h.message.as_str())
+}
+
+#[test]
+fn abort_halts_and_calls_back_every_unstarted_drone_until_resumed() {
+    let s = spec();
+    let mut drones = fleet(10);
+    let p = plan_with(
+        &s,
+        1,
+        &FirmwareRolloutStatus::default(),
+        &drones,
+        T0,
+        &at(T0),
+        &ask("none", ""),
+    );
+    assert_eq!(last(&p.status).0, "Created");
+    apply(&mut drones, &p, T0);
+    let canary = p.dispatch.clone();
+    // One canary started, the other has not: the abort calls back only the second.
+    let started = drones.iter().position(|d| d.name == canary[0]).unwrap();
+    drones[started].started = true;
+    drones[started].running = true;
+    let p = plan_with(
+        &s,
+        1,
+        &p.status,
+        &drones,
+        T0 + 5,
+        &at(T0 + 5),
+        &ask("abort", "r1"),
+    );
+    assert!(p.dispatch.is_empty());
+    assert_eq!(p.cancel, vec![canary[1].clone()]);
+    let halted = p
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::HALTED)
+        .unwrap();
+    assert_eq!(
+        (halted.status.as_str(), halted.reason.as_str()),
+        ("True", "Aborted")
+    );
+    assert!(halted.message.starts_with("aborted by alice at "), "{halted:?}");
+    assert_eq!(
+        p.events,
+        vec![(
+            "Aborted".to_owned(),
+            "aborted by alice: nothing new is dispatched; every drone that has not started is called back"
+                .to_owned()
+        )]
+    );
+    assert_eq!(last(&p.status).0, "Aborted");
+    apply(&mut drones, &p, T0 + 5);
+    // The same request again is not carried out twice; later steps stay aborted.
+    let p = plan_with(
+        &s,
+        1,
+        &p.status,
+        &drones,
+        T0 + 60,
+        &at(T0 + 60),
+        &ask("abort", "r1"),
+    );
+    assert!(p.dispatch.is_empty() && p.events.is_empty());
+    assert_eq!(
+        p.status.history.iter().filter(|h| h.action == "Aborted").count(),
+        1
+    );
+    // A second abort is refused, saying why.
+    let p = plan_with(
+        &s,
+        1,
+        &p.status,
+        &drones,
+        T0 + 61,
+        &at(T0 + 61),
+        &ask("abort", "r2"),
+    );
+    assert_eq!(
+        last(&p.status),
+        ("Refused", "alice", "abort: the rollout is already aborted")
+    );
+    // Resume: dispatching goes on (the called-back canary again).
+    let p = plan_with(
+        &s,
+        1,
+        &p.status,
+        &drones,
+        T0 + 70,
+        &at(T0 + 70),
+        &ask("resume", "r3"),
+    );
+    assert_eq!(
+        p.dispatch,
+        vec![canary[1].clone()],
+        "canary {canary:?} outcomes {:?}",
+        p.outcomes
+    );
+    assert!(!is_true(&p.status.conditions, condition::HALTED));
+    assert_eq!(p.status.aborted, None);
+    assert_eq!(last(&p.status).0, "Resumed");
+    assert_eq!(p.events[0].0, "Resumed");
+}
+
+#[test]
+fn resume_lifts_a_breaker_halt_without_a_spec_edit_and_the_breaker_counts_afresh() {
+    let s = spec();
+    let mut drones = fleet(10);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    apply(&mut drones, &p, T0);
+    for name in &p.dispatch {
+        let i = drones.iter().position(|d| &d.name == name).unwrap();
+        finish(&mut drones[i], "RolledBack");
+    }
+    let p = plan(&s, 1, &p.status, &drones, T0 + 10, &at(T0 + 10));
+    assert!(is_true(&p.status.conditions, condition::HALTED));
+    // Nothing to resume is refused; a halt is lifted, and the same generation goes on.
+    let p = plan_with(
+        &s,
+        1,
+        &p.status,
+        &drones,
+        T0 + 20,
+        &at(T0 + 20),
+        &ask("resume", "r1"),
+    );
+    assert!(
+        !is_true(&p.status.conditions, condition::HALTED),
+        "{:?}",
+        p.status.conditions
+    );
+    assert_eq!(p.status.observed_generation, Some(1));
+    assert_eq!(p.status.breaker_since.as_deref(), Some(at(T0 + 20).as_str()));
+    // The two rolled-back canaries finished before the resume: they no longer trip it.
+    let p = plan(&s, 1, &p.status, &drones, T0 + 30, &at(T0 + 30));
+    assert!(!is_true(&p.status.conditions, condition::HALTED));
+    let p = plan_with(
+        &s,
+        1,
+        &p.status,
+        &drones,
+        T0 + 40,
+        &at(T0 + 40),
+        &ask("resume", "r2"),
+    );
+    assert_eq!(
+        last(&p.status),
+        (
+            "Refused",
+            "alice",
+            "resume: the rollout is neither halted nor aborted"
+        )
+    );
+}
+
+#[test]
+fn promote_ends_a_finished_waves_soak_and_is_refused_otherwise() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    let mut drones = fleet(10);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    apply(&mut drones, &p, T0);
+    // The canary still works: nothing to promote.
+    let p = plan_with(
+        &s,
+        1,
+        &p.status,
+        &drones,
+        T0 + 1,
+        &at(T0 + 1),
+        &ask("promote", "r1"),
+    );
+    assert_eq!(
+        last(&p.status),
+        (
+            "Refused",
+            "alice",
+            "promote: wave 1 has not finished: 2 drones are still working"
+        )
+    );
+    for d in drones.iter_mut().filter(|d| d.dispatched) {
+        finish(d, "Committed");
+    }
+    let p = plan(&s, 1, &p.status, &drones, T0 + 5, &at(T0 + 5));
+    assert_eq!(p.status.current_wave, 0, "soaking 60 s");
+    let p = plan_with(
+        &s,
+        1,
+        &p.status,
+        &drones,
+        T0 + 6,
+        &at(T0 + 6),
+        &ask("promote", "r2"),
+    );
+    assert_eq!(p.status.current_wave, 1, "the soak ended now");
+    assert_eq!(p.dispatch.len(), 3);
+    assert_eq!(
+        last(&p.status),
+        ("Promoted", "alice", "the soak of wave 1 ends now")
+    );
+    assert_eq!(p.status.promoted_wave, None, "used up");
+    assert!(p.events.iter().any(|e| e.0 == "Promoted") && p.events.iter().any(|e| e.0 == "WaveAdvanced"));
+}
+
+#[test]
+fn edits_and_pauses_are_recorded_with_who_and_the_history_is_bounded() {
+    let s = spec();
+    let drones = fleet(4);
+    let p = plan_with(
+        &s,
+        1,
+        &FirmwareRolloutStatus::default(),
+        &drones,
+        T0,
+        &at(T0),
+        &ask("", ""),
+    );
+    assert_eq!(
+        last(&p.status),
+        ("Created", "alice", "2.0.0 from http://fw/2.0.0.fnb")
+    );
+    let mut paused = s.clone();
+    paused.paused = true;
+    let p = plan_with(&paused, 2, &p.status, &drones, T0 + 1, &at(T0 + 1), &ask("", ""));
+    assert_eq!(last(&p.status).0, "Paused");
+    let p = plan_with(&s, 3, &p.status, &drones, T0 + 2, &at(T0 + 2), &ask("", ""));
+    assert_eq!(last(&p.status).0, "Resumed");
+    let mut status = p.status;
+    for g in 4..40 {
+        let mut edited = s.clone();
+        edited.max_concurrent = Some(u32::try_from(g).unwrap());
+        status = plan_with(&edited, g, &status, &drones, T0 + g, &at(T0 + g), &ask("", "")).status;
+    }
+    assert_eq!(status.history.len(), HISTORY_LEN);
+    assert_eq!(last(&status), ("Edited", "alice", "spec changed (generation 39)"));
+}
