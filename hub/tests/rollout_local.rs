@@ -527,12 +527,15 @@ fn rollout_commands_on_the_local_store() {
             "FAILED",
             "TOTAL",
             "HALTED",
-            "COMPLETE"
+            "COMPLETE",
+            "NEXT-WINDOW"
         ]
     );
     assert_eq!(
         row(&listed.stdout, "fleet-a"),
-        ["fleet-a", "2.0.0", "1/1", "0", "0", "0", "False", "True"]
+        [
+            "fleet-a", "2.0.0", "1/1", "0", "0", "0", "False", "True", "<none>"
+        ]
     );
     let json = hub_cli(&["get", "fwr", "--server", s, "--json"]);
     let list: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();

@@ -203,6 +203,12 @@ pub struct StepReport {
 }
 
 impl StepReport {
+    /// The earliest time a rollout's maintenance window opens or closes (unix seconds): the next
+    /// step should come by then, so dispatch starts at the opening and the status turns on time.
+    pub fn wake_at(&self) -> Option<i64> {
+        self.plans.values().filter_map(|p| p.wake_at).min()
+    }
+
     /// The rollout gauges of this step, for [`crate::metrics::Metrics::set_rollouts`].
     pub fn gauges(&self) -> Vec<RolloutGauges> {
         self.plans
