@@ -649,12 +649,12 @@ async fn a_closed_maintenance_window_holds_dispatch_until_the_operator_opens_it(
             &format!("  waves: [{{count: 1}}]\n  maintenanceWindows: [{window}]\n"),
         )
     };
-    let closed = format!(
+    let far_off = format!(
         "{{schedule: \"0 12 {} {} *\", duration: 1h, timeZone: Asia/Kathmandu}}",
         day.day(),
         day.month()
     );
-    api.apply_yaml(&admin, &spec(&closed), Some(NS)).await?;
+    api.apply_yaml(&admin, &spec(&far_off), Some(NS)).await?;
     let commands = Arc::new(Recorded::default());
     let c = controllers(&hub, Arc::clone(&commands), "replica-a").await?;
     let mut installs = Installs {

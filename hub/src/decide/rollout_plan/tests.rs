@@ -901,8 +901,7 @@ fn weeknights() -> Vec<crate::api::rollout::MaintenanceWindow> {
 /// Unix seconds of an RFC 3339 time.
 fn ts(text: &str) -> i64 {
     text.parse::<jiff::Timestamp>()
-        .map(jiff::Timestamp::as_second)
-        .unwrap_or_else(|e| panic!("{text}: {e}"))
+        .map_or_else(|e| panic!("{text}: {e}"), jiff::Timestamp::as_second)
 }
 
 /// Maintenance windows: closed, nothing is dispatched and the status says when the window
