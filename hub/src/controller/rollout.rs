@@ -536,6 +536,22 @@ mod tests {
         assert!(!selects(Some(&sel), &other));
     }
 
+    /// The loop steps at the earliest window change of any rollout, and on its interval alone
+    /// when none has windows.
+    #[test]
+    fn the_next_step_comes_by_the_earliest_window_change() {
+        let plan = |wake_at| Plan {
+            wake_at,
+            ..Plan::default()
+        };
+        let mut report = StepReport::default();
+        report.plans.insert("always-open".into(), plan(None));
+        assert_eq!(report.wake_at(), None);
+        report.plans.insert("nightly".into(), plan(Some(1_800_000_600)));
+        report.plans.insert("weekly".into(), plan(Some(1_800_400_000)));
+        assert_eq!(report.wake_at(), Some(1_800_000_600));
+    }
+
     fn rollout(name: &str, version: &str, created: i64) -> FirmwareRollout {
         let mut r = FirmwareRollout::new(
             name,
