@@ -22,9 +22,9 @@ use jiff::civil::{Date, DateTime};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, Zoned};
 
-/// How far a schedule is searched for its next opening. Eight years cover a February 29 across
-/// a century year that is not a leap year.
-const SEARCH_YEARS: i16 = 9;
+/// How far a schedule is searched for its next opening: a February 29 comes again within 8 years
+/// (across a century year that is not a leap year), a date on a given weekday within 11.
+const SEARCH_YEARS: i16 = 12;
 /// Most windows one question looks at (contiguous openings, open time over a long stretch):
 /// bounds a step's work for schedules like `* * * * *`.
 const MAX_INTERVALS: usize = 5000;
