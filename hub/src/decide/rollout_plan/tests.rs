@@ -1067,3 +1067,36 @@ fn the_progress_deadline_counts_only_time_inside_windows() {
         c.message
     );
 }
+
+/// A drone held by a gate times out `droneTimeout` after the window opened (not after its wave
+/// started hours before), counts as not started while closed, and starts afresh in the next
+/// window.
+#[test]
+fn a_held_drone_times_out_from_the_window_opening_afresh_in_each_window() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    s.maintenance_windows = vec![crate::api::rollout::MaintenanceWindow {
+        schedule: "0 22 * * *".into(),
+        duration: "1h".into(),
+        time_zone: "UTC".into(),
+    }];
+    let mut held = fleet(4);
+    for d in &mut held {
+        d.blocked = Some("drone is offline".into());
+    }
+    let start = ts("2027-01-15T12:00:00Z");
+    let mut status = plan(&s, 1, &FirmwareRolloutStatus::default(), &held, start, &at(start)).status;
+    for (when, timed_out) in [
+        ("2027-01-15T22:09:59Z", 0),
+        ("2027-01-15T22:10:00Z", 2),
+        ("2027-01-15T23:30:00Z", 0),
+        ("2027-01-16T22:09:59Z", 0),
+        ("2027-01-16T22:10:00Z", 2),
+    ] {
+        let t = ts(when);
+        let p = plan(&s, 1, &status, &held, t, &at(t));
+        assert!(p.dispatch.is_empty());
+        assert_eq!(p.status.counts.timed_out, timed_out, "at {when}");
+        status = p.status;
+    }
+}
