@@ -527,12 +527,15 @@ fn rollout_commands_on_the_local_store() {
             "FAILED",
             "TOTAL",
             "HALTED",
-            "COMPLETE"
+            "COMPLETE",
+            "NEXT-WINDOW"
         ]
     );
     assert_eq!(
         row(&listed.stdout, "fleet-a"),
-        ["fleet-a", "2.0.0", "1/1", "0", "0", "0", "False", "True"]
+        [
+            "fleet-a", "2.0.0", "1/1", "0", "0", "0", "False", "True", "<none>"
+        ]
     );
     let json = hub_cli(&["get", "fwr", "--server", s, "--json"]);
     let list: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
@@ -903,7 +906,7 @@ fn concurrent_writes_to_the_local_store_all_return() {
         let _ = done.send(());
     });
     assert!(
-        finished.recv_timeout(Duration::from_secs(120)).is_ok(),
+        finished.recv_timeout(Duration::from_mins(2)).is_ok(),
         "concurrent local-store writes never returned (or panicked)"
     );
     for id in &ids {

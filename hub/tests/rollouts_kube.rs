@@ -11,7 +11,9 @@
 //! - a wave with a flight soak holds the next wave until its canary's FlightNode shows a flight
 //!   on the new firmware;
 //! - a drone whose `spec.firmware` a person edited after the dispatch counts as pinned, so the
-//!   wave finishes; each rollout writes under its own field manager.
+//!   wave finishes; each rollout writes under its own field manager;
+//! - a maintenance window that is closed holds every dispatch and the status names its next
+//!   opening in the window's time zone; once the operator edits it open, the rollout dispatches.
 //!
 //! Drones are simulated at the API (statuses written as the hub writes heartbeat statuses); a
 //! drone "installs" the last upgrade command it got by reporting it committed.
@@ -620,6 +622,128 @@ async fn a_flight_soak_holds_the_next_wave_until_the_canary_has_flown() -> anyho
         .and_then(|s| s.firmware.clone())
         .unwrap_or_default();
     assert_eq!((fw.flights, fw.flight_time.as_deref()), (Some(1), Some("6m0s")));
+    assert_eq!(commands.upgrades().len(), 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_maintenance_window_holds_dispatch_until_the_operator_opens_it() -> anyhow::Result<()> {
+    let Some((api, admin, hub, sink, _)) = fleet(3).await? else {
+        return Ok(());
+    };
+    // Noon in Kathmandu (+05:45) the day after tomorrow: closed now, and the next opening is
+    // known to the minute.
+    let now = jiff::Timestamp::now();
+    let day = now
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date()
+        .checked_add(jiff::Span::new().days(2))?;
+    let kathmandu = flightnode_hub::decide::window::time_zone("Asia/Kathmandu")
+        .ok_or_else(|| anyhow::anyhow!("no Asia/Kathmandu"))?;
+    let noon = day.at(12, 0, 0, 0).to_zoned(kathmandu)?;
+    let opens = noon.timestamp().display_with_offset(noon.offset()).to_string();
+    let spec = |window: &str| {
+        rollout(
+            "fw",
+            "2.0.0",
+            &format!("  waves: [{{count: 1}}]\n  maintenanceWindows: [{window}]\n"),
+        )
+    };
+    let far_off = format!(
+        "{{schedule: \"0 12 {} {} *\", duration: 1h, timeZone: Asia/Kathmandu}}",
+        day.day(),
+        day.month()
+    );
+    api.apply_yaml(&admin, &spec(&far_off), Some(NS)).await?;
+    let commands = Arc::new(Recorded::default());
+    let c = controllers(&hub, Arc::clone(&commands), "replica-a").await?;
+    let mut installs = Installs {
+        done: BTreeSet::new(),
+    };
+    let window = |r: &[FirmwareRollout]| {
+        r.first()
+            .and_then(|r| r.status.as_ref())
+            .and_then(|s| s.maintenance_window.clone())
+    };
+    let (_, rollouts) = run_until(
+        &c,
+        &admin,
+        Some((&mut installs, &commands, &sink)),
+        "the rollout outside its window",
+        |_, r| window(r).is_some_and(|w| !w.open),
+    )
+    .await?;
+    for _ in 0..3 {
+        c.step().await;
+    }
+    assert!(commands.upgrades().is_empty(), "{:?}", commands.upgrades());
+    let (nodes, _) = lists(&admin).await?;
+    assert!(
+        nodes.iter().all(|n| n.spec.firmware.is_none()),
+        "nothing dispatched"
+    );
+    assert_eq!(
+        window(&rollouts).and_then(|w| w.next_open_time),
+        Some(opens.clone())
+    );
+    let progressing = rollouts[0]
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == condition::PROGRESSING))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(progressing.reason, "OutsideMaintenanceWindow");
+    assert!(
+        progressing
+            .message
+            .contains(&format!("until the maintenance window opens at {noon}")),
+        "{}",
+        progressing.message
+    );
+
+    // The operator moves the window to one that opened a minute ago, for two hours (UTC).
+    let opened = now
+        .checked_sub(jiff::Span::new().minutes(1))?
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .datetime();
+    let open_now = format!(
+        "{{schedule: \"{} {} * * *\", duration: 2h}}",
+        opened.minute(),
+        opened.hour()
+    );
+    let closes = opened
+        .with()
+        .second(0)
+        .subsec_nanosecond(0)
+        .build()?
+        .to_zoned(jiff::tz::TimeZone::UTC)?
+        .checked_add(jiff::Span::new().hours(2))?;
+    api.apply_yaml(&admin, &spec(&open_now), Some(NS)).await?;
+    let (_, rollouts) = run_until(
+        &c,
+        &admin,
+        Some((&mut installs, &commands, &sink)),
+        "the canary dispatched in the open window",
+        |_, r| !commands.upgrades().is_empty() && window(r).is_some_and(|w| w.open),
+    )
+    .await?;
+    assert_eq!(
+        window(&rollouts).and_then(|w| w.close_time),
+        Some(
+            closes
+                .timestamp()
+                .display_with_offset(closes.offset())
+                .to_string()
+        )
+    );
+    run_until(
+        &c,
+        &admin,
+        Some((&mut installs, &commands, &sink)),
+        "Complete inside the window",
+        |_, r| is(r, "fw", condition::COMPLETE),
+    )
+    .await?;
     assert_eq!(commands.upgrades().len(), 3);
     Ok(())
 }

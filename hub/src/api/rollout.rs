@@ -154,6 +154,11 @@ pub fn target_hash(spec: &FirmwareRolloutSpec) -> String {
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Complete\")].status"
     ),
+    printcolumn(
+        name = "Next-Window",
+        type_ = "string",
+        json_path = ".status.maintenanceWindow.nextOpenTime"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -205,6 +210,48 @@ pub struct FirmwareRolloutSpec {
     /// `maximumPerMinute` (default 600), optionally ramping up from `exponentialRate`.
     #[serde(default)]
     pub dispatch_rate: DispatchRate,
+    /// When new drones may be dispatched: while any of these windows is open (none: always).
+    /// Outside them nothing new is dispatched; drones already dispatched finish, soaks go on,
+    /// and the progress deadline counts only time inside a window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub maintenance_windows: Vec<MaintenanceWindow>,
+}
+
+/// A maintenance window: it opens at each time of a cron schedule, read in a time zone, and
+/// stays open for a duration.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MaintenanceWindow {
+    /// When the window opens: a 5-field cron schedule, `minute hour day-of-month month
+    /// day-of-week` (e.g. `0 22 * * 1-5`: 22:00 Monday to Friday), or `@daily`, `@weekly`, ….
+    #[schemars(length(min = 1))]
+    pub schedule: String,
+    /// How long it stays open from each opening (e.g. `6h`, `1h30m`; at least `1m`).
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub duration: String,
+    /// IANA time zone the schedule is read in (e.g. `Europe/Berlin`; default `UTC`).
+    #[serde(default = "utc")]
+    #[schemars(length(min = 1))]
+    pub time_zone: String,
+}
+
+fn utc() -> String {
+    "UTC".to_owned()
+}
+
+/// `status.maintenanceWindow`: whether the rollout's maintenance windows let it dispatch now.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MaintenanceWindowStatus {
+    /// A window is open: new drones may be dispatched.
+    pub open: bool,
+    /// While open: when the window closes (RFC 3339, in the window's time zone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_time: Option<String>,
+    /// When the next window opens (RFC 3339, in the window's time zone); while one is open, the
+    /// first opening after it closes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_open_time: Option<String>,
 }
 
 /// `spec.dispatchRate`: dispatches per minute, with an optional exponential ramp-up.
@@ -446,6 +493,10 @@ pub struct FirmwareRolloutStatus {
     /// The last time the rollout progressed (see `spec.progressDeadline`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_progress_time: Option<String>,
+    /// Whether `spec.maintenanceWindows` let the rollout dispatch now, and when that changes
+    /// (absent without windows, and once the rollout is complete or halted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance_window: Option<MaintenanceWindowStatus>,
     /// Drones by outcome.
     #[serde(default)]
     pub counts: Counts,
@@ -632,6 +683,9 @@ pub fn validate(spec: &FirmwareRolloutSpec) -> Result<(), String> {
             "spec.droneTimeout {:?} is not a duration like 30m or 1h30m",
             spec.drone_timeout.as_deref().unwrap_or_default()
         ));
+    }
+    for (i, w) in spec.maintenance_windows.iter().enumerate() {
+        crate::decide::window::Window::new(w).map_err(|e| format!("spec.maintenanceWindows[{i}].{e}"))?;
     }
     if spec.dispatch_rate.maximum_per_minute == 0 {
         return Err("spec.dispatchRate.maximumPerMinute must be at least 1".into());

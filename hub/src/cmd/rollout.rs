@@ -21,7 +21,8 @@ fn cond<'a>(r: &'a FirmwareRollout, type_: &str) -> Option<&'a crate::api::meta:
     r.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
 }
 
-/// `NAME VERSION WAVE SUCCEEDED FAILED TOTAL HALTED COMPLETE`, like the printer columns.
+/// `NAME VERSION WAVE SUCCEEDED FAILED TOTAL HALTED COMPLETE NEXT-WINDOW`, like the printer
+/// columns.
 pub fn table(rollouts: &[FirmwareRollout]) -> String {
     let mut rows = vec![
         [
@@ -33,6 +34,7 @@ pub fn table(rollouts: &[FirmwareRollout]) -> String {
             "TOTAL",
             "HALTED",
             "COMPLETE",
+            "NEXT-WINDOW",
         ]
         .map(str::to_owned),
     ];
@@ -52,6 +54,9 @@ pub fn table(rollouts: &[FirmwareRollout]) -> String {
             s.counts.total.to_string(),
             status_of(condition::HALTED),
             status_of(condition::COMPLETE),
+            s.maintenance_window
+                .and_then(|w| w.next_open_time)
+                .unwrap_or_else(|| "<none>".to_owned()),
         ]);
     }
     super::table(&rows)
@@ -91,6 +96,9 @@ pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
         c.pinned,
         c.superseded,
     );
+    if let Some(line) = s.maintenance_window.as_ref().map(window_line) {
+        let _ = writeln!(out, "{line}");
+    }
     for cond in &s.conditions {
         let _ = writeln!(
             out,
@@ -131,6 +139,22 @@ pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
         }
     }
     out
+}
+
+/// `status.maintenanceWindow` as one line: open until when, or closed until when.
+fn window_line(w: &crate::api::rollout::MaintenanceWindowStatus) -> String {
+    let next = w.next_open_time.as_deref();
+    match (w.open, w.close_time.as_deref(), next) {
+        (true, Some(close), Some(next)) => {
+            format!("maintenance window open, closes {close} (next opens {next})")
+        }
+        (true, Some(close), None) => format!("maintenance window open, closes {close}"),
+        (true, None, _) => "maintenance window open".to_owned(),
+        (false, _, Some(next)) => {
+            format!("maintenance window closed: nothing new is dispatched until it opens {next}")
+        }
+        (false, _, None) => "maintenance window closed, and none opens in the years ahead".to_owned(),
+    }
 }
 
 /// Why a drone's last upgrade did not commit, for the per-drone list: result, error code and the
@@ -347,6 +371,42 @@ mod tests {
                 .contains("generation 2")
         );
         assert!(unobserved(&rollout(2, 2, &done)).is_none());
+    }
+
+    #[test]
+    fn the_window_line_says_when_dispatch_starts_or_stops() {
+        use crate::api::rollout::MaintenanceWindowStatus;
+        let mut r = rollout(1, 1, &[]);
+        if let Some(s) = r.status.as_mut() {
+            s.maintenance_window = Some(MaintenanceWindowStatus {
+                open: false,
+                close_time: None,
+                next_open_time: Some("2026-12-07T22:00:00+01:00".into()),
+            });
+        }
+        let text = render(&r, &[]);
+        assert!(
+            text.contains("maintenance window closed: nothing new is dispatched until it opens 2026-12-07T22:00:00+01:00"),
+            "{text}"
+        );
+        let row = table(std::slice::from_ref(&r));
+        assert!(
+            row.contains("NEXT-WINDOW") && row.contains("2026-12-07T22:00:00+01:00"),
+            "{row}"
+        );
+        if let Some(s) = r.status.as_mut() {
+            s.maintenance_window = Some(MaintenanceWindowStatus {
+                open: true,
+                close_time: Some("2026-12-08T04:00:00+01:00".into()),
+                next_open_time: Some("2026-12-08T22:00:00+01:00".into()),
+            });
+        }
+        let text = render(&r, &[]);
+        assert!(
+            text.contains("maintenance window open, closes 2026-12-08T04:00:00+01:00 (next opens 2026-12-08T22:00:00+01:00)"),
+            "{text}"
+        );
+        assert!(!render(&rollout(1, 1, &[]), &[]).contains("maintenance window"));
     }
 
     #[test]

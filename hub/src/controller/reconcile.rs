@@ -145,15 +145,23 @@ impl Controllers {
         self.metrics
             .rollout_drone_reads
             .inc_by(self.drone_reads() - reads_before);
+        let mut wake = None;
         match stepped {
-            Ok(report) => self.metrics.set_rollouts(&report.gauges()),
+            Ok(report) => {
+                self.metrics.set_rollouts(&report.gauges());
+                wake = report.wake_at();
+            }
             Err(e) => tracing::warn!(error = %flightnode_proto::error::Chain(&e), "rollout reconcile failed"),
         }
         self.metrics.reconcile_done("rollout", started.elapsed());
         let started = std::time::Instant::now();
         let next = self.reconcile_nodes().await;
         self.metrics.reconcile_done("node", started.elapsed());
-        next
+        // `t` is the step's second rounded down: waiting `at - t` never wakes before `at`.
+        match wake.and_then(|at| u64::try_from(at - t).ok()) {
+            Some(secs) => next.min(Duration::from_secs(secs)),
+            None => next,
+        }
     }
 
     fn drone_reads(&self) -> u64 {

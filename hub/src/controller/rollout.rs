@@ -203,6 +203,12 @@ pub struct StepReport {
 }
 
 impl StepReport {
+    /// The earliest time a rollout's maintenance window opens or closes (unix seconds): the next
+    /// step should come by then, so dispatch starts at the opening and the status turns on time.
+    pub fn wake_at(&self) -> Option<i64> {
+        self.plans.values().filter_map(|p| p.wake_at).min()
+    }
+
     /// The rollout gauges of this step, for [`crate::metrics::Metrics::set_rollouts`].
     pub fn gauges(&self) -> Vec<RolloutGauges> {
         self.plans
@@ -567,6 +573,22 @@ mod tests {
         assert!(selects(Some(&sel), &labels));
         let other = BTreeMap::from([("fleet".to_owned(), "b".to_owned())]);
         assert!(!selects(Some(&sel), &other));
+    }
+
+    /// The loop steps at the earliest window change of any rollout, and on its interval alone
+    /// when none has windows.
+    #[test]
+    fn the_next_step_comes_by_the_earliest_window_change() {
+        let plan = |wake_at| Plan {
+            wake_at,
+            ..Plan::default()
+        };
+        let mut report = StepReport::default();
+        report.plans.insert("always-open".into(), plan(None));
+        assert_eq!(report.wake_at(), None);
+        report.plans.insert("nightly".into(), plan(Some(1_800_000_600)));
+        report.plans.insert("weekly".into(), plan(Some(1_800_400_000)));
+        assert_eq!(report.wake_at(), Some(1_800_000_600));
     }
 
     fn rollout(name: &str, version: &str, created: i64) -> FirmwareRollout {

@@ -7,9 +7,11 @@
 //! - [`node_sync`]: the node reconciler's decision (`spec.firmware` → upgrade command, retries).
 //! - [`rollout_waves`]: a rollout's waves, drone outcomes and circuit breaker.
 //! - [`rollout_plan`]: a rollout's next step (dispatch, call back, status, events).
+//! - [`window`]: a rollout's maintenance windows (cron schedule, duration, time zone).
 
 pub mod cancel;
 pub mod node_sync;
 pub mod rollout_plan;
 pub mod rollout_waves;
 pub mod status;
+pub mod window;

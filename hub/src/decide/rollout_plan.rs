@@ -5,10 +5,11 @@
 
 use super::node_sync;
 use super::rollout_waves::{Drone, Outcome, assign_waves, breaker, count, outcome, rank_key, wave_targets};
+use super::window::{State as WindowState, Windows};
 use crate::api::meta::Condition;
 use crate::api::rollout::{
-    Actor, FirmwareRolloutSpec, FirmwareRolloutStatus, HISTORY_LEN, HistoryEntry, Request, condition,
-    duration_secs, target_hash,
+    Actor, FirmwareRolloutSpec, FirmwareRolloutStatus, HISTORY_LEN, HistoryEntry, MaintenanceWindowStatus,
+    Request, condition, duration_secs, target_hash,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -31,6 +32,37 @@ pub struct Plan {
     pub events: Vec<(String, String)>,
     /// Outcome per drone (for metrics and the live view).
     pub outcomes: BTreeMap<String, Outcome>,
+    /// When a maintenance window opens or closes next (unix seconds): the controller steps then.
+    pub wake_at: Option<i64>,
+}
+
+/// A time of a window as RFC 3339 in the window's zone (`2026-12-06T22:00:00+01:00`).
+fn zoned_rfc3339(z: &jiff::Zoned) -> String {
+    z.timestamp().display_with_offset(z.offset()).to_string()
+}
+
+/// `status.maintenanceWindow` and the next time it changes, from where the windows stand.
+fn window_status(state: &WindowState) -> (Option<MaintenanceWindowStatus>, Option<i64>) {
+    let second = |z: &jiff::Zoned| z.timestamp().as_second();
+    match state {
+        WindowState::Always => (None, None),
+        WindowState::Open { closes, next, .. } => (
+            Some(MaintenanceWindowStatus {
+                open: true,
+                close_time: closes.as_ref().map(zoned_rfc3339),
+                next_open_time: next.as_ref().map(zoned_rfc3339),
+            }),
+            closes.as_ref().map(second),
+        ),
+        WindowState::Closed { opens } => (
+            Some(MaintenanceWindowStatus {
+                open: false,
+                close_time: None,
+                next_open_time: opens.as_ref().map(zoned_rfc3339),
+            }),
+            opens.as_ref().map(second),
+        ),
+    }
 }
 
 fn cond(
@@ -187,6 +219,12 @@ fn who(by: &str) -> &str {
 /// and the completion. A terminal rollout (Complete for its target, or halted by the breaker)
 /// never dispatches. Drones a newer rollout selects ([`Drone::superseded_by`]) are yielded:
 /// never dispatched, called back when not started, and named in the `Superseded` condition.
+///
+/// Maintenance windows ([`super::window`]): outside every window nothing new is dispatched,
+/// while dispatched drones go on and count as usual and soaks run on wall time. An undispatched
+/// drone's timeout runs from the wave's start or the window's opening, whichever is later, and
+/// not at all while closed (it cannot be dispatched then); the progress deadline counts only
+/// time inside a window, so a rollout stuck across a short nightly window still says so.
 pub fn plan(
     spec: &FirmwareRolloutSpec,
     generation: i64,
@@ -388,6 +426,20 @@ pub fn plan_with(
     let wave_start = parse_time(status.wave_started_time.as_deref()).unwrap_or(now);
     let breaker_since = parse_time(status.breaker_since.as_deref()).unwrap_or(i64::MIN);
     let current = status.current_wave as usize;
+    // NB: the controller never plans an invalid spec (validate refuses it); windows that do not
+    // read hold dispatch rather than open it.
+    let windows = Windows::of(&spec.maintenance_windows).ok();
+    let window = windows
+        .as_ref()
+        .map_or(WindowState::Closed { opens: None }, |w| w.state(now));
+    let window_closed = matches!(window, WindowState::Closed { .. });
+    let undispatched_clock = match &window {
+        WindowState::Always => Some(wave_start),
+        WindowState::Open { since, .. } => Some(wave_start.max(*since)),
+        WindowState::Closed { .. } => None,
+    };
+    status.maintenance_window = None;
+    let mut wake_at = None;
 
     let mut outcomes = BTreeMap::new();
     for d in drones {
@@ -395,7 +447,7 @@ pub fn plan_with(
         let clock = if d.dispatched {
             Some(d.dispatched_at)
         } else if wave <= current && !d.pinned && d.superseded_by.is_none() {
-            Some(wave_start)
+            undispatched_clock
         } else {
             None
         };
@@ -624,7 +676,25 @@ pub fn plan_with(
             }
         }
         let current = status.current_wave as usize;
-        if !spec.paused {
+        (status.maintenance_window, wake_at) = window_status(&window);
+        let was_open = previous.maintenance_window.as_ref().map(|w| w.open);
+        let is_open = status.maintenance_window.as_ref().map(|w| w.open);
+        if let (Some(was), Some(is)) = (was_open, is_open)
+            && was != is
+        {
+            events.push(if is {
+                (
+                    "MaintenanceWindowOpened".to_owned(),
+                    "dispatching again".to_owned(),
+                )
+            } else {
+                (
+                    "MaintenanceWindowClosed".to_owned(),
+                    "no new dispatch until the next window; dispatched drones go on".to_owned(),
+                )
+            });
+        }
+        if !spec.paused && !window_closed {
             // A drone that timed out but is still installing is still in flight.
             let in_flight = drones
                 .iter()
@@ -708,7 +778,12 @@ pub fn plan_with(
             .and_then(|d| duration_secs(Some(d)))
             .unwrap_or(crate::api::rollout::DEFAULT_PROGRESS_DEADLINE_SECS);
         let stuck_since = parse_time(status.last_progress_time.as_deref()).unwrap_or(now);
-        let exceeded = now - stuck_since >= deadline;
+        // Time outside every window does not count, like a pause; counted in full for the
+        // message (one stretch of open time per window passed, so a handful a day).
+        let stuck_for = windows
+            .as_ref()
+            .map_or(0, |w| w.open_secs(stuck_since, now, i64::MAX));
+        let exceeded = stuck_for >= deadline;
         conditions.push(cond(
             condition::PROGRESSING,
             !spec.paused && !exceeded,
@@ -716,15 +791,35 @@ pub fn plan_with(
                 "Paused"
             } else if exceeded {
                 "ProgressDeadlineExceeded"
+            } else if window_closed {
+                "OutsideMaintenanceWindow"
             } else {
                 "WaveInProgress"
             },
             if exceeded && !spec.paused {
                 format!(
-                    "wave {} of {wave_count}: no drone dispatched or finished for {}s (spec.progressDeadline); {}",
+                    "wave {} of {wave_count}: no drone dispatched or finished for {stuck_for}s{} (spec.progressDeadline); {}",
                     status.current_wave + 1,
-                    now - stuck_since,
+                    if spec.maintenance_windows.is_empty() {
+                        ""
+                    } else {
+                        " inside maintenance windows"
+                    },
                     blocked_summary(drones, &outcomes)
+                )
+            } else if let WindowState::Closed { opens } = &window {
+                let until = match opens {
+                    Some(at) => format!("until the maintenance window opens at {at}"),
+                    None => "and no maintenance window opens in the years ahead".to_owned(),
+                };
+                let going_on = if pending > 0 {
+                    format!("; {pending} dispatched drone(s) go on")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "wave {} of {wave_count}: nothing new is dispatched {until}{going_on}",
+                    status.current_wave + 1
                 )
             } else if let Some(f) = flown.as_ref().filter(|_| waiting_for_flights) {
                 format!("wave {} of {wave_count}: soaking in flight: {f}", status.current_wave + 1)
@@ -794,6 +889,7 @@ pub fn plan_with(
         status,
         events,
         outcomes,
+        wake_at,
     }
 }
 

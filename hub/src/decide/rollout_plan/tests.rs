@@ -1142,3 +1142,214 @@ fn edits_and_pauses_are_recorded_with_who_and_the_history_is_bounded() {
     assert_eq!(status.history.len(), HISTORY_LEN);
     assert_eq!(last(&status), ("Edited", "alice", "spec changed (generation 39)"));
 }
+
+fn weeknights() -> Vec<crate::api::rollout::MaintenanceWindow> {
+    vec![crate::api::rollout::MaintenanceWindow {
+        schedule: "0 22 * * 1-5".into(),
+        duration: "6h".into(),
+        time_zone: "Europe/Berlin".into(),
+    }]
+}
+
+/// Unix seconds of an RFC 3339 time.
+fn ts(text: &str) -> i64 {
+    text.parse::<jiff::Timestamp>()
+        .map_or_else(|e| panic!("{text}: {e}"), jiff::Timestamp::as_second)
+}
+
+/// Maintenance windows: closed, nothing is dispatched and the status says when the window
+/// opens (and a gated drone does not time out meanwhile); at the opening the canaries go out;
+/// after the close a canary still installing goes on and counts, the soak runs and the wave
+/// advances, but its drones wait for the next window.
+#[test]
+fn outside_the_maintenance_window_nothing_new_is_dispatched() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    s.maintenance_windows = weeknights();
+    // Long enough for an install across the night, shorter than the wait for the window.
+    s.drone_timeout = Some("8h".into());
+    // T0 is Friday 2027-01-15, 09:00 in Berlin.
+    let mut drones = fleet(10);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    assert!(p.dispatch.is_empty(), "{:?}", p.dispatch);
+    let c = progressing(&p);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "OutsideMaintenanceWindow")
+    );
+    assert!(
+        c.message.contains(
+            "nothing new is dispatched until the maintenance window opens at 2027-01-15T22:00:00+01:00[Europe/Berlin]"
+        ),
+        "{}",
+        c.message
+    );
+    let window = p.status.maintenance_window.clone().unwrap_or_default();
+    assert!(!window.open);
+    assert_eq!(
+        window.next_open_time.as_deref(),
+        Some("2027-01-15T22:00:00+01:00")
+    );
+    assert_eq!(
+        p.wake_at,
+        Some(ts("2027-01-15T21:00:00Z")),
+        "the controller steps at the opening"
+    );
+    // Hours later, still closed: past the drone timeout, and no undispatched canary timed out.
+    let later = ts("2027-01-15T20:59:59Z");
+    let p = plan(&s, 1, &p.status, &drones, later, &at(later));
+    assert!(p.dispatch.is_empty());
+    assert_eq!(p.status.counts.timed_out, 0);
+
+    // The window opens: the canaries go out.
+    let open = ts("2027-01-15T21:00:00Z");
+    let p = plan(&s, 1, &p.status, &drones, open, &at(open));
+    assert_eq!(p.dispatch.len(), 2, "the canaries");
+    assert!(
+        p.events.iter().any(|(r, _)| r == "MaintenanceWindowOpened"),
+        "{:?}",
+        p.events
+    );
+    assert_eq!(progressing(&p).reason, "WaveInProgress");
+    let window = p.status.maintenance_window.clone().unwrap_or_default();
+    assert!(window.open);
+    assert_eq!(window.close_time.as_deref(), Some("2027-01-16T04:00:00+01:00"));
+    assert_eq!(
+        window.next_open_time.as_deref(),
+        Some("2027-01-18T22:00:00+01:00"),
+        "Monday"
+    );
+    assert_eq!(p.wake_at, Some(ts("2027-01-16T03:00:00Z")));
+    apply(&mut drones, &p, open);
+    let canaries = p.dispatch.clone();
+    let first = drones
+        .iter()
+        .position(|d| d.name == canaries[0])
+        .unwrap_or_default();
+    let second = drones
+        .iter()
+        .position(|d| d.name == canaries[1])
+        .unwrap_or_default();
+    finish(&mut drones[first], "Committed");
+    drones[second].started = true;
+    drones[second].running = true;
+
+    // Closed again with one canary still installing: it goes on and counts.
+    let closed = ts("2027-01-16T03:00:00Z");
+    let p = plan(&s, 1, &p.status, &drones, closed, &at(closed));
+    assert!(p.dispatch.is_empty() && p.cancel.is_empty(), "{p:?}");
+    assert!(p.events.iter().any(|(r, _)| r == "MaintenanceWindowClosed"));
+    assert_eq!((p.status.counts.succeeded, p.status.counts.in_progress), (1, 1));
+    let c = progressing(&p);
+    assert_eq!(c.reason, "OutsideMaintenanceWindow");
+    assert!(
+        c.message
+            .contains("opens at 2027-01-18T22:00:00+01:00[Europe/Berlin]; 1 dispatched drone(s) go on"),
+        "{}",
+        c.message
+    );
+    // It commits; the soak runs on wall time and the wave advances, with nothing dispatched.
+    drones[second].running = false;
+    finish(&mut drones[second], "Committed");
+    let mut status = p.status;
+    for t in [closed + 10, closed + 100] {
+        let p = plan(&s, 1, &status, &drones, t, &at(t));
+        assert!(p.dispatch.is_empty(), "at +{}: {:?}", t - closed, p.dispatch);
+        status = p.status;
+    }
+    assert_eq!((status.current_wave, status.counts.succeeded), (1, 2));
+    // Monday night: the next wave goes out.
+    let monday = ts("2027-01-18T21:00:00Z");
+    let p = plan(&s, 1, &status, &drones, monday, &at(monday));
+    assert_eq!(p.dispatch.len(), 3, "{:?}", p.dispatch);
+    // Without windows a rollout dispatches at once and shows no window.
+    let p = plan(
+        &spec(),
+        1,
+        &FirmwareRolloutStatus::default(),
+        &fleet(10),
+        T0,
+        &at(T0),
+    );
+    assert_eq!(p.dispatch.len(), 2);
+    assert_eq!((p.status.maintenance_window, p.wake_at), (None, None));
+}
+
+/// The progress deadline counts only time inside a window: a stuck rollout with a short nightly
+/// window says so after a deadline's worth of open time, whatever the nights between.
+#[test]
+fn the_progress_deadline_counts_only_time_inside_windows() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    s.drone_timeout = None;
+    s.progress_deadline = Some("30m".into());
+    s.maintenance_windows = vec![crate::api::rollout::MaintenanceWindow {
+        schedule: "0 22 * * *".into(),
+        duration: "1h".into(),
+        time_zone: "UTC".into(),
+    }];
+    let mut held = fleet(4);
+    for d in &mut held {
+        d.blocked = Some("drone is offline".into());
+    }
+    // Ten minutes before the window closes: no progress from here on.
+    let start = ts("2027-01-15T22:50:00Z");
+    let mut status = plan(&s, 1, &FirmwareRolloutStatus::default(), &held, start, &at(start)).status;
+    for (when, reason) in [
+        ("2027-01-16T12:00:00Z", "OutsideMaintenanceWindow"),
+        ("2027-01-16T22:19:59Z", "WaveInProgress"),
+        ("2027-01-16T22:20:00Z", "ProgressDeadlineExceeded"),
+    ] {
+        let t = ts(when);
+        let p = plan(&s, 1, &status, &held, t, &at(t));
+        let c = progressing(&p);
+        assert_eq!(c.reason, reason, "at {when}: {}", c.message);
+        status = p.status;
+    }
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::PROGRESSING)
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(c.status, "False");
+    assert!(
+        c.message
+            .contains("for 1800s inside maintenance windows (spec.progressDeadline)"),
+        "{}",
+        c.message
+    );
+}
+
+/// A drone held by a gate times out `droneTimeout` after the window opened (not after its wave
+/// started hours before), counts as not started while closed, and starts afresh in the next
+/// window.
+#[test]
+fn a_held_drone_times_out_from_the_window_opening_afresh_in_each_window() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    s.maintenance_windows = vec![crate::api::rollout::MaintenanceWindow {
+        schedule: "0 22 * * *".into(),
+        duration: "1h".into(),
+        time_zone: "UTC".into(),
+    }];
+    let mut held = fleet(4);
+    for d in &mut held {
+        d.blocked = Some("drone is offline".into());
+    }
+    let start = ts("2027-01-15T12:00:00Z");
+    let mut status = plan(&s, 1, &FirmwareRolloutStatus::default(), &held, start, &at(start)).status;
+    for (when, timed_out) in [
+        ("2027-01-15T22:09:59Z", 0),
+        ("2027-01-15T22:10:00Z", 2),
+        ("2027-01-15T23:30:00Z", 0),
+        ("2027-01-16T22:09:59Z", 0),
+        ("2027-01-16T22:10:00Z", 2),
+    ] {
+        let t = ts(when);
+        let p = plan(&s, 1, &status, &held, t, &at(t));
+        assert!(p.dispatch.is_empty());
+        assert_eq!(p.status.counts.timed_out, timed_out, "at {when}");
+        status = p.status;
+    }
+}
