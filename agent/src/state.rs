@@ -436,14 +436,17 @@ impl DeviceState {
     }
 
     /// Holds the upgrade in [`Phase::Waiting`] for `reason`, remembering the step it holds back
-    /// (a wait that goes on keeps its start). Does not write to sled.
+    /// (a wait that goes on keeps its start, unless it turns from a flight reason to another
+    /// kind or back). Does not write to sled.
     pub fn hold(&mut self, reason: WaitReason) {
         if let Some(u) = self.upgrade.as_mut() {
             let resume = u.step_phase();
+            // `flight.max_wait` counts the flight gate's wait only: a wait for a link, the
+            // window or a charger before it starts the clock afresh.
             let since = u
                 .wait
                 .as_ref()
-                .filter(|_| u.phase == Phase::Waiting)
+                .filter(|w| u.phase == Phase::Waiting && w.reason.is_flight() == reason.is_flight())
                 .map_or_else(now_unix, |w| w.since);
             u.wait = Some(Wait {
                 resume,

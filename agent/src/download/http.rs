@@ -4,14 +4,16 @@ use super::{
     BundleReader, CHANNEL_CHUNKS, DownloadError, Fetcher, Inner, MAX_CHUNK, PROGRESS_RESET, STOP_POLL,
     backoff_delay, error_chain,
 };
+use crate::netpolicy::bucket::TokenBucket;
+use crate::netpolicy::{LinkPolicy, LinkVerdict, RECHECK};
 use bytes::{Buf, Bytes};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, RANGE};
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -46,6 +48,8 @@ impl Fetcher {
             tx: tx.clone(),
             end,
             probe,
+            link: self.link.clone(),
+            held: self.held.clone(),
         };
         let log_url = url_str.clone();
         let stop = self.stop.clone();
@@ -208,6 +212,27 @@ struct HttpTask {
     end: Option<u64>,
     /// `end` bounds only the first request (see `open_http`).
     probe: bool,
+    /// The `[download]` link policy: asked before each request and every
+    /// [`RECHECK`](crate::netpolicy::RECHECK) while the body streams.
+    link: Option<Arc<LinkPolicy>>,
+    /// Set when the policy stops the download.
+    held: Arc<AtomicBool>,
+}
+
+/// The token bucket of one attempt, remade when the policy's cap changes (a route change).
+struct Pace {
+    bucket: Option<TokenBucket>,
+    checked: Instant,
+}
+
+impl Pace {
+    fn set(&mut self, rate: Option<u64>) {
+        match (rate, &self.bucket) {
+            (None, _) => self.bucket = None,
+            (Some(r), Some(b)) if b.rate() == r => {}
+            (Some(r), _) => self.bucket = Some(TokenBucket::new(r, Instant::now())),
+        }
+    }
 }
 
 /// Download state carried across attempts.
@@ -286,6 +311,11 @@ impl HttpTask {
                     debug!(url = %self.url_str, offset = p.pos, attempt, "bundle reader dropped");
                     return;
                 }
+                Err(Failure::Fatal(e @ DownloadError::Held { .. })) => {
+                    info!(url = %self.url_str, offset = p.pos, "{e}");
+                    let _ = self.tx.send(Msg::Err(e)).await;
+                    return;
+                }
                 Err(Failure::Fatal(e)) => {
                     warn!(url = %self.url_str, offset = p.pos, attempt, error = %e, "bundle download failed");
                     let _ = self.tx.send(Msg::Err(e)).await;
@@ -316,6 +346,16 @@ impl HttpTask {
 
     /// One request from the current position: send, accept the answer, stream its body.
     async fn attempt(&self, p: &mut Progress) -> Result<Outcome, Failure> {
+        let mut pace = Pace {
+            bucket: None,
+            checked: Instant::now(),
+        };
+        // Before connecting: a request over a metered link would start the body flowing.
+        if let Some(link) = self.link.clone() {
+            let source = self.url_str.clone();
+            let verdict = tokio::task::spawn_blocking(move || link.check_source(&source)).await;
+            pace.set(self.judged(verdict, p.pos)?);
+        }
         let resp = self.send(p.pos, p.end).await?;
         let skip = match self.accept(&resp, p)? {
             Accepted::Body { skip } => skip,
@@ -332,7 +372,29 @@ impl HttpTask {
         if !self.start(p).await {
             return Ok(Outcome::ReaderGone);
         }
-        self.stream_body(resp, p, skip).await
+        self.stream_body(resp, p, skip, pace).await
+    }
+
+    /// A policy verdict: the rate to pace at, or the hold that stops this download.
+    fn judged(
+        &self,
+        verdict: Result<LinkVerdict, tokio::task::JoinError>,
+        pos: u64,
+    ) -> Result<Option<u64>, Failure> {
+        match verdict {
+            Ok(LinkVerdict::Go { rate }) => Ok(rate),
+            Ok(LinkVerdict::Hold(reason, why)) => {
+                self.held.store(true, Ordering::SeqCst);
+                Err(Failure::Fatal(DownloadError::Held {
+                    url: self.url_str.clone(),
+                    offset: pos,
+                    reason,
+                    why,
+                }))
+            }
+            // The runtime is shutting down: the reader learns it from the closed channel.
+            Err(_) => Ok(None),
+        }
     }
 
     /// Sends `GET` (with `Range: bytes=pos-` past the start) and waits for the response headers.
@@ -470,7 +532,10 @@ impl HttpTask {
         resp: reqwest::Response,
         p: &mut Progress,
         mut skip: u64,
+        mut pace: Pace,
     ) -> Result<Outcome, Failure> {
+        // The address really connected to: the route to it is the link the body comes over.
+        let remote = resp.remote_addr().map(|a| a.ip());
         let url = &self.url_str;
         let protocol = |reason: String| {
             Failure::Fatal(DownloadError::Protocol {
@@ -521,6 +586,19 @@ impl HttpTask {
                 return Err(protocol(format!(
                     "server sent more than the {total} bytes it announced"
                 )));
+            }
+            if let (Some(link), Some(addr)) = (self.link.clone(), remote)
+                && pace.checked.elapsed() >= RECHECK
+            {
+                pace.checked = Instant::now();
+                let verdict = tokio::task::spawn_blocking(move || link.check_addr(addr)).await;
+                pace.set(self.judged(verdict, p.pos)?);
+            }
+            if let Some(bucket) = pace.bucket.as_mut() {
+                let wait = bucket.take(chunk.len() as u64, Instant::now());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
             }
             while !chunk.is_empty() {
                 let part = chunk.split_to(chunk.len().min(MAX_CHUNK));

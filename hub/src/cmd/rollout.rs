@@ -125,6 +125,14 @@ pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
                 .firmware_sync
                 .map_or_else(|| "-".into(), |s| format!("{} {}", s.reason, s.message));
             let _ = writeln!(out, "  {:<21} {:<11} {}", n.name_any(), fw, sync);
+            if let Some(reason) = st
+                .wait_reason
+                .as_deref()
+                .filter(|_| st.phase.as_deref() == Some("Waiting"))
+            {
+                // Held on the drone (flight gate, metered link, download window, charger).
+                let _ = writeln!(out, "  {:<21} └ waiting: {reason}", "");
+            }
             if let Some(why) = st.last_upgrade.as_ref().and_then(cause) {
                 let _ = writeln!(out, "  {:<21} {why}", "");
             }
