@@ -50,6 +50,7 @@ impl Fetcher {
             probe,
             link: self.link.clone(),
             held: self.held.clone(),
+            pace: self.pace.clone(),
         };
         let log_url = url_str.clone();
         let stop = self.stop.clone();
@@ -217,22 +218,29 @@ struct HttpTask {
     link: Option<Arc<LinkPolicy>>,
     /// Set when the policy stops the download.
     held: Arc<AtomicBool>,
+    pace: Pace,
 }
 
-/// The token bucket of one attempt, remade when the policy's cap changes (a route change).
-struct Pace {
-    bucket: Option<TokenBucket>,
-    checked: Instant,
-}
+/// The fetcher's token bucket, shared by its downloads so that neither a new request (a probe's
+/// next part, a retry, a resume) nor a second reader starts with a fresh burst; remade only when
+/// the policy's cap changes (a route change).
+pub(super) type Pace = Arc<std::sync::Mutex<Option<TokenBucket>>>;
 
-impl Pace {
-    fn set(&mut self, rate: Option<u64>) {
-        match (rate, &self.bucket) {
-            (None, _) => self.bucket = None,
-            (Some(r), Some(b)) if b.rate() == r => {}
-            (Some(r), _) => self.bucket = Some(TokenBucket::new(r, Instant::now())),
-        }
+fn set_rate(pace: &Pace, rate: Option<u64>) {
+    let mut bucket = pace.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    match (rate, bucket.as_ref()) {
+        (None, _) => *bucket = None,
+        (Some(r), Some(b)) if b.rate() == r => {}
+        (Some(r), _) => *bucket = Some(TokenBucket::new(r, Instant::now())),
     }
+}
+
+/// How long to hold `bytes` back under the current cap.
+fn pace_wait(pace: &Pace, bytes: u64) -> Duration {
+    pace.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .as_mut()
+        .map_or(Duration::ZERO, |b| b.take(bytes, Instant::now()))
 }
 
 /// Download state carried across attempts.
@@ -346,15 +354,11 @@ impl HttpTask {
 
     /// One request from the current position: send, accept the answer, stream its body.
     async fn attempt(&self, p: &mut Progress) -> Result<Outcome, Failure> {
-        let mut pace = Pace {
-            bucket: None,
-            checked: Instant::now(),
-        };
         // Before connecting: a request over a metered link would start the body flowing.
         if let Some(link) = self.link.clone() {
             let source = self.url_str.clone();
             let verdict = tokio::task::spawn_blocking(move || link.check_source(&source)).await;
-            pace.set(self.judged(verdict, p.pos)?);
+            set_rate(&self.pace, self.judged(verdict, p.pos)?);
         }
         let resp = self.send(p.pos, p.end).await?;
         let skip = match self.accept(&resp, p)? {
@@ -372,7 +376,7 @@ impl HttpTask {
         if !self.start(p).await {
             return Ok(Outcome::ReaderGone);
         }
-        self.stream_body(resp, p, skip, pace).await
+        self.stream_body(resp, p, skip).await
     }
 
     /// A policy verdict: the rate to pace at, or the hold that stops this download.
@@ -532,8 +536,8 @@ impl HttpTask {
         resp: reqwest::Response,
         p: &mut Progress,
         mut skip: u64,
-        mut pace: Pace,
     ) -> Result<Outcome, Failure> {
+        let mut checked = Instant::now();
         // The address really connected to: the route to it is the link the body comes over.
         let remote = resp.remote_addr().map(|a| a.ip());
         let url = &self.url_str;
@@ -588,17 +592,15 @@ impl HttpTask {
                 )));
             }
             if let (Some(link), Some(addr)) = (self.link.clone(), remote)
-                && pace.checked.elapsed() >= RECHECK
+                && checked.elapsed() >= RECHECK
             {
-                pace.checked = Instant::now();
+                checked = Instant::now();
                 let verdict = tokio::task::spawn_blocking(move || link.check_addr(addr)).await;
-                pace.set(self.judged(verdict, p.pos)?);
+                set_rate(&self.pace, self.judged(verdict, p.pos)?);
             }
-            if let Some(bucket) = pace.bucket.as_mut() {
-                let wait = bucket.take(chunk.len() as u64, Instant::now());
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                }
+            let wait = pace_wait(&self.pace, chunk.len() as u64);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
             }
             while !chunk.is_empty() {
                 let part = chunk.split_to(chunk.len().min(MAX_CHUNK));

@@ -250,6 +250,8 @@ pub struct Fetcher {
     link: Option<Arc<crate::netpolicy::LinkPolicy>>,
     /// Set when the link policy stopped a download ([`DownloadError::Held`]).
     held: Arc<AtomicBool>,
+    /// The rate cap's token bucket, shared by every download of this fetcher.
+    pace: http::Pace,
 }
 
 /// Asked every [`STOP_POLL`] while a download runs; `true` ends it at once (cancel, shutdown),
@@ -313,6 +315,7 @@ impl Fetcher {
             stop: None,
             link: Some(Arc::new(crate::netpolicy::LinkPolicy::new(cfg))).filter(|l| l.is_active()),
             held: Arc::new(AtomicBool::new(false)),
+            pace: http::Pace::default(),
         })
     }
 
