@@ -764,6 +764,35 @@ mod tests {
         }
     }
 
+    /// `flight.max_wait` counts the flight gate's wait only: a long wait for an unmetered link
+    /// before it must not time the flight gate out the moment it starts.
+    #[test]
+    fn a_wait_keeps_its_start_only_while_its_kind_stays() {
+        let mut s = DeviceState::factory(v("1.0.0"));
+        s.begin("u1".into(), "http://x/fw".into(), false);
+        let since = |s: &DeviceState| s.upgrade.as_ref().and_then(|u| u.wait.as_ref()).map(|w| w.since);
+        s.hold(WaitReason::MeteredLink);
+        if let Some(w) = s.upgrade.as_mut().and_then(|u| u.wait.as_mut()) {
+            w.since = 1000;
+        }
+        s.hold(WaitReason::DownloadWindow);
+        assert_eq!(since(&s), Some(1000), "still a link hold");
+        s.hold(WaitReason::InAir);
+        assert!(
+            since(&s).is_some_and(|t| t > 1000),
+            "the flight gate's clock starts afresh"
+        );
+        if let Some(w) = s.upgrade.as_mut().and_then(|u| u.wait.as_mut()) {
+            w.since = 2000;
+        }
+        s.hold(WaitReason::Armed);
+        assert_eq!(since(&s), Some(2000), "still the flight gate's wait");
+        assert_eq!(
+            s.upgrade.as_ref().map(Upgrade::step_phase),
+            Some(Phase::Downloading)
+        );
+    }
+
     #[test]
     fn resumed_download_keeps_its_offset_and_a_new_upgrade_drops_it() {
         let mut s = DeviceState::factory(v("1.0.0"));

@@ -277,8 +277,57 @@ mod tests {
     use super::*;
     use flightnode_proto::ObservedState;
     use mavlink::dialects::ardupilotmega::{
-        EXTENDED_SYS_STATE_DATA, HEARTBEAT_DATA, MavState, MavType, SYS_STATUS_DATA,
+        BATTERY_STATUS_DATA, EXTENDED_SYS_STATE_DATA, HEARTBEAT_DATA, MavState, MavType, SYS_STATUS_DATA,
     };
+
+    #[test]
+    fn charging_is_battery_status_charge_state_and_expires() {
+        let t = Instant::now();
+        let mut l = Latest::new(&RULES);
+        feed(&mut l, (1, 1), &heartbeat(false), t, &RULES);
+        assert_eq!(l.state(t, &RULES).charging, None, "nothing heard");
+        let battery = |charge_state| {
+            MavMessage::BATTERY_STATUS(BATTERY_STATUS_DATA {
+                charge_state,
+                battery_remaining: 50,
+                ..BATTERY_STATUS_DATA::DEFAULT
+            })
+        };
+        feed(
+            &mut l,
+            (1, 1),
+            &battery(MavBatteryChargeState::MAV_BATTERY_CHARGE_STATE_CHARGING),
+            t,
+            &RULES,
+        );
+        assert_eq!(l.state(t, &RULES).charging, Some(true));
+        feed(
+            &mut l,
+            (1, 1),
+            &battery(MavBatteryChargeState::MAV_BATTERY_CHARGE_STATE_OK),
+            t,
+            &RULES,
+        );
+        assert_eq!(l.state(t, &RULES).charging, Some(false));
+        // A MAVLink 1 frame has no extension fields: it reads as the default, not charging.
+        feed(
+            &mut l,
+            (1, 1),
+            &MavMessage::BATTERY_STATUS(BATTERY_STATUS_DATA::DEFAULT),
+            t,
+            &RULES,
+        );
+        assert_eq!(l.state(t, &RULES).charging, Some(false));
+        feed(
+            &mut l,
+            (1, 1),
+            &battery(MavBatteryChargeState::MAV_BATTERY_CHARGE_STATE_CHARGING),
+            t,
+            &RULES,
+        );
+        let later = t + RULES.stale_after + Duration::from_millis(1);
+        assert_eq!(l.state(later, &RULES).charging, None, "expired after stale_after");
+    }
 
     const RULES: Rules = Rules {
         system_id: None,
