@@ -60,3 +60,15 @@ fn the_dock_command_says_when_it_charges() {
     std::fs::write(&docked, b"").unwrap();
     install.committed(&g, WAIT);
 }
+
+#[test]
+fn a_mavlink_1_vehicle_cannot_say_it_charges() {
+    let port = free_udp_port().unwrap();
+    let g = Gated::new(&format!(
+        "mavlink = \"udpin:127.0.0.1:{port}\"\nstale_after = \"1s\"\n[install]\nrequire_charging = true\n"
+    ));
+    // charge_state is a MAVLink 2 extension field: a MAVLink 1 BATTERY_STATUS carries none.
+    let _v = Vehicle::start(port, &["--mavlink1", "--charging"]).unwrap();
+    let _install = g.install("2.0.0");
+    g.assert_held("not_charging");
+}

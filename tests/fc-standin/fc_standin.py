@@ -48,6 +48,14 @@ class Vehicle:
         self.acks = []
 
 
+def charge_state(conn, v):
+    # An extension field: MAVLink 1 frames (and pymavlink's v1.0 dialect) have none.
+    if not conn.mavlink20():
+        return {}
+    state = mav_.MAV_BATTERY_CHARGE_STATE_CHARGING if v.charging else mav_.MAV_BATTERY_CHARGE_STATE_OK
+    return {"time_remaining": 0, "charge_state": state}
+
+
 def send_burst(conn, v, tick):
     with v.lock:
         if v.silent:
@@ -65,12 +73,7 @@ def send_burst(conn, v, tick):
         conn.mav.battery_status_send(
             0, mav_.MAV_BATTERY_FUNCTION_ALL, mav_.MAV_BATTERY_TYPE_LIPO, 2500,
             [15800] + [65535] * 9, 1200, -1, -1, v.battery,
-            time_remaining=0,
-            charge_state=(
-                mav_.MAV_BATTERY_CHARGE_STATE_CHARGING
-                if v.charging
-                else mav_.MAV_BATTERY_CHARGE_STATE_OK
-            ),
+            **charge_state(conn, v),
         )
         conn.mav.sys_status_send(0, 0, 0, 500, 15800, 1200, v.battery, 0, 0, 0, 0, 0, 0)
         if tick % 10 == 0:
