@@ -20,6 +20,8 @@ const POLL: Duration = Duration::from_millis(100);
 /// The server's address, on its loopback, routed over either link.
 const SERVER: &str = "10.201.9.1";
 const IMAGE: usize = 2 * 1024 * 1024;
+/// Big enough that the route can change in the body's last request (see the pause test).
+const BIG: usize = 16 * 1024 * 1024;
 
 /// Two namespaces and their links; deleted on drop, whatever the test did.
 struct Netns {
@@ -256,7 +258,6 @@ fn a_route_that_turns_metered_mid_download_pauses_it_and_the_resume_keeps_what_i
     // 2 MiB/s on every link: the 16 MiB image takes about 8 s. The route changes in the last,
     // single request (past the header probe's doubling parts, which end at 8 MiB), so only the
     // recheck while the body streams can notice it.
-    const BIG: usize = 16 * 1024 * 1024;
     let dev = device("metered_interfaces = [\"wwan*\"]\nmax_rate = 2097152\n");
     let bundle = dev.bundle("v2", "2.0.0", BIG, &[]);
     let len = std::fs::metadata(&bundle).unwrap().len();

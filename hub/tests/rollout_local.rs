@@ -903,7 +903,7 @@ fn concurrent_writes_to_the_local_store_all_return() {
         let _ = done.send(());
     });
     assert!(
-        finished.recv_timeout(Duration::from_secs(120)).is_ok(),
+        finished.recv_timeout(Duration::from_mins(2)).is_ok(),
         "concurrent local-store writes never returned (or panicked)"
     );
     for id in &ids {

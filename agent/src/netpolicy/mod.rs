@@ -95,14 +95,13 @@ impl LinkPolicy {
                 rate: self.cfg.max_rate,
             };
         }
-        match host.to_socket_addrs().map(|mut a| a.next()) {
-            Ok(Some(addr)) => self.check_addr(addr.ip()),
-            Ok(None) | Err(_) => {
-                // The download itself reports the DNS failure, with its retries.
-                tracing::debug!(source = %source, "cannot resolve the bundle host to judge its link");
-                LinkVerdict::Go {
-                    rate: self.cfg.max_rate,
-                }
+        if let Ok(Some(addr)) = host.to_socket_addrs().map(|mut a| a.next()) {
+            self.check_addr(addr.ip())
+        } else {
+            // The download itself reports the DNS failure, with its retries.
+            tracing::debug!(source = %source, "cannot resolve the bundle host to judge its link");
+            LinkVerdict::Go {
+                rate: self.cfg.max_rate,
             }
         }
     }
