@@ -22,7 +22,7 @@
 //!   `HubService` (the transport's ceiling); `--wave` drones upgrade, their starts spread over
 //!   `--wave-secs` from a quarter into the run; the drones share `--channels` HTTP/2
 //!   connections (one per drone measures what connections cost).
-//! - `rate [--size-mib 8] [--rates 262144,1048576,4194304]`: installs over loopback HTTP with
+//! - `rate [--size-mib 8] [--rates 262144,1048576,2097152]`: installs over loopback HTTP with
 //!   `[download] max_rate` set to each rate, and prints the rate the server measured against it.
 //! - `rollout [--drones 1000] [--api-qps 200] [--api-burst 400] [--interval 30] [--soak 5s]
 //!   [--max-per-minute 3000] [--timeout-secs 900]`: N simulated drones (gRPC heartbeats, MQTT
@@ -105,7 +105,7 @@ fn main() -> Result<()> {
             hub_bench(&drones, plan)
         }
         Some("rate") => {
-            let rates: Vec<u64> = flag(&args, "--rates", "262144,1048576,4194304".to_owned())
+            let rates: Vec<u64> = flag(&args, "--rates", "262144,1048576,2097152".to_owned())
                 .split(',')
                 .filter_map(|n| n.trim().parse().ok())
                 .collect();
@@ -137,7 +137,7 @@ fn usage() {
     eprintln!(
         "       flightnode-bench hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20] [--channels 12]"
     );
-    eprintln!("       flightnode-bench rate [--size-mib 8] [--rates 262144,1048576,4194304]");
+    eprintln!("       flightnode-bench rate [--size-mib 8] [--rates 262144,1048576,2097152]");
     eprintln!(
         "       flightnode-bench rollout [--drones 1000] [--api-qps 200] [--api-burst 400] [--interval 30] [--soak 5s] [--max-per-minute 3000] [--timeout-secs 900]"
     );

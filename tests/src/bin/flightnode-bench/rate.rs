@@ -77,13 +77,20 @@ pub(crate) fn rate(size_mib: u64, rates: &[u64]) -> Result<()> {
             ],
         )?;
         let secs = t.elapsed().as_secs_f64();
-        // The bucket starts full: the first second's worth is a burst, the rest is paced.
-        let paced = server.bytes_sent().saturating_sub(cap) as f64;
-        let measured = paced / secs.max(1e-9);
-        println!(
-            "{cap:>14} {measured:>14.0} {:>10.3} {secs:>8.1}",
-            measured / cap as f64
-        );
+        let sent = server.bytes_sent();
+        if sent < cap.saturating_mul(2) {
+            println!(
+                "{cap:>14} {:>14} {:>10} {secs:>8.1}  (the image fits the 1 s burst: raise --size-mib)",
+                "-", "-"
+            );
+        } else {
+            // The bucket starts full: the first second's worth is a burst, the rest is paced.
+            let measured = sent.saturating_sub(cap) as f64 / secs.max(1e-9);
+            println!(
+                "{cap:>14} {measured:>14.0} {:>10.3} {secs:>8.1}",
+                measured / cap as f64
+            );
+        }
         std::fs::remove_dir_all(&dev)?;
     }
     Ok(())
