@@ -87,6 +87,9 @@ impl Netns {
         // No reverse-path filtering: a connection keeps flowing after `ip route replace` (its
         // packets leave by the new link with the old source address), so only the agent's own
         // recheck can notice that the route turned metered, not a stalled connection.
+        // Socket buffers of at most 256 KiB: what the server has written is then close to what
+        // the agent has read, so its byte count tells what crossed the link (the kernel's
+        // autotuning would otherwise let the server run megabytes ahead of a capped reader).
         for ns in [c, s] {
             ip(&[
                 "netns",
@@ -94,7 +97,9 @@ impl Netns {
                 ns,
                 "sh",
                 "-c",
-                "for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done",
+                "for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done; \
+                 echo '4096 65536 262144' > /proc/sys/net/ipv4/tcp_rmem; \
+                 echo '4096 65536 262144' > /proc/sys/net/ipv4/tcp_wmem",
             ])?;
         }
         self.route("wwan0")
@@ -217,14 +222,14 @@ fn committed(dev: &Device, mut child: std::process::Child, version: &str, image:
 }
 
 #[test]
-fn over_a_metered_link_the_download_waits_and_starts_once_the_route_is_unmetered() {
+fn over_a_metered_link_the_download_waits_across_a_restart_and_starts_once_the_route_is_unmetered() {
     let Some(net) = Netns::new("defer") else { return };
     let dev = device("metered_interfaces = [\"wwan*\", \"ppp0\"]\n");
     let bundle = dev.bundle("v2", "2.0.0", IMAGE, &[]);
     let srv = net.serve();
     srv.put_file("/fw.fnb", &bundle).unwrap();
     let url = format!("http://{SERVER}:{}/fw.fnb", srv.addr().port());
-    let _daemon = net.daemon(&dev);
+    let daemon = net.daemon(&dev);
 
     let child = install(&dev, &url);
     wait_status(&dev, "waited for the metered link", waiting_for("metered_link"));
@@ -247,9 +252,51 @@ fn over_a_metered_link_the_download_waits_and_starts_once_the_route_is_unmetered
         dev.log()
     );
 
+    // A power cut while waiting: the hold is in the store, and the next start holds again.
+    drop(daemon);
+    drop(child);
+    let s = dev.status();
+    assert_eq!(
+        (&s["phase"], &s["wait_reason"]),
+        (&"waiting".into(), &"metered_link".into()),
+        "{s:#}"
+    );
+    let _daemon = net.daemon(&dev);
+    dev.wait_log("still waiting before downloading");
+    std::thread::sleep(Duration::from_secs(2));
+    let s = dev.status();
+    assert_eq!(
+        s["wait_reason"], "metered_link",
+        "held again after the restart: {s:#}"
+    );
+    assert_eq!(
+        srv.requests_for("/fw.fnb"),
+        vec![],
+        "nothing fetched over the metered link"
+    );
+
     net.route("eth1").unwrap();
-    committed(&dev, child, "2.0.0", IMAGE);
+    wait_status(&dev, "committed", |s| {
+        s["committed_version"] == "2.0.0" && s["phase"] == "idle"
+    });
+    assert_eq!(dev.slot_bytes("b"), image_bytes("2.0.0", IMAGE));
+    dev.assert_bootable();
     assert!(!srv.requests_for("/fw.fnb").is_empty());
+}
+
+#[test]
+fn with_throttle_a_metered_link_downloads_without_waiting() {
+    let Some(net) = Netns::new("thr") else { return };
+    let dev =
+        device("metered_interfaces = [\"wwan*\"]\non_metered = \"throttle\"\nmetered_max_rate = 1048576\n");
+    let bundle = dev.bundle("v2", "2.0.0", IMAGE, &[]);
+    let srv = net.serve();
+    srv.put_file("/fw.fnb", &bundle).unwrap();
+    let url = format!("http://{SERVER}:{}/fw.fnb", srv.addr().port());
+    let _daemon = net.daemon(&dev);
+    let child = install(&dev, &url);
+    committed(&dev, child, "2.0.0", IMAGE);
+    assert!(!dev.log().contains("metered_link"), "never held:\n{}", dev.log());
 }
 
 #[test]

@@ -82,6 +82,7 @@ impl Engine {
         &mut self,
         mut check: impl FnMut(&Self) -> Result<(), (WaitReason, String)>,
     ) -> Result<(), Stop> {
+        let mut first = true;
         loop {
             let verdict = check(self);
             let u = self.upgrade()?;
@@ -102,9 +103,14 @@ impl Engine {
                             "waiting before {held}: {why}");
                         self.state.hold(reason);
                         self.save()?;
+                    } else if first {
+                        // A restart (or a power cut) found it held: say so once.
+                        tracing::info!(upgrade_id = %u.id, phase = %held, reason = %reason,
+                            "still waiting before {held}: {why}");
                     }
                 }
             }
+            first = false;
             if self.interrupts.pause.load(SeqCst) {
                 return Err(Stop::Paused);
             }
