@@ -388,3 +388,38 @@ fn outside_the_window_the_download_waits_with_reason_download_window() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn a_chunked_download_paused_by_a_metered_route_resumes_and_commits() {
+    let Some(net) = Netns::new("chunk") else { return };
+    let dev = device("metered_interfaces = [\"wwan*\"]\nmax_rate = 2097152\n");
+    let bundle = dev.bundle("v2", "2.0.0", BIG, &["--chunked", "--level", "3"]);
+    let len = std::fs::metadata(&bundle).unwrap().len();
+    let srv = net.serve();
+    srv.put_file("/fw.fnb", &bundle).unwrap();
+    let url = format!("http://{SERVER}:{}/fw.fnb", srv.addr().port());
+    net.route("eth1").unwrap();
+    let _daemon = net.daemon(&dev);
+
+    let child = install(&dev, &url);
+    assert!(
+        wait_until(WAIT, POLL, || srv.bytes_sent_for("/fw.fnb") > 4 << 20),
+        "the chunks never started:\n{}",
+        dev.log()
+    );
+    net.route("wwan0").unwrap();
+    wait_status(&dev, "paused for the metered link", waiting_for("metered_link"));
+    std::thread::sleep(Duration::from_secs(1));
+    let sent = srv.bytes_sent_for("/fw.fnb");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(srv.bytes_sent_for("/fw.fnb"), sent, "nothing more while metered");
+    assert!(sent < len, "paused before the end: sent {sent} of {len}");
+
+    net.route("eth1").unwrap();
+    committed(&dev, child, "2.0.0", BIG);
+    assert!(
+        srv.bytes_sent_for("/fw.fnb") < len * 3 / 2,
+        "the verified chunks were kept: sent {} for a {len}-byte bundle",
+        srv.bytes_sent_for("/fw.fnb")
+    );
+}
