@@ -358,6 +358,31 @@ mod tests {
     }
 
     #[test]
+    fn a_held_drone_shows_why_it_waits() {
+        let r = rollout(1, 1, &[]);
+        let mut node = crate::api::flightnode::new_flightnode("drone-1", "default", "hw");
+        node.metadata.annotations = Some(
+            [(
+                crate::api::rollout::ANNOTATION_ROLLOUT.to_owned(),
+                "fleet/1".to_owned(),
+            )]
+            .into(),
+        );
+        node.status = Some(crate::api::flightnode::FlightNodeStatus {
+            phase: Some("Waiting".into()),
+            wait_reason: Some("metered_link".into()),
+            ..Default::default()
+        });
+        let text = render(&r, &[node.clone()]);
+        assert!(text.contains("└ waiting: metered_link"), "{text}");
+        node.status = Some(crate::api::flightnode::FlightNodeStatus {
+            phase: Some("Downloading".into()),
+            ..Default::default()
+        });
+        assert!(!render(&r, &[node]).contains("waiting:"));
+    }
+
+    #[test]
     fn halted_stalled_and_paused() {
         let halted = [(condition::HALTED, "True", "BreakerTripped")];
         assert!(matches!(
