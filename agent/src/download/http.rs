@@ -320,7 +320,7 @@ impl HttpTask {
                     return;
                 }
                 Err(Failure::Fatal(e @ DownloadError::Held { .. })) => {
-                    info!(url = %self.url_str, offset = p.pos, "{e}");
+                    debug!(url = %self.url_str, offset = p.pos, "{e}");
                     let _ = self.tx.send(Msg::Err(e)).await;
                     return;
                 }
@@ -387,7 +387,9 @@ impl HttpTask {
     ) -> Result<Option<u64>, Failure> {
         match verdict {
             Ok(LinkVerdict::Go { rate }) => Ok(rate),
-            Ok(LinkVerdict::Hold(reason, why)) => {
+            Ok(LinkVerdict::Hold(reason, why, interface)) => {
+                info!(url = %self.url_str, offset = pos, reason = %reason,
+                    interface = interface.as_deref().unwrap_or("-"), "the link policy pauses the download");
                 self.held.store(true, Ordering::SeqCst);
                 Err(Failure::Fatal(DownloadError::Held {
                     url: self.url_str.clone(),

@@ -25,9 +25,20 @@ impl Engine {
         if self.fetcher.link_policy().is_none() {
             return Ok(());
         }
+        // Logged once per interface, with its name as a field, beside the hold's own log.
+        let mut interface = None;
         self.hold_until(
             |this| match this.fetcher.link_policy().map(|l| l.check_source(source)) {
-                Some(LinkVerdict::Hold(reason, why)) => Err((reason, why)),
+                Some(LinkVerdict::Hold(reason, why, on)) => {
+                    if on != interface {
+                        if let (Some(on), Some(u)) = (&on, this.state.upgrade.as_ref()) {
+                            tracing::info!(upgrade_id = %u.id, interface = %on, reason = %reason,
+                                "the download's route goes over a metered interface");
+                        }
+                        interface = on;
+                    }
+                    Err((reason, why))
+                }
                 Some(LinkVerdict::Go { .. }) | None => Ok(()),
             },
         )

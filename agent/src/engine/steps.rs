@@ -231,7 +231,10 @@ impl Engine {
             writer.checkpoint().map_err(|e| {
                 Stop::Upgrade(
                     ErrorCode::Internal,
-                    format!("cannot record the written prefix of slot {target}: {e}"),
+                    format!(
+                        "cannot record the written prefix of slot {target} ({}): {e}",
+                        self.slots.path(target).display()
+                    ),
                 )
             })?;
         }

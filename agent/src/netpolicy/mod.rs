@@ -39,7 +39,7 @@ pub enum LinkVerdict {
         rate: Option<u64>,
     },
     /// Not now; the sentence names the interface or the window.
-    Hold(WaitReason, String),
+    Hold(WaitReason, String, Option<String>),
 }
 
 /// The `[download]` link policy of one agent.
@@ -135,6 +135,7 @@ impl LinkPolicy {
                 OnMetered::Defer => LinkVerdict::Hold(
                     WaitReason::MeteredLink,
                     format!("the route to {addr} goes over {interface}, which is metered ({why})"),
+                    Some(interface),
                 ),
                 OnMetered::Throttle => LinkVerdict::Go {
                     rate: min_some(self.cfg.max_rate, self.cfg.metered_max_rate),
@@ -188,6 +189,7 @@ impl LinkPolicy {
                     minute / 60,
                     minute % 60
                 ),
+                None,
             )
         })
     }
@@ -228,7 +230,7 @@ mod tests {
     fn the_window_holds_outside_its_hours_in_local_time() {
         let p = policy("window = \"22:00-06:00\"\n", 12 * 60 + 5);
         match p.check_source("http://127.0.0.1:1/b.fnb") {
-            LinkVerdict::Hold(WaitReason::DownloadWindow, why) => {
+            LinkVerdict::Hold(WaitReason::DownloadWindow, why, None) => {
                 assert!(why.contains("12:05") && why.contains("22:00-06:00"), "{why}");
             }
             v => panic!("{v:?}"),
@@ -242,7 +244,7 @@ mod tests {
         let p = policy("window = \"22:00-06:00\"\n", 7 * 60);
         assert!(matches!(
             p.check_source("/data/b.fnb"),
-            LinkVerdict::Hold(WaitReason::DownloadWindow, _)
+            LinkVerdict::Hold(WaitReason::DownloadWindow, ..)
         ));
     }
 
@@ -251,12 +253,15 @@ mod tests {
         let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let p = policy("metered_interfaces = [\"l?\"]\n", 0);
         match p.check_addr(lo) {
-            LinkVerdict::Hold(WaitReason::MeteredLink, why) => assert!(why.contains("over lo"), "{why}"),
+            LinkVerdict::Hold(WaitReason::MeteredLink, why, interface) => {
+                assert!(why.contains("over lo"), "{why}");
+                assert_eq!(interface.as_deref(), Some("lo"));
+            }
             v => panic!("{v:?}"),
         }
         assert!(matches!(
             p.check_source("http://localhost:1/b"),
-            LinkVerdict::Hold(WaitReason::MeteredLink, _)
+            LinkVerdict::Hold(WaitReason::MeteredLink, ..)
         ));
         let p = policy(
             "metered_interfaces = [\"lo\"]\non_metered = \"throttle\"\nmetered_max_rate = 1000\nmax_rate = 5000\n",
