@@ -4,7 +4,10 @@
 
 mod common;
 use common::flight::{Gated, WAIT};
+use common::{Daemon, Device, Options};
 use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
+use flightnode_tests::http_server::BundleServer;
+use flightnode_tests::mosquitto::Mosquitto;
 
 #[test]
 fn the_switch_waits_until_the_vehicle_reports_charging() {
@@ -71,4 +74,43 @@ fn a_mavlink_1_vehicle_cannot_say_it_charges() {
     let _v = Vehicle::start(port, &["--mavlink1", "--charging"]).unwrap();
     let _install = g.install("2.0.0");
     g.assert_held("not_charging");
+}
+
+#[test]
+fn the_hold_reaches_the_mqtt_status_report() {
+    let broker = Mosquitto::start().unwrap();
+    let port = free_udp_port().unwrap();
+    let dev = Device::new(Options {
+        extra: format!(
+            "[install]\nrequire_charging = true\n[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n[flight]\nmavlink = \"udpin:127.0.0.1:{port}\"\nstale_after = \"1s\"\n",
+            broker.url()
+        ),
+        ..Options::default()
+    });
+    let sub = broker.subscriber("firmware/drone-test/status").unwrap();
+    let bundle = dev.bundle("v2", "2.0.0", 100_000, &[]);
+    let srv = BundleServer::start_blocking().unwrap();
+    srv.put_file("/fw.fnb", &bundle).unwrap();
+    let _daemon = Daemon::start_subscribed(&dev);
+    let mut v = Vehicle::start(port, &[]).unwrap();
+    let command = format!(
+        r#"{{"type":"upgrade","upgrade_id":"up-chg","url":"{}"}}"#,
+        srv.url("/fw.fnb")
+    );
+    broker
+        .publish("firmware/drone-test/upgrade", command.as_bytes(), false)
+        .unwrap();
+    assert!(
+        sub.wait_for(r#""phase":"waiting","wait_reason":"not_charging""#, WAIT),
+        "{}\ndaemon log:\n{}",
+        sub.output(),
+        dev.log()
+    );
+    v.send("charging").unwrap();
+    assert!(
+        sub.wait_for(r#""result":"committed""#, WAIT),
+        "{}\ndaemon log:\n{}",
+        sub.output(),
+        dev.log()
+    );
 }
