@@ -423,3 +423,52 @@ fn a_chunked_download_paused_by_a_metered_route_resumes_and_commits() {
         srv.bytes_sent_for("/fw.fnb")
     );
 }
+
+#[test]
+fn a_cancel_ends_a_window_hold_and_nothing_was_fetched() {
+    let broker = flightnode_tests::mosquitto::Mosquitto::start().unwrap();
+    let minute = flightnode_agent::netpolicy::window::local_minute_of_day();
+    let at = |m: u16| format!("{:02}:{:02}", m / 60 % 24, m % 60);
+    let window = format!("{}-{}", at((minute + 60) % 1440), at((minute + 120) % 1440));
+    let dev = device(&format!("window = \"{window}\"\n"));
+    let config = std::fs::read_to_string(&dev.config).unwrap();
+    let config = format!(
+        "{config}[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n",
+        broker.url()
+    );
+    std::fs::write(&dev.config, config).unwrap();
+    let sub = broker.subscriber("firmware/drone-test/status").unwrap();
+    let bundle = dev.bundle("v2", "2.0.0", IMAGE, &[]);
+    let srv = BundleServer::start_blocking().unwrap();
+    srv.put_file("/fw.fnb", &bundle).unwrap();
+    let _daemon = Daemon::start_subscribed(&dev);
+    let upgrade = format!(
+        r#"{{"type":"upgrade","upgrade_id":"up-win","url":"{}"}}"#,
+        srv.url("/fw.fnb")
+    );
+    broker
+        .publish("firmware/drone-test/upgrade", upgrade.as_bytes(), false)
+        .unwrap();
+    assert!(
+        sub.wait_for(r#""phase":"waiting","wait_reason":"download_window""#, WAIT),
+        "{}\n{}",
+        sub.output(),
+        dev.log()
+    );
+    broker
+        .publish(
+            "firmware/drone-test/upgrade",
+            br#"{"type":"cancel","upgrade_id":"up-win"}"#,
+            false,
+        )
+        .unwrap();
+    assert!(
+        sub.wait_for(r#""result":"canceled""#, WAIT),
+        "{}\n{}",
+        sub.output(),
+        dev.log()
+    );
+    assert_eq!(srv.requests_for("/fw.fnb"), vec![]);
+    assert_eq!(dev.status()["committed_version"], "1.0.0");
+    dev.assert_bootable();
+}
