@@ -472,3 +472,45 @@ fn a_cancel_ends_a_window_hold_and_nothing_was_fetched() {
     assert_eq!(dev.status()["committed_version"], "1.0.0");
     dev.assert_bootable();
 }
+
+#[test]
+fn a_stalled_connection_on_a_route_turned_metered_pauses_within_seconds_not_at_idle_timeout() {
+    let Some(net) = Netns::new("stall") else { return };
+    let dev = device("metered_interfaces = [\"wwan*\"]\n");
+    // A long idle timeout: a pause that waited for it (and the retry) would miss the bound below.
+    let config = std::fs::read_to_string(&dev.config).unwrap();
+    std::fs::write(
+        &dev.config,
+        config.replace("idle_timeout = \"2s\"", "idle_timeout = \"60s\""),
+    )
+    .unwrap();
+    let bundle = dev.bundle("v2", "2.0.0", IMAGE, &[]);
+    let srv = net.serve();
+    srv.put_file("/fw.fnb", &bundle).unwrap();
+    srv.set_fault(
+        "/fw.fnb",
+        flightnode_tests::http_server::Fault::Stall { after: 1 << 20 },
+    );
+    let url = format!("http://{SERVER}:{}/fw.fnb", srv.addr().port());
+    net.route("eth1").unwrap();
+    let _daemon = net.daemon(&dev);
+
+    let child = install(&dev, &url);
+    assert!(
+        wait_until(WAIT, POLL, || srv.bytes_sent_for("/fw.fnb") >= 1 << 20),
+        "the body never reached the stall:\n{}",
+        dev.log()
+    );
+    net.route("wwan0").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), POLL, || waiting_for("metered_link")(
+            &dev.status()
+        )),
+        "a stalled download was not paused within 10 s of the route change: {:#}\n{}",
+        dev.status(),
+        dev.log()
+    );
+    srv.clear_fault("/fw.fnb");
+    net.route("eth1").unwrap();
+    committed(&dev, child, "2.0.0", IMAGE);
+}

@@ -551,12 +551,32 @@ impl HttpTask {
         };
         let mut stream = resp.bytes_stream();
         loop {
-            let Ok(next) = tokio::time::timeout(self.idle, stream.next()).await else {
-                return Err(Failure::Retry(DownloadError::Idle {
-                    url: url.clone(),
-                    timeout: self.idle,
-                    offset: p.pos,
-                }));
+            let waiting = Instant::now();
+            let next = loop {
+                // With a link policy the wait is sliced: a route change often stalls the
+                // connection (the old source address leaves by the new link and is dropped), and
+                // that must pause the download now, not after `idle_timeout` and a retry.
+                let left = self.idle.saturating_sub(waiting.elapsed());
+                let slice = if self.link.is_some() {
+                    left.min(RECHECK)
+                } else {
+                    left
+                };
+                if let Ok(next) = tokio::time::timeout(slice, stream.next()).await {
+                    break next;
+                }
+                if waiting.elapsed() >= self.idle {
+                    return Err(Failure::Retry(DownloadError::Idle {
+                        url: url.clone(),
+                        timeout: self.idle,
+                        offset: p.pos,
+                    }));
+                }
+                if let (Some(link), Some(addr)) = (self.link.clone(), remote) {
+                    checked = Instant::now();
+                    let verdict = tokio::task::spawn_blocking(move || link.check_addr(addr)).await;
+                    set_rate(&self.pace, self.judged(verdict, p.pos)?);
+                }
             };
             let mut chunk = match next {
                 None => {
