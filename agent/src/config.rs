@@ -82,6 +82,9 @@ pub struct Config {
     /// section nothing is gated.
     #[serde(default)]
     pub flight: Option<FlightConfig>,
+    /// Conditions for the switch (charging).
+    #[serde(default)]
+    pub install: InstallConfig,
 }
 
 /// A state of the vehicle the flight gate may let an upgrade step run in.
@@ -439,6 +442,57 @@ pub struct DownloadConfig {
     /// the cores, at most [`MAX_DEFAULT_CHUNK_WORKERS`] and at least 1.
     #[serde(default)]
     pub chunk_workers: Option<usize>,
+    /// Interfaces (shell globs: `wwan*`, `ppp0`) whose traffic counts as metered. The link of a
+    /// download is the interface the kernel routes the bundle server's address through, asked
+    /// again every second while the body streams.
+    #[serde(default)]
+    pub metered_interfaces: Vec<String>,
+    /// Also count an interface as metered when NetworkManager says so (`nmcli` `GENERAL.METERED`
+    /// `yes` or `yes (guessed)`). Without nmcli on the board this adds nothing.
+    #[serde(default)]
+    pub networkmanager: bool,
+    /// What a download over a metered link does: `defer` (wait, reason `metered_link`, until the
+    /// route goes over an unmetered link) or `throttle` (go on at `metered_max_rate`).
+    #[serde(default)]
+    pub on_metered: OnMetered,
+    /// Bytes per second on a metered link with `on_metered = "throttle"`.
+    #[serde(default)]
+    pub metered_max_rate: Option<u64>,
+    /// Bytes per second on every link (a metered one gets the lower of the two caps).
+    #[serde(default)]
+    pub max_rate: Option<u64>,
+    /// Download only between these local times, `HH:MM-HH:MM` (may cross midnight); outside it
+    /// the upgrade waits with reason `download_window`, and a download in progress pauses.
+    #[serde(default)]
+    pub window: Option<crate::netpolicy::window::Window>,
+}
+
+/// `download.on_metered`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMetered {
+    /// Wait until the route goes over an unmetered link.
+    #[default]
+    Defer,
+    /// Download at `metered_max_rate`.
+    Throttle,
+}
+
+/// `[install]`: conditions for the switch to the new image, beside the flight gate.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InstallConfig {
+    /// Switch only while the vehicle charges: BATTERY_STATUS `charge_state` CHARGING over
+    /// `flight.mavlink`, or `charging_command` exiting 0. Otherwise the upgrade waits before the
+    /// switch with reason `not_charging`; no charge state heard counts as not charging.
+    #[serde(default)]
+    pub require_charging: bool,
+    /// Asked when MAVLink does not report charging (a dock, a charger's GPIO): exit 0 = charging.
+    #[serde(default)]
+    pub charging_command: Option<String>,
+    /// Timeout of the charging command (killed and counted as not charging after it).
+    #[serde(default = "default_gate_command_timeout", with = "humantime_serde")]
+    pub charging_command_timeout: Duration,
 }
 
 /// `download.chunk_workers` when not set is capped at this: the companion computers flightnode
@@ -469,6 +523,12 @@ impl Default for DownloadConfig {
             backoff: default_backoff(),
             checkpoint_bytes: default_checkpoint_bytes(),
             chunk_workers: None,
+            metered_interfaces: Vec::new(),
+            networkmanager: false,
+            on_metered: OnMetered::Defer,
+            metered_max_rate: None,
+            max_rate: None,
+            window: None,
         }
     }
 }
@@ -584,6 +644,35 @@ impl Config {
             return Err(invalid(format!(
                 "download.chunk_workers = {n} must be 1 to {MAX_CHUNK_WORKERS} (leave it out for one less than the cores, at most {MAX_DEFAULT_CHUNK_WORKERS})"
             )));
+        }
+        let d = &config.download;
+        if d.max_rate == Some(0) || d.metered_max_rate == Some(0) {
+            return Err(invalid(
+                "download.max_rate and download.metered_max_rate are bytes per second and must be at least 1 (leave them out for no cap)".into(),
+            ));
+        }
+        if d.on_metered == OnMetered::Throttle && d.metered_max_rate.is_none() {
+            return Err(invalid(
+                "download.on_metered = \"throttle\" needs download.metered_max_rate (bytes per second)"
+                    .into(),
+            ));
+        }
+        if let Some(g) = d
+            .metered_interfaces
+            .iter()
+            .find(|g| g.is_empty() || g.contains('/'))
+        {
+            return Err(invalid(format!(
+                "download.metered_interfaces: {g:?} is not an interface name or glob"
+            )));
+        }
+        if config.install.require_charging
+            && config.install.charging_command.is_none()
+            && config.flight.as_ref().is_none_or(|f| f.mavlink.is_none())
+        {
+            return Err(invalid(
+                "install.require_charging needs flight.mavlink (BATTERY_STATUS charge_state) or install.charging_command: otherwise nothing could ever say the vehicle charges".into(),
+            ));
         }
         if let Some(m) = &config.mqtt {
             if !(m.url.starts_with("mqtt://") || m.url.starts_with("mqtts://")) {
@@ -740,6 +829,42 @@ b = "/var/lib/flightnode/slots/b.img"
             let err = Config::parse(&text, Path::new("x.toml")).unwrap_err();
             assert!(err.to_string().contains("chunk_workers"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn link_and_power_keys_get_defaults_and_are_checked() {
+        let c = Config::parse(MINIMAL, Path::new("x.toml")).unwrap();
+        assert!(c.download.metered_interfaces.is_empty() && !c.download.networkmanager);
+        assert_eq!(c.download.on_metered, OnMetered::Defer);
+        assert_eq!((c.download.max_rate, c.download.window), (None, None));
+        assert!(!c.install.require_charging);
+        let text = format!(
+            "{MINIMAL}\n[download]\nmetered_interfaces = [\"wwan*\"]\non_metered = \"throttle\"\nmetered_max_rate = 20000\nwindow = \"22:00-06:00\"\n"
+        );
+        let c = Config::parse(&text, Path::new("x.toml")).unwrap();
+        assert_eq!(c.download.metered_max_rate, Some(20000));
+        assert_eq!(
+            c.download.window.map(|w| w.to_string()).as_deref(),
+            Some("22:00-06:00")
+        );
+        for (bad, says) in [
+            ("[download]\non_metered = \"throttle\"\n", "metered_max_rate"),
+            ("[download]\nmax_rate = 0\n", "at least 1"),
+            ("[download]\nwindow = \"22-6\"\n", "HH:MM-HH:MM"),
+            ("[download]\nmetered_interfaces = [\"\"]\n", "metered_interfaces"),
+            ("[install]\nrequire_charging = true\n", "require_charging"),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}\n{bad}"), Path::new("x.toml")).unwrap_err();
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
+        let text =
+            format!("{MINIMAL}\n[install]\nrequire_charging = true\ncharging_command = \"dock-status\"\n");
+        assert!(
+            Config::parse(&text, Path::new("x.toml"))
+                .unwrap()
+                .install
+                .require_charging
+        );
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //!   that holds an upgrade in phase `waiting` while the vehicle is armed or flying.
 //! - [`daemon`]: `flightnode-agent run` — the engine thread, command rules, control socket, systemd.
 //! - [`failpoint`]: test-only crash points (debug builds only).
+//! - [`netpolicy`]: the download's link policy — metered links (defer or throttle), rate caps,
+//!   the download window.
 //! - [`mqtt`]: the MQTT link — commands in, status reports out.
 //! - [`hub_link`]: heartbeats to the hub over gRPC; [`outbox`] keeps events until acknowledged;
 //!   [`resources`] samples CPU, memory, disk and temperature.
@@ -38,6 +40,7 @@ pub mod fuzzing;
 pub mod hooks;
 pub mod hub_link;
 pub mod mqtt;
+pub mod netpolicy;
 pub mod outbox;
 pub mod policy;
 pub mod resources;

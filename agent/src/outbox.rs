@@ -74,7 +74,12 @@ impl Event {
                 e.code.as_str().clone_into(&mut event.error_code);
                 event.message.clone_from(&e.message);
             } else if let Some(reason) = u.wait_reason() {
-                event.message = format!("waiting for the vehicle: {reason}");
+                event.message = if reason.is_flight() {
+                    format!("waiting for the vehicle: {reason}")
+                } else {
+                    // A link, window or charging hold: not the flight gate's.
+                    format!("waiting: {reason}")
+                };
             }
         } else if let Some(last) = &state.last {
             event.upgrade_id.clone_from(&last.upgrade_id);
@@ -377,6 +382,23 @@ mod tests {
 
     fn seqs(o: &Outbox, limit: usize) -> Vec<u64> {
         o.pending(limit).unwrap().iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn a_waiting_event_says_who_holds_it() {
+        let mut state = DeviceState::factory(semver::Version::new(1, 0, 0));
+        state.begin("u1".into(), "http://x/fw".into(), false);
+        state.hold(flightnode_proto::WaitReason::InAir);
+        assert_eq!(
+            Event::from_state(&state).message,
+            "waiting for the vehicle: in_air"
+        );
+        state.hold(flightnode_proto::WaitReason::MeteredLink);
+        let e = Event::from_state(&state);
+        assert_eq!(
+            (e.phase.as_str(), e.message.as_str()),
+            ("waiting", "waiting: metered_link")
+        );
     }
 
     #[test]

@@ -444,14 +444,17 @@ impl DeviceState {
     }
 
     /// Holds the upgrade in [`Phase::Waiting`] for `reason`, remembering the step it holds back
-    /// (a wait that goes on keeps its start). Does not write to sled.
+    /// (a wait that goes on keeps its start, unless it turns from a flight reason to another
+    /// kind or back). Does not write to sled.
     pub fn hold(&mut self, reason: WaitReason) {
         if let Some(u) = self.upgrade.as_mut() {
             let resume = u.step_phase();
+            // `flight.max_wait` counts the flight gate's wait only: a wait for a link, the
+            // window or a charger before it starts the clock afresh.
             let since = u
                 .wait
                 .as_ref()
-                .filter(|_| u.phase == Phase::Waiting)
+                .filter(|w| u.phase == Phase::Waiting && w.reason.is_flight() == reason.is_flight())
                 .map_or_else(now_unix, |w| w.since);
             u.wait = Some(Wait {
                 resume,
@@ -770,6 +773,35 @@ mod tests {
                 "{name}: {ops:?}"
             );
         }
+    }
+
+    /// `flight.max_wait` counts the flight gate's wait only: a long wait for an unmetered link
+    /// before it must not time the flight gate out the moment it starts.
+    #[test]
+    fn a_wait_keeps_its_start_only_while_its_kind_stays() {
+        let mut s = DeviceState::factory(v("1.0.0"));
+        s.begin("u1".into(), "http://x/fw".into(), false);
+        let since = |s: &DeviceState| s.upgrade.as_ref().and_then(|u| u.wait.as_ref()).map(|w| w.since);
+        s.hold(WaitReason::MeteredLink);
+        if let Some(w) = s.upgrade.as_mut().and_then(|u| u.wait.as_mut()) {
+            w.since = 1000;
+        }
+        s.hold(WaitReason::DownloadWindow);
+        assert_eq!(since(&s), Some(1000), "still a link hold");
+        s.hold(WaitReason::InAir);
+        assert!(
+            since(&s).is_some_and(|t| t > 1000),
+            "the flight gate's clock starts afresh"
+        );
+        if let Some(w) = s.upgrade.as_mut().and_then(|u| u.wait.as_mut()) {
+            w.since = 2000;
+        }
+        s.hold(WaitReason::Armed);
+        assert_eq!(since(&s), Some(2000), "still the flight gate's wait");
+        assert_eq!(
+            s.upgrade.as_ref().map(Upgrade::step_phase),
+            Some(Phase::Downloading)
+        );
     }
 
     #[test]

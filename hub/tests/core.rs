@@ -330,4 +330,15 @@ async fn flight_state_is_a_transition_only_when_observed_state_changes() {
     assert_eq!(status.phase.as_deref(), Some("Waiting"));
     assert_eq!(status.wait_reason.as_deref(), Some("armed"));
     assert_eq!(cond(status, "UpgradeInProgress"), "True/WaitingArmed");
+    // Held by the drone's link policy: the reason passes through the same way.
+    let mut hb = with_phase(flying(heartbeat("d1", "1.0.0"), "armed", 69), "waiting", 1);
+    if let Some(u) = hb.upgrade.as_mut() {
+        u.wait_reason = "metered_link".into();
+    }
+    hub.heartbeat(&hb).await;
+    settle().await;
+    let writes = sink.ok_writes();
+    let status = &writes.last().unwrap().req.status;
+    assert_eq!(status.wait_reason.as_deref(), Some("metered_link"));
+    assert_eq!(cond(status, "UpgradeInProgress"), "True/WaitingMeteredLink");
 }

@@ -258,8 +258,13 @@ pub struct StatusMessage {
     pub upgrade_id: Option<String>,
     /// Phase of that upgrade; `idle` once it ended.
     pub phase: Phase,
-    /// Why the upgrade waits, in phase `waiting` (absent otherwise).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Why the upgrade waits, in phase `waiting` (absent otherwise). A reason this build does not
+    /// know (a newer agent's) decodes as `None` instead of failing the whole report.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_wait_reason"
+    )]
     pub wait_reason: Option<WaitReason>,
     /// Download progress.
     pub progress: Option<Progress>,
@@ -308,9 +313,30 @@ impl StatusError {
     }
 }
 
+/// `wait_reason` as a string: a known reason, else `None`.
+fn lenient_wait_reason<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<WaitReason>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    Ok(s.as_deref().and_then(WaitReason::parse))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_wait_reason_does_not_break_the_report() {
+        let mut v = serde_json::json!({
+            "device_id": "d1", "seq": 1, "timestamp": 2, "upgrade_id": "u1",
+            "phase": "waiting", "wait_reason": "metered_link", "progress": null,
+            "result": null, "error": null,
+            "running": {"slot": "a", "version": "1.0.0"}
+        });
+        let known: StatusMessage = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(known.wait_reason, Some(WaitReason::MeteredLink));
+        v["wait_reason"] = "solar_eclipse".into();
+        let unknown: StatusMessage = serde_json::from_value(v).unwrap();
+        assert_eq!(unknown.wait_reason, None);
+    }
 
     #[test]
     fn bare_url_gets_a_stable_id() {

@@ -111,7 +111,12 @@ impl fmt::Display for Phase {
     }
 }
 
-/// Why the flight gate holds an upgrade in [`Phase::Waiting`].
+/// Why an upgrade is held in [`Phase::Waiting`]: by the flight gate (`armed`, `in_air`,
+/// `battery_low`, `flight_state_unknown`), by the download policy (`metered_link`,
+/// `download_window`) or by the install policy (`not_charging`).
+///
+/// Consumers must accept reasons they do not know (a newer agent's): the hub keeps them as
+/// strings, and the MQTT status decodes an unknown one as no reason (see `mqtt::StatusMessage`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WaitReason {
@@ -123,6 +128,13 @@ pub enum WaitReason {
     BatteryLow,
     /// No flight state: no HEARTBEAT within `flight.stale_after`, or the gate command could not tell.
     FlightStateUnknown,
+    /// The bundle's route goes over a metered interface and `download.on_metered = "defer"`.
+    MeteredLink,
+    /// Outside `download.window` (local time).
+    DownloadWindow,
+    /// `install.require_charging`: the vehicle does not report charging (or the dock command
+    /// says no).
+    NotCharging,
 }
 
 impl WaitReason {
@@ -133,6 +145,9 @@ impl WaitReason {
             WaitReason::InAir => "in_air",
             WaitReason::BatteryLow => "battery_low",
             WaitReason::FlightStateUnknown => "flight_state_unknown",
+            WaitReason::MeteredLink => "metered_link",
+            WaitReason::DownloadWindow => "download_window",
+            WaitReason::NotCharging => "not_charging",
         }
     }
 
@@ -143,9 +158,23 @@ impl WaitReason {
             WaitReason::InAir,
             WaitReason::BatteryLow,
             WaitReason::FlightStateUnknown,
+            WaitReason::MeteredLink,
+            WaitReason::DownloadWindow,
+            WaitReason::NotCharging,
         ]
         .into_iter()
         .find(|r| r.as_str() == s.trim())
+    }
+}
+
+impl WaitReason {
+    /// Whether the flight gate gives this reason (and `flight.max_wait` counts its wait). The
+    /// link, window and charging holds have no limit: a cancel ends them.
+    pub fn is_flight(self) -> bool {
+        matches!(
+            self,
+            WaitReason::Armed | WaitReason::InAir | WaitReason::BatteryLow | WaitReason::FlightStateUnknown
+        )
     }
 }
 

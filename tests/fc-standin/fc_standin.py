@@ -10,7 +10,8 @@ STATUSTEXT and the answers to PX4's arm-authorisation request.
 Scripted on stdin, one command a line; each is acknowledged with `ok <command>` on stdout once the
 next burst carrying it has been sent:
     arm | disarm | takeoff (armed, in the air) | land (on the ground, still armed)
-    battery N | silence (send nothing: a lost link) | resume | quit
+    battery N | charging | discharging (BATTERY_STATUS charge_state) | silence (send nothing:
+    a lost link) | resume | quit
     version X.Y.Z   report this flight-controller firmware in AUTOPILOT_VERSION
     authorize       as PX4 does before arming: MAV_CMD_ARM_AUTHORIZATION_REQUEST to its own system
                     (COM_ARM_AUTH_ID = MAV_SYS_ID), every component; prints
@@ -19,7 +20,9 @@ next burst carrying it has been sent:
     armlock         prints `armlock N`: the last FN_ARMLK value the agent sent (-1: none yet)
 
 Usage: fc_standin.py udpout:127.0.0.1:PORT [--armed] [--in-air] [--battery N] [--sysid N]
-                     [--mavlink1] [--no-landed-state] [--px4]
+                     [--mavlink1] [--no-landed-state] [--charging] [--px4]
+    --charging          BATTERY_STATUS charge_state CHARGING (a MAVLink 2 extension field; the
+                        default is OK: discharging normally, as in flight)
     --px4               say MAV_AUTOPILOT_PX4 in HEARTBEAT
     --sysid N           send as MAVLink system N (default 1): a second vehicle or a ground station
     --mavlink1          speak MAVLink 1, as older flight controllers and telemetry radios do
@@ -42,8 +45,9 @@ mav_ = mavutil.mavlink
 
 
 class Vehicle:
-    def __init__(self, armed, in_air, battery, landed_state):
+    def __init__(self, armed, in_air, battery, landed_state, charging=False):
         self.landed_state = landed_state
+        self.charging = charging
         self.armed = armed
         self.landed = mav_.MAV_LANDED_STATE_IN_AIR if in_air else mav_.MAV_LANDED_STATE_ON_GROUND
         self.battery = battery
@@ -56,6 +60,14 @@ class Vehicle:
         self.armlock = -1
         self.texts = []
         self.auth_acks = []
+
+
+def charge_state(conn, v):
+    # An extension field: MAVLink 1 frames (and pymavlink's v1.0 dialect) have none.
+    if not conn.mavlink20():
+        return {}
+    state = mav_.MAV_BATTERY_CHARGE_STATE_CHARGING if v.charging else mav_.MAV_BATTERY_CHARGE_STATE_OK
+    return {"time_remaining": 0, "charge_state": state}
 
 
 def send_burst(conn, v, tick):
@@ -73,6 +85,7 @@ def send_burst(conn, v, tick):
         conn.mav.battery_status_send(
             0, mav_.MAV_BATTERY_FUNCTION_ALL, mav_.MAV_BATTERY_TYPE_LIPO, 2500,
             [15800] + [65535] * 9, 1200, -1, -1, v.battery,
+            **charge_state(conn, v),
         )
         conn.mav.sys_status_send(0, 0, 0, 500, 15800, 1200, v.battery, 0, 0, 0, 0, 0, 0)
         if tick % 10 == 0:
@@ -153,6 +166,10 @@ def commands(v, conn, sysid):
                 v.landed = mav_.MAV_LANDED_STATE_ON_GROUND
             elif cmd == "battery" and len(words) == 2:
                 v.battery = int(words[1])
+            elif cmd == "charging":
+                v.charging = True
+            elif cmd == "discharging":
+                v.charging = False
             elif cmd == "silence":
                 v.silent = True
             elif cmd == "resume":
@@ -178,6 +195,7 @@ def main():
         in_air="--in-air" in args,
         battery=int(args[args.index("--battery") + 1]) if "--battery" in args else 87,
         landed_state="--no-landed-state" not in args,
+        charging="--charging" in args,
     )
     sysid = int(args[args.index("--sysid") + 1]) if "--sysid" in args else 1
     conn = mavutil.mavlink_connection(

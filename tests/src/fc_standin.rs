@@ -119,7 +119,7 @@ pub struct Vehicle {
 
 impl Vehicle {
     /// Starts streaming to `127.0.0.1:port`. `flags`: `--armed`, `--in-air`, `--battery N`,
-    /// `--sysid N`, `--mavlink1`, `--no-landed-state`.
+    /// `--sysid N`, `--mavlink1`, `--no-landed-state`, `--charging`.
     pub fn start(port: u16, flags: &[&str]) -> Result<Self> {
         let mut args = vec![format!("udpout:127.0.0.1:{port}")];
         args.extend(flags.iter().map(|f| (*f).to_owned()));

@@ -4,14 +4,16 @@ use super::{
     BundleReader, CHANNEL_CHUNKS, DownloadError, Fetcher, Inner, MAX_CHUNK, PROGRESS_RESET, STOP_POLL,
     backoff_delay, error_chain,
 };
+use crate::netpolicy::bucket::TokenBucket;
+use crate::netpolicy::{LinkPolicy, LinkVerdict, RECHECK};
 use bytes::{Buf, Bytes};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, RANGE};
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -46,6 +48,9 @@ impl Fetcher {
             tx: tx.clone(),
             end,
             probe,
+            link: self.link.clone(),
+            held: self.held.clone(),
+            pace: self.pace.clone(),
         };
         let log_url = url_str.clone();
         let stop = self.stop.clone();
@@ -208,6 +213,34 @@ struct HttpTask {
     end: Option<u64>,
     /// `end` bounds only the first request (see `open_http`).
     probe: bool,
+    /// The `[download]` link policy: asked before each request and every
+    /// [`RECHECK`](crate::netpolicy::RECHECK) while the body streams.
+    link: Option<Arc<LinkPolicy>>,
+    /// Set when the policy stops the download.
+    held: Arc<AtomicBool>,
+    pace: Pace,
+}
+
+/// The fetcher's token bucket, shared by its downloads so that neither a new request (a probe's
+/// next part, a retry, a resume) nor a second reader starts with a fresh burst; remade only when
+/// the policy's cap changes (a route change).
+pub(super) type Pace = Arc<std::sync::Mutex<Option<TokenBucket>>>;
+
+fn set_rate(pace: &Pace, rate: Option<u64>) {
+    let mut bucket = pace.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    match (rate, bucket.as_ref()) {
+        (None, _) => *bucket = None,
+        (Some(r), Some(b)) if b.rate() == r => {}
+        (Some(r), _) => *bucket = Some(TokenBucket::new(r, Instant::now())),
+    }
+}
+
+/// How long to hold `bytes` back under the current cap.
+fn pace_wait(pace: &Pace, bytes: u64) -> Duration {
+    pace.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .as_mut()
+        .map_or(Duration::ZERO, |b| b.take(bytes, Instant::now()))
 }
 
 /// Download state carried across attempts.
@@ -286,6 +319,11 @@ impl HttpTask {
                     debug!(url = %self.url_str, offset = p.pos, attempt, "bundle reader dropped");
                     return;
                 }
+                Err(Failure::Fatal(e @ DownloadError::Held { .. })) => {
+                    debug!(url = %self.url_str, offset = p.pos, "{e}");
+                    let _ = self.tx.send(Msg::Err(e)).await;
+                    return;
+                }
                 Err(Failure::Fatal(e)) => {
                     warn!(url = %self.url_str, offset = p.pos, attempt, error = %e, "bundle download failed");
                     let _ = self.tx.send(Msg::Err(e)).await;
@@ -316,6 +354,12 @@ impl HttpTask {
 
     /// One request from the current position: send, accept the answer, stream its body.
     async fn attempt(&self, p: &mut Progress) -> Result<Outcome, Failure> {
+        // Before connecting: a request over a metered link would start the body flowing.
+        if let Some(link) = self.link.clone() {
+            let source = self.url_str.clone();
+            let verdict = tokio::task::spawn_blocking(move || link.check_source(&source)).await;
+            set_rate(&self.pace, self.judged(verdict, p.pos)?);
+        }
         let resp = self.send(p.pos, p.end).await?;
         let skip = match self.accept(&resp, p)? {
             Accepted::Body { skip } => skip,
@@ -333,6 +377,30 @@ impl HttpTask {
             return Ok(Outcome::ReaderGone);
         }
         self.stream_body(resp, p, skip).await
+    }
+
+    /// A policy verdict: the rate to pace at, or the hold that stops this download.
+    fn judged(
+        &self,
+        verdict: Result<LinkVerdict, tokio::task::JoinError>,
+        pos: u64,
+    ) -> Result<Option<u64>, Failure> {
+        match verdict {
+            Ok(LinkVerdict::Go { rate }) => Ok(rate),
+            Ok(LinkVerdict::Hold(reason, why, interface)) => {
+                info!(url = %self.url_str, offset = pos, reason = %reason,
+                    interface = interface.as_deref().unwrap_or("-"), "the link policy pauses the download");
+                self.held.store(true, Ordering::SeqCst);
+                Err(Failure::Fatal(DownloadError::Held {
+                    url: self.url_str.clone(),
+                    offset: pos,
+                    reason,
+                    why,
+                }))
+            }
+            // The runtime is shutting down: the reader learns it from the closed channel.
+            Err(_) => Ok(None),
+        }
     }
 
     /// Sends `GET` (with `Range: bytes=pos-` past the start) and waits for the response headers.
@@ -471,6 +539,9 @@ impl HttpTask {
         p: &mut Progress,
         mut skip: u64,
     ) -> Result<Outcome, Failure> {
+        let mut checked = Instant::now();
+        // The address really connected to: the route to it is the link the body comes over.
+        let remote = resp.remote_addr().map(|a| a.ip());
         let url = &self.url_str;
         let protocol = |reason: String| {
             Failure::Fatal(DownloadError::Protocol {
@@ -480,12 +551,32 @@ impl HttpTask {
         };
         let mut stream = resp.bytes_stream();
         loop {
-            let Ok(next) = tokio::time::timeout(self.idle, stream.next()).await else {
-                return Err(Failure::Retry(DownloadError::Idle {
-                    url: url.clone(),
-                    timeout: self.idle,
-                    offset: p.pos,
-                }));
+            let waiting = Instant::now();
+            let next = loop {
+                // With a link policy the wait is sliced: a route change often stalls the
+                // connection (the old source address leaves by the new link and is dropped), and
+                // that must pause the download now, not after `idle_timeout` and a retry.
+                let left = self.idle.saturating_sub(waiting.elapsed());
+                let slice = if self.link.is_some() {
+                    left.min(RECHECK)
+                } else {
+                    left
+                };
+                if let Ok(next) = tokio::time::timeout(slice, stream.next()).await {
+                    break next;
+                }
+                if waiting.elapsed() >= self.idle {
+                    return Err(Failure::Retry(DownloadError::Idle {
+                        url: url.clone(),
+                        timeout: self.idle,
+                        offset: p.pos,
+                    }));
+                }
+                if let (Some(link), Some(addr)) = (self.link.clone(), remote) {
+                    checked = Instant::now();
+                    let verdict = tokio::task::spawn_blocking(move || link.check_addr(addr)).await;
+                    set_rate(&self.pace, self.judged(verdict, p.pos)?);
+                }
             };
             let mut chunk = match next {
                 None => {
@@ -521,6 +612,17 @@ impl HttpTask {
                 return Err(protocol(format!(
                     "server sent more than the {total} bytes it announced"
                 )));
+            }
+            if let (Some(link), Some(addr)) = (self.link.clone(), remote)
+                && checked.elapsed() >= RECHECK
+            {
+                checked = Instant::now();
+                let verdict = tokio::task::spawn_blocking(move || link.check_addr(addr)).await;
+                set_rate(&self.pace, self.judged(verdict, p.pos)?);
+            }
+            let wait = pace_wait(&self.pace, chunk.len() as u64);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
             }
             while !chunk.is_empty() {
                 let part = chunk.split_to(chunk.len().min(MAX_CHUNK));

@@ -35,7 +35,7 @@ use reqwest::StatusCode;
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 mod file;
@@ -187,6 +187,19 @@ pub enum DownloadError {
         /// Why the system's roots are unusable.
         reason: String,
     },
+    /// The link policy holds the download (a metered link, outside the window): it stopped at
+    /// `offset`, keeping what it has; the engine waits and resumes it.
+    #[error("GET {url}: paused at byte {offset}: {why}")]
+    Held {
+        /// Bundle URL.
+        url: String,
+        /// Bundle position where it stopped.
+        offset: u64,
+        /// The wait reason.
+        reason: flightnode_proto::WaitReason,
+        /// What the policy saw (the interface, the local time).
+        why: String,
+    },
     /// The download task is gone (runtime shut down) or the reader already failed.
     #[error("GET {url}: download stopped: {reason}")]
     Stopped {
@@ -233,6 +246,12 @@ pub struct Fetcher {
     cfg: DownloadConfig,
     received: Arc<AtomicU64>,
     stop: Option<StopCheck>,
+    /// `[download]` link policy, when it can hold or slow anything.
+    link: Option<Arc<crate::netpolicy::LinkPolicy>>,
+    /// Set when the link policy stopped a download ([`DownloadError::Held`]).
+    held: Arc<AtomicBool>,
+    /// The rate cap's token bucket, shared by every download of this fetcher.
+    pace: http::Pace,
 }
 
 /// Asked every [`STOP_POLL`] while a download runs; `true` ends it at once (cancel, shutdown),
@@ -294,6 +313,9 @@ impl Fetcher {
             cfg: cfg.clone(),
             received: Arc::new(AtomicU64::new(0)),
             stop: None,
+            link: Some(Arc::new(crate::netpolicy::LinkPolicy::new(cfg))).filter(|l| l.is_active()),
+            held: Arc::new(AtomicBool::new(false)),
+            pace: http::Pace::default(),
         })
     }
 
@@ -332,6 +354,22 @@ impl Fetcher {
         };
         reader.remaining = Some(len);
         Ok(reader)
+    }
+
+    /// The link policy, when `[download]` sets one.
+    pub fn link_policy(&self) -> Option<&crate::netpolicy::LinkPolicy> {
+        self.link.as_deref()
+    }
+
+    /// Whether the link policy stopped a download since [`clear_held`](Self::clear_held): the
+    /// error that follows is a pause, not a failure.
+    pub fn held(&self) -> bool {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// Forgets an earlier hold (the engine waited it out).
+    pub fn clear_held(&self) {
+        self.held.store(false, Ordering::SeqCst);
     }
 
     /// Network body bytes received by this fetcher (including bytes skipped after a `200`).

@@ -13,6 +13,7 @@
 
 mod chunked;
 mod flight;
+mod hold;
 mod steps;
 #[cfg(test)]
 mod tests;

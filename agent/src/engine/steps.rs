@@ -44,6 +44,9 @@ impl Engine {
                 ErrorCode::Canceled,
                 "canceled before the image was written".into(),
             ))
+        } else if self.fetcher.held() {
+            // The link policy paused the download: `download` waits, then resumes it.
+            Some(Stop::Again)
         } else {
             None
         }
@@ -62,6 +65,8 @@ impl Engine {
         if self.flight.as_ref().is_some_and(|g| g.config().gate_download) {
             self.flight_gate()?;
         }
+        let source = self.upgrade()?.source.clone();
+        self.link_gate(&source)?;
         let u = self.upgrade()?.clone();
         let running = self.running()?;
         if running == u.target {
@@ -221,6 +226,18 @@ impl Engine {
         );
         writer.checkpoint_bytes = self.cfg.download.checkpoint_bytes.max(4096);
         let copied = bundle::copy_image(&mut reader, &mut writer, manifest, start, hasher);
+        if copied.is_err() && self.fetcher.held() {
+            // Paused by the link policy: what reached the slot counts, so the resume starts here.
+            writer.checkpoint().map_err(|e| {
+                Stop::Upgrade(
+                    ErrorCode::Internal,
+                    format!(
+                        "cannot record the written prefix of slot {target} ({}): {e}",
+                        self.slots.path(target).display()
+                    ),
+                )
+            })?;
+        }
         let file = writer.file;
         // Whatever broke after a cancel or shutdown is not the bundle's fault.
         copied.map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(&e)))?;
@@ -284,6 +301,10 @@ impl Engine {
             self.state.enter(Phase::Testing);
             self.save()?;
             return Ok(());
+        }
+        if u.step_phase() == Phase::Staged {
+            // Before anything is switched: a charger, then the vehicle.
+            self.power_gate()?;
         }
         self.flight_gate()?;
         if let Some(u) = self.state.upgrade.as_mut() {

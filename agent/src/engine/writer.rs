@@ -97,7 +97,7 @@ impl<'a> SlotWriter<'a> {
         }
     }
 
-    fn checkpoint(&mut self) -> std::io::Result<()> {
+    pub fn checkpoint(&mut self) -> std::io::Result<()> {
         self.file.sync_data()?;
         self.state.written(self.written);
         self.store.save(self.state).map_err(std::io::Error::other)?;

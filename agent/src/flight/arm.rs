@@ -14,8 +14,6 @@
 use crate::state::DeviceState;
 use flightnode_proto::status::{ArmLock, ArmLockReason};
 use flightnode_proto::{Phase, Slot};
-use mavlink::dialects::ardupilotmega::MavMessage;
-use mavlink::{MavlinkVersion, MessageData};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -140,78 +138,34 @@ pub fn status_text(lock: &ArmLock) -> String {
     text
 }
 
-/// COMMAND_ACK with the MAVLink 2 extension fields the arm authoriser needs (`progress`,
-/// `result_param2`, targets). The generated dialect leaves extensions out, so this one message
-/// is written by hand.
+/// The answer to an arm-authorisation request (COMMAND_ACK with its MAVLink 2 extension fields).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuthorizationAck {
-    /// MAV_RESULT: 0 accepted, 2 denied.
-    pub result: u8,
+    /// Accepted or denied.
+    pub accepted: bool,
     /// Accepted: seconds the authorisation holds; denied: MAV_ARM_AUTH_DENIED_REASON. PX4
     /// reads the reason here and the validity from `result_param2`, the MAVLink spec the other
     /// way round: both carry the same number.
     pub progress: u8,
     /// See `progress`.
     pub result_param2: i32,
-    /// The requester.
-    pub target_system: u8,
-    /// The requester's component.
-    pub target_component: u8,
 }
 
-/// MAV_CMD_ARM_AUTHORIZATION_REQUEST.
-pub const ARM_AUTHORIZATION_REQUEST: u16 = 3001;
 /// MAV_ARM_AUTH_DENIED_REASON_GENERIC: PX4 then says "Arm auth: Denied"; the STATUSTEXT says why.
 const DENIED_GENERIC: u8 = 0;
 
 impl AuthorizationAck {
-    /// The answer to a request from `(system, component)` while `lock` holds.
-    pub fn answer(lock: Option<&ArmLock>, system: u8, component: u8) -> Self {
-        let (result, why) = match lock {
-            None => (0, AUTHORIZED_FOR),
-            Some(_) => (2, DENIED_GENERIC),
+    /// The answer while `lock` holds.
+    pub fn answer(lock: Option<&ArmLock>) -> Self {
+        let (accepted, why) = match lock {
+            None => (true, AUTHORIZED_FOR),
+            Some(_) => (false, DENIED_GENERIC),
         };
         Self {
-            result,
+            accepted,
             progress: why,
             result_param2: i32::from(why),
-            target_system: system,
-            target_component: component,
         }
-    }
-}
-
-impl MessageData for AuthorizationAck {
-    type Message = MavMessage;
-    const ID: u32 = 77;
-    const NAME: &'static str = "COMMAND_ACK";
-    const EXTRA_CRC: u8 = 143;
-    const ENCODED_LEN: usize = 10;
-
-    fn ser(&self, _version: MavlinkVersion, payload: &mut [u8]) -> usize {
-        let mut bytes = [0u8; Self::ENCODED_LEN];
-        bytes[0..2].copy_from_slice(&ARM_AUTHORIZATION_REQUEST.to_le_bytes());
-        bytes[2] = self.result;
-        bytes[3] = self.progress;
-        bytes[4..8].copy_from_slice(&self.result_param2.to_le_bytes());
-        bytes[8] = self.target_system;
-        bytes[9] = self.target_component;
-        let n = payload.len().min(Self::ENCODED_LEN);
-        payload[..n].copy_from_slice(&bytes[..n]);
-        n
-    }
-
-    fn deser(_version: MavlinkVersion, payload: &[u8]) -> Result<Self, mavlink::error::ParserError> {
-        let mut bytes = [0u8; Self::ENCODED_LEN];
-        let n = payload.len().min(Self::ENCODED_LEN);
-        bytes[..n].copy_from_slice(&payload[..n]);
-        Ok(Self {
-            result: bytes[2],
-            progress: bytes[3],
-            result_param2: i32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
-            target_system: bytes[8],
-            target_component: bytes[9],
-        })
     }
 }
 
@@ -319,17 +273,16 @@ mod tests {
 
     #[test]
     fn the_ack_carries_the_answer_in_both_places_px4_and_the_spec_read_it() {
-        let ok = AuthorizationAck::answer(None, 1, 1);
-        assert_eq!((ok.result, ok.progress, ok.result_param2), (0, AUTHORIZED_FOR, 5));
+        let ok = AuthorizationAck::answer(None);
+        assert_eq!(
+            (ok.accepted, ok.progress, ok.result_param2),
+            (true, AUTHORIZED_FOR, 5)
+        );
         let lock = ArmLock {
             reason: R::Trial,
             message: String::new(),
         };
-        let no = AuthorizationAck::answer(Some(&lock), 1, 1);
-        assert_eq!((no.result, no.progress, no.result_param2), (2, 0, 0));
-        let mut payload = [0u8; 10];
-        assert_eq!(ok.ser(MavlinkVersion::V2, &mut payload), 10);
-        assert_eq!(&payload[..4], &[0xb9, 0x0b, 0, 5], "command 3001, accepted, 5 s");
-        assert_eq!(AuthorizationAck::deser(MavlinkVersion::V2, &payload).unwrap(), ok);
+        let no = AuthorizationAck::answer(Some(&lock));
+        assert_eq!((no.accepted, no.progress, no.result_param2), (false, 0, 0));
     }
 }

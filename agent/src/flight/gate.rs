@@ -168,7 +168,10 @@ fn run_command(command: &str, timeout: Duration) -> Result<(), (WaitReason, Stri
     }
     let out = String::from_utf8_lossy(&done.stdout[..done.stdout.len().min(4096)]).into_owned();
     let word = out.split_whitespace().next().unwrap_or("");
-    let reason = WaitReason::parse(word).unwrap_or(WaitReason::FlightStateUnknown);
+    // Only the flight gate's own reasons: the link and charging holds are not its to give.
+    let reason = WaitReason::parse(word)
+        .filter(|r| r.is_flight())
+        .unwrap_or(WaitReason::FlightStateUnknown);
     Err((
         reason,
         format!(

@@ -21,7 +21,7 @@ use mavlink::dialects::ardupilotmega::{
     STATUSTEXT_DATA,
 };
 use mavlink::error::MessageReadError;
-use mavlink::{MAVLinkMessageRaw, MAVLinkV2MessageRaw, MavConnection, MavHeader, MavlinkVersion, Message};
+use mavlink::{MAVLinkMessageRaw, MavConnection, MavHeader, MavlinkVersion, Message};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -272,7 +272,7 @@ fn authorize(
     requester: (u32, u8),
     lock: Option<&flightnode_proto::status::ArmLock>,
 ) {
-    let ack = AuthorizationAck::answer(lock, u8::try_from(requester.0).unwrap_or(0), requester.1);
+    let ack = AuthorizationAck::answer(lock);
     match lock {
         Some(l) => {
             tracing::warn!(reason = %l.reason, "arm authorisation request denied: {}", l.message);
@@ -285,25 +285,22 @@ fn authorize(
         }
         None => tracing::info!("arm authorisation request granted for {} s", arm::AUTHORIZED_FOR),
     }
-    let sent = if conn.protocol_version() == MavlinkVersion::V2 {
-        let mut raw = MAVLinkV2MessageRaw::new();
-        raw.serialize_message_data(header, &ack);
-        conn.send_raw(&MAVLinkMessageRaw::V2(raw))
-    } else {
-        // MAVLink 1 carries no extension fields: the bare result.
-        let result = if lock.is_some() {
-            MavResult::MAV_RESULT_DENIED
-        } else {
-            MavResult::MAV_RESULT_ACCEPTED
-        };
-        conn.send(
-            &header,
-            &MavMessage::COMMAND_ACK(COMMAND_ACK_DATA {
-                command: MavCmd::MAV_CMD_ARM_AUTHORIZATION_REQUEST,
-                result,
-            }),
-        )
-    };
+    // MAVLink 1 frames leave the extension fields out: the bare result still answers.
+    let sent = conn.send(
+        &header,
+        &MavMessage::COMMAND_ACK(COMMAND_ACK_DATA {
+            command: MavCmd::MAV_CMD_ARM_AUTHORIZATION_REQUEST,
+            result: if ack.accepted {
+                MavResult::MAV_RESULT_ACCEPTED
+            } else {
+                MavResult::MAV_RESULT_DENIED
+            },
+            progress: ack.progress,
+            result_param2: ack.result_param2,
+            target_system: u8::try_from(requester.0).unwrap_or(0),
+            target_component: requester.1,
+        }),
+    );
     if let Err(e) = sent {
         tracing::warn!("MAVLink: cannot answer the arm authorisation request: {e}");
     }

@@ -43,6 +43,11 @@ pub struct FlightState {
     /// The vehicle reported a battery level on this link, but none lately: unknown, not absent.
     #[serde(skip)]
     pub battery_expired: bool,
+    /// BATTERY_STATUS `charge_state` is MAV_BATTERY_CHARGE_STATE_CHARGING (a MAVLink 2 extension
+    /// field: a MAVLink 1 frame reads as not charging); `None` when none was heard within
+    /// `flight.stale_after`.
+    #[serde(skip)]
+    pub charging: Option<bool>,
     /// HEARTBEAT `autopilot`, e.g. `ardupilotmega`, `px4`.
     pub autopilot: Option<String>,
     /// HEARTBEAT `system_status`, e.g. `standby`, `active`.

@@ -13,7 +13,9 @@
 
 use super::FlightState;
 use mavlink::MavlinkVersion;
-use mavlink::dialects::ardupilotmega::{MavAutopilot, MavLandedState, MavMessage, MavModeFlag};
+use mavlink::dialects::ardupilotmega::{
+    MavAutopilot, MavBatteryChargeState, MavLandedState, MavMessage, MavModeFlag,
+};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -132,6 +134,9 @@ pub(super) struct Latest {
     battery: Tracked<u8>,
     /// Whether a battery level was ever believed on this link (then an expired one is unknown).
     battery_seen: bool,
+    /// BATTERY_STATUS `charge_state` == CHARGING, and when it was heard. Taken as sent: only
+    /// `install.require_charging` reads it, and not charging is its safe side.
+    charging: Option<(bool, Instant)>,
     /// Whether the state was ever known: before that an unknown state is "not heard yet".
     pub(super) known_once: bool,
     autopilot: Option<String>,
@@ -204,9 +209,15 @@ impl Latest {
                 self.landed.sample(landed, now, rules);
             }
             // -1 = the autopilot does not know: no sample.
-            MavMessage::BATTERY_STATUS(b) if b.battery_remaining >= 0 && b.id == 0 => {
-                self.battery
-                    .sample(b.battery_remaining.unsigned_abs().min(100), now, rules);
+            MavMessage::BATTERY_STATUS(b) if b.id == 0 => {
+                self.charging = Some((
+                    b.charge_state == MavBatteryChargeState::MAV_BATTERY_CHARGE_STATE_CHARGING,
+                    now,
+                ));
+                if b.battery_remaining >= 0 {
+                    self.battery
+                        .sample(b.battery_remaining.unsigned_abs().min(100), now, rules);
+                }
             }
             MavMessage::SYS_STATUS(s) if s.battery_remaining >= 0 => {
                 self.battery
@@ -240,6 +251,10 @@ impl Latest {
             landed_state: self.landed.get(now, rules.stale_after).map(str::to_owned),
             battery_percent: battery,
             battery_expired: self.battery_seen && battery.is_none(),
+            charging: self
+                .charging
+                .filter(|(_, at)| now.saturating_duration_since(*at) <= rules.stale_after)
+                .map(|(c, _)| c),
             autopilot: self.autopilot.clone(),
             system_status: self.system_status.clone(),
             firmware_version: self.firmware_version.clone(),
@@ -262,8 +277,57 @@ mod tests {
     use super::*;
     use flightnode_proto::ObservedState;
     use mavlink::dialects::ardupilotmega::{
-        EXTENDED_SYS_STATE_DATA, HEARTBEAT_DATA, MavState, MavType, SYS_STATUS_DATA,
+        BATTERY_STATUS_DATA, EXTENDED_SYS_STATE_DATA, HEARTBEAT_DATA, MavState, MavType, SYS_STATUS_DATA,
     };
+
+    #[test]
+    fn charging_is_battery_status_charge_state_and_expires() {
+        let t = Instant::now();
+        let mut l = Latest::new(&RULES);
+        feed(&mut l, (1, 1), &heartbeat(false), t, &RULES);
+        assert_eq!(l.state(t, &RULES).charging, None, "nothing heard");
+        let battery = |charge_state| {
+            MavMessage::BATTERY_STATUS(BATTERY_STATUS_DATA {
+                charge_state,
+                battery_remaining: 50,
+                ..BATTERY_STATUS_DATA::DEFAULT
+            })
+        };
+        feed(
+            &mut l,
+            (1, 1),
+            &battery(MavBatteryChargeState::MAV_BATTERY_CHARGE_STATE_CHARGING),
+            t,
+            &RULES,
+        );
+        assert_eq!(l.state(t, &RULES).charging, Some(true));
+        feed(
+            &mut l,
+            (1, 1),
+            &battery(MavBatteryChargeState::MAV_BATTERY_CHARGE_STATE_OK),
+            t,
+            &RULES,
+        );
+        assert_eq!(l.state(t, &RULES).charging, Some(false));
+        // A MAVLink 1 frame has no extension fields: it reads as the default, not charging.
+        feed(
+            &mut l,
+            (1, 1),
+            &MavMessage::BATTERY_STATUS(BATTERY_STATUS_DATA::DEFAULT),
+            t,
+            &RULES,
+        );
+        assert_eq!(l.state(t, &RULES).charging, Some(false));
+        feed(
+            &mut l,
+            (1, 1),
+            &battery(MavBatteryChargeState::MAV_BATTERY_CHARGE_STATE_CHARGING),
+            t,
+            &RULES,
+        );
+        let later = t + RULES.stale_after + Duration::from_millis(1);
+        assert_eq!(l.state(later, &RULES).charging, None, "expired after stale_after");
+    }
 
     const RULES: Rules = Rules {
         system_id: None,

@@ -125,7 +125,8 @@ impl FlightNodeSpec {
 #[serde(rename_all = "camelCase")]
 pub struct FlightNodeStatus {
     /// Upgrade phase: `Idle`, `Downloading`, `Staged`, `Switching`, `Testing`, `RollingBack`,
-    /// `Waiting` (held by the drone's flight gate; `waitReason` says why).
+    /// `Waiting` (held by the drone's flight gate, link policy or charging rule; `waitReason` says
+    /// why).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// In phase `Waiting`: `armed`, `in_air`, `battery_low` or `flight_state_unknown`.

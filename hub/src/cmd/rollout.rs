@@ -133,6 +133,14 @@ pub fn render(r: &FirmwareRollout, nodes: &[FlightNode]) -> String {
                 .firmware_sync
                 .map_or_else(|| "-".into(), |s| format!("{} {}", s.reason, s.message));
             let _ = writeln!(out, "  {:<21} {:<11} {}", n.name_any(), fw, sync);
+            if let Some(reason) = st
+                .wait_reason
+                .as_deref()
+                .filter(|_| st.phase.as_deref() == Some("Waiting"))
+            {
+                // Held on the drone (flight gate, metered link, download window, charger).
+                let _ = writeln!(out, "  {:<21} └ waiting: {reason}", "");
+            }
             if let Some(why) = st.last_upgrade.as_ref().and_then(cause) {
                 let _ = writeln!(out, "  {:<21} {why}", "");
             }
@@ -407,6 +415,31 @@ mod tests {
             "{text}"
         );
         assert!(!render(&rollout(1, 1, &[]), &[]).contains("maintenance window"));
+    }
+
+    #[test]
+    fn a_held_drone_shows_why_it_waits() {
+        let r = rollout(1, 1, &[]);
+        let mut node = crate::api::flightnode::new_flightnode("drone-1", "default", "hw");
+        node.metadata.annotations = Some(
+            [(
+                crate::api::rollout::ANNOTATION_ROLLOUT.to_owned(),
+                "fleet/1".to_owned(),
+            )]
+            .into(),
+        );
+        node.status = Some(crate::api::flightnode::FlightNodeStatus {
+            phase: Some("Waiting".into()),
+            wait_reason: Some("metered_link".into()),
+            ..Default::default()
+        });
+        let text = render(&r, &[node.clone()]);
+        assert!(text.contains("└ waiting: metered_link"), "{text}");
+        node.status = Some(crate::api::flightnode::FlightNodeStatus {
+            phase: Some("Downloading".into()),
+            ..Default::default()
+        });
+        assert!(!render(&r, &[node]).contains("waiting:"));
     }
 
     #[test]

@@ -306,16 +306,22 @@ pub fn with_conditions(
         ),
     };
     let in_progress = if let Some(reason) = status.wait_reason.as_deref() {
-        // Why it waits, as the reason: `WaitingInAir`, `WaitingArmed`, `WaitingBatteryLow`, ...
+        // Why it waits, as the reason: `WaitingInAir`, `WaitingArmed`, `WaitingBatteryLow`,
+        // `WaitingMeteredLink`, `WaitingDownloadWindow`, `WaitingNotCharging`; a newer agent's
+        // reason passes through the same way.
         cond(
             condition::UPGRADE_IN_PROGRESS,
             "True",
             &format!("Waiting{}", camel_case(reason)),
-            format!(
-                "upgrade waits for the vehicle: {} (observed state {})",
-                wait_sentence(reason),
-                status.observed_state.as_deref().unwrap_or("not reported")
-            ),
+            if matches!(reason, "metered_link" | "download_window" | "not_charging") {
+                format!("upgrade waits: {}", wait_sentence(reason))
+            } else {
+                format!(
+                    "upgrade waits for the vehicle: {} (observed state {})",
+                    wait_sentence(reason),
+                    status.observed_state.as_deref().unwrap_or("not reported")
+                )
+            },
         )
     } else if upgrading {
         cond(
@@ -411,6 +417,9 @@ fn wait_sentence(reason: &str) -> &str {
         "in_air" => "the vehicle is in the air",
         "battery_low" => "the battery is below the drone's minimum",
         "flight_state_unknown" => "the flight state is unknown (no flight-controller heartbeat)",
+        "metered_link" => "the download would go over a metered link (it resumes on an unmetered one)",
+        "download_window" => "outside the drone's download window",
+        "not_charging" => "the vehicle is not charging (install.require_charging)",
         other => other,
     }
 }

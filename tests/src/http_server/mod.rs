@@ -109,7 +109,14 @@ impl BundleServer {
 
     /// Starts the server on its own runtime thread, for synchronous tests.
     pub fn start_blocking() -> io::Result<Self> {
-        let std_listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        Self::start_blocking_on(([127, 0, 0, 1], 0).into())
+    }
+
+    /// [`start_blocking`](Self::start_blocking) listening on `bind` instead of loopback. The
+    /// socket is made on the calling thread, so a thread that entered another network namespace
+    /// serves from there (the link tests' server namespace).
+    pub fn start_blocking_on(bind: SocketAddr) -> io::Result<Self> {
+        let std_listener = std::net::TcpListener::bind(bind)?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
         let rt = tokio::runtime::Builder::new_multi_thread()

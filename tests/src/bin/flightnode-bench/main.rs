@@ -22,6 +22,8 @@
 //!   `HubService` (the transport's ceiling); `--wave` drones upgrade, their starts spread over
 //!   `--wave-secs` from a quarter into the run; the drones share `--channels` HTTP/2
 //!   connections (one per drone measures what connections cost).
+//! - `rate [--size-mib 8] [--rates 262144,1048576,2097152]`: installs over loopback HTTP with
+//!   `[download] max_rate` set to each rate, and prints the rate the server measured against it.
 //! - `rollout [--drones 1000] [--api-qps 200] [--api-burst 400] [--interval 30] [--soak 5s]
 //!   [--max-per-minute 3000] [--timeout-secs 900]`: N simulated drones (gRPC heartbeats, MQTT
 //!   commands, no agents) through a FirmwareRollout (`spec.dispatchRate.maximumPerMinute` set to
@@ -34,6 +36,7 @@ mod footprint;
 mod hub;
 mod install;
 mod prom;
+mod rate;
 mod rollout;
 mod rollout_drones;
 mod rollout_report;
@@ -101,6 +104,13 @@ fn main() -> Result<()> {
             };
             hub_bench(&drones, plan)
         }
+        Some("rate") => {
+            let rates: Vec<u64> = flag(&args, "--rates", "262144,1048576,2097152".to_owned())
+                .split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .collect();
+            rate::rate(flag(&args, "--size-mib", 8), &rates)
+        }
         Some("rollout") => rollout::rollout_bench(&rollout::RolloutPlan {
             drones: flag(&args, "--drones", 1000_usize).max(1),
             api_qps: flag(&args, "--api-qps", 200.0),
@@ -127,6 +137,7 @@ fn usage() {
     eprintln!(
         "       flightnode-bench hub [--drones 1000,10000] [--seconds 40] [--interval 10] [--wave 50] [--wave-secs 20] [--channels 12]"
     );
+    eprintln!("       flightnode-bench rate [--size-mib 8] [--rates 262144,1048576,2097152]");
     eprintln!(
         "       flightnode-bench rollout [--drones 1000] [--api-qps 200] [--api-burst 400] [--interval 30] [--soak 5s] [--max-per-minute 3000] [--timeout-secs 900]"
     );
