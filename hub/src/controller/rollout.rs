@@ -217,11 +217,23 @@ impl StepReport {
                     .conditions
                     .iter()
                     .any(|c| c.type_ == condition::HALTED && c.status == "True");
+                let deadline_exceeded = plan.status.conditions.iter().any(|c| {
+                    c.type_ == condition::PROGRESSING
+                        && c.status == "False"
+                        && c.reason == "ProgressDeadlineExceeded"
+                });
+                let paused = plan
+                    .status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == condition::HALTED && c.status == "True" && c.reason == "Paused");
                 RolloutGauges {
                     rollout: name.clone(),
                     drones,
                     wave: plan.status.current_wave,
                     halted,
+                    deadline_exceeded,
+                    paused,
                 }
             })
             .collect()
