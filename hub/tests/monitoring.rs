@@ -524,6 +524,28 @@ fn every_dashboard_query_and_alert_expression_runs_on_a_real_prometheus_scraping
         hub.log()
     );
 
+    // The fleet gauges count what the drones report: three drones on each version, all idle.
+    let by = |promql: &str, label: &str| -> BTreeMap<String, String> {
+        prometheus
+            .query(promql)
+            .iter()
+            .map(|s| {
+                (
+                    s["metric"][label].as_str().unwrap_or("?").to_owned(),
+                    s["value"][1].as_str().unwrap_or("?").to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        by("flightnode_hub_drones_by_version", "version"),
+        BTreeMap::from([("1.0.0".into(), "3".into()), ("1.1.0".into(), "3".into())])
+    );
+    assert_eq!(
+        by("flightnode_hub_drones_by_phase", "phase"),
+        BTreeMap::from([("Idle".into(), "6".into())])
+    );
+
     // The dashboard: every query and every selector in it returns data.
     let mut empty = Vec::new();
     for (title, expr) in &queries {
