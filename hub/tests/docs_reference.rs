@@ -96,7 +96,13 @@ fn populated_metrics() -> Metrics {
         drones: [("succeeded", 1)].into_iter().collect(),
         wave: 1,
         halted: false,
+        deadline_exceeded: false,
+        paused: false,
     }]);
+    m.set_fleet(
+        &[("1.2.0".to_owned(), 1)].into_iter().collect(),
+        &[("Idle".to_owned(), 1)].into_iter().collect(),
+    );
     m
 }
 

@@ -86,6 +86,8 @@ async fn metrics(State(state): State<HttpState>) -> Response {
             .get_or_create(&ConditionLabel { condition, status })
             .set(n);
     }
+    let (versions, phases) = state.hub.sessions.version_phase_counts();
+    m.set_fleet(&versions, &phases);
     m.queue_depth
         .set(i64::try_from(state.hub.scheduler.depth()).unwrap_or(i64::MAX));
     (

@@ -223,11 +223,23 @@ impl StepReport {
                     .conditions
                     .iter()
                     .any(|c| c.type_ == condition::HALTED && c.status == "True");
+                let deadline_exceeded = plan.status.conditions.iter().any(|c| {
+                    c.type_ == condition::PROGRESSING
+                        && c.status == "False"
+                        && c.reason == "ProgressDeadlineExceeded"
+                });
+                let paused = plan
+                    .status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == condition::HALTED && c.status == "True" && c.reason == "Paused");
                 RolloutGauges {
                     rollout: name.clone(),
                     drones,
                     wave: plan.status.current_wave,
                     halted,
+                    deadline_exceeded,
+                    paused,
                 }
             })
             .collect()
@@ -589,6 +601,60 @@ mod tests {
         report.plans.insert("nightly".into(), plan(Some(1_800_000_600)));
         report.plans.insert("weekly".into(), plan(Some(1_800_400_000)));
         assert_eq!(report.wake_at(), Some(1_800_000_600));
+    }
+
+    #[test]
+    fn gauges_tell_a_breaker_halt_from_a_pause_and_show_a_missed_deadline() {
+        let plan = |conditions: &[(&str, &str, &str)]| Plan {
+            dispatch: Vec::new(),
+            cancel: Vec::new(),
+            status: crate::api::rollout::FirmwareRolloutStatus {
+                conditions: conditions
+                    .iter()
+                    .map(|(t, s, r)| crate::api::meta::Condition {
+                        type_: (*t).into(),
+                        status: (*s).into(),
+                        reason: (*r).into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+            ..Plan::default()
+        };
+        let report = StepReport {
+            plans: BTreeMap::from([
+                (
+                    "tripped".to_owned(),
+                    plan(&[
+                        (condition::HALTED, "True", "CircuitBreakerTripped"),
+                        (condition::PROGRESSING, "False", "Halted"),
+                    ]),
+                ),
+                (
+                    "paused".to_owned(),
+                    plan(&[
+                        (condition::HALTED, "True", "Paused"),
+                        (condition::PROGRESSING, "False", "Paused"),
+                    ]),
+                ),
+                (
+                    "stuck".to_owned(),
+                    plan(&[
+                        (condition::HALTED, "False", "Running"),
+                        (condition::PROGRESSING, "False", "ProgressDeadlineExceeded"),
+                    ]),
+                ),
+            ]),
+        };
+        let g: BTreeMap<String, (bool, bool, bool)> = report
+            .gauges()
+            .into_iter()
+            .map(|g| (g.rollout, (g.halted, g.paused, g.deadline_exceeded)))
+            .collect();
+        assert_eq!(g["tripped"], (true, false, false));
+        assert_eq!(g["paused"], (true, true, false));
+        assert_eq!(g["stuck"], (false, false, true));
     }
 
     fn rollout(name: &str, version: &str, created: i64) -> FirmwareRollout {

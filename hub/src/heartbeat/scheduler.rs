@@ -285,6 +285,7 @@ impl Scheduler {
         source: Arc<dyn StatusSource>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        metrics.write_budget_qps.set(config.qps);
         Arc::new_cyclic(|me| Scheduler {
             me: me.clone(),
             bucket: Mutex::new(TokenBucket::new(config.qps, config.burst)),

@@ -138,6 +138,10 @@ struct Session {
     /// JSON of the heartbeat-derived status (no conditions, no heartbeat time).
     base: Box<[u8]>,
     conditions: [CondState; 4],
+    /// Committed firmware version and upgrade phase of the status computed last, kept apart
+    /// from `base` so a scrape counts them without parsing every drone's JSON.
+    version: Box<str>,
+    phase: Box<str>,
     heartbeat_unix: i64,
     /// The agent's sequence number of the last heartbeat (0: none seen).
     seq: u64,
@@ -164,6 +168,8 @@ impl Session {
             liveness: Liveness::Online,
             base: Box::default(),
             conditions: [CondState::default(); 4],
+            version: Box::default(),
+            phase: Box::default(),
             heartbeat_unix: 0,
             seq: 0,
             content: 0,
@@ -256,6 +262,13 @@ impl Session {
         // NB: serialising a status of plain strings and numbers cannot fail.
         self.base = serde_json::to_vec(&base).unwrap_or_default().into_boxed_slice();
         self.conditions = compact_conditions(&full.conditions);
+        self.version = full
+            .firmware
+            .as_ref()
+            .and_then(|f| f.committed_version.as_deref())
+            .unwrap_or_default()
+            .into();
+        self.phase = full.phase.as_deref().unwrap_or_default().into();
         self.content = content;
         !same
     }
@@ -549,6 +562,25 @@ impl Sessions {
             .into_iter()
             .map(|((t, s), n)| ((t.to_owned(), s.to_owned()), n))
             .collect()
+    }
+
+    /// Number of drones per committed firmware version and per upgrade phase, for metrics;
+    /// `unknown` for a drone that reports none.
+    pub fn version_phase_counts(&self) -> (BTreeMap<String, i64>, BTreeMap<String, i64>) {
+        let mut versions: BTreeMap<String, i64> = BTreeMap::new();
+        let mut phases: BTreeMap<String, i64> = BTreeMap::new();
+        let or_unknown = |s: &str| {
+            if s.is_empty() {
+                "unknown".to_owned()
+            } else {
+                s.to_owned()
+            }
+        };
+        for s in self.lock().values().filter(|s| !s.watching) {
+            *versions.entry(or_unknown(&s.version)).or_insert(0) += 1;
+            *phases.entry(or_unknown(&s.phase)).or_insert(0) += 1;
+        }
+        (versions, phases)
     }
 
     /// Number of drones served here (watched ones not counted).
