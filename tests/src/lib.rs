@@ -1,6 +1,7 @@
 //! flightnode fleet harness: real processes on loopback for end-to-end tests, demo and benchmarks.
 //!
 //! - [`agent`]: locating and running the real binaries.
+//! - [`browser`]: a real headless chromium for page tests, over the DevTools protocol on a pipe.
 //! - [`apiserver`]: a real kube-apiserver + etcd per test (envtest-style), found via `FLIGHTNODE_K8S_DIR`.
 //! - [`fc_standin`]: a pymavlink flight controller stand-in, scripted (arm, takeoff, land, battery).
 //! - [`sitl`]: a real autopilot, ArduPilot Copter SITL, found via `FLIGHTNODE_ARDUPILOT_DIR`, and a pilot for it.
@@ -23,6 +24,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod boot_sim;
+pub mod browser;
 pub mod docs;
 pub mod fake_kube;
 pub mod fc_standin;
