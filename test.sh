@@ -34,6 +34,7 @@ PACKAGES=(
     mmdebstrap                   # the virtual board: its arm64 Debian rootfs, from Debian packages only
     arch-test                    # mmdebstrap's check that arm64 runs here (through qemu-user binfmt)
     e2fsprogs                    # mkfs.ext4 -d: the virtual board's rootfs and state partitions
+    chromium                     # the fleet page test (tests/tests/ui.rs) opens /ui in a real headless browser
 )
 RUST_TARGETS=(aarch64-unknown-linux-gnu)
 
@@ -48,6 +49,7 @@ declare -A PROVIDES=(
     [python3]=python3
     [etcd-server]=etcd [xz-utils]=xz
     [mmdebstrap]=mmdebstrap [arch-test]=arch-test [e2fsprogs]=mkfs.ext4
+    [chromium]=chromium
 )
 
 # The release and packaging tests (tests/tests/shipping.rs, tests/tests/aarch64.rs): static musl

@@ -34,14 +34,13 @@ function token(v) {
   return String(v || '').toLowerCase().replace(/[^a-z]/g, '');
 }
 
-// What a drone waits for, or why its last upgrade did not commit.
+// What a drone waits for, or why its last upgrade did not commit (the rollback cause).
 function why(d) {
   const parts = [];
   let failed = false;
   if (d.waitReason) parts.push('waits: ' + d.waitReason);
-  if (d.syncReason && d.syncReason !== 'Synced' && d.syncReason !== 'InProgress' && d.syncMessage) {
+  if (d.syncMessage && (d.syncReason === 'Pending' || d.syncReason === 'Waiting' || d.syncReason === 'Retrying')) {
     parts.push(d.syncReason + ': ' + d.syncMessage);
-    failed = failed || d.syncReason === 'Failed';
   }
   if (d.lastResult && d.lastResult !== 'Committed' && d.lastResult !== 'AlreadyInstalled') {
     parts.push(d.lastResult + (d.lastVersion ? ' ' + d.lastVersion : '') +
@@ -49,18 +48,19 @@ function why(d) {
     failed = true;
   }
   if (d.armLock) parts.push('arm lock: ' + d.armLock);
-  return { text: parts.join('; '), failed };
+  const title = [d.lastErrorMessage, d.syncMessage].filter(Boolean).join('\n');
+  return { text: parts.join('; '), failed, title };
 }
 
 function droneRow(d) {
   const online = d.online === 'True';
-  const name = el('td', { 'data-col': 'name' },
+  const name = el('td', {},
     el('span', { class: 'dot ' + (online ? 'on' : 'off'), title: online ? 'online' : 'offline' }),
-    d.name);
+    el('span', { 'data-col': 'name' }, d.name));
   if (d.deviceId && d.deviceId !== d.name) name.append(el('div', { class: 'sub' }, 'id ' + d.deviceId));
-  const version = el('td', { 'data-col': 'version' }, d.version || '–');
+  const version = el('td', {}, el('span', { 'data-col': 'version' }, d.version || '–'));
   if (d.desiredVersion && d.desiredVersion !== d.version) {
-    version.append(el('div', { class: 'sub' }, '→ ' + d.desiredVersion));
+    version.append(el('div', { class: 'sub', 'data-col': 'desired', title: 'the version the spec asks for' }, '→ ' + d.desiredVersion));
   }
   let slot = d.activeSlot || '–';
   if (d.bootedSlot && d.activeSlot && d.bootedSlot !== d.activeSlot) slot += ' (booted ' + d.bootedSlot + ')';
@@ -75,7 +75,7 @@ function droneRow(d) {
     el('td', { 'data-col': 'flight' }, d.flightState || '–'),
     el('td', { 'data-col': 'battery', class: 'num' + (d.batteryPercent !== null && d.batteryPercent < 30 ? ' low' : '') }, battery),
     el('td', { 'data-col': 'heartbeat', class: 'num', title: d.lastHeartbeatTime || 'never' }, ago(d.heartbeatAgeSeconds)),
-    el('td', { 'data-col': 'why', class: 'why' + (w.failed ? ' failed' : ''), title: d.lastErrorMessage || '' }, w.text));
+    el('td', { 'data-col': 'why', class: 'why' + (w.failed ? ' failed' : ''), title: w.title }, w.text));
 }
 
 // The rollout's state in one word and its reason: Halted (the breaker, or paused) wins.
