@@ -2,23 +2,31 @@
 //! the DevTools protocol (`flightnode_tests::browser`), against the real hub binary on its local
 //! store with its controllers and three real agents (`flightnode-agent run`, file slots).
 //!
-//! One page session, never reloaded (a mark set on the document at the start is still there at
-//! the end): the page loads; its drones table matches the API (every drone, its version, slot
-//! and phase); a canary's phase change during a rollout appears; the rollout halting (its canary
-//! fails the health check and rolls back, the breaker trips) appears with the breaker's reason;
-//! and every request the page made went to the hub. Skipped with a message when there is no
-//! `chromium`.
+//! drone-1 has a flight controller (the pymavlink stand-in, `flightnode_tests::fc_standin`),
+//! in the air on 64 % battery.
 //!
-//! `FLIGHTNODE_UI_SCREENSHOTS=DIR` keeps the two screenshots (`fleet-page.png`, the fleet at
-//! rest; `fleet-page-halted.png`, the halted rollout) in DIR: the README's and the book's
+//! One page session, never reloaded (a mark set on the document at the start is still there at
+//! the end): the page loads; its drones table matches the API (every drone, its version, slot,
+//! phase, flight state and battery); given firmware in flight, drone-1 shows why the hub holds
+//! the command back, then (a command straight to the drone) its phase changes to `Waiting` with
+//! the drone's reason (`in_air`), and its new version and slot appear once it landed;
+//! a canary's phase change during a rollout appears; the rollout halting (its canary fails the
+//! health check and rolls back, the breaker trips) appears with the breaker's reason and the
+//! rollback cause; and every request the page made went to the hub. Skipped with a message when
+//! there is no `chromium`.
+//!
+//! `FLIGHTNODE_UI_SCREENSHOTS=DIR` keeps the two screenshots (`fleet-page.png`, drone-1 waiting
+//! in the air; `fleet-page-halted.png`, the halted rollout) in DIR: the README's and the book's
 //! pictures come from there.
 
 use flightnode_tests::browser::{self, Browser};
-use flightnode_tests::fleet::{Fleet, FleetOptions, condition, http_get, wait_until};
+use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
+use flightnode_tests::fleet::{Fleet, FleetOptions, condition, http_get, http_request, wait_until};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+const GOOD: &str = "1.1.0";
 const BAD: &str = "2.0.0";
 const WAIT: Duration = Duration::from_mins(3);
 /// Phases of an install in flight: any of them in the page is the change from `Idle`.
@@ -31,11 +39,12 @@ const ACTIVE: [&str; 6] = [
     "Waiting",
 ];
 
-/// The drones table as the page shows it: name → (version, slot, phase, why).
+/// The drones table as the page shows it: name → [version, slot, phase, why, flight, battery].
 const TABLE_JS: &str = r"
   [...document.querySelectorAll('#drones tbody tr')].map(tr => {
     const cell = c => tr.querySelector('[data-col=' + c + ']').textContent;
-    return [tr.dataset.name, cell('version'), cell('slot'), cell('phase'), cell('why')];
+    return [tr.dataset.name, cell('version'), cell('slot'), cell('phase'), cell('why'),
+            cell('flight'), cell('battery')];
   })";
 
 /// The rollout `fleet` as the page shows it: (state, message), or null.
@@ -47,7 +56,16 @@ const ROLLOUT_JS: &str = r"
     return [card.querySelector('[data-col=state]').textContent, m ? m.textContent : ''];
   })()";
 
-type Row = (String, String, String, String);
+/// One row of the page's table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Row {
+    version: String,
+    slot: String,
+    phase: String,
+    why: String,
+    flight: String,
+    battery: String,
+}
 
 fn table(b: &mut Browser) -> BTreeMap<String, Row> {
     let rows = b.eval(TABLE_JS).unwrap();
@@ -56,7 +74,15 @@ fn table(b: &mut Browser) -> BTreeMap<String, Row> {
         .iter()
         .map(|r| {
             let s = |i: usize| r[i].as_str().unwrap_or("").to_owned();
-            (s(0), (s(1), s(2), s(3), s(4)))
+            let row = Row {
+                version: s(1),
+                slot: s(2),
+                phase: s(3),
+                why: s(4),
+                flight: s(5),
+                battery: s(6),
+            };
+            (s(0), row)
         })
         .collect()
 }
@@ -65,21 +91,47 @@ fn text<'a>(v: &'a Value, pointer: &str) -> &'a str {
     v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
 }
 
-/// The same table from the store's API (`/apis/…/flightnodes`): what the page must show.
-fn table_from_api(nodes: &[Value]) -> BTreeMap<String, (String, String, String)> {
+/// The same columns from the store's API (`/apis/…/flightnodes`): what the page must show
+/// (`–` where the store has nothing).
+fn table_from_api(nodes: &[Value]) -> BTreeMap<String, [String; 5]> {
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "–".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
     nodes
         .iter()
         .map(|n| {
+            let battery = n
+                .pointer("/status/flight/batteryPercent")
+                .and_then(Value::as_i64)
+                .map_or("–".to_owned(), |b| format!("{b} %"));
             (
                 text(n, "/metadata/name").to_owned(),
-                (
-                    text(n, "/status/firmware/committedVersion").to_owned(),
-                    text(n, "/status/firmware/activeSlot").to_owned(),
-                    text(n, "/status/phase").to_owned(),
-                ),
+                [
+                    or_dash(text(n, "/status/firmware/committedVersion")),
+                    or_dash(text(n, "/status/firmware/activeSlot")),
+                    or_dash(text(n, "/status/phase")),
+                    or_dash(text(n, "/status/observedState")),
+                    battery,
+                ],
             )
         })
         .collect()
+}
+
+/// Sets (or with `null` clears) `spec.firmware` of `name`, as `kubectl patch --type merge`.
+fn set_firmware(fleet: &Fleet, name: &str, firmware: &str) {
+    http_request(
+        fleet.hub.http_port,
+        "PATCH",
+        &format!("/apis/edge.drone.io/v1/namespaces/default/flightnodes/{name}"),
+        "application/merge-patch+json",
+        &format!(r#"{{"spec":{{"firmware":{firmware}}}}}"#),
+    )
+    .unwrap();
 }
 
 fn rollout_yaml(url: &str) -> String {
@@ -98,8 +150,13 @@ fn the_fleet_page_shows_the_fleet_live_in_a_real_browser() {
         eprintln!("SKIPPED: no `chromium` on PATH (Debian package chromium; or set FLIGHTNODE_CHROMIUM)");
         return;
     };
+    let mavlink_port = free_udp_port().unwrap();
+    let mut vehicle = Vehicle::start(mavlink_port, &["--in-air", "--battery", "64"]).unwrap();
     let fleet = Fleet::start(FleetOptions {
         drones: 3,
+        drone_extra: vec![format!(
+            "[flight]\nmavlink = \"udpin:127.0.0.1:{mavlink_port}\"\nstale_after = \"2s\"\n"
+        )],
         // The bad build fails its health check after a few seconds: its Testing phase is long
         // enough for the page (polling every second) to show it.
         health: |_| {
@@ -126,14 +183,21 @@ fn the_fleet_page_shows_the_fleet_live_in_a_real_browser() {
                 text(n, "/status/firmware/committedVersion") == "1.0.0"
                     && condition(n, "Online").is_some_and(|c| c["status"] == "True")
             })
+            && nodes.iter().any(|n| {
+                text(n, "/status/observedState") == "in-air"
+                    && n.pointer("/status/flight/batteryPercent") == Some(&Value::from(64))
+            })
     });
-    assert!(settled, "the drones never came online:\n{}", fleet.hub.log());
+    assert!(
+        settled,
+        "the drones never came online (drone-1 in the air):\n{}",
+        fleet.hub.log()
+    );
 
-    // The page is served with its policy, and names nothing outside the hub.
     let html = http_get(port, "/ui").unwrap();
     assert!(html.contains("<title>flightnode fleet</title>"), "{html}");
 
-    let mut b = Browser::start(&chromium, 1180, 640).unwrap();
+    let mut b = Browser::start(&chromium, 1180, 600).unwrap();
     let url = format!("http://127.0.0.1:{port}/ui");
     b.open(&url).unwrap();
     b.eval("window.sameDocument = 'not reloaded'").unwrap();
@@ -144,18 +208,21 @@ fn the_fleet_page_shows_the_fleet_live_in_a_real_browser() {
     });
     assert!(loaded, "the page never showed the fleet; chromium:\n{}", b.log());
 
-    // The table matches the API: the same drones, versions, slots and phases.
+    // The table matches the API: the same drones, versions, slots, phases, flight states and
+    // batteries (all of it steady now: no install runs, drone-1 keeps flying).
     let api_rows = table_from_api(&fleet.hub.flightnodes().unwrap());
     let page = table(&mut b);
     assert_eq!(page.keys().cloned().collect::<BTreeSet<_>>(), names);
-    for (name, (version, slot, phase)) in &api_rows {
-        let (p_version, p_slot, p_phase, _) = &page[name];
+    for (name, want) in &api_rows {
+        let p = &page[name];
+        let shown = [&p.version, &p.slot, &p.phase, &p.flight, &p.battery].map(String::as_str);
         assert_eq!(
-            (p_version, p_slot, p_phase),
-            (version, slot, phase),
+            shown,
+            want.each_ref().map(String::as_str),
             "drone {name}: the page against the API"
         );
     }
+    assert_eq!(page["drone-1"].flight, "in-air");
     // And the page's JSON agrees with the API too.
     let view: Value = serde_json::from_str(&http_get(port, "/ui/api/fleet").unwrap()).unwrap();
     let view_names: BTreeSet<String> = view["drones"]
@@ -166,17 +233,63 @@ fn the_fleet_page_shows_the_fleet_live_in_a_real_browser() {
         .collect();
     assert_eq!(view_names, names);
     assert_eq!(view["readOnly"], true);
+
+    // drone-1 is given firmware in flight: the hub holds the command back, and says why.
+    let (_, good) = fleet.bundle("good", GOOD, 4096).unwrap();
+    set_firmware(
+        &fleet,
+        "drone-1",
+        &format!(r#"{{"version":"{GOOD}","url":"{good}"}}"#),
+    );
+    let held = wait_until(WAIT, Duration::from_millis(150), || {
+        let row = &table(&mut b)["drone-1"];
+        row.phase == "Idle" && row.why.contains("Waiting: flight state in-air")
+    });
+    assert!(
+        held,
+        "the hub's wait for drone-1 is not on the page: {:?}\nstore: {:#}",
+        table(&mut b),
+        fleet.hub.flightnode("drone-1").unwrap_or_default()
+    );
+    // A person's target would also pin drone-1 against the rollout below: release it.
+    set_firmware(&fleet, "drone-1", "null");
+    // A command straight to the drone (no hub gate): the drone's own flight gate holds it, and
+    // its phase turns Waiting on the page, with the reason.
+    fleet.hub_upgrade("drone-1", &["--url", &good]).unwrap();
+    let waiting = wait_until(WAIT, Duration::from_millis(150), || {
+        let row = &table(&mut b)["drone-1"];
+        row.phase == "Waiting" && row.why.contains("waits: in_air")
+    });
+    assert!(
+        waiting,
+        "drone-1 never showed Waiting (in_air) on the page: {:?}\nstore: {:#}",
+        table(&mut b),
+        fleet.hub.flightnode("drone-1").unwrap_or_default()
+    );
     let shots =
         std::env::var_os("FLIGHTNODE_UI_SCREENSHOTS").map_or_else(|| fleet.dir.path().to_owned(), Into::into);
     b.screenshot(&shots.join("fleet-page.png")).unwrap();
+    // It lands: the install runs, and its new version and slot appear.
+    vehicle.send("land").unwrap();
+    vehicle.send("disarm").unwrap();
+    let installed = wait_until(WAIT, Duration::from_millis(150), || {
+        let row = &table(&mut b)["drone-1"];
+        row.version == GOOD && row.slot == "b" && row.phase == "Idle" && row.flight == "disarmed"
+    });
+    assert!(
+        installed,
+        "drone-1's install never showed on the page: {:?}\nstore: {:#}",
+        table(&mut b),
+        fleet.hub.flightnode("drone-1").unwrap_or_default()
+    );
 
     // A rollout of a build that fails its health check: the canary's phase changes on the page.
     let (_, bundle) = fleet.bundle("bad", BAD, 4096).unwrap();
     fleet.hub.apply(&rollout_yaml(&bundle)).unwrap();
     let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let changed = wait_until(WAIT, Duration::from_millis(150), || {
-        for (name, (_, _, phase, _)) in table(&mut b) {
-            seen.entry(name).or_default().insert(phase);
+        for (name, row) in table(&mut b) {
+            seen.entry(name).or_default().insert(row.phase);
         }
         seen.values()
             .any(|phases| ACTIVE.iter().any(|a| phases.contains(*a)))
@@ -187,7 +300,7 @@ fn the_fleet_page_shows_the_fleet_live_in_a_real_browser() {
         fleet.hub.log()
     );
 
-    // The breaker trips: the page shows the halt with the store's reason.
+    // The breaker trips: the page shows the halt with the store's reason and message.
     let mut last = Value::Null;
     let halted = wait_until(WAIT, Duration::from_millis(200), || {
         let Some(r) = fleet.hub.rollout("fleet") else {
@@ -209,10 +322,15 @@ fn the_fleet_page_shows_the_fleet_live_in_a_real_browser() {
         fleet.hub.rollout("fleet").unwrap_or_default(),
         fleet.hub.log()
     );
-    // The canary's rollback and why, in the page and the store alike.
+    // The canary's rollback and its cause, on the page as in the store.
     let rolled_back = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
-        table(&mut b).values().any(|(version, _, phase, why)| {
-            version == "1.0.0" && phase == "Idle" && why.contains("RolledBack")
+        fleet.hub.flightnodes().unwrap_or_default().iter().any(|n| {
+            let name = text(n, "/metadata/name");
+            let code = text(n, "/status/lastUpgrade/errorCode");
+            text(n, "/status/lastUpgrade/result") == "RolledBack"
+                && table(&mut b).get(name).is_some_and(|row| {
+                    row.phase == "Idle" && row.why.contains(&format!("RolledBack {BAD}: {code}"))
+                })
         })
     });
     assert!(
