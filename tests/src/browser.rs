@@ -218,10 +218,19 @@ impl Browser {
         Ok(r["result"]["value"].clone())
     }
 
-    /// A PNG of the viewport, written to `path`.
+    /// A PNG of the viewport down to the end of the page's content, written to `path`.
     pub fn screenshot(&mut self, path: &Path) -> Result<()> {
         use base64::Engine;
-        let shot = self.call("Page.captureScreenshot", json!({ "format": "png" }))?;
+        let size = self.eval(
+            "[document.documentElement.clientWidth,
+              Math.min(window.innerHeight, Math.ceil(document.body.getBoundingClientRect().bottom))]",
+        )?;
+        let (width, height) = (
+            size[0].as_f64().unwrap_or(800.0),
+            size[1].as_f64().unwrap_or(600.0),
+        );
+        let clip = json!({ "x": 0, "y": 0, "width": width, "height": height, "scale": 1 });
+        let shot = self.call("Page.captureScreenshot", json!({ "format": "png", "clip": clip }))?;
         let data = shot["data"].as_str().context("no screenshot data")?;
         let png = base64::engine::general_purpose::STANDARD.decode(data)?;
         std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))?;
