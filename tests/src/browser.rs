@@ -120,7 +120,7 @@ impl Browser {
             events: Vec::new(),
             profile,
         };
-        let targets = b.call_browser("Target.getTargets", json!({}))?;
+        let targets = b.call_browser("Target.getTargets", &json!({}))?;
         let page = targets["targetInfos"]
             .as_array()
             .and_then(|ts| ts.iter().find(|t| t["type"] == "page"))
@@ -129,23 +129,23 @@ impl Browser {
             .to_owned();
         let attached = b.call_browser(
             "Target.attachToTarget",
-            json!({ "targetId": page, "flatten": true }),
+            &json!({ "targetId": page, "flatten": true }),
         )?;
-        b.session = attached["sessionId"]
+        attached["sessionId"]
             .as_str()
             .context("Target.attachToTarget returned no sessionId")?
-            .to_owned();
+            .clone_into(&mut b.session);
         for domain in ["Page.enable", "Runtime.enable", "Network.enable"] {
-            b.call(domain, json!({}))?;
+            b.call(domain, &json!({}))?;
         }
         b.call(
             "Emulation.setDeviceMetricsOverride",
-            json!({ "width": width, "height": height, "deviceScaleFactor": 1, "mobile": false }),
+            &json!({ "width": width, "height": height, "deviceScaleFactor": 1, "mobile": false }),
         )?;
         Ok(b)
     }
 
-    fn send(&mut self, method: &str, params: Value, session: Option<String>) -> Result<Value> {
+    fn send(&mut self, method: &str, params: &Value, session: Option<String>) -> Result<Value> {
         self.next_id += 1;
         let id = self.next_id;
         let mut msg = json!({ "id": id, "method": method, "params": params });
@@ -180,19 +180,19 @@ impl Browser {
         }
     }
 
-    fn call_browser(&mut self, method: &str, params: Value) -> Result<Value> {
+    fn call_browser(&mut self, method: &str, params: &Value) -> Result<Value> {
         self.send(method, params, None)
     }
 
     /// A protocol call on the page.
-    pub fn call(&mut self, method: &str, params: Value) -> Result<Value> {
+    pub fn call(&mut self, method: &str, params: &Value) -> Result<Value> {
         let session = self.session.clone();
         self.send(method, params, Some(session))
     }
 
     /// Navigates and waits until the document has loaded.
     pub fn open(&mut self, url: &str) -> Result<()> {
-        let nav = self.call("Page.navigate", json!({ "url": url }))?;
+        let nav = self.call("Page.navigate", &json!({ "url": url }))?;
         if let Some(e) = nav.get("errorText") {
             bail!("opening {url}: {e}");
         }
@@ -210,7 +210,7 @@ impl Browser {
     pub fn eval(&mut self, expression: &str) -> Result<Value> {
         let r = self.call(
             "Runtime.evaluate",
-            json!({ "expression": expression, "returnByValue": true, "awaitPromise": true }),
+            &json!({ "expression": expression, "returnByValue": true, "awaitPromise": true }),
         )?;
         if let Some(e) = r.get("exceptionDetails") {
             bail!("evaluating {expression:?}: {e}");
@@ -230,7 +230,10 @@ impl Browser {
             size[1].as_f64().unwrap_or(600.0),
         );
         let clip = json!({ "x": 0, "y": 0, "width": width, "height": height, "scale": 1 });
-        let shot = self.call("Page.captureScreenshot", json!({ "format": "png", "clip": clip }))?;
+        let shot = self.call(
+            "Page.captureScreenshot",
+            &json!({ "format": "png", "clip": clip }),
+        )?;
         let data = shot["data"].as_str().context("no screenshot data")?;
         let png = base64::engine::general_purpose::STANDARD.decode(data)?;
         std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))?;
