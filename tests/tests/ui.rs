@@ -12,7 +12,8 @@
 //! the drone's reason (`in_air`), and its new version and slot appear once it landed;
 //! a canary's phase change during a rollout appears; the rollout halting (its canary fails the
 //! health check and rolls back, the breaker trips) appears with the breaker's reason and the
-//! rollback cause; and every request the page made went to the hub. Skipped with a message when
+//! rollback cause; a rollout whose version is HTML shows it as text; and every request the page
+//! made went to the hub. Skipped with a message when
 //! there is no `chromium`.
 //!
 //! On a real kube-apiserver (`FLIGHTNODE_K8S_DIR`, skipped without it) the page reads the
@@ -357,6 +358,26 @@ fn the_fleet_page_shows_the_fleet_live_in_a_real_browser() {
         "the Halted event is not on the page: {events}"
     );
     b.screenshot(&shots.join("fleet-page-halted.png")).unwrap();
+
+    // Data is text on the page, never markup: a rollout whose version is an HTML element with a
+    // script shows it literally (paused, so it dispatches nothing).
+    let markup = r#"<img src=x onerror="document.body.dataset.pwned=1">"#;
+    fleet
+        .hub
+        .apply(&format!(
+            "apiVersion: edge.drone.io/v1\nkind: FirmwareRollout\nmetadata:\n  name: markup\nspec:\n\
+             \x20 version: '{markup}'\n  url: {bundle}\n  paused: true\n"
+        ))
+        .unwrap();
+    let literal = wait_until(Duration::from_secs(30), Duration::from_millis(150), || {
+        b.eval(
+            "document.querySelector('#rollouts .rollout[data-name=markup] [data-col=version]')?.textContent",
+        )
+        .is_ok_and(|t| t.as_str() == Some(&format!("version {markup}")))
+    });
+    assert!(literal, "the markup rollout's version is not shown as text");
+    assert_eq!(b.eval("document.querySelectorAll('img').length").unwrap(), 0);
+    assert_eq!(b.eval("document.body.dataset.pwned ?? 'no'").unwrap(), "no");
 
     // All of it in one document, and every request went to the hub.
     assert_eq!(b.eval("window.sameDocument").unwrap(), "not reloaded");

@@ -99,7 +99,7 @@ function rolloutCard(r) {
   const card = el('div', { class: 'rollout', 'data-name': r.name },
     el('div', { class: 'head' },
       el('span', { class: 'name' }, r.name),
-      el('span', {}, 'version ' + r.version),
+      el('span', { 'data-col': 'version' }, 'version ' + r.version),
       el('span', { 'data-col': 'wave' }, 'wave ' + (r.wave || '–')),
       el('span', { class: 'state ' + s.cls, 'data-col': 'state', title: s.message || '' }, s.text)),
     s.message ? el('div', { class: 'sub', 'data-col': 'message' }, s.message) : null,
