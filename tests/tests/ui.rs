@@ -13,7 +13,8 @@
 //! a canary's phase change during a rollout appears; the rollout halting (its canary fails the
 //! health check and rolls back, the breaker trips) appears with the breaker's reason and the
 //! rollback cause; a rollout whose version is HTML shows it as text; and every request the page
-//! made went to the hub. Skipped with a message when
+//! made went to the hub; when the hub stops, the page says it is disconnected and keeps the
+//! last fleet it showed. Skipped with a message when
 //! there is no `chromium`.
 //!
 //! On a real kube-apiserver (`FLIGHTNODE_K8S_DIR`, skipped without it) the page reads the
@@ -164,7 +165,7 @@ fn the_fleet_page_shows_the_fleet_live_in_a_real_browser() {
     let _one = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mavlink_port = free_udp_port().unwrap();
     let mut vehicle = Vehicle::start(mavlink_port, &["--in-air", "--battery", "64"]).unwrap();
-    let fleet = Fleet::start(FleetOptions {
+    let mut fleet = Fleet::start(FleetOptions {
         drones: 3,
         drone_extra: vec![format!(
             "[flight]\nmavlink = \"udpin:127.0.0.1:{mavlink_port}\"\nstale_after = \"2s\"\n"
@@ -389,6 +390,18 @@ fn the_fleet_page_shows_the_fleet_live_in_a_real_browser() {
     }
     let png = std::fs::read(shots.join("fleet-page-halted.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "the screenshot is no PNG");
+    // The hub goes away: the page says so and keeps what it showed.
+    fleet.hub.stop();
+    let down = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+        b.eval("document.getElementById('conn').className")
+            .is_ok_and(|c| c == "conn down")
+    });
+    assert!(down, "the page never showed the hub disconnected");
+    assert_eq!(
+        table(&mut b).len(),
+        names.len(),
+        "the last fleet stays on the page"
+    );
 }
 
 const NS: &str = "flightnode";
