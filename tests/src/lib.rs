@@ -9,6 +9,7 @@
 //! - [`boot_sim`]: power-on simulator for reboot mode (U-Boot, GRUB, example script backend).
 //! - [`uboot_qemu`]: real U-Boot under qemu-system-aarch64, its environment in pflash.
 //! - [`vboard`]: a virtual arm64 board from Debian packages (U-Boot, kernel, systemd, the agent's .deb) under qemu.
+//! - [`fleet_page`]: the hub's fleet page as a person sees it, read through [`browser`].
 //! - [`fleet`]: broker, hub and N drones as real processes on loopback; the demo and the end-to-end tests use it.
 //! - [`load`]: gRPC load generator for the hub (paced fleet, phase bursts, flood) and a no-op hub.
 //! - [`fuzz`]: input mutation for the seeded fuzz smoke tests.
@@ -29,6 +30,7 @@ pub mod docs;
 pub mod fake_kube;
 pub mod fc_standin;
 pub mod fleet;
+pub mod fleet_page;
 pub mod fuzz;
 pub mod http_server;
 pub mod load;

@@ -17,26 +17,19 @@
 //! last fleet it showed. Skipped with a message when
 //! there is no `chromium`.
 //!
-//! On a real kube-apiserver (`FLIGHTNODE_K8S_DIR`, skipped without it) the page reads the
-//! controllers' watch caches: a `--store kube --controllers` hub shows the drones and a rollout
-//! in the browser, and a hub without `--controllers` answers the JSON with 503 and says why.
+//! The same page on a real API server is `ui_kube.rs`.
 //!
 //! `FLIGHTNODE_UI_SCREENSHOTS=DIR` keeps the two screenshots (`fleet-page.png`, drone-1 waiting
 //! in the air; `fleet-page-halted.png`, the halted rollout) in DIR: the README's and the book's
 //! pictures come from there.
 
-use flightnode_tests::apiserver::ApiServer;
 use flightnode_tests::browser::{self, Browser};
 use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
-use flightnode_tests::fleet::{
-    Fleet, FleetOptions, Hub, KubeStore, condition, http_get, http_request, wait_until,
-};
+use flightnode_tests::fleet::{Fleet, FleetOptions, condition, http_get, http_request, wait_until};
+use flightnode_tests::fleet_page::{self, Row};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
-
-/// One fleet at a time: two at once would only slow both on a small machine.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 const GOOD: &str = "1.1.0";
 const BAD: &str = "2.0.0";
@@ -51,52 +44,18 @@ const ACTIVE: [&str; 6] = [
     "Waiting",
 ];
 
-/// The drones table as the page shows it: name → [version, slot, phase, why, flight, battery].
-const TABLE_JS: &str = r"
-  [...document.querySelectorAll('#drones tbody tr')].map(tr => {
-    const cell = c => tr.querySelector('[data-col=' + c + ']').textContent;
-    return [tr.dataset.name, cell('version'), cell('slot'), cell('phase'), cell('why'),
-            cell('flight'), cell('battery')];
-  })";
-
-/// The rollout `fleet` as the page shows it: (state, message), or null.
-const ROLLOUT_JS: &str = r"
-  (() => {
-    const card = document.querySelector('#rollouts .rollout[data-name=fleet]');
-    if (!card) return null;
-    const m = card.querySelector('[data-col=message]');
-    return [card.querySelector('[data-col=state]').textContent, m ? m.textContent : ''];
-  })()";
-
-/// One row of the page's table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Row {
-    version: String,
-    slot: String,
-    phase: String,
-    why: String,
-    flight: String,
-    battery: String,
+fn table(b: &mut Browser) -> BTreeMap<String, Row> {
+    fleet_page::drones(b).unwrap()
 }
 
-fn table(b: &mut Browser) -> BTreeMap<String, Row> {
-    let rows = b.eval(TABLE_JS).unwrap();
-    rows.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let s = |i: usize| r[i].as_str().unwrap_or("").to_owned();
-            let row = Row {
-                version: s(1),
-                slot: s(2),
-                phase: s(3),
-                why: s(4),
-                flight: s(5),
-                battery: s(6),
-            };
-            (s(0), row)
+/// The rollout `fleet` on the page: `[state, message]`, or null.
+fn fleet_rollout(b: &mut Browser) -> Value {
+    fleet_page::rollout_state(b, "fleet")
+        .ok()
+        .flatten()
+        .map_or(Value::Null, |(state, message)| {
+            serde_json::json!([state, message])
         })
-        .collect()
 }
 
 fn text<'a>(v: &'a Value, pointer: &str) -> &'a str {
@@ -162,7 +121,6 @@ fn the_fleet_page_shows_the_fleet_live_in_a_real_browser() {
         eprintln!("SKIPPED: no `chromium` on PATH (Debian package chromium; or set FLIGHTNODE_CHROMIUM)");
         return;
     };
-    let _one = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mavlink_port = free_udp_port().unwrap();
     let mut vehicle = Vehicle::start(mavlink_port, &["--in-air", "--battery", "64"]).unwrap();
     let mut fleet = Fleet::start(FleetOptions {
@@ -323,7 +281,7 @@ fn the_fleet_page_shows_the_fleet_live_in_a_real_browser() {
             .as_array()
             .and_then(|cs| cs.iter().find(|c| c["type"] == "Halted" && c["status"] == "True"))
             .cloned();
-        last = b.eval(ROLLOUT_JS).unwrap_or(Value::Null);
+        last = fleet_rollout(&mut b);
         store_halted.is_some_and(|c| {
             last[0].as_str() == Some(&format!("Halted: {}", c["reason"].as_str().unwrap_or("?")))
                 && last[1] == c["message"]
@@ -402,137 +360,4 @@ fn the_fleet_page_shows_the_fleet_live_in_a_real_browser() {
         names.len(),
         "the last fleet stays on the page"
     );
-}
-
-const NS: &str = "flightnode";
-
-/// A real API server with the committed CRDs and Roles, both Roles bound to the restricted user
-/// the hub runs as, and `drones` FlightNodes an operator registered (the Roles have no `create`).
-fn cluster(rt: &tokio::runtime::Runtime, drones: usize) -> Option<(ApiServer, kube::Client)> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let api = rt.block_on(ApiServer::start()).unwrap()?;
-    let admin = rt.block_on(api.admin_client()).unwrap();
-    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hub/deploy");
-    rt.block_on(async {
-        let ns = format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n");
-        api.apply_yaml(&admin, &ns, None).await?;
-        for file in ["crd.yaml", "rbac.yaml"] {
-            let yaml = std::fs::read_to_string(deploy.join(file))?;
-            api.apply_yaml(&admin, &yaml, Some(NS)).await?;
-        }
-        for role in ["flightnode-hub", "flightnode-controller"] {
-            let binding = format!(
-                "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\n\
-                 metadata: {{name: {role}-as-test-user}}\n\
-                 roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {role}}}\n\
-                 subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: flight-controller}}]\n"
-            );
-            api.apply_yaml(&admin, &binding, Some(NS)).await?;
-        }
-        let hub = api.restricted_client().await?;
-        api.wait_allowed(&hub, NS, "edge.drone.io", "flightnodes/status", "patch")
-            .await?;
-        for i in 1..=drones {
-            let node = format!(
-                "apiVersion: edge.drone.io/v1\nkind: FlightNode\nmetadata: {{name: drone-{i}}}\n\
-                 spec: {{hardwareId: {}}}\n",
-                flightnode_tests::fleet::HARDWARE
-            );
-            api.apply_yaml(&admin, &node, Some(NS)).await?;
-        }
-        anyhow::Ok(())
-    })
-    .unwrap();
-    Some((api, admin))
-}
-
-#[test]
-fn on_a_real_api_server_the_page_reads_the_controllers_caches() {
-    let _one = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let Some(chromium) = browser::find() else {
-        eprintln!("SKIPPED: no `chromium` on PATH (Debian package chromium; or set FLIGHTNODE_CHROMIUM)");
-        return;
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let Some((api, admin)) = cluster(&rt, 2) else {
-        return;
-    };
-    let kube = KubeStore {
-        kubeconfig: api.restricted_kubeconfig(),
-        namespace: NS.into(),
-    };
-    let fleet = Fleet::start(FleetOptions {
-        drones: 2,
-        kube: Some(kube.clone()),
-        hub_args: vec![
-            "--offline-after".into(),
-            "60s".into(),
-            "--controllers".into(),
-            "--reconcile-interval".into(),
-            "1s".into(),
-        ],
-        ..FleetOptions::default()
-    })
-    .unwrap();
-    // Paused: it dispatches nothing, and the page shows it with its state.
-    let rollout = format!(
-        "apiVersion: edge.drone.io/v1\nkind: FirmwareRollout\nmetadata: {{name: fleet}}\n\
-         spec: {{version: \"{BAD}\", url: \"http://127.0.0.1:9/none.fnb\", paused: true}}\n"
-    );
-    rt.block_on(api.apply_yaml(&admin, &rollout, Some(NS))).unwrap();
-
-    let port = fleet.hub.http_port;
-    let mut last = Value::Null;
-    let shown = wait_until(WAIT, Duration::from_millis(200), || {
-        let Ok(body) = http_get(port, "/ui/api/fleet") else {
-            return false;
-        };
-        last = serde_json::from_str(&body).unwrap_or(Value::Null);
-        let drones: BTreeMap<&str, &str> = last["drones"]
-            .as_array()
-            .map(|ds| {
-                ds.iter()
-                    .map(|d| (text(d, "/name"), text(d, "/version")))
-                    .collect()
-            })
-            .unwrap_or_default();
-        last["store"] == "kube"
-            && drones == BTreeMap::from([("drone-1", "1.0.0"), ("drone-2", "1.0.0")])
-            && last["rollouts"][0]["name"] == "fleet"
-            && last["rollouts"][0]["paused"] == true
-    });
-    assert!(
-        shown,
-        "the kube-store hub never showed both drones and the rollout; last: {last:#}\nhub log:\n{}",
-        fleet.hub.log()
-    );
-
-    let mut b = Browser::start(&chromium, 1180, 600).unwrap();
-    b.open(&format!("http://127.0.0.1:{port}/ui")).unwrap();
-    let loaded = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
-        let page = table(&mut b);
-        page.len() == 2
-            && page.values().all(|r| r.version == "1.0.0")
-            && b.eval("document.getElementById('store').textContent")
-                .is_ok_and(|s| s == "store: kube")
-            && b.eval(ROLLOUT_JS).is_ok_and(|r| r[0].as_str().is_some())
-    });
-    assert!(
-        loaded,
-        "the page never showed the kube store's fleet: {:?}; chromium:\n{}",
-        table(&mut b),
-        b.log()
-    );
-
-    // A drone-facing replica without the controllers has no caches to read: it says so.
-    let dir = fleet.dir.path().join("plain");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut plain = Hub::new(&dir, vec![]).unwrap();
-    plain.kube = Some(kube);
-    plain.start().unwrap();
-    let err = http_request(plain.http_port, "GET", "/ui/api/fleet", "text/plain", "")
-        .expect_err("a hub without --controllers has no fleet to show");
-    let err = format!("{err:#}");
-    assert!(err.contains("HTTP 503") && err.contains("--controllers"), "{err}");
-    http_get(plain.http_port, "/ui").unwrap();
 }
