@@ -1,6 +1,6 @@
 //! The HTTP port: `/metrics`, `/healthz`, `/readyz`, the fleet page (`/ui`, [`crate::cmd::ui`]),
-//! and with the local store a read-mostly,
-//! Kubernetes-shaped API so `kubectl`-like clients (and the kube crate) can read `FlightNode`s:
+//! and with the local store a read-mostly, Kubernetes-shaped API so `kubectl`-like clients (and
+//! the kube crate) can read `FlightNode`s:
 //!
 //! - `GET /apis/edge.drone.io/v1/flightnodes` (all namespaces)
 //! - `GET /apis/edge.drone.io/v1/namespaces/{ns}/flightnodes`
