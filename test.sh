@@ -35,6 +35,7 @@ PACKAGES=(
     arch-test                    # mmdebstrap's check that arm64 runs here (through qemu-user binfmt)
     e2fsprogs                    # mkfs.ext4 -d: the virtual board's rootfs and state partitions
     prometheus                   # promtool checks and unit-tests the alerting rules; a real Prometheus scrapes a hub and runs every alert and dashboard query (hub/tests/monitoring.rs)
+    chromium                     # the fleet page test (tests/tests/ui.rs) opens /ui in a real headless browser
 )
 RUST_TARGETS=(aarch64-unknown-linux-gnu)
 
@@ -50,6 +51,7 @@ declare -A PROVIDES=(
     [etcd-server]=etcd [xz-utils]=xz
     [mmdebstrap]=mmdebstrap [arch-test]=arch-test [e2fsprogs]=mkfs.ext4
     [prometheus]=promtool
+    [chromium]=chromium
 )
 
 # The release and packaging tests (tests/tests/shipping.rs, tests/tests/aarch64.rs): static musl

@@ -207,7 +207,7 @@ struct ServeArgs {
     /// gRPC listen address.
     #[arg(long, env = "FLIGHTNODE_HUB_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     grpc_addr: SocketAddr,
-    /// HTTP listen address (/metrics, /healthz, /readyz, local API).
+    /// HTTP listen address (/metrics, /healthz, /readyz, the fleet page /ui, local API).
     #[arg(long, env = "FLIGHTNODE_HUB_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
     /// Status sink.

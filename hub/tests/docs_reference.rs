@@ -355,3 +355,64 @@ fn examples_hold_a_valid_firmware_rollout_and_a_flightnode_with_spec_firmware() 
         "hub/deploy/examples has no FlightNode with spec.firmware"
     );
 }
+
+/// The keys of a JSON object.
+fn keys(v: &Value) -> BTreeSet<String> {
+    v.as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn http_reference_documents_every_endpoint_and_every_field_of_the_fleet_json() {
+    use flightnode_hub::api::flightnode::new_flightnode;
+    use flightnode_hub::cmd::ui;
+    let page = Page::reference("http");
+    let endpoints = page.section(2, "Endpoints").table_keys();
+    let hub = ServedHub::start();
+    // Every documented GET without a placeholder answers 200 on a fresh local-store hub.
+    for path in endpoints.iter().filter(|p| !p.contains('{')) {
+        hub.get(path);
+    }
+    for path in ["/metrics", "/healthz", "/readyz", "/ui", "/ui/api/fleet"] {
+        assert!(
+            endpoints.iter().any(|e| e == path),
+            "{} does not list {path}",
+            page.section(2, "Endpoints").at(&page)
+        );
+    }
+    // The page names only what the hub serves: its script and style are documented paths.
+    let html = hub.get("/ui");
+    for asset in ["/ui/app.js", "/ui/style.css"] {
+        assert!(html.contains(asset), "the page no longer loads {asset}");
+    }
+
+    let node = std::sync::Arc::new(new_flightnode("drone-1", "default", "hw"));
+    let rollout = FirmwareRollout::new("fleet", rollout::FirmwareRolloutSpec::default());
+    let view = serde_json::to_value(ui::view(
+        "local",
+        jiff::Timestamp::UNIX_EPOCH,
+        &[node],
+        &[rollout],
+        |_| Vec::new(),
+    ))
+    .unwrap();
+    // The served JSON has the same top-level fields as the one built here.
+    let served: Value = serde_json::from_str(&hub.get("/ui/api/fleet")).unwrap();
+    assert_eq!(keys(&served), keys(&view), "GET /ui/api/fleet");
+    for (section, fields) in [
+        ("Top level", keys(&view)),
+        ("drones[]", keys(&view["drones"][0])),
+        ("rollouts[]", keys(&view["rollouts"][0])),
+    ] {
+        let s = page.section(3, section);
+        let documented: BTreeSet<String> = s.table_keys().into_iter().collect();
+        assert_same(
+            &format!("fields of {section}"),
+            &fields,
+            "the hub's FleetView",
+            &documented,
+            &s.at(&page),
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! flightnode fleet harness: real processes on loopback for end-to-end tests, demo and benchmarks.
 //!
 //! - [`agent`]: locating and running the real binaries.
+//! - [`browser`]: a real headless chromium for page tests, over the DevTools protocol on a pipe.
 //! - [`apiserver`]: a real kube-apiserver + etcd per test (envtest-style), found via `FLIGHTNODE_K8S_DIR`.
 //! - [`fc_standin`]: a pymavlink flight controller stand-in, scripted (arm, takeoff, land, battery).
 //! - [`sitl`]: a real autopilot, ArduPilot Copter SITL, found via `FLIGHTNODE_ARDUPILOT_DIR`, and a pilot for it.
@@ -8,6 +9,7 @@
 //! - [`boot_sim`]: power-on simulator for reboot mode (U-Boot, GRUB, example script backend).
 //! - [`uboot_qemu`]: real U-Boot under qemu-system-aarch64, its environment in pflash.
 //! - [`vboard`]: a virtual arm64 board from Debian packages (U-Boot, kernel, systemd, the agent's .deb) under qemu.
+//! - [`fleet_page`]: the hub's fleet page as a person sees it, read through [`browser`].
 //! - [`fleet`]: broker, hub and N drones as real processes on loopback; the demo and the end-to-end tests use it.
 //! - [`load`]: gRPC load generator for the hub (paced fleet, phase bursts, flood) and a no-op hub.
 //! - [`fuzz`]: input mutation for the seeded fuzz smoke tests.
@@ -23,10 +25,12 @@
 pub mod agent;
 pub mod apiserver;
 pub mod boot_sim;
+pub mod browser;
 pub mod docs;
 pub mod fake_kube;
 pub mod fc_standin;
 pub mod fleet;
+pub mod fleet_page;
 pub mod fuzz;
 pub mod http_server;
 pub mod load;

@@ -1,5 +1,6 @@
-//! The HTTP port: `/metrics`, `/healthz`, `/readyz`, and with the local store a read-mostly,
-//! Kubernetes-shaped API so `kubectl`-like clients (and the kube crate) can read `FlightNode`s:
+//! The HTTP port: `/metrics`, `/healthz`, `/readyz`, the fleet page (`/ui`, [`crate::cmd::ui`]),
+//! and with the local store a read-mostly, Kubernetes-shaped API so `kubectl`-like clients (and
+//! the kube crate) can read `FlightNode`s:
 //!
 //! - `GET /apis/edge.drone.io/v1/flightnodes` (all namespaces)
 //! - `GET /apis/edge.drone.io/v1/namespaces/{ns}/flightnodes`
@@ -34,6 +35,8 @@ pub struct HttpState {
     pub hub: Arc<Hub>,
     /// Set once the hub serves gRPC.
     pub ready: Arc<AtomicBool>,
+    /// The controllers' store, for the fleet page on the kube store (empty until they run).
+    pub fleet: crate::cmd::ui::ControllerFleet,
 }
 
 const PREFIX: &str = "/apis/edge.drone.io/v1";
@@ -75,6 +78,7 @@ pub fn router(state: HttpState) -> Router {
             &format!("{PREFIX}/namespaces/{{ns}}/firmwarerollouts/{{name}}/events"),
             get(rollout_events),
         )
+        .merge(crate::cmd::ui::routes())
         .with_state(state)
 }
 

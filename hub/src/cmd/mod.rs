@@ -3,6 +3,7 @@
 //! - [`serve`]: `serve`: TLS, store choice, the heartbeat side, the controllers, gRPC and HTTP.
 //! - [`http`]: serve's HTTP port: `/metrics`, `/healthz`, `/readyz` and the local store's
 //!   Kubernetes-shaped API.
+//! - [`ui`]: the live fleet page on serve's HTTP port (`/ui`), read-only.
 //! - [`broker`]: serve's embedded MQTT broker for laptops and the demo (feature
 //!   `embedded-broker`).
 //! - [`get`]: `get`, a kubectl-like table of `FlightNode`s.
@@ -18,6 +19,7 @@ pub mod get;
 pub mod http;
 pub mod rollout;
 pub mod serve;
+pub mod ui;
 pub mod upgrade;
 
 /// Rows as kubectl prints them: each column as wide as its widest cell, three spaces apart, no

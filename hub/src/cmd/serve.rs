@@ -164,8 +164,10 @@ pub async fn serve(
     let (lease_stop_tx, lease_stop_rx) = tokio::sync::watch::channel(false);
     let mut lease_task = None;
     let mut controller_tasks = Vec::new();
+    let fleet: crate::cmd::ui::ControllerFleet = Arc::default();
     if let Some(c) = &opts.controllers {
-        let (lease, others) = start_controllers(c, &hub, kube_watch.clone(), lease_stop_rx)?;
+        let (lease, others) =
+            start_controllers(c, &hub, kube_watch.clone(), lease_stop_rx, Arc::clone(&fleet))?;
         lease_task = lease;
         controller_tasks = others;
     }
@@ -201,6 +203,7 @@ pub async fn serve(
     let router = crate::cmd::http::router(HttpState {
         hub: Arc::clone(&hub),
         ready: Arc::clone(&ready),
+        fleet,
     });
     let http_rx = stop_rx.clone();
     let http = tokio::spawn(async move {
@@ -257,12 +260,15 @@ type Tasks = (
     Vec<tokio::task::JoinHandle<()>>,
 );
 
-/// Starts the reconcilers; with the kube store and leader election also the Lease loop.
+/// Starts the reconcilers; with the kube store and leader election also the Lease loop. The
+/// kube store's caches go into `fleet` once they listed, for the fleet page (on every replica:
+/// reading needs no Lease).
 fn start_controllers(
     c: &ControllerOptions,
     hub: &Arc<Hub>,
     kube: Option<(kube::Client, String)>,
     stop: tokio::sync::watch::Receiver<bool>,
+    fleet: crate::cmd::ui::ControllerFleet,
 ) -> Result<Tasks> {
     use crate::controller::fence::{FencedCommands, FencedStore};
     use crate::controller::lease::Leadership;
@@ -301,7 +307,11 @@ fn start_controllers(
             let commands = Arc::new(FencedCommands::new(publisher, leader.clone()));
             tasks.push(tokio::spawn(async move {
                 let store = match crate::store::fleet::KubeFleet::start(client, &namespace, &identity).await {
-                    Ok(s) => Arc::new(s),
+                    Ok(s) => {
+                        let s = Arc::new(s);
+                        let _ = fleet.set(Arc::clone(&s) as Arc<dyn crate::store::fleet::FleetStore>);
+                        s
+                    }
                     Err(e) => {
                         tracing::error!(error = %flightnode_proto::error::Chain(&e), "controllers not started");
                         return;

@@ -13,6 +13,10 @@
 //! flying when its upgrade arrives: its flight controller (a small MAVLink sender in this binary)
 //! reports it armed and in the air, so the upgrade waits; it lands, disarms, and the upgrade
 //! completes.
+//!
+//! Both print the address of the hub's fleet page (`/ui`) once the hub runs: open it to watch the
+//! demo live. `--linger SECS` keeps everything running that long after the end, for a look at
+//! the page.
 
 use anyhow::{Context, Result, bail};
 use flightnode_tests::fleet::{Fleet, FleetOptions, condition};
@@ -29,7 +33,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!(
-            "usage: flightnode-demo [--drones N] [--manual]   (default 6, 3 with --manual; build first: cargo build --profile release-quick --bin flightnode-demo --bin flightnode-hub --bin flightnode-agent)"
+            "usage: flightnode-demo [--drones N] [--manual] [--linger SECS]   (default 6, 3 with --manual; build first: cargo build --profile release-quick --bin flightnode-demo --bin flightnode-hub --bin flightnode-agent)"
         );
         return ExitCode::SUCCESS;
     }
@@ -41,10 +45,17 @@ fn main() -> ExitCode {
         .and_then(|n| n.parse().ok())
         .unwrap_or(if manual { 3usize } else { 6 })
         .max(1);
+    let linger = Duration::from_secs(
+        args.iter()
+            .position(|a| a == "--linger")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
+    );
     let run = if manual {
-        demo(drones)
+        demo(drones, linger)
     } else {
-        rollout_demo(drones.max(4))
+        rollout_demo(drones.max(4), linger)
     };
     match run {
         Ok(()) => ExitCode::SUCCESS,
@@ -165,7 +176,7 @@ fn row(f: &Value) -> String {
     )
 }
 
-fn demo(n: usize) -> Result<()> {
+fn demo(n: usize, linger: Duration) -> Result<()> {
     println!("starting the hub (local store, embedded MQTT broker) and {n} drones…");
     let mavlink_port = flightnode_tests::fc_standin::free_udp_port()?;
     let vehicle = Vehicle::start(mavlink_port)?;
@@ -185,6 +196,7 @@ fn demo(n: usize) -> Result<()> {
         },
         ..FleetOptions::default()
     })?;
+    print_page(&fleet);
     let (bundle, url) = fleet.bundle("firmware-2.0.0", "2.0.0", 24 * 1024 * 1024)?;
     let mut corrupt = std::fs::read(&bundle)?;
     let len = corrupt.len();
@@ -289,9 +301,26 @@ fn demo(n: usize) -> Result<()> {
     if !ok {
         bail!("a drone did not end as expected");
     }
+    hold(&fleet, linger);
     println!("every drone ended where it should; stopping the hub, broker and drones");
     drop(fleet);
     Ok(())
+}
+
+fn print_page(fleet: &Fleet) {
+    println!("fleet page: http://127.0.0.1:{}/ui", fleet.hub.http_port);
+}
+
+/// `--linger`: the fleet stays up a while after the end, for the fleet page.
+fn hold(fleet: &Fleet, linger: Duration) {
+    if !linger.is_zero() {
+        println!(
+            "(--linger: the fleet stays up {} s more; fleet page: http://127.0.0.1:{}/ui)",
+            linger.as_secs(),
+            fleet.hub.http_port
+        );
+        std::thread::sleep(linger);
+    }
 }
 
 /// The bad build's health check fails (the agent passes the version being tried).
@@ -366,7 +395,7 @@ fn committed(f: &Value) -> String {
         .to_owned()
 }
 
-fn rollout_demo(n: usize) -> Result<()> {
+fn rollout_demo(n: usize, linger: Duration) -> Result<()> {
     println!("starting the hub (local store, embedded MQTT broker, controllers) and {n} drones…");
     let fleet = Fleet::start(FleetOptions {
         drones: n,
@@ -379,6 +408,7 @@ fn rollout_demo(n: usize) -> Result<()> {
         hub_args: vec!["--controllers".into(), "--reconcile-interval".into(), "1s".into()],
         ..FleetOptions::default()
     })?;
+    print_page(&fleet);
     let (_, bad_url) = fleet.bundle("firmware-2.1.0", BAD, 4 * 1024 * 1024)?;
     let (_, good_url) = fleet.bundle("firmware-2.1.1", GOOD, 4 * 1024 * 1024)?;
     let deadline = Instant::now() + Duration::from_mins(1);
@@ -428,6 +458,7 @@ fn rollout_demo(n: usize) -> Result<()> {
     if nodes.iter().any(|f| committed(f) != GOOD) {
         bail!("a drone is not on {GOOD}");
     }
+    hold(&fleet, linger);
     println!("every drone runs {GOOD}; stopping the hub, broker and drones");
     drop(fleet);
     Ok(())

@@ -1,0 +1,162 @@
+// The fleet page: polls /ui/api/fleet every second and redraws. Read-only. Data only ever
+// reaches the DOM as text (append of strings, textContent), never as markup.
+'use strict';
+
+const POLL_MS = 1000;
+let polls = 0;
+
+// An element with attributes and children; strings become text nodes.
+function el(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null) continue;
+    if (k === 'class') e.className = v;
+    else e.setAttribute(k, String(v));
+  }
+  for (const c of children) {
+    if (c === undefined || c === null || c === '') continue;
+    e.append(c);
+  }
+  return e;
+}
+
+function ago(seconds) {
+  if (seconds === null || seconds === undefined) return '–';
+  const s = Math.max(0, seconds);
+  if (s < 60) return s + 's ago';
+  if (s < 3600) return Math.floor(s / 60) + 'm ago';
+  if (s < 86400) return Math.floor(s / 3600) + 'h ago';
+  return Math.floor(s / 86400) + 'd ago';
+}
+
+// A class name from a value (phases are CamelCase words; anything else is dropped).
+function token(v) {
+  return String(v || '').toLowerCase().replace(/[^a-z]/g, '');
+}
+
+// What a drone waits for, or why its last upgrade did not commit (the rollback cause).
+function why(d) {
+  const parts = [];
+  let failed = false;
+  if (d.waitReason) parts.push('waits: ' + d.waitReason);
+  if (d.syncMessage && (d.syncReason === 'Pending' || d.syncReason === 'Waiting' || d.syncReason === 'Retrying')) {
+    parts.push(d.syncReason + ': ' + d.syncMessage);
+  }
+  if (d.lastResult && d.lastResult !== 'Committed' && d.lastResult !== 'AlreadyInstalled') {
+    parts.push(d.lastResult + (d.lastVersion ? ' ' + d.lastVersion : '') +
+      (d.lastErrorCode ? ': ' + d.lastErrorCode : ''));
+    failed = true;
+  }
+  if (d.armLock) parts.push('arm lock: ' + d.armLock);
+  const title = [d.lastErrorMessage, d.syncMessage].filter(Boolean).join('\n');
+  return { text: parts.join('; '), failed, title };
+}
+
+function droneRow(d) {
+  const online = d.online === 'True';
+  const name = el('td', {},
+    el('span', { class: 'dot ' + (online ? 'on' : 'off'), title: online ? 'online' : 'offline' }),
+    el('span', { 'data-col': 'name' }, d.name));
+  if (d.deviceId && d.deviceId !== d.name) name.append(el('div', { class: 'sub' }, 'id ' + d.deviceId));
+  const version = el('td', {}, el('span', { 'data-col': 'version' }, d.version || '–'));
+  if (d.desiredVersion && d.desiredVersion !== d.version) {
+    version.append(el('div', { class: 'sub', 'data-col': 'desired', title: 'the version the spec asks for' }, '→ ' + d.desiredVersion));
+  }
+  let slot = d.activeSlot || '–';
+  if (d.bootedSlot && d.activeSlot && d.bootedSlot !== d.activeSlot) slot += ' (booted ' + d.bootedSlot + ')';
+  const phase = d.phase || '–';
+  const battery = d.batteryPercent === null || d.batteryPercent === undefined ? '–' : d.batteryPercent + ' %';
+  const w = why(d);
+  return el('tr', { 'data-name': d.name, class: online ? 'online' : 'offline' },
+    name,
+    version,
+    el('td', { 'data-col': 'slot' }, slot),
+    el('td', { 'data-col': 'phase', class: 'phase phase-' + token(d.phase) }, phase),
+    el('td', { 'data-col': 'flight' }, d.flightState || '–'),
+    el('td', { 'data-col': 'battery', class: 'num' + (d.batteryPercent !== null && d.batteryPercent < 30 ? ' low' : '') }, battery),
+    el('td', { 'data-col': 'heartbeat', class: 'num', title: d.lastHeartbeatTime || 'never' }, ago(d.heartbeatAgeSeconds)),
+    el('td', { 'data-col': 'why', class: 'why' + (w.failed ? ' failed' : ''), title: w.title }, w.text));
+}
+
+// The rollout's state in one word and its reason: Halted (the breaker, or paused) wins.
+function rolloutState(r) {
+  if (r.halted && r.halted.status === 'True') {
+    return { cls: r.paused ? 'paused' : 'halted', text: 'Halted: ' + r.halted.reason, message: r.halted.message };
+  }
+  if (r.complete && r.complete.status === 'True') {
+    return { cls: 'complete', text: 'Complete', message: r.complete.message };
+  }
+  if (r.progressing) {
+    return { cls: 'progressing', text: 'Progressing: ' + r.progressing.reason, message: r.progressing.message };
+  }
+  return { cls: 'progressing', text: 'Pending', message: 'the controller has not written a status yet' };
+}
+
+function rolloutCard(r) {
+  const s = rolloutState(r);
+  const c = r.counts || {};
+  const count = (label, n, bad) => el('span', { class: bad && n > 0 ? 'bad' : null, 'data-count': label }, label + ' ' + (n || 0));
+  const card = el('div', { class: 'rollout', 'data-name': r.name },
+    el('div', { class: 'head' },
+      el('span', { class: 'name' }, r.name),
+      el('span', { 'data-col': 'version' }, 'version ' + r.version),
+      el('span', { 'data-col': 'wave' }, 'wave ' + (r.wave || '–')),
+      el('span', { class: 'state ' + s.cls, 'data-col': 'state', title: s.message || '' }, s.text)),
+    s.message ? el('div', { class: 'sub', 'data-col': 'message' }, s.message) : null,
+    el('div', { class: 'counts' },
+      count('total', c.total), count('succeeded', c.succeeded), count('in progress', c.inProgress),
+      count('waiting', c.waiting), count('not started', c.notStarted),
+      count('rolled back', c.rolledBack, true), count('failed', c.failed, true),
+      count('rejected', c.rejected, true), count('timed out', c.timedOut, true),
+      c.pinned ? count('pinned', c.pinned) : null, c.superseded ? count('superseded', c.superseded) : null));
+  if (r.superseded && r.superseded.status === 'True') {
+    card.append(el('div', { class: 'sub' }, 'Superseded: ' + r.superseded.message));
+  }
+  if (r.events && r.events.length) {
+    const list = el('ul', { class: 'events' });
+    for (const e of r.events) {
+      list.append(el('li', { class: token(e.type) },
+        el('span', { class: 't' }, e.time),
+        el('span', { class: 'r' }, e.reason),
+        e.note));
+    }
+    card.append(list);
+  }
+  return card;
+}
+
+function render(v) {
+  document.getElementById('store').textContent = 'store: ' + v.store;
+  const tbody = document.querySelector('#drones tbody');
+  tbody.replaceChildren(...v.drones.map(droneRow));
+  document.getElementById('drone-count').textContent = String(v.drones.length);
+  document.getElementById('no-drones').hidden = v.drones.length > 0;
+  document.getElementById('rollouts').replaceChildren(...v.rollouts.map(rolloutCard));
+  document.getElementById('rollout-count').textContent = String(v.rollouts.length);
+  document.getElementById('no-rollouts').hidden = v.rollouts.length > 0;
+}
+
+function connection(cls, text) {
+  const c = document.getElementById('conn');
+  c.className = 'conn ' + cls;
+  c.textContent = text;
+  document.body.classList.toggle('stale', cls === 'down');
+}
+
+async function poll() {
+  try {
+    const res = await fetch('/ui/api/fleet', { cache: 'no-store' });
+    const body = await res.json();
+    if (!res.ok) throw new Error(body.error || ('HTTP ' + res.status));
+    render(body);
+    polls += 1;
+    document.body.dataset.polls = String(polls);
+    connection('live', 'live · ' + body.generatedTime);
+  } catch (e) {
+    connection('down', 'disconnected: ' + e.message + ' (retrying)');
+  } finally {
+    setTimeout(poll, POLL_MS);
+  }
+}
+
+poll();
