@@ -35,6 +35,7 @@ PACKAGES=(
     arch-test                    # mmdebstrap's check that arm64 runs here (through qemu-user binfmt)
     e2fsprogs                    # mkfs.ext4 -d: the virtual board's rootfs and state partitions
     prometheus                   # promtool checks and unit-tests the alerting rules; a real Prometheus scrapes a hub and runs every alert and dashboard query (hub/tests/monitoring.rs)
+    iproute2                     # ip netns: the download link-policy test's two network namespaces (agent/tests/link_policy.rs)
     chromium                     # the fleet page test (tests/tests/ui.rs) opens /ui in a real headless browser
 )
 RUST_TARGETS=(aarch64-unknown-linux-gnu)
@@ -51,7 +52,7 @@ declare -A PROVIDES=(
     [etcd-server]=etcd [xz-utils]=xz
     [mmdebstrap]=mmdebstrap [arch-test]=arch-test [e2fsprogs]=mkfs.ext4
     [prometheus]=promtool
-    [chromium]=chromium
+    [chromium]=chromium [iproute2]=ip
 )
 
 # The release and packaging tests (tests/tests/shipping.rs, tests/tests/aarch64.rs): static musl
