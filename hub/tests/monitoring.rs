@@ -40,14 +40,13 @@ fn on_path(tool: &str) -> Option<PathBuf> {
 
 /// Both Prometheus tools, or `None` after printing why the test is skipped.
 fn tools() -> Option<(PathBuf, PathBuf)> {
-    match (on_path("prometheus"), on_path("promtool")) {
-        (Some(p), Some(t)) => Some((p, t)),
-        _ => {
-            eprintln!(
-                "SKIPPED: prometheus and promtool are not both on PATH (Debian package `prometheus`; test.sh installs it)"
-            );
-            None
-        }
+    if let (Some(p), Some(t)) = (on_path("prometheus"), on_path("promtool")) {
+        Some((p, t))
+    } else {
+        eprintln!(
+            "SKIPPED: prometheus and promtool are not both on PATH (Debian package `prometheus`; test.sh installs it)"
+        );
+        None
     }
 }
 
@@ -295,7 +294,7 @@ impl Prometheus {
             _dir: dir,
         };
         assert!(
-            wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+            wait_until(Duration::from_mins(1), Duration::from_millis(200), || {
                 http_get(port, "/-/ready").is_ok()
             }),
             "Prometheus did not become ready:\n{}",
@@ -508,7 +507,7 @@ fn every_dashboard_query_and_alert_expression_runs_on_a_real_prometheus_scraping
     );
     // Scraped, with the rollout and the offline drone in, and a few seconds of samples for
     // every `rate(…[1m])`.
-    let scraped = wait_until(Duration::from_secs(60), Duration::from_millis(500), || {
+    let scraped = wait_until(Duration::from_mins(1), Duration::from_millis(500), || {
         let up = prometheus.query(&format!("up{{job=\"{JOB}\"}} == 1"));
         let rollout = prometheus.query("flightnode_hub_rollout_progress_deadline_exceeded == 1");
         let offline = prometheus.query(r#"flightnode_hub_drones{condition="Online",status="False"}"#);

@@ -111,6 +111,9 @@ impl Scripted {
     }
 }
 
+/// An arm-authorisation answer as the stand-in saw it: (result, progress, result_param2).
+pub type AuthAck = (u8, u8, i32);
+
 /// The running stand-in; killed on drop.
 pub struct Vehicle {
     script: Scripted,
@@ -136,7 +139,7 @@ impl Vehicle {
 
     /// Asks for arm authorisation as PX4 does: the agent's answer, `(result, progress,
     /// result_param2)` (`None`: no answer within 5 s), and the STATUSTEXTs that came with it.
-    pub fn authorize(&mut self) -> Result<(Option<(u8, u8, i32)>, Vec<String>)> {
+    pub fn authorize(&mut self) -> Result<(Option<AuthAck>, Vec<String>)> {
         let lines = self
             .script
             .send_collecting("authorize", Duration::from_secs(30))?;

@@ -86,9 +86,10 @@ impl ArmSwitch {
     pub fn set(&self, lock: Option<ArmLock>) {
         let Ok(mut now) = self.0.lock() else { return };
         if *now != lock {
-            match &lock {
-                Some(l) => tracing::warn!(reason = %l.reason, "arming locked: {}", l.message),
-                None => tracing::info!("arming unlocked"),
+            if let Some(l) = &lock {
+                tracing::warn!(reason = %l.reason, "arming locked: {}", l.message);
+            } else {
+                tracing::info!("arming unlocked");
             }
             *now = lock;
         }

@@ -273,17 +273,16 @@ fn authorize(
     lock: Option<&flightnode_proto::status::ArmLock>,
 ) {
     let ack = AuthorizationAck::answer(lock);
-    match lock {
-        Some(l) => {
-            tracing::warn!(reason = %l.reason, "arm authorisation request denied: {}", l.message);
-            let text = STATUSTEXT_DATA {
-                severity: MavSeverity::MAV_SEVERITY_WARNING,
-                text: arm::status_text(l).as_str().into(),
-                ..STATUSTEXT_DATA::DEFAULT
-            };
-            let _ = conn.send(&header, &MavMessage::STATUSTEXT(text));
-        }
-        None => tracing::info!("arm authorisation request granted for {} s", arm::AUTHORIZED_FOR),
+    if let Some(l) = lock {
+        tracing::warn!(reason = %l.reason, "arm authorisation request denied: {}", l.message);
+        let text = STATUSTEXT_DATA {
+            severity: MavSeverity::MAV_SEVERITY_WARNING,
+            text: arm::status_text(l).as_str().into(),
+            ..STATUSTEXT_DATA::DEFAULT
+        };
+        let _ = conn.send(&header, &MavMessage::STATUSTEXT(text));
+    } else {
+        tracing::info!("arm authorisation request granted for {} s", arm::AUTHORIZED_FOR);
     }
     // MAVLink 1 frames leave the extension fields out: the bare result still answers.
     let sent = conn.send(
