@@ -326,7 +326,8 @@ fn examples_hold_a_valid_firmware_rollout_and_a_flightnode_with_spec_firmware() 
                     let r: FirmwareRollout =
                         serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
                     // The checks the local store makes on `apply -f`, as the CRD's schema does.
-                    rollout::validate(&r.spec).unwrap_or_else(|e| panic!("{file}: {e}"));
+                    flightnode_hub::decide::rollout_spec::validate(&r.spec)
+                        .unwrap_or_else(|e| panic!("{file}: {e}"));
                     assert_known(&doc["spec"], &schemas["FirmwareRollout"], "spec", &file);
                     rollouts += 1;
                 }

@@ -3,7 +3,8 @@
 //! instead of the system's copy), and there the zones still resolve, from the copy compiled into
 //! the hub.
 
-use flightnode_hub::api::rollout::{FirmwareRolloutSpec, MaintenanceWindow, validate};
+use flightnode_hub::api::rollout::{FirmwareRolloutSpec, MaintenanceWindow};
+use flightnode_hub::decide::rollout_spec::validate;
 use flightnode_hub::decide::window::{State, Windows, time_zone};
 
 /// Set in the child process.

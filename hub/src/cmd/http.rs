@@ -78,8 +78,11 @@ pub fn router(state: HttpState) -> Router {
             &format!("{PREFIX}/namespaces/{{ns}}/firmwarerollouts/{{name}}/events"),
             get(rollout_events),
         )
-        .merge(crate::cmd::ui::routes())
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(crate::cmd::ui::routes(crate::cmd::ui::UiState {
+            hub: state.hub,
+            fleet: state.fleet,
+        }))
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {
@@ -339,7 +342,7 @@ async fn rollout_apply(
             );
         }
     };
-    if let Err(why) = crate::api::rollout::validate(&rollout.spec) {
+    if let Err(why) = crate::decide::rollout_spec::validate(&rollout.spec) {
         return status_error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &why);
     }
     rollout.metadata.name = Some(name);

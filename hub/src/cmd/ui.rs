@@ -10,7 +10,6 @@
 use crate::api::flightnode::FlightNode;
 use crate::api::meta::Condition;
 use crate::api::rollout::FirmwareRollout;
-use crate::cmd::http::HttpState;
 use crate::store::fleet::FleetStore;
 use crate::store::local::RolloutEvent;
 use axum::extract::State;
@@ -38,8 +37,17 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 /// after the HTTP port already serves).
 pub type ControllerFleet = Arc<OnceLock<Arc<dyn FleetStore>>>;
 
+/// What the page reads: the hub (its local store) and the controllers' store.
+#[derive(Clone)]
+pub struct UiState {
+    /// The hub.
+    pub hub: Arc<crate::heartbeat::hub::Hub>,
+    /// The controllers' store, for the kube store (empty until they run).
+    pub fleet: ControllerFleet,
+}
+
 /// The page's routes, merged into serve's HTTP router.
-pub fn routes() -> Router<HttpState> {
+pub fn routes(state: UiState) -> Router {
     Router::new()
         .route(
             "/ui",
@@ -58,6 +66,7 @@ pub fn routes() -> Router<HttpState> {
             get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
         )
         .route("/ui/api/fleet", get(fleet))
+        .with_state(state)
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -270,7 +279,7 @@ pub fn view(
     }
 }
 
-async fn fleet(State(state): State<HttpState>) -> Response {
+async fn fleet(State(state): State<UiState>) -> Response {
     let now = jiff::Timestamp::now();
     let result = if let Some(local) = &state.hub.local {
         let ns = local.namespace().to_owned();

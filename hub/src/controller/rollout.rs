@@ -5,10 +5,11 @@
 use crate::api::flightnode::{FirmwareTarget, FlightNode};
 use crate::api::rollout::{
     ANNOTATION_DISPATCHED, ANNOTATION_GATES, ANNOTATION_ROLLOUT, ANNOTATION_TARGET, FirmwareRollout,
-    condition, firmware_hash, validate,
+    condition, firmware_hash,
 };
 use crate::decide::node_sync::{FlightGate, NodeView};
 use crate::decide::rollout_plan::{self as plan, Plan};
+use crate::decide::rollout_spec::validate;
 use crate::decide::rollout_waves::{Drone, Outcome};
 use crate::metrics::RolloutGauges;
 use crate::store::fleet::{Applied, Dispatch, FleetStore};

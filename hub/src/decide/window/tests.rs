@@ -205,7 +205,7 @@ fn validation_names_the_window_and_the_field() {
         duration: "6h".into(),
         time_zone: "Europe/Berlin".into(),
     };
-    assert_eq!(crate::api::rollout::validate(&spec(ok.clone())), Ok(()));
+    assert_eq!(crate::decide::rollout_spec::validate(&spec(ok.clone())), Ok(()));
     let cases = [
         (
             MaintenanceWindow {
@@ -237,7 +237,7 @@ fn validation_names_the_window_and_the_field() {
         ),
     ];
     for (w, want) in cases {
-        let err = crate::api::rollout::validate(&spec(w)).expect_err(want);
+        let err = crate::decide::rollout_spec::validate(&spec(w)).expect_err(want);
         assert!(err.starts_with(want), "{err}");
     }
 }
