@@ -492,9 +492,14 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
 /// How long a verb waits for the controller to carry out its request.
 const REQUEST_WAIT: Duration = Duration::from_secs(30);
 
-/// `rollout abort|promote NAME` (and `resume` of a halt): the request, and what came of it.
-async fn operator_request(a: &RolloutNameArgs, action: &str, done: &str) -> anyhow::Result<()> {
-    use flightnode_hub::cmd::rollout::{Requested, halted_or_complete, request, whoami};
+/// The client, namespace and rollout a verb acts on; an error naming it when it does not exist.
+async fn rollout_of(
+    a: &RolloutNameArgs,
+) -> anyhow::Result<(
+    kube::Client,
+    String,
+    flightnode_hub::api::rollout::FirmwareRollout,
+)> {
     let client = a.source.client().await?;
     let ns = a.source.namespace(a.namespace.as_deref(), &client);
     let api: kube::Api<flightnode_hub::api::rollout::FirmwareRollout> =
@@ -504,6 +509,13 @@ async fn operator_request(a: &RolloutNameArgs, action: &str, done: &str) -> anyh
         .await
         .with_context(|| format!("read rollout {} in namespace {ns}", a.name))?
         .with_context(|| format!("rollout {} in namespace {ns}: not found", a.name))?;
+    Ok((client, ns, r))
+}
+
+/// `rollout abort|promote NAME` (and `resume` of a halt): the request, and what came of it.
+async fn operator_request(a: &RolloutNameArgs, action: &str, done: &str) -> anyhow::Result<()> {
+    use flightnode_hub::cmd::rollout::{Requested, halted_or_complete, request, whoami};
+    let (client, ns, r) = rollout_of(a).await?;
     let (_, complete) = halted_or_complete(&r);
     if action == "abort" && complete {
         anyhow::bail!("rollout {} is complete: nothing to abort", a.name);
@@ -539,15 +551,7 @@ async fn operator_request(a: &RolloutNameArgs, action: &str, done: &str) -> anyh
 /// `rollout resume NAME`: a halt (breaker or abort) is lifted by a request, a pause by clearing
 /// `spec.paused`.
 async fn resume(a: &RolloutNameArgs) -> anyhow::Result<()> {
-    let client = a.source.client().await?;
-    let ns = a.source.namespace(a.namespace.as_deref(), &client);
-    let api: kube::Api<flightnode_hub::api::rollout::FirmwareRollout> =
-        kube::Api::namespaced(client.clone(), &ns);
-    let r = api
-        .get_opt(&a.name)
-        .await
-        .with_context(|| format!("read rollout {} in namespace {ns}", a.name))?
-        .with_context(|| format!("rollout {} in namespace {ns}: not found", a.name))?;
+    let (_, _, r) = rollout_of(a).await?;
     let (halted, _) = flightnode_hub::cmd::rollout::halted_or_complete(&r);
     if halted {
         return operator_request(a, "resume", "resumed").await;

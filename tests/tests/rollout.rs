@@ -299,6 +299,14 @@ impl Cluster {
         Some(Cluster { rt, api, admin })
     }
 
+    /// The hub's store on this cluster: the restricted user bound to the hub's Roles.
+    fn store(&self) -> KubeStore {
+        KubeStore {
+            kubeconfig: self.api.restricted_kubeconfig(),
+            namespace: NS.to_owned(),
+        }
+    }
+
     fn resource(&self, kind: &str, plural: &str) -> Api<DynamicObject> {
         let gvk = GroupVersionKind::gvk("edge.drone.io", "v1", kind);
         let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
@@ -365,10 +373,7 @@ fn twenty_agents_on_a_real_api_server_halt_then_roll_through() {
         return;
     };
     let cluster = Arc::new(cluster);
-    let kube = KubeStore {
-        kubeconfig: cluster.api.restricted_kubeconfig(),
-        namespace: NS.to_owned(),
-    };
+    let kube = cluster.store();
     let mut fleet = Fleet::start(options(Some(kube), true)).unwrap();
     scenario(&mut fleet, |_| Box::new(Arc::clone(&cluster)));
 }
@@ -675,10 +680,7 @@ fn a_drone_that_went_dark_while_the_hub_restarted_goes_offline_on_a_real_api_ser
         return;
     };
     let cluster = Arc::new(cluster);
-    let kube = KubeStore {
-        kubeconfig: cluster.api.restricted_kubeconfig(),
-        namespace: NS.to_owned(),
-    };
+    let kube = cluster.store();
     let mut fleet = Fleet::start(FleetOptions {
         hub_args: ["--offline-after", "3s", "--status-refresh", "3s"]
             .map(String::from)
@@ -708,8 +710,8 @@ fn a_drone_that_went_dark_while_the_hub_restarted_goes_offline_on_a_real_api_ser
 
 /// The operator's verbs on the real API server with four real agents, run from outside as an
 /// operator would (`kubectl-flightnode`, the admin's kubeconfig): `promote` ends a one-hour
-/// soak; `abort` calls back every dispatched drone that has not started (here held by a gate),
-/// and a second one is refused; `resume` lifts the abort without a spec edit and the rollout
+/// soak; `abort` calls back every dispatched drone that has not started (their agents are
+/// stopped), and a second one is refused; `resume` lifts the abort without a spec edit and the rollout
 /// completes; `abort` of the complete rollout is refused; `history` names every action and who.
 #[test]
 fn operators_promote_abort_and_resume_a_rollout_of_real_agents_on_a_real_api_server() {
@@ -718,10 +720,7 @@ fn operators_promote_abort_and_resume_a_rollout_of_real_agents_on_a_real_api_ser
         return;
     };
     let cluster = Arc::new(cluster);
-    let kube = KubeStore {
-        kubeconfig: cluster.api.restricted_kubeconfig(),
-        namespace: NS.to_owned(),
-    };
+    let kube = cluster.store();
     let mut opts = options(Some(kube), true);
     opts.drones = 4;
     let mut fleet = Fleet::start(opts).unwrap();
