@@ -888,10 +888,51 @@ fn operators_promote_abort_and_resume_a_rollout_of_real_agents_on_a_real_api_ser
         ],
         "{history:#}"
     );
+    // Where a kubectl is installed: it finds the plugin and runs it as `kubectl flightnode`.
+    if let Some(kubectl) = which("kubectl") {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(
+            binary("flightnode-hub").unwrap(),
+            dir.path().join("kubectl-flightnode"),
+        )
+        .unwrap();
+        let path = format!(
+            "{}:{}",
+            dir.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let kubeconfig = cluster.api.admin_kubeconfig();
+        let run = |args: &[&str]| {
+            std::process::Command::new(&kubectl)
+                .args(args)
+                .env("PATH", &path)
+                .env("KUBECONFIG", &kubeconfig)
+                .output()
+                .unwrap()
+        };
+        let listed = run(&["plugin", "list"]);
+        let text = String::from_utf8_lossy(&listed.stdout).into_owned();
+        assert!(text.contains("kubectl-flightnode"), "kubectl plugin list: {text}");
+        let fleet_view = run(&["flightnode", "fleet", "-n", NS]);
+        let text = String::from_utf8_lossy(&fleet_view.stdout).into_owned();
+        assert!(fleet_view.status.success(), "{text}");
+        assert!(text.contains("Fleet in namespace flightnode:"), "{text}");
+    } else {
+        eprintln!("no kubectl on PATH: `kubectl plugin list` not checked");
+    }
     let (code, out, _) = plugin(&["rollout", "history", "ops"]);
     assert_eq!(code, Some(0));
     for reason in ["Promoted", "Aborted", "Resumed", "Completed"] {
         assert!(out.contains(reason), "no {reason} event:\n{out}");
     }
     fleet.hub.stop();
+}
+
+/// An executable named `name` on PATH.
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.is_file())
 }
