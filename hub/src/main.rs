@@ -88,6 +88,9 @@ enum RolloutCmd {
     /// End the current wave's soak now: the next wave starts (refused while the wave's drones
     /// still work, in the last wave, or while halted).
     Promote(RolloutNameArgs),
+    /// A new attempt for the drones of the rollout's target that failed (failed, rejected,
+    /// rolled back, timed out), and only those (refused when none did).
+    Retry(RolloutNameArgs),
     /// The rollout's recorded events (waves advanced, halts, completion), oldest first.
     History(RolloutNameArgs),
 }
@@ -687,6 +690,9 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Rollout {
             command: RolloutCmd::Promote(a),
         } => operator_request(&a, "promote", "promoted").await,
+        Cmd::Rollout {
+            command: RolloutCmd::Retry(a),
+        } => operator_request(&a, "retry", "retried").await,
         Cmd::Rollout {
             command: RolloutCmd::History(a),
         } => {

@@ -378,6 +378,7 @@ async fn a_device_id_that_is_no_object_name_gets_its_commands() {
             version: "2.0.0".into(),
             url: "http://fw.example/2.0.0.fnb".into(),
             allow_downgrade: false,
+            retry: 0,
         };
         store
             .set_target(name, Some(target), &BTreeMap::new(), &[])
@@ -668,6 +669,7 @@ fn firmware(version: &str) -> FirmwareTarget {
         version: version.into(),
         url: format!("http://fw.example/{version}.fnb"),
         allow_downgrade: false,
+        retry: 0,
     }
 }
 

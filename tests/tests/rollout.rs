@@ -712,7 +712,8 @@ fn a_drone_that_went_dark_while_the_hub_restarted_goes_offline_on_a_real_api_ser
 /// operator would (`kubectl-flightnode`, the admin's kubeconfig): `promote` ends a one-hour
 /// soak; `abort` calls back every dispatched drone that has not started (their agents are
 /// stopped), and a second one is refused; `resume` lifts the abort without a spec edit and the rollout
-/// completes; `abort` of the complete rollout is refused; `history` names every action and who.
+/// completes with one drone rolled back; `retry` gives that drone, and only it, a new attempt;
+/// `abort` of the complete rollout is refused; `history` names every action and who.
 #[test]
 fn operators_promote_abort_and_resume_a_rollout_of_real_agents_on_a_real_api_server() {
     let _one = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -823,7 +824,15 @@ fn operators_promote_abort_and_resume_a_rollout_of_real_agents_on_a_real_api_ser
         "{err}"
     );
 
-    // The drones come back; an edit does not end the abort, a resume does, and it completes.
+    // The drones come back, one of them with a health check that fails on this version; an
+    // edit does not end the abort, a resume does, and the rollout completes with that drone
+    // rolled back.
+    let sick = others[0];
+    let sick_marker = fleet.drones[sick]
+        .dir
+        .join("slots")
+        .join(format!("unhealthy-{GOOD}"));
+    std::fs::write(&sick_marker, b"").unwrap();
     for &i in &others {
         fleet.drones[i].start().unwrap();
     }
@@ -844,13 +853,39 @@ fn operators_promote_abort_and_resume_a_rollout_of_real_agents_on_a_real_api_ser
         is_true(&get(), "Complete", 2)
     });
     assert!(complete, "{:#}\n{}", get(), tail(&fleet.hub.log()));
+    assert_eq!(get()["status"]["counts"]["rolledBack"], 1, "{:#}", get());
+
+    // The drone is fixed; retry gives it, and only it, a new attempt.
+    std::fs::remove_file(&sick_marker).unwrap();
+    let sick_id = fleet.drones[sick].id.clone();
+    let (code, out, err) = plugin(&["rollout", "retry", "ops"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(
+        out.trim(),
+        format!(
+            "firmwarerollout.edge.drone.io/ops retried: a new attempt for the 1 drone(s) that failed: {sick_id}"
+        )
+    );
+    let all_on_target = wait_until(WAIT, Duration::from_millis(500), || {
+        get()["status"]["counts"]["succeeded"] == 4
+    });
+    assert!(all_on_target, "{:#}\n{}", get(), tail(&fleet.hub.log()));
     for f in cluster
         .nodes()
         .iter()
         .filter(|f| f["metadata"]["labels"]["ops"] == "yes")
     {
         assert_eq!(committed(f), GOOD, "{f:#}");
+        let retried = f["metadata"]["name"] == sick_id.as_str();
+        assert_eq!(
+            f["spec"]["firmware"]["retry"].as_u64().unwrap_or(0),
+            u64::from(retried),
+            "{f:#}"
+        );
     }
+    let (code, _, err) = plugin(&["rollout", "retry", "ops"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("retry: no drone of this target failed"), "{err}");
     let (code, _, err) = plugin(&["rollout", "abort", "ops"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("rollout ops is complete: nothing to abort"), "{err}");
@@ -865,7 +900,9 @@ fn operators_promote_abort_and_resume_a_rollout_of_real_agents_on_a_real_api_ser
         .collect();
     assert_eq!(
         actions,
-        ["Created", "Promoted", "Aborted", "Refused", "Edited", "Resumed"],
+        [
+            "Created", "Promoted", "Aborted", "Refused", "Edited", "Resumed", "Retried", "Refused"
+        ],
         "{history:#}"
     );
     let by: Vec<&str> = history
@@ -884,6 +921,8 @@ fn operators_promote_abort_and_resume_a_rollout_of_real_agents_on_a_real_api_ser
             "admin",
             "admin",
             "flightnode-tests",
+            "admin",
+            "admin",
             "admin"
         ],
         "{history:#}"

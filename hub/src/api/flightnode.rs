@@ -108,6 +108,27 @@ pub struct FirmwareTarget {
     /// Allow a version lower than the committed one.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_downgrade: bool,
+    /// A new attempt of the same target: a rollout's `retry` raises it for the drones that
+    /// failed, which makes a new generation and so a new upgrade id (0: the first attempt).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retry: u32,
+}
+
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl FirmwareTarget {
+    /// The same version, bundle and downgrade permission, whatever the attempt.
+    pub fn same_target(&self, other: &FirmwareTarget) -> bool {
+        self.version == other.version
+            && self.url == other.url
+            && self.allow_downgrade == other.allow_downgrade
+    }
 }
 
 impl FlightNodeSpec {

@@ -36,7 +36,7 @@ pub const ANNOTATION_DISPATCHED: &str = "edge.drone.io/rollout-dispatched";
 pub const ANNOTATION_GATES: &str = "edge.drone.io/rollout-gates";
 
 /// Annotation on a `FirmwareRollout`: an operator's request, JSON [`Request`]
-/// (`kubectl flightnode rollout abort|resume|promote NAME` writes it; so can `kubectl
+/// (`kubectl flightnode rollout abort|resume|promote|retry NAME` writes it; so can `kubectl
 /// annotate`). Metadata, not spec: it bumps no generation. The controller carries out each
 /// request id once and records it in `status.history`.
 pub const ANNOTATION_REQUEST: &str = "edge.drone.io/request";
@@ -50,7 +50,7 @@ pub const HISTORY_LEN: usize = 20;
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Request {
-    /// `abort`, `resume` or `promote`.
+    /// `abort`, `resume`, `promote` or `retry`.
     pub action: String,
     /// Unique per request: the same id is carried out once.
     pub id: String,
@@ -512,7 +512,7 @@ pub struct FirmwareRolloutStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_request: Option<String>,
     /// What operators did to this rollout, oldest first, the last 20: created, edited, paused,
-    /// resumed, aborted, promoted, with who and when (also as Events).
+    /// resumed, aborted, promoted, retried, with who and when (also as Events).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<HistoryEntry>,
     /// Progressing, Halted, Complete, Superseded.
@@ -536,7 +536,7 @@ pub struct Actor {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryEntry {
-    /// `Created`, `Edited`, `Paused`, `Resumed`, `Aborted`, `Promoted`; `Refused` for a request
+    /// `Created`, `Edited`, `Paused`, `Resumed`, `Aborted`, `Promoted`, `Retried`; `Refused` for a request
     /// that made no sense (the message says why).
     pub action: String,
     /// The user as the flightnode CLI saw it, else the field manager of the write.

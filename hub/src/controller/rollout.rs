@@ -50,6 +50,7 @@ pub fn target(r: &FirmwareRollout) -> FirmwareTarget {
         version: r.spec.version.clone(),
         url: r.spec.url.clone(),
         allow_downgrade: r.spec.allow_downgrade,
+        retry: 0,
     }
 }
 
@@ -148,7 +149,8 @@ pub fn drone(r: &FirmwareRollout, node: &FlightNode, claims: &Claims) -> Drone {
     };
     let want = target(r);
     let ours = rollout_owned && owner.as_deref() == Some(me.as_str());
-    let dispatched = ours && firmware == Some(&want);
+    // A retried drone carries a higher `retry`: still this target.
+    let dispatched = ours && firmware.is_some_and(|f| f.same_target(&want));
     let gates = &r.spec.gates;
     let gate = FlightGate::of(gates);
     let view = NodeView::of(node, &gate);
@@ -171,6 +173,7 @@ pub fn drone(r: &FirmwareRollout, node: &FlightNode, claims: &Claims) -> Drone {
     };
     Drone {
         name,
+        retry: firmware.map_or(0, |f| f.retry),
         dispatched,
         dispatched_at: notes.get(ANNOTATION_DISPATCHED).map_or(0, |t| parse_time(t)),
         stale: ours && !dispatched,
@@ -522,6 +525,24 @@ async fn carry_out(
             }
         })
         .await;
+    futures_util::stream::iter(&p.retry)
+        .for_each_concurrent(concurrency, |(node, attempt)| async move {
+            let dispatch = Dispatch {
+                target: FirmwareTarget {
+                    retry: *attempt,
+                    ..want.clone()
+                },
+                annotations: annotations.clone(),
+                take_over: None,
+            };
+            match store.apply_target(node, name, Some(&dispatch)).await {
+                Ok(_) => tracing::info!(rollout = %name, device_id = %node, retry = attempt, "retried: a new attempt"),
+                Err(e) => {
+                    tracing::warn!(rollout = %name, device_id = %node, error = %flightnode_proto::error::Chain(&e), "retry failed; ask again");
+                }
+            }
+        })
+        .await;
     futures_util::stream::iter(&p.cancel)
         .for_each_concurrent(concurrency, |node| async move {
             match store.apply_target(node, name, None).await {
@@ -687,6 +708,7 @@ mod tests {
                 version: "1.5.0".into(),
                 url: "http://fw/1.5.0.fnb".into(),
                 allow_downgrade: false,
+                retry: 0,
             });
         }
         edit(&mut n);

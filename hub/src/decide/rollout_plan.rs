@@ -26,6 +26,9 @@ pub struct Plan {
     /// Dispatched drones that have not started: take the target back (the node reconciler
     /// cancels their command).
     pub cancel: Vec<String>,
+    /// Drones whose attempt failed and that a `retry` request gives a new one: (name, the
+    /// `spec.firmware.retry` to write).
+    pub retry: Vec<(String, u32)>,
     /// The new status.
     pub status: FirmwareRolloutStatus,
     /// Kubernetes Events to emit: (reason, note).
@@ -413,9 +416,9 @@ pub fn plan_with(
                 record(&mut status, "Refused", &q.by, now_rfc3339, generation, why);
             }
         }
-        Some(("promote", _)) | None => {}
+        Some(("promote" | "retry", _)) | None => {}
         Some((other, q)) => {
-            let why = format!("unknown action {other:?} (abort, resume or promote)");
+            let why = format!("unknown action {other:?} (abort, resume, promote or retry)");
             record(&mut status, "Refused", &q.by, now_rfc3339, generation, why);
         }
     }
@@ -556,6 +559,45 @@ pub fn plan_with(
         }
     }
     let promoted = status.promoted_wave.is_some_and(|w| w as usize == current);
+    // Retry: a new attempt for each drone of this target whose attempt failed, and only those.
+    let mut retry = Vec::new();
+    if let Some(q) = request.filter(|q| q.action == "retry") {
+        let failed: Vec<&Drone> = drones
+            .iter()
+            .filter(|d| {
+                d.dispatched
+                    && !d.running
+                    && matches!(
+                        outcomes[&d.name],
+                        Outcome::Failed | Outcome::Rejected | Outcome::RolledBack | Outcome::TimedOut
+                    )
+            })
+            .collect();
+        if failed.is_empty() {
+            let why = "retry: no drone of this target failed; nothing to retry".to_owned();
+            record(&mut status, "Refused", &q.by, now_rfc3339, generation, why);
+        } else {
+            retry = failed.iter().map(|d| (d.name.clone(), d.retry + 1)).collect();
+            let mut names: Vec<&str> = failed.iter().take(10).map(|d| d.name.as_str()).collect();
+            if failed.len() > 10 {
+                names.push("…");
+            }
+            let note = format!(
+                "a new attempt for the {} drone(s) that failed: {}",
+                failed.len(),
+                names.join(", ")
+            );
+            record(
+                &mut status,
+                "Retried",
+                &q.by,
+                now_rfc3339,
+                generation,
+                note.clone(),
+            );
+            events.push(("Retried".to_owned(), format!("retried by {}: {note}", who(&q.by))));
+        }
+    }
     let waiting_for_flights = waiting_for_flights && !promoted;
 
     if let Some(why) = &tripped {
@@ -886,6 +928,7 @@ pub fn plan_with(
     Plan {
         dispatch,
         cancel,
+        retry,
         status,
         events,
         outcomes,

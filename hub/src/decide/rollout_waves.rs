@@ -17,6 +17,8 @@ pub struct Drone {
     pub name: String,
     /// Its `spec.firmware` is this rollout's target, written by this rollout.
     pub dispatched: bool,
+    /// `spec.firmware.retry` of that target: how many new attempts a `retry` request made.
+    pub retry: u32,
     /// When it was dispatched (unix seconds; 0 when not).
     pub dispatched_at: i64,
     /// Its `spec.firmware` was written by this rollout for an earlier target (another

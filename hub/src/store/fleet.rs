@@ -578,6 +578,7 @@ mod tests {
             version: v.into(),
             url: format!("http://fw/{v}.fnb"),
             allow_downgrade: false,
+            retry: 0,
         });
         n
     }

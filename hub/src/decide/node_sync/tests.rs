@@ -11,6 +11,7 @@ fn view() -> NodeView {
             version: "2.0.0".into(),
             url: "http://fw/2.0.0.fnb".into(),
             allow_downgrade: false,
+            retry: 0,
         }),
         online: true,
         phase: "Idle".into(),
@@ -260,6 +261,7 @@ fn target(version: &str) -> FirmwareTarget {
         version: version.into(),
         url: format!("http://fw/{version}.fnb"),
         allow_downgrade: false,
+        retry: 0,
     }
 }
 

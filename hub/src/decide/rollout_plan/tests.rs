@@ -1353,3 +1353,57 @@ fn a_held_drone_times_out_from_the_window_opening_afresh_in_each_window() {
         status = p.status;
     }
 }
+
+#[test]
+fn retry_gives_a_new_attempt_to_the_failed_drones_and_only_those() {
+    let mut s = spec();
+    s.failure_policy.rules.clear();
+    let mut drones = fleet(4);
+    let p = plan(&s, 1, &FirmwareRolloutStatus::default(), &drones, T0, &at(T0));
+    apply(&mut drones, &p, T0);
+    let canary = p.dispatch.clone();
+    let i = drones.iter().position(|d| d.name == canary[0]).unwrap();
+    let j = drones.iter().position(|d| d.name == canary[1]).unwrap();
+    finish(&mut drones[i], "RolledBack");
+    finish(&mut drones[j], "Committed");
+    let p = plan_with(
+        &s,
+        1,
+        &p.status,
+        &drones,
+        T0 + 5,
+        &at(T0 + 5),
+        &ask("retry", "r1"),
+    );
+    assert_eq!(p.retry, vec![(canary[0].clone(), 1)], "only the rolled-back one");
+    assert_eq!(last(&p.status).0, "Retried");
+    assert!(last(&p.status).2.contains(&canary[0]), "{:?}", last(&p.status));
+    assert!(p.events.iter().any(|e| e.0 == "Retried"));
+    // The drone takes the new attempt up: it is in flight again, then commits.
+    drones[i].retry = 1;
+    drones[i].sync_reason = None;
+    drones[i].last_result = None;
+    drones[i].started = false;
+    let p = plan(&s, 1, &p.status, &drones, T0 + 6, &at(T0 + 6));
+    assert_eq!(p.outcomes[&canary[0]], Outcome::Waiting);
+    finish(&mut drones[i], "Committed");
+    // Nothing failed any more: a second retry is refused.
+    let p = plan_with(
+        &s,
+        1,
+        &p.status,
+        &drones,
+        T0 + 7,
+        &at(T0 + 7),
+        &ask("retry", "r2"),
+    );
+    assert!(p.retry.is_empty());
+    assert_eq!(
+        last(&p.status),
+        (
+            "Refused",
+            "alice",
+            "retry: no drone of this target failed; nothing to retry"
+        )
+    );
+}
