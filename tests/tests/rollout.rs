@@ -115,7 +115,16 @@ fn tail(log: &str) -> String {
 
 /// Runs `flightnode-hub ARGS` with `env`: (exit code, stdout, stderr).
 fn hub_cli(args: &[String], env: &[(&str, &std::path::Path)]) -> (Option<i32>, String, String) {
-    let mut cmd = std::process::Command::new(binary("flightnode-hub").unwrap());
+    run(&binary("flightnode-hub").unwrap(), args, env)
+}
+
+/// Runs `program ARGS` with `env`: (exit code, stdout, stderr).
+fn run(
+    program: &std::path::Path,
+    args: &[String],
+    env: &[(&str, &std::path::Path)],
+) -> (Option<i32>, String, String) {
+    let mut cmd = std::process::Command::new(program);
     cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
@@ -155,17 +164,7 @@ fn plugin_cli(args: &[String], env: &[(&str, &std::path::Path)]) -> (Option<i32>
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("kubectl-flightnode");
     std::os::unix::fs::symlink(binary("flightnode-hub").unwrap(), &link).unwrap();
-    let mut cmd = std::process::Command::new(&link);
-    cmd.args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run(&link, args, env)
 }
 
 struct Local<'a>(&'a Fleet);
