@@ -85,6 +85,25 @@ pub struct Config {
     /// Conditions for the switch (charging).
     #[serde(default)]
     pub install: InstallConfig,
+    /// Who may command this drone over MQTT.
+    #[serde(default)]
+    pub commands: CommandsConfig,
+}
+
+/// `[commands]`: which MQTT commands are obeyed.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsConfig {
+    /// The hub's command public keys (SPKI PEM). A command is obeyed only when one of them
+    /// signed it for this device and it is inside its validity window; the hub's signed time
+    /// in heartbeat responses is trusted from these keys too. Two keys during a rotation.
+    #[serde(default)]
+    pub hub_keys: Vec<PathBuf>,
+    /// INSECURE: also obey unsigned commands (a bare bundle URL, plain JSON), from anyone who
+    /// can publish on the upgrade topic. Only for a bench or a migration from unsigned
+    /// commands; signed commands are still checked.
+    #[serde(default)]
+    pub insecure_accept_unsigned: bool,
 }
 
 /// A state of the vehicle the flight gate may let an upgrade step run in.

@@ -77,6 +77,8 @@ pub struct DeviceInfo {
     pub state_dir: PathBuf,
     /// Reboot mode: the slot this boot came from. `None` in command mode (booted = active).
     pub booted: Option<flightnode_proto::Slot>,
+    /// The hub's command keys and the clock their signed time feeds (`[commands] hub_keys`).
+    pub hub_time: Option<(crate::bundle::TrustedKeys, crate::clock::Clock)>,
 }
 
 /// TLS material: CA, client certificate, client key (PEM files).
@@ -590,6 +592,17 @@ pub async fn run(
                         let upto = newest_sent.map(|newest| resp.acked_seq.min(newest));
                         let (removed, newest_waiting) = ack(&outbox, upto).await;
                         tracing::debug!(seq = hb_seq, events = n_events, acked = resp.acked_seq, removed, "heartbeat sent");
+                        if let (Some(time), Some((keys, clock))) = (&resp.time, &info.hub_time) {
+                            if keys
+                                .with_id(&time.key_id)
+                                .any(|k| flightnode_proto::signed::time_verifies(time, &info.device_id, hb_seq, k))
+                            {
+                                clock.hub_time(time.unix_ms);
+                            } else {
+                                tracing::warn!(key_id = %time.key_id, seq = hb_seq,
+                                    "the hub's time does not verify with a configured hub key; not trusted");
+                            }
+                        }
                         if resp.heartbeat_interval_seconds > 0 {
                             let want = Duration::from_secs(u64::from(resp.heartbeat_interval_seconds))
                                 .clamp(MIN_INTERVAL, MAX_INTERVAL);
@@ -643,6 +656,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             boot_id: "boot".into(),
             state_dir: PathBuf::from("/"),
+            hub_time: None,
         }
     }
 

@@ -20,6 +20,7 @@
 //! - [`failpoint`]: test-only crash points (debug builds only).
 //! - [`netpolicy`]: the download's link policy — metered links (defer or throttle), rate caps,
 //!   the download window.
+//! - [`clock`]: the trusted time (GPS, the hub's signed time, a persisted floor) for command expiry.
 //! - [`mqtt`]: the MQTT link — commands in, status reports out.
 //! - [`hub_link`]: heartbeats to the hub over gRPC; [`outbox`] keeps events until acknowledged;
 //!   [`resources`] samples CPU, memory, disk and temperature.
@@ -28,6 +29,7 @@ pub mod activation;
 pub mod boot;
 pub mod bundle;
 pub mod child;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod download;

@@ -10,7 +10,7 @@
 //!   be a bundle such as `/etc/ssl/certs/ca-certificates.crt`); `cert` + `key` add mutual TLS;
 //! - failed attempts are retried with jittered exponential backoff (200 ms, doubling, capped at
 //!   `max_backoff`); each failure is logged once;
-//! - every publish on the upgrade topic is parsed with [`parse_command`] and sent on `inbound` as
+//! - every publish on the upgrade topic is parsed with [`parse_envelope`] and sent on `inbound` as
 //!   [`Inbound::Command`] or [`Inbound::Malformed`] (with the upgrade id the payload still names,
 //!   so the refusal is reported against it). Packets up to [`MAX_INCOMING_PACKET`] are read
 //!   (so oversized commands are refused by the parser, not by the transport). A packet above that
@@ -26,9 +26,8 @@
 
 use crate::config::MqttConfig;
 use flightnode_proto::backoff;
-use flightnode_proto::mqtt::{
-    Command, StatusMessage, named_upgrade_id, parse_command, status_topic, upgrade_topic,
-};
+use flightnode_proto::mqtt::{StatusMessage, named_upgrade_id, parse_envelope, status_topic, upgrade_topic};
+use flightnode_proto::signed::Envelope;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, StateError,
     SubscribeReasonCode, TlsConfiguration, Transport,
@@ -60,8 +59,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// What arrived on the upgrade topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
-    /// A valid command.
-    Command(Command),
+    /// A well-formed command, with the hub's signature if it carried one (checked by the
+    /// daemon's [`crate::daemon::authority`]).
+    Command(Envelope),
     /// A payload that is not a command.
     Malformed {
         /// Why.
@@ -471,7 +471,7 @@ impl Link {
                     debug!(device_id = %self.device_id, topic = %p.topic, "mqtt: ignoring a publish on another topic");
                     return;
                 }
-                let item = match parse_command(&p.payload, &self.device_id) {
+                let item = match parse_envelope(&p.payload, &self.device_id) {
                     Ok(cmd) => Inbound::Command(cmd),
                     Err(m) => Inbound::Malformed {
                         reason: m.0,

@@ -579,6 +579,7 @@ impl DeviceState {
             last_upgrade: self.last.clone(),
             flights: None,
             arm_lock: None,
+            clock: None,
         }
     }
 }

@@ -82,7 +82,7 @@ fn the_hold_reaches_the_mqtt_status_report() {
     let port = free_udp_port().unwrap();
     let dev = Device::new(Options {
         extra: format!(
-            "[install]\nrequire_charging = true\n[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n[flight]\nmavlink = \"udpin:127.0.0.1:{port}\"\nstale_after = \"1s\"\n",
+            "[install]\nrequire_charging = true\n[commands]\ninsecure_accept_unsigned = true\n[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n[flight]\nmavlink = \"udpin:127.0.0.1:{port}\"\nstale_after = \"1s\"\n",
             broker.url()
         ),
         ..Options::default()

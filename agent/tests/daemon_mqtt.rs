@@ -16,7 +16,10 @@ const UPGRADE: &str = "firmware/drone-test/upgrade";
 fn device(broker: &Mosquitto, health: &str) -> Device {
     Device::new(Options {
         health: Some(health.into()),
-        extra: format!("[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n", broker.url()),
+        extra: format!(
+            "[commands]\ninsecure_accept_unsigned = true\n[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n",
+            broker.url()
+        ),
         ..Options::default()
     })
 }
@@ -271,7 +274,7 @@ fn reboot_device(
         extra: format!(
             "[activation]\nmode = \"reboot\"\nreboot_command = \"kill -9 $FLIGHTNODE_AGENT_PID\"\n\
              [daemon]\ncommit_requires = \"broker\"\nfleet_timeout = \"{fleet_timeout}\"\n\
-             [mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n{}",
+             [commands]\ninsecure_accept_unsigned = true\n[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n{}",
             broker.url(),
             sim.boot_toml()
         ),

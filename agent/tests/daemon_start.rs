@@ -106,7 +106,7 @@ fn slow_recovery_device(root: &Path, broker: &Mosquitto) -> (SimBoot, Device) {
         extra: format!(
             "[activation]\nmode = \"reboot\"\nreboot_command = \"kill -9 $FLIGHTNODE_AGENT_PID\"\n\
              [daemon]\ncommit_requires = \"broker\"\n\
-             [mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n{boot}",
+             [commands]\ninsecure_accept_unsigned = true\n[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n{boot}",
             broker.url()
         ),
         ..Options::default()
@@ -300,7 +300,10 @@ fn wait_retained(
 fn an_idle_agent_publishes_its_status_on_connect_and_after_a_broker_lost_it() {
     let mut broker = Mosquitto::start().unwrap();
     let dev = Device::new(Options {
-        extra: format!("[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n", broker.url()),
+        extra: format!(
+            "[commands]\ninsecure_accept_unsigned = true\n[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n",
+            broker.url()
+        ),
         ..Options::default()
     });
     let _d = Daemon::start(&dev);

@@ -40,7 +40,7 @@ impl Rig {
         let dev = Device::new(Options {
             health: Some(health.into()),
             extra: format!(
-                "{extra}[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n[flight]\n{link}stale_after = \"1s\"\n{flight}\n",
+                "{extra}[commands]\ninsecure_accept_unsigned = true\n[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n[flight]\n{link}stale_after = \"1s\"\n{flight}\n",
                 broker.url()
             ),
             ..Options::default()

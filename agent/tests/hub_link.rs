@@ -101,6 +101,7 @@ impl HubService for Hub {
         Ok(Response::new(v1::HeartbeatResponse {
             acked_seq,
             heartbeat_interval_seconds: 0,
+            time: None,
         }))
     }
 }
@@ -212,6 +213,7 @@ impl Device {
             agent_version: "0.1.0-test".into(),
             boot_id: "boot-1".into(),
             state_dir: dir.path().to_owned(),
+            hub_time: None,
         };
         let link = tokio::spawn(hub_link::run(
             cfg,

@@ -433,7 +433,7 @@ fn a_cancel_ends_a_window_hold_and_nothing_was_fetched() {
     let dev = device(&format!("window = \"{window}\"\n"));
     let config = std::fs::read_to_string(&dev.config).unwrap();
     let config = format!(
-        "{config}[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n",
+        "{config}[commands]\ninsecure_accept_unsigned = true\n[mqtt]\nurl = \"{}\"\nmax_backoff = \"1s\"\n",
         broker.url()
     );
     std::fs::write(&dev.config, config).unwrap();

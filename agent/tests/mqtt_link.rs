@@ -136,7 +136,7 @@ fn upgrade(id: &str, url: &str) -> Command {
 
 fn expect_command(got: Inbound) -> Command {
     match got {
-        Inbound::Command(c) => c,
+        Inbound::Command(c) => c.command,
         other @ Inbound::Malformed { .. } => panic!("expected a command, got {other:?}"),
     }
 }

@@ -25,7 +25,7 @@
 //!    `rollout`, `apply`, `upgrade`, `cancel`.
 //!
 //! Beside the layers: [`metrics`], the prometheus registry every layer may record into (it
-//! imports nothing of the hub), and here the crate's [`Error`] and [`FIELD_MANAGER`].
+//! imports nothing of the hub), [`signing`], the command key that signs commands and time, and here the crate's [`Error`] and [`FIELD_MANAGER`].
 
 pub mod api;
 pub mod cmd;
@@ -33,6 +33,7 @@ pub mod controller;
 pub mod decide;
 pub mod heartbeat;
 pub mod metrics;
+pub mod signing;
 pub mod store;
 
 /// Field manager of every status write.

@@ -344,18 +344,37 @@ struct MqttArgs {
     /// Give up after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     mqtt_timeout: Duration,
+    /// The hub's command key (PKCS#8 PEM ed25519; in a cluster, mounted from a Secret): every
+    /// command is signed for its drone with it, and heartbeat responses carry the hub's signed
+    /// time. Drones list its public key in `[commands] hub_keys`. Without it commands go out
+    /// unsigned, and drones obey them only with `insecure_accept_unsigned`.
+    #[arg(long, env = "FLIGHTNODE_HUB_COMMAND_KEY")]
+    command_key: Option<PathBuf>,
+    /// How long a signed command stays valid: a drone that was away longer (a long flight, a
+    /// hangar without network) refuses it as expired and the hub sends a fresh one.
+    #[arg(long, env = "FLIGHTNODE_HUB_COMMAND_VALIDITY", value_parser = humantime::parse_duration, default_value = "24h")]
+    command_validity: Duration,
 }
 
 impl MqttArgs {
-    fn target(&self) -> flightnode_hub::controller::mqtt::MqttTarget {
-        flightnode_hub::controller::mqtt::MqttTarget {
+    fn target(&self) -> anyhow::Result<flightnode_hub::controller::mqtt::MqttTarget> {
+        Ok(flightnode_hub::controller::mqtt::MqttTarget {
             url: self.mqtt_url.clone(),
             ca: self.mqtt_ca.clone(),
             cert: self.mqtt_cert.clone(),
             key: self.mqtt_key.clone(),
             client_id: self.mqtt_client_id.clone(),
             timeout: self.mqtt_timeout,
-        }
+            signer: self.signer()?,
+        })
+    }
+
+    fn signer(&self) -> anyhow::Result<Option<flightnode_hub::signing::CommandSigner>> {
+        self.command_key
+            .as_deref()
+            .map(|path| flightnode_hub::signing::CommandSigner::load(path, self.command_validity))
+            .transpose()
+            .map_err(anyhow::Error::from)
     }
 }
 
@@ -426,6 +445,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("starting the embedded MQTT broker on {listen}"))?;
     }
     let identity = a.identity.clone().unwrap_or_else(default_identity);
+    let mqtt_target = a.mqtt.target()?;
+    let signer = mqtt_target.signer.clone();
+    if let Some(s) = &signer {
+        tracing::info!(key_id = %s.key_id(), "commands and heartbeat times are signed with the hub's command key");
+    }
     let grace = a
         .offline_after
         .unwrap_or(a.heartbeat_interval * 3 + Duration::from_secs(5));
@@ -453,6 +477,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 ..SchedulerConfig::default()
             },
             ack_wait: a.ack_wait,
+            signer,
             advertise_interval_secs: if a.advertise_interval {
                 u32::try_from(a.heartbeat_interval.as_secs()).unwrap_or(u32::MAX)
             } else {
@@ -464,7 +489,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             // NB: one MQTT client id per replica, or the broker disconnects one for the other.
             mqtt: flightnode_hub::controller::mqtt::MqttTarget {
                 client_id: format!("{}-{}", a.mqtt.mqtt_client_id, identity),
-                ..a.mqtt.target()
+                ..mqtt_target.clone()
             },
             config: ControllerConfig {
                 policy: Policy {
@@ -753,7 +778,7 @@ async fn main() -> anyhow::Result<()> {
                 a.upgrade_id,
                 a.allow_downgrade,
             )?;
-            flightnode_hub::controller::mqtt::publish(&a.mqtt.target(), &a.device, &cmd)
+            flightnode_hub::controller::mqtt::publish(&a.mqtt.target()?, &a.device, &cmd)
                 .await
                 .with_context(|| format!("publish upgrade for {}", a.device))?;
             println!("{}", cmd.upgrade_id());
@@ -763,7 +788,7 @@ async fn main() -> anyhow::Result<()> {
             let cmd = flightnode_proto::mqtt::Command::Cancel {
                 upgrade_id: a.upgrade_id,
             };
-            flightnode_hub::controller::mqtt::publish(&a.mqtt.target(), &a.device, &cmd)
+            flightnode_hub::controller::mqtt::publish(&a.mqtt.target()?, &a.device, &cmd)
                 .await
                 .with_context(|| format!("publish cancel for {}", a.device))?;
             Ok(())

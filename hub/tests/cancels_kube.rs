@@ -125,6 +125,7 @@ async fn a_cancel_the_broker_lost_after_its_puback_still_reaches_the_drone() -> 
         key: None,
         client_id: "hub-controllers".into(),
         timeout: Duration::from_secs(5),
+        signer: None,
     })?);
     anyhow::ensure!(
         publisher.wait_connected(Duration::from_secs(30)).await,

@@ -712,6 +712,7 @@ async fn a_spec_changed_before_the_drone_started_cancels_the_old_upgrade_on_the_
                 key: None,
                 client_id: "hub-controllers".into(),
                 timeout: Duration::from_secs(10),
+                signer: None,
             },
         )
         .unwrap(),

@@ -137,6 +137,52 @@ impl fmt::Display for ErrorCode {
     }
 }
 
+/// Why an MQTT command was not obeyed (beside `malformed`): the `code` of the status report
+/// and of the refusal event the hub receives. The string form is the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandRefusal {
+    /// An unsigned command while `[commands] insecure_accept_unsigned` is off.
+    CommandUnsigned,
+    /// The signature does not verify with any configured hub key (another key, an altered
+    /// command, no hub key configured).
+    CommandUntrusted,
+    /// The hub signed the command for another device.
+    CommandWrongDevice,
+    /// The trusted time is past the command's `not_after`.
+    CommandExpired,
+    /// The upgrade id was already seen with another bundle URL.
+    CommandReplayed,
+}
+
+impl CommandRefusal {
+    /// All codes, in documentation order.
+    pub const ALL: [CommandRefusal; 5] = [
+        Self::CommandUnsigned,
+        Self::CommandUntrusted,
+        Self::CommandWrongDevice,
+        Self::CommandExpired,
+        Self::CommandReplayed,
+    ];
+
+    /// The contract string, e.g. `command_expired`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CommandUnsigned => "command_unsigned",
+            Self::CommandUntrusted => "command_untrusted",
+            Self::CommandWrongDevice => "command_wrong_device",
+            Self::CommandExpired => "command_expired",
+            Self::CommandReplayed => "command_replayed",
+        }
+    }
+}
+
+impl fmt::Display for CommandRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How an upgrade ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

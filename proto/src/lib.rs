@@ -8,6 +8,7 @@
 //! - [`codes`]: error codes and upgrade results shared by the CLI, MQTT and the hub.
 //! - [`error`]: how an error reads with its causes ([`error::Chain`]), for agent and hub alike.
 //! - [`status`]: the JSON the agent prints for `status --json` and reports upstream.
+//! - [`signed`]: hub-signed commands and the hub's signed time (only the hub can issue them).
 //! - [`mqtt`]: commands on `firmware/<id>/upgrade` and reports on `firmware/<id>/status`.
 //! - [`v1`]: the gRPC `HubService` generated from `flightnode/v1/hub.proto`.
 //!
@@ -24,6 +25,7 @@ pub mod manifest;
 pub mod mqtt;
 #[cfg(any(test, feature = "sample"))]
 pub mod sample;
+pub mod signed;
 pub mod status;
 
 pub use status::{ObservedState, Phase, Slot, SlotState, WaitReason};

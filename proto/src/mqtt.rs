@@ -17,6 +17,7 @@
 //! subscribes, even after a broker lost its retained messages. A consumer keeps the highest `seq`.
 
 use crate::codes::{ErrorCode, UpgradeResult};
+use crate::signed::{CommandSignature, Envelope, decode_signature};
 use crate::status::{ErrorReport, Phase, Progress, Slot, WaitReason};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -88,10 +89,47 @@ impl Command {
                 version: u.version.as_ref().map(ToString::to_string),
                 allow_downgrade: u.allow_downgrade,
                 device_id: device_id.map(str::to_owned),
+                issued_at: None,
+                not_after: None,
             },
             Command::Cancel { upgrade_id } => Wire::Cancel {
                 upgrade_id: upgrade_id.clone(),
                 device_id: device_id.map(str::to_owned),
+                issued_at: None,
+                not_after: None,
+            },
+        };
+        serde_json::to_string(&wire).unwrap_or_default()
+    }
+
+    /// What an upgrade id is bound to: the bundle URL of an upgrade. A signed upgrade id is
+    /// never accepted for a second target. `None` for a cancel.
+    pub fn target(&self) -> Option<&str> {
+        match self {
+            Command::Upgrade(u) => Some(&u.url),
+            Command::Cancel { .. } => None,
+        }
+    }
+
+    /// The body [`crate::signed::sign_command`] signs: this command for `device_id`, valid
+    /// from `issued_at` to `not_after` (unix seconds).
+    pub(crate) fn signed_body(&self, device_id: &str, issued_at: u64, not_after: u64) -> String {
+        let (issued_at, not_after) = (Some(issued_at), Some(not_after));
+        let wire = match self {
+            Command::Upgrade(u) => Wire::Upgrade {
+                upgrade_id: u.upgrade_id.clone(),
+                url: u.url.clone(),
+                version: u.version.as_ref().map(ToString::to_string),
+                allow_downgrade: u.allow_downgrade,
+                device_id: Some(device_id.to_owned()),
+                issued_at,
+                not_after,
+            },
+            Command::Cancel { upgrade_id } => Wire::Cancel {
+                upgrade_id: upgrade_id.clone(),
+                device_id: Some(device_id.to_owned()),
+                issued_at,
+                not_after,
             },
         };
         serde_json::to_string(&wire).unwrap_or_default()
@@ -110,11 +148,25 @@ enum Wire {
         allow_downgrade: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         device_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        issued_at: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        not_after: Option<u64>,
     },
     Cancel {
         upgrade_id: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         device_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        issued_at: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        not_after: Option<u64>,
+    },
+    /// A hub-signed command ([`crate::signed`]): `command` is the JSON text of the body.
+    Signed {
+        command: String,
+        key_id: String,
+        signature: String,
     },
 }
 
@@ -155,8 +207,18 @@ fn check_id(id: &str) -> Result<(), Malformed> {
     Ok(())
 }
 
-/// Parses a payload from `firmware/<device_id>/upgrade`, strictly.
+/// Parses a payload from `firmware/<device_id>/upgrade`, strictly, dropping a hub signature
+/// unchecked: for payloads whose authority is settled (a command this drone already accepted
+/// and kept). What arrives from the broker goes through [`parse_envelope`].
 pub fn parse_command(payload: &[u8], device_id: &str) -> Result<Command, Malformed> {
+    parse_envelope(payload, device_id).map(|e| e.command)
+}
+
+/// Parses a payload from `firmware/<device_id>/upgrade`, strictly: the command and, for the
+/// signed form, the hub's signature (not verified here: the receiver holds the keys and the
+/// trusted clock). An unsigned command naming another device is malformed; a signed one is
+/// returned with the device it was signed for, so the refusal can say so.
+pub fn parse_envelope(payload: &[u8], device_id: &str) -> Result<Envelope, Malformed> {
     if payload.len() > MAX_COMMAND_BYTES {
         return Err(Malformed(format!(
             "payload is {} bytes, over the {MAX_COMMAND_BYTES}-byte cap",
@@ -170,20 +232,78 @@ pub fn parse_command(payload: &[u8], device_id: &str) -> Result<Command, Malform
     }
     if !trimmed.starts_with('{') {
         check_url(trimmed)?;
-        return Ok(Command::Upgrade(UpgradeCommand {
-            upgrade_id: derive_upgrade_id(trimmed),
-            url: trimmed.to_owned(),
-            version: None,
-            allow_downgrade: false,
-        }));
+        return Ok(Envelope {
+            command: Command::Upgrade(UpgradeCommand {
+                upgrade_id: derive_upgrade_id(trimmed),
+                url: trimmed.to_owned(),
+                version: None,
+                allow_downgrade: false,
+            }),
+            signature: None,
+        });
     }
     let wire: Wire =
         serde_json::from_str(trimmed).map_err(|e| Malformed(format!("invalid command JSON: {e}")))?;
-    let for_device = |id: &Option<String>| match id {
-        Some(id) if id != device_id => Err(Malformed(format!(
-            "command is for device {id:?}, this is {device_id:?}"
-        ))),
-        _ => Ok(()),
+    let Wire::Signed {
+        command: body,
+        key_id,
+        signature,
+    } = wire
+    else {
+        let (command, target, window) = from_wire(wire)?;
+        if window.is_some() {
+            return Err(Malformed(
+                "issued_at and not_after belong inside a signed command only".into(),
+            ));
+        }
+        if let Some(id) = target.filter(|id| id != device_id) {
+            return Err(Malformed(format!(
+                "command is for device {id:?}, this is {device_id:?}"
+            )));
+        }
+        return Ok(Envelope {
+            command,
+            signature: None,
+        });
+    };
+    let signature = decode_signature(&signature)
+        .ok_or_else(|| Malformed("signature is not a base64 ed25519 signature (64 bytes)".into()))?;
+    let inner: Wire =
+        serde_json::from_str(&body).map_err(|e| Malformed(format!("invalid signed command JSON: {e}")))?;
+    if matches!(inner, Wire::Signed { .. }) {
+        return Err(Malformed(
+            "a signed command cannot wrap another signed command".into(),
+        ));
+    }
+    let (command, target, window) = from_wire(inner)?;
+    let (Some(signed_for), Some((issued_at, not_after))) = (target, window) else {
+        return Err(Malformed(
+            "a signed command must name device_id, issued_at and not_after".into(),
+        ));
+    };
+    Ok(Envelope {
+        command,
+        signature: Some(CommandSignature {
+            device_id: signed_for,
+            issued_at,
+            not_after,
+            key_id,
+            signature,
+            body,
+        }),
+    })
+}
+
+/// An upgrade or cancel from the wire: the command, the device it names and its validity
+/// window (both of `issued_at` and `not_after`, or neither).
+type FromWire = (Command, Option<String>, Option<(u64, u64)>);
+
+fn from_wire(wire: Wire) -> Result<FromWire, Malformed> {
+    let window = |issued_at: Option<u64>, not_after: Option<u64>| match (issued_at, not_after) {
+        (None, None) => Ok(None),
+        (Some(i), Some(n)) if i <= n => Ok(Some((i, n))),
+        (Some(_), Some(_)) => Err(Malformed("not_after is before issued_at".into())),
+        _ => Err(Malformed("issued_at and not_after go together".into())),
     };
     match wire {
         Wire::Upgrade {
@@ -191,9 +311,10 @@ pub fn parse_command(payload: &[u8], device_id: &str) -> Result<Command, Malform
             url,
             version,
             allow_downgrade,
-            device_id: target,
+            device_id,
+            issued_at,
+            not_after,
         } => {
-            for_device(&target)?;
             check_id(&upgrade_id)?;
             check_url(&url)?;
             let version = version
@@ -202,21 +323,28 @@ pub fn parse_command(payload: &[u8], device_id: &str) -> Result<Command, Malform
                         .map_err(|e| Malformed(format!("version {v:?}: {e}")))
                 })
                 .transpose()?;
-            Ok(Command::Upgrade(UpgradeCommand {
+            let command = Command::Upgrade(UpgradeCommand {
                 upgrade_id,
                 url,
                 version,
                 allow_downgrade,
-            }))
+            });
+            Ok((command, device_id, window(issued_at, not_after)?))
         }
         Wire::Cancel {
             upgrade_id,
-            device_id: target,
+            device_id,
+            issued_at,
+            not_after,
         } => {
-            for_device(&target)?;
             check_id(&upgrade_id)?;
-            Ok(Command::Cancel { upgrade_id })
+            Ok((
+                Command::Cancel { upgrade_id },
+                device_id,
+                window(issued_at, not_after)?,
+            ))
         }
+        Wire::Signed { .. } => Err(Malformed("a signed command cannot be nested".into())),
     }
 }
 
@@ -227,7 +355,10 @@ pub fn named_upgrade_id(payload: &[u8]) -> Option<String> {
     if payload.len() > MAX_COMMAND_BYTES {
         return None;
     }
-    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(payload).ok()?;
+    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(payload).ok()?;
+    if let Some(body) = object.get("command").and_then(serde_json::Value::as_str) {
+        object = serde_json::from_str(body).ok()?;
+    }
     let id = object.get("upgrade_id")?.as_str()?;
     check_id(id).ok()?;
     Some(id.to_owned())
@@ -300,6 +431,14 @@ impl StatusError {
     pub fn malformed(message: String) -> Self {
         StatusError {
             code: "malformed".into(),
+            message,
+        }
+    }
+
+    /// A command that was understood but not obeyed.
+    pub fn refused(code: crate::codes::CommandRefusal, message: String) -> Self {
+        StatusError {
+            code: code.as_str().into(),
             message,
         }
     }

@@ -333,6 +333,22 @@ pub struct DeviceStatus {
     /// Why the agent keeps the vehicle from arming; absent while it may arm.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arm_lock: Option<ArmLock>,
+    /// The trusted time and where it came from (`gps`, `hub`, `system`, `floor`): what the
+    /// validity of hub-signed commands is judged by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockStatus>,
+}
+
+/// The trusted clock of `status --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockStatus {
+    /// `gps` (the flight controller's GPS time), `hub` (the hub's signed time), `system` (the
+    /// system clock: nothing better heard) or `floor` (the system clock is behind the newest
+    /// trusted time seen, which is used instead).
+    pub source: String,
+    /// The trusted time, unix milliseconds.
+    pub unix_ms: i64,
 }
 
 /// The arming interlock: why the vehicle must not take off now.

@@ -495,6 +495,9 @@ pub struct FleetOptions {
     pub agent_bin: Option<PathBuf>,
     /// Serve the hub on a Kubernetes API server instead of its local store.
     pub kube: Option<KubeStore>,
+    /// The drones also obey unsigned commands (`insecure_accept_unsigned`): for tests of the
+    /// plain forms an operator publishes with `mosquitto_pub`.
+    pub unsigned_commands: bool,
 }
 
 impl Default for FleetOptions {
@@ -509,6 +512,7 @@ impl Default for FleetOptions {
             hub_args: vec!["--offline-after".into(), "6s".into()],
             agent_bin: None,
             kube: None,
+            unsigned_commands: false,
         }
     }
 }
@@ -527,6 +531,8 @@ pub struct Fleet {
     pub bundles: BundleServer,
     /// The agent binary the drones run.
     pub agent: PathBuf,
+    /// The drones obey unsigned commands too.
+    pub unsigned_commands: bool,
 }
 
 impl Fleet {
@@ -545,6 +551,15 @@ impl Fleet {
                 &dir.path().join("keys").display().to_string(),
             ],
         )?;
+        // The hub's command key: the hub signs every command with it, the drones obey only it.
+        run_ok(
+            &agent,
+            &[
+                "keygen",
+                "--out-dir",
+                &dir.path().join("keys/command").display().to_string(),
+            ],
+        )?;
         let broker = if opts.embedded_broker {
             Broker::Embedded { port: free_port()? }
         } else {
@@ -556,6 +571,10 @@ impl Fleet {
         }
         // Where `serve --controllers` publishes commands (unused without it).
         hub_args.extend(["--mqtt-url".into(), broker.url()]);
+        hub_args.extend([
+            "--command-key".into(),
+            dir.path().join("keys/command/release.key").display().to_string(),
+        ]);
         let mut hub = Hub::new(dir.path(), hub_args)?;
         hub.kube.clone_from(&opts.kube);
         hub.start()?;
@@ -567,6 +586,7 @@ impl Fleet {
             bundles,
             agent,
             dir,
+            unsigned_commands: opts.unsigned_commands,
         };
         for i in 0..opts.drones {
             let extra = format!(
@@ -609,8 +629,11 @@ impl Fleet {
                  [health]\ncommand = {health:?}\ntimeout = \"30s\"\n\
                  [download]\nidle_timeout = \"3s\"\nretries = 8\nbackoff = \"200ms\"\ncheckpoint_bytes = 65536\n\
                  [mqtt]\nurl = \"{mqtt}\"\nmax_backoff = \"1s\"\n\
-                 [hub]\nendpoint = \"{hub}\"\nheartbeat_interval = \"1s\"\n{extra}\n",
+                 [hub]\nendpoint = \"{hub}\"\nheartbeat_interval = \"1s\"\n\
+                 [commands]\nhub_keys = [{command_key}]\ninsecure_accept_unsigned = {unsigned}\n{extra}\n",
+                unsigned = self.unsigned_commands,
                 state = q(dir.join("state")),
+                command_key = q(self.command_pub()),
                 key = q(self.dir.path().join("keys/release.pub")),
                 a = q(dir.join("slots/a.img")),
                 b = q(dir.join("slots/b.img")),
@@ -665,6 +688,16 @@ impl Fleet {
         Ok((out, self.bundles.url(&path)))
     }
 
+    /// The hub's command key (PKCS#8 PEM): what `flightnode-hub --command-key` signs with.
+    pub fn command_key(&self) -> PathBuf {
+        self.dir.path().join("keys/command/release.key")
+    }
+
+    /// The public half the drones list in `[commands] hub_keys`.
+    pub fn command_pub(&self) -> PathBuf {
+        self.dir.path().join("keys/command/release.pub")
+    }
+
     /// `flightnode-hub upgrade --device ID ARGS…` (publishes the MQTT command); ARGS are
     /// `--url URL` or `--bundle FILE --base-url URL`, plus options.
     pub fn hub_upgrade(&self, device: &str, extra: &[&str]) -> Result<()> {
@@ -672,6 +705,8 @@ impl Fleet {
         let mut args = vec!["upgrade", "--device", device];
         let mqtt = self.broker.url();
         args.extend(["--mqtt-url", &mqtt]);
+        let key = self.command_key().display().to_string();
+        args.extend(["--command-key", &key]);
         args.extend(extra);
         run_ok(&hub, &args)?;
         Ok(())

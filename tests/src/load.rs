@@ -58,6 +58,7 @@ impl HubService for NoopHub {
         Ok(tonic::Response::new(HeartbeatResponse {
             acked_seq: hb.events.iter().map(|e| e.seq).max().unwrap_or(0),
             heartbeat_interval_seconds: 0,
+            time: None,
         }))
     }
 }

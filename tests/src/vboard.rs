@@ -293,6 +293,10 @@ timeout = "120s"
 idle_timeout = "20s"
 checkpoint_bytes = 1048576
 
+[commands]
+# The board test publishes plain commands, as an operator with mosquitto_pub would.
+insecure_accept_unsigned = true
+
 [mqtt]
 url = "mqtt://10.0.2.2:{port}"
 max_backoff = "5s"

@@ -45,6 +45,7 @@ struct Rig {
 impl Rig {
     fn new() -> Self {
         let fleet = Fleet::start(FleetOptions {
+            unsigned_commands: true,
             drones: 0,
             ..FleetOptions::default()
         })
@@ -247,7 +248,11 @@ fn an_undelivered_hub_event_survives_a_power_cut_and_is_delivered() {
 /// id it named: a rollout sees the refusal at once, not through its timeout.
 #[test]
 fn refused_commands_are_reported_on_the_status_topic_and_to_the_hub() {
-    let mut fleet = Fleet::start(FleetOptions::default()).unwrap();
+    let mut fleet = Fleet::start(FleetOptions {
+        unsigned_commands: true,
+        ..FleetOptions::default()
+    })
+    .unwrap();
     let sub = mosquitto(&fleet).subscriber(STATUS).unwrap();
     let publish = |payload: &str| {
         mosquitto(&fleet)
@@ -317,7 +322,11 @@ fn refused_commands_are_reported_on_the_status_topic_and_to_the_hub() {
 /// installs.
 #[test]
 fn a_cancel_of_an_upgrade_not_arrived_yet_is_acknowledged_and_the_upgrade_never_installs() {
-    let fleet = Fleet::start(FleetOptions::default()).unwrap();
+    let fleet = Fleet::start(FleetOptions {
+        unsigned_commands: true,
+        ..FleetOptions::default()
+    })
+    .unwrap();
     let sub = mosquitto(&fleet).subscriber(STATUS).unwrap();
     let publish = |payload: &str| {
         mosquitto(&fleet)

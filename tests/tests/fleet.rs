@@ -26,6 +26,7 @@ fn broker(fleet: &mut Fleet) -> &mut flightnode_tests::mosquitto::Mosquitto {
 
 #[test]
 fn s1_hub_upgrade_commits_and_firmware_is_synced() {
+    // Signed commands only: `flightnode-hub upgrade --command-key` signs for the drone.
     let fleet = Fleet::start(FleetOptions::default()).unwrap();
     let (bundle, _) = fleet.bundle("v2", "2.0.0", MIB).unwrap();
     fleet
@@ -63,7 +64,11 @@ fn s1_hub_upgrade_commits_and_firmware_is_synced() {
 
 #[test]
 fn s2_bare_url_from_mosquitto_pub_commits() {
-    let mut fleet = Fleet::start(FleetOptions::default()).unwrap();
+    let mut fleet = Fleet::start(FleetOptions {
+        unsigned_commands: true,
+        ..FleetOptions::default()
+    })
+    .unwrap();
     let (_, url) = fleet.bundle("v2", "2.0.0", MIB).unwrap();
     broker(&mut fleet)
         .publish("firmware/drone-1/upgrade", url.as_bytes(), false)
@@ -85,6 +90,7 @@ fn s2_bare_url_from_mosquitto_pub_commits() {
 #[test]
 fn s3_s4_corrupt_and_forged_bundles_are_rejected_with_the_old_version_running() {
     let mut fleet = Fleet::start(FleetOptions {
+        unsigned_commands: true,
         drones: 2,
         ..FleetOptions::default()
     })
@@ -130,6 +136,7 @@ fn s3_s4_corrupt_and_forged_bundles_are_rejected_with_the_old_version_running() 
 #[test]
 fn s5_failed_health_rolls_back() {
     let mut fleet = Fleet::start(FleetOptions {
+        unsigned_commands: true,
         health: |_| "test \"$FLIGHTNODE_VERSION\" != 2.0.0".into(),
         ..FleetOptions::default()
     })
@@ -148,7 +155,11 @@ fn s5_failed_health_rolls_back() {
 
 #[test]
 fn s6_cut_mid_download_and_sigkill_resume_and_commit_with_little_refetch() {
-    let mut fleet = Fleet::start(FleetOptions::default()).unwrap();
+    let mut fleet = Fleet::start(FleetOptions {
+        unsigned_commands: true,
+        ..FleetOptions::default()
+    })
+    .unwrap();
     let size = 4 * MIB;
     let (bundle, url) = fleet.bundle("v2", "2.0.0", size).unwrap();
     let len = std::fs::metadata(&bundle).unwrap().len();
@@ -191,6 +202,7 @@ fn s6_cut_mid_download_and_sigkill_resume_and_commit_with_little_refetch() {
 #[test]
 fn s7_a_command_in_flight_when_the_broker_dies_goes_out_when_it_is_back() {
     let mut fleet = Fleet::start(FleetOptions {
+        unsigned_commands: true,
         hub_args: [
             "--offline-after",
             "60s",
@@ -235,7 +247,11 @@ fn s7_a_command_in_flight_when_the_broker_dies_goes_out_when_it_is_back() {
 
 #[test]
 fn s7_broker_then_hub_restarted_mid_upgrade_converges() {
-    let mut fleet = Fleet::start(FleetOptions::default()).unwrap();
+    let mut fleet = Fleet::start(FleetOptions {
+        unsigned_commands: true,
+        ..FleetOptions::default()
+    })
+    .unwrap();
     let (bundle, url) = fleet.bundle("v2", "2.0.0", 4 * MIB).unwrap();
     let len = std::fs::metadata(&bundle).unwrap().len();
     fleet
@@ -266,7 +282,11 @@ fn s7_broker_then_hub_restarted_mid_upgrade_converges() {
 
 #[test]
 fn s9_stopped_drone_goes_offline_and_comes_back() {
-    let mut fleet = Fleet::start(FleetOptions::default()).unwrap();
+    let mut fleet = Fleet::start(FleetOptions {
+        unsigned_commands: true,
+        ..FleetOptions::default()
+    })
+    .unwrap();
     fleet
         .wait_flightnode("drone-1", WAIT, |f| {
             condition(f, "Online").is_some_and(|c| c["status"] == "True")
@@ -293,6 +313,7 @@ fn s9_stopped_drone_goes_offline_and_comes_back() {
 #[test]
 fn s9_a_drone_that_went_dark_while_the_hub_restarted_goes_offline() {
     let mut fleet = Fleet::start(FleetOptions {
+        unsigned_commands: true,
         hub_args: ["--offline-after", "3s", "--status-refresh", "3s"]
             .map(String::from)
             .to_vec(),
@@ -330,7 +351,11 @@ fn s9_a_drone_that_went_dark_while_the_hub_restarted_goes_offline() {
 
 #[test]
 fn s8_hub_down_for_a_whole_upgrade_then_every_transition_arrives() {
-    let mut fleet = Fleet::start(FleetOptions::default()).unwrap();
+    let mut fleet = Fleet::start(FleetOptions {
+        unsigned_commands: true,
+        ..FleetOptions::default()
+    })
+    .unwrap();
     fleet
         .wait_flightnode("drone-1", WAIT, |f| committed(f) == "1.0.0")
         .unwrap();
@@ -385,6 +410,7 @@ fn s10_reboot_mode_with_uboot_commits_a_good_image_and_returns_from_a_bad_one() 
     let sim = flightnode_tests::boot_sim::SimBoot::uboot(bootdir.path()).unwrap();
     assert_eq!(sim.power_on().unwrap(), 'A');
     let mut fleet = Fleet::start(FleetOptions {
+        unsigned_commands: true,
         health: |_| "test \"$FLIGHTNODE_VERSION\" != 3.0.0".into(),
         agent_extra: format!(
             "[activation]\nmode = \"reboot\"\nreboot_command = \"kill -9 $FLIGHTNODE_AGENT_PID\"\n{}",

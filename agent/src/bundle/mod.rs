@@ -18,10 +18,8 @@
 use std::io;
 use std::path::PathBuf;
 
-use ed25519_dalek::VerifyingKey;
 use flightnode_proto::ErrorCode;
 use flightnode_proto::manifest::ManifestError;
-use sha2::{Digest, Sha256};
 
 pub mod chunked;
 mod create;
@@ -256,12 +254,8 @@ fn is_no_space(e: &io::Error) -> bool {
         .is_some_and(|inner| inner.raw_os_error() == Some(ENOSPC))
 }
 
-/// Id of a public key: lower-case hex of the first 8 bytes of sha256 over its raw 32 bytes.
-/// It only selects which trusted key to verify with; trust comes from the signature.
-pub fn key_id(key: &VerifyingKey) -> String {
-    let digest = Sha256::digest(key.as_bytes());
-    hex::encode(&digest[..8])
-}
+/// Id of a public key (shared with the hub's command keys).
+pub use flightnode_proto::signed::key_id;
 
 #[cfg(test)]
 mod tests {

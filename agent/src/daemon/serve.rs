@@ -1,5 +1,6 @@
 //! Wiring: engine thread, MQTT link, hub link, control socket, systemd — and a clean stop.
 
+use super::authority::Authority;
 use super::commands::{Dispatcher, History, Reply};
 use super::control::{self, Request as CtlRequest, Response};
 use super::notify;
@@ -7,6 +8,8 @@ use super::queued::Queued;
 use super::reports::{self, Sequencer};
 use super::worker::{Job, Worker};
 use crate::activation::Activation;
+use crate::bundle::TrustedKeys;
+use crate::clock::Clock;
 use crate::config::{Config, FleetGate};
 use crate::engine::{Engine, EngineError, Outcome};
 use crate::hub_link::{self, DeviceInfo, Tls};
@@ -50,6 +53,9 @@ pub enum DaemonError {
     /// The engine thread.
     #[error("cannot start the engine thread")]
     Thread(#[source] std::io::Error),
+    /// A `[commands] hub_keys` file.
+    #[error("[commands] hub_keys: {0}")]
+    HubKeys(#[source] crate::bundle::BundleError),
 }
 
 /// How long a stop waits for the engine to reach a resumable point.
@@ -105,6 +111,10 @@ struct Shared {
     flights: Option<watch::Receiver<crate::flight::log::FlightLog>>,
     /// What the flight controller reports, when a MAVLink link reads it.
     flight: Option<watch::Receiver<crate::flight::FlightState>>,
+    /// Which MQTT commands are obeyed.
+    authority: Authority,
+    /// The trusted time.
+    clock: Clock,
 }
 
 impl Shared {
@@ -127,6 +137,11 @@ impl Shared {
             .as_ref()
             .and_then(|f| f.borrow().firmware_version.clone());
         status.arm_lock = crate::flight::arm::lock_of(&state, autopilot.as_deref());
+        let now = self.clock.now();
+        status.clock = Some(flightnode_proto::status::ClockStatus {
+            source: now.source.as_str().to_owned(),
+            unix_ms: now.unix_ms,
+        });
         status
     }
 
@@ -215,6 +230,23 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         }
         None => (None, None),
     };
+    let clock = Clock::open(&db).map_err(store_err)?;
+    if let Some(f) = &flight {
+        clock.follow_flight(f.clone());
+    }
+    let hub_keys = if cfg.commands.hub_keys.is_empty() {
+        None
+    } else {
+        Some(TrustedKeys::load(&cfg.commands.hub_keys).map_err(DaemonError::HubKeys)?)
+    };
+    let authority = Authority::open(
+        &db,
+        &cfg.device_id,
+        hub_keys.clone(),
+        cfg.commands.insecure_accept_unsigned,
+        clock.clone(),
+    )
+    .map_err(store_err)?;
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         worker,
@@ -222,6 +254,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         activation,
         flights: flights.clone(),
         flight: flight.clone(),
+        authority,
+        clock: clock.clone(),
     });
     let links = shutdown.child_token();
     let mut tasks = tokio::task::JoinSet::new();
@@ -270,6 +304,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 })
                 .await
                 .flatten(),
+            hub_time: hub_keys.map(|k| (k, clock.clone())),
         };
         let (state, progress, token) = (
             shared.worker.state.clone(),
@@ -327,8 +362,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         tokio::select! {
             () = shutdown.cancelled() => break,
             Some(msg) = inbound.recv() => match msg {
-                Inbound::Command(c) => {
-                    if let Some(Reply::Report(r)) = shared.blocking(move |s| s.dispatch(c, false)).await {
+                Inbound::Command(envelope) => {
+                    let reply = shared.blocking(move |s| {
+                        let upgrade_id = envelope.command.upgrade_id().to_owned();
+                        match s.authority.check(envelope) {
+                            Ok(c) => s.dispatch(c, false),
+                            Err(e) => Reply::Report(s.report(|d, state| d.refuse(state, Some(upgrade_id), e))),
+                        }
+                    });
+                    if let Some(Reply::Report(r)) = reply.await {
                         publish(Some(r));
                     }
                 }

@@ -34,8 +34,9 @@ pub const RECONNECT: Duration = Duration::from_secs(1);
 /// MAV_COMP_ID_ONBOARD_COMPUTER: who the agent is when it asks for streams.
 const OWN_COMPONENT: u8 = 191;
 /// The messages the gate needs and the vehicle may not send unasked, by MAVLink message id:
-/// EXTENDED_SYS_STATE (landed state), SYS_STATUS and BATTERY_STATUS (battery).
-const STREAMS: [u32; 3] = [245, 1, 147];
+/// EXTENDED_SYS_STATE (landed state), SYS_STATUS and BATTERY_STATUS (battery), SYSTEM_TIME
+/// (GPS time for the trusted clock).
+const STREAMS: [u32; 4] = [245, 1, 147, 2];
 /// MAVLink's nominal HEARTBEAT period: how long confirming the first state may take per sample.
 const HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);
 

@@ -54,6 +54,10 @@ pub struct FlightState {
     pub system_status: Option<String>,
     /// AUTOPILOT_VERSION `flight_sw_version` as `major.minor.patch`, when the vehicle offers it.
     pub firmware_version: Option<String>,
+    /// SYSTEM_TIME `time_unix_usec` (GPS time; 0 without a fix is not taken) as unix
+    /// milliseconds, and when it was heard: the trusted clock's best source.
+    #[serde(skip)]
+    pub gps_time: Option<(i64, std::time::Instant)>,
 }
 
 impl FlightState {

@@ -137,6 +137,8 @@ pub(super) struct Latest {
     /// BATTERY_STATUS `charge_state` == CHARGING, and when it was heard. Taken as sent: only
     /// `install.require_charging` reads it, and not charging is its safe side.
     charging: Option<(bool, Instant)>,
+    /// SYSTEM_TIME's unix time (from GPS) in milliseconds, and when it was heard.
+    gps_time: Option<(i64, Instant)>,
     /// Whether the state was ever known: before that an unknown state is "not heard yet".
     pub(super) known_once: bool,
     autopilot: Option<String>,
@@ -223,6 +225,11 @@ impl Latest {
                 self.battery
                     .sample(s.battery_remaining.unsigned_abs().min(100), now, rules);
             }
+            // ArduPilot and PX4 send 0 until GPS gave them the time.
+            MavMessage::SYSTEM_TIME(t) if t.time_unix_usec > 0 => {
+                let ms = i64::try_from(t.time_unix_usec / 1000).unwrap_or(i64::MAX);
+                self.gps_time = Some((ms, now));
+            }
             MavMessage::AUTOPILOT_VERSION(v) => {
                 let [major, minor, patch, _type] = v.flight_sw_version.to_be_bytes();
                 self.firmware_version = Some(format!("{major}.{minor}.{patch}"));
@@ -238,6 +245,7 @@ impl Latest {
         match id {
             245 => self.landed.at,
             1 | 147 => self.battery.at,
+            2 => self.gps_time.map(|(_, at)| at),
             _ => None,
         }
     }
@@ -258,6 +266,7 @@ impl Latest {
             autopilot: self.autopilot.clone(),
             system_status: self.system_status.clone(),
             firmware_version: self.firmware_version.clone(),
+            gps_time: self.gps_time,
             ..FlightState::default()
         };
         s.observed = s.summarize(armed.is_some());

@@ -27,6 +27,8 @@ pub struct MqttTarget {
     pub client_id: String,
     /// Give up after this long.
     pub timeout: Duration,
+    /// Signs every command for its drone; `None` publishes unsigned commands.
+    pub signer: Option<crate::signing::CommandSigner>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -97,7 +99,7 @@ pub async fn publish(target: &MqttTarget, device_id: &str, cmd: &Command) -> Res
     let options = mqtt_options(target)?;
     let (client, mut eventloop) = AsyncClient::new(options, 10);
     let topic = upgrade_topic(device_id);
-    let payload = cmd.to_json(Some(device_id));
+    let payload = crate::signing::payload(target.signer.as_ref(), device_id, cmd);
     let run = async {
         client
             .publish(topic.clone(), QoS::AtLeastOnce, false, payload.into_bytes())
@@ -157,6 +159,7 @@ pub trait CommandSink: Send + Sync + 'static {
 pub struct MqttPublisher {
     url: String,
     timeout: Duration,
+    signer: Option<crate::signing::CommandSigner>,
     shared: Arc<Mutex<Link>>,
 }
 
@@ -240,6 +243,7 @@ impl MqttPublisher {
         Ok(MqttPublisher {
             url: target.url.clone(),
             timeout: target.timeout,
+            signer: target.signer.clone(),
             shared,
         })
     }
@@ -268,7 +272,7 @@ impl CommandSink for MqttPublisher {
     fn send<'a>(&'a self, device_id: &'a str, cmd: &'a Command) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             flightnode_proto::device::validate_device_id(device_id).map_err(Error::Invalid)?;
-            let payload = cmd.to_json(Some(device_id));
+            let payload = crate::signing::payload(self.signer.as_ref(), device_id, cmd);
             let (tx, rx) = oneshot::channel();
             {
                 // NB: queued under the lock, so the queue order is the order the event loop

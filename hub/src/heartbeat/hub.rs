@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Hub settings that are not about transport.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HubConfig {
     /// Sessions (refresh, grace).
     pub session: SessionConfig,
@@ -24,6 +24,9 @@ pub struct HubConfig {
     pub ack_wait: Duration,
     /// Interval advertised to agents (`heartbeat_interval_seconds`); 0 = let them keep theirs.
     pub advertise_interval_secs: u32,
+    /// Signs the hub's time into every response (the drones' trusted clock), when the hub has
+    /// a command key.
+    pub signer: Option<crate::signing::CommandSigner>,
 }
 
 /// Shared hub state.
@@ -94,6 +97,7 @@ impl Hub {
         HeartbeatResponse {
             acked_seq,
             heartbeat_interval_seconds: self.config.advertise_interval_secs,
+            time: self.config.signer.as_ref().map(|s| s.time(&hb.device_id, hb.seq)),
         }
     }
 

@@ -130,6 +130,7 @@ pub fn config(qps: f64, burst: u32) -> HubConfig {
         },
         ack_wait: Duration::from_secs(2),
         advertise_interval_secs: 0,
+        signer: None,
     }
 }
 
