@@ -37,6 +37,7 @@ PACKAGES=(
     prometheus                   # promtool checks and unit-tests the alerting rules; a real Prometheus scrapes a hub and runs every alert and dashboard query (hub/tests/monitoring.rs)
     iproute2                     # ip netns: the download link-policy test's two network namespaces (agent/tests/link_policy.rs)
     chromium                     # the fleet page test (tests/tests/ui.rs) opens /ui in a real headless browser
+    faketime                     # a drone whose wall clock is a year behind (tests/tests/command_trust.rs)
 )
 RUST_TARGETS=(aarch64-unknown-linux-gnu)
 
@@ -52,7 +53,7 @@ declare -A PROVIDES=(
     [etcd-server]=etcd [xz-utils]=xz
     [mmdebstrap]=mmdebstrap [arch-test]=arch-test [e2fsprogs]=mkfs.ext4
     [prometheus]=promtool
-    [chromium]=chromium [iproute2]=ip
+    [chromium]=chromium [iproute2]=ip [faketime]=faketime
 )
 
 # The release and packaging tests (tests/tests/shipping.rs, tests/tests/aarch64.rs): static musl

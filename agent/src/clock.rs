@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 /// The floor is written when it moved by more than this (or at once for a command): a drone
 /// that lost power loses at most this much of it.
-const PERSIST_STEP: Duration = Duration::from_secs(60);
+const PERSIST_STEP: Duration = Duration::from_mins(1);
 const FLOOR_KEY: &[u8] = b"floor_unix_ms";
 
 /// Where a trusted reading came from.

@@ -45,6 +45,9 @@ fn error_code_reference_lists_every_code_the_agent_reports_with_its_result() {
         .map(|c| (c.as_str().to_owned(), c.result().as_str().to_owned()))
         .collect();
     code.insert(malformed, "rejected".to_owned());
+    for refusal in flightnode_agent::proto::codes::CommandRefusal::ALL {
+        code.insert(refusal.as_str().to_owned(), "rejected".to_owned());
+    }
 
     let page = Page::reference("error-codes");
     let rows = page.section(2, "Codes").table_rows();
@@ -55,7 +58,7 @@ fn error_code_reference_lists_every_code_the_agent_reports_with_its_result() {
     assert_same(
         "error codes",
         &code_keys,
-        "proto/src/codes.rs (ErrorCode, and `malformed`)",
+        "proto/src/codes.rs (ErrorCode, CommandRefusal, and `malformed`)",
         &page_keys,
         &page.path,
     );
