@@ -21,6 +21,8 @@ use tokio::sync::watch;
 /// that lost power loses at most this much of it.
 const PERSIST_STEP: Duration = Duration::from_mins(1);
 const FLOOR_KEY: &[u8] = b"floor_unix_ms";
+/// A source behind the floor by less than this still names the reading (the value is the floor).
+const FLOOR_SLACK: Duration = Duration::from_secs(10);
 
 /// Where a trusted reading came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -32,7 +34,8 @@ pub enum TimeSource {
     Hub,
     /// The system clock: nothing better was heard, and it is not behind the floor.
     System,
-    /// The system clock is behind the newest trusted time seen, so that time is used.
+    /// The system clock is behind the newest trusted time seen (by more than a few seconds), so
+    /// that time is used.
     Floor,
 }
 
@@ -174,13 +177,18 @@ impl Clock {
         } else {
             (system_ms(), TimeSource::System)
         };
-        if unix_ms < floor {
-            return TrustedTime {
-                unix_ms: floor,
-                source: TimeSource::Floor,
-            };
+        // Two good sources differ by a little (GPS time in whole seconds, the hub's latency):
+        // that keeps the source's name; a clock far behind what was seen is named the floor.
+        let slack = i64::try_from(FLOOR_SLACK.as_millis()).unwrap_or(i64::MAX);
+        let source = if unix_ms.saturating_add(slack) < floor {
+            TimeSource::Floor
+        } else {
+            source
+        };
+        TrustedTime {
+            unix_ms: unix_ms.max(floor),
+            source,
         }
-        TrustedTime { unix_ms, source }
     }
 }
 

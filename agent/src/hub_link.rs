@@ -77,8 +77,10 @@ pub struct DeviceInfo {
     pub state_dir: PathBuf,
     /// Reboot mode: the slot this boot came from. `None` in command mode (booted = active).
     pub booted: Option<flightnode_proto::Slot>,
-    /// The hub's command keys and the clock their signed time feeds (`[commands] hub_keys`).
-    pub hub_time: Option<(crate::bundle::TrustedKeys, crate::clock::Clock)>,
+    /// The hub's command keys (`[commands] hub_keys`): the hub's signed time is trusted from them.
+    pub hub_keys: Option<crate::bundle::TrustedKeys>,
+    /// The trusted clock: fed the hub's time, its source reported in each heartbeat.
+    pub clock: Option<crate::clock::Clock>,
 }
 
 /// TLS material: CA, client certificate, client key (PEM files).
@@ -357,6 +359,7 @@ pub fn heartbeat_request(
         events: events.into_iter().map(event).collect(),
         flight: None,
         arm_lock: None,
+        clock_source: String::new(),
     }
 }
 
@@ -564,6 +567,11 @@ pub async fn run(
                     req.flight = Some(flight_state(&f));
                     autopilot = f.firmware_version;
                 }
+                req.clock_source = info
+                    .clock
+                    .as_ref()
+                    .map(|c| c.now().source.as_str().to_owned())
+                    .unwrap_or_default();
                 req.arm_lock = crate::flight::arm::lock_of(&st, autopilot.as_deref()).map(|l| v1::ArmLock {
                     reason: l.reason.as_str().to_owned(),
                     message: l.message,
@@ -592,7 +600,7 @@ pub async fn run(
                         let upto = newest_sent.map(|newest| resp.acked_seq.min(newest));
                         let (removed, newest_waiting) = ack(&outbox, upto).await;
                         tracing::debug!(seq = hb_seq, events = n_events, acked = resp.acked_seq, removed, "heartbeat sent");
-                        if let (Some(time), Some((keys, clock))) = (&resp.time, &info.hub_time) {
+                        if let (Some(time), Some(keys), Some(clock)) = (&resp.time, &info.hub_keys, &info.clock) {
                             if keys
                                 .with_id(&time.key_id)
                                 .any(|k| flightnode_proto::signed::time_verifies(time, &info.device_id, hb_seq, k))
@@ -656,7 +664,8 @@ mod tests {
             agent_version: "0.1.0".into(),
             boot_id: "boot".into(),
             state_dir: PathBuf::from("/"),
-            hub_time: None,
+            hub_keys: None,
+            clock: None,
         }
     }
 

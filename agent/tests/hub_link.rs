@@ -213,7 +213,8 @@ impl Device {
             agent_version: "0.1.0-test".into(),
             boot_id: "boot-1".into(),
             state_dir: dir.path().to_owned(),
-            hub_time: None,
+            hub_keys: None,
+            clock: None,
         };
         let link = tokio::spawn(hub_link::run(
             cfg,

@@ -43,5 +43,6 @@ pub fn idle_heartbeat(device_id: &str, version: &str) -> v1::HeartbeatRequest {
         events: vec![],
         flight: None,
         arm_lock: None,
+        clock_source: "hub".into(),
     }
 }

@@ -18,6 +18,8 @@ next burst carrying it has been sent:
                     `ack RESULT PROGRESS RESULT_PARAM2` (or `ack none` after 5 s) and the
                     STATUSTEXTs that came with it as `text ...`, then `ok authorize`
     armlock         prints `armlock N`: the last FN_ARMLK value the agent sent (-1: none yet)
+    gpstime UNIX    from now on send SYSTEM_TIME with this GPS time (unix seconds, advancing),
+                    as an autopilot does once GPS gave it the time; before, it sends 0 (no fix)
 
 Usage: fc_standin.py udpout:127.0.0.1:PORT [--armed] [--in-air] [--battery N] [--sysid N]
                      [--mavlink1] [--no-landed-state] [--charging] [--px4]
@@ -60,6 +62,8 @@ class Vehicle:
         self.armlock = -1
         self.texts = []
         self.auth_acks = []
+        # (gps unix seconds, local monotonic time it was set at); None: no GPS time yet.
+        self.gps = None
 
 
 def charge_state(conn, v):
@@ -88,6 +92,12 @@ def send_burst(conn, v, tick):
             **charge_state(conn, v),
         )
         conn.mav.sys_status_send(0, 0, 0, 500, 15800, 1200, v.battery, 0, 0, 0, 0, 0, 0)
+        boot_ms = int(time.monotonic() * 1000) & 0xFFFFFFFF
+        if v.gps is None:
+            conn.mav.system_time_send(0, boot_ms)
+        else:
+            unix, at = v.gps
+            conn.mav.system_time_send(int((unix + time.monotonic() - at) * 1_000_000), boot_ms)
         if tick % 10 == 0:
             major, minor, patch = v.version
             conn.mav.autopilot_version_send(
@@ -174,6 +184,8 @@ def commands(v, conn, sysid):
                 v.silent = True
             elif cmd == "resume":
                 v.silent = False
+            elif cmd == "gpstime" and len(words) == 2:
+                v.gps = (float(words[1]), time.monotonic())
             elif cmd == "version" and len(words) == 2:
                 v.version = tuple(int(x) for x in words[1].split("."))
             elif cmd == "quit":

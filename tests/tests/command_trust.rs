@@ -3,12 +3,14 @@
 //! attack is refused with its own code on the drone's status topic, and the drone keeps running
 //! its firmware. The hub's own commands (signed with `--command-key`) still install, also on a
 //! drone whose clock was set back a year (run under `faketime`): its trusted time comes from
-//! the hub's signed heartbeat time and says so.
+//! the hub's signed heartbeat time and says so, or from the flight controller's GPS time (the
+//! pymavlink stand-in's SYSTEM_TIME) when there is one.
 
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::DecodePrivateKey;
 use flightnode_proto::mqtt::{Command, UpgradeCommand};
 use flightnode_proto::signed::sign_command;
+use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
 use flightnode_tests::fleet::{Fleet, FleetOptions, wait_until};
 use flightnode_tests::mosquitto::{Mosquitto, Subscriber};
 use serde_json::Value;
@@ -139,12 +141,19 @@ fn an_outsider_with_broker_access_cannot_command_a_drone() {
     assert_eq!(s["slots"]["b"]["version"], "2.0.0", "{s:#}");
 }
 
-#[test]
-fn a_drone_whose_clock_was_set_back_a_year_trusts_the_hub_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let wrapper = dir.path().join("agent-a-year-ago");
+/// A wrapper that runs the agent with its wall clock a year behind (the monotonic clock stays
+/// real); `None` (the test skips) without `faketime`.
+fn agent_a_year_behind(dir: &Path) -> Option<std::path::PathBuf> {
+    if std::process::Command::new("faketime")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP: faketime is not installed (apt install faketime)");
+        return None;
+    }
+    let wrapper = dir.join("agent-a-year-ago");
     let agent = flightnode_tests::agent::binary("flightnode-agent").unwrap();
-    // The monotonic clock stays real: only the wall clock is a year behind.
     std::fs::write(
         &wrapper,
         format!(
@@ -154,58 +163,97 @@ fn a_drone_whose_clock_was_set_back_a_year_trusts_the_hub_time() {
     )
     .unwrap();
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    if std::process::Command::new("faketime")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIP: faketime is not installed (apt install faketime)");
-        return;
-    }
-    let fleet = Fleet::start(FleetOptions {
-        agent_bin: Some(wrapper),
-        ..FleetOptions::default()
-    })
-    .unwrap();
-    let year_ago = fleet.drones[0].status().unwrap();
-    let wall = now() * 1000;
-    // The drone heard the hub's signed time (one heartbeat a second).
+    Some(wrapper)
+}
+
+/// Publishes a hub command that expired an hour ago (still in the future by a clock a year
+/// behind) and returns the refusal's report line.
+fn stale_command_refused(fleet: &Fleet) -> String {
+    let (_, url) = fleet.bundle("v2", "2.0.0", MIB).unwrap();
+    let hub = key(&fleet.command_key());
+    let t = now();
+    let status = mosquitto(fleet).subscriber("firmware/drone-1/status").unwrap();
+    let stale = sign_command(&upgrade("stale-1", &url), "drone-1", t - 7200, t - 3600, &hub);
+    mosquitto(fleet)
+        .publish("firmware/drone-1/upgrade", stale.as_bytes(), false)
+        .unwrap();
+    assert_eq!(refusal(&status, "stale-1"), "command_expired");
+    assert_untouched(fleet);
+    status.output()
+}
+
+/// Waits until the drone's trusted clock reads from `source`, and checks it is the real time.
+fn wait_clock(fleet: &Fleet, source: &str) {
+    let before = fleet.drones[0].status().unwrap();
     assert!(
         wait_until(WAIT, Duration::from_millis(200), || {
             fleet.drones[0]
                 .status()
-                .is_ok_and(|s| s["clock"]["source"] == "hub")
+                .is_ok_and(|s| s["clock"]["source"] == source)
         }),
-        "before: {year_ago:#}\n{}",
+        "before: {before:#}\n{}",
         fleet.drones[0].log()
     );
     let s = fleet.drones[0].status().unwrap();
     let trusted = s["clock"]["unix_ms"].as_u64().unwrap();
+    let wall = now() * 1000;
     assert!(trusted.abs_diff(wall) < 120_000, "trusted {trusted}, real {wall}");
-
-    // A command that expired an hour ago is still in the future by the drone's own clock.
-    let (_, url) = fleet.bundle("v2", "2.0.0", MIB).unwrap();
-    let hub = key(&fleet.command_key());
-    let t = now();
-    let status = mosquitto(&fleet).subscriber("firmware/drone-1/status").unwrap();
-    let stale = sign_command(&upgrade("stale-1", &url), "drone-1", t - 7200, t - 3600, &hub);
-    mosquitto(&fleet)
-        .publish("firmware/drone-1/upgrade", stale.as_bytes(), false)
+    // The operator sees it on the FlightNode too.
+    fleet
+        .wait_flightnode("drone-1", WAIT, |f| f["status"]["clockSource"] == source)
         .unwrap();
-    assert_eq!(refusal(&status, "stale-1"), "command_expired");
-    let line = status.output();
-    assert!(line.contains("by the hub clock"), "{line}");
-    assert_untouched(&fleet);
+}
+
+#[test]
+fn a_drone_whose_clock_was_set_back_a_year_trusts_the_hub_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(agent) = agent_a_year_behind(dir.path()) else {
+        return;
+    };
+    let fleet = Fleet::start(FleetOptions {
+        agent_bin: Some(agent),
+        ..FleetOptions::default()
+    })
+    .unwrap();
+    // The drone hears the hub's signed time with every heartbeat (one a second).
+    wait_clock(&fleet, "hub");
+    let out = stale_command_refused(&fleet);
+    assert!(out.contains("by the hub clock"), "{out}");
 
     // The hub's fresh command installs.
+    let (_, url) = fleet.bundle("v3", "3.0.0", MIB).unwrap();
     fleet.hub_upgrade("drone-1", &["--url", &url]).unwrap();
     assert!(
         wait_until(WAIT, Duration::from_millis(200), || {
             fleet.drones[0]
                 .status()
-                .is_ok_and(|s| s["slots"]["b"]["version"] == "2.0.0" && s["phase"] == "idle")
+                .is_ok_and(|s| s["slots"]["b"]["version"] == "3.0.0" && s["phase"] == "idle")
         }),
         "{}",
         fleet.drones[0].log()
     );
+}
+
+#[test]
+fn gps_time_from_the_flight_controller_comes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(agent) = agent_a_year_behind(dir.path()) else {
+        return;
+    };
+    let port = free_udp_port().unwrap();
+    let mut vehicle = Vehicle::start(port, &[]).unwrap();
+    let fleet = Fleet::start(FleetOptions {
+        agent_bin: Some(agent),
+        drone_extra: vec![format!(
+            "[flight]\nmavlink = \"udpin:127.0.0.1:{port}\"\nstale_after = \"2s\"\n"
+        )],
+        ..FleetOptions::default()
+    })
+    .unwrap();
+    // SYSTEM_TIME with 0 (no GPS fix yet) is not taken.
+    wait_clock(&fleet, "hub");
+    vehicle.send(&format!("gpstime {}", now())).unwrap();
+    wait_clock(&fleet, "gps");
+    let out = stale_command_refused(&fleet);
+    assert!(out.contains("by the gps clock"), "{out}");
 }

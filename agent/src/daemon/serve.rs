@@ -304,7 +304,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 })
                 .await
                 .flatten(),
-            hub_time: hub_keys.map(|k| (k, clock.clone())),
+            hub_keys,
+            clock: Some(clock.clone()),
         };
         let (state, progress, token) = (
             shared.worker.state.clone(),

@@ -165,6 +165,11 @@ pub struct FlightNodeStatus {
     /// it may arm.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arm_lock: Option<ArmLock>,
+    /// Which trusted time the drone judges the expiry of hub-signed commands by: `gps` (the
+    /// flight controller's GPS time), `hub` (this hub's signed time), `system` (its own clock:
+    /// nothing better heard) or `floor` (its clock is behind the newest trusted time it saw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_source: Option<String>,
     /// Slots and versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<Firmware>,

@@ -224,6 +224,9 @@ pub fn describe(node: &FlightNode, events: &[String], now: time::OffsetDateTime)
     if let Some(lock) = &s.arm_lock {
         line("Arm lock:", format!("{}: {}", lock.reason, lock.message));
     }
+    if let Some(source) = &s.clock_source {
+        line("Clock:", format!("{source} (what command expiry is judged by)"));
+    }
     if let Some(f) = &s.flight {
         let mut text = s.observed_state.clone().unwrap_or_else(|| "unknown".into());
         if let Some(b) = f.battery_percent {

@@ -245,12 +245,19 @@ pub fn from_heartbeat(hb: &HeartbeatRequest) -> FlightNodeStatus {
             reason: l.reason.trim().chars().take(64).collect(),
             message: l.message.chars().take(256).collect(),
         });
+    // Only the contract's values; an agent without the trusted clock sends none.
+    let clock_source = match hb.clock_source.as_str() {
+        "" => None,
+        s @ ("gps" | "hub" | "system" | "floor") => Some(s.to_owned()),
+        _ => Some("unknown".to_owned()),
+    };
     FlightNodeStatus {
         phase: Some(phase),
         wait_reason,
         observed_state,
         flight,
         arm_lock,
+        clock_source,
         firmware,
         last_upgrade,
         last_heartbeat_time: None,
