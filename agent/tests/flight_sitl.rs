@@ -24,6 +24,17 @@ fn on_the_ground_it_upgrades_in_the_air_it_waits_after_landing_it_upgrades() {
         .take_off(5)
         .unwrap_or_else(|e| panic!("{e:#}\nSITL:\n{}", sitl.log()));
     g.wait_log_line(&["landed state changed", "in_air"]);
+    // Armed and flying means the autopilot has GPS, and with it the time: its SYSTEM_TIME is the
+    // agent's trusted clock (what hub-signed commands expire by).
+    let deadline = std::time::Instant::now() + WAIT;
+    while g.dev.status()["clock"]["source"] != "gps" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the trusted clock never took SITL's GPS time: {:#}",
+            g.dev.status()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     let install = g.install("3.0.0");
     g.assert_held("in_air");
 
