@@ -252,6 +252,16 @@ fn on_a_real_api_server_the_page_acts_only_for_a_user_the_api_server_allows() {
     // The open GET endpoints still only read.
     assert_ne!(get()["spec"]["paused"], true);
 
+    // The controller saw the rollout as created, so the pause is an edit of its own.
+    assert!(
+        wait_until(
+            WAIT,
+            Duration::from_millis(200),
+            || get()["status"]["observedGeneration"] == 1
+        ),
+        "the controller never observed the rollout:\n{}",
+        fleet.hub.log()
+    );
     // The admin's token: the page pauses the rollout, and its history names the admin.
     sign_in(&mut b, "kube-admin");
     assert!(
