@@ -8,7 +8,8 @@
 //! admin's token it pauses a rollout and the rollout's history names `admin`; the restricted
 //! token's user may not patch rollouts, so its resume is refused with 403, the page says why and
 //! the rollout is unchanged; not signed in, the page has no action buttons and a POST without a
-//! token is 401.
+//! token is 401. `FLIGHTNODE_UI_SCREENSHOTS=DIR` keeps the page with the refusal shown
+//! (`fleet-page-refused.png`) in DIR.
 
 use flightnode_tests::apiserver::ApiServer;
 use flightnode_tests::browser::{self, Browser};
@@ -171,6 +172,12 @@ fn sign_in(b: &mut Browser, token: &str) {
     .unwrap();
 }
 
+/// Whether the sign-in box is shown (as rendered, not only its attribute).
+fn sign_in_shown(b: &mut Browser) -> bool {
+    b.eval("getComputedStyle(document.getElementById('signin')).display !== 'none'")
+        .is_ok_and(|v| v == true)
+}
+
 /// The number of action buttons on the page, and the last action's `[class, text]`.
 fn actions(b: &mut Browser) -> (u64, String, String) {
     let v = b
@@ -230,9 +237,7 @@ fn on_a_real_api_server_the_page_acts_only_for_a_user_the_api_server_allows() {
     let mut b = Browser::start(&chromium, 1180, 600).unwrap();
     b.open(&format!("http://127.0.0.1:{port}/ui")).unwrap();
     let loaded = wait_until(WAIT, Duration::from_millis(200), || {
-        fleet_page::rollout_state(&mut b, "fleet").is_ok_and(|r| r.is_some())
-            && b.eval("document.getElementById('signin').hidden")
-                .is_ok_and(|h| h == false)
+        fleet_page::rollout_state(&mut b, "fleet").is_ok_and(|r| r.is_some()) && sign_in_shown(&mut b)
     });
     assert!(
         loaded,
@@ -265,10 +270,9 @@ fn on_a_real_api_server_the_page_acts_only_for_a_user_the_api_server_allows() {
     // The admin's token: the page pauses the rollout, and its history names the admin.
     sign_in(&mut b, "kube-admin");
     assert!(
-        wait_until(Duration::from_secs(10), Duration::from_millis(100), || actions(
-            &mut b
-        )
-        .0 == 5),
+        wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            actions(&mut b).0 == 5 && !sign_in_shown(&mut b)
+        }),
         "no action buttons after signing in: {:?}; chromium:\n{}",
         actions(&mut b),
         b.log()
@@ -312,10 +316,9 @@ fn on_a_real_api_server_the_page_acts_only_for_a_user_the_api_server_allows() {
     let before = get();
     sign_in(&mut b, "flight-controller");
     assert!(
-        wait_until(Duration::from_secs(10), Duration::from_millis(100), || actions(
-            &mut b
-        )
-        .0 == 5),
+        wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            actions(&mut b).0 == 5 && !sign_in_shown(&mut b)
+        }),
         "no action buttons after signing in again"
     );
     b.eval("document.querySelector('#rollouts .rollout[data-name=fleet] button[data-verb=resume]').click(); true")
@@ -333,6 +336,10 @@ fn on_a_real_api_server_the_page_acts_only_for_a_user_the_api_server_allows() {
             && last.2.contains("flightnode-operator"),
         "{last:?}"
     );
+    if let Some(dir) = std::env::var_os("FLIGHTNODE_UI_SCREENSHOTS") {
+        b.screenshot(&std::path::Path::new(&dir).join("fleet-page-refused.png"))
+            .unwrap();
+    }
     let after = get();
     assert_eq!(
         after["spec"]["paused"], true,

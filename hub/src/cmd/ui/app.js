@@ -185,11 +185,13 @@ function signInState() {
   document.getElementById('signin').hidden = readOnly || signedIn;
   document.getElementById('signedin').hidden = !signedIn;
   const mode = document.getElementById('mode');
-  mode.textContent = readOnly ? 'read-only' : (signedIn ? 'may act' : 'read-only until signed in');
+  mode.textContent = readOnly ? 'read-only' : (signedIn ? 'signed in' : 'read-only until signed in');
   mode.classList.toggle('acting', signedIn);
   mode.title = readOnly
     ? 'this hub cannot tell who a token is: nothing on this page acts'
-    : 'sign in with a bearer token; the hub asks who it is and whether that user may act';
+    : (signedIn
+      ? 'actions go with your token; the hub asks who it is and whether that user may act'
+      : 'sign in with a bearer token; the hub asks who it is and whether that user may act');
 }
 
 function render(v) {
