@@ -568,7 +568,10 @@ fn hub_package_ships_the_hub_its_kubectl_plugin_and_the_manifests_and_installs_i
             .find(|k| k.is_file())
     }) {
         std::fs::copy(&kubectl, root.at("usr/local/bin/kubectl")).unwrap();
-        let listed = root.chroot(&["kubectl", "plugin", "list"]);
+        // Debian 12's /bin is a link to /usr/bin: with both on PATH kubectl lists the plugin a
+        // second time as "overshadowed" by itself and exits 1 (any plugin in /usr/bin does), so
+        // the listing runs with a PATH that names each directory once.
+        let listed = root.chroot(&["env", "PATH=/usr/local/bin:/usr/bin", "kubectl", "plugin", "list"]);
         assert!(
             listed.contains("/usr/bin/kubectl-flightnode"),
             "kubectl plugin list:\n{listed}"
