@@ -17,7 +17,11 @@
 //! last fleet it showed. Skipped with a message when
 //! there is no `chromium`.
 //!
-//! The same page on a real API server is `ui_kube.rs`.
+//! A second test acts on the local store: a user of the hub's `--ui-tokens` file pauses a rollout
+//! through the page's endpoint and the rollout's history names that user; no token, or one not in
+//! the file, is 401 and changes nothing.
+//!
+//! The same page on a real API server, signing in and acting in the browser, is `ui_kube.rs`.
 //!
 //! `FLIGHTNODE_UI_SCREENSHOTS=DIR` keeps the two screenshots (`fleet-page.png`, drone-1 waiting
 //! in the air; `fleet-page-halted.png`, the halted rollout) in DIR: the README's and the book's
