@@ -7,7 +7,8 @@
 //! program only finds `flightnode-hub` (beside itself first, so a package or an image always
 //! runs its own hub, then on `PATH`) and execs it with `argv[0]` = `kubectl-flightnode`.
 //!
-//! std only, no clap, no tokio, no library of the hub: its size is std's.
+//! std only, no clap, no tokio, no library of the hub: its size is std's (422 KB in the static
+//! musl release build; the shipping test holds it to 1 MiB).
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
