@@ -4,6 +4,8 @@
 #   dist/flightnode-agent-<version>-x86_64    x86_64 companion computers
 #   dist/flightnode-agent_<version>-1_arm64.deb, ..._amd64.deb   the same binaries as Debian packages
 #   dist/flightnode-hub-<version>-x86_64      the hub, also what hub/Containerfile packs
+#   dist/kubectl-flightnode-<version>-x86_64  the kubectl plugin (runs the hub beside it), also in the image
+#   dist/flightnode-hub_<version>-1_amd64.deb the hub, the plugin and hub/deploy/ as a Debian package
 # Needs: rustup target add aarch64-unknown-linux-musl x86_64-unknown-linux-musl;
 #        apt-get install gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu musl-tools;
 #        cargo install --locked cargo-deb --version 3.8.0.  ./test.sh installs all of them.
@@ -24,5 +26,10 @@ for target in aarch64-unknown-linux-musl x86_64-unknown-linux-musl; do
     # The release profile already strips; cargo-deb's strip would need the cross binutils.
     deb=$(cargo deb --locked --no-build --no-strip -p flightnode-agent --target "$target" --output "$out" | tail -n1)
     agent/debian/add-md5sums.sh "$deb"
+    if [[ $arch == x86_64 ]]; then
+        cp "target/$target/release/kubectl-flightnode" "$out/kubectl-flightnode-$version-$arch"
+        deb=$(cargo deb --locked --no-build --no-strip -p flightnode-hub --target "$target" --output "$out" | tail -n1)
+        agent/debian/add-md5sums.sh "$deb"
+    fi
 done
 (cd "$out" && ls -l && sha256sum -- * > SHA256SUMS)

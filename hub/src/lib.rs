@@ -116,6 +116,9 @@ pub enum Error {
     /// Invalid input (flags, arguments).
     #[error("{0}")]
     Invalid(String),
+    /// The object named does not exist.
+    #[error("{0}: not found")]
+    NotFound(String),
     /// A controller write or publish refused because this replica no longer leads.
     #[error("{what} not done: this replica is not the leader (any more)")]
     NotLeader {

@@ -222,6 +222,11 @@ struct ServeArgs {
     /// Namespace of the FlightNodes [default: the pod's namespace in cluster, else `default`].
     #[arg(long, env = "FLIGHTNODE_HUB_NAMESPACE")]
     namespace: Option<String>,
+    /// Local store: a token file (lines `token,user`) whose users may act from the fleet page
+    /// (pause, resume, abort, promote, retry) after signing in with their token. With the kube
+    /// store the API server reviews the page's tokens instead (TokenReview, SubjectAccessReview).
+    #[arg(long, env = "FLIGHTNODE_HUB_UI_TOKENS")]
+    ui_tokens: Option<PathBuf>,
     /// Server certificate (PEM).
     #[arg(long, env = "FLIGHTNODE_HUB_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -459,6 +464,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         store: a.store,
         data_dir: a.data_dir,
         namespace: a.namespace,
+        ui_tokens: a.ui_tokens,
         tls_cert: a.tls_cert,
         tls_key: a.tls_key,
         client_ca: a.client_ca,
@@ -520,85 +526,19 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
 /// How long a verb waits for the controller to carry out its request.
 const REQUEST_WAIT: Duration = Duration::from_secs(30);
 
-/// The client, namespace and rollout a verb acts on; an error naming it when it does not exist.
-async fn rollout_of(
-    a: &RolloutNameArgs,
-) -> anyhow::Result<(
-    kube::Client,
-    String,
-    flightnode_hub::api::rollout::FirmwareRollout,
-)> {
-    let client = a.source.client().await?;
-    let ns = a.source.namespace(a.namespace.as_deref(), &client);
-    let api: kube::Api<flightnode_hub::api::rollout::FirmwareRollout> =
-        kube::Api::namespaced(client.clone(), &ns);
-    let r = api
-        .get_opt(&a.name)
-        .await
-        .with_context(|| format!("read rollout {} in namespace {ns}", a.name))?
-        .with_context(|| format!("rollout {} in namespace {ns}: not found", a.name))?;
-    Ok((client, ns, r))
-}
-
-/// `rollout abort|promote NAME` (and `resume` of a halt): the request, and what came of it.
-async fn operator_request(a: &RolloutNameArgs, action: &str, done: &str) -> anyhow::Result<()> {
-    use flightnode_hub::cmd::rollout::{Requested, halted_or_complete, request, whoami};
-    let (client, ns, r) = rollout_of(a).await?;
-    let (_, complete) = halted_or_complete(&r);
-    if action == "abort" && complete {
-        anyhow::bail!("rollout {} is complete: nothing to abort", a.name);
-    }
-    let by = whoami(&client, a.source.local()).await;
-    match request(
-        &client,
-        &ns,
-        &a.name,
-        action,
-        &by,
-        action == "resume",
-        REQUEST_WAIT,
-    )
-    .await?
-    {
-        Requested::Done(message) => {
-            println!("firmwarerollout.edge.drone.io/{} {done}: {message}", a.name);
-            Ok(())
-        }
-        Requested::Refused(why) => anyhow::bail!("rollout {}: {why}", a.name),
-        Requested::Pending => {
-            println!(
-                "firmwarerollout.edge.drone.io/{} {action} requested; no controller carried it out within {}s (is a hub with --controllers running?)",
-                a.name,
-                REQUEST_WAIT.as_secs()
-            );
-            Ok(())
-        }
-    }
-}
-
-/// `rollout resume NAME`: a halt (breaker or abort) is lifted by a request, a pause by clearing
-/// `spec.paused`.
-async fn resume(a: &RolloutNameArgs) -> anyhow::Result<()> {
-    let (_, _, r) = rollout_of(a).await?;
-    let (halted, _) = flightnode_hub::cmd::rollout::halted_or_complete(&r);
-    if halted {
-        return operator_request(a, "resume", "resumed").await;
-    }
-    set_paused(a, false).await
-}
-
-/// `rollout pause|resume NAME`.
-async fn set_paused(a: &RolloutNameArgs, paused: bool) -> anyhow::Result<()> {
+/// `rollout pause|resume|abort|promote|retry NAME`: the same code path as the fleet page's
+/// buttons ([`flightnode_hub::cmd::verb::act`]), as the user the kubeconfig names.
+async fn rollout_verb(a: &RolloutNameArgs, verb: flightnode_hub::cmd::verb::Verb) -> anyhow::Result<()> {
+    use flightnode_hub::cmd::verb::{Outcome, act};
     let client = a.source.client().await?;
     let ns = a.source.namespace(a.namespace.as_deref(), &client);
     let by = flightnode_hub::cmd::rollout::whoami(&client, a.source.local()).await;
-    let changed = flightnode_hub::cmd::rollout::set_paused(&client, &ns, &a.name, paused, &by).await?;
-    let verb = if paused { "paused" } else { "resumed" };
-    if changed {
-        println!("firmwarerollout.edge.drone.io/{} {verb}", a.name);
-    } else {
-        println!("firmwarerollout.edge.drone.io/{} was already {verb}", a.name);
+    let outcome = act(&client, &ns, &a.name, verb, &by, REQUEST_WAIT).await?;
+    let line = outcome.line(&a.name, verb, REQUEST_WAIT);
+    if matches!(outcome, Outcome::Refused(_)) {
+        anyhow::bail!(line);
     }
+    println!("{line}");
     Ok(())
 }
 
@@ -705,19 +645,19 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Rollout {
             command: RolloutCmd::Pause(a),
-        } => set_paused(&a, true).await,
+        } => rollout_verb(&a, flightnode_hub::cmd::verb::Verb::Pause).await,
         Cmd::Rollout {
             command: RolloutCmd::Resume(a),
-        } => resume(&a).await,
+        } => rollout_verb(&a, flightnode_hub::cmd::verb::Verb::Resume).await,
         Cmd::Rollout {
             command: RolloutCmd::Abort(a),
-        } => operator_request(&a, "abort", "aborted").await,
+        } => rollout_verb(&a, flightnode_hub::cmd::verb::Verb::Abort).await,
         Cmd::Rollout {
             command: RolloutCmd::Promote(a),
-        } => operator_request(&a, "promote", "promoted").await,
+        } => rollout_verb(&a, flightnode_hub::cmd::verb::Verb::Promote).await,
         Cmd::Rollout {
             command: RolloutCmd::Retry(a),
-        } => operator_request(&a, "retry", "retried").await,
+        } => rollout_verb(&a, flightnode_hub::cmd::verb::Verb::Retry).await,
         Cmd::Rollout {
             command: RolloutCmd::History(a),
         } => {

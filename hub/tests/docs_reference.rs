@@ -392,6 +392,7 @@ fn http_reference_documents_every_endpoint_and_every_field_of_the_fleet_json() {
     let rollout = FirmwareRollout::new("fleet", rollout::FirmwareRolloutSpec::default());
     let view = serde_json::to_value(ui::view(
         "local",
+        true,
         jiff::Timestamp::UNIX_EPOCH,
         &[node],
         &[rollout],

@@ -115,6 +115,9 @@ async fn deploy_manifests_pass_server_side_dry_run_on_a_real_api_server() {
         "ServiceAccount",
         "Role",
         "RoleBinding",
+        // The fleet page's token and access reviews (cluster-scoped resources).
+        "ClusterRole",
+        "ClusterRoleBinding",
         "Deployment",
         "Service",
         "PodDisruptionBudget",

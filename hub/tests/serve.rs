@@ -44,6 +44,7 @@ fn options(data_dir: &Path) -> ServeOptions {
         hub: config(100.0, 100),
         write_timeout: Duration::from_secs(5),
         controllers: None,
+        ui_tokens: None,
     }
 }
 

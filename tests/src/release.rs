@@ -26,6 +26,8 @@ pub struct Release {
     pub agent: PathBuf,
     /// Only the x86_64 build has the hub: it runs in the cluster, not on the boards.
     pub hub: Option<PathBuf>,
+    /// The kubectl plugin (`kubectl-flightnode`, which execs the hub beside it), with the hub.
+    pub plugin: Option<PathBuf>,
 }
 
 /// The workspace root.
@@ -175,6 +177,7 @@ fn build_uncached(target: &'static str) -> Result<Release> {
         target,
         agent: dir.join("release").join("flightnode-agent"),
         hub: with_hub.then(|| dir.join(HUB_PROFILE).join("flightnode-hub")),
+        plugin: with_hub.then(|| dir.join(HUB_PROFILE).join("kubectl-flightnode")),
     })
 }
 
@@ -194,6 +197,26 @@ pub fn deb(target: &'static str) -> Result<PathBuf> {
 
 fn deb_uncached(target: &'static str) -> Result<PathBuf> {
     build(target)?;
+    cargo_deb("flightnode-agent", target, "release")
+}
+
+/// The hub's Debian package (amd64: the hub runs in clusters and on x86_64 workstations), made by
+/// cargo-deb from [`build`]'s static hub and kubectl plugin, with md5sums like the agent's. Made
+/// from the [`HUB_PROFILE`] build the image test uses (the same code as a `release` build, which
+/// `cross/release.sh` packages). Made at most once per process.
+pub fn hub_deb() -> Result<PathBuf> {
+    static DEB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DEB.get_or_init(|| {
+        build(X86_64)
+            .and_then(|_| cargo_deb("flightnode-hub", X86_64, HUB_PROFILE))
+            .map_err(|e| format!("{e:#}"))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// `cargo deb` of `package` from the `profile` build for `target` (already built), plus md5sums.
+fn cargo_deb(package: &str, target: &'static str, profile: &str) -> Result<PathBuf> {
     let out_dir = target_dir().join("debian").join(target);
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let out = cargo()
@@ -204,9 +227,11 @@ fn deb_uncached(target: &'static str) -> Result<PathBuf> {
             "--no-build",
             "--no-strip",
             "-p",
-            "flightnode-agent",
+            package,
             "--target",
             target,
+            "--profile",
+            profile,
         ])
         .arg("--output")
         .arg(&out_dir)
@@ -220,7 +245,7 @@ fn deb_uncached(target: &'static str) -> Result<PathBuf> {
                  a whole-suite run logs that install in target/release-builds/prebuild.log)"
             );
         }
-        bail!("cargo deb for {target} failed:\n{text}");
+        bail!("cargo deb of {package} for {target} failed:\n{text}");
     }
     // cargo-deb prints the path of the package it wrote as its last line.
     let path = String::from_utf8_lossy(&out.stdout)

@@ -158,13 +158,10 @@ trait View {
     fn plugin(&self, args: &[&str]) -> (Option<i32>, String, String);
 }
 
-/// Runs `kubectl-flightnode ARGS` (a link to the hub binary, as an operator installs it) with
-/// `env`.
+/// Runs `kubectl-flightnode ARGS` (the plugin program the hub package ships, which execs the
+/// hub beside it under the plugin's name) with `env`.
 fn plugin_cli(args: &[String], env: &[(&str, &std::path::Path)]) -> (Option<i32>, String, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let link = dir.path().join("kubectl-flightnode");
-    std::os::unix::fs::symlink(binary("flightnode-hub").unwrap(), &link).unwrap();
-    run(&link, args, env)
+    run(&binary("kubectl-flightnode").unwrap(), args, env)
 }
 
 struct Local<'a>(&'a Fleet);
@@ -928,17 +925,11 @@ fn operators_promote_abort_and_resume_a_rollout_of_real_agents_on_a_real_api_ser
     );
     // Where a kubectl is installed: it finds the plugin and runs it as `kubectl flightnode`.
     if let Some(kubectl) = which("kubectl") {
-        let dir = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(
-            binary("flightnode-hub").unwrap(),
-            dir.path().join("kubectl-flightnode"),
-        )
-        .unwrap();
-        let path = format!(
-            "{}:{}",
-            dir.path().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
+        // The plugin program's own directory on PATH (it holds the hub too, as the package's
+        // /usr/bin does).
+        let plugin = binary("kubectl-flightnode").unwrap();
+        let dir = plugin.parent().unwrap();
+        let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
         let kubeconfig = cluster.api.admin_kubeconfig();
         let run = |args: &[&str]| {
             std::process::Command::new(&kubectl)

@@ -1,6 +1,9 @@
-//! What ships: the static release builds (size budget, no libc floor) and the agent's Debian
+//! What ships: the static release builds (size budget, no libc floor), the agent's Debian
 //! packages — lintian-clean, and installed, upgraded, removed and purged with dpkg in a clean
-//! Debian 12 root as an operator's apt would.
+//! Debian 12 root as an operator's apt would — and the hub's: its image (the hub and the kubectl
+//! plugin on an empty root) and its Debian package (both binaries and the deploy manifests),
+//! whose `kubectl-flightnode` runs in the clean root and, where kubectl is installed, is found by
+//! `kubectl plugin list` there.
 //!
 //! Needs root (chroot), cargo-deb, lintian, mmdebstrap and the musl targets; `./test.sh` installs
 //! them. The first run downloads a minimal Debian root (about 60 MB) and caches it under
@@ -11,6 +14,10 @@
 //! need none run while they are built.
 
 use flightnode_tests::release::{self, AARCH64, MAX_AGENT_BYTES, X86_64, run};
+
+/// The kubectl plugin's budget: it is std and an exec, so well under a megabyte; far over that,
+/// something pulled the hub's libraries into it.
+const MAX_PLUGIN_BYTES: u64 = 1024 * 1024;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -373,24 +380,39 @@ impl Buildah {
 }
 
 #[test]
-fn hub_image_is_the_static_hub_alone_running_as_nonroot_on_a_read_only_root() {
+fn hub_image_is_the_static_hub_and_its_plugin_alone_running_as_nonroot_on_a_read_only_root() {
     if skip() {
         return;
     }
-    let hub = release::build(X86_64).unwrap().hub.unwrap();
-    let kind = release::file_type(&hub).unwrap();
+    let build = release::build(X86_64).unwrap();
+    let (hub, plugin) = (build.hub.unwrap(), build.plugin.unwrap());
+    for binary in [&hub, &plugin] {
+        let kind = release::file_type(binary).unwrap();
+        assert!(
+            kind.contains("x86-64") && kind.contains("static"),
+            "{}: not a static x86_64 binary: {kind}",
+            binary.display()
+        );
+    }
+    // The plugin only execs the hub: std and nothing else, so a second copy of the hub it is not.
+    let (hub_size, plugin_size) = (
+        std::fs::metadata(&hub).unwrap().len(),
+        std::fs::metadata(&plugin).unwrap().len(),
+    );
+    eprintln!("flightnode-hub {hub_size} bytes, kubectl-flightnode {plugin_size} bytes");
     assert!(
-        kind.contains("x86-64") && kind.contains("static"),
-        "not a static x86_64 hub: {kind}"
+        plugin_size <= MAX_PLUGIN_BYTES,
+        "kubectl-flightnode is {plugin_size} bytes, over {MAX_PLUGIN_BYTES}"
     );
 
-    // The build context holds the binary alone, as the Containerfile's header says.
+    // The build context holds the two binaries alone, as the Containerfile's header says.
     let buildah = Buildah {
         dir: tempfile::tempdir().unwrap(),
     };
     let ctx = buildah.dir.path().join("ctx");
     std::fs::create_dir(&ctx).unwrap();
     std::fs::copy(&hub, ctx.join("flightnode-hub")).unwrap();
+    std::fs::copy(&plugin, ctx.join("kubectl-flightnode")).unwrap();
     let containerfile = release::workspace_root().join("hub/Containerfile");
     buildah.cmd(&[
         "bud",
@@ -412,7 +434,8 @@ fn hub_image_is_the_static_hub_alone_running_as_nonroot_on_a_read_only_root() {
     );
     assert_eq!(config["Cmd"], serde_json::json!(["serve"]));
 
-    // The image's root file system: the hub and the directories leading to it, nothing else.
+    // The image's root file system: the hub, its plugin and the directories leading to them,
+    // nothing else.
     let container = buildah.cmd(&["from", "flightnode-hub:test"]);
     let rootfs = PathBuf::from(buildah.cmd(&["mount", &container]));
     let mut files: Vec<String> = Vec::new();
@@ -427,7 +450,25 @@ fn hub_image_is_the_static_hub_alone_running_as_nonroot_on_a_read_only_root() {
         }
     }
     files.sort();
-    assert_eq!(files, ["usr", "usr/bin", "usr/bin/flightnode-hub"]);
+    assert_eq!(
+        files,
+        [
+            "usr",
+            "usr/bin",
+            "usr/bin/flightnode-hub",
+            "usr/bin/kubectl-flightnode"
+        ]
+    );
+    let plugin_in_image = std::fs::symlink_metadata(rootfs.join("usr/bin/kubectl-flightnode")).unwrap();
+    assert!(
+        plugin_in_image.is_file(),
+        "the plugin is no regular file in the image"
+    );
+    assert_eq!(
+        plugin_in_image.len(),
+        plugin_size,
+        "the image's plugin is not the small one"
+    );
 
     // It runs as uid 65532 from that root mounted read-only, and prints the committed CRD.
     let script = format!(
@@ -437,6 +478,132 @@ fn hub_image_is_the_static_hub_alone_running_as_nonroot_on_a_read_only_root() {
     let out = run(Command::new("unshare").args(["--mount", "sh", "-c", &script])).unwrap();
     let crd = std::fs::read_to_string(release::workspace_root().join("hub/deploy/crd.yaml")).unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), crd);
+    // The plugin runs there too: it finds the hub beside it and runs it as `kubectl flightnode`.
+    let script = format!(
+        "mount --bind {r} {r} && mount -o remount,bind,ro {r} && chroot --userspec=65532:65532 {r} /usr/bin/kubectl-flightnode fleet --help",
+        r = rootfs.display()
+    );
+    let out = run(Command::new("unshare").args(["--mount", "sh", "-c", &script])).unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("Usage: kubectl flightnode fleet"), "{help}");
     buildah.cmd(&["umount", &container]);
     buildah.cmd(&["rm", &container]);
+}
+
+#[test]
+fn hub_package_ships_the_hub_its_kubectl_plugin_and_the_manifests_and_installs_in_a_clean_debian_root() {
+    if skip() {
+        return;
+    }
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "installing into a Debian root needs root (chroot); or FLIGHTNODE_SKIP_PACKAGING=1"
+    );
+    let root = std::thread::spawn(Root::new);
+    let deb = release::hub_deb().unwrap();
+    assert_eq!(deb_field(&deb, "Package"), "flightnode-hub");
+    assert_eq!(deb_field(&deb, "Architecture"), "amd64");
+    // Static binaries: nothing to depend on; kubectl only for `kubectl flightnode`.
+    assert_eq!(deb_field(&deb, "Depends"), "");
+    assert_eq!(deb_field(&deb, "Suggests"), "kubectl");
+    assert_lintian_clean(&deb);
+
+    // What it holds: both binaries, every manifest of the kustomization, the README.
+    let dir = tempfile::tempdir().unwrap();
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir.path())).unwrap();
+    for binary in ["usr/bin/flightnode-hub", "usr/bin/kubectl-flightnode"] {
+        let meta = std::fs::symlink_metadata(dir.path().join(binary)).unwrap();
+        assert!(meta.is_file(), "{binary} is no regular file");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o755, "{binary}");
+        let kind = release::file_type(&dir.path().join(binary)).unwrap();
+        assert!(
+            kind.contains("x86-64") && kind.contains("static"),
+            "{binary}: {kind}"
+        );
+    }
+    let deploy = release::workspace_root().join("hub/deploy");
+    for manifest in [
+        "kustomization.yaml",
+        "crd.yaml",
+        "namespace.yaml",
+        "rbac.yaml",
+        "rbac-auto-register.yaml",
+        "deployment.yaml",
+        "service.yaml",
+        "examples/firmwarerollout.yaml",
+        "examples/flightnode.yaml",
+        "monitoring/podmonitor.yaml",
+        "monitoring/prometheusrule.yaml",
+        "monitoring/flightnode.rules.yml",
+        "monitoring/grafana-dashboard.json",
+    ] {
+        let shipped = dir.path().join("usr/share/flightnode-hub/deploy").join(manifest);
+        assert_eq!(
+            std::fs::read(&shipped).unwrap_or_else(|e| panic!("{}: {e}", shipped.display())),
+            std::fs::read(deploy.join(manifest)).unwrap(),
+            "{manifest}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(dir.path().join("usr/share/doc/flightnode-hub/README.md")).unwrap(),
+        std::fs::read(release::workspace_root().join("hub/README.md")).unwrap()
+    );
+
+    // Installed with dpkg in a clean root: both run there, the plugin as `kubectl flightnode`.
+    let root = root.join().expect("making the Debian root failed");
+    root.install(&deb);
+    assert_eq!(root.chroot(&["dpkg", "--verify", "flightnode-hub"]), "");
+    let version = root.chroot(&["flightnode-hub", "--version"]);
+    assert!(version.starts_with("flightnode-hub "), "{version}");
+    let help = root.chroot(&["kubectl-flightnode", "--help"]);
+    assert!(help.contains("Usage: kubectl flightnode"), "{help}");
+    let help = root.chroot(&["kubectl-flightnode", "rollout", "pause", "--help"]);
+    assert!(help.contains("Usage: kubectl flightnode rollout pause"), "{help}");
+
+    // Where kubectl is installed (a static Go binary; not in CI's package list), it finds the
+    // plugin the package put on the root's PATH, and runs it.
+    if let Some(kubectl) = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("kubectl"))
+            .find(|k| k.is_file())
+    }) {
+        std::fs::copy(&kubectl, root.at("usr/local/bin/kubectl")).unwrap();
+        // Debian 12's /bin is a link to /usr/bin: with both on PATH kubectl lists the plugin a
+        // second time as "overshadowed" by itself and exits 1 (any plugin in /usr/bin does), so
+        // the listing runs with a PATH that names each directory once.
+        let listed = root.chroot(&["env", "PATH=/usr/local/bin:/usr/bin", "kubectl", "plugin", "list"]);
+        assert!(
+            listed.contains("/usr/bin/kubectl-flightnode"),
+            "kubectl plugin list:\n{listed}"
+        );
+        let help = root.chroot(&["kubectl", "flightnode", "fleet", "--help"]);
+        assert!(help.contains("Usage: kubectl flightnode fleet"), "{help}");
+    } else {
+        eprintln!("no kubectl on PATH: `kubectl plugin list` not checked");
+    }
+
+    // Removed: both binaries go, and a plugin without its hub says what to install.
+    std::fs::copy(
+        root.at("usr/bin/kubectl-flightnode"),
+        root.at("usr/local/bin/kubectl-flightnode"),
+    )
+    .unwrap();
+    root.chroot(&["dpkg", "-r", "flightnode-hub"]);
+    assert!(!root.at("usr/bin/flightnode-hub").exists());
+    assert!(!root.at("usr/bin/kubectl-flightnode").exists());
+    let out = Command::new("chroot")
+        .arg(&root.path)
+        .args(["/usr/local/bin/kubectl-flightnode", "fleet"])
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(127), "{err}");
+    assert!(
+        err.contains("cannot find the flightnode-hub binary") && err.contains("flightnode-hub package"),
+        "{err}"
+    );
 }

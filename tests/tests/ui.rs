@@ -17,7 +17,11 @@
 //! last fleet it showed. Skipped with a message when
 //! there is no `chromium`.
 //!
-//! The same page on a real API server is `ui_kube.rs`.
+//! A second test acts on the local store: a user of the hub's `--ui-tokens` file pauses a rollout
+//! through the page's endpoint and the rollout's history names that user; no token, or one not in
+//! the file, is 401 and changes nothing.
+//!
+//! The same page on a real API server, signing in and acting in the browser, is `ui_kube.rs`.
 //!
 //! `FLIGHTNODE_UI_SCREENSHOTS=DIR` keeps the two screenshots (`fleet-page.png`, drone-1 waiting
 //! in the air; `fleet-page-halted.png`, the halted rollout) in DIR: the README's and the book's
@@ -359,5 +363,112 @@ fn the_fleet_page_shows_the_fleet_live_in_a_real_browser() {
         table(&mut b).len(),
         names.len(),
         "the last fleet stays on the page"
+    );
+}
+
+/// A POST with `Authorization: Bearer TOKEN` (none when empty): the status and the body.
+fn post_as(port: u16, path: &str, token: &str) -> (String, Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let auth = if token.is_empty() {
+        String::new()
+    } else {
+        format!("Authorization: Bearer {token}\r\n")
+    };
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{auth}Content-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).unwrap_or("0").to_owned();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// On the local store the page acts for the users of `--ui-tokens`: a pause with a token from
+/// the file is carried out and the rollout's history names that file's user; a token not in the
+/// file, or none, is 401 and changes nothing.
+#[test]
+fn on_the_local_store_a_token_file_user_acts_and_is_named_in_the_history() {
+    let tokens = tempfile::tempdir().unwrap();
+    let file = tokens.path().join("ui-tokens.csv");
+    std::fs::write(&file, "# token,user\nops-secret-1,alice\n").unwrap();
+    let fleet = Fleet::start(FleetOptions {
+        drones: 0,
+        hub_args: vec![
+            "--controllers".into(),
+            "--reconcile-interval".into(),
+            "1s".into(),
+            "--ui-tokens".into(),
+            file.display().to_string(),
+        ],
+        ..FleetOptions::default()
+    })
+    .unwrap();
+    let port = fleet.hub.http_port;
+    let rollout_path = "/apis/edge.drone.io/v1/namespaces/default/firmwarerollouts/fleet";
+    http_request(
+        port,
+        "PUT",
+        rollout_path,
+        "application/json",
+        r#"{"apiVersion":"edge.drone.io/v1","kind":"FirmwareRollout","metadata":{"name":"fleet"},
+            "spec":{"version":"2.0.0","url":"http://127.0.0.1:9/none.fnb"}}"#,
+    )
+    .unwrap();
+    let get = || -> Value { serde_json::from_str(&http_get(port, rollout_path).unwrap()).unwrap() };
+    let view: Value = serde_json::from_str(&http_get(port, "/ui/api/fleet").unwrap()).unwrap();
+    assert_eq!(
+        view["readOnly"], false,
+        "a hub with --ui-tokens offers the sign-in"
+    );
+    assert_eq!(view["rollouts"][0]["namespace"], "default", "{view:#}");
+
+    // The controller saw the rollout as created, so the pause is an edit of its own.
+    assert!(
+        wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+            get()["status"]["observedGeneration"] == 1
+        }),
+        "the controller never observed the rollout:\n{}",
+        fleet.hub.log()
+    );
+    let pause = "/ui/api/rollouts/default/fleet/pause";
+    for token in ["", "not-in-the-file"] {
+        let (status, body) = post_as(port, pause, token);
+        assert_eq!(status, "401", "token {token:?}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("--ui-tokens") || e.contains("not signed in")),
+            "{body}"
+        );
+    }
+    assert_ne!(get()["spec"]["paused"], true, "a refused POST paused the rollout");
+    let (status, body) = post_as(port, "/ui/api/rollouts/default/fleet/delete", "ops-secret-1");
+    assert_eq!(status, "404", "{body}");
+
+    let (status, body) = post_as(port, pause, "ops-secret-1");
+    assert_eq!(status, "200", "{body}\nhub log:\n{}", fleet.hub.log());
+    assert_eq!(body["user"], "alice");
+    assert_eq!(body["message"], "firmwarerollout.edge.drone.io/fleet paused");
+    assert_eq!(get()["spec"]["paused"], true);
+    let mut last = Value::Null;
+    let named = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        last = get();
+        last["status"]["history"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|e| e["action"] == "Paused" && e["by"] == "alice"))
+    });
+    assert!(named, "the history does not name alice's pause: {last:#}");
+    // Again: nothing to change, said so.
+    let (status, body) = post_as(port, pause, "ops-secret-1");
+    assert_eq!(
+        (status.as_str(), body["result"].as_str()),
+        ("200", Some("unchanged")),
+        "{body}"
     );
 }

@@ -37,6 +37,8 @@ pub struct HttpState {
     pub ready: Arc<AtomicBool>,
     /// The controllers' store, for the fleet page on the kube store (empty until they run).
     pub fleet: crate::cmd::ui::ControllerFleet,
+    /// Who may act from the fleet page.
+    pub authority: crate::cmd::ui::act::Authority,
 }
 
 const PREFIX: &str = "/apis/edge.drone.io/v1";
@@ -82,6 +84,7 @@ pub fn router(state: HttpState) -> Router {
         .merge(crate::cmd::ui::routes(crate::cmd::ui::UiState {
             hub: state.hub,
             fleet: state.fleet,
+            authority: state.authority,
         }))
 }
 

@@ -3,12 +3,15 @@
 //! - [`serve`]: `serve`: TLS, store choice, the heartbeat side, the controllers, gRPC and HTTP.
 //! - [`http`]: serve's HTTP port: `/metrics`, `/healthz`, `/readyz` and the local store's
 //!   Kubernetes-shaped API.
-//! - [`ui`]: the live fleet page on serve's HTTP port (`/ui`), read-only.
+//! - [`ui`]: the live fleet page on serve's HTTP port (`/ui`), read-only unless the request is
+//!   authorised to act.
 //! - [`broker`]: serve's embedded MQTT broker for laptops and the demo (feature
 //!   `embedded-broker`).
 //! - [`get`]: `get`, a kubectl-like table of `FlightNode`s.
 //! - [`rollout`]: `get rollouts`, `rollout status NAME` and `apply -f FILE`.
 //! - [`upgrade`]: `upgrade` and `cancel`, one MQTT command for one drone.
+//! - [`verb`]: the rollout verbs (pause, resume, abort, promote, retry), shared by the CLI and
+//!   the fleet page.
 //!
 //! `crd` prints [`crate::api::crd_yaml`].
 
@@ -21,6 +24,7 @@ pub mod rollout;
 pub mod serve;
 pub mod ui;
 pub mod upgrade;
+pub mod verb;
 
 /// Rows as kubectl prints them: each column as wide as its widest cell, three spaces apart, no
 /// trailing blanks.

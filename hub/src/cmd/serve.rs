@@ -56,6 +56,9 @@ pub struct ServeOptions {
     /// Run the node reconciler and the rollout controller (on the Lease holder, with the kube
     /// store), publishing commands through this broker.
     pub controllers: Option<ControllerOptions>,
+    /// The fleet page's token file for the local store (lines `token,user`): its users may act
+    /// from the page. With the kube store the API server reviews tokens instead.
+    pub ui_tokens: Option<PathBuf>,
 }
 
 /// Settings of the reconcilers.
@@ -158,6 +161,7 @@ pub async fn serve(
             (Hub::new(hub_config, sink, None, specs), Some((client, namespace)))
         }
     };
+    let kube_client = kube_watch.as_ref().map(|(client, _)| client.clone());
     let mut tasks = hub.start();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // The Lease is released only after the controllers stopped (see the end of this function).
@@ -196,6 +200,7 @@ pub async fn serve(
         http: http_listener.local_addr().map_err(serve_err(opts.http_addr))?,
     };
 
+    let authority = ui_authority(&opts, &hub, kube_client.as_ref(), bound.http)?;
     let ready = Arc::new(AtomicBool::new(false));
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -204,6 +209,7 @@ pub async fn serve(
         hub: Arc::clone(&hub),
         ready: Arc::clone(&ready),
         fleet,
+        authority,
     });
     let http_rx = stop_rx.clone();
     let http = tokio::spawn(async move {
@@ -253,6 +259,42 @@ pub async fn serve(
     // What drones reported last still goes out (transitions first), within a bound.
     hub.scheduler.drain(DRAIN_TIMEOUT).await;
     result
+}
+
+/// Who may act from the fleet page: on a cluster the API server reviews tokens (and the hub
+/// writes with its own client); on the local store the users of `--ui-tokens`, whose actions go
+/// through this hub's own HTTP API like the CLI's; else nobody.
+fn ui_authority(
+    opts: &ServeOptions,
+    hub: &Hub,
+    kube: Option<&kube::Client>,
+    http: SocketAddr,
+) -> Result<crate::cmd::ui::act::Authority> {
+    use crate::cmd::ui::act::{Authority, read_token_file};
+    if let Some(client) = kube {
+        if opts.ui_tokens.is_some() {
+            tracing::warn!(
+                "--ui-tokens is for the local store; with --store kube the API server reviews the page's tokens"
+            );
+        }
+        return Ok(Authority::Kube(client.clone()));
+    }
+    let (Some(path), Some(_)) = (&opts.ui_tokens, &hub.local) else {
+        return Ok(Authority::None);
+    };
+    let users = read_token_file(path).map_err(|e| Error::Invalid(flightnode_proto::error::chain(&e)))?;
+    // The hub's own HTTP port, on loopback when it listens on every address.
+    let ip = if http.ip().is_unspecified() {
+        match http {
+            SocketAddr::V4(_) => std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+            SocketAddr::V6(_) => std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        }
+    } else {
+        http.ip()
+    };
+    let client = crate::store::kube::client_for_url(&format!("http://{}", SocketAddr::new(ip, http.port())))?;
+    tracing::info!(users = users.len(), path = %path.display(), "fleet page: token file users may act");
+    Ok(Authority::Tokens { users, client })
 }
 
 type Tasks = (

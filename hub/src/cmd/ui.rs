@@ -2,7 +2,9 @@
 //! are compiled into the binary, so it works offline and loads nothing from elsewhere) and
 //! `GET /ui/api/fleet`, the JSON the page polls every second.
 //!
-//! Read-only: the page and its API change nothing. The JSON comes from what the controllers
+//! Read-only unless the request is authorised to act: `POST /ui/api/rollouts/{namespace}/{name}/{verb}`
+//! with a bearer token the API server (or, on the local store, `--ui-tokens`) vouches for runs a
+//! rollout verb as that user ([`act`]); everything else only reads. The JSON comes from what the controllers
 //! read: the local store's lists, or with `--store kube --controllers` the controllers' watch
 //! caches (no request to the API server per page view). Rollout events are only in the local
 //! store; on a cluster they are Kubernetes Events (`kubectl get events`).
@@ -15,10 +17,12 @@ use crate::store::local::RolloutEvent;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use std::sync::{Arc, OnceLock};
+
+pub mod act;
 
 const INDEX_HTML: &str = include_str!("ui/index.html");
 const APP_JS: &str = include_str!("ui/app.js");
@@ -44,6 +48,8 @@ pub struct UiState {
     pub hub: Arc<crate::heartbeat::hub::Hub>,
     /// The controllers' store, for the kube store (empty until they run).
     pub fleet: ControllerFleet,
+    /// Who may act from the page.
+    pub authority: act::Authority,
 }
 
 /// The page's routes, merged into serve's HTTP router.
@@ -66,6 +72,7 @@ pub fn routes(state: UiState) -> Router {
             get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
         )
         .route("/ui/api/fleet", get(fleet))
+        .route("/ui/api/rollouts/{namespace}/{name}/{verb}", post(act::post))
         .with_state(state)
 }
 
@@ -91,7 +98,9 @@ pub struct FleetView {
     /// The hub's clock when this was read (RFC 3339); ages are counted from it, so the
     /// browser's clock does not matter.
     pub generated_time: String,
-    /// Always true in this version: nothing on the page acts.
+    /// True when this hub cannot tell who a token is (local store without `--ui-tokens`):
+    /// the page offers no sign-in and nothing acts. Otherwise a signed-in user may act when
+    /// authorised.
     pub read_only: bool,
     /// Every drone, by name.
     pub drones: Vec<DroneRow>,
@@ -165,6 +174,8 @@ pub struct ConditionView {
 pub struct RolloutRow {
     /// Object name.
     pub name: String,
+    /// Its namespace (the page's actions name it in their URL).
+    pub namespace: String,
     /// `spec.version`.
     pub version: String,
     /// `spec.paused`.
@@ -241,6 +252,7 @@ pub fn rollout_row(r: &FirmwareRollout, mut events: Vec<RolloutEvent>) -> Rollou
     events.drain(..keep_from);
     RolloutRow {
         name: r.metadata.name.clone().unwrap_or_default(),
+        namespace: r.metadata.namespace.clone().unwrap_or_default(),
         version: r.spec.version.clone(),
         paused: r.spec.paused,
         wave: status.wave.clone(),
@@ -256,6 +268,7 @@ pub fn rollout_row(r: &FirmwareRollout, mut events: Vec<RolloutEvent>) -> Rollou
 /// Builds the view from the objects read; `events` gives a rollout's events.
 pub fn view(
     store: &'static str,
+    read_only: bool,
     now: jiff::Timestamp,
     nodes: &[Arc<FlightNode>],
     rollouts: &[FirmwareRollout],
@@ -273,7 +286,7 @@ pub fn view(
         generated_time: jiff::Timestamp::from_second(now.as_second())
             .unwrap_or(now)
             .to_string(),
-        read_only: true,
+        read_only,
         drones,
         rollouts,
     }
@@ -284,13 +297,28 @@ async fn fleet(State(state): State<UiState>) -> Response {
     let result = if let Some(local) = &state.hub.local {
         let ns = local.namespace().to_owned();
         let nodes: Vec<Arc<FlightNode>> = local.list(Some(&ns)).into_iter().map(Arc::new).collect();
-        let rollouts = local.rollouts(Some(&ns));
-        Ok(view("local", now, &nodes, &rollouts, |name| {
-            local.rollout_events(&ns, name)
-        }))
+        let mut rollouts = local.rollouts(Some(&ns));
+        for r in &mut rollouts {
+            r.metadata.namespace.get_or_insert_with(|| ns.clone());
+        }
+        Ok(view(
+            "local",
+            !state.authority.can_act(),
+            now,
+            &nodes,
+            &rollouts,
+            |name| local.rollout_events(&ns, name),
+        ))
     } else if let Some(store) = state.fleet.get() {
         match (store.nodes().await, store.rollouts().await) {
-            (Ok(nodes), Ok(rollouts)) => Ok(view("kube", now, &nodes, &rollouts, |_| Vec::new())),
+            (Ok(nodes), Ok(rollouts)) => Ok(view(
+                "kube",
+                !state.authority.can_act(),
+                now,
+                &nodes,
+                &rollouts,
+                |_| Vec::new(),
+            )),
             (Err(e), _) | (_, Err(e)) => Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(

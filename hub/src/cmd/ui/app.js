@@ -1,9 +1,22 @@
-// The fleet page: polls /ui/api/fleet every second and redraws. Read-only. Data only ever
-// reaches the DOM as text (append of strings, textContent), never as markup.
+// The fleet page: polls /ui/api/fleet every second and redraws. Read-only until the operator
+// signs in with a bearer token: then each rollout gets its verbs, POSTed with the token in the
+// Authorization header (never a cookie, so no other site can act through this browser). The hub
+// asks who the token is and whether that user may act; the page only shows the answer. Data only
+// ever reaches the DOM as text (append of strings, textContent), never as markup.
 'use strict';
 
 const POLL_MS = 1000;
+const VERBS = ['pause', 'resume', 'abort', 'promote', 'retry'];
+// Per tab, gone when the tab closes; never in localStorage or a cookie.
+const TOKEN_KEY = 'flightnode.token';
 let polls = 0;
+let readOnly = true;
+let busy = false;
+let last = null;
+
+function token() {
+  return sessionStorage.getItem(TOKEN_KEY) || '';
+}
 
 // An element with attributes and children; strings become text nodes.
 function el(tag, attrs, ...children) {
@@ -30,7 +43,7 @@ function ago(seconds) {
 }
 
 // A class name from a value (phases are CamelCase words; anything else is dropped).
-function token(v) {
+function cls(v) {
   return String(v || '').toLowerCase().replace(/[^a-z]/g, '');
 }
 
@@ -71,7 +84,7 @@ function droneRow(d) {
     name,
     version,
     el('td', { 'data-col': 'slot' }, slot),
-    el('td', { 'data-col': 'phase', class: 'phase phase-' + token(d.phase) }, phase),
+    el('td', { 'data-col': 'phase', class: 'phase phase-' + cls(d.phase) }, phase),
     el('td', { 'data-col': 'flight' }, d.flightState || '–'),
     el('td', { 'data-col': 'battery', class: 'num' + (d.batteryPercent !== null && d.batteryPercent < 30 ? ' low' : '') }, battery),
     el('td', { 'data-col': 'heartbeat', class: 'num', title: d.lastHeartbeatTime || 'never' }, ago(d.heartbeatAgeSeconds)),
@@ -115,17 +128,76 @@ function rolloutCard(r) {
   if (r.events && r.events.length) {
     const list = el('ul', { class: 'events' });
     for (const e of r.events) {
-      list.append(el('li', { class: token(e.type) },
+      list.append(el('li', { class: cls(e.type) },
         el('span', { class: 't' }, e.time),
         el('span', { class: 'r' }, e.reason),
         e.note));
     }
     card.append(list);
   }
+  if (!readOnly && token()) {
+    card.append(el('div', { class: 'actions' }, ...VERBS.map(verb =>
+      el('button', { type: 'button', 'data-verb': verb, 'data-rollout': r.name, 'data-namespace': r.namespace },
+        verb))));
+    for (const b of card.querySelectorAll('.actions button')) b.disabled = busy;
+  }
   return card;
 }
 
+// The outcome of the last action, above the tables: the hub's own sentence.
+function note(kind, text) {
+  const p = document.getElementById('action');
+  p.className = 'action ' + kind;
+  p.textContent = text;
+  p.hidden = false;
+}
+
+async function act(namespace, name, verb) {
+  busy = true;
+  if (last) render(last);
+  note('pending', verb + ' ' + name + '…');
+  try {
+    const url = '/ui/api/rollouts/' + encodeURIComponent(namespace) + '/' +
+      encodeURIComponent(name) + '/' + encodeURIComponent(verb);
+    const res = await fetch(url, {
+      method: 'POST',
+      cache: 'no-store',
+      credentials: 'omit',
+      headers: { Authorization: 'Bearer ' + token() },
+    });
+    let body = {};
+    try { body = await res.json(); } catch (e) { body = { error: 'HTTP ' + res.status }; }
+    if (res.ok) {
+      note(res.status === 202 ? 'pending' : 'ok', body.message + (body.user ? ' (as ' + body.user + ')' : ''));
+    } else {
+      note('error', verb + ' ' + name + ' refused (HTTP ' + res.status + '): ' + (body.error || res.statusText));
+    }
+  } catch (e) {
+    note('error', verb + ' ' + name + ' failed: ' + e.message);
+  } finally {
+    busy = false;
+    if (last) render(last);
+  }
+}
+
+function signInState() {
+  const signedIn = !readOnly && token() !== '';
+  document.getElementById('signin').hidden = readOnly || signedIn;
+  document.getElementById('signedin').hidden = !signedIn;
+  const mode = document.getElementById('mode');
+  mode.textContent = readOnly ? 'read-only' : (signedIn ? 'signed in' : 'read-only until signed in');
+  mode.classList.toggle('acting', signedIn);
+  mode.title = readOnly
+    ? 'this hub cannot tell who a token is: nothing on this page acts'
+    : (signedIn
+      ? 'actions go with your token; the hub asks who it is and whether that user may act'
+      : 'sign in with a bearer token; the hub asks who it is and whether that user may act');
+}
+
 function render(v) {
+  last = v;
+  readOnly = v.readOnly !== false;
+  signInState();
   document.getElementById('store').textContent = 'store: ' + v.store;
   const tbody = document.querySelector('#drones tbody');
   tbody.replaceChildren(...v.drones.map(droneRow));
@@ -158,5 +230,24 @@ async function poll() {
     setTimeout(poll, POLL_MS);
   }
 }
+
+document.getElementById('signin').addEventListener('submit', e => {
+  e.preventDefault();
+  const input = document.getElementById('token');
+  const t = input.value.trim();
+  input.value = '';
+  if (t) sessionStorage.setItem(TOKEN_KEY, t);
+  if (last) render(last);
+});
+document.getElementById('signout').addEventListener('click', () => {
+  sessionStorage.removeItem(TOKEN_KEY);
+  if (last) render(last);
+});
+// One listener for every card's buttons: the cards are redrawn every second.
+document.getElementById('rollouts').addEventListener('click', e => {
+  const b = e.target.closest('button[data-verb]');
+  if (!b || busy) return;
+  act(b.dataset.namespace, b.dataset.rollout, b.dataset.verb);
+});
 
 poll();
