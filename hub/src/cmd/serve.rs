@@ -132,7 +132,7 @@ pub async fn serve(
 ) -> Result<()> {
     let tls = tls_config(&opts)?;
     let specs = Arc::new(SpecCache::default());
-    let mut hub_config = opts.hub;
+    let mut hub_config = opts.hub.clone();
     let (hub, kube_watch) = match opts.store {
         StoreKind::Local => {
             let namespace = opts.namespace.clone().unwrap_or_else(|| "default".to_owned());
