@@ -182,9 +182,9 @@ impl TufError {
     }
 
     /// Maps a tough error to the check that failed. `url` is the metadata base URL.
-    pub fn from_tough(e: &tough::error::Error, url: &Url) -> Self {
+    pub fn from_tough(e: &tough::error::Error, base: &Url) -> Self {
         use tough::error::Error as T;
-        let url = url.to_string();
+        let url = base.to_string();
         let detail = flightnode_proto::error::chain(e);
         match e {
             T::OlderMetadata {
@@ -213,9 +213,17 @@ impl TufError {
             | T::ParseMetadata { .. }
             | T::ParseTrustedMetadata { .. }
             | T::SpecVersion { .. } => Self::Signature { detail, url },
-            T::Transport { .. } | T::MaxSizeExceeded { .. } | T::MaxUpdatesExceeded { .. } => {
-                Self::Fetch { detail, url }
+            // A stream check (a hash or a length listed by the role above) fails inside the
+            // transport's stream: the cause is tough's own error.
+            T::Transport { source, .. } => {
+                match std::error::Error::source(source)
+                    .and_then(|inner| inner.downcast_ref::<tough::error::Error>())
+                {
+                    Some(inner) => Self::from_tough(inner, base),
+                    None => Self::Fetch { detail, url },
+                }
             }
+            T::MaxSizeExceeded { .. } | T::MaxUpdatesExceeded { .. } => Self::Fetch { detail, url },
             _ => Self::Other { detail },
         }
     }
