@@ -82,6 +82,16 @@ enum Command {
         #[arg(long, default_value = "1d", value_parser = humantime::parse_duration)]
         timestamp_expires: Duration,
     },
+    /// Sign a new root version with the same keys and a new expiry (--root-expires): do it on
+    /// the offline machine well before root.json expires, or drones refuse the repository.
+    RenewRoot {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[command(flatten)]
+        expiries: ExpiryArgs,
+    },
     /// Replace a key of a role (planned rotation): a new root version, signed by a threshold of
     /// the current root keys (and of the new ones when the root key is rotated), then targets,
     /// snapshot and timestamp re-signed. Drones follow without a config change.
@@ -284,6 +294,12 @@ async fn run(command: Command) -> Result<()> {
                 .timestamp(&keys.signing(), timestamp_expires)
                 .await?;
             println!("timestamp re-signed");
+        }
+        Command::RenewRoot { repo, keys, expiries } => {
+            Repo::new(&repo.repo)
+                .change_keys(RoleType::Root, None, None, &keys.signing(), &expiries.expiries())
+                .await?;
+            println!("root re-signed");
         }
         Command::Rotate {
             repo,
