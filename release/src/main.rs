@@ -172,6 +172,10 @@ impl KeyArgs {
 
 /// How long newly signed metadata stays valid (humantime: 365d, 12h).
 #[derive(Args)]
+#[allow(
+    clippy::struct_field_names,
+    reason = "the fields are the command-line flags --ROLE-expires"
+)]
 struct ExpiryArgs {
     /// Root validity.
     #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]

@@ -141,7 +141,7 @@ impl Repo {
         self.read(&self.dir.join("root.json"))
     }
 
-    fn write(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+    fn write(path: &Path, bytes: &[u8]) -> Result<()> {
         let parent = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
         let tmp = path.with_extension("json.tmp");
@@ -235,12 +235,12 @@ impl Repo {
             )
         })?;
         let bytes = signed.buffer();
-        self.write(
+        Self::write(
             &self.metadata().join(format!("{}.root.json", root.version)),
             bytes,
         )?;
-        self.write(&self.metadata().join("root.json"), bytes)?;
-        self.write(&self.dir.join("root.json"), bytes)
+        Self::write(&self.metadata().join("root.json"), bytes)?;
+        Self::write(&self.dir.join("root.json"), bytes)
     }
 
     /// Signs `targets` (next version), a snapshot listing it and a timestamp listing that, and
@@ -273,9 +273,9 @@ impl Repo {
         let signed_timestamp = self
             .sign_timestamp(&root, &signed_snapshot, keys, exp.timestamp)
             .await?;
-        self.write(&self.metadata().join("targets.json"), signed_targets.buffer())?;
-        self.write(&self.metadata().join("snapshot.json"), signed_snapshot.buffer())?;
-        self.write(&self.metadata().join("timestamp.json"), signed_timestamp.buffer())
+        Self::write(&self.metadata().join("targets.json"), signed_targets.buffer())?;
+        Self::write(&self.metadata().join("snapshot.json"), signed_snapshot.buffer())?;
+        Self::write(&self.metadata().join("timestamp.json"), signed_timestamp.buffer())
     }
 
     async fn sign_timestamp(
@@ -362,7 +362,7 @@ impl Repo {
         .context(
             "cannot sign timestamp.json: pass --timestamp-key files listed for timestamp in root.json",
         )?;
-        self.write(&self.metadata().join("timestamp.json"), signed.buffer())
+        Self::write(&self.metadata().join("timestamp.json"), signed.buffer())
     }
 
     /// A new root version where `role` lists `add` instead of `remove` (either may be absent),
@@ -408,7 +408,7 @@ impl Repo {
             root.keys.insert(id, key);
         }
         let entry = &root.roles[&role];
-        if entry.keyids.len() < entry.threshold.get() as usize {
+        if (entry.keyids.len() as u64) < entry.threshold.get() {
             bail!(
                 "the {role} role would keep {} key(s) for a threshold of {}: give a replacement key",
                 entry.keyids.len(),

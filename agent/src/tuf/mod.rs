@@ -204,7 +204,9 @@ impl TufError {
             T::HashMismatch { .. } | T::VersionMismatch { .. } | T::MetaMissing { .. } => {
                 Self::MixAndMatch { detail, url }
             }
-            T::MaxSizeExceeded { specifier, .. } if specifier.ends_with(".json") => {
+            T::MaxSizeExceeded { specifier, .. }
+                if matches!(*specifier, "timestamp.json" | "snapshot.json") =>
+            {
                 Self::MixAndMatch { detail, url }
             }
             T::VerifyMetadata { .. }
