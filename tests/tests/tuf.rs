@@ -283,6 +283,15 @@ fn release_engineer_rotates_and_revokes_keys_and_drones_follow() {
             .contains("targets"),
         "the message names the role: {s:#}"
     );
+    // The attacker also hides the root that revoked targets-b (root version 2 still lists it):
+    // the drone kept the newest root it verified and refuses all the same.
+    fleet.bundles.remove("/metadata/3.root.json");
+    fleet
+        .bundles
+        .put_file("/metadata/root.json", snapshot_before.join("root.json"))
+        .unwrap();
+    let s = upgrade(&fleet, &drone, "u-evil-old-root", &url(&evil_name));
+    refused(&s, "tuf_signature", &running, "3.0.0");
     // The hub sees the code too.
     fleet
         .wait_flightnode(ID, WAIT, |f| {

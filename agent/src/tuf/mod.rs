@@ -4,8 +4,9 @@
 //! What is checked, in this order, each with its own [`ErrorCode`]:
 //! - **root**: starting from the newest root this device trusts (the shipped `tuf.root`, or a
 //!   newer one kept in the state directory), each next `N.root.json` must be signed by a
-//!   threshold of the old *and* the new root's keys. This is how keys are rotated and revoked
-//!   without touching a drone's config (`tuf_signature`, `tuf_rollback`).
+//!   threshold of the old *and* the new root's keys, and is kept as soon as it is verified
+//!   (`root.rs`). This is how keys are rotated and revoked without touching a drone's config
+//!   (`tuf_signature`, `tuf_rollback`).
 //! - **timestamp → snapshot → targets**: each signed by a threshold of its role's keys in the
 //!   root (`tuf_signature`), never older than the version already trusted (`tuf_rollback`, kept
 //!   across restarts in `<state_dir>/tuf/`), and each file's version, length and hash exactly as
@@ -21,6 +22,7 @@
 //! The bundle's own ed25519 manifest signature (`trusted_keys`) stays the inner check.
 
 mod clock;
+mod root;
 mod transport;
 
 pub use clock::trusted_now;
@@ -354,7 +356,7 @@ impl Tuf {
     /// Loads and verifies the chain, checks every role's expiry at `now`, and keeps the newest
     /// root.
     fn load(&self, now: DateTime<Utc>) -> Result<tough::Repository, TufError> {
-        let (root_path, root_bytes) = self.trusted_root()?;
+        let root_bytes = self.update_root()?;
         let loader = RepositoryLoader::new(&root_bytes, self.metadata_url.clone(), self.metadata_url.clone())
             .transport(self.transport.clone())
             .datastore(self.dir.join(DATASTORE))
@@ -363,10 +365,6 @@ impl Tuf {
             .rt
             .block_on(loader.load())
             .map_err(|e| TufError::from_tough(&e, &self.metadata_url))?;
-        tracing::debug!(root = %root_path.display(), "TUF chain loaded");
-        // The new root verified against the old: keep it, so the next start begins there (a
-        // root rolled back on the server, or a revoked key in an older root, stays refused).
-        self.keep_root(&repo)?;
         let expiries = [
             (
                 RoleType::Root,
@@ -404,43 +402,47 @@ impl Tuf {
     }
 
     /// The newest root this device trusts: the kept one when it is newer than the shipped one.
-    fn trusted_root(&self) -> Result<(PathBuf, Vec<u8>), TufError> {
+    /// A kept root that cannot be read stops TUF mode (`internal`) rather than falling back to
+    /// the shipped root, which may still trust keys revoked since.
+    fn trusted_root(&self) -> Result<Vec<u8>, TufError> {
         let (shipped_version, shipped) = read_root(&self.shipped_root)?;
         let kept_path = self.dir.join(KEPT_ROOT);
-        if kept_path.exists() {
-            match read_root(&kept_path) {
-                Ok((v, bytes)) if v >= shipped_version => return Ok((kept_path, bytes)),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(path = %kept_path.display(), error = %e,
-                        "kept TUF root unreadable; starting again from the shipped root");
-                }
-            }
+        if !kept_path.exists() {
+            return Ok(shipped);
         }
-        Ok((self.shipped_root.clone(), shipped))
+        let (kept_version, kept) = read_root(&kept_path).map_err(|e| TufError::Store {
+            path: kept_path.clone(),
+            reason: format!(
+                "{e}; remove it only if the shipped root ({}) is known to trust no revoked key",
+                self.shipped_root.display()
+            ),
+        })?;
+        Ok(if kept_version >= shipped_version {
+            kept
+        } else {
+            shipped
+        })
     }
 
-    fn keep_root(&self, repo: &tough::Repository) -> Result<(), TufError> {
+    /// Keeps a verified root (its exact bytes) as the newest trusted one, durably: a restart
+    /// or power cut never starts from an older root again.
+    fn keep_root(&self, bytes: &[u8], version: u64) -> Result<(), TufError> {
         let path = self.dir.join(KEPT_ROOT);
         let store = |e: &dyn std::fmt::Display| TufError::Store {
             path: path.clone(),
             reason: e.to_string(),
         };
-        let bytes = serde_json::to_vec(repo.root()).map_err(|e| store(&e))?;
-        if std::fs::read(&path).is_ok_and(|old| old == bytes) {
-            return Ok(());
-        }
         let tmp = self.dir.join(format!("{KEPT_ROOT}.tmp"));
         let write = || -> std::io::Result<()> {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
+            f.write_all(bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
             std::fs::File::open(&self.dir)?.sync_all()
         };
         write().map_err(|e| store(&e))?;
-        tracing::info!(path = %path.display(), version = repo.root().signed.version.get(), "TUF root kept");
+        tracing::info!(path = %path.display(), version, "TUF root verified and kept");
         Ok(())
     }
 }
