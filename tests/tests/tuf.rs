@@ -440,6 +440,13 @@ fn attacks_on_the_repository_are_refused_with_their_codes() {
         "{s:#}"
     );
 
+    // The metadata cannot be fetched: the upgrade fails with tuf_fetch, nothing downloaded.
+    serve(&fleet.bundles, &release.repo());
+    fleet.bundles.remove("/metadata/timestamp.json");
+    let s = upgrade(&fleet, &drone, "u-unreachable", &url(&n4));
+    refused(&s, "tuf_fetch", &running, "3.0.0");
+    assert_eq!(s["last_upgrade"]["result"], "failed", "{s:#}");
+
     // The repository as published still works: every refusal above was the attack's.
     serve(&fleet.bundles, &release.repo());
     let s = upgrade(&fleet, &drone, "u-4", &url(&n4));

@@ -291,6 +291,11 @@ pub struct Tuf {
     rt: tokio::runtime::Handle,
 }
 
+/// Longest a metadata update (timestamp, snapshot, targets) or one root fetch may take: the
+/// download's own stall detection does not reach tough's fetches, and a server that accepts and
+/// then stalls must not hold the upgrade forever.
+const METADATA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// File name of the newest trusted root in `<state_dir>/tuf/`.
 const KEPT_ROOT: &str = "root.json";
 /// tough's datastore (trusted timestamp, snapshot, targets) under `<state_dir>/tuf/`.
@@ -363,7 +368,8 @@ impl Tuf {
             .expiration_enforcement(ExpirationEnforcement::Unsafe);
         let repo = self
             .rt
-            .block_on(loader.load())
+            .block_on(async { tokio::time::timeout(METADATA_TIMEOUT, loader.load()).await })
+            .map_err(|_| self.timed_out())?
             .map_err(|e| TufError::from_tough(&e, &self.metadata_url))?;
         let expiries = [
             (
@@ -399,6 +405,13 @@ impl Tuf {
             }
         }
         Ok(repo)
+    }
+
+    fn timed_out(&self) -> TufError {
+        TufError::Fetch {
+            detail: format!("no complete answer within {}s", METADATA_TIMEOUT.as_secs()),
+            url: self.metadata_url.to_string(),
+        }
     }
 
     /// The newest root this device trusts: the kept one when it is newer than the shipped one.

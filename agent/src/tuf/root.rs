@@ -99,7 +99,7 @@ impl Tuf {
             detail,
             url: url.to_string(),
         };
-        self.rt.block_on(async {
+        let fetch = async {
             let mut stream = match self.transport.fetch(url.clone()).await {
                 Ok(s) => s,
                 Err(e) if e.kind() == TransportErrorKind::FileNotFound => return Ok(None),
@@ -118,7 +118,10 @@ impl Tuf {
                 }
             }
             Ok(Some(out))
-        })
+        };
+        self.rt
+            .block_on(async { tokio::time::timeout(super::METADATA_TIMEOUT, fetch).await })
+            .map_err(|_| self.timed_out())?
     }
 }
 
