@@ -294,7 +294,7 @@ pub struct Tuf {
 /// Longest a metadata update (timestamp, snapshot, targets) or one root fetch may take: the
 /// download's own stall detection does not reach tough's fetches, and a server that accepts and
 /// then stalls must not hold the upgrade forever.
-const METADATA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+const METADATA_TIMEOUT: std::time::Duration = std::time::Duration::from_mins(2);
 
 /// File name of the newest trusted root in `<state_dir>/tuf/`.
 const KEPT_ROOT: &str = "root.json";
