@@ -370,7 +370,6 @@ fn attacks_on_the_repository_are_refused_with_their_codes() {
     );
     release.run(&["timestamp", "--timestamp-key", &release.key("timestamp")]);
     serve(&fleet.bundles, &release.repo());
-    let current_timestamp = std::fs::read(meta("timestamp.json")).unwrap();
 
     // Rollback: the timestamp and snapshot of before 3.0.0 served again, also after a restart
     // (the trusted versions live in the state directory).
@@ -397,9 +396,36 @@ fn attacks_on_the_repository_are_refused_with_their_codes() {
     let s = upgrade(&fleet, &drone, "u-rollback-after-restart", &url(&n4));
     refused(&s, "tuf_rollback", &running, "3.0.0");
 
+    // An older snapshot under a newer timestamp that lists it, signed with the timestamp key
+    // (an attacker holding the online key): the snapshot rollback itself is refused.
+    let forged = work.path().join("forged");
+    copy_dir(&release.repo(), &forged);
+    std::fs::write(forged.join("metadata/snapshot.json"), &old_snapshot).unwrap();
+    release.run_in(
+        &forged,
+        &["timestamp", "--timestamp-key", &release.key("timestamp")],
+    );
+    serve(&fleet.bundles, &forged);
+    let s = upgrade(&fleet, &drone, "u-old-snapshot", &url(&n4));
+    refused(&s, "tuf_rollback", &running, "3.0.0");
+    assert!(
+        s["last_upgrade"]["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("snapshot"),
+        "the message names the role: {s:#}"
+    );
+    // The drone now trusts the forged timestamp's version: the release engineer's next
+    // timestamp is numbered past it.
+    release.run(&["timestamp", "--timestamp-key", &release.key("timestamp")]);
+    release.run(&["timestamp", "--timestamp-key", &release.key("timestamp")]);
+    serve(&fleet.bundles, &release.repo());
+    let current_timestamp = std::fs::read(meta("timestamp.json")).unwrap();
+
     // Rollback of the snapshot alone, under a current timestamp: the files do not belong
     // together (mix-and-match).
     fleet.bundles.put("/metadata/timestamp.json", current_timestamp);
+    fleet.bundles.put("/metadata/snapshot.json", old_snapshot);
     let s = upgrade(&fleet, &drone, "u-mix", &url(&n4));
     refused(&s, "tuf_mix_and_match", &running, "3.0.0");
     serve(&fleet.bundles, &release.repo());
