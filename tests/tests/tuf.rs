@@ -446,6 +446,26 @@ fn attacks_on_the_repository_are_refused_with_their_codes() {
         "the agent fetched a bundle that is not a target"
     );
 
+    // A validly signed bundle of another length served under a target's name: refused from the
+    // length the server announces, before a byte of it reaches the inactive slot.
+    let inactive = if running == "a" { "b" } else { "a" };
+    let inactive_before = drone.slot(inactive);
+    let (short, _) = fleet.bundle("short-4", "4.0.0", MIB / 2).unwrap();
+    fleet.bundles.put_file(&format!("/targets/{n4}"), &short).unwrap();
+    let s = upgrade(&fleet, &drone, "u-short", &url(&n4));
+    refused(&s, "tuf_target_mismatch", &running, "3.0.0");
+    assert!(
+        s["last_upgrade"]["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("length"),
+        "{s:#}"
+    );
+    assert!(
+        drone.slot(inactive) == inactive_before,
+        "the inactive slot was written before the length was checked"
+    );
+
     // The bytes served under a target's name differ from targets.json: another validly signed
     // bundle of the same length (the inner signature alone would accept it).
     let (other, _) = bundle(&fleet, "other-4", "4.0.9");
