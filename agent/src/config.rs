@@ -88,6 +88,10 @@ pub struct Config {
     /// Who may command this drone over MQTT.
     #[serde(default)]
     pub commands: CommandsConfig,
+    /// TUF mode: bundles are targets of a TUF repository whose metadata chain is verified before
+    /// any bundle byte is downloaded. Without this section only `trusted_keys` is checked.
+    #[serde(default)]
+    pub tuf: Option<TufConfig>,
 }
 
 /// `[commands]`: which MQTT commands are obeyed.
@@ -104,6 +108,17 @@ pub struct CommandsConfig {
     /// commands; signed commands are still checked.
     #[serde(default)]
     pub insecure_accept_unsigned: bool,
+}
+
+/// `[tuf]`: the TUF repository bundles are targets of (see [`crate::tuf`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TufConfig {
+    /// The repository's root.json shipped with the device (any version: the agent walks up from
+    /// it and keeps the newest in `state_dir/tuf/`).
+    pub root: PathBuf,
+    /// Base URL of the metadata (`timestamp.json`, `N.root.json` ...), http(s):// or file://.
+    pub metadata_url: String,
 }
 
 /// A state of the vehicle the flight gate may let an upgrade step run in.
@@ -631,6 +646,18 @@ impl Config {
             return Err(invalid(
                 "trusted_keys is empty: no bundle could ever be accepted".into(),
             ));
+        }
+        if let Some(tuf) = &config.tuf {
+            let scheme = tuf
+                .metadata_url
+                .split_once("://")
+                .map(|(s, _)| s.to_ascii_lowercase());
+            if !matches!(scheme.as_deref(), Some("http" | "https" | "file")) {
+                return Err(invalid(format!(
+                    "tuf.metadata_url = {:?} must be an http://, https:// or file:// URL",
+                    tuf.metadata_url
+                )));
+            }
         }
         if config.slots.a == config.slots.b {
             return Err(invalid(format!(

@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`config`]: `agent.toml`, with documented defaults.
 //! - [`bundle`]: keys, `bundle create`, and the streaming bundle reader that verifies before it writes.
+//! - [`tuf`]: TUF mode — the repository's metadata chain (root, timestamp, snapshot, targets)
+//!   verified before a bundle is downloaded, and the bundle checked against its target entry.
 //! - [`policy`]: device-side acceptance of a verified manifest (hardware, expiry, version, security floor).
 //! - [`download`]: bundle sources: a local file or HTTP(S) with `Range` resume, retries and timeouts.
 //! - [`slot`]: where images go — the `file` and `block` slot backends.
@@ -49,5 +51,6 @@ pub mod resources;
 pub mod slot;
 pub mod state;
 pub mod store;
+pub mod tuf;
 
 pub use flightnode_proto as proto;

@@ -50,13 +50,33 @@ pub enum ErrorCode {
     /// (a phase, slot or manifest it does not know): the board fell back to this older image.
     /// The upgrade was dropped, the slot that runs is kept and the other one is marked bad.
     StateTooNew,
+    /// TUF mode: a metadata role (root, timestamp, snapshot or targets) expired before the time
+    /// the agent trusts: a freeze attack, or a repository whose timestamp was not refreshed.
+    TufExpired,
+    /// TUF mode: the repository offered a metadata version older than the one the device already
+    /// trusts (rollback attack). The device keeps the newer one.
+    TufRollback,
+    /// TUF mode: metadata files that do not belong together (a snapshot or targets file whose
+    /// version, length or hash differs from what the timestamp or snapshot says).
+    TufMixAndMatch,
+    /// TUF mode: metadata not signed by a threshold of the keys its role has in the trusted root
+    /// (a revoked or unknown key, a bad signature, an unreadable file).
+    TufSignature,
+    /// TUF mode: the bundle's name (the last segment of its URL) is not a target of the verified
+    /// targets metadata. Nothing was downloaded.
+    TufTargetUnknown,
+    /// TUF mode: the bundle's length or sha256 differs from its entry in the verified targets
+    /// metadata. Nothing was activated.
+    TufTargetMismatch,
+    /// TUF mode: the repository's metadata could not be fetched (unreachable, HTTP error).
+    TufFetch,
     /// Anything else: a local I/O or configuration failure. The message says which.
     Internal,
 }
 
 impl ErrorCode {
     /// All codes, in documentation order.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 27] = [
         Self::MalformedBundle,
         Self::SignatureInvalid,
         Self::UntrustedKey,
@@ -76,6 +96,13 @@ impl ErrorCode {
         Self::Canceled,
         Self::FlightGateTimeout,
         Self::StateTooNew,
+        Self::TufExpired,
+        Self::TufRollback,
+        Self::TufMixAndMatch,
+        Self::TufSignature,
+        Self::TufTargetUnknown,
+        Self::TufTargetMismatch,
+        Self::TufFetch,
         Self::Internal,
     ];
 
@@ -101,6 +128,13 @@ impl ErrorCode {
             Self::Canceled => "canceled",
             Self::FlightGateTimeout => "flight_gate_timeout",
             Self::StateTooNew => "state_too_new",
+            Self::TufExpired => "tuf_expired",
+            Self::TufRollback => "tuf_rollback",
+            Self::TufMixAndMatch => "tuf_mix_and_match",
+            Self::TufSignature => "tuf_signature",
+            Self::TufTargetUnknown => "tuf_target_unknown",
+            Self::TufTargetMismatch => "tuf_target_mismatch",
+            Self::TufFetch => "tuf_fetch",
             Self::Internal => "internal",
         }
     }
@@ -120,8 +154,15 @@ impl ErrorCode {
             | Self::SizeMismatch
             | Self::HashMismatch
             | Self::ChunkInvalid
+            | Self::TufExpired
+            | Self::TufRollback
+            | Self::TufMixAndMatch
+            | Self::TufSignature
+            | Self::TufTargetUnknown
+            | Self::TufTargetMismatch
             | Self::Busy => UpgradeResult::Rejected,
             Self::DownloadFailed
+            | Self::TufFetch
             | Self::RangeUnsupported
             | Self::NoSpace
             | Self::FlightGateTimeout

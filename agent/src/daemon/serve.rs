@@ -189,6 +189,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let flight = engine.flight_state();
     let arm_switch = engine.arm_switch();
     let db = engine.durable();
+    let clock = engine.clock();
     let (mqtt_up_tx, mqtt_up) = watch::channel(false);
     let mut mqtt_connected = mqtt_up.clone();
     let (hub_up_tx, hub_up) = watch::channel(false);
@@ -230,7 +231,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         }
         None => (None, None),
     };
-    let clock = Clock::open(&db).map_err(store_err)?;
     if let Some(f) = &flight {
         clock.follow_flight(f.clone());
     }

@@ -319,6 +319,16 @@ impl Fetcher {
         })
     }
 
+    /// The HTTP client downloads use (TUF metadata is fetched with it too).
+    pub fn client(&self) -> reqwest::Client {
+        self.client.clone()
+    }
+
+    /// The runtime the downloads run on.
+    pub fn runtime(&self) -> tokio::runtime::Handle {
+        self.rt.clone()
+    }
+
     /// Opens `source` (a local path, or an http:// / https:// URL) at byte `offset`.
     ///
     /// The returned reader yields bundle bytes `[offset..EOF]`. Read errors carry the

@@ -17,6 +17,7 @@ mod hold;
 mod steps;
 #[cfg(test)]
 mod tests;
+mod tuf;
 mod writer;
 
 pub use writer::Interrupts;
@@ -47,6 +48,9 @@ pub enum EngineError {
     /// The slot pointer or bootloader.
     #[error(transparent)]
     Activation(#[from] ActivationError),
+    /// `[tuf]` cannot be used (its root, its metadata store).
+    #[error("cannot set up TUF mode")]
+    Tuf(#[source] crate::tuf::TufError),
     /// The HTTP client could not be built.
     #[error(transparent)]
     Download(#[from] DownloadError),
@@ -141,6 +145,13 @@ pub struct Engine {
     interrupts: Arc<Interrupts>,
     fleet_gate: Option<FleetGate>,
     flight: Option<crate::flight::Gate>,
+    /// TUF mode (`[tuf]`); `None`: `trusted_keys` only.
+    tuf: Option<crate::tuf::Tuf>,
+    /// The target entry verified for the upgrade in flight (its id), so the final check after
+    /// the write does not fetch the metadata again; after a restart it is verified again.
+    tuf_target: Option<(String, crate::tuf::TrustedTarget)>,
+    /// The trusted time TUF expiry is judged by.
+    clock: crate::clock::Clock,
 }
 
 /// Waits up to the given time for the fleet (broker or hub) to be reachable; true when it is.
@@ -222,6 +233,18 @@ impl Engine {
         fetcher.set_stop(Arc::new(move || {
             flags.cancel.load(Ordering::SeqCst) || flags.pause.load(Ordering::SeqCst)
         }));
+        let tuf = cfg
+            .tuf
+            .as_ref()
+            .map(|t| crate::tuf::Tuf::new(t, &cfg.state_dir, fetcher.client(), fetcher.runtime()))
+            .transpose()
+            .map_err(EngineError::Tuf)?;
+        let clock = crate::clock::Clock::open(&store.durable()).map_err(|source| {
+            EngineError::Store(StoreError::Sled {
+                path: cfg.state_dir.join("db"),
+                source,
+            })
+        })?;
         let Backends { slots, activation } = backends(&cfg)?;
         let cfg_flight = cfg.flight.clone().map(crate::flight::Gate::new);
         let state = if let Some(state) = store.load()? {
@@ -245,6 +268,9 @@ impl Engine {
             interrupts,
             fleet_gate: None,
             flight: cfg_flight,
+            tuf,
+            tuf_target: None,
+            clock,
         };
         engine.settle_pointer()?;
         Ok(engine)
@@ -295,6 +321,11 @@ impl Engine {
     /// The store's database with its durability point, for the daemon's own trees.
     pub fn durable(&self) -> crate::store::Durable {
         self.store.durable()
+    }
+
+    /// The trusted clock (TUF expiry); the daemon feeds it GPS and hub time and shares it.
+    pub fn clock(&self) -> crate::clock::Clock {
+        self.clock.clone()
     }
 
     /// The persisted device state.

@@ -84,10 +84,16 @@ impl Engine {
         };
         let (manifest, start, hasher, reader) = match &u.manifest {
             None => {
+                // TUF mode: the target must be listed before a single bundle byte is fetched.
+                let target = self.tuf_target()?;
                 let mut reader = self
                     .fetcher
                     .open_head(&u.source, HEAD_PROBE)
                     .map_err(|e| fetch_stop(self, e))?;
+                if let (Some(t), Some(total)) = (&target, reader.total_len()) {
+                    t.check_length(total)
+                        .map_err(|e| Stop::Upgrade(e.code(), flightnode_proto::error::chain(&e)))?;
+                }
                 let header = bundle::read_header(&mut reader, &self.keys)
                     .map_err(|e| self.interrupted().unwrap_or_else(|| copy_stop(&e)))?;
                 let m = header.manifest;
@@ -244,6 +250,7 @@ impl Engine {
         self.slots
             .finish(target, &file, size)
             .map_err(|e| Stop::Upgrade(e.code(), flightnode_proto::error::chain(&e)))?;
+        self.tuf_check_bundle(manifest, target)?;
         self.state.written(size);
         self.state.enter(Phase::Staged);
         self.save()?;
