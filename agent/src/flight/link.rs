@@ -16,7 +16,7 @@ use super::FlightState;
 use super::arm::{self, ArmSwitch, AuthorizationAck};
 use super::track::{AUTOPILOT_COMPONENT, Latest, Rules};
 use crate::config::FlightConfig;
-use mavlink::dialects::ardupilotmega::{
+use mavlink::dialects::common::{
     COMMAND_ACK_DATA, COMMAND_LONG_DATA, MavCmd, MavMessage, MavResult, MavSeverity, NAMED_VALUE_INT_DATA,
     STATUSTEXT_DATA,
 };

@@ -13,7 +13,7 @@
 
 use super::FlightState;
 use mavlink::MavlinkVersion;
-use mavlink::dialects::ardupilotmega::{
+use mavlink::dialects::common::{
     MavAutopilot, MavBatteryChargeState, MavLandedState, MavMessage, MavModeFlag,
 };
 use std::collections::BTreeSet;
@@ -285,7 +285,7 @@ fn enum_name(value: &impl std::fmt::Debug, prefix: &str) -> String {
 mod tests {
     use super::*;
     use flightnode_proto::ObservedState;
-    use mavlink::dialects::ardupilotmega::{
+    use mavlink::dialects::common::{
         BATTERY_STATUS_DATA, EXTENDED_SYS_STATE_DATA, HEARTBEAT_DATA, MavState, MavType, SYS_STATUS_DATA,
     };
 

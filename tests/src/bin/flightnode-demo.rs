@@ -77,7 +77,7 @@ struct Vehicle {
 impl Vehicle {
     fn start(port: u16) -> Result<Vehicle> {
         use mavlink::MavConnection;
-        use mavlink::dialects::ardupilotmega::{
+        use mavlink::dialects::common::{
             BATTERY_STATUS_DATA, EXTENDED_SYS_STATE_DATA, HEARTBEAT_DATA, MavAutopilot, MavLandedState,
             MavMessage, MavModeFlag, MavState, MavType,
         };
