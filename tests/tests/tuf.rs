@@ -129,9 +129,9 @@ fn tuf_fleet(release: &Release) -> (Fleet, Drone) {
 
 /// Publishes an upgrade to `url` with id `id` and waits until it ended; returns the status.
 fn upgrade(fleet: &Fleet, drone: &Drone, id: &str, url: &str) -> Value {
-    let payload = format!(r#"{{"type":"upgrade","upgrade_id":"{id}","url":"{url}"}}"#);
-    mosquitto(fleet)
-        .publish(&format!("firmware/{ID}/upgrade"), payload.as_bytes(), false)
+    // Through the hub, which signs the command for the drone.
+    fleet
+        .hub_upgrade(ID, &["--url", url, "--upgrade-id", id])
         .unwrap();
     let mut last = Value::Null;
     let ended = wait_until(WAIT, Duration::from_millis(200), || {
