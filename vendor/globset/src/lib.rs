@@ -37,7 +37,10 @@ enum Token {
     /// `*`: any run of characters without `/`.
     Star,
     /// `[...]`: ranges (inclusive), negated with `!` or `^`.
-    Class { negated: bool, ranges: Vec<(char, char)> },
+    Class {
+        negated: bool,
+        ranges: Vec<(char, char)>,
+    },
 }
 
 /// A parsed glob.
