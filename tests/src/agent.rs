@@ -41,3 +41,27 @@ pub fn run_ok(bin: &Path, args: &[&str]) -> Result<Output> {
     }
     Ok(out)
 }
+
+/// A wrapper script in `dir` that runs the agent with its wall clock a year behind (`faketime
+/// -f -365d`; the monotonic clock stays real), for the trusted-clock tests. `None`, with a SKIP
+/// line, where `faketime` is not installed (`./test.sh` installs it).
+pub fn agent_a_year_behind(dir: &Path) -> Result<Option<PathBuf>> {
+    if Command::new("faketime").arg("--version").output().is_err() {
+        eprintln!("SKIP: faketime is not installed (apt install faketime)");
+        return Ok(None);
+    }
+    let wrapper = dir.join("agent-a-year-ago");
+    let agent = binary("flightnode-agent")?;
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nDONT_FAKE_MONOTONIC=1 exec faketime -f -365d {} \"$@\"\n",
+            agent.display()
+        ),
+    )?;
+    std::fs::set_permissions(
+        &wrapper,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+    )?;
+    Ok(Some(wrapper))
+}

@@ -10,11 +10,11 @@ use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::DecodePrivateKey;
 use flightnode_proto::mqtt::{Command, UpgradeCommand};
 use flightnode_proto::signed::sign_command;
+use flightnode_tests::agent::agent_a_year_behind;
 use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
 use flightnode_tests::fleet::{Fleet, FleetOptions, wait_until};
 use flightnode_tests::mosquitto::{Mosquitto, Subscriber};
 use serde_json::Value;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -141,31 +141,6 @@ fn an_outsider_with_broker_access_cannot_command_a_drone() {
     assert_eq!(s["slots"]["b"]["version"], "2.0.0", "{s:#}");
 }
 
-/// A wrapper that runs the agent with its wall clock a year behind (the monotonic clock stays
-/// real); `None` (the test skips) without `faketime`.
-fn agent_a_year_behind(dir: &Path) -> Option<std::path::PathBuf> {
-    if std::process::Command::new("faketime")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIP: faketime is not installed (apt install faketime)");
-        return None;
-    }
-    let wrapper = dir.join("agent-a-year-ago");
-    let agent = flightnode_tests::agent::binary("flightnode-agent").unwrap();
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nDONT_FAKE_MONOTONIC=1 exec faketime -f -365d {} \"$@\"\n",
-            agent.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    Some(wrapper)
-}
-
 /// Publishes a hub command that expired an hour ago (still in the future by a clock a year
 /// behind) and returns the refusal's report line.
 fn stale_command_refused(fleet: &Fleet) -> String {
@@ -207,7 +182,7 @@ fn wait_clock(fleet: &Fleet, source: &str) {
 #[test]
 fn a_drone_whose_clock_was_set_back_a_year_trusts_the_hub_time() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(agent) = agent_a_year_behind(dir.path()) else {
+    let Some(agent) = agent_a_year_behind(dir.path()).unwrap() else {
         return;
     };
     let fleet = Fleet::start(FleetOptions {
@@ -237,7 +212,7 @@ fn a_drone_whose_clock_was_set_back_a_year_trusts_the_hub_time() {
 #[test]
 fn gps_time_from_the_flight_controller_comes_first() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(agent) = agent_a_year_behind(dir.path()) else {
+    let Some(agent) = agent_a_year_behind(dir.path()).unwrap() else {
         return;
     };
     let port = free_udp_port().unwrap();

@@ -107,8 +107,14 @@ fn serve(server: &BundleServer, repo: &Path) {
 
 /// A fleet with one drone in TUF mode, its shipped root the repository's root.json version 1.
 fn tuf_fleet(release: &Release) -> (Fleet, Drone) {
+    tuf_fleet_with(release, None)
+}
+
+/// [`tuf_fleet`] with another agent program (a wrapper).
+fn tuf_fleet_with(release: &Release, agent_bin: Option<PathBuf>) -> (Fleet, Drone) {
     let fleet = Fleet::start(FleetOptions {
         drones: 0,
+        agent_bin,
         ..FleetOptions::default()
     })
     .unwrap();
@@ -310,6 +316,60 @@ fn release_engineer_rotates_and_revokes_keys_and_drones_follow() {
         config_before,
         "no config change was needed"
     );
+}
+
+/// A freeze attack on a drone whose wall clock is a year behind: by its own clock the expired
+/// timestamp would still be valid for a year; by its trusted clock (the hub's signed time) it
+/// expired, and it is refused.
+#[test]
+fn a_drone_a_year_behind_refuses_an_expired_timestamp_by_the_hubs_time() {
+    let work = tempfile::tempdir().unwrap();
+    let Some(agent) = flightnode_tests::agent::agent_a_year_behind(work.path()).unwrap() else {
+        return;
+    };
+    let release = Release::new(work.path());
+    release.keygen(&["root", "targets", "snapshot", "timestamp"]);
+    release.run(&[
+        "init",
+        "--root-key",
+        &release.key("root"),
+        "--targets-key",
+        &release.key("targets"),
+        "--snapshot-key",
+        &release.key("snapshot"),
+        "--timestamp-key",
+        &release.key("timestamp"),
+    ]);
+    let (fleet, drone) = tuf_fleet_with(&release, Some(agent));
+    let mut last = Value::Null;
+    assert!(
+        wait_until(WAIT, Duration::from_millis(200), || {
+            if let Ok(s) = drone.status() {
+                last = s;
+            }
+            last["clock"]["source"] == "hub"
+        }),
+        "the drone never trusted the hub's time: {last:#}\n{}",
+        drone.log()
+    );
+    let (b2, n2) = bundle(&fleet, "fw-2", "2.0.0");
+    release.add(&b2, "targets");
+    release.run(&[
+        "timestamp",
+        "--timestamp-key",
+        &release.key("timestamp"),
+        "--timestamp-expires",
+        "1s",
+    ]);
+    serve(&fleet.bundles, &release.repo());
+    std::thread::sleep(Duration::from_secs(2));
+    let s = upgrade(
+        &fleet,
+        &drone,
+        "u-frozen",
+        &fleet.bundles.url(&format!("/targets/{n2}")),
+    );
+    refused(&s, "tuf_expired", "a", "1.0.0");
 }
 
 #[test]
