@@ -114,12 +114,14 @@ fn parse_unix(rfc3339: &str) -> i64 {
 /// Hash of a status without its heartbeat time: equal hashes mean nothing to write but a
 /// refresh. (A 64-bit collision would only delay a write until the next change or refresh.)
 /// The flight details (battery, landed state, ...) are left out: of the flight state only a
-/// change of `observedState` is worth a write of its own.
+/// change of `observedState` is worth a write of its own. So is a change of the clock the drone
+/// trusts (rare: once at start, once when GPS gives the time).
 pub fn content_hash(status: &FlightNodeStatus) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     status.phase.hash(&mut h);
     status.wait_reason.hash(&mut h);
     status.observed_state.hash(&mut h);
+    status.clock_source.hash(&mut h);
     status.firmware.hash(&mut h);
     status.last_upgrade.hash(&mut h);
     status.resources.hash(&mut h);
