@@ -26,8 +26,9 @@
 
 use crate::config::MqttConfig;
 use flightnode_proto::backoff;
-use flightnode_proto::mqtt::{StatusMessage, named_upgrade_id, parse_envelope, status_topic, upgrade_topic};
-use flightnode_proto::signed::Envelope;
+use flightnode_proto::mqtt::{
+    Envelope, StatusMessage, named_upgrade_id, parse_envelope, status_topic, upgrade_topic,
+};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, StateError,
     SubscribeReasonCode, TlsConfiguration, Transport,

@@ -65,7 +65,7 @@ impl CommandSigner {
     /// The payload to publish for `cmd` to `device_id`: signed for it, valid from now.
     pub fn command_payload(&self, device_id: &str, cmd: &Command) -> String {
         let now = unix_now().as_secs();
-        flightnode_proto::signed::sign_command(
+        flightnode_proto::mqtt::sign_command(
             cmd,
             device_id,
             now,

@@ -17,7 +17,7 @@
 //! subscribes, even after a broker lost its retained messages. A consumer keeps the highest `seq`.
 
 use crate::codes::{ErrorCode, UpgradeResult};
-use crate::signed::{CommandSignature, Envelope, decode_signature};
+use crate::signed::{CommandSignature, decode_signature, sign_body};
 use crate::status::{ErrorReport, Phase, Progress, Slot, WaitReason};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -82,24 +82,31 @@ impl Command {
 
     /// JSON payload for this command (what `flightnode-hub upgrade` publishes).
     pub fn to_json(&self, device_id: Option<&str>) -> String {
-        let wire = match self {
+        serde_json::to_string(&self.wire(device_id, None)).unwrap_or_default()
+    }
+
+    /// The wire form, naming `device_id` and carrying a validity `window` (issued_at, not_after)
+    /// when given.
+    fn wire(&self, device_id: Option<&str>, window: Option<(u64, u64)>) -> Wire {
+        let device_id = device_id.map(str::to_owned);
+        let (issued_at, not_after) = (window.map(|w| w.0), window.map(|w| w.1));
+        match self {
             Command::Upgrade(u) => Wire::Upgrade {
                 upgrade_id: u.upgrade_id.clone(),
                 url: u.url.clone(),
                 version: u.version.as_ref().map(ToString::to_string),
                 allow_downgrade: u.allow_downgrade,
-                device_id: device_id.map(str::to_owned),
-                issued_at: None,
-                not_after: None,
+                device_id,
+                issued_at,
+                not_after,
             },
             Command::Cancel { upgrade_id } => Wire::Cancel {
                 upgrade_id: upgrade_id.clone(),
-                device_id: device_id.map(str::to_owned),
-                issued_at: None,
-                not_after: None,
+                device_id,
+                issued_at,
+                not_after,
             },
-        };
-        serde_json::to_string(&wire).unwrap_or_default()
+        }
     }
 
     /// What an upgrade id is bound to: the bundle URL of an upgrade. A signed upgrade id is
@@ -110,30 +117,28 @@ impl Command {
             Command::Cancel { .. } => None,
         }
     }
+}
 
-    /// The body [`crate::signed::sign_command`] signs: this command for `device_id`, valid
-    /// from `issued_at` to `not_after` (unix seconds).
-    pub(crate) fn signed_body(&self, device_id: &str, issued_at: u64, not_after: u64) -> String {
-        let (issued_at, not_after) = (Some(issued_at), Some(not_after));
-        let wire = match self {
-            Command::Upgrade(u) => Wire::Upgrade {
-                upgrade_id: u.upgrade_id.clone(),
-                url: u.url.clone(),
-                version: u.version.as_ref().map(ToString::to_string),
-                allow_downgrade: u.allow_downgrade,
-                device_id: Some(device_id.to_owned()),
-                issued_at,
-                not_after,
-            },
-            Command::Cancel { upgrade_id } => Wire::Cancel {
-                upgrade_id: upgrade_id.clone(),
-                device_id: Some(device_id.to_owned()),
-                issued_at,
-                not_after,
-            },
-        };
-        serde_json::to_string(&wire).unwrap_or_default()
-    }
+/// A command as it arrived: what it says, and the hub's signature when it carried one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The command.
+    pub command: Command,
+    /// `None` for the unsigned forms (a bare URL, plain JSON).
+    pub signature: Option<CommandSignature>,
+}
+
+/// The payload to publish for `command`, signed by `key` for `device_id`, valid from
+/// `issued_at` until `not_after` (unix seconds) ([`crate::signed`]).
+pub fn sign_command(
+    command: &Command,
+    device_id: &str,
+    issued_at: u64,
+    not_after: u64,
+    key: &ed25519_dalek::SigningKey,
+) -> String {
+    let body = command.wire(Some(device_id), Some((issued_at, not_after)));
+    sign_body(&serde_json::to_string(&body).unwrap_or_default(), key)
 }
 
 #[derive(Serialize, Deserialize)]

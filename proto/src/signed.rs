@@ -7,6 +7,9 @@
 //! validity window, and the agent accepts a command only when it verifies with a configured hub
 //! key, names this device and is inside its window.
 //!
+//! The command side ([`crate::mqtt::Envelope`], [`crate::mqtt::sign_command`]) lives with the
+//! commands; this module only knows signatures, so it imports nothing of them.
+//!
 //! # Signed command (JSON on the upgrade topic)
 //! `{"type":"signed","command":"<body>","key_id":"<id>","signature":"<base64>"}`, where `body`
 //! is the JSON text of an upgrade or cancel command ([`crate::mqtt`]) that also carries
@@ -22,8 +25,6 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
 use sha2::Digest as _;
-
-use crate::mqtt::Command;
 
 /// Prefix of every signed command body: a command signature can never pass for anything else
 /// signed with the same key (a time, a bundle manifest).
@@ -63,15 +64,6 @@ impl CommandSignature {
     }
 }
 
-/// A command as it arrived: what it says, and the hub's signature when it carried one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
-    /// The command.
-    pub command: Command,
-    /// `None` for the unsigned forms (a bare URL, plain JSON).
-    pub signature: Option<CommandSignature>,
-}
-
 fn command_message(body: &str) -> Vec<u8> {
     [COMMAND_CONTEXT, body.as_bytes()].concat()
 }
@@ -81,17 +73,10 @@ pub(crate) fn decode_signature(b64: &str) -> Option<Signature> {
     Signature::from_slice(&bytes).ok()
 }
 
-/// The payload to publish for `command`, signed by `key` for `device_id`, valid from
-/// `issued_at` until `not_after` (unix seconds).
-pub fn sign_command(
-    command: &Command,
-    device_id: &str,
-    issued_at: u64,
-    not_after: u64,
-    key: &SigningKey,
-) -> String {
-    let body = command.signed_body(device_id, issued_at, not_after);
-    let signature = key.sign(&command_message(&body));
+/// The signed-command payload for `body` (the JSON text of a command with its device and
+/// validity window), signed by `key`.
+pub(crate) fn sign_body(body: &str, key: &SigningKey) -> String {
+    let signature = key.sign(&command_message(body));
     serde_json::json!({
         "type": "signed",
         "command": body,
@@ -134,7 +119,7 @@ pub fn time_verifies(time: &crate::v1::SignedTime, device_id: &str, seq: u64, ke
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mqtt::{UpgradeCommand, parse_envelope};
+    use crate::mqtt::{Command, UpgradeCommand, parse_envelope, sign_command};
 
     fn key(seed: u8) -> SigningKey {
         SigningKey::from_bytes(&[seed; 32])

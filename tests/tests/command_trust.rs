@@ -8,8 +8,8 @@
 
 use ed25519_dalek::SigningKey;
 use ed25519_dalek::pkcs8::DecodePrivateKey;
+use flightnode_proto::mqtt::sign_command;
 use flightnode_proto::mqtt::{Command, UpgradeCommand};
-use flightnode_proto::signed::sign_command;
 use flightnode_tests::agent::agent_a_year_behind;
 use flightnode_tests::fc_standin::{Vehicle, free_udp_port};
 use flightnode_tests::fleet::{Fleet, FleetOptions, wait_until};

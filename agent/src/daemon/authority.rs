@@ -16,8 +16,8 @@ use crate::clock::Clock;
 use crate::store::Durable;
 use flightnode_proto::codes::CommandRefusal;
 use flightnode_proto::error::Chain;
+use flightnode_proto::mqtt::Envelope;
 use flightnode_proto::mqtt::{Command, StatusError};
-use flightnode_proto::signed::Envelope;
 
 /// Upgrade id bindings kept; the oldest (by `issued_at`) goes first.
 const BINDINGS_CAP: usize = 4096;
@@ -175,8 +175,8 @@ mod tests {
     use super::*;
     use crate::store::Store;
     use ed25519_dalek::SigningKey;
+    use flightnode_proto::mqtt::sign_command;
     use flightnode_proto::mqtt::{UpgradeCommand, parse_envelope};
-    use flightnode_proto::signed::sign_command;
 
     fn now_secs() -> u64 {
         std::time::SystemTime::now()
