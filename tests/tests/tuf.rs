@@ -63,6 +63,17 @@ impl Release {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A new repository with one key per role (`root`, `targets`, `snapshot`, `timestamp`).
+    fn init_one_key_per_role(&self) {
+        let roles = ["root", "targets", "snapshot", "timestamp"];
+        self.keygen(&roles);
+        let mut args = vec!["init".to_owned()];
+        for role in roles {
+            args.extend([format!("--{role}-key"), self.key(role)]);
+        }
+        self.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+
     fn keygen(&self, names: &[&str]) {
         for name in names {
             run_ok(&self.bin, &["keygen", &self.key(name)]).unwrap();
@@ -328,18 +339,7 @@ fn a_drone_a_year_behind_refuses_an_expired_timestamp_by_the_hubs_time() {
         return;
     };
     let release = Release::new(work.path());
-    release.keygen(&["root", "targets", "snapshot", "timestamp"]);
-    release.run(&[
-        "init",
-        "--root-key",
-        &release.key("root"),
-        "--targets-key",
-        &release.key("targets"),
-        "--snapshot-key",
-        &release.key("snapshot"),
-        "--timestamp-key",
-        &release.key("timestamp"),
-    ]);
+    release.init_one_key_per_role();
     let (fleet, drone) = tuf_fleet_with(&release, Some(agent));
     let mut last = Value::Null;
     assert!(
@@ -376,18 +376,7 @@ fn a_drone_a_year_behind_refuses_an_expired_timestamp_by_the_hubs_time() {
 fn attacks_on_the_repository_are_refused_with_their_codes() {
     let work = tempfile::tempdir().unwrap();
     let release = Release::new(work.path());
-    release.keygen(&["root", "targets", "snapshot", "timestamp"]);
-    release.run(&[
-        "init",
-        "--root-key",
-        &release.key("root"),
-        "--targets-key",
-        &release.key("targets"),
-        "--snapshot-key",
-        &release.key("snapshot"),
-        "--timestamp-key",
-        &release.key("timestamp"),
-    ]);
+    release.init_one_key_per_role();
     let (fleet, mut drone) = tuf_fleet(&release);
     let url = |name: &str| fleet.bundles.url(&format!("/targets/{name}"));
     let meta = |name: &str| release.repo().join("metadata").join(name);
